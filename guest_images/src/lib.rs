@@ -1,0 +1,3 @@
+//! Builds what a Kindling guest boots: kernels, initramfs, root images and function code.
+
+pub mod locate;

@@ -1,0 +1,1 @@
+//! A compact KVM VMM.

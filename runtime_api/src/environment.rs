@@ -1,0 +1,98 @@
+//! The seam between the scheduler and whatever isolates a function: a namespace sandbox
+//! or a microVM. The scheduler only starts, watches and stops environments; each
+//! environment's guest reaches the host's Runtime API server through the Unix socket at
+//! [`EnvironmentSpec::runtime_api_socket`], which the scheduler binds *before* it starts
+//! the environment.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+/// How a function is isolated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Isolation {
+    Sandbox,
+    MicroVm,
+}
+
+/// A function as the scheduler knows it (one entry of `functions.toml`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Function {
+    pub name: String,
+    /// Directory of the function's code (an unpacked zip is a directory too).
+    pub code: PathBuf,
+    /// `provided`, `python`, `node`.
+    pub runtime: String,
+    pub handler: String,
+    pub memory_mb: u32,
+    pub timeout: Duration,
+    pub isolation: Isolation,
+    pub max_concurrency: usize,
+    pub env: BTreeMap<String, String>,
+}
+
+/// What one environment is started with.
+#[derive(Debug, Clone)]
+pub struct EnvironmentSpec {
+    /// Unique id, used in logs and paths.
+    pub id: String,
+    /// A directory the environment owns for its sockets and scratch; removed on stop.
+    pub dir: PathBuf,
+    pub function: Function,
+}
+
+impl EnvironmentSpec {
+    /// Host end of the guest's Runtime API connection: `<dir>/vsock.sock_9001`, the path
+    /// Firecracker's hybrid vsock uses for guest connections to port 9001.
+    pub fn runtime_api_socket(&self) -> PathBuf {
+        self.vsock_uds()
+            .with_file_name(format!("vsock.sock_{}", kindling_wire::RUNTIME_API_PORT))
+    }
+
+    /// The vsock device's base Unix socket path (`uds_path` in Firecracker's API).
+    pub fn vsock_uds(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
+    }
+
+    /// The guest's console log.
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+}
+
+/// Why an environment is being stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMode {
+    /// Ask the guest to shut down cleanly; kill it after the grace period.
+    Graceful(Duration),
+    /// Kill at once (timeouts, broken environments).
+    Kill,
+}
+
+/// One running execution environment.
+#[async_trait]
+pub trait Environment: Send + Sync {
+    fn id(&self) -> &str;
+    /// Whether the environment is still running; never blocks.
+    fn is_alive(&mut self) -> bool;
+    /// Resolves when the environment has stopped by itself (crash, guest power-off),
+    /// with a one-line reason.
+    async fn exited(&mut self) -> String;
+    /// Stops the environment and removes everything it created on the host.
+    async fn stop(&mut self, mode: StopMode) -> io::Result<()>;
+    /// Where the guest's console output goes (kept on failure for `kindling logs`).
+    fn console_log(&self) -> Option<&Path> {
+        None
+    }
+}
+
+/// Starts environments of one kind (sandbox, microVM with a given hypervisor).
+#[async_trait]
+pub trait Launcher: Send + Sync {
+    /// A short name for logs: `sandbox`, `microvm/qemu`, ...
+    fn name(&self) -> &str;
+    async fn start(&self, spec: &EnvironmentSpec) -> anyhow::Result<Box<dyn Environment>>;
+}

@@ -1,0 +1,1 @@
+//! The namespace sandbox environment.

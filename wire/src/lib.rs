@@ -1,0 +1,257 @@
+//! The wire between the host's Runtime API server and the in-guest bootstrap agent.
+//!
+//! The guest talks to the host with the public Lambda Runtime API (paths under
+//! [`RUNTIME_PREFIX`]) plus a few Kindling extension endpoints under [`KINDLING_PREFIX`]
+//! that carry what the public API has no place for: the function's configuration, the
+//! runtime's log lines, per-invocation metrics and the death of the runtime process.
+//! This crate holds only those shared names and types, so that `bootstrap` (a static guest
+//! binary) depends on nothing of the host.
+//!
+//! | call (guest → host) | body | answer |
+//! |---|---|---|
+//! | `GET /kindling/v1/environment` | – | 200 [`FunctionEnvironment`] |
+//! | `POST /kindling/v1/logs` | log text, one or more `\n`-terminated lines; header [`HEADER_REQUEST_ID`] when the lines belong to an invocation | 202 |
+//! | `POST /kindling/v1/invocation/{id}/report` | [`InvocationReport`], sent before the runtime's `/response` or `/error` is relayed | 202 |
+//! | `POST /kindling/v1/runtime/exit` | [`RuntimeExit`] | 202 |
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Version prefix of the public Lambda Runtime API.
+pub const RUNTIME_PREFIX: &str = "/2018-06-01/runtime";
+/// Prefix of Kindling's own guest → host extension endpoints.
+pub const KINDLING_PREFIX: &str = "/kindling/v1";
+
+pub const PATH_NEXT: &str = "/2018-06-01/runtime/invocation/next";
+pub const PATH_INIT_ERROR: &str = "/2018-06-01/runtime/init/error";
+pub const PATH_ENVIRONMENT: &str = "/kindling/v1/environment";
+pub const PATH_LOGS: &str = "/kindling/v1/logs";
+pub const PATH_RUNTIME_EXIT: &str = "/kindling/v1/runtime/exit";
+
+/// `/2018-06-01/runtime/invocation/{id}/response`
+pub fn path_response(request_id: &str) -> String {
+    format!("{RUNTIME_PREFIX}/invocation/{request_id}/response")
+}
+/// `/2018-06-01/runtime/invocation/{id}/error`
+pub fn path_error(request_id: &str) -> String {
+    format!("{RUNTIME_PREFIX}/invocation/{request_id}/error")
+}
+/// `/kindling/v1/invocation/{id}/report`
+pub fn path_report(request_id: &str) -> String {
+    format!("{KINDLING_PREFIX}/invocation/{request_id}/report")
+}
+
+pub const HEADER_REQUEST_ID: &str = "lambda-runtime-aws-request-id";
+pub const HEADER_DEADLINE_MS: &str = "lambda-runtime-deadline-ms";
+pub const HEADER_FUNCTION_ARN: &str = "lambda-runtime-invoked-function-arn";
+pub const HEADER_TRACE_ID: &str = "lambda-runtime-trace-id";
+pub const HEADER_CLIENT_CONTEXT: &str = "lambda-runtime-client-context";
+pub const HEADER_COGNITO_IDENTITY: &str = "lambda-runtime-cognito-identity";
+pub const HEADER_TENANT_ID: &str = "lambda-runtime-aws-tenant-id";
+pub const HEADER_FUNCTION_ERROR_TYPE: &str = "lambda-runtime-function-error-type";
+
+/// Largest response payload a runtime may post (the figure AWS's emulator enforces).
+pub const MAX_RESPONSE_BYTES: usize = 6_291_556;
+/// Largest synchronous invocation payload a caller may send (Lambda's limit).
+pub const MAX_REQUEST_BYTES: usize = 6_291_456;
+
+/// The port the host's Runtime API listens on, for the guest: vsock port, and the suffix
+/// of the host Unix socket `<uds_path>_9001` (Firecracker's hybrid vsock convention).
+pub const RUNTIME_API_PORT: u32 = 9001;
+/// The vsock CID of the host.
+pub const HOST_CID: u32 = 2;
+
+/// The error JSON of the Runtime API and of function errors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ErrorBody {
+    #[serde(rename = "errorMessage", default)]
+    pub error_message: String,
+    #[serde(rename = "errorType", default)]
+    pub error_type: String,
+    #[serde(
+        rename = "stackTrace",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub stack_trace: Option<Vec<String>>,
+}
+
+impl ErrorBody {
+    pub fn new(error_type: impl Into<String>, error_message: impl Into<String>) -> Self {
+        Self {
+            error_message: error_message.into(),
+            error_type: error_type.into(),
+            stack_trace: None,
+        }
+    }
+}
+
+/// What the guest needs to know to start a function's runtime; served by the host at
+/// [`PATH_ENVIRONMENT`], so one guest image serves every function.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FunctionEnvironment {
+    pub function_name: String,
+    pub function_version: String,
+    pub memory_mb: u32,
+    pub timeout_ms: u64,
+    /// `provided`, `python`, `node`, ...
+    pub runtime: String,
+    /// `_HANDLER`, e.g. `app.handler`.
+    pub handler: String,
+    pub region: String,
+    pub log_group_name: String,
+    pub log_stream_name: String,
+    /// `on-demand` or `snap-start`.
+    pub initialization_type: String,
+    /// The function's own variables (from its configuration), added to the reserved ones.
+    #[serde(default)]
+    pub variables: BTreeMap<String, String>,
+}
+
+/// Metrics of one invocation, measured in the guest by bootstrap.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InvocationReport {
+    /// Event handed to the runtime → its response or error received.
+    pub duration_ms: f64,
+    /// Runtime process start → its first `/next`; only on the first invocation after an init.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_duration_ms: Option<f64>,
+    /// Peak memory of the runtime's process tree.
+    pub max_memory_used_mb: u64,
+}
+
+/// The runtime process died; the invocation in flight (if any) fails with `Runtime.ExitError`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeExit {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+}
+
+impl RuntimeExit {
+    /// The error a caller sees, worded like Lambda's.
+    pub fn to_error(&self) -> ErrorBody {
+        let how = match (self.exit_code, self.signal) {
+            (_, Some(sig)) => format!("signal: {}", signal_name(sig)),
+            (Some(code), None) => format!("exit status {code}"),
+            (None, None) => "unknown exit".to_string(),
+        };
+        ErrorBody::new(
+            "Runtime.ExitError",
+            format!(
+                "RequestId: {} Error: Runtime exited with error: {how}",
+                self.request_id.as_deref().unwrap_or("")
+            ),
+        )
+    }
+}
+
+fn signal_name(sig: i32) -> String {
+    match sig {
+        1 => "hangup".into(),
+        2 => "interrupt".into(),
+        6 => "aborted".into(),
+        9 => "killed".into(),
+        11 => "segmentation fault".into(),
+        15 => "terminated".into(),
+        other => format!("signal {other}"),
+    }
+}
+
+/// Where the guest reaches the host's Runtime API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostAddr {
+    /// `vsock://CID:PORT` — a microVM.
+    Vsock { cid: u32, port: u32 },
+    /// `unix:///path` — the namespace sandbox (the host socket is bind-mounted in).
+    Unix(PathBuf),
+}
+
+impl Default for HostAddr {
+    fn default() -> Self {
+        HostAddr::Vsock {
+            cid: HOST_CID,
+            port: RUNTIME_API_PORT,
+        }
+    }
+}
+
+impl FromStr for HostAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(rest) = s.strip_prefix("vsock://") {
+            let (cid, port) = rest
+                .split_once(':')
+                .ok_or_else(|| format!("{s:?}: expected vsock://CID:PORT"))?;
+            let num = |v: &str| {
+                v.parse::<u32>()
+                    .map_err(|e| format!("{s:?}: bad number {v:?}: {e}"))
+            };
+            Ok(HostAddr::Vsock {
+                cid: num(cid)?,
+                port: num(port)?,
+            })
+        } else if let Some(path) = s.strip_prefix("unix://") {
+            if !path.starts_with('/') {
+                return Err(format!("{s:?}: the socket path must be absolute"));
+            }
+            Ok(HostAddr::Unix(PathBuf::from(path)))
+        } else {
+            Err(format!("{s:?}: expected vsock://CID:PORT or unix:///PATH"))
+        }
+    }
+}
+
+impl fmt::Display for HostAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostAddr::Vsock { cid, port } => write!(f, "vsock://{cid}:{port}"),
+            HostAddr::Unix(path) => write!(f, "unix://{}", path.display()),
+        }
+    }
+}
+
+/// The environment variable through which init tells bootstrap where the host is.
+pub const ENV_HOST_ADDR: &str = "KINDLING_HOST";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_addr_round_trips() {
+        for s in ["vsock://2:9001", "unix:///run/kindling/host.sock"] {
+            assert_eq!(s.parse::<HostAddr>().unwrap().to_string(), s);
+        }
+        assert!("vsock://2".parse::<HostAddr>().is_err());
+        assert!("unix://relative".parse::<HostAddr>().is_err());
+        assert!("tcp://1.2.3.4:5".parse::<HostAddr>().is_err());
+    }
+
+    #[test]
+    fn runtime_exit_reads_like_lambda() {
+        let e = RuntimeExit {
+            request_id: Some("r1".into()),
+            exit_code: None,
+            signal: Some(9),
+        };
+        let body = e.to_error();
+        assert_eq!(body.error_type, "Runtime.ExitError");
+        assert!(
+            body.error_message.contains("signal: killed"),
+            "{}",
+            body.error_message
+        );
+    }
+}
