@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 unset CARGO_TARGET_DIR
 RUSTFLAGS="-C target-feature=+crt-static" \
-  cargo build --release --locked --target x86_64-unknown-linux-gnu -p kindling-init -p kindling-bootstrap "$@"
+  cargo build --release --target x86_64-unknown-linux-gnu -p kindling-init -p kindling-bootstrap "$@"
