@@ -1,1 +1,15 @@
-//! A compact KVM VMM.
+//! Kindling's VMM: a compact KVM virtual machine monitor for Kindling guests, built on the
+//! rust-vmm crates. One process runs one microVM.
+//!
+//! The pieces, bottom up: [`memory`] (guest RAM), [`bus`] (exit dispatch), [`devices`]
+//! (serial, i8042, boot timer), [`cpu`] (64-bit vCPU state), [`vcpu`] (the `KVM_RUN` thread),
+//! [`vm`] (the assembled machine) and [`exit`] (why it stopped).
+
+pub mod bus;
+pub mod cpu;
+pub mod devices;
+pub mod exit;
+pub mod layout;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,294 @@
+//! x86-64 vCPU state for a 64-bit entry: GDT, identity page tables, segment and control
+//! registers, FPU, boot MSRs, local APIC LINT pins and the CPUID the guest sees.
+//!
+//! The same code sets up the Linux 64-bit boot protocol (CPL0) and user-mode (CPL3) payloads:
+//! the only differences are the segments loaded, the U/S bit of the page tables and IOPL, which
+//! lets a CPL3 payload reach the legacy ports. CPL3 payloads exist because nested KVM on the
+//! project's CI machines emulates ring 0 but runs ring 3 natively (see ENVIRONMENT.md).
+
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs};
+use kvm_ioctls::VcpuFd;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::layout::{GDT_START, IDT_START, PDE_START, PDPTE_START, PML4_START};
+use crate::memory::GuestMemory;
+
+/// Errors setting up a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum CpuError {
+    #[error("writing boot tables to guest memory: {0}")]
+    Memory(#[from] vm_memory::GuestMemoryError),
+    #[error("KVM vCPU ioctl {0} failed: {1}")]
+    Kvm(&'static str, kvm_ioctls::Error),
+    #[error("building the MSR list: {0:?}")]
+    Msrs(vmm_sys_util::fam::Error),
+}
+
+/// Where and how a vCPU starts executing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryPoint {
+    pub rip: u64,
+    pub rsp: u64,
+    /// Linux's boot protocol passes the zero page here; payloads may pass anything.
+    pub rsi: u64,
+    /// Start at CPL3 with user segments, user pages and IOPL 3.
+    pub user_mode: bool,
+}
+
+// GDT entries: Firecracker's boot GDT (null, code, data, TSS) plus user code and data.
+const GDT: [u64; 6] = [
+    0,
+    gdt_entry(0xa09b, 0, 0xfffff), // 64-bit kernel code
+    gdt_entry(0xc093, 0, 0xfffff), // kernel data
+    gdt_entry(0x808b, 0, 0xfffff), // TSS
+    gdt_entry(0xa0fb, 0, 0xfffff), // 64-bit user code, DPL 3
+    gdt_entry(0xc0f3, 0, 0xfffff), // user data, DPL 3
+];
+const KERNEL_CODE: usize = 1;
+const KERNEL_DATA: usize = 2;
+const TSS: usize = 3;
+const USER_CODE: usize = 4;
+const USER_DATA: usize = 5;
+
+const X86_CR0_PE: u64 = 1;
+const X86_CR0_PG: u64 = 1 << 31;
+const X86_CR4_PAE: u64 = 1 << 5;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+const RFLAGS_RESERVED: u64 = 1 << 1;
+const RFLAGS_IOPL3: u64 = 3 << 12;
+
+const PAGE_PRESENT: u64 = 1;
+const PAGE_RW: u64 = 1 << 1;
+const PAGE_USER: u64 = 1 << 2;
+const PAGE_HUGE: u64 = 1 << 7;
+/// Page directories mapped: 4 x 1 GiB covers RAM below the hole and the MMIO hole itself.
+const PAGE_DIRECTORIES: u64 = 4;
+
+/// Packs a GDT descriptor from flags (access byte in bits 0-7, G/DB/L/AVL in 12-15).
+const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
+    let (flags, base, limit) = (flags as u64, base as u64, limit as u64);
+    ((base & 0xff00_0000) << 32)
+        | ((base & 0x00ff_ffff) << 16)
+        | (limit & 0xffff)
+        | ((limit & 0xf_0000) << 32)
+        | ((flags & 0xf0ff) << 40)
+}
+
+/// The KVM segment-register cache matching GDT entry `index` (selector RPL = DPL).
+fn segment(index: usize) -> kvm_segment {
+    let e = GDT[index];
+    let g = ((e >> 55) & 1) as u8;
+    let raw_limit = ((e >> 32) & 0xf_0000) | (e & 0xffff);
+    let dpl = ((e >> 45) & 3) as u8;
+    kvm_segment {
+        base: ((e >> 32) & 0xff00_0000) | ((e >> 16) & 0x00ff_ffff),
+        limit: if g == 1 {
+            ((raw_limit << 12) | 0xfff) as u32
+        } else {
+            raw_limit as u32
+        },
+        selector: (index as u16) << 3 | dpl as u16,
+        type_: ((e >> 40) & 0xf) as u8,
+        present: ((e >> 47) & 1) as u8,
+        dpl,
+        db: ((e >> 54) & 1) as u8,
+        s: ((e >> 44) & 1) as u8,
+        l: ((e >> 53) & 1) as u8,
+        g,
+        avl: ((e >> 52) & 1) as u8,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// Writes the GDT, an empty IDT and identity page tables for the low 4 GiB.
+pub fn write_boot_tables(mem: &GuestMemory, user_mode: bool) -> Result<(), CpuError> {
+    for (i, entry) in GDT.iter().enumerate() {
+        mem.write_obj(*entry, GuestAddress(GDT_START + 8 * i as u64))?;
+    }
+    mem.write_obj(0u64, GuestAddress(IDT_START))?;
+    let flags = PAGE_PRESENT | PAGE_RW | if user_mode { PAGE_USER } else { 0 };
+    mem.write_obj(PDPTE_START | flags, GuestAddress(PML4_START))?;
+    for pd in 0..PAGE_DIRECTORIES {
+        let pd_addr = PDE_START + pd * 0x1000;
+        mem.write_obj(pd_addr | flags, GuestAddress(PDPTE_START + pd * 8))?;
+        for i in 0..512u64 {
+            let phys = ((pd << 9) + i) << 21;
+            mem.write_obj(phys | flags | PAGE_HUGE, GuestAddress(pd_addr + i * 8))?;
+        }
+    }
+    Ok(())
+}
+
+/// Loads long-mode segment and control registers.
+pub fn setup_sregs(vcpu: &VcpuFd, user_mode: bool) -> Result<(), CpuError> {
+    let mut sregs = vcpu
+        .get_sregs()
+        .map_err(|e| CpuError::Kvm("KVM_GET_SREGS", e))?;
+    let (code, data) = if user_mode {
+        (segment(USER_CODE), segment(USER_DATA))
+    } else {
+        (segment(KERNEL_CODE), segment(KERNEL_DATA))
+    };
+    sregs.gdt.base = GDT_START;
+    sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
+    sregs.idt.base = IDT_START;
+    sregs.idt.limit = 7;
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = segment(TSS);
+    sregs.cr0 |= X86_CR0_PE | X86_CR0_PG;
+    sregs.cr3 = PML4_START;
+    sregs.cr4 |= X86_CR4_PAE;
+    sregs.efer |= EFER_LME | EFER_LMA;
+    vcpu.set_sregs(&sregs)
+        .map_err(|e| CpuError::Kvm("KVM_SET_SREGS", e))
+}
+
+/// Loads the general registers for `entry`.
+pub fn setup_regs(vcpu: &VcpuFd, entry: &EntryPoint) -> Result<(), CpuError> {
+    let regs = kvm_regs {
+        rflags: RFLAGS_RESERVED | if entry.user_mode { RFLAGS_IOPL3 } else { 0 },
+        rip: entry.rip,
+        rsp: entry.rsp,
+        rbp: entry.rsp,
+        rsi: entry.rsi,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs)
+        .map_err(|e| CpuError::Kvm("KVM_SET_REGS", e))
+}
+
+/// x87 and SSE control words as after a reset.
+pub fn setup_fpu(vcpu: &VcpuFd) -> Result<(), CpuError> {
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    vcpu.set_fpu(&fpu).map_err(|e| CpuError::Kvm("KVM_SET_FPU", e))
+}
+
+/// The MSRs Linux expects a bootloader to leave sane: syscall MSRs cleared, fast strings on,
+/// MTRRs enabled with write-back as the default type.
+pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), CpuError> {
+    const MSR_IA32_SYSENTER_CS: u32 = 0x174;
+    const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
+    const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
+    const MSR_STAR: u32 = 0xc000_0081;
+    const MSR_LSTAR: u32 = 0xc000_0082;
+    const MSR_CSTAR: u32 = 0xc000_0083;
+    const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
+    const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+    const MSR_IA32_TSC: u32 = 0x10;
+    const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+    const MISC_ENABLE_FAST_STRING: u64 = 1;
+    const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+    const MTRR_ENABLE_WRITEBACK: u64 = (1 << 11) | 6;
+    let entry = |index, data| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
+    let msrs = Msrs::from_entries(&[
+        entry(MSR_IA32_SYSENTER_CS, 0),
+        entry(MSR_IA32_SYSENTER_ESP, 0),
+        entry(MSR_IA32_SYSENTER_EIP, 0),
+        entry(MSR_STAR, 0),
+        entry(MSR_CSTAR, 0),
+        entry(MSR_KERNEL_GS_BASE, 0),
+        entry(MSR_SYSCALL_MASK, 0),
+        entry(MSR_LSTAR, 0),
+        entry(MSR_IA32_TSC, 0),
+        entry(MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
+        entry(MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WRITEBACK),
+    ])
+    .map_err(CpuError::Msrs)?;
+    vcpu.set_msrs(&msrs)
+        .map_err(|e| CpuError::Kvm("KVM_SET_MSRS", e))?;
+    Ok(())
+}
+
+/// Routes the local APIC's LINT0 to ExtINT (the PIC) and LINT1 to NMI, as a BIOS would.
+pub fn setup_lapic(vcpu: &VcpuFd) -> Result<(), CpuError> {
+    const APIC_LVT0: usize = 0x350;
+    const APIC_LVT1: usize = 0x360;
+    const APIC_MODE_EXTINT: u32 = 0x7;
+    const APIC_MODE_NMI: u32 = 0x4;
+    let mut lapic = vcpu
+        .get_lapic()
+        .map_err(|e| CpuError::Kvm("KVM_GET_LAPIC", e))?;
+    for (reg, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
+        let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[reg + i] as u8);
+        let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
+        for (i, b) in value.to_le_bytes().into_iter().enumerate() {
+            lapic.regs[reg + i] = b as _;
+        }
+    }
+    vcpu.set_lapic(&lapic)
+        .map_err(|e| CpuError::Kvm("KVM_SET_LAPIC", e))
+}
+
+/// Tailors the host-supported CPUID for vCPU `index` of `count`: APIC ids, logical processor
+/// count and the hypervisor bit.
+pub fn filter_cpuid(cpuid: &mut CpuId, index: u8, count: u8) {
+    const LEAF_FEATURES: u32 = 1;
+    const LEAF_TOPOLOGY: u32 = 0xb;
+    const ECX_HYPERVISOR: u32 = 1 << 31;
+    const EDX_HTT: u32 = 1 << 28;
+    for entry in cpuid.as_mut_slice() {
+        match entry.function {
+            LEAF_FEATURES => {
+                entry.ebx = (entry.ebx & 0xffff) | (u32::from(index) << 24) | (u32::from(count) << 16);
+                entry.ecx |= ECX_HYPERVISOR;
+                if count > 1 {
+                    entry.edx |= EDX_HTT;
+                } else {
+                    entry.edx &= !EDX_HTT;
+                }
+            }
+            LEAF_TOPOLOGY => entry.edx = u32::from(index),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gdt_segments_decode() {
+        let cs = segment(KERNEL_CODE);
+        assert_eq!((cs.selector, cs.type_, cs.l, cs.dpl, cs.s), (0x08, 0xb, 1, 0, 1));
+        assert_eq!(cs.limit, 0xffff_ffff);
+        let ucs = segment(USER_CODE);
+        assert_eq!((ucs.selector, ucs.dpl, ucs.l), (0x23, 3, 1));
+        let uds = segment(USER_DATA);
+        assert_eq!((uds.selector, uds.dpl, uds.db, uds.type_), (0x2b, 3, 1, 3));
+        assert_eq!(segment(TSS).type_, 0xb);
+    }
+
+    #[test]
+    fn page_tables_identity_map_4gib() {
+        let mem = crate::memory::create_guest_memory(2).unwrap();
+        write_boot_tables(&mem, true).unwrap();
+        let pml4: u64 = mem.read_obj(GuestAddress(PML4_START)).unwrap();
+        assert_eq!(pml4, PDPTE_START | 0x7);
+        let pdpt3: u64 = mem.read_obj(GuestAddress(PDPTE_START + 24)).unwrap();
+        assert_eq!(pdpt3, (PDE_START + 0x3000) | 0x7);
+        // 0xd000_0000 is PD 3, entry 0x80.
+        let pde: u64 = mem
+            .read_obj(GuestAddress(PDE_START + 0x3000 + 0x80 * 8))
+            .unwrap();
+        assert_eq!(pde, 0xd000_0000 | 0x87);
+        write_boot_tables(&mem, false).unwrap();
+        let pde0: u64 = mem.read_obj(GuestAddress(PDE_START + 8)).unwrap();
+        assert_eq!(pde0, (1 << 21) | 0x83);
+    }
+}

@@ -1,0 +1,19 @@
+//! Legacy and platform devices: what a Linux guest needs besides virtio.
+
+pub mod boot_timer;
+pub mod i8042;
+pub mod serial;
+
+use vmm_sys_util::eventfd::EventFd;
+
+/// An interrupt line: an eventfd registered with KVM as an irqfd, so a write raises the
+/// guest IRQ without a trip through the VMM.
+pub struct IrqLine(pub EventFd);
+
+impl vm_superio::Trigger for IrqLine {
+    type E = std::io::Error;
+
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}

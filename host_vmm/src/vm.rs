@@ -1,0 +1,286 @@
+//! A KVM virtual machine assembled step by step (the order rust-vmm's vmm-reference uses):
+//! VM and memory slots, in-kernel IRQ chip and PIT, legacy devices on the buses, then, when
+//! started, the vCPUs on their threads.
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::{Bus, BusDevice, OverlapError};
+use crate::cpu::{self, CpuError, EntryPoint};
+use crate::devices::boot_timer::{BootTime, BootTimer};
+use crate::devices::i8042::I8042;
+use crate::devices::serial::{SerialDevice, SerialOut};
+use crate::devices::IrqLine;
+use crate::exit::{ExitReason, VmExit};
+use crate::layout;
+use crate::memory::{create_guest_memory, GuestMemory};
+use crate::vcpu::{self, Vcpu};
+
+/// Errors building or starting a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("KVM {0} failed: {1}")]
+    Kvm(&'static str, kvm_ioctls::Error),
+    #[error("allocating guest memory: {0}")]
+    Memory(#[from] vm_memory::mmap::FromRangesError),
+    #[error("{0}")]
+    Bus(#[from] OverlapError),
+    #[error("setting up vCPU: {0}")]
+    Cpu(#[from] CpuError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("invalid machine configuration: {0}")]
+    Config(String),
+}
+
+/// The shape of the machine.
+pub struct VmConfig {
+    pub vcpu_count: u8,
+    pub mem_size_mib: u64,
+    /// Where the guest console goes.
+    pub serial: SerialOut,
+}
+
+/// A VM that is built but not yet running.
+pub struct Vm {
+    kvm: Kvm,
+    vm_fd: VmFd,
+    memory: GuestMemory,
+    io_bus: Bus,
+    mmio_bus: Bus,
+    exit: VmExit,
+    vcpu_count: u8,
+    virtio_slots: Vec<(u64, u32)>,
+}
+
+/// Registers one eventfd as the irqfd of `gsi`.
+fn irq_line(vm_fd: &VmFd, gsi: u32) -> Result<IrqLine, VmError> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+    vm_fd
+        .register_irqfd(&evt, gsi)
+        .map_err(|e| VmError::Kvm("KVM_IRQFD", e))?;
+    Ok(IrqLine(evt))
+}
+
+impl Vm {
+    /// Creates the VM, its memory and the legacy devices (serial, i8042).
+    pub fn new(config: VmConfig) -> Result<Self, VmError> {
+        if config.vcpu_count == 0 {
+            return Err(VmError::Config("vcpu_count must be at least 1".into()));
+        }
+        if config.mem_size_mib == 0 {
+            return Err(VmError::Config("mem_size_mib must be at least 1".into()));
+        }
+        let kvm = Kvm::new().map_err(|e| VmError::Kvm("open /dev/kvm", e))?;
+        let vm_fd = kvm.create_vm().map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
+        let memory = create_guest_memory(config.mem_size_mib)?;
+        for (slot, region) in memory.iter().enumerate() {
+            let region_desc = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mmap owned by `memory`, which the VM and every vCPU
+            // thread keep alive (they hold clones) for as long as the VM can run.
+            unsafe { vm_fd.set_user_memory_region(region_desc) }
+                .map_err(|e| VmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+        }
+        vm_fd
+            .set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+            .map_err(|e| VmError::Kvm("KVM_SET_TSS_ADDR", e))?;
+        vm_fd
+            .set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(|e| VmError::Kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(|e| VmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd
+            .create_pit2(pit)
+            .map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
+
+        let exit = VmExit::new()?;
+        let mut io_bus = Bus::new();
+        let serial = SerialDevice::new(irq_line(&vm_fd, layout::SERIAL_IRQ)?, config.serial);
+        io_bus.insert(
+            Arc::new(Mutex::new(serial)),
+            u64::from(layout::SERIAL_PORT),
+            layout::SERIAL_PORT_LEN,
+        )?;
+        io_bus.insert(
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+            u64::from(layout::I8042_PORT),
+            layout::I8042_PORT_LEN,
+        )?;
+        Ok(Self {
+            kvm,
+            vm_fd,
+            memory,
+            io_bus,
+            mmio_bus: Bus::new(),
+            exit,
+            vcpu_count: config.vcpu_count,
+            virtio_slots: Vec::new(),
+        })
+    }
+
+    /// Guest RAM, for loading a kernel or a payload before start.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// The exit latch; requesting a reason on it stops the VM.
+    pub fn exit(&self) -> &VmExit {
+        &self.exit
+    }
+
+    /// Puts a device built by `make` into the next virtio-mmio slot, wired to the slot's IRQ.
+    /// Returns the slot's base address and IRQ (for the kernel command line).
+    pub fn add_virtio_mmio<D, F>(&mut self, make: F) -> Result<(u64, u32), VmError>
+    where
+        D: BusDevice + 'static,
+        F: FnOnce(IrqLine) -> D,
+    {
+        let (base, irq) = layout::virtio_slot(self.virtio_slots.len());
+        let device = make(irq_line(&self.vm_fd, irq)?);
+        self.mmio_bus
+            .insert(Arc::new(Mutex::new(device)), base, layout::VIRTIO_MMIO_SLOT)?;
+        self.virtio_slots.push((base, irq));
+        Ok((base, irq))
+    }
+
+    /// The `virtio_mmio.device=` declarations a Linux guest needs for the devices added so far.
+    pub fn virtio_cmdline(&self) -> Vec<String> {
+        self.virtio_slots
+            .iter()
+            .map(|(base, irq)| format!("virtio_mmio.device=4K@{base:#x}:{irq}"))
+            .collect()
+    }
+
+    /// Configures every vCPU for `entry` and starts them. `instance_start` is when the
+    /// instance was asked to start: the boot timer and the first-`KVM_RUN` timing count from it.
+    pub fn start(mut self, entry: EntryPoint, instance_start: Instant) -> Result<RunningVm, VmError> {
+        let boot_time = BootTime::default();
+        self.mmio_bus.insert(
+            Arc::new(Mutex::new(BootTimer::new(instance_start, boot_time.clone()))),
+            layout::BOOT_TIMER_START,
+            0x1000,
+        )?;
+        cpu::write_boot_tables(&self.memory, entry.user_mode)?;
+        let supported = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| VmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+        let io_bus = Arc::new(self.io_bus);
+        let mmio_bus = Arc::new(self.mmio_bus);
+        let first_run = Arc::new(OnceLock::new());
+        let mut vcpus = Vec::new();
+        for index in 0..self.vcpu_count {
+            let fd = self
+                .vm_fd
+                .create_vcpu(u64::from(index))
+                .map_err(|e| VmError::Kvm("KVM_CREATE_VCPU", e))?;
+            let mut cpuid = supported.clone();
+            cpu::filter_cpuid(&mut cpuid, index, self.vcpu_count);
+            fd.set_cpuid2(&cpuid)
+                .map_err(|e| VmError::Kvm("KVM_SET_CPUID2", e))?;
+            cpu::setup_msrs(&fd)?;
+            cpu::setup_regs(&fd, &entry)?;
+            cpu::setup_sregs(&fd, entry.user_mode)?;
+            cpu::setup_fpu(&fd)?;
+            cpu::setup_lapic(&fd)?;
+            vcpus.push(Vcpu {
+                index,
+                fd,
+                io_bus: io_bus.clone(),
+                mmio_bus: mmio_bus.clone(),
+                exit: self.exit.clone(),
+                first_run: first_run.clone(),
+            });
+        }
+        let mut threads = Vec::new();
+        for vcpu in vcpus {
+            match vcpu.spawn() {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    self.exit.request(ExitReason::Stopped);
+                    vcpu::stop_all(threads);
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(RunningVm {
+            _vm_fd: self.vm_fd,
+            _memory: self.memory,
+            exit: self.exit,
+            threads,
+            instance_start,
+            first_run,
+            boot_time,
+        })
+    }
+}
+
+/// What a running VM has measured so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Timings {
+    /// Instance start to the first `KVM_RUN`.
+    pub first_kvm_run: Option<Duration>,
+    /// Instance start to the guest's boot-timer write.
+    pub boot_timer: Option<Duration>,
+}
+
+/// A started VM.
+pub struct RunningVm {
+    _vm_fd: VmFd,
+    _memory: GuestMemory,
+    exit: VmExit,
+    threads: Vec<JoinHandle<()>>,
+    instance_start: Instant,
+    first_run: Arc<OnceLock<Instant>>,
+    boot_time: BootTime,
+}
+
+impl RunningVm {
+    /// The exit latch: request [`ExitReason::Stopped`] on it to stop the VM from outside.
+    pub fn exit(&self) -> &VmExit {
+        &self.exit
+    }
+
+    pub fn timings(&self) -> Timings {
+        Timings {
+            first_kvm_run: self
+                .first_run
+                .get()
+                .map(|t| t.duration_since(self.instance_start)),
+            boot_timer: self.boot_time.get().copied(),
+        }
+    }
+
+    /// Blocks until the VM stops, stops every vCPU thread and returns why it stopped.
+    pub fn wait(self) -> (ExitReason, Timings) {
+        let reason = loop {
+            if let Some(reason) = self.exit.reason() {
+                break reason;
+            }
+            if let Err(e) = self.exit.event().read() {
+                tracing::warn!("waiting for the VM exit event: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        let timings = self.timings();
+        vcpu::stop_all(self.threads);
+        (reason, timings)
+    }
+}

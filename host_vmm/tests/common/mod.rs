@@ -1,0 +1,140 @@
+//! A CPL3 test guest: a 65-byte script interpreter (machine code below) that the VMM starts
+//! in user mode, because the CI machines' nested KVM emulates ring 0 but runs ring 3 natively.
+//! The host writes a script of `(op, addr, value)` triples into guest memory; the guest walks
+//! it, so each test is a few lines of data instead of new machine code.
+#![allow(dead_code)] // each test binary uses a different part of this helper
+
+use std::fs;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kindling_vmm::cpu::EntryPoint;
+use kindling_vmm::exit::{ExitReason, VmExit};
+use kindling_vmm::memory::GuestMemory;
+use kindling_vmm::vm::{Timings, Vm, VmConfig};
+use vm_memory::{Bytes, GuestAddress};
+
+/// The interpreter, assembled from (intel syntax, `as --64`):
+/// ```text
+/// start: mov rax,[rsi]; mov rdx,[rsi+8]; mov rcx,[rsi+16]; add rsi,24
+///        cmp eax,1; je w32   cmp eax,2; je p32   cmp eax,3; je o8
+///        cmp eax,4; je w8    cmp eax,5; je e32   hlt        ; op 0: end with #GP
+/// w32:   mov [rdx],ecx; jmp start                           ; op 1: 32-bit store
+/// p32:   cmp [rdx],ecx; jne p32; jmp start                  ; op 2: poll until equal
+/// o8:    mov eax,ecx; out dx,al; jmp start                  ; op 3: port write
+/// w8:    mov [rdx],cl; jmp start                            ; op 4: 8-bit store
+/// e32:   cmp [rdx],ecx; je start; hlt                       ; op 5: expect, else #GP
+/// ```
+/// `hlt` at CPL3 raises #GP; with an empty IDT that becomes a triple fault, which the VMM
+/// reports as [`ExitReason::TripleFault`]: a failed expectation is visible as that exit.
+const INTERPRETER: [u8; 65] = [
+    0x48, 0x8b, 0x06, 0x48, 0x8b, 0x56, 0x08, 0x48, 0x8b, 0x4e, 0x10, 0x48, 0x83, 0xc6, 0x18,
+    0x83, 0xf8, 0x01, 0x74, 0x15, 0x83, 0xf8, 0x02, 0x74, 0x14, 0x83, 0xf8, 0x03, 0x74, 0x15,
+    0x83, 0xf8, 0x04, 0x74, 0x15, 0x83, 0xf8, 0x05, 0x74, 0x14, 0xf4, 0x89, 0x0a, 0xeb, 0xd3,
+    0x39, 0x0a, 0x75, 0xfc, 0xeb, 0xcd, 0x89, 0xc8, 0xee, 0xeb, 0xc8, 0x88, 0x0a, 0xeb, 0xc4,
+    0x39, 0x0a, 0x74, 0xc0, 0xf4,
+];
+const CODE_ADDR: u64 = 0x10000;
+const SCRIPT_ADDR: u64 = 0x11000;
+const STACK_TOP: u64 = 0x8ff0;
+
+/// One guest action.
+#[derive(Debug, Clone, Copy)]
+pub enum Op {
+    Write32(u64, u32),
+    PollEq32(u64, u32),
+    Out8(u16, u8),
+    Write8(u64, u8),
+    Expect32(u64, u32),
+}
+
+fn encode(script: &[Op]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut push = |op: u64, addr: u64, val: u64| {
+        for v in [op, addr, val] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    };
+    for op in script {
+        match *op {
+            Op::Write32(a, v) => push(1, a, v.into()),
+            Op::PollEq32(a, v) => push(2, a, v.into()),
+            Op::Out8(p, v) => push(3, p.into(), v.into()),
+            Op::Write8(a, v) => push(4, a, v.into()),
+            Op::Expect32(a, v) => push(5, a, v.into()),
+        }
+    }
+    push(0, 0, 0);
+    out
+}
+
+/// Writes `text` to COM1 one byte at a time.
+pub fn serial_print(text: &str) -> Vec<Op> {
+    text.bytes().map(|b| Op::Out8(0x3f8, b)).collect()
+}
+
+/// The i8042 reset command: the guest's normal way to stop.
+pub const RESET: Op = Op::Out8(0x64, 0xfe);
+
+/// Opens KVM or explains in one line why the test cannot run.
+pub fn kvm_or_skip() -> bool {
+    match fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => true,
+        Err(e) => {
+            println!("SKIPPED: /dev/kvm is not usable here: {e}");
+            false
+        }
+    }
+}
+
+/// A scratch file path unique to this test process.
+pub fn scratch(name: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    std::env::temp_dir().join(format!(
+        "kindling-vmm-test-{}-{}-{name}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// A VM whose console goes to the file `console`.
+pub fn new_vm(console: &PathBuf) -> Vm {
+    let out = fs::File::create(console).expect("console file");
+    Vm::new(VmConfig {
+        vcpu_count: 1,
+        mem_size_mib: 16,
+        serial: Box::new(out),
+    })
+    .expect("create VM")
+}
+
+/// Loads the interpreter and `script`, starts the VM at CPL3 and waits for it to stop
+/// (at most `limit`; then the VM is stopped with [`ExitReason::Stopped`]).
+pub fn run_script(vm: Vm, script: &[Op], limit: Duration) -> (ExitReason, Timings) {
+    load(vm.memory(), script);
+    let entry = EntryPoint {
+        rip: CODE_ADDR,
+        rsp: STACK_TOP,
+        rsi: SCRIPT_ADDR,
+        user_mode: true,
+    };
+    let running = vm.start(entry, Instant::now()).expect("start VM");
+    watchdog(running.exit().clone(), limit);
+    running.wait()
+}
+
+fn load(mem: &GuestMemory, script: &[Op]) {
+    mem.write_slice(&INTERPRETER, GuestAddress(CODE_ADDR)).unwrap();
+    let bytes = encode(script);
+    assert!(bytes.len() < 0xf000, "script too long");
+    mem.write_slice(&bytes, GuestAddress(SCRIPT_ADDR)).unwrap();
+}
+
+fn watchdog(exit: VmExit, limit: Duration) {
+    thread::spawn(move || {
+        thread::sleep(limit);
+        exit.request(ExitReason::Stopped);
+    });
+}

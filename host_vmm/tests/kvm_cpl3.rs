@@ -1,0 +1,59 @@
+//! Real KVM, real exits: a CPL3 guest drives the serial port, the boot timer and the i8042.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{kvm_or_skip, new_vm, run_script, scratch, serial_print, Op, RESET};
+use kindling_vmm::exit::ExitReason;
+
+#[test]
+fn serial_boot_timer_and_i8042_reset_through_real_exits() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let console = scratch("console");
+    let vm = new_vm(&console);
+    let mut script = serial_print("hello from CPL3\n");
+    script.push(Op::Write8(0xd000_0000, 123));
+    script.push(RESET);
+    script.extend(serial_print("never printed"));
+    let (reason, timings) = run_script(vm, &script, Duration::from_secs(20));
+
+    assert_eq!(reason, ExitReason::GuestReset);
+    assert_eq!(reason.exit_code(), 0);
+    assert_eq!(std::fs::read_to_string(&console).unwrap(), "hello from CPL3\n");
+    let boot = timings.boot_timer.expect("boot timer write was recorded");
+    let first_run = timings.first_kvm_run.expect("first KVM_RUN was recorded");
+    assert!(first_run <= boot, "{timings:?}");
+    std::fs::remove_file(console).unwrap();
+}
+
+#[test]
+fn a_boot_timer_write_of_another_value_is_ignored() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let console = scratch("console");
+    let vm = new_vm(&console);
+    let script = [Op::Write8(0xd000_0000, 7), RESET];
+    let (reason, timings) = run_script(vm, &script, Duration::from_secs(20));
+    assert_eq!(reason, ExitReason::GuestReset);
+    assert_eq!(timings.boot_timer, None);
+    std::fs::remove_file(console).unwrap();
+}
+
+#[test]
+fn a_guest_fault_is_a_triple_fault_exit() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let console = scratch("console");
+    let vm = new_vm(&console);
+    // An empty script ends in `hlt` at CPL3: #GP with no IDT, then a triple fault.
+    let (reason, _) = run_script(vm, &serial_print("x"), Duration::from_secs(20));
+    assert_eq!(reason, ExitReason::TripleFault);
+    assert_eq!(reason.exit_code(), 3);
+    assert_eq!(std::fs::read_to_string(&console).unwrap(), "x");
+    std::fs::remove_file(console).unwrap();
+}
