@@ -1,1 +1,88 @@
-fn main() {}
+//! `kindling-bootstrap`: the agent inside every execution environment.
+//!
+//! It fetches the function's configuration from the host, serves the public Lambda Runtime
+//! API on `127.0.0.1:9001` and relays every call to the host over vsock (or a Unix socket in
+//! the sandbox), starts and restarts the language runtime, forwards its output as the
+//! function log and reports per-invocation metrics. See `kindling_wire` for the host side
+//! of the wire.
+
+/// The bootstrap's own diagnostics: one line on stderr with a fixed prefix, so they stand
+/// apart from the function's output on the guest console.
+macro_rules! say {
+    ($($arg:tt)*) => { eprintln!("kindling-bootstrap: {}", format_args!($($arg)*)) };
+}
+
+mod agent;
+mod config;
+mod logs;
+mod memory;
+mod relay;
+mod runtime;
+mod upstream;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::agent::Agent;
+use crate::config::Config;
+use crate::upstream::Upstream;
+
+fn main() -> ExitCode {
+    // One thread is plenty for one runtime, and keeps the guest's footprint small.
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            say!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            say!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), String> {
+    let config = Config::from_env()?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let api_addr = listener
+        .local_addr()
+        .map_err(|e| format!("listener address: {e}"))?;
+
+    let upstream = Upstream::new(config.host.clone());
+    let function = upstream.environment().await?;
+    say!(
+        "function {} ({} runtime), host {}, Runtime API on {api_addr}",
+        function.function_name,
+        function.runtime,
+        config.host
+    );
+
+    let agent = Arc::new(Agent::new(upstream));
+    let program = match runtime::locate(&config) {
+        Ok(p) => p,
+        Err(e) => {
+            agent
+                .report_init_error("Runtime.InvalidEntrypoint", &e)
+                .await;
+            return Err(e);
+        }
+    };
+    let spec = runtime::RuntimeSpec {
+        program,
+        env: runtime::environment(&function, &config, api_addr),
+        cwd: config.task_root.clone(),
+    };
+    tokio::spawn(relay::serve(listener, agent.clone()));
+    runtime::supervise(agent, spec).await
+}

@@ -1,0 +1,223 @@
+//! The function log: the runtime's stdout and stderr, captured line by line and posted to
+//! the host in batches, each batch tagged with the request id in flight when its lines
+//! were read.
+//!
+//! Lines a runtime wrote before it posted its result are already in the pipe when the
+//! result arrives, so [`LogSink::finish_invocation`] drains the pipes without blocking and
+//! ships everything before the invocation's report: no line of an invocation ever arrives
+//! after its report.
+
+use std::collections::VecDeque;
+use std::io;
+use std::mem;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use kindling_wire::{HEADER_REQUEST_ID, PATH_LOGS};
+use tokio::net::unix::pipe;
+use tokio::sync::Notify;
+
+use crate::upstream::Upstream;
+
+/// A line longer than this is cut and shipped in pieces, so a runtime that never writes
+/// a newline cannot grow the bootstrap without bound.
+const MAX_LINE: usize = 256 * 1024;
+/// Largest batch posted at once.
+const MAX_BATCH: usize = 256 * 1024;
+/// How long the shipper waits for more lines before posting a batch.
+const BATCH_DELAY: Duration = Duration::from_millis(5);
+
+struct Batch {
+    request_id: Option<String>,
+    text: Vec<u8>,
+}
+
+struct Source {
+    rx: Arc<pipe::Receiver>,
+    partial: Vec<u8>,
+}
+
+#[derive(Default)]
+struct State {
+    sources: Vec<Source>,
+    batches: VecDeque<Batch>,
+    request_id: Option<String>,
+}
+
+impl State {
+    fn push_line(&mut self, line: &[u8]) {
+        match self.batches.back_mut() {
+            Some(b)
+                if b.request_id == self.request_id && b.text.len() + line.len() <= MAX_BATCH =>
+            {
+                b.text.extend_from_slice(line)
+            }
+            _ => self.batches.push_back(Batch {
+                request_id: self.request_id.clone(),
+                text: line.to_vec(),
+            }),
+        }
+        if !line.ends_with(b"\n") {
+            self.batches
+                .back_mut()
+                .expect("just pushed")
+                .text
+                .push(b'\n');
+        }
+    }
+
+    /// Reads whatever the pipes hold right now, without waiting. A source at end of file
+    /// gives its last partial line and is dropped.
+    fn drain(&mut self) {
+        let mut buf = [0u8; 16 * 1024];
+        let mut i = 0;
+        while i < self.sources.len() {
+            let eof = loop {
+                match self.sources[i].rx.try_read(&mut buf) {
+                    Ok(0) => break true,
+                    Ok(n) => self.sources[i].partial.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        say!("reading the runtime's output: {e}");
+                        break true;
+                    }
+                }
+            };
+            let mut partial = mem::take(&mut self.sources[i].partial);
+            let mut start = 0;
+            while let Some(nl) = partial[start..].iter().position(|&b| b == b'\n') {
+                self.push_line(&partial[start..start + nl + 1]);
+                start += nl + 1;
+            }
+            partial.drain(..start);
+            if eof || partial.len() >= MAX_LINE {
+                if !partial.is_empty() {
+                    self.push_line(&partial);
+                }
+                partial.clear();
+            }
+            if eof {
+                self.sources.swap_remove(i);
+            } else {
+                self.sources[i].partial = partial;
+                i += 1;
+            }
+        }
+    }
+
+    /// Ends unterminated lines, so they belong to the invocation that wrote them.
+    fn close_partials(&mut self) {
+        for i in 0..self.sources.len() {
+            let partial = mem::take(&mut self.sources[i].partial);
+            if !partial.is_empty() {
+                self.push_line(&partial);
+            }
+        }
+    }
+}
+
+/// Collects the runtime's output and ships it to the host.
+pub struct LogSink {
+    upstream: Upstream,
+    state: Mutex<State>,
+    /// Serialises posting so batches reach the host in the order they were read.
+    shipping: tokio::sync::Mutex<()>,
+    new_lines: Notify,
+}
+
+impl LogSink {
+    /// Creates the sink and its background shipper task.
+    pub fn start(upstream: Upstream) -> Arc<Self> {
+        let sink = Arc::new(LogSink {
+            upstream,
+            state: Mutex::new(State::default()),
+            shipping: tokio::sync::Mutex::new(()),
+            new_lines: Notify::new(),
+        });
+        let shipper = sink.clone();
+        tokio::spawn(async move {
+            loop {
+                shipper.new_lines.notified().await;
+                tokio::time::sleep(BATCH_DELAY).await;
+                shipper.ship().await;
+            }
+        });
+        sink
+    }
+
+    /// A new pipe for one output stream of a runtime: the write end goes to the child.
+    pub fn pipe(self: &Arc<Self>) -> io::Result<OwnedFd> {
+        let (tx, rx) = pipe::pipe()?;
+        let rx = Arc::new(rx);
+        self.state().sources.push(Source {
+            rx: rx.clone(),
+            partial: Vec::new(),
+        });
+        let sink = self.clone();
+        tokio::spawn(async move {
+            // The sink's list holds the other reference until the pipe reaches end of file.
+            while Arc::strong_count(&rx) > 1 {
+                if rx.readable().await.is_err() {
+                    break;
+                }
+                let has_lines = {
+                    let mut state = sink.state();
+                    state.drain();
+                    !state.batches.is_empty()
+                };
+                if has_lines {
+                    sink.new_lines.notify_one();
+                }
+            }
+        });
+        tx.into_blocking_fd()
+    }
+
+    /// Lines read from now on belong to invocation `id`.
+    pub fn begin_invocation(&self, id: &str) {
+        let mut state = self.state();
+        state.drain();
+        state.request_id = Some(id.to_owned());
+    }
+
+    /// Everything the runtime wrote so far is posted before this returns; later lines
+    /// belong to no invocation.
+    pub async fn finish_invocation(&self) {
+        {
+            let mut state = self.state();
+            state.drain();
+            state.close_partials();
+            state.request_id = None;
+        }
+        self.ship().await;
+    }
+
+    async fn ship(&self) {
+        let _order = self.shipping.lock().await;
+        let batches = mem::take(&mut self.state().batches);
+        for batch in batches {
+            let mut headers = vec![(CONTENT_TYPE, HeaderValue::from_static("text/plain"))];
+            if let Some(id) = batch.request_id.as_deref() {
+                match HeaderValue::from_str(id) {
+                    Ok(v) => headers.push((HeaderName::from_static(HEADER_REQUEST_ID), v)),
+                    Err(_) => say!("request id {id:?} is not a valid header value"),
+                }
+            }
+            if let Err(e) = self
+                .upstream
+                .post(PATH_LOGS, &headers, Bytes::from(batch.text))
+                .await
+            {
+                say!("log lines lost: {e}");
+            }
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

@@ -1,0 +1,236 @@
+//! Peak memory of the runtime's process tree.
+//!
+//! Preferred: a cgroup created for each runtime start, whose kernel-kept peak counts every
+//! process of the tree, even those that already exited (v2 `memory.peak`, or v1
+//! `memory.max_usage_in_bytes` where the memory controller is only on v1). Where no cgroup
+//! can be created, the highest `VmHWM` over the live tree, remembered across reads.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+const MIB: u64 = 1024 * 1024;
+
+/// A cgroup that holds one runtime process tree and is removed with it.
+pub struct RuntimeCgroup {
+    dir: PathBuf,
+    peak_file: &'static str,
+    /// `cgroup.procs`, opened before fork so the child can join with one `write(2)`.
+    procs: File,
+}
+
+impl RuntimeCgroup {
+    /// Creates a cgroup named `name` under the bootstrap's own, on v2 if it has the memory
+    /// controller, else on v1's memory hierarchy. `None` where neither can be had.
+    pub fn create(name: &str) -> Option<Self> {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
+        let own = fs::read_to_string("/proc/self/cgroup").ok()?;
+        let v2 = own_dir(
+            &mountinfo,
+            &own,
+            |fstype, _| fstype == "cgroup2",
+            |ctl| ctl.is_empty(),
+        );
+        if let Some(parent) = v2 {
+            // Needed for `memory.peak` in the child; refused where the parent is not root
+            // and holds processes (then v1 or VmHWM it is).
+            let _ = fs::write(parent.join("cgroup.subtree_control"), "+memory");
+            if let Some(cg) = Self::make(&parent, name, "memory.peak") {
+                return Some(cg);
+            }
+        }
+        let v1 = own_dir(
+            &mountinfo,
+            &own,
+            |fstype, opts| fstype == "cgroup" && opts.split(',').any(|o| o == "memory"),
+            |ctl| ctl.split(',').any(|c| c == "memory"),
+        )?;
+        Self::make(&v1, name, "memory.max_usage_in_bytes")
+    }
+
+    fn make(parent: &Path, name: &str, peak_file: &'static str) -> Option<Self> {
+        let dir = parent.join(name);
+        if let Err(e) = fs::create_dir(&dir) {
+            if e.kind() != io::ErrorKind::AlreadyExists {
+                return None;
+            }
+        }
+        let procs = OpenOptions::new()
+            .write(true)
+            .open(dir.join("cgroup.procs"));
+        match procs {
+            Ok(procs) if dir.join(peak_file).is_file() => Some(RuntimeCgroup {
+                dir,
+                peak_file,
+                procs,
+            }),
+            _ => {
+                let _ = fs::remove_dir(&dir);
+                None
+            }
+        }
+    }
+
+    /// The fd a child writes `0` to in order to join (see `runtime::spawn`).
+    pub fn procs_fd(&self) -> RawFd {
+        self.procs.as_raw_fd()
+    }
+
+    fn peak_bytes(&self) -> Option<u64> {
+        fs::read_to_string(self.dir.join(self.peak_file))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Kills whatever of the tree is left (daemonised children), so the cgroup can go.
+    pub async fn remove(&self) {
+        for _ in 0..50 {
+            let pids = fs::read_to_string(self.dir.join("cgroup.procs")).unwrap_or_default();
+            for pid in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            match fs::remove_dir(&self.dir) {
+                Ok(()) => return,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        say!("cgroup {} could not be removed", self.dir.display());
+    }
+}
+
+/// The directory of the bootstrap's own cgroup in the hierarchy whose mount matches
+/// `is_mount` and whose `/proc/self/cgroup` line's controller list matches `is_line`.
+fn own_dir(
+    mountinfo: &str,
+    own: &str,
+    is_mount: impl Fn(&str, &str) -> bool,
+    is_line: impl Fn(&str) -> bool,
+) -> Option<PathBuf> {
+    let path = own.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, ctl, path) = (parts.next()?, parts.next()?, parts.next()?);
+        is_line(ctl).then_some(path)
+    })?;
+    mountinfo.lines().find_map(|l| {
+        // `ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [TAGS...] - FSTYPE SOURCE SUPEROPTS`
+        let (pre, post) = l.split_once(" - ")?;
+        let pre: Vec<&str> = pre.split(' ').collect();
+        let post: Vec<&str> = post.split(' ').collect();
+        let (root, mountpoint) = (*pre.get(3)?, *pre.get(4)?);
+        if !is_mount(post.first()?, post.get(2).unwrap_or(&"")) {
+            return None;
+        }
+        let rel = path.strip_prefix(root)?.trim_start_matches('/');
+        Some(Path::new(mountpoint).join(rel))
+    })
+}
+
+/// Where a runtime's peak memory is read from.
+pub enum MemoryProbe {
+    Cgroup(RuntimeCgroup),
+    /// The runtime's pid, and the highest `VmHWM` seen so far, in bytes.
+    ProcTree(u32, AtomicU64),
+}
+
+impl MemoryProbe {
+    /// Peak memory in MiB, rounded up.
+    pub fn peak_mb(&self) -> u64 {
+        let bytes = match self {
+            MemoryProbe::Cgroup(cg) => cg.peak_bytes().unwrap_or(0),
+            MemoryProbe::ProcTree(root, high) => {
+                let now = tree_hwm(*root);
+                high.fetch_max(now, Ordering::Relaxed).max(now)
+            }
+        };
+        bytes.div_ceil(MIB)
+    }
+}
+
+/// The largest `VmHWM` over `root` and its live descendants, in bytes.
+fn tree_hwm(root: u32) -> u64 {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    if let Ok(entries) = fs::read_dir("/proc") {
+        for pid in entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        {
+            if let Some(ppid) = fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| parent_pid(&s))
+            {
+                children.entry(ppid).or_default().push(pid);
+            }
+        }
+    }
+    let mut stack = vec![root];
+    let mut high = 0;
+    while let Some(pid) = stack.pop() {
+        high = high.max(vm_hwm(pid).unwrap_or(0));
+        stack.extend(children.get(&pid).into_iter().flatten());
+    }
+    high
+}
+
+/// The ppid field of `/proc/PID/stat`; the command name before it may hold spaces.
+fn parent_pid(stat: &str) -> Option<u32> {
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn vm_hwm(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_own_cgroup_under_a_nested_mount_root() {
+        let mountinfo = "41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n\
+                         35 31 0:32 /ns /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory";
+        let own = "4:memory:/ns/a/b\n0::/x";
+        let v2 = own_dir(mountinfo, own, |t, _| t == "cgroup2", |c| c.is_empty());
+        assert_eq!(v2.unwrap(), Path::new("/sys/fs/cgroup/unified/x"));
+        let v1 = own_dir(
+            mountinfo,
+            own,
+            |t, o| t == "cgroup" && o.split(',').any(|o| o == "memory"),
+            |c| c == "memory",
+        );
+        assert_eq!(v1.unwrap(), Path::new("/sys/fs/cgroup/memory/a/b"));
+    }
+
+    #[test]
+    fn parses_ppid_after_a_command_with_spaces() {
+        assert_eq!(parent_pid("12 (a b) c) S 7 12 12 0"), Some(7));
+    }
+
+    #[test]
+    fn own_tree_has_a_high_water_mark() {
+        assert!(tree_hwm(std::process::id()) > 0);
+    }
+}

@@ -1,0 +1,168 @@
+//! The public Lambda Runtime API inside the guest: every call is relayed to the host
+//! unchanged (method, path, headers, status, body streamed through), with the agent told
+//! about the steps it measures.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderValue, CONNECTION, CONTENT_TYPE, TRANSFER_ENCODING, UPGRADE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use kindling_wire::{ErrorBody, HEADER_REQUEST_ID, PATH_NEXT, RUNTIME_PREFIX};
+use tokio::net::TcpListener;
+
+use crate::agent::Agent;
+use crate::upstream::{full, Backoff, Body};
+
+/// Accepts the runtime's connections until the process ends.
+pub async fn serve(listener: TcpListener, agent: Arc<Agent>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                say!("accept: {e}");
+                continue;
+            }
+        };
+        // Runtimes often write a request's head and body separately: without NODELAY on
+        // both ends, delayed ACK meets Nagle and each call stalls ~40 ms.
+        if let Err(e) = stream.set_nodelay(true) {
+            say!("TCP_NODELAY: {e}");
+        }
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| handle(agent.clone(), req));
+            // Errors here are the runtime hanging up mid-request; nothing to report.
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// The calls the agent takes part in.
+enum Route {
+    Next,
+    Result(String),
+    Other,
+}
+
+impl Route {
+    fn of(method: &Method, path: &str) -> Route {
+        if method == Method::GET && path == PATH_NEXT {
+            return Route::Next;
+        }
+        let result_id = path
+            .strip_prefix(RUNTIME_PREFIX)
+            .and_then(|p| p.strip_prefix("/invocation/"))
+            .and_then(|p| {
+                p.strip_suffix("/response")
+                    .or_else(|| p.strip_suffix("/error"))
+            })
+            .filter(|id| !id.is_empty() && !id.contains('/'));
+        match result_id {
+            Some(id) if method == Method::POST => Route::Result(id.to_owned()),
+            _ => Route::Other,
+        }
+    }
+}
+
+async fn handle(agent: Arc<Agent>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    Ok(match Route::of(req.method(), req.uri().path()) {
+        Route::Next => next(&agent, req).await,
+        Route::Result(id) => {
+            agent.result_received(&id).await;
+            forward(&agent, req.map(|b| b.map_err(Into::into).boxed())).await
+        }
+        Route::Other => forward(&agent, req.map(|b| b.map_err(Into::into).boxed())).await,
+    })
+}
+
+/// `/next` blocks on the host for as long as it takes; it has no body, so a connection
+/// lost to a host restart is simply retried.
+async fn next(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
+    agent.next_requested();
+    let (parts, _) = req.into_parts();
+    let mut backoff = Backoff::new();
+    let resp = loop {
+        let mut attempt = Request::from_parts(parts.clone(), full(bytes::Bytes::new()));
+        strip_hop_by_hop(attempt.headers_mut());
+        match agent.upstream.send(attempt).await {
+            Ok(resp) => break resp,
+            Err(e) => {
+                say!("GET /next: {e}; retrying");
+                backoff.wait().await;
+            }
+        }
+    };
+    if resp.status().is_success() {
+        match resp
+            .headers()
+            .get(HEADER_REQUEST_ID)
+            .map(HeaderValue::to_str)
+        {
+            Some(Ok(id)) => agent.event_handed_over(id),
+            _ => say!("event from the host without a request id"),
+        }
+    }
+    relay_response(resp)
+}
+
+async fn forward(agent: &Agent, mut req: Request<Body>) -> Response<Body> {
+    let what = format!("{} {}", req.method(), req.uri().path());
+    strip_hop_by_hop(req.headers_mut());
+    match agent.upstream.send(req).await {
+        Ok(resp) => relay_response(resp),
+        Err(e) => {
+            say!("{what}: {e}");
+            // 500 tells a runtime that its environment is broken and it should exit.
+            let body = ErrorBody::new("Kindling.HostUnavailable", format!("{what}: {e}"));
+            Response::builder()
+                .status(StatusCode::INTERNAL_SERVER_ERROR)
+                .header(CONTENT_TYPE, "application/json")
+                .body(full(serde_json::to_vec(&body).expect("serialisable")))
+                .expect("valid response")
+        }
+    }
+}
+
+fn relay_response(resp: Response<Incoming>) -> Response<Body> {
+    let mut resp = resp.map(|b| b.map_err(Into::into).boxed());
+    strip_hop_by_hop(resp.headers_mut());
+    resp
+}
+
+/// Headers of one hop: hyper frames each side itself (the body's length is kept, so a
+/// Content-Length still passes through).
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in [CONNECTION, TRANSFER_ENCODING, UPGRADE] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_the_calls_the_agent_measures() {
+        assert!(matches!(Route::of(&Method::GET, PATH_NEXT), Route::Next));
+        let resp = "/2018-06-01/runtime/invocation/abc-1/response";
+        assert!(matches!(Route::of(&Method::POST, resp), Route::Result(id) if id == "abc-1"));
+        let err = "/2018-06-01/runtime/invocation/abc-1/error";
+        assert!(matches!(Route::of(&Method::POST, err), Route::Result(id) if id == "abc-1"));
+        assert!(matches!(Route::of(&Method::GET, resp), Route::Other));
+        let nested = "/2018-06-01/runtime/invocation/a/b/response";
+        assert!(matches!(Route::of(&Method::POST, nested), Route::Other));
+        assert!(matches!(
+            Route::of(&Method::POST, "/2018-06-01/runtime/init/error"),
+            Route::Other
+        ));
+    }
+}

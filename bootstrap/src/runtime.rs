@@ -1,0 +1,231 @@
+//! Finding, starting, watching and restarting the function's runtime process.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kindling_wire::FunctionEnvironment;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::agent::Agent;
+use crate::config::Config;
+use crate::memory::{MemoryProbe, RuntimeCgroup};
+
+/// How long a runtime gets to exit after SIGTERM when the guest shuts down.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
+/// Longest pause between restarts of a runtime that keeps dying before its first `/next`.
+const MAX_RESTART_DELAY: Duration = Duration::from_secs(5);
+
+/// What is started, with what environment, where.
+pub struct RuntimeSpec {
+    pub program: PathBuf,
+    pub env: Vec<(String, String)>,
+    pub cwd: PathBuf,
+}
+
+/// The first executable `bootstrap` of the function, its layers, then the shipped runtime.
+pub fn locate(config: &Config) -> Result<PathBuf, String> {
+    let candidates =
+        [&config.task_root, &config.opt_root, &config.runtime_dir].map(|dir| dir.join("bootstrap"));
+    candidates
+        .iter()
+        .find(|p| is_executable(p))
+        .cloned()
+        .ok_or_else(|| {
+            let list: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+            format!("Couldn't find valid bootstrap(s): [{}]", list.join(" "))
+        })
+}
+
+fn is_executable(path: &Path) -> bool {
+    path.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Variables the function's configuration may not override.
+const RESERVED: &[&str] = &[
+    "_HANDLER",
+    "_X_AMZN_TRACE_ID",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_EXECUTION_ENV",
+    "AWS_LAMBDA_FUNCTION_NAME",
+    "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+    "AWS_LAMBDA_FUNCTION_VERSION",
+    "AWS_LAMBDA_INITIALIZATION_TYPE",
+    "AWS_LAMBDA_LOG_GROUP_NAME",
+    "AWS_LAMBDA_LOG_STREAM_NAME",
+    "AWS_LAMBDA_RUNTIME_API",
+    "LAMBDA_TASK_ROOT",
+    "LAMBDA_RUNTIME_DIR",
+];
+
+/// The runtime's whole environment (nothing of the bootstrap's own leaks in): defaults the
+/// function may override, its variables, then the reserved ones.
+pub fn environment(
+    f: &FunctionEnvironment,
+    config: &Config,
+    api: SocketAddr,
+) -> Vec<(String, String)> {
+    let task = config.task_root.display().to_string();
+    let runtime = config.runtime_dir.display().to_string();
+    let mut env = BTreeMap::from([
+        (
+            "PATH".to_owned(),
+            "/usr/local/bin:/usr/bin:/bin:/opt/bin".to_owned(),
+        ),
+        (
+            "LD_LIBRARY_PATH".to_owned(),
+            format!("/lib64:/usr/lib64:{runtime}:{runtime}/lib:{task}:{task}/lib:/opt/lib"),
+        ),
+        ("LANG".to_owned(), "en_US.UTF-8".to_owned()),
+        ("TZ".to_owned(), "UTC".to_owned()),
+    ]);
+    for (key, value) in &f.variables {
+        if RESERVED.contains(&key.as_str()) {
+            say!("function variable {key} is reserved; ignored");
+        } else {
+            env.insert(key.clone(), value.clone());
+        }
+    }
+    let reserved = [
+        ("_HANDLER", f.handler.clone()),
+        ("AWS_REGION", f.region.clone()),
+        ("AWS_DEFAULT_REGION", f.region.clone()),
+        ("AWS_EXECUTION_ENV", format!("AWS_Lambda_{}", f.runtime)),
+        ("AWS_LAMBDA_FUNCTION_NAME", f.function_name.clone()),
+        ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", f.memory_mb.to_string()),
+        ("AWS_LAMBDA_FUNCTION_VERSION", f.function_version.clone()),
+        (
+            "AWS_LAMBDA_INITIALIZATION_TYPE",
+            f.initialization_type.clone(),
+        ),
+        ("AWS_LAMBDA_LOG_GROUP_NAME", f.log_group_name.clone()),
+        ("AWS_LAMBDA_LOG_STREAM_NAME", f.log_stream_name.clone()),
+        ("AWS_LAMBDA_RUNTIME_API", api.to_string()),
+        ("LAMBDA_TASK_ROOT", task),
+        ("LAMBDA_RUNTIME_DIR", runtime),
+    ];
+    env.extend(reserved.map(|(k, v)| (k.to_owned(), v)));
+    env.into_iter().collect()
+}
+
+/// One started runtime and what must be cleaned up after it.
+struct Started {
+    child: Child,
+    pgid: Pid,
+    memory: Arc<MemoryProbe>,
+}
+
+fn spawn(agent: &Agent, spec: &RuntimeSpec, generation: u64) -> Result<Started, String> {
+    let fail = |e: std::io::Error| format!("cannot start {}: {e}", spec.program.display());
+    let cgroup = RuntimeCgroup::create(&format!(
+        "kindling-runtime-{}-{generation}",
+        std::process::id()
+    ));
+    let mut cmd = Command::new(&spec.program);
+    cmd.env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&spec.cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(agent.logs.pipe().map_err(fail)?))
+        .stderr(Stdio::from(agent.logs.pipe().map_err(fail)?))
+        // Its own process group, so that what it leaves behind can be killed with it.
+        .process_group(0)
+        .kill_on_drop(true);
+    if let Some(cg) = &cgroup {
+        let fd = cg.procs_fd();
+        // SAFETY: runs in the forked child before exec, where only async-signal-safe calls
+        // are allowed: a single write(2) of a static buffer to an fd opened before the
+        // fork. Writing "0" moves the calling process into the cgroup, so every page the
+        // runtime ever touches is charged there.
+        unsafe {
+            cmd.pre_exec(move || {
+                if nix::libc::write(fd, b"0".as_ptr().cast(), 1) == 1 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    let started = Instant::now();
+    let child = cmd.spawn().map_err(fail)?;
+    drop(cmd); // closes our copies of the pipes' write ends
+    let pid = child.id().expect("a just-spawned child has a pid");
+    let probe = Arc::new(match cgroup {
+        Some(cg) => MemoryProbe::Cgroup(cg),
+        None => MemoryProbe::ProcTree(pid, AtomicU64::new(0)),
+    });
+    agent.runtime_started(started, probe.clone());
+    Ok(Started {
+        child,
+        pgid: Pid::from_raw(pid as i32),
+        memory: probe,
+    })
+}
+
+impl Started {
+    /// Kills whatever the runtime left behind in its process group.
+    fn kill_leftovers(&self) {
+        let _ = killpg(self.pgid, Signal::SIGKILL);
+    }
+
+    /// Removes the runtime's cgroup, killing what escaped its process group.
+    async fn remove_cgroup(&self) {
+        if let MemoryProbe::Cgroup(cg) = &*self.memory {
+            cg.remove().await;
+        }
+    }
+}
+
+fn split_status(status: ExitStatus) -> (Option<i32>, Option<i32>) {
+    (status.code(), status.signal())
+}
+
+/// Runs the runtime for as long as the bootstrap lives: restarts it whenever it exits
+/// (after reporting the exit), and stops it when the guest shuts down (SIGTERM/SIGINT).
+pub async fn supervise(agent: Arc<Agent>, spec: RuntimeSpec) -> Result<(), String> {
+    let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM: {e}"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT: {e}"))?;
+    let mut delay = Duration::ZERO;
+    let mut generation = 0u64;
+    loop {
+        generation += 1;
+        let mut started = spawn(&agent, &spec, generation)?;
+        let status = tokio::select! {
+            status = started.child.wait() => status.map_err(|e| format!("waiting for the runtime: {e}"))?,
+            _ = term.recv() => return shut_down(started).await,
+            _ = int.recv() => return shut_down(started).await,
+        };
+        started.kill_leftovers();
+        let (code, sig) = split_status(status);
+        let reached_next = agent.runtime_exited(code, sig).await;
+        started.remove_cgroup().await;
+        if reached_next {
+            delay = Duration::ZERO;
+        } else {
+            // Dying during init again and again: do not spin.
+            delay = (delay * 2).clamp(Duration::from_millis(100), MAX_RESTART_DELAY);
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+async fn shut_down(mut started: Started) -> Result<(), String> {
+    say!("shutting down the runtime");
+    let _ = killpg(started.pgid, Signal::SIGTERM);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, started.child.wait()).await;
+    started.kill_leftovers();
+    started.remove_cgroup().await;
+    Ok(())
+}
