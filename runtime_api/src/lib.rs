@@ -1,4 +1,22 @@
 //! Host side of Kindling: the Runtime API server that guests poll, the Invoke API that
 //! callers use, and the scheduler that owns execution environments.
+//!
+//! The CLI builds a [`Server`] from [`config::load`]ed functions and a launcher per
+//! [`Isolation`], and talks to a running one with [`client`].
 
+pub mod client;
+pub mod config;
 pub mod environment;
+mod invoke_api;
+pub mod logs;
+pub mod metrics;
+pub mod runtime_server;
+pub mod scheduler;
+mod server;
+
+pub use environment::{Environment, EnvironmentSpec, Function, Isolation, Launcher, StopMode};
+pub use invoke_api::{
+    HEADER_CLIENT_CONTEXT, HEADER_EXECUTED_VERSION, HEADER_FUNCTION_ERROR, HEADER_INVOCATION_TYPE,
+    HEADER_LOG_RESULT, HEADER_LOG_TYPE,
+};
+pub use server::{Server, ServerOptions, DEFAULT_INVOKE_ADDR};

@@ -1,0 +1,180 @@
+//! A small Invoke API client, for `kindling invoke`, tests and benchmarks.
+//!
+//! [`Client`] keeps one HTTP/1.1 connection (TCP_NODELAY) open so that benchmarks
+//! measure the server, not connection set-up; [`invoke`] is the one-shot form.
+
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+
+use crate::invoke_api::{
+    HEADER_CLIENT_CONTEXT, HEADER_FUNCTION_ERROR, HEADER_INVOCATION_TYPE, HEADER_LOG_RESULT,
+    HEADER_LOG_TYPE,
+};
+
+/// `X-Amz-Invocation-Type`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum InvocationType {
+    #[default]
+    RequestResponse,
+    Event,
+    DryRun,
+}
+
+impl InvocationType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InvocationType::RequestResponse => "RequestResponse",
+            InvocationType::Event => "Event",
+            InvocationType::DryRun => "DryRun",
+        }
+    }
+}
+
+/// How to invoke.
+#[derive(Debug, Clone, Default)]
+pub struct InvokeOptions {
+    pub invocation_type: InvocationType,
+    /// Ask for the log tail (`X-Amz-Log-Type: Tail`).
+    pub log_tail: bool,
+    /// Client context JSON; sent base64-encoded as Lambda wants.
+    pub client_context: Option<String>,
+}
+
+/// What the server answered.
+#[derive(Debug, Clone)]
+pub struct InvokeResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// `X-Amz-Function-Error` (`Unhandled`) when the function failed.
+    pub function_error: Option<String>,
+    /// The decoded `X-Amz-Log-Result`.
+    pub log_tail: Option<String>,
+}
+
+/// One kept-alive connection to an Invoke API.
+pub struct Client {
+    addr: SocketAddr,
+    sender: SendRequest<Full<Bytes>>,
+    connection: JoinHandle<()>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> anyhow::Result<Self> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("cannot connect to the Invoke API at {addr}"))?;
+        stream.set_nodelay(true)?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let connection = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "invoke client connection ended");
+            }
+        });
+        Ok(Self {
+            addr,
+            sender,
+            connection,
+        })
+    }
+
+    /// `POST /2015-03-31/functions/{function}/invocations`.
+    pub async fn invoke(
+        &mut self,
+        function: &str,
+        payload: impl Into<Bytes>,
+        options: &InvokeOptions,
+    ) -> anyhow::Result<InvokeResponse> {
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(format!("/2015-03-31/functions/{function}/invocations"))
+            .header(http::header::HOST, self.addr.to_string())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(HEADER_INVOCATION_TYPE, options.invocation_type.as_str());
+        if options.log_tail {
+            req = req.header(HEADER_LOG_TYPE, "Tail");
+        }
+        if let Some(cc) = &options.client_context {
+            req = req.header(
+                HEADER_CLIENT_CONTEXT,
+                base64::engine::general_purpose::STANDARD.encode(cc),
+            );
+        }
+        let req = req.body(Full::new(payload.into()))?;
+        let mut response = self.send(req).await?;
+        let header = |name: &str| {
+            response
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        response.function_error = header(HEADER_FUNCTION_ERROR);
+        response.log_tail = match header(HEADER_LOG_RESULT) {
+            None => None,
+            Some(b64) => Some(
+                String::from_utf8_lossy(
+                    &base64::engine::general_purpose::STANDARD
+                        .decode(b64)
+                        .context("X-Amz-Log-Result is not base64")?,
+                )
+                .into_owned(),
+            ),
+        };
+        Ok(response)
+    }
+
+    /// A plain `GET` (e.g. `/metrics`).
+    pub async fn get(&mut self, path: &str) -> anyhow::Result<InvokeResponse> {
+        let req = Request::builder()
+            .uri(path)
+            .header(http::header::HOST, self.addr.to_string())
+            .body(Full::new(Bytes::new()))?;
+        self.send(req).await
+    }
+
+    async fn send(&mut self, req: Request<Full<Bytes>>) -> anyhow::Result<InvokeResponse> {
+        self.sender
+            .ready()
+            .await
+            .context("the Invoke API closed the connection")?;
+        let response = self.sender.send_request(req).await?;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok(InvokeResponse {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+            function_error: None,
+            log_tail: None,
+        })
+    }
+}
+
+/// Invokes once on a fresh connection.
+pub async fn invoke(
+    addr: SocketAddr,
+    function: &str,
+    payload: impl Into<Bytes>,
+    options: &InvokeOptions,
+) -> anyhow::Result<InvokeResponse> {
+    Client::connect(addr)
+        .await?
+        .invoke(function, payload, options)
+        .await
+}

@@ -1,0 +1,376 @@
+//! `functions.toml`: the functions a server runs.
+//!
+//! ```toml
+//! [functions.hello]
+//! code = "examples/hello-python"   # directory (or .zip), relative to this file
+//! runtime = "python"
+//! handler = "app.handler"
+//! memory = 128                     # MB, 128..10240
+//! timeout = 3                      # seconds, 1..900
+//! isolation = "sandbox"            # or "microvm"
+//! max_concurrency = 10
+//! hypervisor = "kindling"          # microvm only: "kindling" | "qemu"
+//! [functions.hello.env]
+//! GREETING = "hi"
+//! ```
+//!
+//! Every mistake is reported with the file, the line and the key, because a server that
+//! starts with a silently ignored key runs something other than what its author wrote.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::environment::{Function, Isolation};
+
+/// Memory a function may ask for, in MB (Lambda's range).
+pub const MEMORY_MB: RangeInclusive<u32> = 128..=10240;
+/// Timeout a function may ask for, in seconds (Lambda's range).
+pub const TIMEOUT_S: RangeInclusive<u32> = 1..=900;
+/// Environments per function when the file does not say.
+pub const DEFAULT_MAX_CONCURRENCY: usize = 10;
+
+/// Which hypervisor runs a `microvm` function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Hypervisor {
+    /// Kindling's own VMM (`host_vmm`).
+    Kindling,
+    Qemu,
+}
+
+/// One `[functions.NAME]` table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FunctionConfig {
+    pub function: Function,
+    /// Only meaningful with [`Isolation::MicroVm`]; `None` lets the server choose.
+    pub hypervisor: Option<Hypervisor>,
+}
+
+/// A mistake in a functions file, located as precisely as the file allows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based; `None` when the whole file is at fault (unreadable).
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{line}: {}", self.file.display(), self.message),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    functions: BTreeMap<String, Spanned<RawFunction>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFunction {
+    code: Spanned<String>,
+    runtime: Spanned<String>,
+    handler: Spanned<String>,
+    memory: Option<Spanned<i64>>,
+    timeout: Option<Spanned<i64>>,
+    isolation: Option<Spanned<String>>,
+    max_concurrency: Option<Spanned<i64>>,
+    hypervisor: Option<Spanned<String>>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+}
+
+/// Reads and checks a functions file.
+pub fn load(path: &Path) -> Result<Vec<FunctionConfig>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        line: None,
+        message: format!("cannot read: {e}"),
+    })?;
+    parse(&text, path)
+}
+
+/// Parses the text of a functions file; `path` names it in errors and anchors `code`.
+pub fn parse(text: &str, path: &Path) -> Result<Vec<FunctionConfig>, ConfigError> {
+    let located = |offset: usize, message: String| ConfigError {
+        file: path.to_path_buf(),
+        line: Some(line_of(text, offset)),
+        message,
+    };
+    let raw: RawFile = toml::from_str(text).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        line: e.span().map(|s| line_of(text, s.start)),
+        message: e.message().trim().to_string(),
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut out = Vec::with_capacity(raw.functions.len());
+    for (name, table) in raw.functions {
+        let table_at = table.span().start;
+        let f = table.into_inner();
+        let key = |k: &str| format!("functions.{name}.{k}");
+        if !valid_name(&name) {
+            return Err(located(
+                table_at,
+                format!("functions.{name}: a function name is 1-64 of [A-Za-z0-9_-]"),
+            ));
+        }
+        let code = base.join(f.code.get_ref());
+        check_code(&code)
+            .map_err(|m| located(f.code.span().start, format!("{}: {m}", key("code"))))?;
+        for (k, v) in [("runtime", &f.runtime), ("handler", &f.handler)] {
+            if v.get_ref().trim().is_empty() {
+                return Err(located(
+                    v.span().start,
+                    format!("{}: must not be empty", key(k)),
+                ));
+            }
+        }
+        let in_range =
+            |v: &Option<Spanned<i64>>, k: &str, range: RangeInclusive<i64>, default: i64| match v {
+                None => Ok(default),
+                Some(s) if range.contains(s.get_ref()) => Ok(*s.get_ref()),
+                Some(s) => Err(located(
+                    s.span().start,
+                    format!(
+                        "{}: {} is out of range {}..{}",
+                        key(k),
+                        s.get_ref(),
+                        range.start(),
+                        range.end()
+                    ),
+                )),
+            };
+        let memory = in_range(&f.memory, "memory", widen(&MEMORY_MB), 128)?;
+        let timeout = in_range(&f.timeout, "timeout", widen(&TIMEOUT_S), 3)?;
+        let max_concurrency = in_range(
+            &f.max_concurrency,
+            "max_concurrency",
+            1..=1000,
+            DEFAULT_MAX_CONCURRENCY as i64,
+        )?;
+        let isolation = match f.isolation.as_ref() {
+            None => Isolation::Sandbox,
+            Some(s) => match s.get_ref().as_str() {
+                "sandbox" => Isolation::Sandbox,
+                "microvm" => Isolation::MicroVm,
+                other => {
+                    return Err(located(
+                        s.span().start,
+                        format!(
+                            "{}: {other:?} is not one of \"sandbox\", \"microvm\"",
+                            key("isolation")
+                        ),
+                    ))
+                }
+            },
+        };
+        let hypervisor = match f.hypervisor.as_ref() {
+            None => None,
+            Some(s) => Some(match s.get_ref().as_str() {
+                "kindling" => Hypervisor::Kindling,
+                "qemu" => Hypervisor::Qemu,
+                other => {
+                    return Err(located(
+                        s.span().start,
+                        format!(
+                            "{}: {other:?} is not one of \"kindling\", \"qemu\"",
+                            key("hypervisor")
+                        ),
+                    ))
+                }
+            }),
+        };
+        out.push(FunctionConfig {
+            function: Function {
+                name,
+                code,
+                runtime: f.runtime.into_inner(),
+                handler: f.handler.into_inner(),
+                memory_mb: memory as u32,
+                timeout: Duration::from_secs(timeout as u64),
+                isolation,
+                max_concurrency: max_concurrency as usize,
+                env: f.env,
+            },
+            hypervisor,
+        });
+    }
+    if out.is_empty() {
+        return Err(ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            message: "no [functions.NAME] table: nothing to serve".into(),
+        });
+    }
+    Ok(out)
+}
+
+fn widen<T: Copy + Into<i64>>(r: &RangeInclusive<T>) -> RangeInclusive<i64> {
+    (*r.start()).into()..=(*r.end()).into()
+}
+
+/// Names travel in URLs, log file names and socket paths: keep them plain.
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn check_code(code: &Path) -> Result<(), String> {
+    if code
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("zip"))
+    {
+        return Err(format!(
+            "{}: .zip code is not supported yet; unpack it and name the directory",
+            code.display()
+        ));
+    }
+    if !code.is_dir() {
+        return Err(format!("{}: no such directory", code.display()));
+    }
+    Ok(())
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_in(dir: &Path, text: &str) -> Result<Vec<FunctionConfig>, ConfigError> {
+        parse(text, &dir.join("functions.toml"))
+    }
+
+    fn with_code() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("hello")).unwrap();
+        dir
+    }
+
+    #[test]
+    fn reads_the_example_from_the_issue() {
+        let dir = with_code();
+        let fs = parse_in(
+            dir.path(),
+            r#"
+[functions.hello]
+code = "hello"
+runtime = "python"
+handler = "app.handler"
+memory = 256
+timeout = 5
+isolation = "microvm"
+max_concurrency = 4
+hypervisor = "qemu"
+[functions.hello.env]
+GREETING = "hi"
+"#,
+        )
+        .unwrap();
+        assert_eq!(fs.len(), 1);
+        let f = &fs[0].function;
+        assert_eq!(f.name, "hello");
+        assert_eq!(f.code, dir.path().join("hello"));
+        assert_eq!(
+            (f.memory_mb, f.timeout, f.max_concurrency),
+            (256, Duration::from_secs(5), 4)
+        );
+        assert_eq!(f.isolation, Isolation::MicroVm);
+        assert_eq!(f.env.get("GREETING").map(String::as_str), Some("hi"));
+        assert_eq!(fs[0].hypervisor, Some(Hypervisor::Qemu));
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let dir = with_code();
+        let fs = parse_in(
+            dir.path(),
+            "[functions.a]\ncode='hello'\nruntime='provided'\nhandler='x'\n",
+        )
+        .unwrap();
+        let f = &fs[0].function;
+        assert_eq!(
+            (f.memory_mb, f.timeout.as_secs(), f.max_concurrency),
+            (128, 3, 10)
+        );
+        assert_eq!(f.isolation, Isolation::Sandbox);
+    }
+
+    #[test]
+    fn mistakes_name_file_line_and_key() {
+        let dir = with_code();
+        let head = "[functions.a]\ncode = 'hello'\nruntime = 'python'\nhandler = 'h'\n";
+        let cases = [
+            (
+                "memory = 64\n",
+                "functions.a.memory: 64 is out of range 128..10240",
+            ),
+            ("memory = 10241\n", "functions.a.memory"),
+            (
+                "timeout = 0\n",
+                "functions.a.timeout: 0 is out of range 1..900",
+            ),
+            ("timeout = 901\n", "functions.a.timeout"),
+            ("max_concurrency = 0\n", "functions.a.max_concurrency"),
+            ("isolation = 'docker'\n", "functions.a.isolation"),
+            ("hypervisor = 'xen'\n", "functions.a.hypervisor"),
+            ("memroy = 128\n", "memroy"),
+        ];
+        for (line, want) in cases {
+            let err = parse_in(dir.path(), &format!("{head}{line}")).unwrap_err();
+            assert_eq!(err.line, Some(5), "{line}: {err}");
+            let text = err.to_string();
+            assert!(text.contains("functions.toml:5: "), "{text}");
+            assert!(text.contains(want), "{line}: {text}");
+        }
+    }
+
+    #[test]
+    fn bad_code_and_missing_keys_are_rejected() {
+        let dir = with_code();
+        let err = parse_in(
+            dir.path(),
+            "[functions.a]\ncode = 'nope'\nruntime = 'python'\nhandler = 'h'\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.line, Some(2));
+        assert!(err.to_string().contains("no such directory"), "{err}");
+        let err = parse_in(
+            dir.path(),
+            "[functions.a]\ncode = 'f.zip'\nruntime = 'python'\nhandler = 'h'\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("not supported yet"), "{err}");
+        let err = parse_in(
+            dir.path(),
+            "[functions.a]\ncode = 'hello'\nruntime = 'python'\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("handler"), "{err}");
+        let err = parse_in(dir.path(), "[other]\n").unwrap_err();
+        assert!(err.to_string().contains("other"), "{err}");
+        let err = parse_in(dir.path(), "").unwrap_err();
+        assert!(err.to_string().contains("nothing to serve"), "{err}");
+        let err = parse_in(dir.path(), "[functions.a]\ncode = \n").unwrap_err();
+        assert_eq!(err.line, Some(2), "{err}");
+    }
+}

@@ -1,0 +1,326 @@
+//! The Invoke API that callers use, shaped like Lambda's:
+//! `POST /2015-03-31/functions/{name}/invocations` and `GET /metrics`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use kindling_wire::MAX_REQUEST_BYTES;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::logs;
+use crate::metrics::{self, Metrics};
+use crate::scheduler::{until_true, Answer, InvokeError, InvokeRequest, Scheduler, VERSION};
+
+pub const HEADER_INVOCATION_TYPE: &str = "x-amz-invocation-type";
+pub const HEADER_LOG_TYPE: &str = "x-amz-log-type";
+pub const HEADER_LOG_RESULT: &str = "x-amz-log-result";
+pub const HEADER_FUNCTION_ERROR: &str = "x-amz-function-error";
+pub const HEADER_EXECUTED_VERSION: &str = "x-amz-executed-version";
+pub const HEADER_CLIENT_CONTEXT: &str = "x-amz-client-context";
+pub const HEADER_ERROR_TYPE: &str = "x-amzn-errortype";
+pub const HEADER_REQUEST_ID: &str = "x-amzn-requestid";
+pub const HEADER_TRACE_ID: &str = "x-amzn-trace-id";
+
+const PATH_PREFIX: &str = "/2015-03-31/functions/";
+const PATH_SUFFIX: &str = "/invocations";
+
+pub(crate) struct InvokeApi {
+    pub scheduler: Arc<Scheduler>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Serves callers until `stop` turns true; open connections are closed when this returns.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    api: Arc<InvokeApi>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    // Delayed ACK meets Nagle otherwise: ~40 ms stalls on split writes.
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+                    }
+                    let api = api.clone();
+                    connections.spawn(async move {
+                        let service = service_fn(move |req| {
+                            let api = api.clone();
+                            async move { Ok::<_, Infallible>(api.handle(req).await) }
+                        });
+                        if let Err(e) = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await
+                        {
+                            tracing::debug!(%peer, error = %e, "invoke API connection ended with an error");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "invoke API accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            _ = until_true(&mut stop) => return,
+        }
+    }
+}
+
+impl InvokeApi {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = req.uri().path().to_string();
+        if path == "/metrics" {
+            return match *req.method() {
+                Method::GET => {
+                    let mut r = Response::new(Full::new(Bytes::from(self.metrics.render())));
+                    r.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static(metrics::CONTENT_TYPE),
+                    );
+                    r
+                }
+                _ => lambda_error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "MethodNotAllowedException",
+                    "use GET",
+                ),
+            };
+        }
+        let Some(name) = path
+            .strip_prefix(PATH_PREFIX)
+            .and_then(|p| p.strip_suffix(PATH_SUFFIX))
+        else {
+            return lambda_error(
+                StatusCode::NOT_FOUND,
+                "UnknownOperationException",
+                &format!("Unknown operation: {} {path}", req.method()),
+            );
+        };
+        if req.method() != Method::POST {
+            return lambda_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowedException",
+                "use POST",
+            );
+        }
+        let name = name.strip_suffix(":$LATEST").unwrap_or(name).to_string();
+        let mut response = self.invoke(&name, req).await;
+        if response.status() != StatusCode::NOT_FOUND {
+            response
+                .headers_mut()
+                .insert(HEADER_EXECUTED_VERSION, HeaderValue::from_static(VERSION));
+        }
+        response
+    }
+
+    async fn invoke(&self, name: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let Some(function) = self.scheduler.resolve(name) else {
+            return not_found(&self.scheduler.arn(name));
+        };
+        let function = function.name.clone();
+        let headers = req.headers();
+        let text = |h: &str| headers.get(h).map(|v| v.to_str().map(str::to_string));
+        let invocation_type = match text(HEADER_INVOCATION_TYPE) {
+            None => "RequestResponse".to_string(),
+            Some(Ok(t)) if ["RequestResponse", "Event", "DryRun"].contains(&t.as_str()) => t,
+            Some(_) => {
+                return lambda_error(
+                    StatusCode::BAD_REQUEST,
+                    "InvalidParameterValueException",
+                    "X-Amz-Invocation-Type must be RequestResponse, Event or DryRun",
+                )
+            }
+        };
+        let tail = match text(HEADER_LOG_TYPE) {
+            None => false,
+            Some(Ok(t)) if t == "Tail" => true,
+            Some(Ok(t)) if t == "None" => false,
+            Some(_) => {
+                return lambda_error(
+                    StatusCode::BAD_REQUEST,
+                    "InvalidParameterValueException",
+                    "X-Amz-Log-Type must be None or Tail",
+                )
+            }
+        };
+        let client_context = match headers.get(HEADER_CLIENT_CONTEXT) {
+            None => None,
+            Some(v) => match decode_client_context(v) {
+                Ok(cc) => Some(cc),
+                Err(e) => {
+                    return lambda_error(
+                        StatusCode::BAD_REQUEST,
+                        "InvalidRequestContentException",
+                        &e,
+                    )
+                }
+            },
+        };
+        let trace_id = headers
+            .get(HEADER_TRACE_ID)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let payload = match read_payload(req).await {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
+        if invocation_type == "DryRun" {
+            return status_only(StatusCode::NO_CONTENT);
+        }
+        let request = InvokeRequest {
+            payload,
+            client_context,
+            cognito_identity: None,
+            trace_id,
+        };
+        if invocation_type == "Event" {
+            let scheduler = self.scheduler.clone();
+            tokio::spawn(async move {
+                if let Err(e) = scheduler.invoke(&function, request, true).await {
+                    tracing::warn!(%function, error = %e, "event invocation failed");
+                }
+            });
+            return status_only(StatusCode::ACCEPTED);
+        }
+        match self.scheduler.invoke(&function, request, false).await {
+            Ok(invoked) => {
+                let (body, error) = match invoked.answer {
+                    Answer::Response(body) => (body, false),
+                    Answer::Error { body, .. } => (body, true),
+                };
+                let mut r = Response::new(Full::new(body));
+                let h = r.headers_mut();
+                h.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                if let Ok(id) = HeaderValue::from_str(&invoked.request_id) {
+                    h.insert(HEADER_REQUEST_ID, id);
+                }
+                if error {
+                    h.insert(HEADER_FUNCTION_ERROR, HeaderValue::from_static("Unhandled"));
+                }
+                if tail {
+                    let encoded =
+                        base64::engine::general_purpose::STANDARD.encode(logs::tail(&invoked.log));
+                    if let Ok(v) = HeaderValue::from_str(&encoded) {
+                        h.insert(HEADER_LOG_RESULT, v);
+                    }
+                }
+                r
+            }
+            Err(InvokeError::NotFound(n)) => not_found(&self.scheduler.arn(&n)),
+            Err(e @ InvokeError::TooManyRequests(_)) => {
+                let mut r = json_response(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    &json!({"Type": "User", "message": e.to_string(), "Reason": "ReservedFunctionConcurrentInvocationLimitExceeded"}),
+                );
+                r.headers_mut().insert(
+                    HEADER_ERROR_TYPE,
+                    HeaderValue::from_static("TooManyRequestsException"),
+                );
+                r
+            }
+            Err(e @ InvokeError::ShuttingDown) => lambda_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceException",
+                &e.to_string(),
+            ),
+            Err(e @ InvokeError::Environment { .. }) => {
+                lambda_error(StatusCode::BAD_GATEWAY, "ServiceException", &e.to_string())
+            }
+        }
+    }
+}
+
+/// `X-Amz-Client-Context` is base64 JSON; the runtime gets the JSON.
+fn decode_client_context(v: &HeaderValue) -> Result<String, String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(v.as_bytes())
+        .map_err(|e| format!("X-Amz-Client-Context is not base64: {e}"))?;
+    let text =
+        String::from_utf8(bytes).map_err(|_| "X-Amz-Client-Context is not UTF-8".to_string())?;
+    // It travels on as a header of /next.
+    HeaderValue::from_str(&text)
+        .map_err(|_| "X-Amz-Client-Context holds control characters".to_string())?;
+    Ok(text)
+}
+
+async fn read_payload(req: Request<Incoming>) -> Result<Bytes, Response<Full<Bytes>>> {
+    let too_large = || {
+        lambda_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RequestTooLargeException",
+            &format!("Request must be smaller than {MAX_REQUEST_BYTES} bytes for the InvokeFunction operation"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_REQUEST_BYTES as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(req.into_body(), MAX_REQUEST_BYTES)
+        .collect()
+        .await
+    {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(lambda_error(
+            StatusCode::BAD_REQUEST,
+            "InvalidRequestContentException",
+            &format!("cannot read the request body: {e}"),
+        )),
+    }
+}
+
+fn not_found(arn: &str) -> Response<Full<Bytes>> {
+    lambda_error(
+        StatusCode::NOT_FOUND,
+        "ResourceNotFoundException",
+        &format!("Function not found: {arn}"),
+    )
+}
+
+/// Lambda's error answer: the type in `X-Amzn-ErrorType`, `{"Type","message"}` in the body.
+fn lambda_error(
+    status: StatusCode,
+    error_type: &'static str,
+    message: &str,
+) -> Response<Full<Bytes>> {
+    let mut r = json_response(status, &json!({"Type": "User", "message": message}));
+    r.headers_mut()
+        .insert(HEADER_ERROR_TYPE, HeaderValue::from_static(error_type));
+    r
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(value.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn status_only(status: StatusCode) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = status;
+    r
+}

@@ -1,0 +1,136 @@
+//! Prometheus metrics served at `GET /metrics` on the Invoke API port.
+//!
+//! Counters and histograms are labelled by function so that one scrape shows which
+//! function is slow, failing or cold-starting.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// The `Content-Type` of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FunctionLabel {
+    function: String,
+}
+
+type Seconds = Family<FunctionLabel, Histogram, fn() -> Histogram>;
+
+fn seconds_histogram() -> Histogram {
+    // 100 µs .. ~100 s: covers a warm sandbox invoke and a TCG microVM boot alike.
+    Histogram::new(exponential_buckets(0.0001, 2.5, 16))
+}
+
+/// All of the server's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    invocations: Family<FunctionLabel, Counter>,
+    errors: Family<FunctionLabel, Counter>,
+    timeouts: Family<FunctionLabel, Counter>,
+    cold_starts: Family<FunctionLabel, Counter>,
+    cold_start_seconds: Seconds,
+    init_seconds: Seconds,
+    duration_seconds: Seconds,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("kindling");
+        let invocations = Family::default();
+        let errors = Family::default();
+        let timeouts = Family::default();
+        let cold_starts = Family::default();
+        let histogram = || Seconds::new_with_constructor(seconds_histogram);
+        let (cold_start_seconds, init_seconds, duration_seconds) =
+            (histogram(), histogram(), histogram());
+        registry.register("invocations", "Invocations run", invocations.clone());
+        registry.register(
+            "errors",
+            "Invocations that ended in an error (function, init, crash or timeout)",
+            errors.clone(),
+        );
+        registry.register(
+            "timeouts",
+            "Invocations that ran past the function's timeout",
+            timeouts.clone(),
+        );
+        registry.register(
+            "cold_starts",
+            "Environments started for an invocation",
+            cold_starts.clone(),
+        );
+        registry.register(
+            "cold_start_seconds",
+            "Environment start until its runtime's first /next, measured on the host",
+            cold_start_seconds.clone(),
+        );
+        registry.register(
+            "init_seconds",
+            "Runtime init duration reported by the guest",
+            init_seconds.clone(),
+        );
+        registry.register(
+            "duration_seconds",
+            "Invocation duration reported by the guest",
+            duration_seconds.clone(),
+        );
+        Self {
+            registry,
+            invocations,
+            errors,
+            timeouts,
+            cold_starts,
+            cold_start_seconds,
+            init_seconds,
+            duration_seconds,
+        }
+    }
+}
+
+fn label(function: &str) -> FunctionLabel {
+    FunctionLabel {
+        function: function.to_string(),
+    }
+}
+
+impl Metrics {
+    pub fn invocation(&self, function: &str) {
+        self.invocations.get_or_create(&label(function)).inc();
+    }
+    pub fn error(&self, function: &str) {
+        self.errors.get_or_create(&label(function)).inc();
+    }
+    pub fn timeout(&self, function: &str) {
+        self.timeouts.get_or_create(&label(function)).inc();
+    }
+    pub fn cold_start(&self, function: &str, took: Duration) {
+        self.cold_starts.get_or_create(&label(function)).inc();
+        self.cold_start_seconds
+            .get_or_create(&label(function))
+            .observe(took.as_secs_f64());
+    }
+    pub fn init(&self, function: &str, ms: f64) {
+        self.init_seconds
+            .get_or_create(&label(function))
+            .observe(ms / 1000.0);
+    }
+    pub fn duration(&self, function: &str, ms: f64) {
+        self.duration_seconds
+            .get_or_create(&label(function))
+            .observe(ms / 1000.0);
+    }
+
+    /// The text exposition (OpenMetrics, which Prometheus reads).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

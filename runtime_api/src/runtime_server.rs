@@ -1,0 +1,740 @@
+//! The Runtime API server of one environment, on the Unix socket its guest reaches
+//! (`<env dir>/vsock.sock_9001`).
+//!
+//! The scheduler [`RuntimeApi::submit`]s one invocation at a time; the guest takes it
+//! with `GET /next` (which blocks, without a timeout, until there is one) and answers it
+//! with `/response` or `/error`. Everything the guest says about the invocation (log
+//! lines, the report, the death of its runtime) is gathered here and handed back to the
+//! scheduler in one [`Completion`].
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use kindling_wire::{self as wire, ErrorBody, FunctionEnvironment, InvocationReport, RuntimeExit};
+use tokio::net::UnixListener;
+use tokio::sync::{oneshot, Notify};
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::logs::LogSink;
+
+/// Largest log post (`/kindling/v1/logs`) the server takes at once.
+const MAX_LOG_POST: usize = 1 << 20;
+/// Largest report or exit notice.
+const MAX_SMALL_POST: usize = 64 << 10;
+/// How many finished request ids are remembered, to tell a late or double answer (403)
+/// from an id that never existed (400).
+const FINISHED_MEMORY: usize = 64;
+
+/// One event for the guest.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    pub request_id: String,
+    pub payload: Bytes,
+    pub function_arn: String,
+    pub trace_id: String,
+    pub client_context: Option<String>,
+    pub cognito_identity: Option<String>,
+    /// The function's timeout; the deadline starts when the guest takes the event.
+    pub timeout: Duration,
+}
+
+/// What became of an invocation, as far as the guest is concerned.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// `/response`: the payload for the caller.
+    Response(Bytes),
+    /// `/error`: a function error. `error_type` is normalised; `body` is the JSON the
+    /// caller gets.
+    FunctionError { error_type: String, body: Bytes },
+    /// `/init/error`: the runtime could not start.
+    InitError { error_type: String, body: Bytes },
+    /// The runtime died (`Runtime.ExitError`), or answered too much
+    /// (`Function.ResponseSizeTooLarge`): the environment must not be trusted further
+    /// when `reset` is set.
+    Failed { error: ErrorBody, reset: bool },
+}
+
+impl Outcome {
+    /// Whether the environment may serve another invocation.
+    pub fn keeps_environment(&self) -> bool {
+        matches!(self, Outcome::Response(_) | Outcome::FunctionError { .. })
+            || matches!(self, Outcome::Failed { reset: false, .. })
+    }
+}
+
+/// The end of an invocation: its outcome plus what the guest reported on the way.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub outcome: Outcome,
+    pub report: Option<InvocationReport>,
+    /// The runtime's log lines of this invocation.
+    pub log: String,
+}
+
+/// The scheduler's side of a submitted invocation.
+#[derive(Debug)]
+pub struct Ticket {
+    /// Resolves when the guest's `/next` took the event, with the instant it did.
+    pub dispatched: oneshot::Receiver<Instant>,
+    /// Resolves when the guest answered (or failed) the invocation.
+    pub done: oneshot::Receiver<Completion>,
+}
+
+struct Pending {
+    invocation: Invocation,
+    dispatched: oneshot::Sender<Instant>,
+    done: oneshot::Sender<Completion>,
+}
+
+struct InFlight {
+    request_id: String,
+    done: oneshot::Sender<Completion>,
+    report: Option<InvocationReport>,
+    log: String,
+}
+
+#[derive(Default)]
+struct State {
+    pending: Option<Pending>,
+    in_flight: Option<InFlight>,
+    finished: VecDeque<String>,
+    /// An `/init/error` posted while no invocation was waiting: it belongs to the next.
+    init_error: Option<Outcome>,
+}
+
+impl State {
+    fn remember(&mut self, id: String) {
+        if self.finished.len() == FINISHED_MEMORY {
+            self.finished.pop_front();
+        }
+        self.finished.push_back(id);
+    }
+
+    /// Ends the invocation in flight (or, failing that, the one waiting for `/next`).
+    fn complete_current(&mut self, outcome: Outcome) -> bool {
+        if let Some(f) = self.in_flight.take() {
+            self.remember(f.request_id);
+            let _ = f.done.send(Completion {
+                outcome,
+                report: f.report,
+                log: f.log,
+            });
+            true
+        } else if let Some(p) = self.pending.take() {
+            self.remember(p.invocation.request_id);
+            let _ = p.done.send(Completion {
+                outcome,
+                report: None,
+                log: String::new(),
+            });
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Checks that `id` may be answered now: 400 for an id never seen, 403 for one that
+    /// is finished, not yet handed out, or when nothing is in flight.
+    fn check_answer(&self, id: &str) -> Result<(), Response<Full<Bytes>>> {
+        match &self.in_flight {
+            Some(f) if f.request_id == id => Ok(()),
+            Some(_) if !self.finished.iter().any(|f| f == id) && !self.is_pending(id) => {
+                Err(error_response(
+                    StatusCode::BAD_REQUEST,
+                    "InvalidRequestID",
+                    &format!("Invalid request ID: {id:?} is not the invocation in flight"),
+                ))
+            }
+            _ => Err(error_response(
+                StatusCode::FORBIDDEN,
+                "InvalidStateTransition",
+                &format!("State transition is not allowed: no invocation {id:?} awaits an answer"),
+            )),
+        }
+    }
+
+    fn is_pending(&self, id: &str) -> bool {
+        self.pending
+            .as_ref()
+            .is_some_and(|p| p.invocation.request_id == id)
+    }
+}
+
+struct Shared {
+    function_name: String,
+    environment: FunctionEnvironment,
+    logs: Arc<LogSink>,
+    state: Mutex<State>,
+    next_ready: Notify,
+}
+
+impl Shared {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A running Runtime API server for one environment. Dropping it stops the server and
+/// every connection it has.
+pub struct RuntimeApi {
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for RuntimeApi {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RuntimeApi {
+    /// Binds `socket` (which must not exist) and serves it.
+    pub fn bind(
+        socket: &Path,
+        environment: FunctionEnvironment,
+        logs: Arc<LogSink>,
+    ) -> io::Result<Self> {
+        let listener = UnixListener::bind(socket)?;
+        let shared = Arc::new(Shared {
+            function_name: environment.function_name.clone(),
+            environment,
+            logs,
+            state: Mutex::default(),
+            next_ready: Notify::new(),
+        });
+        let task = tokio::spawn(accept_loop(listener, shared.clone()));
+        Ok(Self { shared, task })
+    }
+
+    /// Hands an invocation to the guest. Only one may be submitted at a time; an
+    /// `/init/error` the runtime posted before completes it at once.
+    pub fn submit(&self, invocation: Invocation) -> Ticket {
+        let (dispatched_tx, dispatched) = oneshot::channel();
+        let (done_tx, done) = oneshot::channel();
+        let mut state = self.shared.state();
+        if let Some(outcome) = state.init_error.take() {
+            state.remember(invocation.request_id);
+            let _ = done_tx.send(Completion {
+                outcome,
+                report: None,
+                log: String::new(),
+            });
+        } else {
+            debug_assert!(state.pending.is_none() && state.in_flight.is_none());
+            state.pending = Some(Pending {
+                invocation,
+                dispatched: dispatched_tx,
+                done: done_tx,
+            });
+            self.shared.next_ready.notify_one();
+        }
+        Ticket { dispatched, done }
+    }
+
+    /// Gives up on the current invocation (timeout, crash): later answers for it get 403.
+    /// Returns what the guest had logged for it.
+    pub fn abandon(&self) -> String {
+        let mut state = self.shared.state();
+        if let Some(f) = state.in_flight.take() {
+            state.remember(f.request_id);
+            f.log
+        } else if let Some(p) = state.pending.take() {
+            state.remember(p.invocation.request_id);
+            String::new()
+        } else {
+            String::new()
+        }
+    }
+}
+
+async fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
+    // Connections live in the set, so stopping this task closes them all.
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let shared = shared.clone();
+                    connections.spawn(async move {
+                        let service = service_fn(move |req| {
+                            let shared = shared.clone();
+                            async move { Ok::<_, Infallible>(handle(&shared, req).await) }
+                        });
+                        if let Err(e) = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await
+                        {
+                            tracing::debug!(error = %e, "runtime API connection ended with an error");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "runtime API accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    if path == wire::PATH_NEXT {
+        return match method {
+            Method::GET => next(shared).await,
+            _ => method_not_allowed(),
+        };
+    }
+    if method != Method::POST && method != Method::GET {
+        return method_not_allowed();
+    }
+    if path == wire::PATH_ENVIRONMENT {
+        return match method {
+            Method::GET => json_response(StatusCode::OK, &shared.environment),
+            _ => method_not_allowed(),
+        };
+    }
+    if method != Method::POST {
+        return method_not_allowed();
+    }
+    if path == wire::PATH_INIT_ERROR {
+        return init_error(shared, req).await;
+    }
+    if path == wire::PATH_LOGS {
+        return post_logs(shared, req).await;
+    }
+    if path == wire::PATH_RUNTIME_EXIT {
+        return runtime_exit(shared, req).await;
+    }
+    let runtime_invocation = path
+        .strip_prefix(wire::RUNTIME_PREFIX)
+        .and_then(|p| p.strip_prefix("/invocation/"));
+    if let Some((id, what)) = runtime_invocation.and_then(|rest| rest.split_once('/')) {
+        match what {
+            "response" => return response(shared, id, req).await,
+            "error" => return function_error(shared, id, req).await,
+            _ => {}
+        }
+    }
+    let kindling_invocation = path
+        .strip_prefix(wire::KINDLING_PREFIX)
+        .and_then(|p| p.strip_prefix("/invocation/"));
+    if let Some(id) = kindling_invocation.and_then(|rest| rest.strip_suffix("/report")) {
+        return report(shared, id, req).await;
+    }
+    error_response(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        &format!("no such endpoint: {method} {path}"),
+    )
+}
+
+async fn next(shared: &Shared) -> Response<Full<Bytes>> {
+    loop {
+        {
+            let mut state = shared.state();
+            if state.in_flight.is_some() {
+                return error_response(
+                    StatusCode::FORBIDDEN,
+                    "InvalidStateTransition",
+                    "State transition is not allowed: the invocation in flight has no answer yet",
+                );
+            }
+            if let Some(p) = state.pending.take() {
+                let now = Instant::now();
+                let inv = p.invocation;
+                let deadline_ms = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .saturating_add(inv.timeout)
+                    .as_millis();
+                let mut builder = Response::builder()
+                    .status(StatusCode::OK)
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .header(wire::HEADER_REQUEST_ID, &inv.request_id)
+                    .header(wire::HEADER_DEADLINE_MS, deadline_ms.to_string())
+                    .header(wire::HEADER_FUNCTION_ARN, &inv.function_arn)
+                    .header(wire::HEADER_TRACE_ID, &inv.trace_id);
+                if let Some(cc) = &inv.client_context {
+                    builder = builder.header(wire::HEADER_CLIENT_CONTEXT, cc);
+                }
+                if let Some(ci) = &inv.cognito_identity {
+                    builder = builder.header(wire::HEADER_COGNITO_IDENTITY, ci);
+                }
+                let response = match builder.body(Full::new(inv.payload)) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // The Invoke API checks header values; this is a bug, not bad input.
+                        tracing::error!(error = %e, "cannot build the /next answer");
+                        let _ = state.complete_current(Outcome::Failed {
+                            error: ErrorBody::new(
+                                "Runtime.Unknown",
+                                format!("cannot hand the event over: {e}"),
+                            ),
+                            reset: false,
+                        });
+                        return error_response(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "Internal",
+                            &e.to_string(),
+                        );
+                    }
+                };
+                state.in_flight = Some(InFlight {
+                    request_id: inv.request_id,
+                    done: p.done,
+                    report: None,
+                    log: String::new(),
+                });
+                let _ = p.dispatched.send(now);
+                return response;
+            }
+        }
+        shared.next_ready.notified().await;
+    }
+}
+
+async fn response(shared: &Shared, id: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Err(r) = shared.state().check_answer(id) {
+        return r;
+    }
+    let body = match read_body(req, wire::MAX_RESPONSE_BYTES).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => {
+            let mut state = shared.state();
+            if state.check_answer(id).is_ok() {
+                state.complete_current(Outcome::Failed {
+                    error: ErrorBody::new(
+                        "Function.ResponseSizeTooLarge",
+                        format!(
+                            "Response payload size exceeded maximum allowed payload size ({} bytes).",
+                            wire::MAX_RESPONSE_BYTES
+                        ),
+                    ),
+                    reset: false,
+                });
+            }
+            return too_large(wire::MAX_RESPONSE_BYTES);
+        }
+        Err(BodyError::Broken(e)) => return broken_body(&e),
+    };
+    answer(shared, id, Outcome::Response(body))
+}
+
+async fn function_error(
+    shared: &Shared,
+    id: &str,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    if let Err(r) = shared.state().check_answer(id) {
+        return r;
+    }
+    let header_type = error_type_header(&req);
+    let body = match read_body(req, wire::MAX_RESPONSE_BYTES).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => return too_large(wire::MAX_RESPONSE_BYTES),
+        Err(BodyError::Broken(e)) => return broken_body(&e),
+    };
+    let (error_type, body) = normalise_error(header_type.as_deref(), body);
+    answer(shared, id, Outcome::FunctionError { error_type, body })
+}
+
+fn answer(shared: &Shared, id: &str, outcome: Outcome) -> Response<Full<Bytes>> {
+    let mut state = shared.state();
+    // Checked again: the invocation may have timed out while the body was read.
+    if let Err(r) = state.check_answer(id) {
+        return r;
+    }
+    state.complete_current(outcome);
+    accepted()
+}
+
+async fn init_error(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let header_type = error_type_header(&req);
+    let body = match read_body(req, MAX_SMALL_POST).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => return too_large(MAX_SMALL_POST),
+        Err(BodyError::Broken(e)) => return broken_body(&e),
+    };
+    let (error_type, body) = normalise_error(header_type.as_deref(), body);
+    tracing::info!(function = %shared.function_name, %error_type, "runtime init error");
+    let outcome = Outcome::InitError { error_type, body };
+    let mut state = shared.state();
+    if state.in_flight.is_some() {
+        return error_response(
+            StatusCode::FORBIDDEN,
+            "InvalidStateTransition",
+            "State transition is not allowed: init is over, an invocation is in flight",
+        );
+    }
+    if !state.complete_current(outcome.clone()) {
+        state.init_error = Some(outcome);
+    }
+    accepted()
+}
+
+async fn post_logs(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let tagged = req
+        .headers()
+        .get(wire::HEADER_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = match read_body(req, MAX_LOG_POST).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => return too_large(MAX_LOG_POST),
+        Err(BodyError::Broken(e)) => return broken_body(&e),
+    };
+    let text = String::from_utf8_lossy(&body);
+    let mut state = shared.state();
+    let current = state
+        .in_flight
+        .as_mut()
+        .filter(|f| tagged.as_deref().is_none_or(|id| id == f.request_id));
+    let mut buffer = current.map(|f| &mut f.log);
+    for line in text.lines() {
+        shared.logs.write(&shared.function_name, line);
+        if let Some(buf) = buffer.as_deref_mut() {
+            buf.push_str(line);
+            buf.push('\n');
+        }
+    }
+    accepted()
+}
+
+async fn report(shared: &Shared, id: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let report: InvocationReport = match read_json(req).await {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let mut state = shared.state();
+    if let Err(r) = state.check_answer(id) {
+        return r;
+    }
+    if let Some(f) = state.in_flight.as_mut() {
+        f.report = Some(report);
+    }
+    accepted()
+}
+
+async fn runtime_exit(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let mut exit: RuntimeExit = match read_json(req).await {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let mut state = shared.state();
+    let current = state
+        .in_flight
+        .as_ref()
+        .map(|f| f.request_id.clone())
+        .or_else(|| {
+            state
+                .pending
+                .as_ref()
+                .map(|p| p.invocation.request_id.clone())
+        });
+    if exit.request_id.is_none() {
+        exit.request_id = current;
+    }
+    let error = exit.to_error();
+    tracing::info!(function = %shared.function_name, message = %error.error_message, "runtime exited");
+    let outcome = Outcome::Failed { error, reset: true };
+    if !state.complete_current(outcome.clone()) {
+        // Died during init with nothing waiting: the next invocation learns of it.
+        state.init_error = Some(outcome);
+    }
+    accepted()
+}
+
+/// `(Runtime|Function)\.[A-Z][a-zA-Z]+`, the error types Lambda records as given.
+pub fn is_valid_error_type(t: &str) -> bool {
+    let Some(rest) = t
+        .strip_prefix("Runtime.")
+        .or_else(|| t.strip_prefix("Function."))
+    else {
+        return false;
+    };
+    let mut chars = rest.chars();
+    chars.next().is_some_and(|c| c.is_ascii_uppercase())
+        && rest.len() >= 2
+        && chars.all(|c| c.is_ascii_alphabetic())
+}
+
+/// The recorded error type (the header when valid, else the body's `errorType` when
+/// valid, else `Runtime.Unknown`) and the JSON the caller gets: the runtime's own body
+/// when it is JSON, else an error body built from what was posted.
+fn normalise_error(header_type: Option<&str>, body: Bytes) -> (String, Bytes) {
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
+    let body_type = parsed
+        .as_ref()
+        .and_then(|v| v.get("errorType"))
+        .and_then(|t| t.as_str())
+        .map(str::to_string);
+    let error_type = [header_type.map(str::to_string), body_type]
+        .into_iter()
+        .flatten()
+        .find(|t| is_valid_error_type(t))
+        .unwrap_or_else(|| "Runtime.Unknown".to_string());
+    let body = match parsed {
+        Some(v) if v.is_object() => body,
+        _ => {
+            let message = String::from_utf8_lossy(&body).into_owned();
+            Bytes::from(
+                serde_json::to_vec(&ErrorBody::new(error_type.clone(), message))
+                    .unwrap_or_default(),
+            )
+        }
+    };
+    (error_type, body)
+}
+
+fn error_type_header(req: &Request<Incoming>) -> Option<String> {
+    req.headers()
+        .get(wire::HEADER_FUNCTION_ERROR_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+enum BodyError {
+    TooLarge,
+    Broken(String),
+}
+
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, BodyError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(BodyError::TooLarge);
+    }
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge),
+        Err(e) => Err(BodyError::Broken(e.to_string())),
+    }
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+) -> Result<T, Response<Full<Bytes>>> {
+    let body = match read_body(req, MAX_SMALL_POST).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => return Err(too_large(MAX_SMALL_POST)),
+        Err(BodyError::Broken(e)) => return Err(broken_body(&e)),
+    };
+    serde_json::from_slice(&body).map_err(|e| {
+        error_response(
+            StatusCode::BAD_REQUEST,
+            "InvalidRequestContent",
+            &format!("bad JSON body: {e}"),
+        )
+    })
+}
+
+fn accepted() -> Response<Full<Bytes>> {
+    json_body(
+        StatusCode::ACCEPTED,
+        Bytes::from_static(br#"{"status":"OK"}"#),
+    )
+}
+
+fn too_large(limit: usize) -> Response<Full<Bytes>> {
+    error_response(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "RequestEntityTooLarge",
+        &format!("Exceeded maximum allowed payload size ({limit} bytes)."),
+    )
+}
+
+fn broken_body(e: &str) -> Response<Full<Bytes>> {
+    error_response(
+        StatusCode::BAD_REQUEST,
+        "InvalidRequestContent",
+        &format!("cannot read the body: {e}"),
+    )
+}
+
+fn method_not_allowed() -> Response<Full<Bytes>> {
+    error_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "MethodNotAllowed",
+        "method not allowed here",
+    )
+}
+
+/// The Runtime API's error JSON.
+fn error_response(status: StatusCode, error_type: &str, message: &str) -> Response<Full<Bytes>> {
+    json_response(status, &ErrorBody::new(error_type, message))
+}
+
+fn json_response<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
+    json_body(
+        status,
+        Bytes::from(serde_json::to_vec(value).unwrap_or_default()),
+    )
+}
+
+fn json_body(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_types_are_normalised() {
+        for ok in [
+            "Runtime.ExitError",
+            "Function.ResponseSizeTooLarge",
+            "Runtime.Ab",
+        ] {
+            assert!(is_valid_error_type(ok), "{ok}");
+        }
+        for bad in [
+            "ValueError",
+            "Runtime.",
+            "Runtime.lower",
+            "Runtime.A",
+            "Runtime.Has9Digit",
+            "Other.Thing",
+            "",
+        ] {
+            assert!(!is_valid_error_type(bad), "{bad}");
+        }
+        let (t, b) = normalise_error(
+            Some("Unhandled"),
+            Bytes::from_static(br#"{"errorType":"ValueError","errorMessage":"x"}"#),
+        );
+        assert_eq!(t, "Runtime.Unknown");
+        assert_eq!(&b[..], br#"{"errorType":"ValueError","errorMessage":"x"}"#);
+        let (t, _) = normalise_error(Some("Function.Oops"), Bytes::new());
+        assert_eq!(t, "Function.Oops");
+        let (t, b) = normalise_error(None, Bytes::from_static(b"not json"));
+        assert_eq!(t, "Runtime.Unknown");
+        let e: ErrorBody = serde_json::from_slice(&b).unwrap();
+        assert_eq!(
+            (e.error_type.as_str(), e.error_message.as_str()),
+            ("Runtime.Unknown", "not json")
+        );
+    }
+}

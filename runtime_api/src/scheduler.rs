@@ -1,0 +1,823 @@
+//! The scheduler: which environment runs an invocation.
+//!
+//! Per function it keeps warm environments for reuse, starts new ones on demand up to
+//! `max_concurrency`, queues callers beyond that (a bounded queue, so that overload is
+//! answered with 429 instead of unbounded memory), retires environments that sat idle,
+//! and throws away any environment that timed out, crashed or failed its init, so that
+//! the next invocation gets a fresh one.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use kindling_wire::{ErrorBody, FunctionEnvironment, InvocationReport};
+use tokio::sync::{oneshot, watch, Notify};
+
+use crate::environment::{Environment, EnvironmentSpec, Function, Isolation, Launcher, StopMode};
+use crate::logs::{self, LogSink};
+use crate::metrics::Metrics;
+use crate::runtime_server::{Completion, Invocation, Outcome, RuntimeApi};
+
+/// The version every invocation runs (Kindling has no versions yet).
+pub const VERSION: &str = "$LATEST";
+/// The account id in ARNs.
+const ACCOUNT: &str = "000000000000";
+/// Longest Unix socket path Linux takes (`sun_path` less its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Knobs of the scheduler.
+#[derive(Debug, Clone)]
+pub struct SchedulerOptions {
+    /// Where environment directories go (`<state>/envs`).
+    pub env_root: PathBuf,
+    /// A warm environment unused this long is stopped.
+    pub idle_timeout: Duration,
+    /// Callers that may wait per function once every environment is busy.
+    pub queue_depth: usize,
+    /// Start of an environment until its runtime's first `/next` (Lambda: 10 s).
+    pub init_timeout: Duration,
+    /// Grace given to an environment asked to stop cleanly.
+    pub stop_grace: Duration,
+    /// How long shutdown lets running invocations finish before it cancels them.
+    pub shutdown_grace: Duration,
+    pub region: String,
+}
+
+impl SchedulerOptions {
+    pub fn new(env_root: PathBuf) -> Self {
+        Self {
+            env_root,
+            idle_timeout: Duration::from_secs(300),
+            queue_depth: 100,
+            init_timeout: Duration::from_secs(10),
+            stop_grace: Duration::from_secs(2),
+            shutdown_grace: Duration::from_secs(5),
+            region: "us-east-1".into(),
+        }
+    }
+}
+
+/// One invocation as a caller asked for it.
+#[derive(Debug, Clone, Default)]
+pub struct InvokeRequest {
+    pub payload: Bytes,
+    /// Decoded client context JSON (`Lambda-Runtime-Client-Context`).
+    pub client_context: Option<String>,
+    pub cognito_identity: Option<String>,
+    /// `X-Amzn-Trace-Id` of the caller; one is made up when absent.
+    pub trace_id: Option<String>,
+}
+
+/// What the caller gets back.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// The function's response payload.
+    Response(Bytes),
+    /// A failed invocation: the error JSON the caller gets and the recorded type
+    /// (`Runtime.Unknown`, `Runtime.ExitError`, `Sandbox.Timedout`, ...).
+    Error { error_type: String, body: Bytes },
+}
+
+/// A finished invocation.
+#[derive(Debug, Clone)]
+pub struct Invoked {
+    pub request_id: String,
+    pub answer: Answer,
+    /// This invocation's log, `START` to `REPORT`.
+    pub log: String,
+}
+
+/// Why an invocation could not be run at all.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvokeError {
+    #[error("Function not found: {0}")]
+    NotFound(String),
+    #[error("Rate Exceeded: every environment of {0} is busy and its queue is full")]
+    TooManyRequests(String),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("cannot start an environment for {function}: {reason}")]
+    Environment { function: String, reason: String },
+}
+
+/// All functions' pools.
+pub struct Scheduler {
+    pools: HashMap<String, Arc<Pool>>,
+    ctx: Arc<Ctx>,
+}
+
+struct Ctx {
+    options: SchedulerOptions,
+    logs: Arc<LogSink>,
+    metrics: Arc<Metrics>,
+    next_env: AtomicU64,
+    /// Set at shutdown: invocations still running give up.
+    cancel: watch::Sender<bool>,
+}
+
+struct Pool {
+    function: Function,
+    arn: String,
+    launcher: Arc<dyn Launcher>,
+    ctx: Arc<Ctx>,
+    state: Mutex<PoolState>,
+    /// Signalled whenever `live` drops, for shutdown.
+    drained: Notify,
+}
+
+#[derive(Default)]
+struct PoolState {
+    /// Warm environments, most recently used last.
+    idle: Vec<(Box<Env>, Instant)>,
+    /// Environments starting, running or idle: never above `max_concurrency`.
+    live: usize,
+    /// Callers waiting for an environment, first come first served.
+    queue: VecDeque<oneshot::Sender<Grant>>,
+    closed: bool,
+}
+
+/// What a queued caller is handed: a warm environment, or the right to start one.
+enum Grant {
+    Warm(Box<Env>),
+    Start,
+}
+
+struct Env {
+    spec: EnvironmentSpec,
+    handle: Box<dyn Environment>,
+    api: RuntimeApi,
+    /// Invocations this environment has run; 0 means its next one is a cold start.
+    served: u64,
+    started: Instant,
+}
+
+impl Scheduler {
+    /// Builds the pools; every function's isolation must have a launcher.
+    pub fn new(
+        functions: Vec<Function>,
+        launchers: &HashMap<Isolation, Arc<dyn Launcher>>,
+        options: SchedulerOptions,
+        logs: Arc<LogSink>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&options.env_root)
+            .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", options.env_root.display()))?;
+        let ctx = Arc::new(Ctx {
+            options,
+            logs,
+            metrics,
+            next_env: AtomicU64::new(1),
+            cancel: watch::Sender::new(false),
+        });
+        let mut pools = HashMap::new();
+        for function in functions {
+            let launcher = launchers.get(&function.isolation).cloned().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "function {}: no launcher for isolation {:?}",
+                    function.name,
+                    function.isolation
+                )
+            })?;
+            let arn = function_arn(&ctx.options.region, &function.name);
+            let pool = Pool {
+                function,
+                arn,
+                launcher,
+                ctx: ctx.clone(),
+                state: Mutex::default(),
+                drained: Notify::new(),
+            };
+            if pools
+                .insert(pool.function.name.clone(), Arc::new(pool))
+                .is_some()
+            {
+                anyhow::bail!("function names must be unique");
+            }
+        }
+        Ok(Self { pools, ctx })
+    }
+
+    /// The function a name designates: itself, or the emulator's alias `function` when
+    /// exactly one function is loaded.
+    pub fn resolve(&self, name: &str) -> Option<&Function> {
+        self.pool(name).map(|p| &p.function)
+    }
+
+    fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
+        self.pools
+            .get(name)
+            .or_else(|| match (name, self.pools.len()) {
+                ("function", 1) => self.pools.values().next(),
+                _ => None,
+            })
+    }
+
+    /// The ARN of a function name, as the runtime sees it.
+    pub fn arn(&self, name: &str) -> String {
+        function_arn(&self.ctx.options.region, name)
+    }
+
+    /// Where environment directories go.
+    pub fn env_root(&self) -> &std::path::Path {
+        &self.ctx.options.env_root
+    }
+
+    /// Runs one invocation to its end. `queued` invocations (`Event`) wait for an
+    /// environment however long the queue; others get [`InvokeError::TooManyRequests`]
+    /// when the queue is full. The invocation runs on its own task: a caller that goes
+    /// away loses its answer but never an environment.
+    pub async fn invoke(
+        &self,
+        name: &str,
+        request: InvokeRequest,
+        queued: bool,
+    ) -> Result<Invoked, InvokeError> {
+        let pool = self
+            .pool(name)
+            .cloned()
+            .ok_or_else(|| InvokeError::NotFound(name.to_string()))?;
+        tokio::spawn(async move { pool.invoke(request, queued).await })
+            .await
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "invocation task failed");
+                Err(InvokeError::ShuttingDown)
+            })
+    }
+
+    /// Stops idle environments older than the idle timeout, and dead idle ones; runs
+    /// until the scheduler shuts down.
+    pub async fn retire_idle(&self) {
+        let every = (self.ctx.options.idle_timeout / 4)
+            .clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let mut cancel = self.ctx.cancel.subscribe();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = until_true(&mut cancel) => return,
+            }
+            for pool in self.pools.values() {
+                pool.retire_idle().await;
+            }
+        }
+    }
+
+    /// Refuses new invocations, lets running ones finish for the shutdown grace, then
+    /// cancels the rest, and stops every environment.
+    pub async fn shutdown(&self) {
+        for pool in self.pools.values() {
+            let idle = {
+                let mut st = pool.lock();
+                st.closed = true;
+                st.queue.clear();
+                std::mem::take(&mut st.idle)
+            };
+            for (env, _) in idle {
+                pool.discard(env, StopMode::Graceful(self.ctx.options.stop_grace))
+                    .await;
+            }
+        }
+        let all_drained = async {
+            for pool in self.pools.values() {
+                pool.wait_drained().await;
+            }
+        };
+        if tokio::time::timeout(self.ctx.options.shutdown_grace, all_drained)
+            .await
+            .is_err()
+        {
+            tracing::warn!("invocations still running at shutdown: cancelling them");
+            self.ctx.cancel.send_replace(true);
+            for pool in self.pools.values() {
+                pool.wait_drained().await;
+            }
+        }
+        self.ctx.cancel.send_replace(true);
+    }
+}
+
+impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn invoke(
+        self: Arc<Self>,
+        request: InvokeRequest,
+        queued: bool,
+    ) -> Result<Invoked, InvokeError> {
+        let name = &self.function.name;
+        let grant = self.acquire(queued).await?;
+        let mut env = match grant {
+            Grant::Warm(env) => env,
+            Grant::Start => match self.start_env().await {
+                Ok(env) => env,
+                Err(reason) => {
+                    tracing::warn!(function = %name, %reason, "environment start failed");
+                    self.release(None).await;
+                    return Err(InvokeError::Environment {
+                        function: name.clone(),
+                        reason,
+                    });
+                }
+            },
+        };
+        let invoked = self.run(&mut env, request).await;
+        self.release(Some(env)).await;
+        Ok(invoked)
+    }
+
+    /// A warm environment, the right to start one, or a place in the queue.
+    async fn acquire(&self, queued: bool) -> Result<Grant, InvokeError> {
+        enum Next {
+            Go(Grant),
+            Wait(oneshot::Receiver<Grant>),
+            Full,
+        }
+        let mut dead = Vec::new();
+        let next = {
+            let mut st = self.lock();
+            if st.closed {
+                return Err(InvokeError::ShuttingDown);
+            }
+            let mut warm = None;
+            while let Some((mut env, _)) = st.idle.pop() {
+                if env.handle.is_alive() {
+                    warm = Some(env);
+                    break;
+                }
+                st.live -= 1;
+                dead.push(env);
+            }
+            if let Some(env) = warm {
+                Next::Go(Grant::Warm(env))
+            } else if st.live < self.function.max_concurrency {
+                st.live += 1;
+                Next::Go(Grant::Start)
+            } else if queued || st.queue.len() < self.ctx.options.queue_depth {
+                let (tx, rx) = oneshot::channel();
+                st.queue.push_back(tx);
+                Next::Wait(rx)
+            } else {
+                Next::Full
+            }
+        };
+        for env in dead {
+            tracing::info!(env = %env.spec.id, "idle environment died");
+            self.stop(env, StopMode::Kill).await;
+        }
+        match next {
+            Next::Go(grant) => Ok(grant),
+            Next::Wait(rx) => rx.await.map_err(|_| InvokeError::ShuttingDown),
+            Next::Full => {
+                tracing::debug!(function = %self.function.name, "queue full");
+                Err(InvokeError::TooManyRequests(self.function.name.clone()))
+            }
+        }
+    }
+
+    /// Gives an environment back after an invocation (`None`: its slot is free): to the
+    /// first queued caller, to the warm set, or, when it is broken or the pool is
+    /// closing, to the bin.
+    async fn release(&self, env: Option<Box<Env>>) {
+        let mut env = match env {
+            Some(broken) if broken.is_broken() => {
+                self.stop(broken, StopMode::Kill).await;
+                None
+            }
+            other => other,
+        };
+        let closing = {
+            let mut st = self.lock();
+            if !st.closed {
+                while let Some(waiter) = st.queue.pop_front() {
+                    match waiter.send(env.take().map_or(Grant::Start, Grant::Warm)) {
+                        Ok(()) => return,
+                        Err(Grant::Warm(e)) => env = Some(e),
+                        Err(Grant::Start) => {}
+                    }
+                }
+                if let Some(e) = env.take() {
+                    st.idle.push((e, Instant::now()));
+                    return;
+                }
+            }
+            env.take()
+        };
+        match closing {
+            Some(e) => {
+                self.discard(e, StopMode::Graceful(self.ctx.options.stop_grace))
+                    .await
+            }
+            None => {
+                self.lock().live -= 1;
+                self.drained.notify_waiters();
+            }
+        }
+    }
+
+    /// Stops an environment and frees its slot.
+    async fn discard(&self, env: Box<Env>, mode: StopMode) {
+        self.stop(env, mode).await;
+        self.lock().live -= 1;
+        self.drained.notify_waiters();
+    }
+
+    async fn stop(&self, mut env: Box<Env>, mode: StopMode) {
+        let id = env.spec.id.clone();
+        if let Err(e) = env.handle.stop(mode).await {
+            tracing::warn!(env = %id, error = %e, "environment did not stop cleanly");
+        }
+        let dir = env.spec.dir.clone();
+        drop(env); // closes the Runtime API server before its socket goes
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(env = %id, error = %e, "cannot remove the environment directory");
+            }
+        }
+        tracing::info!(env = %id, ?mode, "environment stopped");
+    }
+
+    async fn wait_drained(&self) {
+        loop {
+            let drained = self.drained.notified();
+            if self.lock().live == 0 {
+                return;
+            }
+            drained.await;
+        }
+    }
+
+    async fn retire_idle(&self) {
+        let timeout = self.ctx.options.idle_timeout;
+        let retired: Vec<Box<Env>> = {
+            let mut st = self.lock();
+            let (old, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut st.idle)
+                .into_iter()
+                .partition(|(_, since)| since.elapsed() >= timeout);
+            st.idle = keep;
+            old.into_iter().map(|(env, _)| env).collect()
+        };
+        for env in retired {
+            tracing::info!(env = %env.spec.id, "retiring idle environment");
+            self.discard(env, StopMode::Graceful(self.ctx.options.stop_grace))
+                .await;
+        }
+    }
+
+    async fn start_env(&self) -> Result<Box<Env>, String> {
+        let f = &self.function;
+        let n = self.ctx.next_env.fetch_add(1, Ordering::Relaxed);
+        // The pid keeps ids apart from the leftovers of an earlier server in the same state dir.
+        let id = format!("{}-{}-{n}", f.name, std::process::id());
+        let spec = EnvironmentSpec {
+            id: id.clone(),
+            dir: self.ctx.options.env_root.join(&id),
+            function: f.clone(),
+        };
+        let socket = spec.runtime_api_socket();
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(format!(
+                "{}: the socket path is longer than {MAX_SOCKET_PATH} bytes; choose a shorter state directory",
+                socket.display()
+            ));
+        }
+        std::fs::create_dir_all(&spec.dir).map_err(|e| format!("{}: {e}", spec.dir.display()))?;
+        let environment = FunctionEnvironment {
+            function_name: f.name.clone(),
+            function_version: VERSION.into(),
+            memory_mb: f.memory_mb,
+            timeout_ms: f.timeout.as_millis() as u64,
+            runtime: f.runtime.clone(),
+            handler: f.handler.clone(),
+            region: self.ctx.options.region.clone(),
+            log_group_name: format!("/aws/lambda/{}", f.name),
+            log_stream_name: format!("{}/[{VERSION}]{}", today(), id),
+            initialization_type: "on-demand".into(),
+            variables: f.env.clone(),
+        };
+        let started = Instant::now();
+        let result = async {
+            let api = RuntimeApi::bind(&socket, environment, self.ctx.logs.clone())
+                .map_err(|e| format!("{}: {e}", socket.display()))?;
+            let handle = self
+                .launcher
+                .start(&spec)
+                .await
+                .map_err(|e| format!("{e:#}"))?;
+            Ok::<_, String>((api, handle))
+        }
+        .await;
+        match result {
+            Ok((api, handle)) => {
+                tracing::info!(env = %id, launcher = self.launcher.name(), "environment started");
+                Ok(Box::new(Env {
+                    spec,
+                    handle,
+                    api,
+                    served: 0,
+                    started,
+                }))
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&spec.dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs one invocation on `env` and leaves `env` marked broken if it must go.
+    async fn run(&self, env: &mut Env, request: InvokeRequest) -> Invoked {
+        let f = &self.function;
+        let metrics = &self.ctx.metrics;
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let cold = env.served == 0;
+        env.served += 1;
+        metrics.invocation(&f.name);
+        let start_line = logs::start_line(&request_id, VERSION);
+        self.ctx.logs.write(&f.name, &start_line);
+
+        let ticket = env.api.submit(Invocation {
+            request_id: request_id.clone(),
+            payload: request.payload,
+            function_arn: self.arn.clone(),
+            trace_id: request.trace_id.unwrap_or_else(new_trace_id),
+            client_context: request.client_context,
+            cognito_identity: request.cognito_identity,
+            timeout: f.timeout,
+        });
+        let (mut dispatched, mut done) = (ticket.dispatched, ticket.done);
+        let mut cancel = self.ctx.cancel.subscribe();
+        let begun = Instant::now();
+
+        // Until the runtime takes the event: its init (cold) or an instant (warm). An init
+        // error completes `done` without a dispatch, hence `biased`.
+        let first = tokio::select! {
+            biased;
+            c = &mut done => Wait::Done(c.ok()),
+            at = &mut dispatched => at.map_or(Wait::Done(None), Wait::Dispatched),
+            reason = env.handle.exited() => Wait::Exited(reason),
+            _ = tokio::time::sleep(self.ctx.options.init_timeout) => Wait::InitTimeout,
+            _ = until_true(&mut cancel) => Wait::Cancelled,
+        };
+        let (dispatched_at, second) = match first {
+            Wait::Dispatched(at) => {
+                if cold {
+                    metrics.cold_start(&f.name, at - env.started);
+                }
+                let deadline = tokio::time::Instant::from_std(at + f.timeout);
+                let second = tokio::select! {
+                    c = &mut done => Wait::Done(c.ok()),
+                    reason = env.handle.exited() => Wait::Exited(reason),
+                    _ = tokio::time::sleep_until(deadline) => Wait::Timeout,
+                    _ = until_true(&mut cancel) => Wait::Cancelled,
+                };
+                (at, second)
+            }
+            other => (begun, other),
+        };
+        let error = match second {
+            Wait::Done(Some(completion)) => return self.completed(env, &request_id, start_line, dispatched_at, cold, completion),
+            Wait::Exited(reason) => exit_error(&request_id, &reason),
+            Wait::InitTimeout => ErrorBody::new(
+                "Runtime.InitTimeout",
+                format!(
+                    "RequestId: {request_id} Error: the runtime did not ask for an event within {:.2} seconds",
+                    self.ctx.options.init_timeout.as_secs_f64()
+                ),
+            ),
+            Wait::Timeout => {
+                metrics.timeout(&f.name);
+                ErrorBody::new(
+                    "Sandbox.Timedout",
+                    format!("RequestId: {request_id} Error: Task timed out after {:.2} seconds", f.timeout.as_secs_f64()),
+                )
+            }
+            // The server dropped the invocation: only when the environment is torn down.
+            Wait::Done(None) | Wait::Cancelled | Wait::Dispatched(_) => shutdown_error(&request_id),
+        };
+        self.failed(env, &request_id, start_line, dispatched_at, error)
+    }
+
+    /// Ends an invocation the guest answered (or failed through the Runtime API).
+    fn completed(
+        &self,
+        env: &mut Env,
+        request_id: &str,
+        start_line: String,
+        dispatched_at: Instant,
+        cold: bool,
+        completion: Completion,
+    ) -> Invoked {
+        let Completion {
+            outcome,
+            report,
+            log,
+        } = completion;
+        if !outcome.keeps_environment() {
+            env.served = u64::MAX; // marks it broken for release()
+        }
+        let mut report = report.unwrap_or_else(|| InvocationReport {
+            duration_ms: dispatched_at.elapsed().as_secs_f64() * 1000.0,
+            init_duration_ms: None,
+            max_memory_used_mb: 0,
+        });
+        if cold && report.init_duration_ms.is_none() {
+            report.init_duration_ms = Some((dispatched_at - env.started).as_secs_f64() * 1000.0);
+        }
+        let answer = match outcome {
+            Outcome::Response(body) => Answer::Response(body),
+            Outcome::FunctionError { error_type, body }
+            | Outcome::InitError { error_type, body } => Answer::Error { error_type, body },
+            Outcome::Failed { error, .. } => Answer::Error {
+                error_type: error.error_type.clone(),
+                body: Bytes::from(serde_json::to_vec(&error).unwrap_or_default()),
+            },
+        };
+        self.finish(request_id, start_line, log, &report, answer)
+    }
+
+    /// Ends an invocation the guest did not answer: its environment is killed.
+    fn failed(
+        &self,
+        env: &mut Env,
+        request_id: &str,
+        start_line: String,
+        since: Instant,
+        error: ErrorBody,
+    ) -> Invoked {
+        env.served = u64::MAX;
+        let mut log = env.api.abandon();
+        if error.error_type == "Sandbox.Timedout" {
+            let line = format!(
+                "{} {request_id} {}",
+                timestamp(),
+                error
+                    .error_message
+                    .trim_start_matches(&format!("RequestId: {request_id} Error: "))
+            );
+            self.ctx.logs.write(&self.function.name, &line);
+            log.push_str(&line);
+            log.push('\n');
+        }
+        tracing::info!(function = %self.function.name, request_id, error_type = %error.error_type, "invocation failed");
+        let report = InvocationReport {
+            duration_ms: since.elapsed().as_secs_f64() * 1000.0,
+            init_duration_ms: None,
+            max_memory_used_mb: 0,
+        };
+        let answer = Answer::Error {
+            error_type: error.error_type.clone(),
+            body: Bytes::from(serde_json::to_vec(&error).unwrap_or_default()),
+        };
+        self.finish(request_id, start_line, log, &report, answer)
+    }
+
+    /// Writes `END` and `REPORT`, counts, and assembles the caller's view.
+    fn finish(
+        &self,
+        request_id: &str,
+        start_line: String,
+        log: String,
+        report: &InvocationReport,
+        answer: Answer,
+    ) -> Invoked {
+        let f = &self.function;
+        let metrics = &self.ctx.metrics;
+        if matches!(answer, Answer::Error { .. }) {
+            metrics.error(&f.name);
+        }
+        metrics.duration(&f.name, report.duration_ms);
+        if let Some(init) = report.init_duration_ms {
+            metrics.init(&f.name, init);
+        }
+        let end = logs::end_line(request_id);
+        let report_line = logs::report_line(request_id, f.memory_mb, report);
+        self.ctx.logs.write(&f.name, &end);
+        self.ctx.logs.write(&f.name, &report_line);
+        Invoked {
+            request_id: request_id.to_string(),
+            answer,
+            log: format!("{start_line}\n{log}{end}\n{report_line}\n"),
+        }
+    }
+}
+
+/// What an invocation waits for.
+enum Wait {
+    Dispatched(Instant),
+    Done(Option<Completion>),
+    Exited(String),
+    InitTimeout,
+    Timeout,
+    Cancelled,
+}
+
+impl Env {
+    fn is_broken(&self) -> bool {
+        self.served == u64::MAX
+    }
+}
+
+/// Resolves once the flag is (or becomes) true; the borrow of the value ends inside, so
+/// the future stays `Send`.
+pub(crate) async fn until_true(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|v| *v).await;
+}
+
+fn function_arn(region: &str, name: &str) -> String {
+    format!("arn:aws:lambda:{region}:{ACCOUNT}:function:{name}")
+}
+
+fn exit_error(request_id: &str, reason: &str) -> ErrorBody {
+    ErrorBody::new(
+        "Runtime.ExitError",
+        format!("RequestId: {request_id} Error: Runtime exited with error: {reason}"),
+    )
+}
+
+fn shutdown_error(request_id: &str) -> ErrorBody {
+    ErrorBody::new(
+        "Runtime.Unknown",
+        format!("RequestId: {request_id} Error: the server shut down during the invocation"),
+    )
+}
+
+/// An X-Ray style trace header: `Root=1-<epoch hex>-<96 random bits>;Parent=<64 bits>;Sampled=0`.
+fn new_trace_id() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let r = uuid::Uuid::new_v4().simple().to_string();
+    format!(
+        "Root=1-{secs:08x}-{};Parent={};Sampled=0",
+        &r[..24],
+        &r[16..32]
+    )
+}
+
+/// `YYYY/MM/DD` in UTC, for log stream names.
+fn today() -> String {
+    let days = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+        / 86_400;
+    let (y, m, d) = civil_from_days(days as i64);
+    format!("{y:04}/{m:02}/{d:02}")
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` in UTC, as Lambda stamps its own log lines.
+fn timestamp() -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs();
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let s = secs % 86_400;
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        now.subsec_millis()
+    )
+}
+
+/// Howard Hinnant's days-to-civil algorithm (proleptic Gregorian, UTC).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(20_513), (2026, 3, 1));
+    }
+
+    #[test]
+    fn trace_ids_look_like_xray() {
+        let t = new_trace_id();
+        assert!(t.starts_with("Root=1-") && t.ends_with(";Sampled=0"), "{t}");
+        assert_eq!(
+            t.len(),
+            "Root=1-".len() + 8 + 1 + 24 + ";Parent=".len() + 16 + ";Sampled=0".len()
+        );
+    }
+}
