@@ -1,0 +1,234 @@
+//! The pseudo filesystems every guest expects, mounted only where nothing is mounted
+//! yet: the namespace sandbox's launcher pre-mounts a minimal `/dev`, and a kernel that
+//! booted straight from a disk may have mounted `devtmpfs` itself.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{symlink, DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use nix::mount::{mount, umount, MsFlags};
+
+use crate::console::say;
+
+/// One filesystem init may mount.
+struct Spec {
+    target: &'static str,
+    fstype: &'static str,
+    flags: MsFlags,
+    data: String,
+}
+
+/// Mounts init made, in order, so that shutdown can undo them in reverse.
+#[derive(Debug, Default)]
+pub struct Mounts {
+    made: Vec<PathBuf>,
+}
+
+/// Mount points moved into the new root by `switch_root`; their submounts move along.
+pub const MOVED_ON_SWITCH: [&str; 5] = ["/dev", "/proc", "/sys", "/run", "/tmp"];
+
+const NOSUID_NODEV: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV);
+const NOSUID_NODEV_NOEXEC: MsFlags = NOSUID_NODEV.union(MsFlags::MS_NOEXEC);
+
+fn standard_mounts(tmp_size: &str) -> Vec<Spec> {
+    let spec = |target, fstype, flags, data: &str| Spec {
+        target,
+        fstype,
+        flags,
+        data: data.to_string(),
+    };
+    vec![
+        spec("/proc", "proc", NOSUID_NODEV_NOEXEC, ""),
+        spec("/sys", "sysfs", NOSUID_NODEV_NOEXEC, ""),
+        spec("/dev", "devtmpfs", MsFlags::MS_NOSUID, "mode=0755"),
+        spec(
+            "/dev/pts",
+            "devpts",
+            MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
+            "newinstance,ptmxmode=0666,mode=0620",
+        ),
+        spec("/dev/shm", "tmpfs", NOSUID_NODEV, "mode=1777"),
+        spec("/run", "tmpfs", NOSUID_NODEV, "mode=0755"),
+        spec(
+            "/tmp",
+            "tmpfs",
+            NOSUID_NODEV,
+            &format!("mode=1777,size={tmp_size}"),
+        ),
+        spec("/sys/fs/cgroup", "cgroup2", NOSUID_NODEV_NOEXEC, ""),
+    ]
+}
+
+/// Links every program expects in `/dev`, created where missing.
+const DEV_LINKS: [(&str, &str); 4] = [
+    ("/dev/fd", "/proc/self/fd"),
+    ("/dev/stdin", "/proc/self/fd/0"),
+    ("/dev/stdout", "/proc/self/fd/1"),
+    ("/dev/stderr", "/proc/self/fd/2"),
+];
+
+impl Mounts {
+    /// Mounts the standard set and creates the `/dev` links.
+    pub fn mount_standard(&mut self, tmp_size: &str) -> Result<()> {
+        for spec in standard_mounts(tmp_size) {
+            self.mount_if_absent(&spec)?;
+        }
+        for (link, target) in DEV_LINKS {
+            link_if_absent(Path::new(link), Path::new(target))?;
+        }
+        self.ptmx()
+    }
+
+    /// Mounts `/proc` alone, which reading the configuration needs.
+    pub fn mount_proc(&mut self) -> Result<()> {
+        self.mount_if_absent(&standard_mounts("")[0])
+    }
+
+    fn mount_if_absent(&mut self, spec: &Spec) -> Result<()> {
+        let target = Path::new(spec.target);
+        if is_mount_point(target)? {
+            return Ok(());
+        }
+        create_dir(target)?;
+        let data = (!spec.data.is_empty()).then_some(spec.data.as_str());
+        mount(
+            Some(spec.fstype),
+            target,
+            Some(spec.fstype),
+            spec.flags,
+            data,
+        )
+        .with_context(|| format!("mount {} ({}, {})", spec.target, spec.fstype, spec.data))?;
+        self.made.push(target.to_path_buf());
+        Ok(())
+    }
+
+    /// `/dev/ptmx` must reach the new devpts instance: a link where there is nothing, or
+    /// a bind mount over an existing node, which leaves a shared devtmpfs untouched.
+    fn ptmx(&mut self) -> Result<()> {
+        let ptmx = Path::new("/dev/ptmx");
+        match fs::symlink_metadata(ptmx) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                link_if_absent(ptmx, "pts/ptmx".as_ref())
+            }
+            Err(e) => Err(e).context("stat /dev/ptmx"),
+            Ok(m) if m.file_type().is_symlink() || is_mount_point(ptmx)? => Ok(()),
+            Ok(_) => {
+                mount(
+                    Some("/dev/pts/ptmx"),
+                    ptmx,
+                    None::<&str>,
+                    MsFlags::MS_BIND,
+                    None::<&str>,
+                )
+                .context("bind /dev/pts/ptmx on /dev/ptmx")?;
+                self.made.push(ptmx.to_path_buf());
+                Ok(())
+            }
+        }
+    }
+
+    /// Unmounts what init mounted, newest first. Failures are reported and skipped: at
+    /// shutdown there is nothing better to do, and `sync` has already run.
+    pub fn unmount_all(&mut self) {
+        while let Some(target) = self.made.pop() {
+            if let Err(e) = umount(&target) {
+                say!("umount {}: {e}", target.display());
+            }
+        }
+    }
+}
+
+fn create_dir(path: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(path)
+        .with_context(|| format!("create mount point {}", path.display()))
+}
+
+fn link_if_absent(link: &Path, target: &Path) -> Result<()> {
+    match symlink(target, link) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+            Err(e).with_context(|| format!("link {} -> {}", link.display(), target.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Whether something is mounted at `path`. Uses the kernel's mount table when `/proc`
+/// is there (it also sees bind mounts of the same filesystem) and otherwise compares
+/// the device of `path` with that of its parent.
+pub fn is_mount_point(path: &Path) -> Result<bool> {
+    match fs::read_to_string("/proc/self/mountinfo") {
+        Ok(table) => Ok(mount_points(&table).any(|p| p == path)),
+        Err(_) => {
+            let dev = |p: &Path| match fs::metadata(p) {
+                Ok(m) => Ok(Some(m.dev())),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e).with_context(|| format!("stat {}", p.display())),
+            };
+            match (dev(path)?, dev(&path.join(".."))?) {
+                (Some(here), Some(parent)) => Ok(here != parent),
+                _ => Ok(false),
+            }
+        }
+    }
+}
+
+/// The mount points of a `/proc/self/mountinfo` text (field 5, octal escapes undone).
+fn mount_points(table: &str) -> impl Iterator<Item = PathBuf> + '_ {
+    table
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|field| PathBuf::from(unescape_octal(field)))
+}
+
+/// Undoes the kernel's `\ooo` escapes of space, tab, newline and backslash.
+fn unescape_octal(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
+            let d = std::str::from_utf8(d).ok()?;
+            u8::from_str_radix(d, 8).ok()
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(c)) => {
+                out.push(c);
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_mount_points_are_unescaped() {
+        let table = "22 1 0:21 / /proc rw,nosuid - proc proc rw\n\
+                     40 22 0:35 / /mnt/my\\040disk rw shared:5 - ext4 /dev/vdb rw\n";
+        let points: Vec<_> = mount_points(table).collect();
+        assert_eq!(
+            points,
+            [PathBuf::from("/proc"), PathBuf::from("/mnt/my disk")]
+        );
+    }
+
+    #[test]
+    fn this_process_sees_its_root_and_proc_mounted() {
+        assert!(is_mount_point(Path::new("/")).unwrap());
+        assert!(is_mount_point(Path::new("/proc")).unwrap());
+        assert!(!is_mount_point(Path::new("/proc/self")).unwrap());
+    }
+}

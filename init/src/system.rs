@@ -1,0 +1,115 @@
+//! Small pieces of machine state set once at boot: hostname, loopback, rlimits and the
+//! boot-timer write.
+
+use std::fs::OpenOptions;
+use std::net::Ipv4Addr;
+use std::num::NonZeroUsize;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+use anyhow::{Context, Result};
+use nix::errno::Errno;
+use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+use nix::sys::resource::{setrlimit, Resource};
+use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+
+use crate::config::NoFile;
+
+/// Guest-physical address of Firecracker's boot timer device.
+const BOOT_TIMER_ADDR: libc::off_t = 0xd000_0000;
+/// The value Firecracker's guests write there to say "userspace is up".
+const BOOT_TIMER_MAGIC: u8 = 123;
+
+pub fn set_hostname(name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Ok(());
+    }
+    nix::unistd::sethostname(name).with_context(|| format!("sethostname {name}"))
+}
+
+pub fn set_nofile(nofile: NoFile) -> Result<()> {
+    setrlimit(Resource::RLIMIT_NOFILE, nofile.soft, nofile.hard)
+        .with_context(|| format!("setrlimit NOFILE {}:{}", nofile.soft, nofile.hard))
+}
+
+/// Gives `lo` 127.0.0.1/8 and brings it up, with the classic `SIOCSIF*` ioctls (no
+/// netlink library needed for one interface).
+pub fn loopback_up() -> Result<()> {
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("loopback: socket")?;
+    let mut req = ifreq_lo();
+    req.ifr_ifru.ifru_addr = sockaddr_in(Ipv4Addr::LOCALHOST);
+    ioctl(&sock, libc::SIOCSIFADDR, &mut req).context("loopback: set address 127.0.0.1")?;
+    req.ifr_ifru.ifru_netmask = sockaddr_in(Ipv4Addr::new(255, 0, 0, 0));
+    ioctl(&sock, libc::SIOCSIFNETMASK, &mut req).context("loopback: set netmask /8")?;
+    ioctl(&sock, libc::SIOCGIFFLAGS, &mut req).context("loopback: get flags")?;
+    // SAFETY: SIOCGIFFLAGS just filled the flags member of the union.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    req.ifr_ifru.ifru_flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    ioctl(&sock, libc::SIOCSIFFLAGS, &mut req).context("loopback: set up")
+}
+
+fn ifreq_lo() -> libc::ifreq {
+    // SAFETY: ifreq is plain old data (integers, arrays and a union of such); all zeroes
+    // is a valid value of it.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo") {
+        *dst = *src as libc::c_char;
+    }
+    req
+}
+
+fn sockaddr_in(addr: Ipv4Addr) -> libc::sockaddr {
+    let mut sa = libc::sockaddr {
+        sa_family: libc::AF_INET as libc::sa_family_t,
+        sa_data: [0; 14],
+    };
+    // As a sockaddr_in, the family is followed by the port (2 bytes), then the address
+    // in network order.
+    for (dst, src) in sa.sa_data[2..6].iter_mut().zip(addr.octets()) {
+        *dst = src as libc::c_char;
+    }
+    sa
+}
+
+fn ioctl(sock: &OwnedFd, request: libc::Ioctl, req: &mut libc::ifreq) -> Result<()> {
+    // SAFETY: every SIOC[GS]IF* request used here reads or writes one struct ifreq, and
+    // `req` is a valid, exclusively borrowed ifreq for the duration of the call.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), request, req as *mut libc::ifreq) };
+    Errno::result(rc).map(drop).map_err(Into::into)
+}
+
+/// Writes [`BOOT_TIMER_MAGIC`] to the boot-timer MMIO address through `/dev/mem`, which
+/// the VMM turns into a "guest reached userspace" log line with the elapsed time.
+pub fn signal_boot_timer() -> Result<()> {
+    let mem = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_SYNC)
+        .open("/dev/mem")
+        .context("boot timer: open /dev/mem")?;
+    let len = NonZeroUsize::new(4096).expect("non-zero");
+    // SAFETY: a fresh shared mapping of one page of /dev/mem at the boot-timer address;
+    // it aliases no Rust object, and is unmapped below before anything else uses it.
+    let page = unsafe {
+        mmap(
+            None,
+            len,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_SHARED,
+            &mem,
+            BOOT_TIMER_ADDR,
+        )
+    }
+    .context("boot timer: mmap /dev/mem at 0xd0000000")?;
+    // SAFETY: `page` points at a writable mapping of at least one byte; a volatile write
+    // makes sure the store reaches the device.
+    unsafe { page.cast::<u8>().write_volatile(BOOT_TIMER_MAGIC) };
+    // SAFETY: `page` and `len` are exactly the mapping made above, used no more after.
+    unsafe { munmap(page, len.get()) }.context("boot timer: munmap")
+}
