@@ -1,0 +1,199 @@
+//! [`MicroVmLauncher`]: the scheduler's [`Launcher`] for microVM environments.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use kindling_runtime_api::environment::{Environment, EnvironmentSpec, Launcher, StopMode};
+
+use crate::machine::{Drive, VmSpec};
+use crate::{console, Hypervisor, RunningVm};
+
+/// The files a guest of one runtime boots from.
+#[derive(Debug, Clone)]
+pub struct BootFiles {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    /// The runtime's ext4 root image, attached read-only as `/dev/vda`.
+    pub root_image: PathBuf,
+}
+
+/// Where boot files and code images come from (the image cache). Calls may build, so
+/// they run on a blocking thread.
+pub trait ImageSource: Send + Sync + 'static {
+    fn boot_files(&self, runtime: &str) -> anyhow::Result<BootFiles>;
+    /// The function's code as an ext4 image, attached read-only as `/dev/vdb`.
+    fn code_image(&self, code: &Path) -> anyhow::Result<PathBuf>;
+}
+
+pub struct MicroVmLauncher {
+    name: String,
+    hypervisor: Arc<dyn Hypervisor>,
+    images: Arc<dyn ImageSource>,
+    /// Guest consoles are appended to `<logs_dir>/<function>.console.log` when an
+    /// environment stops, for `kindling logs`.
+    logs_dir: PathBuf,
+}
+
+impl MicroVmLauncher {
+    pub fn new(
+        hypervisor: Arc<dyn Hypervisor>,
+        images: Arc<dyn ImageSource>,
+        logs_dir: PathBuf,
+    ) -> Self {
+        let name = format!("microvm/{}", hypervisor.name());
+        Self {
+            name,
+            hypervisor,
+            images,
+            logs_dir,
+        }
+    }
+
+    /// The guest kernel command line. `reboot=k` makes the guest's reboot(2) an i8042
+    /// reset, which stops kindling-vmm (and QEMU, which runs with `-no-reboot`).
+    fn cmdline(&self, spec: &EnvironmentSpec) -> String {
+        let mut cmdline = format!(
+            "console=ttyS0 reboot=k panic=-1 quiet random.trust_cpu=on \
+             kindling.root=/dev/vda kindling.task=/dev/vdb kindling.hostname={}",
+            spec.function.name
+        );
+        if self.hypervisor.name() == "kindling" {
+            cmdline.push_str(" kindling.boot_timer=1");
+        }
+        cmdline
+    }
+}
+
+#[async_trait]
+impl Launcher for MicroVmLauncher {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn start(&self, spec: &EnvironmentSpec) -> anyhow::Result<Box<dyn Environment>> {
+        let images = self.images.clone();
+        let (runtime, code) = (spec.function.runtime.clone(), spec.function.code.clone());
+        let (files, code_image) = tokio::task::spawn_blocking(move || {
+            anyhow::Ok((images.boot_files(&runtime)?, images.code_image(&code)?))
+        })
+        .await??;
+        std::fs::create_dir_all(&spec.dir)?;
+        let vm_spec = VmSpec {
+            kernel: files.kernel,
+            initramfs: files.initramfs,
+            cmdline: self.cmdline(spec),
+            drives: vec![
+                Drive {
+                    id: "root".into(),
+                    path: files.root_image,
+                    read_only: true,
+                },
+                Drive {
+                    id: "task".into(),
+                    path: code_image,
+                    read_only: true,
+                },
+            ],
+            memory_mib: spec.function.memory_mb.max(128),
+            vcpus: 1,
+            guest_cid: 3,
+            vsock_uds: spec.vsock_uds(),
+            console_log: spec.console_log(),
+            work_dir: spec.dir.clone(),
+        };
+        let started = Instant::now();
+        let vm = self.hypervisor.boot(&vm_spec).await?;
+        tracing::info!(env = %spec.id, hypervisor = self.hypervisor.name(), "microVM started");
+        Ok(Box::new(MicroVm {
+            id: spec.id.clone(),
+            function: spec.function.name.clone(),
+            hypervisor: self.hypervisor.name(),
+            vm,
+            dir: spec.dir.clone(),
+            console: vm_spec.console_log,
+            logs_dir: self.logs_dir.clone(),
+            started,
+        }))
+    }
+}
+
+struct MicroVm {
+    id: String,
+    function: String,
+    hypervisor: &'static str,
+    vm: Box<dyn RunningVm>,
+    dir: PathBuf,
+    console: PathBuf,
+    logs_dir: PathBuf,
+    started: Instant,
+}
+
+impl MicroVm {
+    /// Appends this guest's console to the function's console log, then removes the
+    /// environment's folder.
+    fn clean_up(&self) -> io::Result<()> {
+        if let Ok(text) = std::fs::read(&self.console) {
+            std::fs::create_dir_all(&self.logs_dir)?;
+            let path = self.logs_dir.join(format!("{}.console.log", self.function));
+            let mut log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?;
+            use std::io::Write;
+            writeln!(log, "=== environment {} ({}) ===", self.id, self.hypervisor)?;
+            log.write_all(&text)?;
+        }
+        match std::fs::remove_dir_all(&self.dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[async_trait]
+impl Environment for MicroVm {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn is_alive(&mut self) -> bool {
+        self.vm.is_running()
+    }
+
+    async fn exited(&mut self) -> String {
+        let status = self.vm.wait().await;
+        let lived = self.started.elapsed().as_secs_f64();
+        let how = match status {
+            Ok(s) if s.success() => "the guest shut down".to_string(),
+            Ok(s) => format!("{} exited ({s})", self.hypervisor),
+            Err(e) => format!("{} could not be waited for: {e}", self.hypervisor),
+        };
+        let tail = console::tail(&self.console, 5);
+        format!(
+            "{how} after {lived:.2} s; console: {}",
+            tail.replace('\n', " | ")
+        )
+    }
+
+    async fn stop(&mut self, mode: StopMode) -> io::Result<()> {
+        match mode {
+            StopMode::Graceful(grace) => {
+                let asked = self.vm.request_shutdown().await;
+                let done =
+                    asked.is_ok() && tokio::time::timeout(grace, self.vm.wait()).await.is_ok();
+                if !done {
+                    self.vm.kill().await?;
+                }
+            }
+            StopMode::Kill => self.vm.kill().await?,
+        }
+        self.clean_up()
+    }
+
+    fn console_log(&self) -> Option<&Path> {
+        Some(&self.console)
+    }
+}

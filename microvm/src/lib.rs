@@ -1,0 +1,66 @@
+//! The microVM environment: each function environment is a Linux guest booted from the
+//! Kindling kernel, initramfs, the runtime's root image (`/dev/vda`, read-only) and the
+//! function's code image (`/dev/vdb`, read-only). In the guest, init switch_roots into the
+//! root image and starts bootstrap, which reaches the host's Runtime API over vsock
+//! (CID 2, port 9001 → the host Unix socket `<uds_path>_9001`).
+//!
+//! Two hypervisor backends boot the same files the same way:
+//! - [`kindling::KindlingVmm`] — our `kindling-vmm` on KVM, where the host's KVM can run a
+//!   guest kernel;
+//! - [`qemu::Qemu`] — QEMU's microvm machine, with KVM or, where KVM cannot boot a kernel
+//!   (nested shadow-paging hosts, see ENVIRONMENT.md), TCG.
+
+pub mod console;
+pub mod kindling;
+mod launcher;
+pub mod machine;
+pub mod probe;
+pub mod qemu;
+
+use std::io;
+use std::process::ExitStatus;
+
+use async_trait::async_trait;
+
+pub use launcher::{BootFiles, ImageSource, MicroVmLauncher};
+use machine::VmSpec;
+
+/// A hypervisor that can boot a [`VmSpec`].
+#[async_trait]
+pub trait Hypervisor: Send + Sync {
+    /// `kindling`, `qemu/kvm`, `qemu/tcg`.
+    fn name(&self) -> &'static str;
+    async fn boot(&self, spec: &VmSpec) -> anyhow::Result<Box<dyn RunningVm>>;
+}
+
+/// The processes of one booted VM.
+#[async_trait]
+pub trait RunningVm: Send + Sync {
+    fn is_running(&mut self) -> bool;
+    /// Asks the guest to shut down cleanly (Ctrl-Alt-Del); returns at once.
+    async fn request_shutdown(&mut self) -> io::Result<()>;
+    /// Waits for the hypervisor to exit, then reaps its helpers.
+    async fn wait(&mut self) -> io::Result<ExitStatus>;
+    /// Kills the hypervisor and its helpers, and reaps them.
+    async fn kill(&mut self) -> io::Result<()>;
+}
+
+/// Which hypervisor a function asked for (`hypervisor = "..."`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HypervisorChoice {
+    Kindling,
+    Qemu,
+}
+
+impl std::str::FromStr for HypervisorChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "kindling" => Ok(Self::Kindling),
+            "qemu" => Ok(Self::Qemu),
+            other => Err(format!(
+                "unknown hypervisor {other:?} (expected \"kindling\" or \"qemu\")"
+            )),
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! The `qemu` backend: Debian's `qemu-system-x86_64 -M microvm`, with KVM where the host
+//! can run a guest kernel and TCG elsewhere, and virtio-vsock from rust-vmm's
+//! `vhost-device-vsock` daemon (one per VM), which speaks Firecracker's hybrid Unix-socket
+//! protocol. vhost-user needs the guest memory shared with the daemon: a shared memfd.
+
+use std::io;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::process::Child;
+
+use crate::machine::{self, VmSpec};
+use crate::{Hypervisor, RunningVm};
+
+pub const QEMU: &str = "qemu-system-x86_64";
+pub const VHOST_VSOCK: &str = "vhost-device-vsock";
+
+/// How QEMU executes the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+pub struct Qemu {
+    pub accel: Accel,
+}
+
+#[async_trait]
+impl Hypervisor for Qemu {
+    fn name(&self) -> &'static str {
+        match self.accel {
+            Accel::Kvm => "qemu/kvm",
+            Accel::Tcg => "qemu/tcg",
+        }
+    }
+
+    async fn boot(&self, spec: &VmSpec) -> anyhow::Result<Box<dyn RunningVm>> {
+        let vhost_sock = spec.work_dir.join("vhost-vsock.sock");
+        let qmp_sock = spec.work_dir.join("qmp.sock");
+        let helper_log = spec.work_dir.join("hypervisor.log");
+
+        let mut daemon = machine::vm_command(VHOST_VSOCK, &helper_log)?;
+        daemon
+            .arg("--guest-cid")
+            .arg(spec.guest_cid.to_string())
+            .arg("--socket")
+            .arg(&vhost_sock)
+            .arg("--uds-path")
+            .arg(&spec.vsock_uds);
+        let mut daemon = machine::spawn(&mut daemon, VHOST_VSOCK).context(
+            "is it installed? (`cargo install vhost-device-vsock`, done by scripts/setup.sh)",
+        )?;
+        machine::wait_for_path(
+            &vhost_sock,
+            &mut daemon,
+            VHOST_VSOCK,
+            Duration::from_secs(10),
+        )
+        .await?;
+
+        let mut qemu = machine::vm_command(QEMU, &helper_log)?;
+        qemu.args(self.args(spec, &vhost_sock, &qmp_sock));
+        let qemu =
+            machine::spawn(&mut qemu, QEMU).context("is Debian's qemu-system-x86 installed?")?;
+        Ok(Box::new(QemuVm {
+            qemu,
+            daemon,
+            qmp_sock,
+        }))
+    }
+}
+
+impl Qemu {
+    fn args(
+        &self,
+        spec: &VmSpec,
+        vhost_sock: &std::path::Path,
+        qmp_sock: &std::path::Path,
+    ) -> Vec<String> {
+        let mem = spec.memory_mib;
+        let accel = match self.accel {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        };
+        let mut args: Vec<String> = [
+            "-M",
+            "microvm,acpi=off,memory-backend=mem",
+            "-accel",
+            accel,
+            "-m",
+            &format!("{mem}M"),
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+            "-smp",
+            &spec.vcpus.to_string(),
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+            "-kernel",
+            &spec.kernel.display().to_string(),
+            "-initrd",
+            &spec.initramfs.display().to_string(),
+            "-append",
+            &spec.cmdline,
+            "-chardev",
+            &format!("file,id=console,path={}", spec.console_log.display()),
+            "-serial",
+            "chardev:console",
+            "-chardev",
+            &format!("socket,id=vsock,path={}", vhost_sock.display()),
+            "-device",
+            "vhost-user-vsock-device,chardev=vsock",
+            "-device",
+            "virtio-rng-device",
+            // A keyboard controller, so that a Ctrl-Alt-Del asks the guest to shut down.
+            "-device",
+            "i8042",
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", qmp_sock.display()),
+        ]
+        .map(String::from)
+        .to_vec();
+        for drive in &spec.drives {
+            let ro = if drive.read_only { ",readonly=on" } else { "" };
+            args.push("-drive".into());
+            args.push(format!(
+                "id={},file={},format=raw,if=none{ro}",
+                drive.id,
+                drive.path.display()
+            ));
+            args.push("-device".into());
+            args.push(format!("virtio-blk-device,drive={}", drive.id));
+        }
+        args
+    }
+}
+
+struct QemuVm {
+    qemu: Child,
+    daemon: Child,
+    qmp_sock: PathBuf,
+}
+
+#[async_trait]
+impl RunningVm for QemuVm {
+    fn is_running(&mut self) -> bool {
+        matches!(self.qemu.try_wait(), Ok(None))
+    }
+
+    async fn request_shutdown(&mut self) -> io::Result<()> {
+        let stream = UnixStream::connect(&self.qmp_sock).await?;
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        lines.next_line().await?; // the greeting
+        write
+            .write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+            .await?;
+        lines.next_line().await?;
+        let keys = r#"{"execute":"send-key","arguments":{"keys":[{"type":"qcode","data":"ctrl"},{"type":"qcode","data":"alt"},{"type":"qcode","data":"delete"}]}}"#;
+        write.write_all(keys.as_bytes()).await?;
+        write.write_all(b"\n").await?;
+        lines.next_line().await?;
+        Ok(())
+    }
+
+    async fn wait(&mut self) -> io::Result<ExitStatus> {
+        let status = self.qemu.wait().await?;
+        machine::kill(&mut self.daemon).await?;
+        Ok(status)
+    }
+
+    async fn kill(&mut self) -> io::Result<()> {
+        machine::kill(&mut self.qemu).await?;
+        machine::kill(&mut self.daemon).await?;
+        Ok(())
+    }
+}
