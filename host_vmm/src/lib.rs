@@ -11,5 +11,6 @@ pub mod devices;
 pub mod exit;
 pub mod layout;
 pub mod memory;
+pub mod virtio;
 pub mod vcpu;
 pub mod vm;

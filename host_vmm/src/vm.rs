@@ -11,7 +11,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::bus::{Bus, BusDevice, OverlapError};
+use crate::bus::{Bus, OverlapError};
 use crate::cpu::{self, CpuError, EntryPoint};
 use crate::devices::boot_timer::{BootTime, BootTimer};
 use crate::devices::i8042::I8042;
@@ -21,6 +21,8 @@ use crate::exit::{ExitReason, VmExit};
 use crate::layout;
 use crate::memory::{create_guest_memory, GuestMemory};
 use crate::vcpu::{self, Vcpu};
+use crate::virtio::mmio::MmioTransport;
+use crate::virtio::VirtioDevice;
 
 /// Errors building or starting a VM.
 #[derive(Debug, thiserror::Error)]
@@ -145,19 +147,24 @@ impl Vm {
         &self.exit
     }
 
-    /// Puts a device built by `make` into the next virtio-mmio slot, wired to the slot's IRQ.
-    /// Returns the slot's base address and IRQ (for the kernel command line).
-    pub fn add_virtio_mmio<D, F>(&mut self, make: F) -> Result<(u64, u32), VmError>
-    where
-        D: BusDevice + 'static,
-        F: FnOnce(IrqLine) -> D,
-    {
+    /// Puts `device` behind a virtio-mmio transport in the next free slot, wired to the slot's
+    /// IRQ. The returned slot names the base address and IRQ (for the kernel command line)
+    /// and shares the transport, for devices that also do host-side I/O.
+    pub fn add_virtio_device<D: VirtioDevice + 'static>(
+        &mut self,
+        device: D,
+    ) -> Result<VirtioSlot<D>, VmError> {
         let (base, irq) = layout::virtio_slot(self.virtio_slots.len());
-        let device = make(irq_line(&self.vm_fd, irq)?);
+        let transport = MmioTransport::new(device, self.memory.clone(), irq_line(&self.vm_fd, irq)?);
+        let transport = Arc::new(Mutex::new(transport));
         self.mmio_bus
-            .insert(Arc::new(Mutex::new(device)), base, layout::VIRTIO_MMIO_SLOT)?;
+            .insert(transport.clone(), base, layout::VIRTIO_MMIO_SLOT)?;
         self.virtio_slots.push((base, irq));
-        Ok((base, irq))
+        Ok(VirtioSlot {
+            base,
+            irq,
+            transport,
+        })
     }
 
     /// The `virtio_mmio.device=` declarations a Linux guest needs for the devices added so far.
@@ -230,6 +237,13 @@ impl Vm {
             boot_time,
         })
     }
+}
+
+/// A virtio device's place in the VM.
+pub struct VirtioSlot<D: VirtioDevice> {
+    pub base: u64,
+    pub irq: u32,
+    pub transport: Arc<Mutex<MmioTransport<D>>>,
 }
 
 /// What a running VM has measured so far.

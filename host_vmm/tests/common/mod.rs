@@ -138,3 +138,81 @@ fn watchdog(exit: VmExit, limit: Duration) {
         exit.request(ExitReason::Stopped);
     });
 }
+
+/// virtio-mmio register offsets the scripts use (virtio 1.2 §4.2.2).
+pub mod mmio {
+    pub const MAGIC: u64 = 0x00;
+    pub const VERSION: u64 = 0x04;
+    pub const DEVICE_ID: u64 = 0x08;
+    pub const DEVICE_FEATURES: u64 = 0x10;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x14;
+    pub const DRIVER_FEATURES: u64 = 0x20;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x24;
+    pub const QUEUE_SEL: u64 = 0x30;
+    pub const QUEUE_NUM_MAX: u64 = 0x34;
+    pub const QUEUE_NUM: u64 = 0x38;
+    pub const QUEUE_READY: u64 = 0x44;
+    pub const QUEUE_NOTIFY: u64 = 0x50;
+    pub const INTERRUPT_STATUS: u64 = 0x60;
+    pub const INTERRUPT_ACK: u64 = 0x64;
+    pub const STATUS: u64 = 0x70;
+    pub const QUEUE_DESC: u64 = 0x80;
+    pub const QUEUE_AVAIL: u64 = 0x90;
+    pub const QUEUE_USED: u64 = 0xa0;
+    pub const CONFIG: u64 = 0x100;
+}
+
+/// The driver side of device initialisation (virtio 1.2 §3.1.1), done by the guest through
+/// MMIO exits: check the device, negotiate `features`, and check FEATURES_OK stuck.
+pub fn virtio_negotiate(base: u64, device_id: u32, features: u64) -> Vec<Op> {
+    use mmio::*;
+    vec![
+        Op::Expect32(base + MAGIC, 0x7472_6976),
+        Op::Expect32(base + VERSION, 2),
+        Op::Expect32(base + DEVICE_ID, device_id),
+        Op::Write32(base + STATUS, 0),
+        Op::Write32(base + STATUS, 1),
+        Op::Write32(base + STATUS, 3),
+        Op::Write32(base + DEVICE_FEATURES_SEL, 1),
+        Op::Expect32(base + DEVICE_FEATURES, 1), // VIRTIO_F_VERSION_1 is offered
+        Op::Write32(base + DRIVER_FEATURES_SEL, 0),
+        Op::Write32(base + DRIVER_FEATURES, features as u32),
+        Op::Write32(base + DRIVER_FEATURES_SEL, 1),
+        Op::Write32(base + DRIVER_FEATURES, (features >> 32) as u32),
+        Op::Write32(base + STATUS, 0xb),
+    ]
+}
+
+/// Sets up queue `index` of size `size` at the given guest addresses and marks it ready.
+pub fn virtio_queue_setup(base: u64, index: u32, size: u32, desc: u64, avail: u64, used: u64) -> Vec<Op> {
+    use mmio::*;
+    vec![
+        Op::Write32(base + QUEUE_SEL, index),
+        Op::Write32(base + QUEUE_NUM, size),
+        Op::Write32(base + QUEUE_DESC, desc as u32),
+        Op::Write32(base + QUEUE_DESC + 4, (desc >> 32) as u32),
+        Op::Write32(base + QUEUE_AVAIL, avail as u32),
+        Op::Write32(base + QUEUE_AVAIL + 4, (avail >> 32) as u32),
+        Op::Write32(base + QUEUE_USED, used as u32),
+        Op::Write32(base + QUEUE_USED + 4, (used >> 32) as u32),
+        Op::Write32(base + QUEUE_READY, 1),
+    ]
+}
+
+/// Writes a split-virtqueue descriptor (the driver's part of a request, in guest memory).
+pub fn write_desc(mem: &GuestMemory, table: u64, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+    let at = table + 16 * u64::from(index);
+    mem.write_obj(addr, GuestAddress(at)).unwrap();
+    mem.write_obj(len, GuestAddress(at + 8)).unwrap();
+    mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+    mem.write_obj(next, GuestAddress(at + 14)).unwrap();
+}
+
+/// Publishes `heads` in the available ring.
+pub fn write_avail(mem: &GuestMemory, avail: u64, heads: &[u16]) {
+    mem.write_obj(0u16, GuestAddress(avail)).unwrap();
+    for (i, h) in heads.iter().enumerate() {
+        mem.write_obj(*h, GuestAddress(avail + 4 + 2 * i as u64)).unwrap();
+    }
+    mem.write_obj(heads.len() as u16, GuestAddress(avail + 2)).unwrap();
+}
