@@ -14,9 +14,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -31,6 +31,8 @@ use crate::logs::LogSink;
 const MAX_LOG_POST: usize = 1 << 20;
 /// Largest report or exit notice.
 const MAX_SMALL_POST: usize = 64 << 10;
+/// How much of an oversized body is read (and dropped) before the connection is given up.
+const DRAIN_LIMIT: usize = 64 << 20;
 /// How many finished request ids are remembered, to tell a late or double answer (403)
 /// from an id that never existed (400).
 const FINISHED_MEMORY: usize = 64;
@@ -290,55 +292,47 @@ async fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
 
 async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
-    let method = req.method().clone();
-    if path == wire::PATH_NEXT {
-        return match method {
-            Method::GET => next(shared).await,
-            _ => method_not_allowed(),
-        };
+    let get = req.method() == Method::GET;
+    let post = req.method() == Method::POST;
+    let invocation = |prefix: &str| {
+        path.strip_prefix(prefix)
+            .and_then(|p| p.strip_prefix("/invocation/"))
+            .and_then(|rest| rest.split_once('/'))
+            .map(|(id, what)| (id.to_string(), what.to_string()))
+    };
+    match path.as_str() {
+        wire::PATH_NEXT if get => next(shared).await,
+        wire::PATH_ENVIRONMENT if get => json_response(StatusCode::OK, &shared.environment),
+        wire::PATH_INIT_ERROR if post => init_error(shared, req).await,
+        wire::PATH_LOGS if post => post_logs(shared, req).await,
+        wire::PATH_RUNTIME_EXIT if post => runtime_exit(shared, req).await,
+        wire::PATH_NEXT
+        | wire::PATH_ENVIRONMENT
+        | wire::PATH_INIT_ERROR
+        | wire::PATH_LOGS
+        | wire::PATH_RUNTIME_EXIT => method_not_allowed(),
+        _ => match (
+            invocation(wire::RUNTIME_PREFIX),
+            invocation(wire::KINDLING_PREFIX),
+        ) {
+            (Some((id, what)), _) if what == "response" || what == "error" => {
+                match (post, what.as_str()) {
+                    (true, "response") => response(shared, &id, req).await,
+                    (true, _) => function_error(shared, &id, req).await,
+                    (false, _) => method_not_allowed(),
+                }
+            }
+            (_, Some((id, what))) if what == "report" => match post {
+                true => report(shared, &id, req).await,
+                false => method_not_allowed(),
+            },
+            _ => error_response(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!("no such endpoint: {} {path}", req.method()),
+            ),
+        },
     }
-    if method != Method::POST && method != Method::GET {
-        return method_not_allowed();
-    }
-    if path == wire::PATH_ENVIRONMENT {
-        return match method {
-            Method::GET => json_response(StatusCode::OK, &shared.environment),
-            _ => method_not_allowed(),
-        };
-    }
-    if method != Method::POST {
-        return method_not_allowed();
-    }
-    if path == wire::PATH_INIT_ERROR {
-        return init_error(shared, req).await;
-    }
-    if path == wire::PATH_LOGS {
-        return post_logs(shared, req).await;
-    }
-    if path == wire::PATH_RUNTIME_EXIT {
-        return runtime_exit(shared, req).await;
-    }
-    let runtime_invocation = path
-        .strip_prefix(wire::RUNTIME_PREFIX)
-        .and_then(|p| p.strip_prefix("/invocation/"));
-    if let Some((id, what)) = runtime_invocation.and_then(|rest| rest.split_once('/')) {
-        match what {
-            "response" => return response(shared, id, req).await,
-            "error" => return function_error(shared, id, req).await,
-            _ => {}
-        }
-    }
-    let kindling_invocation = path
-        .strip_prefix(wire::KINDLING_PREFIX)
-        .and_then(|p| p.strip_prefix("/invocation/"));
-    if let Some(id) = kindling_invocation.and_then(|rest| rest.strip_suffix("/report")) {
-        return report(shared, id, req).await;
-    }
-    error_response(
-        StatusCode::NOT_FOUND,
-        "NotFound",
-        &format!("no such endpoint: {method} {path}"),
-    )
 }
 
 async fn next(shared: &Shared) -> Response<Full<Bytes>> {
@@ -611,20 +605,29 @@ enum BodyError {
     Broken(String),
 }
 
+/// Reads a body of at most `limit` bytes. Past the limit the rest is read and dropped
+/// (up to [`DRAIN_LIMIT`]), so that a client that writes its whole body before reading
+/// sees the 413 instead of a reset connection.
 async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, BodyError> {
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+    let mut body = req.into_body();
+    let mut kept = BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| BodyError::Broken(e.to_string()))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen = seen.saturating_add(data.len());
+        if seen <= limit {
+            kept.extend_from_slice(&data);
+        } else if seen > DRAIN_LIMIT {
+            break;
+        }
+    }
+    if seen > limit {
         return Err(BodyError::TooLarge);
     }
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge),
-        Err(e) => Err(BodyError::Broken(e.to_string())),
-    }
+    Ok(kept.freeze())
 }
 
 async fn read_json<T: serde::de::DeserializeOwned>(
