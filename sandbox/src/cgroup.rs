@@ -1,0 +1,243 @@
+//! The memory and pids limits of one sandbox, in a cgroup of its own.
+//!
+//! cgroup v2 is used where a v2 hierarchy owns both the `memory` and `pids` controllers;
+//! on hybrid hosts (v1 controllers beside an empty `unified` v2 mount) the v1 `memory`
+//! and `pids` hierarchies are used instead. Only a handful of files are written, so this
+//! stays a few plain file writes rather than a general cgroup library.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// The limits of one sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub memory_bytes: u64,
+    pub pids: u32,
+}
+
+/// Which cgroup version holds the controllers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    V1,
+    V2,
+}
+
+/// One sandbox's cgroup: a single v2 directory, or one directory per v1 hierarchy.
+#[derive(Debug)]
+pub struct Cgroup {
+    version: Version,
+    dirs: Vec<PathBuf>,
+}
+
+impl Cgroup {
+    /// Creates `<parent>/<name>` in the hierarchies holding memory and pids, with `limits`.
+    pub fn create(parent: &str, name: &str, limits: Limits) -> Result<Self> {
+        let mounts =
+            fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+        if let Some(root) = v2_root(&mounts) {
+            return Self::create_v2(&root, parent, name, limits);
+        }
+        let (Some(memory), Some(pids)) = (v1_root(&mounts, "memory"), v1_root(&mounts, "pids"))
+        else {
+            bail!("no cgroup hierarchy with the memory and pids controllers is mounted");
+        };
+        let cgroup = Cgroup {
+            version: Version::V1,
+            dirs: vec![memory.join(parent).join(name), pids.join(parent).join(name)],
+        };
+        cgroup.make_dirs()?;
+        // The combined memory+swap limit (when swap accounting exists) may never be
+        // below the memory limit, so it is written second.
+        let memory_dir = &cgroup.dirs[0];
+        let bytes = limits.memory_bytes.to_string();
+        cgroup.write(memory_dir, "memory.limit_in_bytes", &bytes)?;
+        if memory_dir.join("memory.memsw.limit_in_bytes").exists() {
+            cgroup.write(memory_dir, "memory.memsw.limit_in_bytes", &bytes)?;
+        }
+        cgroup.write(&cgroup.dirs[1], "pids.max", &limits.pids.to_string())?;
+        Ok(cgroup)
+    }
+
+    fn create_v2(root: &Path, parent: &str, name: &str, limits: Limits) -> Result<Self> {
+        let parent_dir = root.join(parent);
+        let cgroup = Cgroup {
+            version: Version::V2,
+            dirs: vec![parent_dir.join(name)],
+        };
+        fs::create_dir_all(&parent_dir)
+            .with_context(|| format!("creating {}", parent_dir.display()))?;
+        // A v2 child sees a controller only when every ancestor delegates it.
+        for dir in [root, parent_dir.as_path()] {
+            cgroup.write(dir, "cgroup.subtree_control", "+memory +pids")?;
+        }
+        cgroup.make_dirs()?;
+        let dir = &cgroup.dirs[0];
+        cgroup.write(dir, "memory.max", &limits.memory_bytes.to_string())?;
+        if dir.join("memory.swap.max").exists() {
+            cgroup.write(dir, "memory.swap.max", "0")?;
+        }
+        cgroup.write(dir, "pids.max", &limits.pids.to_string())?;
+        Ok(cgroup)
+    }
+
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// The cgroup's directories (one for v2; memory then pids for v1).
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
+    /// The `cgroup.procs` files a process writes its PID to in order to join.
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
+    }
+
+    /// SIGKILLs every process in the cgroup until it is empty (or `patience` runs out).
+    pub async fn kill_all(&self, patience: Duration) -> io::Result<()> {
+        let procs = self.dirs[0].join("cgroup.procs");
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let pids = match fs::read_to_string(&procs) {
+                Ok(text) => text,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            if pids.trim().is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(io::Error::other(format!(
+                    "processes still in {} after SIGKILL: {}",
+                    procs.display(),
+                    pids.split_whitespace().collect::<Vec<_>>().join(" ")
+                )));
+            }
+            for pid in pids.split_whitespace().filter_map(|p| p.parse().ok()) {
+                // A process may have gone between the read and the kill.
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Removes the cgroup's directories; they must be empty of processes.
+    pub async fn remove(&self, patience: Duration) -> io::Result<()> {
+        let deadline = tokio::time::Instant::now() + patience;
+        for dir in &self.dirs {
+            loop {
+                match fs::remove_dir(dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                    // The kernel lets go of a cgroup a moment after its last process died.
+                    Err(e)
+                        if e.raw_os_error() == Some(nix::libc::EBUSY)
+                            && tokio::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(10)).await
+                    }
+                    Err(e) => {
+                        return Err(io::Error::new(
+                            e.kind(),
+                            format!("removing {}: {e}", dir.display()),
+                        ))
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn make_dirs(&self) -> Result<()> {
+        for dir in &self.dirs {
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    fn write(&self, dir: &Path, file: &str, value: &str) -> Result<()> {
+        let path = dir.join(file);
+        fs::write(&path, value).with_context(|| format!("writing {value:?} to {}", path.display()))
+    }
+}
+
+/// The mount point of a cgroup2 hierarchy that offers both memory and pids.
+fn v2_root(mounts: &str) -> Option<PathBuf> {
+    mount_points(mounts, "cgroup2")
+        .find(|(dir, _)| {
+            fs::read_to_string(dir.join("cgroup.controllers")).is_ok_and(|c| {
+                let mut names = c.split_whitespace();
+                names.clone().any(|n| n == "memory") && names.any(|n| n == "pids")
+            })
+        })
+        .map(|(dir, _)| dir)
+}
+
+/// The mount point of the v1 hierarchy that holds `controller`.
+fn v1_root(mounts: &str, controller: &str) -> Option<PathBuf> {
+    mount_points(mounts, "cgroup")
+        .find(|(_, options)| options.split(',').any(|o| o == controller))
+        .map(|(dir, _)| dir)
+}
+
+/// `(mount point, options)` of every mount of file system type `fs_type`.
+fn mount_points<'a>(
+    mounts: &'a str,
+    fs_type: &'a str,
+) -> impl Iterator<Item = (PathBuf, &'a str)> + 'a {
+    mounts.lines().filter_map(move |line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            [_, dir, ty, options, ..] if *ty == fs_type => {
+                Some((PathBuf::from(unescape_mount_path(dir)), *options))
+            }
+            _ => None,
+        }
+    })
+}
+
+/// `/proc/self/mounts` writes space, tab, newline and backslash as octal escapes.
+fn unescape_mount_path(field: &str) -> String {
+    field
+        .replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0
+cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0
+cgroup /sys/fs/cgroup/pids cgroup rw,relatime,pids 0 0
+cgroup /sys/fs/cgroup/net_cls\\040x cgroup rw,net_cls 0 0
+cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
+";
+
+    #[test]
+    fn finds_v1_hierarchies_by_controller() {
+        assert_eq!(
+            v1_root(HYBRID, "memory"),
+            Some(PathBuf::from("/sys/fs/cgroup/memory"))
+        );
+        assert_eq!(
+            v1_root(HYBRID, "pids"),
+            Some(PathBuf::from("/sys/fs/cgroup/pids"))
+        );
+        assert_eq!(
+            v1_root(HYBRID, "net_cls"),
+            Some(PathBuf::from("/sys/fs/cgroup/net_cls x"))
+        );
+        assert_eq!(v1_root(HYBRID, "cpu"), None);
+    }
+}

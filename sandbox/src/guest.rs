@@ -1,0 +1,244 @@
+//! What the sandbox's future PID 1 does between `fork` and `exec`: build the guest's
+//! root from the [`Plan`] inside its fresh mount namespace, `pivot_root` into it and
+//! exec `init`. Runs only in the single-threaded `kindling-sandbox-exec` helper.
+//!
+//! Every mount is made inside a namespace whose propagation is private, so nothing here
+//! is ever visible on the host, and it all vanishes with the namespace's last process.
+
+use std::convert::Infallible;
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::os::unix::fs::{symlink, DirBuilderExt};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use nix::fcntl::OFlag;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::stat::Mode;
+use nix::unistd::{chdir, dup2_stdin, dup2_stdout, execve, pivot_root, sethostname};
+
+use crate::plan::{
+    Entries, Plan, GUEST_HOST_SOCKET, GUEST_INIT, GUEST_INIT_CONFIG, GUEST_RUNTIME_DIR,
+    GUEST_TASK_DIR,
+};
+
+/// Device nodes the guest gets, each a bind mount of the host's node (creating nodes
+/// with `mknod` would not work in a user namespace later, binds always do).
+const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+/// The standard links of `/dev` that programs expect.
+const DEV_LINKS: &[(&str, &str)] = &[
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+    ("ptmx", "pts/ptmx"),
+];
+
+/// The `PATH` init starts with; the runtime's own comes from bootstrap.
+const INIT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Builds the guest root, enters it and execs init. Returns only on failure.
+pub fn enter(plan: &Plan) -> Result<Infallible> {
+    // Nothing below may propagate back to the host's mount namespace.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("making the mount namespace private")?;
+    sethostname(&plan.hostname).context("setting the hostname")?;
+    build_root(plan)?;
+    enter_root(&plan.staging)?;
+    exec_init()
+}
+
+/// Assembles the whole guest file system on the staging directory.
+fn build_root(plan: &Plan) -> Result<()> {
+    let root = &plan.staging;
+    mount_tmpfs(root, "mode=755,size=1m", MsFlags::empty())?;
+    populate(root, &plan.root)?;
+    for dir in [
+        "var/runtime",
+        "var/task",
+        "tmp",
+        "dev",
+        "proc",
+        "sys",
+        "run",
+    ] {
+        mkdir(&root.join(dir))?;
+    }
+
+    let runtime = root.join(&GUEST_RUNTIME_DIR[1..]);
+    mount_tmpfs(&runtime, "mode=755,size=64k", MsFlags::MS_NOSUID)?;
+    populate(&runtime, &plan.runtime)?;
+    remount_read_only(&runtime, MsFlags::MS_NOSUID)?;
+
+    bind_read_only(&plan.task, &root.join(&GUEST_TASK_DIR[1..]))?;
+
+    let tmp_options = format!("mode=1777,size={}m", plan.tmp_size_mb);
+    mount_tmpfs(
+        &root.join("tmp"),
+        &tmp_options,
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+    )?;
+
+    build_dev(&root.join("dev"))?;
+    build_run(plan, &root.join("run"))?;
+
+    mount(
+        Some("proc"),
+        &root.join("proc"),
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .context("mounting /proc")?;
+    mount(
+        Some("sysfs"),
+        &root.join("sys"),
+        Some("sysfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .context("mounting /sys")?;
+    Ok(())
+}
+
+/// A minimal `/dev`: a small tmpfs with binds of a few host nodes, never the host's devtmpfs.
+fn build_dev(dev: &Path) -> Result<()> {
+    mount_tmpfs(
+        dev,
+        "mode=755,size=64k",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+    )?;
+    for name in DEVICES {
+        let target = dev.join(name);
+        File::create(&target).with_context(|| format!("creating {}", target.display()))?;
+        bind(&Path::new("/dev").join(name), &target, MsFlags::empty())?;
+    }
+    for (name, target) in DEV_LINKS {
+        symlink(target, dev.join(name)).with_context(|| format!("linking /dev/{name}"))?;
+    }
+    // Mount points for init's devpts and shm.
+    mkdir(&dev.join("pts"))?;
+    mkdir(&dev.join("shm"))?;
+    remount_read_only(dev, MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC)
+}
+
+/// `/run`: a tmpfs holding the host socket, init and init's configuration.
+fn build_run(plan: &Plan, run: &Path) -> Result<()> {
+    mount_tmpfs(
+        run,
+        "mode=755,size=1m",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+    )?;
+    let in_run = |guest: &str| run.join(guest.strip_prefix("/run/").expect("under /run"));
+    let socket = in_run(GUEST_HOST_SOCKET);
+    mkdir(socket.parent().expect("a file under /run"))?;
+    File::create(&socket).with_context(|| format!("creating {}", socket.display()))?;
+    // A socket's bind mount stays writable: connecting needs write access to it.
+    bind(&plan.host_socket, &socket, MsFlags::empty())?;
+
+    for (source, guest) in [
+        (&plan.init, GUEST_INIT),
+        (&plan.init_config, GUEST_INIT_CONFIG),
+    ] {
+        let target = in_run(guest);
+        File::create(&target).with_context(|| format!("creating {}", target.display()))?;
+        bind_read_only(source, &target)?;
+    }
+    Ok(())
+}
+
+/// Makes `dir` hold read-only views of `entries` (see [`Entries`]).
+fn populate(dir: &Path, entries: &Entries) -> Result<()> {
+    for (name, source) in entries {
+        let target = dir.join(name);
+        let meta = fs::symlink_metadata(source)
+            .with_context(|| format!("reading {}", source.display()))?;
+        if meta.file_type().is_symlink() {
+            let link = fs::read_link(source)?;
+            symlink(&link, &target).with_context(|| format!("linking {}", target.display()))?;
+            continue;
+        }
+        if meta.is_dir() {
+            mkdir(&target)?;
+        } else {
+            File::create(&target).with_context(|| format!("creating {}", target.display()))?;
+        }
+        bind_read_only(source, &target)?;
+    }
+    Ok(())
+}
+
+/// Switches the process's root to `new_root` and seals it read-only.
+fn enter_root(new_root: &Path) -> Result<()> {
+    // pivot_root(".", ".") stacks the old root under the new one at "/", from where a
+    // lazy unmount removes it; no put_old directory is needed in a read-only root.
+    chdir(new_root).with_context(|| format!("entering {}", new_root.display()))?;
+    pivot_root(".", ".").context("pivot_root")?;
+    umount2(".", MntFlags::MNT_DETACH).context("detaching the host's root")?;
+    chdir("/").context("chdir /")?;
+    remount_read_only(Path::new("/"), MsFlags::empty())
+}
+
+/// Replaces this process with init, stdout joined to stderr (the console) and stdin empty.
+fn exec_init() -> Result<Infallible> {
+    let null =
+        nix::fcntl::open("/dev/null", OFlag::O_RDWR, Mode::empty()).context("opening /dev/null")?;
+    dup2_stdin(&null).context("stdin")?;
+    dup2_stdout(std::io::stderr()).context("stdout")?;
+    let args = [GUEST_INIT, "--config", GUEST_INIT_CONFIG].map(cstring);
+    let env = [cstring(INIT_PATH)];
+    let err = execve(&args[0], &args, &env).unwrap_err();
+    bail!("executing {GUEST_INIT}: {err}")
+}
+
+fn cstring(s: &str) -> CString {
+    CString::new(s).expect("constant without NUL")
+}
+
+fn mkdir(path: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(path)
+        .with_context(|| format!("creating {}", path.display()))
+}
+
+fn mount_tmpfs(target: &Path, options: &str, flags: MsFlags) -> Result<()> {
+    mount(Some("tmpfs"), target, Some("tmpfs"), flags, Some(options))
+        .with_context(|| format!("mounting a tmpfs on {}", target.display()))
+}
+
+fn bind(source: &Path, target: &Path, flags: MsFlags) -> Result<()> {
+    mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC | flags,
+        None::<&str>,
+    )
+    .with_context(|| format!("binding {} on {}", source.display(), target.display()))
+}
+
+/// A bind mount is made writable and only a remount can flip it to read-only.
+fn bind_read_only(source: &Path, target: &Path) -> Result<()> {
+    bind(source, target, MsFlags::empty())?;
+    remount_read_only(target, MsFlags::MS_BIND | MsFlags::MS_NOSUID)
+}
+
+fn remount_read_only(target: &Path, flags: MsFlags) -> Result<()> {
+    mount(
+        None::<&str>,
+        target,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | flags,
+        None::<&str>,
+    )
+    .with_context(|| format!("making {} read-only", target.display()))
+}

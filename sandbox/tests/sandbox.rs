@@ -1,0 +1,317 @@
+//! Real sandboxes: real namespaces, mounts and cgroups (root only), with the guest's
+//! real `init` (built by `scripts/build-guest.sh`) starting `tests/probe/probe.py` as
+//! its bootstrap. The probe reports what it sees over the host socket.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use kindling_runtime_api::environment::{
+    Environment, EnvironmentSpec, Function, Isolation, StopMode,
+};
+use kindling_sandbox::{SandboxEnvironment, SandboxLauncher, SandboxOptions};
+use nix::errno::Errno;
+use nix::sys::signal::kill;
+use nix::unistd::{geteuid, Pid};
+use serde_json::{json, Value};
+use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::UnixListener;
+
+const PROBE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/probe/probe.py");
+const EXEC: &str = env!("CARGO_BIN_EXE_kindling-sandbox-exec");
+
+/// One sandbox under test, with the host end of its Runtime API socket.
+struct Harness {
+    _tmp: TempDir,
+    spec: EnvironmentSpec,
+    listener: UnixListener,
+    launcher: SandboxLauncher,
+}
+
+/// Why these tests cannot run here, if they cannot.
+fn skip_reason() -> Option<String> {
+    if !geteuid().is_root() {
+        return Some("the sandbox needs root".into());
+    }
+    kindling_images::locate::guest_bin_dir().err()
+}
+
+/// A sandbox whose bootstrap is the probe, run as `probe.py ALLOC_MB THEN`;
+/// `None` (after one SKIPPED line) when this machine cannot run sandboxes.
+fn harness(test: &str, memory_mb: u32, alloc_mb: u32, then: &str) -> Option<Harness> {
+    if let Some(reason) = skip_reason() {
+        println!("SKIPPED: {test}: {reason}");
+        return None;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let code = tmp.path().join("code");
+    std::fs::create_dir(&code).unwrap();
+    std::fs::copy(PROBE, code.join("probe.py")).unwrap();
+    std::fs::set_permissions(code.join("probe.py"), PermissionsExt::from_mode(0o755)).unwrap();
+
+    let id = format!("{test}-{}", std::process::id());
+    let spec = EnvironmentSpec {
+        id: id.clone(),
+        dir: tmp.path().join("env"),
+        function: Function {
+            name: format!("fn-{test}"),
+            code,
+            runtime: "provided".into(),
+            handler: "probe".into(),
+            memory_mb,
+            timeout: Duration::from_secs(3),
+            isolation: Isolation::Sandbox,
+            max_concurrency: 1,
+            env: BTreeMap::new(),
+        },
+    };
+    std::fs::create_dir(&spec.dir).unwrap();
+    let listener = UnixListener::bind(spec.runtime_api_socket()).unwrap();
+    let options = SandboxOptions {
+        exec: Some(EXEC.into()),
+        cgroup_parent: "kindling-test".into(),
+        init_config: json!({
+            "bootstrap": "/var/task/probe.py",
+            "bootstrap_args": [alloc_mb.to_string(), then],
+            "restart": false,
+        })
+        .as_object()
+        .cloned()
+        .unwrap(),
+        ..SandboxOptions::default()
+    };
+    Some(Harness {
+        _tmp: tmp,
+        spec,
+        listener,
+        launcher: SandboxLauncher::new(options),
+    })
+}
+
+impl Harness {
+    async fn start(&self) -> SandboxEnvironment {
+        self.launcher.start_sandbox(&self.spec).await.unwrap()
+    }
+
+    /// The probe's report, read from its connection to the host socket.
+    async fn report(&self, env: &SandboxEnvironment) -> Value {
+        let accept = tokio::time::timeout(Duration::from_secs(20), self.listener.accept());
+        let Ok(Ok((stream, _))) = accept.await else {
+            panic!("the probe never connected; console: {}", self.console(env));
+        };
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).await.unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    }
+
+    fn console(&self, env: &SandboxEnvironment) -> String {
+        std::fs::read_to_string(env.console_log().unwrap()).unwrap_or_default()
+    }
+}
+
+/// What a stopped sandbox must have left: nothing.
+struct Leftovers {
+    dir: PathBuf,
+    cgroup: Vec<PathBuf>,
+    init: Pid,
+}
+
+impl Leftovers {
+    fn of(env: &SandboxEnvironment, spec: &EnvironmentSpec) -> Self {
+        Self {
+            dir: spec.dir.clone(),
+            cgroup: env.cgroup().dirs().to_vec(),
+            init: env.init_pid(),
+        }
+    }
+
+    fn assert_none(&self) {
+        assert!(!self.dir.exists(), "{} was left", self.dir.display());
+        for dir in &self.cgroup {
+            assert!(!dir.exists(), "cgroup {} was left", dir.display());
+        }
+        assert_eq!(kill(self.init, None), Err(Errno::ESRCH), "init still runs");
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let dir = self.dir.to_string_lossy();
+        assert!(
+            !mounts.contains(dir.as_ref()),
+            "mounts were left:\n{mounts}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_guest_sees_a_sandbox_and_a_graceful_stop_cleans_up() {
+    let Some(h) = harness("inside", 128, 0, "wait") else {
+        return;
+    };
+    let mut env = h.start().await;
+    let facts = h.report(&env).await;
+    let console = h.console(&env);
+
+    assert_eq!(
+        facts["ppid"], 1,
+        "bootstrap is init's child: {facts}\n{console}"
+    );
+    let pid1 = facts["pid1"].as_array().unwrap();
+    assert!(pid1.contains(&json!("/run/kindling/init")), "{facts}");
+    assert_eq!(facts["hostname"], "fn-inside");
+    assert_eq!(facts["interfaces"], json!(["lo"]));
+    assert_eq!(facts["tmp_before"], json!([]), "/tmp is fresh");
+    assert_eq!(facts["tmp_write"], "ok");
+    for path in ["task_write", "runtime_write", "root_write", "usr_write"] {
+        assert_eq!(facts[path], "EROFS", "{path}: {facts}");
+    }
+    assert_eq!(facts["runtime"], json!(["kindling-bootstrap"]));
+    assert_eq!(
+        facts["dev"],
+        json!([
+            "fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin", "stdout",
+            "tty", "urandom", "zero"
+        ])
+    );
+    assert_eq!(facts["dev_null_write"], "ok");
+    assert_eq!(facts["host"], "unix:///run/kindling/host.sock");
+    assert!(env.is_alive());
+
+    let gone = Leftovers::of(&env, &h.spec);
+    let grace = Duration::from_secs(5);
+    let started = Instant::now();
+    env.stop(StopMode::Graceful(grace)).await.unwrap();
+    // Init passed SIGTERM on and shut down by itself, well before the grace ran out.
+    assert!(started.elapsed() < grace, "took {:?}", started.elapsed());
+    gone.assert_none();
+}
+
+#[tokio::test]
+async fn memory_beyond_the_limit_is_killed() {
+    let Some(h) = harness("memory", 64, 256, "wait") else {
+        return;
+    };
+    let mut env = h.start().await;
+    let memory_dir = &env.cgroup().dirs()[0];
+    let limit_file = ["memory.max", "memory.limit_in_bytes"]
+        .map(|f| memory_dir.join(f))
+        .into_iter()
+        .find(|f| f.exists())
+        .unwrap();
+    let limit = std::fs::read_to_string(&limit_file).unwrap();
+    assert_eq!(limit.trim(), (64u64 << 20).to_string());
+
+    let facts = h.report(&env).await;
+    assert_eq!(facts["alloc_status"], -9, "the hog was OOM-killed: {facts}");
+    let gone = Leftovers::of(&env, &h.spec);
+    env.stop(StopMode::Kill).await.unwrap();
+    gone.assert_none();
+}
+
+#[tokio::test]
+async fn kill_stops_at_once_and_cleans_up() {
+    let Some(h) = harness("kill", 128, 0, "wait") else {
+        return;
+    };
+    let mut env = h.start().await;
+    h.report(&env).await;
+    let gone = Leftovers::of(&env, &h.spec);
+    let started = Instant::now();
+    env.stop(StopMode::Kill).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!env.is_alive());
+    gone.assert_none();
+}
+
+#[tokio::test]
+async fn exited_tells_why_init_stopped_by_itself() {
+    let Some(h) = harness("exits", 128, 0, "exit") else {
+        return;
+    };
+    let mut env = h.start().await;
+    h.report(&env).await;
+    let reason = tokio::time::timeout(Duration::from_secs(10), env.exited())
+        .await
+        .expect("init never exited after its bootstrap did");
+    assert!(reason.starts_with("init exited with status"), "{reason}");
+    assert!(!reason.contains('\n'));
+    assert!(!env.is_alive());
+    let gone = Leftovers::of(&env, &h.spec);
+    env.stop(StopMode::Graceful(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    gone.assert_none();
+}
+
+#[tokio::test]
+async fn a_failed_start_is_a_clear_error_and_leaves_nothing() {
+    let Some(h) = harness("badinit", 128, 0, "wait") else {
+        return;
+    };
+    // Bad input from the caller is refused before anything is created.
+    let mut missing_code = h.spec.clone();
+    missing_code.function.code = h._tmp.path().join("nowhere");
+    let err = h.launcher.start_sandbox(&missing_code).await.unwrap_err();
+    assert!(err.to_string().contains("is not a directory"), "{err}");
+    // An init that cannot be executed fails inside the helper, after the mounts.
+    let bins = h._tmp.path().join("bins");
+    std::fs::create_dir(&bins).unwrap();
+    for name in ["init", "kindling-bootstrap"] {
+        std::fs::write(bins.join(name), "not a program").unwrap();
+    }
+    let launcher = SandboxLauncher::new(SandboxOptions {
+        exec: Some(EXEC.into()),
+        guest_bin_dir: Some(bins),
+        cgroup_parent: "kindling-test".into(),
+        ..SandboxOptions::default()
+    });
+    let err = launcher.start_sandbox(&h.spec).await.unwrap_err();
+    let err = format!("{err:#}");
+    assert!(err.contains("executing /run/kindling/init"), "{err}");
+    assert!(!h.spec.dir.exists(), "the environment's dir was left");
+    for hierarchy in [
+        "/sys/fs/cgroup",
+        "/sys/fs/cgroup/memory",
+        "/sys/fs/cgroup/pids",
+    ] {
+        let cgroup = Path::new(hierarchy).join("kindling-test").join(&h.spec.id);
+        assert!(!cgroup.exists(), "{} was left", cgroup.display());
+    }
+
+    // The failed start removed the socket with the environment's dir.
+    let err = h.launcher.start_sandbox(&h.spec).await.unwrap_err();
+    assert!(err.to_string().contains("Runtime API socket"), "{err}");
+}
+
+#[test]
+fn without_privileges_the_helper_says_namespaces_are_unavailable() {
+    if !geteuid().is_root() {
+        println!("SKIPPED: needs root to drop to an unprivileged user");
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), PermissionsExt::from_mode(0o755)).unwrap();
+    let plan = tmp.path().join("plan.json");
+    let dir = tmp.path().to_string_lossy().into_owned();
+    let plan_json = json!({
+        "staging": dir, "root": {}, "runtime": {}, "task": dir, "host_socket": dir,
+        "init": dir, "init_config": dir, "hostname": "x", "tmp_size_mb": 1, "cgroup_procs": [],
+    });
+    std::fs::write(&plan, plan_json.to_string()).unwrap();
+    let out = std::process::Command::new(EXEC)
+        .arg(&plan)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(
+        stdout.starts_with("error unshare: EPERM") && stdout.contains("namespaces are unavailable"),
+        "{stdout}"
+    );
+}
