@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kindling_wire::FunctionEnvironment;
+use nix::sys::prctl;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
@@ -142,21 +143,23 @@ fn spawn(agent: &Agent, spec: &RuntimeSpec, generation: u64) -> Result<Started, 
         // Its own process group, so that what it leaves behind can be killed with it.
         .process_group(0)
         .kill_on_drop(true);
-    if let Some(cg) = &cgroup {
-        let fd = cg.procs_fd();
-        // SAFETY: runs in the forked child before exec, where only async-signal-safe calls
-        // are allowed: a single write(2) of a static buffer to an fd opened before the
-        // fork. Writing "0" moves the calling process into the cgroup, so every page the
-        // runtime ever touches is charged there.
-        unsafe {
-            cmd.pre_exec(move || {
-                if nix::libc::write(fd, b"0".as_ptr().cast(), 1) == 1 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
+    let cgroup_procs = cgroup.as_ref().map(RuntimeCgroup::procs_fd);
+    // SAFETY: the closure runs in the forked child before exec, where only
+    // async-signal-safe calls are allowed: prctl(2), and write(2) of a static buffer to an
+    // fd opened before the fork; nothing allocates or takes a lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            // A runtime must not outlive a bootstrap that was killed outright.
+            prctl::set_pdeathsig(Signal::SIGKILL)?;
+            // "0" moves the calling process into the cgroup before the runtime runs, so
+            // every page it ever touches is charged there.
+            if let Some(fd) = cgroup_procs {
+                if nix::libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
                 }
-            });
-        }
+            }
+            Ok(())
+        });
     }
     let started = Instant::now();
     let child = cmd.spawn().map_err(fail)?;

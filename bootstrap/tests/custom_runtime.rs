@@ -235,6 +235,6 @@ async fn missing_bootstrap_is_an_init_error_and_a_clear_exit() {
     let error: kindling_wire::ErrorBody = serde_json::from_slice(&body).unwrap();
     assert_eq!(error.error_type, "Runtime.InvalidEntrypoint");
     assert!(error.error_message.contains("bootstrap"), "{error:?}");
-    let status = tokio::time::timeout(common::PATIENCE, bootstrap.wait()).await.unwrap().unwrap();
+    let status = tokio::time::timeout(common::PATIENCE, bootstrap.0.wait()).await.unwrap().unwrap();
     assert!(!status.success());
 }

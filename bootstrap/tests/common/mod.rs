@@ -314,7 +314,7 @@ impl Guest {
     }
 
     /// Starts the real bootstrap binary; `runtime_dir` is what becomes `/var/runtime`.
-    pub fn start(&self, runtime_dir: Option<&Path>) -> Child {
+    pub fn start(&self, runtime_dir: Option<&Path>) -> Bootstrap {
         let runtime_dir = runtime_dir.map_or_else(|| self.dir.path().join("runtime"), Path::to_path_buf);
         Command::new(env!("CARGO_BIN_EXE_kindling-bootstrap"))
             .env("KINDLING_HOST", format!("unix://{}", self.socket().display()))
@@ -325,7 +325,26 @@ impl Guest {
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()
+            .map(Bootstrap)
             .expect("start kindling-bootstrap")
+    }
+}
+
+/// The running bootstrap. Dropping it stops it the way init does at shutdown (SIGTERM),
+/// so that it takes its runtime and the runtime's cgroup with it.
+pub struct Bootstrap(pub Child);
+
+impl Drop for Bootstrap {
+    fn drop(&mut self) {
+        let Some(pid) = self.0.id() else { return };
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+        for _ in 0..100 {
+            if !matches!(self.0.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("kindling-bootstrap {pid} ignored SIGTERM; killing it");
     }
 }
 
