@@ -14,6 +14,8 @@ use nix::sys::statfs::{statfs, CGROUP2_SUPER_MAGIC};
 use crate::config::Config;
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+/// Where init moves itself when its own cgroup must give controllers to the workload.
+const INIT_LEAF: &str = "init";
 
 /// The workload cgroup, created at boot and removed at shutdown.
 #[derive(Debug)]
@@ -29,6 +31,9 @@ impl Workload {
     pub fn create(config: &Config) -> Result<Option<Self>> {
         if config.cgroup.is_empty() {
             return Ok(None);
+        }
+        if config.cgroup == INIT_LEAF {
+            bail!("cgroup: `{INIT_LEAF}` is reserved for init itself");
         }
         let root = Path::new(CGROUP_ROOT);
         let fs_type = statfs(root)
@@ -107,7 +112,23 @@ fn enable_controllers(root: &Path, controllers: &[&str]) -> Result<()> {
         );
     }
     let enable: Vec<String> = controllers.iter().map(|c| format!("+{c}")).collect();
-    write(&root.join("cgroup.subtree_control"), &enable.join(" "))
+    let enable = enable.join(" ");
+    let subtree_control = root.join("cgroup.subtree_control");
+    match fs::write(&subtree_control, &enable) {
+        // cgroup2's "no internal processes" rule: below the real root (the sandbox's
+        // cgroup namespace), a cgroup holding init cannot hand controllers to children.
+        // Init moves into a leaf of its own and tries again.
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            let leaf = root.join(INIT_LEAF);
+            fs::create_dir_all(&leaf)
+                .with_context(|| format!("create cgroup {}", leaf.display()))?;
+            write(&leaf.join("cgroup.procs"), "0")?;
+            write(&subtree_control, &enable)
+        }
+        result => {
+            result.with_context(|| format!("write {enable} to {}", subtree_control.display()))
+        }
+    }
 }
 
 fn write(path: &Path, value: &str) -> Result<()> {

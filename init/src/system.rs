@@ -10,10 +10,11 @@ use std::os::unix::fs::OpenOptionsExt;
 use anyhow::{Context, Result};
 use nix::errno::Errno;
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
-use nix::sys::resource::{setrlimit, Resource};
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
 
 use crate::config::NoFile;
+use crate::console::say;
 
 /// Guest-physical address of Firecracker's boot timer device.
 const BOOT_TIMER_ADDR: libc::off_t = 0xd000_0000;
@@ -27,9 +28,25 @@ pub fn set_hostname(name: &str) -> Result<()> {
     nix::unistd::sethostname(name).with_context(|| format!("sethostname {name}"))
 }
 
+/// Sets `RLIMIT_NOFILE`, which the bootstrap inherits. Without `CAP_SYS_RESOURCE` (a
+/// sandbox on a locked-down host) the hard limit cannot be raised: then the current
+/// hard limit is kept and said so, since the workload still runs correctly.
 pub fn set_nofile(nofile: NoFile) -> Result<()> {
-    setrlimit(Resource::RLIMIT_NOFILE, nofile.soft, nofile.hard)
-        .with_context(|| format!("setrlimit NOFILE {}:{}", nofile.soft, nofile.hard))
+    let set = |soft, hard| {
+        setrlimit(Resource::RLIMIT_NOFILE, soft, hard)
+            .with_context(|| format!("setrlimit NOFILE {soft}:{hard}"))
+    };
+    let (_, current_hard) = getrlimit(Resource::RLIMIT_NOFILE).context("getrlimit NOFILE")?;
+    match set(nofile.soft, nofile.hard) {
+        Err(e) if nofile.hard > current_hard && e.downcast_ref() == Some(&Errno::EPERM) => {
+            say!(
+                "nofile: may not raise the hard limit to {}, keeping {current_hard}",
+                nofile.hard
+            );
+            set(nofile.soft.min(current_hard), current_hard)
+        }
+        result => result,
+    }
 }
 
 /// Gives `lo` 127.0.0.1/8 and brings it up, with the classic `SIOCSIF*` ioctls (no
