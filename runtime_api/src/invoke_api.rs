@@ -7,7 +7,7 @@ use std::sync::Arc;
 use base64::Engine as _;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::body::{read_limited, BodyError};
 use crate::logs;
 use crate::metrics::{self, Metrics};
 use crate::scheduler::{until_true, Answer, InvokeError, InvokeRequest, Scheduler, VERSION};
@@ -267,21 +268,10 @@ async fn read_payload(req: Request<Incoming>) -> Result<Bytes, Response<Full<Byt
             &format!("Request must be smaller than {MAX_REQUEST_BYTES} bytes for the InvokeFunction operation"),
         )
     };
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_REQUEST_BYTES as u64) {
-        return Err(too_large());
-    }
-    match Limited::new(req.into_body(), MAX_REQUEST_BYTES)
-        .collect()
-        .await
-    {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(lambda_error(
+    match read_limited(req.into_body(), MAX_REQUEST_BYTES).await {
+        Ok(payload) => Ok(payload),
+        Err(BodyError::TooLarge) => Err(too_large()),
+        Err(BodyError::Broken(e)) => Err(lambda_error(
             StatusCode::BAD_REQUEST,
             "InvalidRequestContentException",
             &format!("cannot read the request body: {e}"),

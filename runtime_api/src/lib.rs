@@ -4,6 +4,7 @@
 //! The CLI builds a [`Server`] from [`config::load`]ed functions and a launcher per
 //! [`Isolation`], and talks to a running one with [`client`].
 
+mod body;
 pub mod client;
 pub mod config;
 pub mod environment;

@@ -14,9 +14,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -25,14 +25,13 @@ use tokio::net::UnixListener;
 use tokio::sync::{oneshot, Notify};
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::body::{self, BodyError};
 use crate::logs::LogSink;
 
 /// Largest log post (`/kindling/v1/logs`) the server takes at once.
 const MAX_LOG_POST: usize = 1 << 20;
 /// Largest report or exit notice.
 const MAX_SMALL_POST: usize = 64 << 10;
-/// How much of an oversized body is read (and dropped) before the connection is given up.
-const DRAIN_LIMIT: usize = 64 << 20;
 /// How many finished request ids are remembered, to tell a late or double answer (403)
 /// from an id that never existed (400).
 const FINISHED_MEMORY: usize = 64;
@@ -600,34 +599,8 @@ fn error_type_header(req: &Request<Incoming>) -> Option<String> {
         .map(str::to_string)
 }
 
-enum BodyError {
-    TooLarge,
-    Broken(String),
-}
-
-/// Reads a body of at most `limit` bytes. Past the limit the rest is read and dropped
-/// (up to [`DRAIN_LIMIT`]), so that a client that writes its whole body before reading
-/// sees the 413 instead of a reset connection.
 async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, BodyError> {
-    let mut body = req.into_body();
-    let mut kept = BytesMut::new();
-    let mut seen = 0usize;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| BodyError::Broken(e.to_string()))?;
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        seen = seen.saturating_add(data.len());
-        if seen <= limit {
-            kept.extend_from_slice(&data);
-        } else if seen > DRAIN_LIMIT {
-            break;
-        }
-    }
-    if seen > limit {
-        return Err(BodyError::TooLarge);
-    }
-    Ok(kept.freeze())
+    body::read_limited(req.into_body(), limit).await
 }
 
 async fn read_json<T: serde::de::DeserializeOwned>(

@@ -1,0 +1,38 @@
+//! Reading request bodies with a size limit, shared by both servers.
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+/// How much of an oversized body is read (and dropped) before the connection is given up.
+const DRAIN_LIMIT: usize = 64 << 20;
+
+pub(crate) enum BodyError {
+    TooLarge,
+    /// The client went away or sent a broken body.
+    Broken(String),
+}
+
+/// Reads a body of at most `limit` bytes. Past the limit the rest is read and dropped
+/// (up to [`DRAIN_LIMIT`]), so that a client that writes its whole body before reading
+/// sees the 413 instead of a reset connection.
+pub(crate) async fn read_limited(mut body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
+    let mut kept = BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| BodyError::Broken(e.to_string()))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen = seen.saturating_add(data.len());
+        if seen <= limit {
+            kept.extend_from_slice(&data);
+        } else if seen > DRAIN_LIMIT {
+            break;
+        }
+    }
+    if seen > limit {
+        return Err(BodyError::TooLarge);
+    }
+    Ok(kept.freeze())
+}

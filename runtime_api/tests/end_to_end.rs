@@ -1,0 +1,529 @@
+//! The Invoke API and the scheduler end to end: a real [`Server`] on TCP, environments
+//! that are real processes (`tests/fake_guest.py`) talking over the real Unix sockets.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::launcher::{have_python, Census, ProcessLauncher};
+use kindling_runtime_api::client::{self, Client, InvocationType, InvokeOptions, InvokeResponse};
+use kindling_runtime_api::logs::LogLine;
+use kindling_runtime_api::{Function, Isolation, Launcher, Server, ServerOptions};
+use serde_json::{json, Value};
+use tokio::sync::{broadcast, oneshot};
+use tokio::task::JoinHandle;
+
+struct Harness {
+    addr: std::net::SocketAddr,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<anyhow::Result<()>>,
+    census: Arc<Census>,
+    state: tempfile::TempDir,
+    logs: broadcast::Receiver<LogLine>,
+    _code: tempfile::TempDir,
+}
+
+fn function(name: &str, code: &std::path::Path) -> Function {
+    Function {
+        name: name.into(),
+        code: code.to_path_buf(),
+        runtime: "provided".into(),
+        handler: "handler".into(),
+        memory_mb: 128,
+        timeout: Duration::from_secs(3),
+        isolation: Isolation::Sandbox,
+        max_concurrency: 10,
+        env: BTreeMap::from([("GREETING".to_string(), "hi".to_string())]),
+    }
+}
+
+/// Starts a server with the functions `make` returns; `None` (and one line saying why)
+/// when python3 is missing.
+async fn start(
+    make: impl FnOnce(&std::path::Path) -> Vec<Function>,
+    tune: impl FnOnce(&mut ServerOptions),
+) -> Option<Harness> {
+    if !have_python() {
+        println!("SKIPPED: python3 is not installed; the fake guest needs it");
+        return None;
+    }
+    let code = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let (launcher, census) = ProcessLauncher::new();
+    let launchers = HashMap::from([(Isolation::Sandbox, Arc::new(launcher) as Arc<dyn Launcher>)]);
+    let mut options = ServerOptions::new(state.path());
+    options.invoke_addr = "127.0.0.1:0".parse().unwrap();
+    options.shutdown_grace = Duration::from_secs(2);
+    tune(&mut options);
+    let server = Server::bind(make(code.path()), launchers, options)
+        .await
+        .unwrap();
+    let addr = server.local_addr();
+    let logs = server.logs();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    Some(Harness {
+        addr,
+        stop,
+        task,
+        census,
+        state,
+        logs,
+        _code: code,
+    })
+}
+
+impl Harness {
+    async fn invoke(&self, function: &str, payload: Value) -> InvokeResponse {
+        client::invoke(
+            self.addr,
+            function,
+            payload.to_string(),
+            &InvokeOptions::default(),
+        )
+        .await
+        .unwrap()
+    }
+
+    fn started(&self) -> usize {
+        self.census.started.lock().unwrap().len()
+    }
+
+    /// Waits for a log line containing `needle`.
+    async fn log_line(&mut self, needle: &str) -> String {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let line = self.logs.recv().await.unwrap();
+                if line.text.contains(needle) {
+                    return line.text;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no log line with {needle:?}"))
+    }
+
+    /// Shuts the server down and checks that nothing is left behind.
+    async fn close(self) {
+        self.stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("the server did not stop")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            self.census.running.load(Ordering::SeqCst),
+            0,
+            "environments left running"
+        );
+        for pid in self.census.started.lock().unwrap().iter() {
+            assert!(!alive(*pid), "process {pid} outlived the server");
+        }
+        assert!(
+            !self.state.path().join("envs").exists(),
+            "environment directories left behind"
+        );
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    // A killed child is reaped by tokio; a zombie would still show, so look at its state.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+fn body(r: &InvokeResponse) -> Value {
+    serde_json::from_slice(&r.body)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&r.body)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invoke_api_answers_like_lambda() {
+    let Some(mut h) = start(|code| vec![function("echo", code)], |_| {}).await else {
+        return;
+    };
+    let mut c = Client::connect(h.addr).await.unwrap();
+    let tail = InvokeOptions {
+        log_tail: true,
+        client_context: Some(r#"{"custom":{"a":"b"}}"#.into()),
+        ..Default::default()
+    };
+
+    // Cold, with the log tail.
+    let r = c.invoke("echo", r#"{"n":1}"#, &tail).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["x-amz-executed-version"], "$LATEST");
+    assert_eq!(r.function_error, None);
+    let b = body(&r);
+    assert_eq!(b["echo"], json!({"n": 1}));
+    assert_eq!(b["greeting"], "hi");
+    assert_eq!(
+        b["arn"],
+        "arn:aws:lambda:us-east-1:000000000000:function:echo"
+    );
+    assert_eq!(b["clientContext"], r#"{"custom":{"a":"b"}}"#);
+    assert!(b["trace"].as_str().unwrap().starts_with("Root=1-"));
+    let id = b["requestId"].as_str().unwrap().to_string();
+    assert_eq!(r.headers["x-amzn-requestid"], id.as_str());
+    let log = r.log_tail.unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines[0], format!("START RequestId: {id} Version: $LATEST"));
+    assert_eq!(lines[1], "handling 1 echo");
+    assert_eq!(lines[2], format!("END RequestId: {id}"));
+    assert!(
+        lines[3].starts_with(&format!("REPORT RequestId: {id}\tDuration: ")),
+        "{}",
+        lines[3]
+    );
+    assert!(
+        lines[3].contains("\tMemory Size: 128 MB\tMax Memory Used: 12 MB\tInit Duration: "),
+        "{}",
+        lines[3]
+    );
+
+    // Warm: no Init Duration; the same environment.
+    let r2 = c.invoke("echo", r#"{"n":2}"#, &tail).await.unwrap();
+    assert_eq!(body(&r2)["pid"], b["pid"]);
+    assert!(!r2.log_tail.unwrap().contains("Init Duration"));
+
+    // The emulator's alias, when one function is loaded.
+    let r = c
+        .invoke("function", r#"{"n":3}"#, &InvokeOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status.as_u16(), body(&r)["echo"]["n"].as_i64()),
+        (200, Some(3))
+    );
+
+    // A function error: 200, X-Amz-Function-Error, the runtime's error JSON.
+    let r = c
+        .invoke("echo", r#"{"action":"error"}"#, &InvokeOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.function_error.as_deref(), Some("Unhandled"));
+    assert_eq!(body(&r)["errorType"], "ValueError");
+    assert_eq!(r.headers["x-amz-executed-version"], "$LATEST");
+
+    // 7 MiB answered by the function.
+    let r = c
+        .invoke(
+            "echo",
+            json!({"action": "big", "bytes": 7 << 20}).to_string(),
+            &InvokeOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status.as_u16(), r.function_error.as_deref()),
+        (200, Some("Unhandled"))
+    );
+    assert_eq!(body(&r)["errorType"], "Function.ResponseSizeTooLarge");
+
+    // DryRun and Event.
+    let dry = InvokeOptions {
+        invocation_type: InvocationType::DryRun,
+        ..Default::default()
+    };
+    let r = c.invoke("echo", "{}", &dry).await.unwrap();
+    assert_eq!((r.status.as_u16(), r.body.len()), (204, 0));
+    let event = InvokeOptions {
+        invocation_type: InvocationType::Event,
+        ..Default::default()
+    };
+    let r = c.invoke("echo", r#"{"n":77}"#, &event).await.unwrap();
+    assert_eq!(r.status, 202);
+    h.log_line("handling 77 echo").await;
+
+    // Unknown function, oversized request, bad headers, unknown path.
+    let r = c
+        .invoke("nope", "{}", &InvokeOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404);
+    assert_eq!(r.headers["x-amzn-errortype"], "ResourceNotFoundException");
+    assert!(body(&r)["message"]
+        .as_str()
+        .unwrap()
+        .contains("Function not found: arn:aws:lambda:us-east-1:000000000000:function:nope"));
+    let r = c
+        .invoke(
+            "echo",
+            vec![b'x'; kindling_wire::MAX_REQUEST_BYTES + 1],
+            &InvokeOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 413);
+    assert_eq!(r.headers["x-amzn-errortype"], "RequestTooLargeException");
+    let mut raw = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let a = common::request(
+        &mut raw,
+        "POST",
+        "/2015-03-31/functions/echo/invocations",
+        &[("X-Amz-Invocation-Type", "Sometimes")],
+        b"{}",
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.header("x-amzn-errortype")),
+        (400, Some("InvalidParameterValueException"))
+    );
+    let a = common::request(
+        &mut raw,
+        "POST",
+        "/2015-03-31/functions/echo/invocations",
+        &[("X-Amz-Client-Context", "%%%")],
+        b"{}",
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.header("x-amzn-errortype")),
+        (400, Some("InvalidRequestContentException"))
+    );
+    let a = common::request(&mut raw, "GET", "/2015-03-31/nothing", &[], b"").await;
+    assert_eq!(a.status, 404);
+
+    // Metrics.
+    let m = c.get("/metrics").await.unwrap();
+    assert_eq!(m.status, 200);
+    let text = String::from_utf8(m.body.to_vec()).unwrap();
+    for want in [
+        "kindling_invocations_total{function=\"echo\"} 6",
+        "kindling_errors_total{function=\"echo\"} 2",
+        "kindling_cold_starts_total{function=\"echo\"} 1",
+        "kindling_cold_start_seconds_count{function=\"echo\"} 1",
+        "kindling_init_seconds_count{function=\"echo\"} 1",
+        "kindling_duration_seconds_count{function=\"echo\"} 6",
+    ] {
+        assert!(text.contains(want), "{want} missing from:\n{text}");
+    }
+    assert!(text.contains("# TYPE kindling_timeouts counter"), "{text}");
+    drop(c);
+    h.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_concurrent_invocations_on_four_environments() {
+    let make = |code: &std::path::Path| {
+        let mut f = function("par", code);
+        f.max_concurrency = 4;
+        vec![f]
+    };
+    let Some(h) = start(make, |o| o.queue_depth = 200).await else {
+        return;
+    };
+    let mut calls = Vec::new();
+    for n in 0..100 {
+        let addr = h.addr;
+        calls.push(tokio::spawn(async move {
+            let payload = json!({"n": n, "action": "sleep", "seconds": 0.01});
+            (
+                n,
+                client::invoke(addr, "par", payload.to_string(), &InvokeOptions::default())
+                    .await
+                    .unwrap(),
+            )
+        }));
+    }
+    let mut pids = HashSet::new();
+    let mut ids = HashSet::new();
+    for call in calls {
+        let (n, r) = call.await.unwrap();
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let b = body(&r);
+        assert_eq!(b["echo"]["n"], n, "a response reached the wrong caller");
+        pids.insert(b["pid"].as_i64().unwrap());
+        assert!(ids.insert(b["requestId"].as_str().unwrap().to_string()));
+    }
+    assert_eq!(
+        pids.len(),
+        4,
+        "work spread over exactly max_concurrency environments"
+    );
+    assert_eq!(h.started(), 4);
+    h.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_429() {
+    let make = |code: &std::path::Path| {
+        let mut f = function("one", code);
+        f.max_concurrency = 1;
+        vec![f]
+    };
+    let Some(h) = start(make, |o| o.queue_depth = 1).await else {
+        return;
+    };
+    // Warm it up so that the busy window below is the sleep only.
+    assert_eq!(h.invoke("one", json!({})).await.status, 200);
+    let slow = |addr| {
+        tokio::spawn(async move {
+            client::invoke(
+                addr,
+                "one",
+                json!({"action": "sleep", "seconds": 0.8}).to_string(),
+                &InvokeOptions::default(),
+            )
+            .await
+            .unwrap()
+        })
+    };
+    let running = slow(h.addr);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let queued = slow(h.addr);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let r = h.invoke("one", json!({})).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.headers["x-amzn-errortype"], "TooManyRequestsException");
+    assert_eq!(running.await.unwrap().status, 200);
+    assert_eq!(
+        queued.await.unwrap().status,
+        200,
+        "the queued invocation ran"
+    );
+    assert_eq!(h.started(), 1);
+    h.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_kills_the_environment_and_the_next_gets_a_fresh_one() {
+    let make = |code: &std::path::Path| {
+        let mut f = function("slow", code);
+        f.timeout = Duration::from_secs(1);
+        vec![f]
+    };
+    let Some(mut h) = start(make, |_| {}).await else {
+        return;
+    };
+    let first = body(&h.invoke("slow", json!({})).await)["pid"]
+        .as_i64()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let r = h
+        .invoke("slow", json!({"action": "sleep", "seconds": 5}))
+        .await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert_eq!(
+        (r.status.as_u16(), r.function_error.as_deref()),
+        (200, Some("Unhandled"))
+    );
+    let b = body(&r);
+    assert_eq!(b["errorType"], "Sandbox.Timedout");
+    assert!(
+        b["errorMessage"]
+            .as_str()
+            .unwrap()
+            .ends_with("Task timed out after 1.00 seconds"),
+        "{b}"
+    );
+    h.log_line("Task timed out after 1.00 seconds").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!alive(first as u32), "the timed-out environment still runs");
+    let r = h.invoke("slow", json!({})).await;
+    assert_eq!(r.status, 200);
+    assert_ne!(body(&r)["pid"].as_i64().unwrap(), first);
+    h.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashes_fail_the_invocation_in_flight_then_recover() {
+    let Some(h) = start(|code| vec![function("crashy", code)], |_| {}).await else {
+        return;
+    };
+    // The environment itself dies (Environment::exited).
+    let r = h.invoke("crashy", json!({"action": "exit"})).await;
+    assert_eq!(r.function_error.as_deref(), Some("Unhandled"));
+    let b = body(&r);
+    assert_eq!(b["errorType"], "Runtime.ExitError");
+    assert!(
+        b["errorMessage"]
+            .as_str()
+            .unwrap()
+            .ends_with("Runtime exited with error: exit status 3"),
+        "{b}"
+    );
+    let r = h.invoke("crashy", json!({"n": 1})).await;
+    assert_eq!((r.status.as_u16(), r.function_error), (200, None));
+    // The guest reports its runtime's death (/kindling/v1/runtime/exit).
+    let r = h.invoke("crashy", json!({"action": "runtime_exit"})).await;
+    let b = body(&r);
+    assert_eq!(b["errorType"], "Runtime.ExitError");
+    assert!(
+        b["errorMessage"]
+            .as_str()
+            .unwrap()
+            .ends_with("Runtime exited with error: exit status 7"),
+        "{b}"
+    );
+    let r = h.invoke("crashy", json!({"n": 2})).await;
+    assert_eq!(
+        (r.status.as_u16(), body(&r)["echo"]["n"].as_i64()),
+        (200, Some(2))
+    );
+    assert_eq!(h.started(), 3);
+    h.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_errors_go_to_the_invocation_that_started_the_environment() {
+    let make = |code: &std::path::Path| {
+        let mut f = function("broken", code);
+        f.env
+            .insert("INIT_ERROR".into(), "cannot import app".into());
+        vec![f]
+    };
+    let Some(h) = start(make, |_| {}).await else {
+        return;
+    };
+    for _ in 0..2 {
+        let r = h.invoke("broken", json!({})).await;
+        assert_eq!(
+            (r.status.as_u16(), r.function_error.as_deref()),
+            (200, Some("Unhandled"))
+        );
+        let b = body(&r);
+        assert_eq!(
+            (b["errorType"].as_str(), b["errorMessage"].as_str()),
+            (Some("Runtime.BadInit"), Some("cannot import app"))
+        );
+    }
+    assert_eq!(h.started(), 2, "a failed init is not reused");
+    h.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_environments_retire() {
+    let Some(h) = start(
+        |code| vec![function("idle", code)],
+        |o| o.idle_timeout = Duration::from_millis(300),
+    )
+    .await
+    else {
+        return;
+    };
+    let first = body(&h.invoke("idle", json!({})).await)["pid"].clone();
+    assert_eq!(h.census.running.load(Ordering::SeqCst), 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while h.census.running.load(Ordering::SeqCst) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle environment was not retired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let second = body(&h.invoke("idle", json!({})).await)["pid"].clone();
+    assert_ne!(first, second);
+    h.close().await;
+}
