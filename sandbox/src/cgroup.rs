@@ -2,8 +2,11 @@
 //!
 //! cgroup v2 is used where a v2 hierarchy owns both the `memory` and `pids` controllers;
 //! on hybrid hosts (v1 controllers beside an empty `unified` v2 mount) the v1 `memory`
-//! and `pids` hierarchies are used instead. Only a handful of files are written, so this
-//! stays a few plain file writes rather than a general cgroup library.
+//! and `pids` hierarchies hold the limits, and the sandbox still gets a cgroup in the v2
+//! hierarchy: the guest's init mounts cgroup2 inside the sandbox's cgroup namespace and
+//! makes its workload cgroup there, which must land under the sandbox's, not the host's
+//! root. Only a handful of files are written, so this stays a few plain file writes
+//! rather than a general cgroup library.
 
 use std::fs;
 use std::io;
@@ -47,9 +50,11 @@ impl Cgroup {
         else {
             bail!("no cgroup hierarchy with the memory and pids controllers is mounted");
         };
+        let mut dirs = vec![memory.join(parent).join(name), pids.join(parent).join(name)];
+        dirs.extend(mount_points(&mounts, "cgroup2").map(|(root, _)| root.join(parent).join(name)));
         let cgroup = Cgroup {
             version: Version::V1,
-            dirs: vec![memory.join(parent).join(name), pids.join(parent).join(name)],
+            dirs,
         };
         cgroup.make_dirs()?;
         // The combined memory+swap limit (when swap accounting exists) may never be
@@ -90,7 +95,7 @@ impl Cgroup {
         self.version
     }
 
-    /// The cgroup's directories (one for v2; memory then pids for v1).
+    /// The cgroup's directories (one for v2; memory, pids and any v2 one for v1).
     pub fn dirs(&self) -> &[PathBuf] {
         &self.dirs
     }
@@ -128,10 +133,15 @@ impl Cgroup {
         }
     }
 
-    /// Removes the cgroup's directories; they must be empty of processes.
+    /// Removes the cgroup's directories, and the cgroups the guest made inside them;
+    /// they must be empty of processes.
     pub async fn remove(&self, patience: Duration) -> io::Result<()> {
         let deadline = tokio::time::Instant::now() + patience;
+        let mut tree = Vec::new();
         for dir in &self.dirs {
+            children_first(dir, &mut tree)?;
+        }
+        for dir in &tree {
             loop {
                 match fs::remove_dir(dir) {
                     Ok(()) => break,
@@ -166,6 +176,22 @@ impl Cgroup {
         let path = dir.join(file);
         fs::write(&path, value).with_context(|| format!("writing {value:?} to {}", path.display()))
     }
+}
+
+/// Appends the cgroup directories under `dir`, then `dir`: the order rmdir needs.
+fn children_first(dir: &Path, out: &mut Vec<PathBuf>) -> io::Result<()> {
+    let entries = match fs::read_dir(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        entries => entries?,
+    };
+    for entry in entries {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            children_first(&entry.path(), out)?;
+        }
+    }
+    out.push(dir.to_path_buf());
+    Ok(())
 }
 
 /// The mount point of a cgroup2 hierarchy that offers both memory and pids.

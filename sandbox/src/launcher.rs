@@ -276,6 +276,8 @@ impl SandboxLauncher {
             "bootstrap": format!("{GUEST_RUNTIME_DIR}/kindling-bootstrap"),
             "bootstrap_args": [],
             "env": { ENV_HOST_ADDR: host },
+            // No /dev/console here: init keeps the stdout/stderr it was given, the console log.
+            "console": "",
         });
         merge(
             &mut config,

@@ -75,7 +75,6 @@ fn harness(test: &str, memory_mb: u32, alloc_mb: u32, then: &str) -> Option<Harn
         init_config: json!({
             "bootstrap": "/var/task/probe.py",
             "bootstrap_args": [alloc_mb.to_string(), then],
-            "restart": false,
         })
         .as_object()
         .cloned()

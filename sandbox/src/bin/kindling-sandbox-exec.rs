@@ -2,8 +2,8 @@
 //! [`Plan`] into a running sandbox. Forking is only safe in a single-threaded process,
 //! so the async host never forks itself; it runs this helper instead.
 //!
-//! The helper joins the sandbox's cgroups, unshares the PID, mount, UTS, IPC and network
-//! namespaces and forks: the child becomes PID 1 of the new PID namespace, builds the
+//! The helper joins the sandbox's cgroups, unshares the PID, mount, UTS, IPC, network and
+//! cgroup namespaces and forks: the child becomes PID 1 of the new PID namespace, builds the
 //! guest root and execs `init`. The helper stays as init's parent to reap it, and reports
 //! on stdout, one line each (see `kindling_sandbox::plan::STATUS_*`):
 //! `ready <pid>` or `error <reason>`, then `exited <reason>` when init is gone.
@@ -64,9 +64,11 @@ fn launch(plan_path: &Path) -> Result<Pid> {
             | CloneFlags::CLONE_NEWPID
             | CloneFlags::CLONE_NEWUTS
             | CloneFlags::CLONE_NEWIPC
-            | CloneFlags::CLONE_NEWNET,
+            | CloneFlags::CLONE_NEWNET
+            // The cgroup joined above becomes the root of the guest's cgroup2 mount.
+            | CloneFlags::CLONE_NEWCGROUP,
     )
-    .map_err(|e| anyhow!("unshare: {e}: namespaces are unavailable (the sandbox needs root and a kernel with PID, mount, UTS, IPC and network namespaces)"))?;
+    .map_err(|e| anyhow!("unshare: {e}: namespaces are unavailable (the sandbox needs root and a kernel with PID, mount, UTS, IPC, network and cgroup namespaces)"))?;
 
     // The child writes why it failed here; a successful exec closes it empty.
     let (read_end, write_end) = pipe2(OFlag::O_CLOEXEC).context("pipe2")?;
