@@ -1,0 +1,168 @@
+//! The shipped Python runtime (`guest_images/runtimes/python`) behind the real bootstrap.
+
+mod common;
+
+use common::{function_env, have, shipped_runtime, Guest, Host, Record};
+use serde_json::{json, Value};
+
+const APP: &str = r#"
+import ctypes
+import json
+import logging
+import os
+
+logger = logging.getLogger()
+logger.setLevel(logging.INFO)
+calls = 0
+c_getenv = ctypes.CDLL(None).getenv
+c_getenv.restype = ctypes.c_char_p
+
+def handler(event, context):
+    global calls
+    calls += 1
+    print("event", json.dumps(event))
+    logger.info("info from the handler")
+    if "raise" in event:
+        raise ValueError("bad value " + str(event["raise"]))
+    if "big" in event:
+        return "x" * event["big"]
+    return {
+        "event": event,
+        "calls": calls,
+        "aws_request_id": context.aws_request_id,
+        "function_name": context.function_name,
+        "function_version": context.function_version,
+        "memory_limit_in_mb": context.memory_limit_in_mb,
+        "invoked_function_arn": context.invoked_function_arn,
+        "log_group_name": context.log_group_name,
+        "log_stream_name": context.log_stream_name,
+        "remaining_ms": context.get_remaining_time_in_millis(),
+        "identity": context.identity.cognito_identity_id if context.identity else None,
+        "client_custom": context.client_context.custom if context.client_context else None,
+        "trace_id": os.environ.get("_X_AMZN_TRACE_ID"),
+        # The process's C environment never holds a per-invocation value.
+        "trace_id_in_c_env": c_getenv(b"_X_AMZN_TRACE_ID") is not None,
+        "greeting": os.environ.get("GREETING"),
+    }
+"#;
+
+async fn start(handler: &str) -> Option<(Guest, Host, common::Bootstrap)> {
+    if !have("python3") {
+        return None;
+    }
+    let guest = Guest::new();
+    guest.write_task("app.py", APP, false);
+    let host = Host::new(guest.socket(), function_env("python", handler));
+    // Detached: the server lives until the test ends.
+    drop(host.listen());
+    let bootstrap = guest.start(Some(&shipped_runtime("python")));
+    Some((guest, host, bootstrap))
+}
+
+fn json_of(record: &Record) -> Value {
+    match record {
+        Record::Response { body, .. } | Record::Error { body, .. } => serde_json::from_slice(body).unwrap(),
+        other => panic!("not a result: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn handler_returns_with_a_lambda_context() {
+    let Some((_guest, mut host, _bootstrap)) = start("app.handler").await else { return };
+    let id = host.invoke_with(
+        r#"{"name":"kindling"}"#,
+        vec![
+            ("Lambda-Runtime-Cognito-Identity".into(), r#"{"cognitoIdentityId":"cid","cognitoIdentityPoolId":"pool"}"#.into()),
+            ("Lambda-Runtime-Client-Context".into(), r#"{"custom":{"k":"v"},"env":{},"client":{"app_title":"t"}}"#.into()),
+        ],
+    );
+    let record = host.result(&id).await;
+    assert!(matches!(record, Record::Response { .. }), "{record:?}");
+    let out = json_of(&record);
+    assert_eq!(out["event"], json!({"name": "kindling"}));
+    assert_eq!(out["aws_request_id"], json!(id));
+    assert_eq!(out["function_name"], "test-fn");
+    assert_eq!(out["function_version"], "$LATEST");
+    assert_eq!(out["memory_limit_in_mb"], "256");
+    assert_eq!(out["invoked_function_arn"], "arn:aws:lambda:eu-west-1:000000000000:function:test-fn");
+    assert_eq!(out["log_group_name"], "/aws/lambda/test-fn");
+    assert_eq!(out["log_stream_name"], "2026/11/27/[$LATEST]abc");
+    let remaining = out["remaining_ms"].as_i64().unwrap();
+    assert!(remaining > 20_000 && remaining <= 30_000, "{out}");
+    assert_eq!(out["identity"], "cid");
+    assert_eq!(out["client_custom"], json!({"k": "v"}));
+    assert!(out["trace_id"].as_str().unwrap().starts_with("Root=1-5bef4de7-"), "{out}");
+    assert_eq!(out["trace_id_in_c_env"], false);
+    assert_eq!(out["greeting"], "hi");
+
+    let logs = host.logs(Some(&id));
+    assert!(logs.contains("event {\"name\": \"kindling\"}\n"), "{logs}");
+    assert!(logs.contains(&format!("[INFO]\t")) && logs.contains(&format!("\t{id}\tinfo from the handler\n")), "{logs}");
+
+    // Warm: the same process serves the next invocation, with its own trace id.
+    let next = host.invoke("{}");
+    let out2 = json_of(&host.result(&next).await);
+    assert_eq!(out2["calls"], 2);
+    assert_ne!(out2["trace_id"], out["trace_id"]);
+    assert!(host.report(&next).init_duration_ms.is_none());
+}
+
+#[tokio::test]
+async fn handler_that_raises_posts_a_lambda_error() {
+    let Some((_guest, mut host, _bootstrap)) = start("app.handler").await else { return };
+    let id = host.invoke(r#"{"raise": 7}"#);
+    let record = host.result(&id).await;
+    assert!(matches!(record, Record::Error { .. }), "{record:?}");
+    let err = json_of(&record);
+    assert_eq!(err["errorType"], "ValueError");
+    assert_eq!(err["errorMessage"], "bad value 7");
+    let trace = err["stackTrace"].as_array().unwrap();
+    assert!(trace.iter().any(|l| l.as_str().unwrap().contains("app.py")), "{err}");
+    assert!(host.logs(Some(&id)).contains("[ERROR] ValueError: bad value 7\n"), "{:#?}", host.history);
+    assert!(host.report(&id).duration_ms > 0.0);
+
+    // The runtime lives on after a function error.
+    let ok = host.invoke("{}");
+    assert!(matches!(host.result(&ok).await, Record::Response { .. }));
+}
+
+#[tokio::test]
+async fn large_response_is_relayed_whole() {
+    let Some((_guest, mut host, _bootstrap)) = start("app.handler").await else { return };
+    let size = 5 * 1024 * 1024;
+    let id = host.invoke(&format!(r#"{{"big": {size}}}"#));
+    let Record::Response { body, .. } = host.result(&id).await else { panic!("{:#?}", host.history) };
+    assert_eq!(body.len(), size + 2); // a JSON string: quotes around the x's
+    assert!(body[1..body.len() - 1].iter().all(|&b| b == b'x'));
+    assert!(host.report(&id).max_memory_used_mb >= 5, "{:?}", host.report(&id));
+}
+
+#[tokio::test]
+async fn missing_module_is_an_init_error_then_the_runtime_exits() {
+    let Some((_guest, mut host, _bootstrap)) = start("nothere.handler").await else { return };
+    let (headers, body) = host
+        .wait_for("an init error", |r| match r {
+            Record::InitError { headers, body } => Some((headers.clone(), body.clone())),
+            _ => None,
+        })
+        .await;
+    let err: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(err["errorType"], "Runtime.ImportModuleError");
+    assert!(err["errorMessage"].as_str().unwrap().contains("Unable to import module 'nothere'"), "{err}");
+    assert_eq!(headers["lambda-runtime-function-error-type"], "Runtime.ImportModuleError");
+    let exit = host.exit().await;
+    assert_eq!((exit.request_id, exit.exit_code), (None, Some(1)));
+}
+
+#[tokio::test]
+async fn missing_handler_function_is_an_init_error() {
+    let Some((_guest, mut host, _bootstrap)) = start("app.nothere").await else { return };
+    let body = host
+        .wait_for("an init error", |r| match r {
+            Record::InitError { body, .. } => Some(body.clone()),
+            _ => None,
+        })
+        .await;
+    let err: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(err["errorType"], "Runtime.HandlerNotFound");
+}
