@@ -2,12 +2,15 @@
 //! VM and memory slots, in-kernel IRQ chip and PIT, legacy devices on the buses, then, when
 //! started, the vCPUs on their threads.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{Kvm, VmFd};
+use vmm_sys_util::epoll::EventSet;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -22,6 +25,7 @@ use crate::layout;
 use crate::memory::{create_guest_memory, GuestMemory};
 use crate::vcpu::{self, Vcpu};
 use crate::virtio::mmio::MmioTransport;
+use crate::virtio::vsock::{Vsock, VsockEvents};
 use crate::virtio::VirtioDevice;
 
 /// Errors building or starting a VM.
@@ -37,6 +41,8 @@ pub enum VmError {
     Cpu(#[from] CpuError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("event loop: {0}")]
+    Events(String),
     #[error("invalid machine configuration: {0}")]
     Config(String),
 }
@@ -59,7 +65,11 @@ pub struct Vm {
     exit: VmExit,
     vcpu_count: u8,
     virtio_slots: Vec<(u64, u32)>,
+    subscribers: Vec<Subscriber>,
 }
+
+/// A device's event-loop half.
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// Registers one eventfd as the irqfd of `gsi`.
 fn irq_line(vm_fd: &VmFd, gsi: u32) -> Result<IrqLine, VmError> {
@@ -134,6 +144,7 @@ impl Vm {
             exit,
             vcpu_count: config.vcpu_count,
             virtio_slots: Vec::new(),
+            subscribers: Vec::new(),
         })
     }
 
@@ -165,6 +176,14 @@ impl Vm {
             irq,
             transport,
         })
+    }
+
+    /// Adds a vsock device for guest CID `guest_cid` with its host side at `uds_path`.
+    pub fn add_vsock(&mut self, guest_cid: u64, uds_path: &Path) -> Result<VirtioSlot<Vsock>, VmError> {
+        let slot = self.add_virtio_device(Vsock::new(guest_cid, uds_path)?)?;
+        self.subscribers
+            .push(Arc::new(Mutex::new(VsockEvents(slot.transport.clone()))));
+        Ok(slot)
     }
 
     /// The `virtio_mmio.device=` declarations a Linux guest needs for the devices added so far.
@@ -227,8 +246,14 @@ impl Vm {
                 }
             }
         }
+        let mut events = EventManager::new().map_err(|e| VmError::Events(format!("{e:?}")))?;
+        for sub in self.subscribers {
+            events.add_subscriber(sub);
+        }
+        events.add_subscriber(Arc::new(Mutex::new(ExitWatcher(self.exit.clone()))));
         Ok(RunningVm {
             _vm_fd: self.vm_fd,
+            events,
             _memory: self.memory,
             exit: self.exit,
             threads,
@@ -246,6 +271,22 @@ pub struct VirtioSlot<D: VirtioDevice> {
     pub transport: Arc<Mutex<MmioTransport<D>>>,
 }
 
+/// Wakes the event loop when the VM must stop.
+struct ExitWatcher(VmExit);
+
+impl MutEventSubscriber for ExitWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.0.event(), EventSet::IN)) {
+            tracing::error!("cannot watch the VM exit event: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        // Only consume the wake-up; `RunningVm::wait` reads the reason.
+        let _ = self.0.event().read();
+    }
+}
+
 /// What a running VM has measured so far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Timings {
@@ -258,6 +299,7 @@ pub struct Timings {
 /// A started VM.
 pub struct RunningVm {
     _vm_fd: VmFd,
+    events: EventManager<Subscriber>,
     _memory: GuestMemory,
     exit: VmExit,
     threads: Vec<JoinHandle<()>>,
@@ -282,15 +324,16 @@ impl RunningVm {
         }
     }
 
-    /// Blocks until the VM stops, stops every vCPU thread and returns why it stopped.
-    pub fn wait(self) -> (ExitReason, Timings) {
+    /// Runs the device event loop on this thread until the VM stops, then stops every vCPU
+    /// thread and returns why the VM stopped.
+    pub fn wait(mut self) -> (ExitReason, Timings) {
         let reason = loop {
             if let Some(reason) = self.exit.reason() {
                 break reason;
             }
-            if let Err(e) = self.exit.event().read() {
-                tracing::warn!("waiting for the VM exit event: {e}");
-                std::thread::sleep(Duration::from_millis(10));
+            if let Err(e) = self.events.run() {
+                tracing::error!("event loop: {e:?}");
+                self.exit.request(ExitReason::VcpuError(format!("event loop failed: {e:?}")));
             }
         };
         let timings = self.timings();

@@ -242,7 +242,8 @@ impl VirtioDevice for Block {
         read_config_bytes(&(self.size / SECTOR_SIZE).to_le_bytes(), offset, data);
     }
 
-    fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemory) -> bool {
+    fn process_queue(&mut self, _index: usize, queues: &mut [Queue], mem: &GuestMemory) -> bool {
+        let queue = &mut queues[0];
         let mut used = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
@@ -338,7 +339,7 @@ mod tests {
                 (0x30000, 1, WRITE, 0),
             ],
         );
-        assert!(blk.process_queue(0, &mut q, mem));
+        assert!(blk.process_queue(0, std::slice::from_mut(&mut q), mem));
         mem.read_obj(GuestAddress(0x30000)).unwrap()
     }
 
@@ -455,7 +456,7 @@ mod tests {
         let path = disk("reject", 1);
         let mut blk = Block::open(&path, false, "x").unwrap();
         let mut q = queue_with(&mem, &[(0x10000, 16, NEXT, 1), (0x20000, 8, WRITE | NEXT, 0)]);
-        assert!(blk.process_queue(0, &mut q, &mem));
+        assert!(blk.process_queue(0, std::slice::from_mut(&mut q), &mem));
         assert_eq!(used(&mem), (1, 0));
         std::fs::remove_file(path).unwrap();
     }

@@ -80,15 +80,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
         if !self.driver_ok() {
             return;
         }
-        let Some(queue) = self.queues.get_mut(index) else {
-            tracing::debug!("notify for missing queue {index}");
-            return;
-        };
-        if !queue.ready() || !queue.is_valid(&self.mem) {
-            tracing::debug!("notify for a queue that is not ready or invalid: {index}");
+        // Every queue must be usable: a device may touch another queue than the notified one.
+        if index >= self.queues.len()
+            || !self.queues.iter().all(|q| q.ready() && q.is_valid(&self.mem))
+        {
+            tracing::debug!("notify for queue {index} while queues are missing or invalid");
             return;
         }
-        if self.device.process_queue(index, queue, &self.mem) {
+        if self.device.process_queue(index, &mut self.queues, &self.mem) {
             self.signal_used();
         }
     }

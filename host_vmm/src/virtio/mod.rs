@@ -6,6 +6,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod vsock;
 
 use virtio_queue::Queue;
 
@@ -26,9 +27,10 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Called once the driver sets DRIVER_OK with the features it accepted.
     fn activate(&mut self, _acked_features: u64) {}
-    /// Handles the buffers the driver made available on queue `index`. Returns whether
-    /// any buffer was used (so the driver needs an interrupt).
-    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemory) -> bool;
+    /// Handles the buffers the driver made available on queue `index` (all queues are passed:
+    /// a notify on one queue may produce buffers for another). Returns whether any buffer was
+    /// used, so the driver needs an interrupt.
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemory) -> bool;
 }
 
 /// Copies the bytes of `config` at `offset` into `data`, zero past the end.

@@ -1,0 +1,427 @@
+//! virtio-vsock with Firecracker's hybrid Unix-socket backend ([`muxer`]).
+//!
+//! Queues: 0 = RX (device → driver), 1 = TX (driver → device), 2 = event (unused: no
+//! transport resets happen without snapshots). Guest TX packets are handled on the vCPU that
+//! notified; host socket activity is handled on the VMM's event loop through [`VsockEvents`].
+
+pub mod muxer;
+pub mod packet;
+
+use std::io::Read;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vmm_sys_util::epoll::EventSet;
+
+use self::muxer::Muxer;
+use self::packet::{Header, HEADER_LEN};
+use super::mmio::MmioTransport;
+use super::{read_config_bytes, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::memory::GuestMemory;
+
+/// virtio device id of a socket device.
+pub const VIRTIO_ID_VSOCK: u32 = 19;
+pub const RX_QUEUE: usize = 0;
+pub const TX_QUEUE: usize = 1;
+const QUEUE_SIZE: u16 = 256;
+/// Largest payload accepted from the guest in one packet.
+const MAX_TX_PAYLOAD: u32 = 64 * 1024;
+
+/// The vsock device.
+pub struct Vsock {
+    guest_cid: u64,
+    muxer: Muxer,
+}
+
+impl Vsock {
+    /// A device for guest CID `guest_cid` whose host side lives at `uds_path`.
+    pub fn new(guest_cid: u64, uds_path: &Path) -> std::io::Result<Self> {
+        if guest_cid <= 2 || guest_cid > u64::from(u32::MAX) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("guest_cid {guest_cid} is reserved or out of range (use 3..=2^32-1)"),
+            ));
+        }
+        Ok(Self {
+            guest_cid,
+            muxer: Muxer::new(uds_path, guest_cid)?,
+        })
+    }
+
+    /// Host-side work: new clients, CONNECT lines, readable sockets.
+    pub fn handle_host_events(&mut self) {
+        self.muxer.handle_events();
+    }
+
+    fn process_tx(&mut self, queue: &mut Queue, mem: &GuestMemory) -> bool {
+        let mut used = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            match read_packet(chain, mem) {
+                Ok((hdr, payload)) => self.muxer.send_to_host(&hdr, &payload),
+                Err(e) => tracing::warn!("vsock: dropped a malformed TX packet: {e}"),
+            }
+            if let Err(e) = queue.add_used(mem, head, 0) {
+                tracing::warn!("vsock TX queue: {e}");
+                break;
+            }
+            used = true;
+        }
+        used
+    }
+
+    fn fill_rx(&mut self, queue: &mut Queue, mem: &GuestMemory) -> bool {
+        let mut used = false;
+        while self.muxer.has_pending_rx() {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let mut writer = match chain.writer(mem) {
+                Ok(w) if w.available_bytes() >= HEADER_LEN => w,
+                Ok(_) | Err(_) => {
+                    tracing::warn!("vsock: unusable RX buffer dropped");
+                    let _ = queue.add_used(mem, head, 0);
+                    used = true;
+                    continue;
+                }
+            };
+            let Some((mut hdr, payload)) = self.muxer.next_rx(writer.available_bytes() - HEADER_LEN)
+            else {
+                queue.go_to_previous_position();
+                break;
+            };
+            hdr.len = payload.len() as u32;
+            let written = writer
+                .write_obj(hdr)
+                .and_then(|()| std::io::Write::write_all(&mut writer, &payload));
+            let len = match written {
+                Ok(()) => (HEADER_LEN + payload.len()) as u32,
+                Err(e) => {
+                    tracing::warn!("vsock: writing an RX packet: {e}");
+                    0
+                }
+            };
+            if let Err(e) = queue.add_used(mem, head, len) {
+                tracing::warn!("vsock RX queue: {e}");
+                break;
+            }
+            used = true;
+        }
+        used
+    }
+}
+
+/// Reads one guest packet: the header, then exactly `len` payload bytes.
+fn read_packet(
+    chain: virtio_queue::DescriptorChain<&GuestMemory>,
+    mem: &GuestMemory,
+) -> Result<(Header, Vec<u8>), String> {
+    let mut reader = chain.reader(mem).map_err(|e| e.to_string())?;
+    let hdr: Header = reader.read_obj().map_err(|e| format!("header: {e}"))?;
+    let len = hdr.len;
+    if len > MAX_TX_PAYLOAD {
+        return Err(format!("payload of {len} bytes exceeds {MAX_TX_PAYLOAD}"));
+    }
+    let mut payload = vec![0u8; len as usize];
+    reader
+        .read_exact(&mut payload)
+        .map_err(|e| format!("payload: {e}"))?;
+    Ok((hdr, payload))
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 3]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
+    }
+
+    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemory) -> bool {
+        let tx_used = index == TX_QUEUE && self.process_tx(&mut queues[TX_QUEUE], mem);
+        // Anything the guest just sent may have produced replies; new RX buffers may unblock
+        // waiting data.
+        let rx_used = self.fill_rx(&mut queues[RX_QUEUE], mem);
+        tx_used || rx_used
+    }
+}
+
+/// The event-loop side of a vsock device: wakes on host socket activity.
+pub struct VsockEvents(pub Arc<Mutex<MmioTransport<Vsock>>>);
+
+impl MutEventSubscriber for VsockEvents {
+    fn init(&mut self, ops: &mut EventOps) {
+        let fd = self.0.lock().unwrap_or_else(|e| e.into_inner()).device_mut().muxer.epoll_fd();
+        if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+            tracing::error!("vsock: cannot watch host sockets: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let mut transport = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        transport.device_mut().handle_host_events();
+        transport.process_queue(RX_QUEUE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::packet::*;
+    use super::*;
+    use crate::memory::create_guest_memory;
+    use std::io::Write;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::path::PathBuf;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const SIZE: u16 = 16;
+    const GUEST_CID: u64 = 3;
+
+    /// The guest driver's side of the three queues, in real guest memory.
+    struct Driver {
+        mem: GuestMemory,
+        queues: Vec<Queue>,
+        avail: [u16; 2],
+        rx_seen: u16,
+    }
+
+    fn ring(q: usize) -> (u64, u64, u64) {
+        let base = 0x1000 + q as u64 * 0x3000;
+        (base, base + 0x1000, base + 0x2000)
+    }
+
+    impl Driver {
+        fn new() -> Self {
+            let mem = create_guest_memory(1).unwrap();
+            let queues = (0..3)
+                .map(|q| {
+                    let (d, a, u) = ring(q);
+                    let mut queue = Queue::new(SIZE).unwrap();
+                    queue.set_size(SIZE);
+                    queue.set_desc_table_address(Some(d as u32), Some(0));
+                    queue.set_avail_ring_address(Some(a as u32), Some(0));
+                    queue.set_used_ring_address(Some(u as u32), Some(0));
+                    queue.set_ready(true);
+                    queue
+                })
+                .collect();
+            Self { mem, queues, avail: [0; 2], rx_seen: 0 }
+        }
+
+        fn publish(&mut self, q: usize, addr: u64, len: u32, flags: u16) {
+            let (d, a, _) = ring(q);
+            let idx = self.avail[q];
+            let slot = idx % SIZE;
+            let desc = virtio_queue::desc::split::Descriptor::new(addr, len, flags, 0);
+            self.mem.write_obj(desc, GuestAddress(d + 16 * u64::from(slot))).unwrap();
+            self.mem.write_obj(slot, GuestAddress(a + 4 + 2 * u64::from(slot))).unwrap();
+            self.avail[q] = idx.wrapping_add(1);
+            self.mem.write_obj(self.avail[q], GuestAddress(a + 2)).unwrap();
+        }
+
+        fn give_rx(&mut self, dev: &mut Vsock, n: u16) {
+            for _ in 0..n {
+                let slot = self.avail[RX_QUEUE] % SIZE;
+                self.publish(RX_QUEUE, 0x20000 + u64::from(slot) * 0x1000, 0x1000, 2);
+            }
+            dev.process_queue(RX_QUEUE, &mut self.queues, &self.mem);
+        }
+
+        fn send(&mut self, dev: &mut Vsock, mut hdr: Header, payload: &[u8]) {
+            hdr.src_cid = GUEST_CID;
+            hdr.dst_cid = HOST_CID;
+            hdr.type_ = TYPE_STREAM;
+            hdr.len = payload.len() as u32;
+            let addr = 0x40000 + u64::from(self.avail[TX_QUEUE] % SIZE) * 0x1000;
+            self.mem.write_obj(hdr, GuestAddress(addr)).unwrap();
+            self.mem.write_slice(payload, GuestAddress(addr + HEADER_LEN as u64)).unwrap();
+            self.publish(TX_QUEUE, addr, (HEADER_LEN + payload.len()) as u32, 0);
+            dev.process_queue(TX_QUEUE, &mut self.queues, &self.mem);
+        }
+
+        /// Packets the device put in RX buffers since the last call.
+        fn recv(&mut self, dev: &mut Vsock) -> Vec<(Header, Vec<u8>)> {
+            dev.handle_host_events();
+            dev.process_queue(RX_QUEUE, &mut self.queues, &self.mem);
+            let (_, _, u) = ring(RX_QUEUE);
+            let used: u16 = self.mem.read_obj(GuestAddress(u + 2)).unwrap();
+            let mut out = Vec::new();
+            while self.rx_seen != used {
+                let e = u + 4 + 8 * u64::from(self.rx_seen % SIZE);
+                let id: u32 = self.mem.read_obj(GuestAddress(e)).unwrap();
+                let len: u32 = self.mem.read_obj(GuestAddress(e + 4)).unwrap();
+                let addr = 0x20000 + u64::from(id) * 0x1000;
+                let hdr: Header = self.mem.read_obj(GuestAddress(addr)).unwrap();
+                let mut data = vec![0u8; len as usize - HEADER_LEN];
+                self.mem.read_slice(&mut data, GuestAddress(addr + HEADER_LEN as u64)).unwrap();
+                out.push((hdr, data));
+                self.rx_seen = self.rx_seen.wrapping_add(1);
+            }
+            out
+        }
+    }
+
+    fn header(op: u16, src_port: u32, dst_port: u32) -> Header {
+        Header { op, src_port, dst_port, buf_alloc: 1 << 16, ..Default::default() }
+    }
+
+    fn uds(name: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("kv-vsock-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        p
+    }
+
+    fn ops(pkts: &[(Header, Vec<u8>)]) -> Vec<u16> {
+        pkts.iter().map(|(h, _)| h.op).collect()
+    }
+
+    #[test]
+    fn guest_initiated_stream_to_a_host_unix_socket() {
+        let path = uds("g2h");
+        let listener = UnixListener::bind(format!("{}_5000", path.display())).unwrap();
+        let mut dev = Vsock::new(GUEST_CID, &path).unwrap();
+        let mut drv = Driver::new();
+        drv.give_rx(&mut dev, 8);
+
+        drv.send(&mut dev, header(OP_REQUEST, 1234, 5000), &[]);
+        let got = drv.recv(&mut dev);
+        assert_eq!(ops(&got), [OP_RESPONSE]);
+        let h = got[0].0;
+        assert_eq!((h.src_cid, h.dst_cid, h.src_port, h.dst_port), (2, 3, 5000, 1234));
+
+        let (mut host, _) = listener.accept().unwrap();
+        drv.send(&mut dev, header(OP_RW, 1234, 5000), b"ping");
+        let mut buf = [0u8; 4];
+        host.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+
+        host.write_all(b"pong").unwrap();
+        let got = drv.recv(&mut dev);
+        assert_eq!(ops(&got), [OP_RW]);
+        assert_eq!(got[0].1, b"pong");
+        assert_eq!({ got[0].0.fwd_cnt }, 4, "our fwd_cnt counts what reached the host");
+
+        drop(host);
+        let got = drv.recv(&mut dev);
+        assert_eq!(ops(&got), [OP_SHUTDOWN]);
+        drv.send(&mut dev, header(OP_RST, 1234, 5000), &[]);
+        drop(dev);
+        assert!(!path.exists(), "the socket is unlinked on drop");
+        std::fs::remove_file(format!("{}_5000", path.display())).unwrap();
+    }
+
+    #[test]
+    fn guest_connect_to_a_port_nobody_listens_on_is_reset() {
+        let path = uds("refused");
+        let mut dev = Vsock::new(GUEST_CID, &path).unwrap();
+        let mut drv = Driver::new();
+        drv.give_rx(&mut dev, 2);
+        drv.send(&mut dev, header(OP_REQUEST, 1, 7777), &[]);
+        assert_eq!(ops(&drv.recv(&mut dev)), [OP_RST]);
+        // Data for a connection that does not exist is answered with RST too.
+        drv.send(&mut dev, header(OP_RW, 1, 7777), b"x");
+        assert_eq!(ops(&drv.recv(&mut dev)), [OP_RST]);
+    }
+
+    #[test]
+    fn host_initiated_connect_ok_and_data() {
+        let path = uds("h2g");
+        let mut dev = Vsock::new(GUEST_CID, &path).unwrap();
+        let mut drv = Driver::new();
+        drv.give_rx(&mut dev, 8);
+
+        let mut client = UnixStream::connect(&path).unwrap();
+        client.write_all(b"CONNECT 52\n").unwrap();
+        let got = drv.recv(&mut dev);
+        assert_eq!(ops(&got), [OP_REQUEST]);
+        let req = got[0].0;
+        assert_eq!((req.dst_port, req.dst_cid), (52, GUEST_CID));
+        let host_port = req.src_port;
+
+        drv.send(&mut dev, header(OP_RESPONSE, 52, host_port), &[]);
+        let mut line = [0u8; 64];
+        let n = client.read(&mut line).unwrap();
+        assert_eq!(std::str::from_utf8(&line[..n]).unwrap(), format!("OK {host_port}\n"));
+
+        client.write_all(b"hello guest").unwrap();
+        let got = drv.recv(&mut dev);
+        assert_eq!(ops(&got), [OP_RW]);
+        assert_eq!(got[0].1, b"hello guest");
+        drv.send(&mut dev, header(OP_RW, 52, host_port), b"hello host");
+        let n = client.read(&mut line).unwrap();
+        assert_eq!(&line[..n], b"hello host");
+    }
+
+    #[test]
+    fn host_connect_refused_by_the_guest_or_malformed_is_closed() {
+        let path = uds("h2g-refused");
+        let mut dev = Vsock::new(GUEST_CID, &path).unwrap();
+        let mut drv = Driver::new();
+        drv.give_rx(&mut dev, 8);
+
+        let mut client = UnixStream::connect(&path).unwrap();
+        client.write_all(b"CONNECT 99\n").unwrap();
+        let req = drv.recv(&mut dev)[0].0;
+        drv.send(&mut dev, header(OP_RST, 99, req.src_port), &[]);
+        let mut buf = [0u8; 8];
+        assert_eq!(client.read(&mut buf).unwrap(), 0, "closed without OK");
+
+        let mut bad = UnixStream::connect(&path).unwrap();
+        bad.write_all(b"HELLO 1\n").unwrap();
+        assert!(drv.recv(&mut dev).is_empty(), "no REQUEST for a bad line");
+        assert_eq!(bad.read(&mut buf).unwrap(), 0);
+    }
+
+    #[test]
+    fn guest_credit_bounds_what_the_host_may_send() {
+        let path = uds("credit");
+        let listener = UnixListener::bind(format!("{}_6000", path.display())).unwrap();
+        let mut dev = Vsock::new(GUEST_CID, &path).unwrap();
+        let mut drv = Driver::new();
+        drv.give_rx(&mut dev, 8);
+        let mut req = header(OP_REQUEST, 10, 6000);
+        req.buf_alloc = 4;
+        drv.send(&mut dev, req, &[]);
+        assert_eq!(ops(&drv.recv(&mut dev)), [OP_RESPONSE]);
+        let (mut host, _) = listener.accept().unwrap();
+
+        host.write_all(b"abcdefgh").unwrap();
+        let got = drv.recv(&mut dev);
+        assert_eq!(got.iter().map(|(_, d)| d.clone()).collect::<Vec<_>>(), [b"abcd".to_vec()]);
+        assert!(drv.recv(&mut dev).is_empty(), "no credit left");
+
+        let mut update = header(OP_CREDIT_UPDATE, 10, 6000);
+        update.buf_alloc = 4;
+        update.fwd_cnt = 4;
+        drv.send(&mut dev, update, &[]);
+        let got = drv.recv(&mut dev);
+        assert_eq!(got.iter().map(|(_, d)| d.clone()).collect::<Vec<_>>(), [b"efgh".to_vec()]);
+
+        drv.send(&mut dev, header(OP_CREDIT_REQUEST, 10, 6000), &[]);
+        let got = drv.recv(&mut dev);
+        assert_eq!(ops(&got), [OP_CREDIT_UPDATE]);
+        assert_eq!({ got[0].0.buf_alloc }, muxer::BUF_ALLOC);
+        std::fs::remove_file(format!("{}_6000", path.display())).unwrap();
+    }
+
+    #[test]
+    fn bad_configuration_is_refused() {
+        assert!(Vsock::new(2, &uds("cid2")).is_err());
+        let path = uds("twice");
+        let _first = Vsock::new(3, &path).unwrap();
+        let err = Vsock::new(3, &path).err().expect("a second bind fails");
+        assert!(err.to_string().contains("binding vsock socket"), "{err}");
+    }
+}
