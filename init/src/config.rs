@@ -22,7 +22,14 @@ pub struct Config {
     /// Block device to `switch_root` into; `None` keeps the current root.
     pub root: Option<PathBuf>,
     pub root_fstype: String,
+    /// Mount options of the root device (`ro` by default: Lambda's root is read-only).
+    pub root_options: String,
+    /// How long to wait for the root device (and for non-optional `mounts` sources).
     pub root_wait_ms: u64,
+    /// Device of the function code, mounted read-only (ext4) at `/var/task` when present.
+    pub task: Option<PathBuf>,
+    /// Further filesystems, mounted after `switch_root`.
+    pub mounts: Vec<MountEntry>,
     pub modules: Vec<String>,
     /// Empty: leave the hostname alone.
     pub hostname: String,
@@ -49,7 +56,10 @@ impl Default for Config {
         Self {
             root: None,
             root_fstype: "ext4".into(),
+            root_options: "ro".into(),
             root_wait_ms: 5000,
+            task: None,
+            mounts: Vec::new(),
             modules: Vec::new(),
             hostname: "localhost".into(),
             tmp_size: Size("512m".into()),
@@ -72,6 +82,25 @@ impl Default for Config {
         }
     }
 }
+
+/// One entry of `mounts`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountEntry {
+    pub source: String,
+    pub target: PathBuf,
+    pub fstype: String,
+    /// Comma-separated, as for mount(8): flags like `ro`, `nosuid`, the rest for the
+    /// filesystem.
+    #[serde(default)]
+    pub options: String,
+    /// Skip the entry when `source` does not exist (instead of waiting, then failing).
+    #[serde(default)]
+    pub optional: bool,
+}
+
+/// Where the function code's drive is mounted.
+pub const TASK_DIR: &str = "/var/task";
 
 /// When the bootstrap is started again after it exits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,7 +230,10 @@ deserialize_via_from_str!(Size, Restart, Shutdown, NoFile);
 pub struct Layer {
     root: Option<String>,
     root_fstype: Option<String>,
+    root_options: Option<String>,
     root_wait_ms: Option<u64>,
+    task: Option<String>,
+    mounts: Option<Vec<MountEntry>>,
     modules: Option<Vec<String>>,
     hostname: Option<String>,
     tmp_size: Option<Size>,
@@ -263,6 +295,7 @@ impl Layer {
         [
             ("root", self.root.is_some()),
             ("root_fstype", self.root_fstype.is_some()),
+            ("root_options", self.root_options.is_some()),
             ("root_wait_ms", self.root_wait_ms.is_some()),
             ("modules", self.modules.is_some()),
             ("tmp_size", self.tmp_size.is_some()),
@@ -301,7 +334,10 @@ impl Layer {
         match key {
             "root" => self.root = Some(value.into()),
             "root_fstype" => self.root_fstype = Some(value.into()),
+            "root_options" => self.root_options = Some(value.into()),
             "root_wait_ms" => self.root_wait_ms = number(value)?,
+            "task" => self.task = Some(value.into()),
+            "mounts" => return Err("can only be set in the JSON file".into()),
             "modules" => self.modules = list(value, |c| c == ','),
             "hostname" => self.hostname = Some(value.into()),
             "tmp_size" => self.tmp_size = parse(value)?,
@@ -365,7 +401,10 @@ impl Config {
         let Layer {
             root,
             root_fstype,
+            root_options,
             root_wait_ms,
+            task,
+            mounts,
             modules,
             hostname,
             tmp_size,
@@ -387,7 +426,12 @@ impl Config {
             self.root = (!root.is_empty()).then(|| root.into());
         }
         set(&mut self.root_fstype, root_fstype);
+        set(&mut self.root_options, root_options);
         set(&mut self.root_wait_ms, root_wait_ms);
+        if let Some(task) = task {
+            self.task = (!task.is_empty()).then(|| task.into());
+        }
+        set(&mut self.mounts, mounts);
         set(&mut self.modules, modules);
         set(&mut self.hostname, hostname);
         set(&mut self.tmp_size, tmp_size);
@@ -419,13 +463,24 @@ impl Config {
                 self.bootstrap.display()
             ));
         }
-        if let Some(root) = &self.root {
-            if !root.is_absolute() {
+        for (key, device) in [("root", &self.root), ("task", &self.task)] {
+            if let Some(device) = device.as_ref().filter(|d| !d.is_absolute()) {
                 return fail(format!(
-                    "root: `{}` is not an absolute device path",
-                    root.display()
+                    "{key}: `{}` is not an absolute device path",
+                    device.display()
                 ));
             }
+        }
+        if let Some(bad) = self
+            .mounts
+            .iter()
+            .find(|m| !m.target.is_absolute() || m.source.is_empty() || m.fstype.is_empty())
+        {
+            return fail(format!(
+                "mounts: {} ({}) needs a source, an fstype and an absolute target",
+                bad.target.display(),
+                bad.source
+            ));
         }
         if self
             .memory_limit
@@ -447,6 +502,20 @@ impl Config {
             return fail(format!("env: `{key}` is not a variable name"));
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// `mounts`, then the function code's drive when `task` names one.
+    pub fn extra_mounts(&self) -> Vec<MountEntry> {
+        let task = self.task.iter().map(|device| MountEntry {
+            source: device.display().to_string(),
+            target: TASK_DIR.into(),
+            fstype: "ext4".into(),
+            options: "ro".into(),
+            optional: true,
+        });
+        self.mounts.iter().cloned().chain(task).collect()
     }
 }
 
@@ -491,7 +560,8 @@ mod tests {
             "console=ttyS0 reboot=k kindling.root=/dev/vda kindling.modules=virtio_mmio,vsock \
              kindling.hostname=fn-1 kindling.env=A=1,B=x=y kindling.restart=on-failure \
              kindling.sandbox kindling.boot_timer=0 kindling.memory_limit=128m \
-             kindling.pids_limit=64 \"kindling.bootstrap_args=--port 9001\" panic=-1",
+             kindling.pids_limit=64 \"kindling.bootstrap_args=--port 9001\" panic=-1 \
+             kindling.task=/dev/vdb kindling.root_options=ro,noatime",
             "{}",
         )
         .unwrap();
@@ -503,9 +573,40 @@ mod tests {
         assert_eq!(c.restart, Restart::OnFailure);
         assert!(c.sandbox);
         assert!(!c.boot_timer);
-        assert_eq!(c.memory_limit.unwrap().bytes(), Some(128 << 20));
+        assert_eq!(c.memory_limit.as_ref().unwrap().bytes(), Some(128 << 20));
         assert_eq!(c.pids_limit, Some(64));
         assert_eq!(c.bootstrap_args, ["--port", "9001"]);
+        assert_eq!(c.root_options, "ro,noatime");
+        assert_eq!(c.extra_mounts()[0].target, PathBuf::from(TASK_DIR));
+        assert_eq!(c.extra_mounts()[0].source, "/dev/vdb");
+        assert!(c.extra_mounts()[0].optional);
+    }
+
+    #[test]
+    fn mounts_come_from_json_only() {
+        let c = resolve(
+            "",
+            r#"{"mounts": [{"source": "/dev/vdc", "target": "/data", "fstype": "ext4"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.extra_mounts().len(), 1);
+        assert_eq!(c.mounts[0].options, "");
+        assert!(!c.mounts[0].optional);
+        let e = error("kindling.mounts=x", "{}");
+        assert!(e.contains("can only be set in the JSON file"), "{e}");
+        let e = error(
+            "",
+            r#"{"mounts": [{"source": "/dev/vdc", "target": "data", "fstype": "ext4"}]}"#,
+        );
+        assert!(
+            e.contains("needs a source, an fstype and an absolute target"),
+            "{e}"
+        );
+        let e = error(
+            "",
+            r#"{"mounts": [{"source": "a", "target": "/b", "fstype": "c", "mode": 1}]}"#,
+        );
+        assert!(e.contains("unknown field `mode`"), "{e}");
     }
 
     #[test]

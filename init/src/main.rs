@@ -121,11 +121,14 @@ fn boot_and_run(
         system::signal_boot_timer()?;
     }
     modules::load_all(&config.modules)?;
+    let wait = Duration::from_millis(config.root_wait_ms);
     if let Some(device) = config.root.clone() {
-        let wait = Duration::from_millis(config.root_wait_ms);
-        root::switch_root(&device, &config.root_fstype, wait)?;
+        root::switch_root(&device, &config.root_fstype, &config.root_options, wait)?;
         say!("switched root to {} at {:.3} s", device.display(), uptime());
         apply_root_config(config, config_path.unwrap_or(Path::new(DEFAULT_CONFIG)))?;
+    }
+    for entry in config.extra_mounts() {
+        mounts.mount_extra(&entry, wait)?;
     }
     system::set_hostname(&config.hostname)?;
     system::loopback_up()?;

@@ -7,10 +7,17 @@ use std::io;
 use std::os::unix::fs::{symlink, DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
 use nix::mount::{mount, umount, MsFlags};
 
+use crate::config::MountEntry;
 use crate::console::say;
+
+/// How often to look for a device that is not there yet.
+const DEVICE_POLL: Duration = Duration::from_millis(10);
 
 /// One filesystem init may mount.
 struct Spec {
@@ -105,6 +112,39 @@ impl Mounts {
         Ok(())
     }
 
+    /// Mounts one `mounts` entry (or the task drive) unless its target is a mount point
+    /// already. A missing source is skipped when optional, else awaited up to `wait`.
+    pub fn mount_extra(&mut self, entry: &MountEntry, wait: Duration) -> Result<()> {
+        let source = Path::new(&entry.source);
+        if is_mount_point(&entry.target)? || (entry.optional && !source.exists()) {
+            return Ok(());
+        }
+        if source.is_absolute() {
+            wait_for_device(source, wait)?;
+        }
+        create_dir(&entry.target)?;
+        let (flags, data) = mount_options(&entry.options);
+        let data = (!data.is_empty()).then_some(data.as_str());
+        mount(
+            Some(source),
+            &entry.target,
+            Some(entry.fstype.as_str()),
+            flags,
+            data,
+        )
+        .with_context(|| {
+            format!(
+                "mount {} on {} ({}, {})",
+                entry.source,
+                entry.target.display(),
+                entry.fstype,
+                entry.options
+            )
+        })?;
+        self.made.push(entry.target.clone());
+        Ok(())
+    }
+
     /// `/dev/ptmx` must reach the new devpts instance: a link where there is nothing, or
     /// a bind mount over an existing node, which leaves a shared devtmpfs untouched.
     fn ptmx(&mut self) -> Result<()> {
@@ -139,6 +179,52 @@ impl Mounts {
             }
         }
     }
+}
+
+/// Splits mount(8)-style options into the flags the kernel takes as bits and the rest,
+/// which the filesystem parses itself.
+pub fn mount_options(options: &str) -> (MsFlags, String) {
+    let mut flags = MsFlags::empty();
+    let mut data = Vec::new();
+    for option in options.split(',').filter(|o| !o.is_empty()) {
+        let (flag, set) = match option {
+            "ro" => (MsFlags::MS_RDONLY, true),
+            "rw" => (MsFlags::MS_RDONLY, false),
+            "nosuid" => (MsFlags::MS_NOSUID, true),
+            "suid" => (MsFlags::MS_NOSUID, false),
+            "nodev" => (MsFlags::MS_NODEV, true),
+            "dev" => (MsFlags::MS_NODEV, false),
+            "noexec" => (MsFlags::MS_NOEXEC, true),
+            "exec" => (MsFlags::MS_NOEXEC, false),
+            "noatime" => (MsFlags::MS_NOATIME, true),
+            "nodiratime" => (MsFlags::MS_NODIRATIME, true),
+            "relatime" => (MsFlags::MS_RELATIME, true),
+            "sync" => (MsFlags::MS_SYNCHRONOUS, true),
+            "dirsync" => (MsFlags::MS_DIRSYNC, true),
+            other => {
+                data.push(other);
+                continue;
+            }
+        };
+        flags.set(flag, set);
+    }
+    (flags, data.join(","))
+}
+
+/// Waits until `device` exists (devtmpfs adds nodes as drivers probe), up to `wait`.
+pub fn wait_for_device(device: &Path, wait: Duration) -> Result<()> {
+    let deadline = Instant::now() + wait;
+    while !device.exists() {
+        if Instant::now() >= deadline {
+            bail!(
+                "device {} did not appear within {} ms",
+                device.display(),
+                wait.as_millis()
+            );
+        }
+        sleep(DEVICE_POLL);
+    }
+    Ok(())
 }
 
 fn create_dir(path: &Path) -> Result<()> {
@@ -223,6 +309,18 @@ mod tests {
             points,
             [PathBuf::from("/proc"), PathBuf::from("/mnt/my disk")]
         );
+    }
+
+    #[test]
+    fn mount_options_split_into_flags_and_data() {
+        let (flags, data) = mount_options("ro,noatime,data=ordered,nosuid,errors=remount-ro");
+        assert_eq!(
+            flags,
+            MsFlags::MS_RDONLY | MsFlags::MS_NOATIME | MsFlags::MS_NOSUID
+        );
+        assert_eq!(data, "data=ordered,errors=remount-ro");
+        assert_eq!(mount_options("ro,rw").0, MsFlags::empty());
+        assert_eq!(mount_options(""), (MsFlags::empty(), String::new()));
     }
 
     #[test]

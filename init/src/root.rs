@@ -6,26 +6,23 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::thread::sleep;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use nix::mount::{mount, MsFlags};
 use nix::sys::statfs::{statfs, FsType, TMPFS_MAGIC};
 use nix::unistd::{chdir, chroot};
 
-use crate::mounts::{is_mount_point, MOVED_ON_SWITCH};
+use crate::mounts::{is_mount_point, mount_options, wait_for_device, MOVED_ON_SWITCH};
 
 /// Where the root disk is mounted before it becomes `/`.
 const NEW_ROOT: &str = "/newroot";
 /// `RAMFS_MAGIC` from linux/magic.h (the initramfs when it is not a tmpfs); libc lacks it.
 const RAMFS_MAGIC: FsType = FsType(0x8584_58f6);
-/// How often to look for the root device while it is not there yet.
-const DEVICE_POLL: Duration = Duration::from_millis(10);
 
 /// Switches into the filesystem on `device`. `/` must be an initramfs (ramfs or tmpfs):
 /// that is what gets deleted.
-pub fn switch_root(device: &Path, fstype: &str, wait: Duration) -> Result<()> {
+pub fn switch_root(device: &Path, fstype: &str, options: &str, wait: Duration) -> Result<()> {
     let root_type = statfs("/").context("statfs /")?.filesystem_type();
     if root_type != RAMFS_MAGIC && root_type != TMPFS_MAGIC {
         bail!(
@@ -34,17 +31,13 @@ pub fn switch_root(device: &Path, fstype: &str, wait: Duration) -> Result<()> {
             device.display()
         );
     }
-    wait_for(device, wait)?;
+    wait_for_device(device, wait).context("root")?;
     let new_root = Path::new(NEW_ROOT);
     fs::create_dir_all(new_root).context("create /newroot")?;
-    mount(
-        Some(device),
-        new_root,
-        Some(fstype),
-        MsFlags::MS_RDONLY,
-        None::<&str>,
-    )
-    .with_context(|| format!("mount root {} ({fstype}, read-only)", device.display()))?;
+    let (flags, data) = mount_options(options);
+    let data = (!data.is_empty()).then_some(data.as_str());
+    mount(Some(device), new_root, Some(fstype), flags, data)
+        .with_context(|| format!("mount root {} ({fstype}, {options})", device.display()))?;
 
     for old in MOVED_ON_SWITCH {
         let old = Path::new(old);
@@ -77,21 +70,6 @@ pub fn switch_root(device: &Path, fstype: &str, wait: Duration) -> Result<()> {
         .context("move /newroot to /")?;
     chroot(".").context("chroot /newroot")?;
     chdir("/").context("chdir /")?;
-    Ok(())
-}
-
-fn wait_for(device: &Path, wait: Duration) -> Result<()> {
-    let deadline = Instant::now() + wait;
-    while !device.exists() {
-        if Instant::now() >= deadline {
-            bail!(
-                "root device {} did not appear within {} ms",
-                device.display(),
-                wait.as_millis()
-            );
-        }
-        sleep(DEVICE_POLL);
-    }
     Ok(())
 }
 

@@ -365,7 +365,7 @@ fn a_root_device_that_never_appears_times_out() {
     let out = guest.run();
     assert_eq!(out.code, Some(1));
     assert!(out.stderr.contains(
-        "init: error: root device /dev/kindling-no-such-disk did not appear within 100 ms"
+        "init: error: root: device /dev/kindling-no-such-disk did not appear within 100 ms"
     ));
 }
 
@@ -434,26 +434,42 @@ fn switch_root_moves_into_a_prepared_root() {
     };
     let scratch = tempfile::tempdir().unwrap();
     let disk = scratch.path().join("disk");
-    for sub in ["dev", "proc", "sys", "run", "tmp", "etc/kindling"] {
+    for sub in [
+        "dev",
+        "proc",
+        "sys",
+        "run",
+        "tmp",
+        "etc/kindling",
+        "var/task",
+    ] {
         fs::create_dir_all(disk.join(sub)).unwrap();
     }
     copy_shell(&disk);
     fs::write(disk.join("marker"), "on-disk\n").unwrap();
-    fs::write(
-        disk.join("etc/kindling/init.json"),
-        r#"{"env": {"FROM_ROOT": "yes"}}"#,
-    )
-    .unwrap();
+    // The root disk's own init.json is read after switch_root and layered on top.
+    let root_config = json!({
+        "env": {"FROM_ROOT": "yes"},
+        "mounts": [{"source": "/dev/kindling-absent", "target": "/absent",
+                    "fstype": "ext4", "optional": true}],
+    });
+    fs::write(disk.join("etc/kindling/init.json"), root_config.to_string()).unwrap();
     write_script(
         &disk.join("bootstrap.sh"),
         r#"read m < /marker; echo "marker=$m"
+read t < /var/task/handler; echo "task=$t"
 echo "from_root=$FROM_ROOT"
 while read -r line; do case "$line" in *" / / "*) echo "root=$line";; esac; done < /proc/self/mountinfo
 for f in /*; do echo "entry=$f"; done
 [ -r /proc/self/stat ] && [ -d /dev/pts/ ] && echo pseudo=moved"#,
     );
-    let disk = match loop_disk(&disk, &scratch.path().join("disk.img")) {
-        Ok(disk) => disk,
+    let task = scratch.path().join("task");
+    fs::create_dir(&task).unwrap();
+    fs::write(task.join("handler"), "code\n").unwrap();
+    let disks = loop_disk(&disk, &scratch.path().join("disk.img"))
+        .and_then(|d| Ok((d, loop_disk(&task, &scratch.path().join("task.img"))?)));
+    let (disk, task) = match disks {
+        Ok(disks) => disks,
         Err(why) => {
             println!("SKIPPED: cannot make an ext4 loop disk: {why}");
             return;
@@ -462,21 +478,28 @@ for f in /*; do echo "entry=$f"; done
     guest.initramfs();
     guest
         .set("root", json!(disk.0))
+        .set("root_options", json!("ro,noatime"))
+        .set("task", json!(task.0))
         .set("root_wait_ms", json!(2000));
     let out = guest.run();
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     assert_eq!(out.value("marker"), "on-disk");
+    assert_eq!(out.value("task"), "code");
     assert_eq!(out.value("from_root"), "yes");
     let root = out.value("root");
+    assert!(root.contains(" / / ro,noatime"), "{root}");
     assert!(root.contains(&format!(" - ext4 {} ro", disk.0)), "{root}");
     assert_eq!(out.value("pseudo"), "moved");
     assert!(
         !out.stdout.contains("entry=/init\n"),
         "still in the initramfs"
     );
-    assert!(out
-        .stderr
-        .contains(&format!("init: switched root to {} at ", disk.0)));
+    assert!(
+        !out.stdout.contains("entry=/absent\n"),
+        "optional mount made"
+    );
+    let switched = format!("init: switched root to {} at ", disk.0);
+    assert!(out.stderr.contains(&switched));
 }
 
 #[test]

@@ -2,8 +2,6 @@
 //! namespaces (`unshare`), chrooted into a scratch root that borrows the host's `/usr`
 //! read-only, so that small shell scripts can serve as the bootstrap.
 
-#![allow(dead_code)] // each test binary uses a different part of the harness
-
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::{symlink, PermissionsExt};
