@@ -146,21 +146,23 @@ impl State {
 
     /// Checks that `id` may be answered now: 400 for an id never seen, 403 for one that
     /// is finished, not yet handed out, or when nothing is in flight.
-    fn check_answer(&self, id: &str) -> Result<(), Response<Full<Bytes>>> {
+    fn check_answer(&self, id: &str) -> Result<(), Refusal> {
         match &self.in_flight {
             Some(f) if f.request_id == id => Ok(()),
             Some(_) if !self.finished.iter().any(|f| f == id) && !self.is_pending(id) => {
-                Err(error_response(
-                    StatusCode::BAD_REQUEST,
-                    "InvalidRequestID",
-                    &format!("Invalid request ID: {id:?} is not the invocation in flight"),
-                ))
+                Err(Refusal {
+                    status: StatusCode::BAD_REQUEST,
+                    error_type: "InvalidRequestID",
+                    message: format!("Invalid request ID: {id:?} is not the invocation in flight"),
+                })
             }
-            _ => Err(error_response(
-                StatusCode::FORBIDDEN,
-                "InvalidStateTransition",
-                &format!("State transition is not allowed: no invocation {id:?} awaits an answer"),
-            )),
+            _ => Err(Refusal {
+                status: StatusCode::FORBIDDEN,
+                error_type: "InvalidStateTransition",
+                message: format!(
+                    "State transition is not allowed: no invocation {id:?} awaits an answer"
+                ),
+            }),
         }
     }
 
@@ -168,6 +170,19 @@ impl State {
         self.pending
             .as_ref()
             .is_some_and(|p| p.invocation.request_id == id)
+    }
+}
+
+/// A request the Runtime API turns down, before it becomes an answer.
+struct Refusal {
+    status: StatusCode,
+    error_type: &'static str,
+    message: String,
+}
+
+impl From<Refusal> for Response<Full<Bytes>> {
+    fn from(r: Refusal) -> Self {
+        error_response(r.status, r.error_type, &r.message)
     }
 }
 
@@ -401,7 +416,7 @@ async fn next(shared: &Shared) -> Response<Full<Bytes>> {
 
 async fn response(shared: &Shared, id: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if let Err(r) = shared.state().check_answer(id) {
-        return r;
+        return r.into();
     }
     let body = match read_body(req, wire::MAX_RESPONSE_BYTES).await {
         Ok(b) => b,
@@ -432,7 +447,7 @@ async fn function_error(
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     if let Err(r) = shared.state().check_answer(id) {
-        return r;
+        return r.into();
     }
     let header_type = error_type_header(&req);
     let body = match read_body(req, wire::MAX_RESPONSE_BYTES).await {
@@ -448,7 +463,7 @@ fn answer(shared: &Shared, id: &str, outcome: Outcome) -> Response<Full<Bytes>> 
     let mut state = shared.state();
     // Checked again: the invocation may have timed out while the body was read.
     if let Err(r) = state.check_answer(id) {
-        return r;
+        return r.into();
     }
     state.complete_current(outcome);
     accepted()
@@ -513,7 +528,7 @@ async fn report(shared: &Shared, id: &str, req: Request<Incoming>) -> Response<F
     };
     let mut state = shared.state();
     if let Err(r) = state.check_answer(id) {
-        return r;
+        return r.into();
     }
     if let Some(f) = state.in_flight.as_mut() {
         f.report = Some(report);

@@ -209,11 +209,19 @@ async fn one_event_at_a_time() {
     wb.abort();
 }
 
+/// Headers and body the runtime posts; the error type recorded and the JSON the caller gets.
+type ErrorCase = (
+    &'static [(&'static str, &'static str)],
+    &'static [u8],
+    &'static str,
+    serde_json::Value,
+);
+
 #[tokio::test]
 async fn function_errors_are_normalised_and_passed_on() {
     let f = fixture();
     let mut c = f.connect().await;
-    let cases: [(&[(&str, &str)], &[u8], &str, serde_json::Value); 4] = [
+    let cases: [ErrorCase; 4] = [
         (
             &[("Lambda-Runtime-Function-Error-Type", "Function.Custom")],
             br#"{"errorMessage":"m","errorType":"ValueError","stackTrace":["a"]}"#,
