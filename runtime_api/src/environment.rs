@@ -79,9 +79,14 @@ pub trait Environment: Send + Sync {
     /// Whether the environment is still running; never blocks.
     fn is_alive(&mut self) -> bool;
     /// Resolves when the environment has stopped by itself (crash, guest power-off),
-    /// with a one-line reason.
+    /// with a one-line reason (`exit status 3`, `signal: killed`, ...), which callers
+    /// see in `Runtime exited with error: <reason>`.
+    ///
+    /// Must be cancel-safe: the scheduler polls it in `select!` next to each invocation
+    /// and drops the future when the invocation ends first.
     async fn exited(&mut self) -> String;
-    /// Stops the environment and removes everything it created on the host.
+    /// Stops the environment and removes everything it created on the host. The
+    /// scheduler then closes the Runtime API socket and removes `spec.dir`.
     async fn stop(&mut self, mode: StopMode) -> io::Result<()>;
     /// Where the guest's console output goes (kept on failure for `kindling logs`).
     fn console_log(&self) -> Option<&Path> {

@@ -151,6 +151,8 @@ struct Env {
     api: RuntimeApi,
     /// Invocations this environment has run; 0 means its next one is a cold start.
     served: u64,
+    /// Timed out, crashed or failed its init: it must be stopped, not reused.
+    broken: bool,
     started: Instant,
 }
 
@@ -383,7 +385,7 @@ impl Pool {
     /// closing, to the bin.
     async fn release(&self, env: Option<Box<Env>>) {
         let mut env = match env {
-            Some(broken) if broken.is_broken() => {
+            Some(broken) if broken.broken => {
                 self.stop(broken, StopMode::Kill).await;
                 None
             }
@@ -518,6 +520,7 @@ impl Pool {
                     handle,
                     api,
                     served: 0,
+                    broken: false,
                     started,
                 }))
             }
@@ -617,7 +620,7 @@ impl Pool {
             log,
         } = completion;
         if !outcome.keeps_environment() {
-            env.served = u64::MAX; // marks it broken for release()
+            env.broken = true;
         }
         let mut report = report.unwrap_or_else(|| InvocationReport {
             duration_ms: dispatched_at.elapsed().as_secs_f64() * 1000.0,
@@ -648,7 +651,7 @@ impl Pool {
         since: Instant,
         error: ErrorBody,
     ) -> Invoked {
-        env.served = u64::MAX;
+        env.broken = true;
         let mut log = env.api.abandon();
         if error.error_type == "Sandbox.Timedout" {
             let line = format!(
@@ -713,12 +716,6 @@ enum Wait {
     InitTimeout,
     Timeout,
     Cancelled,
-}
-
-impl Env {
-    fn is_broken(&self) -> bool {
-        self.served == u64::MAX
-    }
 }
 
 /// Resolves once the flag is (or becomes) true; the borrow of the value ends inside, so
