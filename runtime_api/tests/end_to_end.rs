@@ -527,3 +527,141 @@ async fn idle_environments_retire() {
     assert_ne!(first, second);
     h.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_hangs_up_loses_its_answer_but_not_the_environment() {
+    let Some(mut h) = start(|code| vec![function("hangup", code)], |_| {}).await else {
+        return;
+    };
+    let first = body(&h.invoke("hangup", json!({})).await)["pid"].clone();
+    let mut raw = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let payload = json!({"n": 5, "action": "sleep", "seconds": 0.3}).to_string();
+    let head = format!(
+        "POST /2015-03-31/functions/hangup/invocations HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{payload}",
+        payload.len()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut raw, head.as_bytes())
+        .await
+        .unwrap();
+    h.log_line("handling 5 sleep").await;
+    drop(raw);
+    h.log_line("REPORT RequestId").await;
+    let r = h.invoke("hangup", json!({})).await;
+    assert_eq!(
+        body(&r)["pid"],
+        first,
+        "the environment went back to the warm pool"
+    );
+    assert_eq!(h.started(), 1);
+    h.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_cancels_what_outlives_the_grace_and_leaves_nothing() {
+    let Some(h) = start(
+        |code| vec![function("long", code)],
+        |o| o.shutdown_grace = Duration::from_millis(300),
+    )
+    .await
+    else {
+        return;
+    };
+    let addr = h.addr;
+    let call = tokio::spawn(async move {
+        client::invoke(
+            addr,
+            "long",
+            json!({"action": "sleep", "seconds": 2.5}).to_string(),
+            &InvokeOptions::default(),
+        )
+        .await
+        .unwrap()
+    });
+    while h.started() == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopping = std::time::Instant::now();
+    let census = h.census.clone();
+    h.close().await;
+    assert!(
+        stopping.elapsed() < Duration::from_secs(2),
+        "shutdown waited for the invocation"
+    );
+    let r = call.await.unwrap();
+    assert_eq!(r.function_error.as_deref(), Some("Unhandled"));
+    assert!(
+        body(&r)["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("shut down"),
+        "{}",
+        body(&r)
+    );
+    assert_eq!(census.running.load(Ordering::SeqCst), 0);
+}
+
+/// A launcher that cannot start anything.
+struct BrokenLauncher;
+
+#[async_trait::async_trait]
+impl Launcher for BrokenLauncher {
+    fn name(&self) -> &str {
+        "broken"
+    }
+    async fn start(
+        &self,
+        _spec: &kindling_runtime_api::EnvironmentSpec,
+    ) -> anyhow::Result<Box<dyn kindling_runtime_api::Environment>> {
+        anyhow::bail!("no hypervisor here")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launcher_failure_is_a_clear_service_error() {
+    let code = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let launchers = HashMap::from([(
+        Isolation::Sandbox,
+        Arc::new(BrokenLauncher) as Arc<dyn Launcher>,
+    )]);
+    let mut options = ServerOptions::new(state.path());
+    options.invoke_addr = "127.0.0.1:0".parse().unwrap();
+    // A function whose isolation has no launcher is refused up front.
+    let mut vm = function("vm", code.path());
+    vm.isolation = Isolation::MicroVm;
+    let err = Server::bind(vec![vm], launchers.clone(), options.clone())
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string()
+            .contains("no launcher for isolation MicroVm"),
+        "{err}"
+    );
+
+    let server = Server::bind(vec![function("f", code.path())], launchers, options)
+        .await
+        .unwrap();
+    let addr = server.local_addr();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    let r = client::invoke(addr, "f", "{}", &InvokeOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(r.status, 502);
+    assert_eq!(r.headers["x-amzn-errortype"], "ServiceException");
+    assert!(
+        body(&r)["message"]
+            .as_str()
+            .unwrap()
+            .contains("no hypervisor here"),
+        "{}",
+        body(&r)
+    );
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+    assert!(!state.path().join("envs").exists());
+}
