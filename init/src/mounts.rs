@@ -11,7 +11,8 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use nix::mount::{mount, umount, MsFlags};
+use nix::errno::Errno;
+use nix::mount::{mount, umount, umount2, MntFlags, MsFlags};
 
 use crate::config::MountEntry;
 use crate::console::say;
@@ -170,11 +171,16 @@ impl Mounts {
         }
     }
 
-    /// Unmounts what init mounted, newest first. Failures are reported and skipped: at
-    /// shutdown there is nothing better to do, and `sync` has already run.
+    /// Unmounts what init mounted, newest first. A filesystem still in use (the console
+    /// keeps `/dev` open) is detached instead; other failures are reported and skipped:
+    /// at shutdown there is nothing better to do, and `sync` has already run.
     pub fn unmount_all(&mut self) {
         while let Some(target) = self.made.pop() {
-            if let Err(e) = umount(&target) {
+            let result = match umount(&target) {
+                Err(Errno::EBUSY) => umount2(&target, MntFlags::MNT_DETACH),
+                result => result,
+            };
+            if let Err(e) = result {
                 say!("umount {}: {e}", target.display());
             }
         }

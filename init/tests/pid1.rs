@@ -521,3 +521,23 @@ fn the_guest_build_is_static() {
         binary.display()
     );
 }
+
+#[test]
+fn the_console_carries_init_and_bootstrap_output() {
+    let Some(mut guest) = Guest::new() else {
+        return;
+    };
+    fs::write(guest.out().join("console"), "").unwrap();
+    guest.set("console", json!("/out/console"));
+    guest.bootstrap("echo to-stdout\necho to-stderr >&2");
+    let out = guest.run();
+    assert_eq!(out.code, Some(0));
+    let console = fs::read_to_string(guest.out().join("console")).unwrap();
+    for line in ["to-stdout", "to-stderr", "init: bootstrap started at "] {
+        assert!(
+            console.contains(line),
+            "{line:?} not on the console:\n{console}"
+        );
+    }
+    assert!(!out.stdout.contains("to-stdout"));
+}
