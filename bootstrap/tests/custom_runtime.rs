@@ -62,13 +62,22 @@ async fn tutorial_runtime_gets_events_and_its_results_reach_the_host() {
         let Record::Response { body, headers, .. } = host.result(&id).await else {
             panic!("expected a response: {:#?}", host.history)
         };
-        assert_eq!(body.as_ref(), format!("Echoing request: '{event}'").as_bytes());
+        assert_eq!(
+            body.as_ref(),
+            format!("Echoing request: '{event}'").as_bytes()
+        );
         // Relayed unchanged: curl -d's content type reaches the host.
         assert_eq!(headers["content-type"], "application/x-www-form-urlencoded");
 
         let report = host.report(&id);
-        assert!(report.duration_ms > 0.0 && report.duration_ms < 10_000.0, "{report:?}");
-        assert!(report.max_memory_used_mb > 0 && report.max_memory_used_mb < 1024, "{report:?}");
+        assert!(
+            report.duration_ms > 0.0 && report.duration_ms < 10_000.0,
+            "{report:?}"
+        );
+        assert!(
+            report.max_memory_used_mb > 0 && report.max_memory_used_mb < 1024,
+            "{report:?}"
+        );
         // Init is measured once per runtime start, and reported with the first invocation.
         assert_eq!(report.init_duration_ms.is_some(), i == 0, "{report:?}");
         if let Some(init) = report.init_duration_ms {
@@ -77,12 +86,20 @@ async fn tutorial_runtime_gets_events_and_its_results_reach_the_host() {
 
         // The handler echoed the event on stderr during the invocation: it is tagged with
         // the request id and reached the host before the report, which came before the result.
-        assert!(host.logs(Some(&id)).contains(&format!("{event}\n")), "{:#?}", host.history);
+        assert!(
+            host.logs(Some(&id)).contains(&format!("{event}\n")),
+            "{:#?}",
+            host.history
+        );
         let log = host
             .position(|r| matches!(r, Record::Logs { id: Some(got), text } if *got == id && text.contains(event)))
             .unwrap();
-        let report = host.position(|r| matches!(r, Record::Report { id: got, .. } if *got == id)).unwrap();
-        let result = host.position(|r| matches!(r, Record::Response { id: got, .. } if *got == id)).unwrap();
+        let report = host
+            .position(|r| matches!(r, Record::Report { id: got, .. } if *got == id))
+            .unwrap();
+        let result = host
+            .position(|r| matches!(r, Record::Response { id: got, .. } if *got == id))
+            .unwrap();
         assert!(log < report && report < result, "{:#?}", host.history);
     }
 }
@@ -113,12 +130,18 @@ async fn runtime_gets_the_reserved_environment_and_runs_in_the_task_root() {
     let _bootstrap = guest.start(None);
 
     let id = host.invoke("{}");
-    let Record::Response { body, .. } = host.result(&id).await else { panic!("{:#?}", host.history) };
+    let Record::Response { body, .. } = host.result(&id).await else {
+        panic!("{:#?}", host.history)
+    };
     let task = guest.task().canonicalize().unwrap();
-    assert_eq!(body.as_ref(), format!(r#"{{"cwd":"{}"}}"#, task.display()).as_bytes());
+    assert_eq!(
+        body.as_ref(),
+        format!(r#"{{"cwd":"{}"}}"#, task.display()).as_bytes()
+    );
 
     let log = host.logs(None);
-    let vars: std::collections::BTreeMap<&str, &str> = log.lines().filter_map(|l| l.split_once('=')).collect();
+    let vars: std::collections::BTreeMap<&str, &str> =
+        log.lines().filter_map(|l| l.split_once('=')).collect();
     for (key, want) in [
         ("_HANDLER", "function.handler"),
         ("AWS_LAMBDA_FUNCTION_NAME", "test-fn"),
@@ -137,11 +160,17 @@ async fn runtime_gets_the_reserved_environment_and_runs_in_the_task_root() {
     ] {
         assert_eq!(vars.get(key).copied(), Some(want), "{key} in {log}");
     }
-    assert!(vars["AWS_LAMBDA_RUNTIME_API"].starts_with("127.0.0.1:"), "{log}");
+    assert!(
+        vars["AWS_LAMBDA_RUNTIME_API"].starts_with("127.0.0.1:"),
+        "{log}"
+    );
     assert!(vars["LD_LIBRARY_PATH"].contains("/opt/lib"), "{log}");
     assert!(vars.contains_key("LANG"), "{log}");
     // Nothing of the bootstrap's own environment leaks into the runtime's.
-    assert!(!vars.contains_key("KINDLING_HOST") && !vars.contains_key("CARGO_MANIFEST_DIR"), "{log}");
+    assert!(
+        !vars.contains_key("KINDLING_HOST") && !vars.contains_key("CARGO_MANIFEST_DIR"),
+        "{log}"
+    );
 }
 
 /// Exits with the code the event names, or serves it.
@@ -179,7 +208,11 @@ async fn runtime_death_is_reported_and_the_runtime_restarts_with_a_new_init() {
     assert_eq!(exit.request_id.as_deref(), Some(dies.as_str()));
     assert_eq!((exit.exit_code, exit.signal), (Some(3), None));
     // Its last words belong to the invocation and arrived before the exit.
-    assert!(host.logs(Some(&dies)).contains("dying with 3\n"), "{:#?}", host.history);
+    assert!(
+        host.logs(Some(&dies)).contains("dying with 3\n"),
+        "{:#?}",
+        host.history
+    );
 
     let killed = host.invoke("kill");
     let exit = host.exit().await;
@@ -188,11 +221,22 @@ async fn runtime_death_is_reported_and_the_runtime_restarts_with_a_new_init() {
 
     // The next invocation is served by a restarted runtime, whose init is measured again.
     let after = host.invoke("again");
-    let Record::Response { body, .. } = host.result(&after).await else { panic!("{:#?}", host.history) };
+    let Record::Response { body, .. } = host.result(&after).await else {
+        panic!("{:#?}", host.history)
+    };
     assert_eq!(body.as_ref(), b"ok again");
-    assert!(host.report(&after).init_duration_ms.is_some(), "{:#?}", host.history);
+    assert!(
+        host.report(&after).init_duration_ms.is_some(),
+        "{:#?}",
+        host.history
+    );
     // The restarted runtime's start-up line is outside any invocation.
-    assert_eq!(host.logs(None).matches("starting\n").count(), 3, "{:#?}", host.history);
+    assert_eq!(
+        host.logs(None).matches("starting\n").count(),
+        3,
+        "{:#?}",
+        host.history
+    );
 }
 
 #[tokio::test]
@@ -208,7 +252,10 @@ async fn bootstrap_waits_for_a_host_that_starts_late_and_survives_its_restart() 
 
     let id = host.invoke("one");
     host.result(&id).await;
-    host.wait_for("the next /next", |r| matches!(r, Record::Next).then_some(())).await;
+    host.wait_for("the next /next", |r| {
+        matches!(r, Record::Next).then_some(())
+    })
+    .await;
 
     // The host goes away while the runtime waits on /next, and comes back.
     server.abort();
@@ -216,7 +263,9 @@ async fn bootstrap_waits_for_a_host_that_starts_late_and_survives_its_restart() 
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let _server = host.listen();
     let id = host.invoke("two");
-    let Record::Response { body, .. } = host.result(&id).await else { panic!("{:#?}", host.history) };
+    let Record::Response { body, .. } = host.result(&id).await else {
+        panic!("{:#?}", host.history)
+    };
     assert_eq!(body.as_ref(), b"Echoing request: 'two'");
 }
 
@@ -235,6 +284,9 @@ async fn missing_bootstrap_is_an_init_error_and_a_clear_exit() {
     let error: kindling_wire::ErrorBody = serde_json::from_slice(&body).unwrap();
     assert_eq!(error.error_type, "Runtime.InvalidEntrypoint");
     assert!(error.error_message.contains("bootstrap"), "{error:?}");
-    let status = tokio::time::timeout(common::PATIENCE, bootstrap.0.wait()).await.unwrap().unwrap();
+    let status = tokio::time::timeout(common::PATIENCE, bootstrap.0.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(!status.success());
 }

@@ -60,14 +60,18 @@ async fn start(handler: &str) -> Option<(Guest, Host, common::Bootstrap)> {
 
 fn json_of(record: &Record) -> Value {
     match record {
-        Record::Response { body, .. } | Record::Error { body, .. } => serde_json::from_slice(body).unwrap(),
+        Record::Response { body, .. } | Record::Error { body, .. } => {
+            serde_json::from_slice(body).unwrap()
+        }
         other => panic!("not a result: {other:?}"),
     }
 }
 
 #[tokio::test]
 async fn async_handler_returns_with_a_lambda_context() {
-    let Some((_guest, mut host, _bootstrap)) = start("index.handler").await else { return };
+    let Some((_guest, mut host, _bootstrap)) = start("index.handler").await else {
+        return;
+    };
     let id = host.invoke(r#"{"name":"kindling"}"#);
     let record = host.result(&id).await;
     assert!(matches!(record, Record::Response { .. }), "{record:?}");
@@ -77,14 +81,28 @@ async fn async_handler_returns_with_a_lambda_context() {
     assert_eq!(out["functionName"], "test-fn");
     assert_eq!(out["functionVersion"], "$LATEST");
     assert_eq!(out["memoryLimitInMB"], "256");
-    assert_eq!(out["invokedFunctionArn"], "arn:aws:lambda:eu-west-1:000000000000:function:test-fn");
+    assert_eq!(
+        out["invokedFunctionArn"],
+        "arn:aws:lambda:eu-west-1:000000000000:function:test-fn"
+    );
     assert_eq!(out["logGroupName"], "/aws/lambda/test-fn");
     assert_eq!(out["logStreamName"], "2026/11/27/[$LATEST]abc");
     let remaining = out["remainingMs"].as_i64().unwrap();
     assert!(remaining > 20_000 && remaining <= 30_000, "{out}");
-    assert!(out["traceId"].as_str().unwrap().starts_with("Root=1-5bef4de7-"), "{out}");
+    assert!(
+        out["traceId"]
+            .as_str()
+            .unwrap()
+            .starts_with("Root=1-5bef4de7-"),
+        "{out}"
+    );
     assert_eq!(out["greeting"], "hi");
-    assert!(host.logs(Some(&id)).contains("event {\"name\":\"kindling\"}\n"), "{:#?}", host.history);
+    assert!(
+        host.logs(Some(&id))
+            .contains("event {\"name\":\"kindling\"}\n"),
+        "{:#?}",
+        host.history
+    );
 
     let next = host.invoke("{}");
     assert_eq!(json_of(&host.result(&next).await)["calls"], 2);
@@ -92,20 +110,36 @@ async fn async_handler_returns_with_a_lambda_context() {
 
 #[tokio::test]
 async fn async_handler_that_throws_posts_a_lambda_error() {
-    let Some((_guest, mut host, _bootstrap)) = start("index.handler").await else { return };
+    let Some((_guest, mut host, _bootstrap)) = start("index.handler").await else {
+        return;
+    };
     let id = host.invoke(r#"{"fail":"purpose"}"#);
     let record = host.result(&id).await;
     assert!(matches!(record, Record::Error { .. }), "{record:?}");
     let err = json_of(&record);
     assert_eq!(err["errorType"], "TypeError");
     assert_eq!(err["errorMessage"], "failing on purpose");
-    assert!(err["stackTrace"].as_array().unwrap().iter().any(|l| l.as_str().unwrap().contains("index.js")), "{err}");
-    assert!(host.logs(Some(&id)).contains("[ERROR] TypeError: failing on purpose"), "{:#?}", host.history);
+    assert!(
+        err["stackTrace"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l.as_str().unwrap().contains("index.js")),
+        "{err}"
+    );
+    assert!(
+        host.logs(Some(&id))
+            .contains("[ERROR] TypeError: failing on purpose"),
+        "{:#?}",
+        host.history
+    );
 }
 
 #[tokio::test]
 async fn callback_handler_succeeds_and_fails() {
-    let Some((_guest, mut host, _bootstrap)) = start("cb.handler").await else { return };
+    let Some((_guest, mut host, _bootstrap)) = start("cb.handler").await else {
+        return;
+    };
     let id = host.invoke(r#"{"n":21}"#);
     let record = host.result(&id).await;
     assert_eq!(json_of(&record), json!({"doubled": 42, "id": id}));
@@ -119,14 +153,21 @@ async fn callback_handler_succeeds_and_fails() {
 
 #[tokio::test]
 async fn es_module_handler() {
-    let Some((_guest, mut host, _bootstrap)) = start("esm.handler").await else { return };
+    let Some((_guest, mut host, _bootstrap)) = start("esm.handler").await else {
+        return;
+    };
     let id = host.invoke("[1,2]");
-    assert_eq!(json_of(&host.result(&id).await), json!({"esm": true, "event": [1, 2]}));
+    assert_eq!(
+        json_of(&host.result(&id).await),
+        json!({"esm": true, "event": [1, 2]})
+    );
 }
 
 #[tokio::test]
 async fn missing_handler_is_an_init_error() {
-    let Some((_guest, mut host, _bootstrap)) = start("index.nothere").await else { return };
+    let Some((_guest, mut host, _bootstrap)) = start("index.nothere").await else {
+        return;
+    };
     let body = host
         .wait_for("an init error", |r| match r {
             Record::InitError { body, .. } => Some(body.clone()),

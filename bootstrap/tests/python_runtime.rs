@@ -61,19 +61,29 @@ async fn start(handler: &str) -> Option<(Guest, Host, common::Bootstrap)> {
 
 fn json_of(record: &Record) -> Value {
     match record {
-        Record::Response { body, .. } | Record::Error { body, .. } => serde_json::from_slice(body).unwrap(),
+        Record::Response { body, .. } | Record::Error { body, .. } => {
+            serde_json::from_slice(body).unwrap()
+        }
         other => panic!("not a result: {other:?}"),
     }
 }
 
 #[tokio::test]
 async fn handler_returns_with_a_lambda_context() {
-    let Some((_guest, mut host, _bootstrap)) = start("app.handler").await else { return };
+    let Some((_guest, mut host, _bootstrap)) = start("app.handler").await else {
+        return;
+    };
     let id = host.invoke_with(
         r#"{"name":"kindling"}"#,
         vec![
-            ("Lambda-Runtime-Cognito-Identity".into(), r#"{"cognitoIdentityId":"cid","cognitoIdentityPoolId":"pool"}"#.into()),
-            ("Lambda-Runtime-Client-Context".into(), r#"{"custom":{"k":"v"},"env":{},"client":{"app_title":"t"}}"#.into()),
+            (
+                "Lambda-Runtime-Cognito-Identity".into(),
+                r#"{"cognitoIdentityId":"cid","cognitoIdentityPoolId":"pool"}"#.into(),
+            ),
+            (
+                "Lambda-Runtime-Client-Context".into(),
+                r#"{"custom":{"k":"v"},"env":{},"client":{"app_title":"t"}}"#.into(),
+            ),
         ],
     );
     let record = host.result(&id).await;
@@ -84,20 +94,32 @@ async fn handler_returns_with_a_lambda_context() {
     assert_eq!(out["function_name"], "test-fn");
     assert_eq!(out["function_version"], "$LATEST");
     assert_eq!(out["memory_limit_in_mb"], "256");
-    assert_eq!(out["invoked_function_arn"], "arn:aws:lambda:eu-west-1:000000000000:function:test-fn");
+    assert_eq!(
+        out["invoked_function_arn"],
+        "arn:aws:lambda:eu-west-1:000000000000:function:test-fn"
+    );
     assert_eq!(out["log_group_name"], "/aws/lambda/test-fn");
     assert_eq!(out["log_stream_name"], "2026/11/27/[$LATEST]abc");
     let remaining = out["remaining_ms"].as_i64().unwrap();
     assert!(remaining > 20_000 && remaining <= 30_000, "{out}");
     assert_eq!(out["identity"], "cid");
     assert_eq!(out["client_custom"], json!({"k": "v"}));
-    assert!(out["trace_id"].as_str().unwrap().starts_with("Root=1-5bef4de7-"), "{out}");
+    assert!(
+        out["trace_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("Root=1-5bef4de7-"),
+        "{out}"
+    );
     assert_eq!(out["trace_id_in_c_env"], false);
     assert_eq!(out["greeting"], "hi");
 
     let logs = host.logs(Some(&id));
     assert!(logs.contains("event {\"name\": \"kindling\"}\n"), "{logs}");
-    assert!(logs.contains(&format!("[INFO]\t")) && logs.contains(&format!("\t{id}\tinfo from the handler\n")), "{logs}");
+    assert!(
+        logs.contains("[INFO]\t") && logs.contains(&format!("\t{id}\tinfo from the handler\n")),
+        "{logs}"
+    );
 
     // Warm: the same process serves the next invocation, with its own trace id.
     let next = host.invoke("{}");
@@ -109,7 +131,9 @@ async fn handler_returns_with_a_lambda_context() {
 
 #[tokio::test]
 async fn handler_that_raises_posts_a_lambda_error() {
-    let Some((_guest, mut host, _bootstrap)) = start("app.handler").await else { return };
+    let Some((_guest, mut host, _bootstrap)) = start("app.handler").await else {
+        return;
+    };
     let id = host.invoke(r#"{"raise": 7}"#);
     let record = host.result(&id).await;
     assert!(matches!(record, Record::Error { .. }), "{record:?}");
@@ -117,8 +141,16 @@ async fn handler_that_raises_posts_a_lambda_error() {
     assert_eq!(err["errorType"], "ValueError");
     assert_eq!(err["errorMessage"], "bad value 7");
     let trace = err["stackTrace"].as_array().unwrap();
-    assert!(trace.iter().any(|l| l.as_str().unwrap().contains("app.py")), "{err}");
-    assert!(host.logs(Some(&id)).contains("[ERROR] ValueError: bad value 7\n"), "{:#?}", host.history);
+    assert!(
+        trace.iter().any(|l| l.as_str().unwrap().contains("app.py")),
+        "{err}"
+    );
+    assert!(
+        host.logs(Some(&id))
+            .contains("[ERROR] ValueError: bad value 7\n"),
+        "{:#?}",
+        host.history
+    );
     assert!(host.report(&id).duration_ms > 0.0);
 
     // The runtime lives on after a function error.
@@ -128,18 +160,28 @@ async fn handler_that_raises_posts_a_lambda_error() {
 
 #[tokio::test]
 async fn large_response_is_relayed_whole() {
-    let Some((_guest, mut host, _bootstrap)) = start("app.handler").await else { return };
+    let Some((_guest, mut host, _bootstrap)) = start("app.handler").await else {
+        return;
+    };
     let size = 5 * 1024 * 1024;
     let id = host.invoke(&format!(r#"{{"big": {size}}}"#));
-    let Record::Response { body, .. } = host.result(&id).await else { panic!("{:#?}", host.history) };
+    let Record::Response { body, .. } = host.result(&id).await else {
+        panic!("{:#?}", host.history)
+    };
     assert_eq!(body.len(), size + 2); // a JSON string: quotes around the x's
     assert!(body[1..body.len() - 1].iter().all(|&b| b == b'x'));
-    assert!(host.report(&id).max_memory_used_mb >= 5, "{:?}", host.report(&id));
+    assert!(
+        host.report(&id).max_memory_used_mb >= 5,
+        "{:?}",
+        host.report(&id)
+    );
 }
 
 #[tokio::test]
 async fn missing_module_is_an_init_error_then_the_runtime_exits() {
-    let Some((_guest, mut host, _bootstrap)) = start("nothere.handler").await else { return };
+    let Some((_guest, mut host, _bootstrap)) = start("nothere.handler").await else {
+        return;
+    };
     let (headers, body) = host
         .wait_for("an init error", |r| match r {
             Record::InitError { headers, body } => Some((headers.clone(), body.clone())),
@@ -148,15 +190,26 @@ async fn missing_module_is_an_init_error_then_the_runtime_exits() {
         .await;
     let err: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(err["errorType"], "Runtime.ImportModuleError");
-    assert!(err["errorMessage"].as_str().unwrap().contains("Unable to import module 'nothere'"), "{err}");
-    assert_eq!(headers["lambda-runtime-function-error-type"], "Runtime.ImportModuleError");
+    assert!(
+        err["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("Unable to import module 'nothere'"),
+        "{err}"
+    );
+    assert_eq!(
+        headers["lambda-runtime-function-error-type"],
+        "Runtime.ImportModuleError"
+    );
     let exit = host.exit().await;
     assert_eq!((exit.request_id, exit.exit_code), (None, Some(1)));
 }
 
 #[tokio::test]
 async fn missing_handler_function_is_an_init_error() {
-    let Some((_guest, mut host, _bootstrap)) = start("app.nothere").await else { return };
+    let Some((_guest, mut host, _bootstrap)) = start("app.nothere").await else {
+        return;
+    };
     let body = host
         .wait_for("an init error", |r| match r {
             Record::InitError { body, .. } => Some(body.clone()),

@@ -32,13 +32,33 @@ pub const PATIENCE: Duration = Duration::from_secs(20);
 #[derive(Debug, Clone)]
 pub enum Record {
     Next,
-    Response { id: String, headers: BTreeMap<String, String>, body: Bytes },
-    Error { id: String, headers: BTreeMap<String, String>, body: Bytes },
-    InitError { headers: BTreeMap<String, String>, body: Bytes },
-    Logs { id: Option<String>, text: String },
-    Report { id: String, report: InvocationReport },
+    Response {
+        id: String,
+        headers: BTreeMap<String, String>,
+        body: Bytes,
+    },
+    Error {
+        id: String,
+        headers: BTreeMap<String, String>,
+        body: Bytes,
+    },
+    InitError {
+        headers: BTreeMap<String, String>,
+        body: Bytes,
+    },
+    Logs {
+        id: Option<String>,
+        text: String,
+    },
+    Report {
+        id: String,
+        report: InvocationReport,
+    },
     Exit(RuntimeExit),
-    Other { method: String, path: String },
+    Other {
+        method: String,
+        path: String,
+    },
 }
 
 /// An event to hand out on `/next`.
@@ -111,7 +131,9 @@ impl Host {
                 let shared = shared.clone();
                 conns.spawn(async move {
                     let service = service_fn(move |req| serve(shared.clone(), req));
-                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
                 });
             }
         })
@@ -125,15 +147,25 @@ impl Host {
     pub fn invoke_with(&self, body: &str, extra: Vec<(String, String)>) -> String {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let id = format!("8476a536-e9f4-11e8-9739-{:012x}", n + 1);
-        let deadline = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() + 30_000;
+        let deadline = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+            + 30_000;
         let mut headers = vec![
             ("Lambda-Runtime-Aws-Request-Id".to_string(), id.clone()),
-            ("Lambda-Runtime-Deadline-Ms".to_string(), deadline.to_string()),
+            (
+                "Lambda-Runtime-Deadline-Ms".to_string(),
+                deadline.to_string(),
+            ),
             (
                 "Lambda-Runtime-Invoked-Function-Arn".to_string(),
                 "arn:aws:lambda:eu-west-1:000000000000:function:test-fn".to_string(),
             ),
-            ("Lambda-Runtime-Trace-Id".to_string(), format!("Root=1-5bef4de7-{n:024x};Sampled=1")),
+            (
+                "Lambda-Runtime-Trace-Id".to_string(),
+                format!("Root=1-5bef4de7-{n:024x};Sampled=1"),
+            ),
         ];
         headers.extend(extra);
         self.shared.events.lock().unwrap().push_back(Event {
@@ -151,7 +183,9 @@ impl Host {
         loop {
             let record = tokio::time::timeout_at(deadline, self.records.recv())
                 .await
-                .unwrap_or_else(|_| panic!("timed out waiting for {what}; history: {:#?}", self.history))
+                .unwrap_or_else(|_| {
+                    panic!("timed out waiting for {what}; history: {:#?}", self.history)
+                })
                 .expect("host alive");
             self.history.push(record.clone());
             if let Some(t) = want(&record) {
@@ -163,7 +197,9 @@ impl Host {
     /// The result (`/response` or `/error`) the runtime posted for `id`.
     pub async fn result(&mut self, id: &str) -> Record {
         self.wait_for(&format!("the result of {id}"), |r| match r {
-            Record::Response { id: got, .. } | Record::Error { id: got, .. } if got == id => Some(r.clone()),
+            Record::Response { id: got, .. } | Record::Error { id: got, .. } if got == id => {
+                Some(r.clone())
+            }
             _ => None,
         })
         .await
@@ -213,14 +249,25 @@ fn headers_of<B>(req: &Request<B>) -> BTreeMap<String, String> {
 }
 
 fn answer(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    Response::builder().status(status).body(Full::new(body.into())).unwrap()
+    Response::builder()
+        .status(status)
+        .body(Full::new(body.into()))
+        .unwrap()
 }
 
-async fn serve(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn serve(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_owned();
     let method = req.method().as_str().to_owned();
     let headers = headers_of(&req);
-    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let record = |r: Record| {
         let _ = shared.records.send(r);
     };
@@ -230,7 +277,9 @@ async fn serve(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<F
         .and_then(|p| p.rsplit_once('/'))
         .map(|(id, what)| (id.to_owned(), what.to_owned()));
     Ok(match (method.as_str(), path.as_str()) {
-        ("GET", kindling_wire::PATH_ENVIRONMENT) => answer(StatusCode::OK, serde_json::to_vec(&shared.env).unwrap()),
+        ("GET", kindling_wire::PATH_ENVIRONMENT) => {
+            answer(StatusCode::OK, serde_json::to_vec(&shared.env).unwrap())
+        }
         ("GET", kindling_wire::PATH_NEXT) => {
             record(Record::Next);
             let event = loop {
@@ -255,24 +304,43 @@ async fn serve(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<F
         }
         ("POST", kindling_wire::PATH_LOGS) => {
             let id = headers.get(kindling_wire::HEADER_REQUEST_ID).cloned();
-            record(Record::Logs { id, text: String::from_utf8_lossy(&body).into_owned() });
+            record(Record::Logs {
+                id,
+                text: String::from_utf8_lossy(&body).into_owned(),
+            });
             accepted()
         }
         ("POST", kindling_wire::PATH_RUNTIME_EXIT) => {
-            record(Record::Exit(serde_json::from_slice(&body).expect("a RuntimeExit")));
+            record(Record::Exit(
+                serde_json::from_slice(&body).expect("a RuntimeExit"),
+            ));
             accepted()
         }
         ("POST", p) if p.starts_with("/kindling/v1/invocation/") && p.ends_with("/report") => {
-            let id = p.trim_start_matches("/kindling/v1/invocation/").trim_end_matches("/report").to_owned();
-            record(Record::Report { id, report: serde_json::from_slice(&body).expect("an InvocationReport") });
+            let id = p
+                .trim_start_matches("/kindling/v1/invocation/")
+                .trim_end_matches("/report")
+                .to_owned();
+            record(Record::Report {
+                id,
+                report: serde_json::from_slice(&body).expect("an InvocationReport"),
+            });
             accepted()
         }
         ("POST", _) if invocation.as_ref().is_some_and(|(_, w)| w == "response") => {
-            record(Record::Response { id: invocation.unwrap().0, headers, body });
+            record(Record::Response {
+                id: invocation.unwrap().0,
+                headers,
+                body,
+            });
             accepted()
         }
         ("POST", _) if invocation.as_ref().is_some_and(|(_, w)| w == "error") => {
-            record(Record::Error { id: invocation.unwrap().0, headers, body });
+            record(Record::Error {
+                id: invocation.unwrap().0,
+                headers,
+                body,
+            });
             accepted()
         }
         _ => {
@@ -315,9 +383,13 @@ impl Guest {
 
     /// Starts the real bootstrap binary; `runtime_dir` is what becomes `/var/runtime`.
     pub fn start(&self, runtime_dir: Option<&Path>) -> Bootstrap {
-        let runtime_dir = runtime_dir.map_or_else(|| self.dir.path().join("runtime"), Path::to_path_buf);
+        let runtime_dir =
+            runtime_dir.map_or_else(|| self.dir.path().join("runtime"), Path::to_path_buf);
         Command::new(env!("CARGO_BIN_EXE_kindling-bootstrap"))
-            .env("KINDLING_HOST", format!("unix://{}", self.socket().display()))
+            .env(
+                "KINDLING_HOST",
+                format!("unix://{}", self.socket().display()),
+            )
             .env("KINDLING_LISTEN", "127.0.0.1:0")
             .env("KINDLING_TASK_ROOT", self.task())
             .env("KINDLING_OPT_ROOT", self.dir.path().join("opt"))
@@ -337,7 +409,10 @@ pub struct Bootstrap(pub Child);
 impl Drop for Bootstrap {
     fn drop(&mut self) {
         let Some(pid) = self.0.id() else { return };
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         for _ in 0..100 {
             if !matches!(self.0.try_wait(), Ok(None)) {
                 return;
@@ -350,12 +425,16 @@ impl Drop for Bootstrap {
 
 /// A shipped runtime's folder in this checkout (`guest_images/runtimes/NAME`).
 pub fn shipped_runtime(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest_images/runtimes").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../guest_images/runtimes")
+        .join(name)
 }
 
 /// Whether `program` is on the PATH the runtime gets; prints the skip line if not.
 pub fn have(program: &str) -> bool {
-    let found = ["/usr/local/bin", "/usr/bin", "/bin"].iter().any(|d| Path::new(d).join(program).is_file());
+    let found = ["/usr/local/bin", "/usr/bin", "/bin"]
+        .iter()
+        .any(|d| Path::new(d).join(program).is_file());
     if !found {
         println!("SKIPPED: {program} is not installed in /usr/local/bin, /usr/bin or /bin");
     }
