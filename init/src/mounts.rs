@@ -117,10 +117,14 @@ impl Mounts {
     /// already. A missing source is skipped when optional, else awaited up to `wait`.
     pub fn mount_extra(&mut self, entry: &MountEntry, wait: Duration) -> Result<()> {
         let source = Path::new(&entry.source);
-        if is_mount_point(&entry.target)? || (entry.optional && !source.exists()) {
+        if is_mount_point(&entry.target)? {
             return Ok(());
         }
+        // Only a path source (a device) can be missing; `tmpfs` and the like cannot.
         if source.is_absolute() {
+            if entry.optional && !source.exists() {
+                return Ok(());
+            }
             wait_for_device(source, wait)?;
         }
         create_dir(&entry.target)?;
