@@ -290,3 +290,22 @@ async fn missing_bootstrap_is_an_init_error_and_a_clear_exit() {
         .unwrap();
     assert!(!status.success());
 }
+
+#[tokio::test]
+async fn host_over_vsock() {
+    if !have("curl") || !have("bash") {
+        return;
+    }
+    let guest = tutorial_guest();
+    let mut host = Host::new(guest.socket(), function_env("provided", "function.handler"));
+    let port = 20_000 + std::process::id() % 20_000;
+    let Some(_server) = host.listen_vsock(port) else {
+        return;
+    };
+    let _bootstrap = guest.start_with_host(None, &format!("vsock://1:{port}"));
+    let id = host.invoke("over vsock");
+    let Record::Response { body, .. } = host.result(&id).await else {
+        panic!("{:#?}", host.history)
+    };
+    assert_eq!(body.as_ref(), b"Echoing request: 'over vsock'");
+}

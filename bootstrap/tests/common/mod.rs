@@ -24,6 +24,7 @@ use kindling_wire::{FunctionEnvironment, InvocationReport, RuntimeExit};
 use tokio::net::UnixListener;
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, Notify};
+use tokio_vsock::{VsockAddr, VsockListener};
 
 /// How long a test waits for something the bootstrap should do.
 pub const PATIENCE: Duration = Duration::from_secs(20);
@@ -123,20 +124,16 @@ impl Host {
     pub fn listen(&self) -> tokio::task::JoinHandle<()> {
         let _ = std::fs::remove_file(&self.socket);
         let listener = UnixListener::bind(&self.socket).expect("bind the host socket");
-        let shared = self.shared.clone();
-        tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                let (stream, _) = listener.accept().await.expect("accept");
-                let shared = shared.clone();
-                conns.spawn(async move {
-                    let service = service_fn(move |req| serve(shared.clone(), req));
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        })
+        serve_on(listener, self.shared.clone())
+    }
+
+    /// Serves on vsock port `port` of the local CID (vsock loopback), as the host does
+    /// for a microVM; `None` where this kernel has no vsock loopback.
+    pub fn listen_vsock(&self, port: u32) -> Option<tokio::task::JoinHandle<()>> {
+        let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_LOCAL, port))
+            .map_err(|e| println!("SKIPPED: no vsock loopback on this kernel ({e})"))
+            .ok()?;
+        Some(serve_on(listener, self.shared.clone()))
     }
 
     /// Queues an event; returns its request id.
@@ -239,6 +236,48 @@ impl Host {
     pub fn position(&self, pred: impl Fn(&Record) -> bool) -> Option<usize> {
         self.history.iter().position(pred)
     }
+}
+
+/// The vsock CID that loops back to the local host.
+const VMADDR_CID_LOCAL: u32 = 1;
+
+/// A listener the host can serve on.
+trait Accept: Send + 'static {
+    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    fn accept_one(
+        &mut self,
+    ) -> impl std::future::Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl Accept for UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_one(&mut self) -> std::io::Result<Self::Stream> {
+        Ok(self.accept().await?.0)
+    }
+}
+
+impl Accept for VsockListener {
+    type Stream = tokio_vsock::VsockStream;
+    async fn accept_one(&mut self) -> std::io::Result<Self::Stream> {
+        Ok(self.accept().await?.0)
+    }
+}
+
+fn serve_on(mut listener: impl Accept, shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        // Owned here, so that aborting the server also drops every open connection.
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let stream = listener.accept_one().await.expect("accept");
+            let shared = shared.clone();
+            conns.spawn(async move {
+                let service = service_fn(move |req| serve(shared.clone(), req));
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })
 }
 
 fn headers_of<B>(req: &Request<B>) -> BTreeMap<String, String> {
@@ -383,6 +422,11 @@ impl Guest {
 
     /// Starts the real bootstrap binary; `runtime_dir` is what becomes `/var/runtime`.
     pub fn start(&self, runtime_dir: Option<&Path>) -> Bootstrap {
+        self.start_with_host(runtime_dir, &format!("unix://{}", self.socket().display()))
+    }
+
+    /// Like [`Guest::start`], with the host at `host` (a `KINDLING_HOST` value).
+    pub fn start_with_host(&self, runtime_dir: Option<&Path>, host: &str) -> Bootstrap {
         let runtime_dir =
             runtime_dir.map_or_else(|| self.dir.path().join("runtime"), Path::to_path_buf);
         Command::new(env!("CARGO_BIN_EXE_kindling-bootstrap"))
