@@ -298,7 +298,10 @@ impl Launcher for SandboxLauncher {
     }
 }
 
-/// One running sandbox.
+/// One running sandbox. [`Environment::stop`] removes everything it made; dropping it
+/// unstopped still kills it (the helper is killed, init follows by its parent-death
+/// signal, and its namespaces and mounts vanish with it) but leaves its cgroup and
+/// directory behind.
 #[derive(Debug)]
 pub struct SandboxEnvironment {
     id: String,
@@ -467,11 +470,11 @@ mod tests {
 
     #[test]
     fn overrides_merge_into_init_config() {
-        let mut options = SandboxOptions::default();
-        options.init_config = json!({"bootstrap": "/var/task/probe", "env": {"A": "1"}})
-            .as_object()
-            .cloned()
-            .unwrap();
+        let overrides = json!({"bootstrap": "/var/task/probe", "env": {"A": "1"}});
+        let options = SandboxOptions {
+            init_config: overrides.as_object().cloned().unwrap(),
+            ..SandboxOptions::default()
+        };
         let config = SandboxLauncher::new(options).init_config("fn");
         assert_eq!(config["bootstrap"], "/var/task/probe");
         assert_eq!(config["env"]["A"], "1");
