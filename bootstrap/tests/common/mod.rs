@@ -430,10 +430,7 @@ impl Guest {
         let runtime_dir =
             runtime_dir.map_or_else(|| self.dir.path().join("runtime"), Path::to_path_buf);
         Command::new(env!("CARGO_BIN_EXE_kindling-bootstrap"))
-            .env(
-                "KINDLING_HOST",
-                format!("unix://{}", self.socket().display()),
-            )
+            .env("KINDLING_HOST", host)
             .env("KINDLING_LISTEN", "127.0.0.1:0")
             .env("KINDLING_TASK_ROOT", self.task())
             .env("KINDLING_OPT_ROOT", self.dir.path().join("opt"))
