@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -205,11 +205,14 @@ impl Shared {
 pub struct RuntimeApi {
     shared: Arc<Shared>,
     task: JoinHandle<()>,
+    socket: PathBuf,
 }
 
 impl Drop for RuntimeApi {
     fn drop(&mut self) {
         self.task.abort();
+        // The guest may be gone already; a missing socket file is fine.
+        let _ = std::fs::remove_file(&self.socket);
     }
 }
 
@@ -229,7 +232,11 @@ impl RuntimeApi {
             next_ready: Notify::new(),
         });
         let task = tokio::spawn(accept_loop(listener, shared.clone()));
-        Ok(Self { shared, task })
+        Ok(Self {
+            shared,
+            task,
+            socket: socket.to_path_buf(),
+        })
     }
 
     /// Hands an invocation to the guest. Only one may be submitted at a time; an

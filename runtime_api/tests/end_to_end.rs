@@ -290,6 +290,13 @@ async fn invoke_api_answers_like_lambda() {
     );
     let a = common::request(&mut raw, "GET", "/2015-03-31/nothing", &[], b"").await;
     assert_eq!(a.status, 404);
+    let mut garbage = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut garbage, b"\x16\x03\x01 not http at all\r\n\r\n")
+        .await
+        .unwrap();
+    if let Some(a) = common::read_answer(&mut garbage).await {
+        assert_eq!(a.status, 400);
+    }
 
     // Metrics.
     let m = c.get("/metrics").await.unwrap();
@@ -530,7 +537,13 @@ async fn idle_environments_retire() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_that_hangs_up_loses_its_answer_but_not_the_environment() {
-    let Some(mut h) = start(|code| vec![function("hangup", code)], |_| {}).await else {
+    // One environment at most: the next invocation must get that very one back.
+    let make = |code: &std::path::Path| {
+        let mut f = function("hangup", code);
+        f.max_concurrency = 1;
+        vec![f]
+    };
+    let Some(mut h) = start(make, |_| {}).await else {
         return;
     };
     let first = body(&h.invoke("hangup", json!({})).await)["pid"].clone();
@@ -545,8 +558,9 @@ async fn a_caller_that_hangs_up_loses_its_answer_but_not_the_environment() {
         .unwrap();
     h.log_line("handling 5 sleep").await;
     drop(raw);
-    h.log_line("REPORT RequestId").await;
-    let r = h.invoke("hangup", json!({})).await;
+    let r = tokio::time::timeout(Duration::from_secs(5), h.invoke("hangup", json!({})))
+        .await
+        .expect("the environment was lost with its caller");
     assert_eq!(
         body(&r)["pid"],
         first,
