@@ -38,9 +38,22 @@ fn skip_reason() -> Option<String> {
     kindling_images::locate::guest_bin_dir().err()
 }
 
-/// A sandbox whose bootstrap is the probe, run as `probe.py ALLOC_MB THEN`;
-/// `None` (after one SKIPPED line) when this machine cannot run sandboxes.
-fn harness(test: &str, memory_mb: u32, alloc_mb: u32, then: &str) -> Option<Harness> {
+/// What the probe does besides reporting (see `tests/probe/probe.py`).
+struct Probe {
+    alloc_mb: u32,
+    spawn: u32,
+    then: &'static str,
+}
+
+const JUST_WAIT: Probe = Probe {
+    alloc_mb: 0,
+    spawn: 0,
+    then: "wait",
+};
+
+/// A sandbox whose bootstrap is the probe; `None` (after one SKIPPED line) when this
+/// machine cannot run sandboxes.
+fn harness(test: &str, memory_mb: u32, pids_limit: u32, probe: Probe) -> Option<Harness> {
     if let Some(reason) = skip_reason() {
         println!("SKIPPED: {test}: {reason}");
         return None;
@@ -72,9 +85,10 @@ fn harness(test: &str, memory_mb: u32, alloc_mb: u32, then: &str) -> Option<Harn
     let options = SandboxOptions {
         exec: Some(EXEC.into()),
         cgroup_parent: "kindling-test".into(),
+        pids_limit,
         init_config: json!({
             "bootstrap": "/var/task/probe.py",
-            "bootstrap_args": [alloc_mb.to_string(), then],
+            "bootstrap_args": [probe.alloc_mb.to_string(), probe.spawn.to_string(), probe.then],
         })
         .as_object()
         .cloned()
@@ -143,7 +157,7 @@ impl Leftovers {
 
 #[tokio::test]
 async fn the_guest_sees_a_sandbox_and_a_graceful_stop_cleans_up() {
-    let Some(h) = harness("inside", 128, 0, "wait") else {
+    let Some(h) = harness("inside", 128, 1024, JUST_WAIT) else {
         return;
     };
     let mut env = h.start().await;
@@ -185,22 +199,37 @@ async fn the_guest_sees_a_sandbox_and_a_graceful_stop_cleans_up() {
 }
 
 #[tokio::test]
-async fn memory_beyond_the_limit_is_killed() {
-    let Some(h) = harness("memory", 64, 256, "wait") else {
+async fn memory_and_process_limits_hold() {
+    let probe = Probe {
+        alloc_mb: 256,
+        spawn: 64,
+        then: "wait",
+    };
+    let Some(h) = harness("limits", 64, 16, probe) else {
         return;
     };
     let mut env = h.start().await;
-    let memory_dir = &env.cgroup().dirs()[0];
-    let limit_file = ["memory.max", "memory.limit_in_bytes"]
-        .map(|f| memory_dir.join(f))
-        .into_iter()
-        .find(|f| f.exists())
+    let read = |file: &str| {
+        let path = env
+            .cgroup()
+            .dirs()
+            .iter()
+            .map(|d| d.join(file))
+            .find(|p| p.exists());
+        std::fs::read_to_string(path.unwrap_or_else(|| panic!("no {file}"))).unwrap()
+    };
+    let memory = ["memory.max", "memory.limit_in_bytes"]
+        .iter()
+        .find(|f| env.cgroup().dirs()[0].join(f).exists())
         .unwrap();
-    let limit = std::fs::read_to_string(&limit_file).unwrap();
-    assert_eq!(limit.trim(), (64u64 << 20).to_string());
+    assert_eq!(read(memory).trim(), (64u64 << 20).to_string());
+    assert_eq!(read("pids.max").trim(), "16");
 
     let facts = h.report(&env).await;
     assert_eq!(facts["alloc_status"], -9, "the hog was OOM-killed: {facts}");
+    assert_eq!(facts["spawn_error"], "EAGAIN", "{facts}");
+    let spawned = facts["spawned"].as_u64().unwrap();
+    assert!((1..16).contains(&spawned), "{facts}");
     let gone = Leftovers::of(&env, &h.spec);
     env.stop(StopMode::Kill).await.unwrap();
     gone.assert_none();
@@ -208,7 +237,7 @@ async fn memory_beyond_the_limit_is_killed() {
 
 #[tokio::test]
 async fn kill_stops_at_once_and_cleans_up() {
-    let Some(h) = harness("kill", 128, 0, "wait") else {
+    let Some(h) = harness("kill", 128, 1024, JUST_WAIT) else {
         return;
     };
     let mut env = h.start().await;
@@ -227,7 +256,15 @@ async fn kill_stops_at_once_and_cleans_up() {
 
 #[tokio::test]
 async fn exited_tells_why_init_stopped_by_itself() {
-    let Some(h) = harness("exits", 128, 0, "exit") else {
+    let Some(h) = harness(
+        "exits",
+        128,
+        1024,
+        Probe {
+            then: "exit",
+            ..JUST_WAIT
+        },
+    ) else {
         return;
     };
     let mut env = h.start().await;
@@ -247,7 +284,7 @@ async fn exited_tells_why_init_stopped_by_itself() {
 
 #[tokio::test]
 async fn a_failed_start_is_a_clear_error_and_leaves_nothing() {
-    let Some(h) = harness("badinit", 128, 0, "wait") else {
+    let Some(h) = harness("badinit", 128, 1024, JUST_WAIT) else {
         return;
     };
     // Bad input from the caller is refused before anything is created.
@@ -313,4 +350,40 @@ fn without_privileges_the_helper_says_namespaces_are_unavailable() {
         stdout.starts_with("error unshare: EPERM") && stdout.contains("namespaces are unavailable"),
         "{stdout}"
     );
+}
+
+#[tokio::test]
+async fn an_image_directory_can_be_the_root() {
+    let Some(mut h) = harness("image", 128, 1024, JUST_WAIT) else {
+        return;
+    };
+    // A root with no libc at all: only static binaries (init, bootstrap) can run in it.
+    let image = h._tmp.path().join("image");
+    std::fs::create_dir_all(image.join("etc")).unwrap();
+    std::fs::create_dir_all(image.join("var/cache")).unwrap();
+    std::os::unix::fs::symlink("usr/bin", image.join("bin")).unwrap();
+    h.launcher = SandboxLauncher::new(SandboxOptions {
+        exec: Some(EXEC.into()),
+        cgroup_parent: "kindling-test".into(),
+        root: Some(image),
+        ..SandboxOptions::default()
+    });
+    let mut env = h.start().await;
+    // The real bootstrap asks the host for the function's environment first.
+    let accept = tokio::time::timeout(Duration::from_secs(20), h.listener.accept()).await;
+    let Ok(Ok((stream, _))) = accept else {
+        panic!("bootstrap never connected; console: {}", h.console(&env));
+    };
+    let mut request = String::new();
+    BufReader::new(stream)
+        .read_line(&mut request)
+        .await
+        .unwrap();
+    assert!(
+        request.starts_with("GET /kindling/v1/environment "),
+        "{request:?}"
+    );
+    let gone = Leftovers::of(&env, &h.spec);
+    env.stop(StopMode::Kill).await.unwrap();
+    gone.assert_none();
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """Runs as the sandbox's bootstrap: reports what it sees to the host over the host
 socket (one JSON line), then waits for SIGTERM ("wait") or exits with status 3 ("exit").
-Usage: probe.py ALLOC_MB wait|exit  (ALLOC_MB > 0: first try to allocate that much)."""
+Usage: probe.py ALLOC_MB SPAWN wait|exit. ALLOC_MB > 0: first try to allocate that much
+in a child; SPAWN > 0: try to hold that many child processes at once."""
 import errno
 import json
 import os
@@ -20,7 +21,7 @@ def try_write(path):
         return errno.errorcode[e.errno]
 
 
-alloc_mb, then = int(sys.argv[1]), sys.argv[2]
+alloc_mb, spawn, then = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 facts = {
     "pid": os.getpid(),
     "ppid": os.getppid(),
@@ -41,6 +42,17 @@ facts = {
 if alloc_mb:
     hog = f"b = b'x' * ({alloc_mb} << 20)"
     facts["alloc_status"] = subprocess.run(["/usr/bin/python3", "-c", hog]).returncode
+if spawn:
+    children = []
+    try:
+        for _ in range(spawn):
+            children.append(subprocess.Popen(["/usr/bin/sleep", "60"]))
+    except OSError as e:
+        facts["spawn_error"] = errno.errorcode[e.errno]
+    facts["spawned"] = len(children)
+    for child in children:
+        child.kill()
+        child.wait()
 
 sock = socket.socket(socket.AF_UNIX)
 sock.connect(facts["host"].removeprefix("unix://"))
