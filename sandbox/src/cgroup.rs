@@ -24,17 +24,9 @@ pub struct Limits {
     pub pids: u32,
 }
 
-/// Which cgroup version holds the controllers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Version {
-    V1,
-    V2,
-}
-
 /// One sandbox's cgroup: a single v2 directory, or one directory per v1 hierarchy.
 #[derive(Debug)]
 pub struct Cgroup {
-    version: Version,
     dirs: Vec<PathBuf>,
 }
 
@@ -52,10 +44,7 @@ impl Cgroup {
         };
         let mut dirs = vec![memory.join(parent).join(name), pids.join(parent).join(name)];
         dirs.extend(mount_points(&mounts, "cgroup2").map(|(root, _)| root.join(parent).join(name)));
-        let cgroup = Cgroup {
-            version: Version::V1,
-            dirs,
-        };
+        let cgroup = Cgroup { dirs };
         cgroup.make_dirs()?;
         // The combined memory+swap limit (when swap accounting exists) may never be
         // below the memory limit, so it is written second.
@@ -72,7 +61,6 @@ impl Cgroup {
     fn create_v2(root: &Path, parent: &str, name: &str, limits: Limits) -> Result<Self> {
         let parent_dir = root.join(parent);
         let cgroup = Cgroup {
-            version: Version::V2,
             dirs: vec![parent_dir.join(name)],
         };
         fs::create_dir_all(&parent_dir)
@@ -89,10 +77,6 @@ impl Cgroup {
         }
         cgroup.write(dir, "pids.max", &limits.pids.to_string())?;
         Ok(cgroup)
-    }
-
-    pub fn version(&self) -> Version {
-        self.version
     }
 
     /// The cgroup's directories (one for v2; memory, pids and any v2 one for v1).

@@ -111,7 +111,10 @@ impl SandboxLauncher {
         if !task.is_dir() {
             bail!("the function's code {} is not a directory", task.display());
         }
+        let root = self.root_entries()?;
+        let runtime = runtime_entries(&spec.function.runtime, bootstrap)?;
 
+        // From here on, a failure must undo what was made.
         let staging = spec.dir.join("root");
         fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
         let cgroup = Cgroup::create(
@@ -136,8 +139,8 @@ impl SandboxLauncher {
                 &cgroup,
                 Plan {
                     staging,
-                    root: self.root_entries()?,
-                    runtime: runtime_entries(&spec.function.runtime, bootstrap)?,
+                    root,
+                    runtime,
                     task: task.clone(),
                     host_socket,
                     init,
@@ -160,7 +163,7 @@ impl SandboxLauncher {
                 exit_reason: None,
             }),
             Err(err) => {
-                // Nothing of a failed start may stay behind; the error carries the console.
+                // Nothing of a failed start may stay behind (the error quotes the console).
                 let _ = cgroup.kill_all(CLEANUP_PATIENCE).await;
                 let _ = cgroup.remove(CLEANUP_PATIENCE).await;
                 let _ = fs::remove_dir_all(&spec.dir);
@@ -204,7 +207,11 @@ impl SandboxLauncher {
             Ok(Ok(Some(line))) => line,
             Ok(Ok(None)) | Ok(Err(_)) => {
                 let code = helper.wait().await?;
-                bail!("{} ended before reporting ({code})", exec.display());
+                bail!(
+                    "{} ended before reporting ({code}); console: {}",
+                    exec.display(),
+                    console_tail(&spec.console_log())
+                );
             }
             Err(_) => bail!(
                 "the sandbox did not start within {:?}; console: {}",
@@ -223,7 +230,10 @@ impl SandboxLauncher {
             }
             STATUS_ERROR => {
                 let _ = helper.wait().await;
-                bail!("starting the sandbox: {detail}")
+                bail!(
+                    "starting the sandbox: {detail}; console: {}",
+                    console_tail(&spec.console_log())
+                )
             }
             _ => bail!("bad status line from the helper: {line:?}"),
         }
@@ -461,7 +471,10 @@ fn merge(base: &mut Value, overrides: &Value) {
 fn console_tail(path: &Path) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(5)..].join(" | ")
+    match &lines[lines.len().saturating_sub(5)..] {
+        [] => "(empty)".to_string(),
+        tail => tail.join(" | "),
+    }
 }
 
 #[cfg(test)]
