@@ -338,7 +338,10 @@ fn without_privileges_the_helper_says_namespaces_are_unavailable() {
         "init": dir, "init_config": dir, "hostname": "x", "tmp_size_mb": 1, "cgroup_procs": [],
     });
     std::fs::write(&plan, plan_json.to_string()).unwrap();
-    let out = std::process::Command::new(EXEC)
+    // The checkout may sit where the unprivileged user cannot reach (e.g. under /root).
+    let exec = tmp.path().join("kindling-sandbox-exec");
+    std::fs::copy(EXEC, &exec).unwrap();
+    let out = std::process::Command::new(&exec)
         .arg(&plan)
         .uid(65534)
         .gid(65534)
