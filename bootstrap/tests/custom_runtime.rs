@@ -309,3 +309,52 @@ async fn host_over_vsock() {
     };
     assert_eq!(body.as_ref(), b"Echoing request: 'over vsock'");
 }
+
+/// Writes many lines, and an unterminated one, during each invocation.
+const CHATTY: &str = r#"#!/bin/bash
+while true; do
+  H=$(mktemp)
+  curl -sS -D "$H" -o /dev/null "http://$AWS_LAMBDA_RUNTIME_API/2018-06-01/runtime/invocation/next"
+  ID=$(grep -Fi Lambda-Runtime-Aws-Request-Id "$H" | tr -d '[:space:]' | cut -d: -f2)
+  seq 1 3000
+  printf 'no newline'
+  curl -sS -o /dev/null "http://$AWS_LAMBDA_RUNTIME_API/2018-06-01/runtime/invocation/$ID/response" -d done
+done
+"#;
+
+#[tokio::test]
+async fn many_log_lines_arrive_batched_in_order_and_complete_before_the_report() {
+    if !have("curl") || !have("bash") {
+        return;
+    }
+    let guest = Guest::new();
+    guest.write_task("bootstrap", CHATTY, true);
+    let mut host = Host::new(guest.socket(), function_env("provided", "x.y"));
+    let _server = host.listen();
+    let _bootstrap = guest.start(None);
+
+    for _ in 0..2 {
+        let id = host.invoke("{}");
+        host.result(&id).await;
+        let want: String = (1..=3000)
+            .map(|n| format!("{n}\n"))
+            .chain(["no newline\n".to_string()])
+            .collect();
+        assert_eq!(host.logs(Some(&id)), want);
+        let posts = host
+            .history
+            .iter()
+            .filter(|r| matches!(r, Record::Logs { id: Some(got), .. } if *got == id))
+            .count();
+        assert!(posts < 100, "{posts} log posts for 3001 lines");
+        let last_log = host
+            .history
+            .iter()
+            .rposition(|r| matches!(r, Record::Logs { id: Some(got), .. } if *got == id))
+            .unwrap();
+        let report = host
+            .position(|r| matches!(r, Record::Report { id: got, .. } if *got == id))
+            .unwrap();
+        assert!(last_log < report);
+    }
+}
