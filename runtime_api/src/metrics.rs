@@ -109,8 +109,12 @@ impl Metrics {
     pub fn timeout(&self, function: &str) {
         self.timeouts.get_or_create(&label(function)).inc();
     }
-    pub fn cold_start(&self, function: &str, took: Duration) {
+    /// An invocation that had to start its environment.
+    pub fn cold_start(&self, function: &str) {
         self.cold_starts.get_or_create(&label(function)).inc();
+    }
+    /// Environment start until its runtime took the first event.
+    pub fn cold_start_took(&self, function: &str, took: Duration) {
         self.cold_start_seconds
             .get_or_create(&label(function))
             .observe(took.as_secs_f64());

@@ -539,6 +539,9 @@ impl Pool {
         let cold = env.served == 0;
         env.served += 1;
         metrics.invocation(&f.name);
+        if cold {
+            metrics.cold_start(&f.name);
+        }
         let start_line = logs::start_line(&request_id, VERSION);
         self.ctx.logs.write(&f.name, &start_line);
 
@@ -568,7 +571,7 @@ impl Pool {
         let (dispatched_at, second) = match first {
             Wait::Dispatched(at) => {
                 if cold {
-                    metrics.cold_start(&f.name, at - env.started);
+                    metrics.cold_start_took(&f.name, at - env.started);
                 }
                 let deadline = tokio::time::Instant::from_std(at + f.timeout);
                 let second = tokio::select! {

@@ -441,6 +441,21 @@ async fn a_timeout_kills_the_environment_and_the_next_gets_a_fresh_one() {
     let r = h.invoke("slow", json!({})).await;
     assert_eq!(r.status, 200);
     assert_ne!(body(&r)["pid"].as_i64().unwrap(), first);
+    let metrics = Client::connect(h.addr)
+        .await
+        .unwrap()
+        .get("/metrics")
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        text.contains("kindling_timeouts_total{function=\"slow\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kindling_cold_starts_total{function=\"slow\"} 2"),
+        "{text}"
+    );
     h.close().await;
 }
 
