@@ -111,7 +111,13 @@ pub fn load_linux(
                 let entry = r.kernel_load.raw_value() + BZIMAGE_64BIT_ENTRY;
                 (r, entry)
             }
-            Err(bz_err) => return Err(BootError::NotAKernel(source.kernel.clone(), elf_err, bz_err)),
+            Err(bz_err) => {
+                return Err(BootError::NotAKernel(
+                    source.kernel.clone(),
+                    elf_err,
+                    bz_err,
+                ))
+            }
         },
     };
 
@@ -202,14 +208,21 @@ mod tests {
 
     #[test]
     fn initrd_goes_page_aligned_to_the_top_and_never_over_the_kernel() {
-        assert_eq!(initrd_address(64 << 20, 8 << 20, 5000), Some((64 << 20) - 8192));
+        assert_eq!(
+            initrd_address(64 << 20, 8 << 20, 5000),
+            Some((64 << 20) - 8192)
+        );
         assert_eq!(initrd_address(64 << 20, 60 << 20, 5 << 20), None);
         assert_eq!(initrd_address(1 << 20, 0, 2 << 20), None);
     }
 
     #[test]
     fn cmdline_appends_devices_and_rejects_overflow() {
-        let c = build_cmdline(DEFAULT_BOOT_ARGS, &["virtio_mmio.device=4K@0xd0001000:5".into()]).unwrap();
+        let c = build_cmdline(
+            DEFAULT_BOOT_ARGS,
+            &["virtio_mmio.device=4K@0xd0001000:5".into()],
+        )
+        .unwrap();
         assert_eq!(
             c.as_cstring().unwrap().to_str().unwrap(),
             "console=ttyS0 reboot=k panic=1 pci=off virtio_mmio.device=4K@0xd0001000:5"
@@ -228,12 +241,19 @@ mod tests {
             boot_args: String::new(),
         };
         let err = load_linux(&mem, &src, &[]).unwrap_err();
-        assert!(err.to_string().contains("neither an x86-64 ELF vmlinux nor a bzImage"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("neither an x86-64 ELF vmlinux nor a bzImage"),
+            "{err}"
+        );
         let missing = BootSource {
             kernel: "/nonexistent/vmlinux".into(),
             ..src
         };
-        assert!(matches!(load_linux(&mem, &missing, &[]), Err(BootError::Open(..))));
+        assert!(matches!(
+            load_linux(&mem, &missing, &[]),
+            Err(BootError::Open(..))
+        ));
         std::fs::remove_file(path).unwrap();
     }
 
@@ -255,7 +275,10 @@ mod tests {
         let devices = ["virtio_mmio.device=4K@0xd0001000:5".to_string()];
         let entry = load_linux(&mem, &src, &devices).unwrap();
         assert!(!entry.user_mode);
-        assert_eq!((entry.rsi, entry.rsp), (ZERO_PAGE_START, BOOT_STACK_POINTER));
+        assert_eq!(
+            (entry.rsi, entry.rsp),
+            (ZERO_PAGE_START, BOOT_STACK_POINTER)
+        );
         assert!(entry.rip >= HIMEM_START, "entry {:#x}", entry.rip);
 
         let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
@@ -267,7 +290,8 @@ mod tests {
         let expected = format!("{DEFAULT_BOOT_ARGS} {}\0", devices[0]);
         assert_eq!({ hdr.cmdline_size } as usize, expected.len());
         let mut cmdline = vec![0u8; expected.len()];
-        mem.read_slice(&mut cmdline, GuestAddress(CMDLINE_START)).unwrap();
+        mem.read_slice(&mut cmdline, GuestAddress(CMDLINE_START))
+            .unwrap();
         assert_eq!(cmdline, expected.as_bytes());
 
         let (rd_addr, rd_size) = ({ hdr.ramdisk_image } as u64, { hdr.ramdisk_size });
@@ -280,7 +304,10 @@ mod tests {
 
         assert_eq!(params.e820_entries, 2);
         let e1 = params.e820_table[1];
-        assert_eq!(({ e1.addr }, { e1.size }, { e1.r#type }), (HIMEM_START, (128 << 20) - HIMEM_START, 1));
+        assert_eq!(
+            ({ e1.addr }, { e1.size }, { e1.r#type }),
+            (HIMEM_START, (128 << 20) - HIMEM_START, 1)
+        );
         std::fs::remove_file(initrd).unwrap();
     }
 }

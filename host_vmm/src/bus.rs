@@ -89,7 +89,9 @@ impl Bus {
 }
 
 /// Locks a device; a device whose holder panicked is still usable (its state is plain data).
-fn lock<'a>(dev: &'a Mutex<dyn BusDevice + 'static>) -> std::sync::MutexGuard<'a, dyn BusDevice + 'static> {
+fn lock<'a>(
+    dev: &'a Mutex<dyn BusDevice + 'static>,
+) -> std::sync::MutexGuard<'a, dyn BusDevice + 'static> {
     dev.lock().unwrap_or_else(|e| e.into_inner())
 }
 

@@ -171,7 +171,8 @@ pub fn setup_fpu(vcpu: &VcpuFd) -> Result<(), CpuError> {
         mxcsr: 0x1f80,
         ..Default::default()
     };
-    vcpu.set_fpu(&fpu).map_err(|e| CpuError::Kvm("KVM_SET_FPU", e))
+    vcpu.set_fpu(&fpu)
+        .map_err(|e| CpuError::Kvm("KVM_SET_FPU", e))
 }
 
 /// The MSRs Linux expects a bootloader to leave sane: syscall MSRs cleared, fast strings on,
@@ -244,7 +245,8 @@ pub fn filter_cpuid(cpuid: &mut CpuId, index: u8, count: u8) {
     for entry in cpuid.as_mut_slice() {
         match entry.function {
             LEAF_FEATURES => {
-                entry.ebx = (entry.ebx & 0xffff) | (u32::from(index) << 24) | (u32::from(count) << 16);
+                entry.ebx =
+                    (entry.ebx & 0xffff) | (u32::from(index) << 24) | (u32::from(count) << 16);
                 entry.ecx |= ECX_HYPERVISOR;
                 if count > 1 {
                     entry.edx |= EDX_HTT;
@@ -265,7 +267,10 @@ mod tests {
     #[test]
     fn gdt_segments_decode() {
         let cs = segment(KERNEL_CODE);
-        assert_eq!((cs.selector, cs.type_, cs.l, cs.dpl, cs.s), (0x08, 0xb, 1, 0, 1));
+        assert_eq!(
+            (cs.selector, cs.type_, cs.l, cs.dpl, cs.s),
+            (0x08, 0xb, 1, 0, 1)
+        );
         assert_eq!(cs.limit, 0xffff_ffff);
         let ucs = segment(USER_CODE);
         assert_eq!((ucs.selector, ucs.dpl, ucs.l), (0x23, 3, 1));

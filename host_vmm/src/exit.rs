@@ -72,7 +72,10 @@ impl VmExit {
 
     /// The recorded reason, if the VM must stop.
     pub fn reason(&self) -> Option<ExitReason> {
-        self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Readable once a reason was recorded; the event loop watches it.

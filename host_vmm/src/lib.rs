@@ -7,11 +7,15 @@
 
 pub mod boot;
 pub mod bus;
+pub mod config;
 pub mod cpu;
 pub mod devices;
 pub mod exit;
 pub mod layout;
 pub mod memory;
-pub mod virtio;
+pub mod metrics;
+pub mod signals;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
+pub mod vmm;

@@ -22,7 +22,9 @@ pub fn ram_regions(size: u64) -> Vec<(GuestAddress, usize)> {
 }
 
 /// Allocates `mem_size_mib` MiB of guest RAM.
-pub fn create_guest_memory(mem_size_mib: u64) -> Result<GuestMemory, vm_memory::mmap::FromRangesError> {
+pub fn create_guest_memory(
+    mem_size_mib: u64,
+) -> Result<GuestMemory, vm_memory::mmap::FromRangesError> {
     GuestMemoryMmap::from_ranges(&ram_regions(mem_size_mib << 20))
 }
 

@@ -103,9 +103,7 @@ impl Vcpu {
                     ))
                 }
                 Ok(other) => {
-                    return Some(ExitReason::VcpuError(format!(
-                        "unexpected exit {other:?}"
-                    )))
+                    return Some(ExitReason::VcpuError(format!("unexpected exit {other:?}")))
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);

@@ -7,11 +7,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
-use vmm_sys_util::epoll::EventSet;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::{Bus, OverlapError};
@@ -69,7 +71,7 @@ pub struct Vm {
 }
 
 /// A device's event-loop half.
-type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// Registers one eventfd as the irqfd of `gsi`.
 fn irq_line(vm_fd: &VmFd, gsi: u32) -> Result<IrqLine, VmError> {
@@ -90,7 +92,9 @@ impl Vm {
             return Err(VmError::Config("mem_size_mib must be at least 1".into()));
         }
         let kvm = Kvm::new().map_err(|e| VmError::Kvm("open /dev/kvm", e))?;
-        let vm_fd = kvm.create_vm().map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
+        let vm_fd = kvm
+            .create_vm()
+            .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
         let memory = create_guest_memory(config.mem_size_mib)?;
         for (slot, region) in memory.iter().enumerate() {
             let region_desc = kvm_userspace_memory_region {
@@ -166,7 +170,8 @@ impl Vm {
         device: D,
     ) -> Result<VirtioSlot<D>, VmError> {
         let (base, irq) = layout::virtio_slot(self.virtio_slots.len());
-        let transport = MmioTransport::new(device, self.memory.clone(), irq_line(&self.vm_fd, irq)?);
+        let transport =
+            MmioTransport::new(device, self.memory.clone(), irq_line(&self.vm_fd, irq)?);
         let transport = Arc::new(Mutex::new(transport));
         self.mmio_bus
             .insert(transport.clone(), base, layout::VIRTIO_MMIO_SLOT)?;
@@ -179,11 +184,20 @@ impl Vm {
     }
 
     /// Adds a vsock device for guest CID `guest_cid` with its host side at `uds_path`.
-    pub fn add_vsock(&mut self, guest_cid: u64, uds_path: &Path) -> Result<VirtioSlot<Vsock>, VmError> {
+    pub fn add_vsock(
+        &mut self,
+        guest_cid: u64,
+        uds_path: &Path,
+    ) -> Result<VirtioSlot<Vsock>, VmError> {
         let slot = self.add_virtio_device(Vsock::new(guest_cid, uds_path)?)?;
         self.subscribers
             .push(Arc::new(Mutex::new(VsockEvents(slot.transport.clone()))));
         Ok(slot)
+    }
+
+    /// Runs `subscriber` on the VMM's event loop once the VM is started.
+    pub fn add_subscriber(&mut self, subscriber: Subscriber) {
+        self.subscribers.push(subscriber);
     }
 
     /// The `virtio_mmio.device=` declarations a Linux guest needs for the devices added so far.
@@ -196,10 +210,17 @@ impl Vm {
 
     /// Configures every vCPU for `entry` and starts them. `instance_start` is when the
     /// instance was asked to start: the boot timer and the first-`KVM_RUN` timing count from it.
-    pub fn start(mut self, entry: EntryPoint, instance_start: Instant) -> Result<RunningVm, VmError> {
+    pub fn start(
+        mut self,
+        entry: EntryPoint,
+        instance_start: Instant,
+    ) -> Result<RunningVm, VmError> {
         let boot_time = BootTime::default();
         self.mmio_bus.insert(
-            Arc::new(Mutex::new(BootTimer::new(instance_start, boot_time.clone()))),
+            Arc::new(Mutex::new(BootTimer::new(
+                instance_start,
+                boot_time.clone(),
+            ))),
             layout::BOOT_TIMER_START,
             0x1000,
         )?;
@@ -254,7 +275,7 @@ impl Vm {
         Ok(RunningVm {
             _vm_fd: self.vm_fd,
             events,
-            _memory: self.memory,
+            memory: self.memory,
             exit: self.exit,
             threads,
             instance_start,
@@ -300,7 +321,7 @@ pub struct Timings {
 pub struct RunningVm {
     _vm_fd: VmFd,
     events: EventManager<Subscriber>,
-    _memory: GuestMemory,
+    memory: GuestMemory,
     exit: VmExit,
     threads: Vec<JoinHandle<()>>,
     instance_start: Instant,
@@ -312,6 +333,12 @@ impl RunningVm {
     /// The exit latch: request [`ExitReason::Stopped`] on it to stop the VM from outside.
     pub fn exit(&self) -> &VmExit {
         &self.exit
+    }
+
+    /// The VMM process's resident memory in KiB, guest RAM left out.
+    pub fn vmm_rss_kib(&self) -> std::io::Result<u64> {
+        let guest: Vec<u64> = self.memory.iter().map(|r| r.as_ptr() as u64).collect();
+        crate::metrics::vmm_rss_kib(&guest)
     }
 
     pub fn timings(&self) -> Timings {
@@ -333,7 +360,8 @@ impl RunningVm {
             }
             if let Err(e) = self.events.run() {
                 tracing::error!("event loop: {e:?}");
-                self.exit.request(ExitReason::VcpuError(format!("event loop failed: {e:?}")));
+                self.exit
+                    .request(ExitReason::VcpuError(format!("event loop failed: {e:?}")));
             }
         };
         let timings = self.timings();

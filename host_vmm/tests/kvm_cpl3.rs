@@ -22,7 +22,10 @@ fn serial_boot_timer_and_i8042_reset_through_real_exits() {
 
     assert_eq!(reason, ExitReason::GuestReset);
     assert_eq!(reason.exit_code(), 0);
-    assert_eq!(std::fs::read_to_string(&console).unwrap(), "hello from CPL3\n");
+    assert_eq!(
+        std::fs::read_to_string(&console).unwrap(),
+        "hello from CPL3\n"
+    );
     let boot = timings.boot_timer.expect("boot timer write was recorded");
     let first_run = timings.first_kvm_run.expect("first KVM_RUN was recorded");
     assert!(first_run <= boot, "{timings:?}");

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use common::*;
 use kindling_vmm::exit::ExitReason;
-use kindling_vmm::virtio::vsock::packet::{Header, HEADER_LEN, OP_REQUEST, OP_RESPONSE, OP_RW, TYPE_STREAM};
+use kindling_vmm::virtio::vsock::packet::{
+    Header, HEADER_LEN, OP_REQUEST, OP_RESPONSE, OP_RW, TYPE_STREAM,
+};
 use vm_memory::{Bytes, GuestAddress};
 
 const RX: (u64, u64, u64) = (0x40000, 0x41000, 0x42000);
@@ -68,8 +70,17 @@ fn guest_and_host_exchange_over_vsock_both_ways() {
     for (i, (h, data)) in tx.iter().enumerate() {
         let addr = TX_BUF + 0x1000 * i as u64;
         mem.write_obj(*h, GuestAddress(addr)).unwrap();
-        mem.write_slice(data, GuestAddress(addr + HEADER_LEN as u64)).unwrap();
-        write_desc(mem, TX.0, i as u16, addr, (HEADER_LEN + data.len()) as u32, 0, 0);
+        mem.write_slice(data, GuestAddress(addr + HEADER_LEN as u64))
+            .unwrap();
+        write_desc(
+            mem,
+            TX.0,
+            i as u16,
+            addr,
+            (HEADER_LEN + data.len()) as u32,
+            0,
+            0,
+        );
     }
     write_avail(mem, TX.1, &[0, 1, 2]);
     mem.write_obj(0u16, GuestAddress(TX.1 + 2)).unwrap(); // nothing published yet
@@ -93,7 +104,10 @@ fn guest_and_host_exchange_over_vsock_both_ways() {
     script.extend(publish_tx(2));
     script.push(Op::PollEq32(RX.2, 2 << 16));
     script.push(Op::Expect32(RX_BUF + 0x1000 + 28, type_op(OP_RW)));
-    script.push(Op::Expect32(RX_BUF + 0x1000 + HEADER_LEN as u64, u32::from_le_bytes(*b"yo\0\0")));
+    script.push(Op::Expect32(
+        RX_BUF + 0x1000 + HEADER_LEN as u64,
+        u32::from_le_bytes(*b"yo\0\0"),
+    ));
     // Host → guest: tell the host to connect; its CONNECT 52 arrives as a REQUEST; accept it.
     script.push(Op::Write32(GO_CONNECT, 1));
     script.push(Op::PollEq32(RX.2, 3 << 16));
@@ -129,7 +143,10 @@ fn guest_and_host_exchange_over_vsock_both_ways() {
     assert_eq!(std::fs::read_to_string(&console).unwrap(), "vsock ok\n");
     assert_eq!(reason, ExitReason::GuestReset);
     assert_eq!(host.join().unwrap(), format!("OK {FIRST_HOST_PORT}\n"));
-    assert!(!uds.exists(), "the vsock socket is unlinked when the VM is gone");
+    assert!(
+        !uds.exists(),
+        "the vsock socket is unlinked when the VM is gone"
+    );
     std::fs::remove_file(console).unwrap();
     std::fs::remove_file(format!("{}_1234", uds.display())).unwrap();
 }

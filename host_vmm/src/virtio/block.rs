@@ -92,7 +92,10 @@ impl Request {
         if header.is_write_only() || header.len() < HEADER_LEN {
             return Err(ChainError::BadHeader);
         }
-        let kind = match mem.read_obj::<u32>(header.addr()).map_err(|_| ChainError::BadHeader)? {
+        let kind = match mem
+            .read_obj::<u32>(header.addr())
+            .map_err(|_| ChainError::BadHeader)?
+        {
             VIRTIO_BLK_T_IN => RequestType::In,
             VIRTIO_BLK_T_OUT => RequestType::Out,
             VIRTIO_BLK_T_FLUSH => RequestType::Flush,
@@ -177,10 +180,16 @@ impl Block {
                 let start = req
                     .sector
                     .checked_mul(SECTOR_SIZE)
-                    .filter(|s| s.checked_add(req.data_len()).is_some_and(|e| e <= self.size))
+                    .filter(|s| {
+                        s.checked_add(req.data_len())
+                            .is_some_and(|e| e <= self.size)
+                    })
                     .ok_or_else(|| io::Error::other("request beyond the end of the disk"))?;
                 if req.kind == RequestType::Out && self.read_only {
-                    return Err(io::Error::new(io::ErrorKind::PermissionDenied, "read-only drive"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        "read-only drive",
+                    ));
                 }
                 let mut offset = start;
                 for &(addr, len) in &req.data {
@@ -229,7 +238,11 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        let ro = if self.read_only { 1 << VIRTIO_BLK_F_RO } else { 0 };
+        let ro = if self.read_only {
+            1 << VIRTIO_BLK_F_RO
+        } else {
+            0
+        };
         VIRTIO_F_VERSION_1 | (1 << VIRTIO_BLK_F_FLUSH) | ro
     }
 
@@ -291,7 +304,8 @@ mod tests {
     fn queue_with(mem: &GuestMemory, descs: &[(u64, u32, u16, u16)]) -> Queue {
         for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
             let d = Descriptor::new(addr, len, flags, next);
-            mem.write_obj(d, GuestAddress(DESC + 16 * i as u64)).unwrap();
+            mem.write_obj(d, GuestAddress(DESC + 16 * i as u64))
+                .unwrap();
         }
         mem.write_obj(0u16, GuestAddress(AVAIL)).unwrap();
         mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
@@ -322,13 +336,22 @@ mod tests {
 
     fn disk(name: &str, sectors: u8) -> std::path::PathBuf {
         let path = std::env::temp_dir().join(format!("kindling-blk-{}-{name}", std::process::id()));
-        let data: Vec<u8> = (0..sectors).flat_map(|s| [s; SECTOR_SIZE as usize]).collect();
+        let data: Vec<u8> = (0..sectors)
+            .flat_map(|s| [s; SECTOR_SIZE as usize])
+            .collect();
         std::fs::write(&path, data).unwrap();
         path
     }
 
     /// Runs a header/data/status request through the queue; returns the status byte.
-    fn run(blk: &mut Block, mem: &GuestMemory, kind: u32, sector: u64, data_flags: u16, len: u32) -> u8 {
+    fn run(
+        blk: &mut Block,
+        mem: &GuestMemory,
+        kind: u32,
+        sector: u64,
+        data_flags: u16,
+        len: u32,
+    ) -> u8 {
         header(mem, 0x10000, kind, sector);
         mem.write_obj(0xffu8, GuestAddress(0x30000)).unwrap();
         let mut q = queue_with(
@@ -353,23 +376,41 @@ mod tests {
         blk.read_config(0, &mut cap);
         assert_eq!(u64::from_le_bytes(cap), 4);
 
-        assert_eq!(run(&mut blk, &mem, VIRTIO_BLK_T_IN, 2, WRITE, 1024), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(
+            run(&mut blk, &mem, VIRTIO_BLK_T_IN, 2, WRITE, 1024),
+            VIRTIO_BLK_S_OK as u8
+        );
         assert_eq!(used(&mem), (1, 1025));
         let mut buf = [0u8; 1024];
         mem.read_slice(&mut buf, GuestAddress(0x20000)).unwrap();
         assert!(buf[..512].iter().all(|&b| b == 2) && buf[512..].iter().all(|&b| b == 3));
 
-        mem.write_slice(&[0xab; 512], GuestAddress(0x20000)).unwrap();
-        assert_eq!(run(&mut blk, &mem, VIRTIO_BLK_T_OUT, 1, 0, 512), VIRTIO_BLK_S_OK as u8);
-        assert_eq!(run(&mut blk, &mem, VIRTIO_BLK_T_FLUSH, 0, 0, 1), VIRTIO_BLK_S_OK as u8);
+        mem.write_slice(&[0xab; 512], GuestAddress(0x20000))
+            .unwrap();
+        assert_eq!(
+            run(&mut blk, &mem, VIRTIO_BLK_T_OUT, 1, 0, 512),
+            VIRTIO_BLK_S_OK as u8
+        );
+        assert_eq!(
+            run(&mut blk, &mem, VIRTIO_BLK_T_FLUSH, 0, 0, 1),
+            VIRTIO_BLK_S_OK as u8
+        );
         let file = std::fs::read(&path).unwrap();
         assert!(file[512..1024].iter().all(|&b| b == 0xab));
 
         let mut ro = Block::open(&path, true, "ro").unwrap();
         assert_ne!(ro.features() & (1 << VIRTIO_BLK_F_RO), 0);
-        mem.write_slice(&[0xcd; 512], GuestAddress(0x20000)).unwrap();
-        assert_eq!(run(&mut ro, &mem, VIRTIO_BLK_T_OUT, 0, 0, 512), VIRTIO_BLK_S_IOERR as u8);
-        assert_eq!(std::fs::read(&path).unwrap(), file, "a read-only drive was modified");
+        mem.write_slice(&[0xcd; 512], GuestAddress(0x20000))
+            .unwrap();
+        assert_eq!(
+            run(&mut ro, &mem, VIRTIO_BLK_T_OUT, 0, 0, 512),
+            VIRTIO_BLK_S_IOERR as u8
+        );
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            file,
+            "a read-only drive was modified"
+        );
         std::fs::remove_file(path).unwrap();
     }
 
@@ -378,13 +419,25 @@ mod tests {
         let mem = create_guest_memory(1).unwrap();
         let path = disk("range", 2);
         let mut blk = Block::open(&path, false, "my-drive").unwrap();
-        assert_eq!(run(&mut blk, &mem, VIRTIO_BLK_T_IN, 1, WRITE, 1024), VIRTIO_BLK_S_IOERR as u8);
-        assert_eq!(run(&mut blk, &mem, VIRTIO_BLK_T_IN, u64::MAX, WRITE, 512), VIRTIO_BLK_S_IOERR as u8);
-        assert_eq!(run(&mut blk, &mem, VIRTIO_BLK_T_GET_ID, 0, WRITE, 20), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(
+            run(&mut blk, &mem, VIRTIO_BLK_T_IN, 1, WRITE, 1024),
+            VIRTIO_BLK_S_IOERR as u8
+        );
+        assert_eq!(
+            run(&mut blk, &mem, VIRTIO_BLK_T_IN, u64::MAX, WRITE, 512),
+            VIRTIO_BLK_S_IOERR as u8
+        );
+        assert_eq!(
+            run(&mut blk, &mem, VIRTIO_BLK_T_GET_ID, 0, WRITE, 20),
+            VIRTIO_BLK_S_OK as u8
+        );
         let mut id = [0u8; 8];
         mem.read_slice(&mut id, GuestAddress(0x20000)).unwrap();
         assert_eq!(&id, b"my-drive");
-        assert_eq!(run(&mut blk, &mem, 99, 0, WRITE, 8), VIRTIO_BLK_S_UNSUPP as u8);
+        assert_eq!(
+            run(&mut blk, &mem, 99, 0, WRITE, 8),
+            VIRTIO_BLK_S_UNSUPP as u8
+        );
         std::fs::remove_file(path).unwrap();
     }
 
@@ -401,7 +454,10 @@ mod tests {
         let end = 1 << 20;
         // A loop: 0 -> 1 -> 0 -> ...
         assert_eq!(
-            parse(&mem, &[(0x10000, 16, NEXT, 1), (0x20000, 8, WRITE | NEXT, 0)]),
+            parse(
+                &mem,
+                &[(0x10000, 16, NEXT, 1), (0x20000, 8, WRITE | NEXT, 0)]
+            ),
             Err(ChainError::Truncated)
         );
         // `next` past the end of the table.
@@ -416,20 +472,51 @@ mod tests {
         assert_eq!(parse(&mem, &long), Err(ChainError::Truncated));
         // A buffer beyond guest memory, and one that wraps around the address space.
         assert_eq!(
-            parse(&mem, &[(0x10000, 16, NEXT, 1), (end - 4, 8, WRITE | NEXT, 2), (0x30000, 1, WRITE, 0)]),
-            Err(ChainError::OutOfRange { addr: end - 4, len: 8 })
+            parse(
+                &mem,
+                &[
+                    (0x10000, 16, NEXT, 1),
+                    (end - 4, 8, WRITE | NEXT, 2),
+                    (0x30000, 1, WRITE, 0)
+                ]
+            ),
+            Err(ChainError::OutOfRange {
+                addr: end - 4,
+                len: 8
+            })
         );
         assert!(matches!(
-            parse(&mem, &[(0x10000, 16, NEXT, 1), (u64::MAX - 2, 8, WRITE | NEXT, 2), (0x30000, 1, WRITE, 0)]),
+            parse(
+                &mem,
+                &[
+                    (0x10000, 16, NEXT, 1),
+                    (u64::MAX - 2, 8, WRITE | NEXT, 2),
+                    (0x30000, 1, WRITE, 0)
+                ]
+            ),
             Err(ChainError::OutOfRange { .. })
         ));
         // Zero-length data, wrong direction, bad header, bad status, header only.
         assert_eq!(
-            parse(&mem, &[(0x10000, 16, NEXT, 1), (0x20000, 0, WRITE | NEXT, 2), (0x30000, 1, WRITE, 0)]),
+            parse(
+                &mem,
+                &[
+                    (0x10000, 16, NEXT, 1),
+                    (0x20000, 0, WRITE | NEXT, 2),
+                    (0x30000, 1, WRITE, 0)
+                ]
+            ),
             Err(ChainError::ZeroLength)
         );
         assert_eq!(
-            parse(&mem, &[(0x10000, 16, NEXT, 1), (0x20000, 8, NEXT, 2), (0x30000, 1, WRITE, 0)]),
+            parse(
+                &mem,
+                &[
+                    (0x10000, 16, NEXT, 1),
+                    (0x20000, 8, NEXT, 2),
+                    (0x30000, 1, WRITE, 0)
+                ]
+            ),
             Err(ChainError::WrongDirection)
         );
         assert_eq!(
@@ -437,16 +524,29 @@ mod tests {
             Err(ChainError::BadHeader)
         );
         assert_eq!(
-            parse(&mem, &[(0x10000, 16, WRITE | NEXT, 1), (0x30000, 1, WRITE, 0)]),
+            parse(
+                &mem,
+                &[(0x10000, 16, WRITE | NEXT, 1), (0x30000, 1, WRITE, 0)]
+            ),
             Err(ChainError::BadHeader)
         );
         assert_eq!(
             parse(&mem, &[(0x10000, 16, NEXT, 1), (0x30000, 1, 0, 0)]),
             Err(ChainError::BadStatus)
         );
-        assert_eq!(parse(&mem, &[(0x10000, 16, 0, 0)]), Err(ChainError::BadStatus));
+        assert_eq!(
+            parse(&mem, &[(0x10000, 16, 0, 0)]),
+            Err(ChainError::BadStatus)
+        );
         // A well-formed chain still parses.
-        let ok = parse(&mem, &[(0x10000, 16, NEXT, 1), (0x20000, 512, WRITE | NEXT, 2), (0x30000, 1, WRITE, 0)]);
+        let ok = parse(
+            &mem,
+            &[
+                (0x10000, 16, NEXT, 1),
+                (0x20000, 512, WRITE | NEXT, 2),
+                (0x30000, 1, WRITE, 0),
+            ],
+        );
         assert_eq!(ok.unwrap().data, vec![(GuestAddress(0x20000), 512)]);
     }
 
@@ -455,7 +555,10 @@ mod tests {
         let mem = create_guest_memory(1).unwrap();
         let path = disk("reject", 1);
         let mut blk = Block::open(&path, false, "x").unwrap();
-        let mut q = queue_with(&mem, &[(0x10000, 16, NEXT, 1), (0x20000, 8, WRITE | NEXT, 0)]);
+        let mut q = queue_with(
+            &mem,
+            &[(0x10000, 16, NEXT, 1), (0x20000, 8, WRITE | NEXT, 0)],
+        );
         assert!(blk.process_queue(0, std::slice::from_mut(&mut q), &mem));
         assert_eq!(used(&mem), (1, 0));
         std::fs::remove_file(path).unwrap();

@@ -82,12 +82,18 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         // Every queue must be usable: a device may touch another queue than the notified one.
         if index >= self.queues.len()
-            || !self.queues.iter().all(|q| q.ready() && q.is_valid(&self.mem))
+            || !self
+                .queues
+                .iter()
+                .all(|q| q.ready() && q.is_valid(&self.mem))
         {
             tracing::debug!("notify for queue {index} while queues are missing or invalid");
             return;
         }
-        if self.device.process_queue(index, &mut self.queues, &self.mem) {
+        if self
+            .device
+            .process_queue(index, &mut self.queues, &self.mem)
+        {
             self.signal_used();
         }
     }
@@ -197,7 +203,10 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
             Ok(bytes) if offset < u64::from(VIRTIO_MMIO_CONFIG) => {
                 self.write_reg(offset as u32, u32::from_le_bytes(bytes))
             }
-            _ => tracing::debug!("virtio-mmio write of {} bytes at {offset:#x} ignored", data.len()),
+            _ => tracing::debug!(
+                "virtio-mmio write of {} bytes at {offset:#x} ignored",
+                data.len()
+            ),
         }
     }
 }

@@ -36,7 +36,9 @@ pub trait VirtioDevice: Send {
 /// Copies the bytes of `config` at `offset` into `data`, zero past the end.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data.fill(0);
-    let start = usize::try_from(offset).unwrap_or(usize::MAX).min(config.len());
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(config.len());
     let n = data.len().min(config.len() - start);
     data[..n].copy_from_slice(&config[start..start + n]);
 }

@@ -30,11 +30,11 @@ use vm_memory::{Bytes, GuestAddress};
 /// `hlt` at CPL3 raises #GP; with an empty IDT that becomes a triple fault, which the VMM
 /// reports as [`ExitReason::TripleFault`]: a failed expectation is visible as that exit.
 const INTERPRETER: [u8; 65] = [
-    0x48, 0x8b, 0x06, 0x48, 0x8b, 0x56, 0x08, 0x48, 0x8b, 0x4e, 0x10, 0x48, 0x83, 0xc6, 0x18,
-    0x83, 0xf8, 0x01, 0x74, 0x15, 0x83, 0xf8, 0x02, 0x74, 0x14, 0x83, 0xf8, 0x03, 0x74, 0x15,
-    0x83, 0xf8, 0x04, 0x74, 0x15, 0x83, 0xf8, 0x05, 0x74, 0x14, 0xf4, 0x89, 0x0a, 0xeb, 0xd3,
-    0x39, 0x0a, 0x75, 0xfc, 0xeb, 0xcd, 0x89, 0xc8, 0xee, 0xeb, 0xc8, 0x88, 0x0a, 0xeb, 0xc4,
-    0x39, 0x0a, 0x74, 0xc0, 0xf4,
+    0x48, 0x8b, 0x06, 0x48, 0x8b, 0x56, 0x08, 0x48, 0x8b, 0x4e, 0x10, 0x48, 0x83, 0xc6, 0x18, 0x83,
+    0xf8, 0x01, 0x74, 0x15, 0x83, 0xf8, 0x02, 0x74, 0x14, 0x83, 0xf8, 0x03, 0x74, 0x15, 0x83, 0xf8,
+    0x04, 0x74, 0x15, 0x83, 0xf8, 0x05, 0x74, 0x14, 0xf4, 0x89, 0x0a, 0xeb, 0xd3, 0x39, 0x0a, 0x75,
+    0xfc, 0xeb, 0xcd, 0x89, 0xc8, 0xee, 0xeb, 0xc8, 0x88, 0x0a, 0xeb, 0xc4, 0x39, 0x0a, 0x74, 0xc0,
+    0xf4,
 ];
 const CODE_ADDR: u64 = 0x10000;
 const SCRIPT_ADDR: u64 = 0x11000;
@@ -80,7 +80,11 @@ pub const RESET: Op = Op::Out8(0x64, 0xfe);
 
 /// Opens KVM or explains in one line why the test cannot run.
 pub fn kvm_or_skip() -> bool {
-    match fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    match fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(_) => true,
         Err(e) => {
             println!("SKIPPED: /dev/kvm is not usable here: {e}");
@@ -126,7 +130,8 @@ pub fn run_script(vm: Vm, script: &[Op], limit: Duration) -> (ExitReason, Timing
 }
 
 fn load(mem: &GuestMemory, script: &[Op]) {
-    mem.write_slice(&INTERPRETER, GuestAddress(CODE_ADDR)).unwrap();
+    mem.write_slice(&INTERPRETER, GuestAddress(CODE_ADDR))
+        .unwrap();
     let bytes = encode(script);
     assert!(bytes.len() < 0xf000, "script too long");
     mem.write_slice(&bytes, GuestAddress(SCRIPT_ADDR)).unwrap();
@@ -184,7 +189,14 @@ pub fn virtio_negotiate(base: u64, device_id: u32, features: u64) -> Vec<Op> {
 }
 
 /// Sets up queue `index` of size `size` at the given guest addresses and marks it ready.
-pub fn virtio_queue_setup(base: u64, index: u32, size: u32, desc: u64, avail: u64, used: u64) -> Vec<Op> {
+pub fn virtio_queue_setup(
+    base: u64,
+    index: u32,
+    size: u32,
+    desc: u64,
+    avail: u64,
+    used: u64,
+) -> Vec<Op> {
     use mmio::*;
     vec![
         Op::Write32(base + QUEUE_SEL, index),
@@ -200,7 +212,15 @@ pub fn virtio_queue_setup(base: u64, index: u32, size: u32, desc: u64, avail: u6
 }
 
 /// Writes a split-virtqueue descriptor (the driver's part of a request, in guest memory).
-pub fn write_desc(mem: &GuestMemory, table: u64, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+pub fn write_desc(
+    mem: &GuestMemory,
+    table: u64,
+    index: u16,
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+) {
     let at = table + 16 * u64::from(index);
     mem.write_obj(addr, GuestAddress(at)).unwrap();
     mem.write_obj(len, GuestAddress(at + 8)).unwrap();
@@ -212,7 +232,9 @@ pub fn write_desc(mem: &GuestMemory, table: u64, index: u16, addr: u64, len: u32
 pub fn write_avail(mem: &GuestMemory, avail: u64, heads: &[u16]) {
     mem.write_obj(0u16, GuestAddress(avail)).unwrap();
     for (i, h) in heads.iter().enumerate() {
-        mem.write_obj(*h, GuestAddress(avail + 4 + 2 * i as u64)).unwrap();
+        mem.write_obj(*h, GuestAddress(avail + 4 + 2 * i as u64))
+            .unwrap();
     }
-    mem.write_obj(heads.len() as u16, GuestAddress(avail + 2)).unwrap();
+    mem.write_obj(heads.len() as u16, GuestAddress(avail + 2))
+        .unwrap();
 }

@@ -88,7 +88,8 @@ impl Vsock {
                     continue;
                 }
             };
-            let Some((mut hdr, payload)) = self.muxer.next_rx(writer.available_bytes() - HEADER_LEN)
+            let Some((mut hdr, payload)) =
+                self.muxer.next_rx(writer.available_bytes() - HEADER_LEN)
             else {
                 queue.go_to_previous_position();
                 break;
@@ -163,7 +164,13 @@ pub struct VsockEvents(pub Arc<Mutex<MmioTransport<Vsock>>>);
 
 impl MutEventSubscriber for VsockEvents {
     fn init(&mut self, ops: &mut EventOps) {
-        let fd = self.0.lock().unwrap_or_else(|e| e.into_inner()).device_mut().muxer.epoll_fd();
+        let fd = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .device_mut()
+            .muxer
+            .epoll_fd();
         if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
             tracing::error!("vsock: cannot watch host sockets: {e:?}");
         }
@@ -217,7 +224,12 @@ mod tests {
                     queue
                 })
                 .collect();
-            Self { mem, queues, avail: [0; 2], rx_seen: 0 }
+            Self {
+                mem,
+                queues,
+                avail: [0; 2],
+                rx_seen: 0,
+            }
         }
 
         fn publish(&mut self, q: usize, addr: u64, len: u32, flags: u16) {
@@ -225,10 +237,16 @@ mod tests {
             let idx = self.avail[q];
             let slot = idx % SIZE;
             let desc = virtio_queue::desc::split::Descriptor::new(addr, len, flags, 0);
-            self.mem.write_obj(desc, GuestAddress(d + 16 * u64::from(slot))).unwrap();
-            self.mem.write_obj(slot, GuestAddress(a + 4 + 2 * u64::from(slot))).unwrap();
+            self.mem
+                .write_obj(desc, GuestAddress(d + 16 * u64::from(slot)))
+                .unwrap();
+            self.mem
+                .write_obj(slot, GuestAddress(a + 4 + 2 * u64::from(slot)))
+                .unwrap();
             self.avail[q] = idx.wrapping_add(1);
-            self.mem.write_obj(self.avail[q], GuestAddress(a + 2)).unwrap();
+            self.mem
+                .write_obj(self.avail[q], GuestAddress(a + 2))
+                .unwrap();
         }
 
         fn give_rx(&mut self, dev: &mut Vsock, n: u16) {
@@ -246,7 +264,9 @@ mod tests {
             hdr.len = payload.len() as u32;
             let addr = 0x40000 + u64::from(self.avail[TX_QUEUE] % SIZE) * 0x1000;
             self.mem.write_obj(hdr, GuestAddress(addr)).unwrap();
-            self.mem.write_slice(payload, GuestAddress(addr + HEADER_LEN as u64)).unwrap();
+            self.mem
+                .write_slice(payload, GuestAddress(addr + HEADER_LEN as u64))
+                .unwrap();
             self.publish(TX_QUEUE, addr, (HEADER_LEN + payload.len()) as u32, 0);
             dev.process_queue(TX_QUEUE, &mut self.queues, &self.mem);
         }
@@ -265,7 +285,9 @@ mod tests {
                 let addr = 0x20000 + u64::from(id) * 0x1000;
                 let hdr: Header = self.mem.read_obj(GuestAddress(addr)).unwrap();
                 let mut data = vec![0u8; len as usize - HEADER_LEN];
-                self.mem.read_slice(&mut data, GuestAddress(addr + HEADER_LEN as u64)).unwrap();
+                self.mem
+                    .read_slice(&mut data, GuestAddress(addr + HEADER_LEN as u64))
+                    .unwrap();
                 out.push((hdr, data));
                 self.rx_seen = self.rx_seen.wrapping_add(1);
             }
@@ -274,7 +296,13 @@ mod tests {
     }
 
     fn header(op: u16, src_port: u32, dst_port: u32) -> Header {
-        Header { op, src_port, dst_port, buf_alloc: 1 << 16, ..Default::default() }
+        Header {
+            op,
+            src_port,
+            dst_port,
+            buf_alloc: 1 << 16,
+            ..Default::default()
+        }
     }
 
     fn uds(name: &str) -> PathBuf {
@@ -299,7 +327,10 @@ mod tests {
         let got = drv.recv(&mut dev);
         assert_eq!(ops(&got), [OP_RESPONSE]);
         let h = got[0].0;
-        assert_eq!((h.src_cid, h.dst_cid, h.src_port, h.dst_port), (2, 3, 5000, 1234));
+        assert_eq!(
+            (h.src_cid, h.dst_cid, h.src_port, h.dst_port),
+            (2, 3, 5000, 1234)
+        );
 
         let (mut host, _) = listener.accept().unwrap();
         drv.send(&mut dev, header(OP_RW, 1234, 5000), b"ping");
@@ -311,7 +342,11 @@ mod tests {
         let got = drv.recv(&mut dev);
         assert_eq!(ops(&got), [OP_RW]);
         assert_eq!(got[0].1, b"pong");
-        assert_eq!({ got[0].0.fwd_cnt }, 4, "our fwd_cnt counts what reached the host");
+        assert_eq!(
+            { got[0].0.fwd_cnt },
+            4,
+            "our fwd_cnt counts what reached the host"
+        );
 
         drop(host);
         let got = drv.recv(&mut dev);
@@ -353,7 +388,10 @@ mod tests {
         drv.send(&mut dev, header(OP_RESPONSE, 52, host_port), &[]);
         let mut line = [0u8; 64];
         let n = client.read(&mut line).unwrap();
-        assert_eq!(std::str::from_utf8(&line[..n]).unwrap(), format!("OK {host_port}\n"));
+        assert_eq!(
+            std::str::from_utf8(&line[..n]).unwrap(),
+            format!("OK {host_port}\n")
+        );
 
         client.write_all(b"hello guest").unwrap();
         let got = drv.recv(&mut dev);
@@ -399,7 +437,10 @@ mod tests {
 
         host.write_all(b"abcdefgh").unwrap();
         let got = drv.recv(&mut dev);
-        assert_eq!(got.iter().map(|(_, d)| d.clone()).collect::<Vec<_>>(), [b"abcd".to_vec()]);
+        assert_eq!(
+            got.iter().map(|(_, d)| d.clone()).collect::<Vec<_>>(),
+            [b"abcd".to_vec()]
+        );
         assert!(drv.recv(&mut dev).is_empty(), "no credit left");
 
         let mut update = header(OP_CREDIT_UPDATE, 10, 6000);
@@ -407,7 +448,10 @@ mod tests {
         update.fwd_cnt = 4;
         drv.send(&mut dev, update, &[]);
         let got = drv.recv(&mut dev);
-        assert_eq!(got.iter().map(|(_, d)| d.clone()).collect::<Vec<_>>(), [b"efgh".to_vec()]);
+        assert_eq!(
+            got.iter().map(|(_, d)| d.clone()).collect::<Vec<_>>(),
+            [b"efgh".to_vec()]
+        );
 
         drv.send(&mut dev, header(OP_CREDIT_REQUEST, 10, 6000), &[]);
         let got = drv.recv(&mut dev);

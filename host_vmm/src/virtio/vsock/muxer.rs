@@ -113,7 +113,10 @@ impl Muxer {
     /// Listens on `uds_path` for host-initiated connections. Fails if the path exists.
     pub fn new(uds_path: &Path, guest_cid: u64) -> io::Result<Self> {
         let listener = UnixListener::bind(uds_path).map_err(|e| {
-            io::Error::new(e.kind(), format!("binding vsock socket {}: {e}", uds_path.display()))
+            io::Error::new(
+                e.kind(),
+                format!("binding vsock socket {}: {e}", uds_path.display()),
+            )
         })?;
         listener.set_nonblocking(true)?;
         let epoll = Epoll::new()?;
@@ -224,15 +227,22 @@ impl Muxer {
         match (op, state) {
             (OP_REQUEST, None) => self.connect_to_host(key, hdr),
             (OP_RESPONSE, Some(State::AwaitingGuest)) => {
-                let conn = self.conns.get_mut(&key).expect("state came from this entry");
+                let conn = self
+                    .conns
+                    .get_mut(&key)
+                    .expect("state came from this entry");
                 conn.state = State::Established;
-                conn.to_host.extend_from_slice(format!("OK {}\n", key.0).as_bytes());
+                conn.to_host
+                    .extend_from_slice(format!("OK {}\n", key.0).as_bytes());
                 // The OK line is not guest data: keep it out of the credit count.
                 conn.fwd_cnt -= conn.to_host.len() as u32;
                 self.flush_to_host(key);
             }
             (OP_RW, Some(State::Established)) => {
-                let conn = self.conns.get_mut(&key).expect("state came from this entry");
+                let conn = self
+                    .conns
+                    .get_mut(&key)
+                    .expect("state came from this entry");
                 if conn.to_host.len() + payload.len() > BUF_ALLOC as usize {
                     tracing::warn!("vsock: guest overran its credit on {key:?}");
                     self.reset(key);
@@ -355,12 +365,21 @@ impl Muxer {
                     }
                     let token = self.new_token(Token::Handshake);
                     let ev = EpollEvent::new(EventSet::IN, token);
-                    if let Err(e) = self.epoll.ctl(ControlOperation::Add, stream.as_raw_fd(), ev) {
+                    if let Err(e) = self
+                        .epoll
+                        .ctl(ControlOperation::Add, stream.as_raw_fd(), ev)
+                    {
                         tracing::warn!("vsock: watching a client: {e}");
                         self.tokens.remove(&token);
                         continue;
                     }
-                    self.handshakes.insert(token, Handshake { stream, line: Vec::new() });
+                    self.handshakes.insert(
+                        token,
+                        Handshake {
+                            stream,
+                            line: Vec::new(),
+                        },
+                    );
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -389,7 +408,10 @@ impl Muxer {
         };
         let hs = self.handshakes.remove(&token).expect("looked up above");
         let Some(port) = port else {
-            tracing::debug!("vsock: bad CONNECT line {:?}", String::from_utf8_lossy(&hs.line));
+            tracing::debug!(
+                "vsock: bad CONNECT line {:?}",
+                String::from_utf8_lossy(&hs.line)
+            );
             self.tokens.remove(&token);
             return; // dropping the stream closes it
         };
@@ -410,7 +432,10 @@ impl Muxer {
     fn allocate_local_port(&mut self) -> u32 {
         loop {
             let port = self.next_local_port;
-            self.next_local_port = self.next_local_port.checked_add(1).unwrap_or(FIRST_LOCAL_PORT);
+            self.next_local_port = self
+                .next_local_port
+                .checked_add(1)
+                .unwrap_or(FIRST_LOCAL_PORT);
             if !self.conns.keys().any(|(local, _)| *local == port) {
                 return port;
             }
@@ -439,7 +464,9 @@ impl Muxer {
             .collect();
         for key in ready {
             let conn = self.conns.get_mut(&key).expect("key from the map");
-            let want = max_payload.min(MAX_PAYLOAD).min(conn.peer_credit() as usize);
+            let want = max_payload
+                .min(MAX_PAYLOAD)
+                .min(conn.peer_credit() as usize);
             let mut buf = vec![0u8; want];
             match conn.stream.read(&mut buf) {
                 Ok(0) if want > 0 => {

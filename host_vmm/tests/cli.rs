@@ -1,0 +1,216 @@
+//! The `kindling-vmm` binary end to end: a Firecracker-style config file boots a tiny ELF
+//! "kernel" through the real Linux boot path (linux-loader, zero page, 64-bit CPL0 entry).
+//! Its few instructions run even where KVM emulates ring 0: they print to the serial port,
+//! write the boot timer and reset through the i8042.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::{kvm_or_skip, scratch};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kindling-vmm");
+
+/// `mov dx,0x3f8; mov al,'o'; out dx,al; mov al,'k'; out dx,al; mov al,10; out dx,al;
+///  mov eax,0xd0000000; mov byte [rax],123; mov al,0xfe; out 0x64,al; l: hlt; jmp l`
+const HELLO_KERNEL: &[u8] = &[
+    0x66, 0xba, 0xf8, 0x03, 0xb0, 0x6f, 0xee, 0xb0, 0x6b, 0xee, 0xb0, 0x0a, 0xee, 0xb8, 0x00, 0x00,
+    0x00, 0xd0, 0xc6, 0x00, 0x7b, 0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd,
+];
+/// `spin: jmp spin` — a guest that never stops by itself.
+const SPIN_KERNEL: &[u8] = &[0xeb, 0xfe];
+
+/// A minimal x86-64 ELF executable with `code` loaded (and entered) at 1 MiB.
+fn elf_kernel(code: &[u8]) -> Vec<u8> {
+    const LOAD: u64 = 0x10_0000;
+    const CODE_OFFSET: u64 = 0x1000;
+    let mut f = Vec::new();
+    f.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f.extend_from_slice(&0x3eu16.to_le_bytes()); // EM_X86_64
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.extend_from_slice(&LOAD.to_le_bytes()); // e_entry
+    f.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+    f.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    f.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    for v in [64u16, 56, 1, 64, 0, 0] {
+        f.extend_from_slice(&v.to_le_bytes()); // ehsize, phentsize, phnum, shentsize, shnum, shstrndx
+    }
+    f.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    f.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    for v in [
+        CODE_OFFSET,
+        LOAD,
+        LOAD,
+        code.len() as u64,
+        code.len() as u64,
+        0x1000,
+    ] {
+        f.extend_from_slice(&v.to_le_bytes()); // offset, vaddr, paddr, filesz, memsz, align
+    }
+    f.resize(CODE_OFFSET as usize, 0);
+    f.extend_from_slice(code);
+    f
+}
+
+struct Setup {
+    kernel: PathBuf,
+    disk: PathBuf,
+    uds: PathBuf,
+    config: PathBuf,
+}
+
+impl Setup {
+    fn new(code: &[u8]) -> Self {
+        let s = Setup {
+            kernel: scratch("vmlinux"),
+            disk: scratch("rootfs.ext4"),
+            uds: scratch("v.sock"),
+            config: scratch("config.json"),
+        };
+        std::fs::write(&s.kernel, elf_kernel(code)).unwrap();
+        std::fs::write(&s.disk, vec![0u8; 4096]).unwrap();
+        let config = serde_json::json!({
+            "boot-source": {"kernel_image_path": s.kernel, "boot_args": "console=ttyS0 reboot=k panic=1"},
+            "drives": [{"drive_id": "rootfs", "path_on_host": s.disk, "is_root_device": true, "is_read_only": true}],
+            "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+            "vsock": {"guest_cid": 3, "uds_path": s.uds}
+        });
+        std::fs::write(&s.config, config.to_string()).unwrap();
+        s
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        for p in [&self.kernel, &self.disk, &self.config] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn vmm(args: &[&str], config: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--no-api", "--config-file"])
+        .arg(config)
+        .args(args);
+    cmd
+}
+
+fn timings(out: &Output) -> serde_json::Value {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("kindling_vmm_timings"))
+        .unwrap_or_else(|| panic!("no timing line in: {stderr}"));
+    serde_json::from_str::<serde_json::Value>(line).unwrap()["kindling_vmm_timings"].clone()
+}
+
+#[test]
+fn config_file_boot_prints_times_the_boot_and_exits_zero_on_reset() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let s = Setup::new(HELLO_KERNEL);
+    let out = vmm(&["--timings"], &s.config).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t = timings(&out);
+    assert!(t["boot_timer_us"].as_u64().is_some(), "{t}");
+    assert!(
+        t["instance_start_to_first_kvm_run_us"].as_u64().is_some(),
+        "{t}"
+    );
+    assert!(
+        t["vmm_rss_kib_excluding_guest"].as_u64().unwrap() > 0,
+        "{t}"
+    );
+    assert_eq!(t["exit_code"], 0);
+    assert!(!s.uds.exists(), "the vsock socket is unlinked on exit");
+}
+
+#[test]
+fn serial_output_to_a_file_or_nowhere() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let s = Setup::new(HELLO_KERNEL);
+    let console = scratch("console.log");
+    let out = vmm(&["--serial-out", console.to_str().unwrap()], &s.config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stdout.is_empty());
+    assert_eq!(std::fs::read_to_string(&console).unwrap(), "ok\n");
+    std::fs::remove_file(console).unwrap();
+    let out = vmm(&["--serial-out", "none"], &s.config).output().unwrap();
+    assert_eq!((out.status.code(), out.stdout.len()), (Some(0), 0));
+}
+
+#[test]
+fn sigterm_stops_the_vm_and_removes_the_socket() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let s = Setup::new(SPIN_KERNEL);
+    let child = vmm(&["--timings"], &s.config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !s.uds.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the VMM never created its vsock socket"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    // SAFETY: signalling our own child process by its pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(timings(&out)["exit_reason"], "stopped by the VMM");
+    assert!(!s.uds.exists());
+}
+
+#[test]
+fn bad_invocations_fail_with_clear_messages() {
+    let config = scratch("bad.json");
+    std::fs::write(
+        &config,
+        r#"{"boot-source": {"kernel_image_path": "/nonexistent"}, "bogus": 1}"#,
+    )
+    .unwrap();
+    let out = vmm(&[], &config).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `bogus`"));
+
+    std::fs::write(
+        &config,
+        r#"{"boot-source": {"kernel_image_path": "/nonexistent"}}"#,
+    )
+    .unwrap();
+    let out = vmm(&[], &config).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("kernel_image_path /nonexistent"));
+
+    let out = Command::new(BIN).arg("--no-api").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--config-file"));
+    let out = Command::new(BIN).arg("--bogus").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    std::fs::remove_file(config).unwrap();
+}
