@@ -370,35 +370,22 @@ async fn next(shared: &Shared) -> Response<Full<Bytes>> {
             if let Some(p) = state.pending.take() {
                 let now = Instant::now();
                 let inv = p.invocation;
-                let deadline_ms = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .saturating_add(inv.timeout)
-                    .as_millis();
-                let mut builder = Response::builder()
-                    .status(StatusCode::OK)
-                    .header(header::CONTENT_TYPE, "application/json")
-                    .header(wire::HEADER_REQUEST_ID, &inv.request_id)
-                    .header(wire::HEADER_DEADLINE_MS, deadline_ms.to_string())
-                    .header(wire::HEADER_FUNCTION_ARN, &inv.function_arn)
-                    .header(wire::HEADER_TRACE_ID, &inv.trace_id);
-                if let Some(cc) = &inv.client_context {
-                    builder = builder.header(wire::HEADER_CLIENT_CONTEXT, cc);
-                }
-                if let Some(ci) = &inv.cognito_identity {
-                    builder = builder.header(wire::HEADER_COGNITO_IDENTITY, ci);
-                }
-                let response = match builder.body(Full::new(inv.payload)) {
+                let response = match event_response(&inv) {
                     Ok(r) => r,
                     Err(e) => {
                         // The Invoke API checks header values; this is a bug, not bad input.
                         tracing::error!(error = %e, "cannot build the /next answer");
-                        let _ = state.complete_current(Outcome::Failed {
-                            error: ErrorBody::new(
-                                "Runtime.Unknown",
-                                format!("cannot hand the event over: {e}"),
-                            ),
-                            reset: false,
+                        state.remember(inv.request_id);
+                        let _ = p.done.send(Completion {
+                            outcome: Outcome::Failed {
+                                error: ErrorBody::new(
+                                    "Runtime.Unknown",
+                                    format!("cannot hand the event over: {e}"),
+                                ),
+                                reset: false,
+                            },
+                            report: None,
+                            log: String::new(),
                         });
                         return error_response(
                             StatusCode::INTERNAL_SERVER_ERROR,
@@ -419,6 +406,30 @@ async fn next(shared: &Shared) -> Response<Full<Bytes>> {
         }
         shared.next_ready.notified().await;
     }
+}
+
+/// The `/next` answer: the event and every header of the contract. The deadline counts
+/// from now, when the runtime takes the event.
+fn event_response(inv: &Invocation) -> http::Result<Response<Full<Bytes>>> {
+    let deadline_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .saturating_add(inv.timeout)
+        .as_millis();
+    let mut builder = Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(wire::HEADER_REQUEST_ID, &inv.request_id)
+        .header(wire::HEADER_DEADLINE_MS, deadline_ms.to_string())
+        .header(wire::HEADER_FUNCTION_ARN, &inv.function_arn)
+        .header(wire::HEADER_TRACE_ID, &inv.trace_id);
+    if let Some(cc) = &inv.client_context {
+        builder = builder.header(wire::HEADER_CLIENT_CONTEXT, cc);
+    }
+    if let Some(ci) = &inv.cognito_identity {
+        builder = builder.header(wire::HEADER_COGNITO_IDENTITY, ci);
+    }
+    builder.body(Full::new(inv.payload.clone()))
 }
 
 async fn response(shared: &Shared, id: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
