@@ -584,27 +584,30 @@ impl Pool {
             }
             other => (begun, other),
         };
-        let error = match second {
+        // The error, and for a timeout the line Lambda writes into the function's log.
+        let (error, note) = match second {
             Wait::Done(Some(completion)) => return self.completed(env, &request_id, start_line, dispatched_at, cold, completion),
-            Wait::Exited(reason) => exit_error(&request_id, &reason),
-            Wait::InitTimeout => ErrorBody::new(
+            Wait::Exited(reason) => (exit_error(&request_id, &reason), None),
+            Wait::InitTimeout => (ErrorBody::new(
                 "Runtime.InitTimeout",
                 format!(
                     "RequestId: {request_id} Error: the runtime did not ask for an event within {:.2} seconds",
                     self.ctx.options.init_timeout.as_secs_f64()
                 ),
-            ),
+            ), None),
             Wait::Timeout => {
                 metrics.timeout(&f.name);
-                ErrorBody::new(
-                    "Sandbox.Timedout",
-                    format!("RequestId: {request_id} Error: Task timed out after {:.2} seconds", f.timeout.as_secs_f64()),
+                let what = format!("Task timed out after {:.2} seconds", f.timeout.as_secs_f64());
+                let note = format!("{} {request_id} {what}", timestamp());
+                (
+                    ErrorBody::new("Sandbox.Timedout", format!("RequestId: {request_id} Error: {what}")),
+                    Some(note),
                 )
             }
             // The server dropped the invocation: only when the environment is torn down.
-            Wait::Done(None) | Wait::Cancelled | Wait::Dispatched(_) => shutdown_error(&request_id),
+            Wait::Done(None) | Wait::Cancelled | Wait::Dispatched(_) => (shutdown_error(&request_id), None),
         };
-        self.failed(env, &request_id, start_line, dispatched_at, error)
+        self.failed(env, &request_id, start_line, dispatched_at, error, note)
     }
 
     /// Ends an invocation the guest answered (or failed through the Runtime API).
@@ -645,7 +648,8 @@ impl Pool {
         self.finish(request_id, start_line, log, &report, answer)
     }
 
-    /// Ends an invocation the guest did not answer: its environment is killed.
+    /// Ends an invocation the guest did not answer (`note` goes into the function's
+    /// log): its environment is killed.
     fn failed(
         &self,
         env: &mut Env,
@@ -653,17 +657,11 @@ impl Pool {
         start_line: String,
         since: Instant,
         error: ErrorBody,
+        note: Option<String>,
     ) -> Invoked {
         env.broken = true;
         let mut log = env.api.abandon();
-        if error.error_type == "Sandbox.Timedout" {
-            let line = format!(
-                "{} {request_id} {}",
-                timestamp(),
-                error
-                    .error_message
-                    .trim_start_matches(&format!("RequestId: {request_id} Error: "))
-            );
+        if let Some(line) = note {
             self.ctx.logs.write(&self.function.name, &line);
             log.push_str(&line);
             log.push('\n');
