@@ -358,3 +358,44 @@ async fn many_log_lines_arrive_batched_in_order_and_complete_before_the_report()
         assert!(last_log < report);
     }
 }
+
+/// Its first start dies while its `/next` is still waiting; later starts serve events.
+const DIES_WAITING: &str = r#"#!/bin/bash
+if [ ! -e "$LAMBDA_TASK_ROOT/started-once" ]; then
+  touch "$LAMBDA_TASK_ROOT/started-once"
+  curl -sS "http://$AWS_LAMBDA_RUNTIME_API/2018-06-01/runtime/invocation/next" &
+  sleep 0.3
+  exit 2
+fi
+while true; do
+  H=$(mktemp)
+  EVENT=$(curl -sS -D "$H" "http://$AWS_LAMBDA_RUNTIME_API/2018-06-01/runtime/invocation/next")
+  ID=$(grep -Fi Lambda-Runtime-Aws-Request-Id "$H" | tr -d '[:space:]' | cut -d: -f2)
+  curl -sS -o /dev/null "http://$AWS_LAMBDA_RUNTIME_API/2018-06-01/runtime/invocation/$ID/response" -d "served $EVENT"
+done
+"#;
+
+#[tokio::test]
+async fn an_event_never_goes_to_a_dead_runtime() {
+    if !have("curl") || !have("bash") {
+        return;
+    }
+    let guest = Guest::new();
+    guest.write_task("bootstrap", DIES_WAITING, true);
+    let mut host = Host::new(guest.socket(), function_env("provided", "x.y"));
+    let _server = host.listen();
+    let _bootstrap = guest.start(None);
+
+    let exit = host.exit().await;
+    assert_eq!((exit.request_id, exit.exit_code), (None, Some(2)));
+    // The restarted runtime's /next is waiting too.
+    host.wait_for("the restarted runtime's /next", |r| {
+        matches!(r, Record::Next).then_some(())
+    })
+    .await;
+    let id = host.invoke("event");
+    let Record::Response { body, .. } = host.result(&id).await else {
+        panic!("{:#?}", host.history)
+    };
+    assert_eq!(body.as_ref(), b"served event");
+}
