@@ -1,5 +1,6 @@
 //! [`MicroVmLauncher`]: the scheduler's [`Launcher`] for microVM environments.
 
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -29,8 +30,8 @@ pub trait ImageSource: Send + Sync + 'static {
 }
 
 pub struct MicroVmLauncher {
-    name: String,
-    hypervisor: Arc<dyn Hypervisor>,
+    /// Each function's hypervisor (functions may choose theirs).
+    hypervisors: HashMap<String, Arc<dyn Hypervisor>>,
     images: Arc<dyn ImageSource>,
     /// Guest consoles are appended to `<logs_dir>/<function>.console.log` when an
     /// environment stops, for `kindling logs`.
@@ -38,29 +39,33 @@ pub struct MicroVmLauncher {
 }
 
 impl MicroVmLauncher {
-    pub fn new(
-        hypervisor: Arc<dyn Hypervisor>,
-        images: Arc<dyn ImageSource>,
-        logs_dir: PathBuf,
-    ) -> Self {
-        let name = format!("microvm/{}", hypervisor.name());
+    pub fn new(images: Arc<dyn ImageSource>, logs_dir: PathBuf) -> Self {
         Self {
-            name,
-            hypervisor,
+            hypervisors: HashMap::new(),
             images,
             logs_dir,
         }
     }
 
+    /// Runs `function`'s environments on `hypervisor`.
+    pub fn assign(&mut self, function: &str, hypervisor: Arc<dyn Hypervisor>) {
+        tracing::info!(
+            function,
+            hypervisor = hypervisor.name(),
+            "microVM hypervisor chosen"
+        );
+        self.hypervisors.insert(function.to_string(), hypervisor);
+    }
+
     /// The guest kernel command line. `reboot=k` makes the guest's reboot(2) an i8042
     /// reset, which stops kindling-vmm (and QEMU, which runs with `-no-reboot`).
-    fn cmdline(&self, spec: &EnvironmentSpec) -> String {
+    fn cmdline(hypervisor: &dyn Hypervisor, spec: &EnvironmentSpec) -> String {
         let mut cmdline = format!(
             "console=ttyS0 reboot=k panic=-1 quiet random.trust_cpu=on \
              kindling.root=/dev/vda kindling.task=/dev/vdb kindling.hostname={}",
             spec.function.name
         );
-        if self.hypervisor.name() == "kindling" {
+        if hypervisor.name() == "kindling" {
             cmdline.push_str(" kindling.boot_timer=1");
         }
         cmdline
@@ -70,10 +75,16 @@ impl MicroVmLauncher {
 #[async_trait]
 impl Launcher for MicroVmLauncher {
     fn name(&self) -> &str {
-        &self.name
+        "microvm"
     }
 
     async fn start(&self, spec: &EnvironmentSpec) -> anyhow::Result<Box<dyn Environment>> {
+        let Some(hypervisor) = self.hypervisors.get(&spec.function.name) else {
+            anyhow::bail!(
+                "no hypervisor was assigned to function {:?}",
+                spec.function.name
+            );
+        };
         let images = self.images.clone();
         let (runtime, code) = (spec.function.runtime.clone(), spec.function.code.clone());
         let (files, code_image) = tokio::task::spawn_blocking(move || {
@@ -84,7 +95,7 @@ impl Launcher for MicroVmLauncher {
         let vm_spec = VmSpec {
             kernel: files.kernel,
             initramfs: files.initramfs,
-            cmdline: self.cmdline(spec),
+            cmdline: Self::cmdline(hypervisor.as_ref(), spec),
             drives: vec![
                 Drive {
                     id: "root".into(),
@@ -105,12 +116,12 @@ impl Launcher for MicroVmLauncher {
             work_dir: spec.dir.clone(),
         };
         let started = Instant::now();
-        let vm = self.hypervisor.boot(&vm_spec).await?;
-        tracing::info!(env = %spec.id, hypervisor = self.hypervisor.name(), "microVM started");
+        let vm = hypervisor.boot(&vm_spec).await?;
+        tracing::info!(env = %spec.id, hypervisor = hypervisor.name(), "microVM started");
         Ok(Box::new(MicroVm {
             id: spec.id.clone(),
             function: spec.function.name.clone(),
-            hypervisor: self.hypervisor.name(),
+            hypervisor: hypervisor.name(),
             vm,
             dir: spec.dir.clone(),
             console: vm_spec.console_log,

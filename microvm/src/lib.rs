@@ -44,23 +44,3 @@ pub trait RunningVm: Send + Sync {
     /// Kills the hypervisor and its helpers, and reaps them.
     async fn kill(&mut self) -> io::Result<()>;
 }
-
-/// Which hypervisor a function asked for (`hypervisor = "..."`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HypervisorChoice {
-    Kindling,
-    Qemu,
-}
-
-impl std::str::FromStr for HypervisorChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "kindling" => Ok(Self::Kindling),
-            "qemu" => Ok(Self::Qemu),
-            other => Err(format!(
-                "unknown hypervisor {other:?} (expected \"kindling\" or \"qemu\")"
-            )),
-        }
-    }
-}
