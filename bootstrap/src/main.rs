@@ -5,6 +5,17 @@
 //! the sandbox), starts and restarts the language runtime, forwards its output as the
 //! function log and reports per-invocation metrics. See `kindling_wire` for the host side
 //! of the wire.
+//!
+//! Configuration, all from the environment (init sets the first; tests set the others):
+//! - `KINDLING_HOST`: where the host is, `vsock://CID:PORT` (default `vsock://2:9001`) or
+//!   `unix:///path` (the sandbox);
+//! - `KINDLING_LISTEN`: the local Runtime API, default `127.0.0.1:9001` (`:0` picks a port,
+//!   which the runtime is told in `AWS_LAMBDA_RUNTIME_API`);
+//! - `KINDLING_TASK_ROOT`, `KINDLING_OPT_ROOT`, `KINDLING_RUNTIME_DIR`: stand-ins for
+//!   `/var/task`, `/opt` and `/var/runtime`.
+//!
+//! On SIGTERM or SIGINT it stops the runtime (SIGTERM, a short grace, SIGKILL), forwards
+//! its last log lines and exits 0.
 
 /// The bootstrap's own diagnostics: one line on stderr with a fixed prefix, so they stand
 /// apart from the function's output on the guest console.

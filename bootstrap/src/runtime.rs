@@ -23,6 +23,8 @@ use crate::memory::{MemoryProbe, RuntimeCgroup};
 
 /// How long a runtime gets to exit after SIGTERM when the guest shuts down.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
+/// How long its last log lines may take to reach the host then.
+const SHUTDOWN_LOG_FLUSH: Duration = Duration::from_secs(1);
 /// Longest pause between restarts of a runtime that keeps dying before its first `/next`.
 const MAX_RESTART_DELAY: Duration = Duration::from_secs(5);
 
@@ -207,8 +209,8 @@ pub async fn supervise(agent: Arc<Agent>, spec: RuntimeSpec) -> Result<(), Strin
         let mut started = spawn(&agent, &spec, generation)?;
         let status = tokio::select! {
             status = started.child.wait() => status.map_err(|e| format!("waiting for the runtime: {e}"))?,
-            _ = term.recv() => return shut_down(started).await,
-            _ = int.recv() => return shut_down(started).await,
+            _ = term.recv() => return shut_down(&agent, started).await,
+            _ = int.recv() => return shut_down(&agent, started).await,
         };
         started.kill_leftovers();
         let (code, sig) = split_status(status);
@@ -224,11 +226,18 @@ pub async fn supervise(agent: Arc<Agent>, spec: RuntimeSpec) -> Result<(), Strin
     }
 }
 
-async fn shut_down(mut started: Started) -> Result<(), String> {
+async fn shut_down(agent: &Agent, mut started: Started) -> Result<(), String> {
     say!("shutting down the runtime");
     let _ = killpg(started.pgid, Signal::SIGTERM);
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, started.child.wait()).await;
     started.kill_leftovers();
     started.remove_cgroup().await;
+    // The host may be gone already: its last lines are worth a short wait, no more.
+    if tokio::time::timeout(SHUTDOWN_LOG_FLUSH, agent.logs.finish_invocation())
+        .await
+        .is_err()
+    {
+        say!("the runtime's last log lines could not be forwarded");
+    }
     Ok(())
 }

@@ -399,3 +399,37 @@ async fn an_event_never_goes_to_a_dead_runtime() {
     };
     assert_eq!(body.as_ref(), b"served event");
 }
+
+/// Says goodbye on SIGTERM.
+const GRACEFUL: &str = r#"#!/bin/bash
+trap 'echo "got SIGTERM"; exit 0' TERM
+echo "ready"
+while true; do sleep 0.05; done
+"#;
+
+#[tokio::test]
+async fn sigterm_stops_the_runtime_and_forwards_its_last_words() {
+    if !have("bash") {
+        return;
+    }
+    let guest = Guest::new();
+    guest.write_task("bootstrap", GRACEFUL, true);
+    let mut host = Host::new(guest.socket(), function_env("provided", "x.y"));
+    let _server = host.listen();
+    let mut bootstrap = guest.start(None);
+    host.wait_for("the runtime's first line", |r| {
+        matches!(r, Record::Logs { text, .. } if text.contains("ready")).then_some(())
+    })
+    .await;
+    let pid = nix::unistd::Pid::from_raw(bootstrap.0.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(common::PATIENCE, bootstrap.0.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    host.wait_for("the runtime's last words", |r| {
+        matches!(r, Record::Logs { text, .. } if text.contains("got SIGTERM\n")).then_some(())
+    })
+    .await;
+}
