@@ -5,6 +5,7 @@
 //! (serial, i8042, boot timer), [`cpu`] (64-bit vCPU state), [`vcpu`] (the `KVM_RUN` thread),
 //! [`vm`] (the assembled machine) and [`exit`] (why it stopped).
 
+pub mod api;
 pub mod boot;
 pub mod bus;
 pub mod config;

@@ -4,18 +4,22 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::path::PathBuf;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use kindling_vmm::api::{server, ApiState, StartRequest};
 use kindling_vmm::config::VmmConfig;
 use kindling_vmm::devices::serial::SerialOut;
 use kindling_vmm::exit::ExitReason;
-use kindling_vmm::signals::{block_termination_signals, TermSignals};
-use kindling_vmm::vm::Timings;
+use kindling_vmm::signals::{block_termination_signals, termination_pending, TermSignals};
+use kindling_vmm::vm::RunningVm;
 use kindling_vmm::vmm::build_vm;
 
 #[derive(Parser, Debug)]
@@ -54,50 +58,107 @@ fn serial_out(spec: &str) -> anyhow::Result<SerialOut> {
     })
 }
 
-/// What `--timings` prints, as one JSON line.
-fn timings_line(
-    process_start: Instant,
+/// Builds and starts the VM; `instance_start` is when the start was asked for.
+fn start_vm(
+    config: &VmmConfig,
+    serial: &str,
     instance_start: Instant,
-    t: &Timings,
-    rss_kib: Option<u64>,
-    reason: &ExitReason,
-) -> String {
-    let us = |d: Option<std::time::Duration>| d.map(|d| d.as_micros() as u64);
-    serde_json::json!({
-        "kindling_vmm_timings": {
-            "process_start_to_instance_start_us": instance_start.duration_since(process_start).as_micros() as u64,
-            "instance_start_to_first_kvm_run_us": us(t.first_kvm_run),
-            "boot_timer_us": us(t.boot_timer),
-            "vmm_rss_kib_excluding_guest": rss_kib,
-            "exit_reason": reason.to_string(),
-            "exit_code": reason.exit_code(),
+) -> anyhow::Result<RunningVm> {
+    let (mut vm, entry) = build_vm(config, serial_out(serial)?)?;
+    vm.add_subscriber(Arc::new(Mutex::new(TermSignals::new(vm.exit().clone())?)));
+    Ok(vm.start(entry, instance_start)?)
+}
+
+/// Serves the API until InstanceStart succeeds (or a termination signal comes first).
+fn start_from_api(
+    cli: &Cli,
+    api_sock: &Path,
+    process_start: Instant,
+    timings: &mut serde_json::Map<String, serde_json::Value>,
+) -> anyhow::Result<Option<(RunningVm, Instant)>> {
+    let listener = UnixListener::bind(api_sock)
+        .with_context(|| format!("binding the API socket {}", api_sock.display()))?;
+    timings.insert(
+        "process_start_to_api_ready_us".into(),
+        (process_start.elapsed().as_micros() as u64).into(),
+    );
+    let (start_tx, start_rx) = mpsc::channel::<StartRequest>();
+    thread::Builder::new()
+        .name("api".into())
+        .spawn(move || server::serve(listener, ApiState::new(start_tx)))?;
+    loop {
+        match start_rx.recv_timeout(Duration::from_millis(50)) {
+            Ok((config, reply)) => {
+                let instance_start = Instant::now();
+                match start_vm(&config, &cli.serial_out, instance_start) {
+                    Ok(running) => {
+                        let _ = reply.send(Ok(()));
+                        return Ok(Some((running, instance_start)));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(format!("{e:#}")));
+                    }
+                }
+            }
+            Err(RecvTimeoutError::Timeout) if termination_pending() => return Ok(None),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => bail!("the API thread stopped"),
         }
-    })
-    .to_string()
+    }
 }
 
 fn run(cli: Cli, process_start: Instant) -> anyhow::Result<ExitReason> {
-    if !cli.no_api {
-        bail!("the API socket is not available in this build: use --no-api --config-file FILE");
-    }
-    if cli.api_sock.is_some() {
-        bail!("--api-sock and --no-api exclude each other");
-    }
-    let Some(path) = &cli.config_file else {
-        bail!("--no-api needs --config-file");
+    let mut timings = serde_json::Map::new();
+    let started = match (&cli.api_sock, cli.no_api, &cli.config_file) {
+        (Some(_), true, _) => bail!("--api-sock and --no-api exclude each other"),
+        (None, true, None) => bail!("--no-api needs --config-file"),
+        (None, false, _) => bail!("give --api-sock PATH, or --no-api with --config-file FILE"),
+        (Some(sock), false, None) => {
+            let started = start_from_api(&cli, sock, process_start, &mut timings);
+            if !matches!(started, Ok(Some(_))) {
+                let _ = std::fs::remove_file(sock);
+            }
+            started?
+        }
+        (Some(_), false, Some(_)) => {
+            bail!("--config-file with the API is not supported: use --no-api")
+        }
+        (None, true, Some(path)) => {
+            let json = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let config = VmmConfig::from_json(&json)?;
+            let instance_start = Instant::now();
+            Some((
+                start_vm(&config, &cli.serial_out, instance_start)?,
+                instance_start,
+            ))
+        }
     };
-    let json =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let config = VmmConfig::from_json(&json)?;
-    let instance_start = Instant::now();
-    let (mut vm, entry) = build_vm(&config, serial_out(&cli.serial_out)?)?;
-    vm.add_subscriber(Arc::new(Mutex::new(TermSignals::new(vm.exit().clone())?)));
-    let running = vm.start(entry, instance_start)?;
+    let Some((running, instance_start)) = started else {
+        tracing::info!("termination signal before the VM started");
+        return Ok(ExitReason::Stopped);
+    };
     let rss = running.vmm_rss_kib().ok();
-    let (reason, timings) = running.wait();
+    let (reason, t) = running.wait();
+    if let Some(sock) = &cli.api_sock {
+        let _ = std::fs::remove_file(sock);
+    }
     tracing::info!("VM stopped: {reason}");
     if cli.timings {
-        let line = timings_line(process_start, instance_start, &timings, rss, &reason);
+        let us = |d: Option<Duration>| d.map(|d| d.as_micros() as u64);
+        timings.insert(
+            "process_start_to_instance_start_us".into(),
+            (instance_start.duration_since(process_start).as_micros() as u64).into(),
+        );
+        timings.insert(
+            "instance_start_to_first_kvm_run_us".into(),
+            us(t.first_kvm_run).into(),
+        );
+        timings.insert("boot_timer_us".into(), us(t.boot_timer).into());
+        timings.insert("vmm_rss_kib_excluding_guest".into(), rss.into());
+        timings.insert("exit_reason".into(), reason.to_string().into());
+        timings.insert("exit_code".into(), reason.exit_code().into());
+        let line = serde_json::json!({ "kindling_vmm_timings": timings });
         let _ = writeln!(std::io::stderr(), "{line}");
     }
     Ok(reason)

@@ -70,3 +70,15 @@ impl MutEventSubscriber for TermSignals {
         }
     }
 }
+
+/// Whether SIGTERM or SIGINT is pending (blocked and not yet read), for the wait before the
+/// VM exists and no event loop runs.
+pub fn termination_pending() -> bool {
+    // SAFETY: sigpending/sigismember only write/read the set we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigpending(&mut set) == 0
+            && (libc::sigismember(&set, libc::SIGTERM) == 1
+                || libc::sigismember(&set, libc::SIGINT) == 1)
+    }
+}

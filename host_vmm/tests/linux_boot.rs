@@ -27,7 +27,9 @@ const PROBE_LIMIT: Duration = Duration::from_millis(500);
 fn cpl0_probe() -> Result<Duration, String> {
     let console = scratch("probe-console");
     let vm = new_vm(&console);
-    vm.memory().write_slice(CPL0_LOOP, GuestAddress(0x10000)).unwrap();
+    vm.memory()
+        .write_slice(CPL0_LOOP, GuestAddress(0x10000))
+        .unwrap();
     let entry = EntryPoint {
         rip: 0x10000,
         rsp: 0x8ff0,
@@ -92,9 +94,19 @@ fn linux_boots_to_init_and_powers_off() {
         .unwrap();
     let log = std::fs::read_to_string(&console).unwrap_or_default();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}\n--- console ---\n{log}");
-    assert!(log.contains(&marker), "marker {marker:?} missing from the console:\n{log}");
-    assert!(!stderr.contains("\"boot_timer_us\":null"), "the boot timer never fired: {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stderr}\n--- console ---\n{log}"
+    );
+    assert!(
+        log.contains(&marker),
+        "marker {marker:?} missing from the console:\n{log}"
+    );
+    assert!(
+        !stderr.contains("\"boot_timer_us\":null"),
+        "the boot timer never fired: {stderr}"
+    );
     let _ = std::fs::remove_file(config);
     let _ = std::fs::remove_file(console);
 }

@@ -238,3 +238,45 @@ pub fn write_avail(mem: &GuestMemory, avail: u64, heads: &[u16]) {
     mem.write_obj(heads.len() as u16, GuestAddress(avail + 2))
         .unwrap();
 }
+
+/// `mov dx,0x3f8; mov al,'o'; out dx,al; mov al,'k'; out dx,al; mov al,10; out dx,al;
+///  mov eax,0xd0000000; mov byte [rax],123; mov al,0xfe; out 0x64,al; l: hlt; jmp l`
+pub const HELLO_KERNEL: &[u8] = &[
+    0x66, 0xba, 0xf8, 0x03, 0xb0, 0x6f, 0xee, 0xb0, 0x6b, 0xee, 0xb0, 0x0a, 0xee, 0xb8, 0x00, 0x00,
+    0x00, 0xd0, 0xc6, 0x00, 0x7b, 0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd,
+];
+/// `spin: jmp spin` — a guest that never stops by itself.
+pub const SPIN_KERNEL: &[u8] = &[0xeb, 0xfe];
+
+/// A minimal x86-64 ELF executable with `code` loaded (and entered) at 1 MiB.
+pub fn elf_kernel(code: &[u8]) -> Vec<u8> {
+    const LOAD: u64 = 0x10_0000;
+    const CODE_OFFSET: u64 = 0x1000;
+    let mut f = Vec::new();
+    f.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f.extend_from_slice(&0x3eu16.to_le_bytes()); // EM_X86_64
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.extend_from_slice(&LOAD.to_le_bytes()); // e_entry
+    f.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+    f.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    f.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    for v in [64u16, 56, 1, 64, 0, 0] {
+        f.extend_from_slice(&v.to_le_bytes()); // ehsize, phentsize, phnum, shentsize, shnum, shstrndx
+    }
+    f.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    f.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    for v in [
+        CODE_OFFSET,
+        LOAD,
+        LOAD,
+        code.len() as u64,
+        code.len() as u64,
+        0x1000,
+    ] {
+        f.extend_from_slice(&v.to_le_bytes()); // offset, vaddr, paddr, filesz, memsz, align
+    }
+    f.resize(CODE_OFFSET as usize, 0);
+    f.extend_from_slice(code);
+    f
+}

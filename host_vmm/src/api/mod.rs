@@ -1,0 +1,156 @@
+//! The Firecracker-compatible REST API, for the subset Kindling supports: `PUT /boot-source`,
+//! `PUT /drives/{id}`, `PUT|GET /machine-config`, `PUT /vsock`, `PUT /actions`, `GET /` and
+//! `GET /version`. Bodies, status codes (204 on success, 400 with `{"fault_message": ...}` on
+//! error) follow Firecracker's swagger so its clients work unchanged.
+//!
+//! [`request`] turns HTTP method/path/body into an [`ApiRequest`]; [`ApiState`] applies it to
+//! the pending configuration (validating first, so a refused request changes nothing);
+//! [`server`] speaks HTTP/1.1 on the Unix socket.
+
+pub mod request;
+pub mod server;
+
+use std::sync::mpsc::{self, Sender};
+
+use serde_json::json;
+
+use crate::config::VmmConfig;
+use request::{Action, ApiRequest};
+
+/// An HTTP answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub body: Option<String>,
+}
+
+impl Response {
+    pub fn no_content() -> Self {
+        Self {
+            status: 204,
+            body: None,
+        }
+    }
+
+    pub fn ok(body: serde_json::Value) -> Self {
+        Self {
+            status: 200,
+            body: Some(body.to_string()),
+        }
+    }
+
+    /// Firecracker's error shape.
+    pub fn fault(message: impl Into<String>) -> Self {
+        Self {
+            status: 400,
+            body: Some(json!({ "fault_message": message.into() }).to_string()),
+        }
+    }
+}
+
+/// The VMM's answer to an InstanceStart: `Err` carries the fault message.
+pub type StartReply = Result<(), String>;
+/// What the API asks the VMM thread to start, and where the outcome goes.
+pub type StartRequest = (VmmConfig, Sender<StartReply>);
+
+const NOT_AFTER_START: &str =
+    "The requested operation is not supported after starting the microVM.";
+
+/// The API's view of the VM: configuration until InstanceStart, then running.
+pub struct ApiState {
+    config: VmmConfig,
+    started: bool,
+    start: Sender<StartRequest>,
+}
+
+impl ApiState {
+    /// `start` receives the configuration on InstanceStart.
+    pub fn new(start: Sender<StartRequest>) -> Self {
+        Self {
+            config: VmmConfig::default(),
+            started: false,
+            start,
+        }
+    }
+
+    /// Applies one request.
+    pub fn handle(&mut self, req: ApiRequest) -> Response {
+        match req {
+            ApiRequest::GetInstance => Response::ok(json!({
+                "id": "anonymous-instance",
+                "state": if self.started { "Running" } else { "Not started" },
+                "vmm_version": env!("CARGO_PKG_VERSION"),
+                "app_name": "kindling-vmm",
+            })),
+            ApiRequest::GetVersion => {
+                Response::ok(json!({ "firecracker_version": env!("CARGO_PKG_VERSION") }))
+            }
+            ApiRequest::GetMachineConfig => Response::ok(json!(self.config.machine_config)),
+            _ if self.started => Response::fault(NOT_AFTER_START),
+            ApiRequest::PutBootSource(b) => self.apply(b.validate(), |c| c.boot_source = Some(b)),
+            ApiRequest::PutMachineConfig(m) => self.apply(m.validate(), |c| c.machine_config = m),
+            ApiRequest::PutVsock(v) => self.apply(v.validate(), |c| c.vsock = Some(v)),
+            ApiRequest::PutDrive(d) => {
+                let valid = d.validate().and_then(|()| {
+                    let other_root = self
+                        .config
+                        .drives
+                        .iter()
+                        .any(|o| o.is_root_device && o.drive_id != d.drive_id);
+                    if d.is_root_device && other_root {
+                        Err(crate::config::ConfigError(
+                            "A root block device already exists!".into(),
+                        ))
+                    } else {
+                        Ok(())
+                    }
+                });
+                self.apply(valid, |c| {
+                    match c.drives.iter_mut().find(|o| o.drive_id == d.drive_id) {
+                        Some(existing) => *existing = d,
+                        None => c.drives.push(d),
+                    }
+                })
+            }
+            ApiRequest::Action(Action::InstanceStart) => self.instance_start(),
+            ApiRequest::Action(Action::SendCtrlAltDel) => Response::fault(
+                "SendCtrlAltDel is not supported by kindling-vmm; stop the VM with SIGTERM",
+            ),
+            ApiRequest::Action(Action::FlushMetrics) => {
+                Response::fault("metrics are not configured")
+            }
+        }
+    }
+
+    fn apply(
+        &mut self,
+        valid: Result<(), crate::config::ConfigError>,
+        change: impl FnOnce(&mut VmmConfig),
+    ) -> Response {
+        match valid {
+            Ok(()) => {
+                change(&mut self.config);
+                Response::no_content()
+            }
+            Err(e) => Response::fault(e.0),
+        }
+    }
+
+    fn instance_start(&mut self) -> Response {
+        if let Err(e) = self.config.validate() {
+            return Response::fault(e.0);
+        }
+        let (tx, rx) = mpsc::channel();
+        if self.start.send((self.config.clone(), tx)).is_err() {
+            return Response::fault("the VMM is shutting down");
+        }
+        match rx.recv() {
+            Ok(Ok(())) => {
+                self.started = true;
+                Response::no_content()
+            }
+            Ok(Err(e)) => Response::fault(format!("Failed to start the microVM: {e}")),
+            Err(_) => Response::fault("the VMM stopped before the microVM started"),
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! HTTP method + path + body → a typed API request, with Firecracker's fault messages.
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::config::{BootSourceConfig, DriveConfig, MachineConfig, VsockConfig};
+
+/// `PUT /actions` action types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Action {
+    InstanceStart,
+    SendCtrlAltDel,
+    FlushMetrics,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionBody {
+    action_type: Action,
+}
+
+/// One API call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiRequest {
+    GetInstance,
+    GetVersion,
+    GetMachineConfig,
+    PutBootSource(BootSourceConfig),
+    PutDrive(DriveConfig),
+    PutMachineConfig(MachineConfig),
+    PutVsock(VsockConfig),
+    Action(Action),
+}
+
+fn body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    if bytes.is_empty() {
+        return Err("The request body is empty.".into());
+    }
+    serde_json::from_slice(bytes).map_err(|e| {
+        format!("An error occurred when deserializing the json body of a request: {e}.")
+    })
+}
+
+/// Parses a request; `Err` is the fault message of a 400 answer.
+pub fn parse(method: &str, path: &str, bytes: &[u8]) -> Result<ApiRequest, String> {
+    let path = path.split('?').next().unwrap_or(path);
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method, segments.as_slice()) {
+        ("GET", [""]) => Ok(ApiRequest::GetInstance),
+        ("GET", ["version"]) => Ok(ApiRequest::GetVersion),
+        ("GET", ["machine-config"]) => Ok(ApiRequest::GetMachineConfig),
+        ("PUT", ["boot-source"]) => body(bytes).map(ApiRequest::PutBootSource),
+        ("PUT", ["machine-config"]) => body(bytes).map(ApiRequest::PutMachineConfig),
+        ("PUT", ["vsock"]) => body(bytes).map(ApiRequest::PutVsock),
+        ("PUT", ["actions"]) => {
+            body::<ActionBody>(bytes).map(|b| ApiRequest::Action(b.action_type))
+        }
+        ("PUT", ["drives", id]) if !id.is_empty() => {
+            let drive: DriveConfig = body(bytes)?;
+            if drive.drive_id != *id {
+                return Err("The id from the path does not match the id from the body!".into());
+            }
+            Ok(ApiRequest::PutDrive(drive))
+        }
+        ("PUT", ["drives"]) | ("PUT", ["drives", ""]) => Err("Missing drive id.".into()),
+        _ => Err(format!(
+            "Invalid request method and/or path: {method} {path}."
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_endpoint_parses() {
+        assert_eq!(parse("GET", "/", b""), Ok(ApiRequest::GetInstance));
+        assert_eq!(parse("GET", "/version", b""), Ok(ApiRequest::GetVersion));
+        assert_eq!(
+            parse("GET", "/machine-config", b""),
+            Ok(ApiRequest::GetMachineConfig)
+        );
+        let boot = parse(
+            "PUT",
+            "/boot-source",
+            br#"{"kernel_image_path": "/k", "boot_args": "console=ttyS0"}"#,
+        );
+        assert!(
+            matches!(boot, Ok(ApiRequest::PutBootSource(b)) if b.kernel_image_path.to_str() == Some("/k"))
+        );
+        let mc = parse(
+            "PUT",
+            "/machine-config",
+            br#"{"vcpu_count": 2, "mem_size_mib": 256}"#,
+        );
+        assert!(
+            matches!(mc, Ok(ApiRequest::PutMachineConfig(m)) if m.vcpu_count == 2 && m.mem_size_mib == 256)
+        );
+        let vs = parse(
+            "PUT",
+            "/vsock",
+            br#"{"guest_cid": 3, "uds_path": "/tmp/v.sock"}"#,
+        );
+        assert!(matches!(vs, Ok(ApiRequest::PutVsock(v)) if v.guest_cid == 3));
+        let d = parse(
+            "PUT",
+            "/drives/rootfs",
+            br#"{"drive_id": "rootfs", "path_on_host": "/r", "is_root_device": true, "is_read_only": false}"#,
+        );
+        assert!(matches!(d, Ok(ApiRequest::PutDrive(d)) if d.is_root_device));
+        assert_eq!(
+            parse("PUT", "/actions", br#"{"action_type": "InstanceStart"}"#),
+            Ok(ApiRequest::Action(Action::InstanceStart))
+        );
+        assert_eq!(
+            parse("PUT", "/actions", br#"{"action_type": "SendCtrlAltDel"}"#),
+            Ok(ApiRequest::Action(Action::SendCtrlAltDel))
+        );
+    }
+
+    #[test]
+    fn bad_requests_get_fault_messages() {
+        let fault = |m: &str, p: &str, b: &[u8]| parse(m, p, b).unwrap_err();
+        assert!(
+            fault("GET", "/nope", b"").contains("Invalid request method and/or path: GET /nope.")
+        );
+        assert!(fault("DELETE", "/boot-source", b"").contains("Invalid request method"));
+        assert!(fault("PUT", "/boot-source", b"").contains("body is empty"));
+        assert!(fault("PUT", "/boot-source", b"{").contains("deserializing"));
+        assert!(fault(
+            "PUT",
+            "/boot-source",
+            br#"{"kernel_image_path": "/k", "x": 1}"#
+        )
+        .contains("unknown field `x`"));
+        assert!(fault(
+            "PUT",
+            "/machine-config",
+            br#"{"vcpu_count": "two", "mem_size_mib": 1}"#
+        )
+        .contains("invalid type"));
+        assert!(fault("PUT", "/machine-config", br#"{"vcpu_count": 1}"#)
+            .contains("missing field `mem_size_mib`"));
+        assert!(
+            fault("PUT", "/actions", br#"{"action_type": "Reboot"}"#).contains("unknown variant")
+        );
+        assert!(fault(
+            "PUT",
+            "/drives/a",
+            br#"{"drive_id": "b", "path_on_host": "/r", "is_root_device": false}"#
+        )
+        .contains("does not match"));
+        assert!(fault("PUT", "/drives/", b"{}").contains("Missing drive id"));
+        assert!(
+            fault("PUT", "/vsock", br#"{"guest_cid": -1, "uds_path": "/v"}"#)
+                .contains("invalid value")
+        );
+    }
+}

@@ -1,0 +1,269 @@
+//! The Firecracker-compatible API on a real Unix socket, driven like a Firecracker client:
+//! configure, start, inspect; bad requests get 400 with a fault message and change nothing.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{elf_kernel, kvm_or_skip, scratch, HELLO_KERNEL, SPIN_KERNEL};
+use serde_json::{json, Value};
+
+/// One keep-alive HTTP/1.1 client connection.
+struct Client(BufReader<UnixStream>);
+
+impl Client {
+    fn connect(sock: &Path) -> Self {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match UnixStream::connect(sock) {
+                Ok(s) => return Client(BufReader::new(s)),
+                Err(e) if Instant::now() > deadline => panic!("API socket never came up: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+
+    fn call(&mut self, method: &str, path: &str, body: Option<Value>) -> (u16, Option<Value>) {
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        self.0.get_mut().write_all(req.as_bytes()).unwrap();
+        let mut status = String::new();
+        self.0.read_line(&mut status).unwrap();
+        let code: u16 = status.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let mut len = 0;
+        loop {
+            let mut line = String::new();
+            self.0.read_line(&mut line).unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap();
+            }
+        }
+        let mut buf = vec![0u8; len];
+        self.0.read_exact(&mut buf).unwrap();
+        (
+            code,
+            (len > 0).then(|| serde_json::from_slice(&buf).unwrap()),
+        )
+    }
+}
+
+fn fault(resp: &(u16, Option<Value>)) -> String {
+    assert_eq!(resp.0, 400, "{resp:?}");
+    resp.1.as_ref().unwrap()["fault_message"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn spawn(sock: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_kindling-vmm"))
+        .arg("--api-sock")
+        .arg(sock)
+        .args(["--timings"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn kernel(code: &[u8]) -> PathBuf {
+    let path = scratch("vmlinux");
+    std::fs::write(&path, elf_kernel(code)).unwrap();
+    path
+}
+
+#[test]
+fn a_firecracker_style_session_boots_the_vm() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let sock = scratch("api.sock");
+    let kernel = kernel(HELLO_KERNEL);
+    let disk = scratch("disk");
+    std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+    let uds = scratch("v.sock");
+    let child = spawn(&sock);
+    let mut c = Client::connect(&sock);
+
+    let (code, info) = c.call("GET", "/", None);
+    assert_eq!(code, 200);
+    assert_eq!(info.unwrap()["state"], "Not started");
+    assert_eq!(c.call("GET", "/version", None).0, 200);
+
+    // Bad requests change nothing.
+    assert!(fault(&c.call(
+        "PUT",
+        "/machine-config",
+        Some(json!({"vcpu_count": 0, "mem_size_mib": 64}))
+    ))
+    .contains("vcpu_count"));
+    assert!(fault(&c.call(
+        "PUT",
+        "/machine-config",
+        Some(json!({"vcpu_count": 1, "mem_size_mib": 64, "foo": 1}))
+    ))
+    .contains("unknown field"));
+    assert!(fault(&c.call(
+        "PUT",
+        "/boot-source",
+        Some(json!({"kernel_image_path": "/nonexistent"}))
+    ))
+    .contains("kernel_image_path"));
+    assert!(fault(&c.call(
+        "PUT",
+        "/actions",
+        Some(json!({"action_type": "InstanceStart"}))
+    ))
+    .contains("boot-source is required"));
+    assert!(fault(&c.call("GET", "/balloon", None)).contains("Invalid request method and/or path"));
+    let (code, mc) = c.call("GET", "/machine-config", None);
+    assert_eq!((code, mc.unwrap()["vcpu_count"].clone()), (200, json!(1)));
+
+    assert_eq!(
+        c.call(
+            "PUT",
+            "/machine-config",
+            Some(json!({"vcpu_count": 1, "mem_size_mib": 64}))
+        )
+        .0,
+        204
+    );
+    assert_eq!(
+        c.call("GET", "/machine-config", None).1.unwrap()["mem_size_mib"],
+        64
+    );
+    assert_eq!(
+        c.call(
+            "PUT",
+            "/boot-source",
+            Some(json!({"kernel_image_path": kernel, "boot_args": "console=ttyS0 reboot=k"}))
+        )
+        .0,
+        204
+    );
+    let drive = json!({"drive_id": "rootfs", "path_on_host": disk, "is_root_device": true, "is_read_only": true});
+    assert_eq!(c.call("PUT", "/drives/rootfs", Some(drive)).0, 204);
+    let second_root = json!({"drive_id": "other", "path_on_host": disk, "is_root_device": true});
+    assert!(fault(&c.call("PUT", "/drives/other", Some(second_root)))
+        .contains("root block device already exists"));
+    assert_eq!(
+        c.call(
+            "PUT",
+            "/vsock",
+            Some(json!({"guest_cid": 3, "uds_path": uds}))
+        )
+        .0,
+        204
+    );
+    assert_eq!(
+        c.call(
+            "PUT",
+            "/actions",
+            Some(json!({"action_type": "InstanceStart"}))
+        )
+        .0,
+        204
+    );
+
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
+    assert!(stderr.contains("process_start_to_api_ready_us"), "{stderr}");
+    assert!(
+        !sock.exists() && !uds.exists(),
+        "sockets are unlinked on exit"
+    );
+    for p in [kernel, disk] {
+        std::fs::remove_file(p).unwrap();
+    }
+}
+
+#[test]
+fn after_start_configuration_and_a_second_start_are_refused() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let sock = scratch("api.sock");
+    let kernel = kernel(SPIN_KERNEL);
+    let child = spawn(&sock);
+    let mut c = Client::connect(&sock);
+    assert_eq!(
+        c.call(
+            "PUT",
+            "/boot-source",
+            Some(json!({"kernel_image_path": kernel}))
+        )
+        .0,
+        204
+    );
+    assert_eq!(
+        c.call(
+            "PUT",
+            "/machine-config",
+            Some(json!({"vcpu_count": 1, "mem_size_mib": 32}))
+        )
+        .0,
+        204
+    );
+    assert_eq!(
+        c.call(
+            "PUT",
+            "/actions",
+            Some(json!({"action_type": "InstanceStart"}))
+        )
+        .0,
+        204
+    );
+    assert_eq!(c.call("GET", "/", None).1.unwrap()["state"], "Running");
+    assert!(fault(&c.call(
+        "PUT",
+        "/actions",
+        Some(json!({"action_type": "InstanceStart"}))
+    ))
+    .contains("after starting"));
+    assert!(fault(&c.call(
+        "PUT",
+        "/machine-config",
+        Some(json!({"vcpu_count": 2, "mem_size_mib": 32}))
+    ))
+    .contains("after starting"));
+    assert_eq!(
+        c.call("GET", "/machine-config", None).1.unwrap()["vcpu_count"],
+        1
+    );
+
+    // SAFETY: signalling our own child process by its pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!sock.exists());
+    std::fs::remove_file(kernel).unwrap();
+}
+
+#[test]
+fn sigterm_before_start_exits_and_removes_the_socket() {
+    let sock = scratch("api.sock");
+    let child = spawn(&sock);
+    let _ = Client::connect(&sock);
+    // SAFETY: signalling our own child process by its pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(5));
+    assert!(!sock.exists());
+}
