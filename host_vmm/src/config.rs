@@ -164,6 +164,9 @@ impl MachineConfig {
         if self.smt {
             return err("smt is not supported");
         }
+        if self.track_dirty_pages {
+            return err("track_dirty_pages is not supported (no snapshots)");
+        }
         match self.cpu_template.as_deref() {
             None | Some("None") => Ok(()),
             Some(other) => err(format!("cpu_template {other:?} is not supported (None)")),
@@ -254,10 +257,11 @@ impl VmmConfig {
 mod tests {
     use super::*;
 
-    fn files() -> (PathBuf, PathBuf) {
+    /// A kernel and a disk file private to one test.
+    fn files(test: &str) -> (PathBuf, PathBuf) {
         let dir = std::env::temp_dir();
-        let k = dir.join(format!("kv-cfg-kernel-{}", std::process::id()));
-        let d = dir.join(format!("kv-cfg-disk-{}", std::process::id()));
+        let k = dir.join(format!("kv-cfg-kernel-{}-{test}", std::process::id()));
+        let d = dir.join(format!("kv-cfg-disk-{}-{test}", std::process::id()));
         std::fs::write(&k, b"k").unwrap();
         std::fs::write(&d, b"d").unwrap();
         (k, d)
@@ -265,7 +269,7 @@ mod tests {
 
     #[test]
     fn firecracker_config_file_parses_and_validates() {
-        let (k, d) = files();
+        let (k, d) = files("good");
         let json = format!(
             r#"{{
               "boot-source": {{"kernel_image_path": "{}", "boot_args": "console=ttyS0 reboot=k"}},
@@ -299,7 +303,7 @@ mod tests {
 
     #[test]
     fn bad_configs_get_clear_errors() {
-        let (k, d) = files();
+        let (k, d) = files("bad");
         let base = |extra: &str| {
             format!(
                 r#"{{"boot-source": {{"kernel_image_path": "{}"}}{extra}}}"#,

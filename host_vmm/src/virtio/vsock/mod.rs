@@ -461,6 +461,50 @@ mod tests {
     }
 
     #[test]
+    fn many_connections_at_once_keep_their_data_apart() {
+        let path = uds("many");
+        let listener = UnixListener::bind(format!("{}_7000", path.display())).unwrap();
+        let mut dev = Vsock::new(GUEST_CID, &path).unwrap();
+        let mut drv = Driver::new();
+        drv.give_rx(&mut dev, 8);
+        let mut hosts = Vec::new();
+        for guest_port in 100..140u32 {
+            drv.send(&mut dev, header(OP_REQUEST, guest_port, 7000), &[]);
+            assert_eq!(ops(&drv.recv(&mut dev)), [OP_RESPONSE]);
+            drv.give_rx(&mut dev, 1);
+            let (host, _) = listener.accept().unwrap();
+            hosts.push((guest_port, host));
+        }
+        for (guest_port, _) in &hosts {
+            drv.send(
+                &mut dev,
+                header(OP_RW, *guest_port, 7000),
+                &guest_port.to_le_bytes(),
+            );
+        }
+        for (guest_port, host) in &mut hosts {
+            let mut buf = [0u8; 4];
+            host.read_exact(&mut buf).unwrap();
+            assert_eq!(u32::from_le_bytes(buf), *guest_port);
+            host.write_all(format!("to {guest_port}").as_bytes())
+                .unwrap();
+        }
+        let mut seen = 0;
+        while seen < hosts.len() {
+            drv.give_rx(&mut dev, 4);
+            for (h, data) in drv.recv(&mut dev) {
+                assert_eq!({ h.op }, OP_RW);
+                assert_eq!(
+                    String::from_utf8(data).unwrap(),
+                    format!("to {}", { h.dst_port })
+                );
+                seen += 1;
+            }
+        }
+        std::fs::remove_file(format!("{}_7000", path.display())).unwrap();
+    }
+
+    #[test]
     fn bad_configuration_is_refused() {
         assert!(Vsock::new(2, &uds("cid2")).is_err());
         let path = uds("twice");
