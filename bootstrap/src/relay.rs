@@ -72,14 +72,12 @@ impl Route {
 }
 
 async fn handle(agent: Arc<Agent>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    Ok(match Route::of(req.method(), req.uri().path()) {
-        Route::Next => next(&agent, req).await,
-        Route::Result(id) => {
-            agent.result_received(&id).await;
-            forward(&agent, req.map(|b| b.map_err(Into::into).boxed())).await
-        }
-        Route::Other => forward(&agent, req.map(|b| b.map_err(Into::into).boxed())).await,
-    })
+    match Route::of(req.method(), req.uri().path()) {
+        Route::Next => return Ok(next(&agent, req).await),
+        Route::Result(id) => agent.result_received(&id).await,
+        Route::Other => {}
+    }
+    Ok(forward(&agent, req.map(|b| b.map_err(Into::into).boxed())).await)
 }
 
 /// `/next` blocks on the host for as long as it takes; it has no body, so a connection
