@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use kindling_runtime_api::environment::{Environment, EnvironmentSpec, Launcher, StopMode};
+use kindling_runtime_api::environment::{
+    Environment, EnvironmentSpec, Function, Launcher, StopMode,
+};
 
 use crate::machine::{Drive, VmSpec};
 use crate::{console, Hypervisor, RunningVm};
@@ -26,7 +28,7 @@ pub struct BootFiles {
 pub trait ImageSource: Send + Sync + 'static {
     fn boot_files(&self, runtime: &str) -> anyhow::Result<BootFiles>;
     /// The function's code as an ext4 image, attached read-only as `/dev/vdb`.
-    fn code_image(&self, code: &Path) -> anyhow::Result<PathBuf>;
+    fn code_image(&self, function: &Function) -> anyhow::Result<PathBuf>;
 }
 
 pub struct MicroVmLauncher {
@@ -86,9 +88,12 @@ impl Launcher for MicroVmLauncher {
             );
         };
         let images = self.images.clone();
-        let (runtime, code) = (spec.function.runtime.clone(), spec.function.code.clone());
+        let function = spec.function.clone();
         let (files, code_image) = tokio::task::spawn_blocking(move || {
-            anyhow::Ok((images.boot_files(&runtime)?, images.code_image(&code)?))
+            anyhow::Ok((
+                images.boot_files(&function.runtime)?,
+                images.code_image(&function)?,
+            ))
         })
         .await??;
         std::fs::create_dir_all(&spec.dir)?;

@@ -1,0 +1,141 @@
+//! Chooses how each function is isolated and which hypervisor runs its microVMs, and
+//! builds the scheduler's launchers.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::bail;
+use kindling_images::{
+    build_code_image, build_initramfs, build_kernel, build_root_image, Cache, KernelKind, Runtime,
+};
+use kindling_microvm::kindling::KindlingVmm;
+use kindling_microvm::qemu::{Accel, Qemu};
+use kindling_microvm::{probe, BootFiles, Hypervisor as Backend, ImageSource, MicroVmLauncher};
+use kindling_runtime_api::config::{FunctionConfig, Hypervisor};
+use kindling_runtime_api::{Function, Isolation, Launcher};
+use kindling_sandbox::SandboxLauncher;
+
+/// The scheduler's launchers, one for each isolation in use.
+pub type Launchers = HashMap<Isolation, Arc<dyn Launcher>>;
+
+/// The functions, and a launcher for each isolation they use.
+pub fn prepare(
+    configs: Vec<FunctionConfig>,
+    hypervisor_override: Option<Hypervisor>,
+    state_dir: &Path,
+) -> anyhow::Result<(Vec<Function>, Launchers)> {
+    let mut launchers = Launchers::new();
+    let mut microvm = MicroVmLauncher::new(Arc::new(ImageCache::default()), state_dir.join("logs"));
+    let mut functions = Vec::new();
+    for FunctionConfig {
+        function,
+        hypervisor,
+    } in configs
+    {
+        match function.isolation {
+            Isolation::Sandbox => {
+                launchers
+                    .entry(Isolation::Sandbox)
+                    .or_insert_with(|| Arc::new(SandboxLauncher::default()));
+            }
+            Isolation::MicroVm => {
+                let backend = backend(hypervisor_override.or(hypervisor))?;
+                microvm.assign(&function.name, backend);
+            }
+        }
+        functions.push(function);
+    }
+    if functions.iter().any(|f| f.isolation == Isolation::MicroVm) {
+        launchers.insert(Isolation::MicroVm, Arc::new(microvm));
+    }
+    Ok((functions, launchers))
+}
+
+/// The hypervisor asked for, or the best this host can run. Asking for one that cannot
+/// run here is an error, never a silent switch.
+fn backend(asked: Option<Hypervisor>) -> anyhow::Result<Arc<dyn Backend>> {
+    let kvm = probe::kvm();
+    Ok(match asked {
+        Some(Hypervisor::Kindling) if !kvm.can_boot_linux => {
+            bail!(
+                "hypervisor \"kindling\" cannot run here: {}; use hypervisor = \"qemu\"",
+                kvm.reason
+            )
+        }
+        Some(Hypervisor::Kindling) => Arc::new(KindlingVmm {
+            program: sibling_program("kindling-vmm")?,
+        }),
+        None if kvm.can_boot_linux => Arc::new(KindlingVmm {
+            program: sibling_program("kindling-vmm")?,
+        }),
+        Some(Hypervisor::Qemu) | None => {
+            let accel = if kvm.can_boot_linux {
+                Accel::Kvm
+            } else {
+                Accel::Tcg
+            };
+            if asked.is_none() {
+                tracing::info!("microVMs run on QEMU ({accel:?}): {}", kvm.reason);
+            }
+            Arc::new(Qemu { accel })
+        }
+    })
+}
+
+/// A program installed beside `kindling` (cargo builds them all into one folder).
+fn sibling_program(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.with_file_name(name);
+    if !path.is_file() {
+        bail!(
+            "{} is missing: build the workspace (`cargo build --release`)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Boot files and code images from the content-addressed image cache, looked up once
+/// per runtime and function: a cold start must not re-hash the kernel sources.
+#[derive(Default)]
+struct ImageCache {
+    boot: Mutex<HashMap<String, BootFiles>>,
+    code: Mutex<HashMap<String, PathBuf>>,
+}
+
+impl ImageSource for ImageCache {
+    fn boot_files(&self, runtime: &str) -> anyhow::Result<BootFiles> {
+        if let Some(files) = self.boot.lock().expect("not poisoned").get(runtime) {
+            return Ok(files.clone());
+        }
+        let cache = Cache::open()?;
+        let kernel = build_kernel(&cache, KernelKind::Minimal)?;
+        let initramfs = build_initramfs(&cache, &kernel)?;
+        let root = build_root_image(&cache, runtime.parse::<Runtime>()?)?;
+        let files = BootFiles {
+            kernel: kernel.bzimage,
+            initramfs: initramfs.path,
+            root_image: root.ext4,
+        };
+        self.boot
+            .lock()
+            .expect("not poisoned")
+            .insert(runtime.to_string(), files.clone());
+        Ok(files)
+    }
+
+    fn code_image(&self, function: &Function) -> anyhow::Result<PathBuf> {
+        if let Some(path) = self.code.lock().expect("not poisoned").get(&function.name) {
+            return Ok(path.clone());
+        }
+        let cache = Cache::open()?;
+        let runtime = function.runtime.parse::<Runtime>()?;
+        let image = build_code_image(&cache, &function.code, runtime, &function.handler)?;
+        self.code
+            .lock()
+            .expect("not poisoned")
+            .insert(function.name.clone(), image.ext4.clone());
+        Ok(image.ext4)
+    }
+}

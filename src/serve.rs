@@ -1,0 +1,203 @@
+//! `kindling serve`, `kindling run` and `kindling logs`: a host serving functions.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use kindling_runtime_api::config::{self, FunctionConfig, Hypervisor};
+use kindling_runtime_api::{Function, Isolation, Server, ServerOptions};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::{environments, AddrArg, StateDirArg};
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// The functions file (see examples/functions.toml).
+    #[arg(long, short)]
+    functions: PathBuf,
+    #[command(flatten)]
+    common: ServerArgs,
+}
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// The function's code: a directory (or a Lambda-style .zip).
+    code: PathBuf,
+    /// provided, python or node.
+    #[arg(long)]
+    runtime: String,
+    /// The handler, e.g. app.handler.
+    #[arg(long)]
+    handler: String,
+    /// The function's name (default: the code's folder name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Memory in MB (128..10240).
+    #[arg(long, default_value_t = 128)]
+    memory: u32,
+    /// Timeout in seconds (1..900).
+    #[arg(long, default_value_t = 3)]
+    timeout: u32,
+    /// Environments at most at once.
+    #[arg(long, default_value_t = config::DEFAULT_MAX_CONCURRENCY)]
+    max_concurrency: usize,
+    /// A variable for the function, KEY=VALUE (repeatable).
+    #[arg(long = "env", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// microvm (default) or sandbox.
+    #[arg(long, value_parser = parse_isolation)]
+    isolation: Option<Isolation>,
+    #[command(flatten)]
+    common: ServerArgs,
+}
+
+/// What `serve` and `run` share.
+#[derive(clap::Args)]
+struct ServerArgs {
+    /// The microVM hypervisor for every microvm function: kindling (KVM) or qemu.
+    /// Default: kindling where this host's KVM can boot a guest kernel, else qemu.
+    #[arg(long, value_parser = parse_hypervisor)]
+    hypervisor: Option<Hypervisor>,
+    /// Stop an environment after it has been idle this many seconds.
+    #[arg(long, default_value_t = 300)]
+    idle_timeout: u64,
+    #[command(flatten)]
+    addr: AddrArg,
+    #[command(flatten)]
+    state: StateDirArg,
+}
+
+#[derive(clap::Args)]
+pub struct LogsArgs {
+    /// The function's name.
+    function: String,
+    /// Print its guests' console output instead.
+    #[arg(long)]
+    console: bool,
+    #[command(flatten)]
+    state: StateDirArg,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))
+}
+
+fn parse_isolation(s: &str) -> Result<Isolation, String> {
+    match s {
+        "microvm" => Ok(Isolation::MicroVm),
+        "sandbox" => Ok(Isolation::Sandbox),
+        other => Err(format!("{other:?}: expected microvm or sandbox")),
+    }
+}
+
+fn parse_hypervisor(s: &str) -> Result<Hypervisor, String> {
+    match s {
+        "kindling" => Ok(Hypervisor::Kindling),
+        "qemu" => Ok(Hypervisor::Qemu),
+        other => Err(format!("{other:?}: expected kindling or qemu")),
+    }
+}
+
+pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let functions = config::load(&args.functions)?;
+    host(functions, args.common).await
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let code =
+        std::fs::canonicalize(&args.code).with_context(|| format!("{}", args.code.display()))?;
+    let name = match args.name {
+        Some(name) => name,
+        None => code
+            .file_stem()
+            .and_then(|n| n.to_str())
+            .context("cannot name the function after its code folder: give --name")?
+            .to_string(),
+    };
+    if !config::MEMORY_MB.contains(&args.memory) {
+        bail!(
+            "--memory {}: must be within {:?} MB",
+            args.memory,
+            config::MEMORY_MB
+        );
+    }
+    if !config::TIMEOUT_S.contains(&args.timeout) {
+        bail!(
+            "--timeout {}: must be within {:?} s",
+            args.timeout,
+            config::TIMEOUT_S
+        );
+    }
+    let function = Function {
+        name,
+        code,
+        runtime: args.runtime,
+        handler: args.handler,
+        memory_mb: args.memory,
+        timeout: Duration::from_secs(args.timeout.into()),
+        isolation: args.isolation.unwrap_or(Isolation::MicroVm),
+        max_concurrency: args.max_concurrency,
+        env: args.env.into_iter().collect::<BTreeMap<_, _>>(),
+    };
+    host(
+        vec![FunctionConfig {
+            function,
+            hypervisor: None,
+        }],
+        args.common,
+    )
+    .await
+}
+
+/// Starts the host for `functions`, prints their logs, and serves until SIGINT/SIGTERM.
+async fn host(functions: Vec<FunctionConfig>, args: ServerArgs) -> anyhow::Result<ExitCode> {
+    let state_dir = args.state.state_dir;
+    let (functions, launchers) = environments::prepare(functions, args.hypervisor, &state_dir)?;
+    let mut options = ServerOptions::new(&state_dir);
+    options.invoke_addr = args.addr.addr;
+    options.idle_timeout = Duration::from_secs(args.idle_timeout);
+    let names: Vec<String> = functions.iter().map(|f| f.name.clone()).collect();
+    let server = Server::bind(functions, launchers, options).await?;
+    let mut logs = server.logs();
+    let printer = tokio::spawn(async move {
+        while let Ok(line) = logs.recv().await {
+            println!("{} | {}", line.function, line.text);
+        }
+    });
+    eprintln!(
+        "kindling: serving {} on http://{}",
+        names.join(", "),
+        server.local_addr()
+    );
+    eprintln!(
+        "kindling: try `kindling invoke {} --payload '{{}}'`",
+        names[0]
+    );
+    let mut term = signal(SignalKind::terminate())?;
+    let stop = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    server.run(stop).await?;
+    printer.abort();
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
+    let logs = args.state.state_dir.join("logs");
+    let path = if args.console {
+        logs.join(format!("{}.console.log", args.function))
+    } else {
+        logs.join(format!("{}.log", args.function))
+    };
+    let text = std::fs::read(&path)
+        .with_context(|| format!("no log for {:?} at {}", args.function, path.display()))?;
+    std::io::Write::write_all(&mut std::io::stdout(), &text)?;
+    Ok(ExitCode::SUCCESS)
+}
