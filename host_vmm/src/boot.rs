@@ -1,6 +1,6 @@
 //! Linux boot (x86-64 64-bit boot protocol) with linux-loader: an ELF `vmlinux` or a
-//! `bzImage` at 1 MiB, the command line, an initramfs at the top of low RAM, the e820 map and
-//! the zero page, then a CPL0 long-mode entry with `rsi` pointing at the zero page.
+//! `bzImage` at 1 MiB, the command line, an initramfs at the top of low RAM, the e820 map,
+//! the zero page and an MP table, then a CPL0 long-mode entry with `rsi` pointing at the zero page.
 //!
 //! PVH entry is not used: the 64-bit entry works for both image formats and needs no 32-bit
 //! vCPU setup. (An ELF with a PVH note still has a 64-bit entry point.)
@@ -34,6 +34,8 @@ pub enum BootError {
     InitrdTooBig { path: PathBuf, size: u64 },
     #[error("loading initrd {0}: {1}")]
     Initrd(PathBuf, String),
+    #[error("{0}")]
+    Mptable(#[from] crate::mptable::MptableError),
     #[error("writing boot parameters: {0}")]
     BootParams(linux_loader::configurator::Error),
 }
@@ -92,11 +94,13 @@ pub fn build_cmdline(boot_args: &str, devices: &[String]) -> Result<Cmdline, Boo
     Ok(cmdline)
 }
 
-/// Loads the kernel, initrd, command line and zero page; returns the boot vCPU's entry.
+/// Loads the kernel, initrd, command line, zero page and the MP table for `vcpu_count`
+/// vCPUs; returns the boot vCPU's entry.
 pub fn load_linux(
     mem: &GuestMemory,
     source: &BootSource,
     devices: &[String],
+    vcpu_count: u8,
 ) -> Result<EntryPoint, BootError> {
     let open = |p: &Path| File::open(p).map_err(|e| BootError::Open(p.to_path_buf(), e));
     let mut kernel = open(&source.kernel)?;
@@ -174,6 +178,7 @@ pub fn load_linux(
         mem,
     )
     .map_err(BootError::BootParams)?;
+    crate::mptable::setup(mem, vcpu_count)?;
 
     Ok(EntryPoint {
         rip: entry,
@@ -240,7 +245,7 @@ mod tests {
             initrd: None,
             boot_args: String::new(),
         };
-        let err = load_linux(&mem, &src, &[]).unwrap_err();
+        let err = load_linux(&mem, &src, &[], 1).unwrap_err();
         assert!(
             err.to_string()
                 .contains("neither an x86-64 ELF vmlinux nor a bzImage"),
@@ -251,7 +256,7 @@ mod tests {
             ..src
         };
         assert!(matches!(
-            load_linux(&mem, &missing, &[]),
+            load_linux(&mem, &missing, &[], 1),
             Err(BootError::Open(..))
         ));
         std::fs::remove_file(path).unwrap();
@@ -273,7 +278,7 @@ mod tests {
             boot_args: DEFAULT_BOOT_ARGS.into(),
         };
         let devices = ["virtio_mmio.device=4K@0xd0001000:5".to_string()];
-        let entry = load_linux(&mem, &src, &devices).unwrap();
+        let entry = load_linux(&mem, &src, &devices, 2).unwrap();
         assert!(!entry.user_mode);
         assert_eq!(
             (entry.rsi, entry.rsp),

@@ -15,6 +15,7 @@ pub mod exit;
 pub mod layout;
 pub mod memory;
 pub mod metrics;
+pub mod mptable;
 pub mod signals;
 pub mod vcpu;
 pub mod virtio;

@@ -42,6 +42,11 @@ pub fn build_vm(config: &VmmConfig, serial: SerialOut) -> Result<(Vm, EntryPoint
     if let Some(vsock) = &config.vsock {
         vm.add_vsock(u64::from(vsock.guest_cid), Path::new(&vsock.uds_path))?;
     }
-    let entry = boot::load_linux(vm.memory(), &boot, &vm.virtio_cmdline())?;
+    let entry = boot::load_linux(
+        vm.memory(),
+        &boot,
+        &vm.virtio_cmdline(),
+        config.machine_config.vcpu_count,
+    )?;
     Ok((vm, entry))
 }

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{kvm_or_skip, new_vm, run_script, scratch, serial_print, Op, RESET};
+use common::{kvm_or_skip, new_vm, new_vm_with, run_script, scratch, serial_print, Op, RESET};
 use kindling_vmm::exit::ExitReason;
 
 #[test]
@@ -58,5 +58,22 @@ fn a_guest_fault_is_a_triple_fault_exit() {
     assert_eq!(reason, ExitReason::TripleFault);
     assert_eq!(reason.exit_code(), 3);
     assert_eq!(std::fs::read_to_string(&console).unwrap(), "x");
+    std::fs::remove_file(console).unwrap();
+}
+
+#[test]
+fn waiting_application_processors_are_stopped_with_the_vm() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let console = scratch("console");
+    // vCPU 1 waits in KVM_RUN for an INIT/SIPI that never comes; the reset must still end
+    // the VM, which means kicking that vCPU out of KVM_RUN.
+    let vm = new_vm_with(&console, 2);
+    let mut script = serial_print("smp\n");
+    script.push(RESET);
+    let (reason, _) = run_script(vm, &script, Duration::from_secs(20));
+    assert_eq!(reason, ExitReason::GuestReset);
+    assert_eq!(std::fs::read_to_string(&console).unwrap(), "smp\n");
     std::fs::remove_file(console).unwrap();
 }

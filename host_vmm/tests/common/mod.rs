@@ -103,11 +103,16 @@ pub fn scratch(name: &str) -> PathBuf {
     ))
 }
 
-/// A VM whose console goes to the file `console`.
+/// A one-vCPU VM whose console goes to the file `console`.
 pub fn new_vm(console: &PathBuf) -> Vm {
+    new_vm_with(console, 1)
+}
+
+/// A VM with `vcpu_count` vCPUs whose console goes to the file `console`.
+pub fn new_vm_with(console: &PathBuf, vcpu_count: u8) -> Vm {
     let out = fs::File::create(console).expect("console file");
     Vm::new(VmConfig {
-        vcpu_count: 1,
+        vcpu_count,
         mem_size_mib: 16,
         serial: Box::new(out),
     })
