@@ -50,6 +50,8 @@ pub const SERIAL_IRQ: u32 = 4;
 /// Ports of the i8042 keyboard controller (data 0x60 .. command 0x64).
 pub const I8042_PORT: u16 = 0x60;
 pub const I8042_PORT_LEN: u64 = 5;
+/// The keyboard IRQ of the i8042.
+pub const KEYBOARD_IRQ: u32 = 1;
 
 /// Where KVM puts the TSS and identity map on Intel (three pages below the BIOS area).
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;

@@ -65,7 +65,8 @@ fn start_vm(
     instance_start: Instant,
 ) -> anyhow::Result<RunningVm> {
     let (mut vm, entry) = build_vm(config, serial_out(serial)?)?;
-    vm.add_subscriber(Arc::new(Mutex::new(TermSignals::new(vm.exit().clone())?)));
+    let signals = TermSignals::new(vm.exit().clone(), vm.ctrl_alt_del())?;
+    vm.add_subscriber(Arc::new(Mutex::new(signals)));
     Ok(vm.start(entry, instance_start)?)
 }
 
@@ -92,7 +93,7 @@ fn start_from_api(
                 let instance_start = Instant::now();
                 match start_vm(&config, &cli.serial_out, instance_start) {
                     Ok(running) => {
-                        let _ = reply.send(Ok(()));
+                        let _ = reply.send(Ok(running.ctrl_alt_del()));
                         return Ok(Some((running, instance_start)));
                     }
                     Err(e) => {

@@ -1,5 +1,9 @@
 //! SIGTERM and SIGINT as events on the VMM's event loop (a signalfd), so that a supervisor's
 //! stop request ends the VM through the normal exit path: vCPUs stopped, sockets unlinked.
+//!
+//! The first SIGTERM asks the guest to shut down (Ctrl-Alt-Del through the i8042) when its
+//! keyboard driver listens; otherwise, and on a second SIGTERM or any SIGINT, the VM stops at
+//! once with [`ExitReason::Stopped`].
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -7,6 +11,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 
+use crate::devices::i8042::CtrlAltDel;
 use crate::exit::{ExitReason, VmExit};
 
 fn termination_set() -> libc::sigset_t {
@@ -33,14 +38,16 @@ pub fn block_termination_signals() -> io::Result<()> {
     }
 }
 
-/// The event-loop subscriber that turns SIGTERM/SIGINT into [`ExitReason::Stopped`].
+/// The event-loop subscriber for SIGTERM/SIGINT.
 pub struct TermSignals {
     fd: OwnedFd,
     exit: VmExit,
+    ctrl_alt_del: CtrlAltDel,
+    asked_guest: bool,
 }
 
 impl TermSignals {
-    pub fn new(exit: VmExit) -> io::Result<Self> {
+    pub fn new(exit: VmExit, ctrl_alt_del: CtrlAltDel) -> io::Result<Self> {
         let set = termination_set();
         // SAFETY: a new signalfd (-1) for a valid set; the result is checked before use.
         let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
@@ -49,7 +56,12 @@ impl TermSignals {
         }
         // SAFETY: `fd` is a fresh descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Self { fd, exit })
+        Ok(Self {
+            fd,
+            exit,
+            ctrl_alt_del,
+            asked_guest: false,
+        })
     }
 }
 
@@ -64,8 +76,15 @@ impl MutEventSubscriber for TermSignals {
         let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
         // SAFETY: reads at most `info.len()` bytes into a buffer we own.
         let n = unsafe { libc::read(self.fd.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) };
-        if n > 0 {
-            tracing::info!("termination signal received: stopping the VM");
+        if n as usize != info.len() {
+            return;
+        }
+        let signo = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]) as i32;
+        if signo == libc::SIGTERM && !self.asked_guest && self.ctrl_alt_del.press() {
+            self.asked_guest = true;
+            tracing::info!("SIGTERM: asked the guest to shut down (Ctrl-Alt-Del)");
+        } else {
+            tracing::info!("signal {signo}: stopping the VM");
             self.exit.request(ExitReason::Stopped);
         }
     }

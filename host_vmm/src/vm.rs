@@ -19,7 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::bus::{Bus, OverlapError};
 use crate::cpu::{self, CpuError, EntryPoint};
 use crate::devices::boot_timer::{BootTime, BootTimer};
-use crate::devices::i8042::I8042;
+use crate::devices::i8042::{CtrlAltDel, I8042};
 use crate::devices::serial::{SerialDevice, SerialOut};
 use crate::devices::IrqLine;
 use crate::exit::{ExitReason, VmExit};
@@ -68,6 +68,7 @@ pub struct Vm {
     vcpu_count: u8,
     virtio_slots: Vec<(u64, u32)>,
     subscribers: Vec<Subscriber>,
+    i8042: CtrlAltDel,
 }
 
 /// A device's event-loop half.
@@ -134,8 +135,12 @@ impl Vm {
             u64::from(layout::SERIAL_PORT),
             layout::SERIAL_PORT_LEN,
         )?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(
+            exit.clone(),
+            irq_line(&vm_fd, layout::KEYBOARD_IRQ)?,
+        )));
         io_bus.insert(
-            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+            i8042.clone(),
             u64::from(layout::I8042_PORT),
             layout::I8042_PORT_LEN,
         )?;
@@ -149,7 +154,13 @@ impl Vm {
             vcpu_count: config.vcpu_count,
             virtio_slots: Vec::new(),
             subscribers: Vec::new(),
+            i8042: CtrlAltDel(i8042),
         })
+    }
+
+    /// Presses Ctrl-Alt-Del on this VM's keyboard controller.
+    pub fn ctrl_alt_del(&self) -> CtrlAltDel {
+        self.i8042.clone()
     }
 
     /// Guest RAM, for loading a kernel or a payload before start.
@@ -273,6 +284,7 @@ impl Vm {
         }
         events.add_subscriber(Arc::new(Mutex::new(ExitWatcher(self.exit.clone()))));
         Ok(RunningVm {
+            ctrl_alt_del: self.i8042,
             _vm_fd: self.vm_fd,
             events,
             memory: self.memory,
@@ -319,6 +331,7 @@ pub struct Timings {
 
 /// A started VM.
 pub struct RunningVm {
+    ctrl_alt_del: CtrlAltDel,
     _vm_fd: VmFd,
     events: EventManager<Subscriber>,
     memory: GuestMemory,
@@ -330,6 +343,11 @@ pub struct RunningVm {
 }
 
 impl RunningVm {
+    /// Presses Ctrl-Alt-Del on the guest's keyboard controller.
+    pub fn ctrl_alt_del(&self) -> CtrlAltDel {
+        self.ctrl_alt_del.clone()
+    }
+
     /// The exit latch: request [`ExitReason::Stopped`] on it to stop the VM from outside.
     pub fn exit(&self) -> &VmExit {
         &self.exit

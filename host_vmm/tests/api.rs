@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{elf_kernel, kvm_or_skip, scratch, HELLO_KERNEL, SPIN_KERNEL};
+use common::{elf_kernel, kvm_or_skip, scratch, HELLO_KERNEL, KEYBOARD_KERNEL, SPIN_KERNEL};
 use serde_json::{json, Value};
 
 /// One keep-alive HTTP/1.1 client connection.
@@ -266,4 +266,56 @@ fn sigterm_before_start_exits_and_removes_the_socket() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(5));
     assert!(!sock.exists());
+}
+
+#[test]
+fn send_ctrl_alt_del_shuts_a_listening_guest_down() {
+    if !kvm_or_skip() {
+        return;
+    }
+    use std::io::BufRead;
+    let sock = scratch("api.sock");
+    let kernel = kernel(KEYBOARD_KERNEL);
+    let mut child = spawn(&sock);
+    let mut c = Client::connect(&sock);
+    assert_eq!(
+        c.call(
+            "PUT",
+            "/boot-source",
+            Some(json!({"kernel_image_path": kernel}))
+        )
+        .0,
+        204
+    );
+    assert_eq!(
+        c.call(
+            "PUT",
+            "/actions",
+            Some(json!({"action_type": "InstanceStart"}))
+        )
+        .0,
+        204
+    );
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "r\n");
+    assert_eq!(
+        c.call(
+            "PUT",
+            "/actions",
+            Some(json!({"action_type": "SendCtrlAltDel"}))
+        )
+        .0,
+        204
+    );
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_file(kernel).unwrap();
 }

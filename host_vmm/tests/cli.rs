@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{elf_kernel, kvm_or_skip, scratch, HELLO_KERNEL, SPIN_KERNEL};
+use common::{elf_kernel, kvm_or_skip, scratch, HELLO_KERNEL, KEYBOARD_KERNEL, SPIN_KERNEL};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kindling-vmm");
 
@@ -171,4 +171,34 @@ fn bad_invocations_fail_with_clear_messages() {
     let out = Command::new(BIN).arg("--bogus").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     std::fs::remove_file(config).unwrap();
+}
+
+#[test]
+fn sigterm_asks_a_guest_with_a_keyboard_driver_to_shut_down() {
+    if !kvm_or_skip() {
+        return;
+    }
+    use std::io::BufRead;
+    let s = Setup::new(KEYBOARD_KERNEL);
+    let mut child = vmm(&["--timings"], &s.config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The guest prints "r" once its keyboard interrupt is enabled.
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "r\n");
+    // SAFETY: signalling our own child process by its pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(timings(&out)["exit_reason"], "guest reset (i8042)");
 }

@@ -77,3 +77,47 @@ fn waiting_application_processors_are_stopped_with_the_vm() {
     assert_eq!(std::fs::read_to_string(&console).unwrap(), "smp\n");
     std::fs::remove_file(console).unwrap();
 }
+
+#[test]
+fn ctrl_alt_del_reaches_a_listening_guest_keyboard_driver() {
+    if !kvm_or_skip() {
+        return;
+    }
+    const READY: u64 = 0x70000;
+    let console = scratch("console");
+    let vm = new_vm(&console);
+    let button = vm.ctrl_alt_del();
+    assert!(
+        !button.press(),
+        "no keyboard driver listens before the guest enables it"
+    );
+    let mut script = vec![
+        // What Linux's i8042 driver does: self test, then enable the keyboard interrupt.
+        Op::Out8(0x64, 0xaa),
+        Op::PollIn8(0x60, 0x55),
+        Op::Out8(0x64, 0x60),
+        Op::Out8(0x60, 0x05),
+        Op::Write32(READY, 1),
+        // Ctrl, Alt, Del (scan code set 2) arrive on the data port.
+        Op::PollIn8(0x64, 0x15),
+        Op::PollIn8(0x60, 0x14),
+        Op::PollIn8(0x60, 0x11),
+        Op::PollIn8(0x60, 0xe0),
+        Op::PollIn8(0x60, 0x71),
+    ];
+    script.extend(serial_print("cad\n"));
+    script.push(RESET);
+    let mem = vm.memory().clone();
+    let host = std::thread::spawn(move || {
+        use vm_memory::{Bytes, GuestAddress};
+        while mem.read_obj::<u32>(GuestAddress(READY)).unwrap() != 1 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        button.press()
+    });
+    let (reason, _) = run_script(vm, &script, Duration::from_secs(20));
+    assert!(host.join().unwrap());
+    assert_eq!(reason, ExitReason::GuestReset);
+    assert_eq!(std::fs::read_to_string(&console).unwrap(), "cad\n");
+    std::fs::remove_file(console).unwrap();
+}

@@ -15,6 +15,7 @@ use std::sync::mpsc::{self, Sender};
 use serde_json::json;
 
 use crate::config::VmmConfig;
+use crate::devices::i8042::CtrlAltDel;
 use request::{Action, ApiRequest};
 
 /// An HTTP answer.
@@ -48,8 +49,9 @@ impl Response {
     }
 }
 
-/// The VMM's answer to an InstanceStart: `Err` carries the fault message.
-pub type StartReply = Result<(), String>;
+/// The VMM's answer to an InstanceStart: the running VM's Ctrl-Alt-Del button, or the fault
+/// message.
+pub type StartReply = Result<CtrlAltDel, String>;
 /// What the API asks the VMM thread to start, and where the outcome goes.
 pub type StartRequest = (VmmConfig, Sender<StartReply>);
 
@@ -59,7 +61,8 @@ const NOT_AFTER_START: &str =
 /// The API's view of the VM: configuration until InstanceStart, then running.
 pub struct ApiState {
     config: VmmConfig,
-    started: bool,
+    /// Set once the VM runs.
+    running: Option<CtrlAltDel>,
     start: Sender<StartRequest>,
 }
 
@@ -68,7 +71,7 @@ impl ApiState {
     pub fn new(start: Sender<StartRequest>) -> Self {
         Self {
             config: VmmConfig::default(),
-            started: false,
+            running: None,
             start,
         }
     }
@@ -78,7 +81,7 @@ impl ApiState {
         match req {
             ApiRequest::GetInstance => Response::ok(json!({
                 "id": "anonymous-instance",
-                "state": if self.started { "Running" } else { "Not started" },
+                "state": if self.running.is_some() { "Running" } else { "Not started" },
                 "vmm_version": env!("CARGO_PKG_VERSION"),
                 "app_name": "kindling-vmm",
             })),
@@ -86,7 +89,14 @@ impl ApiState {
                 Response::ok(json!({ "firecracker_version": env!("CARGO_PKG_VERSION") }))
             }
             ApiRequest::GetMachineConfig => Response::ok(json!(self.config.machine_config)),
-            _ if self.started => Response::fault(NOT_AFTER_START),
+            ApiRequest::Action(Action::SendCtrlAltDel) => match &self.running {
+                None => Response::fault("The microVM is not running."),
+                Some(button) if button.press() => Response::no_content(),
+                Some(_) => Response::fault(
+                    "The guest's i8042 keyboard driver is not listening (boot it with i8042.dumbkbd)",
+                ),
+            },
+            _ if self.running.is_some() => Response::fault(NOT_AFTER_START),
             ApiRequest::PutBootSource(b) => self.apply(b.validate(), |c| c.boot_source = Some(b)),
             ApiRequest::PutMachineConfig(m) => self.apply(m.validate(), |c| c.machine_config = m),
             ApiRequest::PutVsock(v) => self.apply(v.validate(), |c| c.vsock = Some(v)),
@@ -113,9 +123,6 @@ impl ApiState {
                 })
             }
             ApiRequest::Action(Action::InstanceStart) => self.instance_start(),
-            ApiRequest::Action(Action::SendCtrlAltDel) => Response::fault(
-                "SendCtrlAltDel is not supported by kindling-vmm; stop the VM with SIGTERM",
-            ),
             ApiRequest::Action(Action::FlushMetrics) => {
                 Response::fault("metrics are not configured")
             }
@@ -145,8 +152,8 @@ impl ApiState {
             return Response::fault("the VMM is shutting down");
         }
         match rx.recv() {
-            Ok(Ok(())) => {
-                self.started = true;
+            Ok(Ok(button)) => {
+                self.running = Some(button);
                 Response::no_content()
             }
             Ok(Err(e)) => Response::fault(format!("Failed to start the microVM: {e}")),

@@ -1,4 +1,4 @@
-//! A CPL3 test guest: a 65-byte script interpreter (machine code below) that the VMM starts
+//! A CPL3 test guest: a 77-byte script interpreter (machine code below) that the VMM starts
 //! in user mode, because the CI machines' nested KVM emulates ring 0 but runs ring 3 natively.
 //! The host writes a script of `(op, addr, value)` triples into guest memory; the guest walks
 //! it, so each test is a few lines of data instead of new machine code.
@@ -20,21 +20,23 @@ use vm_memory::{Bytes, GuestAddress};
 /// ```text
 /// start: mov rax,[rsi]; mov rdx,[rsi+8]; mov rcx,[rsi+16]; add rsi,24
 ///        cmp eax,1; je w32   cmp eax,2; je p32   cmp eax,3; je o8
-///        cmp eax,4; je w8    cmp eax,5; je e32   hlt        ; op 0: end with #GP
+///        cmp eax,4; je w8    cmp eax,5; je e32   cmp eax,6; je pin8
+///        hlt                                                ; op 0: end with #GP
 /// w32:   mov [rdx],ecx; jmp start                           ; op 1: 32-bit store
 /// p32:   cmp [rdx],ecx; jne p32; jmp start                  ; op 2: poll until equal
 /// o8:    mov eax,ecx; out dx,al; jmp start                  ; op 3: port write
 /// w8:    mov [rdx],cl; jmp start                            ; op 4: 8-bit store
 /// e32:   cmp [rdx],ecx; je start; hlt                       ; op 5: expect, else #GP
+/// pin8:  in al,dx; cmp al,cl; jne pin8; jmp start           ; op 6: poll a port
 /// ```
 /// `hlt` at CPL3 raises #GP; with an empty IDT that becomes a triple fault, which the VMM
 /// reports as [`ExitReason::TripleFault`]: a failed expectation is visible as that exit.
-const INTERPRETER: [u8; 65] = [
+const INTERPRETER: [u8; 77] = [
     0x48, 0x8b, 0x06, 0x48, 0x8b, 0x56, 0x08, 0x48, 0x8b, 0x4e, 0x10, 0x48, 0x83, 0xc6, 0x18, 0x83,
-    0xf8, 0x01, 0x74, 0x15, 0x83, 0xf8, 0x02, 0x74, 0x14, 0x83, 0xf8, 0x03, 0x74, 0x15, 0x83, 0xf8,
-    0x04, 0x74, 0x15, 0x83, 0xf8, 0x05, 0x74, 0x14, 0xf4, 0x89, 0x0a, 0xeb, 0xd3, 0x39, 0x0a, 0x75,
-    0xfc, 0xeb, 0xcd, 0x89, 0xc8, 0xee, 0xeb, 0xc8, 0x88, 0x0a, 0xeb, 0xc4, 0x39, 0x0a, 0x74, 0xc0,
-    0xf4,
+    0xf8, 0x01, 0x74, 0x1a, 0x83, 0xf8, 0x02, 0x74, 0x19, 0x83, 0xf8, 0x03, 0x74, 0x1a, 0x83, 0xf8,
+    0x04, 0x74, 0x1a, 0x83, 0xf8, 0x05, 0x74, 0x19, 0x83, 0xf8, 0x06, 0x74, 0x19, 0xf4, 0x89, 0x0a,
+    0xeb, 0xce, 0x39, 0x0a, 0x75, 0xfc, 0xeb, 0xc8, 0x89, 0xc8, 0xee, 0xeb, 0xc3, 0x88, 0x0a, 0xeb,
+    0xbf, 0x39, 0x0a, 0x74, 0xbb, 0xf4, 0xec, 0x38, 0xc8, 0x75, 0xfb, 0xeb, 0xb3,
 ];
 const CODE_ADDR: u64 = 0x10000;
 const SCRIPT_ADDR: u64 = 0x11000;
@@ -48,6 +50,7 @@ pub enum Op {
     Out8(u16, u8),
     Write8(u64, u8),
     Expect32(u64, u32),
+    PollIn8(u16, u8),
 }
 
 fn encode(script: &[Op]) -> Vec<u8> {
@@ -64,6 +67,7 @@ fn encode(script: &[Op]) -> Vec<u8> {
             Op::Out8(p, v) => push(3, p.into(), v.into()),
             Op::Write8(a, v) => push(4, a, v.into()),
             Op::Expect32(a, v) => push(5, a, v.into()),
+            Op::PollIn8(p, v) => push(6, p.into(), v.into()),
         }
     }
     push(0, 0, 0);
@@ -249,6 +253,14 @@ pub fn write_avail(mem: &GuestMemory, avail: u64, heads: &[u16]) {
 pub const HELLO_KERNEL: &[u8] = &[
     0x66, 0xba, 0xf8, 0x03, 0xb0, 0x6f, 0xee, 0xb0, 0x6b, 0xee, 0xb0, 0x0a, 0xee, 0xb8, 0x00, 0x00,
     0x00, 0xd0, 0xc6, 0x00, 0x7b, 0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd,
+];
+/// A guest with a "keyboard driver": enables the i8042 keyboard interrupt, prints `r`, waits
+/// for a key (Ctrl-Alt-Del) and then resets:
+/// `mov al,0x60; out 0x64,al; mov al,5; out 0x60,al; mov dx,0x3f8; mov al,'r'; out dx,al;
+///  mov al,10; out dx,al; w: in al,0x64; test al,1; jz w; mov al,0xfe; out 0x64,al; h: hlt; jmp h`
+pub const KEYBOARD_KERNEL: &[u8] = &[
+    0xb0, 0x60, 0xe6, 0x64, 0xb0, 0x05, 0xe6, 0x60, 0x66, 0xba, 0xf8, 0x03, 0xb0, 0x72, 0xee, 0xb0,
+    0x0a, 0xee, 0xe4, 0x64, 0xa8, 0x01, 0x74, 0xfa, 0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd,
 ];
 /// `spin: jmp spin` — a guest that never stops by itself.
 pub const SPIN_KERNEL: &[u8] = &[0xeb, 0xfe];
