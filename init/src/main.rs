@@ -130,6 +130,9 @@ fn boot_and_run(
     for entry in config.extra_mounts() {
         mounts.mount_extra(&entry, wait)?;
     }
+    if !config.sandbox {
+        system::route_ctrl_alt_del();
+    }
     system::set_hostname(&config.hostname)?;
     system::loopback_up()?;
     system::set_nofile(config.nofile)?;

@@ -21,6 +21,16 @@ const BOOT_TIMER_ADDR: libc::off_t = 0xd000_0000;
 /// The value Firecracker's guests write there to say "userspace is up".
 const BOOT_TIMER_MAGIC: u8 = 123;
 
+/// Makes Ctrl-Alt-Del a SIGINT to init instead of an immediate reboot, so that a
+/// hypervisor's "shut down" request (Firecracker's SendCtrlAltDel, a QEMU send-key) gets
+/// the clean shutdown: SIGINT is forwarded to the bootstrap, which ends, and init stops.
+/// Outside the initial PID namespace the kernel refuses (EINVAL); nothing to route there.
+pub fn route_ctrl_alt_del() {
+    if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
+        say!("Ctrl-Alt-Del stays a hard reboot: {e}");
+    }
+}
+
 pub fn set_hostname(name: &str) -> Result<()> {
     if name.is_empty() {
         return Ok(());
