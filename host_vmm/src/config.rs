@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::boot::{BootSource, DEFAULT_BOOT_ARGS};
+use crate::cpu_template::CpuTemplate;
 
 /// Most vCPUs a VM may have (Firecracker's limit).
 pub const MAX_VCPUS: u8 = 32;
@@ -96,6 +97,16 @@ pub struct VmmConfig {
     pub machine_config: MachineConfig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockConfig>,
+    /// A custom CPU template file (Firecracker's `cpu-config`), loaded by [`Self::from_json`].
+    #[serde(
+        rename = "cpu-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cpu_config: Option<PathBuf>,
+    /// The template in use: from `cpu-config` or `PUT /cpu-config`.
+    #[serde(skip)]
+    pub cpu_template: Option<CpuTemplate>,
     /// Accepted for compatibility when empty; there is no network device.
     #[serde(rename = "network-interfaces", default, skip_serializing)]
     pub network_interfaces: Vec<serde_json::Value>,
@@ -193,9 +204,14 @@ impl VsockConfig {
 }
 
 impl VmmConfig {
-    /// Parses a config file's JSON.
+    /// Parses a config file's JSON and loads the CPU template it names.
     pub fn from_json(json: &str) -> Result<Self, ConfigError> {
-        serde_json::from_str(json).map_err(|e| ConfigError(format!("invalid configuration: {e}")))
+        let mut config: Self = serde_json::from_str(json)
+            .map_err(|e| ConfigError(format!("invalid configuration: {e}")))?;
+        if let Some(path) = &config.cpu_config {
+            config.cpu_template = Some(CpuTemplate::load(path).map_err(ConfigError)?);
+        }
+        Ok(config)
     }
 
     /// Checks everything a VM start needs; nothing is changed on error.
@@ -299,6 +315,32 @@ mod tests {
         assert_eq!(cfg.machine_config.vcpu_count, 2);
         std::fs::remove_file(k).unwrap();
         std::fs::remove_file(d).unwrap();
+    }
+
+    #[test]
+    fn cpu_config_names_a_template_file() {
+        let (k, t) = files("cpu");
+        std::fs::write(
+            &t,
+            br#"{"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "modifiers": []}]}"#,
+        )
+        .unwrap();
+        let json = format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}"}}, "cpu-config": "{}"}}"#,
+            k.display(),
+            t.display()
+        );
+        let cfg = VmmConfig::from_json(&json).unwrap();
+        let template = cfg.cpu_template.expect("the template was loaded");
+        assert_eq!(template.cpuid_modifiers.len(), 1);
+        assert_eq!(template.name, t.display().to_string());
+        std::fs::write(&t, b"{").unwrap();
+        assert!(VmmConfig::from_json(&json)
+            .unwrap_err()
+            .0
+            .contains("invalid CPU template"));
+        std::fs::remove_file(k).unwrap();
+        std::fs::remove_file(t).unwrap();
     }
 
     #[test]

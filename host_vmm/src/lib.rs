@@ -10,6 +10,7 @@ pub mod boot;
 pub mod bus;
 pub mod config;
 pub mod cpu;
+pub mod cpu_template;
 pub mod devices;
 pub mod exit;
 pub mod layout;

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -18,6 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::{Bus, OverlapError};
 use crate::cpu::{self, CpuError, EntryPoint};
+use crate::cpu_template::CpuTemplate;
 use crate::devices::boot_timer::{BootTime, BootTimer};
 use crate::devices::i8042::{CtrlAltDel, I8042};
 use crate::devices::serial::{SerialDevice, SerialOut};
@@ -55,6 +57,8 @@ pub struct VmConfig {
     pub mem_size_mib: u64,
     /// Where the guest console goes.
     pub serial: SerialOut,
+    /// CPUID masks applied on top of the host's (filtered) CPUID.
+    pub cpu_template: Option<CpuTemplate>,
 }
 
 /// A VM that is built but not yet running.
@@ -66,6 +70,7 @@ pub struct Vm {
     mmio_bus: Bus,
     exit: VmExit,
     vcpu_count: u8,
+    cpu_template: Option<CpuTemplate>,
     virtio_slots: Vec<(u64, u32)>,
     subscribers: Vec<Subscriber>,
     i8042: CtrlAltDel,
@@ -152,6 +157,7 @@ impl Vm {
             mmio_bus: Bus::new(),
             exit,
             vcpu_count: config.vcpu_count,
+            cpu_template: config.cpu_template,
             virtio_slots: Vec::new(),
             subscribers: Vec::new(),
             i8042: CtrlAltDel(i8042),
@@ -219,6 +225,20 @@ impl Vm {
             .collect()
     }
 
+    /// The CPUID vCPU `index` gets: the host-supported CPUID, filtered for this vCPU, then
+    /// masked by the CPU template.
+    pub fn guest_cpuid(&self, index: u8) -> Result<CpuId, VmError> {
+        let mut cpuid = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| VmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+        cpu::filter_cpuid(&mut cpuid, index, self.vcpu_count);
+        if let Some(template) = &self.cpu_template {
+            template.apply(&mut cpuid).map_err(VmError::Config)?;
+        }
+        Ok(cpuid)
+    }
+
     /// Configures every vCPU for `entry` and starts them. `instance_start` is when the
     /// instance was asked to start: the boot timer and the first-`KVM_RUN` timing count from it.
     pub fn start(
@@ -236,10 +256,13 @@ impl Vm {
             0x1000,
         )?;
         cpu::write_boot_tables(&self.memory, entry.user_mode)?;
-        let supported = self
-            .kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| VmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+        match &self.cpu_template {
+            Some(t) => tracing::info!("CPU template in use: {}", t.name),
+            None => tracing::info!("CPU template in use: none (host CPUID, filtered)"),
+        }
+        let cpuids = (0..self.vcpu_count)
+            .map(|index| self.guest_cpuid(index))
+            .collect::<Result<Vec<_>, _>>()?;
         let io_bus = Arc::new(self.io_bus);
         let mmio_bus = Arc::new(self.mmio_bus);
         let first_run = Arc::new(OnceLock::new());
@@ -249,9 +272,7 @@ impl Vm {
                 .vm_fd
                 .create_vcpu(u64::from(index))
                 .map_err(|e| VmError::Kvm("KVM_CREATE_VCPU", e))?;
-            let mut cpuid = supported.clone();
-            cpu::filter_cpuid(&mut cpuid, index, self.vcpu_count);
-            fd.set_cpuid2(&cpuid)
+            fd.set_cpuid2(&cpuids[usize::from(index)])
                 .map_err(|e| VmError::Kvm("KVM_SET_CPUID2", e))?;
             cpu::setup_msrs(&fd)?;
             cpu::setup_regs(&fd, &entry)?;

@@ -33,6 +33,7 @@ pub fn build_vm(config: &VmmConfig, serial: SerialOut) -> Result<(Vm, EntryPoint
         vcpu_count: config.machine_config.vcpu_count,
         mem_size_mib: config.machine_config.mem_size_mib,
         serial,
+        cpu_template: config.cpu_template.clone(),
     })?;
     for drive in config.ordered_drives() {
         let block = Block::open(&drive.path_on_host, drive.is_read_only, &drive.drive_id)

@@ -1,6 +1,6 @@
 //! The Firecracker-compatible REST API, for the subset Kindling supports: `PUT /boot-source`,
-//! `PUT /drives/{id}`, `PUT|GET /machine-config`, `PUT /vsock`, `PUT /actions`, `GET /` and
-//! `GET /version`. Bodies, status codes (204 on success, 400 with `{"fault_message": ...}` on
+//! `PUT /drives/{id}`, `PUT|GET /machine-config`, `PUT /vsock`, `PUT /cpu-config`,
+//! `PUT /actions`, `GET /` and `GET /version`. Bodies, status codes (204 on success, 400 with `{"fault_message": ...}` on
 //! error) follow Firecracker's swagger so its clients work unchanged.
 //!
 //! [`request`] turns HTTP method/path/body into an [`ApiRequest`]; [`ApiState`] applies it to
@@ -100,6 +100,7 @@ impl ApiState {
             ApiRequest::PutBootSource(b) => self.apply(b.validate(), |c| c.boot_source = Some(b)),
             ApiRequest::PutMachineConfig(m) => self.apply(m.validate(), |c| c.machine_config = m),
             ApiRequest::PutVsock(v) => self.apply(v.validate(), |c| c.vsock = Some(v)),
+            ApiRequest::PutCpuConfig(t) => self.apply(Ok(()), |c| c.cpu_template = Some(t)),
             ApiRequest::PutDrive(d) => {
                 let valid = d.validate().and_then(|()| {
                     let other_root = self

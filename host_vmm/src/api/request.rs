@@ -4,6 +4,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::config::{BootSourceConfig, DriveConfig, MachineConfig, VsockConfig};
+use crate::cpu_template::CpuTemplate;
 
 /// `PUT /actions` action types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -29,6 +30,7 @@ pub enum ApiRequest {
     PutDrive(DriveConfig),
     PutMachineConfig(MachineConfig),
     PutVsock(VsockConfig),
+    PutCpuConfig(CpuTemplate),
     Action(Action),
 }
 
@@ -52,6 +54,9 @@ pub fn parse(method: &str, path: &str, bytes: &[u8]) -> Result<ApiRequest, Strin
         ("PUT", ["boot-source"]) => body(bytes).map(ApiRequest::PutBootSource),
         ("PUT", ["machine-config"]) => body(bytes).map(ApiRequest::PutMachineConfig),
         ("PUT", ["vsock"]) => body(bytes).map(ApiRequest::PutVsock),
+        ("PUT", ["cpu-config"]) if !bytes.is_empty() => {
+            CpuTemplate::from_json(bytes, "PUT /cpu-config").map(ApiRequest::PutCpuConfig)
+        }
         ("PUT", ["actions"]) => {
             body::<ActionBody>(bytes).map(|b| ApiRequest::Action(b.action_type))
         }
@@ -109,6 +114,8 @@ mod tests {
             br#"{"drive_id": "rootfs", "path_on_host": "/r", "is_root_device": true, "is_read_only": false}"#,
         );
         assert!(matches!(d, Ok(ApiRequest::PutDrive(d)) if d.is_root_device));
+        let cpu = parse("PUT", "/cpu-config", br#"{"cpuid_modifiers": []}"#);
+        assert!(matches!(cpu, Ok(ApiRequest::PutCpuConfig(_))));
         assert_eq!(
             parse("PUT", "/actions", br#"{"action_type": "InstanceStart"}"#),
             Ok(ApiRequest::Action(Action::InstanceStart))
@@ -152,6 +159,8 @@ mod tests {
         )
         .contains("does not match"));
         assert!(fault("PUT", "/drives/", b"{}").contains("Missing drive id"));
+        assert!(fault("PUT", "/cpu-config", br#"{"cpuid_modifiers": 1}"#)
+            .contains("invalid CPU template"));
         assert!(
             fault("PUT", "/vsock", br#"{"guest_cid": -1, "uds_path": "/v"}"#)
                 .contains("invalid value")

@@ -1,4 +1,4 @@
-//! A CPL3 test guest: a 77-byte script interpreter (machine code below) that the VMM starts
+//! A CPL3 test guest: a 108-byte script interpreter (machine code below) that the VMM starts
 //! in user mode, because the CI machines' nested KVM emulates ring 0 but runs ring 3 natively.
 //! The host writes a script of `(op, addr, value)` triples into guest memory; the guest walks
 //! it, so each test is a few lines of data instead of new machine code.
@@ -11,6 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use kindling_vmm::cpu::EntryPoint;
+use kindling_vmm::cpu_template::CpuTemplate;
 use kindling_vmm::exit::{ExitReason, VmExit};
 use kindling_vmm::memory::GuestMemory;
 use kindling_vmm::vm::{Timings, Vm, VmConfig};
@@ -19,8 +20,8 @@ use vm_memory::{Bytes, GuestAddress};
 /// The interpreter, assembled from (intel syntax, `as --64`):
 /// ```text
 /// start: mov rax,[rsi]; mov rdx,[rsi+8]; mov rcx,[rsi+16]; add rsi,24
-///        cmp eax,1; je w32   cmp eax,2; je p32   cmp eax,3; je o8
-///        cmp eax,4; je w8    cmp eax,5; je e32   cmp eax,6; je pin8
+///        cmp eax,1; je w32   cmp eax,2; je p32   cmp eax,3; je o8   cmp eax,4; je w8
+///        cmp eax,5; je e32   cmp eax,6; je pin8  cmp eax,7; je cid
 ///        hlt                                                ; op 0: end with #GP
 /// w32:   mov [rdx],ecx; jmp start                           ; op 1: 32-bit store
 /// p32:   cmp [rdx],ecx; jne p32; jmp start                  ; op 2: poll until equal
@@ -28,15 +29,20 @@ use vm_memory::{Bytes, GuestAddress};
 /// w8:    mov [rdx],cl; jmp start                            ; op 4: 8-bit store
 /// e32:   cmp [rdx],ecx; je start; hlt                       ; op 5: expect, else #GP
 /// pin8:  in al,dx; cmp al,cl; jne pin8; jmp start           ; op 6: poll a port
+/// cid:   mov r8,rdx; mov eax,ecx; xor ecx,ecx; cpuid        ; op 7: CPUID leaf, subleaf 0,
+///        mov [r8],eax; mov [r8+4],ebx; mov [r8+8],ecx        ;       stored at addr
+///        mov [r8+12],edx; jmp start
 /// ```
 /// `hlt` at CPL3 raises #GP; with an empty IDT that becomes a triple fault, which the VMM
 /// reports as [`ExitReason::TripleFault`]: a failed expectation is visible as that exit.
-const INTERPRETER: [u8; 77] = [
+const INTERPRETER: [u8; 108] = [
     0x48, 0x8b, 0x06, 0x48, 0x8b, 0x56, 0x08, 0x48, 0x8b, 0x4e, 0x10, 0x48, 0x83, 0xc6, 0x18, 0x83,
-    0xf8, 0x01, 0x74, 0x1a, 0x83, 0xf8, 0x02, 0x74, 0x19, 0x83, 0xf8, 0x03, 0x74, 0x1a, 0x83, 0xf8,
-    0x04, 0x74, 0x1a, 0x83, 0xf8, 0x05, 0x74, 0x19, 0x83, 0xf8, 0x06, 0x74, 0x19, 0xf4, 0x89, 0x0a,
-    0xeb, 0xce, 0x39, 0x0a, 0x75, 0xfc, 0xeb, 0xc8, 0x89, 0xc8, 0xee, 0xeb, 0xc3, 0x88, 0x0a, 0xeb,
-    0xbf, 0x39, 0x0a, 0x74, 0xbb, 0xf4, 0xec, 0x38, 0xc8, 0x75, 0xfb, 0xeb, 0xb3,
+    0xf8, 0x01, 0x74, 0x1f, 0x83, 0xf8, 0x02, 0x74, 0x1e, 0x83, 0xf8, 0x03, 0x74, 0x1f, 0x83, 0xf8,
+    0x04, 0x74, 0x1f, 0x83, 0xf8, 0x05, 0x74, 0x1e, 0x83, 0xf8, 0x06, 0x74, 0x1e, 0x83, 0xf8, 0x07,
+    0x74, 0x20, 0xf4, 0x89, 0x0a, 0xeb, 0xc9, 0x39, 0x0a, 0x75, 0xfc, 0xeb, 0xc3, 0x89, 0xc8, 0xee,
+    0xeb, 0xbe, 0x88, 0x0a, 0xeb, 0xba, 0x39, 0x0a, 0x74, 0xb6, 0xf4, 0xec, 0x38, 0xc8, 0x75, 0xfb,
+    0xeb, 0xae, 0x49, 0x89, 0xd0, 0x89, 0xc8, 0x31, 0xc9, 0x0f, 0xa2, 0x41, 0x89, 0x00, 0x41, 0x89,
+    0x58, 0x04, 0x41, 0x89, 0x48, 0x08, 0x41, 0x89, 0x50, 0x0c, 0xeb, 0x94,
 ];
 const CODE_ADDR: u64 = 0x10000;
 const SCRIPT_ADDR: u64 = 0x11000;
@@ -51,6 +57,8 @@ pub enum Op {
     Write8(u64, u8),
     Expect32(u64, u32),
     PollIn8(u16, u8),
+    /// CPUID `leaf` (subleaf 0); eax, ebx, ecx, edx stored at the address.
+    Cpuid(u64, u32),
 }
 
 fn encode(script: &[Op]) -> Vec<u8> {
@@ -68,6 +76,7 @@ fn encode(script: &[Op]) -> Vec<u8> {
             Op::Write8(a, v) => push(4, a, v.into()),
             Op::Expect32(a, v) => push(5, a, v.into()),
             Op::PollIn8(p, v) => push(6, p.into(), v.into()),
+            Op::Cpuid(a, leaf) => push(7, a, leaf.into()),
         }
     }
     push(0, 0, 0);
@@ -114,8 +123,14 @@ pub fn new_vm(console: &PathBuf) -> Vm {
 
 /// A VM with `vcpu_count` vCPUs whose console goes to the file `console`.
 pub fn new_vm_with(console: &PathBuf, vcpu_count: u8) -> Vm {
+    new_vm_full(console, vcpu_count, None)
+}
+
+/// A VM with a CPU template.
+pub fn new_vm_full(console: &PathBuf, vcpu_count: u8, cpu_template: Option<CpuTemplate>) -> Vm {
     let out = fs::File::create(console).expect("console file");
     Vm::new(VmConfig {
+        cpu_template,
         vcpu_count,
         mem_size_mib: 16,
         serial: Box::new(out),
