@@ -1,9 +1,13 @@
 //! Kindling's VMM: a compact KVM virtual machine monitor for Kindling guests, built on the
 //! rust-vmm crates. One process runs one microVM.
 //!
-//! The pieces, bottom up: [`memory`] (guest RAM), [`bus`] (exit dispatch), [`devices`]
-//! (serial, i8042, boot timer), [`cpu`] (64-bit vCPU state), [`vcpu`] (the `KVM_RUN` thread),
-//! [`vm`] (the assembled machine) and [`exit`] (why it stopped).
+//! The pieces, bottom up: [`layout`] (the guest address map), [`memory`] (guest RAM),
+//! [`bus`] (exit dispatch), [`devices`] (serial, i8042, boot timer), [`virtio`] (virtio-mmio,
+//! block, vsock with Firecracker's hybrid Unix-socket backend), [`cpu`] and [`cpu_template`]
+//! (64-bit vCPU state, CPUID), [`vcpu`] (the `KVM_RUN` thread), [`vm`] (the assembled
+//! machine and its event loop), [`exit`] (why it stopped), [`boot`] and [`mptable`] (Linux
+//! boot), [`config`] and [`api`] (Firecracker's config file and REST API), [`vmm`] (config →
+//! VM), [`signals`] and [`metrics`] (process plumbing).
 
 pub mod api;
 pub mod boot;
