@@ -4,11 +4,11 @@ use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use kindling_runtime_api::environment::{
-    Environment, EnvironmentSpec, Function, Launcher, StopMode,
+    Environment, EnvironmentSpec, Function, Launcher, StartPhases, StopMode,
 };
 
 use crate::machine::{Drive, VmSpec};
@@ -122,6 +122,7 @@ impl Launcher for MicroVmLauncher {
         };
         let started = Instant::now();
         let vm = hypervisor.boot(&vm_spec).await?;
+        let hypervisor_start = started.elapsed();
         tracing::info!(env = %spec.id, hypervisor = hypervisor.name(), "microVM started");
         Ok(Box::new(MicroVm {
             id: spec.id.clone(),
@@ -132,6 +133,7 @@ impl Launcher for MicroVmLauncher {
             console: vm_spec.console_log,
             logs_dir: self.logs_dir.clone(),
             started,
+            hypervisor_start,
         }))
     }
 }
@@ -145,6 +147,8 @@ struct MicroVm {
     console: PathBuf,
     logs_dir: PathBuf,
     started: Instant,
+    /// Spawning the hypervisor (and its helpers) until it runs.
+    hypervisor_start: Duration,
 }
 
 impl MicroVm {
@@ -211,5 +215,23 @@ impl Environment for MicroVm {
 
     fn console_log(&self) -> Option<&Path> {
         Some(&self.console)
+    }
+
+    /// Hypervisor start as the host saw it; kernel start → init, and init → bootstrap,
+    /// from init's console milestones (the guest's clock).
+    fn start_phases(&self) -> StartPhases {
+        let mut phases = vec![("Hypervisor Start", self.hypervisor_start)];
+        let console = std::fs::read(&self.console).unwrap_or_default();
+        let console = String::from_utf8_lossy(&console);
+        if let Some(userspace) = console::userspace_at(&console) {
+            phases.push(("Guest Boot", Duration::from_secs_f64(userspace)));
+            if let Some(bootstrap) = console::bootstrap_started_at(&console) {
+                phases.push((
+                    "Guest Init",
+                    Duration::from_secs_f64((bootstrap - userspace).max(0.0)),
+                ));
+            }
+        }
+        phases
     }
 }

@@ -92,7 +92,16 @@ pub trait Environment: Send + Sync {
     fn console_log(&self) -> Option<&Path> {
         None
     }
+    /// The phases of this environment's start that only it can see (hypervisor start,
+    /// guest boot, ...), in order. Asked once, when its first invocation ends; they go
+    /// into that invocation's `REPORT` line and into `/metrics`.
+    fn start_phases(&self) -> StartPhases {
+        Vec::new()
+    }
 }
+
+/// Named durations of an environment's start, e.g. `("Guest Boot", 729 ms)`.
+pub type StartPhases = Vec<(&'static str, Duration)>;
 
 /// Starts environments of one kind (sandbox, microVM with a given hypervisor).
 #[async_trait]

@@ -15,7 +15,9 @@ pub mod runtime_server;
 pub mod scheduler;
 mod server;
 
-pub use environment::{Environment, EnvironmentSpec, Function, Isolation, Launcher, StopMode};
+pub use environment::{
+    Environment, EnvironmentSpec, Function, Isolation, Launcher, StartPhases, StopMode,
+};
 pub use invoke_api::{
     HEADER_CLIENT_CONTEXT, HEADER_EXECUTED_VERSION, HEADER_FUNCTION_ERROR, HEADER_INVOCATION_TYPE,
     HEADER_LOG_RESULT, HEADER_LOG_TYPE,

@@ -10,6 +10,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use kindling_wire::InvocationReport;
 use tokio::sync::broadcast;
@@ -100,8 +101,14 @@ pub fn end_line(request_id: &str) -> String {
 }
 
 /// The `REPORT` line. Billed duration is the duration rounded up to the next whole
-/// millisecond; `Init Duration` appears on the first invocation of an environment.
-pub fn report_line(request_id: &str, memory_mb: u32, report: &InvocationReport) -> String {
+/// millisecond; `Init Duration` appears on the first invocation of an environment,
+/// followed by that environment's own start phases (Kindling's addition).
+pub fn report_line(
+    request_id: &str,
+    memory_mb: u32,
+    report: &InvocationReport,
+    phases: &[(&'static str, Duration)],
+) -> String {
     let billed = report.duration_ms.max(0.0).ceil().max(1.0) as u64;
     let mut line = format!(
         "REPORT RequestId: {request_id}\tDuration: {:.2} ms\tBilled Duration: {billed} ms\tMemory Size: {memory_mb} MB\tMax Memory Used: {} MB",
@@ -109,6 +116,9 @@ pub fn report_line(request_id: &str, memory_mb: u32, report: &InvocationReport) 
     );
     if let Some(init) = report.init_duration_ms {
         line.push_str(&format!("\tInit Duration: {init:.2} ms"));
+    }
+    for (name, took) in phases {
+        line.push_str(&format!("\t{name}: {:.2} ms", took.as_secs_f64() * 1000.0));
     }
     line
 }
@@ -141,15 +151,18 @@ mod tests {
             max_memory_used_mb: 20,
         };
         assert_eq!(
-            report_line("id1", 128, &r),
+            report_line("id1", 128, &r, &[]),
             "REPORT RequestId: id1\tDuration: 1.23 ms\tBilled Duration: 2 ms\tMemory Size: 128 MB\tMax Memory Used: 20 MB\tInit Duration: 45.67 ms"
         );
+        let phases = [("Guest Boot", Duration::from_micros(729_004))];
+        assert!(report_line("id1", 128, &r, &phases)
+            .ends_with("\tInit Duration: 45.67 ms\tGuest Boot: 729.00 ms"));
         let warm = InvocationReport {
             duration_ms: 3.0,
             init_duration_ms: None,
             max_memory_used_mb: 7,
         };
-        assert!(report_line("id2", 256, &warm)
+        assert!(report_line("id2", 256, &warm, &[])
             .ends_with("Billed Duration: 3 ms\tMemory Size: 256 MB\tMax Memory Used: 7 MB"));
     }
 

@@ -19,6 +19,12 @@ struct FunctionLabel {
     function: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabel {
+    function: String,
+    phase: String,
+}
+
 type Seconds = Family<FunctionLabel, Histogram, fn() -> Histogram>;
 
 fn seconds_histogram() -> Histogram {
@@ -37,6 +43,7 @@ pub struct Metrics {
     cold_start_seconds: Seconds,
     init_seconds: Seconds,
     duration_seconds: Seconds,
+    start_phase_seconds: Family<PhaseLabel, Histogram, fn() -> Histogram>,
 }
 
 impl Default for Metrics {
@@ -75,6 +82,13 @@ impl Default for Metrics {
             "Runtime init duration reported by the guest",
             init_seconds.clone(),
         );
+        let start_phase_seconds =
+            Family::new_with_constructor(seconds_histogram as fn() -> Histogram);
+        registry.register(
+            "start_phase_seconds",
+            "Phases of an environment's start (hypervisor start, guest boot, ...), measured by the environment",
+            start_phase_seconds.clone(),
+        );
         registry.register(
             "duration_seconds",
             "Invocation duration reported by the guest",
@@ -89,6 +103,7 @@ impl Default for Metrics {
             cold_start_seconds,
             init_seconds,
             duration_seconds,
+            start_phase_seconds,
         }
     }
 }
@@ -117,6 +132,16 @@ impl Metrics {
     pub fn cold_start_took(&self, function: &str, took: Duration) {
         self.cold_start_seconds
             .get_or_create(&label(function))
+            .observe(took.as_secs_f64());
+    }
+    /// One phase of an environment's start (see `Environment::start_phases`).
+    pub fn start_phase(&self, function: &str, phase: &str, took: Duration) {
+        let label = PhaseLabel {
+            function: function.to_string(),
+            phase: phase.to_string(),
+        };
+        self.start_phase_seconds
+            .get_or_create(&label)
             .observe(took.as_secs_f64());
     }
     pub fn init(&self, function: &str, ms: f64) {

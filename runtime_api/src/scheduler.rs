@@ -636,6 +636,11 @@ impl Pool {
         if cold && report.init_duration_ms.is_none() {
             report.init_duration_ms = Some((dispatched_at - env.started).as_secs_f64() * 1000.0);
         }
+        let phases = if cold {
+            env.handle.start_phases()
+        } else {
+            Vec::new()
+        };
         let answer = match outcome {
             Outcome::Response(body) => Answer::Response(body),
             Outcome::FunctionError { error_type, body }
@@ -645,7 +650,7 @@ impl Pool {
                 body: Bytes::from(serde_json::to_vec(&error).unwrap_or_default()),
             },
         };
-        self.finish(request_id, start_line, log, &report, answer)
+        self.finish(request_id, start_line, log, &report, &phases, answer)
     }
 
     /// Ends an invocation the guest did not answer (`note` goes into the function's
@@ -676,7 +681,7 @@ impl Pool {
             error_type: error.error_type.clone(),
             body: Bytes::from(serde_json::to_vec(&error).unwrap_or_default()),
         };
-        self.finish(request_id, start_line, log, &report, answer)
+        self.finish(request_id, start_line, log, &report, &[], answer)
     }
 
     /// Writes `END` and `REPORT`, counts, and assembles the caller's view.
@@ -686,6 +691,7 @@ impl Pool {
         start_line: String,
         log: String,
         report: &InvocationReport,
+        phases: &[(&'static str, Duration)],
         answer: Answer,
     ) -> Invoked {
         let f = &self.function;
@@ -698,7 +704,10 @@ impl Pool {
             metrics.init(&f.name, init);
         }
         let end = logs::end_line(request_id);
-        let report_line = logs::report_line(request_id, f.memory_mb, report);
+        for (phase, took) in phases {
+            metrics.start_phase(&f.name, phase, *took);
+        }
+        let report_line = logs::report_line(request_id, f.memory_mb, report, phases);
         self.ctx.logs.write(&f.name, &end);
         self.ctx.logs.write(&f.name, &report_line);
         Invoked {
