@@ -68,7 +68,11 @@ impl MicroVmLauncher {
             spec.function.name
         );
         if hypervisor.name() == "kindling" {
-            cmdline.push_str(" kindling.boot_timer=1");
+            // kindling-vmm's i8042 is a bare keyboard controller (Firecracker's), and
+            // the boot timer page exists only there.
+            cmdline.push_str(
+                " i8042.dumbkbd i8042.noaux i8042.nomux i8042.nopnp kindling.boot_timer=1",
+            );
         }
         cmdline
     }
