@@ -10,7 +10,7 @@ use kindling_images::{
     build_code_image, build_initramfs, build_kernel, build_root_image, Cache, KernelKind, Runtime,
 };
 use kindling_microvm::kindling::KindlingVmm;
-use kindling_microvm::qemu::{Accel, Qemu};
+use kindling_microvm::qemu::{self, Accel, Qemu};
 use kindling_microvm::{probe, BootFiles, Hypervisor as Backend, ImageSource, MicroVmLauncher};
 use kindling_runtime_api::config::{FunctionConfig, Hypervisor};
 use kindling_runtime_api::{Function, Isolation, Launcher};
@@ -28,11 +28,22 @@ pub fn prepare(
     let mut launchers = Launchers::new();
     let mut microvm = MicroVmLauncher::new(Arc::new(ImageCache::default()), state_dir.join("logs"));
     let mut functions = Vec::new();
+    let no_microvm = why_no_microvm();
     for FunctionConfig {
-        function,
+        mut function,
         hypervisor,
     } in configs
     {
+        let defaulted = hypervisor.is_none() && hypervisor_override.is_none();
+        if function.isolation == Isolation::MicroVm && defaulted {
+            if let Some(why) = &no_microvm {
+                eprintln!(
+                    "kindling: {} runs in the sandbox: no hypervisor can run a guest here ({why})",
+                    function.name
+                );
+                function.isolation = Isolation::Sandbox;
+            }
+        }
         match function.isolation {
             Isolation::Sandbox => {
                 launchers
@@ -50,6 +61,25 @@ pub fn prepare(
         launchers.insert(Isolation::MicroVm, Arc::new(microvm));
     }
     Ok((functions, launchers))
+}
+
+/// Why no hypervisor backend can boot a guest on this host, if none can.
+fn why_no_microvm() -> Option<String> {
+    let kvm = probe::kvm();
+    if kvm.can_boot_linux {
+        return None;
+    }
+    let missing: Vec<&str> = [qemu::QEMU, qemu::VHOST_VSOCK]
+        .into_iter()
+        .filter(|program| !in_path(program))
+        .collect();
+    (!missing.is_empty())
+        .then(|| format!("{}; {} not installed", kvm.reason, missing.join(" and ")))
+}
+
+fn in_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
 
 /// The hypervisor asked for, or the best this host can run. Asking for one that cannot

@@ -7,7 +7,7 @@
 //! handler = "app.handler"
 //! memory = 128                     # MB, 128..10240
 //! timeout = 3                      # seconds, 1..900
-//! isolation = "sandbox"            # or "microvm"
+//! isolation = "microvm"            # (default) or "sandbox"
 //! max_concurrency = 10
 //! hypervisor = "kindling"          # microvm only: "kindling" | "qemu"
 //! [functions.hello.env]
@@ -160,7 +160,8 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<FunctionConfig>, ConfigError
             DEFAULT_MAX_CONCURRENCY as i64,
         )?;
         let isolation = match f.isolation.as_ref() {
-            None => Isolation::Sandbox,
+            // Like Lambda: every function gets a microVM unless it asks otherwise.
+            None => Isolation::MicroVm,
             Some(s) => match s.get_ref().as_str() {
                 "sandbox" => Isolation::Sandbox,
                 "microvm" => Isolation::MicroVm,
@@ -312,7 +313,7 @@ GREETING = "hi"
             (f.memory_mb, f.timeout.as_secs(), f.max_concurrency),
             (128, 3, 10)
         );
-        assert_eq!(f.isolation, Isolation::Sandbox);
+        assert_eq!(f.isolation, Isolation::MicroVm);
     }
 
     #[test]
