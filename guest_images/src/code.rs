@@ -1,0 +1,522 @@
+//! Function code: a folder or a Lambda-style `.zip` becomes `/var/task`, as an unpacked
+//! folder (the sandbox binds it read-only) and as a small ext4 image (the microVM's second,
+//! read-only drive).
+//!
+//! Everything is checked before anything is written: a rejected package leaves no trace,
+//! not even in the cache. The checks run on a [`Manifest`] read from the zip's directory
+//! (or by walking the folder), so zip and folder follow the same rules.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use walkdir::WalkDir;
+
+use crate::cache::Cache;
+use crate::ext4::make_ext4;
+use crate::fsutil::copy_tree;
+use crate::progress::Step;
+use crate::rootfs::Runtime;
+
+/// Lambda's limit on unzipped code: 250 MB.
+pub const MAX_UNZIPPED_BYTES: u64 = 250 * 1024 * 1024;
+/// Symlink hops followed when checking where a link leads (Linux's own limit).
+const MAX_LINK_HOPS: usize = 40;
+const TASK_DIR: &str = "task";
+const TASK_EXT4: &str = "task.ext4";
+
+/// Why a code package was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CodeError {
+    #[error("{0} is neither a folder nor a .zip file")]
+    NotCode(PathBuf),
+    #[error("zip entry {0:?} has an absolute path")]
+    AbsolutePath(String),
+    #[error("zip entry {0:?} climbs out of the code folder with '..'")]
+    ParentDir(String),
+    #[error("symlink {path:?} -> {target:?} points outside the code folder")]
+    EscapingSymlink { path: String, target: String },
+    #[error("the code unpacks to {bytes} bytes, more than Lambda's limit of 250 MB ({MAX_UNZIPPED_BYTES} bytes)")]
+    TooLarge { bytes: u64 },
+    #[error("{0:?} is not a regular file, folder or symlink")]
+    SpecialFile(String),
+    #[error("{0:?} is both a file (or symlink) and a folder in the package")]
+    Conflict(String),
+    #[error("handler {handler:?} is not of the form {form}")]
+    BadHandler { handler: String, form: &'static str },
+    #[error("handler {handler:?} needs {expected} in the code, and it is not there")]
+    MissingHandler { handler: String, expected: String },
+}
+
+/// A function's code in the cache.
+#[derive(Debug, Clone)]
+pub struct CodeImage {
+    /// The unpacked code (the sandbox's `/var/task`).
+    pub dir: PathBuf,
+    /// The same tree as an ext4 filesystem (the microVM's `/dev/vdb`, mounted at `/var/task`).
+    pub ext4: PathBuf,
+    pub cached: bool,
+    pub elapsed: Duration,
+}
+
+/// Checks `source` (a folder or a `.zip`) for `runtime`'s `handler` and turns it into a
+/// cached code image. Rejections are [`CodeError`]s (reach them with `downcast_ref`).
+pub fn build_code_image(
+    cache: &Cache,
+    source: &Path,
+    runtime: Runtime,
+    handler: &str,
+) -> Result<CodeImage> {
+    let source_kind = Source::of(source)?;
+    let manifest = match source_kind {
+        Source::Dir => Manifest::of_dir(source)?,
+        Source::Zip => Manifest::of_zip(source)?,
+    };
+    manifest.check()?;
+    check_handler(&manifest, runtime, handler)?;
+    let mut fp = cache.fingerprint("code");
+    match source_kind {
+        Source::Dir => fp.tree("dir", source)?,
+        Source::Zip => fp.file("zip", source)?,
+    };
+    let key = fp.key();
+    let built = cache.get_or_build("code", &key, |out| {
+        let log = cache.fresh_log(&format!("code-{key}"))?;
+        let step = Step::start(format!("function code {}", source.display()));
+        let task = out.join(TASK_DIR);
+        match source_kind {
+            Source::Dir => copy_tree(source, &task)?,
+            Source::Zip => unzip(source, &manifest, &task)?,
+        }
+        fs::set_permissions(&task, fs::Permissions::from_mode(0o755))?;
+        make_ext4(
+            &task,
+            &out.join(TASK_EXT4),
+            "kindling-task",
+            &key,
+            &step,
+            &log,
+        )?;
+        step.done("built");
+        Ok(())
+    })?;
+    Ok(CodeImage {
+        dir: built.path.join(TASK_DIR),
+        ext4: built.path.join(TASK_EXT4),
+        cached: built.cached,
+        elapsed: built.elapsed,
+    })
+}
+
+#[derive(Clone, Copy)]
+enum Source {
+    Dir,
+    Zip,
+}
+
+impl Source {
+    fn of(path: &Path) -> Result<Source> {
+        let meta = fs::metadata(path)
+            .with_context(|| format!("cannot read the function code at {}", path.display()))?;
+        if meta.is_dir() {
+            Ok(Source::Dir)
+        } else if meta.is_file()
+            && path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("zip"))
+        {
+            Ok(Source::Zip)
+        } else {
+            Err(CodeError::NotCode(path.to_path_buf()).into())
+        }
+    }
+}
+
+/// One path of a code package.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Node {
+    Dir { mode: u32 },
+    File { size: u64, mode: u32 },
+    Symlink(String),
+}
+
+/// Every path of a package (relative, `/`-separated, no `.` or `..`), before unpacking.
+#[derive(Debug, Default)]
+struct Manifest {
+    nodes: BTreeMap<String, Node>,
+}
+
+impl Manifest {
+    fn of_dir(root: &Path) -> Result<Manifest> {
+        let mut manifest = Manifest::default();
+        for entry in WalkDir::new(root).min_depth(1) {
+            let entry = entry.with_context(|| format!("cannot read {}", root.display()))?;
+            let rel = entry
+                .path()
+                .strip_prefix(root)
+                .expect("walk stays below its root");
+            let rel = rel.to_string_lossy().into_owned();
+            let meta = entry.path().symlink_metadata()?;
+            let mode = meta.permissions().mode() & 0o777;
+            let node = if meta.is_dir() {
+                Node::Dir { mode }
+            } else if meta.is_file() {
+                Node::File {
+                    size: meta.len(),
+                    mode,
+                }
+            } else if meta.file_type().is_symlink() {
+                Node::Symlink(fs::read_link(entry.path())?.to_string_lossy().into_owned())
+            } else {
+                return Err(CodeError::SpecialFile(rel).into());
+            };
+            manifest.nodes.insert(rel, node);
+        }
+        Ok(manifest)
+    }
+
+    fn of_zip(path: &Path) -> Result<Manifest> {
+        let mut zip = open_zip(path)?;
+        let mut manifest = Manifest::default();
+        for i in 0..zip.len() {
+            let mut entry = zip.by_index(i)?;
+            let Some(rel) = clean_zip_path(&entry.name()?)? else {
+                continue;
+            };
+            let mode = entry.unix_mode();
+            let node = match mode.map(|m| m & 0o170000) {
+                Some(0o120000) => {
+                    let mut target = String::new();
+                    (&mut entry).take(4096).read_to_string(&mut target)?;
+                    Node::Symlink(target)
+                }
+                _ if entry.is_dir() => Node::Dir {
+                    mode: mode.map_or(0o755, |m| m & 0o777),
+                },
+                None | Some(0o100000) | Some(0) => Node::File {
+                    size: entry.size(),
+                    mode: mode.map_or(0o644, |m| m & 0o777),
+                },
+                Some(_) => return Err(CodeError::SpecialFile(rel).into()),
+            };
+            manifest.nodes.insert(rel, node);
+        }
+        Ok(manifest)
+    }
+
+    /// The size limit, paths through files or symlinks, and symlinks that lead outside.
+    fn check(&self) -> Result<(), CodeError> {
+        let bytes: u64 = self
+            .nodes
+            .values()
+            .map(|n| {
+                if let Node::File { size, .. } = n {
+                    *size
+                } else {
+                    0
+                }
+            })
+            .sum();
+        if bytes > MAX_UNZIPPED_BYTES {
+            return Err(CodeError::TooLarge { bytes });
+        }
+        for path in self.nodes.keys() {
+            let mut prefix = String::new();
+            for part in path
+                .split('/')
+                .collect::<Vec<_>>()
+                .split_last()
+                .map_or(&[][..], |(_, p)| p)
+            {
+                if !prefix.is_empty() {
+                    prefix.push('/');
+                }
+                prefix.push_str(part);
+                if matches!(
+                    self.nodes.get(&prefix),
+                    Some(Node::File { .. } | Node::Symlink(_))
+                ) {
+                    return Err(CodeError::Conflict(prefix));
+                }
+            }
+        }
+        for (path, node) in &self.nodes {
+            if let Node::Symlink(target) = node {
+                let parent: Vec<&str> = path
+                    .split('/')
+                    .collect::<Vec<_>>()
+                    .split_last()
+                    .map_or(vec![], |(_, p)| p.to_vec());
+                if self.resolve(parent, target, 0).is_none() {
+                    return Err(CodeError::EscapingSymlink {
+                        path: path.clone(),
+                        target: target.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Where `target`, read from the folder `base`, leads inside the package, following
+    /// the package's own symlinks; `None` when it leaves the package (or loops).
+    fn resolve<'a>(
+        &'a self,
+        mut at: Vec<&'a str>,
+        target: &'a str,
+        hops: usize,
+    ) -> Option<Vec<&'a str>> {
+        if target.starts_with('/') || hops > MAX_LINK_HOPS {
+            return None;
+        }
+        for part in target.split('/') {
+            match part {
+                "" | "." => {}
+                ".." => {
+                    at.pop()?;
+                }
+                name => {
+                    at.push(name);
+                    if let Some(Node::Symlink(next)) = self.nodes.get(&at.join("/")) {
+                        at.pop();
+                        at = self.resolve(at, next, hops + 1)?;
+                    }
+                }
+            }
+        }
+        Some(at)
+    }
+
+    fn has(&self, path: &str) -> bool {
+        self.nodes.contains_key(path)
+    }
+}
+
+/// A zip entry name as a clean relative path (`None` for the root itself), or why not.
+fn clean_zip_path(name: &str) -> Result<Option<String>, CodeError> {
+    let unified = name.replace('\\', "/");
+    let drive = unified.as_bytes().get(1) == Some(&b':');
+    if unified.starts_with('/') || drive {
+        return Err(CodeError::AbsolutePath(name.to_string()));
+    }
+    let mut parts = Vec::new();
+    for part in unified.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => return Err(CodeError::ParentDir(name.to_string())),
+            part => parts.push(part),
+        }
+    }
+    Ok((!parts.is_empty()).then(|| parts.join("/")))
+}
+
+/// Checks that the file `handler` names exists, by the runtime's convention.
+fn check_handler(manifest: &Manifest, runtime: Runtime, handler: &str) -> Result<(), CodeError> {
+    let module = |form| {
+        handler
+            .rsplit_once('.')
+            .filter(|(m, f)| !m.is_empty() && !f.is_empty())
+            .map(|(m, _)| m)
+            .ok_or(CodeError::BadHandler {
+                handler: handler.to_string(),
+                form,
+            })
+    };
+    let candidates: Vec<String> = match runtime {
+        Runtime::Python => {
+            let path = module("module.function")?.replace('.', "/");
+            vec![format!("{path}.py"), format!("{path}/__init__.py")]
+        }
+        Runtime::Node => {
+            let path = module("file.function")?;
+            ["js", "mjs", "cjs"]
+                .iter()
+                .map(|ext| format!("{path}.{ext}"))
+                .collect()
+        }
+        Runtime::Provided | Runtime::ProvidedDebian => vec!["bootstrap".to_string()],
+    };
+    let found = candidates.iter().find(|c| manifest.has(c));
+    let executable = |path: &String| match manifest.nodes.get(path) {
+        Some(Node::File { mode, .. }) => mode & 0o111 != 0,
+        _ => true,
+    };
+    match found {
+        Some(path) if runtime.custom() && !executable(path) => Err(CodeError::MissingHandler {
+            handler: handler.to_string(),
+            expected: "an executable bootstrap (it is there but not executable)".to_string(),
+        }),
+        Some(_) => Ok(()),
+        None => Err(CodeError::MissingHandler {
+            handler: handler.to_string(),
+            expected: candidates.join(" or "),
+        }),
+    }
+}
+
+fn open_zip(path: &Path) -> Result<zip::ZipArchive<File>> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    zip::ZipArchive::new(file)
+        .with_context(|| format!("{} is not a valid zip file", path.display()))
+}
+
+/// Unpacks a checked zip into `task`: folders and files first, folder modes and symlinks
+/// last, so nothing is ever written through a symlink or into a read-only folder. The
+/// size limit is enforced on the bytes actually inflated, not on what the zip claims.
+fn unzip(path: &Path, manifest: &Manifest, task: &Path) -> Result<()> {
+    let mut zip = open_zip(path)?;
+    fs::create_dir_all(task)?;
+    let mut budget = MAX_UNZIPPED_BYTES;
+    for i in 0..zip.len() {
+        let mut entry = zip.by_index(i)?;
+        let Some(rel) = clean_zip_path(&entry.name()?)? else {
+            continue;
+        };
+        let dest = task.join(&rel);
+        match &manifest.nodes[&rel] {
+            Node::Dir { .. } => fs::create_dir_all(&dest)?,
+            Node::File { mode, .. } => {
+                fs::create_dir_all(dest.parent().expect("entries are below task"))?;
+                let mut out = File::create(&dest)?;
+                let written = io::copy(&mut (&mut entry).take(budget + 1), &mut out)?;
+                if written > budget {
+                    return Err(CodeError::TooLarge {
+                        bytes: MAX_UNZIPPED_BYTES - budget + written,
+                    }
+                    .into());
+                }
+                budget -= written;
+                fs::set_permissions(&dest, fs::Permissions::from_mode(*mode))?;
+            }
+            Node::Symlink(_) => {}
+        }
+    }
+    for (rel, node) in manifest.nodes.iter().rev() {
+        let dest = task.join(rel);
+        match node {
+            Node::Dir { mode } => fs::set_permissions(&dest, fs::Permissions::from_mode(*mode))?,
+            Node::Symlink(target) => {
+                fs::create_dir_all(dest.parent().expect("entries are below task"))?;
+                symlink(target, &dest)?;
+            }
+            Node::File { .. } => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(nodes: &[(&str, Node)]) -> Manifest {
+        Manifest {
+            nodes: nodes
+                .iter()
+                .map(|(p, n)| (p.to_string(), n.clone()))
+                .collect(),
+        }
+    }
+    fn link(t: &str) -> Node {
+        Node::Symlink(t.to_string())
+    }
+    const DIR: Node = Node::Dir { mode: 0o755 };
+
+    #[test]
+    fn zip_paths_are_cleaned_or_refused() {
+        assert_eq!(clean_zip_path("./a//b/").unwrap().as_deref(), Some("a/b"));
+        assert_eq!(clean_zip_path("./").unwrap(), None);
+        assert!(matches!(
+            clean_zip_path("/etc/passwd"),
+            Err(CodeError::AbsolutePath(_))
+        ));
+        assert!(matches!(
+            clean_zip_path("C:\\x"),
+            Err(CodeError::AbsolutePath(_))
+        ));
+        assert!(matches!(
+            clean_zip_path("a/../../x"),
+            Err(CodeError::ParentDir(_))
+        ));
+        assert!(matches!(
+            clean_zip_path("a\\..\\x"),
+            Err(CodeError::ParentDir(_))
+        ));
+    }
+
+    #[test]
+    fn links_that_stay_inside_pass() {
+        let m = manifest(&[
+            ("node_modules", DIR),
+            ("node_modules/.bin", DIR),
+            ("node_modules/.bin/x", link("../pkg/bin/x")),
+            ("here", link(".")),
+            ("dangling", link("nowhere/at/all")),
+        ]);
+        assert_eq!(m.check(), Ok(()));
+    }
+
+    #[test]
+    fn links_that_leave_through_other_links_are_refused() {
+        // Read lexically, "up/../x" stays inside; through "up" -> ".." it does not.
+        let m = manifest(&[("a", DIR), ("a/up", link("..")), ("a/esc", link("up/../x"))]);
+        assert!(
+            matches!(m.check(), Err(CodeError::EscapingSymlink { path, .. }) if path == "a/esc")
+        );
+        let m = manifest(&[("abs", link("/etc/passwd"))]);
+        assert!(matches!(m.check(), Err(CodeError::EscapingSymlink { .. })));
+        let m = manifest(&[("loop1", link("loop2")), ("loop2", link("loop1/x"))]);
+        assert!(matches!(m.check(), Err(CodeError::EscapingSymlink { .. })));
+    }
+
+    #[test]
+    fn paths_through_links_conflict() {
+        let m = manifest(&[
+            ("l", link("d")),
+            (
+                "l/f",
+                Node::File {
+                    size: 1,
+                    mode: 0o644,
+                },
+            ),
+        ]);
+        assert_eq!(m.check(), Err(CodeError::Conflict("l".to_string())));
+    }
+
+    #[test]
+    fn handlers_follow_each_runtime() {
+        let file = |mode| Node::File { size: 1, mode };
+        let m = manifest(&[
+            ("app.py", file(0o644)),
+            ("pkg", DIR),
+            ("pkg/mod.py", file(0o644)),
+            ("index.mjs", file(0o644)),
+            ("bootstrap", file(0o755)),
+        ]);
+        assert_eq!(check_handler(&m, Runtime::Python, "app.handler"), Ok(()));
+        assert_eq!(
+            check_handler(&m, Runtime::Python, "pkg.mod.handler"),
+            Ok(())
+        );
+        assert!(matches!(
+            check_handler(&m, Runtime::Python, "nope.handler"),
+            Err(CodeError::MissingHandler { .. })
+        ));
+        assert!(matches!(
+            check_handler(&m, Runtime::Python, "handler"),
+            Err(CodeError::BadHandler { .. })
+        ));
+        assert_eq!(check_handler(&m, Runtime::Node, "index.handler"), Ok(()));
+        assert_eq!(check_handler(&m, Runtime::Provided, "anything"), Ok(()));
+        let m = manifest(&[("bootstrap", file(0o644))]);
+        assert!(matches!(
+            check_handler(&m, Runtime::ProvidedDebian, "x"),
+            Err(CodeError::MissingHandler { .. })
+        ));
+    }
+}

@@ -1,0 +1,362 @@
+//! Root images, one per runtime, shared read-only by every function of that runtime.
+//!
+//! An image is our init and bootstrap, the runtime's shims in `/var/runtime`, empty mount
+//! points and `/etc/kindling/{image,init}.json`, on top of either nothing (`provided`) or a
+//! Debian minbase root made by debootstrap (cached separately as a `base` entry, so a
+//! change to init or the shims rebuilds the image in seconds, not the Debian root).
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::cache::{remove_tree, Cache, Fingerprint};
+use crate::ext4::make_ext4;
+use crate::fsutil::copy_tree;
+use crate::guest::guest_bins;
+use crate::locate;
+use crate::progress::Step;
+
+/// Where the image's folder and ext4 file sit inside its cache entry.
+pub const ROOTFS_DIR: &str = "rootfs";
+pub const ROOTFS_EXT4: &str = "rootfs.ext4";
+/// Default Debian mirror; `KINDLING_DEBIAN_MIRROR` overrides it.
+const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
+/// Folders of a Debian root that a read-only function image never reads.
+const SLIM: [&str; 7] = [
+    "var/cache/apt",
+    "var/lib/apt/lists",
+    "usr/share/doc",
+    "usr/share/man",
+    "usr/share/info",
+    "usr/share/locale",
+    "var/log",
+];
+
+/// The runtimes Kindling ships root images for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Runtime {
+    /// init and bootstrap only; the function brings a static `bootstrap`.
+    Provided,
+    /// Debian minimal root with bash, curl and ca-certificates, for shell custom runtimes.
+    ProvidedDebian,
+    /// Debian's python3 plus Kindling's Python runtime.
+    Python,
+    /// Debian's nodejs plus Kindling's Node runtime.
+    Node,
+}
+
+impl Runtime {
+    pub const ALL: [Runtime; 4] = [
+        Runtime::Provided,
+        Runtime::ProvidedDebian,
+        Runtime::Python,
+        Runtime::Node,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Runtime::Provided => "provided",
+            Runtime::ProvidedDebian => "provided-debian",
+            Runtime::Python => "python",
+            Runtime::Node => "node",
+        }
+    }
+
+    /// Debian packages on top of minbase, or `None` for an image without Debian.
+    fn debian_packages(self) -> Option<&'static [&'static str]> {
+        match self {
+            Runtime::Provided => None,
+            Runtime::ProvidedDebian => Some(&["bash", "curl", "ca-certificates"]),
+            // python3 (not python3-minimal) brings libpython3.11-stdlib, which has json.
+            Runtime::Python => Some(&["python3", "ca-certificates"]),
+            Runtime::Node => Some(&["nodejs", "ca-certificates"]),
+        }
+    }
+
+    /// Whether the function brings its own executable `bootstrap`.
+    pub(crate) fn custom(self) -> bool {
+        matches!(self, Runtime::Provided | Runtime::ProvidedDebian)
+    }
+
+    /// Whether the image carries shims from guest_images/runtimes/<name>.
+    fn has_shims(self) -> bool {
+        matches!(self, Runtime::Python | Runtime::Node)
+    }
+}
+
+impl std::str::FromStr for Runtime {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Runtime> {
+        Runtime::ALL
+            .into_iter()
+            .find(|r| r.name() == s)
+            .ok_or_else(|| {
+                anyhow!("unknown runtime {s:?}; known: provided, provided-debian, python, node")
+            })
+    }
+}
+
+/// A built root image.
+#[derive(Debug, Clone)]
+pub struct RootImage {
+    pub runtime: Runtime,
+    /// The root as a folder (for the sandbox).
+    pub dir: PathBuf,
+    /// The root as an ext4 filesystem (the microVM's read-only `/dev/vda`).
+    pub ext4: PathBuf,
+    pub cached: bool,
+    pub elapsed: Duration,
+}
+
+/// `/etc/kindling/image.json`: what the image is and what it was built from.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ImageInfo {
+    pub runtime: Runtime,
+    pub key: String,
+    pub debian: Option<DebianInfo>,
+    pub init_sha256: String,
+    pub bootstrap_sha256: String,
+    pub bootstrap: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DebianInfo {
+    pub suite: String,
+    pub mirror: String,
+    pub packages: Vec<String>,
+}
+
+/// Builds (or finds) the root image of `runtime`.
+pub fn build_root_image(cache: &Cache, runtime: Runtime) -> Result<RootImage> {
+    let plan = Plan::new(cache, runtime)?;
+    let base = match &plan.debian {
+        Some(debian) => Some(build_base(cache, &plan.base_name, debian)?),
+        None => None,
+    };
+    let built = cache.get_or_build("rootfs", &plan.name, |out| {
+        let log = cache.fresh_log(&plan.name)?;
+        let step = Step::start(format!("root image {}", runtime.name()));
+        let root = out.join(ROOTFS_DIR);
+        match &base {
+            Some(base) => {
+                fs::create_dir(&root)?;
+                step.run(
+                    Command::new("cp").arg("-a").arg(base.join(".")).arg(&root),
+                    &log,
+                )?;
+            }
+            None => fs::create_dir(&root)?,
+        }
+        plan.populate(cache, &root)?;
+        step.say("mkfs.ext4");
+        make_ext4(
+            &root,
+            &out.join(ROOTFS_EXT4),
+            &format!("kindling-{}", runtime.name()),
+            &plan.key,
+            &step,
+            &log,
+        )?;
+        step.done("built");
+        Ok(())
+    })?;
+    Ok(RootImage {
+        runtime,
+        dir: built.path.join(ROOTFS_DIR),
+        ext4: built.path.join(ROOTFS_EXT4),
+        cached: built.cached,
+        elapsed: built.elapsed,
+    })
+}
+
+/// The cache entry names of `runtime`'s image and Debian base (for prune).
+pub(crate) fn entry_names(cache: &Cache, runtime: Runtime) -> Result<Vec<String>> {
+    let plan = Plan::new(cache, runtime)?;
+    Ok([Some(plan.name), plan.debian.map(|_| plan.base_name)]
+        .into_iter()
+        .flatten()
+        .collect())
+}
+
+/// Everything one image is made from, and the keys derived from it.
+struct Plan {
+    runtime: Runtime,
+    name: String,
+    key: String,
+    base_name: String,
+    debian: Option<DebianInfo>,
+    init: PathBuf,
+    bootstrap: PathBuf,
+    shims: Option<PathBuf>,
+}
+
+impl Plan {
+    fn new(cache: &Cache, runtime: Runtime) -> Result<Plan> {
+        let bins = guest_bins()?;
+        let shims = match runtime.has_shims() {
+            true => Some(locate::runtime_shims(runtime.name()).with_context(|| {
+                format!(
+                    "the {} runtime shims are missing (guest_images/runtimes/{0})",
+                    runtime.name()
+                )
+            })?),
+            false => None,
+        };
+        let debian = runtime.debian_packages().map(|packages| DebianInfo {
+            suite: std::env::var("KINDLING_DEBIAN_SUITE").unwrap_or_else(|_| host_suite()),
+            mirror: std::env::var("KINDLING_DEBIAN_MIRROR")
+                .unwrap_or_else(|_| DEFAULT_MIRROR.to_string()),
+            packages: packages.iter().map(|p| p.to_string()).collect(),
+        });
+        let mut base = Fingerprint::new("base");
+        if let Some(debian) = &debian {
+            base.str("suite", &debian.suite)
+                .str("mirror", &debian.mirror);
+            for package in &debian.packages {
+                base.str("package", package);
+            }
+        }
+        let base_name = format!("{}-{}", runtime.name(), base.key());
+        let mut image = cache.fingerprint("rootfs");
+        image.str("runtime", runtime.name()).str("base", &base_name);
+        image
+            .file("init", &bins.init)?
+            .file("bootstrap", &bins.bootstrap)?;
+        if let Some(shims) = &shims {
+            image.tree("shims", shims)?;
+        }
+        let key = image.key();
+        Ok(Plan {
+            runtime,
+            name: format!("{}-{key}", runtime.name()),
+            key,
+            base_name,
+            debian,
+            init: bins.init,
+            bootstrap: bins.bootstrap,
+            shims,
+        })
+    }
+
+    /// Adds Kindling's parts to a root folder.
+    fn populate(&self, cache: &Cache, root: &Path) -> Result<()> {
+        for (dir, mode) in [
+            ("dev", 0o755),
+            ("proc", 0o555),
+            ("sys", 0o555),
+            ("run", 0o755),
+            ("tmp", 0o1777),
+            ("opt", 0o755),
+            ("var/task", 0o755),
+            ("var/runtime", 0o755),
+            ("sbin", 0o755),
+            ("etc/kindling", 0o755),
+        ] {
+            let path = root.join(dir);
+            fs::create_dir_all(&path)?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode))?;
+        }
+        if let Some(shims) = &self.shims {
+            copy_tree(shims, &root.join("var/runtime"))?;
+        }
+        install(&self.init, &root.join("sbin/init"))?;
+        install(
+            &self.bootstrap,
+            &root.join("var/runtime/kindling-bootstrap"),
+        )?;
+        let info = ImageInfo {
+            runtime: self.runtime,
+            key: self.key.clone(),
+            debian: self.debian.clone(),
+            init_sha256: cache.file_digest(&self.init)?,
+            bootstrap_sha256: cache.file_digest(&self.bootstrap)?,
+            bootstrap: "/var/runtime/kindling-bootstrap".to_string(),
+        };
+        fs::write(
+            root.join("etc/kindling/image.json"),
+            serde_json::to_vec_pretty(&info)?,
+        )?;
+        fs::write(
+            root.join("etc/kindling/init.json"),
+            serde_json::to_vec_pretty(&root_init_config())?,
+        )?;
+        Ok(())
+    }
+}
+
+/// init's configuration inside the root image: the function code's drive goes to
+/// `/var/task` when it is attached (see guest_images/README.md).
+fn root_init_config() -> serde_json::Value {
+    serde_json::json!({
+        "bootstrap": "/var/runtime/kindling-bootstrap",
+        "mounts": [
+            {"source": "/dev/vdb", "target": "/var/task", "fstype": "ext4", "options": "ro", "optional": true}
+        ],
+    })
+}
+
+/// Copies a binary into the image as root-owned, mode 0755 (replacing whatever was there,
+/// e.g. a Debian `/sbin/init` symlink).
+fn install(src: &Path, dest: &Path) -> Result<()> {
+    if dest.symlink_metadata().is_ok() {
+        fs::remove_file(dest)?;
+    }
+    fs::copy(src, dest).with_context(|| format!("cannot copy {} into the image", src.display()))?;
+    fs::set_permissions(dest, fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
+/// The Debian root of a runtime, made by `debootstrap --variant=minbase`.
+fn build_base(cache: &Cache, name: &str, debian: &DebianInfo) -> Result<PathBuf> {
+    let built = cache.get_or_build("base", name, |out| {
+        let log = cache.fresh_log(name)?;
+        let step = Step::start(format!(
+            "Debian {} root with {}",
+            debian.suite,
+            debian.packages.join(", ")
+        ));
+        let debs = cache.root().join("debs");
+        fs::create_dir_all(&debs)?;
+        let root = out.join(ROOTFS_DIR);
+        let result = step.run(
+            Command::new("debootstrap")
+                .arg("--variant=minbase")
+                .arg(format!("--include={}", debian.packages.join(",")))
+                .arg(format!("--cache-dir={}", debs.display()))
+                .arg(&debian.suite)
+                .arg(&root)
+                .arg(&debian.mirror),
+            &log,
+        );
+        result.context(
+            "debootstrap failed (it needs root, the debootstrap package and the network)",
+        )?;
+        for dir in SLIM {
+            let path = root.join(dir);
+            remove_tree(&path)?;
+            fs::create_dir_all(&path)?;
+        }
+        step.done(format!("{} MiB", crate::cache::tree_bytes(&root) >> 20));
+        Ok(())
+    })?;
+    Ok(built.path.join(ROOTFS_DIR))
+}
+
+/// The Debian release this machine runs (`VERSION_CODENAME`), else bookworm.
+fn host_suite() -> String {
+    fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+                .map(|v| v.trim_matches('"').to_string())
+        })
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "bookworm".to_string())
+}
