@@ -5,6 +5,7 @@
 //! ```text
 //! <kind>/<name>-<key>/   one finished artifact (kernel/, initramfs/, base/, rootfs/, code/)
 //! tmp/                   artifacts being built; never read, removed by `prune`
+//! locks/                 one lock file per entry, held while it is built
 //! logs/                  the output of the last run of each external build step
 //! debs/                  debootstrap's package cache
 //! stamps/                remembered SHA-256 digests of input files, by path and ctime
@@ -133,12 +134,22 @@ impl Cache {
     ) -> Result<Built> {
         let started = Instant::now();
         let path = self.entry(kind, name);
+        let hit = |path: PathBuf| Built {
+            path,
+            cached: true,
+            elapsed: started.elapsed(),
+        };
         if path.is_dir() {
-            return Ok(Built {
-                path,
-                cached: true,
-                elapsed: started.elapsed(),
-            });
+            return Ok(hit(path));
+        }
+        // One builder per entry across processes: the others wait here, then find it built.
+        let locks = self.root.join("locks");
+        fs::create_dir_all(&locks)?;
+        let mut lock =
+            fd_lock::RwLock::new(fs::File::create(locks.join(format!("{kind}-{name}.lock")))?);
+        let _guard = lock.write().context("cannot lock the cache entry")?;
+        if path.is_dir() {
+            return Ok(hit(path));
         }
         let staging = self.scratch(name)?;
         if let Err(err) = build(&staging) {
@@ -147,11 +158,8 @@ impl Cache {
         }
         fs::create_dir_all(path.parent().expect("entries live in a kind folder"))?;
         if let Err(err) = fs::rename(&staging, &path) {
-            // Another build of the same key may have won the race; its entry is as good.
             remove_tree(&staging)?;
-            if !path.is_dir() {
-                return Err(err).with_context(|| format!("cannot publish {}", path.display()));
-            }
+            return Err(err).with_context(|| format!("cannot publish {}", path.display()));
         }
         Ok(Built {
             path,
@@ -188,6 +196,9 @@ impl Cache {
     pub fn prune(&self, keep: impl Fn(&EntryInfo) -> bool) -> Result<Vec<PathBuf>> {
         let mut removed = Vec::new();
         for tmp in fs::read_dir(self.root.join("tmp"))?.filter_map(|e| e.ok()) {
+            if builder_alive(&tmp.file_name().to_string_lossy()) {
+                continue;
+            }
             remove_tree(&tmp.path())?;
             removed.push(tmp.path());
         }
@@ -199,6 +210,13 @@ impl Cache {
         }
         Ok(removed)
     }
+}
+
+/// Whether the process that made the scratch folder `name` (`<label>.<pid>.<nanos>`) is
+/// still running, so that prune leaves a build in progress alone.
+fn builder_alive(name: &str) -> bool {
+    let pid = name.rsplit('.').nth(1).and_then(|p| p.parse::<u32>().ok());
+    pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
 }
 
 /// Disk usage of a file or folder tree, in bytes (symlinks not followed).
@@ -454,6 +472,43 @@ mod tests {
             file_sha256(&file).unwrap()
         );
         assert_ne!(cache.file_digest(&file).unwrap(), first);
+    }
+
+    #[test]
+    fn concurrent_builders_of_one_entry_build_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::at(dir.path()).unwrap();
+        let builds = std::sync::atomic::AtomicUsize::new(0);
+        let results: Vec<Built> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        cache
+                            .get_or_build("code", "same-1", |d| {
+                                builds.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                std::thread::sleep(Duration::from_millis(200));
+                                Ok(fs::write(d.join("f"), b"x")?)
+                            })
+                            .unwrap()
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).collect()
+        });
+        assert_eq!(builds.into_inner(), 1);
+        assert_eq!(results.iter().filter(|b| !b.cached).count(), 1);
+    }
+
+    #[test]
+    fn prune_spares_builds_in_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::at(dir.path()).unwrap();
+        let mine = cache.scratch("x-1").unwrap();
+        let dead = dir.path().join("tmp/x-1.4294967295.1");
+        fs::create_dir(&dead).unwrap();
+        let removed = cache.prune(|_| true).unwrap();
+        assert_eq!(removed, [dead]);
+        assert!(mine.is_dir());
     }
 
     #[test]

@@ -121,7 +121,7 @@ fn prune(cache: &Cache, all: bool) -> Result<()> {
     };
     let removed = cache.prune(|entry| keep.contains(&(entry.kind.clone(), entry.name.clone())))?;
     if all {
-        for extra in ["debs", "logs"] {
+        for extra in ["debs", "logs", "stamps", "locks"] {
             crate::cache::remove_tree(&cache.root().join(extra))?;
         }
     }

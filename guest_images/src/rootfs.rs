@@ -290,14 +290,12 @@ impl Plan {
     }
 }
 
-/// init's configuration inside the root image: the function code's drive goes to
-/// `/var/task` when it is attached (see guest_images/README.md).
+/// init's configuration inside the root image (init/README.md has every key): the
+/// function code's drive, when attached, is mounted read-only at `/var/task`.
 fn root_init_config() -> serde_json::Value {
     serde_json::json!({
+        "task": "/dev/vdb",
         "bootstrap": "/var/runtime/kindling-bootstrap",
-        "mounts": [
-            {"source": "/dev/vdb", "target": "/var/task", "fstype": "ext4", "options": "ro", "optional": true}
-        ],
     })
 }
 

@@ -53,8 +53,11 @@ fn provided_image_holds_static_init_bootstrap_and_mount_points() {
     assert!(info.debian.is_none());
     let init_json: serde_json::Value =
         serde_json::from_slice(&cat(&image.ext4, "/etc/kindling/init.json")).unwrap();
-    assert_eq!(init_json["mounts"][0]["target"], "/var/task");
-    assert_eq!(init_json["mounts"][0]["source"], "/dev/vdb");
+    assert_eq!(
+        init_json["task"], "/dev/vdb",
+        "init mounts the code drive at /var/task"
+    );
+    assert_eq!(init_json["bootstrap"], "/var/runtime/kindling-bootstrap");
     // The folder form matches the ext4 form.
     assert!(image.dir.join("var/runtime/kindling-bootstrap").is_file());
     assert!(image.dir.join("var/task").is_dir());
