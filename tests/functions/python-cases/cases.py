@@ -1,0 +1,43 @@
+"""Handlers that each exercise one path of the Invoke API in the end-to-end tests
+(tests/sandbox_e2e.rs); each function of a generated functions.toml names one.
+
+Answers carry `stream`, the log stream name, which names the execution environment:
+that is how the tests see which environment served a request."""
+import os
+import time
+
+
+def whoami(context):
+    return {"stream": context.log_stream_name, "pid": os.getpid()}
+
+
+def echo(event, context):
+    """Answers with the event's id, so that concurrent callers can check each got the
+    answer to its own request; `sleep` (seconds) keeps the environment busy a while."""
+    time.sleep(event.get("sleep", 0))
+    print(f"echo {event.get('id')}")
+    return {"id": event.get("id"), "request_id": context.aws_request_id, **whoami(context)}
+
+
+def raises(event, context):
+    raise ValueError(f"bad input: {event.get('why', 'none given')}")
+
+
+def exits(event, context):
+    """Ends the runtime's process mid-invocation, as a crash would; `{"exit": false}`
+    answers normally instead."""
+    if event.get("exit", True):
+        os._exit(3)
+    return {"survived": True, **whoami(context)}
+
+
+def sleeps(event, context):
+    """Sleeps `seconds` (default: far past any test's timeout)."""
+    seconds = event.get("seconds", 60)
+    time.sleep(seconds)
+    return {"slept": seconds, **whoami(context)}
+
+
+def big(event, context):
+    """Returns a string of `mib` MiB: 7 by default, over the 6 MiB response limit."""
+    return "x" * (event.get("mib", 7) << 20)

@@ -1,0 +1,113 @@
+//! The server's own life: a bad functions file stops it at start with the file, line and
+//! key named; SIGTERM lets the invocation in flight finish and leaves nothing behind.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use kindling_runtime_api::client::{self, InvokeOptions};
+use serde_json::json;
+
+use crate::support::{json, prerequisites, repo_path, FunctionDef, Scratch, Server};
+
+#[test]
+fn a_bad_functions_file_names_file_line_and_key() {
+    // Needs neither root nor guest binaries: the file is read before anything starts.
+    let dir = Scratch::new();
+    let code = repo_path("tests/functions/python-cases");
+    let head = format!(
+        "# a comment\n[functions.bad]\ncode = {:?}\nruntime = \"python\"\nhandler = \"cases.echo\"\n",
+        code.display()
+    );
+    let cases = [
+        ("memroy = 128\n", "memroy"),
+        (
+            "timeout = 0\n",
+            "functions.bad.timeout: 0 is out of range 1..900",
+        ),
+        ("isolation = \"docker\"\n", "functions.bad.isolation"),
+        // The line names the key; the message only the type.
+        (
+            "max_concurrency = \"four\"\n",
+            "invalid type: string \"four\"",
+        ),
+    ];
+    for (line, key) in cases {
+        let file = dir.path().join("functions.toml");
+        std::fs::write(&file, format!("{head}{line}")).unwrap();
+        let state = dir.path().join("state");
+        let started = Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_kindling"))
+            .args(["serve", "--addr", "127.0.0.1:0", "--functions"])
+            .arg(&file)
+            .arg("--state-dir")
+            .arg(&state)
+            .output()
+            .expect("running kindling serve");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{line:?} was accepted");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let want = format!("kindling: {}:6: ", file.display());
+        assert!(stderr.starts_with(&want), "{line:?}: {stderr}");
+        assert!(stderr.contains(key), "{line:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+        assert!(!state.exists(), "nothing is made for a bad file");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_the_invocation_in_flight_and_leaves_nothing() {
+    let Some(bins) = prerequisites(&["/usr/bin/python3", "/bin/bash", "/usr/bin/curl"]) else {
+        return;
+    };
+    let server = Server::start(
+        bins,
+        &[
+            FunctionDef::python_case("echo", "echo"),
+            FunctionDef::python_case("sleeps", "sleeps"),
+            FunctionDef::new(
+                "tutorial",
+                repo_path("examples/hello-bash"),
+                "provided-debian",
+                "function.handler",
+            ),
+        ],
+    );
+    for function in ["echo", "tutorial"] {
+        let answer = server.invoke(function, &json!({"id": 1})).await;
+        assert_eq!(answer.status, 200, "{}", server.diagnostics());
+    }
+    let addr = server.addr;
+    let in_flight = tokio::spawn(async move {
+        client::invoke(
+            addr,
+            "sleeps",
+            json!({"seconds": 1}).to_string(),
+            &InvokeOptions::default(),
+        )
+        .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.log("sleeps").contains("START RequestId") {
+        assert!(Instant::now() < deadline, "{}", server.diagnostics());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(server.env_dirs().len(), 3);
+
+    let started = tokio::task::spawn_blocking(move || server.stop())
+        .await
+        .expect("stopping the server");
+    // One sandbox helper per environment was running: stop() checked they are gone.
+    let helpers = started
+        .iter()
+        .filter(|p| "kindling-sandbox-exec".starts_with(&p.comm))
+        .count();
+    assert_eq!(helpers, 3, "{started:?}");
+
+    let answer = in_flight
+        .await
+        .unwrap()
+        .expect("an answer before the server stopped");
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.function_error, None);
+    assert_eq!(json(&answer)["slept"], 1);
+}
