@@ -219,14 +219,15 @@ fn builder_alive(name: &str) -> bool {
     pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
 }
 
-/// Disk usage of a file or folder tree, in bytes (symlinks not followed).
+/// Disk usage of a file or folder tree, in bytes: allocated blocks, so the sparse ext4
+/// images count for what they really take (symlinks not followed).
 pub(crate) fn tree_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
     WalkDir::new(path)
         .into_iter()
         .filter_map(|e| e.ok())
         .filter_map(|e| e.metadata().ok())
-        .filter(|m| m.is_file())
-        .map(|m| m.len())
+        .map(|m| m.blocks() * 512)
         .sum()
 }
 

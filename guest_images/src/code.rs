@@ -213,44 +213,30 @@ impl Manifest {
         let bytes: u64 = self
             .nodes
             .values()
-            .map(|n| {
-                if let Node::File { size, .. } = n {
-                    *size
-                } else {
-                    0
-                }
+            .map(|n| match n {
+                Node::File { size, .. } => *size,
+                _ => 0,
             })
             .sum();
         if bytes > MAX_UNZIPPED_BYTES {
             return Err(CodeError::TooLarge { bytes });
         }
         for path in self.nodes.keys() {
-            let mut prefix = String::new();
-            for part in path
-                .split('/')
-                .collect::<Vec<_>>()
-                .split_last()
-                .map_or(&[][..], |(_, p)| p)
-            {
-                if !prefix.is_empty() {
-                    prefix.push('/');
-                }
-                prefix.push_str(part);
+            for (at, _) in path.match_indices('/') {
+                let folder = &path[..at];
                 if matches!(
-                    self.nodes.get(&prefix),
+                    self.nodes.get(folder),
                     Some(Node::File { .. } | Node::Symlink(_))
                 ) {
-                    return Err(CodeError::Conflict(prefix));
+                    return Err(CodeError::Conflict(folder.to_string()));
                 }
             }
         }
         for (path, node) in &self.nodes {
             if let Node::Symlink(target) = node {
-                let parent: Vec<&str> = path
-                    .split('/')
-                    .collect::<Vec<_>>()
-                    .split_last()
-                    .map_or(vec![], |(_, p)| p.to_vec());
+                let parent = path
+                    .rsplit_once('/')
+                    .map_or(vec![], |(p, _)| p.split('/').collect());
                 if self.resolve(parent, target, 0).is_none() {
                     return Err(CodeError::EscapingSymlink {
                         path: path.clone(),
@@ -393,6 +379,17 @@ fn unzip(path: &Path, manifest: &Manifest, task: &Path) -> Result<()> {
                 fs::set_permissions(&dest, fs::Permissions::from_mode(*mode))?;
             }
             Node::Symlink(_) => {}
+        }
+    }
+    // Folders the zip only implies get the usual mode, whatever the builder's umask.
+    for entry in WalkDir::new(task).min_depth(1) {
+        let entry = entry?;
+        let rel = entry
+            .path()
+            .strip_prefix(task)
+            .expect("walk stays below its root");
+        if entry.file_type().is_dir() && !manifest.has(&rel.to_string_lossy()) {
+            fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o755))?;
         }
     }
     for (rel, node) in manifest.nodes.iter().rev() {

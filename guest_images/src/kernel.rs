@@ -266,6 +266,11 @@ fn unpack_stock(work: &Path, out: &Path, log: &Path) -> Result<()> {
         out.join("config"),
     )?;
     let moddir = format!("lib/modules/{release}");
+    // The package leaves modules.dep to its postinst; make it in the unpacked tree.
+    step.run(
+        Command::new("depmod").arg("-b").arg(&root).arg(&release),
+        log,
+    )?;
     let modules = module_load_order(&root.join(&moddir), &STOCK_MODULES)?
         .into_iter()
         .map(|rel| format!("{moddir}/{rel}"))
@@ -291,8 +296,8 @@ fn unpack_stock(work: &Path, out: &Path, log: &Path) -> Result<()> {
 /// The modules (paths relative to the modules folder) to load for `wanted`, each after
 /// its dependencies; modules built into the kernel are skipped.
 fn module_load_order(moddir: &Path, wanted: &[&str]) -> Result<Vec<String>> {
-    let deps = fs::read_to_string(moddir.join("modules.dep"))
-        .context("the kernel package has no modules.dep")?;
+    let deps =
+        fs::read_to_string(moddir.join("modules.dep")).context("depmod made no modules.dep")?;
     let builtin = fs::read_to_string(moddir.join("modules.builtin")).unwrap_or_default();
     let stem = |path: &str| {
         let file = path.rsplit('/').next().unwrap_or(path);

@@ -247,6 +247,8 @@ impl Plan {
     /// Adds Kindling's parts to a root folder.
     fn populate(&self, cache: &Cache, root: &Path) -> Result<()> {
         for (dir, mode) in [
+            ("etc", 0o755),
+            ("var", 0o755),
             ("dev", 0o755),
             ("proc", 0o555),
             ("sys", 0o555),

@@ -95,6 +95,7 @@ fn zip_keeps_executable_bits_and_hits_the_cache() {
             ("bin/", 0o755, b""),
             ("bin/helper", 0o700, b"\x7fELF"),
             ("run", 0o120777, b"bin/helper"),
+            ("deep/er/data.txt", 0o600, b"implied folders"),
         ],
     );
     let image =
@@ -103,6 +104,8 @@ fn zip_keeps_executable_bits_and_hits_the_cache() {
     assert_eq!(mode_of(&image.ext4, "/function.sh"), 0o100644);
     assert_eq!(mode_of(&image.ext4, "/bin/helper"), 0o100700);
     assert_eq!(mode_of(&image.ext4, "/run") & 0o170000, 0o120000);
+    assert_eq!(mode_of(&image.ext4, "/deep/er"), 0o40755);
+    assert_eq!(mode_of(&image.ext4, "/deep/er/data.txt"), 0o100600);
     assert_eq!(cat(&image.ext4, "/bootstrap"), b"#!/bin/sh\necho hi\n");
     assert_eq!(
         fs::metadata(image.dir.join("bootstrap"))
