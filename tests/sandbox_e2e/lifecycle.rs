@@ -25,7 +25,7 @@ fn a_bad_functions_file_names_file_line_and_key() {
             "functions.bad.timeout: 0 is out of range 1..900",
         ),
         ("isolation = \"docker\"\n", "functions.bad.isolation"),
-        // The line names the key; the message only the type.
+        // A wrong type: the line (which holds the key) and the type are named.
         (
             "max_concurrency = \"four\"\n",
             "invalid type: string \"four\"",
