@@ -49,7 +49,10 @@ async fn python_handler_gets_its_context_and_variables() {
     let answer = server.invoke("hello-py", &json!({"name": "e2e"})).await;
     assert_eq!(answer.status, 200, "{}", server.diagnostics());
     assert_eq!(
-        answer.headers.get("x-amz-executed-version").map(|v| v.as_bytes()),
+        answer
+            .headers
+            .get("x-amz-executed-version")
+            .map(|v| v.as_bytes()),
         Some(&b"$LATEST"[..])
     );
     let body = json(&answer);
