@@ -24,6 +24,9 @@ use crate::progress::Step;
 /// Where the image's folder and ext4 file sit inside its cache entry.
 pub const ROOTFS_DIR: &str = "rootfs";
 pub const ROOTFS_EXT4: &str = "rootfs.ext4";
+/// Bumped whenever [`Plan::populate`] changes what it adds, so images are rebuilt.
+const POPULATE_RECIPE: &str = "2";
+const HOSTS: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n";
 /// Default Debian mirror; `KINDLING_DEBIAN_MIRROR` overrides it.
 const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 /// Folders of a Debian root that a read-only function image never reads.
@@ -224,7 +227,10 @@ impl Plan {
         }
         let base_name = format!("{}-{}", runtime.name(), base.key());
         let mut image = cache.fingerprint("rootfs");
-        image.str("runtime", runtime.name()).str("base", &base_name);
+        image
+            .str("recipe", POPULATE_RECIPE)
+            .str("runtime", runtime.name())
+            .str("base", &base_name);
         image
             .file("init", &bins.init)?
             .file("bootstrap", &bins.bootstrap)?;
@@ -288,6 +294,12 @@ impl Plan {
             root.join("etc/kindling/init.json"),
             serde_json::to_vec_pretty(&root_init_config())?,
         )?;
+        // A guest resolves `localhost` from files alone; the build host's DNS settings,
+        // which debootstrap copies in, mean nothing inside it.
+        fs::write(root.join("etc/hosts"), HOSTS)?;
+        if root.join("etc/resolv.conf").symlink_metadata().is_ok() {
+            fs::remove_file(root.join("etc/resolv.conf"))?;
+        }
         Ok(())
     }
 }

@@ -58,6 +58,9 @@ fn provided_image_holds_static_init_bootstrap_and_mount_points() {
         "init mounts the code drive at /var/task"
     );
     assert_eq!(init_json["bootstrap"], "/var/runtime/kindling-bootstrap");
+    assert!(String::from_utf8(cat(&image.ext4, "/etc/hosts"))
+        .unwrap()
+        .contains("127.0.0.1\tlocalhost"));
     // The folder form matches the ext4 form.
     assert!(image.dir.join("var/runtime/kindling-bootstrap").is_file());
     assert!(image.dir.join("var/task").is_dir());
@@ -79,7 +82,7 @@ fn in_root(root: &Path, argv: &[&str]) -> String {
         .arg(root)
         .args(argv)
         .env_clear()
-        .env("PATH", "/usr/bin:/bin")
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .output()
         .unwrap();
     assert!(
@@ -151,7 +154,9 @@ fn debian_runtime_images_run_their_interpreters() {
             "{}",
             runtime.name()
         );
-        assert_eq!(mode_of(&image.ext4, "/sbin/init"), 0o100755);
+        // merged /usr: /sbin is a link to usr/sbin in Debian roots
+        assert_eq!(mode_of(&image.ext4, "/sbin") & 0o170000, 0o120000);
+        assert_eq!(mode_of(&image.ext4, "/usr/sbin/init"), 0o100755);
         assert_eq!(
             mode_of(&image.ext4, "/var/runtime/kindling-bootstrap"),
             0o100755
