@@ -32,6 +32,9 @@ pub const HEADER_ERROR_TYPE: &str = "x-amzn-errortype";
 pub const HEADER_REQUEST_ID: &str = "x-amzn-requestid";
 pub const HEADER_TRACE_ID: &str = "x-amzn-trace-id";
 
+/// How long shutdown waits for answers still being written.
+const ANSWER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 const PATH_PREFIX: &str = "/2015-03-31/functions/";
 const PATH_SUFFIX: &str = "/invocations";
 
@@ -40,7 +43,8 @@ pub(crate) struct InvokeApi {
     pub metrics: Arc<Metrics>,
 }
 
-/// Serves callers until `stop` turns true; open connections are closed when this returns.
+/// Serves callers until `stop` turns true, then lets the answers in progress be written
+/// (within [`ANSWER_GRACE`]) and closes every connection.
 pub(crate) async fn serve(
     listener: TcpListener,
     api: Arc<InvokeApi>,
@@ -56,15 +60,25 @@ pub(crate) async fn serve(
                         tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
                     }
                     let api = api.clone();
+                    let mut stop = stop.clone();
                     connections.spawn(async move {
                         let service = service_fn(move |req| {
                             let api = api.clone();
                             async move { Ok::<_, Infallible>(api.handle(req).await) }
                         });
-                        if let Err(e) = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await
-                        {
+                        let conn = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service);
+                        tokio::pin!(conn);
+                        // On stop, the request in progress is still answered (its
+                        // invocation has finished by then); idle connections close.
+                        let ended = tokio::select! {
+                            ended = conn.as_mut() => ended,
+                            _ = until_true(&mut stop) => {
+                                conn.as_mut().graceful_shutdown();
+                                conn.await
+                            }
+                        };
+                        if let Err(e) = ended {
                             tracing::debug!(%peer, error = %e, "invoke API connection ended with an error");
                         }
                     });
@@ -75,8 +89,14 @@ pub(crate) async fn serve(
                 }
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            _ = until_true(&mut stop) => return,
+            _ = until_true(&mut stop) => break,
         }
+    }
+    // Dropping the set would abort answers not yet written: let them finish, within
+    // a bound that a stalled client cannot stretch.
+    let drained = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(ANSWER_GRACE, drained).await.is_err() {
+        tracing::warn!("invoke API connections still open at shutdown: closing them");
     }
 }
 
