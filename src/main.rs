@@ -1,5 +1,6 @@
 //! `kindling`: run serverless functions in microVMs (or namespace sandboxes), Lambda-style.
 
+mod bench;
 mod environments;
 mod invoke;
 mod serve;
@@ -35,6 +36,8 @@ enum Command {
     /// Build, list and prune guest kernels, initramfs and root images.
     #[command(subcommand)]
     Images(kindling_images::cli::ImagesCommand),
+    /// Measure warm and cold invokes, throughput and hypervisor memory; print one table.
+    Bench(bench::BenchArgs),
 }
 
 /// Where the Invoke API listens by default (Lambda's emulator uses the same port).
@@ -72,6 +75,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => block_on(serve::serve(args)),
         Command::Run(args) => block_on(serve::run(args)),
         Command::Invoke(args) => block_on(invoke::invoke(args)),
+        Command::Bench(args) => block_on(bench::bench(args)),
     };
     match result {
         Ok(code) => code,

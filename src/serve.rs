@@ -86,7 +86,7 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))
 }
 
-fn parse_isolation(s: &str) -> Result<Isolation, String> {
+pub(crate) fn parse_isolation(s: &str) -> Result<Isolation, String> {
     match s {
         "microvm" => Ok(Isolation::MicroVm),
         "sandbox" => Ok(Isolation::Sandbox),
@@ -94,7 +94,7 @@ fn parse_isolation(s: &str) -> Result<Isolation, String> {
     }
 }
 
-fn parse_hypervisor(s: &str) -> Result<Hypervisor, String> {
+pub(crate) fn parse_hypervisor(s: &str) -> Result<Hypervisor, String> {
     match s {
         "kindling" => Ok(Hypervisor::Kindling),
         "qemu" => Ok(Hypervisor::Qemu),

@@ -1,0 +1,187 @@
+//! `kindling bench`: what the platform costs, next to what this machine's loopback costs,
+//! measured in one process in one go so that every ratio compares numbers taken minutes
+//! apart on the same machine, never across machines.
+//!
+//! Each run measures the floor (two plain loopback HTTP round trips), then, for each
+//! environment kind, starts a fresh in-process server ([`kindling_runtime_api::Server`],
+//! built as `kindling serve` builds it), takes its first invocation as a cold start (with
+//! the `REPORT` line's breakdown), times warm invokes from one and from several kept-alive
+//! clients, and reads the hypervisors' memory. The table shows the median of the runs.
+
+mod floor;
+mod report;
+mod rss;
+mod stats;
+mod table;
+mod target;
+
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _};
+use indicatif::{ProgressBar, ProgressStyle};
+use kindling_images::Cache;
+use kindling_microvm::probe;
+use kindling_runtime_api::config::Hypervisor;
+use kindling_runtime_api::Isolation;
+use procfs::process::Process;
+
+use crate::serve::{parse_hypervisor, parse_isolation};
+use table::Results;
+use target::{Target, CLIENTS};
+
+/// The bench function's code, written into the bench's state folder at start.
+const HANDLER: &str = include_str!("../examples/bench-noop/app.py");
+/// Warm invokes per run by default: a sandbox invoke takes well under a millisecond, a
+/// microVM invoke under emulation several; both keep a default bench near two minutes.
+const DEFAULT_SANDBOX_INVOKES: usize = 500;
+const DEFAULT_MICROVM_INVOKES: usize = 200;
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Runs; every number is the median of the runs' numbers.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    runs: u32,
+    /// Warm invokes per run and environment kind [default: 500 sandbox, 200 microVM].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(CLIENTS as i64..=1_000_000))]
+    invokes: Option<u32>,
+    /// Environment kinds to measure, comma-separated: sandbox, microvm.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_values = ["sandbox", "microvm"],
+        value_parser = parse_isolation
+    )]
+    isolation: Vec<Isolation>,
+    /// microVM hypervisors to measure, comma-separated: kindling, qemu
+    /// [default: qemu, and kindling where this host's KVM can boot a guest kernel].
+    #[arg(long, value_delimiter = ',', value_parser = parse_hypervisor)]
+    hypervisor: Vec<Hypervisor>,
+}
+
+pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let targets = targets(&args)?;
+    preflight(&targets)?;
+    let state = tempfile::Builder::new()
+        .prefix("kindling-bench.")
+        .tempdir_in("/tmp")
+        .context("cannot create the bench's state folder in /tmp")?;
+    let code = state.path().join("code");
+    std::fs::create_dir(&code)?;
+    std::fs::write(code.join("app.py"), HANDLER)?;
+    for target in &targets {
+        target::check(*target, &code, state.path())?;
+    }
+
+    let invokes = |target: &Target| match (args.invokes, target.isolation) {
+        (Some(n), _) => n as usize,
+        (None, Isolation::Sandbox) => DEFAULT_SANDBOX_INVOKES,
+        (None, Isolation::MicroVm) => DEFAULT_MICROVM_INVOKES,
+    };
+    let floor_pairs = targets
+        .iter()
+        .map(invokes)
+        .max()
+        .unwrap_or(DEFAULT_SANDBOX_INVOKES);
+    let runs = args.runs as usize;
+    // Per run: the floor's pairs; per target one cold start, the sequential invokes,
+    // the invocations that start the concurrent environments, the concurrent invokes.
+    let steps_per_run = floor_pairs
+        + targets
+            .iter()
+            .map(|t| 1 + 2 * invokes(t) + CLIENTS)
+            .sum::<usize>();
+    let progress = ProgressBar::new((steps_per_run * runs) as u64).with_style(
+        ProgressStyle::with_template("{prefix} {wide_msg} [{bar:30}] {pos}/{len} {elapsed}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+
+    let mut results = Results {
+        floor: Vec::with_capacity(runs),
+        targets: targets.iter().map(|t| (*t, Vec::with_capacity(runs))).collect(),
+        kindling_unavailable: (!targets.contains(&Target::microvm(Hypervisor::Kindling))
+            && targets.iter().any(|t| t.isolation == Isolation::MicroVm)
+            && !probe::kvm().can_boot_linux)
+            .then(|| probe::kvm().reason.clone()),
+        emulation: targets.iter().any(Target::emulated).then(|| {
+            format!(
+                "microVM guests run under QEMU TCG here ({}); compare such numbers with metal only side by side",
+                probe::kvm().reason
+            )
+        }),
+    };
+    for run in 1..=runs {
+        progress.set_prefix(format!("run {run}/{runs}"));
+        progress.set_message("floor: loopback HTTP round trips");
+        results
+            .floor
+            .push(floor::measure(floor_pairs, &progress).await?);
+        for (target, runs) in &mut results.targets {
+            let run_dir = state.path().join(format!("r{run}"));
+            runs.push(
+                target::run(*target, &code, &run_dir, invokes(target), &progress)
+                    .await
+                    .with_context(|| format!("{}, run {run}", target.label()))?,
+            );
+        }
+    }
+    progress.finish_and_clear();
+    print!("{}", table::render(&results));
+    state
+        .close()
+        .context("cannot remove the bench's state folder")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What to measure, from `--isolation` and `--hypervisor`.
+fn targets(args: &BenchArgs) -> anyhow::Result<Vec<Target>> {
+    let hypervisors = if args.hypervisor.is_empty() {
+        let mut default = vec![Hypervisor::Qemu];
+        if probe::kvm().can_boot_linux {
+            default.insert(0, Hypervisor::Kindling);
+        }
+        default
+    } else {
+        args.hypervisor.clone()
+    };
+    let mut targets = Vec::new();
+    for isolation in &args.isolation {
+        match isolation {
+            Isolation::Sandbox => targets.push(Target::SANDBOX),
+            Isolation::MicroVm => targets.extend(hypervisors.iter().map(|h| Target::microvm(*h))),
+        }
+    }
+    targets.dedup();
+    if targets.is_empty() {
+        bail!("nothing to measure: give --isolation sandbox and/or microvm");
+    }
+    Ok(targets)
+}
+
+/// Clear errors, before anything is started, for what the bench needs: root for the
+/// sandbox, the static guest binaries, and for microVMs the guest images (building a
+/// kernel would take minutes and is `kindling images build`'s job, not the bench's).
+fn preflight(targets: &[Target]) -> anyhow::Result<()> {
+    if targets.contains(&Target::SANDBOX) && Process::myself()?.status()?.euid != 0 {
+        bail!("the sandbox needs root (namespaces, mounts, cgroups): run `kindling bench` as root, or with --isolation microvm");
+    }
+    kindling_images::locate::guest_bin_dir().map_err(anyhow::Error::msg)?;
+    if targets.iter().any(|t| t.isolation == Isolation::MicroVm) {
+        let cache = Cache::open()?;
+        let built = cache.list()?;
+        let has = |kind: &str, prefix: &str| {
+            built
+                .iter()
+                .any(|e| e.kind == kind && e.name.starts_with(prefix))
+        };
+        if !(has("kernel", "minimal-") && has("initramfs", "minimal-") && has("rootfs", "python-"))
+        {
+            bail!(
+                "the microVM images are not built in {}: run `kindling images build --runtime python` first \
+                 (or bench with --isolation sandbox)",
+                cache.root().display()
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,281 @@
+//! The one table `kindling bench` prints: medians over the runs of each run's numbers,
+//! ratios taken within each run, and a `†` on every number that this host's instruction
+//! emulation (QEMU TCG) bounds.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use comfy_table::{CellAlignment, ContentArrangement, Table};
+
+use super::rss::ProgramRss;
+use super::stats::{median, percentile};
+use super::target::{Run, Target, CLIENTS};
+
+/// Column separators and a rule under the header; no other lines.
+const STYLE: &str = "     --             ";
+/// The mark on emulation-bound numbers.
+const EMULATED: &str = " †";
+/// A start phase that runs on the host, not in the guest: never emulation-bound.
+const HOST_PHASE: &str = "Hypervisor Start";
+
+/// Everything measured, run by run.
+pub struct Results {
+    /// Round-trip pairs of the floor, one list per run.
+    pub floor: Vec<Vec<Duration>>,
+    pub targets: Vec<(Target, Vec<Run>)>,
+    /// Why kindling-vmm was not measured, when it cannot run here.
+    pub kindling_unavailable: Option<String>,
+    /// What the footnote says about emulation, when some target was emulated.
+    pub emulation: Option<String>,
+}
+
+/// The table and its footnotes, ready to print.
+pub fn render(results: &Results) -> String {
+    let mut rows = Rows::default();
+    let floor_p50: Vec<f64> = results.floor.iter().map(|r| p(r, 0.5)).collect();
+    let floor_p99: Vec<f64> = results.floor.iter().map(|r| p(r, 0.99)).collect();
+    let loopback = "loopback (hyper)";
+    rows.push(
+        "floor: 2 HTTP round trips, p50",
+        loopback,
+        seconds(median_of(&floor_p50)),
+        "",
+    );
+    rows.push(
+        "floor: 2 HTTP round trips, p99",
+        loopback,
+        seconds(median_of(&floor_p99)),
+        "",
+    );
+    for (target, runs) in &results.targets {
+        target_rows(&mut rows, *target, runs, &floor_p50, &floor_p99);
+    }
+    if let Some(reason) = &results.kindling_unavailable {
+        rows.push_noted(
+            "hypervisor RSS per microVM",
+            "microVM kindling-vmm",
+            "n/a".to_string(),
+            "",
+            &format!("n/a: {reason}"),
+        );
+    }
+
+    let mut table = Table::new();
+    table
+        .load_preset(STYLE)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header(["measurement", "environment", "median", "× floor", "note"]);
+    for (index, alignment) in [(2, CellAlignment::Right), (3, CellAlignment::Right)] {
+        if let Some(column) = table.column_mut(index) {
+            column.set_cell_alignment(alignment);
+        }
+    }
+    for row in rows.0 {
+        table.add_row(row);
+    }
+    let mut out = table.trim_fmt();
+    out.push('\n');
+    let runs = results.floor.len();
+    out.push_str(&format!(
+        "Medians of {runs} run(s); each run starts a fresh server, so its first invocation is a cold start \
+         (no-op python handler); ratios are taken within each run. {CLIENTS} clients use {CLIENTS} environments.\n"
+    ));
+    if let Some(why) = &results.emulation {
+        out.push_str(&format!("† bound by this machine's emulation: {why}\n"));
+    }
+    out
+}
+
+/// The rows of one target.
+fn target_rows(
+    rows: &mut Rows,
+    target: Target,
+    runs: &[Run],
+    floor_p50: &[f64],
+    floor_p99: &[f64],
+) {
+    let env = target.label();
+    let mark = |text: String| {
+        if target.emulated() {
+            text + EMULATED
+        } else {
+            text
+        }
+    };
+    for (name, q, floor) in [("p50", 0.5, floor_p50), ("p99", 0.99, floor_p99)] {
+        let values: Vec<f64> = runs.iter().map(|r| p(&r.warm, q)).collect();
+        let ratios = values.iter().zip(floor).map(|(v, f)| v / f);
+        rows.push(
+            &format!("warm invoke, {name}"),
+            env,
+            mark(seconds(median_of(&values))),
+            &ratio(median(ratios)),
+        );
+    }
+    let rate = |f: fn(&Run) -> f64| {
+        mark(format!(
+            "{:.0} /s",
+            median_of(&runs.iter().map(f).collect::<Vec<_>>())
+        ))
+    };
+    rows.push("throughput, 1 client", env, rate(|r| r.sequential_rate), "");
+    rows.push(
+        &format!("throughput, {CLIENTS} clients"),
+        env,
+        rate(|r| r.concurrent_rate),
+        "",
+    );
+
+    let totals: Vec<f64> = runs.iter().map(|r| r.cold_total.as_secs_f64()).collect();
+    rows.push(
+        "cold start, invoke → answer",
+        env,
+        mark(seconds(median_of(&totals))),
+        "",
+    );
+    for name in phase_names(runs) {
+        let values: Vec<f64> = runs
+            .iter()
+            .filter_map(|r| phase(r, &name))
+            .map(|ms| ms / 1000.0)
+            .collect();
+        let value = seconds(median_of(&values));
+        let value = if name == HOST_PHASE {
+            value
+        } else {
+            mark(value)
+        };
+        rows.push(&format!("  {name}"), env, value, "");
+    }
+    let rest: Vec<f64> = runs
+        .iter()
+        .map(|r| {
+            r.cold_total.as_secs_f64()
+                - r.cold_phases.iter().map(|(_, ms)| ms / 1000.0).sum::<f64>()
+        })
+        .collect();
+    rows.push(
+        "  rest (total − phases)",
+        env,
+        mark(seconds(median_of(&rest))),
+        "",
+    );
+
+    let programs = target.hypervisor_programs();
+    if let Some(hypervisor) = programs.first() {
+        // Helpers are one per VM, like the hypervisor: divide every sum by the VM count.
+        let per_vm = |run: &Run, program: &str| {
+            let vms = vm_count(&run.children_rss, hypervisor).max(1);
+            run.children_rss.get(program).map_or(0, |p| p.bytes) as f64 / vms as f64
+        };
+        let total: Vec<f64> = runs
+            .iter()
+            .map(|r| programs.iter().map(|p| per_vm(r, p)).sum())
+            .collect();
+        let parts: Vec<String> = programs
+            .iter()
+            .map(|p| {
+                let values: Vec<f64> = runs.iter().map(|r| per_vm(r, p)).collect();
+                format!("{p} {}", mib(median_of(&values)))
+            })
+            .collect();
+        let vms = runs
+            .last()
+            .map_or(0, |r| vm_count(&r.children_rss, hypervisor));
+        rows.push_noted(
+            "hypervisor RSS per microVM",
+            env,
+            mark(mib(median_of(&total))),
+            "",
+            &format!("VmRSS of {vms} running VMs: {}", parts.join(" + ")),
+        );
+    }
+}
+
+fn vm_count(children: &BTreeMap<String, ProgramRss>, hypervisor: &str) -> usize {
+    children.get(hypervisor).map_or(0, |h| h.processes)
+}
+
+/// The start phases reported by any run, in the order the `REPORT` line gives them.
+fn phase_names(runs: &[Run]) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for (name, _) in runs.iter().flat_map(|r| &r.cold_phases) {
+        if !names.contains(name) {
+            names.push(name.clone());
+        }
+    }
+    names
+}
+
+fn phase(run: &Run, name: &str) -> Option<f64> {
+    run.cold_phases
+        .iter()
+        .find_map(|(n, ms)| (n == name).then_some(*ms))
+}
+
+/// The rows: measurement, environment, median, ratio to the floor, note.
+#[derive(Default)]
+struct Rows(Vec<[String; 5]>);
+
+impl Rows {
+    fn push(&mut self, measurement: &str, env: &str, value: String, ratio: &str) {
+        self.push_noted(measurement, env, value, ratio, "");
+    }
+
+    fn push_noted(&mut self, measurement: &str, env: &str, value: String, ratio: &str, note: &str) {
+        self.0.push([
+            measurement.to_string(),
+            env.to_string(),
+            value,
+            ratio.to_string(),
+            note.to_string(),
+        ]);
+    }
+}
+
+/// A quantile of one run's samples, in seconds (NaN for no samples, shown as "—").
+fn p(samples: &[Duration], q: f64) -> f64 {
+    percentile(samples, q).map_or(f64::NAN, |d| d.as_secs_f64())
+}
+
+fn median_of(values: &[f64]) -> f64 {
+    median(values.iter().copied().filter(|v| v.is_finite())).unwrap_or(f64::NAN)
+}
+
+/// Seconds as µs, ms or s, three significant digits or so.
+fn seconds(s: f64) -> String {
+    match s {
+        s if !s.is_finite() => "—".to_string(),
+        s if s < 1e-3 => format!("{:.0} µs", s * 1e6),
+        s if s < 1.0 => format!("{:.2} ms", s * 1e3),
+        s => format!("{s:.2} s"),
+    }
+}
+
+fn ratio(r: Option<f64>) -> String {
+    r.filter(|r| r.is_finite())
+        .map_or_else(|| "—".to_string(), |r| format!("{r:.1}×"))
+}
+
+fn mib(bytes: f64) -> String {
+    if bytes.is_finite() {
+        format!("{:.1} MiB", bytes / (1u64 << 20) as f64)
+    } else {
+        "—".to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_pick_a_readable_unit() {
+        assert_eq!(seconds(0.000_052), "52 µs");
+        assert_eq!(seconds(0.0123), "12.30 ms");
+        assert_eq!(seconds(2.5), "2.50 s");
+        assert_eq!(seconds(f64::NAN), "—");
+        assert_eq!(ratio(Some(6.53)), "6.5×");
+        assert_eq!(mib(3.0 * 1048576.0), "3.0 MiB");
+    }
+}

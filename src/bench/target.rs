@@ -1,0 +1,283 @@
+//! One run against one kind of environment: a fresh in-process server (so that its first
+//! invocation is a cold start), then warm invokes on kept-alive connections, one client
+//! and then [`CLIENTS`] at once, and the hypervisors' memory while their VMs run.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use indicatif::ProgressBar;
+use kindling_microvm::probe;
+use kindling_microvm::qemu::{QEMU, VHOST_VSOCK};
+use kindling_runtime_api::client::{Client, InvokeOptions};
+use kindling_runtime_api::config::{FunctionConfig, Hypervisor};
+use kindling_runtime_api::{Function, Isolation, Server, ServerOptions};
+use tokio::sync::oneshot;
+use tokio::task::JoinSet;
+
+use super::report;
+use super::rss::{self, ProgramRss};
+use crate::environments;
+
+/// The bench function's name.
+pub const FUNCTION: &str = "bench-noop";
+/// Concurrent clients (and so environments) of the concurrent throughput.
+pub const CLIENTS: usize = 4;
+/// Untimed invokes before the timed ones, so that lazy set-up is not measured.
+const WARM_UP: usize = 10;
+/// Patient limits: under emulation a guest boots in seconds, not milliseconds.
+const INIT_TIMEOUT: Duration = Duration::from_secs(120);
+const FUNCTION_TIMEOUT_S: u64 = 60;
+
+/// What is measured: the sandbox, or microVMs on one hypervisor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    pub isolation: Isolation,
+    /// `Some` exactly for microVMs.
+    pub hypervisor: Option<Hypervisor>,
+}
+
+impl Target {
+    pub const SANDBOX: Target = Target {
+        isolation: Isolation::Sandbox,
+        hypervisor: None,
+    };
+
+    pub fn microvm(hypervisor: Hypervisor) -> Self {
+        Target {
+            isolation: Isolation::MicroVm,
+            hypervisor: Some(hypervisor),
+        }
+    }
+
+    /// Whether its guests run under instruction emulation (QEMU TCG) on this host.
+    pub fn emulated(&self) -> bool {
+        self.hypervisor == Some(Hypervisor::Qemu) && !probe::kvm().can_boot_linux
+    }
+
+    /// The environment column of the table.
+    pub fn label(&self) -> &'static str {
+        match self.hypervisor {
+            None => "sandbox",
+            Some(Hypervisor::Kindling) => "microVM kindling-vmm",
+            Some(Hypervisor::Qemu) if self.emulated() => "microVM qemu/tcg",
+            Some(Hypervisor::Qemu) => "microVM qemu/kvm",
+        }
+    }
+
+    /// The programs one running VM consists of: the hypervisor first, then its helpers.
+    pub fn hypervisor_programs(&self) -> &'static [&'static str] {
+        match self.hypervisor {
+            None => &[],
+            Some(Hypervisor::Kindling) => &["kindling-vmm"],
+            Some(Hypervisor::Qemu) => &[QEMU, VHOST_VSOCK],
+        }
+    }
+
+    fn function(&self, code: &Path) -> FunctionConfig {
+        FunctionConfig {
+            function: Function {
+                name: FUNCTION.to_string(),
+                code: code.to_path_buf(),
+                runtime: "python".to_string(),
+                handler: "app.handler".to_string(),
+                memory_mb: 128,
+                timeout: Duration::from_secs(FUNCTION_TIMEOUT_S),
+                isolation: self.isolation,
+                max_concurrency: CLIENTS,
+                env: BTreeMap::new(),
+            },
+            hypervisor: self.hypervisor,
+        }
+    }
+}
+
+/// One run's numbers for one target.
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// First invocation of a fresh server: environment start → answer.
+    pub cold_total: Duration,
+    /// From that invocation's `REPORT` line, in ms (`Init Duration`, `Guest Boot`, ...).
+    pub cold_phases: Vec<(String, f64)>,
+    /// Warm invokes one after the other on one connection.
+    pub warm: Vec<Duration>,
+    /// Invokes per second of `warm`.
+    pub sequential_rate: f64,
+    /// Invokes per second with [`CLIENTS`] clients at once.
+    pub concurrent_rate: f64,
+    /// Memory of this process's children while the VMs ran, per program.
+    pub children_rss: BTreeMap<String, ProgramRss>,
+}
+
+/// Checks, before anything is measured, that the server can be built for `target` the
+/// way the bench asks (a microVM that would silently become a sandbox is an error).
+pub fn check(target: Target, code: &Path, state_dir: &Path) -> anyhow::Result<()> {
+    let (functions, _) = environments::prepare(vec![target.function(code)], None, state_dir)?;
+    if functions.iter().any(|f| f.isolation != target.isolation) {
+        bail!("{} cannot run on this host", target.label());
+    }
+    Ok(())
+}
+
+/// Starts a fresh server for `target` in `state_dir`, measures, and stops it.
+pub async fn run(
+    target: Target,
+    code: &Path,
+    state_dir: &Path,
+    invokes: usize,
+    progress: &ProgressBar,
+) -> anyhow::Result<Run> {
+    let (functions, launchers) =
+        environments::prepare(vec![target.function(code)], None, state_dir)?;
+    let mut options = ServerOptions::new(state_dir);
+    options.invoke_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    // Environments live through the run, however slow the machine.
+    options.idle_timeout = Duration::from_secs(3600);
+    options.init_timeout = INIT_TIMEOUT;
+    let server = Server::bind(functions, launchers, options).await?;
+    let addr = server.local_addr();
+    let logs = server.logs();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let serving = tokio::spawn(server.run(async {
+        // A dropped sender stops the server too.
+        let _ = stopped.await;
+    }));
+    let measured = measure(target, addr, logs, invokes, progress).await;
+    let _ = stop.send(());
+    serving
+        .await
+        .context("the server task failed")?
+        .context("the server failed")?;
+    measured
+}
+
+async fn measure(
+    target: Target,
+    addr: SocketAddr,
+    mut logs: tokio::sync::broadcast::Receiver<kindling_runtime_api::logs::LogLine>,
+    invokes: usize,
+    progress: &ProgressBar,
+) -> anyhow::Result<Run> {
+    let mut client = Client::connect(addr).await?;
+
+    progress.set_message(format!("{}: cold start", target.label()));
+    let started = Instant::now();
+    invoke(&mut client).await.context("the cold invocation")?;
+    let cold_total = started.elapsed();
+    let cold_phases = report::next_breakdown(&mut logs, FUNCTION, Duration::from_secs(10)).await?;
+    drop(logs);
+    progress.inc(1);
+
+    progress.set_message(format!("{}: warm invokes, 1 client", target.label()));
+    for _ in 0..WARM_UP {
+        invoke(&mut client).await?;
+    }
+    let mut warm = Vec::with_capacity(invokes);
+    let started = Instant::now();
+    for _ in 0..invokes {
+        let one = Instant::now();
+        invoke(&mut client).await?;
+        warm.push(one.elapsed());
+        progress.inc(1);
+    }
+    let sequential_rate = invokes as f64 / started.elapsed().as_secs_f64();
+
+    progress.set_message(format!(
+        "{}: starting {CLIENTS} environments",
+        target.label()
+    ));
+    let mut clients = Vec::with_capacity(CLIENTS);
+    for _ in 0..CLIENTS {
+        clients.push(Client::connect(addr).await?);
+    }
+    // One invocation per environment at a time: CLIENTS invocations at once bring up
+    // CLIENTS environments, and those starts stay out of the timed part.
+    let clients = concurrently(clients, CLIENTS, progress).await?;
+
+    progress.set_message(format!(
+        "{}: warm invokes, {CLIENTS} clients",
+        target.label()
+    ));
+    let started = Instant::now();
+    concurrently(clients, invokes, progress).await?;
+    let concurrent_rate = invokes as f64 / started.elapsed().as_secs_f64();
+    // After the work, so that the memory the hypervisors grew while serving counts.
+    let children_rss = rss::children_by_program()?;
+    check_vms_ran(target, &children_rss)?;
+
+    Ok(Run {
+        cold_total,
+        cold_phases,
+        warm,
+        sequential_rate,
+        concurrent_rate,
+        children_rss,
+    })
+}
+
+/// `total` invokes shared out among `clients`, each on its own task, all at once; gives
+/// the clients back for the next round.
+async fn concurrently(
+    clients: Vec<Client>,
+    total: usize,
+    progress: &ProgressBar,
+) -> anyhow::Result<Vec<Client>> {
+    let share = total.div_ceil(clients.len());
+    let mut remaining = total;
+    let mut tasks = JoinSet::new();
+    for mut client in clients {
+        let mine = share.min(remaining);
+        remaining -= mine;
+        let progress = progress.clone();
+        tasks.spawn(async move {
+            for _ in 0..mine {
+                invoke(&mut client).await?;
+                progress.inc(1);
+            }
+            anyhow::Ok(client)
+        });
+    }
+    let mut clients = Vec::with_capacity(tasks.len());
+    while let Some(done) = tasks.join_next().await {
+        clients.push(done.context("a client task failed")??);
+    }
+    Ok(clients)
+}
+
+/// The VM processes must be there while VMs serve: otherwise the RSS numbers would
+/// silently describe nothing.
+fn check_vms_ran(target: Target, children: &BTreeMap<String, ProgramRss>) -> anyhow::Result<()> {
+    let missing: BTreeSet<_> = target
+        .hypervisor_programs()
+        .iter()
+        .filter(|p| !children.contains_key(**p))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "{}: no {missing:?} process found among this process's children while its VMs ran",
+            target.label()
+        );
+    }
+    Ok(())
+}
+
+/// One invocation of the no-op function; anything but a clean answer is an error.
+async fn invoke(client: &mut Client) -> anyhow::Result<()> {
+    let answer = client
+        .invoke(FUNCTION, &b"{}"[..], &InvokeOptions::default())
+        .await?;
+    if !answer.status.is_success() || answer.function_error.is_some() {
+        bail!(
+            "{FUNCTION} answered {} ({}): {}",
+            answer.status,
+            answer
+                .function_error
+                .as_deref()
+                .unwrap_or("no function error"),
+            String::from_utf8_lossy(&answer.body)
+        );
+    }
+    Ok(())
+}

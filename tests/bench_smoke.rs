@@ -1,0 +1,127 @@
+//! `kindling bench` through the real binary: a short sandbox-only bench prints every row
+//! of its table, and bad arguments are refused with a clear error.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const KINDLING: &str = env!("CARGO_BIN_EXE_kindling");
+
+fn kindling(args: &[&str]) -> Output {
+    Command::new(KINDLING)
+        .args(args)
+        .output()
+        .expect("kindling runs")
+}
+
+/// Why this machine cannot run a sandbox bench, if it cannot.
+fn unable() -> Option<String> {
+    let euid = procfs::process::Process::myself()
+        .and_then(|p| p.status())
+        .map(|s| s.euid);
+    if euid.ok() != Some(0) {
+        return Some("the sandbox needs root".to_string());
+    }
+    kindling_images::locate::guest_bin_dir().err()
+}
+
+/// `cargo test` builds `kindling` but not the sandbox helper, which must sit beside it:
+/// build it into the same folder with the same profile (instant when up to date).
+fn build_sandbox_helper() {
+    let profile_dir = Path::new(KINDLING)
+        .parent()
+        .expect("kindling is in a folder");
+    let target_dir: PathBuf = profile_dir.parent().expect("a target folder").into();
+    let profile = match profile_dir.file_name().and_then(|p| p.to_str()) {
+        Some("debug") | None => "dev",
+        Some(other) => other,
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "-p", "kindling-sandbox", "--profile", profile])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building kindling-sandbox-exec failed");
+}
+
+#[test]
+fn a_sandbox_bench_prints_every_row() {
+    if let Some(reason) = unable() {
+        println!("SKIPPED: {reason}");
+        return;
+    }
+    build_sandbox_helper();
+    let out = kindling(&[
+        "bench",
+        "--runs",
+        "1",
+        "--invokes",
+        "20",
+        "--isolation",
+        "sandbox",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "kindling bench failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    let row = |measurement: &str| {
+        stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(measurement))
+            .unwrap_or_else(|| panic!("no {measurement:?} row in:\n{stdout}"))
+    };
+    for floor in [
+        "floor: 2 HTTP round trips, p50",
+        "floor: 2 HTTP round trips, p99",
+    ] {
+        assert!(
+            row(floor).contains(" µs") || row(floor).contains(" ms"),
+            "{stdout}"
+        );
+    }
+    for warm in ["warm invoke, p50", "warm invoke, p99"] {
+        let line = row(warm);
+        assert!(line.contains("sandbox"), "{line}");
+        assert!(
+            line.trim_end().ends_with('×'),
+            "no ratio to the floor: {line}"
+        );
+    }
+    for rate in ["throughput, 1 client", "throughput, 4 clients"] {
+        assert!(row(rate).trim_end().ends_with(" /s"), "{stdout}");
+    }
+    assert!(
+        row("cold start, invoke → answer").contains(" ms"),
+        "{stdout}"
+    );
+    assert!(row("Init Duration").contains(" ms"), "{stdout}");
+    assert!(
+        !stdout.contains("microVM") && !stdout.contains('†'),
+        "a sandbox-only bench measured a microVM:\n{stdout}"
+    );
+}
+
+#[test]
+fn bad_arguments_are_refused_clearly() {
+    for (args, expected) in [
+        (&["bench", "--runs", "0"][..], "--runs"),
+        (
+            &["bench", "--isolation", "vm"][..],
+            "expected microvm or sandbox",
+        ),
+        (
+            &["bench", "--hypervisor", "xen"][..],
+            "expected kindling or qemu",
+        ),
+        (&["bench", "--invokes", "2"][..], "--invokes"),
+    ] {
+        let out = kindling(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
