@@ -1,13 +1,11 @@
 //! The Invoke API's own behaviour around a working function: concurrency across
 //! environments, the log tail, Event and DryRun invocations, unknown functions.
 
-use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
-
 use kindling_runtime_api::client::{InvocationType, InvokeOptions};
 use serde_json::json;
+use std::collections::BTreeSet;
 
-use crate::support::{json, prerequisites, request_id, FunctionDef, Server};
+use crate::support::{eventually, json, prerequisites, request_id, FunctionDef, Server};
 
 const PYTHON: &[&str] = &["/usr/bin/python3"];
 
@@ -110,15 +108,10 @@ async fn an_event_invocation_is_accepted_then_runs() {
         .await;
     assert_eq!(answer.status, 202, "{}", server.diagnostics());
     assert!(answer.body.is_empty());
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !server.log("echo").contains(&format!("echo {marker}")) {
-        assert!(
-            Instant::now() < deadline,
-            "the event never ran; log:\n{}",
-            server.log("echo")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(&format!("the event {marker} runs"), || {
+        server.log("echo").contains(&format!("echo {marker}"))
+    })
+    .await;
     server.stop();
 }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use kindling_runtime_api::client::{self, InvokeOptions};
 use serde_json::json;
 
-use crate::support::{json, prerequisites, repo_path, FunctionDef, Scratch, Server};
+use crate::support::{eventually, json, prerequisites, repo_path, FunctionDef, Scratch, Server};
 
 #[test]
 fn a_bad_functions_file_names_file_line_and_key() {
@@ -86,11 +86,10 @@ async fn sigterm_finishes_the_invocation_in_flight_and_leaves_nothing() {
         )
         .await
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !server.log("sleeps").contains("START RequestId") {
-        assert!(Instant::now() < deadline, "{}", server.diagnostics());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the invocation of sleeps starts", || {
+        server.log("sleeps").contains("START RequestId")
+    })
+    .await;
     assert_eq!(server.env_dirs().len(), 3);
 
     let started = tokio::task::spawn_blocking(move || server.stop())

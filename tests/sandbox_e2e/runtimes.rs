@@ -1,10 +1,12 @@
 //! Each kind of runtime answers through the sandbox: the AWS tutorial's bash custom
 //! runtime, our Python and Node runtimes, and a runtime built with AWS's `lambda_runtime`
-//! crate; and the `kindling invoke` / `kindling logs` commands against a server.
+//! crate; and the `kindling run`, `kindling invoke` and `kindling logs` commands.
 
 use serde_json::json;
 
-use crate::support::{json, prerequisites, repo_path, request_id, FunctionDef, Scratch, Server};
+use crate::support::{
+    eventually, json, prerequisites, repo_path, request_id, FunctionDef, Scratch, Server,
+};
 
 #[tokio::test]
 async fn aws_tutorial_bash_runtime_echoes_the_event() {
@@ -172,5 +174,30 @@ async fn cli_invoke_and_logs_talk_to_the_server() {
     let out = server.cli(&["logs", "nobody"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no log for \"nobody\""));
+    server.stop();
+}
+
+#[tokio::test]
+async fn kindling_run_serves_one_function_and_prints_its_log() {
+    let Some(bins) = prerequisites(&["/usr/bin/python3"]) else {
+        return;
+    };
+    let server = Server::run(
+        bins,
+        &repo_path("examples/hello-python"),
+        "python",
+        "app.handler",
+    );
+    // Named after its code folder, and reachable as the emulator's `function` too.
+    for name in ["hello-python", "function"] {
+        let answer = server.invoke(name, &json!({"name": name})).await;
+        assert_eq!(answer.status, 200, "{}", server.diagnostics());
+        assert_eq!(json(&answer)["message"], format!("Hello, {name}!"));
+        let report = format!("hello-python | REPORT RequestId: {}\t", request_id(&answer));
+        eventually(&format!("{report:?} on stdout"), || {
+            server.stdout().contains(&report)
+        })
+        .await;
+    }
     server.stop();
 }

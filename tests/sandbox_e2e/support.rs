@@ -196,12 +196,27 @@ impl Server {
         let file = scratch.path().join("functions.toml");
         let text: String = functions.iter().map(|f| f.toml() + "\n").collect();
         std::fs::write(&file, text).expect("writing functions.toml");
+        let mut serve = Command::new(&bins.kindling);
+        serve.arg("serve").arg("--functions").arg(&file);
+        Self::launch(bins, scratch, serve)
+    }
+
+    /// `kindling run CODE --runtime R --handler H --isolation sandbox`: one function,
+    /// emulator style, its log on stdout (see [`Server::stdout`]).
+    pub fn run(bins: &Binaries, code: &Path, runtime: &str, handler: &str) -> Self {
+        let mut run = Command::new(&bins.kindling);
+        run.arg("run")
+            .arg(code)
+            .args(["--runtime", runtime, "--handler", handler])
+            .args(["--isolation", "sandbox"]);
+        Self::launch(bins, Scratch::new(), run)
+    }
+
+    /// Adds the address and state dir to `command`, starts it and waits until it listens.
+    fn launch(bins: &Binaries, scratch: Scratch, mut command: Command) -> Self {
         let state_dir = scratch.path().join("state");
         let stderr = scratch.path().join("serve.err");
-        let child = Command::new(&bins.kindling)
-            .arg("serve")
-            .arg("--functions")
-            .arg(&file)
+        let child = command
             .args(["--addr", "127.0.0.1:0", "--state-dir"])
             .arg(&state_dir)
             .env("KINDLING_LOG", "kindling=info,warn")
@@ -209,7 +224,7 @@ impl Server {
             .stdout(file_for(&scratch.path().join("serve.out")))
             .stderr(file_for(&stderr))
             .spawn()
-            .expect("cannot start kindling serve");
+            .expect("cannot start kindling");
         let mut server = Server {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -290,6 +305,11 @@ impl Server {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// What the server printed on stdout so far: its functions' log lines.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.stderr.with_file_name("serve.out")).unwrap_or_default()
     }
 
     /// The server's stderr, for failure messages.
@@ -432,6 +452,16 @@ fn cgroups_of(server_pid: u32) -> Vec<PathBuf> {
         .filter(|e| e.path().is_dir() && e.file_name().to_string_lossy().contains(&marker))
         .map(|e| e.path())
         .collect()
+}
+
+/// Waits (15 s at most) until `check` holds, e.g. for a line that is printed or
+/// logged after the answer that caused it.
+pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !check() {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The body as JSON, or a panic that shows it.
