@@ -1,0 +1,800 @@
+//! End to end through real microVMs (issue 6, "Tests"): real guests (kernel, init,
+//! switch_root into the ext4 root, bootstrap over vsock, a Lambda runtime) booted by the
+//! real `kindling serve`, invoked over the real Invoke API.
+//!
+//! Booting a guest costs seconds under QEMU's TCG, so every trial of a backend shares one
+//! server, each trial with functions of its own. The harness is libtest-mimic (the
+//! `[[test]]` entry has `harness = false`) because the shared server must be stopped
+//! *after* every trial: `sigterm_leaves_nothing_behind` runs in a second phase, sends it
+//! SIGTERM and checks that none of its processes, environment dirs or sockets is left.
+//!
+//! Backends: `qemu` always; `kindling` (kindling-vmm on KVM) only where
+//! `kindling_microvm::probe::kvm()` says this host's KVM can boot a Linux guest.
+//! Missing prerequisites print one `SKIPPED: <reason>` line.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use kindling_runtime_api::client::{self, InvokeOptions, InvokeResponse};
+use libtest_mimic::{Arguments, Failed, Trial};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+
+/// How long one invocation may take, cold start included, on a busy 2-core machine.
+const INVOKE_PATIENCE: Duration = Duration::from_secs(60);
+/// `kindling serve` stops within its 5 s shutdown grace plus a stop grace per VM.
+const STOP_PATIENCE: Duration = Duration::from_secs(30);
+/// Trials at once (unless `--test-threads` says otherwise): every trial boots guests, and
+/// too many TCG boots at once on a 2-core machine push a cold start past the scheduler's
+/// 10 s init timeout.
+const DEFAULT_TEST_THREADS: usize = 2;
+/// The timeout of the `timeout` function, as the caller's error message states it.
+const SHORT_TIMEOUT_S: u32 = 2;
+
+fn main() -> ExitCode {
+    let mut args = Arguments::from_args();
+    args.test_threads.get_or_insert(DEFAULT_TEST_THREADS);
+    if let Some(reason) = missing_prerequisite() {
+        println!("SKIPPED: {reason}");
+        return ExitCode::SUCCESS;
+    }
+    let kvm = kindling_microvm::probe::kvm();
+    let mut backends = vec![Backend::Qemu];
+    if kvm.can_boot_linux {
+        backends.push(Backend::Kindling);
+    } else {
+        println!("SKIPPED: the kindling backend: {}", kvm.reason);
+    }
+    if !args.list {
+        if let Err(e) = build_images() {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let hosts: Vec<Arc<Host>> = backends.into_iter().map(Host::new).collect();
+    let trials = hosts.iter().flat_map(scenarios).collect();
+    let scenarios_done = libtest_mimic::run(&args, trials);
+    let shutdown = hosts
+        .iter()
+        .map(|host| {
+            let host = host.clone();
+            Trial::test(
+                format!("{}::sigterm_leaves_nothing_behind", host.backend.name()),
+                move || host.stop_and_check(),
+            )
+        })
+        .collect();
+    let shutdown_done = libtest_mimic::run(&args, shutdown);
+    // Servers a filter kept from their shutdown trial are stopped here.
+    drop(hosts);
+    if scenarios_done.has_failed() || shutdown_done.has_failed() {
+        ExitCode::from(101)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Why this machine cannot boot guests under QEMU, if it cannot.
+fn missing_prerequisite() -> Option<String> {
+    if let Err(e) = kindling_images::locate::guest_bin_dir() {
+        return Some(e);
+    }
+    [
+        kindling_microvm::qemu::QEMU,
+        kindling_microvm::qemu::VHOST_VSOCK,
+    ]
+    .into_iter()
+    .find(|program| which(program).is_none())
+    .map(|program| format!("{program} is not installed (scripts/setup.sh installs it)"))
+}
+
+/// `program`'s path on `$PATH`, as the microvm backends will spawn it.
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(program))
+        .find(|path| path.is_file())
+}
+
+/// Builds (or finds cached) the kernel, initramfs and the root images the tests boot:
+/// a server builds missing images on its first cold start, which would not fit in the
+/// scheduler's init timeout.
+fn build_images() -> Result<(), String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_kindling"))
+        .args(["images", "build", "--runtime", "python"])
+        .args(["--runtime", "provided-debian"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run kindling images build: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "kindling images build failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// A hypervisor backend under test.
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Qemu,
+    Kindling,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Qemu => "qemu",
+            Backend::Kindling => "kindling",
+        }
+    }
+
+    /// The program that runs a guest (the process to kill when a hypervisor dies).
+    fn hypervisor_program(self) -> &'static str {
+        match self {
+            Backend::Qemu => kindling_microvm::qemu::QEMU,
+            Backend::Kindling => "kindling-vmm",
+        }
+    }
+}
+
+/// One test function of the shared server's functions.toml.
+struct FunctionDef {
+    name: &'static str,
+    /// Relative to the checkout.
+    code: &'static str,
+    runtime: &'static str,
+    handler: &'static str,
+    timeout_s: u32,
+    max_concurrency: u32,
+}
+
+/// The code every python test function boots: `tests/vm-functions/probe/app.py`.
+const PROBE: &str = "tests/vm-functions/probe";
+
+/// One function per trial, so that trials running at once never share an environment.
+const FUNCTIONS: &[FunctionDef] = &[
+    FunctionDef::probe("warm", 10, 1),
+    FunctionDef::probe("inspect", 10, 1),
+    FunctionDef {
+        name: "bash",
+        code: "examples/hello-bash",
+        runtime: "provided-debian",
+        handler: "function.handler",
+        timeout_s: 10,
+        max_concurrency: 1,
+    },
+    FunctionDef::probe("crash", 10, 1),
+    FunctionDef::probe("timeout", SHORT_TIMEOUT_S, 1),
+    FunctionDef::probe("vmkill", 60, 1),
+    FunctionDef::probe("pair", 30, 2),
+];
+
+impl FunctionDef {
+    const fn probe(name: &'static str, timeout_s: u32, max_concurrency: u32) -> Self {
+        Self {
+            name,
+            code: PROBE,
+            runtime: "python",
+            handler: "app.handler",
+            timeout_s,
+            max_concurrency,
+        }
+    }
+
+    /// The `[functions.NAME]` table (TOML basic strings are JSON strings).
+    fn toml(&self) -> String {
+        let code = Path::new(env!("CARGO_MANIFEST_DIR")).join(self.code);
+        format!(
+            "[functions.{}]\ncode = {}\nruntime = {}\nhandler = {}\nmemory = 128\n\
+             timeout = {}\nisolation = \"microvm\"\nmax_concurrency = {}\n\n",
+            self.name,
+            Value::from(code.to_string_lossy()),
+            Value::from(self.runtime),
+            Value::from(self.handler),
+            self.timeout_s,
+            self.max_concurrency,
+        )
+    }
+}
+
+/// The trials of one backend, each run against its shared server.
+fn scenarios(host: &Arc<Host>) -> Vec<Trial> {
+    type Scenario = fn(&Server, Backend) -> Result<(), Failed>;
+    let list: [(&str, Scenario); 7] = [
+        ("python_second_invoke_is_warm", python_second_invoke_is_warm),
+        ("bash_custom_runtime", bash_custom_runtime),
+        (
+            "killed_runtime_then_next_works",
+            killed_runtime_then_next_works,
+        ),
+        ("timeout_replaces_the_vm", timeout_replaces_the_vm),
+        (
+            "dead_hypervisor_fails_one_invocation",
+            dead_hypervisor_fails_one_invocation,
+        ),
+        (
+            "concurrent_invocations_get_two_vms",
+            concurrent_invocations_get_two_vms,
+        ),
+        (
+            "init_switches_root_and_is_pid1",
+            init_switches_root_and_is_pid1,
+        ),
+    ];
+    list.into_iter()
+        .map(|(name, scenario)| {
+            let host = host.clone();
+            Trial::test(format!("{}::{name}", host.backend.name()), move || {
+                scenario(host.server()?, host.backend)
+            })
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenarios
+
+fn python_second_invoke_is_warm(server: &Server, _: Backend) -> Result<(), Failed> {
+    let cold = server.invoke("warm", &json!({"action": "hello"}))?;
+    let cold_body = cold.ok_json()?;
+    let report = cold.report()?;
+    for phase in ["Init Duration: ", "Hypervisor Start: ", "Guest Boot: "] {
+        check(report.contains(phase), || {
+            format!("cold REPORT lacks {phase}: {report}")
+        })?;
+    }
+    let warm = server.invoke("warm", &json!({"action": "hello"}))?;
+    let warm_body = warm.ok_json()?;
+    let report = warm.report()?;
+    check(!report.contains("Init Duration"), || {
+        format!("warm REPORT has an Init Duration: {report}")
+    })?;
+    check(
+        warm_body["boot_id"] == cold_body["boot_id"] && warm_body["pid"] == cold_body["pid"],
+        || format!("not the same microVM and runtime: {cold_body} then {warm_body}"),
+    )
+}
+
+fn bash_custom_runtime(server: &Server, _: Backend) -> Result<(), Failed> {
+    let answer = server.invoke("bash", &json!({"from": "bash"}))?;
+    answer.ok()?;
+    let body = String::from_utf8_lossy(&answer.response.body);
+    check(
+        body.trim() == r#"Echoing request: '{"from":"bash"}'"#,
+        || format!("unexpected answer from the AWS tutorial runtime: {body:?}"),
+    )?;
+    // The tutorial's handler echoes the event to stderr, which is the function's log.
+    let tail = answer.tail();
+    check(tail.contains(r#"{"from":"bash"}"#), || {
+        format!("the handler's stderr is not in the log: {tail}")
+    })
+}
+
+fn killed_runtime_then_next_works(server: &Server, _: Backend) -> Result<(), Failed> {
+    let crashed = server.invoke("crash", &json!({"action": "exit"}))?;
+    crashed.unhandled("Runtime.ExitError")?;
+    let next = server.invoke("crash", &json!({"action": "hello"}))?;
+    next.ok_json().map(drop)
+}
+
+fn timeout_replaces_the_vm(server: &Server, _: Backend) -> Result<(), Failed> {
+    let first = server
+        .invoke("timeout", &json!({"action": "hello"}))?
+        .ok_json()?;
+    let started = Instant::now();
+    let timed_out = server.invoke("timeout", &json!({"action": "sleep", "seconds": 30}))?;
+    let took = started.elapsed();
+    let body = timed_out.unhandled("Sandbox.Timedout")?;
+    let expected = format!("Task timed out after {SHORT_TIMEOUT_S}.00 seconds");
+    check(
+        body["errorMessage"]
+            .as_str()
+            .is_some_and(|m| m.contains(&expected)),
+        || format!("expected {expected:?}: {body}"),
+    )?;
+    let limit = Duration::from_secs(u64::from(SHORT_TIMEOUT_S) + 5);
+    check(took < limit, || {
+        format!("the caller waited {took:?} for a timeout")
+    })?;
+    let next = server.invoke("timeout", &json!({"action": "hello"}))?;
+    let next_body = next.ok_json()?;
+    let report = next.report()?;
+    check(report.contains("Init Duration: "), || {
+        format!("the invocation after a timeout is not a cold start: {report}")
+    })?;
+    check(next_body["boot_id"] != first["boot_id"], || {
+        format!("the timed-out microVM was reused: {first} then {next_body}")
+    })
+}
+
+fn dead_hypervisor_fails_one_invocation(server: &Server, backend: Backend) -> Result<(), Failed> {
+    let first = server
+        .invoke("vmkill", &json!({"action": "hello"}))?
+        .ok_json()?;
+    let slow = server.invoke_in_background("vmkill", json!({"action": "sleep", "seconds": 30}));
+    server.wait_for_log("vmkill", "sleeping 30 s")?;
+    let victims = server.processes_of("vmkill", backend.hypervisor_program());
+    check(victims.len() == 1, || {
+        format!(
+            "expected one {} for vmkill: {victims:?}",
+            backend.hypervisor_program()
+        )
+    })?;
+    kill(Pid::from_raw(victims[0] as i32), Signal::SIGKILL)?;
+    let started = Instant::now();
+    let failed = slow.join().map_err(|_| "the invoking thread panicked")??;
+    check(started.elapsed() < Duration::from_secs(20), || {
+        format!(
+            "the caller waited {:?} after the hypervisor died",
+            started.elapsed()
+        )
+    })?;
+    failed.unhandled("Runtime.ExitError")?;
+    let next = server.invoke("vmkill", &json!({"action": "hello"}))?;
+    let next_body = next.ok_json()?;
+    check(next_body["boot_id"] != first["boot_id"], || {
+        format!("a dead microVM answered: {first} then {next_body}")
+    })
+}
+
+fn concurrent_invocations_get_two_vms(server: &Server, _: Backend) -> Result<(), Failed> {
+    let slow = json!({"action": "sleep", "seconds": 3});
+    let a = server.invoke_in_background("pair", slow.clone());
+    let b = server.invoke_in_background("pair", slow);
+    let mut boot_ids = Vec::new();
+    for answer in [a, b] {
+        let answer = answer
+            .join()
+            .map_err(|_| "the invoking thread panicked")??;
+        let body = answer.ok_json()?;
+        let report = answer.report()?;
+        check(report.contains("Init Duration: "), || {
+            format!("each of two concurrent invocations needs its own cold start: {report}")
+        })?;
+        boot_ids.push(body["boot_id"].clone());
+    }
+    check(boot_ids[0] != boot_ids[1], || {
+        format!("both invocations ran in one microVM: {boot_ids:?}")
+    })?;
+    let consoles = server.live_consoles("pair");
+    check(consoles.len() == 2, || {
+        format!("expected two environments of pair: {consoles:?}")
+    })?;
+    for console in &consoles {
+        let text = std::fs::read_to_string(console)?;
+        check(text.contains("init: bootstrap started at"), || {
+            format!("{}: no bootstrap: {text}", console.display())
+        })?;
+    }
+    Ok(())
+}
+
+fn init_switches_root_and_is_pid1(server: &Server, _: Backend) -> Result<(), Failed> {
+    let body = server
+        .invoke("inspect", &json!({"action": "inspect"}))?
+        .ok_json()?;
+    check(body["pid1_comm"] == "init", || {
+        format!("PID 1 is not our init: {body}")
+    })?;
+    check(body["proc_modules"] == false, || {
+        format!("the guest kernel has loadable modules: {body}")
+    })?;
+    let mounts = body["mounts"].as_str().unwrap_or_default();
+    let mount_of = |target: &str| {
+        mounts
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.get(1) == Some(&target))
+    };
+    let root = mount_of("/").ok_or_else(|| format!("no / in /proc/mounts:\n{mounts}"))?;
+    check(
+        root[0] == "/dev/vda" && root[2] == "ext4" && root[3].split(',').any(|o| o == "ro"),
+        || format!("/ is not the read-only ext4 root image: {root:?}\n{mounts}"),
+    )?;
+    let task = mount_of("/var/task").ok_or_else(|| format!("no /var/task:\n{mounts}"))?;
+    check(task[0] == "/dev/vdb", || {
+        format!("/var/task is not the code image: {task:?}")
+    })?;
+    let consoles = server.live_consoles("inspect");
+    let console = match consoles.as_slice() {
+        [one] => std::fs::read_to_string(one)?,
+        other => return Err(format!("expected one environment of inspect: {other:?}").into()),
+    };
+    check(console.contains("init: switched root to /dev/vda"), || {
+        format!("no switch_root in the console:\n{console}")
+    })?;
+    check(!console.contains("load module"), || {
+        format!("init loaded modules:\n{console}")
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// The shared server
+
+/// A backend's server, started by the first trial that needs it.
+struct Host {
+    backend: Backend,
+    server: OnceLock<Result<Server, String>>,
+}
+
+impl Host {
+    fn new(backend: Backend) -> Arc<Self> {
+        Arc::new(Self {
+            backend,
+            server: OnceLock::new(),
+        })
+    }
+
+    fn server(&self) -> Result<&Server, Failed> {
+        self.server
+            .get_or_init(|| Server::start(self.backend))
+            .as_ref()
+            .map_err(|e| format!("kindling serve did not start: {e}").into())
+    }
+
+    /// SIGTERM to the server with at least one microVM running, then: it exits with
+    /// success, none of its processes lives on, no environment dir is left, and the
+    /// guest consoles went to the function's console log (`kindling logs --console`).
+    fn stop_and_check(&self) -> Result<(), Failed> {
+        let server = self.server()?;
+        server
+            .invoke("warm", &json!({"action": "hello"}))?
+            .ok_json()?;
+        let program = self.backend.hypervisor_program();
+        let before = server.processes_of("warm", program);
+        check(!before.is_empty(), || {
+            format!("no {program} running before SIGTERM")
+        })?;
+        let status = server.terminate()?;
+        check(status.success(), || {
+            format!(
+                "kindling serve exited {status} on SIGTERM:\n{}",
+                server.stderr()
+            )
+        })?;
+        let left = processes_mentioning(&server.state_dir);
+        check(left.is_empty(), || {
+            format!("left running after SIGTERM: {left:?}")
+        })?;
+        let envs: Vec<_> = std::fs::read_dir(server.state_dir.join("envs"))
+            .map(|dir| dir.map(|e| e.map(|e| e.file_name())).collect())
+            .unwrap_or_else(|_| Ok(Vec::new()))?;
+        check(envs.is_empty(), || {
+            format!("environment dirs left: {envs:?}")
+        })?;
+        let logs = Command::new(env!("CARGO_BIN_EXE_kindling"))
+            .args(["logs", "warm", "--console", "--state-dir"])
+            .arg(&server.state_dir)
+            .output()?;
+        let console = String::from_utf8_lossy(&logs.stdout);
+        check(
+            logs.status.success()
+                && console.contains("=== environment warm-")
+                && console.contains("init: switched root to /dev/vda"),
+            || format!("kindling logs warm --console: {}\n{console}", logs.status),
+        )
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if let Some(Ok(server)) = self.server.get() {
+            let _ = server.terminate();
+        }
+    }
+}
+
+/// A running `kindling serve` with every function of [`FUNCTIONS`].
+struct Server {
+    child: Mutex<Child>,
+    pid: u32,
+    addr: SocketAddr,
+    /// The scratch folder: functions.toml, the server's output, and `state/`.
+    scratch: PathBuf,
+    state_dir: PathBuf,
+}
+
+impl Server {
+    fn start(backend: Backend) -> Result<Self, String> {
+        // Short: the state dir holds Unix sockets.
+        let scratch = PathBuf::from(format!(
+            "/tmp/kvme2e-{}-{}",
+            std::process::id(),
+            backend.name()
+        ));
+        let _ = std::fs::remove_dir_all(&scratch);
+        std::fs::create_dir_all(&scratch).map_err(|e| e.to_string())?;
+        let functions = scratch.join("functions.toml");
+        let text: String = FUNCTIONS.iter().map(FunctionDef::toml).collect();
+        std::fs::write(&functions, text).map_err(|e| e.to_string())?;
+        let state_dir = scratch.join("state");
+        let output = |name: &str| {
+            std::fs::File::create(scratch.join(name))
+                .map(Stdio::from)
+                .map_err(|e| e.to_string())
+        };
+        let child = Command::new(env!("CARGO_BIN_EXE_kindling"))
+            .arg("serve")
+            .arg("--functions")
+            .arg(&functions)
+            .args(["--hypervisor", backend.name(), "--addr", "127.0.0.1:0"])
+            .args(["--idle-timeout", "600", "--state-dir"])
+            .arg(&state_dir)
+            .env("KINDLING_LOG", "kindling=info,warn")
+            .stdin(Stdio::null())
+            .stdout(output("serve.out")?)
+            .stderr(output("serve.err")?)
+            .spawn()
+            .map_err(|e| format!("cannot start kindling serve: {e}"))?;
+        let mut server = Server {
+            pid: child.id(),
+            child: Mutex::new(child),
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            scratch,
+            state_dir,
+        };
+        server.addr = server.wait_listening()?;
+        Ok(server)
+    }
+
+    /// The address from `kindling: serving NAMES on http://ADDR`.
+    fn wait_listening(&self) -> Result<SocketAddr, String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = self.stderr();
+            let announced = text
+                .lines()
+                .find_map(|l| l.strip_prefix("kindling: serving "))
+                .and_then(|l| l.rsplit_once(" on http://"));
+            if let Some((_, addr)) = announced {
+                return addr.parse().map_err(|e| format!("{addr:?}: {e}"));
+            }
+            let exited = self.child.lock().expect("not poisoned").try_wait();
+            if let Ok(Some(status)) = exited {
+                return Err(format!("kindling serve exited ({status}):\n{text}"));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "kindling serve did not listen within 30 s:\n{text}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.scratch.join("serve.err")).unwrap_or_default()
+    }
+
+    /// A `RequestResponse` invocation with the log tail, as `kindling invoke --log` does.
+    fn invoke(&self, function: &str, event: &Value) -> Result<Answer, Failed> {
+        invoke(self.addr, function, event)
+    }
+
+    /// Invokes on another thread; join to get the answer.
+    fn invoke_in_background(
+        &self,
+        function: &'static str,
+        event: Value,
+    ) -> std::thread::JoinHandle<Result<Answer, Failed>> {
+        let addr = self.addr;
+        std::thread::spawn(move || invoke(addr, function, &event))
+    }
+
+    /// Waits until `function`'s log has a line containing `text`.
+    fn wait_for_log(&self, function: &str, text: &str) -> Result<(), Failed> {
+        let path = self.state_dir.join("logs").join(format!("{function}.log"));
+        let deadline = Instant::now() + INVOKE_PATIENCE;
+        while Instant::now() < deadline {
+            if std::fs::read_to_string(&path).is_ok_and(|log| log.contains(text)) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(format!("{} never showed {text:?}", path.display()).into())
+    }
+
+    /// The live environment dirs of `function` (`<state>/envs/<function>-<pid>-<n>`).
+    fn env_dirs(&self, function: &str) -> Vec<PathBuf> {
+        let prefix = format!("{function}-{}-", self.pid);
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(self.state_dir.join("envs"))
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path())
+            .collect();
+        dirs.sort();
+        dirs
+    }
+
+    /// The console logs of `function`'s live environments.
+    fn live_consoles(&self, function: &str) -> Vec<PathBuf> {
+        self.env_dirs(function)
+            .into_iter()
+            .map(|dir| dir.join("console.log"))
+            .filter(|path| path.is_file())
+            .collect()
+    }
+
+    /// Pids of `program` processes running one of `function`'s environments (their
+    /// command lines name the environment dir).
+    fn processes_of(&self, function: &str, program: &str) -> Vec<u32> {
+        self.env_dirs(function)
+            .iter()
+            .flat_map(|dir| processes_mentioning(dir))
+            .filter(|(_, argv0)| Path::new(argv0).file_name() == Some(program.as_ref()))
+            .map(|(pid, _)| pid)
+            .collect()
+    }
+
+    /// SIGTERM, then waits for the exit (SIGKILL after [`STOP_PATIENCE`]).
+    fn terminate(&self) -> Result<std::process::ExitStatus, Failed> {
+        let mut child = self.child.lock().expect("not poisoned");
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        kill(Pid::from_raw(self.pid as i32), Signal::SIGTERM)?;
+        let deadline = Instant::now() + STOP_PATIENCE;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.kill()?;
+        child.wait()?;
+        Err(format!("kindling serve ignored SIGTERM for {STOP_PATIENCE:?}").into())
+    }
+}
+
+impl Drop for Server {
+    /// The scratch folder goes once the server is gone; a server that never stopped
+    /// keeps it, for a look at what went wrong.
+    fn drop(&mut self) {
+        if matches!(self.child.get_mut().map(|c| c.try_wait()), Ok(Ok(Some(_)))) {
+            let _ = std::fs::remove_dir_all(&self.scratch);
+        }
+    }
+}
+
+/// Live processes (pid, argv[0]) whose command line mentions `path`, other than this test.
+fn processes_mentioning(path: &Path) -> Vec<(u32, String)> {
+    let needle = path.to_string_lossy().into_owned();
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter_map(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let args: Vec<String> = cmdline
+                .split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            args.iter()
+                .any(|a| a.contains(&needle))
+                .then(|| (pid, args[0].clone()))
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Invocations
+
+/// One answer of the Invoke API.
+struct Answer {
+    function: String,
+    response: InvokeResponse,
+}
+
+fn invoke(addr: SocketAddr, function: &str, event: &Value) -> Result<Answer, Failed> {
+    let options = InvokeOptions {
+        log_tail: true,
+        ..InvokeOptions::default()
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let response = runtime
+        .block_on(async {
+            tokio::time::timeout(
+                INVOKE_PATIENCE,
+                client::invoke(addr, function, event.to_string(), &options),
+            )
+            .await
+        })
+        .map_err(|_| format!("invoking {function}: no answer within {INVOKE_PATIENCE:?}"))?
+        .map_err(|e| format!("invoking {function}: {e:#}"))?;
+    Ok(Answer {
+        function: function.to_string(),
+        response,
+    })
+}
+
+impl Answer {
+    fn body_text(&self) -> String {
+        String::from_utf8_lossy(&self.response.body).into_owned()
+    }
+
+    /// The decoded `X-Amz-Log-Result`: this invocation's log, ending with its REPORT.
+    fn tail(&self) -> &str {
+        self.response.log_tail.as_deref().unwrap_or_default()
+    }
+
+    fn report(&self) -> Result<&str, Failed> {
+        self.tail()
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("REPORT RequestId: "))
+            .ok_or_else(|| {
+                format!(
+                    "{}: no REPORT line in the log tail:\n{}",
+                    self.function,
+                    self.tail()
+                )
+                .into()
+            })
+    }
+
+    /// A 200 without a function error.
+    fn ok(&self) -> Result<(), Failed> {
+        check(
+            self.response.status.is_success() && self.response.function_error.is_none(),
+            || {
+                format!(
+                    "{} failed ({}, {:?}): {}\n{}",
+                    self.function,
+                    self.response.status,
+                    self.response.function_error,
+                    self.body_text(),
+                    self.tail()
+                )
+            },
+        )
+    }
+
+    fn ok_json(&self) -> Result<Value, Failed> {
+        self.ok()?;
+        serde_json::from_slice(&self.response.body)
+            .map_err(|e| format!("{}: not JSON ({e}): {}", self.function, self.body_text()).into())
+    }
+
+    /// A Lambda-style unhandled error of `error_type`; returns its JSON.
+    fn unhandled(&self, error_type: &str) -> Result<Value, Failed> {
+        let body: Value = serde_json::from_slice(&self.response.body).unwrap_or_default();
+        check(
+            self.response.status.is_success()
+                && self.response.function_error.as_deref() == Some("Unhandled")
+                && body["errorType"] == error_type,
+            || {
+                format!(
+                    "{}: expected an Unhandled {error_type}, got {} {:?}: {}",
+                    self.function,
+                    self.response.status,
+                    self.response.function_error,
+                    self.body_text()
+                )
+            },
+        )?;
+        Ok(body)
+    }
+}
+
+/// `Err(message())` unless `condition`.
+fn check(condition: bool, message: impl FnOnce() -> String) -> Result<(), Failed> {
+    if condition {
+        Ok(())
+    } else {
+        Err(message().into())
+    }
+}
