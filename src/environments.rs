@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use kindling_images::{
     build_code_image, build_initramfs, build_kernel, build_root_image, Cache, KernelKind, Runtime,
 };
@@ -44,6 +44,7 @@ pub fn prepare(
                 function.isolation = Isolation::Sandbox;
             }
         }
+        function.code = unpacked_code(&function)?;
         match function.isolation {
             Isolation::Sandbox => {
                 launchers
@@ -61,6 +62,15 @@ pub fn prepare(
         launchers.insert(Isolation::MicroVm, Arc::new(microvm));
     }
     Ok((functions, launchers))
+}
+
+/// The function's code as the image cache keeps it: a `.zip` unpacked, and either form
+/// checked (no escaping paths or links, the handler present, Lambda's size limit).
+fn unpacked_code(function: &Function) -> anyhow::Result<PathBuf> {
+    let runtime = function.runtime.parse::<Runtime>()?;
+    let image = build_code_image(&Cache::open()?, &function.code, runtime, &function.handler)
+        .with_context(|| format!("function {}: {}", function.name, function.code.display()))?;
+    Ok(image.dir)
 }
 
 /// Why no hypervisor backend can boot a guest on this host, if none can.

@@ -229,15 +229,16 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// A directory, or a Lambda-style `.zip` (unpacked and checked by the image cache).
 fn check_code(code: &Path) -> Result<(), String> {
     if code
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("zip"))
     {
-        return Err(format!(
-            "{}: .zip code is not supported yet; unpack it and name the directory",
-            code.display()
-        ));
+        if !code.is_file() {
+            return Err(format!("{}: no such file", code.display()));
+        }
+        return Ok(());
     }
     if !code.is_dir() {
         return Err(format!("{}: no such directory", code.display()));
@@ -360,7 +361,7 @@ GREETING = "hi"
             "[functions.a]\ncode = 'f.zip'\nruntime = 'python'\nhandler = 'h'\n",
         )
         .unwrap_err();
-        assert!(err.to_string().contains("not supported yet"), "{err}");
+        assert!(err.to_string().contains("no such file"), "{err}");
         let err = parse_in(
             dir.path(),
             "[functions.a]\ncode = 'hello'\nruntime = 'python'\n",
