@@ -1,9 +1,12 @@
-//! End to end through the real `kindling serve` CLI and the namespace sandbox (issue 3,
-//! "Tests"): every test starts its own server on a generated functions.toml, invokes
-//! over the real Invoke API, and ends with SIGTERM and a check that nothing is left.
+//! End to end through the real `kindling` CLI and the namespace sandbox (issue 3,
+//! "Tests"): every test starts its own `kindling serve` (or `run`) on a generated
+//! functions.toml, with its own state dir and port, invokes over the real Invoke API,
+//! and ends with SIGTERM and a check that nothing is left behind.
 //!
-//! Needs root, the static guest binaries (`scripts/build-guest.sh`), and the host's
+//! Needs root, the static guest binaries (`scripts/build-guest.sh`) and the host's
 //! python3, node, bash and curl; a test that cannot run prints `SKIPPED: <reason>`.
+//! The first test to run builds `kindling-sandbox-exec` and the `lambda_runtime`-crate
+//! runtime with cargo, into the target dir and profile of the `kindling` under test.
 
 mod failures;
 mod invoke_api;
