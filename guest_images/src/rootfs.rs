@@ -25,7 +25,7 @@ use crate::progress::Step;
 pub const ROOTFS_DIR: &str = "rootfs";
 pub const ROOTFS_EXT4: &str = "rootfs.ext4";
 /// Bumped whenever [`Plan::populate`] changes what it adds, so images are rebuilt.
-const POPULATE_RECIPE: &str = "2";
+const POPULATE_RECIPE: &str = "3";
 const HOSTS: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n";
 /// Default Debian mirror; `KINDLING_DEBIAN_MIRROR` overrides it.
 const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
@@ -305,12 +305,11 @@ impl Plan {
 }
 
 /// init's configuration inside the root image (init/README.md has every key): the
-/// function code's drive, when attached, is mounted read-only at `/var/task`.
+/// function code's drive, when attached, is mounted read-only at `/var/task`. Nothing
+/// else is set here, because this file overrides the kernel command line, where a
+/// launcher sets per-function keys.
 fn root_init_config() -> serde_json::Value {
-    serde_json::json!({
-        "task": "/dev/vdb",
-        "bootstrap": "/var/runtime/kindling-bootstrap",
-    })
+    serde_json::json!({ "task": "/dev/vdb" })
 }
 
 /// Copies a binary into the image as root-owned, mode 0755 (replacing whatever was there,
