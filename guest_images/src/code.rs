@@ -194,7 +194,7 @@ impl Manifest {
                     (&mut entry).take(4096).read_to_string(&mut target)?;
                     Node::Symlink(target)
                 }
-                _ if entry.is_dir() => Node::Dir {
+                kind if entry.is_dir() || kind == Some(0o040000) => Node::Dir {
                     mode: mode.map_or(0o755, |m| m & 0o777),
                 },
                 None | Some(0o100000) | Some(0) => Node::File {

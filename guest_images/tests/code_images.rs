@@ -262,3 +262,45 @@ fn not_a_zip_is_refused_clearly() {
     );
     assert_cache_untouched(&cache);
 }
+
+#[test]
+fn zip_that_understates_its_size_is_refused_while_unpacking() {
+    let (dir, cache) = temp_cache();
+    let zip = dir.path().join("liar.zip");
+    let big = vec![0u8; 251 * 1024 * 1024];
+    make_zip(&zip, &[HANDLER, ("big.bin", 0o644, &big)]);
+    // Rewrite big.bin's uncompressed size to 1 byte in its local and central headers.
+    let mut bytes = fs::read(&zip).unwrap();
+    let name = b"big.bin";
+    for (signature, size_at, name_at) in [(b"PK\x03\x04", 22, 30), (b"PK\x01\x02", 24, 46)] {
+        let at = (0..bytes.len() - name_at - name.len())
+            .find(|&i| {
+                &bytes[i..i + 4] == signature
+                    && &bytes[i + name_at..i + name_at + name.len()] == name
+            })
+            .expect("header of big.bin");
+        bytes[at + size_at..at + size_at + 4].copy_from_slice(&1u32.to_le_bytes());
+    }
+    fs::write(&zip, bytes).unwrap();
+
+    let err = build_code_image(&cache, &zip, Runtime::Python, "app.handler").unwrap_err();
+    assert!(
+        // The zip crate stops at the declared size itself; our byte budget is the backstop.
+        matches!(err.downcast_ref(), Some(CodeError::TooLarge { .. }))
+            || format!("{err:#}").contains("larger than its declared uncompressed size"),
+        "refused for the wrong reason: {err:#}"
+    );
+    assert!(
+        !cache
+            .root()
+            .join("code")
+            .read_dir()
+            .is_ok_and(|mut d| d.next().is_some()),
+        "nothing is published"
+    );
+    assert_eq!(
+        fs::read_dir(cache.root().join("tmp")).unwrap().count(),
+        0,
+        "the partial unpack is gone"
+    );
+}
