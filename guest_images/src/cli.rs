@@ -1,6 +1,7 @@
 //! `kindling images ...`: build, list and prune what guests boot.
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -40,7 +41,7 @@ impl ImagesCommand {
         match self {
             ImagesCommand::Build { runtimes, kernel } => build(&cache, runtimes, kernel),
             ImagesCommand::List => list(&cache),
-            ImagesCommand::Prune { all } => prune(&cache, all),
+            ImagesCommand::Prune { all } => print_pruned(&cache, all),
         }
     }
 }
@@ -113,7 +114,18 @@ fn list(cache: &Cache) -> Result<()> {
     Ok(())
 }
 
-fn prune(cache: &Cache, all: bool) -> Result<()> {
+fn print_pruned(cache: &Cache, all: bool) -> Result<()> {
+    let removed = prune(cache, all)?;
+    for path in &removed {
+        println!("removed {}", path.display());
+    }
+    println!("{} entries removed", removed.len());
+    Ok(())
+}
+
+/// Removes unfinished builds of dead processes, every code image and every entry that the
+/// current inputs no longer produce (with `all`: everything); returns what it removed.
+pub fn prune(cache: &Cache, all: bool) -> Result<Vec<PathBuf>> {
     let keep = if all {
         BTreeSet::new()
     } else {
@@ -125,11 +137,7 @@ fn prune(cache: &Cache, all: bool) -> Result<()> {
             crate::cache::remove_tree(&cache.root().join(extra))?;
         }
     }
-    for path in &removed {
-        println!("removed {}", path.display());
-    }
-    println!("{} entries removed", removed.len());
-    Ok(())
+    Ok(removed)
 }
 
 /// `(kind, name)` of every entry that the current inputs produce. An input that cannot be

@@ -187,3 +187,31 @@ fn walk_bytes(dir: &Path) -> u64 {
         .map(|m| m.len())
         .sum()
 }
+
+#[test]
+fn prune_keeps_current_entries_and_removes_stale_ones() {
+    let (dir, cache) = temp_cache();
+    let current = build_root_image(&cache, Runtime::Provided).unwrap();
+    let code_src = dir.path().join("fn");
+    std::fs::create_dir(&code_src).unwrap();
+    std::fs::write(code_src.join("app.py"), "").unwrap();
+    let code = kindling_images::build_code_image(&cache, &code_src, Runtime::Python, "app.handler")
+        .unwrap();
+    let stale = cache.root().join("rootfs/provided-0000000000000000");
+    std::fs::create_dir_all(stale.join("rootfs")).unwrap();
+    let dead_tmp = cache.root().join("tmp/provided-1.4294967295.1");
+    std::fs::create_dir_all(&dead_tmp).unwrap();
+
+    let removed = kindling_images::cli::prune(&cache, false).unwrap();
+    assert!(
+        removed.contains(&stale) && removed.contains(&dead_tmp),
+        "{removed:?}"
+    );
+    assert!(!stale.exists() && !dead_tmp.exists() && !code.ext4.exists());
+    assert!(current.ext4.is_file(), "the current provided image stays");
+    assert!(build_root_image(&cache, Runtime::Provided).unwrap().cached);
+
+    kindling_images::cli::prune(&cache, true).unwrap();
+    assert!(!current.ext4.exists());
+    assert!(cache.list().unwrap().is_empty());
+}
