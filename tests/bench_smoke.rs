@@ -125,3 +125,21 @@ fn bad_arguments_are_refused_clearly() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn missing_images_are_a_clear_error() {
+    if let Err(reason) = kindling_images::locate::guest_bin_dir() {
+        println!("SKIPPED: {reason}");
+        return;
+    }
+    let empty = tempfile::tempdir().expect("a temporary folder");
+    let out = Command::new(KINDLING)
+        .args(["bench", "--isolation", "microvm"])
+        .env("XDG_CACHE_HOME", empty.path())
+        .output()
+        .expect("kindling runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a bench without images succeeded");
+    assert!(stderr.contains("kindling images build"), "{stderr}");
+    assert!(out.stdout.is_empty(), "printed a table without images");
+}

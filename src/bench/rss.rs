@@ -12,6 +12,9 @@ pub struct ProgramRss {
     pub processes: usize,
     /// Sum of their `VmRSS`.
     pub bytes: u64,
+    /// The part of it that is shared memory (`RssShmem`): for QEMU and its vhost-user
+    /// daemon, mostly guest RAM (a shared memfd), which both map.
+    pub shmem_bytes: u64,
 }
 
 /// This process's children, summed per program (the executable's file name).
@@ -36,6 +39,7 @@ pub fn children_by_program() -> anyhow::Result<BTreeMap<String, ProgramRss>> {
             .or_default();
         entry.processes += 1;
         entry.bytes += status.vmrss.unwrap_or(0) * 1024;
+        entry.shmem_bytes += status.rssshmem.unwrap_or(0) * 1024;
     }
     Ok(programs)
 }

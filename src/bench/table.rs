@@ -102,22 +102,21 @@ fn target_rows(
             text
         }
     };
-    for (name, q, floor) in [("p50", 0.5, floor_p50), ("p99", 0.99, floor_p99)] {
+    for (name, q, floor, note) in [
+        ("p50", 0.5, floor_p50, ""),
+        ("p99", 0.99, floor_p99, "ratio to the floor's p99"),
+    ] {
         let values: Vec<f64> = runs.iter().map(|r| p(&r.warm, q)).collect();
         let ratios = values.iter().zip(floor).map(|(v, f)| v / f);
-        rows.push(
+        rows.push_noted(
             &format!("warm invoke, {name}"),
             env,
             mark(seconds(median_of(&values))),
             &ratio(median(ratios)),
+            note,
         );
     }
-    let rate = |f: fn(&Run) -> f64| {
-        mark(format!(
-            "{:.0} /s",
-            median_of(&runs.iter().map(f).collect::<Vec<_>>())
-        ))
-    };
+    let rate = |rate: fn(&Run) -> f64| mark(format!("{:.0} /s", median_over(runs, rate)));
     rows.push("throughput, 1 client", env, rate(|r| r.sequential_rate), "");
     rows.push(
         &format!("throughput, {CLIENTS} clients"),
@@ -126,11 +125,10 @@ fn target_rows(
         "",
     );
 
-    let totals: Vec<f64> = runs.iter().map(|r| r.cold_total.as_secs_f64()).collect();
     rows.push(
         "cold start, invoke → answer",
         env,
-        mark(seconds(median_of(&totals))),
+        mark(seconds(median_over(runs, |r| r.cold_total.as_secs_f64()))),
         "",
     );
     for name in phase_names(runs) {
@@ -147,36 +145,42 @@ fn target_rows(
         };
         rows.push(&format!("  {name}"), env, value, "");
     }
-    let rest: Vec<f64> = runs
-        .iter()
-        .map(|r| {
-            r.cold_total.as_secs_f64()
-                - r.cold_phases.iter().map(|(_, ms)| ms / 1000.0).sum::<f64>()
-        })
-        .collect();
-    rows.push(
+    let rest = median_over(runs, |r| {
+        r.cold_total.as_secs_f64() - r.cold_phases.iter().map(|(_, ms)| ms / 1000.0).sum::<f64>()
+    });
+    let rest_note = match target.hypervisor {
+        None => "sandbox set-up, the invocation itself",
+        Some(_) => {
+            "kernel loading before the guest's clock starts, vsock connect, the invocation itself"
+        }
+    };
+    rows.push_noted(
         "  rest (total − phases)",
         env,
-        mark(seconds(median_of(&rest))),
+        mark(seconds(rest)),
         "",
+        rest_note,
     );
 
     let programs = target.hypervisor_programs();
     if let Some(hypervisor) = programs.first() {
         // Helpers are one per VM, like the hypervisor: divide every sum by the VM count.
-        let per_vm = |run: &Run, program: &str| {
+        let per_vm = |run: &Run, program: &str, bytes: fn(&ProgramRss) -> u64| {
             let vms = vm_count(&run.children_rss, hypervisor).max(1);
-            run.children_rss.get(program).map_or(0, |p| p.bytes) as f64 / vms as f64
+            run.children_rss.get(program).map_or(0, bytes) as f64 / vms as f64
         };
-        let total: Vec<f64> = runs
-            .iter()
-            .map(|r| programs.iter().map(|p| per_vm(r, p)).sum())
-            .collect();
+        let sum = |run: &Run, bytes: fn(&ProgramRss) -> u64| {
+            programs.iter().map(|p| per_vm(run, p, bytes)).sum::<f64>()
+        };
+        let total = median_over(runs, |r| sum(r, |p| p.bytes));
+        let shared = median_over(runs, |r| sum(r, |p| p.shmem_bytes));
         let parts: Vec<String> = programs
             .iter()
             .map(|p| {
-                let values: Vec<f64> = runs.iter().map(|r| per_vm(r, p)).collect();
-                format!("{p} {}", mib(median_of(&values)))
+                format!(
+                    "{p} {}",
+                    mib(median_over(runs, |r| per_vm(r, p, |p| p.bytes)))
+                )
             })
             .collect();
         let vms = runs
@@ -185,9 +189,13 @@ fn target_rows(
         rows.push_noted(
             "hypervisor RSS per microVM",
             env,
-            mark(mib(median_of(&total))),
+            mark(mib(total)),
             "",
-            &format!("VmRSS of {vms} running VMs: {}", parts.join(" + ")),
+            &format!(
+                "VmRSS per VM, mean of {vms} running: {}, of which shared (guest RAM) {}",
+                parts.join(" + "),
+                mib(shared)
+            ),
         );
     }
 }
@@ -236,6 +244,11 @@ impl Rows {
 /// A quantile of one run's samples, in seconds (NaN for no samples, shown as "—").
 fn p(samples: &[Duration], q: f64) -> f64 {
     percentile(samples, q).map_or(f64::NAN, |d| d.as_secs_f64())
+}
+
+/// The median over the runs of one number of each run (NaN for none).
+fn median_over(runs: &[Run], number: impl Fn(&Run) -> f64) -> f64 {
+    median_of(&runs.iter().map(number).collect::<Vec<_>>())
 }
 
 fn median_of(values: &[f64]) -> f64 {
