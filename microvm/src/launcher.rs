@@ -193,7 +193,7 @@ impl Environment for MicroVm {
         let how = match status {
             Ok(s) if s.success() => "the guest shut down".to_string(),
             Ok(s) => format!("{} exited ({s})", self.hypervisor),
-            Err(e) => format!("{} could not be waited for: {e}", self.hypervisor),
+            Err(e) => format!("{}: {e}", self.hypervisor),
         };
         let tail = console::tail(&self.console, 5);
         format!(

@@ -39,7 +39,8 @@ pub trait RunningVm: Send + Sync {
     fn is_running(&mut self) -> bool;
     /// Asks the guest to shut down cleanly (Ctrl-Alt-Del); returns at once.
     async fn request_shutdown(&mut self) -> io::Result<()>;
-    /// Waits for the hypervisor to exit, then reaps its helpers.
+    /// Waits for the hypervisor to exit, then reaps its helpers. A helper the VM cannot
+    /// run without that exits first ends the VM too, as an error saying so.
     async fn wait(&mut self) -> io::Result<ExitStatus>;
     /// Kills the hypervisor and its helpers, and reaps them.
     async fn kill(&mut self) -> io::Result<()>;

@@ -150,8 +150,9 @@ struct QemuVm {
 
 #[async_trait]
 impl RunningVm for QemuVm {
+    /// Both processes: without its vsock daemon the guest cannot reach the host again.
     fn is_running(&mut self) -> bool {
-        matches!(self.qemu.try_wait(), Ok(None))
+        matches!(self.qemu.try_wait(), Ok(None)) && matches!(self.daemon.try_wait(), Ok(None))
     }
 
     async fn request_shutdown(&mut self) -> io::Result<()> {
@@ -170,10 +171,27 @@ impl RunningVm for QemuVm {
         Ok(())
     }
 
+    /// Ends with QEMU, or with the vsock daemon: a guest whose daemon died would hold its
+    /// invocation until the function's timeout, so QEMU is killed and that is the error.
     async fn wait(&mut self) -> io::Result<ExitStatus> {
-        let status = self.qemu.wait().await?;
-        machine::kill(&mut self.daemon).await?;
-        Ok(status)
+        tokio::select! {
+            status = self.qemu.wait() => {
+                let status = status?;
+                machine::kill(&mut self.daemon).await?;
+                Ok(status)
+            }
+            daemon = self.daemon.wait() => {
+                let daemon = daemon?;
+                // The daemon may have followed a QEMU that exited first.
+                if let Some(status) = self.qemu.try_wait()? {
+                    return Ok(status);
+                }
+                machine::kill(&mut self.qemu).await?;
+                Err(io::Error::other(format!(
+                    "{VHOST_VSOCK} exited ({daemon}), so the VM was killed"
+                )))
+            }
+        }
     }
 
     async fn kill(&mut self) -> io::Result<()> {
