@@ -174,6 +174,7 @@ const FUNCTIONS: &[FunctionDef] = &[
     FunctionDef::probe("crash", 10, 1),
     FunctionDef::probe("timeout", SHORT_TIMEOUT_S, 1),
     FunctionDef::probe("vmkill", 60, 1),
+    FunctionDef::probe("vsockkill", 60, 1),
     FunctionDef::probe("pair", 30, 2),
 ];
 
@@ -208,27 +209,22 @@ impl FunctionDef {
 /// The trials of one backend, each run against its shared server.
 fn scenarios(host: &Arc<Host>) -> Vec<Trial> {
     type Scenario = fn(&Server, Backend) -> Result<(), Failed>;
-    let list: [(&str, Scenario); 7] = [
-        ("python_second_invoke_is_warm", python_second_invoke_is_warm),
-        ("bash_custom_runtime", bash_custom_runtime),
-        (
-            "killed_runtime_then_next_works",
-            killed_runtime_then_next_works,
-        ),
-        ("timeout_replaces_the_vm", timeout_replaces_the_vm),
-        (
-            "dead_hypervisor_fails_one_invocation",
-            dead_hypervisor_fails_one_invocation,
-        ),
-        (
-            "concurrent_invocations_get_two_vms",
-            concurrent_invocations_get_two_vms,
-        ),
-        (
-            "init_switches_root_and_is_pid1",
-            init_switches_root_and_is_pid1,
-        ),
+    /// `(name, scenario)` pairs, each named after its function.
+    macro_rules! named {
+        ($($scenario:ident),* $(,)?) => { vec![$((stringify!($scenario), $scenario as Scenario)),*] };
+    }
+    let mut list = named![
+        python_second_invoke_is_warm,
+        bash_custom_runtime,
+        killed_runtime_then_next_works,
+        timeout_replaces_the_vm,
+        dead_hypervisor_fails_one_invocation,
+        concurrent_invocations_get_two_vms,
+        init_switches_root_and_is_pid1,
     ];
+    if matches!(host.backend, Backend::Qemu) {
+        list.extend(named![dead_vsock_daemon_fails_one_invocation]);
+    }
     list.into_iter()
         .map(|(name, scenario)| {
             let host = host.clone();
@@ -316,29 +312,42 @@ fn timeout_replaces_the_vm(server: &Server, _: Backend) -> Result<(), Failed> {
 }
 
 fn dead_hypervisor_fails_one_invocation(server: &Server, backend: Backend) -> Result<(), Failed> {
+    dies_mid_invocation(server, "vmkill", backend.hypervisor_program())
+}
+
+/// QEMU's vsock is a separate daemon: its death must not leave the caller waiting for
+/// the function's timeout.
+fn dead_vsock_daemon_fails_one_invocation(server: &Server, _: Backend) -> Result<(), Failed> {
+    dies_mid_invocation(server, "vsockkill", kindling_microvm::qemu::VHOST_VSOCK)
+}
+
+/// Kills `function`'s `program` process while a slow handler runs: that invocation fails
+/// at once with a Lambda-style error, and the next one gets a fresh microVM.
+fn dies_mid_invocation(
+    server: &Server,
+    function: &'static str,
+    program: &str,
+) -> Result<(), Failed> {
     let first = server
-        .invoke("vmkill", &json!({"action": "hello"}))?
+        .invoke(function, &json!({"action": "hello"}))?
         .ok_json()?;
-    let slow = server.invoke_in_background("vmkill", json!({"action": "sleep", "seconds": 30}));
-    server.wait_for_log("vmkill", "sleeping 30 s")?;
-    let victims = server.processes_of("vmkill", backend.hypervisor_program());
+    let slow = server.invoke_in_background(function, json!({"action": "sleep", "seconds": 30}));
+    server.wait_for_log(function, "sleeping 30 s")?;
+    let victims = server.processes_of(function, program);
     check(victims.len() == 1, || {
-        format!(
-            "expected one {} for vmkill: {victims:?}",
-            backend.hypervisor_program()
-        )
+        format!("expected one {program} for {function}: {victims:?}")
     })?;
     kill(Pid::from_raw(victims[0] as i32), Signal::SIGKILL)?;
     let started = Instant::now();
     let failed = slow.join().map_err(|_| "the invoking thread panicked")??;
     check(started.elapsed() < Duration::from_secs(20), || {
         format!(
-            "the caller waited {:?} after the hypervisor died",
+            "the caller waited {:?} after {program} died",
             started.elapsed()
         )
     })?;
     failed.unhandled("Runtime.ExitError")?;
-    let next = server.invoke("vmkill", &json!({"action": "hello"}))?;
+    let next = server.invoke(function, &json!({"action": "hello"}))?;
     let next_body = next.ok_json()?;
     check(next_body["boot_id"] != first["boot_id"], || {
         format!("a dead microVM answered: {first} then {next_body}")
