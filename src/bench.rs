@@ -146,12 +146,16 @@ fn targets(args: &BenchArgs) -> anyhow::Result<Vec<Target>> {
     };
     let mut targets = Vec::new();
     for isolation in &args.isolation {
-        match isolation {
-            Isolation::Sandbox => targets.push(Target::SANDBOX),
-            Isolation::MicroVm => targets.extend(hypervisors.iter().map(|h| Target::microvm(*h))),
+        let asked = match isolation {
+            Isolation::Sandbox => vec![Target::SANDBOX],
+            Isolation::MicroVm => hypervisors.iter().map(|h| Target::microvm(*h)).collect(),
+        };
+        for target in asked {
+            if !targets.contains(&target) {
+                targets.push(target);
+            }
         }
     }
-    targets.dedup();
     if targets.is_empty() {
         bail!("nothing to measure: give --isolation sandbox and/or microvm");
     }
