@@ -28,5 +28,7 @@ def handler(event, context):
     if action == "inspect":
         answer["pid1_comm"] = _read("/proc/1/comm").strip()
         answer["mounts"] = _read("/proc/mounts")
+        answer["cmdline"] = _read("/proc/cmdline").strip()
+        # Absent when the kernel cannot load modules at all.
         answer["proc_modules"] = os.path.exists("/proc/modules")
     return answer
