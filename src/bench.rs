@@ -9,6 +9,7 @@
 //! clients, and reads the hypervisors' memory. The table shows the median of the runs.
 
 mod floor;
+mod interrupt;
 mod report;
 mod rss;
 mod stats;
@@ -26,6 +27,7 @@ use kindling_runtime_api::Isolation;
 use procfs::process::Process;
 
 use crate::serve::{parse_hypervisor, parse_isolation};
+use interrupt::Interrupt;
 use table::Results;
 use target::{Target, CLIENTS};
 
@@ -59,6 +61,7 @@ pub struct BenchArgs {
 }
 
 pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let interrupt = Interrupt::listen()?;
     let targets = targets(&args)?;
     preflight(&targets)?;
     let state = tempfile::Builder::new()
@@ -113,15 +116,24 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     for run in 1..=runs {
         progress.set_prefix(format!("run {run}/{runs}"));
         progress.set_message("floor: loopback HTTP round trips");
-        results
-            .floor
-            .push(floor::measure(floor_pairs, &progress).await?);
+        let floor = tokio::select! {
+            floor = floor::measure(floor_pairs, &progress) => floor?,
+            () = interrupt.clone().wait() => bail!("interrupted"),
+        };
+        results.floor.push(floor);
         for (target, runs) in &mut results.targets {
             let run_dir = state.path().join(format!("r{run}"));
             runs.push(
-                target::run(*target, &code, &run_dir, invokes(target), &progress)
-                    .await
-                    .with_context(|| format!("{}, run {run}", target.label()))?,
+                target::run(
+                    *target,
+                    &code,
+                    &run_dir,
+                    invokes(target),
+                    &progress,
+                    interrupt.clone(),
+                )
+                .await
+                .with_context(|| format!("{}, run {run}", target.label()))?,
             );
         }
     }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::{anyhow, bail, Context as _};
 use indicatif::ProgressBar;
 use kindling_microvm::probe;
 use kindling_microvm::qemu::{QEMU, VHOST_VSOCK};
@@ -17,6 +17,7 @@ use kindling_runtime_api::{Function, Isolation, Server, ServerOptions};
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
+use super::interrupt::Interrupt;
 use super::report;
 use super::rss::{self, ProgramRss};
 use crate::environments;
@@ -128,6 +129,7 @@ pub async fn run(
     state_dir: &Path,
     invokes: usize,
     progress: &ProgressBar,
+    interrupt: Interrupt,
 ) -> anyhow::Result<Run> {
     let (functions, launchers) =
         environments::prepare(vec![target.function(code)], None, state_dir)?;
@@ -144,7 +146,10 @@ pub async fn run(
         // A dropped sender stops the server too.
         let _ = stopped.await;
     }));
-    let measured = measure(target, addr, logs, invokes, progress).await;
+    let measured = tokio::select! {
+        measured = measure(target, addr, logs, invokes, progress) => measured,
+        () = interrupt.wait() => Err(anyhow!("interrupted")),
+    };
     let _ = stop.send(());
     serving
         .await
