@@ -99,20 +99,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             .progress_chars("=> "),
     );
 
-    let mut results = Results {
-        floor: Vec::with_capacity(runs),
-        targets: targets.iter().map(|t| (*t, Vec::with_capacity(runs))).collect(),
-        kindling_unavailable: (!targets.contains(&Target::microvm(Hypervisor::Kindling))
-            && targets.iter().any(|t| t.isolation == Isolation::MicroVm)
-            && !probe::kvm().can_boot_linux)
-            .then(|| probe::kvm().reason.clone()),
-        emulation: targets.iter().any(Target::emulated).then(|| {
-            format!(
-                "microVM guests run under QEMU TCG here ({}); compare such numbers with metal only side by side",
-                probe::kvm().reason
-            )
-        }),
-    };
+    let mut results = Results::new(&targets, runs);
     for run in 1..=runs {
         progress.set_prefix(format!("run {run}/{runs}"));
         progress.set_message("floor: loopback HTTP round trips");

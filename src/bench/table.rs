@@ -6,6 +6,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use comfy_table::{CellAlignment, ContentArrangement, Table};
+use kindling_microvm::probe;
+use kindling_runtime_api::config::Hypervisor;
+use kindling_runtime_api::Isolation;
 
 use super::rss::ProgramRss;
 use super::stats::{median, percentile};
@@ -27,6 +30,30 @@ pub struct Results {
     pub kindling_unavailable: Option<String>,
     /// What the footnote says about emulation, when some target was emulated.
     pub emulation: Option<String>,
+}
+
+impl Results {
+    /// No runs yet, for `targets`; says what this host cannot measure or only emulates.
+    pub fn new(targets: &[Target], runs: usize) -> Self {
+        let kvm = probe::kvm();
+        let microvms = targets.iter().any(|t| t.isolation == Isolation::MicroVm);
+        let kindling = targets.contains(&Target::microvm(Hypervisor::Kindling));
+        Self {
+            floor: Vec::with_capacity(runs),
+            targets: targets
+                .iter()
+                .map(|t| (*t, Vec::with_capacity(runs)))
+                .collect(),
+            kindling_unavailable: (microvms && !kindling && !kvm.can_boot_linux)
+                .then(|| kvm.reason.clone()),
+            emulation: targets.iter().any(Target::emulated).then(|| {
+                format!(
+                    "microVM guests run under QEMU TCG here ({}); compare such numbers with metal only side by side",
+                    kvm.reason
+                )
+            }),
+        }
+    }
 }
 
 /// The table and its footnotes, ready to print.

@@ -13,8 +13,9 @@ use kindling_microvm::probe;
 use kindling_microvm::qemu::{QEMU, VHOST_VSOCK};
 use kindling_runtime_api::client::{Client, InvokeOptions};
 use kindling_runtime_api::config::{FunctionConfig, Hypervisor};
+use kindling_runtime_api::logs::LogLine;
 use kindling_runtime_api::{Function, Isolation, Server, ServerOptions};
-use tokio::sync::oneshot;
+use tokio::sync::{broadcast, oneshot};
 use tokio::task::JoinSet;
 
 use super::interrupt::Interrupt;
@@ -161,7 +162,7 @@ pub async fn run(
 async fn measure(
     target: Target,
     addr: SocketAddr,
-    mut logs: tokio::sync::broadcast::Receiver<kindling_runtime_api::logs::LogLine>,
+    mut logs: broadcast::Receiver<LogLine>,
     invokes: usize,
     progress: &ProgressBar,
 ) -> anyhow::Result<Run> {
