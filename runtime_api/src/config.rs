@@ -108,10 +108,19 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<FunctionConfig>, ConfigError
         line: Some(line_of(text, offset)),
         message,
     };
-    let raw: RawFile = toml::from_str(text).map_err(|e| ConfigError {
-        file: path.to_path_buf(),
-        line: e.span().map(|s| line_of(text, s.start)),
-        message: e.message().trim().to_string(),
+    let raw: RawFile = toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|s| line_of(text, s.start));
+        // A value of the wrong type is reported at the value: name its key too.
+        let key = line
+            .and_then(|n| text.lines().nth(n - 1))
+            .and_then(|l| l.split_once('='))
+            .map(|(k, _)| format!("{}: ", k.trim()))
+            .unwrap_or_default();
+        ConfigError {
+            file: path.to_path_buf(),
+            line,
+            message: format!("{key}{}", e.message().trim()),
+        }
     })?;
     let base = path.parent().unwrap_or(Path::new("."));
     let mut out = Vec::with_capacity(raw.functions.len());
@@ -372,6 +381,16 @@ GREETING = "hi"
         assert!(err.to_string().contains("other"), "{err}");
         let err = parse_in(dir.path(), "").unwrap_err();
         assert!(err.to_string().contains("nothing to serve"), "{err}");
+        let err = parse_in(
+            dir.path(),
+            "[functions.a]\ncode = 'hello'\nruntime = 'python'\nhandler = 'h'\nmax_concurrency = \"four\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.line, Some(5), "{err}");
+        assert!(
+            err.to_string().contains("max_concurrency: invalid type"),
+            "{err}"
+        );
         let err = parse_in(dir.path(), "[functions.a]\ncode = \n").unwrap_err();
         assert_eq!(err.line, Some(2), "{err}");
     }
