@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 const KINDLING: &str = env!("CARGO_BIN_EXE_kindling");
+/// The bench function is a python handler.
+const PYTHON: &str = "/usr/bin/python3";
 
 fn kindling(args: &[&str]) -> Output {
     Command::new(KINDLING)
@@ -20,6 +22,10 @@ fn unable() -> Option<String> {
         .map(|s| s.euid);
     if euid.ok() != Some(0) {
         return Some("the sandbox needs root".to_string());
+    }
+    if !Path::new(PYTHON).exists() {
+        // The sandbox's root is the host's /usr: the bench function's runtime comes from there.
+        return Some(format!("{PYTHON} is not installed"));
     }
     kindling_images::locate::guest_bin_dir().err()
 }
