@@ -309,6 +309,67 @@ fn mib(bytes: f64) -> String {
 mod tests {
     use super::*;
 
+    fn run(warm_ms: u64, rss: &[(&str, usize, u64)]) -> Run {
+        Run {
+            cold_total: Duration::from_millis(100),
+            cold_phases: vec![("Init Duration".to_string(), 60.0)],
+            warm: vec![Duration::from_millis(warm_ms); 10],
+            sequential_rate: 1000.0 / warm_ms as f64,
+            concurrent_rate: 2000.0 / warm_ms as f64,
+            children_rss: rss
+                .iter()
+                .map(|&(program, processes, mib)| {
+                    let rss = ProgramRss {
+                        processes,
+                        bytes: mib << 20,
+                        shmem_bytes: 0,
+                    };
+                    (program.to_string(), rss)
+                })
+                .collect(),
+        }
+    }
+
+    fn row<'a>(table: &'a str, measurement: &str, env: &str) -> &'a str {
+        table
+            .lines()
+            .find(|l| l.trim_start().starts_with(measurement) && l.contains(env))
+            .unwrap_or_else(|| panic!("no {measurement:?} row for {env} in:\n{table}"))
+    }
+
+    #[test]
+    fn ratios_are_taken_within_each_run_and_rss_is_per_vm() {
+        let floor = |us: u64| vec![Duration::from_micros(us); 10];
+        let qemu = Target::microvm(Hypervisor::Qemu);
+        let vms = [
+            ("qemu-system-x86_64", 2, 200),
+            ("vhost-device-vsock", 2, 10),
+        ];
+        let mut results = Results::new(&[Target::SANDBOX, qemu], 3);
+        results.floor = vec![floor(100), floor(50), floor(100)];
+        results.targets = vec![
+            (Target::SANDBOX, vec![run(1, &[]), run(2, &[]), run(3, &[])]),
+            (qemu, vec![run(10, &vms), run(10, &vms), run(10, &vms)]),
+        ];
+        let table = render(&results);
+        // Per run 10×, 40×, 30×: the median of the ratios, not the ratio of the medians (20×).
+        let warm = row(&table, "warm invoke, p50", "sandbox");
+        assert!(warm.contains("2.00 ms") && warm.contains("30.0×"), "{warm}");
+        assert!(row(&table, "floor: 2 HTTP round trips, p50", "loopback").contains("100 µs"));
+        assert!(row(&table, "throughput, 4 clients", "sandbox").contains("1000 /s"));
+        assert!(row(&table, "Init Duration", "sandbox").contains("60.00 ms"));
+        assert!(row(&table, "rest (total − phases)", "sandbox").contains("40.00 ms"));
+        let rss = row(&table, "hypervisor RSS per microVM", qemu.label());
+        assert!(
+            rss.contains("105.0 MiB") && rss.contains("mean of 2 running"),
+            "{rss}"
+        );
+        assert_eq!(rss.contains('†'), qemu.emulated(), "{rss}");
+        assert!(!warm.contains('†'), "the sandbox is never emulated: {warm}");
+        let kindling = table.lines().any(|l| l.contains("n/a: "));
+        assert_eq!(kindling, results.kindling_unavailable.is_some(), "{table}");
+    }
+
     #[test]
     fn durations_pick_a_readable_unit() {
         assert_eq!(seconds(0.000_052), "52 µs");
