@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -12,7 +13,10 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use kindling_wire::{ErrorBody, HEADER_REQUEST_ID, PATH_NEXT, RUNTIME_PREFIX};
+use kindling_wire::{
+    deadline_on_guest_clock, ErrorBody, HEADER_DEADLINE_MS, HEADER_HOST_TIME_MS, HEADER_REQUEST_ID,
+    PATH_NEXT, RUNTIME_PREFIX,
+};
 use tokio::net::TcpListener;
 
 use crate::agent::Agent;
@@ -97,6 +101,8 @@ async fn next(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
             }
         }
     };
+    let mut resp = resp;
+    onto_guest_clock(resp.headers_mut());
     if resp.status().is_success() {
         match resp
             .headers()
@@ -126,6 +132,27 @@ async fn forward(agent: &Agent, mut req: Request<Body>) -> Response<Body> {
                 .expect("valid response")
         }
     }
+}
+
+/// Moves the event's deadline from the host's clock onto ours (see
+/// [`kindling_wire::HEADER_HOST_TIME_MS`]).
+fn onto_guest_clock(headers: &mut HeaderMap) {
+    let Some(host_now) = headers.remove(HEADER_HOST_TIME_MS) else {
+        return;
+    };
+    let number = |v: &HeaderValue| v.to_str().ok()?.parse::<u64>().ok();
+    let (Some(host_now), Some(deadline)) = (
+        number(&host_now),
+        headers.get(HEADER_DEADLINE_MS).and_then(number),
+    ) else {
+        return;
+    };
+    let guest_now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    let moved = deadline_on_guest_clock(deadline, host_now, guest_now);
+    headers.insert(HEADER_DEADLINE_MS, HeaderValue::from(moved));
 }
 
 fn relay_response(resp: Response<Incoming>) -> Response<Body> {

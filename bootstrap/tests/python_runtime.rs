@@ -219,3 +219,24 @@ async fn missing_handler_function_is_an_init_error() {
     let err: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(err["errorType"], "Runtime.HandlerNotFound");
 }
+
+#[tokio::test]
+async fn the_deadline_moves_onto_the_guest_clock() {
+    let Some((_guest, mut host, _bootstrap)) = start("app.handler").await else {
+        return;
+    };
+    // The host's clock reads 100 s less than ours: its deadline, 30 s after our "now",
+    // is 130 s away on its clock, and so on ours.
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        - 100_000;
+    let id = host.invoke_with(
+        "{}",
+        vec![("Kindling-Host-Time-Ms".into(), host_now.to_string())],
+    );
+    let out = json_of(&host.result(&id).await);
+    let remaining = out["remaining_ms"].as_i64().unwrap();
+    assert!((120_000..=130_000).contains(&remaining), "{out}");
+}

@@ -411,16 +411,16 @@ async fn next(shared: &Shared) -> Response<Full<Bytes>> {
 /// The `/next` answer: the event and every header of the contract. The deadline counts
 /// from now, when the runtime takes the event.
 fn event_response(inv: &Invocation) -> http::Result<Response<Full<Bytes>>> {
-    let deadline_ms = SystemTime::now()
+    let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .saturating_add(inv.timeout)
-        .as_millis();
+        .unwrap_or_default();
+    let deadline_ms = now.saturating_add(inv.timeout).as_millis();
     let mut builder = Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/json")
         .header(wire::HEADER_REQUEST_ID, &inv.request_id)
         .header(wire::HEADER_DEADLINE_MS, deadline_ms.to_string())
+        .header(wire::HEADER_HOST_TIME_MS, now.as_millis().to_string())
         .header(wire::HEADER_FUNCTION_ARN, &inv.function_arn)
         .header(wire::HEADER_TRACE_ID, &inv.trace_id);
     if let Some(cc) = &inv.client_context {

@@ -53,6 +53,18 @@ pub const HEADER_CLIENT_CONTEXT: &str = "lambda-runtime-client-context";
 pub const HEADER_COGNITO_IDENTITY: &str = "lambda-runtime-cognito-identity";
 pub const HEADER_TENANT_ID: &str = "lambda-runtime-aws-tenant-id";
 pub const HEADER_FUNCTION_ERROR_TYPE: &str = "lambda-runtime-function-error-type";
+/// Host → bootstrap on `/next`: the host's clock (Unix epoch ms) when it handed out the
+/// event. A guest clock may run behind or ahead of the host's (a microVM's clock starts
+/// at its boot); bootstrap moves `Lambda-Runtime-Deadline-Ms` onto the guest's clock with
+/// it, so that runtimes compute the remaining time right, and drops the header.
+pub const HEADER_HOST_TIME_MS: &str = "kindling-host-time-ms";
+
+/// `deadline_ms` (on the host's clock, which read `host_now_ms`) on a clock that now reads
+/// `guest_now_ms`.
+pub fn deadline_on_guest_clock(deadline_ms: u64, host_now_ms: u64, guest_now_ms: u64) -> u64 {
+    let remaining = deadline_ms.saturating_sub(host_now_ms);
+    guest_now_ms.saturating_add(remaining)
+}
 
 /// Largest response payload a runtime may post (the figure AWS's emulator enforces).
 pub const MAX_RESPONSE_BYTES: usize = 6_291_556;
@@ -237,6 +249,14 @@ mod tests {
         assert!("vsock://2".parse::<HostAddr>().is_err());
         assert!("unix://relative".parse::<HostAddr>().is_err());
         assert!("tcp://1.2.3.4:5".parse::<HostAddr>().is_err());
+    }
+
+    #[test]
+    fn deadlines_move_onto_the_guest_clock() {
+        // Guest 2.6 s behind the host: the deadline moves 2.6 s earlier, keeping 3 s left.
+        assert_eq!(deadline_on_guest_clock(10_000, 7_000, 4_400), 7_400);
+        // Already past on the host: no time left on the guest either.
+        assert_eq!(deadline_on_guest_clock(5_000, 7_000, 4_400), 4_400);
     }
 
     #[test]
