@@ -11,4 +11,5 @@ echo "test: lint"
 cargo fmt --all --check
 cargo clippy --quiet --workspace --all-targets -- -D warnings
 echo "test: cargo test"
-cargo test --release --workspace 2>&1
+# --show-output: the one-line "SKIPPED: <why>" of a test that cannot run here is shown.
+cargo test --release --workspace -- --show-output 2>&1
