@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 packages=(
   # images: kernel build, root images, initramfs
-  linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev lz4 cpio
+  linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev lz4 xz-utils kmod cpio
   e2fsprogs debootstrap
   # microVMs on hosts whose KVM cannot boot a kernel
   qemu-system-x86
