@@ -10,11 +10,13 @@ use kindling_wire::{
 };
 
 use crate::logs::LogSink;
-use crate::memory::MemoryProbe;
+use crate::memory::{self, MemoryProbe};
 use crate::upstream::Upstream;
 
 struct Running {
     started: Instant,
+    /// The kernel's OOM-kill count when the runtime started.
+    oom_kills_at_start: Option<u64>,
     memory: Arc<MemoryProbe>,
     /// Init duration, set at the first `/next` and taken by the first report.
     init_ms: Option<f64>,
@@ -59,6 +61,7 @@ impl Agent {
     pub fn runtime_started(&self, started: Instant, memory: Arc<MemoryProbe>) {
         self.life().runtime = Some(Running {
             started,
+            oom_kills_at_start: memory::oom_kills(),
             memory,
             init_ms: None,
             reached_next: false,
@@ -116,16 +119,25 @@ impl Agent {
 
     /// The runtime process ended. Returns whether it had reached its first `/next`.
     pub async fn runtime_exited(&self, exit_code: Option<i32>, signal: Option<i32>) -> bool {
-        let (request_id, reached_next) = {
+        let (request_id, reached_next, oom_kills_at_start) = {
             let mut life = self.life();
-            let reached = life.runtime.take().is_some_and(|rt| rt.reached_next);
-            (life.in_flight.take().map(|f| f.id), reached)
+            let runtime = life.runtime.take();
+            let reached = runtime.as_ref().is_some_and(|rt| rt.reached_next);
+            (
+                life.in_flight.take().map(|f| f.id),
+                reached,
+                runtime.and_then(|rt| rt.oom_kills_at_start),
+            )
         };
+        // Killed (SIGKILL) while the kernel's OOM killer struck: out of memory.
+        let out_of_memory = signal == Some(nix::sys::signal::Signal::SIGKILL as i32)
+            && matches!((oom_kills_at_start, memory::oom_kills()), (Some(before), Some(now)) if now > before);
         self.logs.finish_invocation().await;
         let exit = RuntimeExit {
             request_id,
             exit_code,
             signal,
+            out_of_memory,
         };
         say!("runtime exited: {}", exit.to_error().error_message);
         if let Err(e) = self.upstream.post_json(PATH_RUNTIME_EXIT, &exit).await {

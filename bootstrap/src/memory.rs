@@ -15,6 +15,15 @@ use std::time::Duration;
 
 const MIB: u64 = 1024 * 1024;
 
+/// How many processes the kernel's OOM killer has ended (`oom_kill` in /proc/vmstat,
+/// Linux 4.13+): a runtime SIGKILLed while it rose ran out of memory.
+pub fn oom_kills() -> Option<u64> {
+    let vmstat = fs::read_to_string("/proc/vmstat").ok()?;
+    vmstat
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
+}
+
 /// A cgroup that holds one runtime process tree and is removed with it.
 pub struct RuntimeCgroup {
     dir: PathBuf,

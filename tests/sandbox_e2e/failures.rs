@@ -132,3 +132,19 @@ async fn a_7_mib_response_is_too_large_and_loses_nothing_after() {
     assert_eq!(next.body.len(), (1 << 20) + 2);
     server.stop();
 }
+
+#[tokio::test]
+async fn running_out_of_memory_is_runtime_out_of_memory() {
+    let Some(bins) = prerequisites(PYTHON) else {
+        return;
+    };
+    let server = Server::start(bins, &[FunctionDef::python_case("hog", "hog")]);
+    let answer = server.invoke("hog", &json!({})).await;
+    let body = unhandled(&answer, "Runtime.OutOfMemory");
+    let message = body["errorMessage"].as_str().expect("errorMessage");
+    assert!(message.contains("signal: killed"), "{message}");
+    // Within its memory, the next invocation works.
+    let next = server.invoke("hog", &json!({"mib": 8})).await;
+    assert_eq!(json(&next)["held"], 8 << 20, "{}", server.diagnostics());
+    server.stop();
+}

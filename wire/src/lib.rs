@@ -148,6 +148,9 @@ pub struct RuntimeExit {
     pub exit_code: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<i32>,
+    /// The kernel's OOM killer ended it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub out_of_memory: bool,
 }
 
 impl RuntimeExit {
@@ -159,7 +162,11 @@ impl RuntimeExit {
             (None, None) => "unknown exit".to_string(),
         };
         ErrorBody::new(
-            "Runtime.ExitError",
+            if self.out_of_memory {
+                "Runtime.OutOfMemory"
+            } else {
+                "Runtime.ExitError"
+            },
             format!(
                 "RequestId: {} Error: Runtime exited with error: {how}",
                 self.request_id.as_deref().unwrap_or("")
@@ -261,10 +268,11 @@ mod tests {
 
     #[test]
     fn runtime_exit_reads_like_lambda() {
-        let e = RuntimeExit {
+        let mut e = RuntimeExit {
             request_id: Some("r1".into()),
             exit_code: None,
             signal: Some(9),
+            out_of_memory: false,
         };
         let body = e.to_error();
         assert_eq!(body.error_type, "Runtime.ExitError");
@@ -273,5 +281,7 @@ mod tests {
             "{}",
             body.error_message
         );
+        e.out_of_memory = true;
+        assert_eq!(e.to_error().error_type, "Runtime.OutOfMemory");
     }
 }

@@ -41,3 +41,9 @@ def sleeps(event, context):
 def big(event, context):
     """Returns a string of `mib` MiB: 7 by default, over the 6 MiB response limit."""
     return "x" * (event.get("mib", 7) << 20)
+
+
+def hog(event, context):
+    """Allocates `mib` MiB (default 512), far past a 128 MB function's memory."""
+    block = bytearray(event.get("mib", 512) << 20)
+    return {"held": len(block)}
