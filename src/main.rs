@@ -60,15 +60,20 @@ pub struct StateDirArg {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The bench draws progress bars on stderr: only warnings may interrupt them.
+    let default_filter = match cli.command {
+        Command::Bench(_) => "warn",
+        _ => "kindling=info,warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KINDLING_LOG")
-                .unwrap_or_else(|_| "kindling=info,warn".into()),
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Images(cmd) => cmd.run().map(|()| ExitCode::SUCCESS),
         Command::Logs(args) => serve::logs(args),
