@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
+use async_trait::async_trait;
 use kindling_images::{
     build_code_image, build_initramfs, build_kernel, build_root_image, Cache, KernelKind, Runtime,
 };
@@ -13,8 +14,8 @@ use kindling_microvm::kindling::KindlingVmm;
 use kindling_microvm::qemu::{self, Accel, Qemu};
 use kindling_microvm::{probe, BootFiles, Hypervisor as Backend, ImageSource, MicroVmLauncher};
 use kindling_runtime_api::config::{FunctionConfig, Hypervisor};
-use kindling_runtime_api::{Function, Isolation, Launcher};
-use kindling_sandbox::SandboxLauncher;
+use kindling_runtime_api::{Environment, EnvironmentSpec, Function, Isolation, Launcher};
+use kindling_sandbox::{SandboxLauncher, SandboxOptions};
 
 /// The scheduler's launchers, one for each isolation in use.
 pub type Launchers = HashMap<Isolation, Arc<dyn Launcher>>;
@@ -27,6 +28,7 @@ pub fn prepare(
 ) -> anyhow::Result<(Vec<Function>, Launchers)> {
     let mut launchers = Launchers::new();
     let mut microvm = MicroVmLauncher::new(Arc::new(ImageCache::default()), state_dir.join("logs"));
+    let mut sandboxes = SandboxByRuntime::default();
     let mut functions = Vec::new();
     let no_microvm = why_no_microvm();
     for FunctionConfig {
@@ -46,17 +48,16 @@ pub fn prepare(
         }
         function.code = unpacked_code(&function)?;
         match function.isolation {
-            Isolation::Sandbox => {
-                launchers
-                    .entry(Isolation::Sandbox)
-                    .or_insert_with(|| Arc::new(SandboxLauncher::default()));
-            }
+            Isolation::Sandbox => sandboxes.add(&function.runtime)?,
             Isolation::MicroVm => {
                 let backend = backend(hypervisor_override.or(hypervisor))?;
                 microvm.assign(&function.name, backend);
             }
         }
         functions.push(function);
+    }
+    if !sandboxes.0.is_empty() {
+        launchers.insert(Isolation::Sandbox, Arc::new(sandboxes));
     }
     if functions.iter().any(|f| f.isolation == Isolation::MicroVm) {
         launchers.insert(Isolation::MicroVm, Arc::new(microvm));
@@ -134,6 +135,42 @@ fn sibling_program(name: &str) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(path)
+}
+
+/// Sandboxes whose root is their runtime's image directory (the same tree a microVM of
+/// that runtime boots), one launcher per runtime.
+#[derive(Default)]
+struct SandboxByRuntime(HashMap<String, SandboxLauncher>);
+
+impl SandboxByRuntime {
+    fn add(&mut self, runtime: &str) -> anyhow::Result<()> {
+        if !self.0.contains_key(runtime) {
+            let image = build_root_image(&Cache::open()?, runtime.parse::<Runtime>()?)?;
+            let options = SandboxOptions {
+                root: Some(image.dir),
+                ..SandboxOptions::default()
+            };
+            self.0
+                .insert(runtime.to_string(), SandboxLauncher::new(options));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Launcher for SandboxByRuntime {
+    fn name(&self) -> &str {
+        "sandbox"
+    }
+
+    async fn start(&self, spec: &EnvironmentSpec) -> anyhow::Result<Box<dyn Environment>> {
+        let runtime = &spec.function.runtime;
+        let launcher = self
+            .0
+            .get(runtime)
+            .with_context(|| format!("no sandbox root for runtime {runtime:?}"))?;
+        launcher.start(spec).await
+    }
 }
 
 /// Boot files and code images from the content-addressed image cache, looked up once

@@ -3,10 +3,11 @@
 //! functions.toml, with its own state dir and port, invokes over the real Invoke API,
 //! and ends with SIGTERM and a check that nothing is left behind.
 //!
-//! Needs root, the static guest binaries (`scripts/build-guest.sh`) and the host's
-//! python3, node, bash and curl; a test that cannot run prints `SKIPPED: <reason>`.
+//! Needs root and the static guest binaries (`scripts/build-guest.sh`); a test that
+//! cannot run prints `SKIPPED: <reason>`. Each sandbox's root is its runtime's image
+//! directory, as in a microVM (`kindling images build`; built on first use otherwise).
 //! The first test to run builds `kindling-sandbox-exec` and the `lambda_runtime`-crate
-//! runtime with cargo, into the target dir and profile of the `kindling` under test.
+//! runtime with cargo, into the target dir of the `kindling` under test.
 
 mod failures;
 mod invoke_api;

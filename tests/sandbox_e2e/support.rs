@@ -19,6 +19,9 @@ use serde_json::Value;
 
 /// The package whose `bootstrap` binary is the `lambda_runtime`-crate custom runtime.
 const LAMBDA_RS_PACKAGE: &str = "kindling-test-lambda-rs-runtime";
+/// The target that static guest programs are built for (an explicit target keeps
+/// crt-static away from build scripts and proc macros).
+const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
 /// How long `kindling serve` may take to listen, and to stop after SIGTERM (its shutdown
 /// grace is 5 s, then each environment gets a short stop grace).
 const START_PATIENCE: Duration = Duration::from_secs(15);
@@ -33,7 +36,7 @@ pub struct Binaries {
 
 /// Returns the binaries when this machine can run the suite; otherwise prints
 /// `SKIPPED: <reason>` and returns `None`. `tools` are host programs the test's
-/// functions need inside the sandbox, whose root is the host's `/usr`, `/bin`, `/lib`.
+/// functions need on the host.
 pub fn prerequisites(tools: &[&str]) -> Option<&'static Binaries> {
     let reason = if !geteuid().is_root() {
         Some("the sandbox needs root".to_string())
@@ -55,8 +58,10 @@ pub fn prerequisites(tools: &[&str]) -> Option<&'static Binaries> {
 }
 
 /// Builds (once per test binary) what `cargo test` does not: the sandbox helper, which
-/// must sit beside `kindling`, and the `lambda_runtime`-crate runtime. Same target dir
-/// and profile as `kindling` itself, so an up-to-date build costs nothing.
+/// must sit beside `kindling` (same target dir and profile, so an up-to-date build costs
+/// nothing), and the `lambda_runtime`-crate runtime, static as every `provided` function's
+/// `bootstrap` must be (the `provided` root has no libc), the way scripts/build-guest.sh
+/// builds the guest binaries.
 fn binaries() -> &'static Binaries {
     static BINARIES: OnceLock<Binaries> = OnceLock::new();
     BINARIES.get_or_init(|| {
@@ -64,22 +69,40 @@ fn binaries() -> &'static Binaries {
         let profile_dir = kindling.parent().expect("kindling is in a folder");
         let target_dir = profile_dir.parent().expect("a profile folder has a parent");
         let profile = profile_dir.file_name().and_then(|p| p.to_str());
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "kindling-sandbox", "-p", LAMBDA_RS_PACKAGE])
-            .arg("--profile")
+        let cargo = || {
+            let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+            cmd.arg("build")
+                .arg("--target-dir")
+                .arg(target_dir)
+                .current_dir(env!("CARGO_MANIFEST_DIR"));
+            cmd
+        };
+        let helper = cargo()
+            .args(["-p", "kindling-sandbox", "--profile"])
             .arg(match profile {
                 Some("debug") | None => "dev",
                 Some(other) => other,
             })
-            .arg("--target-dir")
-            .arg(target_dir)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("cannot run cargo");
-        assert!(status.success(), "building the helper binaries failed");
+        assert!(helper.success(), "building the sandbox helper failed");
+        let runtime = cargo()
+            .args([
+                "-p",
+                LAMBDA_RS_PACKAGE,
+                "--release",
+                "--target",
+                GUEST_TARGET,
+            ])
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .status()
+            .expect("cannot run cargo");
+        assert!(
+            runtime.success(),
+            "building the lambda_runtime bootstrap failed"
+        );
         Binaries {
-            lambda_rs_bootstrap: profile_dir.join("bootstrap"),
+            lambda_rs_bootstrap: target_dir.join(GUEST_TARGET).join("release/bootstrap"),
             kindling,
         }
     })
