@@ -6,7 +6,11 @@ cd "$(dirname "$0")/.."
 
 ./scripts/setup.sh
 echo "test: building the guest images (cached after the first run)"
-./target/release/kindling images build
+images=$(./target/release/kindling images build | tee /dev/stderr)
+# The VMM's boot-parameter tests (and, on hardware KVM, its Linux boot test) load these.
+KINDLING_KERNEL=$(awk '$1 == "kernel" && $2 == "minimal" {print $NF}' <<<"$images")
+KINDLING_INITRD=$(awk '$1 == "initramfs" {print $NF}' <<<"$images")
+export KINDLING_KERNEL KINDLING_INITRD
 echo "test: lint"
 cargo fmt --all --check
 cargo clippy --quiet --workspace --all-targets -- -D warnings

@@ -76,12 +76,15 @@ fn linux_boots_to_init_and_powers_off() {
         );
         return;
     };
-    let marker = std::env::var("KINDLING_BOOT_MARKER").unwrap_or_else(|_| "kindling-init".into());
+    // Kindling's init prints this first; with no root drive attached it then reports the
+    // missing /dev/vda and reboots, which ends the VM with exit code 0.
+    let marker =
+        std::env::var("KINDLING_BOOT_MARKER").unwrap_or_else(|_| "init: userspace at".into());
     let config = scratch("linux.json");
     let console = scratch("linux-console.log");
     let json = serde_json::json!({
         "boot-source": {"kernel_image_path": kernel, "initrd_path": initrd,
-                        "boot_args": "console=ttyS0 reboot=k panic=1 pci=off"},
+                        "boot_args": "console=ttyS0 reboot=k panic=1 pci=off kindling.boot_timer=1 kindling.root_wait_ms=200"},
         "machine-config": {"vcpu_count": 1, "mem_size_mib": 256}
     });
     std::fs::write(&config, json.to_string()).unwrap();
