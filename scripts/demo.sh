@@ -28,5 +28,8 @@ invoke hello '{"name": "again (warm)"}'
 invoke echo '{"hello": "from bash"}'
 
 echo
+echo "--- where they ran ---"
+grep -E "microVMs run on|hypervisor chosen|microVM started" "$log" | sed 's/^[^ ]* *//' || true
+echo
 echo "--- the functions' log (START / END / REPORT) ---"
 grep -E "START|END|REPORT|greeting|Echoing" "$log" || true
