@@ -190,13 +190,23 @@ impl SandboxLauncher {
             .open(spec.console_log())
             .with_context(|| format!("opening {}", spec.console_log().display()))?;
 
-        let mut helper = Command::new(exec)
+        let mut command = Command::new(exec);
+        command
             .arg(&plan_path)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(console)
             // A dropped environment takes its helper, and with it init (PDEATHSIG), along.
-            .kill_on_drop(true)
+            .kill_on_drop(true);
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches only the child.
+        // It makes the helper (and so init) die with this process even when it is
+        // SIGKILLed; the tokio worker thread that spawns it lives as long as the runtime.
+        unsafe {
+            command.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)
+            });
+        }
+        let mut helper = command
             .spawn()
             .with_context(|| format!("running {}", exec.display()))?;
         let stdout = helper.stdout.take().expect("stdout is piped");
