@@ -386,6 +386,23 @@ fn init_switches_root_and_is_pid1(server: &Server, _: Backend) -> Result<(), Fai
     let body = server
         .invoke("inspect", &json!({"action": "inspect"}))?
         .ok_json()?;
+    // A warm invocation reads the guest's clock: on the host's (bootstrap sets it from
+    // each event), it falls inside the host's window around the call, give or take a
+    // transfer.
+    let host_now = || -> Result<f64, Failed> {
+        Ok(std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs_f64())
+    };
+    let before = host_now()?;
+    let warm = server
+        .invoke("inspect", &json!({"action": "inspect"}))?
+        .ok_json()?;
+    let after = host_now()?;
+    let guest_time = warm["time"].as_f64().unwrap_or_default();
+    check((before - 0.05..=after + 0.05).contains(&guest_time), || {
+        format!("the guest's clock read {guest_time:.3}, outside the invocation ({before:.3}..{after:.3})")
+    })?;
     check(body["pid1_comm"] == "init", || {
         format!("PID 1 is not our init: {body}")
     })?;

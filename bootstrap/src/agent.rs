@@ -37,6 +37,9 @@ struct Lifecycle {
 pub struct Agent {
     pub upstream: Upstream,
     pub logs: Arc<LogSink>,
+    /// Whether this guest's clock is ours to set (a microVM's is; a sandbox shares the
+    /// host's): then it follows the host's, stamped on every event.
+    pub owns_clock: bool,
     life: Mutex<Lifecycle>,
 }
 
@@ -45,10 +48,11 @@ fn millis(since: Instant) -> f64 {
 }
 
 impl Agent {
-    pub fn new(upstream: Upstream) -> Self {
+    pub fn new(upstream: Upstream, owns_clock: bool) -> Self {
         Agent {
             logs: LogSink::start(upstream.clone()),
             upstream,
+            owns_clock,
             life: Mutex::new(Lifecycle::default()),
         }
     }

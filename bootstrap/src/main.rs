@@ -79,7 +79,9 @@ async fn run() -> Result<(), String> {
         config.host
     );
 
-    let agent = Arc::new(Agent::new(upstream));
+    // Over vsock we are a microVM, whose clock starts from a coarse RTC and drifts.
+    let owns_clock = matches!(config.host, kindling_wire::HostAddr::Vsock { .. });
+    let agent = Arc::new(Agent::new(upstream, owns_clock));
     let program = match runtime::locate(&config) {
         Ok(p) => p,
         Err(e) => {

@@ -4,7 +4,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -17,9 +17,15 @@ use kindling_wire::{
     deadline_on_guest_clock, ErrorBody, HEADER_DEADLINE_MS, HEADER_HOST_TIME_MS, HEADER_REQUEST_ID,
     PATH_NEXT, RUNTIME_PREFIX,
 };
+use nix::sys::time::TimeSpec;
+use nix::time::{clock_settime, ClockId};
 use tokio::net::TcpListener;
 
 use crate::agent::Agent;
+
+/// How far the guest's clock may stray from the host's before it is stepped: below the
+/// transfer time of an event, stepping would only add noise.
+const CLOCK_SLACK_MS: u128 = 20;
 use crate::upstream::{full, Backoff, Body};
 
 /// Accepts the runtime's connections until the process ends.
@@ -102,7 +108,7 @@ async fn next(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
         }
     };
     let mut resp = resp;
-    onto_guest_clock(resp.headers_mut());
+    onto_guest_clock(resp.headers_mut(), agent.owns_clock);
     if resp.status().is_success() {
         match resp
             .headers()
@@ -135,8 +141,9 @@ async fn forward(agent: &Agent, mut req: Request<Body>) -> Response<Body> {
 }
 
 /// Moves the event's deadline from the host's clock onto ours (see
-/// [`kindling_wire::HEADER_HOST_TIME_MS`]).
-fn onto_guest_clock(headers: &mut HeaderMap) {
+/// [`kindling_wire::HEADER_HOST_TIME_MS`]); when the clock is ours, first sets it to the
+/// host's, so that handlers read the right time too.
+fn onto_guest_clock(headers: &mut HeaderMap, owns_clock: bool) {
     let Some(host_now) = headers.remove(HEADER_HOST_TIME_MS) else {
         return;
     };
@@ -147,12 +154,31 @@ fn onto_guest_clock(headers: &mut HeaderMap) {
     ) else {
         return;
     };
+    if owns_clock {
+        follow_host_clock(host_now);
+    }
     let guest_now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis() as u64;
     let moved = deadline_on_guest_clock(deadline, host_now, guest_now);
     headers.insert(HEADER_DEADLINE_MS, HeaderValue::from(moved));
+}
+
+/// Steps the clock to the host's when they differ by more than [`CLOCK_SLACK_MS`].
+fn follow_host_clock(host_now_ms: u64) {
+    let guest_now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let skew = host_now_ms as i128 - guest_now.as_millis() as i128;
+    if skew.unsigned_abs() <= CLOCK_SLACK_MS {
+        return;
+    }
+    let host_now = TimeSpec::from(Duration::from_millis(host_now_ms));
+    match clock_settime(ClockId::CLOCK_REALTIME, host_now) {
+        Ok(()) => say!("clock set to the host's ({skew:+} ms)"),
+        Err(e) => say!("cannot set the clock to the host's ({skew:+} ms): {e}"),
+    }
 }
 
 fn relay_response(resp: Response<Incoming>) -> Response<Body> {

@@ -31,4 +31,6 @@ def handler(event, context):
         answer["cmdline"] = _read("/proc/cmdline").strip()
         # Absent when the kernel cannot load modules at all.
         answer["proc_modules"] = os.path.exists("/proc/modules")
+        # The guest's wall clock, which bootstrap keeps on the host's.
+        answer["time"] = time.time()
     return answer
