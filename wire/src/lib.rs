@@ -56,7 +56,8 @@ pub const HEADER_FUNCTION_ERROR_TYPE: &str = "lambda-runtime-function-error-type
 /// Host → bootstrap on `/next`: the host's clock (Unix epoch ms) when it handed out the
 /// event. A guest clock may run behind or ahead of the host's (a microVM's clock starts
 /// at its boot); bootstrap moves `Lambda-Runtime-Deadline-Ms` onto the guest's clock with
-/// it, so that runtimes compute the remaining time right, and drops the header.
+/// it, so that runtimes compute the remaining time right, and drops the header. In a
+/// microVM, whose clock is its own, bootstrap first sets the clock to this time.
 pub const HEADER_HOST_TIME_MS: &str = "kindling-host-time-ms";
 
 /// `deadline_ms` (on the host's clock, which read `host_now_ms`) on a clock that now reads
