@@ -633,14 +633,18 @@ impl Pool {
             init_duration_ms: None,
             max_memory_used_mb: 0,
         });
-        if cold && report.init_duration_ms.is_none() {
-            report.init_duration_ms = Some((dispatched_at - env.started).as_secs_f64() * 1000.0);
-        }
         let phases = if cold {
             env.handle.start_phases()
         } else {
             Vec::new()
         };
+        if cold && report.init_duration_ms.is_none() {
+            // The guest did not measure it (its runtime died first): the host's view of
+            // the start, less the phases the environment accounts for (a VM's boot).
+            let accounted: Duration = phases.iter().map(|(_, took)| *took).sum();
+            let init = (dispatched_at - env.started).saturating_sub(accounted);
+            report.init_duration_ms = Some(init.as_secs_f64() * 1000.0);
+        }
         let answer = match outcome {
             Outcome::Response(body) => Answer::Response(body),
             Outcome::FunctionError { error_type, body }
