@@ -167,6 +167,7 @@ impl Scheduler {
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&options.env_root)
             .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", options.env_root.display()))?;
+        remove_orphaned_envs(&options.env_root);
         let ctx = Arc::new(Ctx {
             options,
             logs,
@@ -722,6 +723,32 @@ impl Pool {
     }
 }
 
+/// Removes the environment folders (`<function>-<pid>-<n>`) of servers that died without
+/// stopping them (SIGKILL): their processes died with them, their sockets and scratch
+/// did not. Folders of live servers sharing the state dir are left alone.
+fn remove_orphaned_envs(env_root: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(env_root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let owner = name
+            .to_str()
+            .and_then(|n| n.rsplit('-').nth(1)?.parse::<u32>().ok());
+        let Some(pid) = owner else { continue };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            match std::fs::remove_dir_all(entry.path()) {
+                Ok(()) => {
+                    tracing::info!(env = ?name, "removed the folder of an environment whose server died")
+                }
+                Err(e) => {
+                    tracing::warn!(env = ?name, error = %e, "cannot remove an orphaned environment folder")
+                }
+            }
+        }
+    }
+}
+
 /// What an invocation waits for.
 enum Wait {
     Dispatched(Instant),
@@ -830,5 +857,20 @@ mod tests {
             t.len(),
             "Root=1-".len() + 8 + 1 + 24 + ";Parent=".len() + 16 + ";Sampled=0".len()
         );
+    }
+
+    #[test]
+    fn only_the_folders_of_dead_servers_are_removed() {
+        let root = tempfile::tempdir().unwrap();
+        let dead = root.path().join("my-fn-999999999-1"); // above any pid_max
+        let live = root.path().join(format!("my-fn-{}-2", std::process::id()));
+        let other = root.path().join("not-an-env");
+        for dir in [&dead, &live, &other] {
+            std::fs::create_dir(dir).unwrap();
+            std::fs::write(dir.join("vsock.sock_9001"), b"").unwrap();
+        }
+        remove_orphaned_envs(root.path());
+        assert!(!dead.exists());
+        assert!(live.exists() && other.exists());
     }
 }
