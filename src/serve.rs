@@ -25,7 +25,7 @@ pub struct ServeArgs {
 pub struct RunArgs {
     /// The function's code: a directory (or a Lambda-style .zip).
     code: PathBuf,
-    /// provided, python or node.
+    /// provided, provided-debian, python or node.
     #[arg(long)]
     runtime: String,
     /// The handler, e.g. app.handler.
