@@ -1,6 +1,7 @@
 //! `kindling serve`, `kindling run` and `kindling logs`: a host serving functions.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -190,14 +191,64 @@ async fn host(functions: Vec<FunctionConfig>, args: ServerArgs) -> anyhow::Resul
 }
 
 pub fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
-    let logs = args.state.state_dir.join("logs");
-    let path = if args.console {
-        logs.join(format!("{}.console.log", args.function))
-    } else {
-        logs.join(format!("{}.log", args.function))
-    };
-    let text = std::fs::read(&path)
-        .with_context(|| format!("no log for {:?} at {}", args.function, path.display()))?;
-    std::io::Write::write_all(&mut std::io::stdout(), &text)?;
+    let state = &args.state.state_dir;
+    let mut out = std::io::stdout().lock();
+    if !args.console {
+        let path = state.join("logs").join(format!("{}.log", args.function));
+        let text = std::fs::read(&path)
+            .with_context(|| format!("no log for {:?} at {}", args.function, path.display()))?;
+        out.write_all(&text)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Consoles of stopped environments are kept in one file; running ones are read live.
+    let kept = state
+        .join("logs")
+        .join(format!("{}.console.log", args.function));
+    let mut found = false;
+    if let Ok(text) = std::fs::read(&kept) {
+        out.write_all(&text)?;
+        found = true;
+    }
+    let prefix = format!("{}-", args.function);
+    let mut live: Vec<_> = std::fs::read_dir(state.join("envs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| is_env_of(n, &prefix))
+        })
+        .map(|e| e.path())
+        .collect();
+    live.sort();
+    for env in live {
+        if let Ok(text) = std::fs::read(env.join("console.log")) {
+            let id = env
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            writeln!(out, "=== environment {id} (running) ===")?;
+            out.write_all(&text)?;
+            found = true;
+        }
+    }
+    if !found {
+        bail!(
+            "no guest console for {:?} under {}",
+            args.function,
+            state.display()
+        );
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Environment folders are `<function>-<pid>-<n>`; a function named `a` must not claim
+/// those of a function named `a-b`.
+fn is_env_of(folder: &str, prefix: &str) -> bool {
+    folder.strip_prefix(prefix).is_some_and(|rest| {
+        let parts: Vec<&str> = rest.split('-').collect();
+        parts.len() == 2 && parts.iter().all(|p| p.parse::<u64>().is_ok())
+    })
 }
