@@ -5,9 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use kindling_wire::{
-    path_report, ErrorBody, InvocationReport, RuntimeExit, PATH_INIT_ERROR, PATH_RUNTIME_EXIT,
-};
+use kindling_wire::{ErrorBody, InvocationReport, RuntimeExit, PATH_INIT_ERROR, PATH_RUNTIME_EXIT};
 
 use crate::logs::LogSink;
 use crate::memory::{self, MemoryProbe};
@@ -92,12 +90,13 @@ impl Agent {
     }
 
     /// The runtime posted the result of invocation `id`. If it is the one in flight, its
-    /// log is flushed and its report posted, before the caller relays the result.
-    pub async fn result_received(&self, id: &str) {
+    /// log is flushed and its report returned, for the caller to attach to the result it
+    /// relays.
+    pub async fn result_received(&self, id: &str) -> Option<InvocationReport> {
         let report = {
             let mut life = self.life();
             if life.in_flight.as_ref().map(|f| f.id.as_str()) != Some(id) {
-                return;
+                return None;
             }
             let flight = life.in_flight.take().expect("checked above");
             let duration_ms = millis(flight.handed_over);
@@ -113,12 +112,10 @@ impl Agent {
             })
         };
         self.logs.finish_invocation().await;
-        if let Some((memory, mut report)) = report {
+        report.map(|(memory, mut report)| {
             report.max_memory_used_mb = memory.peak_mb();
-            if let Err(e) = self.upstream.post_json(&path_report(id), &report).await {
-                say!("report of {id} lost: {e}");
-            }
-        }
+            report
+        })
     }
 
     /// The runtime process ended. Returns whether it had reached its first `/next`.

@@ -14,8 +14,8 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use kindling_wire::{
-    deadline_on_guest_clock, ErrorBody, HEADER_DEADLINE_MS, HEADER_HOST_TIME_MS, HEADER_REQUEST_ID,
-    PATH_NEXT, RUNTIME_PREFIX,
+    deadline_on_guest_clock, ErrorBody, HEADER_DEADLINE_MS, HEADER_HOST_TIME_MS,
+    HEADER_INVOCATION_REPORT, HEADER_REQUEST_ID, PATH_NEXT, RUNTIME_PREFIX,
 };
 use nix::sys::time::TimeSpec;
 use nix::time::{clock_settime, ClockId};
@@ -81,10 +81,22 @@ impl Route {
     }
 }
 
-async fn handle(agent: Arc<Agent>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn handle(
+    agent: Arc<Agent>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     match Route::of(req.method(), req.uri().path()) {
         Route::Next => return Ok(next(&agent, req).await),
-        Route::Result(id) => agent.result_received(&id).await,
+        Route::Result(id) => {
+            // Only ours: a runtime cannot pass off a report of its own.
+            req.headers_mut().remove(HEADER_INVOCATION_REPORT);
+            if let Some(report) = agent.result_received(&id).await {
+                let json = serde_json::to_vec(&report).expect("a report serialises");
+                let value =
+                    HeaderValue::from_bytes(&json).expect("JSON without control characters");
+                req.headers_mut().insert(HEADER_INVOCATION_REPORT, value);
+            }
+        }
         Route::Other => {}
     }
     Ok(forward(&agent, req.map(|b| b.map_err(Into::into).boxed())).await)

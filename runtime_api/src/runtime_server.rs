@@ -332,21 +332,14 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
         | wire::PATH_INIT_ERROR
         | wire::PATH_LOGS
         | wire::PATH_RUNTIME_EXIT => method_not_allowed(),
-        _ => match (
-            invocation(wire::RUNTIME_PREFIX),
-            invocation(wire::KINDLING_PREFIX),
-        ) {
-            (Some((id, what)), _) if what == "response" || what == "error" => {
+        _ => match invocation(wire::RUNTIME_PREFIX) {
+            Some((id, what)) if what == "response" || what == "error" => {
                 match (post, what.as_str()) {
                     (true, "response") => response(shared, &id, req).await,
                     (true, _) => function_error(shared, &id, req).await,
                     (false, _) => method_not_allowed(),
                 }
             }
-            (_, Some((id, what))) if what == "report" => match post {
-                true => report(shared, &id, req).await,
-                false => method_not_allowed(),
-            },
             _ => error_response(
                 StatusCode::NOT_FOUND,
                 "NotFound",
@@ -433,7 +426,7 @@ fn event_response(inv: &Invocation) -> http::Result<Response<Full<Bytes>>> {
 }
 
 async fn response(shared: &Shared, id: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    if let Err(r) = shared.state().check_answer(id) {
+    if let Err(r) = accept_answer(shared, id, &req) {
         return r.into();
     }
     let body = match read_body(req, wire::MAX_RESPONSE_BYTES).await {
@@ -464,7 +457,7 @@ async fn function_error(
     id: &str,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
-    if let Err(r) = shared.state().check_answer(id) {
+    if let Err(r) = accept_answer(shared, id, &req) {
         return r.into();
     }
     let header_type = error_type_header(&req);
@@ -539,19 +532,26 @@ async fn post_logs(shared: &Shared, req: Request<Incoming>) -> Response<Full<Byt
     accepted()
 }
 
-async fn report(shared: &Shared, id: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let report: InvocationReport = match read_json(req).await {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
+/// Checks that `id` may be answered and keeps the invocation report that bootstrap
+/// attaches to the result ([`wire::HEADER_INVOCATION_REPORT`]). A report that does not
+/// parse is logged and dropped: the result itself still counts.
+fn accept_answer(shared: &Shared, id: &str, req: &Request<Incoming>) -> Result<(), Refusal> {
+    let report = req
+        .headers()
+        .get(wire::HEADER_INVOCATION_REPORT)
+        .and_then(|v| {
+            serde_json::from_slice::<InvocationReport>(v.as_bytes())
+                .map_err(
+                    |e| tracing::warn!(request_id = id, error = %e, "unreadable invocation report"),
+                )
+                .ok()
+        });
     let mut state = shared.state();
-    if let Err(r) = state.check_answer(id) {
-        return r.into();
-    }
-    if let Some(f) = state.in_flight.as_mut() {
+    state.check_answer(id)?;
+    if let (Some(report), Some(f)) = (report, state.in_flight.as_mut()) {
         f.report = Some(report);
     }
-    accepted()
+    Ok(())
 }
 
 async fn runtime_exit(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {

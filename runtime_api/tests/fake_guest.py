@@ -69,13 +69,14 @@ while True:
     if first:
         report["initDurationMs"] = init_ms
         first = False
-    post_json(f"/kindling/v1/invocation/{request_id}/report", report)
+    # As bootstrap does: the report rides on the result.
+    reported = {"Kindling-Invocation-Report": json.dumps(report)}
     base = f"/2018-06-01/runtime/invocation/{request_id}"
     if action == "error":
         post_json(base + "/error", {"errorMessage": "boom", "errorType": "ValueError", "stackTrace": []},
-                  {"Lambda-Runtime-Function-Error-Type": "Function.Boom"})
+                  {"Lambda-Runtime-Function-Error-Type": "Function.Boom", **reported})
     elif action == "big":
-        call("POST", base + "/response", b"x" * ev["bytes"])
+        call("POST", base + "/response", b"x" * ev["bytes"], reported)
     else:
         answer = {"echo": ev, "pid": os.getpid(), "requestId": request_id,
                   "deadline": resp.getheader("Lambda-Runtime-Deadline-Ms"),
@@ -83,4 +84,4 @@ while True:
                   "trace": resp.getheader("Lambda-Runtime-Trace-Id"),
                   "clientContext": resp.getheader("Lambda-Runtime-Client-Context"),
                   "greeting": variables.get("GREETING")}
-        post_json(base + "/response", answer)
+        post_json(base + "/response", answer, reported)

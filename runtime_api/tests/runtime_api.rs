@@ -287,18 +287,9 @@ async fn wrong_ids_and_wrong_order_are_refused_and_lose_nothing() {
     let next = request(&mut c, "GET", NEXT, &[], b"").await;
     assert_eq!(next.header("lambda-runtime-aws-request-id"), Some("early"));
 
-    // In flight: a wrong id is an invalid request id, for /response, /error and /report.
-    for path in [
-        response_path("wrong"),
-        error_path("wrong"),
-        "/kindling/v1/invocation/wrong/report".to_string(),
-    ] {
-        let body: &[u8] = if path.ends_with("report") {
-            br#"{"durationMs":1.0,"maxMemoryUsedMb":1}"#
-        } else {
-            b"x"
-        };
-        let r = request(&mut c, "POST", &path, &[], body).await;
+    // In flight: a wrong id is an invalid request id, for /response and /error.
+    for path in [response_path("wrong"), error_path("wrong")] {
+        let r = request(&mut c, "POST", &path, &[], b"x").await;
         assert_eq!(
             (r.status, r.json()["errorType"].as_str()),
             (400, Some("InvalidRequestID")),
@@ -542,23 +533,18 @@ async fn kindling_endpoints_environment_logs_report_and_exit() {
     )
     .await;
     assert_eq!(r.status, 202);
-    let report = br#"{"durationMs":1.5,"initDurationMs":20.0,"maxMemoryUsedMb":33}"#;
+    // Bootstrap's report rides on the result.
+    let report = r#"{"durationMs":1.5,"initDurationMs":20.0,"maxMemoryUsedMb":33}"#;
     assert_eq!(
         request(
             &mut c,
             "POST",
-            "/kindling/v1/invocation/r1/report",
-            &[],
-            report
+            &response_path("r1"),
+            &[("Kindling-Invocation-Report", report)],
+            b"{}"
         )
         .await
         .status,
-        202
-    );
-    assert_eq!(
-        request(&mut c, "POST", &response_path("r1"), &[], b"{}")
-            .await
-            .status,
         202
     );
     let done = outcome(ticket).await;
@@ -599,4 +585,27 @@ async fn kindling_endpoints_environment_logs_report_and_exit() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[tokio::test]
+async fn an_unreadable_report_is_dropped_but_the_result_counts() {
+    let f = fixture();
+    let mut c = f.connect().await;
+    let ticket = f.in_flight(&mut c, "r9").await;
+    let r = request(
+        &mut c,
+        "POST",
+        &response_path("r9"),
+        &[("Kindling-Invocation-Report", "{not json")],
+        b"\"kept\"",
+    )
+    .await;
+    assert_eq!(r.status, 202);
+    let done = outcome(ticket).await;
+    assert!(done.report.is_none());
+    assert!(
+        matches!(&done.outcome, Outcome::Response(body) if &body[..] == b"\"kept\""),
+        "{:?}",
+        done.outcome
+    );
 }

@@ -11,8 +11,10 @@
 //! |---|---|---|
 //! | `GET /kindling/v1/environment` | – | 200 [`FunctionEnvironment`] |
 //! | `POST /kindling/v1/logs` | log text, one or more `\n`-terminated lines; header [`HEADER_REQUEST_ID`] when the lines belong to an invocation | 202 |
-//! | `POST /kindling/v1/invocation/{id}/report` | [`InvocationReport`], sent before the runtime's `/response` or `/error` is relayed | 202 |
 //! | `POST /kindling/v1/runtime/exit` | [`RuntimeExit`] | 202 |
+//!
+//! Each invocation's [`InvocationReport`] rides on the relayed `/response` or `/error`
+//! itself, as the header [`HEADER_INVOCATION_REPORT`]: one round trip less per invocation.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -40,10 +42,6 @@ pub fn path_response(request_id: &str) -> String {
 pub fn path_error(request_id: &str) -> String {
     format!("{RUNTIME_PREFIX}/invocation/{request_id}/error")
 }
-/// `/kindling/v1/invocation/{id}/report`
-pub fn path_report(request_id: &str) -> String {
-    format!("{KINDLING_PREFIX}/invocation/{request_id}/report")
-}
 
 pub const HEADER_REQUEST_ID: &str = "lambda-runtime-aws-request-id";
 pub const HEADER_DEADLINE_MS: &str = "lambda-runtime-deadline-ms";
@@ -53,6 +51,9 @@ pub const HEADER_CLIENT_CONTEXT: &str = "lambda-runtime-client-context";
 pub const HEADER_COGNITO_IDENTITY: &str = "lambda-runtime-cognito-identity";
 pub const HEADER_TENANT_ID: &str = "lambda-runtime-aws-tenant-id";
 pub const HEADER_FUNCTION_ERROR_TYPE: &str = "lambda-runtime-function-error-type";
+/// Bootstrap → host, on the relayed `/response` or `/error`: that invocation's
+/// [`InvocationReport`] as JSON (the runtime's own request never carries it).
+pub const HEADER_INVOCATION_REPORT: &str = "kindling-invocation-report";
 /// Host → bootstrap on `/next`: the host's clock (Unix epoch ms) when it handed out the
 /// event. A guest clock may run behind or ahead of the host's (a microVM's clock starts
 /// at its boot); bootstrap moves `Lambda-Runtime-Deadline-Ms` onto the guest's clock with
@@ -126,7 +127,8 @@ pub struct FunctionEnvironment {
     pub variables: BTreeMap<String, String>,
 }
 
-/// Metrics of one invocation, measured in the guest by bootstrap.
+/// Metrics of one invocation, measured in the guest by bootstrap; travels as
+/// [`HEADER_INVOCATION_REPORT`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct InvocationReport {

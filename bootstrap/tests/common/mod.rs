@@ -315,6 +315,16 @@ async fn serve(
         .strip_prefix("/2018-06-01/runtime/invocation/")
         .and_then(|p| p.rsplit_once('/'))
         .map(|(id, what)| (id.to_owned(), what.to_owned()));
+    // Bootstrap's report rides on the result it relays: recorded first, as measured first.
+    if let (Some((id, _)), Some(report)) = (
+        &invocation,
+        headers.get(kindling_wire::HEADER_INVOCATION_REPORT),
+    ) {
+        record(Record::Report {
+            id: id.clone(),
+            report: serde_json::from_str(report).expect("an InvocationReport"),
+        });
+    }
     Ok(match (method.as_str(), path.as_str()) {
         ("GET", kindling_wire::PATH_ENVIRONMENT) => {
             answer(StatusCode::OK, serde_json::to_vec(&shared.env).unwrap())
@@ -353,17 +363,6 @@ async fn serve(
             record(Record::Exit(
                 serde_json::from_slice(&body).expect("a RuntimeExit"),
             ));
-            accepted()
-        }
-        ("POST", p) if p.starts_with("/kindling/v1/invocation/") && p.ends_with("/report") => {
-            let id = p
-                .trim_start_matches("/kindling/v1/invocation/")
-                .trim_end_matches("/report")
-                .to_owned();
-            record(Record::Report {
-                id,
-                report: serde_json::from_slice(&body).expect("an InvocationReport"),
-            });
             accepted()
         }
         ("POST", _) if invocation.as_ref().is_some_and(|(_, w)| w == "response") => {
