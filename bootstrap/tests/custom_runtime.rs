@@ -433,3 +433,34 @@ async fn sigterm_stops_the_runtime_and_forwards_its_last_words() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_runtime_cannot_pass_off_a_report_of_its_own() {
+    if !have("curl") || !have("bash") {
+        return;
+    }
+    // Posts its result with a forged report header: the host must see bootstrap's.
+    let forger = r#"#!/bin/bash
+set -euo pipefail
+api="http://${AWS_LAMBDA_RUNTIME_API}/2018-06-01/runtime/invocation"
+while true; do
+  headers="$(mktemp)"
+  curl -sS -D "$headers" "$api/next" >/dev/null
+  id=$(grep -Fi Lambda-Runtime-Aws-Request-Id "$headers" | tr -d '[:space:]' | cut -d: -f2)
+  curl -sS "$api/$id/response" -d '"done"' \
+    -H 'Kindling-Invocation-Report: {"durationMs":123456.0,"maxMemoryUsedMb":99999}' >/dev/null
+done
+"#;
+    let guest = Guest::new();
+    guest.write_task("bootstrap", forger, true);
+    let mut host = Host::new(guest.socket(), function_env("provided", "x.handler"));
+    let _server = host.listen();
+    let _bootstrap = guest.start(None);
+    let id = host.invoke("{}");
+    assert!(matches!(host.result(&id).await, Record::Response { .. }));
+    let report = host.report(&id);
+    assert!(
+        report.duration_ms < 123_456.0 && report.max_memory_used_mb < 99_999,
+        "{report:?}"
+    );
+}
