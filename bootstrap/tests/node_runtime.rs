@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{function_env, have, shipped_runtime, Guest, Host, Record};
+use common::{json_of, start_shipped, Guest, Host, Record};
 use serde_json::{json, Value};
 
 const ASYNC_HANDLER: &str = r#"
@@ -43,33 +43,18 @@ const ESM_HANDLER: &str = r#"
 export const handler = async (event) => ({ esm: true, event });
 "#;
 
-async fn start(handler: &str) -> Option<(Guest, Host, common::Bootstrap)> {
-    if !have("node") {
-        return None;
-    }
-    let guest = Guest::new();
-    guest.write_task("index.js", ASYNC_HANDLER, false);
-    guest.write_task("cb.js", CALLBACK_HANDLER, false);
-    guest.write_task("esm.mjs", ESM_HANDLER, false);
-    let host = Host::new(guest.socket(), function_env("node", handler));
-    // Detached: the server lives until the test ends.
-    drop(host.listen());
-    let bootstrap = guest.start(Some(&shipped_runtime("node")));
-    Some((guest, host, bootstrap))
-}
-
-fn json_of(record: &Record) -> Value {
-    match record {
-        Record::Response { body, .. } | Record::Error { body, .. } => {
-            serde_json::from_slice(body).unwrap()
-        }
-        other => panic!("not a result: {other:?}"),
-    }
+fn start(handler: &str) -> Option<(Guest, Host, common::Bootstrap)> {
+    let task = [
+        ("index.js", ASYNC_HANDLER),
+        ("cb.js", CALLBACK_HANDLER),
+        ("esm.mjs", ESM_HANDLER),
+    ];
+    start_shipped("node", "node", &task, handler)
 }
 
 #[tokio::test]
 async fn async_handler_returns_with_a_lambda_context() {
-    let Some((_guest, mut host, _bootstrap)) = start("index.handler").await else {
+    let Some((_guest, mut host, _bootstrap)) = start("index.handler") else {
         return;
     };
     let id = host.invoke(r#"{"name":"kindling"}"#);
@@ -110,7 +95,7 @@ async fn async_handler_returns_with_a_lambda_context() {
 
 #[tokio::test]
 async fn async_handler_that_throws_posts_a_lambda_error() {
-    let Some((_guest, mut host, _bootstrap)) = start("index.handler").await else {
+    let Some((_guest, mut host, _bootstrap)) = start("index.handler") else {
         return;
     };
     let id = host.invoke(r#"{"fail":"purpose"}"#);
@@ -137,7 +122,7 @@ async fn async_handler_that_throws_posts_a_lambda_error() {
 
 #[tokio::test]
 async fn callback_handler_succeeds_and_fails() {
-    let Some((_guest, mut host, _bootstrap)) = start("cb.handler").await else {
+    let Some((_guest, mut host, _bootstrap)) = start("cb.handler") else {
         return;
     };
     let id = host.invoke(r#"{"n":21}"#);
@@ -153,7 +138,7 @@ async fn callback_handler_succeeds_and_fails() {
 
 #[tokio::test]
 async fn es_module_handler() {
-    let Some((_guest, mut host, _bootstrap)) = start("esm.handler").await else {
+    let Some((_guest, mut host, _bootstrap)) = start("esm.handler") else {
         return;
     };
     let id = host.invoke("[1,2]");
@@ -165,7 +150,7 @@ async fn es_module_handler() {
 
 #[tokio::test]
 async fn missing_handler_is_an_init_error() {
-    let Some((_guest, mut host, _bootstrap)) = start("index.nothere").await else {
+    let Some((_guest, mut host, _bootstrap)) = start("index.nothere") else {
         return;
     };
     let body = host

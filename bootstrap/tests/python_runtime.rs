@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{function_env, have, shipped_runtime, Guest, Host, Record};
+use common::{json_of, start_shipped, Guest, Host, Record};
 use serde_json::{json, Value};
 
 const APP: &str = r#"
@@ -46,31 +46,13 @@ def handler(event, context):
     }
 "#;
 
-async fn start(handler: &str) -> Option<(Guest, Host, common::Bootstrap)> {
-    if !have("python3") {
-        return None;
-    }
-    let guest = Guest::new();
-    guest.write_task("app.py", APP, false);
-    let host = Host::new(guest.socket(), function_env("python", handler));
-    // Detached: the server lives until the test ends.
-    drop(host.listen());
-    let bootstrap = guest.start(Some(&shipped_runtime("python")));
-    Some((guest, host, bootstrap))
-}
-
-fn json_of(record: &Record) -> Value {
-    match record {
-        Record::Response { body, .. } | Record::Error { body, .. } => {
-            serde_json::from_slice(body).unwrap()
-        }
-        other => panic!("not a result: {other:?}"),
-    }
+fn start(handler: &str) -> Option<(Guest, Host, common::Bootstrap)> {
+    start_shipped("python", "python3", &[("app.py", APP)], handler)
 }
 
 #[tokio::test]
 async fn handler_returns_with_a_lambda_context() {
-    let Some((_guest, mut host, _bootstrap)) = start("app.handler").await else {
+    let Some((_guest, mut host, _bootstrap)) = start("app.handler") else {
         return;
     };
     let id = host.invoke_with(
@@ -131,7 +113,7 @@ async fn handler_returns_with_a_lambda_context() {
 
 #[tokio::test]
 async fn handler_that_raises_posts_a_lambda_error() {
-    let Some((_guest, mut host, _bootstrap)) = start("app.handler").await else {
+    let Some((_guest, mut host, _bootstrap)) = start("app.handler") else {
         return;
     };
     let id = host.invoke(r#"{"raise": 7}"#);
@@ -160,7 +142,7 @@ async fn handler_that_raises_posts_a_lambda_error() {
 
 #[tokio::test]
 async fn large_response_is_relayed_whole() {
-    let Some((_guest, mut host, _bootstrap)) = start("app.handler").await else {
+    let Some((_guest, mut host, _bootstrap)) = start("app.handler") else {
         return;
     };
     let size = 5 * 1024 * 1024;
@@ -179,7 +161,7 @@ async fn large_response_is_relayed_whole() {
 
 #[tokio::test]
 async fn missing_module_is_an_init_error_then_the_runtime_exits() {
-    let Some((_guest, mut host, _bootstrap)) = start("nothere.handler").await else {
+    let Some((_guest, mut host, _bootstrap)) = start("nothere.handler") else {
         return;
     };
     let (headers, body) = host
@@ -207,7 +189,7 @@ async fn missing_module_is_an_init_error_then_the_runtime_exits() {
 
 #[tokio::test]
 async fn missing_handler_function_is_an_init_error() {
-    let Some((_guest, mut host, _bootstrap)) = start("app.nothere").await else {
+    let Some((_guest, mut host, _bootstrap)) = start("app.nothere") else {
         return;
     };
     let body = host
@@ -222,7 +204,7 @@ async fn missing_handler_function_is_an_init_error() {
 
 #[tokio::test]
 async fn the_deadline_moves_onto_the_guest_clock() {
-    let Some((_guest, mut host, _bootstrap)) = start("app.handler").await else {
+    let Some((_guest, mut host, _bootstrap)) = start("app.handler") else {
         return;
     };
     // The host's clock reads 100 s less than ours: its deadline, 30 s after our "now",

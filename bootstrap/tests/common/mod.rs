@@ -464,6 +464,39 @@ impl Drop for Bootstrap {
 }
 
 /// A shipped runtime's folder in this checkout (`guest_images/runtimes/NAME`).
+/// Starts the real bootstrap with the shipped runtime `runtime` (whose interpreter,
+/// `interpreter`, must be on the host) over the task files `task`, against a host serving
+/// `handler`; `None` (the test is skipped) without the interpreter.
+pub fn start_shipped(
+    runtime: &str,
+    interpreter: &str,
+    task: &[(&str, &str)],
+    handler: &str,
+) -> Option<(Guest, Host, Bootstrap)> {
+    if !have(interpreter) {
+        return None;
+    }
+    let guest = Guest::new();
+    for (name, text) in task {
+        guest.write_task(name, text, false);
+    }
+    let host = Host::new(guest.socket(), function_env(runtime, handler));
+    // Detached: the server lives until the test ends.
+    drop(host.listen());
+    let bootstrap = guest.start(Some(&shipped_runtime(runtime)));
+    Some((guest, host, bootstrap))
+}
+
+/// A result's body as JSON.
+pub fn json_of(record: &Record) -> serde_json::Value {
+    match record {
+        Record::Response { body, .. } | Record::Error { body, .. } => {
+            serde_json::from_slice(body).unwrap()
+        }
+        other => panic!("not a result: {other:?}"),
+    }
+}
+
 pub fn shipped_runtime(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../guest_images/runtimes")
