@@ -85,10 +85,16 @@ impl I8042 {
         CTRL_ALT_DEL.iter().for_each(|&b| {
             self.push(b);
         });
+        self.interrupt();
+        true
+    }
+
+    /// Raises the keyboard IRQ. Linux's i8042 driver reads one byte per interrupt, so every
+    /// byte of a multi-byte sequence needs an interrupt of its own.
+    fn interrupt(&self) {
         if let Err(e) = self.kbd_irq.trigger() {
             tracing::warn!("i8042 interrupt failed: {e}");
         }
-        true
     }
 
     fn command(&mut self, cmd: u8) {
@@ -131,6 +137,8 @@ impl BusDevice for I8042 {
                 let b = self.out.pop_front().unwrap_or(0);
                 if self.out.is_empty() {
                     self.status &= !SB_OUT_DATA_AVAIL;
+                } else if self.keyboard_listens() {
+                    self.interrupt();
                 }
                 b
             }
@@ -209,8 +217,18 @@ mod tests {
             1,
             "the keyboard IRQ was raised"
         );
-        let keys: Vec<u8> = (0..4).map(|_| read(&mut dev, DATA)).collect();
+        // One interrupt per byte: the driver reads a byte per interrupt, so each read that
+        // leaves bytes behind raises the next one.
+        let mut keys = vec![read(&mut dev, DATA)];
+        for _ in 1..CTRL_ALT_DEL.len() {
+            assert_eq!(dev.kbd_irq.0.read().unwrap(), 1, "IRQ for the next byte");
+            keys.push(read(&mut dev, DATA));
+        }
         assert_eq!(keys, CTRL_ALT_DEL);
+        assert!(
+            dev.kbd_irq.0.read().is_err(),
+            "no interrupt once the buffer is empty"
+        );
         for _ in 0..4 {
             assert!(dev.ctrl_alt_del());
         }
