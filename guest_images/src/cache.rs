@@ -3,7 +3,8 @@
 //! Layout under the cache root (`$XDG_CACHE_HOME/kindling`, default `~/.cache/kindling`):
 //!
 //! ```text
-//! <kind>/<name>-<key>/   one finished artifact (kernel/, initramfs/, base/, rootfs/, code/)
+//! <kind>/<name>-<key>/   one finished artifact (kernel/, initramfs/, base/, rootfs/, code/,
+//!                        nested/: the nested-KVM harness's level-1 host)
 //! tmp/                   artifacts being built; never read, removed by `prune`
 //! locks/                 one lock file per entry, held while it is built
 //! logs/                  the output of the last run of each external build step
@@ -32,7 +33,7 @@ pub(crate) const RECIPE_VERSION: &str = "kindling-images/1";
 const KEY_LEN: usize = 16;
 
 /// The kinds of entry, each a folder under the cache root.
-pub(crate) const KINDS: [&str; 5] = ["kernel", "initramfs", "base", "rootfs", "code"];
+pub(crate) const KINDS: [&str; 6] = ["kernel", "initramfs", "base", "rootfs", "code", "nested"];
 
 /// A cache folder holding built artifacts.
 #[derive(Debug, Clone)]

@@ -10,6 +10,7 @@ use clap::Subcommand;
 use crate::cache::{Cache, EntryInfo};
 use crate::initramfs::{self, build_initramfs};
 use crate::kernel::{self, build_kernel, KernelKind};
+use crate::nested;
 use crate::rootfs::{self, build_root_image, Runtime};
 
 /// The `images` subcommands.
@@ -23,6 +24,10 @@ pub enum ImagesCommand {
         /// Which guest kernel to build.
         #[arg(long, value_enum, default_value_t = KernelKind::Minimal)]
         kernel: KernelKind,
+        /// Also the nested-KVM test harness's level-1 host (Debian's generic kernel with
+        /// its KVM modules, and busybox), for hosts whose KVM cannot boot Linux.
+        #[arg(long)]
+        nested_host: bool,
     },
     /// Show what is cached: kind, name (with its content hash), size and path.
     List,
@@ -39,14 +44,23 @@ impl ImagesCommand {
     pub fn run(self) -> Result<()> {
         let cache = Cache::open()?;
         match self {
-            ImagesCommand::Build { runtimes, kernel } => build(&cache, runtimes, kernel),
+            ImagesCommand::Build {
+                runtimes,
+                kernel,
+                nested_host,
+            } => build(&cache, runtimes, kernel, nested_host),
             ImagesCommand::List => list(&cache),
             ImagesCommand::Prune { all } => print_pruned(&cache, all),
         }
     }
 }
 
-fn build(cache: &Cache, mut runtimes: Vec<Runtime>, kind: KernelKind) -> Result<()> {
+fn build(
+    cache: &Cache,
+    mut runtimes: Vec<Runtime>,
+    kind: KernelKind,
+    nested_host: bool,
+) -> Result<()> {
     let started = Instant::now();
     if runtimes.is_empty() {
         runtimes = Runtime::ALL.to_vec();
@@ -75,6 +89,15 @@ fn build(cache: &Cache, mut runtimes: Vec<Runtime>, kind: KernelKind) -> Result<
             image.cached,
             image.elapsed,
             &image.ext4.display(),
+        );
+    }
+    if nested_host {
+        let host = nested::build_nested_host(cache)?;
+        report(
+            "nested host",
+            host.cached,
+            host.elapsed,
+            &host.kernel.display(),
         );
     }
     println!(
@@ -175,6 +198,14 @@ fn current_entries(cache: &Cache) -> BTreeSet<(String, String)> {
                 unknown.insert(("rootfs", runtime.name()));
                 unknown.insert(("base", runtime.name()));
             }
+        }
+    }
+    match nested::current_entry_name() {
+        Ok(name) => {
+            keep.insert(("nested".to_string(), name));
+        }
+        Err(_) => {
+            unknown.insert(("nested", nested::ENTRY_PREFIX));
         }
     }
     // Entries of a kind and prefix whose current name we could not compute stay.

@@ -3,14 +3,14 @@
 //! for the stock kernel, the modules init loads before it mounts the root disk.
 
 use std::fs::{self, File};
-use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use flate2::write::GzEncoder;
 use flate2::Compression;
 
+use crate::archive::CpioArchive;
 use crate::cache::Cache;
 use crate::guest::guest_bins;
 use crate::kernel::Kernel;
@@ -34,33 +34,17 @@ pub fn build_initramfs(cache: &Cache, kernel: &Kernel) -> Result<Initramfs> {
     let name = entry_name(cache, kernel, &bins.init, &config)?;
     let built = cache.get_or_build("initramfs", &name, |out| {
         let file = File::create(out.join(INITRAMFS_FILE))?;
-        let mut archive = Archive {
-            out: GzEncoder::new(file, Compression::best()),
-            ino: 1,
-        };
+        let mut archive = CpioArchive::new(GzEncoder::new(file, Compression::best()));
         for dir in ["dev", "proc", "sys", "run", "tmp", "etc", "etc/kindling"] {
             archive.dir(dir)?;
         }
         archive.node("dev/console", 0o020600, (5, 1))?;
         archive.file("init", 0o100755, &fs::read(&bins.init)?)?;
         archive.file("etc/kindling/init.json", 0o100644, config.as_bytes())?;
-        let mut made = std::collections::BTreeSet::new();
         for module in &kernel.modules {
-            let mut parent = Path::new(module).parent();
-            let mut missing = Vec::new();
-            while let Some(dir) = parent.filter(|d| !d.as_os_str().is_empty()) {
-                if made.insert(dir.to_path_buf()) {
-                    missing.push(dir.to_path_buf());
-                }
-                parent = dir.parent();
-            }
-            for dir in missing.iter().rev() {
-                archive.dir(&dir.to_string_lossy())?;
-            }
-            archive.file(module, 0o100644, &fs::read(kernel.dir.join(module))?)?;
+            archive.file_in_tree(module, 0o100644, &fs::read(kernel.dir.join(module))?)?;
         }
-        cpio::newc::trailer(&mut archive.out)?;
-        archive.out.finish()?.sync_all()?;
+        archive.finish()?.finish()?.sync_all()?;
         Ok(())
     })?;
     Ok(Initramfs {
@@ -101,49 +85,4 @@ fn init_config(kernel: &Kernel) -> Result<String> {
         "modules": modules,
     });
     Ok(serde_json::to_string_pretty(&config)?)
-}
-
-/// A newc cpio stream; every entry is owned by root with mtime 0, so equal inputs give
-/// equal archives.
-struct Archive<W: Write> {
-    out: W,
-    ino: u32,
-}
-
-impl<W: Write> Archive<W> {
-    fn header(&mut self, name: &str, mode: u32) -> cpio::newc::Builder {
-        self.ino += 1;
-        cpio::newc::Builder::new(name)
-            .ino(self.ino)
-            .mode(mode)
-            .uid(0)
-            .gid(0)
-            .mtime(0)
-    }
-
-    fn dir(&mut self, name: &str) -> io::Result<()> {
-        self.header(name, 0o040755)
-            .nlink(2)
-            .write(&mut self.out, 0)
-            .finish()?;
-        Ok(())
-    }
-
-    fn node(&mut self, name: &str, mode: u32, (major, minor): (u32, u32)) -> io::Result<()> {
-        self.header(name, mode)
-            .rdev_major(major)
-            .rdev_minor(minor)
-            .write(&mut self.out, 0)
-            .finish()?;
-        Ok(())
-    }
-
-    fn file(&mut self, name: &str, mode: u32, data: &[u8]) -> Result<()> {
-        let size =
-            u32::try_from(data.len()).with_context(|| format!("{name} is too large for cpio"))?;
-        let mut writer = self.header(name, mode).nlink(1).write(&mut self.out, size);
-        writer.write_all(data)?;
-        writer.finish()?;
-        Ok(())
-    }
 }

@@ -120,7 +120,7 @@ pub(crate) fn entry_name(kind: KernelKind) -> Result<String> {
                 .str("fragment", MINIMAL_FRAGMENT);
         }
         KernelKind::Stock => {
-            let package = stock_package()?;
+            let package = image_package(STOCK_METAPACKAGE)?;
             fp.str("package", &package)
                 .str("version", &candidate_version(&package)?);
             for module in STOCK_MODULES {
@@ -239,23 +239,44 @@ fn fetch_stock(cache: &Cache, name: &str, out: &Path) -> Result<()> {
 
 fn unpack_stock(work: &Path, out: &Path, log: &Path) -> Result<()> {
     let step = Step::start("stock kernel");
-    let package = stock_package()?;
-    step.run(
-        Command::new("apt-get")
-            .current_dir(work)
-            .args(["download", &package]),
-        log,
+    let package = image_package(STOCK_METAPACKAGE)?;
+    let unpacked = unpack_kernel_package(&step, work, &package, &STOCK_MODULES, out, log)?;
+    write_manifest(
+        out,
+        &Manifest {
+            kind: KernelKind::Stock,
+            release: unpacked.release.clone(),
+            vmlinux: false,
+            modules: unpacked.modules,
+        },
     )?;
-    let deb = fs::read_dir(work)?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .with_context(|| format!("apt-get download {package} gave no .deb"))?;
+    step.done(format!("unpacked {}", unpacked.release));
+    Ok(())
+}
+
+/// What [`unpack_kernel_package`] copied.
+pub(crate) struct UnpackedKernel {
+    /// `uname -r` of the kernel.
+    pub release: String,
+    /// The modules in load order, relative to the entry (`lib/modules/<release>/...`).
+    pub modules: Vec<String>,
+}
+
+/// Downloads Debian's kernel image `package` (never installs it) and copies into `out` its
+/// kernel (`bzImage`), its `config` and the `wanted` modules with their dependencies.
+pub(crate) fn unpack_kernel_package(
+    step: &Step,
+    work: &Path,
+    package: &str,
+    wanted: &[&str],
+    out: &Path,
+    log: &Path,
+) -> Result<UnpackedKernel> {
     let root = work.join("root");
-    step.run(Command::new("dpkg").arg("-x").arg(&deb).arg(&root), log)?;
+    apt_unpack(step, work, package, &root, log)?;
     let release = package
         .strip_prefix("linux-image-")
-        .unwrap_or(&package)
+        .unwrap_or(package)
         .to_string();
     fs::copy(
         root.join(format!("boot/vmlinuz-{release}")),
@@ -271,7 +292,7 @@ fn unpack_stock(work: &Path, out: &Path, log: &Path) -> Result<()> {
         Command::new("depmod").arg("-b").arg(&root).arg(&release),
         log,
     )?;
-    let modules = module_load_order(&root.join(&moddir), &STOCK_MODULES)?
+    let modules = module_load_order(&root.join(&moddir), wanted)?
         .into_iter()
         .map(|rel| format!("{moddir}/{rel}"))
         .collect::<Vec<_>>();
@@ -280,17 +301,31 @@ fn unpack_stock(work: &Path, out: &Path, log: &Path) -> Result<()> {
         fs::create_dir_all(dest.parent().expect("module paths have folders"))?;
         fs::copy(root.join(module), &dest)?;
     }
-    write_manifest(
-        out,
-        &Manifest {
-            kind: KernelKind::Stock,
-            release: release.clone(),
-            vmlinux: false,
-            modules,
-        },
+    Ok(UnpackedKernel { release, modules })
+}
+
+/// `apt-get download`s `package` into `work` and unpacks it into `root` (`dpkg -x`).
+pub(crate) fn apt_unpack(
+    step: &Step,
+    work: &Path,
+    package: &str,
+    root: &Path,
+    log: &Path,
+) -> Result<()> {
+    let debs = work.join(format!("{package}.debs"));
+    fs::create_dir_all(&debs)?;
+    step.run(
+        Command::new("apt-get")
+            .current_dir(&debs)
+            .args(["download", package]),
+        log,
     )?;
-    step.done(format!("unpacked {release}"));
-    Ok(())
+    let deb = fs::read_dir(&debs)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .with_context(|| format!("apt-get download {package} gave no .deb"))?;
+    step.run(Command::new("dpkg").arg("-x").arg(&deb).arg(root), log)
 }
 
 /// The modules (paths relative to the modules folder) to load for `wanted`, each after
@@ -329,7 +364,7 @@ fn module_load_order(moddir: &Path, wanted: &[&str]) -> Result<Vec<String>> {
         match table.iter().find(|(m, _)| stem(m) == *name) {
             Some((path, _)) => visit(path, &table, &mut order),
             None if builtin.lines().any(|l| stem(l) == *name) => {}
-            None => bail!("the stock kernel has no module {name}"),
+            None => bail!("the kernel has no module {name}"),
         }
     }
     Ok(order)
@@ -342,10 +377,10 @@ fn write_manifest(out: &Path, manifest: &Manifest) -> Result<()> {
     )?)
 }
 
-/// The versioned image package that `linux-image-cloud-amd64` points at.
-fn stock_package() -> Result<String> {
+/// The versioned image package that a metapackage (`linux-image-cloud-amd64`) points at.
+pub(crate) fn image_package(metapackage: &str) -> Result<String> {
     let out = Command::new("apt-cache")
-        .args(["depends", STOCK_METAPACKAGE])
+        .args(["depends", metapackage])
         .output()
         .context("cannot run apt-cache")?;
     String::from_utf8_lossy(&out.stdout)
@@ -353,7 +388,7 @@ fn stock_package() -> Result<String> {
         .filter_map(|l| l.trim().strip_prefix("Depends: "))
         .find(|p| p.starts_with("linux-image-"))
         .map(str::to_string)
-        .with_context(|| format!("apt knows no {STOCK_METAPACKAGE}; run apt-get update"))
+        .with_context(|| format!("apt knows no {metapackage}; run apt-get update"))
 }
 
 fn installed_version(package: &str) -> Result<String> {
@@ -368,7 +403,7 @@ fn installed_version(package: &str) -> Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
-fn candidate_version(package: &str) -> Result<String> {
+pub(crate) fn candidate_version(package: &str) -> Result<String> {
     let out = Command::new("apt-cache")
         .args(["show", "--no-all-versions", package])
         .output()?;

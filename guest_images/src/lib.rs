@@ -14,6 +14,7 @@
 //! # Ok(()) }
 //! ```
 
+mod archive;
 mod cache;
 pub mod cli;
 mod code;
@@ -23,14 +24,17 @@ mod guest;
 mod initramfs;
 mod kernel;
 pub mod locate;
+mod nested;
 mod progress;
 mod rootfs;
 
+pub use archive::CpioArchive;
 pub use cache::{Built, Cache, EntryInfo};
 pub use code::{build_code_image, CodeError, CodeImage, MAX_UNZIPPED_BYTES};
 pub use guest::is_static_elf;
 pub use initramfs::{build_initramfs, Initramfs, INITRAMFS_FILE};
 pub use kernel::{build_kernel, missing_options, Kernel, KernelKind, MINIMAL_FRAGMENT};
+pub use nested::{build_nested_host, NestedHost};
 pub use rootfs::{
     build_root_image, DebianInfo, ImageInfo, RootImage, Runtime, ROOTFS_DIR, ROOTFS_EXT4,
 };

@@ -3,59 +3,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
-use common::{elf_kernel, kvm_or_skip, scratch, HELLO_KERNEL, KEYBOARD_KERNEL, SPIN_KERNEL};
+use common::{
+    elf_kernel, kvm_or_skip, scratch, Client, HELLO_KERNEL, KEYBOARD_KERNEL, SPIN_KERNEL,
+};
 use serde_json::{json, Value};
-
-/// One keep-alive HTTP/1.1 client connection.
-struct Client(BufReader<UnixStream>);
-
-impl Client {
-    fn connect(sock: &Path) -> Self {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match UnixStream::connect(sock) {
-                Ok(s) => return Client(BufReader::new(s)),
-                Err(e) if Instant::now() > deadline => panic!("API socket never came up: {e}"),
-                Err(_) => std::thread::sleep(Duration::from_millis(10)),
-            }
-        }
-    }
-
-    fn call(&mut self, method: &str, path: &str, body: Option<Value>) -> (u16, Option<Value>) {
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        self.0.get_mut().write_all(req.as_bytes()).unwrap();
-        let mut status = String::new();
-        self.0.read_line(&mut status).unwrap();
-        let code: u16 = status.split_whitespace().nth(1).unwrap().parse().unwrap();
-        let mut len = 0;
-        loop {
-            let mut line = String::new();
-            self.0.read_line(&mut line).unwrap();
-            if line == "\r\n" {
-                break;
-            }
-            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                len = v.trim().parse().unwrap();
-            }
-        }
-        let mut buf = vec![0u8; len];
-        self.0.read_exact(&mut buf).unwrap();
-        (
-            code,
-            (len > 0).then(|| serde_json::from_slice(&buf).unwrap()),
-        )
-    }
-}
 
 fn fault(resp: &(u16, Option<Value>)) -> String {
     assert_eq!(resp.0, 400, "{resp:?}");

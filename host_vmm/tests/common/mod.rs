@@ -5,7 +5,9 @@
 #![allow(dead_code)] // each test binary uses a different part of this helper
 
 use std::fs;
-use std::path::PathBuf;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -15,6 +17,7 @@ use kindling_vmm::cpu_template::CpuTemplate;
 use kindling_vmm::exit::{ExitReason, VmExit};
 use kindling_vmm::memory::GuestMemory;
 use kindling_vmm::vm::{Timings, Vm, VmConfig};
+use serde_json::Value;
 use vm_memory::{Bytes, GuestAddress};
 
 /// The interpreter, assembled from (intel syntax, `as --64`):
@@ -311,4 +314,49 @@ pub fn elf_kernel(code: &[u8]) -> Vec<u8> {
     f.resize(CODE_OFFSET as usize, 0);
     f.extend_from_slice(code);
     f
+}
+
+/// One keep-alive HTTP/1.1 client connection.
+pub struct Client(BufReader<UnixStream>);
+
+impl Client {
+    pub fn connect(sock: &Path) -> Self {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match UnixStream::connect(sock) {
+                Ok(s) => return Client(BufReader::new(s)),
+                Err(e) if Instant::now() > deadline => panic!("API socket never came up: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+
+    pub fn call(&mut self, method: &str, path: &str, body: Option<Value>) -> (u16, Option<Value>) {
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        self.0.get_mut().write_all(req.as_bytes()).unwrap();
+        let mut status = String::new();
+        self.0.read_line(&mut status).unwrap();
+        let code: u16 = status.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let mut len = 0;
+        loop {
+            let mut line = String::new();
+            self.0.read_line(&mut line).unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap();
+            }
+        }
+        let mut buf = vec![0u8; len];
+        self.0.read_exact(&mut buf).unwrap();
+        (
+            code,
+            (len > 0).then(|| serde_json::from_slice(&buf).unwrap()),
+        )
+    }
 }

@@ -1,0 +1,444 @@
+//! The nested-KVM harness: a real KVM for tests on hosts whose own cannot boot Linux.
+//!
+//! This project's machines have a nested, shadow-paging KVM (`kvm_pvm`) that runs guest user
+//! code natively but cannot boot a kernel (ENVIRONMENT.md). QEMU's TCG, though, emulates an
+//! AMD CPU with SVM and nested paging: a level-1 (L1) guest booted under it — Debian's generic
+//! kernel with `kvm_amd` and a static busybox, from [`kindling_images::build_nested_host`] —
+//! has a working `/dev/kvm` of its own, on which kindling-vmm boots Linux as a level-2 guest.
+//!
+//! A [`Job`] is a shell script and the host files it needs. Files go into L1's initramfs at
+//! their host paths, each dynamic executable with its shared libraries, so a test binary (or
+//! kindling-vmm, whose path a test knows from `env!`) runs there unchanged. The job's output
+//! and exit status come back on a second serial port and the console. [`NestedTest`] is the entry
+//! point for tests: where the host's KVM boots Linux (metal, or L1 itself) the
+//! test runs as is; elsewhere it re-runs itself inside L1.
+//!
+//! It tests correctness, not speed: a nested-TCG time is never compared with metal.
+
+use std::fmt::Write as _;
+use std::fs::{self, File};
+use std::io::BufWriter;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use kindling_images::{build_nested_host, Cache, CpioArchive, NestedHost};
+
+/// Set (to `1`) in every job's environment: code that runs inside L1 can tell.
+pub const INSIDE_ENV: &str = "KINDLING_NESTED_L1";
+/// The emulated L1 CPU: AMD with SVM and nested paging. TCG's SVM cannot intercept XSETBV,
+/// so XSAVE stays off (L2 would run without it anyway, and print a CPUID dump about it).
+const L1_CPU: &str = "EPYC-v1,+svm,+npt,-xsave";
+/// L1's own memory besides its initramfs: kernel, busybox, the VMM and a 256 MiB L2 guest.
+const BASE_MEMORY_MIB: u64 = 1024;
+const STATUS_MARK: &str = "nested-kvm: exit status ";
+const START_MARK: &str = "nested-kvm: job starts at uptime ";
+/// Environment variables a delegated test takes along into L1 (besides `KINDLING_*`).
+const PASSED_ENV: [&str; 3] = ["RUST_LOG", "RUST_BACKTRACE", "RUST_MIN_STACK"];
+
+/// Where a test that needs a Linux guest under KVM runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinuxKvm {
+    /// This host's KVM boots Linux (hardware KVM, or inside L1).
+    Here,
+    /// It cannot (the reason says why): the test runs inside the harness.
+    Nested(String),
+}
+
+/// Decides where Linux guests run: here, or nested.
+pub fn linux_kvm() -> LinuxKvm {
+    if std::env::var_os(INSIDE_ENV).is_some() {
+        return LinuxKvm::Here;
+    }
+    let verdict = kindling_microvm::probe::kvm();
+    if verdict.can_boot_linux {
+        LinuxKvm::Here
+    } else {
+        LinuxKvm::Nested(verdict.reason.clone())
+    }
+}
+
+/// A shell script to run inside L1, with the files and environment it needs.
+#[derive(Debug, Clone)]
+pub struct Job {
+    script: String,
+    files: Vec<PathBuf>,
+    env: Vec<(String, String)>,
+    timeout: Duration,
+}
+
+impl Job {
+    /// A job running `script` (busybox `sh`, working directory `/tmp`).
+    pub fn new(script: impl Into<String>) -> Job {
+        Job {
+            script: script.into(),
+            files: Vec::new(),
+            env: Vec::new(),
+            timeout: Duration::from_secs(300),
+        }
+    }
+
+    /// Packs `path` (a file, or a folder with everything in it) at the same path in L1.
+    pub fn file(mut self, path: impl Into<PathBuf>) -> Job {
+        self.files.push(path.into());
+        self
+    }
+
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Job {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// How long L1 may run in all, boot included (default 300 s).
+    pub fn timeout(mut self, timeout: Duration) -> Job {
+        self.timeout = timeout;
+        self
+    }
+}
+
+/// What a job did.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The script's exit status; `None` when L1 never reported one (crash, timeout).
+    pub status: Option<i32>,
+    /// The script's stdout and stderr.
+    pub output: String,
+    /// L1's console: its kernel's messages and the harness's marks.
+    pub console: String,
+    /// L1's uptime when the job started: its kernel's boot and the module loads (QEMU's
+    /// start and the kernel's decompression come before).
+    pub boot: Option<Duration>,
+    /// QEMU start → QEMU exit.
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    pub fn success(&self) -> bool {
+        self.status == Some(0)
+    }
+
+    /// One line on where the time went.
+    pub fn timing(&self) -> String {
+        let boot = self
+            .boot
+            .map_or_else(|| "?".to_string(), |b| format!("{:.1}", b.as_secs_f64()));
+        format!(
+            "nested-kvm: L1 boot {boot} s, whole run {:.1} s (QEMU TCG with SVM)",
+            self.elapsed.as_secs_f64()
+        )
+    }
+}
+
+/// Boots L1, runs the job in it and powers it off.
+pub fn run(job: &Job) -> Result<Outcome> {
+    let host = build_nested_host(&Cache::open()?).context("cannot build the nested-KVM host")?;
+    let work = WorkDir::new()?;
+    let initramfs = work.0.join("l1.cpio");
+    let packed_bytes = pack(&host, job, &initramfs)?;
+    let memory_mib = BASE_MEMORY_MIB + 2 * packed_bytes.div_ceil(1 << 20);
+    let console = work.0.join("console.log");
+    let output = work.0.join("output.log");
+    let started = Instant::now();
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-cpu", L1_CPU, "-smp", "1"])
+        .args(["-m", &memory_mib.to_string()])
+        .args([
+            "-display",
+            "none",
+            "-no-reboot",
+            "-nodefaults",
+            "-monitor",
+            "none",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-serial")
+        .arg(format!("file:{}", output.display()))
+        .arg("-kernel")
+        .arg(&host.kernel)
+        .arg("-initrd")
+        .arg(&initramfs)
+        .args(["-append", "console=ttyS0 panic=-1 rdinit=/init loglevel=4"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
+    let deadline = started + job.timeout;
+    let exited = loop {
+        if let Some(status) = qemu.try_wait()? {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = qemu.kill();
+            let _ = qemu.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let elapsed = started.elapsed();
+    let console = String::from_utf8_lossy(&fs::read(&console).unwrap_or_default()).into_owned();
+    let output = String::from_utf8_lossy(&fs::read(&output).unwrap_or_default()).into_owned();
+    let status = console
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(STATUS_MARK))
+        .and_then(|s| s.trim().parse().ok());
+    let boot = console
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(START_MARK))
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .map(Duration::from_secs_f64);
+    if exited.is_none() && status.is_none() {
+        bail!(
+            "the nested-KVM host did not finish within {:?}\n--- console ---\n{console}\n--- output ---\n{output}",
+            job.timeout
+        );
+    }
+    if status.is_none() {
+        let mut stderr = String::new();
+        if let Some(mut pipe) = qemu.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+        }
+        bail!("the nested-KVM host ended without the job's status ({exited:?}): {stderr}\n--- console ---\n{console}\n--- output ---\n{output}");
+    }
+    Ok(Outcome {
+        status,
+        output,
+        console,
+        boot,
+        elapsed,
+    })
+}
+
+/// A test that needs a Linux guest under KVM, run where one can run: here when this host's
+/// KVM boots Linux, else re-run inside L1 by the same test binary.
+#[derive(Debug, Clone)]
+pub struct NestedTest {
+    name: String,
+    files: Vec<PathBuf>,
+    env: Vec<(String, String)>,
+}
+
+impl NestedTest {
+    /// Test `name` of the current test binary (`--exact`).
+    pub fn new(name: &str) -> NestedTest {
+        NestedTest {
+            name: name.to_string(),
+            files: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
+    /// A file the test reads (a kernel, an image, a binary it runs), packed at its path.
+    pub fn file(mut self, path: impl Into<PathBuf>) -> NestedTest {
+        self.files.push(path.into());
+        self
+    }
+
+    /// A file packed at its path and named to the test by the environment variable `key`.
+    pub fn file_env(mut self, key: &str, path: impl Into<PathBuf>) -> NestedTest {
+        let path = path.into();
+        self.env
+            .push((key.to_string(), path.to_string_lossy().into_owned()));
+        self.file(path)
+    }
+
+    /// Returns `false` when this host's KVM boots Linux: the caller goes on and runs the
+    /// test's body here. Otherwise it runs the test inside L1 (with the `KINDLING_*`
+    /// environment), prints its output and how long the harness took, panics unless it
+    /// passed there, and returns `true`: the caller returns.
+    pub fn run_here_or_nested(self) -> bool {
+        let reason = match linux_kvm() {
+            LinuxKvm::Here => return false,
+            LinuxKvm::Nested(reason) => reason,
+        };
+        let name = &self.name;
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let mut job = Job::new(format!(
+            "exec {} --exact {} --nocapture --test-threads=1",
+            shell_quote(&exe.to_string_lossy()),
+            shell_quote(name)
+        ))
+        .file(&exe);
+        for file in self.files {
+            job = job.file(file);
+        }
+        for (key, value) in std::env::vars() {
+            if key.starts_with("KINDLING_") || PASSED_ENV.contains(&key.as_str()) {
+                job = job.env(key, value);
+            }
+        }
+        for (key, value) in self.env {
+            job = job.env(key, value);
+        }
+        println!("nested-kvm: running {name} inside the harness: {reason}");
+        let outcome = run(&job).unwrap_or_else(|e| panic!("nested-KVM harness: {e:#}"));
+        println!("{}", outcome.timing());
+        print!("{}", indent(&outcome.output));
+        assert!(
+            outcome.success(),
+            "{name} failed inside the nested-KVM host (status {:?})\n--- L1 console ---\n{}",
+            outcome.status,
+            outcome.console
+        );
+        assert!(
+            outcome.output.contains("1 passed"),
+            "{name} did not run inside the nested-KVM host:\n{}",
+            outcome.output
+        );
+        true
+    }
+}
+
+/// Writes L1's initramfs (uncompressed: gunzip under TCG is slow); returns its size.
+fn pack(host: &NestedHost, job: &Job, path: &Path) -> Result<u64> {
+    let mut archive = CpioArchive::new(BufWriter::new(File::create(path)?));
+    for dir in ["bin", "dev", "proc", "sys", "tmp", "run", "nested"] {
+        archive.dir(dir)?;
+    }
+    archive.node("dev/console", 0o020600, (5, 1))?;
+    archive.file("bin/busybox", 0o100755, &fs::read(&host.busybox)?)?;
+    for module in &host.modules {
+        archive.file_in_tree(module, 0o100644, &fs::read(host.dir.join(module))?)?;
+    }
+    let modules: String = host.modules.iter().map(|m| format!("/{m}\n")).collect();
+    archive.file("nested/modules", 0o100644, modules.as_bytes())?;
+    let mut env = format!("export {INSIDE_ENV}=1\n");
+    for (key, value) in &job.env {
+        writeln!(env, "export {key}={}", shell_quote(value))?;
+    }
+    archive.file("nested/env", 0o100644, env.as_bytes())?;
+    archive.file("nested/job", 0o100644, job.script.as_bytes())?;
+    archive.file("init", 0o100755, L1_INIT.as_bytes())?;
+    let mut packed = std::collections::BTreeSet::new();
+    for file in &job.files {
+        for (path, mode) in with_dependencies(file)? {
+            if !packed.insert(path.clone()) {
+                continue;
+            }
+            let name = path
+                .strip_prefix("/")
+                .with_context(|| format!("{} is not an absolute path", path.display()))?;
+            let data =
+                fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            archive.file_in_tree(&name.to_string_lossy(), 0o100000 | mode, &data)?;
+        }
+    }
+    let out = archive.finish()?;
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    Ok(file.metadata()?.len())
+}
+
+/// `path` (absolute, with every file under it when a folder) and, for each dynamic ELF
+/// executable, the shared libraries `ldd` names; each with its permission bits.
+fn with_dependencies(path: &Path) -> Result<Vec<(PathBuf, u32)>> {
+    let path = std::path::absolute(path)?;
+    let meta = fs::metadata(&path).with_context(|| format!("cannot pack {}", path.display()))?;
+    if meta.is_dir() {
+        let mut all = Vec::new();
+        for entry in fs::read_dir(&path)? {
+            all.extend(with_dependencies(&entry?.path())?);
+        }
+        return Ok(all);
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    let mut all = vec![(path.clone(), mode)];
+    if mode & 0o111 != 0 && is_elf(&path)? {
+        let out = Command::new("ldd").arg(&path).output()?;
+        // A static executable: ldd says so and fails; nothing to add.
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let lib = match line.split_once("=>") {
+                Some((_, right)) => right.split_whitespace().next(),
+                None => line
+                    .split_whitespace()
+                    .next()
+                    .filter(|w| w.starts_with('/')),
+            };
+            if let Some(lib) = lib.filter(|l| l.starts_with('/')) {
+                all.push((PathBuf::from(lib), 0o755));
+            }
+        }
+    }
+    Ok(all)
+}
+
+fn is_elf(path: &Path) -> Result<bool> {
+    let mut magic = [0u8; 4];
+    let mut file = File::open(path)?;
+    Ok(std::io::Read::read_exact(&mut file, &mut magic).is_ok() && magic == *b"\x7fELF")
+}
+
+/// `value` in single quotes for `sh`.
+fn shell_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', r"'\''"))
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  | {l}\n")).collect()
+}
+
+/// A scratch folder for one run, removed when dropped.
+struct WorkDir(PathBuf);
+
+impl WorkDir {
+    fn new() -> Result<WorkDir> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "kindling-nested-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(WorkDir(dir))
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// PID 1 of L1: mounts, loads the KVM modules, runs the job with its output on the second
+/// serial port, reports its status on the console and powers off.
+const L1_INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sys /sys
+/bin/busybox mount -t devtmpfs dev /dev
+/bin/busybox --install -s /bin
+export PATH=/bin HOME=/tmp TMPDIR=/tmp
+for m in $(cat /nested/modules); do insmod "$m" || echo "nested-kvm: insmod $m failed"; done
+[ -c /dev/kvm ] || echo "nested-kvm: no /dev/kvm after loading the modules"
+. /nested/env
+cd /tmp
+stty -F /dev/ttyS1 raw -echo
+echo "nested-kvm: job starts at uptime $(cut -d' ' -f1 /proc/uptime)"
+sh /nested/job </dev/null >/dev/ttyS1 2>&1
+echo "nested-kvm: exit status $?"
+sync
+poweroff -f
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_survives_quotes() {
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+
+    #[test]
+    fn a_dynamic_executable_brings_its_libraries() {
+        let files = with_dependencies(Path::new("/bin/sh")).unwrap();
+        assert!(
+            files
+                .iter()
+                .any(|(p, _)| p.to_string_lossy().contains("libc.so")),
+            "{files:?}"
+        );
+    }
+}
