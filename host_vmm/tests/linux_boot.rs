@@ -119,12 +119,13 @@ fn sigterm_and_wait(mut vmm: Child) -> (std::process::ExitStatus, String, Durati
     (status, stderr, sent.elapsed())
 }
 
-/// The `--timings` JSON line of the VMM's stderr.
+/// The `--timings` report on the VMM's stderr.
 fn timings(stderr: &str) -> serde_json::Value {
     stderr
         .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
+        .filter(|l| l.contains("kindling_vmm_timings"))
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| v["kindling_vmm_timings"].clone())
         .unwrap_or_else(|| panic!("no timings in {stderr}"))
 }
 
