@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use anyhow::{bail, Context};
 use async_trait::async_trait;
 use kindling_images::{
-    build_code_image, build_initramfs, build_kernel, build_root_image, Cache, KernelKind, Runtime,
+    build_code_image, build_initramfs, build_kernel, build_root_image, Cache, ImagesManifest,
+    KernelKind, RootPaths, Runtime,
 };
 use kindling_microvm::kindling::KindlingVmm;
 use kindling_microvm::qemu::{self, Accel, Qemu};
@@ -21,14 +22,23 @@ use kindling_sandbox::{SandboxLauncher, SandboxOptions};
 pub type Launchers = HashMap<Isolation, Arc<dyn Launcher>>;
 
 /// The functions, and a launcher for each isolation they use.
+/// With `images`, guests boot the images it names; without, those of the image cache.
 pub fn prepare(
     configs: Vec<FunctionConfig>,
     hypervisor_override: Option<Hypervisor>,
+    images: Option<ImagesManifest>,
     state_dir: &Path,
 ) -> anyhow::Result<(Vec<Function>, Launchers)> {
     let mut launchers = Launchers::new();
-    let mut microvm = MicroVmLauncher::new(Arc::new(ImageCache::default()), state_dir.join("logs"));
-    let mut sandboxes = SandboxByRuntime::default();
+    let images = Arc::new(ImageCache {
+        manifest: images,
+        ..ImageCache::default()
+    });
+    let mut microvm = MicroVmLauncher::new(images.clone(), state_dir.join("logs"));
+    let mut sandboxes = SandboxByRuntime {
+        images,
+        roots: HashMap::new(),
+    };
     let mut functions = Vec::new();
     let no_microvm = why_no_microvm();
     for FunctionConfig {
@@ -56,7 +66,7 @@ pub fn prepare(
         }
         functions.push(function);
     }
-    if !sandboxes.0.is_empty() {
+    if !sandboxes.roots.is_empty() {
         launchers.insert(Isolation::Sandbox, Arc::new(sandboxes));
     }
     if functions.iter().any(|f| f.isolation == Isolation::MicroVm) {
@@ -139,18 +149,26 @@ fn sibling_program(name: &str) -> anyhow::Result<PathBuf> {
 
 /// Sandboxes whose root is their runtime's image directory (the same tree a microVM of
 /// that runtime boots), one launcher per runtime.
-#[derive(Default)]
-struct SandboxByRuntime(HashMap<String, SandboxLauncher>);
+struct SandboxByRuntime {
+    images: Arc<ImageCache>,
+    roots: HashMap<String, SandboxLauncher>,
+}
 
 impl SandboxByRuntime {
     fn add(&mut self, runtime: &str) -> anyhow::Result<()> {
-        if !self.0.contains_key(runtime) {
-            let image = build_root_image(&Cache::open()?, runtime.parse::<Runtime>()?)?;
+        if !self.roots.contains_key(runtime) {
+            let root = self.images.root(runtime.parse::<Runtime>()?)?.dir;
+            if !root.is_dir() {
+                bail!(
+                    "the root folder {} of runtime {runtime} is missing",
+                    root.display()
+                );
+            }
             let options = SandboxOptions {
-                root: Some(image.dir),
+                root: Some(root),
                 ..SandboxOptions::default()
             };
-            self.0
+            self.roots
                 .insert(runtime.to_string(), SandboxLauncher::new(options));
         }
         Ok(())
@@ -166,19 +184,37 @@ impl Launcher for SandboxByRuntime {
     async fn start(&self, spec: &EnvironmentSpec) -> anyhow::Result<Box<dyn Environment>> {
         let runtime = &spec.function.runtime;
         let launcher = self
-            .0
+            .roots
             .get(runtime)
             .with_context(|| format!("no sandbox root for runtime {runtime:?}"))?;
         launcher.start(spec).await
     }
 }
 
-/// Boot files and code images from the content-addressed image cache, looked up once
-/// per runtime and function: a cold start must not re-hash the kernel sources.
+/// Boot files and code images from the content-addressed image cache (or the manifest
+/// given instead), looked up once per runtime and function: a cold start must not re-hash
+/// the kernel sources.
 #[derive(Default)]
 struct ImageCache {
+    manifest: Option<ImagesManifest>,
     boot: Mutex<HashMap<String, BootFiles>>,
     code: Mutex<HashMap<String, PathBuf>>,
+}
+
+impl ImageCache {
+    /// `runtime`'s root image.
+    fn root(&self, runtime: Runtime) -> anyhow::Result<RootPaths> {
+        match &self.manifest {
+            Some(manifest) => Ok(manifest.root(runtime)?.clone()),
+            None => {
+                let image = build_root_image(&Cache::open()?, runtime)?;
+                Ok(RootPaths {
+                    ext4: image.ext4,
+                    dir: image.dir,
+                })
+            }
+        }
+    }
 }
 
 impl ImageSource for ImageCache {
@@ -186,13 +222,19 @@ impl ImageSource for ImageCache {
         if let Some(files) = self.boot.lock().expect("not poisoned").get(runtime) {
             return Ok(files.clone());
         }
-        let cache = Cache::open()?;
-        let kernel = build_kernel(&cache, KernelKind::Minimal)?;
-        let initramfs = build_initramfs(&cache, &kernel)?;
-        let root = build_root_image(&cache, runtime.parse::<Runtime>()?)?;
+        let root = self.root(runtime.parse::<Runtime>()?)?;
+        let (kernel, initramfs) = match &self.manifest {
+            Some(manifest) => (manifest.kernel.clone(), manifest.initramfs.clone()),
+            None => {
+                let cache = Cache::open()?;
+                let kernel = build_kernel(&cache, KernelKind::Minimal)?;
+                let initramfs = build_initramfs(&cache, &kernel)?;
+                (kernel.bzimage, initramfs.path)
+            }
+        };
         let files = BootFiles {
-            kernel: kernel.bzimage,
-            initramfs: initramfs.path,
+            kernel,
+            initramfs,
             root_image: root.ext4,
         };
         self.boot

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use kindling_images::ImagesManifest;
 use kindling_runtime_api::config::{self, FunctionConfig, Hypervisor};
 use kindling_runtime_api::{Function, Isolation, Server, ServerOptions};
 use tokio::signal::unix::{signal, SignalKind};
@@ -64,6 +65,16 @@ struct ServerArgs {
     /// Stop an environment after it has been idle this many seconds.
     #[arg(long, default_value_t = 300)]
     idle_timeout: u64,
+    /// Boot the kernel, initramfs and root images named by this manifest (written by
+    /// `kindling images build --manifest FILE`) instead of looking them up in the image
+    /// cache: for hosts without Debian's build tools.
+    #[arg(long, value_name = "FILE", env = "KINDLING_IMAGES")]
+    images: Option<PathBuf>,
+    /// Seconds a new environment has to boot and reach its first `/next` before the
+    /// invocation fails with Runtime.InitTimeout (Lambda's init phase limit is 10 s; raise
+    /// it only where guests run emulated).
+    #[arg(long, value_name = "SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=900))]
+    init_timeout: u64,
     #[command(flatten)]
     addr: AddrArg,
     #[command(flatten)]
@@ -157,10 +168,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 /// Starts the host for `functions`, prints their logs, and serves until SIGINT/SIGTERM.
 async fn host(functions: Vec<FunctionConfig>, args: ServerArgs) -> anyhow::Result<ExitCode> {
     let state_dir = args.state.state_dir;
-    let (functions, launchers) = environments::prepare(functions, args.hypervisor, &state_dir)?;
+    let images = args
+        .images
+        .as_deref()
+        .map(ImagesManifest::load)
+        .transpose()?;
+    let (functions, launchers) =
+        environments::prepare(functions, args.hypervisor, images, &state_dir)?;
     let mut options = ServerOptions::new(&state_dir);
     options.invoke_addr = args.addr.addr;
     options.idle_timeout = Duration::from_secs(args.idle_timeout);
+    options.init_timeout = Duration::from_secs(args.init_timeout);
     let names: Vec<String> = functions.iter().map(|f| f.name.clone()).collect();
     let server = Server::bind(functions, launchers, options).await?;
     let mut logs = server.logs();

@@ -8,8 +8,10 @@
 //! *after* every trial: `sigterm_leaves_nothing_behind` runs in a second phase, sends it
 //! SIGTERM and checks that none of its processes, environment dirs or sockets is left.
 //!
-//! Backends: `qemu` always; `kindling` (kindling-vmm on KVM) only where
-//! `kindling_microvm::probe::kvm()` says this host's KVM can boot a Linux guest.
+//! Backends: `qemu` always; `kindling` (kindling-vmm on KVM) where this host's KVM can boot
+//! a Linux guest. Where it cannot (nested `kvm_pvm`), the trial `kindling::in_nested_kvm`
+//! re-runs this binary's `kindling::` trials inside the nested-KVM harness
+//! (`kindling-nested-kvm`), with the images from a manifest (`kindling serve --images`).
 //! Missing prerequisites print one `SKIPPED: <reason>` line.
 
 use std::net::SocketAddr;
@@ -18,6 +20,8 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use kindling_images::ImagesManifest;
+use kindling_nested_kvm::{shell_quote, Job, LinuxKvm};
 use kindling_runtime_api::client::{self, InvokeOptions, InvokeResponse};
 use libtest_mimic::{Arguments, Failed, Trial};
 use nix::sys::signal::{kill, Signal};
@@ -32,31 +36,48 @@ const STOP_PATIENCE: Duration = Duration::from_secs(30);
 /// too many TCG boots at once on a 2-core machine push a cold start past the scheduler's
 /// 10 s init timeout.
 const DEFAULT_TEST_THREADS: usize = 2;
+/// The init timeout of `kindling serve` inside the nested-KVM host.
+const NESTED_INIT_TIMEOUT_S: u32 = 40;
 /// The timeout of the `timeout` function, as the caller's error message states it.
 const SHORT_TIMEOUT_S: u32 = 2;
 
 fn main() -> ExitCode {
     let mut args = Arguments::from_args();
     args.test_threads.get_or_insert(DEFAULT_TEST_THREADS);
-    if let Some(reason) = missing_prerequisite() {
-        println!("SKIPPED: {reason}");
-        return ExitCode::SUCCESS;
+    // Inside the nested-KVM host: only the kindling backend, on the images it was given.
+    let nested_inside = std::env::var_os(kindling_nested_kvm::INSIDE_ENV).is_some();
+    if !nested_inside {
+        if let Some(reason) = missing_prerequisite() {
+            println!("SKIPPED: {reason}");
+            return ExitCode::SUCCESS;
+        }
     }
-    let kvm = kindling_microvm::probe::kvm();
-    let mut backends = vec![Backend::Qemu];
-    if kvm.can_boot_linux {
-        backends.push(Backend::Kindling);
-    } else {
-        println!("SKIPPED: the kindling backend: {}", kvm.reason);
+    let mut backends = Vec::new();
+    if !nested_inside {
+        backends.push(Backend::Qemu);
     }
-    if !args.list {
-        if let Err(e) = build_images() {
+    let nested_reason = match kindling_nested_kvm::linux_kvm() {
+        LinuxKvm::Here => {
+            backends.push(Backend::Kindling);
+            None
+        }
+        LinuxKvm::Nested(reason) => Some(reason),
+    };
+    let manifest = PathBuf::from(format!("/tmp/kvme2e-{}-images.json", std::process::id()));
+    if !args.list && !nested_inside {
+        if let Err(e) = build_images(&manifest) {
             eprintln!("{e}");
             return ExitCode::FAILURE;
         }
     }
     let hosts: Vec<Arc<Host>> = backends.into_iter().map(Host::new).collect();
-    let trials = hosts.iter().flat_map(scenarios).collect();
+    let mut trials: Vec<Trial> = hosts.iter().flat_map(scenarios).collect();
+    if let Some(reason) = nested_reason {
+        let manifest = manifest.clone();
+        trials.push(Trial::test("kindling::in_nested_kvm", move || {
+            kindling_backend_nested(&reason, &manifest)
+        }));
+    }
     let scenarios_done = libtest_mimic::run(&args, trials);
     let shutdown = hosts
         .iter()
@@ -71,6 +92,7 @@ fn main() -> ExitCode {
     let shutdown_done = libtest_mimic::run(&args, shutdown);
     // Servers a filter kept from their shutdown trial are stopped here.
     drop(hosts);
+    let _ = std::fs::remove_file(&manifest);
     if scenarios_done.has_failed() || shutdown_done.has_failed() {
         ExitCode::from(101)
     } else {
@@ -99,13 +121,15 @@ fn which(program: &str) -> Option<PathBuf> {
         .find(|path| path.is_file())
 }
 
-/// Builds (or finds cached) the kernel, initramfs and the root images the tests boot:
-/// a server builds missing images on its first cold start, which would not fit in the
-/// scheduler's init timeout. Its progress goes to stderr: a first build takes minutes.
-fn build_images() -> Result<(), String> {
+/// Builds (or finds cached) the kernel, initramfs and the root images the tests boot, and
+/// writes their paths to `manifest`: a server builds missing images on its first cold
+/// start, which would not fit in the scheduler's init timeout. Its progress goes to stderr:
+/// a first build takes minutes.
+fn build_images(manifest: &Path) -> Result<(), String> {
     let status = Command::new(env!("CARGO_BIN_EXE_kindling"))
         .args(["images", "build", "--runtime", "python"])
-        .args(["--runtime", "provided-debian"])
+        .args(["--runtime", "provided-debian", "--manifest"])
+        .arg(manifest)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .status()
@@ -115,6 +139,54 @@ fn build_images() -> Result<(), String> {
     } else {
         Err(format!("kindling images build failed ({status})"))
     }
+}
+
+/// Runs the `kindling::` trials inside the nested-KVM harness: this test binary, `kindling`,
+/// `kindling-vmm`, the images of `manifest` (booted through `kindling serve --images`), the
+/// functions' code and `mkfs.ext4` (code images are built there) go along.
+fn kindling_backend_nested(reason: &str, manifest: &Path) -> Result<(), Failed> {
+    let images = ImagesManifest::load(manifest)?;
+    let exe = std::env::current_exe()?;
+    let kindling = Path::new(env!("CARGO_BIN_EXE_kindling"));
+    let mkfs = which("mkfs.ext4").ok_or("mkfs.ext4 is not installed (e2fsprogs)")?;
+    let mut job = Job::new(format!(
+        "exec {} kindling:: --test-threads=1",
+        shell_quote(&exe.to_string_lossy())
+    ))
+    .file(&exe)
+    .file(kindling)
+    .file(kindling.with_file_name("kindling-vmm"))
+    .file(manifest)
+    .file(&images.kernel)
+    .file(&images.initramfs)
+    .file(mkfs)
+    .file("/etc/mke2fs.conf")
+    .env("KINDLING_IMAGES", manifest.to_string_lossy())
+    .timeout(Duration::from_secs(900));
+    for root in images.runtimes.values() {
+        job = job.file(&root.ext4);
+    }
+    let checkout = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut code: Vec<&str> = FUNCTIONS.iter().map(|f| f.code).collect();
+    code.dedup();
+    for dir in code {
+        job = job.file(checkout.join(dir));
+    }
+    println!("nested-kvm: the kindling backend's trials run inside the harness: {reason}");
+    let outcome = kindling_nested_kvm::run(&job)?;
+    println!("{}", outcome.timing());
+    for line in outcome.output.lines() {
+        println!("  | {line}");
+    }
+    check(
+        outcome.success() && outcome.output.contains("test result: ok"),
+        || {
+            format!(
+                "the kindling backend failed inside the nested-KVM host (status {:?}); its console:\n{}",
+                outcome.status, outcome.console
+            )
+        },
+    )
 }
 
 /// A hypervisor backend under test.
@@ -541,6 +613,13 @@ impl Server {
         let text: String = FUNCTIONS.iter().map(FunctionDef::toml).collect();
         std::fs::write(&functions, text).map_err(|e| e.to_string())?;
         let state_dir = scratch.join("state");
+        // Lambda's 10 s, except inside the nested-KVM host, where every guest instruction
+        // is emulated twice over and two cold starts share one emulated CPU.
+        let init_timeout = if std::env::var_os(kindling_nested_kvm::INSIDE_ENV).is_some() {
+            NESTED_INIT_TIMEOUT_S
+        } else {
+            10
+        };
         let output = |name: &str| {
             std::fs::File::create(scratch.join(name))
                 .map(Stdio::from)
@@ -551,7 +630,13 @@ impl Server {
             .arg("--functions")
             .arg(&functions)
             .args(["--hypervisor", backend.name(), "--addr", "127.0.0.1:0"])
-            .args(["--idle-timeout", "600", "--state-dir"])
+            .args([
+                "--idle-timeout",
+                "600",
+                "--init-timeout",
+                &init_timeout.to_string(),
+            ])
+            .arg("--state-dir")
             .arg(&state_dir)
             .env("KINDLING_LOG", "kindling=info,warn")
             .stdin(Stdio::null())

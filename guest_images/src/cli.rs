@@ -1,7 +1,7 @@
 //! `kindling images ...`: build, list and prune what guests boot.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -10,6 +10,7 @@ use clap::Subcommand;
 use crate::cache::{Cache, EntryInfo};
 use crate::initramfs::{self, build_initramfs};
 use crate::kernel::{self, build_kernel, KernelKind};
+use crate::manifest::{ImagesManifest, RootPaths};
 use crate::nested;
 use crate::rootfs::{self, build_root_image, Runtime};
 
@@ -28,6 +29,10 @@ pub enum ImagesCommand {
         /// its KVM modules, and busybox), for hosts whose KVM cannot boot Linux.
         #[arg(long)]
         nested_host: bool,
+        /// Write the paths of what was built to this JSON file, for `kindling serve
+        /// --images` on a host without Debian's build tools.
+        #[arg(long, value_name = "FILE")]
+        manifest: Option<PathBuf>,
     },
     /// Show what is cached: kind, name (with its content hash), size and path.
     List,
@@ -48,7 +53,8 @@ impl ImagesCommand {
                 runtimes,
                 kernel,
                 nested_host,
-            } => build(&cache, runtimes, kernel, nested_host),
+                manifest,
+            } => build(&cache, runtimes, kernel, nested_host, manifest.as_deref()),
             ImagesCommand::List => list(&cache),
             ImagesCommand::Prune { all } => print_pruned(&cache, all),
         }
@@ -60,6 +66,7 @@ fn build(
     mut runtimes: Vec<Runtime>,
     kind: KernelKind,
     nested_host: bool,
+    manifest: Option<&Path>,
 ) -> Result<()> {
     let started = Instant::now();
     if runtimes.is_empty() {
@@ -82,6 +89,11 @@ fn build(
         initramfs.elapsed,
         &initramfs.path.display(),
     );
+    let mut built = ImagesManifest {
+        kernel: kernel.bzimage.clone(),
+        initramfs: initramfs.path.clone(),
+        runtimes: Default::default(),
+    };
     for runtime in runtimes {
         let image = build_root_image(cache, runtime)?;
         report(
@@ -90,6 +102,16 @@ fn build(
             image.elapsed,
             &image.ext4.display(),
         );
+        built.runtimes.insert(
+            runtime.name().to_string(),
+            RootPaths {
+                ext4: image.ext4,
+                dir: image.dir,
+            },
+        );
+    }
+    if let Some(path) = manifest {
+        built.save(path)?;
     }
     if nested_host {
         let host = nested::build_nested_host(cache)?;

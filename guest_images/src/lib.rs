@@ -24,6 +24,7 @@ mod guest;
 mod initramfs;
 mod kernel;
 pub mod locate;
+mod manifest;
 mod nested;
 mod progress;
 mod rootfs;
@@ -34,6 +35,7 @@ pub use code::{build_code_image, CodeError, CodeImage, MAX_UNZIPPED_BYTES};
 pub use guest::is_static_elf;
 pub use initramfs::{build_initramfs, Initramfs, INITRAMFS_FILE};
 pub use kernel::{build_kernel, missing_options, Kernel, KernelKind, MINIMAL_FRAGMENT};
+pub use manifest::{ImagesManifest, RootPaths};
 pub use nested::{build_nested_host, NestedHost};
 pub use rootfs::{
     build_root_image, DebianInfo, ImageInfo, RootImage, Runtime, ROOTFS_DIR, ROOTFS_EXT4,

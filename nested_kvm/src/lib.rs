@@ -32,8 +32,9 @@ pub const INSIDE_ENV: &str = "KINDLING_NESTED_L1";
 /// The emulated L1 CPU: AMD with SVM and nested paging. TCG's SVM cannot intercept XSETBV,
 /// so XSAVE stays off (L2 would run without it anyway, and print a CPUID dump about it).
 const L1_CPU: &str = "EPYC-v1,+svm,+npt,-xsave";
-/// L1's own memory besides its initramfs: kernel, busybox, the VMM and a 256 MiB L2 guest.
-const BASE_MEMORY_MIB: u64 = 1024;
+/// L1's own memory besides its initramfs: its kernel and busybox, the programs a job runs and
+/// a few L2 guests (their memory is touched lazily, on L1 and on this host alike).
+const BASE_MEMORY_MIB: u64 = 1536;
 const STATUS_MARK: &str = "nested-kvm: exit status ";
 const START_MARK: &str = "nested-kvm: job starts at uptime ";
 /// Environment variables a delegated test takes along into L1 (besides `KINDLING_*`).
@@ -372,7 +373,7 @@ fn is_elf(path: &Path) -> Result<bool> {
 }
 
 /// `value` in single quotes for `sh`.
-fn shell_quote(value: &str) -> String {
+pub fn shell_quote(value: &str) -> String {
     format!("'{}'", value.replace('\'', r"'\''"))
 }
 
@@ -402,16 +403,17 @@ impl Drop for WorkDir {
     }
 }
 
-/// PID 1 of L1: mounts, loads the KVM modules, runs the job with its output on the second
+/// PID 1 of L1: mounts, loads the KVM modules, brings up loopback, runs the job with its output on the second
 /// serial port, reports its status on the console and powers off.
 const L1_INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
 /bin/busybox mount -t sysfs sys /sys
 /bin/busybox mount -t devtmpfs dev /dev
 /bin/busybox --install -s /bin
-export PATH=/bin HOME=/tmp TMPDIR=/tmp
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/tmp TMPDIR=/tmp
 for m in $(cat /nested/modules); do insmod "$m" || echo "nested-kvm: insmod $m failed"; done
 [ -c /dev/kvm ] || echo "nested-kvm: no /dev/kvm after loading the modules"
+ip link set lo up
 . /nested/env
 cd /tmp
 stty -F /dev/ttyS1 raw -echo
