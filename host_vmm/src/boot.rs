@@ -34,7 +34,7 @@ pub enum BootError {
     InitrdTooBig { path: PathBuf, size: u64 },
     #[error("loading initrd {0}: {1}")]
     Initrd(PathBuf, String),
-    #[error("{0}")]
+    #[error(transparent)]
     Mptable(#[from] crate::mptable::MptableError),
     #[error("writing boot parameters: {0}")]
     BootParams(linux_loader::configurator::Error),

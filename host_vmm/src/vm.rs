@@ -39,11 +39,11 @@ pub enum VmError {
     Kvm(&'static str, kvm_ioctls::Error),
     #[error("allocating guest memory: {0}")]
     Memory(#[from] vm_memory::mmap::FromRangesError),
-    #[error("{0}")]
+    #[error(transparent)]
     Bus(#[from] OverlapError),
     #[error("setting up vCPU: {0}")]
     Cpu(#[from] CpuError),
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error("event loop: {0}")]
     Events(String),
