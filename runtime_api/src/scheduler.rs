@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use anyhow::Context as _;
 use bytes::Bytes;
 use kindling_wire::{ErrorBody, FunctionEnvironment, InvocationReport};
 use tokio::sync::{oneshot, watch, Notify};
@@ -90,8 +91,9 @@ pub struct Invoked {
     pub log: String,
 }
 
-/// Why an invocation could not be run at all.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why an invocation could not be run at all. Show it with its sources (e.g. anyhow's
+/// `{:#}`): an environment that failed to start names the cause there.
+#[derive(Debug, thiserror::Error)]
 pub enum InvokeError {
     #[error("Function not found: {0}")]
     NotFound(String),
@@ -99,8 +101,13 @@ pub enum InvokeError {
     TooManyRequests(String),
     #[error("the server is shutting down")]
     ShuttingDown,
-    #[error("cannot start an environment for {function}: {reason}")]
-    Environment { function: String, reason: String },
+    #[error("cannot start an environment for {function}")]
+    Environment {
+        function: String,
+        /// What the launcher (or the environment's directory or socket) failed with.
+        #[source]
+        source: anyhow::Error,
+    },
 }
 
 /// All functions' pools.
@@ -317,12 +324,13 @@ impl Pool {
             Grant::Warm(env) => env,
             Grant::Start => match self.start_env().await {
                 Ok(env) => env,
-                Err(reason) => {
+                Err(source) => {
+                    let reason = format!("{source:#}");
                     tracing::warn!(function = %name, %reason, "environment start failed");
                     self.release(None).await;
                     return Err(InvokeError::Environment {
                         function: name.clone(),
-                        reason,
+                        source,
                     });
                 }
             },
@@ -470,7 +478,7 @@ impl Pool {
         }
     }
 
-    async fn start_env(&self) -> Result<Box<Env>, String> {
+    async fn start_env(&self) -> anyhow::Result<Box<Env>> {
         let f = &self.function;
         let n = self.ctx.next_env.fetch_add(1, Ordering::Relaxed);
         // The pid keeps ids apart from the leftovers of an earlier server in the same state dir.
@@ -482,12 +490,12 @@ impl Pool {
         };
         let socket = spec.runtime_api_socket();
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(format!(
+            anyhow::bail!(
                 "{}: the socket path is longer than {MAX_SOCKET_PATH} bytes; choose a shorter state directory",
                 socket.display()
-            ));
+            );
         }
-        std::fs::create_dir_all(&spec.dir).map_err(|e| format!("{}: {e}", spec.dir.display()))?;
+        std::fs::create_dir_all(&spec.dir).with_context(|| spec.dir.display().to_string())?;
         let environment = FunctionEnvironment {
             function_name: f.name.clone(),
             function_version: VERSION.into(),
@@ -504,13 +512,9 @@ impl Pool {
         let started = Instant::now();
         let result = async {
             let api = RuntimeApi::bind(&socket, environment, self.ctx.logs.clone())
-                .map_err(|e| format!("{}: {e}", socket.display()))?;
-            let handle = self
-                .launcher
-                .start(&spec)
-                .await
-                .map_err(|e| format!("{e:#}"))?;
-            Ok::<_, String>((api, handle))
+                .with_context(|| socket.display().to_string())?;
+            let handle = self.launcher.start(&spec).await?;
+            Ok::<_, anyhow::Error>((api, handle))
         }
         .await;
         match result {
