@@ -405,7 +405,7 @@ fn dies_mid_invocation(
     check(victims.len() == 1, || {
         format!("expected one {program} for {function}: {victims:?}")
     })?;
-    kill(Pid::from_raw(victims[0] as i32), Signal::SIGKILL)?;
+    kill(Pid::from_raw(i32::try_from(victims[0])?), Signal::SIGKILL)?;
     let started = Instant::now();
     let failed = slow.join().map_err(|_| "the invoking thread panicked")??;
     check(started.elapsed() < Duration::from_secs(20), || {
@@ -752,7 +752,7 @@ impl Server {
         if let Some(status) = child.try_wait()? {
             return Ok(status);
         }
-        kill(Pid::from_raw(self.pid as i32), Signal::SIGTERM)?;
+        kill(Pid::from_raw(i32::try_from(self.pid)?), Signal::SIGTERM)?;
         let deadline = Instant::now() + STOP_PATIENCE;
         while Instant::now() < deadline {
             if let Some(status) = child.try_wait()? {

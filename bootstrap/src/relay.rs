@@ -172,7 +172,8 @@ fn onto_guest_clock(headers: &mut HeaderMap, owns_clock: bool) {
     let guest_now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
-        .as_millis() as u64;
+        .as_millis();
+    let guest_now = u64::try_from(guest_now).unwrap_or(u64::MAX);
     let moved = deadline_on_guest_clock(deadline, host_now, guest_now);
     headers.insert(HEADER_DEADLINE_MS, HeaderValue::from(moved));
 }
@@ -182,7 +183,9 @@ fn follow_host_clock(host_now_ms: u64) {
     let guest_now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    let skew = host_now_ms as i128 - guest_now.as_millis() as i128;
+    // Milliseconds since 1970 fit an i128 with room to spare: saturate rather than wrap.
+    let guest_now_ms = i128::try_from(guest_now.as_millis()).unwrap_or(i128::MAX);
+    let skew = i128::from(host_now_ms) - guest_now_ms;
     if skew.unsigned_abs() <= CLOCK_SLACK_MS {
         return;
     }

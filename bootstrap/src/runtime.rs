@@ -167,6 +167,13 @@ fn spawn(agent: &Agent, spec: &RuntimeSpec, generation: u64) -> Result<Started, 
     let child = cmd.spawn().map_err(fail)?;
     drop(cmd); // closes our copies of the pipes' write ends
     let pid = child.id().expect("a just-spawned child has a pid");
+    // Linux pids are at most 2^22; a child it could not signal is not started.
+    let pgid = i32::try_from(pid).map(Pid::from_raw).map_err(|_| {
+        format!(
+            "cannot start {}: pid {pid} does not fit pid_t",
+            spec.program.display()
+        )
+    })?;
     let probe = Arc::new(match cgroup {
         Some(cg) => MemoryProbe::Cgroup(cg),
         None => MemoryProbe::ProcTree(pid, AtomicU64::new(0)),
@@ -174,7 +181,7 @@ fn spawn(agent: &Agent, spec: &RuntimeSpec, generation: u64) -> Result<Started, 
     agent.runtime_started(started, probe.clone());
     Ok(Started {
         child,
-        pgid: Pid::from_raw(pid as i32),
+        pgid,
         memory: probe,
     })
 }

@@ -421,7 +421,7 @@ async fn sigterm_stops_the_runtime_and_forwards_its_last_words() {
         matches!(r, Record::Logs { text, .. } if text.contains("ready")).then_some(())
     })
     .await;
-    let pid = nix::unistd::Pid::from_raw(bootstrap.0.id().unwrap() as i32);
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(bootstrap.0.id().unwrap()).unwrap());
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let status = tokio::time::timeout(common::PATIENCE, bootstrap.0.wait())
         .await

@@ -152,7 +152,7 @@ fn list(cache: &Cache) -> Result<()> {
     {
         println!(
             "{kind:<10} {name:<36} {:>9.1} MiB  {}",
-            bytes as f64 / (1 << 20) as f64,
+            bytes as f64 / f64::from(1 << 20),
             path.display()
         );
     }

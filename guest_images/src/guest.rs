@@ -40,11 +40,11 @@ pub fn is_static_elf(path: &Path) -> Result<bool> {
     let elf = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let u16_at = |at: usize| {
         elf.get(at..at + 2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+            .map(|b| usize::from(u16::from_le_bytes([b[0], b[1]])))
     };
     let u64_at = |at: usize| {
         elf.get(at..at + 8)
-            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+            .and_then(|b| usize::try_from(u64::from_le_bytes(b.try_into().expect("8 bytes"))).ok())
     };
     if elf.get(..6) != Some(b"\x7fELF\x02\x01".as_slice()) {
         bail!("{} is not a 64-bit little-endian ELF file", path.display());

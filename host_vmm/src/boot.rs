@@ -34,7 +34,7 @@ pub enum BootError {
     InitrdTooBig { path: PathBuf, size: u64 },
     #[error("loading initrd {0}: {1}")]
     Initrd(PathBuf, String),
-    #[error("{0}")]
+    #[error(transparent)]
     Mptable(#[from] crate::mptable::MptableError),
     #[error("writing boot parameters: {0}")]
     BootParams(linux_loader::configurator::Error),
@@ -57,6 +57,11 @@ const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
 const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
 const KERNEL_LOADER_OTHER: u8 = 0xff;
 const KERNEL_MIN_ALIGNMENT: u32 = 0x0100_0000;
+/// [`CMDLINE_START`] as the 32-bit `cmd_line_ptr`; the build fails if it is not below 4 GiB.
+const CMDLINE_PTR: u32 = match CMDLINE_START.to_le_bytes() {
+    [a, b, c, d, 0, 0, 0, 0] => u32::from_le_bytes([a, b, c, d]),
+    _ => panic!("the command line must be below 4 GiB"),
+};
 /// Offset of the 64-bit entry point in the protected-mode part of a bzImage.
 const BZIMAGE_64BIT_ENTRY: u64 = 0x200;
 const PAGE_SIZE: u64 = 4096;
@@ -138,8 +143,10 @@ pub fn load_linux(
         params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT;
     }
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
-    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
-    params.hdr.cmdline_size = cmdline.as_cstring()?.as_bytes().len() as u32 + 1;
+    params.hdr.cmd_line_ptr = CMDLINE_PTR;
+    // `Cmdline` holds at most CMDLINE_MAX_SIZE bytes, the terminating NUL included.
+    params.hdr.cmdline_size = u32::try_from(cmdline.as_cstring()?.as_bytes_with_nul().len())
+        .map_err(|_| linux_loader::cmdline::Error::TooLarge)?;
 
     let ram_end = mem.last_addr().raw_value() + 1;
     if let Some(path) = &source.initrd {
@@ -155,24 +162,36 @@ pub fn load_linux(
                 size,
             }
         })?;
+        // Below the MMIO hole, so both fit the 32-bit fields of the boot protocol.
+        let (Ok(len), Ok(image), Ok(image_size)) = (
+            usize::try_from(size),
+            u32::try_from(addr),
+            u32::try_from(size),
+        ) else {
+            return Err(BootError::InitrdTooBig {
+                path: path.clone(),
+                size,
+            });
+        };
         let mut slice = mem
-            .get_slice(GuestAddress(addr), size as usize)
+            .get_slice(GuestAddress(addr), len)
             .map_err(|e| BootError::Initrd(path.clone(), e.to_string()))?;
         file.read_exact_volatile(&mut slice)
             .map_err(|e| BootError::Initrd(path.clone(), e.to_string()))?;
-        params.hdr.ramdisk_image = addr as u32;
-        params.hdr.ramdisk_size = size as u32;
+        params.hdr.ramdisk_image = image;
+        params.hdr.ramdisk_size = image_size;
     }
 
-    let map = e820_map(ram_end);
-    for (slot, (addr, size)) in params.e820_table.iter_mut().zip(&map) {
+    // The zero page has 128 e820 slots (fewer than u8::MAX); count the ones written.
+    params.e820_entries = 0;
+    for (slot, (addr, size)) in params.e820_table.iter_mut().zip(e820_map(ram_end)) {
         *slot = boot_e820_entry {
-            addr: *addr,
-            size: *size,
+            addr,
+            size,
             r#type: E820_RAM,
         };
+        params.e820_entries += 1;
     }
-    params.e820_entries = map.len() as u8;
     LinuxBootConfigurator::write_bootparams(
         &BootParams::new(&params, GuestAddress(ZERO_PAGE_START)),
         mem,
@@ -291,7 +310,7 @@ mod tests {
         assert_eq!({ hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);
         assert_eq!({ hdr.header }, KERNEL_HDR_MAGIC);
         assert_eq!({ hdr.type_of_loader }, KERNEL_LOADER_OTHER);
-        assert_eq!({ hdr.cmd_line_ptr }, CMDLINE_START as u32);
+        assert_eq!(u64::from(hdr.cmd_line_ptr), CMDLINE_START);
         let expected = format!("{DEFAULT_BOOT_ARGS} {}\0", devices[0]);
         assert_eq!({ hdr.cmdline_size } as usize, expected.len());
         let mut cmdline = vec![0u8; expected.len()];
@@ -299,7 +318,7 @@ mod tests {
             .unwrap();
         assert_eq!(cmdline, expected.as_bytes());
 
-        let (rd_addr, rd_size) = ({ hdr.ramdisk_image } as u64, { hdr.ramdisk_size });
+        let (rd_addr, rd_size) = (u64::from(hdr.ramdisk_image), { hdr.ramdisk_size });
         assert_eq!(rd_size, 10_000);
         assert_eq!(rd_addr % PAGE_SIZE, 0);
         assert!(rd_addr + 10_000 <= 128 << 20 && rd_addr + 2 * PAGE_SIZE > (128 << 20) - 10_000);

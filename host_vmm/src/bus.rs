@@ -32,6 +32,15 @@ pub struct Bus {
     devices: BTreeMap<u64, Entry>,
 }
 
+impl std::fmt::Debug for Bus {
+    /// The occupied ranges, as `base..end`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.devices.iter().map(|(base, e)| *base..base + e.len))
+            .finish()
+    }
+}
+
 impl Bus {
     pub fn new() -> Self {
         Self::default()
@@ -105,7 +114,7 @@ mod tests {
     }
     impl BusDevice for Recorder {
         fn read(&mut self, offset: u64, data: &mut [u8]) {
-            data.fill(offset as u8);
+            data.fill(u8::try_from(offset).unwrap());
         }
         fn write(&mut self, offset: u64, data: &[u8]) {
             self.writes.push((offset, data.to_vec()));

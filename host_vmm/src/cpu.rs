@@ -36,7 +36,8 @@ pub struct EntryPoint {
 }
 
 // GDT entries: Firecracker's boot GDT (null, code, data, TSS) plus user code and data.
-const GDT: [u64; 6] = [
+const GDT_ENTRIES: u16 = 6;
+const GDT: [u64; GDT_ENTRIES as usize] = [
     0,
     gdt_entry(0xa09b, 0, 0xfffff), // 64-bit kernel code
     gdt_entry(0xc093, 0, 0xfffff), // kernel data
@@ -44,11 +45,11 @@ const GDT: [u64; 6] = [
     gdt_entry(0xa0fb, 0, 0xfffff), // 64-bit user code, DPL 3
     gdt_entry(0xc0f3, 0, 0xfffff), // user data, DPL 3
 ];
-const KERNEL_CODE: usize = 1;
-const KERNEL_DATA: usize = 2;
-const TSS: usize = 3;
-const USER_CODE: usize = 4;
-const USER_DATA: usize = 5;
+const KERNEL_CODE: u16 = 1;
+const KERNEL_DATA: u16 = 2;
+const TSS: u16 = 3;
+const USER_CODE: u16 = 4;
+const USER_DATA: u16 = 5;
 
 const X86_CR0_PE: u64 = 1;
 const X86_CR0_PG: u64 = 1 << 31;
@@ -76,27 +77,31 @@ const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 }
 
 /// The KVM segment-register cache matching GDT entry `index` (selector RPL = DPL).
-fn segment(index: usize) -> kvm_segment {
-    let e = GDT[index];
-    let g = ((e >> 55) & 1) as u8;
-    let raw_limit = ((e >> 32) & 0xf_0000) | (e & 0xffff);
-    let dpl = ((e >> 45) & 3) as u8;
+fn segment(index: u16) -> kvm_segment {
+    // Descriptor bytes: limit 15:0, base 23:0, access byte, G/DB/L/AVL with limit 19:16,
+    // base 31:24.
+    let [limit0, limit1, base0, base1, base2, access, flags_limit, base3] =
+        GDT[usize::from(index)].to_le_bytes();
+    let flags = flags_limit >> 4;
+    let g = (flags >> 3) & 1;
+    let raw_limit = u32::from_le_bytes([limit0, limit1, flags_limit & 0xf, 0]);
+    let dpl = (access >> 5) & 3;
     kvm_segment {
-        base: ((e >> 32) & 0xff00_0000) | ((e >> 16) & 0x00ff_ffff),
+        base: u64::from(u32::from_le_bytes([base0, base1, base2, base3])),
         limit: if g == 1 {
-            ((raw_limit << 12) | 0xfff) as u32
+            (raw_limit << 12) | 0xfff
         } else {
-            raw_limit as u32
+            raw_limit
         },
-        selector: (index as u16) << 3 | dpl as u16,
-        type_: ((e >> 40) & 0xf) as u8,
-        present: ((e >> 47) & 1) as u8,
+        selector: index << 3 | u16::from(dpl),
+        type_: access & 0xf,
+        present: access >> 7,
         dpl,
-        db: ((e >> 54) & 1) as u8,
-        s: ((e >> 44) & 1) as u8,
-        l: ((e >> 53) & 1) as u8,
+        db: (flags >> 2) & 1,
+        s: (access >> 4) & 1,
+        l: (flags >> 1) & 1,
         g,
-        avl: ((e >> 52) & 1) as u8,
+        avl: flags & 1,
         unusable: 0,
         padding: 0,
     }
@@ -132,7 +137,7 @@ pub fn setup_sregs(vcpu: &VcpuFd, user_mode: bool) -> Result<(), CpuError> {
         (segment(KERNEL_CODE), segment(KERNEL_DATA))
     };
     sregs.gdt.base = GDT_START;
-    sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
+    sregs.gdt.limit = GDT_ENTRIES * 8 - 1;
     sregs.idt.base = IDT_START;
     sregs.idt.limit = 7;
     sregs.cs = code;
@@ -225,10 +230,11 @@ pub fn setup_lapic(vcpu: &VcpuFd) -> Result<(), CpuError> {
         .get_lapic()
         .map_err(|e| CpuError::Kvm("KVM_GET_LAPIC", e))?;
     for (reg, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
-        let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[reg + i] as u8);
+        // The register page is `c_char`s: same bits, taken as bytes.
+        let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[reg + i].to_ne_bytes()[0]);
         let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
         for (i, b) in value.to_le_bytes().into_iter().enumerate() {
-            lapic.regs[reg + i] = b as _;
+            lapic.regs[reg + i] = std::ffi::c_char::from_ne_bytes([b]);
         }
     }
     vcpu.set_lapic(&lapic)
@@ -277,6 +283,16 @@ mod tests {
         let uds = segment(USER_DATA);
         assert_eq!((uds.selector, uds.dpl, uds.db, uds.type_), (0x2b, 3, 1, 3));
         assert_eq!(segment(TSS).type_, 0xb);
+        for index in 1..GDT_ENTRIES {
+            let s = segment(index);
+            assert_eq!((s.base, s.limit, s.present, s.g), (0, 0xffff_ffff, 1, 1));
+            assert_eq!(s.avl, 0);
+        }
+        let kds = segment(KERNEL_DATA);
+        assert_eq!(
+            (kds.selector, kds.type_, kds.db, kds.l, kds.dpl),
+            (0x10, 3, 1, 0, 0)
+        );
     }
 
     #[test]

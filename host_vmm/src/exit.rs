@@ -23,7 +23,7 @@ pub enum ExitReason {
 impl ExitReason {
     /// The process exit code for this reason. Distinct per reason; 1 and 2 are left to
     /// configuration and command-line errors.
-    pub fn exit_code(&self) -> i32 {
+    pub fn exit_code(&self) -> u8 {
         match self {
             ExitReason::GuestReset => 0,
             ExitReason::TripleFault => 3,
@@ -45,7 +45,7 @@ impl fmt::Display for ExitReason {
 }
 
 /// Shared "the VM must stop" latch: records the first reason and wakes the event loop.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct VmExit {
     reason: Arc<Mutex<Option<ExitReason>>>,
     event: Arc<EventFd>,
@@ -96,7 +96,7 @@ mod tests {
         exit.request(ExitReason::GuestReset);
         assert_eq!(exit.reason(), Some(ExitReason::TripleFault));
         assert_eq!(exit.event().read().unwrap(), 2);
-        let codes: std::collections::HashSet<i32> = [
+        let codes: std::collections::HashSet<u8> = [
             ExitReason::GuestReset,
             ExitReason::TripleFault,
             ExitReason::VcpuError(String::new()),

@@ -57,10 +57,12 @@ pub const KEYBOARD_IRQ: u32 = 1;
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
-/// The slot of the `index`-th virtio-mmio device: its base address and IRQ.
-pub fn virtio_slot(index: usize) -> (u64, u32) {
-    (
-        VIRTIO_MMIO_START + VIRTIO_MMIO_SLOT * index as u64,
-        VIRTIO_IRQ_START + index as u32,
-    )
+/// The slot of the `index`-th virtio-mmio device: its base address and IRQ; `None` past the
+/// last address or IRQ number.
+pub fn virtio_slot(index: usize) -> Option<(u64, u32)> {
+    let index = u32::try_from(index).ok()?;
+    let base = VIRTIO_MMIO_SLOT
+        .checked_mul(u64::from(index))?
+        .checked_add(VIRTIO_MMIO_START)?;
+    Some((base, VIRTIO_IRQ_START.checked_add(index)?))
 }

@@ -48,6 +48,12 @@ struct Cli {
     boot_timer: bool,
 }
 
+/// `d` in whole microseconds for the timing line (saturating: u64 microseconds span 584,000
+/// years).
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 fn serial_out(spec: &str) -> anyhow::Result<SerialOut> {
     Ok(match spec {
         "stdout" => Box::new(std::io::stdout()),
@@ -81,7 +87,7 @@ fn start_from_api(
         .with_context(|| format!("binding the API socket {}", api_sock.display()))?;
     timings.insert(
         "process_start_to_api_ready_us".into(),
-        (process_start.elapsed().as_micros() as u64).into(),
+        micros(process_start.elapsed()).into(),
     );
     let (start_tx, start_rx) = mpsc::channel::<StartRequest>();
     thread::Builder::new()
@@ -146,10 +152,10 @@ fn run(cli: Cli, process_start: Instant) -> anyhow::Result<ExitReason> {
     }
     tracing::info!("VM stopped: {reason}");
     if cli.timings {
-        let us = |d: Option<Duration>| d.map(|d| d.as_micros() as u64);
+        let us = |d: Option<Duration>| d.map(micros);
         timings.insert(
             "process_start_to_instance_start_us".into(),
-            (instance_start.duration_since(process_start).as_micros() as u64).into(),
+            micros(instance_start.duration_since(process_start)).into(),
         );
         timings.insert(
             "instance_start_to_first_kvm_run_us".into(),
@@ -180,7 +186,7 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     }
     match run(cli, process_start) {
-        Ok(reason) => ExitCode::from(reason.exit_code() as u8),
+        Ok(reason) => ExitCode::from(reason.exit_code()),
         Err(e) => {
             eprintln!("kindling-vmm: {e:#}");
             ExitCode::from(1)

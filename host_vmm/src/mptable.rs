@@ -34,6 +34,8 @@ const FLOATING_LEN: usize = 16;
 pub enum MptableError {
     #[error("{0} vCPUs do not fit an MP table (at most 254)")]
     TooManyCpus(u8),
+    #[error("the MP table cannot be placed at {0:#x}: above 4 GiB")]
+    Address(u64),
     #[error("writing the MP table: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
 }
@@ -83,9 +85,13 @@ pub fn build(cpus: u8, base: u64) -> Result<Vec<u8>, MptableError> {
     }
 
     let config_addr = base + FLOATING_LEN as u64;
+    let config_ptr = u32::try_from(config_addr).map_err(|_| MptableError::Address(base))?;
+    // At most 254 CPUs keep the table a few KiB long.
+    let config_len = u16::try_from(CONFIG_HEADER_LEN + entries.len())
+        .map_err(|_| MptableError::TooManyCpus(cpus))?;
     let mut config = Vec::with_capacity(CONFIG_HEADER_LEN + entries.len());
     config.extend_from_slice(b"PCMP");
-    config.extend_from_slice(&((CONFIG_HEADER_LEN + entries.len()) as u16).to_le_bytes());
+    config.extend_from_slice(&config_len.to_le_bytes());
     config.extend_from_slice(&[4, 0]); // spec revision 1.4, checksum (below)
     config.extend_from_slice(b"KINDLING");
     config.extend_from_slice(b"KINDLING-VMM");
@@ -98,7 +104,7 @@ pub fn build(cpus: u8, base: u64) -> Result<Vec<u8>, MptableError> {
 
     let mut table = Vec::with_capacity(FLOATING_LEN + config.len());
     table.extend_from_slice(b"_MP_");
-    table.extend_from_slice(&(config_addr as u32).to_le_bytes());
+    table.extend_from_slice(&config_ptr.to_le_bytes());
     table.extend_from_slice(&[1, 4, 0, 0, 0, 0, 0, 0]); // length 16 bytes, rev 1.4, checksum, features
     table[10] = checksum(&table);
     table.extend_from_slice(&config);
@@ -139,5 +145,9 @@ mod tests {
         assert_eq!(u64::from(ptr), MPTABLE_START + 16);
         assert!(build(0, MPTABLE_START).is_err());
         assert!(build(255, MPTABLE_START).is_err());
+        assert!(matches!(
+            build(1, 1 << 32),
+            Err(MptableError::Address(0x1_0000_0000))
+        ));
     }
 }

@@ -39,6 +39,7 @@ pub fn block_termination_signals() -> io::Result<()> {
 }
 
 /// The event-loop subscriber for SIGTERM/SIGINT.
+#[derive(Debug)]
 pub struct TermSignals {
     fd: OwnedFd,
     exit: VmExit,
@@ -76,11 +77,13 @@ impl MutEventSubscriber for TermSignals {
         let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
         // SAFETY: reads at most `info.len()` bytes into a buffer we own.
         let n = unsafe { libc::read(self.fd.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) };
-        if n as usize != info.len() {
+        if usize::try_from(n).ok() != Some(info.len()) {
             return;
         }
-        let signo = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]) as i32;
-        if signo == libc::SIGTERM && !self.asked_guest && self.ctrl_alt_del.press() {
+        // `ssi_signo`, the first field.
+        let signo = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
+        let sigterm = i32::try_from(signo) == Ok(libc::SIGTERM);
+        if sigterm && !self.asked_guest && self.ctrl_alt_del.press() {
             self.asked_guest = true;
             tracing::info!("SIGTERM: asked the guest to shut down (Ctrl-Alt-Del)");
         } else {

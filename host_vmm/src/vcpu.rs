@@ -14,6 +14,7 @@ use crate::bus::Bus;
 use crate::exit::{ExitReason, VmExit};
 
 /// One vCPU and what it needs to handle its exits.
+#[derive(Debug)]
 pub struct Vcpu {
     pub index: u8,
     pub fd: VcpuFd,

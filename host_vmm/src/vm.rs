@@ -2,6 +2,7 @@
 //! VM and memory slots, in-kernel IRQ chip and PIT, legacy devices on the buses, then, when
 //! started, the vCPUs on their threads.
 
+use std::fmt;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -38,12 +39,12 @@ pub enum VmError {
     #[error("KVM {0} failed: {1}")]
     Kvm(&'static str, kvm_ioctls::Error),
     #[error("allocating guest memory: {0}")]
-    Memory(#[from] vm_memory::mmap::FromRangesError),
-    #[error("{0}")]
+    Memory(#[from] crate::memory::MemoryError),
+    #[error(transparent)]
     Bus(#[from] OverlapError),
     #[error("setting up vCPU: {0}")]
     Cpu(#[from] CpuError),
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error("event loop: {0}")]
     Events(String),
@@ -59,6 +60,16 @@ pub struct VmConfig {
     pub serial: SerialOut,
     /// CPUID masks applied on top of the host's (filtered) CPUID.
     pub cpu_template: Option<CpuTemplate>,
+}
+
+impl fmt::Debug for VmConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VmConfig")
+            .field("vcpu_count", &self.vcpu_count)
+            .field("mem_size_mib", &self.mem_size_mib)
+            .field("cpu_template", &self.cpu_template)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A VM that is built but not yet running.
@@ -78,6 +89,22 @@ pub struct Vm {
 
 /// A device's event-loop half.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+impl fmt::Debug for Vm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Vm")
+            .field("vm_fd", &self.vm_fd)
+            .field("memory", &self.memory)
+            .field("io_bus", &self.io_bus)
+            .field("mmio_bus", &self.mmio_bus)
+            .field("exit", &self.exit)
+            .field("vcpu_count", &self.vcpu_count)
+            .field("cpu_template", &self.cpu_template)
+            .field("virtio_slots", &self.virtio_slots)
+            .field("subscribers", &self.subscribers.len())
+            .finish_non_exhaustive()
+    }
+}
 
 /// Registers one eventfd as the irqfd of `gsi`.
 fn irq_line(vm_fd: &VmFd, gsi: u32) -> Result<IrqLine, VmError> {
@@ -104,7 +131,8 @@ impl Vm {
         let memory = create_guest_memory(config.mem_size_mib)?;
         for (slot, region) in memory.iter().enumerate() {
             let region_desc = kvm_userspace_memory_region {
-                slot: slot as u32,
+                slot: u32::try_from(slot)
+                    .map_err(|_| VmError::Config("too many guest memory regions".into()))?,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: region.as_ptr() as u64,
@@ -115,8 +143,10 @@ impl Vm {
             unsafe { vm_fd.set_user_memory_region(region_desc) }
                 .map_err(|e| VmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
         }
+        let tss = usize::try_from(layout::KVM_TSS_ADDRESS)
+            .map_err(|_| VmError::Config("the TSS address does not fit a usize".into()))?;
         vm_fd
-            .set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+            .set_tss_address(tss)
             .map_err(|e| VmError::Kvm("KVM_SET_TSS_ADDR", e))?;
         vm_fd
             .set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
@@ -186,7 +216,8 @@ impl Vm {
         &mut self,
         device: D,
     ) -> Result<VirtioSlot<D>, VmError> {
-        let (base, irq) = layout::virtio_slot(self.virtio_slots.len());
+        let (base, irq) = layout::virtio_slot(self.virtio_slots.len())
+            .ok_or_else(|| VmError::Config("no virtio-mmio slot left".into()))?;
         let transport =
             MmioTransport::new(device, self.memory.clone(), irq_line(&self.vm_fd, irq)?);
         let transport = Arc::new(Mutex::new(transport));
@@ -319,6 +350,7 @@ impl Vm {
 }
 
 /// A virtio device's place in the VM.
+#[derive(Debug)]
 pub struct VirtioSlot<D: VirtioDevice> {
     pub base: u64,
     pub irq: u32,
@@ -361,6 +393,18 @@ pub struct RunningVm {
     instance_start: Instant,
     first_run: Arc<OnceLock<Instant>>,
     boot_time: BootTime,
+}
+
+impl fmt::Debug for RunningVm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RunningVm")
+            .field("memory", &self.memory)
+            .field("exit", &self.exit)
+            .field("vcpu_threads", &self.threads.len())
+            .field("instance_start", &self.instance_start)
+            .field("timings", &self.timings())
+            .finish_non_exhaustive()
+    }
 }
 
 impl RunningVm {

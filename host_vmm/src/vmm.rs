@@ -12,11 +12,11 @@ use crate::vm::{Vm, VmConfig, VmError};
 /// Errors turning a configuration into a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("{0}")]
+    #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("{0}")]
+    #[error(transparent)]
     Vm(#[from] VmError),
-    #[error("{0}")]
+    #[error(transparent)]
     Boot(#[from] BootError),
     #[error("drive {0}: {1}")]
     Drive(String, std::io::Error),

@@ -197,8 +197,9 @@ fn after_start_configuration_and_a_second_start_are_refused() {
         1
     );
 
+    let pid = i32::try_from(child.id()).unwrap();
     // SAFETY: signalling our own child process by its pid.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let out = child.wait_with_output().unwrap();
     assert_eq!(
         out.status.code(),
@@ -215,8 +216,9 @@ fn sigterm_before_start_exits_and_removes_the_socket() {
     let sock = scratch("api.sock");
     let child = spawn(&sock);
     let _ = Client::connect(&sock);
+    let pid = i32::try_from(child.id()).unwrap();
     // SAFETY: signalling our own child process by its pid.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(5));
     assert!(!sock.exists());

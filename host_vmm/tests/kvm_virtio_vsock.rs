@@ -31,7 +31,7 @@ fn packet(op: u16, src_port: u32, dst_port: u32, payload: &[u8]) -> (Header, Vec
         dst_cid: 2,
         src_port,
         dst_port,
-        len: payload.len() as u32,
+        len: u32::try_from(payload.len()).unwrap(),
         type_: TYPE_STREAM,
         op,
         buf_alloc: 4096,
@@ -67,17 +67,17 @@ fn guest_and_host_exchange_over_vsock_both_ways() {
         packet(OP_RW, 700, 1234, b"hi"),
         packet(OP_RESPONSE, 52, FIRST_HOST_PORT, &[]),
     ];
-    for (i, (h, data)) in tx.iter().enumerate() {
-        let addr = TX_BUF + 0x1000 * i as u64;
+    for (i, (h, data)) in (0u16..).zip(&tx) {
+        let addr = TX_BUF + 0x1000 * u64::from(i);
         mem.write_obj(*h, GuestAddress(addr)).unwrap();
         mem.write_slice(data, GuestAddress(addr + HEADER_LEN as u64))
             .unwrap();
         write_desc(
             mem,
             TX.0,
-            i as u16,
+            i,
             addr,
-            (HEADER_LEN + data.len()) as u32,
+            u32::try_from(HEADER_LEN + data.len()).unwrap(),
             0,
             0,
         );
@@ -92,7 +92,10 @@ fn guest_and_host_exchange_over_vsock_both_ways() {
         ]
     };
     let mut script = virtio_negotiate(base, 19, 1 << 32);
-    script.push(Op::Expect32(base + mmio::CONFIG, GUEST_CID as u32));
+    script.push(Op::Expect32(
+        base + mmio::CONFIG,
+        u32::try_from(GUEST_CID).unwrap(),
+    ));
     script.extend(virtio_queue_setup(base, 0, 16, RX.0, RX.1, RX.2));
     script.extend(virtio_queue_setup(base, 1, 16, TX.0, TX.1, TX.2));
     script.extend(virtio_queue_setup(base, 2, 16, EV.0, EV.1, EV.2));

@@ -48,11 +48,11 @@ fn main() {
     let mut mounts = Mounts::default();
     let config_path = match config_path(std::env::args().skip(1)) {
         Ok(path) => path,
-        Err(e) => fail_early(&e, mounts),
+        Err(e) => std::process::exit(fail_early(&e, mounts)),
     };
     let mut config = match load_config(config_path.as_deref(), &mut mounts) {
         Ok(config) => config,
-        Err(e) => fail_early(&e, mounts),
+        Err(e) => std::process::exit(fail_early(&e, mounts)),
     };
     let mut cgroup = None;
     let code = boot_and_run(
@@ -65,7 +65,7 @@ fn main() {
         say!("error: {e:#}");
         FAILURE
     });
-    finish(&exit_of(&config), mounts, cgroup, code)
+    std::process::exit(finish(&exit_of(&config), mounts, cgroup, code))
 }
 
 /// `--config PATH` is init's only option; other words are what the kernel passes on
@@ -160,7 +160,9 @@ fn apply_root_config(config: &mut Config, file: &Path) -> Result<()> {
 
 /// A failure before the configuration is known: shut down by the defaults, except that
 /// inside a PID namespace (the sandbox) reboot(2) would only kill init, so exit instead.
-fn fail_early(error: &anyhow::Error, mounts: Mounts) -> ! {
+/// Returns the status to exit with, as [`finish`] does.
+#[must_use = "init must exit with the returned status"]
+fn fail_early(error: &anyhow::Error, mounts: Mounts) -> i32 {
     say!("error: {error:#}");
     let defaults = Config {
         sandbox: !in_initial_pid_namespace(),

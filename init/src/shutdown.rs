@@ -1,7 +1,6 @@
 //! The end of the guest: stop every process, flush and unmount, then tell the kernel
 //! (microVM) or the parent (sandbox) that the guest is done.
 
-use std::process;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -28,9 +27,11 @@ pub struct Exit {
     pub grace: Duration,
 }
 
-/// Stops everything and leaves with `code`: `exit(code)` in the sandbox, `reboot(2)`
-/// in a microVM (where the exit code is on the console only).
-pub fn finish(exit: &Exit, mut mounts: Mounts, cgroup: Option<Workload>, code: i32) -> ! {
+/// Stops everything, then leaves: `reboot(2)` in a microVM (where the exit code is on the
+/// console only). Returns `code` when init must exit with it instead, at once: in the sandbox,
+/// or when reboot(2) failed. `main` does the exit.
+#[must_use = "init must exit with the returned status"]
+pub fn finish(exit: &Exit, mut mounts: Mounts, cgroup: Option<Workload>, code: i32) -> i32 {
     terminate_all(exit.grace);
     sync();
     if let Some(cgroup) = cgroup {
@@ -42,7 +43,7 @@ pub fn finish(exit: &Exit, mut mounts: Mounts, cgroup: Option<Workload>, code: i
     sync();
     if exit.sandbox {
         say!("exit with status {code}");
-        process::exit(code);
+        return code;
     }
     let (mode, name) = match exit.shutdown {
         Shutdown::Reboot => (RebootMode::RB_AUTOBOOT, "reboot"),
@@ -51,7 +52,7 @@ pub fn finish(exit: &Exit, mut mounts: Mounts, cgroup: Option<Workload>, code: i
     say!("{name} (status {code})");
     let Err(e) = reboot(mode);
     say!("reboot(2) failed: {e}; exiting with status {code}");
-    process::exit(code)
+    code
 }
 
 /// SIGTERM to every other process, up to `grace` for them to exit, then SIGKILL.

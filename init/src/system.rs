@@ -70,14 +70,16 @@ pub fn loopback_up() -> Result<()> {
     )
     .context("loopback: socket")?;
     let mut req = ifreq_lo();
-    req.ifr_ifru.ifru_addr = sockaddr_in(Ipv4Addr::LOCALHOST);
+    req.ifr_ifru.ifru_addr = sockaddr_in(Ipv4Addr::LOCALHOST)?;
     ioctl(&sock, libc::SIOCSIFADDR, &mut req).context("loopback: set address 127.0.0.1")?;
-    req.ifr_ifru.ifru_netmask = sockaddr_in(Ipv4Addr::new(255, 0, 0, 0));
+    req.ifr_ifru.ifru_netmask = sockaddr_in(Ipv4Addr::new(255, 0, 0, 0))?;
     ioctl(&sock, libc::SIOCSIFNETMASK, &mut req).context("loopback: set netmask /8")?;
     ioctl(&sock, libc::SIOCGIFFLAGS, &mut req).context("loopback: get flags")?;
     // SAFETY: SIOCGIFFLAGS just filled the flags member of the union.
     let flags = unsafe { req.ifr_ifru.ifru_flags };
-    req.ifr_ifru.ifru_flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    let up = libc::c_short::try_from(libc::IFF_UP | libc::IFF_RUNNING)
+        .context("loopback: IFF_UP | IFF_RUNNING do not fit ifr_flags")?;
+    req.ifr_ifru.ifru_flags = flags | up;
     ioctl(&sock, libc::SIOCSIFFLAGS, &mut req).context("loopback: set up")
 }
 
@@ -86,22 +88,23 @@ fn ifreq_lo() -> libc::ifreq {
     // is a valid value of it.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req.ifr_name.iter_mut().zip(b"lo") {
-        *dst = *src as libc::c_char;
+        *dst = libc::c_char::from_ne_bytes([*src]);
     }
     req
 }
 
-fn sockaddr_in(addr: Ipv4Addr) -> libc::sockaddr {
+fn sockaddr_in(addr: Ipv4Addr) -> Result<libc::sockaddr> {
     let mut sa = libc::sockaddr {
-        sa_family: libc::AF_INET as libc::sa_family_t,
+        sa_family: libc::sa_family_t::try_from(libc::AF_INET)
+            .context("AF_INET does not fit sa_family_t")?,
         sa_data: [0; 14],
     };
     // As a sockaddr_in, the family is followed by the port (2 bytes), then the address
     // in network order.
     for (dst, src) in sa.sa_data[2..6].iter_mut().zip(addr.octets()) {
-        *dst = src as libc::c_char;
+        *dst = libc::c_char::from_ne_bytes([src]);
     }
-    sa
+    Ok(sa)
 }
 
 fn ioctl(sock: &OwnedFd, request: libc::Ioctl, req: &mut libc::ifreq) -> Result<()> {

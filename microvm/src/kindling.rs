@@ -14,6 +14,7 @@ use tokio::process::Child;
 use crate::machine::{self, VmSpec};
 use crate::{Hypervisor, RunningVm};
 
+#[derive(Debug)]
 pub struct KindlingVmm {
     /// The `kindling-vmm` executable.
     pub program: PathBuf,
@@ -77,8 +78,10 @@ impl RunningVm for KindlingVm {
             .vmm
             .id()
             .ok_or_else(|| io::Error::other("kindling-vmm has exited"))?;
+        let pid = libc::pid_t::try_from(pid)
+            .map_err(|_| io::Error::other(format!("pid {pid} does not fit a pid_t")))?;
         // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.
-        if unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) } != 0 {
+        if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())

@@ -40,6 +40,21 @@ pub struct MicroVmLauncher {
     logs_dir: PathBuf,
 }
 
+impl std::fmt::Debug for MicroVmLauncher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut hypervisors: Vec<(&String, &'static str)> = self
+            .hypervisors
+            .iter()
+            .map(|(function, h)| (function, h.name()))
+            .collect();
+        hypervisors.sort();
+        f.debug_struct("MicroVmLauncher")
+            .field("hypervisors", &hypervisors)
+            .field("logs_dir", &self.logs_dir)
+            .finish_non_exhaustive()
+    }
+}
+
 impl MicroVmLauncher {
     pub fn new(images: Arc<dyn ImageSource>, logs_dir: PathBuf) -> Self {
         Self {

@@ -27,6 +27,7 @@ pub enum Accel {
     Tcg,
 }
 
+#[derive(Debug)]
 pub struct Qemu {
     pub accel: Accel,
 }

@@ -145,29 +145,13 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<FunctionConfig>, ConfigError
                 ));
             }
         }
-        let in_range =
-            |v: &Option<Spanned<i64>>, k: &str, range: RangeInclusive<i64>, default: i64| match v {
-                None => Ok(default),
-                Some(s) if range.contains(s.get_ref()) => Ok(*s.get_ref()),
-                Some(s) => Err(located(
-                    s.span().start,
-                    format!(
-                        "{}: {} is out of range {}..{}",
-                        key(k),
-                        s.get_ref(),
-                        range.start(),
-                        range.end()
-                    ),
-                )),
-            };
-        let memory = in_range(&f.memory, "memory", widen(&MEMORY_MB), 128)?;
-        let timeout = in_range(&f.timeout, "timeout", widen(&TIMEOUT_S), 3)?;
-        let max_concurrency = in_range(
-            &f.max_concurrency,
-            "max_concurrency",
-            1..=1000,
-            DEFAULT_MAX_CONCURRENCY as i64,
-        )?;
+        let out_of_range = |k: &'static str| {
+            move |(at, range): (usize, String)| located(at, format!("{}: {range}", key(k)))
+        };
+        let memory = in_range(&f.memory, MEMORY_MB, 128).map_err(out_of_range("memory"))?;
+        let timeout = in_range(&f.timeout, TIMEOUT_S, 3).map_err(out_of_range("timeout"))?;
+        let max_concurrency = in_range(&f.max_concurrency, 1..=1000, DEFAULT_MAX_CONCURRENCY)
+            .map_err(out_of_range("max_concurrency"))?;
         let isolation = match f.isolation.as_ref() {
             // Like Lambda: every function gets a microVM unless it asks otherwise.
             None => Isolation::MicroVm,
@@ -207,10 +191,10 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<FunctionConfig>, ConfigError
                 code,
                 runtime: f.runtime.into_inner(),
                 handler: f.handler.into_inner(),
-                memory_mb: memory as u32,
-                timeout: Duration::from_secs(timeout as u64),
+                memory_mb: memory,
+                timeout: Duration::from_secs(u64::from(timeout)),
                 isolation,
-                max_concurrency: max_concurrency as usize,
+                max_concurrency,
                 env: f.env,
             },
             hypervisor,
@@ -226,8 +210,31 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<FunctionConfig>, ConfigError
     Ok(out)
 }
 
-fn widen<T: Copy + Into<i64>>(r: &RangeInclusive<T>) -> RangeInclusive<i64> {
-    (*r.start()).into()..=(*r.end()).into()
+/// The value of an optional integer key, `default` when it is absent. A value outside `range`
+/// (or outside `T`) is refused with where it is and `"{value} is out of range {start}..{end}"`.
+fn in_range<T>(
+    v: &Option<Spanned<i64>>,
+    range: RangeInclusive<T>,
+    default: T,
+) -> Result<T, (usize, String)>
+where
+    T: Copy + PartialOrd + TryFrom<i64> + fmt::Display,
+{
+    let Some(s) = v else {
+        return Ok(default);
+    };
+    match T::try_from(*s.get_ref()) {
+        Ok(value) if range.contains(&value) => Ok(value),
+        _ => Err((
+            s.span().start,
+            format!(
+                "{} is out of range {}..{}",
+                s.get_ref(),
+                range.start(),
+                range.end()
+            ),
+        )),
+    }
 }
 
 /// Names travel in URLs, log file names and socket paths: keep them plain.

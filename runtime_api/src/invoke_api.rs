@@ -260,9 +260,12 @@ impl InvokeApi {
                 "ServiceException",
                 &e.to_string(),
             ),
-            Err(e @ InvokeError::Environment { .. }) => {
-                lambda_error(StatusCode::BAD_GATEWAY, "ServiceException", &e.to_string())
-            }
+            // The message names the launcher's error chain, down to its root cause.
+            Err(e @ InvokeError::Environment { .. }) => lambda_error(
+                StatusCode::BAD_GATEWAY,
+                "ServiceException",
+                &format!("{:#}", anyhow::Error::new(e)),
+            ),
         }
     }
 }

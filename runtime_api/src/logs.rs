@@ -109,6 +109,11 @@ pub fn report_line(
     report: &InvocationReport,
     phases: &[(&'static str, Duration)],
 ) -> String {
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "a whole, non-negative number of ms by then; `as` saturates a float past u64::MAX"
+    )]
     let billed = report.duration_ms.max(0.0).ceil().max(1.0) as u64;
     let mut line = format!(
         "REPORT RequestId: {request_id}\tDuration: {:.2} ms\tBilled Duration: {billed} ms\tMemory Size: {memory_mb} MB\tMax Memory Used: {} MB",

@@ -208,6 +208,14 @@ pub struct RuntimeApi {
     socket: PathBuf,
 }
 
+impl std::fmt::Debug for RuntimeApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeApi")
+            .field("socket", &self.socket)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Drop for RuntimeApi {
     fn drop(&mut self) {
         self.task.abort();

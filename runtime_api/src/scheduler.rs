@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use anyhow::Context as _;
 use bytes::Bytes;
 use kindling_wire::{ErrorBody, FunctionEnvironment, InvocationReport};
 use tokio::sync::{oneshot, watch, Notify};
@@ -90,8 +91,9 @@ pub struct Invoked {
     pub log: String,
 }
 
-/// Why an invocation could not be run at all.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why an invocation could not be run at all. Show it with its sources (e.g. anyhow's
+/// `{:#}`): an environment that failed to start names the cause there.
+#[derive(Debug, thiserror::Error)]
 pub enum InvokeError {
     #[error("Function not found: {0}")]
     NotFound(String),
@@ -99,14 +101,31 @@ pub enum InvokeError {
     TooManyRequests(String),
     #[error("the server is shutting down")]
     ShuttingDown,
-    #[error("cannot start an environment for {function}: {reason}")]
-    Environment { function: String, reason: String },
+    #[error("cannot start an environment for {function}")]
+    Environment {
+        function: String,
+        /// What the launcher (or the environment's directory or socket) failed with.
+        #[source]
+        source: anyhow::Error,
+    },
 }
 
 /// All functions' pools.
 pub struct Scheduler {
     pools: HashMap<String, Arc<Pool>>,
     ctx: Arc<Ctx>,
+}
+
+impl std::fmt::Debug for Scheduler {
+    /// The functions it serves and the options.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut functions: Vec<&String> = self.pools.keys().collect();
+        functions.sort();
+        f.debug_struct("Scheduler")
+            .field("functions", &functions)
+            .field("options", &self.ctx.options)
+            .finish_non_exhaustive()
+    }
 }
 
 struct Ctx {
@@ -317,12 +336,13 @@ impl Pool {
             Grant::Warm(env) => env,
             Grant::Start => match self.start_env().await {
                 Ok(env) => env,
-                Err(reason) => {
+                Err(source) => {
+                    let reason = format!("{source:#}");
                     tracing::warn!(function = %name, %reason, "environment start failed");
                     self.release(None).await;
                     return Err(InvokeError::Environment {
                         function: name.clone(),
-                        reason,
+                        source,
                     });
                 }
             },
@@ -470,7 +490,7 @@ impl Pool {
         }
     }
 
-    async fn start_env(&self) -> Result<Box<Env>, String> {
+    async fn start_env(&self) -> anyhow::Result<Box<Env>> {
         let f = &self.function;
         let n = self.ctx.next_env.fetch_add(1, Ordering::Relaxed);
         // The pid keeps ids apart from the leftovers of an earlier server in the same state dir.
@@ -482,17 +502,17 @@ impl Pool {
         };
         let socket = spec.runtime_api_socket();
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(format!(
+            anyhow::bail!(
                 "{}: the socket path is longer than {MAX_SOCKET_PATH} bytes; choose a shorter state directory",
                 socket.display()
-            ));
+            );
         }
-        std::fs::create_dir_all(&spec.dir).map_err(|e| format!("{}: {e}", spec.dir.display()))?;
+        std::fs::create_dir_all(&spec.dir).with_context(|| spec.dir.display().to_string())?;
         let environment = FunctionEnvironment {
             function_name: f.name.clone(),
             function_version: VERSION.into(),
             memory_mb: f.memory_mb,
-            timeout_ms: f.timeout.as_millis() as u64,
+            timeout_ms: u64::try_from(f.timeout.as_millis()).unwrap_or(u64::MAX),
             runtime: f.runtime.clone(),
             handler: f.handler.clone(),
             region: self.ctx.options.region.clone(),
@@ -504,13 +524,9 @@ impl Pool {
         let started = Instant::now();
         let result = async {
             let api = RuntimeApi::bind(&socket, environment, self.ctx.logs.clone())
-                .map_err(|e| format!("{}: {e}", socket.display()))?;
-            let handle = self
-                .launcher
-                .start(&spec)
-                .await
-                .map_err(|e| format!("{e:#}"))?;
-            Ok::<_, String>((api, handle))
+                .with_context(|| socket.display().to_string())?;
+            let handle = self.launcher.start(&spec).await?;
+            Ok::<_, anyhow::Error>((api, handle))
         }
         .await;
         match result {
@@ -804,7 +820,7 @@ fn today() -> String {
         .unwrap_or_default()
         .as_secs()
         / 86_400;
-    let (y, m, d) = civil_from_days(days as i64);
+    let (y, m, d) = civil_from_days(days);
     format!("{y:04}/{m:02}/{d:02}")
 }
 
@@ -814,7 +830,7 @@ fn timestamp() -> String {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
     let secs = now.as_secs();
-    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let (y, m, d) = civil_from_days(secs / 86_400);
     let s = secs % 86_400;
     format!(
         "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
@@ -825,17 +841,19 @@ fn timestamp() -> String {
     )
 }
 
-/// Howard Hinnant's days-to-civil algorithm (proleptic Gregorian, UTC).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
+/// Howard Hinnant's days-to-civil algorithm (Gregorian, UTC) for `days` since 1970-01-01:
+/// (year, month, day). Only dates from the epoch on are needed, so it runs unsigned (every
+/// intermediate is non-negative).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + u64::from(m <= 2), m, d)
 }
 
 #[cfg(test)]
@@ -847,6 +865,9 @@ mod tests {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(19_723), (2024, 1, 1));
         assert_eq!(civil_from_days(20_513), (2026, 3, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(civil_from_days(11_017), (2000, 3, 1));
+        assert_eq!(civil_from_days(10_956), (1999, 12, 31));
     }
 
     #[test]

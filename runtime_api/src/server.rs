@@ -61,6 +61,15 @@ pub struct Server {
     logs: Arc<LogSink>,
 }
 
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("listener", &self.listener)
+            .field("scheduler", &self.scheduler)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Server {
     /// Binds the Invoke API and prepares the state directory. Every function's
     /// isolation needs a launcher in `launchers`.

@@ -437,7 +437,10 @@ async fn a_timeout_kills_the_environment_and_the_next_gets_a_fresh_one() {
     );
     h.log_line("Task timed out after 1.00 seconds").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!alive(first as u32), "the timed-out environment still runs");
+    assert!(
+        !alive(u32::try_from(first).unwrap()),
+        "the timed-out environment still runs"
+    );
     let r = h.invoke("slow", json!({})).await;
     assert_eq!(r.status, 200);
     assert_ne!(body(&r)["pid"].as_i64().unwrap(), first);

@@ -201,7 +201,7 @@ async fn one_event_at_a_time() {
     let _second = f.submit("two", "2");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
-        wa.is_finished() as u8 + wb.is_finished() as u8,
+        u8::from(wa.is_finished()) + u8::from(wb.is_finished()),
         1,
         "exactly one /next gets the event"
     );

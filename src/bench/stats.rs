@@ -7,6 +7,11 @@ use std::time::Duration;
 pub fn percentile(samples: &[Duration], q: f64) -> Option<Duration> {
     let mut sorted = samples.to_vec();
     sorted.sort_unstable();
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "q <= 1 keeps the rank within 0..=len; `as` saturates (NaN is 0) and the clamp below keeps it in range"
+    )]
     let rank = (q * sorted.len() as f64).ceil() as usize;
     sorted.get(rank.clamp(1, sorted.len().max(1)) - 1).copied()
 }

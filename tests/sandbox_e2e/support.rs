@@ -347,7 +347,7 @@ impl Server {
     pub fn stop(mut self) -> Vec<Proc> {
         let pid = self.pid();
         let started = descendants(pid);
-        kill(Pid::from_raw(pid as i32), Signal::SIGTERM).expect("sending SIGTERM");
+        kill(pid_t(pid), Signal::SIGTERM).expect("sending SIGTERM");
         let status = wait_until(&mut self.child, STOP_PATIENCE)
             .unwrap_or_else(|| panic!("no exit within {STOP_PATIENCE:?} of SIGTERM"));
         assert!(
@@ -372,7 +372,7 @@ impl Drop for Server {
     /// A failed test still stops its server (SIGTERM, then SIGKILL).
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = kill(Pid::from_raw(self.pid() as i32), Signal::SIGTERM);
+            let _ = kill(pid_t(self.pid()), Signal::SIGTERM);
             if wait_until(&mut self.child, STOP_PATIENCE).is_none() {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
@@ -506,4 +506,9 @@ pub fn request_id(response: &InvokeResponse) -> String {
         .and_then(|v| v.to_str().ok())
         .expect("x-amzn-requestid")
         .to_string()
+}
+
+/// A process id as the kernel's `pid_t`.
+fn pid_t(pid: u32) -> Pid {
+    Pid::from_raw(i32::try_from(pid).expect("a pid fits pid_t"))
 }

@@ -448,9 +448,11 @@ pub struct Bootstrap(pub Child);
 
 impl Drop for Bootstrap {
     fn drop(&mut self) {
-        let Some(pid) = self.0.id() else { return };
+        let Some(pid) = self.0.id().and_then(|pid| i32::try_from(pid).ok()) else {
+            return;
+        };
         let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
+            nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGTERM,
         );
         for _ in 0..100 {

@@ -59,6 +59,7 @@ const NOT_AFTER_START: &str =
     "The requested operation is not supported after starting the microVM.";
 
 /// The API's view of the VM: configuration until InstanceStart, then running.
+#[derive(Debug)]
 pub struct ApiState {
     config: VmmConfig,
     /// Set once the VM runs.

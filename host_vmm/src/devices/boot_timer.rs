@@ -12,6 +12,7 @@ use crate::layout::BOOT_TIMER_MAGIC;
 pub type BootTime = Arc<OnceLock<Duration>>;
 
 /// The boot-timer MMIO page.
+#[derive(Debug)]
 pub struct BootTimer {
     start: Instant,
     reached: BootTime,

@@ -38,6 +38,7 @@ const CTRL_ALT_DEL: [u8; 4] = [0x14, 0x11, 0xe0, 0x71];
 const BUF_SIZE: usize = 16;
 
 /// The controller on ports 0x60..=0x64.
+#[derive(Debug)]
 pub struct I8042 {
     exit: VmExit,
     kbd_irq: IrqLine,
@@ -157,7 +158,7 @@ impl BusDevice for I8042 {
 }
 
 /// A handle that presses Ctrl-Alt-Del on a running VM's i8042.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct CtrlAltDel(pub std::sync::Arc<std::sync::Mutex<I8042>>);
 
 impl CtrlAltDel {

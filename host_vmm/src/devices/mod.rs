@@ -8,6 +8,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// An interrupt line: an eventfd registered with KVM as an irqfd, so a write raises the
 /// guest IRQ without a trip through the VMM.
+#[derive(Debug)]
 pub struct IrqLine(pub EventFd);
 
 impl vm_superio::Trigger for IrqLine {

@@ -14,6 +14,14 @@ pub type SerialOut = Box<dyn Write + Send>;
 /// COM1 as a bus device.
 pub struct SerialDevice(Serial<IrqLine, vm_superio::serial::NoEvents, SerialOut>);
 
+impl std::fmt::Debug for SerialDevice {
+    /// Opaque: vm-superio's UART is only `Debug` with a `Debug` sink, and the console sink is
+    /// any writer.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SerialDevice").finish_non_exhaustive()
+    }
+}
+
 impl SerialDevice {
     pub fn new(irq: IrqLine, out: SerialOut) -> Self {
         Self(Serial::new(irq, out))

@@ -28,6 +28,21 @@ pub const VIRTIO_ID_BLOCK: u32 = 2;
 pub const SECTOR_SIZE: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
 const HEADER_LEN: u32 = 16;
+/// Most data bytes one request may carry: the used ring reports them, plus the status byte,
+/// as a `u32`.
+const MAX_DATA_LEN: u32 = u32::MAX - 1;
+
+/// The status byte the device writes; virtio-bindings defines the values as `u32`. Only
+/// evaluated in constants, so a value that does not fit a byte fails the build.
+const fn status_byte(status: u32) -> u8 {
+    match status.to_le_bytes() {
+        [byte, 0, 0, 0] => byte,
+        _ => panic!("a virtio-blk status does not fit a byte"),
+    }
+}
+const S_OK: u8 = status_byte(VIRTIO_BLK_S_OK);
+const S_IOERR: u8 = status_byte(VIRTIO_BLK_S_IOERR);
+const S_UNSUPP: u8 = status_byte(VIRTIO_BLK_S_UNSUPP);
 
 /// What a request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +71,8 @@ pub enum ChainError {
     WrongDirection,
     #[error("descriptor {addr:#x}+{len:#x} is outside guest memory")]
     OutOfRange { addr: u64, len: u32 },
+    #[error("data descriptors of {0} bytes in all: more than a request may carry")]
+    TooLong(u64),
 }
 
 /// A parsed, memory-checked block request.
@@ -123,6 +140,11 @@ impl Request {
                 return Err(ChainError::WrongDirection);
             }
         }
+        // At most a queue's worth of u32 lengths: the sum cannot overflow a u64.
+        let total: u64 = data.iter().map(|d| u64::from(d.len())).sum();
+        if total > u64::from(MAX_DATA_LEN) {
+            return Err(ChainError::TooLong(total));
+        }
         Ok(Self {
             kind,
             sector,
@@ -137,6 +159,7 @@ impl Request {
 }
 
 /// A block device backed by a file.
+#[derive(Debug)]
 pub struct Block {
     file: File,
     read_only: bool,
@@ -164,11 +187,11 @@ impl Block {
     /// Runs one request; returns the status byte and how many bytes went to the guest.
     pub fn execute(&mut self, req: &Request, mem: &GuestMemory) -> (u8, u32) {
         match self.try_execute(req, mem) {
-            Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
-            Err(e) if e.kind() == io::ErrorKind::Unsupported => (VIRTIO_BLK_S_UNSUPP as u8, 0),
+            Ok(written) => (S_OK, written),
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => (S_UNSUPP, 0),
             Err(e) => {
                 tracing::debug!("block request {:?} failed: {e}", req.kind);
-                (VIRTIO_BLK_S_IOERR as u8, 0)
+                (S_IOERR, 0)
             }
         }
     }
@@ -177,6 +200,11 @@ impl Block {
         let mem_err = |e: vm_memory::GuestMemoryError| io::Error::other(e.to_string());
         match req.kind {
             RequestType::In | RequestType::Out => {
+                // `parse` already refuses longer requests; a hand-made one gets the same answer.
+                let len = u32::try_from(req.data_len())
+                    .ok()
+                    .filter(|&len| len <= MAX_DATA_LEN)
+                    .ok_or_else(|| io::Error::other("request longer than a used length"))?;
                 let start = req
                     .sector
                     .checked_mul(SECTOR_SIZE)
@@ -203,11 +231,7 @@ impl Block {
                     }
                     offset += u64::from(len);
                 }
-                Ok(if req.kind == RequestType::In {
-                    req.data_len() as u32
-                } else {
-                    0
-                })
+                Ok(if req.kind == RequestType::In { len } else { 0 })
             }
             RequestType::Flush => {
                 if !self.read_only {
@@ -220,9 +244,10 @@ impl Block {
                     .data
                     .first()
                     .ok_or_else(|| io::Error::other("GET_ID without a buffer"))?;
-                let n = (len as usize).min(self.id.len());
-                mem.write_slice(&self.id[..n], addr).map_err(mem_err)?;
-                Ok(n as u32)
+                let n = len.min(VIRTIO_BLK_ID_BYTES);
+                mem.write_slice(&self.id[..n as usize], addr)
+                    .map_err(mem_err)?;
+                Ok(n)
             }
             RequestType::Unsupported(t) => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
@@ -296,8 +321,20 @@ mod tests {
     const AVAIL: u64 = 0x2000;
     const USED: u64 = 0x3000;
     const SIZE: u16 = 16;
-    const NEXT: u16 = VRING_DESC_F_NEXT as u16;
-    const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+    const NEXT: u16 = ring_flag(VRING_DESC_F_NEXT);
+    const WRITE: u16 = ring_flag(VRING_DESC_F_WRITE);
+
+    /// A descriptor flag (`u32` in virtio-bindings) as the descriptor's `u16`.
+    const fn ring_flag(flag: u32) -> u16 {
+        match flag.to_le_bytes() {
+            [lo, hi, 0, 0] => u16::from_le_bytes([lo, hi]),
+            _ => panic!("a descriptor flag does not fit 16 bits"),
+        }
+    }
+
+    fn low(addr: u64) -> Option<u32> {
+        Some(u32::try_from(addr).unwrap())
+    }
 
     /// A queue laid out in real guest memory with `descs` (addr, len, flags, next) and one
     /// available chain starting at descriptor 0.
@@ -312,9 +349,9 @@ mod tests {
         mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
         let mut q = Queue::new(SIZE).unwrap();
         q.set_size(SIZE);
-        q.set_desc_table_address(Some(DESC as u32), Some(0));
-        q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
-        q.set_used_ring_address(Some(USED as u32), Some(0));
+        q.set_desc_table_address(low(DESC), Some(0));
+        q.set_avail_ring_address(low(AVAIL), Some(0));
+        q.set_used_ring_address(low(USED), Some(0));
         q.set_ready(true);
         assert!(q.is_valid(mem));
         q
@@ -336,9 +373,8 @@ mod tests {
 
     fn disk(name: &str, sectors: u8) -> std::path::PathBuf {
         let path = std::env::temp_dir().join(format!("kindling-blk-{}-{name}", std::process::id()));
-        let data: Vec<u8> = (0..sectors)
-            .flat_map(|s| [s; SECTOR_SIZE as usize])
-            .collect();
+        let sector = usize::try_from(SECTOR_SIZE).unwrap();
+        let data: Vec<u8> = (0..sectors).flat_map(|s| vec![s; sector]).collect();
         std::fs::write(&path, data).unwrap();
         path
     }
@@ -376,10 +412,7 @@ mod tests {
         blk.read_config(0, &mut cap);
         assert_eq!(u64::from_le_bytes(cap), 4);
 
-        assert_eq!(
-            run(&mut blk, &mem, VIRTIO_BLK_T_IN, 2, WRITE, 1024),
-            VIRTIO_BLK_S_OK as u8
-        );
+        assert_eq!(run(&mut blk, &mem, VIRTIO_BLK_T_IN, 2, WRITE, 1024), S_OK);
         assert_eq!(used(&mem), (1, 1025));
         let mut buf = [0u8; 1024];
         mem.read_slice(&mut buf, GuestAddress(0x20000)).unwrap();
@@ -387,14 +420,8 @@ mod tests {
 
         mem.write_slice(&[0xab; 512], GuestAddress(0x20000))
             .unwrap();
-        assert_eq!(
-            run(&mut blk, &mem, VIRTIO_BLK_T_OUT, 1, 0, 512),
-            VIRTIO_BLK_S_OK as u8
-        );
-        assert_eq!(
-            run(&mut blk, &mem, VIRTIO_BLK_T_FLUSH, 0, 0, 1),
-            VIRTIO_BLK_S_OK as u8
-        );
+        assert_eq!(run(&mut blk, &mem, VIRTIO_BLK_T_OUT, 1, 0, 512), S_OK);
+        assert_eq!(run(&mut blk, &mem, VIRTIO_BLK_T_FLUSH, 0, 0, 1), S_OK);
         let file = std::fs::read(&path).unwrap();
         assert!(file[512..1024].iter().all(|&b| b == 0xab));
 
@@ -402,10 +429,7 @@ mod tests {
         assert_ne!(ro.features() & (1 << VIRTIO_BLK_F_RO), 0);
         mem.write_slice(&[0xcd; 512], GuestAddress(0x20000))
             .unwrap();
-        assert_eq!(
-            run(&mut ro, &mem, VIRTIO_BLK_T_OUT, 0, 0, 512),
-            VIRTIO_BLK_S_IOERR as u8
-        );
+        assert_eq!(run(&mut ro, &mem, VIRTIO_BLK_T_OUT, 0, 0, 512), S_IOERR);
         assert_eq!(
             std::fs::read(&path).unwrap(),
             file,
@@ -421,23 +445,17 @@ mod tests {
         let mut blk = Block::open(&path, false, "my-drive").unwrap();
         assert_eq!(
             run(&mut blk, &mem, VIRTIO_BLK_T_IN, 1, WRITE, 1024),
-            VIRTIO_BLK_S_IOERR as u8
+            S_IOERR
         );
         assert_eq!(
             run(&mut blk, &mem, VIRTIO_BLK_T_IN, u64::MAX, WRITE, 512),
-            VIRTIO_BLK_S_IOERR as u8
+            S_IOERR
         );
-        assert_eq!(
-            run(&mut blk, &mem, VIRTIO_BLK_T_GET_ID, 0, WRITE, 20),
-            VIRTIO_BLK_S_OK as u8
-        );
+        assert_eq!(run(&mut blk, &mem, VIRTIO_BLK_T_GET_ID, 0, WRITE, 20), S_OK);
         let mut id = [0u8; 8];
         mem.read_slice(&mut id, GuestAddress(0x20000)).unwrap();
         assert_eq!(&id, b"my-drive");
-        assert_eq!(
-            run(&mut blk, &mem, 99, 0, WRITE, 8),
-            VIRTIO_BLK_S_UNSUPP as u8
-        );
+        assert_eq!(run(&mut blk, &mem, 99, 0, WRITE, 8), S_UNSUPP);
         std::fs::remove_file(path).unwrap();
     }
 
@@ -467,7 +485,7 @@ mod tests {
         );
         // More descriptors than the queue holds (every one says NEXT).
         let long: Vec<_> = (0..SIZE)
-            .map(|i| (0x20000 + 64 * i as u64, 8, WRITE | NEXT, i + 1))
+            .map(|i| (0x20000 + 64 * u64::from(i), 8, WRITE | NEXT, i + 1))
             .collect();
         assert_eq!(parse(&mem, &long), Err(ChainError::Truncated));
         // A buffer beyond guest memory, and one that wraps around the address space.
@@ -559,6 +577,34 @@ mod tests {
             &mem,
             &[(0x10000, 16, NEXT, 1), (0x20000, 8, WRITE | NEXT, 0)],
         );
+        assert!(blk.process_queue(0, std::slice::from_mut(&mut q), &mem));
+        assert_eq!(used(&mem), (1, 0));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_request_longer_than_a_used_length_is_refused() {
+        // Data buffers may overlap: six 768 MiB buffers in 1 GiB of guest memory add up to
+        // 4.5 GiB, which the used ring's u32 length could only report truncated.
+        let mem = create_guest_memory(1024).unwrap();
+        let big = 0x3000_0000;
+        let mut descs = vec![(0x10000, 16, NEXT, 1)];
+        descs.extend((1..=6).map(|i| (0x10_0000, big, WRITE | NEXT, i + 1)));
+        descs.push((0x30000, 1, WRITE, 0));
+        header(&mem, 0x10000, VIRTIO_BLK_T_IN, 0);
+        let chain = descs
+            .iter()
+            .map(|&(addr, len, flags, next)| Descriptor::new(addr, len, flags, next));
+        assert_eq!(
+            Request::parse(chain, &mem),
+            Err(ChainError::TooLong(6 * u64::from(big)))
+        );
+
+        // Through the queue, virtio-queue already ends such a chain at 4 GiB; it is rejected
+        // all the same, with nothing used.
+        let path = disk("too-long", 1);
+        let mut blk = Block::open(&path, false, "x").unwrap();
+        let mut q = queue_with(&mem, &descs);
         assert!(blk.process_queue(0, std::slice::from_mut(&mut q), &mem));
         assert_eq!(used(&mem), (1, 0));
         std::fs::remove_file(path).unwrap();

@@ -19,6 +19,7 @@ const MMIO_VERSION: u32 = 2;
 const VENDOR_ID: u32 = 0;
 
 /// One virtio device as the guest sees it at its MMIO slot.
+#[derive(Debug)]
 pub struct MmioTransport<D: VirtioDevice> {
     device: D,
     mem: GuestMemory,
@@ -132,7 +133,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
             VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
             VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.device.features() as u32,
+                0 => (self.device.features() & 0xffff_ffff) as u32,
                 1 => (self.device.features() >> 32) as u32,
                 _ => 0,
             },
@@ -173,7 +174,12 @@ impl<D: VirtioDevice> MmioTransport<D> {
             return;
         };
         match reg {
-            VIRTIO_MMIO_QUEUE_NUM => q.set_size(value as u16),
+            // A size that does not fit the 16-bit field is refused, never cut down to one that
+            // might pass (0x1_0100 would otherwise become 256).
+            VIRTIO_MMIO_QUEUE_NUM => match u16::try_from(value) {
+                Ok(size) => q.set_size(size),
+                Err(_) => tracing::debug!("virtio-mmio queue size {value} refused"),
+            },
             VIRTIO_MMIO_QUEUE_READY => q.set_ready(value == 1),
             VIRTIO_MMIO_QUEUE_DESC_LOW => q.set_desc_table_address(Some(value), None),
             VIRTIO_MMIO_QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(value)),
@@ -191,22 +197,92 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
         if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
             self.device
                 .read_config(offset - u64::from(VIRTIO_MMIO_CONFIG), data);
-        } else if data.len() == 4 {
-            data.copy_from_slice(&self.read_reg(offset as u32).to_le_bytes());
+        } else if let (Ok(reg), 4) = (u32::try_from(offset), data.len()) {
+            data.copy_from_slice(&self.read_reg(reg).to_le_bytes());
         } else {
             data.fill(0);
         }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        match <[u8; 4]>::try_from(data) {
-            Ok(bytes) if offset < u64::from(VIRTIO_MMIO_CONFIG) => {
-                self.write_reg(offset as u32, u32::from_le_bytes(bytes))
+        match (u32::try_from(offset), <[u8; 4]>::try_from(data)) {
+            (Ok(reg), Ok(bytes)) if reg < VIRTIO_MMIO_CONFIG => {
+                self.write_reg(reg, u32::from_le_bytes(bytes))
             }
             _ => tracing::debug!(
                 "virtio-mmio write of {} bytes at {offset:#x} ignored",
                 data.len()
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::create_guest_memory;
+    use vmm_sys_util::eventfd::EventFd;
+
+    /// A device with one queue of up to 256 entries and nothing behind it.
+    #[derive(Debug)]
+    struct Dummy;
+
+    impl VirtioDevice for Dummy {
+        fn device_type(&self) -> u32 {
+            0
+        }
+        fn features(&self) -> u64 {
+            crate::virtio::VIRTIO_F_VERSION_1
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[256]
+        }
+        fn read_config(&self, _offset: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn process_queue(&mut self, _: usize, _: &mut [Queue], _: &GuestMemory) -> bool {
+            false
+        }
+    }
+
+    fn transport() -> MmioTransport<Dummy> {
+        let mem = create_guest_memory(1).unwrap();
+        MmioTransport::new(Dummy, mem, IrqLine(EventFd::new(0).unwrap()))
+    }
+
+    fn write(t: &mut MmioTransport<Dummy>, reg: u32, value: u32) {
+        t.write(u64::from(reg), &value.to_le_bytes());
+    }
+
+    #[test]
+    fn a_queue_size_beyond_16_bits_is_refused_not_truncated() {
+        let mut t = transport();
+        write(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        write(&mut t, VIRTIO_MMIO_QUEUE_NUM, 16);
+        assert_eq!(t.queues[0].size(), 16);
+        // 0x1_0100 truncated to 16 bits is 256, a size the queue would accept.
+        write(&mut t, VIRTIO_MMIO_QUEUE_NUM, 0x1_0100);
+        assert_eq!(t.queues[0].size(), 16);
+        write(&mut t, VIRTIO_MMIO_QUEUE_NUM, u32::MAX);
+        assert_eq!(t.queues[0].size(), 16);
+        write(&mut t, VIRTIO_MMIO_QUEUE_NUM, 256);
+        assert_eq!(t.queues[0].size(), 256);
+    }
+
+    #[test]
+    fn feature_words_and_register_reads() {
+        let mut t = transport();
+        let mut word = [0u8; 4];
+        t.read(u64::from(VIRTIO_MMIO_MAGIC_VALUE), &mut word);
+        assert_eq!(u32::from_le_bytes(word), MMIO_MAGIC);
+        t.read(u64::from(VIRTIO_MMIO_DEVICE_FEATURES), &mut word);
+        assert_eq!(u32::from_le_bytes(word), 0);
+        write(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+        t.read(u64::from(VIRTIO_MMIO_DEVICE_FEATURES), &mut word);
+        assert_eq!(u32::from_le_bytes(word), 1, "VERSION_1 is bit 32");
+        // Only whole 32-bit registers are read.
+        let mut half = [0xffu8; 2];
+        t.read(u64::from(VIRTIO_MMIO_MAGIC_VALUE), &mut half);
+        assert_eq!(half, [0, 0]);
     }
 }

@@ -208,7 +208,7 @@ pub fn virtio_negotiate(base: u64, device_id: u32, features: u64) -> Vec<Op> {
         Op::Write32(base + DEVICE_FEATURES_SEL, 1),
         Op::Expect32(base + DEVICE_FEATURES, 1), // VIRTIO_F_VERSION_1 is offered
         Op::Write32(base + DRIVER_FEATURES_SEL, 0),
-        Op::Write32(base + DRIVER_FEATURES, features as u32),
+        Op::Write32(base + DRIVER_FEATURES, (features & 0xffff_ffff) as u32),
         Op::Write32(base + DRIVER_FEATURES_SEL, 1),
         Op::Write32(base + DRIVER_FEATURES, (features >> 32) as u32),
         Op::Write32(base + STATUS, 0xb),
@@ -228,11 +228,11 @@ pub fn virtio_queue_setup(
     vec![
         Op::Write32(base + QUEUE_SEL, index),
         Op::Write32(base + QUEUE_NUM, size),
-        Op::Write32(base + QUEUE_DESC, desc as u32),
+        Op::Write32(base + QUEUE_DESC, (desc & 0xffff_ffff) as u32),
         Op::Write32(base + QUEUE_DESC + 4, (desc >> 32) as u32),
-        Op::Write32(base + QUEUE_AVAIL, avail as u32),
+        Op::Write32(base + QUEUE_AVAIL, (avail & 0xffff_ffff) as u32),
         Op::Write32(base + QUEUE_AVAIL + 4, (avail >> 32) as u32),
-        Op::Write32(base + QUEUE_USED, used as u32),
+        Op::Write32(base + QUEUE_USED, (used & 0xffff_ffff) as u32),
         Op::Write32(base + QUEUE_USED + 4, (used >> 32) as u32),
         Op::Write32(base + QUEUE_READY, 1),
     ]
@@ -262,7 +262,7 @@ pub fn write_avail(mem: &GuestMemory, avail: u64, heads: &[u16]) {
         mem.write_obj(*h, GuestAddress(avail + 4 + 2 * i as u64))
             .unwrap();
     }
-    mem.write_obj(heads.len() as u16, GuestAddress(avail + 2))
+    mem.write_obj(u16::try_from(heads.len()).unwrap(), GuestAddress(avail + 2))
         .unwrap();
 }
 
@@ -311,7 +311,7 @@ pub fn elf_kernel(code: &[u8]) -> Vec<u8> {
     ] {
         f.extend_from_slice(&v.to_le_bytes()); // offset, vaddr, paddr, filesz, memsz, align
     }
-    f.resize(CODE_OFFSET as usize, 0);
+    f.resize(usize::try_from(CODE_OFFSET).unwrap(), 0);
     f.extend_from_slice(code);
     f
 }

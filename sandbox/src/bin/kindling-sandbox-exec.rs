@@ -83,7 +83,11 @@ fn launch(plan_path: &Path) -> Result<Pid> {
                 Err(e) => anyhow!("prctl(PR_SET_PDEATHSIG): {e}"),
             };
             let _ = write(&write_end, format!("{err:#}").as_bytes());
-            std::process::exit(127)
+            #[expect(
+                clippy::exit,
+                reason = "the forked child ends here: it must never return into the parent's code"
+            )]
+            std::process::exit(127);
         }
         ForkResult::Parent { child } => {
             drop(write_end);
@@ -105,7 +109,9 @@ fn wait_for(init: Pid) -> (String, u8) {
     loop {
         match waitpid(init, None) {
             Ok(WaitStatus::Exited(_, code)) => {
-                return (format!("init exited with status {code}"), code as u8)
+                // An exit status is 0..=255; anything else is passed on as 255.
+                let status = u8::try_from(code).unwrap_or(u8::MAX);
+                return (format!("init exited with status {code}"), status);
             }
             Ok(WaitStatus::Signaled(_, signal, _)) => {
                 return (

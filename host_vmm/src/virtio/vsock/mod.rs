@@ -30,6 +30,7 @@ const QUEUE_SIZE: u16 = 256;
 const MAX_TX_PAYLOAD: u32 = 64 * 1024;
 
 /// The vsock device.
+#[derive(Debug)]
 pub struct Vsock {
     guest_cid: u64,
     muxer: Muxer,
@@ -88,18 +89,13 @@ impl Vsock {
                     continue;
                 }
             };
-            let Some((mut hdr, payload)) =
-                self.muxer.next_rx(writer.available_bytes() - HEADER_LEN)
+            let Some((hdr, payload)) = self.muxer.next_rx(writer.available_bytes() - HEADER_LEN)
             else {
                 queue.go_to_previous_position();
                 break;
             };
-            hdr.len = payload.len() as u32;
-            let written = writer
-                .write_obj(hdr)
-                .and_then(|()| std::io::Write::write_all(&mut writer, &payload));
-            let len = match written {
-                Ok(()) => (HEADER_LEN + payload.len()) as u32,
+            let len = match write_packet(&mut writer, hdr, &payload) {
+                Ok(len) => len,
                 Err(e) => {
                     tracing::warn!("vsock: writing an RX packet: {e}");
                     0
@@ -113,6 +109,22 @@ impl Vsock {
         }
         used
     }
+}
+
+/// Writes `hdr`, its `len` set to the payload's, and `payload` into an RX buffer; returns the
+/// length the used ring reports.
+fn write_packet(
+    writer: &mut virtio_queue::Writer<'_>,
+    mut hdr: Header,
+    payload: &[u8],
+) -> std::io::Result<u32> {
+    // The muxer hands out at most a packet's payload, far below 4 GiB.
+    let too_long = |_| std::io::Error::other(format!("a payload of {} bytes", payload.len()));
+    hdr.len = u32::try_from(payload.len()).map_err(too_long)?;
+    let used = u32::try_from(HEADER_LEN + payload.len()).map_err(too_long)?;
+    writer.write_obj(hdr)?;
+    std::io::Write::write_all(writer, payload)?;
+    Ok(used)
 }
 
 /// Reads one guest packet: the header, then exactly `len` payload bytes.
@@ -160,6 +172,7 @@ impl VirtioDevice for Vsock {
 }
 
 /// The event-loop side of a vsock device: wakes on host socket activity.
+#[derive(Debug)]
 pub struct VsockEvents(pub Arc<Mutex<MmioTransport<Vsock>>>);
 
 impl MutEventSubscriber for VsockEvents {
@@ -217,9 +230,10 @@ mod tests {
                     let (d, a, u) = ring(q);
                     let mut queue = Queue::new(SIZE).unwrap();
                     queue.set_size(SIZE);
-                    queue.set_desc_table_address(Some(d as u32), Some(0));
-                    queue.set_avail_ring_address(Some(a as u32), Some(0));
-                    queue.set_used_ring_address(Some(u as u32), Some(0));
+                    let low = |addr: u64| Some(u32::try_from(addr).unwrap());
+                    queue.set_desc_table_address(low(d), Some(0));
+                    queue.set_avail_ring_address(low(a), Some(0));
+                    queue.set_used_ring_address(low(u), Some(0));
                     queue.set_ready(true);
                     queue
                 })
@@ -261,13 +275,14 @@ mod tests {
             hdr.src_cid = GUEST_CID;
             hdr.dst_cid = HOST_CID;
             hdr.type_ = TYPE_STREAM;
-            hdr.len = payload.len() as u32;
+            hdr.len = u32::try_from(payload.len()).unwrap();
             let addr = 0x40000 + u64::from(self.avail[TX_QUEUE] % SIZE) * 0x1000;
             self.mem.write_obj(hdr, GuestAddress(addr)).unwrap();
             self.mem
                 .write_slice(payload, GuestAddress(addr + HEADER_LEN as u64))
                 .unwrap();
-            self.publish(TX_QUEUE, addr, (HEADER_LEN + payload.len()) as u32, 0);
+            let len = u32::try_from(HEADER_LEN + payload.len()).unwrap();
+            self.publish(TX_QUEUE, addr, len, 0);
             dev.process_queue(TX_QUEUE, &mut self.queues, &self.mem);
         }
 
@@ -509,7 +524,7 @@ mod tests {
         assert!(Vsock::new(2, &uds("cid2")).is_err());
         let path = uds("twice");
         let _first = Vsock::new(3, &path).unwrap();
-        let err = Vsock::new(3, &path).err().expect("a second bind fails");
+        let err = Vsock::new(3, &path).expect_err("a second bind fails");
         assert!(err.to_string().contains("binding vsock socket"), "{err}");
     }
 }

@@ -43,6 +43,7 @@ enum State {
     Established,
 }
 
+#[derive(Debug)]
 struct Conn {
     stream: UnixStream,
     state: State,
@@ -83,17 +84,20 @@ impl Conn {
 }
 
 /// A host client that connected to `<uds_path>` and has not finished its CONNECT line.
+#[derive(Debug)]
 struct Handshake {
     stream: UnixStream,
     line: Vec<u8>,
 }
 
+#[derive(Debug)]
 enum Token {
     Handshake,
     Conn(Key),
 }
 
 /// The host side of every vsock connection of one device.
+#[derive(Debug)]
 pub struct Muxer {
     uds_path: PathBuf,
     guest_cid: u64,
@@ -232,11 +236,19 @@ impl Muxer {
                     .get_mut(&key)
                     .expect("state came from this entry");
                 conn.state = State::Established;
-                conn.to_host
-                    .extend_from_slice(format!("OK {}\n", key.0).as_bytes());
-                // The OK line is not guest data: keep it out of the credit count.
-                conn.fwd_cnt -= conn.to_host.len() as u32;
-                self.flush_to_host(key);
+                let ok = format!("OK {}\n", key.0);
+                match byte_count(ok.len()) {
+                    Ok(n) => {
+                        conn.to_host.extend_from_slice(ok.as_bytes());
+                        // The OK line is not guest data: keep it out of the credit count.
+                        conn.fwd_cnt -= n;
+                        self.flush_to_host(key);
+                    }
+                    Err(e) => {
+                        tracing::warn!("vsock: {e}");
+                        self.reset(key);
+                    }
+                }
             }
             (OP_RW, Some(State::Established)) => {
                 let conn = self
@@ -296,10 +308,14 @@ impl Muxer {
             return;
         };
         while !conn.to_host.is_empty() {
-            match conn.stream.write(&conn.to_host) {
-                Ok(n) => {
+            match conn
+                .stream
+                .write(&conn.to_host)
+                .and_then(|n| Ok((n, byte_count(n)?)))
+            {
+                Ok((n, count)) => {
                     conn.to_host.drain(..n);
-                    conn.fwd_cnt += n as u32;
+                    conn.fwd_cnt += count;
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -468,19 +484,23 @@ impl Muxer {
                 .min(MAX_PAYLOAD)
                 .min(conn.peer_credit() as usize);
             let mut buf = vec![0u8; want];
-            match conn.stream.read(&mut buf) {
-                Ok(0) if want > 0 => {
+            match conn
+                .stream
+                .read(&mut buf)
+                .and_then(|n| Ok((n, byte_count(n)?)))
+            {
+                Ok((0, _)) if want > 0 => {
                     // The host closed its end: tell the guest nothing more will come.
                     conn.readable = false;
                     let h = self.header(key, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND);
                     return Some((h, Vec::new()));
                 }
-                Ok(n) => {
+                Ok((n, len)) => {
                     buf.truncate(n);
-                    conn.tx_cnt += n as u32;
+                    conn.tx_cnt += len;
                     conn.fwd_cnt_told = conn.fwd_cnt;
                     let mut h = self.header(key, OP_RW, 0);
-                    h.len = n as u32;
+                    h.len = len;
                     return Some((h, buf));
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => conn.readable = false,
@@ -494,6 +514,13 @@ impl Muxer {
         }
         None
     }
+}
+
+/// `n` bytes as the 32-bit counts of the protocol (`len`, `fwd_cnt`, `tx_cnt`). One socket
+/// read or write here moves at most a connection's buffer (about `BUF_ALLOC` bytes), so an
+/// error means a broken invariant; callers handle it like a failed I/O.
+fn byte_count(n: usize) -> io::Result<u32> {
+    u32::try_from(n).map_err(|_| io::Error::other(format!("{n} bytes in one I/O")))
 }
 
 fn parse_connect(line: &[u8]) -> Option<u32> {
