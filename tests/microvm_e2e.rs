@@ -150,7 +150,7 @@ fn kindling_backend_nested(reason: &str, manifest: &Path) -> Result<(), Failed> 
     let kindling = Path::new(env!("CARGO_BIN_EXE_kindling"));
     let mkfs = which("mkfs.ext4").ok_or("mkfs.ext4 is not installed (e2fsprogs)")?;
     let mut job = Job::new(format!(
-        "exec {} kindling:: --test-threads=1",
+        "exec {} kindling:: --test-threads=1 --color never",
         shell_quote(&exe.to_string_lossy())
     ))
     .file(&exe)

@@ -34,7 +34,7 @@ pub const INSIDE_ENV: &str = "KINDLING_NESTED_L1";
 const L1_CPU: &str = "EPYC-v1,+svm,+npt,-xsave";
 /// L1's own memory besides its initramfs: its kernel and busybox, the programs a job runs and
 /// a few L2 guests (their memory is touched lazily, on L1 and on this host alike).
-const BASE_MEMORY_MIB: u64 = 1536;
+const BASE_MEMORY_MIB: u64 = 3072;
 const STATUS_MARK: &str = "nested-kvm: exit status ";
 const START_MARK: &str = "nested-kvm: job starts at uptime ";
 /// Environment variables a delegated test takes along into L1 (besides `KINDLING_*`).
@@ -162,7 +162,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
         .arg(&host.kernel)
         .arg("-initrd")
         .arg(&initramfs)
-        .args(["-append", "console=ttyS0 panic=-1 rdinit=/init loglevel=4"])
+        .args(["-append", "console=ttyS0 panic=-1 rdinit=/init loglevel=5"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -259,7 +259,7 @@ impl NestedTest {
         let name = &self.name;
         let exe = std::env::current_exe().expect("the test binary's path");
         let mut job = Job::new(format!(
-            "exec {} --exact {} --nocapture --test-threads=1",
+            "exec {} --exact {} --nocapture --test-threads=1 --color never",
             shell_quote(&exe.to_string_lossy()),
             shell_quote(name)
         ))
