@@ -20,6 +20,9 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+#[path = "common/unprivileged.rs"]
+mod unprivileged;
+
 use kindling_images::ImagesManifest;
 use kindling_nested_kvm::{shell_quote, Job, LinuxKvm};
 use kindling_runtime_api::client::{self, InvokeOptions, InvokeResponse};
@@ -27,6 +30,7 @@ use libtest_mimic::{Arguments, Failed, Trial};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
+use unprivileged::check_unprivileged;
 
 /// How long one invocation may take, cold start included, on a busy 2-core machine.
 const INVOKE_PATIENCE: Duration = Duration::from_secs(60);
@@ -231,6 +235,7 @@ const PROBE: &str = "tests/vm-functions/probe";
 const FUNCTIONS: &[FunctionDef] = &[
     FunctionDef::probe("warm", 10, 1),
     FunctionDef::probe("inspect", 10, 1),
+    FunctionDef::probe("identity", 10, 1),
     FunctionDef {
         name: "bash",
         code: "examples/hello-bash",
@@ -289,6 +294,7 @@ fn scenarios(host: &Arc<Host>) -> Vec<Trial> {
         dead_hypervisor_fails_one_invocation,
         concurrent_invocations_get_two_vms,
         init_switches_root_and_is_pid1,
+        the_runtime_runs_unprivileged,
     ];
     if matches!(host.backend, Backend::Qemu) {
         list.extend(named![dead_vsock_daemon_fails_one_invocation]);
@@ -340,6 +346,14 @@ fn bash_custom_runtime(server: &Server, _: Backend) -> Result<(), Failed> {
     check(tail.contains(r#"{"from":"bash"}"#), || {
         format!("the handler's stderr is not in the log: {tail}")
     })
+}
+
+/// The function cannot use the guest's root: no uid 0, no capabilities, no way back.
+fn the_runtime_runs_unprivileged(server: &Server, _: Backend) -> Result<(), Failed> {
+    let answer = server
+        .invoke("identity", &json!({"action": "identity"}))?
+        .ok_json()?;
+    check_unprivileged(&answer).map_err(Failed::from)
 }
 
 fn killed_runtime_then_next_works(server: &Server, _: Backend) -> Result<(), Failed> {

@@ -5,7 +5,7 @@ use std::env;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use kindling_wire::{HostAddr, ENV_HOST_ADDR};
+use kindling_wire::{HostAddr, RuntimeUser, ENV_HOST_ADDR, ENV_RUNTIME_USER};
 
 /// Where the public Runtime API is served inside the guest; `127.0.0.1:0` picks a free port.
 pub const ENV_LISTEN: &str = "KINDLING_LISTEN";
@@ -26,6 +26,9 @@ pub struct Config {
     pub opt_root: PathBuf,
     /// `/var/runtime`: the shipped runtime shims.
     pub runtime_dir: PathBuf,
+    /// Whom the runtime runs as, without capabilities (set by init: Lambda's uid 993 by
+    /// default); `None` (the agent run directly, as its tests do): as the agent.
+    pub runtime_user: Option<RuntimeUser>,
 }
 
 impl Config {
@@ -43,9 +46,15 @@ impl Config {
         let path = |var: &str, default: &str| {
             env::var_os(var).map_or_else(|| PathBuf::from(default), PathBuf::from)
         };
+        let runtime_user = match env::var(ENV_RUNTIME_USER) {
+            Ok(v) => Some(v.parse().map_err(|e| format!("{ENV_RUNTIME_USER}: {e}"))?),
+            Err(env::VarError::NotPresent) => None,
+            Err(e) => return Err(format!("{ENV_RUNTIME_USER}: {e}")),
+        };
         Ok(Config {
             host,
             listen,
+            runtime_user,
             task_root: path(ENV_TASK_ROOT, "/var/task"),
             opt_root: path(ENV_OPT_ROOT, "/opt"),
             runtime_dir: path(ENV_RUNTIME_DIR, "/var/runtime"),

@@ -27,6 +27,7 @@ mod agent;
 mod config;
 mod logs;
 mod memory;
+mod privileges;
 mod relay;
 mod runtime;
 mod upstream;
@@ -95,6 +96,7 @@ async fn run() -> Result<(), String> {
         program,
         env: runtime::environment(&function, &config, api_addr),
         cwd: config.task_root.clone(),
+        user: config.runtime_user,
     };
     tokio::spawn(relay::serve(listener, agent.clone()));
     runtime::supervise(agent, spec).await

@@ -10,7 +10,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kindling_wire::FunctionEnvironment;
+use kindling_wire::{FunctionEnvironment, RuntimeUser};
 use nix::sys::prctl;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -20,6 +20,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::agent::Agent;
 use crate::config::Config;
 use crate::memory::{MemoryProbe, RuntimeCgroup};
+use crate::privileges;
 
 /// How long a runtime gets to exit after SIGTERM when the guest shuts down.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
@@ -33,6 +34,8 @@ pub struct RuntimeSpec {
     pub program: PathBuf,
     pub env: Vec<(String, String)>,
     pub cwd: PathBuf,
+    /// Whom it runs as (see [`privileges::drop_to`]); `None`: as the agent.
+    pub user: Option<RuntimeUser>,
 }
 
 /// The first executable `bootstrap` of the function, its layers, then the shipped runtime.
@@ -146,19 +149,26 @@ fn spawn(agent: &Agent, spec: &RuntimeSpec, generation: u64) -> Result<Started, 
         .process_group(0)
         .kill_on_drop(true);
     let cgroup_procs = cgroup.as_ref().map(RuntimeCgroup::procs_fd);
+    let user = spec.user;
     // SAFETY: the closure runs in the forked child before exec, where only
-    // async-signal-safe calls are allowed: prctl(2), and write(2) of a static buffer to an
-    // fd opened before the fork; nothing allocates or takes a lock.
+    // async-signal-safe calls are allowed: prctl(2), write(2) of a static buffer to an fd
+    // opened before the fork, and the id and capability calls of `drop_to`; nothing
+    // allocates or takes a lock.
     unsafe {
         cmd.pre_exec(move || {
             // A runtime must not outlive a bootstrap that was killed outright.
             prctl::set_pdeathsig(Signal::SIGKILL)?;
             // "0" moves the calling process into the cgroup before the runtime runs, so
-            // every page it ever touches is charged there.
+            // every page it ever touches is charged there (as root, before the drop).
             if let Some(fd) = cgroup_procs {
                 if nix::libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
                     return Err(std::io::Error::last_os_error());
                 }
+            }
+            if let Some(user) = user {
+                privileges::drop_to(user)?;
+                // A change of credentials clears the parent-death signal: set it again.
+                prctl::set_pdeathsig(Signal::SIGKILL)?;
             }
             Ok(())
         });

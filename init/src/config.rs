@@ -14,6 +14,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use kindling_wire::{RuntimeUser, ENV_RUNTIME_USER};
 use serde::Deserialize;
 
 /// The fully resolved configuration.
@@ -37,6 +38,9 @@ pub struct Config {
     pub bootstrap: PathBuf,
     pub bootstrap_args: Vec<String>,
     pub env: BTreeMap<String, String>,
+    /// Whom the function's runtime runs as (uid, gid); the bootstrap drops to it.
+    pub user: u32,
+    pub group: u32,
     pub restart: Restart,
     pub memory_limit: Option<Size>,
     pub pids_limit: Option<u64>,
@@ -66,6 +70,8 @@ impl Default for Config {
             bootstrap: "/var/runtime/kindling-bootstrap".into(),
             bootstrap_args: Vec::new(),
             env: BTreeMap::new(),
+            user: RuntimeUser::LAMBDA.uid,
+            group: RuntimeUser::LAMBDA.gid,
             restart: Restart::Never,
             memory_limit: None,
             pids_limit: None,
@@ -240,6 +246,8 @@ pub struct Layer {
     bootstrap: Option<PathBuf>,
     bootstrap_args: Option<Vec<String>>,
     env: Option<BTreeMap<String, String>>,
+    user: Option<u32>,
+    group: Option<u32>,
     restart: Option<Restart>,
     memory_limit: Option<Size>,
     pids_limit: Option<u64>,
@@ -311,7 +319,7 @@ impl Layer {
         fn parse<T: FromStr<Err = E>, E: fmt::Display>(v: &str) -> Result<Option<T>, String> {
             v.parse().map(Some).map_err(|e| format!("{e}"))
         }
-        fn number(v: &str) -> Result<Option<u64>, String> {
+        fn number<N: FromStr>(v: &str) -> Result<Option<N>, String> {
             v.parse()
                 .map(Some)
                 .map_err(|_| format!("`{v}` is not a whole number"))
@@ -344,6 +352,8 @@ impl Layer {
             "bootstrap" => self.bootstrap = Some(value.into()),
             "bootstrap_args" => self.bootstrap_args = list(value, char::is_whitespace),
             "env" => self.env = Some(parse_env(value)?),
+            "user" => self.user = number(value)?,
+            "group" => self.group = number(value)?,
             "restart" => self.restart = parse(value)?,
             "memory_limit" => self.memory_limit = parse(value)?,
             "pids_limit" => self.pids_limit = number(value)?,
@@ -411,6 +421,8 @@ impl Config {
             bootstrap,
             bootstrap_args,
             env,
+            user,
+            group,
             restart,
             memory_limit,
             pids_limit,
@@ -438,6 +450,8 @@ impl Config {
         set(&mut self.bootstrap, bootstrap);
         set(&mut self.bootstrap_args, bootstrap_args);
         self.env.extend(env.unwrap_or_default());
+        set(&mut self.user, user);
+        set(&mut self.group, group);
         set(&mut self.restart, restart);
         if memory_limit.is_some() {
             self.memory_limit = memory_limit;
@@ -506,6 +520,17 @@ impl Config {
 }
 
 impl Config {
+    /// The bootstrap's environment: `env`, and whom the runtime runs as.
+    pub fn bootstrap_env(&self) -> BTreeMap<String, String> {
+        let user = RuntimeUser {
+            uid: self.user,
+            gid: self.group,
+        };
+        let mut env = self.env.clone();
+        env.insert(ENV_RUNTIME_USER.to_string(), user.to_string());
+        env
+    }
+
     /// `mounts`, then the function code's drive when `task` names one.
     pub fn extra_mounts(&self) -> Vec<MountEntry> {
         let task = self.task.iter().map(|device| MountEntry {
@@ -607,6 +632,23 @@ mod tests {
             r#"{"mounts": [{"source": "a", "target": "/b", "fstype": "c", "mode": 1}]}"#,
         );
         assert!(e.contains("unknown field `mode`"), "{e}");
+    }
+
+    #[test]
+    fn the_runtime_runs_as_lambdas_user_unless_told_otherwise() {
+        let c = resolve("", "{}").unwrap();
+        assert_eq!(c.bootstrap_env()["KINDLING_RUNTIME_USER"], "993:993");
+        let c = resolve(
+            "kindling.user=1000 kindling.group=100",
+            r#"{"env": {"A": "1"}}"#,
+        )
+        .unwrap();
+        let env = c.bootstrap_env();
+        assert_eq!(env["KINDLING_RUNTIME_USER"], "1000:100");
+        assert_eq!(env["A"], "1");
+        let c = resolve("kindling.user=1000", r#"{"user": 5, "group": 6}"#).unwrap();
+        assert_eq!(c.bootstrap_env()["KINDLING_RUNTIME_USER"], "5:6");
+        assert!(resolve("kindling.user=nobody", "{}").is_err());
     }
 
     #[test]

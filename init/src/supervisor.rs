@@ -72,7 +72,7 @@ impl<'a> Supervisor<'a> {
         command
             .args(&config.bootstrap_args)
             .env_clear()
-            .envs(&config.env)
+            .envs(config.bootstrap_env())
             .current_dir("/")
             .stdin(Stdio::null());
         // SAFETY: the hook runs between fork and exec, so it may only make

@@ -14,3 +14,5 @@ mod invoke_api;
 mod lifecycle;
 mod runtimes;
 mod support;
+#[path = "../common/unprivileged.rs"]
+mod unprivileged;

@@ -4,6 +4,8 @@
 
 use serde_json::json;
 
+use crate::unprivileged::check_unprivileged;
+
 use crate::support::{
     eventually, json, prerequisites, repo_path, request_id, FunctionDef, Scratch, Server,
 };
@@ -66,6 +68,29 @@ async fn python_handler_gets_its_context_and_variables() {
     let remaining = body["remaining_ms"].as_i64().expect("remaining_ms");
     assert!((1..=5000).contains(&remaining), "remaining_ms {remaining}");
     assert!(server.log("hello-py").contains("greeting e2e"));
+    server.stop();
+}
+
+/// The function cannot use the sandbox's root: no uid 0, no capabilities, no way back.
+#[tokio::test]
+async fn the_runtime_runs_unprivileged() {
+    let Some(bins) = prerequisites(&["/usr/bin/python3"]) else {
+        return;
+    };
+    let probe = FunctionDef::new(
+        "identity",
+        repo_path("tests/vm-functions/probe"),
+        "python",
+        "app.handler",
+    );
+    let server = Server::start(bins, &[probe]);
+    let answer = server
+        .invoke("identity", &json!({"action": "identity"}))
+        .await;
+    assert_eq!(answer.status, 200, "{}", server.diagnostics());
+    if let Err(e) = check_unprivileged(&json(&answer)) {
+        panic!("{e}");
+    }
     server.stop();
 }
 

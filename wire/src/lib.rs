@@ -247,6 +247,44 @@ impl fmt::Display for HostAddr {
 /// The environment variable through which init tells bootstrap where the host is.
 pub const ENV_HOST_ADDR: &str = "KINDLING_HOST";
 
+/// The environment variable through which init tells bootstrap whom the runtime runs as.
+pub const ENV_RUNTIME_USER: &str = "KINDLING_RUNTIME_USER";
+
+/// The user and group a function's runtime runs as: `UID:GID` (or `UID`, the group then the
+/// same number). Numbers, not names: a root image needs no `/etc/passwd`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuntimeUser {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl RuntimeUser {
+    /// Lambda's `sbx_user1051`: uid and gid 993.
+    pub const LAMBDA: RuntimeUser = RuntimeUser { uid: 993, gid: 993 };
+}
+
+impl FromStr for RuntimeUser {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let number = |n: &str| {
+            n.parse::<u32>()
+                .map_err(|_| format!("{s:?} is not UID or UID:GID (numbers)"))
+        };
+        let (uid, gid) = match s.split_once(':') {
+            Some((uid, gid)) => (number(uid)?, number(gid)?),
+            None => (number(s)?, number(s)?),
+        };
+        Ok(RuntimeUser { uid, gid })
+    }
+}
+
+impl fmt::Display for RuntimeUser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.uid, self.gid)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,6 +297,17 @@ mod tests {
         assert!("vsock://2".parse::<HostAddr>().is_err());
         assert!("unix://relative".parse::<HostAddr>().is_err());
         assert!("tcp://1.2.3.4:5".parse::<HostAddr>().is_err());
+    }
+
+    #[test]
+    fn runtime_users_parse_as_numbers() {
+        let user: RuntimeUser = "1000:100".parse().unwrap();
+        assert_eq!((user.uid, user.gid), (1000, 100));
+        assert_eq!(user.to_string(), "1000:100");
+        assert_eq!("993".parse::<RuntimeUser>().unwrap(), RuntimeUser::LAMBDA);
+        for bad in ["", "sbx_user1051", "1:", ":1", "-1", "1:2:3"] {
+            assert!(bad.parse::<RuntimeUser>().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

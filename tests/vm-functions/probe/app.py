@@ -12,6 +12,22 @@ def _read(path):
         return f.read()
 
 
+def _can_write(folder):
+    try:
+        path = os.path.join(folder, f".probe-{os.getpid()}")
+        with open(path, "w") as f:
+            f.write("x")
+        os.remove(path)
+        return True
+    except OSError:
+        return False
+
+
+# What a function may learn of its own credentials (/proc/self/status).
+_IDENTITY_KEYS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
+                  "NoNewPrivs")
+
+
 def handler(event, context):
     action = event.get("action", "hello")
     if action == "sleep":
@@ -33,4 +49,13 @@ def handler(event, context):
         answer["proc_modules"] = os.path.exists("/proc/modules")
         # The guest's wall clock, which bootstrap keeps on the host's.
         answer["time"] = time.time()
+    if action == "identity":
+        status = dict(
+            line.split(":", 1) for line in _read("/proc/self/status").splitlines() if ":" in line
+        )
+        answer["status"] = {key: " ".join(status[key].split()) for key in _IDENTITY_KEYS}
+        answer["writable"] = {
+            folder: _can_write(folder)
+            for folder in ("/tmp", "/dev/shm", "/var/task", "/var/runtime", "/")
+        }
     return answer

@@ -1,0 +1,29 @@
+//! What the probe function's `identity` action must report in every isolation: the runtime
+//! runs as Lambda's `sbx_user1051` (uid and gid 993), with no capability in any set and
+//! `no_new_privs`, and can write only `/tmp` and `/dev/shm`.
+
+use serde_json::{json, Value};
+
+/// Checks the probe's answer; the error names what differs.
+pub fn check_unprivileged(answer: &Value) -> Result<(), String> {
+    let none = "0000000000000000";
+    let expected = json!({
+        "status": {
+            "Uid": "993 993 993 993", "Gid": "993 993 993 993", "Groups": "993",
+            "CapInh": none, "CapPrm": none, "CapEff": none, "CapBnd": none, "CapAmb": none,
+            "NoNewPrivs": "1",
+        },
+        "writable": {
+            "/tmp": true, "/dev/shm": true, "/var/task": false, "/var/runtime": false, "/": false,
+        },
+    });
+    for key in ["status", "writable"] {
+        if answer[key] != expected[key] {
+            return Err(format!(
+                "the runtime's {key}: {}\nexpected: {}",
+                answer[key], expected[key]
+            ));
+        }
+    }
+    Ok(())
+}
