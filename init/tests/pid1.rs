@@ -303,7 +303,7 @@ fn unavailable_cgroup_limits_are_a_clear_error_or_applied() {
         return;
     };
     let Some(cgroup) = guest.cgroup_dir().map(Path::to_path_buf) else {
-        println!("SKIPPED: no cgroup2 on this host");
+        println!("SKIPPED (host cannot): no cgroup2 on this host");
         return;
     };
     guest.set("pids_limit", json!(64));

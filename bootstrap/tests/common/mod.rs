@@ -131,7 +131,7 @@ impl Host {
     /// for a microVM; `None` where this kernel has no vsock loopback.
     pub fn listen_vsock(&self, port: u32) -> Option<tokio::task::JoinHandle<()>> {
         let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_LOCAL, port))
-            .map_err(|e| println!("SKIPPED: no vsock loopback on this kernel ({e})"))
+            .map_err(|e| println!("SKIPPED (host cannot): no vsock loopback on this kernel ({e})"))
             .ok()?;
         Some(serve_on(listener, self.shared.clone()))
     }

@@ -103,7 +103,7 @@ pub fn kvm_or_skip() -> bool {
     {
         Ok(_) => true,
         Err(e) => {
-            println!("SKIPPED: /dev/kvm is not usable here: {e}");
+            println!("SKIPPED (host cannot): /dev/kvm is not usable here: {e}");
             false
         }
     }
