@@ -92,10 +92,16 @@ env | sort | sed 's/^/env:/'"#,
         .lines()
         .filter_map(|l| l.strip_prefix("env:"))
         .collect();
-    // dash adds PWD itself; nothing of the host's environment may leak through.
+    // dash adds PWD itself; init adds whom the runtime runs as (the `user`/`group` keys);
+    // nothing of the host's environment may leak through.
     assert_eq!(
         env,
-        ["FOO=bar baz", "PATH=/usr/bin:/bin:/usr/sbin", "PWD=/"]
+        [
+            "FOO=bar baz",
+            "KINDLING_RUNTIME_USER=993:993",
+            "PATH=/usr/bin:/bin:/usr/sbin",
+            "PWD=/"
+        ]
     );
     assert!(
         out.stderr.starts_with("init: userspace at "),
