@@ -241,11 +241,40 @@ pub fn setup_lapic(vcpu: &VcpuFd) -> Result<(), CpuError> {
         .map_err(|e| CpuError::Kvm("KVM_SET_LAPIC", e))
 }
 
-/// Tailors the host-supported CPUID for vCPU `index` of `count`: APIC ids, logical processor
-/// count and the hypervisor bit.
-pub fn filter_cpuid(cpuid: &mut CpuId, index: u8, count: u8) {
+/// What the host offers beyond `KVM_GET_SUPPORTED_CPUID` that a guest should see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostCpu {
+    /// KVM emulates the LAPIC's TSC-deadline timer (`KVM_CAP_TSC_DEADLINE_TIMER`), which
+    /// KVM's supported CPUID never advertises: the VMM must.
+    pub tsc_deadline: bool,
+    /// The processor brand string (leaves 0x8000_0002..=4), as the host's CPUID reads it.
+    pub brand: [[u32; 4]; 3],
+}
+
+impl HostCpu {
+    /// The brand string leaves of the CPU this runs on.
+    #[must_use]
+    pub fn brand_of_this_cpu() -> [[u32; 4]; 3] {
+        std::array::from_fn(|i| {
+            let leaf = LEAF_BRAND_FIRST + u32::try_from(i).unwrap_or(0);
+            let r = std::arch::x86_64::__cpuid(leaf);
+            [r.eax, r.ebx, r.ecx, r.edx]
+        })
+    }
+}
+
+const LEAF_BRAND_FIRST: u32 = 0x8000_0002;
+const LEAF_BRAND_LAST: u32 = 0x8000_0004;
+
+/// Tailors the host-supported CPUID for vCPU `index` of `count`, as Firecracker normalises
+/// it: APIC ids, logical processor count, the hypervisor bit, the TSC-deadline timer where
+/// KVM emulates it (without it Linux falls back to calibrating the legacy timer, slowly),
+/// and the host's brand string where KVM leaves it empty (else the guest calls its CPU
+/// "AMD 17/01").
+pub fn filter_cpuid(cpuid: &mut CpuId, index: u8, count: u8, host: &HostCpu) {
     const LEAF_FEATURES: u32 = 1;
     const LEAF_TOPOLOGY: u32 = 0xb;
+    const ECX_TSC_DEADLINE: u32 = 1 << 24;
     const ECX_HYPERVISOR: u32 = 1 << 31;
     const EDX_HTT: u32 = 1 << 28;
     for entry in cpuid.as_mut_slice() {
@@ -254,6 +283,9 @@ pub fn filter_cpuid(cpuid: &mut CpuId, index: u8, count: u8) {
                 entry.ebx =
                     (entry.ebx & 0xffff) | (u32::from(index) << 24) | (u32::from(count) << 16);
                 entry.ecx |= ECX_HYPERVISOR;
+                if host.tsc_deadline {
+                    entry.ecx |= ECX_TSC_DEADLINE;
+                }
                 if count > 1 {
                     entry.edx |= EDX_HTT;
                 } else {
@@ -261,6 +293,15 @@ pub fn filter_cpuid(cpuid: &mut CpuId, index: u8, count: u8) {
                 }
             }
             LEAF_TOPOLOGY => entry.edx = u32::from(index),
+            leaf @ LEAF_BRAND_FIRST..=LEAF_BRAND_LAST => {
+                let empty = [entry.eax, entry.ebx, entry.ecx, entry.edx] == [0; 4];
+                let brand = usize::try_from(leaf - LEAF_BRAND_FIRST)
+                    .ok()
+                    .and_then(|i| host.brand.get(i));
+                if let (true, Some(&[eax, ebx, ecx, edx])) = (empty, brand) {
+                    (entry.eax, entry.ebx, entry.ecx, entry.edx) = (eax, ebx, ecx, edx);
+                }
+            }
             _ => {}
         }
     }

@@ -13,7 +13,7 @@ use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
     KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -263,7 +263,11 @@ impl Vm {
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
-        cpu::filter_cpuid(&mut cpuid, index, self.vcpu_count);
+        let host = cpu::HostCpu {
+            tsc_deadline: self.kvm.check_extension(Cap::TscDeadlineTimer),
+            brand: cpu::HostCpu::brand_of_this_cpu(),
+        };
+        cpu::filter_cpuid(&mut cpuid, index, self.vcpu_count, &host);
         if let Some(template) = &self.cpu_template {
             template.apply(&mut cpuid).map_err(VmError::Config)?;
         }

@@ -178,6 +178,36 @@ fn vcpus_get_filtered_cpuid_and_the_cpu_template() {
     );
 }
 
+#[test]
+fn the_cpuid_carries_the_host_brand_and_the_tsc_deadline_timer_kvm_emulates() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let console = scratch("console");
+    let vm = new_vm_full(&console, 1, None);
+    let cpuid = vm.guest_cpuid(0).unwrap();
+    std::fs::remove_file(console).unwrap();
+    let leaf = |function: u32| {
+        let e = cpuid
+            .as_slice()
+            .iter()
+            .find(|e| e.function == function)
+            .unwrap_or_else(|| panic!("no CPUID leaf {function:#x}"));
+        [e.eax, e.ebx, e.ecx, e.edx]
+    };
+    let brand: Vec<[u32; 4]> = (0x8000_0002..=0x8000_0004).map(leaf).collect();
+    assert_eq!(brand, kindling_vmm::cpu::HostCpu::brand_of_this_cpu());
+    assert_ne!(brand[0], [0; 4], "a brand string");
+    let tsc_deadline = kvm_ioctls::Kvm::new()
+        .unwrap()
+        .check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+    assert_eq!(
+        leaf(1)[2] & (1 << 24) != 0,
+        tsc_deadline,
+        "TSC-deadline bit"
+    );
+}
+
 /// What the guest's CPUID instruction returns. Nested kvm_pvm runs CPL3 CPUID natively (the
 /// host's own values), so there this test runs inside the nested-KVM harness, whose SVM
 /// intercepts CPUID as hardware KVM does.

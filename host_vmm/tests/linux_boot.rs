@@ -64,15 +64,18 @@ fn guest() -> Guest {
     }
 }
 
-/// Runs the test inside the nested-KVM harness unless KVM here boots Linux (see
-/// [`NestedTest::run_here_or_nested`]); `true`: it ran there, the caller returns.
-fn ran_nested(name: &str, guest: &Guest) -> bool {
-    NestedTest::new(name)
+/// The guest's files when test `name` runs here; `None` once it has run (and passed) inside
+/// the nested-KVM harness instead, where KVM here cannot boot Linux (see
+/// [`NestedTest::run_here_or_nested`]).
+fn guest_here_or_nested(name: &str) -> Option<Guest> {
+    let guest = guest();
+    let ran_nested = NestedTest::new(name)
         .file_env("KINDLING_KERNEL", &guest.kernel)
         .file_env("KINDLING_INITRD", &guest.initrd)
         .file_env("KINDLING_ROOTFS", &guest.rootfs)
         .file(VMM)
-        .run_here_or_nested()
+        .run_here_or_nested();
+    (!ran_nested).then_some(guest)
 }
 
 /// Waits until the console file holds `marker`, or fails with the console.
@@ -131,10 +134,9 @@ fn timings(stderr: &str) -> serde_json::Value {
 
 #[test]
 fn linux_boots_to_init_and_powers_off() {
-    let guest = guest();
-    if ran_nested("linux_boots_to_init_and_powers_off", &guest) {
+    let Some(guest) = guest_here_or_nested("linux_boots_to_init_and_powers_off") else {
         return;
-    }
+    };
     // Kindling's init prints this first; with no root drive attached it then reports the
     // missing /dev/vda and reboots, which ends the VM with exit code 0.
     let marker = "init: userspace at";
@@ -164,6 +166,27 @@ fn linux_boots_to_init_and_powers_off() {
         log.contains(marker),
         "marker {marker:?} missing from the console:\n{log}"
     );
+    // What the guest made of its CPUID: the host's brand string, and the TSC-deadline timer
+    // where KVM emulates it (without it Linux calibrates the legacy timer at boot).
+    let brand: String = kindling_vmm::cpu::HostCpu::brand_of_this_cpu()
+        .iter()
+        .flatten()
+        .flat_map(|r| r.to_le_bytes())
+        .take_while(|&b| b != 0)
+        .map(char::from)
+        .collect();
+    assert!(
+        log.contains(&format!("smpboot: CPU0: {}", brand.trim())),
+        "no brand {brand:?}:\n{log}"
+    );
+    let tsc_deadline = kvm_ioctls::Kvm::new()
+        .unwrap()
+        .check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+    assert_eq!(
+        log.contains("TSC deadline timer available"),
+        tsc_deadline,
+        "{log}"
+    );
     let timings = timings(&stderr);
     assert!(
         timings["boot_timer_us"].as_u64().is_some(),
@@ -176,13 +199,11 @@ fn linux_boots_to_init_and_powers_off() {
 
 #[test]
 fn the_root_drive_boots_the_bootstrap_which_dials_the_host_and_sigterm_shuts_it_down() {
-    let guest = guest();
-    if ran_nested(
+    let Some(guest) = guest_here_or_nested(
         "the_root_drive_boots_the_bootstrap_which_dials_the_host_and_sigterm_shuts_it_down",
-        &guest,
-    ) {
+    ) else {
         return;
-    }
+    };
     let config = scratch("root.json");
     let console = scratch("root-console.log");
     let uds = scratch("v.sock");
@@ -256,13 +277,11 @@ fn the_root_drive_boots_the_bootstrap_which_dials_the_host_and_sigterm_shuts_it_
 
 #[test]
 fn the_firecracker_api_boots_linux_and_sends_ctrl_alt_del() {
-    let guest = guest();
-    if ran_nested(
-        "the_firecracker_api_boots_linux_and_sends_ctrl_alt_del",
-        &guest,
-    ) {
+    let Some(guest) =
+        guest_here_or_nested("the_firecracker_api_boots_linux_and_sends_ctrl_alt_del")
+    else {
         return;
-    }
+    };
     let sock = scratch("api.sock");
     let console = scratch("api-console.log");
     let uds = scratch("api-v.sock");
