@@ -439,25 +439,30 @@ async fn response(shared: &Shared, id: &str, req: Request<Incoming>) -> Response
     }
     let body = match read_body(req, wire::MAX_RESPONSE_BYTES).await {
         Ok(b) => b,
-        Err(BodyError::TooLarge) => {
-            let mut state = shared.state();
-            if state.check_answer(id).is_ok() {
-                state.complete_current(Outcome::Failed {
-                    error: ErrorBody::new(
-                        "Function.ResponseSizeTooLarge",
-                        format!(
-                            "Response payload size exceeded maximum allowed payload size ({} bytes).",
-                            wire::MAX_RESPONSE_BYTES
-                        ),
-                    ),
-                    reset: false,
-                });
-            }
-            return too_large(wire::MAX_RESPONSE_BYTES);
-        }
+        Err(BodyError::TooLarge) => return answer_too_large(shared, id, "Response"),
         Err(BodyError::Broken(e)) => return broken_body(&e),
     };
     answer(shared, id, Outcome::Response(body))
+}
+
+/// A `/response` or `/error` body past [`wire::MAX_RESPONSE_BYTES`]: the runtime gets
+/// 413 and the invocation fails at once with `Function.ResponseSizeTooLarge` (the
+/// caller does not wait for the function's timeout); the environment is kept.
+fn answer_too_large(shared: &Shared, id: &str, what: &str) -> Response<Full<Bytes>> {
+    let mut state = shared.state();
+    if state.check_answer(id).is_ok() {
+        state.complete_current(Outcome::Failed {
+            error: ErrorBody::new(
+                "Function.ResponseSizeTooLarge",
+                format!(
+                    "{what} payload size exceeded maximum allowed payload size ({} bytes).",
+                    wire::MAX_RESPONSE_BYTES
+                ),
+            ),
+            reset: false,
+        });
+    }
+    too_large(wire::MAX_RESPONSE_BYTES)
 }
 
 async fn function_error(
@@ -471,7 +476,7 @@ async fn function_error(
     let header_type = error_type_header(&req);
     let body = match read_body(req, wire::MAX_RESPONSE_BYTES).await {
         Ok(b) => b,
-        Err(BodyError::TooLarge) => return too_large(wire::MAX_RESPONSE_BYTES),
+        Err(BodyError::TooLarge) => return answer_too_large(shared, id, "Error"),
         Err(BodyError::Broken(e)) => return broken_body(&e),
     };
     let (error_type, body) = normalise_error(header_type.as_deref(), body);

@@ -502,6 +502,41 @@ async fn crashes_fail_the_invocation_in_flight_then_recover() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_error_fails_the_invocation_at_once() {
+    let make = |code: &std::path::Path| {
+        let mut f = function("loud", code);
+        f.timeout = Duration::from_secs(10);
+        f.max_concurrency = 1;
+        vec![f]
+    };
+    let Some(h) = start(make, |_| {}).await else {
+        return;
+    };
+    let pid = body(&h.invoke("loud", json!({})).await)["pid"].clone();
+    let started = std::time::Instant::now();
+    let r = h
+        .invoke(
+            "loud",
+            json!({"action": "big_error", "bytes": kindling_wire::MAX_RESPONSE_BYTES + 1}),
+        )
+        .await;
+    let took = started.elapsed();
+    assert_eq!(
+        (r.status.as_u16(), r.function_error.as_deref()),
+        (200, Some("Unhandled"))
+    );
+    let b = body(&r);
+    assert_eq!(b["errorType"], "Function.ResponseSizeTooLarge", "{b}");
+    // Not the function's 10 s timeout: as soon as the runtime posted it.
+    assert!(took < Duration::from_secs(6), "{took:?}");
+    // The environment is fine and serves the next invocation.
+    let r = h.invoke("loud", json!({})).await;
+    assert_eq!(body(&r)["pid"], pid);
+    assert_eq!(h.started(), 1);
+    h.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_errors_go_to_the_invocation_that_started_the_environment() {
     let make = |code: &std::path::Path| {
         let mut f = function("broken", code);

@@ -385,6 +385,42 @@ async fn oversized_responses_get_413_and_the_caller_a_size_error() {
 }
 
 #[tokio::test]
+async fn an_oversized_error_fails_the_invocation_at_once() {
+    let f = fixture();
+    let mut c = f.connect().await;
+    let ticket = f.in_flight(&mut c, "loud").await;
+    let body = vec![b'e'; MAX_RESPONSE_BYTES + 1];
+    let r = request(
+        &mut c,
+        "POST",
+        &error_path("loud"),
+        &[("Lambda-Runtime-Function-Error-Type", "Function.Oops")],
+        &body,
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["errorType"].as_str()),
+        (413, Some("RequestEntityTooLarge"))
+    );
+    // Completed now, not at the function's timeout (`outcome` gives up after 5 s).
+    match outcome(ticket).await.outcome {
+        Outcome::Failed { error, reset } => {
+            assert_eq!(error.error_type, "Function.ResponseSizeTooLarge");
+            assert!(
+                error.error_message.contains("Error payload size exceeded"),
+                "{}",
+                error.error_message
+            );
+            assert!(!reset, "the environment itself is fine");
+        }
+        other => panic!("{other:?}"),
+    }
+    // A late answer for it is out of order; the connection still works.
+    let r = request(&mut c, "POST", &error_path("loud"), &[], b"{}").await;
+    assert_eq!(r.status, 403);
+}
+
+#[tokio::test]
 async fn garbage_and_broken_clients_get_clear_answers_and_lose_nothing() {
     let f = fixture();
     let mut c = f.connect().await;
