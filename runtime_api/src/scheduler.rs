@@ -87,7 +87,8 @@ pub enum Answer {
 pub struct Invoked {
     pub request_id: String,
     pub answer: Answer,
-    /// This invocation's log, `START` to `REPORT`.
+    /// This invocation's log, `START` to `REPORT`; of a long one only `START` and the
+    /// end (enough for [`logs::tail`]): the whole log is in the function's log file.
     pub log: String,
 }
 

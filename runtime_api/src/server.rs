@@ -14,7 +14,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::environment::{Function, Isolation, Launcher};
 use crate::invoke_api::{self, InvokeApi};
-use crate::logs::{LogLine, LogSink};
+use crate::logs::{self, LogLine, LogSink};
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, SchedulerOptions};
 
@@ -27,7 +27,8 @@ pub struct ServerOptions {
     /// The Invoke API's address; port 0 picks a free one (see [`Server::local_addr`]).
     pub invoke_addr: SocketAddr,
     /// Holds `envs/` (one directory per environment, removed when it stops) and
-    /// `logs/<function>.log`. Unix socket paths are short: keep this short too.
+    /// `logs/<function>.log` (with `logs/<function>.log.1` once rotated). Unix socket
+    /// paths are short: keep this short too.
     pub state_dir: PathBuf,
     /// A warm environment unused this long is stopped.
     pub idle_timeout: Duration,
@@ -37,6 +38,9 @@ pub struct ServerOptions {
     pub init_timeout: Duration,
     /// How long shutdown lets running invocations finish.
     pub shutdown_grace: Duration,
+    /// A function's log file is rotated (to `<function>.log.1`, replacing the previous
+    /// one) when a line would take it past this many bytes.
+    pub log_file_max_bytes: u64,
 }
 
 impl ServerOptions {
@@ -49,6 +53,7 @@ impl ServerOptions {
             queue_depth: defaults.queue_depth,
             init_timeout: defaults.init_timeout,
             shutdown_grace: defaults.shutdown_grace,
+            log_file_max_bytes: logs::DEFAULT_MAX_FILE_BYTES,
         }
     }
 }
@@ -82,12 +87,14 @@ impl Server {
             anyhow::bail!("no functions to serve");
         }
         let logs = Arc::new(
-            LogSink::new(&options.state_dir.join("logs")).with_context(|| {
-                format!(
-                    "{}: cannot create the log directory",
-                    options.state_dir.display()
-                )
-            })?,
+            LogSink::new(&options.state_dir.join("logs"))
+                .with_context(|| {
+                    format!(
+                        "{}: cannot create the log directory",
+                        options.state_dir.display()
+                    )
+                })?
+                .with_max_file_bytes(options.log_file_max_bytes),
         );
         let metrics = Arc::new(Metrics::default());
         let mut sched = SchedulerOptions::new(options.state_dir.join("envs"));
@@ -125,9 +132,15 @@ impl Server {
         self.logs.subscribe()
     }
 
-    /// The append-only log file of a function.
+    /// The log file a function's lines are appended to; the lines before its last
+    /// rotation are in [`Server::rotated_log_path`].
     pub fn log_path(&self, function: &str) -> PathBuf {
         self.logs.path(function)
+    }
+
+    /// `<function>.log.1`: the function's log file before its last rotation.
+    pub fn rotated_log_path(&self, function: &str) -> PathBuf {
+        self.logs.rotated_path(function)
     }
 
     /// Serves until `shutdown` resolves, then refuses new work, lets running invocations

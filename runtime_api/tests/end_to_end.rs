@@ -537,6 +537,69 @@ async fn an_oversized_error_fails_the_invocation_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_logs_keeps_a_tail_in_memory_and_a_capped_file_on_disk() {
+    const CAP: u64 = 1 << 20;
+    let Some(h) = start(
+        |code| vec![function("spam", code)],
+        |o| o.log_file_max_bytes = CAP,
+    )
+    .await
+    else {
+        return;
+    };
+    // 4 MB of numbered 1000-byte lines: four times the file's cap.
+    let lines = 4000;
+    let tail = InvokeOptions {
+        log_tail: true,
+        ..Default::default()
+    };
+    let payload = json!({"action": "spam", "lines": lines, "width": 1000});
+    let r = client::invoke(h.addr, "spam", payload.to_string(), &tail)
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status.as_u16(), r.function_error.as_deref()),
+        (200, None)
+    );
+    let id = body(&r)["requestId"].as_str().unwrap().to_string();
+    let log_tail = r.log_tail.unwrap();
+    assert!(log_tail.len() <= kindling_runtime_api::logs::TAIL_BYTES);
+    let tail_lines: Vec<&str> = log_tail.lines().collect();
+    let n = tail_lines.len();
+    assert!(tail_lines[n - 3].starts_with("line 3999 xxx"), "{log_tail}");
+    assert_eq!(tail_lines[n - 2], format!("END RequestId: {id}"));
+    assert!(tail_lines[n - 1].starts_with(&format!("REPORT RequestId: {id}\t")));
+    assert!(tail_lines[0].starts_with("line 39"), "{log_tail}");
+
+    // On disk: the current file and one rotated file, each within the cap, holding the
+    // most recent lines in order.
+    let dir = h.state.path().join("logs");
+    let current = std::fs::read_to_string(dir.join("spam.log")).unwrap();
+    let previous = std::fs::read_to_string(dir.join("spam.log.1")).unwrap();
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(files.len(), 2, "{files:?}");
+    for text in [&current, &previous] {
+        assert!(u64::try_from(text.len()).unwrap() <= CAP, "{}", text.len());
+    }
+    let both = format!("{previous}{current}");
+    assert!(both.len() > (1 << 20), "{}", both.len());
+    let numbers: Vec<usize> = both
+        .lines()
+        .filter_map(|l| l.strip_prefix("line ")?.split(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(*numbers.last().unwrap(), lines - 1);
+    assert!(
+        numbers.windows(2).all(|w| w[1] == w[0] + 1),
+        "lines lost between the files"
+    );
+    assert!(current.ends_with(&format!("{}\n", tail_lines[n - 1])));
+    h.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_errors_go_to_the_invocation_that_started_the_environment() {
     let make = |code: &std::path::Path| {
         let mut f = function("broken", code);
