@@ -1,5 +1,10 @@
 //! The Invoke API that callers use, shaped like Lambda's:
 //! `POST /2015-03-31/functions/{name}/invocations` and `GET /metrics`.
+//!
+//! Limits: a request payload of at most [`MAX_REQUEST_BYTES`] (an `Event` one: at most
+//! [`MAX_EVENT_PAYLOAD_BYTES`], else 413 `RequestEntityTooLargeException`); accepted
+//! `Event` invocations bounded per function (else 429 `TooManyRequestsException`, see
+//! [`Scheduler::accept_event`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -31,6 +36,9 @@ pub const HEADER_CLIENT_CONTEXT: &str = "x-amz-client-context";
 pub const HEADER_ERROR_TYPE: &str = "x-amzn-errortype";
 pub const HEADER_REQUEST_ID: &str = "x-amzn-requestid";
 pub const HEADER_TRACE_ID: &str = "x-amzn-trace-id";
+
+/// Largest `Event` payload, as Lambda's asynchronous invocations (1 MB since 2025).
+pub const MAX_EVENT_PAYLOAD_BYTES: usize = 1 << 20;
 
 /// How long shutdown waits for answers still being written.
 const ANSWER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -208,11 +216,25 @@ impl InvokeApi {
             trace_id,
         };
         if invocation_type == "Event" {
+            let bytes = request.payload.len();
+            if bytes > MAX_EVENT_PAYLOAD_BYTES {
+                return lambda_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "RequestEntityTooLargeException",
+                    &format!("{bytes} byte payload is too large for the Event invocation type (limit {MAX_EVENT_PAYLOAD_BYTES} bytes)"),
+                );
+            }
+            // Held until the invocation is over: what is accepted stays bounded.
+            let ticket = match self.scheduler.accept_event(&function, bytes) {
+                Ok(ticket) => ticket,
+                Err(e) => return self.refused(e),
+            };
             let scheduler = self.scheduler.clone();
             tokio::spawn(async move {
                 if let Err(e) = scheduler.invoke(&function, request, true).await {
                     tracing::warn!(%function, error = %e, "event invocation failed");
                 }
+                drop(ticket);
             });
             return status_only(StatusCode::ACCEPTED);
         }
@@ -243,31 +265,46 @@ impl InvokeApi {
                 }
                 r
             }
-            Err(InvokeError::NotFound(n)) => not_found(&self.scheduler.arn(&n)),
-            Err(e @ InvokeError::TooManyRequests(_)) => {
-                let mut r = json_response(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    &json!({"Type": "User", "message": e.to_string(), "Reason": "ReservedFunctionConcurrentInvocationLimitExceeded"}),
-                );
-                r.headers_mut().insert(
-                    HEADER_ERROR_TYPE,
-                    HeaderValue::from_static("TooManyRequestsException"),
-                );
-                r
+            Err(e) => self.refused(e),
+        }
+    }
+
+    /// The answer to an invocation that could not be run.
+    fn refused(&self, e: InvokeError) -> Response<Full<Bytes>> {
+        match e {
+            InvokeError::NotFound(n) => not_found(&self.scheduler.arn(&n)),
+            InvokeError::TooManyRequests(_) => {
+                too_many_requests(&e, "ReservedFunctionConcurrentInvocationLimitExceeded")
             }
-            Err(e @ InvokeError::ShuttingDown) => lambda_error(
+            InvokeError::EventQueueFull { .. } => {
+                too_many_requests(&e, "FunctionInvocationRateLimitExceeded")
+            }
+            InvokeError::ShuttingDown => lambda_error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "ServiceException",
                 &e.to_string(),
             ),
             // The message names the launcher's error chain, down to its root cause.
-            Err(e @ InvokeError::Environment { .. }) => lambda_error(
+            InvokeError::Environment { .. } => lambda_error(
                 StatusCode::BAD_GATEWAY,
                 "ServiceException",
                 &format!("{:#}", anyhow::Error::new(e)),
             ),
         }
     }
+}
+
+/// Lambda's throttling answer: 429 `TooManyRequestsException` with its `Reason`.
+fn too_many_requests(e: &InvokeError, reason: &str) -> Response<Full<Bytes>> {
+    let mut r = json_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        &json!({"Type": "User", "message": e.to_string(), "Reason": reason}),
+    );
+    r.headers_mut().insert(
+        HEADER_ERROR_TYPE,
+        HeaderValue::from_static("TooManyRequestsException"),
+    );
+    r
 }
 
 /// `X-Amz-Client-Context` is base64 JSON; the runtime gets the JSON.

@@ -34,6 +34,10 @@ pub struct ServerOptions {
     pub idle_timeout: Duration,
     /// Callers that may wait per function once every environment is busy.
     pub queue_depth: usize,
+    /// Accepted `Event` invocations per function not yet finished (queued or running);
+    /// past it, or past `event_queue_bytes` of their payloads, an `Event` gets 429.
+    pub event_queue_depth: usize,
+    pub event_queue_bytes: usize,
     /// Environment start until its runtime's first `/next`.
     pub init_timeout: Duration,
     /// How long shutdown lets running invocations finish.
@@ -51,6 +55,8 @@ impl ServerOptions {
             state_dir: state_dir.into(),
             idle_timeout: defaults.idle_timeout,
             queue_depth: defaults.queue_depth,
+            event_queue_depth: defaults.event_queue_depth,
+            event_queue_bytes: defaults.event_queue_bytes,
             init_timeout: defaults.init_timeout,
             shutdown_grace: defaults.shutdown_grace,
             log_file_max_bytes: logs::DEFAULT_MAX_FILE_BYTES,
@@ -100,6 +106,8 @@ impl Server {
         let mut sched = SchedulerOptions::new(options.state_dir.join("envs"));
         sched.idle_timeout = options.idle_timeout;
         sched.queue_depth = options.queue_depth;
+        sched.event_queue_depth = options.event_queue_depth;
+        sched.event_queue_bytes = options.event_queue_bytes;
         sched.init_timeout = options.init_timeout;
         sched.shutdown_grace = options.shutdown_grace;
         let scheduler = Arc::new(Scheduler::new(

@@ -401,6 +401,112 @@ async fn a_full_queue_answers_429() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_invocations_are_bounded_and_refused_with_429_never_dropped() {
+    let make = |code: &std::path::Path| {
+        ["few", "big"]
+            .map(|name| {
+                let mut f = function(name, code);
+                f.max_concurrency = 1;
+                f
+            })
+            .to_vec()
+    };
+    let Some(mut h) = start(make, |o| {
+        o.event_queue_depth = 3;
+        o.event_queue_bytes = 64 << 10;
+    })
+    .await
+    else {
+        return;
+    };
+    let event = InvokeOptions {
+        invocation_type: InvocationType::Event,
+        ..Default::default()
+    };
+    let mut c = Client::connect(h.addr).await.unwrap();
+    let sleepy = |n: usize, pad: usize| {
+        json!({"n": n, "action": "sleep", "seconds": 0.5, "pad": "p".repeat(pad)}).to_string()
+    };
+    let throttled = |r: &InvokeResponse, what: &str| {
+        assert_eq!(r.status, 429, "{what}");
+        assert_eq!(r.headers["x-amzn-errortype"], "TooManyRequestsException");
+        let b = body(r);
+        assert_eq!(b["Type"], "User");
+        assert_eq!(b["Reason"], "FunctionInvocationRateLimitExceeded");
+        let message = b["message"].as_str().unwrap().to_string();
+        assert!(message.starts_with("Rate Exceeded"), "{message}");
+        message
+    };
+
+    // By count: three slow events are accepted (one runs, two wait), the fourth is not.
+    for n in 0..3 {
+        let r = c.invoke("few", sleepy(n, 0), &event).await.unwrap();
+        assert_eq!(r.status, 202, "event {n}");
+    }
+    let r = c.invoke("few", sleepy(3, 0), &event).await.unwrap();
+    let message = throttled(&r, "the fourth event");
+    assert!(message.contains("3 Event invocations"), "{message}");
+
+    // By bytes (64 KiB here): a second 40 KB event does not fit beside the first.
+    let r = c.invoke("big", sleepy(10, 40_000), &event).await.unwrap();
+    assert_eq!(r.status, 202);
+    let r = c.invoke("big", sleepy(11, 40_000), &event).await.unwrap();
+    let message = throttled(&r, "40 KB past the bytes bound");
+    assert!(message.contains("65536 bytes"), "{message}");
+    // Synchronous calls are not bounded by the events: one still runs (after them).
+    let plain = InvokeOptions::default();
+    let r = c.invoke("few", json!({"n": 20}).to_string(), &plain);
+    let r = tokio::time::timeout(Duration::from_secs(20), r)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status, 200);
+
+    // Past Lambda's asynchronous payload limit (1 MiB): 413, before any queue.
+    let max = kindling_runtime_api::MAX_EVENT_PAYLOAD_BYTES;
+    let r = c.invoke("big", vec![b' '; max + 1], &event).await.unwrap();
+    assert_eq!(r.status, 413);
+    assert_eq!(
+        r.headers["x-amzn-errortype"],
+        "RequestEntityTooLargeException"
+    );
+    assert_eq!(
+        body(&r)["message"],
+        format!(
+            "{} byte payload is too large for the Event invocation type (limit {max} bytes)",
+            max + 1
+        )
+    );
+    // Exactly the limit is not too large (here it only overflows the 64 KiB queue).
+    let r = c.invoke("big", vec![b' '; max], &event).await.unwrap();
+    assert_eq!(r.status, 429);
+
+    // Every accepted event runs; once they are over, there is room again.
+    let mut want: HashSet<String> = [0, 1, 2, 10].map(|n| format!("handling {n} sleep")).into();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !want.is_empty() {
+            let line = h.logs.recv().await.unwrap();
+            want.remove(&line.text);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("accepted events that never ran: {want:?}"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = c.invoke("big", sleepy(12, 40_000), &event).await.unwrap();
+        if r.status == 202 {
+            break;
+        }
+        throttled(&r, "while the first big event runs");
+        assert!(std::time::Instant::now() < deadline, "no room again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    h.log_line("handling 12 sleep").await;
+    drop(c);
+    h.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_kills_the_environment_and_the_next_gets_a_fresh_one() {
     let make = |code: &std::path::Path| {
         let mut f = function("slow", code);
