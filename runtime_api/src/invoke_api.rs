@@ -4,7 +4,8 @@
 //! Limits: a request payload of at most [`MAX_REQUEST_BYTES`] (an `Event` one: at most
 //! [`MAX_EVENT_PAYLOAD_BYTES`], else 413 `RequestEntityTooLargeException`); accepted
 //! `Event` invocations bounded per function (else 429 `TooManyRequestsException`, see
-//! [`Scheduler::accept_event`]).
+//! [`Scheduler::accept_event`]); connections bounded in number and in time spent idle or
+//! sending a head (see [`crate::connections`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -19,10 +20,11 @@ use hyper_util::rt::TokioIo;
 use kindling_wire::MAX_REQUEST_BYTES;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::body::{read_limited, BodyError};
+use crate::connections::{self, Activity, ConnectionLimits, Watched};
 use crate::logs;
 use crate::metrics::{self, Metrics};
 use crate::scheduler::{until_true, Answer, InvokeError, InvokeRequest, Scheduler, VERSION};
@@ -49,20 +51,47 @@ const PATH_SUFFIX: &str = "/invocations";
 pub(crate) struct InvokeApi {
     pub scheduler: Arc<Scheduler>,
     pub metrics: Arc<Metrics>,
+    pub limits: ConnectionLimits,
 }
 
 /// Serves callers until `stop` turns true, then lets the answers in progress be written
 /// (within [`ANSWER_GRACE`]) and closes every connection.
+///
+/// At most `max_connections` are served at once: one more is answered 503 and closed
+/// (see [`connections::refuse`]), and the server goes on accepting, so that its backlog
+/// never fills and the connections it serves are not disturbed.
 pub(crate) async fn serve(
     listener: TcpListener,
     api: Arc<InvokeApi>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let limits = api.limits;
+    let slots = Arc::new(Semaphore::new(
+        limits.max_connections.min(Semaphore::MAX_PERMITS),
+    ));
+    let refusing = Arc::new(Semaphore::new(connections::MAX_REFUSING));
+    let refusal = connections::refusal(limits.max_connections);
+    let mut full = false;
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        if !std::mem::replace(&mut full, true) {
+                            tracing::warn!(max = limits.max_connections, "invoke API connections at their limit: refusing new ones");
+                        }
+                        tracing::debug!(%peer, "connection refused: too many open");
+                        if let Ok(permit) = refusing.clone().try_acquire_owned() {
+                            let answer = refusal.clone();
+                            connections.spawn(async move {
+                                connections::refuse(stream, answer).await;
+                                drop(permit);
+                            });
+                        }
+                        continue;
+                    };
+                    full = false;
                     // Delayed ACK meets Nagle otherwise: ~40 ms stalls on split writes.
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
@@ -70,10 +99,18 @@ pub(crate) async fn serve(
                     let api = api.clone();
                     let mut stop = stop.clone();
                     connections.spawn(async move {
+                        let activity = Activity::new();
+                        let busy = activity.clone();
                         let service = service_fn(move |req| {
                             let api = api.clone();
-                            async move { Ok::<_, Infallible>(api.handle(req).await) }
+                            let busy = busy.busy();
+                            async move {
+                                let answer = api.handle(req).await;
+                                drop(busy);
+                                Ok::<_, Infallible>(answer)
+                            }
                         });
+                        let stream = Watched::new(stream, activity.clone());
                         let conn = hyper::server::conn::http1::Builder::new()
                             .serve_connection(TokioIo::new(stream), service);
                         tokio::pin!(conn);
@@ -81,6 +118,10 @@ pub(crate) async fn serve(
                         // invocation has finished by then); idle connections close.
                         let ended = tokio::select! {
                             ended = conn.as_mut() => ended,
+                            why = activity.overstayed(&limits) => {
+                                tracing::debug!(%peer, why, "closing an invoke API connection");
+                                Ok(())
+                            }
                             _ = until_true(&mut stop) => {
                                 conn.as_mut().graceful_shutdown();
                                 conn.await
@@ -89,6 +130,7 @@ pub(crate) async fn serve(
                         if let Err(e) = ended {
                             tracing::debug!(%peer, error = %e, "invoke API connection ended with an error");
                         }
+                        drop(slot);
                     });
                 }
                 Err(e) => {

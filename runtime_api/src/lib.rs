@@ -7,6 +7,7 @@
 mod body;
 pub mod client;
 pub mod config;
+mod connections;
 pub mod environment;
 mod invoke_api;
 pub mod logs;

@@ -12,6 +12,7 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch};
 
+use crate::connections::ConnectionLimits;
 use crate::environment::{Function, Isolation, Launcher};
 use crate::invoke_api::{self, InvokeApi};
 use crate::logs::{self, LogLine, LogSink};
@@ -45,6 +46,15 @@ pub struct ServerOptions {
     /// A function's log file is rotated (to `<function>.log.1`, replacing the previous
     /// one) when a line would take it past this many bytes.
     pub log_file_max_bytes: u64,
+    /// An Invoke API connection that has sent part of a request head is closed when the
+    /// head is not complete this long after its first byte.
+    pub header_read_timeout: Duration,
+    /// An Invoke API connection with no request for this long (since it was accepted, or
+    /// since its last answer was written) is closed.
+    pub keep_alive_timeout: Duration,
+    /// Invoke API connections served at once; one more is answered 503
+    /// `ServiceException` (`Connection: close`) and closed.
+    pub max_connections: usize,
 }
 
 impl ServerOptions {
@@ -60,6 +70,9 @@ impl ServerOptions {
             init_timeout: defaults.init_timeout,
             shutdown_grace: defaults.shutdown_grace,
             log_file_max_bytes: logs::DEFAULT_MAX_FILE_BYTES,
+            header_read_timeout: Duration::from_secs(30),
+            keep_alive_timeout: Duration::from_secs(120),
+            max_connections: 1024,
         }
     }
 }
@@ -70,6 +83,7 @@ pub struct Server {
     scheduler: Arc<Scheduler>,
     metrics: Arc<Metrics>,
     logs: Arc<LogSink>,
+    limits: ConnectionLimits,
 }
 
 impl std::fmt::Debug for Server {
@@ -125,6 +139,11 @@ impl Server {
             scheduler,
             metrics,
             logs,
+            limits: ConnectionLimits {
+                header_read_timeout: options.header_read_timeout,
+                keep_alive_timeout: options.keep_alive_timeout,
+                max_connections: options.max_connections,
+            },
         })
     }
 
@@ -160,6 +179,7 @@ impl Server {
         let api = Arc::new(InvokeApi {
             scheduler: self.scheduler.clone(),
             metrics: self.metrics.clone(),
+            limits: self.limits,
         });
         let serving = tokio::spawn(invoke_api::serve(self.listener, api, stop_rx));
         let scheduler = self.scheduler.clone();

@@ -837,6 +837,162 @@ async fn shutdown_cancels_what_outlives_the_grace_and_leaves_nothing() {
     assert_eq!(census.running.load(Ordering::SeqCst), 0);
 }
 
+/// Resolves when the server closes `read` (end of file or reset), with when.
+async fn closed_at(mut read: impl tokio::io::AsyncRead + Unpin) -> std::time::Instant {
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::io::AsyncReadExt::read(&mut read, &mut buf).await {
+            Ok(0) | Err(_) => return std::time::Instant::now(),
+            Ok(_) => {}
+        }
+    }
+}
+
+const DRY_RUN: &[(&str, &str)] = &[("X-Amz-Invocation-Type", "DryRun")];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_heads_and_idle_connections_are_closed() {
+    let header = Duration::from_millis(500);
+    let idle = Duration::from_millis(1500);
+    let Some(h) = start(
+        |code| vec![function("conn", code)],
+        |o| {
+            o.header_read_timeout = header;
+            o.keep_alive_timeout = idle;
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    let path = "/2015-03-31/functions/conn/invocations";
+
+    // A connection that never sends a byte is closed once idle too long.
+    let silent = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let silent_since = std::time::Instant::now();
+    let silent = tokio::spawn(closed_at(silent));
+
+    // Slowloris: a byte of a head every 50 ms, never ending it. Bytes keep coming, but
+    // the head is not complete within the header timeout of its first byte.
+    let (read, mut write) = tokio::net::TcpStream::connect(h.addr)
+        .await
+        .unwrap()
+        .into_split();
+    let first_byte = std::time::Instant::now();
+    let trickle = tokio::spawn(async move {
+        let head = format!("POST {path} HTTP/1.1\r\nHost: x\r\nX-Slow: ");
+        for byte in head.bytes().chain(std::iter::repeat(b'z')) {
+            if tokio::io::AsyncWriteExt::write_all(&mut write, &[byte])
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let closed = tokio::time::timeout(Duration::from_secs(10), closed_at(read))
+        .await
+        .expect("the slowloris connection was never closed");
+    let took = closed - first_byte;
+    assert!(took >= header && took < idle, "closed after {took:?}");
+    trickle.abort();
+
+    // Keep-alive: resting between requests is not a slow head; only the idle timeout
+    // closes such a connection, counted from its last answer.
+    let mut kept = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    assert_eq!(
+        common::request(&mut kept, "POST", path, DRY_RUN, b"{}")
+            .await
+            .status,
+        204
+    );
+    tokio::time::sleep(header + Duration::from_millis(300)).await;
+    let a = common::request(&mut kept, "POST", path, DRY_RUN, b"{}").await;
+    assert_eq!(
+        a.status, 204,
+        "closed while resting, before its idle timeout"
+    );
+    let answered = std::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(10), closed_at(&mut kept))
+        .await
+        .expect("the idle connection was never closed");
+    let took = closed - answered;
+    assert!(
+        took >= idle - Duration::from_millis(50) && took < idle * 3,
+        "closed {took:?} after its last answer"
+    );
+
+    let closed = tokio::time::timeout(Duration::from_secs(10), silent)
+        .await
+        .expect("the silent connection was never closed")
+        .unwrap();
+    let took = closed - silent_since;
+    assert!(took >= idle - Duration::from_millis(50), "{took:?}");
+
+    // The server itself is fine.
+    assert_eq!(h.invoke("conn", json!({})).await.status, 200);
+    h.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_get_503_while_the_others_are_served() {
+    let Some(h) = start(
+        |code| vec![function("capped", code)],
+        |o| o.max_connections = 4,
+    )
+    .await
+    else {
+        return;
+    };
+    let path = "/2015-03-31/functions/capped/invocations";
+    // A client with a kept-alive connection, and three idle ones: four, the cap.
+    let mut c = Client::connect(h.addr).await.unwrap();
+    let plain = InvokeOptions::default();
+    assert_eq!(c.invoke("capped", "{}", &plain).await.unwrap().status, 200);
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(tokio::net::TcpStream::connect(h.addr).await.unwrap());
+    }
+    for i in 0..10 {
+        let mut extra = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+        let a = common::request(&mut extra, "POST", path, &[], b"{}").await;
+        assert_eq!(a.status, 503, "extra connection {i}");
+        assert_eq!(a.header("x-amzn-errortype"), Some("ServiceException"));
+        assert_eq!(a.header("connection"), Some("close"));
+        let message = a.json()["message"].as_str().unwrap().to_string();
+        assert!(message.contains("4 connections open"), "{message}");
+        tokio::time::timeout(Duration::from_secs(5), closed_at(extra))
+            .await
+            .expect("a refused connection stayed open");
+        // Meanwhile the connections within the cap are served as ever.
+        let r = c.invoke("capped", json!({"n": i}).to_string(), &plain);
+        assert_eq!(r.await.unwrap().status, 200);
+    }
+    assert_eq!(
+        common::request(&mut idle[0], "POST", path, DRY_RUN, b"{}")
+            .await
+            .status,
+        204
+    );
+    // Once some close, new connections are served again.
+    drop(idle);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = client::invoke(h.addr, "capped", "{}", &plain)
+            .await
+            .unwrap();
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 503);
+        assert!(std::time::Instant::now() < deadline, "no room again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(c);
+    h.close().await;
+}
+
 /// A launcher that cannot start anything.
 struct BrokenLauncher;
 
