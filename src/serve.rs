@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -212,10 +212,7 @@ pub fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
     let state = &args.state.state_dir;
     let mut out = std::io::stdout().lock();
     if !args.console {
-        let path = state.join("logs").join(format!("{}.log", args.function));
-        let text = std::fs::read(&path)
-            .with_context(|| format!("no log for {:?} at {}", args.function, path.display()))?;
-        out.write_all(&text)?;
+        function_log(state, &args.function, &mut out)?;
         return Ok(ExitCode::SUCCESS);
     }
     // Consoles of stopped environments are kept in one file; running ones are read live.
@@ -262,6 +259,29 @@ pub fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Copies the log of `function` to `out`: the file rotated last (`<name>.log.1`, if any,
+/// with the older lines), then the current one (`<name>.log`).
+fn function_log(state: &Path, function: &str, out: &mut impl Write) -> anyhow::Result<()> {
+    let path = state.join("logs").join(format!("{function}.log"));
+    let rotated = state.join("logs").join(format!("{function}.log.1"));
+    let mut found = false;
+    for file in [&rotated, &path] {
+        match std::fs::File::open(file) {
+            Ok(mut f) => {
+                std::io::copy(&mut f, out)
+                    .with_context(|| format!("reading {}", file.display()))?;
+                found = true;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| file.display().to_string()),
+        }
+    }
+    if !found {
+        bail!("no log for {function:?} at {}", path.display());
+    }
+    Ok(())
+}
+
 /// Environment folders are `<function>-<pid>-<n>`; a function named `a` must not claim
 /// those of a function named `a-b`.
 fn is_env_of(folder: &str, prefix: &str) -> bool {
@@ -269,4 +289,26 @@ fn is_env_of(folder: &str, prefix: &str) -> bool {
         let parts: Vec<&str> = rest.split('-').collect();
         parts.len() == 2 && parts.iter().all(|p| p.parse::<u64>().is_ok())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logs_reads_the_rotated_file_then_the_current_one() {
+        let state = tempfile::tempdir().unwrap();
+        let logs = state.path().join("logs");
+        std::fs::create_dir(&logs).unwrap();
+        let mut out = Vec::new();
+        let err = function_log(state.path(), "f", &mut out).unwrap_err();
+        assert!(err.to_string().contains("no log for \"f\""), "{err}");
+        std::fs::write(logs.join("f.log"), "new\n").unwrap();
+        function_log(state.path(), "f", &mut out).unwrap();
+        assert_eq!(out, b"new\n");
+        std::fs::write(logs.join("f.log.1"), "old\n").unwrap();
+        out.clear();
+        function_log(state.path(), "f", &mut out).unwrap();
+        assert_eq!(out, b"old\nnew\n");
+    }
 }

@@ -6,6 +6,11 @@
 //! result arrives, so [`LogSink::finish_invocation`] drains the pipes without blocking and
 //! ships everything before the invocation's report: no line of an invocation ever arrives
 //! after its report.
+//!
+//! The pipes are always read, so a runtime never blocks on its output, however slowly
+//! the host takes it; what waits to be posted is bounded instead ([`MAX_PENDING`], inside
+//! the function's own memory): past it lines are dropped, and one [`marker`] line in
+//! their place says how many bytes were lost.
 
 use std::collections::VecDeque;
 use std::io;
@@ -29,6 +34,16 @@ const MAX_LINE: usize = 256 * 1024;
 const MAX_BATCH: usize = 256 * 1024;
 /// How long the shipper waits for more lines before posting a batch.
 const BATCH_DELAY: Duration = Duration::from_millis(5);
+/// Bytes of lines waiting to be posted past which new lines are dropped (the batches
+/// being posted, at most as much again, come on top).
+pub const MAX_PENDING: usize = 1 << 20;
+
+/// The line that stands for `bytes` of the runtime's output that were dropped.
+pub fn marker(bytes: u64) -> String {
+    format!(
+        "[kindling] {bytes} bytes of log dropped: the function logged faster than the host took them\n"
+    )
+}
 
 struct Batch {
     request_id: Option<String>,
@@ -44,11 +59,41 @@ struct Source {
 struct State {
     sources: Vec<Source>,
     batches: VecDeque<Batch>,
+    /// Bytes in `batches`.
+    pending: usize,
+    /// Bytes dropped since the last marker.
+    dropped: u64,
     request_id: Option<String>,
 }
 
 impl State {
+    /// Queues one line (a newline is added if it has none), or drops it when
+    /// [`MAX_PENDING`] bytes already wait; the first line queued after a drop comes after
+    /// the marker that accounts for it.
     fn push_line(&mut self, line: &[u8]) {
+        let len = line.len() + usize::from(!line.ends_with(b"\n"));
+        if self.pending.saturating_add(len) > MAX_PENDING {
+            self.dropped = self
+                .dropped
+                .saturating_add(u64::try_from(len).unwrap_or(u64::MAX));
+            return;
+        }
+        self.mark_dropped();
+        self.queue(line);
+    }
+
+    /// Queues the marker of the lines dropped since the last one, if any (it may take
+    /// the pending bytes a line past the bound).
+    fn mark_dropped(&mut self) {
+        if self.dropped > 0 {
+            let marker = marker(mem::take(&mut self.dropped));
+            self.queue(marker.as_bytes());
+        }
+    }
+
+    fn queue(&mut self, line: &[u8]) {
+        let len = line.len() + usize::from(!line.ends_with(b"\n"));
+        self.pending += len;
         match self.batches.back_mut() {
             Some(b)
                 if b.request_id == self.request_id && b.text.len() + line.len() <= MAX_BATCH =>
@@ -191,6 +236,8 @@ impl LogSink {
             let mut state = self.state();
             state.drain();
             state.close_partials();
+            // What was lost of this invocation's output is told within it.
+            state.mark_dropped();
             state.request_id = None;
         }
         self.ship().await;
@@ -198,7 +245,14 @@ impl LogSink {
 
     async fn ship(&self) {
         let _order = self.shipping.lock().await;
-        let batches = mem::take(&mut self.state().batches);
+        let batches = {
+            let mut state = self.state();
+            // Lines dropped since the last queued one were the latest: their marker
+            // goes after everything that waits.
+            state.mark_dropped();
+            state.pending = 0;
+            mem::take(&mut state.batches)
+        };
         for batch in batches {
             let mut headers = vec![(CONTENT_TYPE, HeaderValue::from_static("text/plain"))];
             if let Some(id) = batch.request_id.as_deref() {
@@ -219,5 +273,51 @@ impl LogSink {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(state: &State) -> String {
+        state
+            .batches
+            .iter()
+            .map(|b| String::from_utf8_lossy(&b.text).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn past_the_bound_lines_are_dropped_and_a_marker_tells_how_many_bytes() {
+        let mut state = State::default();
+        let line = [b'a'; 1023];
+        // 1 MiB fits exactly (1024-byte lines, a newline added to each).
+        for _ in 0..1024 {
+            state.push_line(&line);
+        }
+        assert_eq!((state.pending, state.dropped), (MAX_PENDING, 0));
+        state.push_line(b"lost one\n");
+        state.push_line(b"lost two");
+        assert_eq!(state.dropped, 18);
+        // Taken for posting: the marker follows what waited; then lines fit again.
+        state.mark_dropped();
+        let shipped = text(&state);
+        assert!(shipped.ends_with(&format!("{}{}", "a".repeat(1023) + "\n", marker(18))));
+        state.batches.clear();
+        state.pending = 0;
+        state.push_line(b"kept");
+        assert_eq!(text(&state), "kept\n");
+        // A drop in the middle: the marker comes before the first line after it.
+        state.batches.clear();
+        state.pending = 0;
+        for _ in 0..1025 {
+            state.push_line(&line);
+        }
+        state.batches.clear();
+        state.pending = 0;
+        state.push_line(b"after");
+        assert_eq!(text(&state), format!("{}after\n", marker(1024)));
+        assert_eq!(state.dropped, 0);
     }
 }

@@ -359,6 +359,85 @@ async fn many_log_lines_arrive_batched_in_order_and_complete_before_the_report()
     }
 }
 
+/// Prints 32 MiB (32768 lines of 1023 zeros) as fast as it can, then answers.
+const FLOODER: &str = r#"#!/bin/bash
+while true; do
+  H=$(mktemp)
+  curl -sS -D "$H" -o /dev/null "http://$AWS_LAMBDA_RUNTIME_API/2018-06-01/runtime/invocation/next"
+  ID=$(grep -Fi Lambda-Runtime-Aws-Request-Id "$H" | tr -d '[:space:]' | cut -d: -f2)
+  yes "$(printf '%01023d' 0)" | head -n 32768
+  curl -sS -o /dev/null "http://$AWS_LAMBDA_RUNTIME_API/2018-06-01/runtime/invocation/$ID/response" -d done
+done
+"#;
+
+#[tokio::test]
+async fn output_faster_than_the_host_takes_it_is_dropped_with_a_marker_never_blocking() {
+    if !have("curl") || !have("bash") || !have("yes") || !have("head") {
+        return;
+    }
+    let guest = Guest::new();
+    guest.write_task("bootstrap", FLOODER, true);
+    let mut host = Host::new(guest.socket(), function_env("provided", "x.y"));
+    host.delay_logs(std::time::Duration::from_millis(200));
+    let _server = host.listen();
+    let bootstrap = guest.start(None);
+
+    let id = host.invoke("{}");
+    // The runtime was not blocked on its output: its answer came, within the patience.
+    let Record::Response { body, .. } = host.result(&id).await else {
+        panic!("{:#?}", host.history)
+    };
+    assert_eq!(body.as_ref(), b"done");
+
+    // What reached the host, and the markers of what did not, account for every byte.
+    let log = host.logs(Some(&id));
+    let (markers, lines): (Vec<&str>, Vec<&str>) =
+        log.lines().partition(|l| l.starts_with("[kindling] "));
+    let lost: u64 = markers
+        .iter()
+        .map(|m| {
+            let n = m
+                .strip_prefix("[kindling] ")
+                .and_then(|m| {
+                    m.strip_suffix(
+                        " bytes of log dropped: the function logged faster than the host took them",
+                    )
+                })
+                .unwrap_or_else(|| panic!("not a marker: {m}"));
+            n.parse::<u64>().unwrap()
+        })
+        .sum();
+    assert!(
+        lost > 0,
+        "nothing was dropped: {} lines arrived",
+        lines.len()
+    );
+    let zeros = "0".repeat(1023);
+    assert!(lines.iter().all(|l| *l == zeros), "a line arrived damaged");
+    let kept = u64::try_from(lines.len() * 1024).unwrap();
+    assert_eq!(kept + lost, 32 << 20, "{} markers", markers.len());
+    // At most the pending bound plus one round of posts in flight went through in the
+    // meantime, not the 32 MiB.
+    assert!(kept < 16 << 20, "{kept} bytes arrived");
+
+    // The agent's own memory stayed small.
+    let pid = bootstrap.0.id().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let peak_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix(" kB"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    println!("kindling-bootstrap peak RSS: {peak_kb} kB; {kept} bytes kept, {lost} dropped");
+    assert!(
+        peak_kb < 24 << 10,
+        "kindling-bootstrap peaked at {peak_kb} kB"
+    );
+}
+
 /// Its first start dies while its `/next` is still waiting; later starts serve events.
 const DIES_WAITING: &str = r#"#!/bin/bash
 if [ ! -e "$LAMBDA_TASK_ROOT/started-once" ]; then

@@ -1,5 +1,11 @@
 //! The Invoke API that callers use, shaped like Lambda's:
 //! `POST /2015-03-31/functions/{name}/invocations` and `GET /metrics`.
+//!
+//! Limits: a request payload of at most [`MAX_REQUEST_BYTES`] (an `Event` one: at most
+//! [`MAX_EVENT_PAYLOAD_BYTES`], else 413 `RequestEntityTooLargeException`); accepted
+//! `Event` invocations bounded per function (else 429 `TooManyRequestsException`, see
+//! [`Scheduler::accept_event`]); connections bounded in number and in time spent idle or
+//! sending a head (see [`crate::connections`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -14,10 +20,11 @@ use hyper_util::rt::TokioIo;
 use kindling_wire::MAX_REQUEST_BYTES;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::body::{read_limited, BodyError};
+use crate::connections::{self, Activity, ConnectionLimits, Watched};
 use crate::logs;
 use crate::metrics::{self, Metrics};
 use crate::scheduler::{until_true, Answer, InvokeError, InvokeRequest, Scheduler, VERSION};
@@ -32,6 +39,9 @@ pub const HEADER_ERROR_TYPE: &str = "x-amzn-errortype";
 pub const HEADER_REQUEST_ID: &str = "x-amzn-requestid";
 pub const HEADER_TRACE_ID: &str = "x-amzn-trace-id";
 
+/// Largest `Event` payload, as Lambda's asynchronous invocations (1 MB since 2025).
+pub const MAX_EVENT_PAYLOAD_BYTES: usize = 1 << 20;
+
 /// How long shutdown waits for answers still being written.
 const ANSWER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -41,20 +51,47 @@ const PATH_SUFFIX: &str = "/invocations";
 pub(crate) struct InvokeApi {
     pub scheduler: Arc<Scheduler>,
     pub metrics: Arc<Metrics>,
+    pub limits: ConnectionLimits,
 }
 
 /// Serves callers until `stop` turns true, then lets the answers in progress be written
 /// (within [`ANSWER_GRACE`]) and closes every connection.
+///
+/// At most `max_connections` are served at once: one more is answered 503 and closed
+/// (see [`connections::refuse`]), and the server goes on accepting, so that its backlog
+/// never fills and the connections it serves are not disturbed.
 pub(crate) async fn serve(
     listener: TcpListener,
     api: Arc<InvokeApi>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let limits = api.limits;
+    let slots = Arc::new(Semaphore::new(
+        limits.max_connections.min(Semaphore::MAX_PERMITS),
+    ));
+    let refusing = Arc::new(Semaphore::new(connections::MAX_REFUSING));
+    let refusal = connections::refusal(limits.max_connections);
+    let mut full = false;
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        if !std::mem::replace(&mut full, true) {
+                            tracing::warn!(max = limits.max_connections, "invoke API connections at their limit: refusing new ones");
+                        }
+                        tracing::debug!(%peer, "connection refused: too many open");
+                        if let Ok(permit) = refusing.clone().try_acquire_owned() {
+                            let answer = refusal.clone();
+                            connections.spawn(async move {
+                                connections::refuse(stream, answer).await;
+                                drop(permit);
+                            });
+                        }
+                        continue;
+                    };
+                    full = false;
                     // Delayed ACK meets Nagle otherwise: ~40 ms stalls on split writes.
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
@@ -62,10 +99,18 @@ pub(crate) async fn serve(
                     let api = api.clone();
                     let mut stop = stop.clone();
                     connections.spawn(async move {
+                        let activity = Activity::new();
+                        let busy = activity.clone();
                         let service = service_fn(move |req| {
                             let api = api.clone();
-                            async move { Ok::<_, Infallible>(api.handle(req).await) }
+                            let busy = busy.busy();
+                            async move {
+                                let answer = api.handle(req).await;
+                                drop(busy);
+                                Ok::<_, Infallible>(answer)
+                            }
                         });
+                        let stream = Watched::new(stream, activity.clone());
                         let conn = hyper::server::conn::http1::Builder::new()
                             .serve_connection(TokioIo::new(stream), service);
                         tokio::pin!(conn);
@@ -73,6 +118,10 @@ pub(crate) async fn serve(
                         // invocation has finished by then); idle connections close.
                         let ended = tokio::select! {
                             ended = conn.as_mut() => ended,
+                            why = activity.overstayed(&limits) => {
+                                tracing::debug!(%peer, why, "closing an invoke API connection");
+                                Ok(())
+                            }
                             _ = until_true(&mut stop) => {
                                 conn.as_mut().graceful_shutdown();
                                 conn.await
@@ -81,6 +130,7 @@ pub(crate) async fn serve(
                         if let Err(e) = ended {
                             tracing::debug!(%peer, error = %e, "invoke API connection ended with an error");
                         }
+                        drop(slot);
                     });
                 }
                 Err(e) => {
@@ -208,11 +258,25 @@ impl InvokeApi {
             trace_id,
         };
         if invocation_type == "Event" {
+            let bytes = request.payload.len();
+            if bytes > MAX_EVENT_PAYLOAD_BYTES {
+                return lambda_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "RequestEntityTooLargeException",
+                    &format!("{bytes} byte payload is too large for the Event invocation type (limit {MAX_EVENT_PAYLOAD_BYTES} bytes)"),
+                );
+            }
+            // Held until the invocation is over: what is accepted stays bounded.
+            let ticket = match self.scheduler.accept_event(&function, bytes) {
+                Ok(ticket) => ticket,
+                Err(e) => return self.refused(e),
+            };
             let scheduler = self.scheduler.clone();
             tokio::spawn(async move {
                 if let Err(e) = scheduler.invoke(&function, request, true).await {
                     tracing::warn!(%function, error = %e, "event invocation failed");
                 }
+                drop(ticket);
             });
             return status_only(StatusCode::ACCEPTED);
         }
@@ -243,31 +307,46 @@ impl InvokeApi {
                 }
                 r
             }
-            Err(InvokeError::NotFound(n)) => not_found(&self.scheduler.arn(&n)),
-            Err(e @ InvokeError::TooManyRequests(_)) => {
-                let mut r = json_response(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    &json!({"Type": "User", "message": e.to_string(), "Reason": "ReservedFunctionConcurrentInvocationLimitExceeded"}),
-                );
-                r.headers_mut().insert(
-                    HEADER_ERROR_TYPE,
-                    HeaderValue::from_static("TooManyRequestsException"),
-                );
-                r
+            Err(e) => self.refused(e),
+        }
+    }
+
+    /// The answer to an invocation that could not be run.
+    fn refused(&self, e: InvokeError) -> Response<Full<Bytes>> {
+        match e {
+            InvokeError::NotFound(n) => not_found(&self.scheduler.arn(&n)),
+            InvokeError::TooManyRequests(_) => {
+                too_many_requests(&e, "ReservedFunctionConcurrentInvocationLimitExceeded")
             }
-            Err(e @ InvokeError::ShuttingDown) => lambda_error(
+            InvokeError::EventQueueFull { .. } => {
+                too_many_requests(&e, "FunctionInvocationRateLimitExceeded")
+            }
+            InvokeError::ShuttingDown => lambda_error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "ServiceException",
                 &e.to_string(),
             ),
             // The message names the launcher's error chain, down to its root cause.
-            Err(e @ InvokeError::Environment { .. }) => lambda_error(
+            InvokeError::Environment { .. } => lambda_error(
                 StatusCode::BAD_GATEWAY,
                 "ServiceException",
                 &format!("{:#}", anyhow::Error::new(e)),
             ),
         }
     }
+}
+
+/// Lambda's throttling answer: 429 `TooManyRequestsException` with its `Reason`.
+fn too_many_requests(e: &InvokeError, reason: &str) -> Response<Full<Bytes>> {
+    let mut r = json_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        &json!({"Type": "User", "message": e.to_string(), "Reason": reason}),
+    );
+    r.headers_mut().insert(
+        HEADER_ERROR_TYPE,
+        HeaderValue::from_static("TooManyRequestsException"),
+    );
+    r
 }
 
 /// `X-Amz-Client-Context` is base64 JSON; the runtime gets the JSON.

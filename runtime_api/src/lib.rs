@@ -7,6 +7,7 @@
 mod body;
 pub mod client;
 pub mod config;
+mod connections;
 pub mod environment;
 mod invoke_api;
 pub mod logs;
@@ -20,6 +21,6 @@ pub use environment::{
 };
 pub use invoke_api::{
     HEADER_CLIENT_CONTEXT, HEADER_EXECUTED_VERSION, HEADER_FUNCTION_ERROR, HEADER_INVOCATION_TYPE,
-    HEADER_LOG_RESULT, HEADER_LOG_TYPE,
+    HEADER_LOG_RESULT, HEADER_LOG_TYPE, MAX_EVENT_PAYLOAD_BYTES,
 };
 pub use server::{Server, ServerOptions, DEFAULT_INVOKE_ADDR};

@@ -3,9 +3,17 @@
 //!
 //! Every line goes to an append-only file per function (`<state>/logs/<name>.log`, for
 //! `kindling logs` and post-mortems) and to a broadcast channel (for `kindling run`,
-//! which prints lines as they happen). Each invocation also keeps its own copy so that
-//! the caller can ask for its tail (`X-Amz-Log-Type: Tail`).
+//! which prints lines as they happen). Each invocation also keeps the end of its own log
+//! ([`LogTail`]) so that the caller can ask for its tail (`X-Amz-Log-Type: Tail`).
+//!
+//! What the host holds stays bounded whatever a function prints: an invocation keeps at
+//! most `2 × TAIL_BYTES` of its log in memory, a live line is cut at [`LIVE_LINE_BYTES`]
+//! for subscribers (the file has it whole), and a function's file is rotated once it
+//! passes its cap ([`DEFAULT_MAX_FILE_BYTES`]): `<name>.log` becomes `<name>.log.1`
+//! (replacing the previous one), so a function never takes more than twice the cap of
+//! disk.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -17,6 +25,13 @@ use tokio::sync::broadcast;
 
 /// How much of an invocation's log a caller gets back with `X-Amz-Log-Type: Tail`.
 pub const TAIL_BYTES: usize = 4096;
+/// A function's log file is rotated when a line would take it past this (64 MiB).
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 64 << 20;
+/// Longest line subscribers get (the rest is in the file): with the channel's 4096
+/// lines, a subscriber that lags holds at most 32 MiB.
+pub const LIVE_LINE_BYTES: usize = 8 << 10;
+/// Lines the live channel holds for a subscriber that lags.
+const LIVE_LINES: usize = 4096;
 
 /// One line of one function's log, as subscribers see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,62 +46,192 @@ pub struct LogLine {
 pub struct LogSink {
     dir: PathBuf,
     tx: broadcast::Sender<LogLine>,
-    files: Mutex<std::collections::HashMap<String, File>>,
+    files: Mutex<HashMap<String, OpenLog>>,
+    max_file_bytes: u64,
+}
+
+/// A function's open log file and how long it is.
+#[derive(Debug)]
+struct OpenLog {
+    file: File,
+    len: u64,
 }
 
 impl LogSink {
-    /// Creates `dir` if needed; files are opened lazily, one per function.
+    /// Creates `dir` if needed; files are opened lazily, one per function, and rotated
+    /// at [`DEFAULT_MAX_FILE_BYTES`] (see [`LogSink::with_max_file_bytes`]).
     pub fn new(dir: &Path) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let (tx, _) = broadcast::channel(4096);
+        let (tx, _) = broadcast::channel(LIVE_LINES);
         Ok(Self {
             dir: dir.to_path_buf(),
             tx,
             files: Mutex::default(),
+            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
         })
     }
 
-    /// Live lines of every function from now on. A subscriber that falls behind by more
-    /// than 4096 lines misses some (they stay in the files).
+    /// Rotates each function's file when a line would take it past `max` bytes (a
+    /// single longer line still goes whole into a fresh file).
+    #[must_use]
+    pub fn with_max_file_bytes(mut self, max: u64) -> Self {
+        self.max_file_bytes = max.max(1);
+        self
+    }
+
+    /// Live lines of every function from now on, each cut at [`LIVE_LINE_BYTES`]. A
+    /// subscriber that falls behind by more than 4096 lines misses some (they stay in
+    /// the files).
     pub fn subscribe(&self) -> broadcast::Receiver<LogLine> {
         self.tx.subscribe()
     }
 
-    /// The append-only log file of `function`.
+    /// The log file of `function` that lines are appended to.
     pub fn path(&self, function: &str) -> PathBuf {
         self.dir.join(format!("{function}.log"))
+    }
+
+    /// Where the lines before the last rotation of `function`'s log are: `<name>.log.1`.
+    pub fn rotated_path(&self, function: &str) -> PathBuf {
+        self.dir.join(format!("{function}.log.1"))
     }
 
     /// Appends one line (a trailing newline, if any, is dropped).
     pub fn write(&self, function: &str, line: &str) {
         let line = line.strip_suffix('\n').unwrap_or(line);
-        {
-            let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
-            let file = match files.get_mut(function) {
-                Some(f) => Some(f),
-                None => match OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(self.path(function))
-                {
-                    Ok(f) => Some(files.entry(function.to_string()).or_insert(f)),
-                    Err(e) => {
-                        tracing::warn!(function, error = %e, "cannot open the function log");
-                        None
-                    }
-                },
-            };
-            if let Some(file) = file {
-                if let Err(e) = writeln!(file, "{line}") {
-                    tracing::warn!(function, error = %e, "cannot write the function log");
-                }
-            }
-        }
+        self.append(function, line);
         // No subscriber is fine: the file has the line.
         let _ = self.tx.send(LogLine {
             function: function.to_string(),
-            text: line.to_string(),
+            text: live_text(line),
         });
+    }
+
+    fn append(&self, function: &str, line: &str) {
+        let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        let log = match files.get_mut(function) {
+            Some(log) => log,
+            None => match self.open(function) {
+                Ok(log) => files.entry(function.to_string()).or_insert(log),
+                Err(e) => {
+                    tracing::warn!(function, error = %e, "cannot open the function log");
+                    return;
+                }
+            },
+        };
+        let bytes = u64::try_from(line.len())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1);
+        if log.len > 0 && log.len.saturating_add(bytes) > self.max_file_bytes {
+            if let Err(e) = self.rotate(function, log) {
+                tracing::warn!(function, error = %e, "cannot rotate the function log");
+            }
+        }
+        match writeln!(log.file, "{line}") {
+            Ok(()) => log.len = log.len.saturating_add(bytes),
+            Err(e) => tracing::warn!(function, error = %e, "cannot write the function log"),
+        }
+    }
+
+    fn open(&self, function: &str) -> io::Result<OpenLog> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path(function))?;
+        let len = file.metadata()?.len();
+        Ok(OpenLog { file, len })
+    }
+
+    /// `<name>.log` becomes `<name>.log.1` and a new `<name>.log` starts. Should the
+    /// rename fail, the file is emptied instead: the disk stays bounded either way.
+    fn rotate(&self, function: &str, log: &mut OpenLog) -> io::Result<()> {
+        if let Err(e) = std::fs::rename(self.path(function), self.rotated_path(function)) {
+            log.file.set_len(0)?;
+            log.len = 0;
+            return Err(e);
+        }
+        // Should this fail, lines go on to the renamed file until the next rotation
+        // (whose rename then fails, and empties it).
+        *log = self.open(function)?;
+        Ok(())
+    }
+}
+
+/// `line`, cut at [`LIVE_LINE_BYTES`] (on a character boundary) with a note of how much
+/// only the file has.
+fn live_text(line: &str) -> String {
+    if line.len() <= LIVE_LINE_BYTES {
+        return line.to_string();
+    }
+    let cut = floor_char_boundary(line, LIVE_LINE_BYTES);
+    format!(
+        "{} [... {} more bytes in the log file]",
+        &line[..cut],
+        line.len() - cut
+    )
+}
+
+/// The largest character boundary of `s` at or below `i`.
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    if i >= s.len() {
+        return s.len();
+    }
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// The end of one invocation's log, what the host keeps of it in memory: all of it while
+/// it is short, else at least its last [`TAIL_BYTES`] and at most twice that, so that
+/// [`tail`] of the framed log (`START` … `REPORT`) is the same as if all of it had been
+/// kept, however much the function prints.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogTail {
+    text: String,
+    /// Bytes of the log no longer held.
+    dropped: u64,
+}
+
+impl LogTail {
+    /// Appends one line and a newline, forgetting the front past the bound.
+    pub fn push_line(&mut self, line: &str) {
+        const KEEP: usize = 2 * TAIL_BYTES;
+        let mut line = line;
+        if line.len() >= KEEP {
+            // Only its end can reach the tail: the rest of it and everything before goes.
+            let cut = floor_char_boundary(line, line.len() - TAIL_BYTES);
+            self.forget(self.text.len() + cut);
+            self.text.clear();
+            line = &line[cut..];
+        }
+        self.text.push_str(line);
+        self.text.push('\n');
+        if self.text.len() > KEEP {
+            let cut = floor_char_boundary(&self.text, self.text.len() - TAIL_BYTES);
+            self.forget(cut);
+            self.text.drain(..cut);
+        }
+    }
+
+    fn forget(&mut self, bytes: usize) {
+        self.dropped = self
+            .dropped
+            .saturating_add(u64::try_from(bytes).unwrap_or(u64::MAX));
+    }
+
+    /// What is kept, whole lines unless the front was dropped.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// How many bytes of the log were dropped from the front.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    pub fn into_string(self) -> String {
+        self.text
     }
 }
 
@@ -179,6 +324,94 @@ mod tests {
         assert!(t.starts_with("line "), "{}", &t[..20]);
         assert!(t.ends_with("line 999\n"));
         assert_eq!(tail("short\n"), "short\n");
+    }
+
+    #[test]
+    fn a_log_tail_is_bounded_and_tails_like_the_whole_log() {
+        // Lines of every length, some multi-byte, some longer than the window.
+        let mut lines = Vec::new();
+        for i in 0..3000usize {
+            let width = match i % 7 {
+                0 => 1,
+                1 => 80,
+                2 => 4095,
+                3 => 9000,
+                _ => i % 300,
+            };
+            let fill = if i % 3 == 0 { "é" } else { "x" };
+            lines.push(format!("{i}:{}", fill.repeat(width)));
+        }
+        let mut whole = String::new();
+        let mut kept = LogTail::default();
+        for (n, line) in lines.iter().enumerate() {
+            whole.push_str(line);
+            whole.push('\n');
+            kept.push_line(line);
+            assert!(kept.as_str().len() <= 2 * TAIL_BYTES + 1, "after line {n}");
+            assert!(whole.ends_with(kept.as_str()));
+            assert_eq!(
+                u64::try_from(whole.len() - kept.as_str().len()).unwrap(),
+                kept.dropped()
+            );
+            if n % 50 == 0 || n + 1 == lines.len() {
+                let frame = |log: &str| format!("START RequestId: r\n{log}END RequestId: r\n");
+                assert_eq!(
+                    tail(&frame(kept.as_str())),
+                    tail(&frame(&whole)),
+                    "after line {n}"
+                );
+            }
+        }
+        let mut short = LogTail::default();
+        short.push_line("one");
+        short.push_line("two");
+        assert_eq!((short.as_str(), short.dropped()), ("one\ntwo\n", 0));
+    }
+
+    #[test]
+    fn files_rotate_once_past_their_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = LogSink::new(dir.path()).unwrap().with_max_file_bytes(100);
+        for i in 0..30 {
+            sink.write("f", &format!("line {i:02} ........."));
+        }
+        let current = std::fs::read_to_string(sink.path("f")).unwrap();
+        let previous = std::fs::read_to_string(sink.rotated_path("f")).unwrap();
+        assert!(current.len() <= 100 && previous.len() <= 100);
+        assert!(current.ends_with("line 29 .........\n"), "{current}");
+        // One old file, and the two together are the most recent lines in order.
+        let both = format!("{previous}{current}");
+        let first: usize = both[5..7].parse().unwrap();
+        let want: String = (first..30)
+            .map(|i| format!("line {i:02} .........\n"))
+            .collect();
+        assert_eq!(both, want);
+        // A single line past the cap still goes whole, into a file of its own.
+        let long = "y".repeat(250);
+        sink.write("f", &long);
+        assert_eq!(
+            std::fs::read_to_string(sink.path("f")).unwrap(),
+            format!("{long}\n")
+        );
+    }
+
+    #[test]
+    fn long_lines_are_cut_for_subscribers_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = LogSink::new(dir.path()).unwrap();
+        let mut rx = sink.subscribe();
+        let long = "é".repeat(LIVE_LINE_BYTES);
+        sink.write("f", &long);
+        let live = rx.try_recv().unwrap().text;
+        assert!(live.len() < LIVE_LINE_BYTES + 64, "{}", live.len());
+        assert!(live.ends_with(&format!(
+            "[... {} more bytes in the log file]",
+            long.len() - LIVE_LINE_BYTES
+        )));
+        assert_eq!(
+            std::fs::read_to_string(sink.path("f")).unwrap(),
+            format!("{long}\n")
+        );
     }
 
     #[test]

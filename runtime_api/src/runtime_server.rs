@@ -26,7 +26,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::body::{self, BodyError};
-use crate::logs::LogSink;
+use crate::logs::{LogSink, LogTail};
 
 /// Largest log post (`/kindling/v1/logs`) the server takes at once.
 const MAX_LOG_POST: usize = 1 << 20;
@@ -78,7 +78,8 @@ impl Outcome {
 pub struct Completion {
     pub outcome: Outcome,
     pub report: Option<InvocationReport>,
-    /// The runtime's log lines of this invocation.
+    /// The runtime's log lines of this invocation, or of a long log only its end (see
+    /// [`LogTail`]): the whole log is in the function's log file.
     pub log: String,
 }
 
@@ -101,7 +102,7 @@ struct InFlight {
     request_id: String,
     done: oneshot::Sender<Completion>,
     report: Option<InvocationReport>,
-    log: String,
+    log: LogTail,
 }
 
 #[derive(Default)]
@@ -128,7 +129,7 @@ impl State {
             let _ = f.done.send(Completion {
                 outcome,
                 report: f.report,
-                log: f.log,
+                log: f.log.into_string(),
             });
             true
         } else if let Some(p) = self.pending.take() {
@@ -273,12 +274,12 @@ impl RuntimeApi {
     }
 
     /// Gives up on the current invocation (timeout, crash): later answers for it get 403.
-    /// Returns what the guest had logged for it.
+    /// Returns (the end of) what the guest had logged for it.
     pub fn abandon(&self) -> String {
         let mut state = self.shared.state();
         if let Some(f) = state.in_flight.take() {
             state.remember(f.request_id);
-            f.log
+            f.log.into_string()
         } else if let Some(p) = state.pending.take() {
             state.remember(p.invocation.request_id);
             String::new()
@@ -399,7 +400,7 @@ async fn next(shared: &Shared) -> Response<Full<Bytes>> {
                     request_id: inv.request_id,
                     done: p.done,
                     report: None,
-                    log: String::new(),
+                    log: LogTail::default(),
                 });
                 let _ = p.dispatched.send(now);
                 return response;
@@ -439,25 +440,30 @@ async fn response(shared: &Shared, id: &str, req: Request<Incoming>) -> Response
     }
     let body = match read_body(req, wire::MAX_RESPONSE_BYTES).await {
         Ok(b) => b,
-        Err(BodyError::TooLarge) => {
-            let mut state = shared.state();
-            if state.check_answer(id).is_ok() {
-                state.complete_current(Outcome::Failed {
-                    error: ErrorBody::new(
-                        "Function.ResponseSizeTooLarge",
-                        format!(
-                            "Response payload size exceeded maximum allowed payload size ({} bytes).",
-                            wire::MAX_RESPONSE_BYTES
-                        ),
-                    ),
-                    reset: false,
-                });
-            }
-            return too_large(wire::MAX_RESPONSE_BYTES);
-        }
+        Err(BodyError::TooLarge) => return answer_too_large(shared, id, "Response"),
         Err(BodyError::Broken(e)) => return broken_body(&e),
     };
     answer(shared, id, Outcome::Response(body))
+}
+
+/// A `/response` or `/error` body past [`wire::MAX_RESPONSE_BYTES`]: the runtime gets
+/// 413 and the invocation fails at once with `Function.ResponseSizeTooLarge` (the
+/// caller does not wait for the function's timeout); the environment is kept.
+fn answer_too_large(shared: &Shared, id: &str, what: &str) -> Response<Full<Bytes>> {
+    let mut state = shared.state();
+    if state.check_answer(id).is_ok() {
+        state.complete_current(Outcome::Failed {
+            error: ErrorBody::new(
+                "Function.ResponseSizeTooLarge",
+                format!(
+                    "{what} payload size exceeded maximum allowed payload size ({} bytes).",
+                    wire::MAX_RESPONSE_BYTES
+                ),
+            ),
+            reset: false,
+        });
+    }
+    too_large(wire::MAX_RESPONSE_BYTES)
 }
 
 async fn function_error(
@@ -471,7 +477,7 @@ async fn function_error(
     let header_type = error_type_header(&req);
     let body = match read_body(req, wire::MAX_RESPONSE_BYTES).await {
         Ok(b) => b,
-        Err(BodyError::TooLarge) => return too_large(wire::MAX_RESPONSE_BYTES),
+        Err(BodyError::TooLarge) => return answer_too_large(shared, id, "Error"),
         Err(BodyError::Broken(e)) => return broken_body(&e),
     };
     let (error_type, body) = normalise_error(header_type.as_deref(), body);
@@ -529,12 +535,11 @@ async fn post_logs(shared: &Shared, req: Request<Incoming>) -> Response<Full<Byt
         .in_flight
         .as_mut()
         .filter(|f| tagged.as_deref().is_none_or(|id| id == f.request_id));
-    let mut buffer = current.map(|f| &mut f.log);
+    let mut tail = current.map(|f| &mut f.log);
     for line in text.lines() {
         shared.logs.write(&shared.function_name, line);
-        if let Some(buf) = buffer.as_deref_mut() {
-            buf.push_str(line);
-            buf.push('\n');
+        if let Some(tail) = tail.as_deref_mut() {
+            tail.push_line(line);
         }
     }
     accepted()

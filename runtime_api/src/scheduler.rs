@@ -4,7 +4,8 @@
 //! `max_concurrency`, queues callers beyond that (a bounded queue, so that overload is
 //! answered with 429 instead of unbounded memory), retires environments that sat idle,
 //! and throws away any environment that timed out, crashed or failed its init, so that
-//! the next invocation gets a fresh one.
+//! the next invocation gets a fresh one. Accepted `Event` invocations are bounded too, by
+//! count and payload bytes per function ([`Scheduler::accept_event`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -38,6 +39,10 @@ pub struct SchedulerOptions {
     pub idle_timeout: Duration,
     /// Callers that may wait per function once every environment is busy.
     pub queue_depth: usize,
+    /// Accepted `Event` invocations per function not yet finished (queued or running).
+    pub event_queue_depth: usize,
+    /// Their payloads' bytes per function.
+    pub event_queue_bytes: usize,
     /// Start of an environment until its runtime's first `/next` (Lambda: 10 s).
     pub init_timeout: Duration,
     /// Grace given to an environment asked to stop cleanly.
@@ -53,6 +58,8 @@ impl SchedulerOptions {
             env_root,
             idle_timeout: Duration::from_secs(300),
             queue_depth: 100,
+            event_queue_depth: 100,
+            event_queue_bytes: 16 << 20,
             init_timeout: Duration::from_secs(10),
             stop_grace: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(5),
@@ -87,7 +94,8 @@ pub enum Answer {
 pub struct Invoked {
     pub request_id: String,
     pub answer: Answer,
-    /// This invocation's log, `START` to `REPORT`.
+    /// This invocation's log, `START` to `REPORT`; of a long one only `START` and the
+    /// end (enough for [`logs::tail`]): the whole log is in the function's log file.
     pub log: String,
 }
 
@@ -99,6 +107,17 @@ pub enum InvokeError {
     NotFound(String),
     #[error("Rate Exceeded: every environment of {0} is busy and its queue is full")]
     TooManyRequests(String),
+    #[error(
+        "Rate Exceeded: {function} has {events} Event invocations ({bytes} bytes of payload) \
+         accepted and not yet run, its limit is {max_events} events or {max_bytes} bytes"
+    )]
+    EventQueueFull {
+        function: String,
+        events: usize,
+        bytes: usize,
+        max_events: usize,
+        max_bytes: usize,
+    },
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error("cannot start an environment for {function}")]
@@ -155,7 +174,34 @@ struct PoolState {
     live: usize,
     /// Callers waiting for an environment, first come first served.
     queue: VecDeque<oneshot::Sender<Grant>>,
+    /// Accepted `Event` invocations not yet finished, and their payload bytes.
+    events: usize,
+    event_bytes: usize,
     closed: bool,
+}
+
+/// An accepted `Event` invocation's place in its function's bounded event queue
+/// ([`Scheduler::accept_event`]); dropping it (when the invocation is over) frees it.
+pub struct EventTicket {
+    pool: Arc<Pool>,
+    bytes: usize,
+}
+
+impl std::fmt::Debug for EventTicket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventTicket")
+            .field("function", &self.pool.function.name)
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}
+
+impl Drop for EventTicket {
+    fn drop(&mut self) {
+        let mut st = self.pool.lock();
+        st.events = st.events.saturating_sub(1);
+        st.event_bytes = st.event_bytes.saturating_sub(self.bytes);
+    }
 }
 
 /// What a queued caller is handed: a warm environment, or the right to start one.
@@ -247,9 +293,42 @@ impl Scheduler {
         &self.ctx.options.env_root
     }
 
-    /// Runs one invocation to its end. `queued` invocations (`Event`) wait for an
-    /// environment however long the queue; others get [`InvokeError::TooManyRequests`]
-    /// when the queue is full. The invocation runs on its own task: a caller that goes
+    /// Admits an `Event` invocation whose payload is `bytes` long, if its function's
+    /// accepted events (queued or running) stay within `event_queue_depth` and
+    /// `event_queue_bytes`; the ticket must be held until the invocation is over.
+    /// Otherwise [`InvokeError::EventQueueFull`]: nothing is accepted that could not be
+    /// kept.
+    pub fn accept_event(&self, name: &str, bytes: usize) -> Result<EventTicket, InvokeError> {
+        let pool = self
+            .pool(name)
+            .cloned()
+            .ok_or_else(|| InvokeError::NotFound(name.to_string()))?;
+        let options = &self.ctx.options;
+        {
+            let mut st = pool.lock();
+            if st.closed {
+                return Err(InvokeError::ShuttingDown);
+            }
+            if st.events >= options.event_queue_depth
+                || st.event_bytes.saturating_add(bytes) > options.event_queue_bytes
+            {
+                return Err(InvokeError::EventQueueFull {
+                    function: pool.function.name.clone(),
+                    events: st.events,
+                    bytes: st.event_bytes,
+                    max_events: options.event_queue_depth,
+                    max_bytes: options.event_queue_bytes,
+                });
+            }
+            st.events += 1;
+            st.event_bytes += bytes;
+        }
+        Ok(EventTicket { pool, bytes })
+    }
+
+    /// Runs one invocation to its end. `queued` invocations (`Event`, bounded by
+    /// [`Scheduler::accept_event`]) wait for an environment however long the queue;
+    /// others get [`InvokeError::TooManyRequests`] when the queue is full. The invocation runs on its own task: a caller that goes
     /// away loses its answer but never an environment.
     pub async fn invoke(
         &self,

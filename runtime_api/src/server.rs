@@ -12,9 +12,10 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch};
 
+use crate::connections::ConnectionLimits;
 use crate::environment::{Function, Isolation, Launcher};
 use crate::invoke_api::{self, InvokeApi};
-use crate::logs::{LogLine, LogSink};
+use crate::logs::{self, LogLine, LogSink};
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, SchedulerOptions};
 
@@ -27,16 +28,33 @@ pub struct ServerOptions {
     /// The Invoke API's address; port 0 picks a free one (see [`Server::local_addr`]).
     pub invoke_addr: SocketAddr,
     /// Holds `envs/` (one directory per environment, removed when it stops) and
-    /// `logs/<function>.log`. Unix socket paths are short: keep this short too.
+    /// `logs/<function>.log` (with `logs/<function>.log.1` once rotated). Unix socket
+    /// paths are short: keep this short too.
     pub state_dir: PathBuf,
     /// A warm environment unused this long is stopped.
     pub idle_timeout: Duration,
     /// Callers that may wait per function once every environment is busy.
     pub queue_depth: usize,
+    /// Accepted `Event` invocations per function not yet finished (queued or running);
+    /// past it, or past `event_queue_bytes` of their payloads, an `Event` gets 429.
+    pub event_queue_depth: usize,
+    pub event_queue_bytes: usize,
     /// Environment start until its runtime's first `/next`.
     pub init_timeout: Duration,
     /// How long shutdown lets running invocations finish.
     pub shutdown_grace: Duration,
+    /// A function's log file is rotated (to `<function>.log.1`, replacing the previous
+    /// one) when a line would take it past this many bytes.
+    pub log_file_max_bytes: u64,
+    /// An Invoke API connection that has sent part of a request head is closed when the
+    /// head is not complete this long after its first byte.
+    pub header_read_timeout: Duration,
+    /// An Invoke API connection with no request for this long (since it was accepted, or
+    /// since its last answer was written) is closed.
+    pub keep_alive_timeout: Duration,
+    /// Invoke API connections served at once; one more is answered 503
+    /// `ServiceException` (`Connection: close`) and closed.
+    pub max_connections: usize,
 }
 
 impl ServerOptions {
@@ -47,8 +65,14 @@ impl ServerOptions {
             state_dir: state_dir.into(),
             idle_timeout: defaults.idle_timeout,
             queue_depth: defaults.queue_depth,
+            event_queue_depth: defaults.event_queue_depth,
+            event_queue_bytes: defaults.event_queue_bytes,
             init_timeout: defaults.init_timeout,
             shutdown_grace: defaults.shutdown_grace,
+            log_file_max_bytes: logs::DEFAULT_MAX_FILE_BYTES,
+            header_read_timeout: Duration::from_secs(30),
+            keep_alive_timeout: Duration::from_secs(120),
+            max_connections: 1024,
         }
     }
 }
@@ -59,6 +83,7 @@ pub struct Server {
     scheduler: Arc<Scheduler>,
     metrics: Arc<Metrics>,
     logs: Arc<LogSink>,
+    limits: ConnectionLimits,
 }
 
 impl std::fmt::Debug for Server {
@@ -82,17 +107,21 @@ impl Server {
             anyhow::bail!("no functions to serve");
         }
         let logs = Arc::new(
-            LogSink::new(&options.state_dir.join("logs")).with_context(|| {
-                format!(
-                    "{}: cannot create the log directory",
-                    options.state_dir.display()
-                )
-            })?,
+            LogSink::new(&options.state_dir.join("logs"))
+                .with_context(|| {
+                    format!(
+                        "{}: cannot create the log directory",
+                        options.state_dir.display()
+                    )
+                })?
+                .with_max_file_bytes(options.log_file_max_bytes),
         );
         let metrics = Arc::new(Metrics::default());
         let mut sched = SchedulerOptions::new(options.state_dir.join("envs"));
         sched.idle_timeout = options.idle_timeout;
         sched.queue_depth = options.queue_depth;
+        sched.event_queue_depth = options.event_queue_depth;
+        sched.event_queue_bytes = options.event_queue_bytes;
         sched.init_timeout = options.init_timeout;
         sched.shutdown_grace = options.shutdown_grace;
         let scheduler = Arc::new(Scheduler::new(
@@ -110,6 +139,11 @@ impl Server {
             scheduler,
             metrics,
             logs,
+            limits: ConnectionLimits {
+                header_read_timeout: options.header_read_timeout,
+                keep_alive_timeout: options.keep_alive_timeout,
+                max_connections: options.max_connections,
+            },
         })
     }
 
@@ -125,9 +159,15 @@ impl Server {
         self.logs.subscribe()
     }
 
-    /// The append-only log file of a function.
+    /// The log file a function's lines are appended to; the lines before its last
+    /// rotation are in [`Server::rotated_log_path`].
     pub fn log_path(&self, function: &str) -> PathBuf {
         self.logs.path(function)
+    }
+
+    /// `<function>.log.1`: the function's log file before its last rotation.
+    pub fn rotated_log_path(&self, function: &str) -> PathBuf {
+        self.logs.rotated_path(function)
     }
 
     /// Serves until `shutdown` resolves, then refuses new work, lets running invocations
@@ -139,6 +179,7 @@ impl Server {
         let api = Arc::new(InvokeApi {
             scheduler: self.scheduler.clone(),
             metrics: self.metrics.clone(),
+            limits: self.limits,
         });
         let serving = tokio::spawn(invoke_api::serve(self.listener, api, stop_rx));
         let scheduler = self.scheduler.clone();

@@ -401,6 +401,112 @@ async fn a_full_queue_answers_429() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_invocations_are_bounded_and_refused_with_429_never_dropped() {
+    let make = |code: &std::path::Path| {
+        ["few", "big"]
+            .map(|name| {
+                let mut f = function(name, code);
+                f.max_concurrency = 1;
+                f
+            })
+            .to_vec()
+    };
+    let Some(mut h) = start(make, |o| {
+        o.event_queue_depth = 3;
+        o.event_queue_bytes = 64 << 10;
+    })
+    .await
+    else {
+        return;
+    };
+    let event = InvokeOptions {
+        invocation_type: InvocationType::Event,
+        ..Default::default()
+    };
+    let mut c = Client::connect(h.addr).await.unwrap();
+    let sleepy = |n: usize, pad: usize| {
+        json!({"n": n, "action": "sleep", "seconds": 0.5, "pad": "p".repeat(pad)}).to_string()
+    };
+    let throttled = |r: &InvokeResponse, what: &str| {
+        assert_eq!(r.status, 429, "{what}");
+        assert_eq!(r.headers["x-amzn-errortype"], "TooManyRequestsException");
+        let b = body(r);
+        assert_eq!(b["Type"], "User");
+        assert_eq!(b["Reason"], "FunctionInvocationRateLimitExceeded");
+        let message = b["message"].as_str().unwrap().to_string();
+        assert!(message.starts_with("Rate Exceeded"), "{message}");
+        message
+    };
+
+    // By count: three slow events are accepted (one runs, two wait), the fourth is not.
+    for n in 0..3 {
+        let r = c.invoke("few", sleepy(n, 0), &event).await.unwrap();
+        assert_eq!(r.status, 202, "event {n}");
+    }
+    let r = c.invoke("few", sleepy(3, 0), &event).await.unwrap();
+    let message = throttled(&r, "the fourth event");
+    assert!(message.contains("3 Event invocations"), "{message}");
+
+    // By bytes (64 KiB here): a second 40 KB event does not fit beside the first.
+    let r = c.invoke("big", sleepy(10, 40_000), &event).await.unwrap();
+    assert_eq!(r.status, 202);
+    let r = c.invoke("big", sleepy(11, 40_000), &event).await.unwrap();
+    let message = throttled(&r, "40 KB past the bytes bound");
+    assert!(message.contains("65536 bytes"), "{message}");
+    // Synchronous calls are not bounded by the events: one still runs (after them).
+    let plain = InvokeOptions::default();
+    let r = c.invoke("few", json!({"n": 20}).to_string(), &plain);
+    let r = tokio::time::timeout(Duration::from_secs(20), r)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status, 200);
+
+    // Past Lambda's asynchronous payload limit (1 MiB): 413, before any queue.
+    let max = kindling_runtime_api::MAX_EVENT_PAYLOAD_BYTES;
+    let r = c.invoke("big", vec![b' '; max + 1], &event).await.unwrap();
+    assert_eq!(r.status, 413);
+    assert_eq!(
+        r.headers["x-amzn-errortype"],
+        "RequestEntityTooLargeException"
+    );
+    assert_eq!(
+        body(&r)["message"],
+        format!(
+            "{} byte payload is too large for the Event invocation type (limit {max} bytes)",
+            max + 1
+        )
+    );
+    // Exactly the limit is not too large (here it only overflows the 64 KiB queue).
+    let r = c.invoke("big", vec![b' '; max], &event).await.unwrap();
+    assert_eq!(r.status, 429);
+
+    // Every accepted event runs; once they are over, there is room again.
+    let mut want: HashSet<String> = [0, 1, 2, 10].map(|n| format!("handling {n} sleep")).into();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !want.is_empty() {
+            let line = h.logs.recv().await.unwrap();
+            want.remove(&line.text);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("accepted events that never ran: {want:?}"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = c.invoke("big", sleepy(12, 40_000), &event).await.unwrap();
+        if r.status == 202 {
+            break;
+        }
+        throttled(&r, "while the first big event runs");
+        assert!(std::time::Instant::now() < deadline, "no room again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    h.log_line("handling 12 sleep").await;
+    drop(c);
+    h.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_kills_the_environment_and_the_next_gets_a_fresh_one() {
     let make = |code: &std::path::Path| {
         let mut f = function("slow", code);
@@ -498,6 +604,104 @@ async fn crashes_fail_the_invocation_in_flight_then_recover() {
         (200, Some(2))
     );
     assert_eq!(h.started(), 3);
+    h.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_error_fails_the_invocation_at_once() {
+    let make = |code: &std::path::Path| {
+        let mut f = function("loud", code);
+        f.timeout = Duration::from_secs(10);
+        f.max_concurrency = 1;
+        vec![f]
+    };
+    let Some(h) = start(make, |_| {}).await else {
+        return;
+    };
+    let pid = body(&h.invoke("loud", json!({})).await)["pid"].clone();
+    let started = std::time::Instant::now();
+    let r = h
+        .invoke(
+            "loud",
+            json!({"action": "big_error", "bytes": kindling_wire::MAX_RESPONSE_BYTES + 1}),
+        )
+        .await;
+    let took = started.elapsed();
+    assert_eq!(
+        (r.status.as_u16(), r.function_error.as_deref()),
+        (200, Some("Unhandled"))
+    );
+    let b = body(&r);
+    assert_eq!(b["errorType"], "Function.ResponseSizeTooLarge", "{b}");
+    // Not the function's 10 s timeout: as soon as the runtime posted it.
+    assert!(took < Duration::from_secs(6), "{took:?}");
+    // The environment is fine and serves the next invocation.
+    let r = h.invoke("loud", json!({})).await;
+    assert_eq!(body(&r)["pid"], pid);
+    assert_eq!(h.started(), 1);
+    h.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_logs_keeps_a_tail_in_memory_and_a_capped_file_on_disk() {
+    const CAP: u64 = 1 << 20;
+    let Some(h) = start(
+        |code| vec![function("spam", code)],
+        |o| o.log_file_max_bytes = CAP,
+    )
+    .await
+    else {
+        return;
+    };
+    // 4 MB of numbered 1000-byte lines: four times the file's cap.
+    let lines = 4000;
+    let tail = InvokeOptions {
+        log_tail: true,
+        ..Default::default()
+    };
+    let payload = json!({"action": "spam", "lines": lines, "width": 1000});
+    let r = client::invoke(h.addr, "spam", payload.to_string(), &tail)
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status.as_u16(), r.function_error.as_deref()),
+        (200, None)
+    );
+    let id = body(&r)["requestId"].as_str().unwrap().to_string();
+    let log_tail = r.log_tail.unwrap();
+    assert!(log_tail.len() <= kindling_runtime_api::logs::TAIL_BYTES);
+    let tail_lines: Vec<&str> = log_tail.lines().collect();
+    let n = tail_lines.len();
+    assert!(tail_lines[n - 3].starts_with("line 3999 xxx"), "{log_tail}");
+    assert_eq!(tail_lines[n - 2], format!("END RequestId: {id}"));
+    assert!(tail_lines[n - 1].starts_with(&format!("REPORT RequestId: {id}\t")));
+    assert!(tail_lines[0].starts_with("line 39"), "{log_tail}");
+
+    // On disk: the current file and one rotated file, each within the cap, holding the
+    // most recent lines in order.
+    let dir = h.state.path().join("logs");
+    let current = std::fs::read_to_string(dir.join("spam.log")).unwrap();
+    let previous = std::fs::read_to_string(dir.join("spam.log.1")).unwrap();
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(files.len(), 2, "{files:?}");
+    for text in [&current, &previous] {
+        assert!(u64::try_from(text.len()).unwrap() <= CAP, "{}", text.len());
+    }
+    let both = format!("{previous}{current}");
+    assert!(both.len() > (1 << 20), "{}", both.len());
+    let numbers: Vec<usize> = both
+        .lines()
+        .filter_map(|l| l.strip_prefix("line ")?.split(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(*numbers.last().unwrap(), lines - 1);
+    assert!(
+        numbers.windows(2).all(|w| w[1] == w[0] + 1),
+        "lines lost between the files"
+    );
+    assert!(current.ends_with(&format!("{}\n", tail_lines[n - 1])));
     h.close().await;
 }
 
@@ -631,6 +835,162 @@ async fn shutdown_cancels_what_outlives_the_grace_and_leaves_nothing() {
         body(&r)
     );
     assert_eq!(census.running.load(Ordering::SeqCst), 0);
+}
+
+/// Resolves when the server closes `read` (end of file or reset), with when.
+async fn closed_at(mut read: impl tokio::io::AsyncRead + Unpin) -> std::time::Instant {
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::io::AsyncReadExt::read(&mut read, &mut buf).await {
+            Ok(0) | Err(_) => return std::time::Instant::now(),
+            Ok(_) => {}
+        }
+    }
+}
+
+const DRY_RUN: &[(&str, &str)] = &[("X-Amz-Invocation-Type", "DryRun")];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_heads_and_idle_connections_are_closed() {
+    let header = Duration::from_millis(500);
+    let idle = Duration::from_millis(1500);
+    let Some(h) = start(
+        |code| vec![function("conn", code)],
+        |o| {
+            o.header_read_timeout = header;
+            o.keep_alive_timeout = idle;
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    let path = "/2015-03-31/functions/conn/invocations";
+
+    // A connection that never sends a byte is closed once idle too long.
+    let silent = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let silent_since = std::time::Instant::now();
+    let silent = tokio::spawn(closed_at(silent));
+
+    // Slowloris: a byte of a head every 50 ms, never ending it. Bytes keep coming, but
+    // the head is not complete within the header timeout of its first byte.
+    let (read, mut write) = tokio::net::TcpStream::connect(h.addr)
+        .await
+        .unwrap()
+        .into_split();
+    let first_byte = std::time::Instant::now();
+    let trickle = tokio::spawn(async move {
+        let head = format!("POST {path} HTTP/1.1\r\nHost: x\r\nX-Slow: ");
+        for byte in head.bytes().chain(std::iter::repeat(b'z')) {
+            if tokio::io::AsyncWriteExt::write_all(&mut write, &[byte])
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let closed = tokio::time::timeout(Duration::from_secs(10), closed_at(read))
+        .await
+        .expect("the slowloris connection was never closed");
+    let took = closed - first_byte;
+    assert!(took >= header && took < idle, "closed after {took:?}");
+    trickle.abort();
+
+    // Keep-alive: resting between requests is not a slow head; only the idle timeout
+    // closes such a connection, counted from its last answer.
+    let mut kept = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    assert_eq!(
+        common::request(&mut kept, "POST", path, DRY_RUN, b"{}")
+            .await
+            .status,
+        204
+    );
+    tokio::time::sleep(header + Duration::from_millis(300)).await;
+    let a = common::request(&mut kept, "POST", path, DRY_RUN, b"{}").await;
+    assert_eq!(
+        a.status, 204,
+        "closed while resting, before its idle timeout"
+    );
+    let answered = std::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(10), closed_at(&mut kept))
+        .await
+        .expect("the idle connection was never closed");
+    let took = closed - answered;
+    assert!(
+        took >= idle - Duration::from_millis(50) && took < idle * 3,
+        "closed {took:?} after its last answer"
+    );
+
+    let closed = tokio::time::timeout(Duration::from_secs(10), silent)
+        .await
+        .expect("the silent connection was never closed")
+        .unwrap();
+    let took = closed - silent_since;
+    assert!(took >= idle - Duration::from_millis(50), "{took:?}");
+
+    // The server itself is fine.
+    assert_eq!(h.invoke("conn", json!({})).await.status, 200);
+    h.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_get_503_while_the_others_are_served() {
+    let Some(h) = start(
+        |code| vec![function("capped", code)],
+        |o| o.max_connections = 4,
+    )
+    .await
+    else {
+        return;
+    };
+    let path = "/2015-03-31/functions/capped/invocations";
+    // A client with a kept-alive connection, and three idle ones: four, the cap.
+    let mut c = Client::connect(h.addr).await.unwrap();
+    let plain = InvokeOptions::default();
+    assert_eq!(c.invoke("capped", "{}", &plain).await.unwrap().status, 200);
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(tokio::net::TcpStream::connect(h.addr).await.unwrap());
+    }
+    for i in 0..10 {
+        let mut extra = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+        let a = common::request(&mut extra, "POST", path, &[], b"{}").await;
+        assert_eq!(a.status, 503, "extra connection {i}");
+        assert_eq!(a.header("x-amzn-errortype"), Some("ServiceException"));
+        assert_eq!(a.header("connection"), Some("close"));
+        let message = a.json()["message"].as_str().unwrap().to_string();
+        assert!(message.contains("4 connections open"), "{message}");
+        tokio::time::timeout(Duration::from_secs(5), closed_at(extra))
+            .await
+            .expect("a refused connection stayed open");
+        // Meanwhile the connections within the cap are served as ever.
+        let r = c.invoke("capped", json!({"n": i}).to_string(), &plain);
+        assert_eq!(r.await.unwrap().status, 200);
+    }
+    assert_eq!(
+        common::request(&mut idle[0], "POST", path, DRY_RUN, b"{}")
+            .await
+            .status,
+        204
+    );
+    // Once some close, new connections are served again.
+    drop(idle);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = client::invoke(h.addr, "capped", "{}", &plain)
+            .await
+            .unwrap();
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 503);
+        assert!(std::time::Instant::now() < deadline, "no room again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(c);
+    h.close().await;
 }
 
 /// A launcher that cannot start anything.

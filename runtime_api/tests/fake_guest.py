@@ -2,7 +2,9 @@
 /kindling/v1 extension endpoints over the host's Unix socket, the way bootstrap does.
 
 Each event is JSON with an "action": echo (default), sleep, error, exit (the process
-dies), runtime_exit (reports the runtime's death first, as bootstrap would), big.
+dies), runtime_exit (reports the runtime's death first, as bootstrap would), big (a
+response of "bytes" bytes), big_error (an /error of "bytes" bytes), spam ("lines" log
+lines "line <i> xxx..." of "width" bytes each, posted in batches of about 1 MiB).
 The function's env var INIT_ERROR makes init fail through /init/error.
 """
 import http.client
@@ -60,6 +62,18 @@ while True:
          {"Lambda-Runtime-Aws-Request-Id": request_id})
     if action == "sleep":
         time.sleep(ev["seconds"])
+    if action == "spam":
+        batch = []
+        size = 0
+        for i in range(ev["lines"]):
+            line = f"line {i} "
+            line += "x" * (ev["width"] - len(line) - 1) + "\n"
+            batch.append(line)
+            size += len(line)
+            if size >= (1 << 20) - ev["width"] or i == ev["lines"] - 1:
+                call("POST", "/kindling/v1/logs", "".join(batch).encode(),
+                     {"Lambda-Runtime-Aws-Request-Id": request_id})
+                batch, size = [], 0
     if action == "exit":
         os._exit(3)
     if action == "runtime_exit":
@@ -77,6 +91,9 @@ while True:
                   {"Lambda-Runtime-Function-Error-Type": "Function.Boom", **reported})
     elif action == "big":
         call("POST", base + "/response", b"x" * ev["bytes"], reported)
+    elif action == "big_error":
+        call("POST", base + "/error", b"e" * ev["bytes"],
+             {"Lambda-Runtime-Function-Error-Type": "Function.Loud", **reported})
     else:
         answer = {"echo": ev, "pid": os.getpid(), "requestId": request_id,
                   "deadline": resp.getheader("Lambda-Runtime-Deadline-Ms"),

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use common::{read_answer, request};
-use kindling_runtime_api::logs::LogSink;
+use kindling_runtime_api::logs::{tail, LogSink, TAIL_BYTES};
 use kindling_runtime_api::runtime_server::{Invocation, Outcome, RuntimeApi, Ticket};
 use kindling_wire::{FunctionEnvironment, MAX_RESPONSE_BYTES};
 use tokio::io::AsyncWriteExt;
@@ -385,6 +385,42 @@ async fn oversized_responses_get_413_and_the_caller_a_size_error() {
 }
 
 #[tokio::test]
+async fn an_oversized_error_fails_the_invocation_at_once() {
+    let f = fixture();
+    let mut c = f.connect().await;
+    let ticket = f.in_flight(&mut c, "loud").await;
+    let body = vec![b'e'; MAX_RESPONSE_BYTES + 1];
+    let r = request(
+        &mut c,
+        "POST",
+        &error_path("loud"),
+        &[("Lambda-Runtime-Function-Error-Type", "Function.Oops")],
+        &body,
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["errorType"].as_str()),
+        (413, Some("RequestEntityTooLarge"))
+    );
+    // Completed now, not at the function's timeout (`outcome` gives up after 5 s).
+    match outcome(ticket).await.outcome {
+        Outcome::Failed { error, reset } => {
+            assert_eq!(error.error_type, "Function.ResponseSizeTooLarge");
+            assert!(
+                error.error_message.contains("Error payload size exceeded"),
+                "{}",
+                error.error_message
+            );
+            assert!(!reset, "the environment itself is fine");
+        }
+        other => panic!("{other:?}"),
+    }
+    // A late answer for it is out of order; the connection still works.
+    let r = request(&mut c, "POST", &error_path("loud"), &[], b"{}").await;
+    assert_eq!(r.status, 403);
+}
+
+#[tokio::test]
 async fn garbage_and_broken_clients_get_clear_answers_and_lose_nothing() {
     let f = fixture();
     let mut c = f.connect().await;
@@ -585,6 +621,47 @@ async fn kindling_endpoints_environment_logs_report_and_exit() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[tokio::test]
+async fn the_host_keeps_only_the_end_of_a_long_invocation_log() {
+    let f = fixture();
+    let mut c = f.connect().await;
+    let ticket = f.in_flight(&mut c, "chatty").await;
+    // 8 MiB of 1 KiB lines, in posts of 1 MiB (the most one post may carry).
+    let line = |i: usize| format!("line {i:05} {}\n", "x".repeat(1012));
+    let mut all = String::new();
+    for post in 0..8 {
+        let text: String = (post * 1024..(post + 1) * 1024).map(line).collect();
+        let r = request(
+            &mut c,
+            "POST",
+            "/kindling/v1/logs",
+            &[("Lambda-Runtime-Aws-Request-Id", "chatty")],
+            text.as_bytes(),
+        )
+        .await;
+        assert_eq!(r.status, 202);
+        all.push_str(&text);
+    }
+    assert_eq!(
+        request(&mut c, "POST", &response_path("chatty"), &[], b"{}")
+            .await
+            .status,
+        202
+    );
+    let done = outcome(ticket).await;
+    // The invocation holds the end of its log, enough for the caller's tail, not 8 MiB.
+    assert!(
+        done.log.len() <= 2 * TAIL_BYTES,
+        "{} bytes of log held in memory",
+        done.log.len()
+    );
+    assert!(done.log.len() >= TAIL_BYTES);
+    assert!(all.ends_with(&done.log));
+    assert_eq!(tail(&done.log), tail(&all));
+    // The whole log went to the function's file.
+    assert_eq!(std::fs::read_to_string(f.logs.path("conf")).unwrap(), all);
 }
 
 #[tokio::test]

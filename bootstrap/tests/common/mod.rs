@@ -75,6 +75,8 @@ struct Shared {
     events: Mutex<std::collections::VecDeque<Event>>,
     new_event: Notify,
     records: mpsc::UnboundedSender<Record>,
+    /// How long each log post waits before it is taken (a slow host).
+    log_delay: Mutex<Duration>,
 }
 
 pub struct Host {
@@ -112,6 +114,7 @@ impl Host {
                 events: Mutex::default(),
                 new_event: Notify::new(),
                 records: tx,
+                log_delay: Mutex::new(Duration::ZERO),
             }),
             records: rx,
             history: Vec::new(),
@@ -134,6 +137,12 @@ impl Host {
             .map_err(|e| println!("SKIPPED (host cannot): no vsock loopback on this kernel ({e})"))
             .ok()?;
         Some(serve_on(listener, self.shared.clone()))
+    }
+
+    /// Makes every log post wait `delay` before the host takes it, as a host that keeps
+    /// up with the function's output less fast than the function writes it.
+    pub fn delay_logs(&self, delay: Duration) {
+        *self.shared.log_delay.lock().unwrap() = delay;
     }
 
     /// Queues an event; returns its request id.
@@ -352,6 +361,8 @@ async fn serve(
             accepted()
         }
         ("POST", kindling_wire::PATH_LOGS) => {
+            let delay = *shared.log_delay.lock().unwrap();
+            tokio::time::sleep(delay).await;
             let id = headers.get(kindling_wire::HEADER_REQUEST_ID).cloned();
             record(Record::Logs {
                 id,
