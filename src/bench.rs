@@ -26,7 +26,6 @@ use kindling_runtime_api::config::Hypervisor;
 use kindling_runtime_api::Isolation;
 use procfs::process::Process;
 
-use crate::serve::{parse_hypervisor, parse_isolation};
 use interrupt::Interrupt;
 use table::Results;
 use target::{Target, CLIENTS};
@@ -50,13 +49,12 @@ pub struct BenchArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_values = ["sandbox", "microvm"],
-        value_parser = parse_isolation
+        default_values = ["sandbox", "microvm"]
     )]
     isolation: Vec<Isolation>,
     /// microVM hypervisors to measure, comma-separated: kindling, qemu
     /// [default: qemu, and kindling where this host's KVM can boot a guest kernel].
-    #[arg(long, value_delimiter = ',', value_parser = parse_hypervisor)]
+    #[arg(long, value_delimiter = ',')]
     hypervisor: Vec<Hypervisor>,
 }
 

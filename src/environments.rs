@@ -13,7 +13,7 @@ use kindling_images::{
 };
 use kindling_microvm::kindling::KindlingVmm;
 use kindling_microvm::qemu::{self, Accel, Qemu};
-use kindling_microvm::{probe, BootFiles, Hypervisor as Backend, ImageSource, MicroVmLauncher};
+use kindling_microvm::{probe, Backend, BootFiles, ImageSource, MicroVmLauncher};
 use kindling_runtime_api::config::{FunctionConfig, Hypervisor};
 use kindling_runtime_api::{Environment, EnvironmentSpec, Function, Isolation, Launcher};
 use kindling_sandbox::{SandboxLauncher, SandboxOptions};

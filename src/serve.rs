@@ -49,7 +49,7 @@ pub struct RunArgs {
     #[arg(long = "env", value_parser = parse_env)]
     env: Vec<(String, String)>,
     /// microvm (default) or sandbox.
-    #[arg(long, value_parser = parse_isolation)]
+    #[arg(long)]
     isolation: Option<Isolation>,
     #[command(flatten)]
     common: ServerArgs,
@@ -60,7 +60,7 @@ pub struct RunArgs {
 struct ServerArgs {
     /// The microVM hypervisor for every microvm function: kindling (KVM) or qemu.
     /// Default: kindling where this host's KVM can boot a guest kernel, else qemu.
-    #[arg(long, value_parser = parse_hypervisor)]
+    #[arg(long)]
     hypervisor: Option<Hypervisor>,
     /// Stop an environment after it has been idle this many seconds.
     #[arg(long, default_value_t = 300)]
@@ -96,22 +96,6 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))
-}
-
-pub(crate) fn parse_isolation(s: &str) -> Result<Isolation, String> {
-    match s {
-        "microvm" => Ok(Isolation::MicroVm),
-        "sandbox" => Ok(Isolation::Sandbox),
-        other => Err(format!("{other:?}: expected microvm or sandbox")),
-    }
-}
-
-pub(crate) fn parse_hypervisor(s: &str) -> Result<Hypervisor, String> {
-    match s {
-        "kindling" => Ok(Hypervisor::Kindling),
-        "qemu" => Ok(Hypervisor::Qemu),
-        other => Err(format!("{other:?}: expected kindling or qemu")),
-    }
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {

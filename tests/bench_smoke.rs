@@ -121,11 +121,11 @@ fn bad_arguments_are_refused_clearly() {
         (&["bench", "--runs", "0"][..], "--runs"),
         (
             &["bench", "--isolation", "vm"][..],
-            "expected microvm or sandbox",
+            r#""vm" is not one of "sandbox", "microvm""#,
         ),
         (
             &["bench", "--hypervisor", "xen"][..],
-            "expected kindling or qemu",
+            r#""xen" is not one of "kindling", "qemu""#,
         ),
         (&["bench", "--invokes", "2"][..], "--invokes"),
     ] {

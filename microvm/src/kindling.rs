@@ -12,7 +12,8 @@ use serde_json::json;
 use tokio::process::Child;
 
 use crate::machine::{self, VmSpec};
-use crate::{Hypervisor, RunningVm};
+use crate::{Backend, RunningVm};
+use kindling_runtime_api::config::Hypervisor;
 
 #[derive(Debug)]
 pub struct KindlingVmm {
@@ -21,9 +22,13 @@ pub struct KindlingVmm {
 }
 
 #[async_trait]
-impl Hypervisor for KindlingVmm {
+impl Backend for KindlingVmm {
+    fn kind(&self) -> Hypervisor {
+        Hypervisor::Kindling
+    }
+
     fn name(&self) -> &'static str {
-        "kindling"
+        Hypervisor::Kindling.name()
     }
 
     async fn boot(&self, spec: &VmSpec) -> anyhow::Result<Box<dyn RunningVm>> {

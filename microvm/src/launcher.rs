@@ -12,7 +12,8 @@ use kindling_runtime_api::environment::{
 };
 
 use crate::machine::{Drive, VmSpec};
-use crate::{console, Hypervisor, RunningVm};
+use crate::{console, Backend, RunningVm};
+use kindling_runtime_api::config::Hypervisor;
 
 /// The files a guest of one runtime boots from.
 #[derive(Debug, Clone)]
@@ -33,7 +34,7 @@ pub trait ImageSource: Send + Sync + 'static {
 
 pub struct MicroVmLauncher {
     /// Each function's hypervisor (functions may choose theirs).
-    hypervisors: HashMap<String, Arc<dyn Hypervisor>>,
+    hypervisors: HashMap<String, Arc<dyn Backend>>,
     images: Arc<dyn ImageSource>,
     /// Guest consoles are appended to `<logs_dir>/<function>.console.log` when an
     /// environment stops, for `kindling logs`.
@@ -65,7 +66,7 @@ impl MicroVmLauncher {
     }
 
     /// Runs `function`'s environments on `hypervisor`.
-    pub fn assign(&mut self, function: &str, hypervisor: Arc<dyn Hypervisor>) {
+    pub fn assign(&mut self, function: &str, hypervisor: Arc<dyn Backend>) {
         tracing::info!(
             function,
             hypervisor = hypervisor.name(),
@@ -76,13 +77,13 @@ impl MicroVmLauncher {
 
     /// The guest kernel command line. `reboot=k` makes the guest's reboot(2) an i8042
     /// reset, which stops kindling-vmm (and QEMU, which runs with `-no-reboot`).
-    fn cmdline(hypervisor: &dyn Hypervisor, spec: &EnvironmentSpec) -> String {
+    fn cmdline(hypervisor: &dyn Backend, spec: &EnvironmentSpec) -> String {
         let mut cmdline = format!(
             "console=ttyS0 reboot=k panic=-1 quiet random.trust_cpu=on \
              kindling.root=/dev/vda kindling.task=/dev/vdb kindling.hostname={}",
             spec.function.name
         );
-        if hypervisor.name() == "kindling" {
+        if hypervisor.kind() == Hypervisor::Kindling {
             // kindling-vmm's i8042 is a bare keyboard controller (Firecracker's), and
             // the boot timer page exists only there.
             cmdline.push_str(

@@ -17,6 +17,7 @@ pub mod machine;
 pub mod probe;
 pub mod qemu;
 
+use kindling_runtime_api::config::Hypervisor;
 use std::io;
 use std::process::ExitStatus;
 
@@ -25,10 +26,12 @@ use async_trait::async_trait;
 pub use launcher::{BootFiles, ImageSource, MicroVmLauncher};
 use machine::VmSpec;
 
-/// A hypervisor that can boot a [`VmSpec`].
+/// A hypervisor backend that can boot a [`VmSpec`].
 #[async_trait]
-pub trait Hypervisor: Send + Sync {
-    /// `kindling`, `qemu/kvm`, `qemu/tcg`.
+pub trait Backend: Send + Sync {
+    /// Which hypervisor this is.
+    fn kind(&self) -> Hypervisor;
+    /// How it runs, for logs: `kindling`, `qemu/kvm`, `qemu/tcg`.
     fn name(&self) -> &'static str;
     async fn boot(&self, spec: &VmSpec) -> anyhow::Result<Box<dyn RunningVm>>;
 }

@@ -15,7 +15,8 @@ use tokio::net::UnixStream;
 use tokio::process::Child;
 
 use crate::machine::{self, VmSpec};
-use crate::{Hypervisor, RunningVm};
+use crate::{Backend, RunningVm};
+use kindling_runtime_api::config::Hypervisor;
 
 pub const QEMU: &str = "qemu-system-x86_64";
 pub const VHOST_VSOCK: &str = "vhost-device-vsock";
@@ -33,7 +34,11 @@ pub struct Qemu {
 }
 
 #[async_trait]
-impl Hypervisor for Qemu {
+impl Backend for Qemu {
+    fn kind(&self) -> Hypervisor {
+        Hypervisor::Qemu
+    }
+
     fn name(&self) -> &'static str {
         match self.accel {
             Accel::Kvm => "qemu/kvm",

@@ -27,6 +27,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::environment::{Function, Isolation};
+use crate::vocabulary::closed_vocabulary;
 
 /// Memory a function may ask for, in MB (Lambda's range).
 pub const MEMORY_MB: RangeInclusive<u32> = 128..=10240;
@@ -35,12 +36,14 @@ pub const TIMEOUT_S: RangeInclusive<u32> = 1..=900;
 /// Environments per function when the file does not say.
 pub const DEFAULT_MAX_CONCURRENCY: usize = 10;
 
-/// Which hypervisor runs a `microvm` function.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Hypervisor {
-    /// Kindling's own VMM (`host_vmm`).
-    Kindling,
-    Qemu,
+closed_vocabulary! {
+    /// Which hypervisor runs a `microvm` function.
+    pub enum Hypervisor {
+        /// Kindling's own VMM (`host_vmm`).
+        Kindling = "kindling",
+        /// `qemu-system-x86_64 -M microvm`.
+        Qemu = "qemu",
+    }
 }
 
 /// One `[functions.NAME]` table.
@@ -155,35 +158,18 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<FunctionConfig>, ConfigError
         let isolation = match f.isolation.as_ref() {
             // Like Lambda: every function gets a microVM unless it asks otherwise.
             None => Isolation::MicroVm,
-            Some(s) => match s.get_ref().as_str() {
-                "sandbox" => Isolation::Sandbox,
-                "microvm" => Isolation::MicroVm,
-                other => {
-                    return Err(located(
-                        s.span().start,
-                        format!(
-                            "{}: {other:?} is not one of \"sandbox\", \"microvm\"",
-                            key("isolation")
-                        ),
-                    ))
-                }
-            },
+            Some(s) => s
+                .get_ref()
+                .parse()
+                .map_err(|e| located(s.span().start, format!("{}: {e}", key("isolation"))))?,
         };
         let hypervisor = match f.hypervisor.as_ref() {
             None => None,
-            Some(s) => Some(match s.get_ref().as_str() {
-                "kindling" => Hypervisor::Kindling,
-                "qemu" => Hypervisor::Qemu,
-                other => {
-                    return Err(located(
-                        s.span().start,
-                        format!(
-                            "{}: {other:?} is not one of \"kindling\", \"qemu\"",
-                            key("hypervisor")
-                        ),
-                    ))
-                }
-            }),
+            Some(s) => Some(
+                s.get_ref()
+                    .parse()
+                    .map_err(|e| located(s.span().start, format!("{}: {e}", key("hypervisor"))))?,
+            ),
         };
         out.push(FunctionConfig {
             function: Function {

@@ -11,11 +11,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-/// How a function is isolated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Isolation {
-    Sandbox,
-    MicroVm,
+use crate::vocabulary::closed_vocabulary;
+
+closed_vocabulary! {
+    /// How a function is isolated.
+    pub enum Isolation {
+        Sandbox = "sandbox",
+        MicroVm = "microvm",
+    }
 }
 
 /// A function as the scheduler knows it (one entry of `functions.toml`).

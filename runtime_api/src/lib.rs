@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod runtime_server;
 pub mod scheduler;
 mod server;
+mod vocabulary;
 
 pub use environment::{
     Environment, EnvironmentSpec, Function, Isolation, Launcher, StartPhases, StopMode,
