@@ -100,3 +100,75 @@ impl RunningVm for KindlingVm {
         machine::kill(&mut self.vmm).await.map(drop)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::machine::Drive;
+
+    /// The seam between the launcher and the VMM: what `kindling serve` writes is what
+    /// `kindling-vmm --config-file` reads and accepts, field for field.
+    #[test]
+    fn the_launchers_config_is_a_valid_kindling_vmm_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, b"x").unwrap();
+            path
+        };
+        let spec = VmSpec {
+            kernel: file("bzImage"),
+            initramfs: file("initramfs.cpio.gz"),
+            cmdline: "console=ttyS0 reboot=k".into(),
+            drives: vec![
+                Drive {
+                    id: "root".into(),
+                    path: file("rootfs.ext4"),
+                    read_only: true,
+                },
+                Drive {
+                    id: "task".into(),
+                    path: file("code.ext4"),
+                    read_only: true,
+                },
+            ],
+            memory_mib: 128,
+            vcpus: 2,
+            guest_cid: 7,
+            vsock_uds: dir.path().join("v.sock"),
+            console_log: dir.path().join("console.log"),
+            work_dir: dir.path().to_path_buf(),
+        };
+        let config =
+            kindling_vmm::config::VmmConfig::from_json(&firecracker_config(&spec).to_string())
+                .unwrap();
+        config.validate().unwrap();
+        let boot = config.boot_source.as_ref().unwrap();
+        assert_eq!(boot.kernel_image_path, spec.kernel);
+        assert_eq!(boot.initrd_path.as_ref(), Some(&spec.initramfs));
+        assert_eq!(boot.boot_args.as_deref(), Some(spec.cmdline.as_str()));
+        let drives: Vec<_> = config
+            .drives
+            .iter()
+            .map(|d| {
+                (
+                    d.drive_id.as_str(),
+                    &d.path_on_host,
+                    d.is_read_only,
+                    d.is_root_device,
+                )
+            })
+            .collect();
+        assert_eq!(
+            drives,
+            [
+                ("root", &spec.drives[0].path, true, false),
+                ("task", &spec.drives[1].path, true, false)
+            ]
+        );
+        assert_eq!(config.machine_config.vcpu_count, 2);
+        assert_eq!(config.machine_config.mem_size_mib, 128);
+        let vsock = config.vsock.as_ref().unwrap();
+        assert_eq!((vsock.guest_cid, &vsock.uds_path), (7, &spec.vsock_uds));
+    }
+}
