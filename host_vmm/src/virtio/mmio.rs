@@ -107,19 +107,23 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.interrupt_status = 0;
     }
 
-    fn set_status(&mut self, status: u32) {
+    fn set_status(&mut self, mut status: u32) {
         if status == 0 {
             self.reset();
             return;
         }
-        let newly = status & !self.status;
-        if newly & VIRTIO_CONFIG_S_FEATURES_OK != 0
+        if status & !self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0
             && self.driver_features & !self.device.features() != 0
         {
             // The driver accepted features the device never offered: refuse FEATURES_OK.
-            self.status = status & !VIRTIO_CONFIG_S_FEATURES_OK;
-            return;
+            status &= !VIRTIO_CONFIG_S_FEATURES_OK;
         }
+        if status & VIRTIO_CONFIG_S_DRIVER_OK != 0 && status & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
+            // The device goes live only after a successful negotiation (virtio 1.2 §3.1.1).
+            tracing::debug!("virtio-mmio DRIVER_OK without FEATURES_OK ignored");
+            status &= !VIRTIO_CONFIG_S_DRIVER_OK;
+        }
+        let newly = status & !self.status;
         self.status = status;
         if newly & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
             self.device.activate(self.driver_features);
@@ -223,9 +227,13 @@ mod tests {
     use crate::memory::create_guest_memory;
     use vmm_sys_util::eventfd::EventFd;
 
-    /// A device with one queue of up to 256 entries and nothing behind it.
-    #[derive(Debug)]
-    struct Dummy;
+    /// A device with one queue of up to 256 entries and nothing behind it; it records
+    /// what the transport asked of it.
+    #[derive(Debug, Default)]
+    struct Dummy {
+        activated: Option<u64>,
+        processed: usize,
+    }
 
     impl VirtioDevice for Dummy {
         fn device_type(&self) -> u32 {
@@ -240,14 +248,149 @@ mod tests {
         fn read_config(&self, _offset: u64, data: &mut [u8]) {
             data.fill(0);
         }
+        fn activate(&mut self, acked_features: u64) {
+            self.activated = Some(acked_features);
+        }
         fn process_queue(&mut self, _: usize, _: &mut [Queue], _: &GuestMemory) -> bool {
-            false
+            self.processed += 1;
+            true
         }
     }
 
     fn transport() -> MmioTransport<Dummy> {
         let mem = create_guest_memory(1).unwrap();
-        MmioTransport::new(Dummy, mem, IrqLine(EventFd::new(0).unwrap()))
+        MmioTransport::new(Dummy::default(), mem, IrqLine(EventFd::new(0).unwrap()))
+    }
+
+    fn read(t: &mut MmioTransport<Dummy>, reg: u32) -> u32 {
+        let mut word = [0u8; 4];
+        t.read(u64::from(reg), &mut word);
+        u32::from_le_bytes(word)
+    }
+
+    const ACKNOWLEDGE: u32 = 1;
+    const DRIVER: u32 = 2;
+
+    /// The driver's side of virtio 1.2 §3.1.1 up to FEATURES_OK, accepting `features`.
+    fn negotiate(t: &mut MmioTransport<Dummy>, features: u64) -> u32 {
+        write(t, VIRTIO_MMIO_STATUS, ACKNOWLEDGE);
+        write(t, VIRTIO_MMIO_STATUS, ACKNOWLEDGE | DRIVER);
+        for sel in 0..2u32 {
+            write(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, sel);
+            let word = (features >> (32 * sel)) & 0xffff_ffff;
+            write(t, VIRTIO_MMIO_DRIVER_FEATURES, u32::try_from(word).unwrap());
+        }
+        let status = ACKNOWLEDGE | DRIVER | VIRTIO_CONFIG_S_FEATURES_OK;
+        write(t, VIRTIO_MMIO_STATUS, status);
+        read(t, VIRTIO_MMIO_STATUS)
+    }
+
+    /// A queue whose rings lie in guest memory, ready for the device.
+    fn set_up_queue(t: &mut MmioTransport<Dummy>) {
+        write(t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        write(t, VIRTIO_MMIO_QUEUE_NUM, 16);
+        write(t, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1000);
+        write(t, VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x2000);
+        write(t, VIRTIO_MMIO_QUEUE_USED_LOW, 0x3000);
+        write(t, VIRTIO_MMIO_QUEUE_READY, 1);
+    }
+
+    #[test]
+    fn the_status_handshake_activates_the_device_with_the_accepted_features() {
+        let mut t = transport();
+        let status = negotiate(&mut t, crate::virtio::VIRTIO_F_VERSION_1);
+        assert_ne!(
+            status & VIRTIO_CONFIG_S_FEATURES_OK,
+            0,
+            "FEATURES_OK sticks"
+        );
+        set_up_queue(&mut t);
+        write(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_eq!(t.device.processed, 0, "no queue work before DRIVER_OK");
+        assert_eq!(t.device.activated, None);
+        write(
+            &mut t,
+            VIRTIO_MMIO_STATUS,
+            status | VIRTIO_CONFIG_S_DRIVER_OK,
+        );
+        assert_eq!(t.device.activated, Some(crate::virtio::VIRTIO_F_VERSION_1));
+        write(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_eq!(t.device.processed, 1);
+        assert_eq!(
+            read(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS),
+            VIRTIO_MMIO_INT_VRING
+        );
+        assert_eq!(
+            t.irq.0.read().unwrap(),
+            1,
+            "the used-buffer interrupt was raised"
+        );
+        write(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
+        assert_eq!(read(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+        // A notify for a queue the device does not have does nothing.
+        write(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 7);
+        assert_eq!(t.device.processed, 1);
+    }
+
+    #[test]
+    fn features_the_device_never_offered_are_refused_at_features_ok() {
+        let mut t = transport();
+        let status = negotiate(&mut t, crate::virtio::VIRTIO_F_VERSION_1 | 1 << 5);
+        assert_eq!(
+            status & VIRTIO_CONFIG_S_FEATURES_OK,
+            0,
+            "FEATURES_OK refused"
+        );
+        set_up_queue(&mut t);
+        // Without FEATURES_OK the device never goes live, nor in one write of every bit.
+        for attempt in [status, ACKNOWLEDGE | DRIVER | VIRTIO_CONFIG_S_FEATURES_OK] {
+            write(
+                &mut t,
+                VIRTIO_MMIO_STATUS,
+                attempt | VIRTIO_CONFIG_S_DRIVER_OK,
+            );
+            assert_eq!(
+                read(&mut t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_DRIVER_OK,
+                0
+            );
+            write(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        }
+        assert_eq!(t.device.activated, None);
+        assert_eq!(t.device.processed, 0);
+    }
+
+    #[test]
+    fn the_queue_layout_is_frozen_after_driver_ok_and_a_reset_clears_everything() {
+        let mut t = transport();
+        let status = negotiate(&mut t, crate::virtio::VIRTIO_F_VERSION_1);
+        set_up_queue(&mut t);
+        write(
+            &mut t,
+            VIRTIO_MMIO_STATUS,
+            status | VIRTIO_CONFIG_S_DRIVER_OK,
+        );
+        write(&mut t, VIRTIO_MMIO_QUEUE_NUM, 32);
+        write(&mut t, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x8000);
+        write(&mut t, VIRTIO_MMIO_QUEUE_READY, 0);
+        assert_eq!(t.queues[0].size(), 16, "size frozen");
+        assert_eq!(t.queues[0].desc_table(), 0x1000, "rings frozen");
+        assert!(t.queues[0].ready(), "still ready");
+        write(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_ne!(read(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+
+        // Writing 0 to the status resets the device (virtio 1.2 §4.2.2.1).
+        write(&mut t, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(read(&mut t, VIRTIO_MMIO_STATUS), 0);
+        assert_eq!(read(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+        assert_eq!(read(&mut t, VIRTIO_MMIO_QUEUE_READY), 0);
+        assert_eq!(t.queues[0].size(), 256, "back to the maximum");
+        assert_eq!(t.driver_features, 0);
+        let processed = t.device.processed;
+        write(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_eq!(t.device.processed, processed, "no queue work after a reset");
+        // And the queue can be set up anew.
+        write(&mut t, VIRTIO_MMIO_QUEUE_NUM, 32);
+        assert_eq!(t.queues[0].size(), 32);
     }
 
     fn write(t: &mut MmioTransport<Dummy>, reg: u32, value: u32) {
@@ -272,14 +415,14 @@ mod tests {
     #[test]
     fn feature_words_and_register_reads() {
         let mut t = transport();
-        let mut word = [0u8; 4];
-        t.read(u64::from(VIRTIO_MMIO_MAGIC_VALUE), &mut word);
-        assert_eq!(u32::from_le_bytes(word), MMIO_MAGIC);
-        t.read(u64::from(VIRTIO_MMIO_DEVICE_FEATURES), &mut word);
-        assert_eq!(u32::from_le_bytes(word), 0);
+        assert_eq!(read(&mut t, VIRTIO_MMIO_MAGIC_VALUE), MMIO_MAGIC);
+        assert_eq!(read(&mut t, VIRTIO_MMIO_DEVICE_FEATURES), 0);
         write(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
-        t.read(u64::from(VIRTIO_MMIO_DEVICE_FEATURES), &mut word);
-        assert_eq!(u32::from_le_bytes(word), 1, "VERSION_1 is bit 32");
+        assert_eq!(
+            read(&mut t, VIRTIO_MMIO_DEVICE_FEATURES),
+            1,
+            "VERSION_1 is bit 32"
+        );
         // Only whole 32-bit registers are read.
         let mut half = [0xffu8; 2];
         t.read(u64::from(VIRTIO_MMIO_MAGIC_VALUE), &mut half);
