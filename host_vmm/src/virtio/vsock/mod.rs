@@ -520,6 +520,66 @@ mod tests {
     }
 
     #[test]
+    fn connections_past_the_limit_are_refused_until_one_closes() {
+        let path = uds("limit");
+        let listener = UnixListener::bind(format!("{}_7100", path.display())).unwrap();
+        let mut dev = Vsock::new(GUEST_CID, &path).unwrap();
+        dev.muxer.max_connections = 4;
+        let mut drv = Driver::new();
+        let mut answers = Vec::new();
+        for guest_port in 200..206u32 {
+            drv.give_rx(&mut dev, 1);
+            drv.send(&mut dev, header(OP_REQUEST, guest_port, 7100), &[]);
+            answers.extend(ops(&drv.recv(&mut dev)));
+        }
+        let accepted = [OP_RESPONSE; 4];
+        assert_eq!(answers, [&accepted[..], &[OP_RST, OP_RST]].concat());
+
+        // A host client past the limit is closed instead of reaching the guest.
+        let mut client = UnixStream::connect(&path).unwrap();
+        client.write_all(b"CONNECT 52\n").unwrap();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        drv.give_rx(&mut dev, 1);
+        for _ in 0..3 {
+            assert!(drv.recv(&mut dev).is_empty(), "nothing for the guest");
+        }
+        assert_eq!(client.read(&mut [0u8; 1]).unwrap(), 0, "closed");
+
+        // Once the guest closes one, a new connection gets through.
+        drv.send(&mut dev, header(OP_RST, 200, 7100), &[]);
+        drv.send(&mut dev, header(OP_REQUEST, 300, 7100), &[]);
+        assert_eq!(ops(&drv.recv(&mut dev)), [OP_RESPONSE]);
+        drop(listener);
+        std::fs::remove_file(format!("{}_7100", path.display())).unwrap();
+    }
+
+    #[test]
+    fn a_guest_that_takes_no_packets_cannot_grow_the_control_queue() {
+        let path = uds("flood");
+        let listener = UnixListener::bind(format!("{}_7200", path.display())).unwrap();
+        let mut dev = Vsock::new(GUEST_CID, &path).unwrap();
+        let mut drv = Driver::new();
+        drv.give_rx(&mut dev, 1);
+        drv.send(&mut dev, header(OP_REQUEST, 1, 7200), &[]);
+        assert_eq!(ops(&drv.recv(&mut dev)), [OP_RESPONSE]);
+        // Credit requests on one connection leave one credit update, the newest.
+        for _ in 0..100 {
+            drv.send(&mut dev, header(OP_CREDIT_REQUEST, 1, 7200), &[]);
+        }
+        assert_eq!(dev.muxer.pending_control(), 1);
+        // Stray packets, each answered with RST, stop at the bound.
+        let flood = u32::try_from(muxer::MAX_PENDING_CONTROL).unwrap() + 100;
+        for port in 1000..1000 + flood {
+            drv.send(&mut dev, header(OP_RW, port, 9), b"x");
+        }
+        assert_eq!(dev.muxer.pending_control(), muxer::MAX_PENDING_CONTROL);
+        drop(listener);
+        std::fs::remove_file(format!("{}_7200", path.display())).unwrap();
+    }
+
+    #[test]
     fn bad_configuration_is_refused() {
         assert!(Vsock::new(2, &uds("cid2")).is_err());
         let path = uds("twice");

@@ -32,6 +32,13 @@ const MAX_CONNECT_LINE: usize = 32;
 /// Host ports for host-initiated connections count up from here (below: guest-chosen ones).
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 const LISTENER_TOKEN: u64 = 0;
+/// Connections open at once, guest- and host-initiated together (Firecracker's limit): a
+/// guest asking for more gets RST, so it cannot exhaust the VMM's file descriptors.
+pub const MAX_CONNECTIONS: usize = 1023;
+/// Packets without payload waiting for an RX buffer. A guest that sends packets but gives
+/// no RX buffers makes an answer (RST, credit update) pile up for each: past this bound
+/// new ones are dropped, which costs only that guest's own connections.
+pub const MAX_PENDING_CONTROL: usize = 4 * MAX_CONNECTIONS;
 
 /// (host port, guest port)
 type Key = (u32, u32);
@@ -109,8 +116,12 @@ pub struct Muxer {
     conn_tokens: HashMap<Key, u64>,
     next_token: u64,
     next_local_port: u32,
-    /// Packets without payload waiting for an RX buffer.
+    /// Packets without payload waiting for an RX buffer, at most [`MAX_PENDING_CONTROL`].
     control: VecDeque<Header>,
+    /// Control packets dropped because the queue was full (warned about once per 1024).
+    dropped_control: u64,
+    /// [`MAX_CONNECTIONS`], lower in tests.
+    pub(super) max_connections: usize,
 }
 
 impl Muxer {
@@ -141,6 +152,8 @@ impl Muxer {
             next_token: LISTENER_TOKEN + 1,
             next_local_port: FIRST_LOCAL_PORT,
             control: VecDeque::new(),
+            dropped_control: 0,
+            max_connections: MAX_CONNECTIONS,
         })
     }
 
@@ -169,7 +182,31 @@ impl Muxer {
         if let Some(c) = self.conns.get_mut(&key) {
             c.fwd_cnt_told = c.fwd_cnt;
         }
+        // One credit update per connection is enough: a queued one takes the newest count.
+        if op == OP_CREDIT_UPDATE {
+            if let Some(queued) = self.control.iter_mut().find(|q| {
+                q.op == OP_CREDIT_UPDATE && (q.src_port, q.dst_port) == (h.src_port, h.dst_port)
+            }) {
+                *queued = h;
+                return;
+            }
+        }
+        if self.control.len() >= MAX_PENDING_CONTROL {
+            if self.dropped_control.is_multiple_of(1024) {
+                tracing::warn!(
+                    "vsock: the guest takes no packets; {} control packets dropped",
+                    self.dropped_control + 1
+                );
+            }
+            self.dropped_control += 1;
+            return;
+        }
         self.control.push_back(h);
+    }
+
+    /// Whether another connection would pass [`Muxer::max_connections`].
+    fn at_connection_limit(&self) -> bool {
+        self.conns.len() >= self.max_connections
     }
 
     fn new_token(&mut self, token: Token) -> u64 {
@@ -281,6 +318,14 @@ impl Muxer {
     }
 
     fn connect_to_host(&mut self, key: Key, hdr: &Header) {
+        if self.at_connection_limit() {
+            tracing::debug!(
+                "vsock: guest connect {key:?} refused: {} open",
+                self.conns.len()
+            );
+            self.push_control(key, OP_RST, 0);
+            return;
+        }
         let path = format!("{}_{}", self.uds_path.display(), key.0);
         match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
             Ok(stream) => {
@@ -423,10 +468,12 @@ impl Muxer {
             }
         };
         let hs = self.handshakes.remove(&token).expect("looked up above");
+        let port = port.filter(|_| !self.at_connection_limit());
         let Some(port) = port else {
             tracing::debug!(
-                "vsock: bad CONNECT line {:?}",
-                String::from_utf8_lossy(&hs.line)
+                "vsock: CONNECT line {:?} refused (malformed, or {} connections open)",
+                String::from_utf8_lossy(&hs.line),
+                self.conns.len()
             );
             self.tokens.remove(&token);
             return; // dropping the stream closes it
@@ -456,6 +503,12 @@ impl Muxer {
                 return port;
             }
         }
+    }
+
+    /// Control packets waiting for RX buffers.
+    #[cfg(test)]
+    pub(super) fn pending_control(&self) -> usize {
+        self.control.len()
     }
 
     /// Whether a packet for the guest may be ready (RX buffers are worth taking).
