@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -77,8 +78,29 @@ struct ServerArgs {
     init_timeout: u64,
     #[command(flatten)]
     addr: AddrArg,
+    /// Serve the Invoke API on an address other hosts can reach. It has no authentication:
+    /// anyone who reaches it can invoke every function.
+    #[arg(long)]
+    allow_remote: bool,
     #[command(flatten)]
     state: StateDirArg,
+}
+
+/// Refuses an Invoke API address off this host unless `allowed`, and warns when it is.
+fn check_exposure(addr: SocketAddr, allowed: bool) -> anyhow::Result<()> {
+    if addr.ip().is_loopback() {
+        return Ok(());
+    }
+    if !allowed {
+        bail!(
+            "--addr {addr} is reachable from other hosts and the Invoke API has no authentication; \
+             pass --allow-remote to serve there anyway"
+        );
+    }
+    eprintln!(
+        "kindling: warning: the Invoke API on {addr} has no authentication: anyone who reaches it can invoke every function"
+    );
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -151,6 +173,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
 /// Starts the host for `functions`, prints their logs, and serves until SIGINT/SIGTERM.
 async fn host(functions: Vec<FunctionConfig>, args: ServerArgs) -> anyhow::Result<ExitCode> {
+    check_exposure(args.addr.addr, args.allow_remote)?;
     let state_dir = args.state.state_dir;
     let images = args
         .images
@@ -294,5 +317,18 @@ mod tests {
         out.clear();
         function_log(state.path(), "f", &mut out).unwrap();
         assert_eq!(out, b"old\nnew\n");
+    }
+
+    #[test]
+    fn only_loopback_is_served_without_allow_remote() {
+        for local in ["127.0.0.1:9000", "[::1]:9000", "127.1.2.3:0"] {
+            check_exposure(local.parse().unwrap(), false).unwrap();
+        }
+        for remote in ["0.0.0.0:9000", "[::]:9000", "192.0.2.7:9000"] {
+            let addr = remote.parse().unwrap();
+            let err = check_exposure(addr, false).unwrap_err().to_string();
+            assert!(err.contains("--allow-remote"), "{err}");
+            check_exposure(addr, true).unwrap();
+        }
     }
 }

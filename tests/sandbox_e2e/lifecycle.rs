@@ -54,6 +54,36 @@ fn a_bad_functions_file_names_file_line_and_key() {
     }
 }
 
+#[test]
+fn an_address_other_hosts_reach_needs_allow_remote() {
+    let dir = Scratch::new();
+    let file = dir.path().join("functions.toml");
+    let code = repo_path("tests/functions/python-cases");
+    std::fs::write(
+        &file,
+        format!(
+            "[functions.f]\ncode = {:?}\nruntime = \"python\"\nhandler = \"cases.echo\"\n",
+            code.display()
+        ),
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    let out = Command::new(env!("CARGO_BIN_EXE_kindling"))
+        .args(["serve", "--addr", "0.0.0.0:0", "--functions"])
+        .arg(&file)
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .expect("running kindling serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "0.0.0.0 was served: {stderr}");
+    assert!(
+        stderr.contains("no authentication") && stderr.contains("--allow-remote"),
+        "{stderr}"
+    );
+    assert!(!state.exists(), "nothing is made for a refused address");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_the_invocation_in_flight_and_leaves_nothing() {
     let Some(bins) = prerequisites(&["/usr/bin/python3", "/bin/bash", "/usr/bin/curl"]) else {
