@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use kindling_images::ImagesManifest;
+use kindling_images::{ImagesManifest, Runtime};
 use kindling_runtime_api::config::{self, FunctionConfig, Hypervisor};
 use kindling_runtime_api::{Function, Isolation, Server, ServerOptions};
 use tokio::signal::unix::{signal, SignalKind};
@@ -28,9 +28,9 @@ pub struct ServeArgs {
 pub struct RunArgs {
     /// The function's code: a directory (or a Lambda-style .zip).
     code: PathBuf,
-    /// provided, provided-debian, python or node.
-    #[arg(long)]
-    runtime: String,
+    /// The runtime image the function boots.
+    #[arg(long, value_enum)]
+    runtime: Runtime,
     /// The handler, e.g. app.handler.
     #[arg(long)]
     handler: String,
@@ -121,7 +121,8 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let functions = config::load(&args.functions)?;
+    let runtimes = Runtime::ALL.map(Runtime::name);
+    let functions = config::load(&args.functions, &runtimes)?;
     host(functions, args.common).await
 }
 
@@ -153,7 +154,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let function = Function {
         name,
         code,
-        runtime: args.runtime,
+        runtime: args.runtime.name().to_string(),
         handler: args.handler,
         memory_mb: args.memory,
         timeout: Duration::from_secs(args.timeout.into()),

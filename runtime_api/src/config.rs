@@ -95,17 +95,22 @@ struct RawFunction {
 }
 
 /// Reads and checks a functions file.
-pub fn load(path: &Path) -> Result<Vec<FunctionConfig>, ConfigError> {
+pub fn load(path: &Path, runtimes: &[&str]) -> Result<Vec<FunctionConfig>, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
         file: path.to_path_buf(),
         line: None,
         message: format!("cannot read: {e}"),
     })?;
-    parse(&text, path)
+    parse(&text, path, runtimes)
 }
 
-/// Parses the text of a functions file; `path` names it in errors and anchors `code`.
-pub fn parse(text: &str, path: &Path) -> Result<Vec<FunctionConfig>, ConfigError> {
+/// Parses the text of a functions file; `path` names it in errors and anchors `code`;
+/// `runtimes` are the runtime names this host has images for.
+pub fn parse(
+    text: &str,
+    path: &Path,
+    runtimes: &[&str],
+) -> Result<Vec<FunctionConfig>, ConfigError> {
     let located = |offset: usize, message: String| ConfigError {
         file: path.to_path_buf(),
         line: Some(line_of(text, offset)),
@@ -147,6 +152,18 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<FunctionConfig>, ConfigError
                     format!("{}: must not be empty", key(k)),
                 ));
             }
+        }
+        if !runtimes.contains(&f.runtime.get_ref().as_str()) {
+            let names: Vec<String> = runtimes.iter().map(|r| format!("{r:?}")).collect();
+            return Err(located(
+                f.runtime.span().start,
+                format!(
+                    "{}: {:?} is not one of {}",
+                    key("runtime"),
+                    f.runtime.get_ref(),
+                    names.join(", ")
+                ),
+            ));
         }
         let out_of_range = |k: &'static str| {
             move |(at, range): (usize, String)| located(at, format!("{}: {range}", key(k)))
@@ -261,7 +278,7 @@ mod tests {
     use super::*;
 
     fn parse_in(dir: &Path, text: &str) -> Result<Vec<FunctionConfig>, ConfigError> {
-        parse(text, &dir.join("functions.toml"))
+        parse(text, &dir.join("functions.toml"), &["provided", "python"])
     }
 
     fn with_code() -> tempfile::TempDir {
@@ -346,6 +363,22 @@ GREETING = "hi"
             assert!(text.contains("functions.toml:5: "), "{text}");
             assert!(text.contains(want), "{line}: {text}");
         }
+    }
+
+    #[test]
+    fn an_unknown_runtime_is_named_with_its_line() {
+        let dir = with_code();
+        let err = parse_in(
+            dir.path(),
+            "[functions.a]\ncode = 'hello'\nhandler = 'h'\nruntime = 'pythno'\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.line, Some(4), "{err}");
+        assert!(
+            err.to_string()
+                .contains(r#"functions.a.runtime: "pythno" is not one of "provided", "python""#),
+            "{err}"
+        );
     }
 
     #[test]
