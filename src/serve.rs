@@ -86,6 +86,24 @@ struct ServerArgs {
     state: StateDirArg,
 }
 
+/// Raises the soft limit on open files to the hard one: a server holds a socket per caller
+/// connection (up to the Invoke API's cap of 1024) besides its environments' sockets and
+/// logs, more than the usual soft limit of 1024 allows.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                eprintln!(
+                    "kindling: warning: cannot raise the open-files limit {soft} to {hard}: {e}"
+                );
+            }
+        }
+        Ok(_) => {}
+        Err(e) => eprintln!("kindling: warning: cannot read the open-files limit: {e}"),
+    }
+}
+
 /// Refuses an Invoke API address off this host unless `allowed`, and warns when it is.
 fn check_exposure(addr: SocketAddr, allowed: bool) -> anyhow::Result<()> {
     if addr.ip().is_loopback() {
@@ -175,6 +193,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 /// Starts the host for `functions`, prints their logs, and serves until SIGINT/SIGTERM.
 async fn host(functions: Vec<FunctionConfig>, args: ServerArgs) -> anyhow::Result<ExitCode> {
     check_exposure(args.addr.addr, args.allow_remote)?;
+    raise_fd_limit();
     let state_dir = args.state.state_dir;
     let images = args
         .images
@@ -318,6 +337,16 @@ mod tests {
         out.clear();
         function_log(state.path(), "f", &mut out).unwrap();
         assert_eq!(out, b"old\nnew\n");
+    }
+
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_one() {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        // Lowering the soft limit is always allowed; raising it back is what is tested.
+        setrlimit(Resource::RLIMIT_NOFILE, hard.min(4096) / 2, hard).unwrap();
+        raise_fd_limit();
+        assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (hard, hard));
     }
 
     #[test]
