@@ -189,6 +189,13 @@ impl Launcher for SandboxByRuntime {
             .with_context(|| format!("no sandbox root for runtime {runtime:?}"))?;
         launcher.start(spec).await
     }
+
+    fn remove_orphan(&self, id: &str) {
+        // The launchers differ only in their root: any one removes the cgroup.
+        if let Some(launcher) = self.roots.values().next() {
+            launcher.remove_orphan(id);
+        }
+    }
 }
 
 /// Boot files and code images from the content-addressed image cache (or the manifest

@@ -112,4 +112,8 @@ pub trait Launcher: Send + Sync {
     /// A short name for logs: `sandbox`, `microvm/qemu`, ...
     fn name(&self) -> &str;
     async fn start(&self, spec: &EnvironmentSpec) -> anyhow::Result<Box<dyn Environment>>;
+    /// Removes what environment `id` of a server that died without stopping it (SIGKILL)
+    /// left outside its folder, such as a sandbox's cgroup; called once for each such
+    /// environment when a server starts on the same state dir.
+    fn remove_orphan(&self, _id: &str) {}
 }

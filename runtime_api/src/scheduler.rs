@@ -232,7 +232,7 @@ impl Scheduler {
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&options.env_root)
             .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", options.env_root.display()))?;
-        remove_orphaned_envs(&options.env_root);
+        remove_orphaned_envs(&options.env_root, launchers.values());
         let ctx = Arc::new(Ctx {
             options,
             logs,
@@ -820,8 +820,12 @@ impl Pool {
 
 /// Removes the environment folders (`<function>-<pid>-<n>`) of servers that died without
 /// stopping them (SIGKILL): their processes died with them, their sockets and scratch
-/// did not. Folders of live servers sharing the state dir are left alone.
-fn remove_orphaned_envs(env_root: &std::path::Path) {
+/// did not; each launcher removes what such an environment left elsewhere. Folders of
+/// live servers sharing the state dir are left alone.
+fn remove_orphaned_envs<'a>(
+    env_root: &std::path::Path,
+    launchers: impl Iterator<Item = &'a Arc<dyn Launcher>> + Clone,
+) {
     let Ok(entries) = std::fs::read_dir(env_root) else {
         return;
     };
@@ -832,6 +836,9 @@ fn remove_orphaned_envs(env_root: &std::path::Path) {
             .and_then(|n| n.rsplit('-').nth(1)?.parse::<u32>().ok());
         let Some(pid) = owner else { continue };
         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            if let Some(id) = name.to_str() {
+                launchers.clone().for_each(|l| l.remove_orphan(id));
+            }
             match std::fs::remove_dir_all(entry.path()) {
                 Ok(()) => {
                     tracing::info!(env = ?name, "removed the folder of an environment whose server died")
@@ -969,8 +976,29 @@ mod tests {
             std::fs::create_dir(dir).unwrap();
             std::fs::write(dir.join("vsock.sock_9001"), b"").unwrap();
         }
-        remove_orphaned_envs(root.path());
+        let launcher = OrphanRecorder::default();
+        let orphans = launcher.0.clone();
+        let launchers: Vec<Arc<dyn Launcher>> = vec![Arc::new(launcher)];
+        remove_orphaned_envs(root.path(), launchers.iter());
         assert!(!dead.exists());
         assert!(live.exists() && other.exists());
+        assert_eq!(*orphans.lock().unwrap(), ["my-fn-999999999-1"]);
+    }
+
+    /// A launcher that only notes the orphans it is told about.
+    #[derive(Default)]
+    struct OrphanRecorder(Arc<Mutex<Vec<String>>>);
+
+    #[async_trait::async_trait]
+    impl Launcher for OrphanRecorder {
+        fn name(&self) -> &str {
+            "recorder"
+        }
+        async fn start(&self, _: &EnvironmentSpec) -> anyhow::Result<Box<dyn Environment>> {
+            anyhow::bail!("starts nothing")
+        }
+        fn remove_orphan(&self, id: &str) {
+            self.0.lock().unwrap().push(id.to_string());
+        }
     }
 }

@@ -149,6 +149,38 @@ impl Cgroup {
         Ok(())
     }
 
+    /// Removes `<parent>/<name>` from every cgroup hierarchy that has it: what a sandbox
+    /// leaves when its server dies without stopping it. Its processes died with the
+    /// server; any still there are killed and the cgroup is left for the next start.
+    pub fn remove_leftover(parent: &str, name: &str) -> io::Result<()> {
+        let mounts = fs::read_to_string("/proc/self/mounts")?;
+        let roots = mount_points(&mounts, "cgroup2").chain(mount_points(&mounts, "cgroup"));
+        for (root, _) in roots {
+            let dir = root.join(parent).join(name);
+            if !dir.is_dir() {
+                continue;
+            }
+            let procs = fs::read_to_string(dir.join("cgroup.procs"))?;
+            if !procs.trim().is_empty() {
+                for pid in procs.split_whitespace().filter_map(|p| p.parse().ok()) {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+                return Err(io::Error::other(format!(
+                    "{} still had processes; killed, removed at the next start",
+                    dir.display()
+                )));
+            }
+            let mut tree = Vec::new();
+            children_first(&dir, &mut tree)?;
+            for dir in &tree {
+                fs::remove_dir(dir).map_err(|e| {
+                    io::Error::new(e.kind(), format!("removing {}: {e}", dir.display()))
+                })?;
+            }
+        }
+        Ok(())
+    }
+
     fn make_dirs(&self) -> Result<()> {
         for dir in &self.dirs {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -316,6 +316,13 @@ impl Launcher for SandboxLauncher {
     async fn start(&self, spec: &EnvironmentSpec) -> Result<Box<dyn Environment>> {
         Ok(Box::new(self.start_sandbox(spec).await?))
     }
+
+    fn remove_orphan(&self, id: &str) {
+        match Cgroup::remove_leftover(&self.options.cgroup_parent, id) {
+            Ok(()) => {}
+            Err(e) => tracing::warn!(env = id, "a dead server's sandbox cgroup: {e}"),
+        }
+    }
 }
 
 /// One running sandbox. [`Environment::stop`] removes everything it made; dropping it

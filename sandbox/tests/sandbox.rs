@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use kindling_runtime_api::environment::{
-    Environment, EnvironmentSpec, Function, Isolation, StopMode,
+    Environment, EnvironmentSpec, Function, Isolation, Launcher, StopMode,
 };
 use kindling_sandbox::{SandboxEnvironment, SandboxLauncher, SandboxOptions};
 use nix::errno::Errno;
@@ -389,4 +389,30 @@ async fn an_image_directory_can_be_the_root() {
     let gone = Leftovers::of(&env, &h.spec);
     env.stop(StopMode::Kill).await.unwrap();
     gone.assert_none();
+}
+
+/// A server killed outright leaves its sandboxes' cgroups; the next server's launcher
+/// removes them when the scheduler finds the dead server's environment folders.
+#[test]
+fn the_cgroup_a_dead_server_left_is_removed() {
+    if !geteuid().is_root() {
+        println!("SKIPPED: needs root to make cgroups");
+        return;
+    }
+    let id = "orphan-999999999-1"; // a pid above any pid_max: its server is gone
+    let limits = kindling_sandbox::cgroup::Limits {
+        memory_bytes: 64 << 20,
+        pids: 16,
+    };
+    let cgroup = kindling_sandbox::cgroup::Cgroup::create("kindling-test", id, limits).unwrap();
+    let dirs = cgroup.dirs().to_vec();
+    assert!(dirs.iter().all(|d| d.is_dir()));
+    let launcher = SandboxLauncher::new(SandboxOptions {
+        cgroup_parent: "kindling-test".into(),
+        ..SandboxOptions::default()
+    });
+    launcher.remove_orphan(id);
+    for dir in dirs {
+        assert!(!dir.exists(), "{} was left", dir.display());
+    }
 }
