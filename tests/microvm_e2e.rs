@@ -351,12 +351,24 @@ fn bash_custom_runtime(server: &Server, _: Backend) -> Result<(), Failed> {
     })
 }
 
-/// The function cannot use the guest's root: no uid 0, no capabilities, no way back.
-fn the_runtime_runs_unprivileged(server: &Server, _: Backend) -> Result<(), Failed> {
+/// The function cannot use the guest's root: no uid 0, no capabilities, no way back; and
+/// QEMU runs under its own seccomp filter.
+fn the_runtime_runs_unprivileged(server: &Server, backend: Backend) -> Result<(), Failed> {
     let answer = server
         .invoke("identity", &json!({"action": "identity"}))?
         .ok_json()?;
-    check_unprivileged(&answer).map_err(Failed::from)
+    check_unprivileged(&answer)?;
+    if matches!(backend, Backend::Qemu) {
+        let qemu = server.processes_of("identity", backend.hypervisor_program());
+        check(!qemu.is_empty(), || "no QEMU of identity runs".to_string())?;
+        for pid in qemu {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+            check(status.lines().any(|l| l == "Seccomp:\t2"), || {
+                format!("QEMU {pid} runs without a seccomp filter:\n{status}")
+            })?;
+        }
+    }
+    Ok(())
 }
 
 fn killed_runtime_then_next_works(server: &Server, _: Backend) -> Result<(), Failed> {

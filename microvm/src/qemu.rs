@@ -107,6 +107,10 @@ impl Qemu {
             &spec.vcpus.to_string(),
             "-nodefaults",
             "-no-user-config",
+            // QEMU's own seccomp filter: no obsolete syscalls, no setuid, no fork/exec, no
+            // scheduler or resource changes, whatever a guest makes of a device's bug.
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-nographic",
             "-no-reboot",
             "-kernel",
