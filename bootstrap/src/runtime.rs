@@ -134,6 +134,10 @@ struct Started {
 
 fn spawn(agent: &Agent, spec: &RuntimeSpec, generation: u64) -> Result<Started, String> {
     let fail = |e: std::io::Error| format!("cannot start {}: {e}", spec.program.display());
+    let filters = match spec.user {
+        Some(_) => Some(privileges::runtime_filters()?),
+        None => None,
+    };
     let cgroup = RuntimeCgroup::create(&format!(
         "kindling-runtime-{}-{generation}",
         std::process::id()
@@ -152,8 +156,8 @@ fn spawn(agent: &Agent, spec: &RuntimeSpec, generation: u64) -> Result<Started, 
     let user = spec.user;
     // SAFETY: the closure runs in the forked child before exec, where only
     // async-signal-safe calls are allowed: prctl(2), write(2) of a static buffer to an fd
-    // opened before the fork, and the id and capability calls of `drop_to`; nothing
-    // allocates or takes a lock.
+    // opened before the fork, the id and capability calls of `drop_to` and seccomp(2) of
+    // filters built before the fork; nothing allocates or takes a lock.
     unsafe {
         cmd.pre_exec(move || {
             // A runtime must not outlive a bootstrap that was killed outright.
@@ -167,6 +171,9 @@ fn spawn(agent: &Agent, spec: &RuntimeSpec, generation: u64) -> Result<Started, 
             }
             if let Some(user) = user {
                 privileges::drop_to(user)?;
+                if let Some(filters) = &filters {
+                    privileges::apply(filters)?;
+                }
                 // A change of credentials clears the parent-death signal: set it again.
                 prctl::set_pdeathsig(Signal::SIGKILL)?;
             }

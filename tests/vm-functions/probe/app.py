@@ -3,6 +3,7 @@ so that every test function boots the same code and the tests differ only in the
 
 Every answer carries the guest's boot id, which tells one microVM from another.
 """
+import ctypes
 import os
 import time
 
@@ -25,7 +26,30 @@ def _can_write(folder):
 
 # What a function may learn of its own credentials (/proc/self/status).
 _IDENTITY_KEYS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
-                  "NoNewPrivs")
+                  "NoNewPrivs", "Seccomp")
+
+_CLONE_NEWUSER = 0x10000000
+_SYS_KEYCTL = 250  # x86-64
+_KEYCTL_GET_KEYRING_ID = 0
+_KEY_SPEC_SESSION_KEYRING = -3
+
+
+def _errno_of(call):
+    """0 when the call succeeds, else its errno."""
+    ctypes.set_errno(0)
+    return 0 if call() != -1 else ctypes.get_errno()
+
+
+def _denied():
+    """What the function gets for calls its seccomp filter refuses (even where the kernel
+    would allow them to an unprivileged user: a user namespace, the session keyring)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    return {
+        "unshare_user_ns": _errno_of(lambda: libc.unshare(_CLONE_NEWUSER)),
+        "keyctl": _errno_of(
+            lambda: libc.syscall(_SYS_KEYCTL, _KEYCTL_GET_KEYRING_ID, _KEY_SPEC_SESSION_KEYRING, 0)
+        ),
+    }
 
 
 def handler(event, context):
@@ -54,6 +78,7 @@ def handler(event, context):
             line.split(":", 1) for line in _read("/proc/self/status").splitlines() if ":" in line
         )
         answer["status"] = {key: " ".join(status[key].split()) for key in _IDENTITY_KEYS}
+        answer["denied"] = _denied()
         answer["writable"] = {
             folder: _can_write(folder)
             for folder in ("/tmp", "/dev/shm", "/var/task", "/var/runtime", "/")
