@@ -27,7 +27,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::environment::{Function, Isolation};
-use crate::vocabulary::closed_vocabulary;
+use crate::vocabulary::{closed_vocabulary, not_one_of};
 
 /// Memory a function may ask for, in MB (Lambda's range).
 pub const MEMORY_MB: RangeInclusive<u32> = 128..=10240;
@@ -111,11 +111,7 @@ pub fn parse(
     path: &Path,
     runtimes: &[&str],
 ) -> Result<Vec<FunctionConfig>, ConfigError> {
-    let located = |offset: usize, message: String| ConfigError {
-        file: path.to_path_buf(),
-        line: Some(line_of(text, offset)),
-        message,
-    };
+    let at = Locator { text, path };
     let raw: RawFile = toml::from_str(text).map_err(|e| {
         let line = e.span().map(|s| line_of(text, s.start));
         // A value of the wrong type is reported at the value: name its key too.
@@ -130,87 +126,107 @@ pub fn parse(
             message: format!("{key}{}", e.message().trim()),
         }
     })?;
-    let base = path.parent().unwrap_or(Path::new("."));
-    let mut out = Vec::with_capacity(raw.functions.len());
-    for (name, table) in raw.functions {
-        let table_at = table.span().start;
-        let f = table.into_inner();
-        let key = |k: &str| format!("functions.{name}.{k}");
-        if !valid_name(&name) {
-            return Err(located(
-                table_at,
-                format!("functions.{name}: a function name is 1-64 of [A-Za-z0-9_-]"),
-            ));
-        }
-        let code = base.join(f.code.get_ref());
-        check_code(&code)
-            .map_err(|m| located(f.code.span().start, format!("{}: {m}", key("code"))))?;
-        for (k, v) in [("runtime", &f.runtime), ("handler", &f.handler)] {
-            if v.get_ref().trim().is_empty() {
-                return Err(located(
-                    v.span().start,
-                    format!("{}: must not be empty", key(k)),
-                ));
-            }
-        }
-        if !runtimes.contains(&f.runtime.get_ref().as_str()) {
-            let names: Vec<String> = runtimes.iter().map(|r| format!("{r:?}")).collect();
-            return Err(located(
-                f.runtime.span().start,
-                format!(
-                    "{}: {:?} is not one of {}",
-                    key("runtime"),
-                    f.runtime.get_ref(),
-                    names.join(", ")
-                ),
-            ));
-        }
-        let out_of_range = |k: &'static str| {
-            move |(at, range): (usize, String)| located(at, format!("{}: {range}", key(k)))
-        };
-        let memory = in_range(&f.memory, MEMORY_MB, 128).map_err(out_of_range("memory"))?;
-        let timeout = in_range(&f.timeout, TIMEOUT_S, 3).map_err(out_of_range("timeout"))?;
-        let max_concurrency = in_range(&f.max_concurrency, 1..=1000, DEFAULT_MAX_CONCURRENCY)
-            .map_err(out_of_range("max_concurrency"))?;
-        let isolation = match f.isolation.as_ref() {
-            // Like Lambda: every function gets a microVM unless it asks otherwise.
-            None => Isolation::MicroVm,
-            Some(s) => s
-                .get_ref()
-                .parse()
-                .map_err(|e| located(s.span().start, format!("{}: {e}", key("isolation"))))?,
-        };
-        let hypervisor = match f.hypervisor.as_ref() {
-            None => None,
-            Some(s) => Some(
-                s.get_ref()
-                    .parse()
-                    .map_err(|e| located(s.span().start, format!("{}: {e}", key("hypervisor"))))?,
-            ),
-        };
-        out.push(FunctionConfig {
-            function: Function {
-                name,
-                code,
-                runtime: f.runtime.into_inner(),
-                handler: f.handler.into_inner(),
-                memory_mb: memory,
-                timeout: Duration::from_secs(u64::from(timeout)),
-                isolation,
-                max_concurrency,
-                env: f.env,
-            },
-            hypervisor,
-        });
-    }
-    if out.is_empty() {
+    if raw.functions.is_empty() {
         return Err(ConfigError {
             file: path.to_path_buf(),
             line: None,
             message: "no [functions.NAME] table: nothing to serve".into(),
         });
     }
-    Ok(out)
+    raw.functions
+        .into_iter()
+        .map(|(name, table)| function_config(name, table, runtimes, &at))
+        .collect()
+}
+
+/// Turns a byte offset in the file and a message into an error naming file and line.
+struct Locator<'a> {
+    text: &'a str,
+    path: &'a Path,
+}
+
+impl Locator<'_> {
+    fn error(&self, offset: usize, message: String) -> ConfigError {
+        ConfigError {
+            file: self.path.to_path_buf(),
+            line: Some(line_of(self.text, offset)),
+            message,
+        }
+    }
+}
+
+/// One `[functions.NAME]` table, checked.
+fn function_config(
+    name: String,
+    table: Spanned<RawFunction>,
+    runtimes: &[&str],
+    at: &Locator,
+) -> Result<FunctionConfig, ConfigError> {
+    let table_at = table.span().start;
+    let f = table.into_inner();
+    let key = |k: &str| format!("functions.{name}.{k}");
+    if !valid_name(&name) {
+        return Err(at.error(
+            table_at,
+            format!("functions.{name}: a function name is 1-64 of [A-Za-z0-9_-]"),
+        ));
+    }
+    let base = at.path.parent().unwrap_or(Path::new("."));
+    let code = base.join(f.code.get_ref());
+    check_code(&code)
+        .map_err(|m| at.error(f.code.span().start, format!("{}: {m}", key("code"))))?;
+    for (k, v) in [("runtime", &f.runtime), ("handler", &f.handler)] {
+        if v.get_ref().trim().is_empty() {
+            return Err(at.error(v.span().start, format!("{}: must not be empty", key(k))));
+        }
+    }
+    if !runtimes.contains(&f.runtime.get_ref().as_str()) {
+        let message = not_one_of(f.runtime.get_ref(), runtimes.iter().copied());
+        return Err(at.error(
+            f.runtime.span().start,
+            format!("{}: {message}", key("runtime")),
+        ));
+    }
+    let out_of_range = |k: &'static str| {
+        move |(offset, range): (usize, String)| at.error(offset, format!("{}: {range}", key(k)))
+    };
+    let memory = in_range(&f.memory, MEMORY_MB, 128).map_err(out_of_range("memory"))?;
+    let timeout = in_range(&f.timeout, TIMEOUT_S, 3).map_err(out_of_range("timeout"))?;
+    let max_concurrency = in_range(&f.max_concurrency, 1..=1000, DEFAULT_MAX_CONCURRENCY)
+        .map_err(out_of_range("max_concurrency"))?;
+    // Like Lambda: every function gets a microVM unless it asks otherwise.
+    let isolation =
+        named(f.isolation.as_ref(), &key("isolation"), at)?.unwrap_or(Isolation::MicroVm);
+    let hypervisor = named(f.hypervisor.as_ref(), &key("hypervisor"), at)?;
+    Ok(FunctionConfig {
+        function: Function {
+            name,
+            code,
+            runtime: f.runtime.into_inner(),
+            handler: f.handler.into_inner(),
+            memory_mb: memory,
+            timeout: Duration::from_secs(u64::from(timeout)),
+            isolation,
+            max_concurrency,
+            env: f.env,
+        },
+        hypervisor,
+    })
+}
+
+/// An optional key of a closed vocabulary; `None` when absent.
+fn named<T: std::str::FromStr<Err = String>>(
+    value: Option<&Spanned<String>>,
+    key: &str,
+    at: &Locator,
+) -> Result<Option<T>, ConfigError> {
+    value
+        .map(|v| {
+            v.get_ref()
+                .parse()
+                .map_err(|e| at.error(v.span().start, format!("{key}: {e}")))
+        })
+        .transpose()
 }
 
 /// The value of an optional integer key, `default` when it is absent. A value outside `range`

@@ -33,11 +33,11 @@ macro_rules! closed_vocabulary {
             type Err = String;
 
             fn from_str(s: &str) -> Result<Self, String> {
-                $name::ALL.iter().copied().find(|v| v.name() == s).ok_or_else(|| {
-                    let names: Vec<String> =
-                        $name::ALL.iter().map(|v| format!("{:?}", v.name())).collect();
-                    format!("{s:?} is not one of {}", names.join(", "))
-                })
+                $name::ALL
+                    .iter()
+                    .copied()
+                    .find(|v| v.name() == s)
+                    .ok_or_else(|| $crate::vocabulary::not_one_of(s, $name::ALL.iter().map(|v| v.name())))
             }
         }
 
@@ -50,3 +50,9 @@ macro_rules! closed_vocabulary {
 }
 
 pub(crate) use closed_vocabulary;
+
+/// `"x" is not one of "a", "b"`: the error of every closed set of names.
+pub(crate) fn not_one_of<'a>(value: &str, names: impl Iterator<Item = &'a str>) -> String {
+    let names: Vec<String> = names.map(|n| format!("{n:?}")).collect();
+    format!("{value:?} is not one of {}", names.join(", "))
+}
