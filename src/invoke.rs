@@ -20,24 +20,13 @@ pub struct InvokeArgs {
     #[arg(long)]
     payload_file: Option<PathBuf>,
     /// RequestResponse (wait for the result), Event (queue it, answer 202) or DryRun.
-    #[arg(long = "type", default_value = "RequestResponse", value_parser = parse_type)]
+    #[arg(long = "type", default_value = "RequestResponse")]
     invocation_type: InvocationType,
     /// Also print the last 4 KB of the invocation's log (X-Amz-Log-Type: Tail) to stderr.
     #[arg(long)]
     log: bool,
     #[command(flatten)]
     addr: AddrArg,
-}
-
-fn parse_type(s: &str) -> Result<InvocationType, String> {
-    match s {
-        "RequestResponse" => Ok(InvocationType::RequestResponse),
-        "Event" => Ok(InvocationType::Event),
-        "DryRun" => Ok(InvocationType::DryRun),
-        other => Err(format!(
-            "{other:?}: expected RequestResponse, Event or DryRun"
-        )),
-    }
 }
 
 pub async fn invoke(args: InvokeArgs) -> anyhow::Result<ExitCode> {

@@ -19,23 +19,19 @@ use crate::invoke_api::{
     HEADER_CLIENT_CONTEXT, HEADER_FUNCTION_ERROR, HEADER_INVOCATION_TYPE, HEADER_LOG_RESULT,
     HEADER_LOG_TYPE,
 };
+use crate::vocabulary::closed_vocabulary;
 
-/// `X-Amz-Invocation-Type`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum InvocationType {
-    #[default]
-    RequestResponse,
-    Event,
-    DryRun,
-}
-
-impl InvocationType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            InvocationType::RequestResponse => "RequestResponse",
-            InvocationType::Event => "Event",
-            InvocationType::DryRun => "DryRun",
-        }
+closed_vocabulary! {
+    /// `X-Amz-Invocation-Type`.
+    #[derive(Default)]
+    pub enum InvocationType {
+        /// Wait for the result (the default).
+        #[default]
+        RequestResponse = "RequestResponse",
+        /// Queue the event and answer 202.
+        Event = "Event",
+        /// Check the request and answer 204, running nothing.
+        DryRun = "DryRun",
     }
 }
 
@@ -113,7 +109,7 @@ impl Client {
             .uri(format!("/2015-03-31/functions/{function}/invocations"))
             .header(http::header::HOST, self.addr.to_string())
             .header(http::header::CONTENT_TYPE, "application/json")
-            .header(HEADER_INVOCATION_TYPE, options.invocation_type.as_str());
+            .header(HEADER_INVOCATION_TYPE, options.invocation_type.name());
         if options.log_tail {
             req = req.header(HEADER_LOG_TYPE, "Tail");
         }

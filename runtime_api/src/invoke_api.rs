@@ -24,6 +24,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::body::{read_limited, BodyError};
+use crate::client::InvocationType;
 use crate::connections::{self, Activity, ConnectionLimits, Watched};
 use crate::logs;
 use crate::metrics::{self, Metrics};
@@ -204,10 +205,10 @@ impl InvokeApi {
         let function = function.name.clone();
         let headers = req.headers();
         let text = |h: &str| headers.get(h).map(|v| v.to_str().map(str::to_string));
-        let invocation_type = match text(HEADER_INVOCATION_TYPE) {
-            None => "RequestResponse".to_string(),
-            Some(Ok(t)) if ["RequestResponse", "Event", "DryRun"].contains(&t.as_str()) => t,
-            Some(_) => {
+        let invocation_type = match text(HEADER_INVOCATION_TYPE).map(|t| t.ok()?.parse().ok()) {
+            None => InvocationType::default(),
+            Some(Some(t)) => t,
+            Some(None) => {
                 return lambda_error(
                     StatusCode::BAD_REQUEST,
                     "InvalidParameterValueException",
@@ -248,7 +249,7 @@ impl InvokeApi {
             Ok(p) => p,
             Err(r) => return r,
         };
-        if invocation_type == "DryRun" {
+        if invocation_type == InvocationType::DryRun {
             return status_only(StatusCode::NO_CONTENT);
         }
         let request = InvokeRequest {
@@ -257,7 +258,7 @@ impl InvokeApi {
             cognito_identity: None,
             trace_id,
         };
-        if invocation_type == "Event" {
+        if invocation_type == InvocationType::Event {
             let bytes = request.payload.len();
             if bytes > MAX_EVENT_PAYLOAD_BYTES {
                 return lambda_error(
