@@ -203,113 +203,56 @@ impl InvokeApi {
             return not_found(&self.scheduler.arn(name));
         };
         let function = function.name.clone();
-        let headers = req.headers();
-        let text = |h: &str| headers.get(h).map(|v| v.to_str().map(str::to_string));
-        let invocation_type = match text(HEADER_INVOCATION_TYPE).map(|t| t.ok()?.parse().ok()) {
-            None => InvocationType::default(),
-            Some(Some(t)) => t,
-            Some(None) => {
-                return lambda_error(
-                    StatusCode::BAD_REQUEST,
-                    "InvalidParameterValueException",
-                    "X-Amz-Invocation-Type must be RequestResponse, Event or DryRun",
-                )
-            }
+        let headers = match InvokeHeaders::parse(req.headers()) {
+            Ok(headers) => headers,
+            Err(refusal) => return refusal,
         };
-        let tail = match text(HEADER_LOG_TYPE) {
-            None => false,
-            Some(Ok(t)) if t == "Tail" => true,
-            Some(Ok(t)) if t == "None" => false,
-            Some(_) => {
-                return lambda_error(
-                    StatusCode::BAD_REQUEST,
-                    "InvalidParameterValueException",
-                    "X-Amz-Log-Type must be None or Tail",
-                )
-            }
-        };
-        let client_context = match headers.get(HEADER_CLIENT_CONTEXT) {
-            None => None,
-            Some(v) => match decode_client_context(v) {
-                Ok(cc) => Some(cc),
-                Err(e) => {
-                    return lambda_error(
-                        StatusCode::BAD_REQUEST,
-                        "InvalidRequestContentException",
-                        &e,
-                    )
-                }
-            },
-        };
-        let trace_id = headers
-            .get(HEADER_TRACE_ID)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
         let payload = match read_payload(req).await {
             Ok(p) => p,
             Err(r) => return r,
         };
-        if invocation_type == InvocationType::DryRun {
-            return status_only(StatusCode::NO_CONTENT);
-        }
         let request = InvokeRequest {
             payload,
-            client_context,
+            client_context: headers.client_context,
             cognito_identity: None,
-            trace_id,
+            trace_id: headers.trace_id,
         };
-        if invocation_type == InvocationType::Event {
-            let bytes = request.payload.len();
-            if bytes > MAX_EVENT_PAYLOAD_BYTES {
-                return lambda_error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "RequestEntityTooLargeException",
-                    &format!("{bytes} byte payload is too large for the Event invocation type (limit {MAX_EVENT_PAYLOAD_BYTES} bytes)"),
-                );
+        match headers.invocation_type {
+            InvocationType::DryRun => status_only(StatusCode::NO_CONTENT),
+            InvocationType::Event => self.queue_event(function, request),
+            InvocationType::RequestResponse => {
+                match self.scheduler.invoke(&function, request, false).await {
+                    Ok(invoked) => rendered(invoked, headers.tail),
+                    Err(e) => self.refused(e),
+                }
             }
-            // Held until the invocation is over: what is accepted stays bounded.
-            let ticket = match self.scheduler.accept_event(&function, bytes) {
-                Ok(ticket) => ticket,
-                Err(e) => return self.refused(e),
-            };
-            let scheduler = self.scheduler.clone();
-            tokio::spawn(async move {
-                if let Err(e) = scheduler.invoke(&function, request, true).await {
-                    tracing::warn!(%function, error = %e, "event invocation failed");
-                }
-                drop(ticket);
-            });
-            return status_only(StatusCode::ACCEPTED);
         }
-        match self.scheduler.invoke(&function, request, false).await {
-            Ok(invoked) => {
-                let (body, error) = match invoked.answer {
-                    Answer::Response(body) => (body, false),
-                    Answer::Error { body, .. } => (body, true),
-                };
-                let mut r = Response::new(Full::new(body));
-                let h = r.headers_mut();
-                h.insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
-                if let Ok(id) = HeaderValue::from_str(&invoked.request_id) {
-                    h.insert(HEADER_REQUEST_ID, id);
-                }
-                if error {
-                    h.insert(HEADER_FUNCTION_ERROR, HeaderValue::from_static("Unhandled"));
-                }
-                if tail {
-                    let encoded =
-                        base64::engine::general_purpose::STANDARD.encode(logs::tail(&invoked.log));
-                    if let Ok(v) = HeaderValue::from_str(&encoded) {
-                        h.insert(HEADER_LOG_RESULT, v);
-                    }
-                }
-                r
+    }
+
+    /// Accepts an Event invocation (202) and runs it in the background, within the
+    /// function's bounds on queued events.
+    fn queue_event(&self, function: String, request: InvokeRequest) -> Response<Full<Bytes>> {
+        let bytes = request.payload.len();
+        if bytes > MAX_EVENT_PAYLOAD_BYTES {
+            return lambda_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RequestEntityTooLargeException",
+                &format!("{bytes} byte payload is too large for the Event invocation type (limit {MAX_EVENT_PAYLOAD_BYTES} bytes)"),
+            );
+        }
+        // Held until the invocation is over: what is accepted stays bounded.
+        let ticket = match self.scheduler.accept_event(&function, bytes) {
+            Ok(ticket) => ticket,
+            Err(e) => return self.refused(e),
+        };
+        let scheduler = self.scheduler.clone();
+        tokio::spawn(async move {
+            if let Err(e) = scheduler.invoke(&function, request, true).await {
+                tracing::warn!(%function, error = %e, "event invocation failed");
             }
-            Err(e) => self.refused(e),
-        }
+            drop(ticket);
+        });
+        status_only(StatusCode::ACCEPTED)
     }
 
     /// The answer to an invocation that could not be run.
@@ -380,6 +323,96 @@ async fn read_payload(req: Request<Incoming>) -> Result<Bytes, Response<Full<Byt
             &format!("cannot read the request body: {e}"),
         )),
     }
+}
+
+/// What an Invoke request's headers ask for.
+struct InvokeHeaders {
+    invocation_type: InvocationType,
+    /// `X-Amz-Log-Type: Tail`: the log's end rides on the answer.
+    tail: bool,
+    client_context: Option<String>,
+    trace_id: Option<String>,
+}
+
+impl InvokeHeaders {
+    /// Reads the headers, or the 400 answer that names the bad one.
+    #[expect(
+        clippy::result_large_err,
+        reason = "the error is the answer itself, sent at once"
+    )]
+    fn parse(headers: &http::HeaderMap) -> Result<Self, Response<Full<Bytes>>> {
+        let text = |h: &str| headers.get(h).map(|v| v.to_str().map(str::to_string));
+        let bad = |message: &str| {
+            lambda_error(
+                StatusCode::BAD_REQUEST,
+                "InvalidParameterValueException",
+                message,
+            )
+        };
+        let invocation_type = match text(HEADER_INVOCATION_TYPE).map(|t| t.ok()?.parse().ok()) {
+            None => InvocationType::default(),
+            Some(Some(t)) => t,
+            Some(None) => {
+                return Err(bad(
+                    "X-Amz-Invocation-Type must be RequestResponse, Event or DryRun",
+                ))
+            }
+        };
+        let tail = match text(HEADER_LOG_TYPE) {
+            None => false,
+            Some(Ok(t)) if t == "Tail" => true,
+            Some(Ok(t)) if t == "None" => false,
+            Some(_) => return Err(bad("X-Amz-Log-Type must be None or Tail")),
+        };
+        let client_context = match headers.get(HEADER_CLIENT_CONTEXT) {
+            None => None,
+            Some(v) => Some(decode_client_context(v).map_err(|e| {
+                lambda_error(
+                    StatusCode::BAD_REQUEST,
+                    "InvalidRequestContentException",
+                    &e,
+                )
+            })?),
+        };
+        let trace_id = headers
+            .get(HEADER_TRACE_ID)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        Ok(InvokeHeaders {
+            invocation_type,
+            tail,
+            client_context,
+            trace_id,
+        })
+    }
+}
+
+/// A finished invocation as Lambda answers it: the function's response or error body,
+/// its request id, `X-Amz-Function-Error` and, when asked, the log's tail.
+fn rendered(invoked: crate::scheduler::Invoked, tail: bool) -> Response<Full<Bytes>> {
+    let (body, error) = match invoked.answer {
+        Answer::Response(body) => (body, false),
+        Answer::Error { body, .. } => (body, true),
+    };
+    let mut r = Response::new(Full::new(body));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Ok(id) = HeaderValue::from_str(&invoked.request_id) {
+        h.insert(HEADER_REQUEST_ID, id);
+    }
+    if error {
+        h.insert(HEADER_FUNCTION_ERROR, HeaderValue::from_static("Unhandled"));
+    }
+    if tail {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(logs::tail(&invoked.log));
+        if let Ok(v) = HeaderValue::from_str(&encoded) {
+            h.insert(HEADER_LOG_RESULT, v);
+        }
+    }
+    r
 }
 
 fn not_found(arn: &str) -> Response<Full<Bytes>> {
