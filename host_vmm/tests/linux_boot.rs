@@ -97,22 +97,29 @@ fn wait_for_console(console: &Path, marker: &str, vmm: &mut Child) -> String {
     }
 }
 
+/// Waits up to [`SHUTDOWN_LIMIT`] for the VMM to exit after `what`; kills it and fails
+/// the test past that.
+fn wait_for_exit(vmm: &mut Child, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + SHUTDOWN_LIMIT;
+    loop {
+        if let Some(status) = vmm.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = vmm.kill();
+            panic!("kindling-vmm still ran {SHUTDOWN_LIMIT:?} after {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Sends SIGTERM and waits for the VMM to exit within [`SHUTDOWN_LIMIT`]; its stderr.
 fn sigterm_and_wait(mut vmm: Child) -> (std::process::ExitStatus, String, Duration) {
     let pid = i32::try_from(vmm.id()).unwrap();
     // SAFETY: signalling our own child process by its pid.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let sent = Instant::now();
-    let status = loop {
-        if let Some(status) = vmm.try_wait().unwrap() {
-            break status;
-        }
-        if sent.elapsed() > SHUTDOWN_LIMIT {
-            let _ = vmm.kill();
-            panic!("kindling-vmm still ran {SHUTDOWN_LIMIT:?} after SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_for_exit(&mut vmm, "SIGTERM");
     let mut stderr = String::new();
     vmm.stderr
         .take()
@@ -331,17 +338,7 @@ fn the_firecracker_api_boots_linux_and_sends_ctrl_alt_del() {
         Some(json!({"action_type": "SendCtrlAltDel"})),
     );
     assert_eq!(code, 204, "{fault:?}");
-    let deadline = Instant::now() + SHUTDOWN_LIMIT;
-    let status = loop {
-        if let Some(status) = vmm.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no shutdown after SendCtrlAltDel"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_for_exit(&mut vmm, "SendCtrlAltDel");
     let log = std::fs::read_to_string(&console).unwrap();
     assert_eq!(status.code(), Some(0), "{log}");
     assert!(log.contains("init: reboot (status"), "{log}");

@@ -1,6 +1,7 @@
 //! The server's own life: a bad functions file stops it at start with the file, line and
 //! key named; SIGTERM lets the invocation in flight finish and leaves nothing behind.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -8,6 +9,17 @@ use kindling_runtime_api::client::{self, InvokeOptions};
 use serde_json::json;
 
 use crate::support::{eventually, json, prerequisites, repo_path, FunctionDef, Scratch, Server};
+
+/// Runs `kindling serve` on `addr` and `functions` until it exits (it is expected to refuse).
+fn serve_to_the_end(addr: &str, functions: &Path, state: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kindling"))
+        .args(["serve", "--addr", addr, "--functions"])
+        .arg(functions)
+        .arg("--state-dir")
+        .arg(state)
+        .output()
+        .expect("running kindling serve")
+}
 
 #[test]
 fn a_bad_functions_file_names_file_line_and_key() {
@@ -36,13 +48,7 @@ fn a_bad_functions_file_names_file_line_and_key() {
         std::fs::write(&file, format!("{head}{line}")).unwrap();
         let state = dir.path().join("state");
         let started = Instant::now();
-        let out = Command::new(env!("CARGO_BIN_EXE_kindling"))
-            .args(["serve", "--addr", "127.0.0.1:0", "--functions"])
-            .arg(&file)
-            .arg("--state-dir")
-            .arg(&state)
-            .output()
-            .expect("running kindling serve");
+        let out = serve_to_the_end("127.0.0.1:0", &file, &state);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{line:?} was accepted");
         assert!(started.elapsed() < Duration::from_secs(10));
@@ -68,13 +74,7 @@ fn an_address_other_hosts_reach_needs_allow_remote() {
     )
     .unwrap();
     let state = dir.path().join("state");
-    let out = Command::new(env!("CARGO_BIN_EXE_kindling"))
-        .args(["serve", "--addr", "0.0.0.0:0", "--functions"])
-        .arg(&file)
-        .arg("--state-dir")
-        .arg(&state)
-        .output()
-        .expect("running kindling serve");
+    let out = serve_to_the_end("0.0.0.0:0", &file, &state);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "0.0.0.0 was served: {stderr}");
     assert!(
