@@ -37,6 +37,8 @@ const L1_CPU: &str = "EPYC-v1,+svm,+npt,-xsave";
 const BASE_MEMORY_MIB: u64 = 3072;
 const STATUS_MARK: &str = "nested-kvm: exit status ";
 const START_MARK: &str = "nested-kvm: job starts at uptime ";
+/// How long L1 may take for one delegated test (they take 7–35 s here).
+const NESTED_TEST_TIMEOUT: Duration = Duration::from_secs(150);
 /// Environment variables a delegated test takes along into L1 (besides `KINDLING_*`).
 const PASSED_ENV: [&str; 3] = ["RUST_LOG", "RUST_BACKTRACE", "RUST_MIN_STACK"];
 
@@ -276,7 +278,14 @@ impl NestedTest {
             job = job.env(key, value);
         }
         println!("nested-kvm: running {name} inside the harness: {reason}");
-        let outcome = run(&job).unwrap_or_else(|e| panic!("nested-KVM harness: {e:#}"));
+        job = job.timeout(NESTED_TEST_TIMEOUT);
+        // A job that never reports its status (L1 hung under the double emulation) is
+        // tried once more, in the open: a test that fails inside fails at once.
+        let outcome = run(&job).or_else(|e| {
+            println!("nested-kvm: no status from {name} ({e:#}); trying once more");
+            run(&job)
+        });
+        let outcome = outcome.unwrap_or_else(|e| panic!("nested-KVM harness: {e:#}"));
         println!("{}", outcome.timing());
         print!("{}", indent(&outcome.output));
         assert!(
