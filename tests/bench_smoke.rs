@@ -104,10 +104,9 @@ fn a_sandbox_bench_prints_every_row() {
     for rate in ["throughput, 1 client", "throughput, 4 clients"] {
         assert!(row(rate).trim_end().ends_with(" /s"), "{stdout}");
     }
-    assert!(
-        row("cold start, invoke → answer").contains(" ms"),
-        "{stdout}"
-    );
+    // A duration, in whatever unit it took: this is a smoke test, not a speed target.
+    let cold = row("cold start, invoke → answer");
+    assert!(cold.contains(" ms") || cold.contains(" s"), "{stdout}");
     assert!(row("Init Duration").contains(" ms"), "{stdout}");
     assert!(
         !stdout.contains("microVM") && !stdout.contains('†'),
