@@ -26,7 +26,7 @@ pub enum BootError {
     Open(PathBuf, std::io::Error),
     #[error("{0} is neither an x86-64 ELF vmlinux nor a bzImage (ELF: {1}; bzImage: {2})")]
     NotAKernel(PathBuf, loader::Error, loader::Error),
-    #[error("kernel command line: {0}")]
+    #[error("kernel command line")]
     Cmdline(#[from] linux_loader::cmdline::Error),
     #[error("writing the command line: {0}")]
     LoadCmdline(loader::Error),

@@ -16,7 +16,7 @@ use crate::memory::GuestMemory;
 /// Errors setting up a vCPU.
 #[derive(Debug, thiserror::Error)]
 pub enum CpuError {
-    #[error("writing boot tables to guest memory: {0}")]
+    #[error("writing boot tables to guest memory")]
     Memory(#[from] vm_memory::GuestMemoryError),
     #[error("KVM vCPU ioctl {0} failed: {1}")]
     Kvm(&'static str, kvm_ioctls::Error),

@@ -99,7 +99,7 @@ fn start_from_api(
                 let instance_start = Instant::now();
                 match start_vm(&config, &cli.serial_out, instance_start) {
                     Ok(running) => {
-                        let _ = reply.send(Ok(running.ctrl_alt_del()));
+                        let _ = reply.send(Ok(running.controls()));
                         return Ok(Some((running, instance_start)));
                     }
                     Err(e) => {

@@ -36,7 +36,7 @@ pub enum MptableError {
     TooManyCpus(u8),
     #[error("the MP table cannot be placed at {0:#x}: above 4 GiB")]
     Address(u64),
-    #[error("writing the MP table: {0}")]
+    #[error("writing the MP table")]
     Memory(#[from] vm_memory::GuestMemoryError),
 }
 

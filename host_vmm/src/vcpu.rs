@@ -1,8 +1,9 @@
 //! The vCPU thread: runs `KVM_RUN` in a loop and dispatches port-I/O and MMIO exits to the
 //! buses. Any exit that ends the guest is reported to the shared [`VmExit`] latch; the other
-//! vCPUs are then kicked out of `KVM_RUN` with a signal and see the latch.
+//! vCPUs are then kicked out of `KVM_RUN` with a signal and see the latch. [`VcpuControl`]
+//! pauses and resumes them the same way: kicked out of `KVM_RUN`, each parks until resumed.
 
-use std::sync::{Arc, Once, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,7 @@ pub struct Vcpu {
     pub exit: VmExit,
     /// Set by the first vCPU to enter `KVM_RUN` (the "start to first KVM_RUN" timing).
     pub first_run: Arc<OnceLock<Instant>>,
+    pub control: VcpuControl,
 }
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
@@ -42,12 +44,15 @@ fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
 }
 
 impl Vcpu {
-    /// Starts the vCPU on its own thread.
-    pub fn spawn(self) -> std::io::Result<JoinHandle<()>> {
+    /// Starts the vCPU on its own thread, which its [`VcpuControl`] then holds.
+    pub fn spawn(self) -> std::io::Result<()> {
         install_kick_handler().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-        std::thread::Builder::new()
+        let control = self.control.clone();
+        let thread = std::thread::Builder::new()
             .name(format!("vcpu{}", self.index))
-            .spawn(move || self.run())
+            .spawn(move || self.run())?;
+        control.threads().push(thread);
+        Ok(())
     }
 
     fn run(mut self) {
@@ -63,6 +68,10 @@ impl Vcpu {
         loop {
             if self.exit.reason().is_some() {
                 return None;
+            }
+            if self.control.pause_requested() {
+                self.park();
+                continue;
             }
             self.first_run.get_or_init(Instant::now);
             match self.fd.run() {
@@ -115,10 +124,135 @@ impl Vcpu {
     }
 }
 
+impl Vcpu {
+    /// Waits, outside `KVM_RUN`, until the VM is resumed or stopped. KVM is told the guest
+    /// was paused (`KVM_KVMCLOCK_CTRL`) so that its watchdogs do not count the pause as a
+    /// soft lockup; a guest without kvmclock refuses that, harmlessly.
+    fn park(&mut self) {
+        if let Err(e) = self.fd.kvmclock_ctrl() {
+            tracing::debug!("vcpu{}: KVM_KVMCLOCK_CTRL: {e}", self.index);
+        }
+        let mut state = self.control.state();
+        state.parked += 1;
+        self.control.0.changed.notify_all();
+        while state.paused && self.exit.reason().is_none() {
+            // The exit latch has no condition variable: look again now and then.
+            state = self
+                .control
+                .0
+                .changed
+                .wait_timeout(state, Duration::from_millis(50))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        state.parked -= 1;
+        self.control.0.changed.notify_all();
+    }
+}
+
+/// Pauses and resumes a VM's vCPUs (Firecracker's `PATCH /vm`), and holds their threads.
+#[derive(Debug, Clone, Default)]
+pub struct VcpuControl(Arc<ControlShared>);
+
+#[derive(Debug, Default)]
+struct ControlShared {
+    state: Mutex<RunState>,
+    changed: Condvar,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+#[derive(Debug, Default)]
+struct RunState {
+    paused: bool,
+    /// vCPU threads waiting in [`Vcpu::park`].
+    parked: usize,
+}
+
+/// Why the vCPUs could not be paused.
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    #[error("the microVM has stopped")]
+    Stopped,
+    #[error("the vCPUs did not pause within {0:?}")]
+    Timeout(Duration),
+}
+
+/// How long a pause may take: a vCPU leaves `KVM_RUN` within microseconds of its kick.
+const PAUSE_LIMIT: Duration = Duration::from_secs(2);
+
+impl VcpuControl {
+    fn state(&self) -> MutexGuard<'_, RunState> {
+        self.0.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn threads(&self) -> MutexGuard<'_, Vec<JoinHandle<()>>> {
+        self.0
+            .threads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn pause_requested(&self) -> bool {
+        self.state().paused
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.pause_requested()
+    }
+
+    /// Stops every vCPU outside `KVM_RUN`; returns once all are parked, so guest memory and
+    /// vCPU state no longer change (devices on the event loop still take host-side input).
+    pub fn pause(&self) -> Result<(), PauseError> {
+        self.state().paused = true;
+        let deadline = Instant::now() + PAUSE_LIMIT;
+        loop {
+            let threads = self.threads();
+            if threads.iter().any(JoinHandle::is_finished) {
+                drop(threads);
+                self.state().paused = false;
+                return Err(PauseError::Stopped);
+            }
+            if self.state().parked == threads.len() {
+                return Ok(());
+            }
+            // A kick sent just before a thread enters `KVM_RUN` is lost: kick until parked.
+            for thread in threads.iter() {
+                if let Err(e) = thread.kill(kick_signal()) {
+                    tracing::warn!("kicking a vCPU thread failed: {e}");
+                }
+            }
+            drop(threads);
+            if Instant::now() > deadline {
+                self.resume();
+                return Err(PauseError::Timeout(PAUSE_LIMIT));
+            }
+            let state = self.state();
+            drop(
+                self.0
+                    .changed
+                    .wait_timeout(state, Duration::from_millis(1))
+                    .unwrap_or_else(PoisonError::into_inner),
+            );
+        }
+    }
+
+    /// Lets parked vCPUs run again (a no-op on a running VM, as in Firecracker).
+    pub fn resume(&self) {
+        self.state().paused = false;
+        self.0.changed.notify_all();
+    }
+
+    /// Stops the vCPU threads once the VM's exit latch is set (see [`stop_all`]).
+    pub fn stop_all(&self) {
+        self.resume();
+        stop_all(std::mem::take(&mut *self.threads()));
+    }
+}
+
 /// Stops vCPU threads once the VM's exit latch is set: kicks each until it has left
 /// `KVM_RUN` (a kick sent just before the thread enters `KVM_RUN` would be lost, so it is
 /// repeated) and joins it.
-pub fn stop_all(threads: Vec<JoinHandle<()>>) {
+fn stop_all(threads: Vec<JoinHandle<()>>) {
     for thread in threads {
         while !thread.is_finished() {
             if let Err(e) = thread.kill(kick_signal()) {

@@ -5,7 +5,6 @@
 use std::fmt;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -28,7 +27,7 @@ use crate::devices::IrqLine;
 use crate::exit::{ExitReason, VmExit};
 use crate::layout;
 use crate::memory::{create_guest_memory, GuestMemory};
-use crate::vcpu::{self, Vcpu};
+use crate::vcpu::{Vcpu, VcpuControl};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::vsock::{Vsock, VsockEvents};
 use crate::virtio::VirtioDevice;
@@ -38,11 +37,11 @@ use crate::virtio::VirtioDevice;
 pub enum VmError {
     #[error("KVM {0} failed: {1}")]
     Kvm(&'static str, kvm_ioctls::Error),
-    #[error("allocating guest memory: {0}")]
+    #[error("allocating guest memory")]
     Memory(#[from] crate::memory::MemoryError),
     #[error(transparent)]
     Bus(#[from] OverlapError),
-    #[error("setting up vCPU: {0}")]
+    #[error("setting up vCPU")]
     Cpu(#[from] CpuError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -302,6 +301,7 @@ impl Vm {
         let io_bus = Arc::new(self.io_bus);
         let mmio_bus = Arc::new(self.mmio_bus);
         let first_run = Arc::new(OnceLock::new());
+        let control = VcpuControl::default();
         let mut vcpus = Vec::new();
         for index in 0..self.vcpu_count {
             let fd = self
@@ -322,17 +322,14 @@ impl Vm {
                 mmio_bus: mmio_bus.clone(),
                 exit: self.exit.clone(),
                 first_run: first_run.clone(),
+                control: control.clone(),
             });
         }
-        let mut threads = Vec::new();
         for vcpu in vcpus {
-            match vcpu.spawn() {
-                Ok(t) => threads.push(t),
-                Err(e) => {
-                    self.exit.request(ExitReason::Stopped);
-                    vcpu::stop_all(threads);
-                    return Err(e.into());
-                }
+            if let Err(e) = vcpu.spawn() {
+                self.exit.request(ExitReason::Stopped);
+                control.stop_all();
+                return Err(e.into());
             }
         }
         let mut events = EventManager::new().map_err(|e| VmError::Events(format!("{e:?}")))?;
@@ -346,7 +343,7 @@ impl Vm {
             events,
             memory: self.memory,
             exit: self.exit,
-            threads,
+            vcpus: control,
             instance_start,
             first_run,
             boot_time,
@@ -394,7 +391,7 @@ pub struct RunningVm {
     events: EventManager<Subscriber>,
     memory: GuestMemory,
     exit: VmExit,
-    threads: Vec<JoinHandle<()>>,
+    vcpus: VcpuControl,
     instance_start: Instant,
     first_run: Arc<OnceLock<Instant>>,
     boot_time: BootTime,
@@ -405,17 +402,32 @@ impl fmt::Debug for RunningVm {
         f.debug_struct("RunningVm")
             .field("memory", &self.memory)
             .field("exit", &self.exit)
-            .field("vcpu_threads", &self.threads.len())
+            .field("vcpus", &self.vcpus)
             .field("instance_start", &self.instance_start)
             .field("timings", &self.timings())
             .finish_non_exhaustive()
     }
 }
 
+/// What the API may do to a running VM from its own thread.
+#[derive(Debug, Clone)]
+pub struct VmControls {
+    pub ctrl_alt_del: CtrlAltDel,
+    pub vcpus: VcpuControl,
+}
+
 impl RunningVm {
     /// Presses Ctrl-Alt-Del on the guest's keyboard controller.
     pub fn ctrl_alt_del(&self) -> CtrlAltDel {
         self.ctrl_alt_del.clone()
+    }
+
+    /// The Ctrl-Alt-Del button and the vCPUs' pause control.
+    pub fn controls(&self) -> VmControls {
+        VmControls {
+            ctrl_alt_del: self.ctrl_alt_del.clone(),
+            vcpus: self.vcpus.clone(),
+        }
     }
 
     /// The exit latch: request [`ExitReason::Stopped`] on it to stop the VM from outside.
@@ -453,7 +465,7 @@ impl RunningVm {
             }
         };
         let timings = self.timings();
-        vcpu::stop_all(self.threads);
+        self.vcpus.stop_all();
         (reason, timings)
     }
 }

@@ -5,9 +5,11 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use common::{
-    elf_kernel, kvm_or_skip, scratch, Client, HELLO_KERNEL, KEYBOARD_KERNEL, SPIN_KERNEL,
+    elf_kernel, kvm_or_skip, scratch, Client, DOTS_KERNEL, HELLO_KERNEL, KEYBOARD_KERNEL,
+    SPIN_KERNEL,
 };
 use serde_json::{json, Value};
 
@@ -34,6 +36,98 @@ fn kernel(code: &[u8]) -> PathBuf {
     let path = scratch("vmlinux");
     std::fs::write(&path, elf_kernel(code)).unwrap();
     path
+}
+
+/// Waits up to 5 s for `file` to grow past `size` bytes.
+fn grows_past(file: &Path, size: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if std::fs::metadata(file).map_or(0, |m| m.len()) > size {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+#[test]
+fn pause_parks_every_vcpu_and_resume_lets_the_guest_run_on() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let sock = scratch("pause.sock");
+    let console = scratch("pause-console");
+    let kernel = kernel(DOTS_KERNEL);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kindling-vmm"))
+        .arg("--api-sock")
+        .arg(&sock)
+        .arg("--serial-out")
+        .arg(&console)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut c = Client::connect(&sock);
+    assert!(
+        fault(&c.call("PATCH", "/vm", Some(json!({"state": "Paused"}))))
+            .contains("before starting")
+    );
+    assert!(
+        fault(&c.call("PATCH", "/vm", Some(json!({"state": "Frozen"}))))
+            .contains("unknown variant")
+    );
+    for (path, body) in [
+        ("/boot-source", json!({"kernel_image_path": kernel})),
+        (
+            "/machine-config",
+            json!({"vcpu_count": 2, "mem_size_mib": 64}),
+        ),
+        ("/actions", json!({"action_type": "InstanceStart"})),
+    ] {
+        assert_eq!(c.call("PUT", path, Some(body)).0, 204, "PUT {path}");
+    }
+    let size = || std::fs::metadata(&console).map_or(0, |m| m.len());
+    assert!(grows_past(&console, 0), "the guest never printed");
+
+    for _ in 0..3 {
+        assert_eq!(
+            c.call("PATCH", "/vm", Some(json!({"state": "Paused"}))).0,
+            204
+        );
+        assert_eq!(c.call("GET", "/", None).1.unwrap()["state"], "Paused");
+        // Parked means out of KVM_RUN: not one more byte, however long we wait.
+        let paused_at = size();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(size(), paused_at, "the guest printed while paused");
+
+        assert_eq!(
+            c.call("PATCH", "/vm", Some(json!({"state": "Resumed"}))).0,
+            204
+        );
+        assert_eq!(c.call("GET", "/", None).1.unwrap()["state"], "Running");
+        assert!(grows_past(&console, paused_at), "the guest did not run on");
+    }
+    // A paused VM still stops on SIGTERM (this guest has no keyboard driver to ask first).
+    assert_eq!(
+        c.call("PATCH", "/vm", Some(json!({"state": "Paused"}))).0,
+        204
+    );
+    // SAFETY: signalling our own child process by its pid.
+    assert_eq!(
+        unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGTERM) },
+        0
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "a paused VM ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(5), "exit code 5: stopped by the VMM");
+    assert!(!sock.exists(), "the API socket is removed at exit");
+    let _ = std::fs::remove_file(console);
 }
 
 #[test]

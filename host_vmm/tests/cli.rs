@@ -166,6 +166,23 @@ fn bad_invocations_fail_with_clear_messages() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("kernel_image_path /nonexistent"));
 
+    // A failure deep in the build names each layer once: context, then cause.
+    std::fs::write(
+        &config,
+        r#"{"boot-source": {"kernel_image_path": "/bin/true"},
+            "machine-config": {"vcpu_count": 1, "mem_size_mib": 17592186044416}}"#,
+    )
+    .unwrap();
+    let out = vmm(&[], &config).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.matches("more than this host can address").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(stderr.contains("allocating guest memory: "), "{stderr}");
+
     let out = Command::new(BIN).arg("--no-api").output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--config-file"));

@@ -144,18 +144,14 @@ pub fn run(job: &Job) -> Result<Outcome> {
     let memory_mib = BASE_MEMORY_MIB + 2 * packed_bytes.div_ceil(1 << 20);
     let console = work.0.join("console.log");
     let output = work.0.join("output.log");
+    let monitor = work.0.join("monitor.sock");
     let started = Instant::now();
     let mut qemu = Command::new("qemu-system-x86_64")
         .args(["-accel", "tcg", "-cpu", L1_CPU, "-smp", "1"])
         .args(["-m", &memory_mib.to_string()])
-        .args([
-            "-display",
-            "none",
-            "-no-reboot",
-            "-nodefaults",
-            "-monitor",
-            "none",
-        ])
+        .args(["-display", "none", "-no-reboot", "-nodefaults"])
+        .arg("-monitor")
+        .arg(format!("unix:{},server=on,wait=off", monitor.display()))
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
         .arg("-serial")
@@ -171,11 +167,13 @@ pub fn run(job: &Job) -> Result<Outcome> {
         .spawn()
         .context("cannot start qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
     let deadline = started + job.timeout;
+    let mut stuck = String::new();
     let exited = loop {
         if let Some(status) = qemu.try_wait()? {
             break Some(status);
         }
         if Instant::now() > deadline {
+            stuck = where_l1_is(&monitor);
             let _ = qemu.kill();
             let _ = qemu.wait();
             break None;
@@ -196,7 +194,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
         .map(Duration::from_secs_f64);
     if exited.is_none() && status.is_none() {
         bail!(
-            "the nested-KVM host did not finish within {:?}\n--- console ---\n{console}\n--- output ---\n{output}",
+            "the nested-KVM host did not finish within {:?}\n--- console ---\n{console}\n--- output ---\n{output}\n--- where L1's CPU was ---\n{stuck}",
             job.timeout
         );
     }
@@ -214,6 +212,35 @@ pub fn run(job: &Job) -> Result<Outcome> {
         boot,
         elapsed,
     })
+}
+
+/// What L1's CPU is doing, from QEMU's monitor: its registers (those of L2 while L1 runs one:
+/// TCG holds the guest's state then), sampled a few times to tell a loop from a halt.
+fn where_l1_is(monitor: &Path) -> String {
+    let mut report = String::new();
+    let Ok(mut conn) = std::os::unix::net::UnixStream::connect(monitor) else {
+        return format!("(no monitor at {})", monitor.display());
+    };
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(500)));
+    for command in [
+        "info registers\nx/4i $pc\ninfo lapic\ninfo pic\n",
+        "info registers\n",
+    ] {
+        let _ = std::io::Write::write_all(&mut conn, command.as_bytes());
+        std::thread::sleep(Duration::from_millis(300));
+        let mut buf = vec![0; 1 << 16];
+        if let Ok(n) = std::io::Read::read(&mut conn, &mut buf) {
+            // The monitor echoes each command with terminal escapes: those lines go.
+            for line in String::from_utf8_lossy(&buf[..n]).lines() {
+                if !line.contains('\x1b') {
+                    report.push_str(line);
+                    report.push('\n');
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    report
 }
 
 /// A test that needs a Linux guest under KVM, run where one can run: here when this host's

@@ -113,7 +113,7 @@ pub fn render(results: &Results) -> String {
     out
 }
 
-/// The rows of one target.
+/// The rows of one target: warm invokes, the cold start and its phases, the hypervisor's RSS.
 fn target_rows(
     rows: &mut Rows,
     target: Target,
@@ -121,14 +121,23 @@ fn target_rows(
     floor_p50: &[f64],
     floor_p99: &[f64],
 ) {
+    warm_rows(rows, target, runs, floor_p50, floor_p99);
+    cold_start_rows(rows, target, runs);
+    rss_row(rows, target, runs);
+}
+
+/// `text` with the emulation mark where the target's figures are bound by emulation.
+fn marked(target: Target, text: String) -> String {
+    if target.emulated() {
+        text + EMULATED
+    } else {
+        text
+    }
+}
+
+/// Warm invoke latency (p50, p99, each as a ratio to the floor) and throughput.
+fn warm_rows(rows: &mut Rows, target: Target, runs: &[Run], floor_p50: &[f64], floor_p99: &[f64]) {
     let env = target.label();
-    let mark = |text: String| {
-        if target.emulated() {
-            text + EMULATED
-        } else {
-            text
-        }
-    };
     for (name, q, floor, note) in [
         ("p50", 0.5, floor_p50, ""),
         ("p99", 0.99, floor_p99, "ratio to the floor's p99"),
@@ -138,12 +147,12 @@ fn target_rows(
         rows.push_noted(
             &format!("warm invoke, {name}"),
             env,
-            mark(seconds(median_of(&values))),
+            marked(target, seconds(median_of(&values))),
             &ratio(median(ratios)),
             note,
         );
     }
-    let rate = |rate: fn(&Run) -> f64| mark(format!("{:.0} /s", median_over(runs, rate)));
+    let rate = |rate: fn(&Run) -> f64| marked(target, format!("{:.0} /s", median_over(runs, rate)));
     rows.push("throughput, 1 client", env, rate(|r| r.sequential_rate), "");
     rows.push(
         &format!("throughput, {CLIENTS} clients"),
@@ -151,11 +160,18 @@ fn target_rows(
         rate(|r| r.concurrent_rate),
         "",
     );
+}
 
+/// The cold start, its phases as the `REPORT` line gives them, and the time no phase covers.
+fn cold_start_rows(rows: &mut Rows, target: Target, runs: &[Run]) {
+    let env = target.label();
     rows.push(
         "cold start, invoke → answer",
         env,
-        mark(seconds(median_over(runs, |r| r.cold_total.as_secs_f64()))),
+        marked(
+            target,
+            seconds(median_over(runs, |r| r.cold_total.as_secs_f64())),
+        ),
         "",
     );
     for name in phase_names(runs) {
@@ -165,10 +181,11 @@ fn target_rows(
             .map(|ms| ms / 1000.0)
             .collect();
         let value = seconds(median_of(&values));
+        // The host's own phase runs natively even where the guest is emulated.
         let value = if name == HOST_PHASE {
             value
         } else {
-            mark(value)
+            marked(target, value)
         };
         rows.push(&format!("  {name}"), env, value, "");
     }
@@ -184,47 +201,51 @@ fn target_rows(
     rows.push_noted(
         "  rest (total − phases)",
         env,
-        mark(seconds(rest)),
+        marked(target, seconds(rest)),
         "",
         rest_note,
     );
+}
 
+/// The hypervisor's (and its helpers') RSS per microVM; no row for the sandbox.
+fn rss_row(rows: &mut Rows, target: Target, runs: &[Run]) {
     let programs = target.hypervisor_programs();
-    if let Some(hypervisor) = programs.first() {
-        // Helpers are one per VM, like the hypervisor: divide every sum by the VM count.
-        let per_vm = |run: &Run, program: &str, bytes: fn(&ProgramRss) -> u64| {
-            let vms = vm_count(&run.children_rss, hypervisor).max(1);
-            run.children_rss.get(program).map_or(0, bytes) as f64 / vms as f64
-        };
-        let sum = |run: &Run, bytes: fn(&ProgramRss) -> u64| {
-            programs.iter().map(|p| per_vm(run, p, bytes)).sum::<f64>()
-        };
-        let total = median_over(runs, |r| sum(r, |p| p.bytes));
-        let shared = median_over(runs, |r| sum(r, |p| p.shmem_bytes));
-        let parts: Vec<String> = programs
-            .iter()
-            .map(|p| {
-                format!(
-                    "{p} {}",
-                    mib(median_over(runs, |r| per_vm(r, p, |p| p.bytes)))
-                )
-            })
-            .collect();
-        let vms = runs
-            .last()
-            .map_or(0, |r| vm_count(&r.children_rss, hypervisor));
-        rows.push_noted(
-            "hypervisor RSS per microVM",
-            env,
-            mark(mib(total)),
-            "",
-            &format!(
-                "VmRSS per VM, mean of {vms} running: {}, of which shared (guest RAM) {}",
-                parts.join(" + "),
-                mib(shared)
-            ),
-        );
-    }
+    let Some(hypervisor) = programs.first() else {
+        return;
+    };
+    // Helpers are one per VM, like the hypervisor: divide every sum by the VM count.
+    let per_vm = |run: &Run, program: &str, bytes: fn(&ProgramRss) -> u64| {
+        let vms = vm_count(&run.children_rss, hypervisor).max(1);
+        run.children_rss.get(program).map_or(0, bytes) as f64 / vms as f64
+    };
+    let sum = |run: &Run, bytes: fn(&ProgramRss) -> u64| {
+        programs.iter().map(|p| per_vm(run, p, bytes)).sum::<f64>()
+    };
+    let total = median_over(runs, |r| sum(r, |p| p.bytes));
+    let shared = median_over(runs, |r| sum(r, |p| p.shmem_bytes));
+    let parts: Vec<String> = programs
+        .iter()
+        .map(|p| {
+            format!(
+                "{p} {}",
+                mib(median_over(runs, |r| per_vm(r, p, |p| p.bytes)))
+            )
+        })
+        .collect();
+    let vms = runs
+        .last()
+        .map_or(0, |r| vm_count(&r.children_rss, hypervisor));
+    rows.push_noted(
+        "hypervisor RSS per microVM",
+        target.label(),
+        marked(target, mib(total)),
+        "",
+        &format!(
+            "VmRSS per VM, mean of {vms} running: {}, of which shared (guest RAM) {}",
+            parts.join(" + "),
+            mib(shared)
+        ),
+    );
 }
 
 fn vm_count(children: &BTreeMap<String, ProgramRss>, hypervisor: &str) -> usize {

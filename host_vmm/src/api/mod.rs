@@ -1,6 +1,6 @@
 //! The Firecracker-compatible REST API, for the subset Kindling supports: `PUT /boot-source`,
 //! `PUT /drives/{id}`, `PUT|GET /machine-config`, `PUT /vsock`, `PUT /cpu-config`,
-//! `PUT /actions`, `GET /` and `GET /version`. Bodies, status codes (204 on success, 400 with `{"fault_message": ...}` on
+//! `PUT /actions`, `PATCH /vm` (pause and resume), `GET /` and `GET /version`. Bodies, status codes (204 on success, 400 with `{"fault_message": ...}` on
 //! error) follow Firecracker's swagger so its clients work unchanged.
 //!
 //! [`request`] turns HTTP method/path/body into an [`ApiRequest`]; [`ApiState`] applies it to
@@ -15,8 +15,8 @@ use std::sync::mpsc::{self, Sender};
 use serde_json::json;
 
 use crate::config::VmmConfig;
-use crate::devices::i8042::CtrlAltDel;
-use request::{Action, ApiRequest};
+use crate::vm::VmControls;
+use request::{Action, ApiRequest, VmState};
 
 /// An HTTP answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,21 +49,22 @@ impl Response {
     }
 }
 
-/// The VMM's answer to an InstanceStart: the running VM's Ctrl-Alt-Del button, or the fault
-/// message.
-pub type StartReply = Result<CtrlAltDel, String>;
+/// The VMM's answer to an InstanceStart: the running VM's controls, or the fault message.
+pub type StartReply = Result<VmControls, String>;
 /// What the API asks the VMM thread to start, and where the outcome goes.
 pub type StartRequest = (VmmConfig, Sender<StartReply>);
 
 const NOT_AFTER_START: &str =
     "The requested operation is not supported after starting the microVM.";
+const NOT_BEFORE_START: &str =
+    "The requested operation is not supported before starting the microVM.";
 
 /// The API's view of the VM: configuration until InstanceStart, then running.
 #[derive(Debug)]
 pub struct ApiState {
     config: VmmConfig,
     /// Set once the VM runs.
-    running: Option<CtrlAltDel>,
+    running: Option<VmControls>,
     start: Sender<StartRequest>,
 }
 
@@ -82,7 +83,11 @@ impl ApiState {
         match req {
             ApiRequest::GetInstance => Response::ok(json!({
                 "id": "anonymous-instance",
-                "state": if self.running.is_some() { "Running" } else { "Not started" },
+                "state": match &self.running {
+                    None => "Not started",
+                    Some(vm) if vm.vcpus.is_paused() => "Paused",
+                    Some(_) => "Running",
+                },
                 "vmm_version": env!("CARGO_PKG_VERSION"),
                 "app_name": "kindling-vmm",
             })),
@@ -92,10 +97,21 @@ impl ApiState {
             ApiRequest::GetMachineConfig => Response::ok(json!(self.config.machine_config)),
             ApiRequest::Action(Action::SendCtrlAltDel) => match &self.running {
                 None => Response::fault("The microVM is not running."),
-                Some(button) if button.press() => Response::no_content(),
+                Some(vm) if vm.ctrl_alt_del.press() => Response::no_content(),
                 Some(_) => Response::fault(
                     "The guest's i8042 keyboard driver is not listening (boot it with i8042.dumbkbd)",
                 ),
+            },
+            ApiRequest::PatchVm(state) => match (&self.running, state) {
+                (None, _) => Response::fault(NOT_BEFORE_START),
+                (Some(vm), VmState::Paused) => match vm.vcpus.pause() {
+                    Ok(()) => Response::no_content(),
+                    Err(e) => Response::fault(format!("Failed to pause the microVM: {e}")),
+                },
+                (Some(vm), VmState::Resumed) => {
+                    vm.vcpus.resume();
+                    Response::no_content()
+                }
             },
             _ if self.running.is_some() => Response::fault(NOT_AFTER_START),
             ApiRequest::PutBootSource(b) => self.apply(b.validate(), |c| c.boot_source = Some(b)),
@@ -154,8 +170,8 @@ impl ApiState {
             return Response::fault("the VMM is shutting down");
         }
         match rx.recv() {
-            Ok(Ok(button)) => {
-                self.running = Some(button);
+            Ok(Ok(vm)) => {
+                self.running = Some(vm);
                 Response::no_content()
             }
             Ok(Err(e)) => Response::fault(format!("Failed to start the microVM: {e}")),

@@ -14,6 +14,19 @@ pub enum Action {
     FlushMetrics,
 }
 
+/// `PATCH /vm` states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum VmState {
+    Paused,
+    Resumed,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmBody {
+    state: VmState,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ActionBody {
@@ -32,6 +45,7 @@ pub enum ApiRequest {
     PutVsock(VsockConfig),
     PutCpuConfig(CpuTemplate),
     Action(Action),
+    PatchVm(VmState),
 }
 
 fn body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
@@ -60,6 +74,7 @@ pub fn parse(method: &str, path: &str, bytes: &[u8]) -> Result<ApiRequest, Strin
         ("PUT", ["actions"]) => {
             body::<ActionBody>(bytes).map(|b| ApiRequest::Action(b.action_type))
         }
+        ("PATCH", ["vm"]) => body::<VmBody>(bytes).map(|b| ApiRequest::PatchVm(b.state)),
         ("PUT", ["drives", id]) if !id.is_empty() => {
             let drive: DriveConfig = body(bytes)?;
             if drive.drive_id != *id {
@@ -124,6 +139,14 @@ mod tests {
             parse("PUT", "/actions", br#"{"action_type": "SendCtrlAltDel"}"#),
             Ok(ApiRequest::Action(Action::SendCtrlAltDel))
         );
+        assert_eq!(
+            parse("PATCH", "/vm", br#"{"state": "Paused"}"#),
+            Ok(ApiRequest::PatchVm(VmState::Paused))
+        );
+        assert_eq!(
+            parse("PATCH", "/vm", br#"{"state": "Resumed"}"#),
+            Ok(ApiRequest::PatchVm(VmState::Resumed))
+        );
     }
 
     #[test]
@@ -159,6 +182,9 @@ mod tests {
         )
         .contains("does not match"));
         assert!(fault("PUT", "/drives/", b"{}").contains("Missing drive id"));
+        assert!(fault("PATCH", "/vm", br#"{"state": "Frozen"}"#).contains("unknown variant"));
+        assert!(fault("PATCH", "/vm", b"").contains("body is empty"));
+        assert!(fault("PUT", "/vm", br#"{"state": "Paused"}"#).contains("Invalid request"));
         assert!(fault("PUT", "/cpu-config", br#"{"cpuid_modifiers": 1}"#)
             .contains("invalid CPU template"));
         assert!(
