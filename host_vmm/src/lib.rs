@@ -7,7 +7,7 @@
 //! (64-bit vCPU state, CPUID), [`vcpu`] (the `KVM_RUN` thread), [`vm`] (the assembled
 //! machine and its event loop), [`exit`] (why it stopped), [`boot`] and [`mptable`] (Linux
 //! boot), [`config`] and [`api`] (Firecracker's config file and REST API), [`vmm`] (config →
-//! VM), [`signals`] and [`metrics`] (process plumbing).
+//! VM), [`signals`], [`seccomp`] and [`metrics`] (process plumbing).
 
 pub mod api;
 pub mod boot;
@@ -21,6 +21,7 @@ pub mod layout;
 pub mod memory;
 pub mod metrics;
 pub mod mptable;
+pub mod seccomp;
 pub mod signals;
 pub mod vcpu;
 pub mod virtio;

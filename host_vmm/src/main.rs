@@ -18,6 +18,7 @@ use kindling_vmm::api::{server, ApiState, StartRequest};
 use kindling_vmm::config::VmmConfig;
 use kindling_vmm::devices::serial::SerialOut;
 use kindling_vmm::exit::ExitReason;
+use kindling_vmm::seccomp::{Filters, ThreadKind};
 use kindling_vmm::signals::{block_termination_signals, termination_pending, TermSignals};
 use kindling_vmm::vm::RunningVm;
 use kindling_vmm::vmm::build_vm;
@@ -43,6 +44,13 @@ struct Cli {
     /// Print a machine-readable timing line (JSON, on stderr) when the VM stops.
     #[arg(long)]
     timings: bool,
+    /// Run without seccomp filters (for debugging only).
+    #[arg(long, conflicts_with = "seccomp_filter")]
+    no_seccomp: bool,
+    /// Per-thread seccomp filters (seccompiler JSON with `vmm`, `api` and `vcpu` filters)
+    /// instead of kindling-vmm's own.
+    #[arg(long, value_name = "FILE")]
+    seccomp_filter: Option<PathBuf>,
     /// Accepted for Firecracker compatibility: the boot timer is always on.
     #[arg(long)]
     boot_timer: bool,
@@ -68,9 +76,11 @@ fn serial_out(spec: &str) -> anyhow::Result<SerialOut> {
 fn start_vm(
     config: &VmmConfig,
     serial: &str,
+    filters: &Filters,
     instance_start: Instant,
 ) -> anyhow::Result<RunningVm> {
     let (mut vm, entry) = build_vm(config, serial_out(serial)?)?;
+    vm.set_seccomp(filters.clone());
     let signals = TermSignals::new(vm.exit().clone(), vm.ctrl_alt_del())?;
     vm.add_subscriber(Arc::new(Mutex::new(signals)));
     Ok(vm.start(entry, instance_start)?)
@@ -79,6 +89,7 @@ fn start_vm(
 /// Serves the API until InstanceStart succeeds (or a termination signal comes first).
 fn start_from_api(
     cli: &Cli,
+    filters: &Filters,
     api_sock: &Path,
     process_start: Instant,
     timings: &mut serde_json::Map<String, serde_json::Value>,
@@ -90,14 +101,19 @@ fn start_from_api(
         micros(process_start.elapsed()).into(),
     );
     let (start_tx, start_rx) = mpsc::channel::<StartRequest>();
-    thread::Builder::new()
-        .name("api".into())
-        .spawn(move || server::serve(listener, ApiState::new(start_tx)))?;
+    let api_filters = filters.clone();
+    thread::Builder::new().name("api".into()).spawn(move || {
+        // Before the first request: a thread that cannot be filtered serves none.
+        match api_filters.apply(ThreadKind::Api) {
+            Ok(()) => server::serve(listener, ApiState::new(start_tx)),
+            Err(e) => tracing::error!("API thread: {e}"),
+        }
+    })?;
     loop {
         match start_rx.recv_timeout(Duration::from_millis(50)) {
             Ok((config, reply)) => {
                 let instance_start = Instant::now();
-                match start_vm(&config, &cli.serial_out, instance_start) {
+                match start_vm(&config, &cli.serial_out, filters, instance_start) {
                     Ok(running) => {
                         let _ = reply.send(Ok(running.controls()));
                         return Ok(Some((running, instance_start)));
@@ -116,12 +132,17 @@ fn start_from_api(
 
 fn run(cli: Cli, process_start: Instant) -> anyhow::Result<ExitReason> {
     let mut timings = serde_json::Map::new();
+    let filters = match (&cli.seccomp_filter, cli.no_seccomp) {
+        (Some(path), _) => Filters::from_file(path)?,
+        (None, true) => Filters::off(),
+        (None, false) => Filters::default_filters()?,
+    };
     let started = match (&cli.api_sock, cli.no_api, &cli.config_file) {
         (Some(_), true, _) => bail!("--api-sock and --no-api exclude each other"),
         (None, true, None) => bail!("--no-api needs --config-file"),
         (None, false, _) => bail!("give --api-sock PATH, or --no-api with --config-file FILE"),
         (Some(sock), false, None) => {
-            let started = start_from_api(&cli, sock, process_start, &mut timings);
+            let started = start_from_api(&cli, &filters, sock, process_start, &mut timings);
             if !matches!(started, Ok(Some(_))) {
                 let _ = std::fs::remove_file(sock);
             }
@@ -136,7 +157,7 @@ fn run(cli: Cli, process_start: Instant) -> anyhow::Result<ExitReason> {
             let config = VmmConfig::from_json(&json)?;
             let instance_start = Instant::now();
             Some((
-                start_vm(&config, &cli.serial_out, instance_start)?,
+                start_vm(&config, &cli.serial_out, &filters, instance_start)?,
                 instance_start,
             ))
         }
@@ -146,7 +167,13 @@ fn run(cli: Cli, process_start: Instant) -> anyhow::Result<ExitReason> {
         return Ok(ExitReason::Stopped);
     };
     let rss = running.vmm_rss_kib().ok();
+    // From here the main thread only runs the device event loop and the exit path.
+    let filtered = filters.apply(ThreadKind::Vmm);
+    if filtered.is_err() {
+        running.exit().request(ExitReason::Stopped);
+    }
     let (reason, t) = running.wait();
+    filtered?;
     if let Some(sock) = &cli.api_sock {
         let _ = std::fs::remove_file(sock);
     }

@@ -13,6 +13,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::bus::Bus;
 use crate::exit::{ExitReason, VmExit};
+use crate::seccomp::{Filters, ThreadKind};
 
 /// One vCPU and what it needs to handle its exits.
 #[derive(Debug)]
@@ -25,6 +26,8 @@ pub struct Vcpu {
     /// Set by the first vCPU to enter `KVM_RUN` (the "start to first KVM_RUN" timing).
     pub first_run: Arc<OnceLock<Instant>>,
     pub control: VcpuControl,
+    /// Installed on the thread before its first `KVM_RUN`.
+    pub seccomp: Filters,
 }
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
@@ -57,6 +60,10 @@ impl Vcpu {
 
     fn run(mut self) {
         let exit = self.exit.clone();
+        if let Err(e) = self.seccomp.apply(ThreadKind::Vcpu) {
+            exit.request(ExitReason::VcpuError(format!("vcpu{}: {e}", self.index)));
+            return;
+        }
         if let Some(reason) = self.run_loop() {
             tracing::info!("vcpu{} stopped: {reason}", self.index);
             exit.request(reason);

@@ -27,6 +27,7 @@ use crate::devices::IrqLine;
 use crate::exit::{ExitReason, VmExit};
 use crate::layout;
 use crate::memory::{create_guest_memory, GuestMemory};
+use crate::seccomp::Filters;
 use crate::vcpu::{Vcpu, VcpuControl};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::vsock::{Vsock, VsockEvents};
@@ -84,6 +85,7 @@ pub struct Vm {
     virtio_slots: Vec<(u64, u32)>,
     subscribers: Vec<Subscriber>,
     i8042: CtrlAltDel,
+    seccomp: Filters,
 }
 
 /// A device's event-loop half.
@@ -101,6 +103,7 @@ impl fmt::Debug for Vm {
             .field("cpu_template", &self.cpu_template)
             .field("virtio_slots", &self.virtio_slots)
             .field("subscribers", &self.subscribers.len())
+            .field("seccomp", &self.seccomp)
             .finish_non_exhaustive()
     }
 }
@@ -190,6 +193,7 @@ impl Vm {
             virtio_slots: Vec::new(),
             subscribers: Vec::new(),
             i8042: CtrlAltDel(i8042),
+            seccomp: Filters::off(),
         })
     }
 
@@ -240,6 +244,12 @@ impl Vm {
         self.subscribers
             .push(Arc::new(Mutex::new(VsockEvents(slot.transport.clone()))));
         Ok(slot)
+    }
+
+    /// The seccomp filters: the vCPU threads install theirs before their first `KVM_RUN`
+    /// (none by default; kindling-vmm's `main` sets its own).
+    pub fn set_seccomp(&mut self, filters: Filters) {
+        self.seccomp = filters;
     }
 
     /// Runs `subscriber` on the VMM's event loop once the VM is started.
@@ -323,6 +333,7 @@ impl Vm {
                 exit: self.exit.clone(),
                 first_run: first_run.clone(),
                 control: control.clone(),
+                seccomp: self.seccomp.clone(),
             });
         }
         for vcpu in vcpus {

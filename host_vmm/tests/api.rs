@@ -112,11 +112,10 @@ fn pause_parks_every_vcpu_and_resume_lets_the_guest_run_on() {
         c.call("PATCH", "/vm", Some(json!({"state": "Paused"}))).0,
         204
     );
+    let pid = i32::try_from(child.id()).unwrap();
     // SAFETY: signalling our own child process by its pid.
-    assert_eq!(
-        unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGTERM) },
-        0
-    );
+    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert_eq!(rc, 0);
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
