@@ -6,12 +6,13 @@
 //! can be created, the highest `VmHWM` over the live tree, remembered across reads.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use kindling_plumbing::cgroup::{self, Joiner};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -29,7 +30,7 @@ pub struct RuntimeCgroup {
     dir: PathBuf,
     peak_file: &'static str,
     /// `cgroup.procs`, opened before fork so the child can join with one `write(2)`.
-    procs: File,
+    joiner: Joiner,
 }
 
 impl RuntimeCgroup {
@@ -47,7 +48,7 @@ impl RuntimeCgroup {
         if let Some(parent) = v2 {
             // Needed for `memory.peak` in the child; refused where the parent is not root
             // and holds processes (then v1 or VmHWM it is).
-            let _ = fs::write(parent.join("cgroup.subtree_control"), "+memory");
+            let _ = cgroup::enable_controllers(&parent, &["memory"]);
             if let Some(cg) = Self::make(&parent, name, "memory.peak") {
                 return Some(cg);
             }
@@ -63,51 +64,34 @@ impl RuntimeCgroup {
 
     fn make(parent: &Path, name: &str, peak_file: &'static str) -> Option<Self> {
         let dir = parent.join(name);
-        if let Err(e) = fs::create_dir(&dir) {
-            if e.kind() != io::ErrorKind::AlreadyExists {
-                return None;
-            }
-        }
-        let procs = OpenOptions::new()
-            .write(true)
-            .open(dir.join("cgroup.procs"));
-        match procs {
-            Ok(procs) if dir.join(peak_file).is_file() => Some(RuntimeCgroup {
+        cgroup::create(&dir).ok()?;
+        match Joiner::open(&dir) {
+            Ok(joiner) if dir.join(peak_file).is_file() => Some(RuntimeCgroup {
                 dir,
                 peak_file,
-                procs,
+                joiner,
             }),
             _ => {
-                let _ = fs::remove_dir(&dir);
+                let _ = cgroup::remove(&dir);
                 None
             }
         }
     }
 
-    /// The fd a child writes `0` to in order to join (see `runtime::spawn`).
-    pub fn procs_fd(&self) -> RawFd {
-        self.procs.as_raw_fd()
+    /// What a child calls between fork and exec to join (see `runtime::spawn`).
+    pub fn joiner(&self) -> Joiner {
+        self.joiner.clone()
     }
 
     fn peak_bytes(&self) -> Option<u64> {
-        fs::read_to_string(self.dir.join(self.peak_file))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+        cgroup::read_u64(&self.dir, self.peak_file).ok()
     }
 
     /// Kills whatever of the tree is left (daemonised children), so the cgroup can go.
     pub async fn remove(&self) {
         for _ in 0..50 {
-            let pids = fs::read_to_string(self.dir.join("cgroup.procs")).unwrap_or_default();
-            for pid in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-            match fs::remove_dir(&self.dir) {
+            let _ = cgroup::kill_procs(&self.dir);
+            match cgroup::remove(&self.dir) {
                 Ok(()) => return,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return,
                 Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,

@@ -152,22 +152,20 @@ fn spawn(agent: &Agent, spec: &RuntimeSpec, generation: u64) -> Result<Started, 
         // Its own process group, so that what it leaves behind can be killed with it.
         .process_group(0)
         .kill_on_drop(true);
-    let cgroup_procs = cgroup.as_ref().map(RuntimeCgroup::procs_fd);
+    let joiner = cgroup.as_ref().map(RuntimeCgroup::joiner);
     let user = spec.user;
     // SAFETY: the closure runs in the forked child before exec, where only
-    // async-signal-safe calls are allowed: prctl(2), write(2) of a static buffer to an fd
-    // opened before the fork, the id and capability calls of `drop_to` and seccomp(2) of
-    // filters built before the fork; nothing allocates or takes a lock.
+    // async-signal-safe calls are allowed: prctl(2), `Joiner::join` (one write(2) to a
+    // file opened before the fork), the id and capability calls of `drop_to` and
+    // seccomp(2) of filters built before the fork; nothing allocates or takes a lock.
     unsafe {
         cmd.pre_exec(move || {
             // A runtime must not outlive a bootstrap that was killed outright.
             prctl::set_pdeathsig(Signal::SIGKILL)?;
             // "0" moves the calling process into the cgroup before the runtime runs, so
             // every page it ever touches is charged there (as root, before the drop).
-            if let Some(fd) = cgroup_procs {
-                if nix::libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
+            if let Some(joiner) = &joiner {
+                joiner.join()?;
             }
             if let Some(user) = user {
                 privileges::drop_to(user)?;

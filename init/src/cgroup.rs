@@ -3,12 +3,11 @@
 //! that the bootstrap can read the workload's memory use and a runaway function hits its
 //! own limits rather than starving init.
 
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use kindling_plumbing::cgroup::{self, Joiner};
 use nix::sys::statfs::{statfs, CGROUP2_SUPER_MAGIC};
 
 use crate::config::Config;
@@ -23,7 +22,7 @@ pub struct Workload {
     dir: PathBuf,
     /// Kept open so that the bootstrap's child can join with one `write` between fork
     /// and exec, where allocating or opening files is not safe.
-    procs: Arc<File>,
+    joiner: Joiner,
 }
 
 impl Workload {
@@ -58,38 +57,26 @@ impl Workload {
         enable_controllers(root, &wanted)?;
 
         let dir = root.join(&config.cgroup);
-        match fs::create_dir(&dir) {
-            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
-                return Err(e).with_context(|| format!("create cgroup {}", dir.display()));
-            }
-            _ => {}
-        }
+        cgroup::create(&dir)?;
         for (_, file, value) in limits {
             if let Some(value) = value {
-                write(&dir.join(file), &value.to_string())?;
+                cgroup::write(&dir, file, &value.to_string())?;
             }
         }
-        let procs_path = dir.join("cgroup.procs");
-        let procs = File::options()
-            .write(true)
-            .open(&procs_path)
-            .with_context(|| format!("open {}", procs_path.display()))?;
-        Ok(Some(Self {
-            dir,
-            procs: Arc::new(procs),
-        }))
+        let joiner = Joiner::open(&dir)?;
+        Ok(Some(Self { dir, joiner }))
     }
 
     /// A hook for `pre_exec` that moves the calling process into the cgroup before it
     /// runs anything. Async-signal-safe: one `write(2)` to an already open file.
     pub fn join_hook(&self) -> impl Fn() -> io::Result<()> + Send + Sync + 'static {
-        let procs = Arc::clone(&self.procs);
-        move || (&*procs).write_all(b"0")
+        let joiner = self.joiner.clone();
+        move || joiner.join()
     }
 
     /// Removes the cgroup; every process in it must have exited.
     pub fn remove(self) -> Result<()> {
-        fs::remove_dir(&self.dir).with_context(|| format!("remove cgroup {}", self.dir.display()))
+        Ok(cgroup::remove(&self.dir)?)
     }
 }
 
@@ -99,38 +86,26 @@ fn enable_controllers(root: &Path, controllers: &[&str]) -> Result<()> {
     if controllers.is_empty() {
         return Ok(());
     }
-    let available_path = root.join("cgroup.controllers");
-    let available = fs::read_to_string(&available_path)
-        .with_context(|| format!("read {}", available_path.display()))?;
+    let available = cgroup::controllers(root)?;
     if let Some(missing) = controllers
         .iter()
-        .find(|c| !available.split_whitespace().any(|a| a == **c))
+        .find(|c| !available.iter().any(|a| a == *c))
     {
         bail!(
             "cgroup controller {missing} is not available (cgroup.controllers: {})",
-            available.trim()
+            available.join(" ")
         );
     }
-    let enable: Vec<String> = controllers.iter().map(|c| format!("+{c}")).collect();
-    let enable = enable.join(" ");
-    let subtree_control = root.join("cgroup.subtree_control");
-    match fs::write(&subtree_control, &enable) {
+    match cgroup::enable_controllers(root, controllers) {
         // cgroup2's "no internal processes" rule: below the real root (the sandbox's
         // cgroup namespace), a cgroup holding init cannot hand controllers to children.
         // Init moves into a leaf of its own and tries again.
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
             let leaf = root.join(INIT_LEAF);
-            fs::create_dir_all(&leaf)
-                .with_context(|| format!("create cgroup {}", leaf.display()))?;
-            write(&leaf.join("cgroup.procs"), "0")?;
-            write(&subtree_control, &enable)
+            cgroup::create(&leaf)?;
+            cgroup::write(&leaf, "cgroup.procs", "0")?;
+            Ok(cgroup::enable_controllers(root, controllers)?)
         }
-        result => {
-            result.with_context(|| format!("write {enable} to {}", subtree_control.display()))
-        }
+        result => Ok(result?),
     }
-}
-
-fn write(path: &Path, value: &str) -> Result<()> {
-    fs::write(path, value).with_context(|| format!("write {value} to {}", path.display()))
 }

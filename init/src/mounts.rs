@@ -4,13 +4,14 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{symlink, DirBuilderExt, MetadataExt};
+use std::os::unix::fs::{symlink, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use kindling_plumbing::{dirs, mount_table};
 use nix::errno::Errno;
 use nix::mount::{mount, umount, umount2, MntFlags, MsFlags};
 
@@ -99,7 +100,7 @@ impl Mounts {
         if is_mount_point(target)? {
             return Ok(());
         }
-        create_dir(target)?;
+        dirs::create_all(target, 0o755)?;
         let data = (!spec.data.is_empty()).then_some(spec.data.as_str());
         mount(
             Some(spec.fstype),
@@ -127,7 +128,7 @@ impl Mounts {
             }
             wait_for_device(source, wait)?;
         }
-        create_dir(&entry.target)?;
+        dirs::create_all(&entry.target, 0o755)?;
         let (flags, data) = mount_options(&entry.options);
         let data = (!data.is_empty()).then_some(data.as_str());
         mount(
@@ -237,14 +238,6 @@ pub fn wait_for_device(device: &Path, wait: Duration) -> Result<()> {
     Ok(())
 }
 
-fn create_dir(path: &Path) -> Result<()> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(path)
-        .with_context(|| format!("create mount point {}", path.display()))
-}
-
 fn link_if_absent(link: &Path, target: &Path) -> Result<()> {
     match symlink(target, link) {
         Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
@@ -279,31 +272,7 @@ fn mount_points(table: &str) -> impl Iterator<Item = PathBuf> + '_ {
     table
         .lines()
         .filter_map(|line| line.split(' ').nth(4))
-        .map(|field| PathBuf::from(unescape_octal(field)))
-}
-
-/// Undoes the kernel's `\ooo` escapes of space, tab, newline and backslash.
-fn unescape_octal(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
-            let d = std::str::from_utf8(d).ok()?;
-            u8::from_str_radix(d, 8).ok()
-        });
-        match (bytes[i], octal) {
-            (b'\\', Some(c)) => {
-                out.push(c);
-                i += 4;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+        .map(|field| PathBuf::from(mount_table::unescape(field)))
 }
 
 #[cfg(test)]

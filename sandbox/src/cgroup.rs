@@ -5,8 +5,8 @@
 //! and `pids` hierarchies hold the limits, and the sandbox still gets a cgroup in the v2
 //! hierarchy: the guest's init mounts cgroup2 inside the sandbox's cgroup namespace and
 //! makes its workload cgroup there, which must land under the sandbox's, not the host's
-//! root. Only a handful of files are written, so this stays a few plain file writes
-//! rather than a general cgroup library.
+//! root. The directory and control-file operations are [`kindling_plumbing::cgroup`]'s,
+//! shared with the guest's init and bootstrap; this module picks hierarchies and limits.
 
 use std::fs;
 use std::io;
@@ -14,8 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use kindling_plumbing::{cgroup, mount_table};
 
 /// The limits of one sandbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,39 +43,38 @@ impl Cgroup {
         };
         let mut dirs = vec![memory.join(parent).join(name), pids.join(parent).join(name)];
         dirs.extend(mount_points(&mounts, "cgroup2").map(|(root, _)| root.join(parent).join(name)));
-        let cgroup = Cgroup { dirs };
-        cgroup.make_dirs()?;
+        let created = Cgroup { dirs };
+        created.make_dirs()?;
         // The combined memory+swap limit (when swap accounting exists) may never be
         // below the memory limit, so it is written second.
-        let memory_dir = &cgroup.dirs[0];
+        let memory_dir = &created.dirs[0];
         let bytes = limits.memory_bytes.to_string();
-        cgroup.write(memory_dir, "memory.limit_in_bytes", &bytes)?;
+        cgroup::write(memory_dir, "memory.limit_in_bytes", &bytes)?;
         if memory_dir.join("memory.memsw.limit_in_bytes").exists() {
-            cgroup.write(memory_dir, "memory.memsw.limit_in_bytes", &bytes)?;
+            cgroup::write(memory_dir, "memory.memsw.limit_in_bytes", &bytes)?;
         }
-        cgroup.write(&cgroup.dirs[1], "pids.max", &limits.pids.to_string())?;
-        Ok(cgroup)
+        cgroup::write(&created.dirs[1], "pids.max", &limits.pids.to_string())?;
+        Ok(created)
     }
 
     fn create_v2(root: &Path, parent: &str, name: &str, limits: Limits) -> Result<Self> {
         let parent_dir = root.join(parent);
-        let cgroup = Cgroup {
+        let created = Cgroup {
             dirs: vec![parent_dir.join(name)],
         };
-        fs::create_dir_all(&parent_dir)
-            .with_context(|| format!("creating {}", parent_dir.display()))?;
+        cgroup::create_all(&parent_dir)?;
         // A v2 child sees a controller only when every ancestor delegates it.
         for dir in [root, parent_dir.as_path()] {
-            cgroup.write(dir, "cgroup.subtree_control", "+memory +pids")?;
+            cgroup::enable_controllers(dir, &["memory", "pids"])?;
         }
-        cgroup.make_dirs()?;
-        let dir = &cgroup.dirs[0];
-        cgroup.write(dir, "memory.max", &limits.memory_bytes.to_string())?;
+        created.make_dirs()?;
+        let dir = &created.dirs[0];
+        cgroup::write(dir, "memory.max", &limits.memory_bytes.to_string())?;
         if dir.join("memory.swap.max").exists() {
-            cgroup.write(dir, "memory.swap.max", "0")?;
+            cgroup::write(dir, "memory.swap.max", "0")?;
         }
-        cgroup.write(dir, "pids.max", &limits.pids.to_string())?;
-        Ok(cgroup)
+        cgroup::write(dir, "pids.max", &limits.pids.to_string())?;
+        Ok(created)
     }
 
     /// The cgroup's directories (one for v2; memory, pids and any v2 one for v1).
@@ -91,27 +89,31 @@ impl Cgroup {
 
     /// SIGKILLs every process in the cgroup until it is empty (or `patience` runs out).
     pub async fn kill_all(&self, patience: Duration) -> io::Result<()> {
-        let procs = self.dirs[0].join("cgroup.procs");
+        let dir = &self.dirs[0];
         let deadline = tokio::time::Instant::now() + patience;
         loop {
-            let pids = match fs::read_to_string(&procs) {
-                Ok(text) => text,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-                Err(e) => return Err(e),
+            // Past the deadline only a look, to say who is left.
+            let expired = tokio::time::Instant::now() >= deadline;
+            let found = if expired {
+                cgroup::procs(dir)
+            } else {
+                cgroup::kill_procs(dir)
             };
-            if pids.trim().is_empty() {
+            let pids = match found {
+                Ok(pids) => pids,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            if pids.is_empty() {
                 return Ok(());
             }
-            if tokio::time::Instant::now() >= deadline {
+            if expired {
+                let pids: Vec<String> = pids.iter().map(ToString::to_string).collect();
                 return Err(io::Error::other(format!(
                     "processes still in {} after SIGKILL: {}",
-                    procs.display(),
-                    pids.split_whitespace().collect::<Vec<_>>().join(" ")
+                    dir.join("cgroup.procs").display(),
+                    pids.join(" ")
                 )));
-            }
-            for pid in pids.split_whitespace().filter_map(|p| p.parse().ok()) {
-                // A process may have gone between the read and the kill.
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -123,11 +125,11 @@ impl Cgroup {
         let deadline = tokio::time::Instant::now() + patience;
         let mut tree = Vec::new();
         for dir in &self.dirs {
-            children_first(dir, &mut tree)?;
+            tree.extend(cgroup::removal_order(dir)?);
         }
         for dir in &tree {
             loop {
-                match fs::remove_dir(dir) {
+                match cgroup::remove(dir) {
                     Ok(()) => break,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => break,
                     // The kernel lets go of a cgroup a moment after its last process died.
@@ -137,12 +139,7 @@ impl Cgroup {
                     {
                         tokio::time::sleep(Duration::from_millis(10)).await
                     }
-                    Err(e) => {
-                        return Err(io::Error::new(
-                            e.kind(),
-                            format!("removing {}: {e}", dir.display()),
-                        ))
-                    }
+                    Err(e) => return Err(e.into()),
                 }
             }
         }
@@ -160,22 +157,14 @@ impl Cgroup {
             if !dir.is_dir() {
                 continue;
             }
-            let procs = fs::read_to_string(dir.join("cgroup.procs"))?;
-            if !procs.trim().is_empty() {
-                for pid in procs.split_whitespace().filter_map(|p| p.parse().ok()) {
-                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                }
+            if !cgroup::kill_procs(&dir)?.is_empty() {
                 return Err(io::Error::other(format!(
                     "{} still had processes; killed, removed at the next start",
                     dir.display()
                 )));
             }
-            let mut tree = Vec::new();
-            children_first(&dir, &mut tree)?;
-            for dir in &tree {
-                fs::remove_dir(dir).map_err(|e| {
-                    io::Error::new(e.kind(), format!("removing {}: {e}", dir.display()))
-                })?;
+            for dir in cgroup::removal_order(&dir)? {
+                cgroup::remove(&dir)?;
             }
         }
         Ok(())
@@ -183,40 +172,18 @@ impl Cgroup {
 
     fn make_dirs(&self) -> Result<()> {
         for dir in &self.dirs {
-            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            cgroup::create_all(dir)?;
         }
         Ok(())
     }
-
-    fn write(&self, dir: &Path, file: &str, value: &str) -> Result<()> {
-        let path = dir.join(file);
-        fs::write(&path, value).with_context(|| format!("writing {value:?} to {}", path.display()))
-    }
-}
-
-/// Appends the cgroup directories under `dir`, then `dir`: the order rmdir needs.
-fn children_first(dir: &Path, out: &mut Vec<PathBuf>) -> io::Result<()> {
-    let entries = match fs::read_dir(dir) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        entries => entries?,
-    };
-    for entry in entries {
-        let entry = entry?;
-        if entry.file_type()?.is_dir() {
-            children_first(&entry.path(), out)?;
-        }
-    }
-    out.push(dir.to_path_buf());
-    Ok(())
 }
 
 /// The mount point of a cgroup2 hierarchy that offers both memory and pids.
 fn v2_root(mounts: &str) -> Option<PathBuf> {
     mount_points(mounts, "cgroup2")
         .find(|(dir, _)| {
-            fs::read_to_string(dir.join("cgroup.controllers")).is_ok_and(|c| {
-                let mut names = c.split_whitespace();
-                names.clone().any(|n| n == "memory") && names.any(|n| n == "pids")
+            cgroup::controllers(dir).is_ok_and(|names| {
+                names.iter().any(|n| n == "memory") && names.iter().any(|n| n == "pids")
             })
         })
         .map(|(dir, _)| dir)
@@ -238,20 +205,11 @@ fn mount_points<'a>(
         let fields: Vec<&str> = line.split_whitespace().collect();
         match fields.as_slice() {
             [_, dir, ty, options, ..] if *ty == fs_type => {
-                Some((PathBuf::from(unescape_mount_path(dir)), *options))
+                Some((PathBuf::from(mount_table::unescape(dir)), *options))
             }
             _ => None,
         }
     })
-}
-
-/// `/proc/self/mounts` writes space, tab, newline and backslash as octal escapes.
-fn unescape_mount_path(field: &str) -> String {
-    field
-        .replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
 }
 
 #[cfg(test)]

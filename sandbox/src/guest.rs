@@ -8,10 +8,11 @@
 use std::convert::Infallible;
 use std::ffi::CString;
 use std::fs::{self, File};
-use std::os::unix::fs::{symlink, DirBuilderExt};
+use std::os::unix::fs::symlink;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use kindling_plumbing::dirs;
 use nix::fcntl::OFlag;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::Mode;
@@ -69,7 +70,7 @@ fn build_root(plan: &Plan) -> Result<()> {
         "sys",
         "run",
     ] {
-        mkdir(&root.join(dir))?;
+        dirs::create_all(&root.join(dir), 0o755)?;
     }
 
     let runtime = root.join(&GUEST_RUNTIME_DIR[1..]);
@@ -124,8 +125,8 @@ fn build_dev(dev: &Path) -> Result<()> {
         symlink(target, dev.join(name)).with_context(|| format!("linking /dev/{name}"))?;
     }
     // Mount points for init's devpts and shm.
-    mkdir(&dev.join("pts"))?;
-    mkdir(&dev.join("shm"))?;
+    dirs::create_all(&dev.join("pts"), 0o755)?;
+    dirs::create_all(&dev.join("shm"), 0o755)?;
     remount_read_only(dev, MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC)
 }
 
@@ -138,7 +139,7 @@ fn build_run(plan: &Plan, run: &Path) -> Result<()> {
     )?;
     let in_run = |guest: &str| run.join(guest.strip_prefix("/run/").expect("under /run"));
     let socket = in_run(GUEST_HOST_SOCKET);
-    mkdir(socket.parent().expect("a file under /run"))?;
+    dirs::create_all(socket.parent().expect("a file under /run"), 0o755)?;
     File::create(&socket).with_context(|| format!("creating {}", socket.display()))?;
     // A socket's bind mount stays writable: connecting needs write access to it.
     bind(&plan.host_socket, &socket, MsFlags::empty())?;
@@ -166,7 +167,7 @@ fn populate(dir: &Path, entries: &Entries) -> Result<()> {
             continue;
         }
         if meta.is_dir() {
-            mkdir(&target)?;
+            dirs::create_all(&target, 0o755)?;
         } else {
             File::create(&target).with_context(|| format!("creating {}", target.display()))?;
         }
@@ -200,14 +201,6 @@ fn exec_init() -> Result<Infallible> {
 
 fn cstring(s: &str) -> CString {
     CString::new(s).expect("constant without NUL")
-}
-
-fn mkdir(path: &Path) -> Result<()> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(path)
-        .with_context(|| format!("creating {}", path.display()))
 }
 
 fn mount_tmpfs(target: &Path, options: &str, flags: MsFlags) -> Result<()> {

@@ -1,0 +1,14 @@
+//! The Linux plumbing that init, the bootstrap and the namespace sandbox share: cgroup
+//! directories and control files ([`cgroup`]), `mkdir -p` with a mode ([`dirs`]) and the
+//! escapes of the kernel's mount tables ([`mount_table`]).
+//!
+//! Only std and nix: init and the bootstrap are linked statically (`+crt-static`) into
+//! every guest. Each failure names the path it happened on ([`Error`]), so callers need
+//! no wrapper of their own around each call.
+
+pub mod cgroup;
+pub mod dirs;
+mod error;
+pub mod mount_table;
+
+pub use error::{Error, Result};
