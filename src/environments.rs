@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use anyhow::{bail, Context};
 use async_trait::async_trait;
 use kindling_images::{
-    build_code_image, build_initramfs, build_kernel, build_root_image, Cache, ImagesManifest,
-    KernelKind, RootPaths, Runtime,
+    build_code_image, build_initramfs, build_kernel, build_root_image, ImagesManifest, KernelKind,
+    RootPaths, Runtime,
 };
 use kindling_microvm::kindling::KindlingVmm;
 use kindling_microvm::qemu::{self, Accel, Qemu};
@@ -17,6 +17,8 @@ use kindling_microvm::{probe, Backend, BootFiles, ImageSource, MicroVmLauncher};
 use kindling_runtime_api::config::{FunctionConfig, Hypervisor};
 use kindling_runtime_api::{Environment, EnvironmentSpec, Function, Isolation, Launcher};
 use kindling_sandbox::{SandboxLauncher, SandboxOptions};
+
+use crate::images::open_cache;
 
 /// The scheduler's launchers, one for each isolation in use.
 pub type Launchers = HashMap<Isolation, Arc<dyn Launcher>>;
@@ -79,7 +81,7 @@ pub fn prepare(
 /// checked (no escaping paths or links, the handler present, Lambda's size limit).
 fn unpacked_code(function: &Function) -> anyhow::Result<PathBuf> {
     let runtime = function.runtime.parse::<Runtime>()?;
-    let image = build_code_image(&Cache::open()?, &function.code, runtime, &function.handler)
+    let image = build_code_image(&open_cache()?, &function.code, runtime, &function.handler)
         .with_context(|| format!("function {}: {}", function.name, function.code.display()))?;
     Ok(image.dir)
 }
@@ -214,7 +216,7 @@ impl ImageCache {
         match &self.manifest {
             Some(manifest) => Ok(manifest.root(runtime)?.clone()),
             None => {
-                let image = build_root_image(&Cache::open()?, runtime)?;
+                let image = build_root_image(&open_cache()?, runtime)?;
                 Ok(RootPaths {
                     ext4: image.ext4,
                     dir: image.dir,
@@ -233,7 +235,7 @@ impl ImageSource for ImageCache {
         let (kernel, initramfs) = match &self.manifest {
             Some(manifest) => (manifest.kernel.clone(), manifest.initramfs.clone()),
             None => {
-                let cache = Cache::open()?;
+                let cache = open_cache()?;
                 let kernel = build_kernel(&cache, KernelKind::Minimal)?;
                 let initramfs = build_initramfs(&cache, &kernel)?;
                 (kernel.bzimage, initramfs.path)
@@ -255,7 +257,7 @@ impl ImageSource for ImageCache {
         if let Some(path) = self.code.lock().expect("not poisoned").get(&function.name) {
             return Ok(path.clone());
         }
-        let cache = Cache::open()?;
+        let cache = open_cache()?;
         let runtime = function.runtime.parse::<Runtime>()?;
         let image = build_code_image(&cache, &function.code, runtime, &function.handler)?;
         self.code

@@ -2,6 +2,7 @@
 
 mod bench;
 mod environments;
+mod images;
 mod invoke;
 mod serve;
 
@@ -35,7 +36,7 @@ enum Command {
     Logs(serve::LogsArgs),
     /// Build, list and prune guest kernels, initramfs and root images.
     #[command(subcommand)]
-    Images(kindling_images::cli::ImagesCommand),
+    Images(images::ImagesCommand),
     /// Measure warm and cold invokes, throughput and hypervisor memory; print one table.
     Bench(bench::BenchArgs),
 }

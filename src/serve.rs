@@ -13,7 +13,7 @@ use kindling_runtime_api::config::{self, FunctionConfig, Hypervisor};
 use kindling_runtime_api::{Function, Isolation, Server, ServerOptions};
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::{environments, AddrArg, StateDirArg};
+use crate::{environments, images, AddrArg, StateDirArg};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -26,10 +26,19 @@ pub struct ServeArgs {
 
 #[derive(clap::Args)]
 pub struct RunArgs {
+    #[command(flatten)]
+    function: RunFunctionArgs,
+    #[command(flatten)]
+    common: ServerArgs,
+}
+
+/// What `run` makes its one function of.
+#[derive(clap::Args)]
+struct RunFunctionArgs {
     /// The function's code: a directory (or a Lambda-style .zip).
     code: PathBuf,
     /// The runtime image the function boots.
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = images::runtime_parser())]
     runtime: Runtime,
     /// The handler, e.g. app.handler.
     #[arg(long)]
@@ -52,8 +61,6 @@ pub struct RunArgs {
     /// microvm (default) or sandbox.
     #[arg(long)]
     isolation: Option<Isolation>,
-    #[command(flatten)]
-    common: ServerArgs,
 }
 
 /// What `serve` and `run` share.
@@ -139,12 +146,23 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let runtimes = Runtime::ALL.map(Runtime::name);
-    let functions = config::load(&args.functions, &runtimes)?;
+    let functions = load_functions(&args.functions)?;
     host(functions, args.common).await
 }
 
+/// The functions of a functions.toml, whose runtimes must be ones this host has images for.
+fn load_functions(path: &Path) -> anyhow::Result<Vec<FunctionConfig>> {
+    let runtimes = Runtime::ALL.map(Runtime::name);
+    Ok(config::load(path, &runtimes)?)
+}
+
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let function = run_function(args.function)?;
+    host(vec![function], args.common).await
+}
+
+/// `run`'s one function, as a functions.toml would give it; checked as one would be.
+fn run_function(args: RunFunctionArgs) -> anyhow::Result<FunctionConfig> {
     let code =
         std::fs::canonicalize(&args.code).with_context(|| format!("{}", args.code.display()))?;
     let name = match args.name {
@@ -180,14 +198,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         max_concurrency: args.max_concurrency,
         env: args.env.into_iter().collect::<BTreeMap<_, _>>(),
     };
-    host(
-        vec![FunctionConfig {
-            function,
-            hypervisor: None,
-        }],
-        args.common,
-    )
-    .await
+    Ok(FunctionConfig {
+        function,
+        hypervisor: None,
+    })
 }
 
 /// Starts the host for `functions`, prints their logs, and serves until SIGINT/SIGTERM.
@@ -321,6 +335,195 @@ fn is_env_of(folder: &str, prefix: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{Cli, Command};
+    use clap::error::ErrorKind;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<Command, clap::Error> {
+        let argv = std::iter::once("kindling").chain(args.iter().copied());
+        Cli::try_parse_from(argv).map(|cli| cli.command)
+    }
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        match parse(&[&["run"][..], args].concat()) {
+            Ok(Command::Run(args)) => args,
+            Ok(_) => panic!("{args:?} parsed as another command"),
+            Err(e) => panic!("{args:?}: {e}"),
+        }
+    }
+
+    fn refused(args: &[&str]) -> clap::Error {
+        match parse(args) {
+            Ok(_) => panic!("{args:?} was accepted"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn serve_takes_a_functions_file_and_an_images_manifest() {
+        let Ok(Command::Serve(args)) = parse(&[
+            "serve",
+            "-f",
+            "functions.toml",
+            "--images",
+            "images.json",
+            "--init-timeout",
+            "900",
+        ]) else {
+            panic!("not serve");
+        };
+        assert_eq!(args.functions, Path::new("functions.toml"));
+        assert_eq!(
+            args.common.images.as_deref(),
+            Some(Path::new("images.json"))
+        );
+        assert_eq!(args.common.init_timeout, 900);
+        assert_eq!(args.common.idle_timeout, 300);
+        assert!(!args.common.allow_remote);
+        assert_eq!(
+            refused(&["serve"]).kind(),
+            ErrorKind::MissingRequiredArgument
+        );
+        for out_of_range in ["0", "901"] {
+            let err = refused(&["serve", "-f", "f", "--init-timeout", out_of_range]);
+            assert_eq!(err.kind(), ErrorKind::ValueValidation, "{out_of_range}");
+        }
+    }
+
+    #[test]
+    fn run_takes_a_runtime_by_name_and_defaults_like_lambda() {
+        let args = run_args(&["code", "--runtime", "python", "--handler", "app.handler"]);
+        let f = args.function;
+        assert_eq!(f.code, Path::new("code"));
+        assert_eq!(f.runtime, Runtime::Python);
+        assert_eq!(f.handler, "app.handler");
+        assert_eq!((f.memory, f.timeout), (128, 3));
+        assert_eq!(f.max_concurrency, config::DEFAULT_MAX_CONCURRENCY);
+        assert_eq!((f.name, f.isolation), (None, None));
+        let args = run_args(&[
+            "code",
+            "--runtime",
+            "provided-debian",
+            "--handler",
+            "h",
+            "--env",
+            "A=1",
+            "--env",
+            "B=x=y",
+            "--isolation",
+            "sandbox",
+        ]);
+        assert_eq!(args.function.runtime, Runtime::ProvidedDebian);
+        assert_eq!(
+            args.function.env,
+            [
+                ("A".to_string(), "1".to_string()),
+                ("B".to_string(), "x=y".to_string())
+            ]
+        );
+        assert_eq!(args.function.isolation, Some(Isolation::Sandbox));
+    }
+
+    #[test]
+    fn run_refuses_an_unknown_runtime_naming_the_known_ones() {
+        let err = refused(&["run", "code", "--runtime", "ruby", "--handler", "h"]);
+        assert_eq!(err.kind(), ErrorKind::InvalidValue);
+        let text = err.to_string();
+        assert!(
+            text.contains("invalid value 'ruby' for '--runtime <RUNTIME>'"),
+            "{text}"
+        );
+        assert!(
+            text.contains("[possible values: provided, provided-debian, python, node]"),
+            "{text}"
+        );
+        let err = refused(&["run", "code", "--handler", "h"]);
+        assert_eq!(err.kind(), ErrorKind::MissingRequiredArgument);
+        assert!(err.to_string().contains("--runtime <RUNTIME>"), "{err}");
+        let err = refused(&[
+            "run",
+            "code",
+            "--runtime",
+            "node",
+            "--handler",
+            "h",
+            "--env",
+            "A",
+        ]);
+        assert!(
+            err.to_string().contains("\"A\": expected KEY=VALUE"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn run_names_the_function_after_its_code_and_checks_lambdas_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let code = dir.path().join("hello-fn");
+        std::fs::create_dir(&code).unwrap();
+        let zip = dir.path().join("bundle.zip");
+        std::fs::write(&zip, b"").unwrap();
+        let function = |extra: &[&str]| {
+            let base = ["--runtime", "python", "--handler", "app.handler"];
+            run_function(run_args(&[&base[..], extra].concat()).function)
+        };
+        let named = function(&[code.to_str().unwrap()]).unwrap();
+        assert_eq!(named.function.name, "hello-fn");
+        assert_eq!(named.function.code, code.canonicalize().unwrap());
+        assert_eq!(named.function.runtime, "python");
+        assert_eq!(named.function.isolation, Isolation::MicroVm);
+        assert_eq!(named.hypervisor, None);
+        let zipped = function(&[zip.to_str().unwrap()]).unwrap();
+        assert_eq!(zipped.function.name, "bundle");
+        let renamed = function(&[code.to_str().unwrap(), "--name", "other"]).unwrap();
+        assert_eq!(renamed.function.name, "other");
+        let err = function(&[code.to_str().unwrap(), "--memory", "64"]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("--memory 64: must be within"),
+            "{err}"
+        );
+        let err = function(&[code.to_str().unwrap(), "--timeout", "901"]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("--timeout 901: must be within"),
+            "{err}"
+        );
+        let missing = dir.path().join("missing");
+        let err = function(&[missing.to_str().unwrap()]).unwrap_err();
+        assert!(format!("{err:#}").contains("missing"), "{err:#}");
+    }
+
+    #[test]
+    fn the_example_functions_file_loads_with_this_hosts_runtimes() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/functions.toml");
+        let functions = load_functions(&example).unwrap();
+        let runtimes: BTreeMap<&str, &str> = functions
+            .iter()
+            .map(|f| (f.function.name.as_str(), f.function.runtime.as_str()))
+            .collect();
+        assert_eq!(runtimes["hello"], "python");
+        assert_eq!(runtimes["echo"], "provided-debian");
+        assert_eq!(runtimes["hello-node"], "node");
+    }
+
+    #[test]
+    fn a_functions_file_with_an_unknown_runtime_is_refused_at_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("code")).unwrap();
+        let file = dir.path().join("functions.toml");
+        std::fs::write(
+            &file,
+            "[functions.a]\ncode = 'code'\nhandler = 'h'\nruntime = 'ruby'\n",
+        )
+        .unwrap();
+        let err = load_functions(&file).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "{}:4: functions.a.runtime: \"ruby\" is not one of \"provided\", \"provided-debian\", \"python\", \"node\"",
+                file.display()
+            )
+        );
+    }
 
     #[test]
     fn logs_reads_the_rotated_file_then_the_current_one() {

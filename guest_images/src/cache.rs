@@ -20,11 +20,14 @@ use std::fs;
 use std::io::{self, BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 use walkdir::WalkDir;
+
+use crate::progress::{Progress, Step};
 
 /// Bumped when a builder changes what it produces, so old entries stop matching.
 pub(crate) const RECIPE_VERSION: &str = "kindling-images/1";
@@ -35,10 +38,12 @@ const KEY_LEN: usize = 16;
 /// The kinds of entry, each a folder under the cache root.
 pub(crate) const KINDS: [&str; 6] = ["kernel", "initramfs", "base", "rootfs", "code", "nested"];
 
-/// A cache folder holding built artifacts.
+/// A cache folder holding built artifacts. Every build is given one, so it also carries
+/// where builds report their long steps.
 #[derive(Debug, Clone)]
 pub struct Cache {
     root: PathBuf,
+    progress: Option<Arc<dyn Progress>>,
 }
 
 /// What a lookup-or-build gave: the entry's folder and whether it was already there.
@@ -79,11 +84,28 @@ impl Cache {
             fs::create_dir_all(root.join(sub))
                 .with_context(|| format!("cannot create the cache folder {}", root.display()))?;
         }
-        Ok(Cache { root })
+        Ok(Cache {
+            root,
+            progress: None,
+        })
+    }
+
+    /// The same cache, with builds showing their long steps on `progress` (without one,
+    /// only `tracing` hears of them).
+    pub fn with_progress(self, progress: Arc<dyn Progress>) -> Cache {
+        Cache {
+            progress: Some(progress),
+            ..self
+        }
     }
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Starts a long build step, shown on this cache's progress.
+    pub(crate) fn step(&self, what: impl Into<String>) -> Step {
+        Step::start(self.progress.as_deref(), what)
     }
 
     /// Where the entry `kind/name` lives once built.
@@ -400,6 +422,11 @@ fn digest_remembered(stamps: Option<&Path>, path: &Path) -> Result<String> {
     fs::write(&partial, format!("{identity}\n{digest}"))?;
     fs::rename(&partial, &stamp)?;
     Ok(digest)
+}
+
+/// The SHA-256 of `data`, in hex, as [`Fingerprint::file`] records a file's contents.
+pub(crate) fn sha256_hex(data: &[u8]) -> String {
+    hex(&Sha256::digest(data))
 }
 
 /// The SHA-256 of a file, in hex.

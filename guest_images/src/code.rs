@@ -19,7 +19,6 @@ use walkdir::WalkDir;
 use crate::cache::Cache;
 use crate::ext4::make_ext4;
 use crate::fsutil::copy_tree;
-use crate::progress::Step;
 use crate::rootfs::Runtime;
 
 /// Lambda's limit on unzipped code: 250 MB.
@@ -86,7 +85,7 @@ pub fn build_code_image(
     let key = fp.key();
     let built = cache.get_or_build("code", &key, |out| {
         let log = cache.fresh_log(&format!("code-{key}"))?;
-        let step = Step::start(format!("function code {}", source.display()));
+        let step = cache.step(format!("function code {}", source.display()));
         let task = out.join(TASK_DIR);
         match source_kind {
             Source::Dir => copy_tree(source, &task)?,

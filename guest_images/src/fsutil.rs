@@ -1,6 +1,6 @@
-//! Copying plain trees (runtime shims, function code) into images: folders, regular files
-//! and symlinks with their permission bits; ownership becomes the builder's (root in CI),
-//! which is what a read-only `/var/task` or `/var/runtime` should have.
+//! Copying plain trees (function code) into images: folders, regular files and symlinks
+//! with their permission bits; ownership becomes the builder's (root in CI), which is what
+//! a read-only `/var/task` should have.
 
 use std::fs;
 use std::os::unix::fs::{symlink, PermissionsExt};

@@ -29,22 +29,44 @@ const STOCK_MODULES: [&str; 4] = [
 ];
 const MANIFEST: &str = "kernel.json";
 
-/// Which kernel a guest boots.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, Serialize, Deserialize)]
+/// Which kernel a guest boots ([`KernelKind::summary`] says what each is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KernelKind {
-    /// Built here from linux-source-6.1: everything built in, boots in well under a second.
     Minimal,
-    /// Debian's linux-image-cloud-amd64; drivers are modules (needs ACPI device discovery).
     Stock,
 }
 
 impl KernelKind {
+    pub const ALL: [KernelKind; 2] = [KernelKind::Minimal, KernelKind::Stock];
+
     pub fn name(self) -> &'static str {
         match self {
             KernelKind::Minimal => "minimal",
             KernelKind::Stock => "stock",
         }
+    }
+
+    /// What the kernel is, in one line (for a CLI's help).
+    pub fn summary(self) -> &'static str {
+        match self {
+            KernelKind::Minimal => {
+                "Built here from linux-source-6.1: everything built in, boots in well under a second"
+            }
+            KernelKind::Stock => {
+                "Debian's linux-image-cloud-amd64; drivers are modules (needs ACPI device discovery)"
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for KernelKind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<KernelKind> {
+        KernelKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| anyhow::anyhow!("unknown kernel {s:?}; known: minimal, stock"))
     }
 }
 
@@ -134,14 +156,13 @@ pub(crate) fn entry_name(kind: KernelKind) -> Result<String> {
 fn build_minimal(cache: &Cache, name: &str, out: &Path) -> Result<()> {
     let log = cache.fresh_log(name)?;
     let work = cache.scratch(&format!("{name}-src"))?;
-    let result = compile_minimal(&work, out, &log);
+    let result = compile_minimal(cache.step("minimal kernel"), &work, out, &log);
     remove_tree(&work)?;
     result
 }
 
-fn compile_minimal(work: &Path, out: &Path, log: &Path) -> Result<()> {
-    let step = Step::start("minimal kernel");
-    step.say(format!("unpacking {SOURCE_TARBALL}"));
+fn compile_minimal(step: Step, work: &Path, out: &Path, log: &Path) -> Result<()> {
+    step.say(&format!("unpacking {SOURCE_TARBALL}"));
     step.run(
         Command::new("tar")
             .arg("-xf")
@@ -232,13 +253,12 @@ pub fn missing_options(config: &str, fragment: &str) -> Vec<String> {
 fn fetch_stock(cache: &Cache, name: &str, out: &Path) -> Result<()> {
     let log = cache.fresh_log(name)?;
     let work = cache.scratch(&format!("{name}-deb"))?;
-    let result = unpack_stock(&work, out, &log);
+    let result = unpack_stock(cache.step("stock kernel"), &work, out, &log);
     remove_tree(&work)?;
     result
 }
 
-fn unpack_stock(work: &Path, out: &Path, log: &Path) -> Result<()> {
-    let step = Step::start("stock kernel");
+fn unpack_stock(step: Step, work: &Path, out: &Path, log: &Path) -> Result<()> {
     let package = image_package(STOCK_METAPACKAGE)?;
     let unpacked = unpack_kernel_package(&step, work, &package, &STOCK_MODULES, out, log)?;
     write_manifest(

@@ -1,5 +1,7 @@
 //! Builds what a Kindling guest boots: kernels, initramfs, root images and function code,
-//! all content-addressed in one [`Cache`] so that a second build is instant.
+//! all content-addressed in one [`Cache`] so that a second build is instant. Long steps
+//! report to the [`Progress`] a cache is given; the runtime shims are compiled in, so only
+//! the static guest binaries are looked for at run time ([`locate::guest_bin_dir`]).
 //!
 //! ```no_run
 //! use kindling_images::{build_code_image, build_initramfs, build_kernel, build_root_image};
@@ -16,7 +18,6 @@
 
 mod archive;
 mod cache;
-pub mod cli;
 mod code;
 mod ext4;
 mod fsutil;
@@ -27,7 +28,9 @@ pub mod locate;
 mod manifest;
 mod nested;
 mod progress;
+mod prune;
 mod rootfs;
+mod shims;
 
 pub use archive::CpioArchive;
 pub use cache::{Built, Cache, EntryInfo};
@@ -37,6 +40,9 @@ pub use initramfs::{build_initramfs, Initramfs, INITRAMFS_FILE};
 pub use kernel::{build_kernel, missing_options, Kernel, KernelKind, MINIMAL_FRAGMENT};
 pub use manifest::{ImagesManifest, RootPaths};
 pub use nested::{build_nested_host, NestedHost};
+pub use progress::{Progress, StepProgress};
+pub use prune::prune;
 pub use rootfs::{
     build_root_image, DebianInfo, ImageInfo, RootImage, Runtime, ROOTFS_DIR, ROOTFS_EXT4,
 };
+pub use shims::{write_shims, ShimFile};

@@ -53,7 +53,7 @@ pub fn build_nested_host(cache: &Cache) -> Result<NestedHost> {
     let built = cache.get_or_build("nested", &name, |out| {
         let log = cache.fresh_log(&name)?;
         let work = cache.scratch(&format!("{name}-deb"))?;
-        let result = unpack(&work, &package, out, &log);
+        let result = unpack(cache.step("nested-KVM host"), &work, &package, out, &log);
         remove_tree(&work)?;
         result
     })?;
@@ -93,8 +93,7 @@ pub(crate) fn current_entry_name() -> Result<String> {
     entry_name(&image_package(METAPACKAGE)?)
 }
 
-fn unpack(work: &Path, package: &str, out: &Path, log: &Path) -> Result<()> {
-    let step = Step::start("nested-KVM host");
+fn unpack(step: Step, work: &Path, package: &str, out: &Path, log: &Path) -> Result<()> {
     let kernel = unpack_kernel_package(&step, work, package, &KVM_MODULES, out, log)?;
     let busybox = work.join("busybox");
     apt_unpack(&step, work, BUSYBOX_PACKAGE, &busybox, log)?;

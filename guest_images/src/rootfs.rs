@@ -16,10 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::{remove_tree, Cache, Fingerprint};
 use crate::ext4::make_ext4;
-use crate::fsutil::copy_tree;
 use crate::guest::guest_bins;
-use crate::locate;
-use crate::progress::Step;
+use crate::shims::{self, write_shims, ShimFile};
 
 /// Where the image's folder and ext4 file sit inside its cache entry.
 pub const ROOTFS_DIR: &str = "rootfs";
@@ -40,17 +38,13 @@ const SLIM: [&str; 7] = [
     "var/log",
 ];
 
-/// The runtimes Kindling ships root images for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, Serialize, Deserialize)]
+/// The runtimes Kindling ships root images for ([`Runtime::summary`] says what each holds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Runtime {
-    /// init and bootstrap only; the function brings a static `bootstrap`.
     Provided,
-    /// Debian minimal root with bash, curl and ca-certificates, for shell custom runtimes.
     ProvidedDebian,
-    /// Debian's python3 plus Kindling's Python runtime.
     Python,
-    /// Debian's nodejs plus Kindling's Node runtime.
     Node,
 }
 
@@ -71,6 +65,20 @@ impl Runtime {
         }
     }
 
+    /// What the image holds, in one line (for a CLI's help).
+    pub fn summary(self) -> &'static str {
+        match self {
+            Runtime::Provided => {
+                "init and bootstrap only; the function brings a static `bootstrap`"
+            }
+            Runtime::ProvidedDebian => {
+                "Debian minimal root with bash, curl and ca-certificates, for shell custom runtimes"
+            }
+            Runtime::Python => "Debian's python3 plus Kindling's Python runtime",
+            Runtime::Node => "Debian's nodejs plus Kindling's Node runtime",
+        }
+    }
+
     /// Debian packages on top of minbase, or `None` for an image without Debian.
     fn debian_packages(self) -> Option<&'static [&'static str]> {
         match self {
@@ -85,11 +93,6 @@ impl Runtime {
     /// Whether the function brings its own executable `bootstrap`.
     pub(crate) fn custom(self) -> bool {
         matches!(self, Runtime::Provided | Runtime::ProvidedDebian)
-    }
-
-    /// Whether the image carries shims from guest_images/runtimes/<name>.
-    fn has_shims(self) -> bool {
-        matches!(self, Runtime::Python | Runtime::Node)
     }
 }
 
@@ -144,7 +147,7 @@ pub fn build_root_image(cache: &Cache, runtime: Runtime) -> Result<RootImage> {
     };
     let built = cache.get_or_build("rootfs", &plan.name, |out| {
         let log = cache.fresh_log(&plan.name)?;
-        let step = Step::start(format!("root image {}", runtime.name()));
+        let step = cache.step(format!("root image {}", runtime.name()));
         let root = out.join(ROOTFS_DIR);
         match &base {
             Some(base) => {
@@ -196,21 +199,13 @@ struct Plan {
     debian: Option<DebianInfo>,
     init: PathBuf,
     bootstrap: PathBuf,
-    shims: Option<PathBuf>,
+    shims: &'static [ShimFile],
 }
 
 impl Plan {
     fn new(cache: &Cache, runtime: Runtime) -> Result<Plan> {
         let bins = guest_bins()?;
-        let shims = match runtime.has_shims() {
-            true => Some(locate::runtime_shims(runtime.name()).with_context(|| {
-                format!(
-                    "the {} runtime shims are missing (guest_images/runtimes/{0})",
-                    runtime.name()
-                )
-            })?),
-            false => None,
-        };
+        let shims = runtime.shims();
         let debian = runtime.debian_packages().map(|packages| DebianInfo {
             suite: std::env::var("KINDLING_DEBIAN_SUITE").unwrap_or_else(|_| host_suite()),
             mirror: std::env::var("KINDLING_DEBIAN_MIRROR")
@@ -234,8 +229,8 @@ impl Plan {
         image
             .file("init", &bins.init)?
             .file("bootstrap", &bins.bootstrap)?;
-        if let Some(shims) = &shims {
-            image.tree("shims", shims)?;
+        if !shims.is_empty() {
+            shims::fingerprint(&mut image, "shims", shims);
         }
         let key = image.key();
         Ok(Plan {
@@ -270,9 +265,7 @@ impl Plan {
             fs::create_dir_all(&path)?;
             fs::set_permissions(&path, fs::Permissions::from_mode(mode))?;
         }
-        if let Some(shims) = &self.shims {
-            copy_tree(shims, &root.join("var/runtime"))?;
-        }
+        write_shims(self.shims, &root.join("var/runtime"))?;
         install(&self.init, &root.join("sbin/init"))?;
         install(
             &self.bootstrap,
@@ -327,7 +320,7 @@ fn install(src: &Path, dest: &Path) -> Result<()> {
 fn build_base(cache: &Cache, name: &str, debian: &DebianInfo) -> Result<PathBuf> {
     let built = cache.get_or_build("base", name, |out| {
         let log = cache.fresh_log(name)?;
-        let step = Step::start(format!(
+        let step = cache.step(format!(
             "Debian {} root with {}",
             debian.suite,
             debian.packages.join(", ")

@@ -42,7 +42,7 @@ fn guest_boots_into_the_root_image_with_code_at_var_task() {
     let initramfs = build_initramfs(&cache, &kernel).unwrap();
     let root =
         build_root_image(&cache, Runtime::ProvidedDebian).unwrap_or_else(|e| panic!("{e:#}"));
-    let code_dir = kindling_images::locate::workspace_root().join("examples/hello-bash");
+    let code_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello-bash");
     let code = build_code_image(
         &cache,
         &code_dir,

@@ -202,7 +202,7 @@ fn prune_keeps_current_entries_and_removes_stale_ones() {
     let dead_tmp = cache.root().join("tmp/provided-1.4294967295.1");
     std::fs::create_dir_all(&dead_tmp).unwrap();
 
-    let removed = kindling_images::cli::prune(&cache, false).unwrap();
+    let removed = kindling_images::prune(&cache, false).unwrap();
     assert!(
         removed.contains(&stale) && removed.contains(&dead_tmp),
         "{removed:?}"
@@ -211,7 +211,7 @@ fn prune_keeps_current_entries_and_removes_stale_ones() {
     assert!(current.ext4.is_file(), "the current provided image stays");
     assert!(build_root_image(&cache, Runtime::Provided).unwrap().cached);
 
-    kindling_images::cli::prune(&cache, true).unwrap();
+    kindling_images::prune(&cache, true).unwrap();
     assert!(!current.ext4.exists());
     assert!(cache.list().unwrap().is_empty());
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use async_trait::async_trait;
+use kindling_images::{write_shims, Runtime};
 use kindling_runtime_api::environment::{Environment, EnvironmentSpec, Launcher, StopMode};
 use kindling_wire::{HostAddr, ENV_HOST_ADDR};
 use nix::sys::signal::{kill, Signal};
@@ -112,11 +113,22 @@ impl SandboxLauncher {
             bail!("the function's code {} is not a directory", task.display());
         }
         let root = self.root_entries()?;
-        let runtime = runtime_entries(&spec.function.runtime, bootstrap)?;
 
         // From here on, a failure must undo what was made.
         let staging = spec.dir.join("root");
-        fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
+        let made = fs::create_dir_all(&staging)
+            .with_context(|| format!("creating {}", staging.display()))
+            .and_then(|()| {
+                let shims = spec.dir.join("runtime");
+                runtime_entries(&spec.function.runtime, bootstrap, &shims)
+            });
+        let runtime = match made {
+            Ok(runtime) => runtime,
+            Err(err) => {
+                let _ = fs::remove_dir_all(&spec.dir);
+                return Err(err);
+            }
+        };
         let cgroup = Cgroup::create(
             &self.options.cgroup_parent,
             &spec.id,
@@ -424,12 +436,15 @@ impl Environment for SandboxEnvironment {
     }
 }
 
-/// The entries of `/var/runtime`: the runtime's shims (if it ships any) and bootstrap.
-fn runtime_entries(runtime: &str, bootstrap: PathBuf) -> Result<Entries> {
-    let mut entries = match kindling_images::locate::runtime_shims(runtime) {
-        Some(shims) => dir_entries(&shims)?,
-        None => Entries::new(),
-    };
+/// The entries of `/var/runtime`: the runtime's shims (if it ships any), written into
+/// `dir` from the copy compiled into kindling-images, and bootstrap.
+fn runtime_entries(runtime: &str, bootstrap: PathBuf, dir: &Path) -> Result<Entries> {
+    let shims = runtime.parse::<Runtime>().map_or(&[][..], Runtime::shims);
+    write_shims(shims, dir)?;
+    let mut entries: Entries = shims
+        .iter()
+        .map(|shim| (shim.name.to_string(), dir.join(shim.name)))
+        .collect();
     entries.insert("kindling-bootstrap".to_string(), bootstrap);
     Ok(entries)
 }
@@ -514,6 +529,27 @@ mod tests {
         );
         assert_eq!(config["hostname"], "fn");
         assert_eq!(config["sandbox"], true);
+    }
+
+    #[test]
+    fn var_runtime_holds_the_written_shims_and_bootstrap() {
+        let dir = tempfile::tempdir().unwrap();
+        let bootstrap = PathBuf::from("/bin/kindling-bootstrap");
+        let shims = dir.path().join("runtime");
+        let entries = runtime_entries("python", bootstrap.clone(), &shims).unwrap();
+        let names: Vec<&str> = entries.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            ["bootstrap", "kindling-bootstrap", "kindling_runtime.py"]
+        );
+        assert_eq!(entries["kindling-bootstrap"], bootstrap);
+        let shim = fs::read_to_string(&entries["kindling_runtime.py"]).unwrap();
+        assert!(entries["kindling_runtime.py"].starts_with(&shims));
+        assert!(shim.contains("def "), "{shim}");
+        for custom in ["provided", "provided-debian", "no-such-runtime"] {
+            let entries = runtime_entries(custom, bootstrap.clone(), &shims).unwrap();
+            assert_eq!(entries.keys().collect::<Vec<_>>(), ["kindling-bootstrap"]);
+        }
     }
 
     #[test]

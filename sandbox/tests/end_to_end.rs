@@ -4,6 +4,7 @@
 //! (`examples/hello-bash`, which needs bash and curl on the host).
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,7 +35,7 @@ async fn the_aws_tutorial_runtime_answers_through_the_sandbox() {
     let tmp = tempfile::tempdir().unwrap();
     let function = Function {
         name: "hello-bash".into(),
-        code: kindling_images::locate::workspace_root().join("examples/hello-bash"),
+        code: Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello-bash"),
         runtime: "provided".into(),
         handler: "function.handler".into(),
         memory_mb: 128,
