@@ -12,8 +12,9 @@
 //!   slow reader counts as activity);
 //! - *head* from that first byte until the request's head is complete: at most
 //!   `header_read_timeout`, however the bytes trickle in;
-//! - *busy* while the request is served (its body read, its invocation run): no limit
-//!   here, the function's timeout bounds it.
+//! - *busy* while the request is served: its body must arrive within `body_read_timeout`
+//!   of the end of its head (the Invoke API answers 408 and closes the connection past
+//!   it); the invocation that follows is bounded by the function's timeout.
 
 use std::io;
 use std::pin::Pin;
@@ -35,6 +36,8 @@ pub(crate) struct ConnectionLimits {
     pub header_read_timeout: Duration,
     /// Between requests (and from accept to the first one).
     pub keep_alive_timeout: Duration,
+    /// From the end of a request's head to the end of its body.
+    pub body_read_timeout: Duration,
     /// Connections served at once; more are answered 503 and closed.
     pub max_connections: usize,
 }

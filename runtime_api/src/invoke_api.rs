@@ -207,7 +207,7 @@ impl InvokeApi {
             Ok(headers) => headers,
             Err(refusal) => return refusal,
         };
-        let payload = match read_payload(req).await {
+        let payload = match read_payload(req, self.limits.body_read_timeout).await {
             Ok(p) => p,
             Err(r) => return r,
         };
@@ -306,7 +306,12 @@ fn decode_client_context(v: &HeaderValue) -> Result<String, String> {
     Ok(text)
 }
 
-async fn read_payload(req: Request<Incoming>) -> Result<Bytes, Response<Full<Bytes>>> {
+/// The request's body, at most [`MAX_REQUEST_BYTES`], all of it within `timeout` (a body
+/// that trickles in would otherwise hold its connection for as long as the caller likes).
+async fn read_payload(
+    req: Request<Incoming>,
+    timeout: std::time::Duration,
+) -> Result<Bytes, Response<Full<Bytes>>> {
     let too_large = || {
         lambda_error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -314,7 +319,20 @@ async fn read_payload(req: Request<Incoming>) -> Result<Bytes, Response<Full<Byt
             &format!("Request must be smaller than {MAX_REQUEST_BYTES} bytes for the InvokeFunction operation"),
         )
     };
-    match read_limited(req.into_body(), MAX_REQUEST_BYTES).await {
+    let Ok(read) =
+        tokio::time::timeout(timeout, read_limited(req.into_body(), MAX_REQUEST_BYTES)).await
+    else {
+        let mut r = lambda_error(
+            StatusCode::REQUEST_TIMEOUT,
+            "RequestTimeoutException",
+            &format!("the request body did not arrive within {timeout:?}"),
+        );
+        // The rest of the body may still come: the connection cannot carry another request.
+        r.headers_mut()
+            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+        return Err(r);
+    };
+    match read {
         Ok(payload) => Ok(payload),
         Err(BodyError::TooLarge) => Err(too_large()),
         Err(BodyError::Broken(e)) => Err(lambda_error(

@@ -52,6 +52,9 @@ pub struct ServerOptions {
     /// An Invoke API connection with no request for this long (since it was accepted, or
     /// since its last answer was written) is closed.
     pub keep_alive_timeout: Duration,
+    /// An Invoke request whose body has not all arrived this long after its head is
+    /// answered 408 `RequestTimeoutException` and its connection closed.
+    pub body_read_timeout: Duration,
     /// Invoke API connections served at once; one more is answered 503
     /// `ServiceException` (`Connection: close`) and closed.
     pub max_connections: usize,
@@ -72,6 +75,7 @@ impl ServerOptions {
             log_file_max_bytes: logs::DEFAULT_MAX_FILE_BYTES,
             header_read_timeout: Duration::from_secs(30),
             keep_alive_timeout: Duration::from_secs(120),
+            body_read_timeout: Duration::from_secs(60),
             max_connections: 1024,
         }
     }
@@ -142,6 +146,7 @@ impl Server {
             limits: ConnectionLimits {
                 header_read_timeout: options.header_read_timeout,
                 keep_alive_timeout: options.keep_alive_timeout,
+                body_read_timeout: options.body_read_timeout,
                 max_connections: options.max_connections,
             },
         })

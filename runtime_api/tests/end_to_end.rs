@@ -850,6 +850,87 @@ async fn closed_at(mut read: impl tokio::io::AsyncRead + Unpin) -> std::time::In
 
 const DRY_RUN: &[(&str, &str)] = &[("X-Amz-Invocation-Type", "DryRun")];
 
+/// Writes `head`, then `body` a byte every 50 ms (stopping quietly once the server closes),
+/// then holds the connection open until aborted (hyper closes on a half-closed one).
+fn trickle(
+    mut write: tokio::net::tcp::OwnedWriteHalf,
+    head: String,
+    body: impl Iterator<Item = u8> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        if write.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        for byte in body {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if write.write_all(&[byte]).await.is_err() {
+                return;
+            }
+        }
+        std::future::pending::<()>().await;
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_trickles_in_past_its_timeout_gets_408_and_loses_its_connection() {
+    let body_timeout = Duration::from_secs(2);
+    let Some(h) = start(
+        |code| vec![function("trickle", code)],
+        |o| o.body_read_timeout = body_timeout,
+    )
+    .await
+    else {
+        return;
+    };
+    let head = |len: usize| {
+        format!(
+            "POST /2015-03-31/functions/trickle/invocations HTTP/1.1\r\nHost: x\r\n\
+             X-Amz-Invocation-Type: DryRun\r\nContent-Length: {len}\r\n\r\n"
+        )
+    };
+    let answer = |mut read: tokio::net::tcp::OwnedReadHalf| async move {
+        let mut text = Vec::new();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(20),
+            tokio::io::AsyncReadExt::read_to_end(&mut read, &mut text),
+        )
+        .await;
+        String::from_utf8_lossy(&text).into_owned()
+    };
+
+    // Slow but whole within the limit: served.
+    let (read, write) = tokio::net::TcpStream::connect(h.addr)
+        .await
+        .unwrap()
+        .into_split();
+    let sender = trickle(write, head(2), b"{}".iter().copied());
+    let mut line = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut tokio::io::BufReader::new(read), &mut line)
+        .await
+        .unwrap();
+    assert!(line.starts_with("HTTP/1.1 204"), "{line:?}");
+    sender.abort();
+
+    // A body that never completes: 408 once its time is up, then the connection closes,
+    // though bytes keep coming.
+    let (read, write) = tokio::net::TcpStream::connect(h.addr)
+        .await
+        .unwrap()
+        .into_split();
+    let started = std::time::Instant::now();
+    let sender = trickle(write, head(1000), std::iter::repeat(b' '));
+    let text = answer(read).await;
+    let took = started.elapsed();
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("RequestTimeoutException"), "{text}");
+    assert!(
+        took >= body_timeout && took < Duration::from_secs(20),
+        "answered after {took:?}"
+    );
+    sender.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_heads_and_idle_connections_are_closed() {
     let header = Duration::from_millis(500);
