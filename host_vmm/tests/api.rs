@@ -8,8 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    elf_kernel, kvm_or_skip, scratch, Client, DOTS_KERNEL, HELLO_KERNEL, KEYBOARD_KERNEL,
-    SPIN_KERNEL,
+    elf_kernel, kvm_or_skip, scratch, Client, KillOnDrop, DOTS_KERNEL, HELLO_KERNEL,
+    KEYBOARD_KERNEL, SPIN_KERNEL,
 };
 use serde_json::{json, Value};
 
@@ -58,15 +58,17 @@ fn pause_parks_every_vcpu_and_resume_lets_the_guest_run_on() {
     let sock = scratch("pause.sock");
     let console = scratch("pause-console");
     let kernel = kernel(DOTS_KERNEL);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kindling-vmm"))
-        .arg("--api-sock")
-        .arg(&sock)
-        .arg("--serial-out")
-        .arg(&console)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_kindling-vmm"))
+            .arg("--api-sock")
+            .arg(&sock)
+            .arg("--serial-out")
+            .arg(&console)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let mut c = Client::connect(&sock);
     assert!(
         fault(&c.call("PATCH", "/vm", Some(json!({"state": "Paused"}))))
@@ -112,13 +114,13 @@ fn pause_parks_every_vcpu_and_resume_lets_the_guest_run_on() {
         c.call("PATCH", "/vm", Some(json!({"state": "Paused"}))).0,
         204
     );
-    let pid = i32::try_from(child.id()).unwrap();
+    let pid = i32::try_from(child.0.id()).unwrap();
     // SAFETY: signalling our own child process by its pid.
     let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
     assert_eq!(rc, 0);
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = child.0.try_wait().unwrap() {
             break status;
         }
         assert!(Instant::now() < deadline, "a paused VM ignored SIGTERM");

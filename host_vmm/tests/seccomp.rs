@@ -5,28 +5,30 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{elf_kernel, kvm_or_skip, scratch, Client, DOTS_KERNEL};
+use common::{elf_kernel, kvm_or_skip, scratch, Client, KillOnDrop, DOTS_KERNEL};
 use serde_json::{json, Value};
 
 const VMM: &str = env!("CARGO_BIN_EXE_kindling-vmm");
 
 /// A VMM started through the API with the printing guest on two vCPUs.
-fn start_dots(extra: &[&str]) -> (Child, PathBuf) {
+fn start_dots(extra: &[&str]) -> (KillOnDrop, PathBuf) {
     let sock = scratch("seccomp.sock");
     let kernel = scratch("dots");
     std::fs::write(&kernel, elf_kernel(DOTS_KERNEL)).unwrap();
-    let child = Command::new(VMM)
-        .arg("--api-sock")
-        .arg(&sock)
-        .args(["--serial-out", "none"])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = KillOnDrop(
+        Command::new(VMM)
+            .arg("--api-sock")
+            .arg(&sock)
+            .args(["--serial-out", "none"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut api = Client::connect(&sock);
     for (path, body) in [
         ("/boot-source", json!({"kernel_image_path": kernel})),
@@ -60,9 +62,8 @@ fn thread_modes(pid: u32) -> Vec<(String, u32)> {
     modes
 }
 
-fn stop(mut child: Child, sock: &Path) {
-    let _ = child.kill();
-    let _ = child.wait();
+fn stop(child: KillOnDrop, sock: &Path) {
+    drop(child);
     let _ = std::fs::remove_file(sock);
 }
 
@@ -75,7 +76,7 @@ fn every_thread_of_a_running_vmm_is_filtered_unless_told_not_to() {
     // The main thread installs its filter just after the start: give it a moment.
     let deadline = Instant::now() + Duration::from_secs(5);
     let modes = loop {
-        let modes = thread_modes(child.id());
+        let modes = thread_modes(child.0.id());
         if modes.iter().all(|(_, mode)| *mode == 2) || Instant::now() > deadline {
             break modes;
         }
@@ -90,7 +91,7 @@ fn every_thread_of_a_running_vmm_is_filtered_unless_told_not_to() {
 
     let (child, sock) = start_dots(&["--no-seccomp"]);
     std::thread::sleep(Duration::from_millis(200));
-    let modes = thread_modes(child.id());
+    let modes = thread_modes(child.0.id());
     assert!(modes.iter().all(|(_, mode)| *mode == 0), "{modes:?}");
     stop(child, &sock);
 }

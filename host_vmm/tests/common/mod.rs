@@ -109,6 +109,17 @@ pub fn kvm_or_skip() -> bool {
     }
 }
 
+/// A spawned VMM that is killed when dropped: a failing test leaves no guest spinning.
+#[derive(Debug)]
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A scratch file path unique to this test process.
 pub fn scratch(name: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
