@@ -104,10 +104,12 @@ fn a_sandbox_bench_prints_every_row() {
     for rate in ["throughput, 1 client", "throughput, 4 clients"] {
         assert!(row(rate).trim_end().ends_with(" /s"), "{stdout}");
     }
-    // A duration, in whatever unit it took: this is a smoke test, not a speed target.
-    let cold = row("cold start, invoke → answer");
-    assert!(cold.contains(" ms") || cold.contains(" s"), "{stdout}");
-    assert!(row("Init Duration").contains(" ms"), "{stdout}");
+    // Durations, in whatever unit they took: this is a smoke test, not a speed target (a
+    // first python start on a cold page cache took 1.9 s here).
+    for phase in ["cold start, invoke → answer", "Init Duration"] {
+        let line = row(phase);
+        assert!(line.contains(" ms") || line.contains(" s"), "{stdout}");
+    }
     assert!(
         !stdout.contains("microVM") && !stdout.contains('†'),
         "a sandbox-only bench measured a microVM:\n{stdout}"

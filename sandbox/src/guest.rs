@@ -106,6 +106,58 @@ fn build_root(plan: &Plan) -> Result<()> {
         None::<&str>,
     )
     .context("mounting /sys")?;
+    hide_kernel_views(root)
+}
+
+/// runc's masked paths: host kernel state a function has no business reading (the host's
+/// whole task list in `sched_debug`, timers, keys, firmware tables). A file is covered by
+/// `/dev/null`, a folder by an empty read-only tmpfs.
+const MASKED_PATHS: [&str; 11] = [
+    "proc/acpi",
+    "proc/asound",
+    "proc/kcore",
+    "proc/keys",
+    "proc/latency_stats",
+    "proc/timer_list",
+    "proc/timer_stats",
+    "proc/sched_debug",
+    "proc/scsi",
+    "sys/firmware",
+    "sys/devices/virtual/powercap",
+];
+
+/// runc's read-only paths: the kernel's tunables and triggers, readable, never writable
+/// (whatever credentials a process inside gains).
+const READ_ONLY_PATHS: [&str; 5] = [
+    "proc/bus",
+    "proc/fs",
+    "proc/irq",
+    "proc/sys",
+    "proc/sysrq-trigger",
+];
+
+/// Masks [`MASKED_PATHS`] and seals [`READ_ONLY_PATHS`] under the guest's `/proc` and
+/// `/sys` (those this kernel has).
+fn hide_kernel_views(root: &Path) -> Result<()> {
+    for path in MASKED_PATHS {
+        let target = root.join(path);
+        match fs::symlink_metadata(&target) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("masking {}", target.display())),
+            Ok(meta) if meta.is_dir() => mount_tmpfs(
+                &target,
+                "size=0,mode=555",
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            )?,
+            Ok(_) => bind_read_only(Path::new("/dev/null"), &target)?,
+        }
+    }
+    for path in READ_ONLY_PATHS {
+        let target = root.join(path);
+        if target.exists() {
+            bind_read_only(&target, &target)?;
+        }
+    }
     Ok(())
 }
 

@@ -94,6 +94,46 @@ async fn the_runtime_runs_unprivileged() {
     server.stop();
 }
 
+/// The host kernel's views that a sandboxed function shares with the host are runc's:
+/// masked (the host's timers, keys, firmware tables) or read-only (its tunables).
+#[tokio::test]
+async fn host_kernel_views_are_masked_and_tunables_read_only() {
+    let Some(bins) = prerequisites(&["/usr/bin/python3"]) else {
+        return;
+    };
+    let probe = FunctionDef::new(
+        "views",
+        repo_path("tests/vm-functions/probe"),
+        "python",
+        "app.handler",
+    );
+    let server = Server::start(bins, &[probe]);
+    let answer = server
+        .invoke("views", &json!({"action": "kernel_views"}))
+        .await;
+    assert_eq!(answer.status, 200, "{}", server.diagnostics());
+    let views = &json(&answer)["views"];
+    // Covered by /dev/null: readable and empty (unmasked, /proc/timer_list is root's only).
+    for path in ["/proc/timer_list", "/proc/keys"] {
+        if std::path::Path::new(path).exists() {
+            assert_eq!(views["read"][path], "", "{path}: {views}");
+        }
+    }
+    // Covered by an empty tmpfs (the host's lists acpi, memmap, …).
+    for path in ["/sys/firmware", "/proc/acpi"] {
+        if std::path::Path::new(path).exists() {
+            assert_eq!(views["listing"][path], json!([]), "{path}: {views}");
+        }
+    }
+    // A read-only mount answers EROFS (30) before any permission check could (EACCES).
+    assert_eq!(
+        views["write_errno"]["/proc/sys/kernel/hostname"],
+        nix::libc::EROFS,
+        "{views}"
+    );
+    server.stop();
+}
+
 #[tokio::test]
 async fn node_async_handler_answers() {
     let Some(bins) = prerequisites(&["/usr/bin/node"]) else {

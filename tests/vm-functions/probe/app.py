@@ -52,6 +52,35 @@ def _denied():
     }
 
 
+def _kernel_views():
+    """What the host kernel shows and lets change: runc's masked and read-only paths."""
+    def read(path):
+        try:
+            return _read(path)[:200]
+        except OSError as e:
+            return f"errno {e.errno}"
+
+    def listing(path):
+        try:
+            return sorted(os.listdir(path))
+        except OSError as e:
+            return f"errno {e.errno}"
+
+    def write_errno(path):
+        try:
+            with open(path, "w") as f:
+                f.write("x")
+            return 0
+        except OSError as e:
+            return e.errno
+
+    return {
+        "read": {path: read(path) for path in ("/proc/timer_list", "/proc/keys")},
+        "listing": {path: listing(path) for path in ("/sys/firmware", "/proc/acpi")},
+        "write_errno": {path: write_errno(path) for path in ("/proc/sys/kernel/hostname",)},
+    }
+
+
 def handler(event, context):
     action = event.get("action", "hello")
     if action == "sleep":
@@ -73,6 +102,8 @@ def handler(event, context):
         answer["proc_modules"] = os.path.exists("/proc/modules")
         # The guest's wall clock, which bootstrap keeps on the host's.
         answer["time"] = time.time()
+    if action == "kernel_views":
+        answer["views"] = _kernel_views()
     if action == "identity":
         status = dict(
             line.split(":", 1) for line in _read("/proc/self/status").splitlines() if ":" in line
