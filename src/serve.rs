@@ -91,6 +91,49 @@ struct ServerArgs {
     allow_remote: bool,
     #[command(flatten)]
     state: StateDirArg,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// What callers and functions may hold of the host (each flag left out keeps the server's
+/// default, given in brackets).
+#[derive(clap::Args, Debug, Default, PartialEq, Eq)]
+struct LimitArgs {
+    /// Seconds a caller has to send a request's head once it has begun [30].
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    header_read_timeout: Option<u64>,
+    /// Seconds a caller has to send a request's body after its head [60].
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    body_read_timeout: Option<u64>,
+    /// Seconds an Invoke API connection may rest without a request [120].
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    keep_alive_timeout: Option<u64>,
+    /// Invoke API connections served at once; one more is answered 503 [1024].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_connections: Option<u64>,
+    /// A function's log file is rotated when it would pass this many MiB [64].
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..))]
+    log_file_max_mib: Option<u64>,
+}
+
+impl LimitArgs {
+    /// Overrides the limits given on the command line.
+    fn apply(&self, options: &mut ServerOptions) {
+        let seconds = |s: Option<u64>, d: &mut Duration| {
+            if let Some(s) = s {
+                *d = Duration::from_secs(s);
+            }
+        };
+        seconds(self.header_read_timeout, &mut options.header_read_timeout);
+        seconds(self.body_read_timeout, &mut options.body_read_timeout);
+        seconds(self.keep_alive_timeout, &mut options.keep_alive_timeout);
+        if let Some(n) = self.max_connections.and_then(|n| usize::try_from(n).ok()) {
+            options.max_connections = n;
+        }
+        if let Some(mib) = self.log_file_max_mib {
+            options.log_file_max_bytes = mib.saturating_mul(1 << 20);
+        }
+    }
 }
 
 /// Raises the soft limit on open files to the hard one: a server holds a socket per caller
@@ -220,6 +263,7 @@ async fn host(functions: Vec<FunctionConfig>, args: ServerArgs) -> anyhow::Resul
     options.invoke_addr = args.addr.addr;
     options.idle_timeout = Duration::from_secs(args.idle_timeout);
     options.init_timeout = Duration::from_secs(args.init_timeout);
+    args.limits.apply(&mut options);
     let names: Vec<String> = functions.iter().map(|f| f.name.clone()).collect();
     let server = Server::bind(functions, launchers, options).await?;
     let mut logs = server.logs();
@@ -388,6 +432,54 @@ mod tests {
             let err = refused(&["serve", "-f", "f", "--init-timeout", out_of_range]);
             assert_eq!(err.kind(), ErrorKind::ValueValidation, "{out_of_range}");
         }
+    }
+
+    #[test]
+    fn limit_flags_override_only_what_they_name() {
+        let Ok(Command::Serve(args)) = parse(&[
+            "serve",
+            "-f",
+            "f",
+            "--header-read-timeout",
+            "5",
+            "--max-connections",
+            "64",
+            "--log-file-max-mib",
+            "2",
+        ]) else {
+            panic!("not serve");
+        };
+        let defaults = ServerOptions::new("/state");
+        let mut options = ServerOptions::new("/state");
+        args.common.limits.apply(&mut options);
+        assert_eq!(options.header_read_timeout, Duration::from_secs(5));
+        assert_eq!(options.max_connections, 64);
+        assert_eq!(options.log_file_max_bytes, 2 << 20);
+        assert_eq!(options.body_read_timeout, defaults.body_read_timeout);
+        assert_eq!(options.keep_alive_timeout, defaults.keep_alive_timeout);
+        // The defaults the help text gives are the server's.
+        assert_eq!(defaults.header_read_timeout, Duration::from_secs(30));
+        assert_eq!(defaults.body_read_timeout, Duration::from_secs(60));
+        assert_eq!(defaults.keep_alive_timeout, Duration::from_secs(120));
+        assert_eq!(defaults.max_connections, 1024);
+        assert_eq!(defaults.log_file_max_bytes, 64 << 20);
+        for zero in ["--body-read-timeout", "--max-connections"] {
+            let err = refused(&["serve", "-f", "f", zero, "0"]);
+            assert_eq!(err.kind(), ErrorKind::ValueValidation, "{zero}");
+        }
+        let Ok(Command::Run(run)) = parse(&[
+            "run",
+            "code",
+            "--runtime",
+            "python",
+            "--handler",
+            "h",
+            "--keep-alive-timeout",
+            "9",
+        ]) else {
+            panic!("not run");
+        };
+        assert_eq!(run.common.limits.keep_alive_timeout, Some(9));
     }
 
     #[test]
