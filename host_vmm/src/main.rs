@@ -81,7 +81,7 @@ fn start_vm(
 ) -> anyhow::Result<RunningVm> {
     let (mut vm, entry) = build_vm(config, serial_out(serial)?)?;
     vm.set_seccomp(filters.clone());
-    let signals = TermSignals::new(vm.exit().clone(), vm.ctrl_alt_del())?;
+    let signals = TermSignals::new(vm.exit().clone(), vm.ctrl_alt_del(), vm.vcpu_control())?;
     vm.add_subscriber(Arc::new(Mutex::new(signals)));
     Ok(vm.start(entry, instance_start)?)
 }

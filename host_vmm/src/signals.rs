@@ -2,8 +2,8 @@
 //! stop request ends the VM through the normal exit path: vCPUs stopped, sockets unlinked.
 //!
 //! The first SIGTERM asks the guest to shut down (Ctrl-Alt-Del through the i8042) when its
-//! keyboard driver listens; otherwise, and on a second SIGTERM or any SIGINT, the VM stops at
-//! once with [`ExitReason::Stopped`].
+//! keyboard driver listens, resuming a paused VM so that it can; otherwise, and on a second
+//! SIGTERM or any SIGINT, the VM stops at once with [`ExitReason::Stopped`].
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -13,6 +13,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::devices::i8042::CtrlAltDel;
 use crate::exit::{ExitReason, VmExit};
+use crate::vcpu::VcpuControl;
 
 fn termination_set() -> libc::sigset_t {
     // SAFETY: sigemptyset/sigaddset only write the set we own; the signal numbers are valid.
@@ -44,11 +45,12 @@ pub struct TermSignals {
     fd: OwnedFd,
     exit: VmExit,
     ctrl_alt_del: CtrlAltDel,
+    vcpus: VcpuControl,
     asked_guest: bool,
 }
 
 impl TermSignals {
-    pub fn new(exit: VmExit, ctrl_alt_del: CtrlAltDel) -> io::Result<Self> {
+    pub fn new(exit: VmExit, ctrl_alt_del: CtrlAltDel, vcpus: VcpuControl) -> io::Result<Self> {
         let set = termination_set();
         // SAFETY: a new signalfd (-1) for a valid set; the result is checked before use.
         let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
@@ -61,6 +63,7 @@ impl TermSignals {
             fd,
             exit,
             ctrl_alt_del,
+            vcpus,
             asked_guest: false,
         })
     }
@@ -85,6 +88,11 @@ impl MutEventSubscriber for TermSignals {
         let sigterm = i32::try_from(signo) == Ok(libc::SIGTERM);
         if sigterm && !self.asked_guest && self.ctrl_alt_del.press() {
             self.asked_guest = true;
+            if self.vcpus.is_paused() {
+                // A paused guest cannot answer: let it run to shut down.
+                self.vcpus.resume();
+                tracing::info!("SIGTERM: resumed the paused VM");
+            }
             tracing::info!("SIGTERM: asked the guest to shut down (Ctrl-Alt-Del)");
         } else {
             tracing::info!("signal {signo}: stopping the VM");

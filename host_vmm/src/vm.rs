@@ -86,6 +86,7 @@ pub struct Vm {
     subscribers: Vec<Subscriber>,
     i8042: CtrlAltDel,
     seccomp: Filters,
+    vcpus: VcpuControl,
 }
 
 /// A device's event-loop half.
@@ -194,12 +195,18 @@ impl Vm {
             subscribers: Vec::new(),
             i8042: CtrlAltDel(i8042),
             seccomp: Filters::off(),
+            vcpus: VcpuControl::default(),
         })
     }
 
     /// Presses Ctrl-Alt-Del on this VM's keyboard controller.
     pub fn ctrl_alt_del(&self) -> CtrlAltDel {
         self.i8042.clone()
+    }
+
+    /// Pauses and resumes the vCPUs once they run (see [`VcpuControl`]).
+    pub fn vcpu_control(&self) -> VcpuControl {
+        self.vcpus.clone()
     }
 
     /// Guest RAM, for loading a kernel or a payload before start.
@@ -311,7 +318,7 @@ impl Vm {
         let io_bus = Arc::new(self.io_bus);
         let mmio_bus = Arc::new(self.mmio_bus);
         let first_run = Arc::new(OnceLock::new());
-        let control = VcpuControl::default();
+        let control = self.vcpus.clone();
         let mut vcpus = Vec::new();
         for index in 0..self.vcpu_count {
             let fd = self

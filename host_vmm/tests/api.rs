@@ -132,6 +132,50 @@ fn pause_parks_every_vcpu_and_resume_lets_the_guest_run_on() {
 }
 
 #[test]
+fn sigterm_resumes_a_paused_guest_so_that_it_shuts_down_cleanly() {
+    if !kvm_or_skip() {
+        return;
+    }
+    use std::io::BufRead;
+    let sock = scratch("paused-term.sock");
+    let kernel = kernel(KEYBOARD_KERNEL);
+    let mut child = KillOnDrop(spawn(&sock));
+    let mut c = Client::connect(&sock);
+    for (path, body) in [
+        ("/boot-source", json!({"kernel_image_path": kernel})),
+        ("/actions", json!({"action_type": "InstanceStart"})),
+    ] {
+        assert_eq!(c.call("PUT", path, Some(body)).0, 204, "PUT {path}");
+    }
+    // `r`: its keyboard driver listens.
+    let mut line = String::new();
+    std::io::BufReader::new(child.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "r\n");
+    assert_eq!(
+        c.call("PATCH", "/vm", Some(json!({"state": "Paused"}))).0,
+        204
+    );
+    let pid = i32::try_from(child.0.id()).unwrap();
+    // SAFETY: signalling our own child process by its pid.
+    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the paused guest never shut down"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "exit 0: the guest reset itself");
+}
+
+#[test]
 fn a_firecracker_style_session_boots_the_vm() {
     if !kvm_or_skip() {
         return;
