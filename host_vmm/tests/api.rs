@@ -4,7 +4,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
@@ -21,15 +21,17 @@ fn fault(resp: &(u16, Option<Value>)) -> String {
         .to_string()
 }
 
-fn spawn(sock: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_kindling-vmm"))
-        .arg("--api-sock")
-        .arg(sock)
-        .args(["--timings"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+fn spawn(sock: &Path) -> KillOnDrop {
+    KillOnDrop::new(
+        Command::new(env!("CARGO_BIN_EXE_kindling-vmm"))
+            .arg("--api-sock")
+            .arg(sock)
+            .args(["--timings"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 fn kernel(code: &[u8]) -> PathBuf {
@@ -58,7 +60,7 @@ fn pause_parks_every_vcpu_and_resume_lets_the_guest_run_on() {
     let sock = scratch("pause.sock");
     let console = scratch("pause-console");
     let kernel = kernel(DOTS_KERNEL);
-    let mut child = KillOnDrop(
+    let mut child = KillOnDrop::new(
         Command::new(env!("CARGO_BIN_EXE_kindling-vmm"))
             .arg("--api-sock")
             .arg(&sock)
@@ -114,13 +116,13 @@ fn pause_parks_every_vcpu_and_resume_lets_the_guest_run_on() {
         c.call("PATCH", "/vm", Some(json!({"state": "Paused"}))).0,
         204
     );
-    let pid = i32::try_from(child.0.id()).unwrap();
+    let pid = i32::try_from(child.id()).unwrap();
     // SAFETY: signalling our own child process by its pid.
     let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
     assert_eq!(rc, 0);
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
+        if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
         assert!(Instant::now() < deadline, "a paused VM ignored SIGTERM");
@@ -139,7 +141,7 @@ fn sigterm_resumes_a_paused_guest_so_that_it_shuts_down_cleanly() {
     use std::io::BufRead;
     let sock = scratch("paused-term.sock");
     let kernel = kernel(KEYBOARD_KERNEL);
-    let mut child = KillOnDrop(spawn(&sock));
+    let mut child = spawn(&sock);
     let mut c = Client::connect(&sock);
     for (path, body) in [
         ("/boot-source", json!({"kernel_image_path": kernel})),
@@ -149,7 +151,7 @@ fn sigterm_resumes_a_paused_guest_so_that_it_shuts_down_cleanly() {
     }
     // `r`: its keyboard driver listens.
     let mut line = String::new();
-    std::io::BufReader::new(child.0.stdout.take().unwrap())
+    std::io::BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
     assert_eq!(line, "r\n");
@@ -157,13 +159,13 @@ fn sigterm_resumes_a_paused_guest_so_that_it_shuts_down_cleanly() {
         c.call("PATCH", "/vm", Some(json!({"state": "Paused"}))).0,
         204
     );
-    let pid = i32::try_from(child.0.id()).unwrap();
+    let pid = i32::try_from(child.id()).unwrap();
     // SAFETY: signalling our own child process by its pid.
     let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
     assert_eq!(rc, 0);
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
+        if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
         assert!(
@@ -268,7 +270,7 @@ fn a_firecracker_style_session_boots_the_vm() {
         204
     );
 
-    let out = child.wait_with_output().unwrap();
+    let out = child.wait_with_output();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
@@ -339,7 +341,7 @@ fn after_start_configuration_and_a_second_start_are_refused() {
     let pid = i32::try_from(child.id()).unwrap();
     // SAFETY: signalling our own child process by its pid.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let out = child.wait_with_output().unwrap();
+    let out = child.wait_with_output();
     assert_eq!(
         out.status.code(),
         Some(5),
@@ -358,7 +360,7 @@ fn sigterm_before_start_exits_and_removes_the_socket() {
     let pid = i32::try_from(child.id()).unwrap();
     // SAFETY: signalling our own child process by its pid.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let out = child.wait_with_output().unwrap();
+    let out = child.wait_with_output();
     assert_eq!(out.status.code(), Some(5));
     assert!(!sock.exists());
 }
@@ -405,7 +407,7 @@ fn send_ctrl_alt_del_shuts_a_listening_guest_down() {
         .0,
         204
     );
-    let out = child.wait_with_output().unwrap();
+    let out = child.wait_with_output();
     assert_eq!(
         out.status.code(),
         Some(0),

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{elf_kernel, kvm_or_skip, scratch, HELLO_KERNEL, KEYBOARD_KERNEL, SPIN_KERNEL};
+use common::{
+    elf_kernel, kvm_or_skip, scratch, KillOnDrop, HELLO_KERNEL, KEYBOARD_KERNEL, SPIN_KERNEL,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kindling-vmm");
 
@@ -118,10 +120,12 @@ fn sigterm_stops_the_vm_and_removes_the_socket() {
         return;
     }
     let s = Setup::new(SPIN_KERNEL);
-    let child = vmm(&["--timings"], &s.config)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = KillOnDrop::new(
+        vmm(&["--timings"], &s.config)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while !s.uds.exists() {
         assert!(
@@ -134,7 +138,7 @@ fn sigterm_stops_the_vm_and_removes_the_socket() {
     let pid = i32::try_from(child.id()).unwrap();
     // SAFETY: signalling our own child process by its pid.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let out = child.wait_with_output().unwrap();
+    let out = child.wait_with_output();
     assert_eq!(
         out.status.code(),
         Some(5),
@@ -198,11 +202,13 @@ fn sigterm_asks_a_guest_with_a_keyboard_driver_to_shut_down() {
     }
     use std::io::BufRead;
     let s = Setup::new(KEYBOARD_KERNEL);
-    let mut child = vmm(&["--timings"], &s.config)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop::new(
+        vmm(&["--timings"], &s.config)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     // The guest prints "r" once its keyboard interrupt is enabled.
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap())
@@ -212,7 +218,7 @@ fn sigterm_asks_a_guest_with_a_keyboard_driver_to_shut_down() {
     let pid = i32::try_from(child.id()).unwrap();
     // SAFETY: signalling our own child process by its pid.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let out = child.wait_with_output().unwrap();
+    let out = child.wait_with_output();
     assert_eq!(
         out.status.code(),
         Some(0),

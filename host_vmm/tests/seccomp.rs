@@ -18,7 +18,7 @@ fn start_dots(extra: &[&str]) -> (KillOnDrop, PathBuf) {
     let sock = scratch("seccomp.sock");
     let kernel = scratch("dots");
     std::fs::write(&kernel, elf_kernel(DOTS_KERNEL)).unwrap();
-    let child = KillOnDrop(
+    let child = KillOnDrop::new(
         Command::new(VMM)
             .arg("--api-sock")
             .arg(&sock)
@@ -76,7 +76,7 @@ fn every_thread_of_a_running_vmm_is_filtered_unless_told_not_to() {
     // The main thread installs its filter just after the start: give it a moment.
     let deadline = Instant::now() + Duration::from_secs(5);
     let modes = loop {
-        let modes = thread_modes(child.0.id());
+        let modes = thread_modes(child.id());
         if modes.iter().all(|(_, mode)| *mode == 2) || Instant::now() > deadline {
             break modes;
         }
@@ -91,7 +91,7 @@ fn every_thread_of_a_running_vmm_is_filtered_unless_told_not_to() {
 
     let (child, sock) = start_dots(&["--no-seccomp"]);
     std::thread::sleep(Duration::from_millis(200));
-    let modes = thread_modes(child.0.id());
+    let modes = thread_modes(child.id());
     assert!(modes.iter().all(|(_, mode)| *mode == 0), "{modes:?}");
     stop(child, &sock);
 }

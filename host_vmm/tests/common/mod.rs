@@ -111,12 +111,39 @@ pub fn kvm_or_skip() -> bool {
 
 /// A spawned VMM that is killed when dropped: a failing test leaves no guest spinning.
 #[derive(Debug)]
-pub struct KillOnDrop(pub std::process::Child);
+pub struct KillOnDrop(Option<std::process::Child>);
+
+impl KillOnDrop {
+    pub fn new(child: std::process::Child) -> Self {
+        KillOnDrop(Some(child))
+    }
+
+    /// Waits for the VMM to exit by itself, collecting its output.
+    pub fn wait_with_output(mut self) -> std::process::Output {
+        let child = self.0.take().expect("not waited for yet");
+        child.wait_with_output().unwrap()
+    }
+}
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("not waited for yet")
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.0.as_mut().expect("not waited for yet")
+    }
+}
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
