@@ -76,7 +76,7 @@ impl Vcpu {
             if self.exit.reason().is_some() {
                 return None;
             }
-            if self.control.pause_requested() {
+            if self.control.is_paused() {
                 self.park();
                 continue;
             }
@@ -129,9 +129,7 @@ impl Vcpu {
             }
         }
     }
-}
 
-impl Vcpu {
     /// Waits, outside `KVM_RUN`, until the VM is resumed or stopped. KVM is told the guest
     /// was paused (`KVM_KVMCLOCK_CTRL`) so that its watchdogs do not count the pause as a
     /// soft lockup; a guest without kvmclock refuses that, harmlessly.
@@ -199,12 +197,8 @@ impl VcpuControl {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn pause_requested(&self) -> bool {
-        self.state().paused
-    }
-
     pub fn is_paused(&self) -> bool {
-        self.pause_requested()
+        self.state().paused
     }
 
     /// Stops every vCPU outside `KVM_RUN`; returns once all are parked, so guest memory and

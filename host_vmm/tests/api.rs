@@ -116,18 +116,8 @@ fn pause_parks_every_vcpu_and_resume_lets_the_guest_run_on() {
         c.call("PATCH", "/vm", Some(json!({"state": "Paused"}))).0,
         204
     );
-    let pid = i32::try_from(child.id()).unwrap();
-    // SAFETY: signalling our own child process by its pid.
-    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-    assert_eq!(rc, 0);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "a paused VM ignored SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    child.sigterm();
+    let status = child.exit_within(Duration::from_secs(10), "a paused VM ignored SIGTERM");
     assert_eq!(status.code(), Some(5), "exit code 5: stopped by the VMM");
     assert!(!sock.exists(), "the API socket is removed at exit");
     let _ = std::fs::remove_file(console);
@@ -159,21 +149,8 @@ fn sigterm_resumes_a_paused_guest_so_that_it_shuts_down_cleanly() {
         c.call("PATCH", "/vm", Some(json!({"state": "Paused"}))).0,
         204
     );
-    let pid = i32::try_from(child.id()).unwrap();
-    // SAFETY: signalling our own child process by its pid.
-    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-    assert_eq!(rc, 0);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the paused guest never shut down"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    child.sigterm();
+    let status = child.exit_within(Duration::from_secs(10), "the paused guest never shut down");
     assert_eq!(status.code(), Some(0), "exit 0: the guest reset itself");
 }
 
@@ -338,9 +315,7 @@ fn after_start_configuration_and_a_second_start_are_refused() {
         1
     );
 
-    let pid = i32::try_from(child.id()).unwrap();
-    // SAFETY: signalling our own child process by its pid.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    child.sigterm();
     let out = child.wait_with_output();
     assert_eq!(
         out.status.code(),
@@ -357,9 +332,7 @@ fn sigterm_before_start_exits_and_removes_the_socket() {
     let sock = scratch("api.sock");
     let child = spawn(&sock);
     let _ = Client::connect(&sock);
-    let pid = i32::try_from(child.id()).unwrap();
-    // SAFETY: signalling our own child process by its pid.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    child.sigterm();
     let out = child.wait_with_output();
     assert_eq!(out.status.code(), Some(5));
     assert!(!sock.exists());

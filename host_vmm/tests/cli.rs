@@ -135,9 +135,7 @@ fn sigterm_stops_the_vm_and_removes_the_socket() {
         std::thread::sleep(Duration::from_millis(10));
     }
     std::thread::sleep(Duration::from_millis(100));
-    let pid = i32::try_from(child.id()).unwrap();
-    // SAFETY: signalling our own child process by its pid.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    child.sigterm();
     let out = child.wait_with_output();
     assert_eq!(
         out.status.code(),
@@ -215,9 +213,7 @@ fn sigterm_asks_a_guest_with_a_keyboard_driver_to_shut_down() {
         .read_line(&mut line)
         .unwrap();
     assert_eq!(line, "r\n");
-    let pid = i32::try_from(child.id()).unwrap();
-    // SAFETY: signalling our own child process by its pid.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    child.sigterm();
     let out = child.wait_with_output();
     assert_eq!(
         out.status.code(),

@@ -215,7 +215,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
 }
 
 /// What L1's CPU is doing, from QEMU's monitor: its registers (those of L2 while L1 runs one:
-/// TCG holds the guest's state then), sampled a few times to tell a loop from a halt.
+/// TCG holds the guest's state then), sampled twice to tell a loop from a halt.
 fn where_l1_is(monitor: &Path) -> String {
     let mut report = String::new();
     let Ok(mut conn) = std::os::unix::net::UnixStream::connect(monitor) else {

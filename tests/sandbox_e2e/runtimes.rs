@@ -71,48 +71,41 @@ async fn python_handler_gets_its_context_and_variables() {
     server.stop();
 }
 
-/// The function cannot use the sandbox's root: no uid 0, no capabilities, no way back.
-#[tokio::test]
-async fn the_runtime_runs_unprivileged() {
-    let Some(bins) = prerequisites(&["/usr/bin/python3"]) else {
-        return;
-    };
+/// The probe function's answer to `action`, from a sandbox; `None` where python is missing.
+async fn probe(action: &str) -> Option<serde_json::Value> {
+    let bins = prerequisites(&["/usr/bin/python3"])?;
     let probe = FunctionDef::new(
-        "identity",
+        "probe",
         repo_path("tests/vm-functions/probe"),
         "python",
         "app.handler",
     );
     let server = Server::start(bins, &[probe]);
-    let answer = server
-        .invoke("identity", &json!({"action": "identity"}))
-        .await;
+    let answer = server.invoke("probe", &json!({ "action": action })).await;
     assert_eq!(answer.status, 200, "{}", server.diagnostics());
-    if let Err(e) = check_unprivileged(&json(&answer)) {
+    server.stop();
+    Some(json(&answer))
+}
+
+/// The function cannot use the sandbox's root: no uid 0, no capabilities, no way back.
+#[tokio::test]
+async fn the_runtime_runs_unprivileged() {
+    let Some(answer) = probe("identity").await else {
+        return;
+    };
+    if let Err(e) = check_unprivileged(&answer) {
         panic!("{e}");
     }
-    server.stop();
 }
 
 /// The host kernel's views that a sandboxed function shares with the host are runc's:
 /// masked (the host's timers, keys, firmware tables) or read-only (its tunables).
 #[tokio::test]
 async fn host_kernel_views_are_masked_and_tunables_read_only() {
-    let Some(bins) = prerequisites(&["/usr/bin/python3"]) else {
+    let Some(answer) = probe("kernel_views").await else {
         return;
     };
-    let probe = FunctionDef::new(
-        "views",
-        repo_path("tests/vm-functions/probe"),
-        "python",
-        "app.handler",
-    );
-    let server = Server::start(bins, &[probe]);
-    let answer = server
-        .invoke("views", &json!({"action": "kernel_views"}))
-        .await;
-    assert_eq!(answer.status, 200, "{}", server.diagnostics());
-    let views = &json(&answer)["views"];
+    let views = &answer["views"];
     // Covered by /dev/null: readable and empty (unmasked, /proc/timer_list is root's only).
     for path in ["/proc/timer_list", "/proc/keys"] {
         if std::path::Path::new(path).exists() {
@@ -131,7 +124,6 @@ async fn host_kernel_views_are_masked_and_tunables_read_only() {
         nix::libc::EROFS,
         "{views}"
     );
-    server.stop();
 }
 
 #[tokio::test]

@@ -118,6 +118,25 @@ impl KillOnDrop {
         KillOnDrop(Some(child))
     }
 
+    /// Sends the VMM SIGTERM.
+    pub fn sigterm(&self) {
+        let pid = i32::try_from(self.id()).unwrap();
+        // SAFETY: signalling our own child process by its pid.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    }
+
+    /// Waits up to `limit` for the VMM to exit; fails the test with `why` past that.
+    pub fn exit_within(&mut self, limit: Duration, why: &str) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "{why}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits for the VMM to exit by itself, collecting its output.
     pub fn wait_with_output(mut self) -> std::process::Output {
         let child = self.0.take().expect("not waited for yet");
