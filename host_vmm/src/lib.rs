@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod mptable;
 pub mod seccomp;
 pub mod signals;
+pub mod snapshot;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

@@ -14,14 +14,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use kindling_vmm::api::{server, ApiState, StartRequest};
+use kindling_vmm::api::{server, ApiState, Start, StartRequest};
 use kindling_vmm::config::VmmConfig;
 use kindling_vmm::devices::serial::SerialOut;
 use kindling_vmm::exit::ExitReason;
 use kindling_vmm::seccomp::{Filters, ThreadKind};
 use kindling_vmm::signals::{block_termination_signals, termination_pending, TermSignals};
-use kindling_vmm::vm::RunningVm;
-use kindling_vmm::vmm::build_vm;
+use kindling_vmm::vm::{RunningVm, Vm, VmError};
+use kindling_vmm::vmm::{build_vm, restore_vm};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -72,18 +72,30 @@ fn serial_out(spec: &str) -> anyhow::Result<SerialOut> {
     })
 }
 
-/// Builds and starts the VM; `instance_start` is when the start was asked for.
+/// Builds and starts the VM (booted or restored); `instance_start` is when the start was
+/// asked for.
 fn start_vm(
-    config: &VmmConfig,
+    start: &Start,
     serial: &str,
     filters: &Filters,
     instance_start: Instant,
 ) -> anyhow::Result<RunningVm> {
-    let (mut vm, entry) = build_vm(config, serial_out(serial)?)?;
-    vm.set_seccomp(filters.clone());
-    let signals = TermSignals::new(vm.exit().clone(), vm.ctrl_alt_del(), vm.vcpu_control())?;
-    vm.add_subscriber(Arc::new(Mutex::new(signals)));
-    Ok(vm.start(entry, instance_start)?)
+    let serial = serial_out(serial)?;
+    // Every VM, booted or restored: filtered vCPUs, SIGTERM and SIGINT on the event loop.
+    let prepare = |vm: &mut Vm| -> Result<(), VmError> {
+        vm.set_seccomp(filters.clone());
+        let signals = TermSignals::new(vm.exit().clone(), vm.ctrl_alt_del(), vm.vcpu_control())?;
+        vm.add_subscriber(Arc::new(Mutex::new(signals)));
+        Ok(())
+    };
+    Ok(match start {
+        Start::Boot(config) => {
+            let (mut vm, entry) = build_vm(config, serial)?;
+            prepare(&mut vm)?;
+            vm.start(entry, instance_start)?
+        }
+        Start::Restore(params) => restore_vm(params, serial, prepare, instance_start)?,
+    })
 }
 
 /// Serves the API until InstanceStart succeeds (or a termination signal comes first).
@@ -111,9 +123,9 @@ fn start_from_api(
     })?;
     loop {
         match start_rx.recv_timeout(Duration::from_millis(50)) {
-            Ok((config, reply)) => {
+            Ok((start, reply)) => {
                 let instance_start = Instant::now();
-                match start_vm(&config, &cli.serial_out, filters, instance_start) {
+                match start_vm(&start, &cli.serial_out, filters, instance_start) {
                     Ok(running) => {
                         let _ = reply.send(Ok(running.controls()));
                         return Ok(Some((running, instance_start)));
@@ -157,7 +169,12 @@ fn run(cli: Cli, process_start: Instant) -> anyhow::Result<ExitReason> {
             let config = VmmConfig::from_json(&json)?;
             let instance_start = Instant::now();
             Some((
-                start_vm(&config, &cli.serial_out, &filters, instance_start)?,
+                start_vm(
+                    &Start::Boot(config),
+                    &cli.serial_out,
+                    &filters,
+                    instance_start,
+                )?,
                 instance_start,
             ))
         }

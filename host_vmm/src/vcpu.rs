@@ -1,7 +1,9 @@
 //! The vCPU thread: runs `KVM_RUN` in a loop and dispatches port-I/O and MMIO exits to the
 //! buses. Any exit that ends the guest is reported to the shared [`VmExit`] latch; the other
 //! vCPUs are then kicked out of `KVM_RUN` with a signal and see the latch. [`VcpuControl`]
-//! pauses and resumes them the same way: kicked out of `KVM_RUN`, each parks until resumed.
+//! pauses and resumes them the same way: kicked out of `KVM_RUN`, each parks until resumed;
+//! a parked vCPU saves its KVM state for a snapshot when asked, on its own thread (the only
+//! thread whose seccomp filter allows its KVM ioctls).
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once, OnceLock, PoisonError};
 use std::thread::JoinHandle;
@@ -14,6 +16,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use crate::bus::Bus;
 use crate::exit::{ExitReason, VmExit};
 use crate::seccomp::{Filters, ThreadKind};
+use crate::snapshot::kvm_state::VcpuState;
 
 /// One vCPU and what it needs to handle its exits.
 #[derive(Debug)]
@@ -28,6 +31,8 @@ pub struct Vcpu {
     pub control: VcpuControl,
     /// Installed on the thread before its first `KVM_RUN`.
     pub seccomp: Filters,
+    /// The MSRs a snapshot saves (`KVM_GET_MSR_INDEX_LIST`).
+    pub msr_indices: Arc<[u32]>,
 }
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
@@ -134,6 +139,7 @@ impl Vcpu {
     /// was paused (`KVM_KVMCLOCK_CTRL`) so that its watchdogs do not count the pause as a
     /// soft lockup; a guest without kvmclock refuses that, harmlessly.
     fn park(&mut self) {
+        self.complete_pending_io();
         if let Err(e) = self.fd.kvmclock_ctrl() {
             tracing::debug!("vcpu{}: KVM_KVMCLOCK_CTRL: {e}", self.index);
         }
@@ -141,6 +147,17 @@ impl Vcpu {
         state.parked += 1;
         self.control.0.changed.notify_all();
         while state.paused && self.exit.reason().is_none() {
+            if let Some(slot @ None) = state
+                .saved
+                .as_mut()
+                .and_then(|saved| saved.get_mut(usize::from(self.index)))
+            {
+                *slot = Some(
+                    VcpuState::save(&self.fd, &self.msr_indices)
+                        .map_err(|e| format!("vcpu{}: {e}", self.index)),
+                );
+                self.control.0.changed.notify_all();
+            }
             // The exit latch has no condition variable: look again now and then.
             state = self
                 .control
@@ -152,6 +169,20 @@ impl Vcpu {
         }
         state.parked -= 1;
         self.control.0.changed.notify_all();
+    }
+
+    /// KVM finishes an I/O exit (the data of a port or MMIO read) only on the next `KVM_RUN`,
+    /// and until then the vCPU's registers do not show it. One `KVM_RUN` with `immediate_exit`
+    /// set completes it and returns before any guest instruction runs, so that what a
+    /// snapshot saves is consistent.
+    fn complete_pending_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => {}
+            Err(e) => tracing::warn!("vcpu{}: completing pending I/O: {e}", self.index),
+            Ok(exit) => tracing::warn!("vcpu{}: exit {exit:?} while parking", self.index),
+        }
+        self.fd.set_kvm_immediate_exit(0);
     }
 }
 
@@ -171,6 +202,8 @@ struct RunState {
     paused: bool,
     /// vCPU threads waiting in [`Vcpu::park`].
     parked: usize,
+    /// A snapshot in progress: each parked vCPU fills its slot with its saved state.
+    saved: Option<Vec<Option<Result<VcpuState, String>>>>,
 }
 
 /// Why the vCPUs could not be paused.
@@ -180,6 +213,12 @@ pub enum PauseError {
     Stopped,
     #[error("the vCPUs did not pause within {0:?}")]
     Timeout(Duration),
+    #[error("the microVM is not paused")]
+    NotPaused,
+    #[error("the vCPUs did not save their state within {0:?}")]
+    SaveTimeout(Duration),
+    #[error("saving vCPU state: {0}")]
+    Save(String),
 }
 
 /// How long a pause may take: a vCPU leaves `KVM_RUN` within microseconds of its kick.
@@ -235,6 +274,44 @@ impl VcpuControl {
                     .unwrap_or_else(PoisonError::into_inner),
             );
         }
+    }
+
+    /// Has every parked vCPU save its KVM state on its own thread; the VM must be paused.
+    pub fn save_states(&self) -> Result<Vec<VcpuState>, PauseError> {
+        let count = self.threads().len();
+        let mut state = self.state();
+        if !state.paused || state.parked != count {
+            return Err(PauseError::NotPaused);
+        }
+        state.saved = Some((0..count).map(|_| None).collect());
+        self.0.changed.notify_all();
+        let deadline = Instant::now() + PAUSE_LIMIT;
+        while !state
+            .saved
+            .as_ref()
+            .is_some_and(|saved| saved.iter().all(Option::is_some))
+        {
+            if Instant::now() > deadline {
+                state.saved = None;
+                return Err(PauseError::SaveTimeout(PAUSE_LIMIT));
+            }
+            state = self
+                .0
+                .changed
+                .wait_timeout(state, Duration::from_millis(10))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        state
+            .saved
+            .take()
+            .into_iter()
+            .flatten()
+            .map(|saved| match saved {
+                Some(result) => result.map_err(PauseError::Save),
+                None => Err(PauseError::Save("a vCPU saved nothing".into())),
+            })
+            .collect()
     }
 
     /// Lets parked vCPUs run again (a no-op on a running VM, as in Firecracker).

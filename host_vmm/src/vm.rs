@@ -1,6 +1,7 @@
 //! A KVM virtual machine assembled step by step (the order rust-vmm's vmm-reference uses):
 //! VM and memory slots, in-kernel IRQ chip and PIT, legacy devices on the buses, then, when
-//! started, the vCPUs on their threads.
+//! started, the vCPUs on their threads. A VM restored from a snapshot is assembled the same
+//! way, each step from its saved state instead of from scratch.
 
 use std::fmt;
 use std::path::Path;
@@ -12,7 +13,7 @@ use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
     KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -28,8 +29,12 @@ use crate::exit::{ExitReason, VmExit};
 use crate::layout;
 use crate::memory::{create_guest_memory, GuestMemory};
 use crate::seccomp::Filters;
+use crate::snapshot::kvm_state::{self, VcpuState, VmState};
+use crate::snapshot::{
+    DevicesState, MachineShape, Persist, SaveTransport, Snapshotter, VirtioSource,
+};
 use crate::vcpu::{Vcpu, VcpuControl};
-use crate::virtio::mmio::MmioTransport;
+use crate::virtio::mmio::{MmioTransport, TransportState};
 use crate::virtio::vsock::{Vsock, VsockEvents};
 use crate::virtio::VirtioDevice;
 
@@ -50,6 +55,10 @@ pub enum VmError {
     Events(String),
     #[error("invalid machine configuration: {0}")]
     Config(String),
+    #[error("restoring the snapshot: {0}")]
+    Restore(String),
+    #[error("restoring the snapshot")]
+    KvmState(#[from] kvm_state::KvmStateError),
 }
 
 /// The shape of the machine.
@@ -75,15 +84,17 @@ impl fmt::Debug for VmConfig {
 /// A VM that is built but not yet running.
 pub struct Vm {
     kvm: Kvm,
-    vm_fd: VmFd,
+    vm_fd: Arc<VmFd>,
     memory: GuestMemory,
     io_bus: Bus,
     mmio_bus: Bus,
     exit: VmExit,
     vcpu_count: u8,
+    mem_size_mib: u64,
     cpu_template: Option<CpuTemplate>,
-    virtio_slots: Vec<(u64, u32)>,
+    virtio: Vec<VirtioSource>,
     subscribers: Vec<Subscriber>,
+    serial: Arc<Mutex<SerialDevice>>,
     i8042: CtrlAltDel,
     seccomp: Filters,
     vcpus: VcpuControl,
@@ -102,7 +113,7 @@ impl fmt::Debug for Vm {
             .field("exit", &self.exit)
             .field("vcpu_count", &self.vcpu_count)
             .field("cpu_template", &self.cpu_template)
-            .field("virtio_slots", &self.virtio_slots)
+            .field("virtio_devices", &self.virtio.len())
             .field("subscribers", &self.subscribers.len())
             .field("seccomp", &self.seccomp)
             .finish_non_exhaustive()
@@ -127,11 +138,30 @@ impl Vm {
         if config.mem_size_mib == 0 {
             return Err(VmError::Config("mem_size_mib must be at least 1".into()));
         }
+        let memory = create_guest_memory(config.mem_size_mib)?;
+        Self::assemble(config, memory, None)
+    }
+
+    /// The VM of a snapshot: `memory` mapped from its memory file, the legacy devices as it
+    /// saved them. Its virtio devices follow with [`Self::restore_virtio_device`] and
+    /// [`Self::restore_vsock`], in slot order; [`Self::resume`] starts it.
+    pub fn restore(
+        config: VmConfig,
+        memory: GuestMemory,
+        devices: &DevicesState,
+    ) -> Result<Self, VmError> {
+        Self::assemble(config, memory, Some(devices))
+    }
+
+    fn assemble(
+        config: VmConfig,
+        memory: GuestMemory,
+        saved: Option<&DevicesState>,
+    ) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(|e| VmError::Kvm("open /dev/kvm", e))?;
         let vm_fd = kvm
             .create_vm()
             .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
-        let memory = create_guest_memory(config.mem_size_mib)?;
         for (slot, region) in memory.iter().enumerate() {
             let region_desc = kvm_userspace_memory_region {
                 slot: u32::try_from(slot)
@@ -167,16 +197,27 @@ impl Vm {
 
         let exit = VmExit::new()?;
         let mut io_bus = Bus::new();
-        let serial = SerialDevice::new(irq_line(&vm_fd, layout::SERIAL_IRQ)?, config.serial);
+        let serial_irq = irq_line(&vm_fd, layout::SERIAL_IRQ)?;
+        let keyboard_irq = irq_line(&vm_fd, layout::KEYBOARD_IRQ)?;
+        let (serial, i8042) = match saved {
+            None => (
+                SerialDevice::new(serial_irq, config.serial),
+                I8042::new(exit.clone(), keyboard_irq),
+            ),
+            Some(saved) => (
+                SerialDevice::from_state(serial_irq, config.serial, &saved.serial)
+                    .map_err(VmError::Restore)?,
+                I8042::from_state(exit.clone(), keyboard_irq, &saved.i8042)
+                    .map_err(VmError::Restore)?,
+            ),
+        };
+        let serial = Arc::new(Mutex::new(serial));
         io_bus.insert(
-            Arc::new(Mutex::new(serial)),
+            serial.clone(),
             u64::from(layout::SERIAL_PORT),
             layout::SERIAL_PORT_LEN,
         )?;
-        let i8042 = Arc::new(Mutex::new(I8042::new(
-            exit.clone(),
-            irq_line(&vm_fd, layout::KEYBOARD_IRQ)?,
-        )));
+        let i8042 = Arc::new(Mutex::new(i8042));
         io_bus.insert(
             i8042.clone(),
             u64::from(layout::I8042_PORT),
@@ -184,15 +225,17 @@ impl Vm {
         )?;
         Ok(Self {
             kvm,
-            vm_fd,
+            vm_fd: Arc::new(vm_fd),
             memory,
             io_bus,
             mmio_bus: Bus::new(),
             exit,
             vcpu_count: config.vcpu_count,
+            mem_size_mib: config.mem_size_mib,
             cpu_template: config.cpu_template,
-            virtio_slots: Vec::new(),
+            virtio: Vec::new(),
             subscribers: Vec::new(),
+            serial,
             i8042: CtrlAltDel(i8042),
             seccomp: Filters::off(),
             vcpus: VcpuControl::default(),
@@ -222,18 +265,44 @@ impl Vm {
     /// Puts `device` behind a virtio-mmio transport in the next free slot, wired to the slot's
     /// IRQ. The returned slot names the base address and IRQ (for the kernel command line)
     /// and shares the transport, for devices that also do host-side I/O.
-    pub fn add_virtio_device<D: VirtioDevice + 'static>(
+    pub fn add_virtio_device<D: VirtioDevice + Persist + 'static>(
         &mut self,
         device: D,
     ) -> Result<VirtioSlot<D>, VmError> {
-        let (base, irq) = layout::virtio_slot(self.virtio_slots.len())
+        self.attach(device, None)
+    }
+
+    /// Puts a device of a snapshot back in the next free slot with its transport's state.
+    pub fn restore_virtio_device<D: VirtioDevice + Persist + 'static>(
+        &mut self,
+        device: D,
+        transport: &TransportState,
+    ) -> Result<VirtioSlot<D>, VmError> {
+        self.attach(device, Some(transport))
+    }
+
+    fn attach<D: VirtioDevice + Persist + 'static>(
+        &mut self,
+        device: D,
+        saved: Option<&TransportState>,
+    ) -> Result<VirtioSlot<D>, VmError> {
+        let (base, irq) = layout::virtio_slot(self.virtio.len())
             .ok_or_else(|| VmError::Config("no virtio-mmio slot left".into()))?;
-        let transport =
-            MmioTransport::new(device, self.memory.clone(), irq_line(&self.vm_fd, irq)?);
+        let line = irq_line(&self.vm_fd, irq)?;
+        let transport = match saved {
+            None => MmioTransport::new(device, self.memory.clone(), line),
+            Some(saved) => MmioTransport::from_state(device, self.memory.clone(), line, saved)
+                .map_err(|e| VmError::Restore(format!("virtio device at {base:#x}: {e}")))?,
+        };
         let transport = Arc::new(Mutex::new(transport));
         self.mmio_bus
             .insert(transport.clone(), base, layout::VIRTIO_MMIO_SLOT)?;
-        self.virtio_slots.push((base, irq));
+        let saver: Arc<Mutex<dyn SaveTransport>> = transport.clone();
+        self.virtio.push(VirtioSource {
+            base,
+            irq,
+            transport: saver,
+        });
         Ok(VirtioSlot {
             base,
             irq,
@@ -247,7 +316,25 @@ impl Vm {
         guest_cid: u64,
         uds_path: &Path,
     ) -> Result<VirtioSlot<Vsock>, VmError> {
-        let slot = self.add_virtio_device(Vsock::new(guest_cid, uds_path)?)?;
+        self.attach_vsock(Vsock::new(guest_cid, uds_path)?, None)
+    }
+
+    /// Puts a snapshot's vsock device back, its host side listening at `uds_path`.
+    pub fn restore_vsock(
+        &mut self,
+        guest_cid: u64,
+        uds_path: &Path,
+        transport: &TransportState,
+    ) -> Result<VirtioSlot<Vsock>, VmError> {
+        self.attach_vsock(Vsock::new(guest_cid, uds_path)?, Some(transport))
+    }
+
+    fn attach_vsock(
+        &mut self,
+        vsock: Vsock,
+        saved: Option<&TransportState>,
+    ) -> Result<VirtioSlot<Vsock>, VmError> {
+        let slot = self.attach(vsock, saved)?;
         self.subscribers
             .push(Arc::new(Mutex::new(VsockEvents(slot.transport.clone()))));
         Ok(slot)
@@ -266,9 +353,9 @@ impl Vm {
 
     /// The `virtio_mmio.device=` declarations a Linux guest needs for the devices added so far.
     pub fn virtio_cmdline(&self) -> Vec<String> {
-        self.virtio_slots
+        self.virtio
             .iter()
-            .map(|(base, irq)| format!("virtio_mmio.device=4K@{base:#x}:{irq}"))
+            .map(|v| format!("virtio_mmio.device=4K@{:#x}:{}", v.base, v.irq))
             .collect()
     }
 
@@ -293,9 +380,61 @@ impl Vm {
 
     /// Configures every vCPU for `entry` and starts them. `instance_start` is when the
     /// instance was asked to start: the boot timer and the first-`KVM_RUN` timing count from it.
-    pub fn start(
+    pub fn start(self, entry: EntryPoint, instance_start: Instant) -> Result<RunningVm, VmError> {
+        cpu::write_boot_tables(&self.memory, entry.user_mode)?;
+        match &self.cpu_template {
+            Some(t) => tracing::info!("CPU template in use: {}", t.name),
+            None => tracing::info!("CPU template in use: none (host CPUID, filtered)"),
+        }
+        let cpuids = (0..self.vcpu_count)
+            .map(|index| self.guest_cpuid(index))
+            .collect::<Result<Vec<_>, _>>()?;
+        let setup = |index: u8, fd: &VcpuFd| -> Result<(), VmError> {
+            fd.set_cpuid2(&cpuids[usize::from(index)])
+                .map_err(|e| VmError::Kvm("KVM_SET_CPUID2", e))?;
+            cpu::setup_msrs(fd)?;
+            cpu::setup_regs(fd, &entry)?;
+            cpu::setup_sregs(fd, entry.user_mode)?;
+            cpu::setup_fpu(fd)?;
+            cpu::setup_lapic(fd)?;
+            Ok(())
+        };
+        self.launch(setup, |_| Ok(()), false, instance_start)
+    }
+
+    /// Starts a VM built by [`Self::restore`] from its saved KVM state: paused unless
+    /// `run` (Firecracker's `resume_vm`).
+    pub fn resume(
+        self,
+        vm: &VmState,
+        vcpus: &[VcpuState],
+        run: bool,
+        instance_start: Instant,
+    ) -> Result<RunningVm, VmError> {
+        if vcpus.len() != usize::from(self.vcpu_count) {
+            return Err(VmError::Restore(format!(
+                "{} vCPU states for {} vCPUs",
+                vcpus.len(),
+                self.vcpu_count
+            )));
+        }
+        kvm_state::check_xsave_size(&self.kvm)?;
+        let setup = |index: u8, fd: &VcpuFd| -> Result<(), VmError> {
+            Ok(vcpus[usize::from(index)].restore(fd)?)
+        };
+        // The VM-wide state (interrupt controllers, kvmclock) after every vCPU's, as QEMU
+        // and Firecracker order it.
+        let vm_state = |vm_fd: &VmFd| -> Result<(), VmError> { Ok(vm.restore(vm_fd)?) };
+        self.launch(setup, vm_state, !run, instance_start)
+    }
+
+    /// Creates the vCPUs, sets each up with `setup`, then the VM with `finish`, and starts
+    /// them on their threads (parked at once if `paused`) and the device event loop.
+    fn launch(
         mut self,
-        entry: EntryPoint,
+        setup: impl Fn(u8, &VcpuFd) -> Result<(), VmError>,
+        finish: impl FnOnce(&VmFd) -> Result<(), VmError>,
+        paused: bool,
         instance_start: Instant,
     ) -> Result<RunningVm, VmError> {
         let boot_time = BootTime::default();
@@ -307,14 +446,7 @@ impl Vm {
             layout::BOOT_TIMER_START,
             0x1000,
         )?;
-        cpu::write_boot_tables(&self.memory, entry.user_mode)?;
-        match &self.cpu_template {
-            Some(t) => tracing::info!("CPU template in use: {}", t.name),
-            None => tracing::info!("CPU template in use: none (host CPUID, filtered)"),
-        }
-        let cpuids = (0..self.vcpu_count)
-            .map(|index| self.guest_cpuid(index))
-            .collect::<Result<Vec<_>, _>>()?;
+        let msr_indices: Arc<[u32]> = kvm_state::msr_index_list(&self.kvm)?.into();
         let io_bus = Arc::new(self.io_bus);
         let mmio_bus = Arc::new(self.mmio_bus);
         let first_run = Arc::new(OnceLock::new());
@@ -325,13 +457,7 @@ impl Vm {
                 .vm_fd
                 .create_vcpu(u64::from(index))
                 .map_err(|e| VmError::Kvm("KVM_CREATE_VCPU", e))?;
-            fd.set_cpuid2(&cpuids[usize::from(index)])
-                .map_err(|e| VmError::Kvm("KVM_SET_CPUID2", e))?;
-            cpu::setup_msrs(&fd)?;
-            cpu::setup_regs(&fd, &entry)?;
-            cpu::setup_sregs(&fd, entry.user_mode)?;
-            cpu::setup_fpu(&fd)?;
-            cpu::setup_lapic(&fd)?;
+            setup(index, &fd)?;
             vcpus.push(Vcpu {
                 index,
                 fd,
@@ -341,7 +467,15 @@ impl Vm {
                 first_run: first_run.clone(),
                 control: control.clone(),
                 seccomp: self.seccomp.clone(),
+                msr_indices: msr_indices.clone(),
             });
+        }
+        finish(&self.vm_fd)?;
+        if paused {
+            // No thread runs yet: this only marks the VM paused, and each parks on start.
+            control
+                .pause()
+                .map_err(|e| VmError::Restore(e.to_string()))?;
         }
         for vcpu in vcpus {
             if let Err(e) = vcpu.spawn() {
@@ -355,8 +489,21 @@ impl Vm {
             events.add_subscriber(sub);
         }
         events.add_subscriber(Arc::new(Mutex::new(ExitWatcher(self.exit.clone()))));
+        let snapshotter = Snapshotter::new(
+            MachineShape {
+                vcpu_count: self.vcpu_count,
+                mem_size_mib: self.mem_size_mib,
+            },
+            self.vm_fd.clone(),
+            self.memory.clone(),
+            self.serial,
+            self.i8042.0.clone(),
+            self.virtio,
+            control.clone(),
+        );
         Ok(RunningVm {
             ctrl_alt_del: self.i8042,
+            snapshotter,
             _vm_fd: self.vm_fd,
             events,
             memory: self.memory,
@@ -405,7 +552,8 @@ pub struct Timings {
 /// A started VM.
 pub struct RunningVm {
     ctrl_alt_del: CtrlAltDel,
-    _vm_fd: VmFd,
+    snapshotter: Snapshotter,
+    _vm_fd: Arc<VmFd>,
     events: EventManager<Subscriber>,
     memory: GuestMemory,
     exit: VmExit,
@@ -432,6 +580,7 @@ impl fmt::Debug for RunningVm {
 pub struct VmControls {
     pub ctrl_alt_del: CtrlAltDel,
     pub vcpus: VcpuControl,
+    pub snapshotter: Snapshotter,
 }
 
 impl RunningVm {
@@ -440,11 +589,12 @@ impl RunningVm {
         self.ctrl_alt_del.clone()
     }
 
-    /// The Ctrl-Alt-Del button and the vCPUs' pause control.
+    /// The Ctrl-Alt-Del button, the vCPUs' pause control and snapshots.
     pub fn controls(&self) -> VmControls {
         VmControls {
             ctrl_alt_del: self.ctrl_alt_del.clone(),
             vcpus: self.vcpus.clone(),
+            snapshotter: self.snapshotter.clone(),
         }
     }
 

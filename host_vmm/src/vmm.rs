@@ -1,13 +1,16 @@
-//! From a validated [`VmmConfig`] to a VM ready to start: memory, drives, vsock, kernel.
+//! From a validated [`VmmConfig`] to a VM ready to start (memory, drives, vsock, kernel), or
+//! from a snapshot to a VM ready to resume.
 
 use std::path::Path;
+use std::time::Instant;
 
 use crate::boot::{self, BootError};
 use crate::config::{ConfigError, VmmConfig};
 use crate::cpu::EntryPoint;
 use crate::devices::serial::SerialOut;
+use crate::snapshot::{self, DeviceState, LoadParams, MicrovmState, SnapshotError};
 use crate::virtio::block::Block;
-use crate::vm::{Vm, VmConfig, VmError};
+use crate::vm::{RunningVm, Vm, VmConfig, VmError};
 
 /// Errors turning a configuration into a VM.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +23,8 @@ pub enum BuildError {
     Boot(#[from] BootError),
     #[error("drive {0}: {1}")]
     Drive(String, std::io::Error),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
 }
 
 /// Builds the VM `config` describes and loads its kernel. Returns the VM (not yet running)
@@ -50,4 +55,55 @@ pub fn build_vm(config: &VmmConfig, serial: SerialOut) -> Result<(Vm, EntryPoint
         config.machine_config.vcpu_count,
     )?;
     Ok((vm, entry))
+}
+
+/// Rebuilds and starts the VM of the snapshot `params` names: memory mapped from its file,
+/// devices reopened (the vsock socket at `vsock_override` if given), vCPUs paused unless
+/// `resume_vm`. `prepare` sees the VM before it starts (seccomp, signal handling).
+pub fn restore_vm(
+    params: &LoadParams,
+    serial: SerialOut,
+    prepare: impl FnOnce(&mut Vm) -> Result<(), VmError>,
+    instance_start: Instant,
+) -> Result<RunningVm, BuildError> {
+    let mem_file = params.validate().map_err(ConfigError)?;
+    let state = MicrovmState::read(&params.snapshot_path)?;
+    let memory = snapshot::map_memory(mem_file, state.machine)?;
+    let mut vm = Vm::restore(
+        VmConfig {
+            vcpu_count: state.machine.vcpu_count,
+            mem_size_mib: state.machine.mem_size_mib,
+            serial,
+            cpu_template: None,
+        },
+        memory,
+        &state.devices,
+    )?;
+    for saved in &state.devices.virtio {
+        let slot = match &saved.device {
+            DeviceState::Block(drive) => {
+                let block = Block::from_state(drive)
+                    .map_err(|e| BuildError::Drive(drive.drive_id.clone(), e))?;
+                let slot = vm.restore_virtio_device(block, &saved.transport)?;
+                (slot.base, slot.irq)
+            }
+            DeviceState::Vsock(vsock) => {
+                let uds_path = params
+                    .vsock_override
+                    .as_ref()
+                    .map_or(vsock.uds_path.as_path(), |o| o.uds_path.as_path());
+                let slot = vm.restore_vsock(vsock.guest_cid, uds_path, &saved.transport)?;
+                (slot.base, slot.irq)
+            }
+        };
+        if slot != (saved.base, saved.irq) {
+            return Err(SnapshotError::Inconsistent(format!(
+                "a device saved at {:#x} (IRQ {}) lands at {:#x} (IRQ {})",
+                saved.base, saved.irq, slot.0, slot.1
+            ))
+            .into());
+        }
+    }
+    prepare(&mut vm)?;
+    Ok(vm.resume(&state.vm, &state.vcpus, params.resume_vm, instance_start)?)
 }

@@ -1,7 +1,9 @@
 //! The Firecracker-compatible REST API, for the subset Kindling supports: `PUT /boot-source`,
 //! `PUT /drives/{id}`, `PUT|GET /machine-config`, `PUT /vsock`, `PUT /cpu-config`,
-//! `PUT /actions`, `PATCH /vm` (pause and resume), `GET /` and `GET /version`. Bodies, status codes (204 on success, 400 with `{"fault_message": ...}` on
-//! error) follow Firecracker's swagger so its clients work unchanged.
+//! `PUT /actions`, `PATCH /vm` (pause and resume), `PUT /snapshot/create` and
+//! `PUT /snapshot/load` (full snapshots), `GET /` and `GET /version`. Bodies, status codes
+//! (204 on success, 400 with `{"fault_message": ...}` on error) follow Firecracker's swagger
+//! so its clients work unchanged.
 //!
 //! [`request`] turns HTTP method/path/body into an [`ApiRequest`]; [`ApiState`] applies it to
 //! the pending configuration (validating first, so a refused request changes nothing);
@@ -15,6 +17,7 @@ use std::sync::mpsc::{self, Sender};
 use serde_json::json;
 
 use crate::config::VmmConfig;
+use crate::snapshot::{LoadParams, SnapshotType};
 use crate::vm::VmControls;
 use request::{Action, ApiRequest, VmState};
 
@@ -49,10 +52,19 @@ impl Response {
     }
 }
 
-/// The VMM's answer to an InstanceStart: the running VM's controls, or the fault message.
+/// The VMM's answer to a start: the running VM's controls, or the fault message.
 pub type StartReply = Result<VmControls, String>;
 /// What the API asks the VMM thread to start, and where the outcome goes.
-pub type StartRequest = (VmmConfig, Sender<StartReply>);
+pub type StartRequest = (Start, Sender<StartReply>);
+
+/// The two ways a VM starts.
+#[derive(Debug)]
+pub enum Start {
+    /// InstanceStart: boot the configured VM.
+    Boot(VmmConfig),
+    /// `PUT /snapshot/load`.
+    Restore(LoadParams),
+}
 
 const NOT_AFTER_START: &str =
     "The requested operation is not supported after starting the microVM.";
@@ -101,6 +113,28 @@ impl ApiState {
                 Some(_) => Response::fault(
                     "The guest's i8042 keyboard driver is not listening (boot it with i8042.dumbkbd)",
                 ),
+            },
+            ApiRequest::CreateSnapshot(params) => match &self.running {
+                None => Response::fault(NOT_BEFORE_START),
+                Some(_) if params.snapshot_type == SnapshotType::Diff => {
+                    Response::fault("Diff snapshots are not supported by kindling-vmm.")
+                }
+                Some(vm) => match vm.snapshotter.create(&params) {
+                    Ok(()) => Response::no_content(),
+                    Err(e) => Response::fault(format!("Failed to create the snapshot: {e}")),
+                },
+            },
+            ApiRequest::LoadSnapshot(_) if self.running.is_some() => {
+                Response::fault(NOT_AFTER_START)
+            }
+            ApiRequest::LoadSnapshot(_) if self.config != VmmConfig::default() => {
+                Response::fault(
+                    "Loading a microVM snapshot not allowed after configuring boot-specific resources.",
+                )
+            }
+            ApiRequest::LoadSnapshot(params) => match params.validate() {
+                Ok(_) => self.start(Start::Restore(params), "Failed to load the snapshot"),
+                Err(e) => Response::fault(e),
             },
             ApiRequest::PatchVm(state) => match (&self.running, state) {
                 (None, _) => Response::fault(NOT_BEFORE_START),
@@ -165,8 +199,16 @@ impl ApiState {
         if let Err(e) = self.config.validate() {
             return Response::fault(e.0);
         }
+        self.start(
+            Start::Boot(self.config.clone()),
+            "Failed to start the microVM",
+        )
+    }
+
+    /// Hands `start` to the VMM thread and waits for the running VM.
+    fn start(&mut self, start: Start, failed: &str) -> Response {
         let (tx, rx) = mpsc::channel();
-        if self.start.send((self.config.clone(), tx)).is_err() {
+        if self.start.send((start, tx)).is_err() {
             return Response::fault("the VMM is shutting down");
         }
         match rx.recv() {
@@ -174,7 +216,7 @@ impl ApiState {
                 self.running = Some(vm);
                 Response::no_content()
             }
-            Ok(Err(e)) => Response::fault(format!("Failed to start the microVM: {e}")),
+            Ok(Err(e)) => Response::fault(format!("{failed}: {e}")),
             Err(_) => Response::fault("the VMM stopped before the microVM started"),
         }
     }

@@ -5,6 +5,7 @@ use serde::Deserialize;
 
 use crate::config::{BootSourceConfig, DriveConfig, MachineConfig, VsockConfig};
 use crate::cpu_template::CpuTemplate;
+use crate::snapshot::{CreateParams, LoadParams};
 
 /// `PUT /actions` action types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -46,6 +47,8 @@ pub enum ApiRequest {
     PutCpuConfig(CpuTemplate),
     Action(Action),
     PatchVm(VmState),
+    CreateSnapshot(CreateParams),
+    LoadSnapshot(LoadParams),
 }
 
 fn body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
@@ -75,6 +78,8 @@ pub fn parse(method: &str, path: &str, bytes: &[u8]) -> Result<ApiRequest, Strin
             body::<ActionBody>(bytes).map(|b| ApiRequest::Action(b.action_type))
         }
         ("PATCH", ["vm"]) => body::<VmBody>(bytes).map(|b| ApiRequest::PatchVm(b.state)),
+        ("PUT", ["snapshot", "create"]) => body(bytes).map(ApiRequest::CreateSnapshot),
+        ("PUT", ["snapshot", "load"]) => body(bytes).map(ApiRequest::LoadSnapshot),
         ("PUT", ["drives", id]) if !id.is_empty() => {
             let drive: DriveConfig = body(bytes)?;
             if drive.drive_id != *id {
@@ -147,6 +152,60 @@ mod tests {
             parse("PATCH", "/vm", br#"{"state": "Resumed"}"#),
             Ok(ApiRequest::PatchVm(VmState::Resumed))
         );
+        let create = parse(
+            "PUT",
+            "/snapshot/create",
+            br#"{"snapshot_type": "Full", "snapshot_path": "/s", "mem_file_path": "/m"}"#,
+        );
+        assert!(
+            matches!(create, Ok(ApiRequest::CreateSnapshot(c)) if c.mem_file_path.to_str() == Some("/m"))
+        );
+        let load = parse(
+            "PUT",
+            "/snapshot/load",
+            br#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "File", "backend_path": "/m"}, "resume_vm": true}"#,
+        );
+        assert!(
+            matches!(&load, Ok(ApiRequest::LoadSnapshot(l)) if l.resume_vm && l.validate() == Ok(std::path::Path::new("/m")))
+        );
+    }
+
+    #[test]
+    fn snapshot_bodies_kindling_cannot_serve_are_refused() {
+        let load = |b: &[u8]| match parse("PUT", "/snapshot/load", b) {
+            Ok(ApiRequest::LoadSnapshot(l)) => l.validate().map(|p| p.to_path_buf()),
+            other => panic!("{other:?}"),
+        };
+        assert!(load(br#"{"snapshot_path": "/s"}"#)
+            .unwrap_err()
+            .contains("Exactly one of mem_backend or mem_file_path"));
+        assert!(load(
+            br#"{"snapshot_path": "/s", "mem_file_path": "/m", "mem_backend": {"backend_type": "File", "backend_path": "/m"}}"#
+        )
+        .unwrap_err()
+        .contains("Exactly one"));
+        assert!(load(
+            br#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "Uffd", "backend_path": "/u"}}"#
+        )
+        .unwrap_err()
+        .contains("Only the File memory backend"));
+        assert!(load(
+            br#"{"snapshot_path": "/s", "mem_file_path": "/m", "enable_diff_snapshots": true}"#
+        )
+        .unwrap_err()
+        .contains("Diff snapshots"));
+        assert_eq!(
+            load(br#"{"snapshot_path": "/s", "mem_file_path": "/m"}"#),
+            Ok("/m".into())
+        );
+        assert!(
+            parse("PUT", "/snapshot/create", br#"{"snapshot_path": "/s"}"#)
+                .unwrap_err()
+                .contains("missing field `mem_file_path`")
+        );
+        assert!(parse("PUT", "/snapshot/take", b"{}")
+            .unwrap_err()
+            .contains("Invalid request"));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 
+use serde::{Deserialize, Serialize};
 use vm_superio::Trigger;
 
 use super::IrqLine;
@@ -61,6 +62,41 @@ impl I8042 {
             pending: None,
             out: VecDeque::new(),
         }
+    }
+
+    /// The controller's registers and unread output, for a snapshot.
+    pub fn state(&self) -> I8042State {
+        I8042State {
+            status: self.status,
+            ctr: self.ctr,
+            outp: self.outp,
+            pending: self.pending,
+            out: self.out.iter().copied().collect(),
+        }
+    }
+
+    /// The controller as a snapshot left it; bytes the guest had not read raise their
+    /// interrupt again.
+    pub fn from_state(exit: VmExit, kbd_irq: IrqLine, state: &I8042State) -> Result<Self, String> {
+        if state.out.len() > BUF_SIZE {
+            return Err(format!(
+                "i8042: {} buffered bytes (the controller holds {BUF_SIZE})",
+                state.out.len()
+            ));
+        }
+        let device = Self {
+            exit,
+            kbd_irq,
+            status: state.status,
+            ctr: state.ctr,
+            outp: state.outp,
+            pending: state.pending,
+            out: state.out.iter().copied().collect(),
+        };
+        if !device.out.is_empty() && device.keyboard_listens() {
+            device.interrupt();
+        }
+        Ok(device)
     }
 
     fn push(&mut self, byte: u8) -> bool {
@@ -157,6 +193,16 @@ impl BusDevice for I8042 {
     }
 }
 
+/// An i8042's state in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct I8042State {
+    status: u8,
+    ctr: u8,
+    outp: u8,
+    pending: Option<u8>,
+    out: Vec<u8>,
+}
+
 /// A handle that presses Ctrl-Alt-Del on a running VM's i8042.
 #[derive(Clone, Debug)]
 pub struct CtrlAltDel(pub std::sync::Arc<std::sync::Mutex<I8042>>);
@@ -234,5 +280,28 @@ mod tests {
             assert!(dev.ctrl_alt_del());
         }
         assert!(!dev.ctrl_alt_del(), "a full buffer refuses more keys");
+    }
+
+    #[test]
+    fn state_round_trips_and_unread_keys_interrupt_again() {
+        let (mut dev, exit) = device();
+        dev.write(COMMAND, &[CMD_WRITE_CTR]);
+        dev.write(DATA, &[CTR_KBD_INT | CTR_SYS_FLAG]);
+        assert!(dev.ctrl_alt_del());
+        let state = dev.state();
+        let irq = IrqLine(EventFd::new(EFD_NONBLOCK).unwrap());
+        let mut restored = I8042::from_state(exit.clone(), irq, &state).unwrap();
+        assert_eq!(restored.state(), state);
+        assert_eq!(
+            restored.kbd_irq.0.read().unwrap(),
+            1,
+            "pending keys interrupt"
+        );
+        assert_eq!(read(&mut restored, DATA), CTRL_ALT_DEL[0]);
+
+        let mut oversized = state;
+        oversized.out = vec![0; BUF_SIZE + 1];
+        let irq = IrqLine(EventFd::new(EFD_NONBLOCK).unwrap());
+        assert!(I8042::from_state(exit, irq, &oversized).is_err());
     }
 }

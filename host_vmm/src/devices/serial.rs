@@ -3,6 +3,8 @@
 
 use std::io::Write;
 
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::SerialState;
 use vm_superio::Serial;
 
 use super::IrqLine;
@@ -26,6 +28,58 @@ impl SerialDevice {
     pub fn new(irq: IrqLine, out: SerialOut) -> Self {
         Self(Serial::new(irq, out))
     }
+
+    /// The UART's registers and unread input, for a snapshot.
+    pub fn state(&self) -> SerialSnapshot {
+        let s = self.0.state();
+        SerialSnapshot {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// The UART as a snapshot left it, writing to `out`; its pending interrupt is raised again.
+    pub fn from_state(
+        irq: IrqLine,
+        out: SerialOut,
+        state: &SerialSnapshot,
+    ) -> Result<Self, String> {
+        let [baud_divisor_low, baud_divisor_high, interrupt_enable, interrupt_identification, line_control, line_status, modem_control, modem_status, scratch] =
+            state.registers;
+        let state = SerialState {
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        Serial::from_state(&state, irq, vm_superio::serial::NoEvents, out)
+            .map(Self)
+            .map_err(|e| format!("serial: {e:?}"))
+    }
+}
+
+/// A UART's state in a snapshot: vm-superio's registers in their declaration order (divisor
+/// low and high, IER, IIR, LCR, LSR, MCR, MSR, scratch) and its unread input.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    registers: [u8; 9],
+    in_buffer: Vec<u8>,
 }
 
 impl BusDevice for SerialDevice {

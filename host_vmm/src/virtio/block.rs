@@ -8,8 +8,9 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
     VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
@@ -162,6 +163,8 @@ impl Request {
 #[derive(Debug)]
 pub struct Block {
     file: File,
+    path: PathBuf,
+    drive_id: String,
     read_only: bool,
     /// Size in bytes, rounded down to whole sectors.
     size: u64,
@@ -178,10 +181,41 @@ impl Block {
         id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
         Ok(Self {
             file,
+            path: path.to_path_buf(),
+            drive_id: id.to_owned(),
             read_only,
             size,
             id: id_bytes,
         })
+    }
+
+    /// What a snapshot needs to open the drive again.
+    pub fn state(&self) -> BlockState {
+        BlockState {
+            drive_id: self.drive_id.clone(),
+            path_on_host: self.path.clone(),
+            is_read_only: self.read_only,
+            size: self.size,
+        }
+    }
+
+    /// Opens the drive a snapshot names; refused if its size changed, since the guest
+    /// already read the old capacity.
+    pub fn from_state(state: &BlockState) -> io::Result<Self> {
+        let block = Self::open(&state.path_on_host, state.is_read_only, &state.drive_id)?;
+        if block.size != state.size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "drive {}: {} is {} bytes, the snapshot's guest saw {}",
+                    state.drive_id,
+                    state.path_on_host.display(),
+                    block.size,
+                    state.size
+                ),
+            ));
+        }
+        Ok(block)
     }
 
     /// Runs one request; returns the status byte and how many bytes went to the guest.
@@ -255,6 +289,16 @@ impl Block {
             )),
         }
     }
+}
+
+/// A drive in a snapshot: the file is opened again by path, its contents are the user's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    pub drive_id: String,
+    pub path_on_host: PathBuf,
+    pub is_read_only: bool,
+    /// Bytes, whole sectors.
+    pub size: u64,
 }
 
 impl VirtioDevice for Block {

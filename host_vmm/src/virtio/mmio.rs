@@ -2,11 +2,12 @@
 //! notifications are handled synchronously on the vCPU that wrote QueueNotify, which keeps the
 //! device model single-threaded and needs no extra thread for block I/O on a microVM.
 
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK,
 };
 use virtio_bindings::virtio_mmio::*;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_superio::Trigger;
 
 use super::VirtioDevice;
@@ -52,6 +53,90 @@ impl<D: VirtioDevice> MmioTransport<D> {
             status: 0,
             interrupt_status: 0,
         }
+    }
+
+    /// The transport as a snapshot left it, around `device`: registers, negotiated features
+    /// and queue positions. A live device is activated again, and an interrupt the guest had
+    /// not acknowledged is raised again (the snapshot may have caught it in flight).
+    pub fn from_state(
+        device: D,
+        mem: GuestMemory,
+        irq: IrqLine,
+        state: &TransportState,
+    ) -> Result<Self, String> {
+        let max_sizes = device.queue_max_sizes();
+        if state.queues.len() != max_sizes.len() {
+            return Err(format!(
+                "{} queues saved for a device with {}",
+                state.queues.len(),
+                max_sizes.len()
+            ));
+        }
+        let queues = state
+            .queues
+            .iter()
+            .zip(max_sizes)
+            .map(|(q, &max)| {
+                if q.max_size != max {
+                    return Err(format!(
+                        "queue of {} entries where the device has {max}",
+                        q.max_size
+                    ));
+                }
+                Queue::try_from(QueueState::from(*q)).map_err(|e| format!("queue: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut transport = Self {
+            device,
+            mem,
+            irq,
+            queues,
+            queue_sel: state.queue_sel,
+            device_features_sel: state.device_features_sel,
+            driver_features_sel: state.driver_features_sel,
+            driver_features: state.driver_features,
+            status: state.status,
+            interrupt_status: state.interrupt_status,
+        };
+        if transport.driver_ok() {
+            transport.device.activate(transport.driver_features);
+        }
+        if transport.interrupt_status != 0 {
+            transport
+                .irq
+                .trigger()
+                .map_err(|e| format!("interrupt: {e}"))?;
+        }
+        Ok(transport)
+    }
+
+    /// The transport's half of a snapshot (the device's own is [`Self::device`]'s).
+    pub fn state(&self) -> TransportState {
+        TransportState {
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueSnapshot::from(q.state()))
+                .collect(),
+            queue_sel: self.queue_sel,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            status: self.status,
+            interrupt_status: self.interrupt_status,
+        }
+    }
+
+    /// Lets a live device prepare for a snapshot (see [`VirtioDevice::prepare_snapshot`]).
+    pub fn prepare_snapshot(&mut self) {
+        if self.driver_ok() && self.device.prepare_snapshot(&mut self.queues, &self.mem) {
+            self.signal_used();
+        }
+    }
+
+    /// The device model.
+    pub fn device(&self) -> &D {
+        &self.device
     }
 
     /// The device model, e.g. for the event loop of a device with host-side I/O.
@@ -192,6 +277,65 @@ impl<D: VirtioDevice> MmioTransport<D> {
             VIRTIO_MMIO_QUEUE_USED_LOW => q.set_used_ring_address(Some(value), None),
             VIRTIO_MMIO_QUEUE_USED_HIGH => q.set_used_ring_address(None, Some(value)),
             _ => tracing::debug!("virtio-mmio write to unknown register {reg:#x}"),
+        }
+    }
+}
+
+/// A transport in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportState {
+    queues: Vec<QueueSnapshot>,
+    queue_sel: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    status: u32,
+    interrupt_status: u32,
+}
+
+/// virtio-queue's [`QueueState`], which has no serde; checked again by `Queue::try_from`
+/// on restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct QueueSnapshot {
+    max_size: u16,
+    size: u16,
+    ready: bool,
+    next_avail: u16,
+    next_used: u16,
+    event_idx_enabled: bool,
+    desc_table: u64,
+    avail_ring: u64,
+    used_ring: u64,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(q: QueueState) -> Self {
+        Self {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for QueueState {
+    fn from(q: QueueSnapshot) -> Self {
+        Self {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
         }
     }
 }

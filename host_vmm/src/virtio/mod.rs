@@ -31,6 +31,12 @@ pub trait VirtioDevice: Send {
     /// a notify on one queue may produce buffers for another). Returns whether any buffer was
     /// used, so the driver needs an interrupt.
     fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemory) -> bool;
+    /// Called with the vCPUs paused, just before a snapshot saves the device and guest
+    /// memory: puts into the queues whatever a restored guest must learn (vsock: its
+    /// connections are gone). Returns whether a buffer was used.
+    fn prepare_snapshot(&mut self, _queues: &mut [Queue], _mem: &GuestMemory) -> bool {
+        false
+    }
 }
 
 /// Copies the bytes of `config` at `offset` into `data`, zero past the end.

@@ -1,17 +1,19 @@
 //! virtio-vsock with Firecracker's hybrid Unix-socket backend ([`muxer`]).
 //!
-//! Queues: 0 = RX (device → driver), 1 = TX (driver → device), 2 = event (unused: no
-//! transport resets happen without snapshots). Guest TX packets are handled on the vCPU that
-//! notified; host socket activity is handled on the VMM's event loop through [`VsockEvents`].
+//! Queues: 0 = RX (device → driver), 1 = TX (driver → device), 2 = event (a transport reset
+//! when a snapshot is taken: the guest drops its connections, which no restored VMM has).
+//! Guest TX packets are handled on the vCPU that notified; host socket activity is handled
+//! on the VMM's event loop through [`VsockEvents`].
 
 pub mod muxer;
 pub mod packet;
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::EventSet;
 
@@ -25,6 +27,9 @@ use crate::memory::GuestMemory;
 pub const VIRTIO_ID_VSOCK: u32 = 19;
 pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
+pub const EVENT_QUEUE: usize = 2;
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`, the only event of virtio-vsock.
+const EVENT_TRANSPORT_RESET: u32 = 0;
 const QUEUE_SIZE: u16 = 256;
 /// Largest payload accepted from the guest in one packet.
 const MAX_TX_PAYLOAD: u32 = 64 * 1024;
@@ -49,6 +54,38 @@ impl Vsock {
             guest_cid,
             muxer: Muxer::new(uds_path, guest_cid)?,
         })
+    }
+
+    /// What a snapshot needs to rebuild the device.
+    pub fn state(&self) -> VsockState {
+        VsockState {
+            guest_cid: self.guest_cid,
+            uds_path: self.muxer.uds_path().to_path_buf(),
+        }
+    }
+
+    /// Tells the driver that every connection is gone (a transport-reset event) and closes
+    /// their host sides, so that a guest restored from this moment starts with no
+    /// connection its VMM does not have. Returns whether an event buffer was used.
+    fn reset_transport(&mut self, queue: &mut Queue, mem: &GuestMemory) -> bool {
+        self.muxer.reset_all();
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            tracing::warn!("vsock: no event buffer for the transport reset");
+            return false;
+        };
+        let head = chain.head_index();
+        let written = match chain.writer(mem) {
+            Ok(mut w) => w.write_obj(EVENT_TRANSPORT_RESET.to_le()).map(|()| 4),
+            Err(e) => Err(std::io::Error::other(e.to_string())),
+        };
+        let len = written.unwrap_or_else(|e| {
+            tracing::warn!("vsock: writing the transport reset event: {e}");
+            0
+        });
+        if let Err(e) = queue.add_used(mem, head, len) {
+            tracing::warn!("vsock event queue: {e}");
+        }
+        true
     }
 
     /// Host-side work: new clients, CONNECT lines, readable sockets.
@@ -169,6 +206,17 @@ impl VirtioDevice for Vsock {
         let rx_used = self.fill_rx(&mut queues[RX_QUEUE], mem);
         tx_used || rx_used
     }
+
+    fn prepare_snapshot(&mut self, queues: &mut [Queue], mem: &GuestMemory) -> bool {
+        self.reset_transport(&mut queues[EVENT_QUEUE], mem)
+    }
+}
+
+/// A vsock device in a snapshot: its CID and where its host side listens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockState {
+    pub guest_cid: u64,
+    pub uds_path: PathBuf,
 }
 
 /// The event-loop side of a vsock device: wakes on host socket activity.

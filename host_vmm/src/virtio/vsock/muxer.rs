@@ -245,6 +245,20 @@ impl Muxer {
         }
     }
 
+    /// Forgets every connection, as the guest does on a transport reset: host clients see
+    /// their sockets closed and queued control packets are dropped. Host clients still
+    /// writing their CONNECT line are kept; the guest never heard of them.
+    pub fn reset_all(&mut self) {
+        let keys: Vec<Key> = self.conns.keys().copied().collect();
+        keys.into_iter().for_each(|key| self.remove_conn(key));
+        self.control.clear();
+    }
+
+    /// Where host clients connect.
+    pub fn uds_path(&self) -> &Path {
+        &self.uds_path
+    }
+
     fn reset(&mut self, key: Key) {
         self.remove_conn(key);
         self.push_control(key, OP_RST, 0);

@@ -1,0 +1,456 @@
+//! Full snapshots, Firecracker's way: `PUT /snapshot/create` on a paused VM writes a state
+//! file and a memory file; `PUT /snapshot/load` on a fresh kindling-vmm rebuilds the VM from
+//! them, paused or running.
+//!
+//! The state file is JSON: a format name and version (checked before anything else is read,
+//! so a file of another version is refused with both versions named), the machine's shape,
+//! KVM's VM and vCPU state ([`kvm_state`]) and every device's ([`DevicesState`]). The memory
+//! file is guest RAM, region after region; a restored VM maps it privately (copy-on-write),
+//! so a restore reads only the pages the guest touches and never changes the file.
+//!
+//! What the clones of one snapshot share: everything in guest memory, including the kernel's
+//! random pool and whatever ids the guest made up; their vsock connections do not survive
+//! (the guest is told with a transport reset, as Firecracker does).
+
+pub mod kvm_state;
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    FileOffset, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, WriteVolatile,
+};
+
+use self::kvm_state::{KvmStateError, VcpuState, VmState};
+use crate::devices::i8042::{I8042State, I8042};
+use crate::devices::serial::{SerialDevice, SerialSnapshot};
+use crate::memory::{ram_regions, GuestMemory};
+use crate::vcpu::VcpuControl;
+use crate::virtio::block::{Block, BlockState};
+use crate::virtio::mmio::{MmioTransport, TransportState};
+use crate::virtio::vsock::{Vsock, VsockState};
+use crate::virtio::VirtioDevice;
+
+/// The state file's format name.
+pub const FORMAT: &str = "kindling-vmm snapshot";
+/// The state file version this kindling-vmm writes and reads.
+pub const VERSION: u32 = 1;
+
+/// Why a snapshot could not be taken or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("the microVM must be paused to create a snapshot")]
+    NotPaused,
+    #[error("{0}")]
+    Vcpus(String),
+    #[error(transparent)]
+    Kvm(#[from] KvmStateError),
+    #[error("{0}: {1}")]
+    File(PathBuf, std::io::Error),
+    #[error("{0} is not a kindling-vmm snapshot: {1}")]
+    NotASnapshot(PathBuf, String),
+    #[error("{path} is a version {found} snapshot; this kindling-vmm reads version {VERSION}")]
+    Version { path: PathBuf, found: u32 },
+    #[error("the snapshot does not match itself: {0}")]
+    Inconsistent(String),
+    #[error("memory file {path}: {len} bytes, the snapshot's guest has {expected}")]
+    MemoryFileSize {
+        path: PathBuf,
+        len: u64,
+        expected: u64,
+    },
+    #[error("mapping guest memory: {0}")]
+    Mmap(String),
+}
+
+/// `PUT /snapshot/create`'s body (Firecracker's `SnapshotCreateParams`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateParams {
+    #[serde(default)]
+    pub snapshot_type: SnapshotType,
+    pub snapshot_path: PathBuf,
+    pub mem_file_path: PathBuf,
+}
+
+/// Only full snapshots exist here.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum SnapshotType {
+    #[default]
+    Full,
+    Diff,
+}
+
+/// `PUT /snapshot/load`'s body (Firecracker's `SnapshotLoadParams`): the memory file as
+/// `mem_backend` (a `File` backend) or the older `mem_file_path`, exactly one of them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadParams {
+    pub snapshot_path: PathBuf,
+    #[serde(default)]
+    pub mem_file_path: Option<PathBuf>,
+    #[serde(default)]
+    pub mem_backend: Option<MemBackend>,
+    #[serde(default)]
+    pub enable_diff_snapshots: bool,
+    #[serde(default)]
+    pub resume_vm: bool,
+    /// Kindling's addition for clones running side by side: the vsock device's host socket
+    /// (the snapshot's path may still be taken by the VM it was made from).
+    #[serde(default)]
+    pub vsock_override: Option<VsockOverride>,
+}
+
+/// Where guest memory comes from on load.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackend {
+    pub backend_type: MemBackendType,
+    pub backend_path: PathBuf,
+}
+
+/// `File` only: Firecracker's `Uffd` backend hands page faults to another process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum MemBackendType {
+    File,
+    Uffd,
+}
+
+/// A new host socket path for the restored vsock device.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    pub uds_path: PathBuf,
+}
+
+impl LoadParams {
+    /// The memory file, once the body is known to be one kindling-vmm can load.
+    pub fn validate(&self) -> Result<&Path, String> {
+        if self.enable_diff_snapshots {
+            return Err("Diff snapshots are not supported by kindling-vmm.".into());
+        }
+        match (&self.mem_backend, &self.mem_file_path) {
+            (Some(_), Some(_)) | (None, None) => Err(
+                "Exactly one of mem_backend or mem_file_path must be given to load a snapshot."
+                    .into(),
+            ),
+            (None, Some(path)) => Ok(path),
+            (Some(b), None) if b.backend_type == MemBackendType::File => Ok(&b.backend_path),
+            (Some(_), None) => Err("Only the File memory backend is supported.".into()),
+        }
+    }
+}
+
+/// The machine's shape, which the memory layout follows from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineShape {
+    pub vcpu_count: u8,
+    pub mem_size_mib: u64,
+}
+
+/// A virtio device in its slot.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VirtioSnapshot {
+    pub base: u64,
+    pub irq: u32,
+    pub device: DeviceState,
+    pub transport: TransportState,
+}
+
+/// A virtio device's own state: enough to open its backend again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceState {
+    Block(BlockState),
+    Vsock(VsockState),
+}
+
+/// Devices a snapshot can rebuild.
+pub trait Persist {
+    fn device_state(&self) -> DeviceState;
+}
+
+impl Persist for Block {
+    fn device_state(&self) -> DeviceState {
+        DeviceState::Block(self.state())
+    }
+}
+
+impl Persist for Vsock {
+    fn device_state(&self) -> DeviceState {
+        DeviceState::Vsock(self.state())
+    }
+}
+
+/// A virtio transport as the snapshot code holds it, whatever its device.
+pub trait SaveTransport: Send {
+    /// Prepares the device (see `VirtioDevice::prepare_snapshot`) and returns its state and
+    /// the transport's.
+    fn save(&mut self) -> (DeviceState, TransportState);
+}
+
+impl<D: VirtioDevice + Persist> SaveTransport for MmioTransport<D> {
+    fn save(&mut self) -> (DeviceState, TransportState) {
+        self.prepare_snapshot();
+        (self.device().device_state(), self.state())
+    }
+}
+
+/// The legacy devices and virtio devices of a snapshot.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DevicesState {
+    pub serial: SerialSnapshot,
+    pub i8042: I8042State,
+    pub virtio: Vec<VirtioSnapshot>,
+}
+
+/// The first fields of every state file, read alone to check the version.
+#[derive(Deserialize)]
+struct Header {
+    format: String,
+    version: u32,
+}
+
+/// A whole microVM except its memory.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MicrovmState {
+    format: String,
+    version: u32,
+    pub machine: MachineShape,
+    pub vm: VmState,
+    pub vcpus: Vec<VcpuState>,
+    pub devices: DevicesState,
+}
+
+impl MicrovmState {
+    /// Reads and checks a state file: format and version first, then that it describes one
+    /// machine (a vCPU state per vCPU).
+    pub fn read(path: &Path) -> Result<Self, SnapshotError> {
+        let file_err = |e| SnapshotError::File(path.to_path_buf(), e);
+        let bytes = std::fs::read(path).map_err(file_err)?;
+        let not_a_snapshot =
+            |e: serde_json::Error| SnapshotError::NotASnapshot(path.to_path_buf(), e.to_string());
+        let header: Header = serde_json::from_slice(&bytes).map_err(not_a_snapshot)?;
+        if header.format != FORMAT {
+            return Err(SnapshotError::NotASnapshot(
+                path.to_path_buf(),
+                format!("its format is {:?}", header.format),
+            ));
+        }
+        if header.version != VERSION {
+            return Err(SnapshotError::Version {
+                path: path.to_path_buf(),
+                found: header.version,
+            });
+        }
+        let state: Self = serde_json::from_slice(&bytes).map_err(not_a_snapshot)?;
+        if state.vcpus.len() != usize::from(state.machine.vcpu_count) || state.vcpus.is_empty() {
+            return Err(SnapshotError::Inconsistent(format!(
+                "{} vCPU states for {} vCPUs",
+                state.vcpus.len(),
+                state.machine.vcpu_count
+            )));
+        }
+        Ok(state)
+    }
+
+    fn write(&self, path: &Path) -> Result<(), SnapshotError> {
+        write_replacing(path, |file| {
+            let mut out = BufWriter::new(file);
+            serde_json::to_writer(&mut out, self).map_err(std::io::Error::other)?;
+            out.flush()
+        })
+    }
+}
+
+/// Guest RAM from a memory file, mapped privately: pages are read from the file when the
+/// guest first touches them and copied when it first writes them.
+pub fn map_memory(path: &Path, machine: MachineShape) -> Result<GuestMemory, SnapshotError> {
+    let file_err = |e| SnapshotError::File(path.to_path_buf(), e);
+    let regions = machine
+        .mem_size_mib
+        .checked_mul(1 << 20)
+        .and_then(ram_regions)
+        .ok_or_else(|| {
+            SnapshotError::Inconsistent(format!("{} MiB of memory", machine.mem_size_mib))
+        })?;
+    let file = Arc::new(File::open(path).map_err(file_err)?);
+    let len = file.metadata().map_err(file_err)?.len();
+    let expected: u64 = regions.iter().map(|(_, size)| *size as u64).sum();
+    if len != expected {
+        return Err(SnapshotError::MemoryFileSize {
+            path: path.to_path_buf(),
+            len,
+            expected,
+        });
+    }
+    let mut offset = 0u64;
+    let mut mapped = Vec::with_capacity(regions.len());
+    for (base, size) in regions {
+        let region = MmapRegionBuilder::new(size)
+            .with_file_offset(FileOffset::from_arc(file.clone(), offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| SnapshotError::Mmap(e.to_string()))?;
+        mapped.push(
+            GuestRegionMmap::new(region, base)
+                .ok_or_else(|| SnapshotError::Mmap(format!("a region at {:#x}", base.0)))?,
+        );
+        offset += size as u64;
+    }
+    GuestMemory::from_regions(mapped).map_err(|e| SnapshotError::Mmap(e.to_string()))
+}
+
+/// Writes guest RAM, region after region.
+fn write_memory(memory: &GuestMemory, path: &Path) -> Result<(), SnapshotError> {
+    write_replacing(path, |file| {
+        for region in memory.iter() {
+            let slice = region.as_volatile_slice().map_err(std::io::Error::other)?;
+            file.write_all_volatile(&slice)
+                .map_err(std::io::Error::other)?;
+        }
+        Ok(())
+    })
+}
+
+/// Writes `path` through a temporary file in its directory, synced and then renamed over it.
+/// A failed snapshot leaves no half-written file behind, and replacing the memory file a VM
+/// was restored from never truncates the file its memory is still mapped from (the mapping
+/// keeps the old file).
+fn write_replacing(
+    path: &Path,
+    write: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> Result<(), SnapshotError> {
+    let file_err = |e| SnapshotError::File(path.to_path_buf(), e);
+    let mut name = path
+        .file_name()
+        .ok_or_else(|| file_err(std::io::ErrorKind::InvalidInput.into()))?
+        .to_os_string();
+    name.push(format!(".tmp-{}", std::process::id()));
+    let temporary = path.with_file_name(name);
+    let written = File::create(&temporary).and_then(|mut file| {
+        write(&mut file)?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, path)
+    });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    written.map_err(file_err)
+}
+
+/// What a running VM's snapshot is made of; the API thread takes snapshots with it.
+#[derive(Clone)]
+pub struct Snapshotter(Arc<Sources>);
+
+struct Sources {
+    machine: MachineShape,
+    vm_fd: Arc<VmFd>,
+    memory: GuestMemory,
+    serial: Arc<Mutex<SerialDevice>>,
+    i8042: Arc<Mutex<I8042>>,
+    virtio: Vec<VirtioSource>,
+    vcpus: VcpuControl,
+}
+
+/// A virtio device's slot and transport.
+#[derive(Clone)]
+pub struct VirtioSource {
+    pub base: u64,
+    pub irq: u32,
+    pub transport: Arc<Mutex<dyn SaveTransport>>,
+}
+
+impl std::fmt::Debug for VirtioSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioSource")
+            .field("base", &self.base)
+            .field("irq", &self.irq)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Snapshotter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshotter")
+            .field("machine", &self.0.machine)
+            .field("virtio_devices", &self.0.virtio.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Snapshotter {
+    pub fn new(
+        machine: MachineShape,
+        vm_fd: Arc<VmFd>,
+        memory: GuestMemory,
+        serial: Arc<Mutex<SerialDevice>>,
+        i8042: Arc<Mutex<I8042>>,
+        virtio: Vec<VirtioSource>,
+        vcpus: VcpuControl,
+    ) -> Self {
+        Self(Arc::new(Sources {
+            machine,
+            vm_fd,
+            memory,
+            serial,
+            i8042,
+            virtio,
+            vcpus,
+        }))
+    }
+
+    /// Takes a full snapshot of the paused VM. Every virtio transport stays locked from its
+    /// state being read until guest memory is written, so that host-side device work on the
+    /// event loop (vsock data arriving) cannot change memory the state no longer describes.
+    pub fn create(&self, params: &CreateParams) -> Result<(), SnapshotError> {
+        let s = &self.0;
+        if !s.vcpus.is_paused() {
+            return Err(SnapshotError::NotPaused);
+        }
+        let vcpus = s
+            .vcpus
+            .save_states()
+            .map_err(|e| SnapshotError::Vcpus(e.to_string()))?;
+        let mut transports: Vec<_> = s.virtio.iter().map(|v| lock(&v.transport)).collect();
+        let virtio = s
+            .virtio
+            .iter()
+            .zip(transports.iter_mut())
+            .map(|(source, transport)| {
+                let (device, transport) = transport.save();
+                VirtioSnapshot {
+                    base: source.base,
+                    irq: source.irq,
+                    device,
+                    transport,
+                }
+            })
+            .collect();
+        let state = MicrovmState {
+            format: FORMAT.into(),
+            version: VERSION,
+            machine: s.machine,
+            devices: DevicesState {
+                serial: lock(&s.serial).state(),
+                i8042: lock(&s.i8042).state(),
+                virtio,
+            },
+            vm: VmState::save(&s.vm_fd)?,
+            vcpus,
+        };
+        state.write(&params.snapshot_path)?;
+        write_memory(&s.memory, &params.mem_file_path)?;
+        drop(transports);
+        Ok(())
+    }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
