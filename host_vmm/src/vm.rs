@@ -31,7 +31,7 @@ use crate::memory::{create_guest_memory, GuestMemory};
 use crate::seccomp::Filters;
 use crate::snapshot::kvm_state::{self, VcpuState, VmState};
 use crate::snapshot::{
-    DevicesState, MachineShape, Persist, SaveTransport, Snapshotter, VirtioSource,
+    DevicesState, MachineShape, Persist, SaveTransport, SnapshotSources, Snapshotter, VirtioSource,
 };
 use crate::vcpu::{Vcpu, VcpuControl};
 use crate::virtio::mmio::{MmioTransport, TransportState};
@@ -489,7 +489,7 @@ impl Vm {
             events.add_subscriber(sub);
         }
         events.add_subscriber(Arc::new(Mutex::new(ExitWatcher(self.exit.clone()))));
-        let snapshotter = Snapshotter::new(
+        let snapshot_sources = SnapshotSources::new(
             MachineShape {
                 vcpu_count: self.vcpu_count,
                 mem_size_mib: self.mem_size_mib,
@@ -503,7 +503,7 @@ impl Vm {
         );
         Ok(RunningVm {
             ctrl_alt_del: self.i8042,
-            snapshotter,
+            snapshot_sources,
             _vm_fd: self.vm_fd,
             events,
             memory: self.memory,
@@ -552,7 +552,7 @@ pub struct Timings {
 /// A started VM.
 pub struct RunningVm {
     ctrl_alt_del: CtrlAltDel,
-    snapshotter: Snapshotter,
+    snapshot_sources: SnapshotSources,
     _vm_fd: Arc<VmFd>,
     events: EventManager<Subscriber>,
     memory: GuestMemory,
@@ -594,7 +594,7 @@ impl RunningVm {
         VmControls {
             ctrl_alt_del: self.ctrl_alt_del.clone(),
             vcpus: self.vcpus.clone(),
-            snapshotter: self.snapshotter.clone(),
+            snapshotter: self.snapshot_sources.snapshotter(),
         }
     }
 

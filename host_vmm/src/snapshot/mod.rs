@@ -17,7 +17,7 @@ pub mod kvm_state;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
@@ -46,6 +46,8 @@ pub const VERSION: u32 = 1;
 pub enum SnapshotError {
     #[error("the microVM must be paused to create a snapshot")]
     NotPaused,
+    #[error("the microVM has stopped")]
+    Stopped,
     #[error("{0}")]
     Vcpus(String),
     #[error(transparent)]
@@ -344,9 +346,13 @@ fn write_replacing(
     written.map_err(file_err)
 }
 
-/// What a running VM's snapshot is made of; the API thread takes snapshots with it.
+/// What a running VM's snapshot is made of, owned by the running VM: the devices close
+/// (sockets unlinked) when the VM is gone, whoever still holds a [`Snapshotter`].
+pub struct SnapshotSources(Arc<Sources>);
+
+/// Takes snapshots of a running VM (the API thread holds one).
 #[derive(Clone)]
-pub struct Snapshotter(Arc<Sources>);
+pub struct Snapshotter(Weak<Sources>);
 
 struct Sources {
     machine: MachineShape,
@@ -375,16 +381,22 @@ impl std::fmt::Debug for VirtioSource {
     }
 }
 
-impl std::fmt::Debug for Snapshotter {
+impl std::fmt::Debug for SnapshotSources {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Snapshotter")
+        f.debug_struct("SnapshotSources")
             .field("machine", &self.0.machine)
             .field("virtio_devices", &self.0.virtio.len())
             .finish_non_exhaustive()
     }
 }
 
-impl Snapshotter {
+impl std::fmt::Debug for Snapshotter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshotter").finish_non_exhaustive()
+    }
+}
+
+impl SnapshotSources {
     pub fn new(
         machine: MachineShape,
         vm_fd: Arc<VmFd>,
@@ -405,11 +417,17 @@ impl Snapshotter {
         }))
     }
 
+    pub fn snapshotter(&self) -> Snapshotter {
+        Snapshotter(Arc::downgrade(&self.0))
+    }
+}
+
+impl Snapshotter {
     /// Takes a full snapshot of the paused VM. Every virtio transport stays locked from its
     /// state being read until guest memory is written, so that host-side device work on the
     /// event loop (vsock data arriving) cannot change memory the state no longer describes.
     pub fn create(&self, params: &CreateParams) -> Result<(), SnapshotError> {
-        let s = &self.0;
+        let s = self.0.upgrade().ok_or(SnapshotError::Stopped)?;
         if !s.vcpus.is_paused() {
             return Err(SnapshotError::NotPaused);
         }
