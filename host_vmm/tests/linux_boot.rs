@@ -411,3 +411,121 @@ fn the_firecracker_api_boots_pauses_resumes_and_stops_linux() {
     assert!(!sock.exists(), "the API socket is removed at exit");
     let _ = std::fs::remove_file(console);
 }
+
+#[test]
+fn a_snapshot_of_running_linux_restores_in_a_fresh_vmm_with_its_devices() {
+    let Some(guest) = guest_here_or_nested(
+        "a_snapshot_of_running_linux_restores_in_a_fresh_vmm_with_its_devices",
+    ) else {
+        return;
+    };
+    let (state_file, mem_file) = (scratch("linux.state"), scratch("linux.mem"));
+    let (sock, console, uds) = (
+        scratch("snap-a.sock"),
+        scratch("snap-a.console"),
+        scratch("snap-a-v.sock"),
+    );
+    let dials_a = count_connections(
+        UnixListener::bind(format!("{}_{RUNTIME_API_PORT}", uds.display())).unwrap(),
+    );
+    let spawn = |sock: &Path, console: &Path| {
+        Command::new(VMM)
+            .arg("--api-sock")
+            .arg(sock)
+            .arg("--serial-out")
+            .arg(console)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut original = spawn(&sock, &console);
+    let mut api = Client::connect(&sock);
+    let calls = [
+        (
+            "/boot-source",
+            json!({"kernel_image_path": guest.kernel, "initrd_path": guest.initrd,
+                   "boot_args": ROOT_ARGS}),
+        ),
+        (
+            "/drives/root",
+            json!({"drive_id": "root", "path_on_host": guest.rootfs,
+                   "is_root_device": false, "is_read_only": true}),
+        ),
+        (
+            "/machine-config",
+            json!({"vcpu_count": 2, "mem_size_mib": 128}),
+        ),
+        ("/vsock", json!({"guest_cid": 3, "uds_path": uds})),
+        ("/actions", json!({"action_type": "InstanceStart"})),
+    ];
+    for (path, body) in calls {
+        let (code, fault) = api.call("PUT", path, Some(body));
+        assert_eq!(code, 204, "PUT {path}: {fault:?}");
+    }
+    wait_for_console(&console, "init: bootstrap started", &mut original);
+    wait_past(&dials_a, 1, "the bootstrap never dialled the host twice");
+    let (code, fault) = api.call("PATCH", "/vm", Some(json!({"state": "Paused"})));
+    assert_eq!(code, 204, "{fault:?}");
+    let (code, fault) = api.call(
+        "PUT",
+        "/snapshot/create",
+        Some(json!({"snapshot_path": state_file, "mem_file_path": mem_file})),
+    );
+    assert_eq!(code, 204, "{fault:?}");
+    // The original is done with: its guest shuts down as usual.
+    let (status, stderr, _) = sigterm_and_wait(original, &console);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+
+    // A fresh VMM with another vsock socket: the guest runs on from the snapshot without
+    // booting, its bootstrap dials the new socket, its root drive and console still work.
+    let (sock, console, uds) = (
+        scratch("snap-b.sock"),
+        scratch("snap-b.console"),
+        scratch("snap-b-v.sock"),
+    );
+    let dials_b = count_connections(
+        UnixListener::bind(format!("{}_{RUNTIME_API_PORT}", uds.display())).unwrap(),
+    );
+    let mut restored = spawn(&sock, &console);
+    let mut api = Client::connect(&sock);
+    let started = Instant::now();
+    let (code, fault) = api.call(
+        "PUT",
+        "/snapshot/load",
+        Some(json!({"snapshot_path": state_file,
+                    "mem_backend": {"backend_type": "File", "backend_path": mem_file},
+                    "vsock_override": {"uds_path": uds},
+                    "resume_vm": true})),
+    );
+    assert_eq!(code, 204, "{fault:?}");
+    wait_past(
+        &dials_b,
+        0,
+        "the restored guest never dialled the new vsock socket",
+    );
+    let first_dial = started.elapsed();
+    wait_past(
+        &dials_b,
+        1,
+        "the restored guest's bootstrap stopped retrying",
+    );
+    let (code, fault) = api.call(
+        "PUT",
+        "/actions",
+        Some(json!({"action_type": "SendCtrlAltDel"})),
+    );
+    assert_eq!(code, 204, "{fault:?}");
+    let status = wait_for_exit(&mut restored, "SendCtrlAltDel", SHUTDOWN_LIMIT, &console);
+    let log = std::fs::read_to_string(&console).unwrap();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(
+        !log.contains("Linux version"),
+        "the restored guest booted again:\n{log}"
+    );
+    assert!(log.contains("init: reboot (status"), "{log}");
+    println!("restore → first vsock dial: {first_dial:?}");
+    for f in [state_file, mem_file, console] {
+        let _ = std::fs::remove_file(f);
+    }
+}

@@ -87,7 +87,8 @@ pub struct VcpuState {
     regs: kvm_regs,
     sregs: kvm_sregs,
     xsave: kvm_xsave,
-    xcrs: kvm_xcrs,
+    /// None where the host has no XSAVE (KVM then has no XCRs and refuses to set them).
+    xcrs: Option<kvm_xcrs>,
     debug_regs: kvm_debugregs,
     lapic: kvm_lapic_state,
     mp_state: kvm_mp_state,
@@ -145,7 +146,7 @@ impl VcpuState {
             regs: ioctl("KVM_GET_REGS", fd.get_regs())?,
             sregs: ioctl("KVM_GET_SREGS", fd.get_sregs())?,
             xsave: ioctl("KVM_GET_XSAVE", fd.get_xsave())?,
-            xcrs: ioctl("KVM_GET_XCRS", fd.get_xcrs())?,
+            xcrs: Some(ioctl("KVM_GET_XCRS", fd.get_xcrs())?).filter(|x| x.nr_xcrs > 0),
             debug_regs: ioctl("KVM_GET_DEBUGREGS", fd.get_debug_regs())?,
             lapic: ioctl("KVM_GET_LAPIC", fd.get_lapic())?,
             msrs: read_msrs(fd, msr_indices)?,
@@ -165,7 +166,9 @@ impl VcpuState {
         // SAFETY: `check_xsave_size` found that this host's XSAVE area fits `kvm_xsave`, so
         // KVM reads no more than the 4096 bytes of `self.xsave`.
         ioctl("KVM_SET_XSAVE", unsafe { fd.set_xsave(&self.xsave) })?;
-        ioctl("KVM_SET_XCRS", fd.set_xcrs(&self.xcrs))?;
+        if let Some(xcrs) = &self.xcrs {
+            ioctl("KVM_SET_XCRS", fd.set_xcrs(xcrs))?;
+        }
         ioctl("KVM_SET_DEBUGREGS", fd.set_debug_regs(&self.debug_regs))?;
         ioctl("KVM_SET_LAPIC", fd.set_lapic(&self.lapic))?;
         let msrs = Msrs::from_entries(&self.msrs).map_err(KvmStateError::List)?;
