@@ -36,6 +36,8 @@ pub enum BootError {
     Initrd(PathBuf, String),
     #[error(transparent)]
     Mptable(#[from] crate::mptable::MptableError),
+    #[error(transparent)]
+    Acpi(#[from] crate::acpi::AcpiError),
     #[error("writing boot parameters: {0}")]
     BootParams(linux_loader::configurator::Error),
 }
@@ -99,12 +101,23 @@ pub fn build_cmdline(boot_args: &str, devices: &[String]) -> Result<Cmdline, Boo
     Ok(cmdline)
 }
 
-/// Loads the kernel, initrd, command line, zero page and the MP table for `vcpu_count`
-/// vCPUs; returns the boot vCPU's entry.
+/// The `virtio_mmio.device=` declarations of the virtio-mmio devices at `slots` (base, IRQ),
+/// for kernels that do not read the ACPI tables.
+pub fn virtio_cmdline(slots: &[(u64, u32)]) -> Vec<String> {
+    slots
+        .iter()
+        .map(|(base, irq)| format!("virtio_mmio.device=4K@{base:#x}:{irq}"))
+        .collect()
+}
+
+/// Loads the kernel, initrd, command line and zero page, and describes the machine
+/// (`vcpu_count` vCPUs, the virtio-mmio devices at `virtio` slots) twice: in an MP table and
+/// the command line for kernels without ACPI, in ACPI tables for the others. Returns the boot
+/// vCPU's entry.
 pub fn load_linux(
     mem: &GuestMemory,
     source: &BootSource,
-    devices: &[String],
+    virtio: &[(u64, u32)],
     vcpu_count: u8,
 ) -> Result<EntryPoint, BootError> {
     let open = |p: &Path| File::open(p).map_err(|e| BootError::Open(p.to_path_buf(), e));
@@ -130,7 +143,7 @@ pub fn load_linux(
         },
     };
 
-    let cmdline = build_cmdline(&source.boot_args, devices)?;
+    let cmdline = build_cmdline(&source.boot_args, &virtio_cmdline(virtio))?;
     loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline)
         .map_err(BootError::LoadCmdline)?;
 
@@ -192,6 +205,8 @@ pub fn load_linux(
         };
         params.e820_entries += 1;
     }
+    params.acpi_rsdp_addr =
+        crate::acpi::write_tables(mem, &crate::acpi::Machine { vcpu_count, virtio })?;
     LinuxBootConfigurator::write_bootparams(
         &BootParams::new(&params, GuestAddress(ZERO_PAGE_START)),
         mem,
@@ -296,8 +311,7 @@ mod tests {
             initrd: Some(initrd.clone()),
             boot_args: DEFAULT_BOOT_ARGS.into(),
         };
-        let devices = ["virtio_mmio.device=4K@0xd0001000:5".to_string()];
-        let entry = load_linux(&mem, &src, &devices, 2).unwrap();
+        let entry = load_linux(&mem, &src, &[(0xd000_1000, 5)], 2).unwrap();
         assert!(!entry.user_mode);
         assert_eq!(
             (entry.rsi, entry.rsp),
@@ -311,7 +325,7 @@ mod tests {
         assert_eq!({ hdr.header }, KERNEL_HDR_MAGIC);
         assert_eq!({ hdr.type_of_loader }, KERNEL_LOADER_OTHER);
         assert_eq!(u64::from(hdr.cmd_line_ptr), CMDLINE_START);
-        let expected = format!("{DEFAULT_BOOT_ARGS} {}\0", devices[0]);
+        let expected = format!("{DEFAULT_BOOT_ARGS} virtio_mmio.device=4K@0xd0001000:5\0");
         assert_eq!({ hdr.cmdline_size } as usize, expected.len());
         let mut cmdline = vec![0u8; expected.len()];
         mem.read_slice(&mut cmdline, GuestAddress(CMDLINE_START))
@@ -326,6 +340,11 @@ mod tests {
         mem.read_slice(&mut rd, GuestAddress(rd_addr)).unwrap();
         assert!(rd.iter().all(|&b| b == 0xa5));
 
+        assert_eq!({ params.acpi_rsdp_addr }, crate::layout::ACPI_START);
+        let mut rsdp = [0u8; 8];
+        mem.read_slice(&mut rsdp, GuestAddress(crate::layout::ACPI_START))
+            .unwrap();
+        assert_eq!(&rsdp, b"RSD PTR ");
         assert_eq!(params.e820_entries, 2);
         let e1 = params.e820_table[1];
         assert_eq!(

@@ -22,6 +22,8 @@ pub const CMDLINE_MAX_SIZE: usize = 2048;
 pub const MPTABLE_START: u64 = 0x9fc00;
 /// End of conventional low memory.
 pub const EBDA_START: u64 = 0x9fc00;
+/// ACPI tables, RSDP first, in the BIOS area (0xe0000..1 MiB) where kernels look for the RSDP.
+pub const ACPI_START: u64 = 0xe_0000;
 /// Kernels are loaded from 1 MiB up.
 pub const HIMEM_START: u64 = 0x10_0000;
 

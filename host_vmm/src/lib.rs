@@ -5,10 +5,12 @@
 //! [`bus`] (exit dispatch), [`devices`] (serial, i8042, boot timer), [`virtio`] (virtio-mmio,
 //! block, vsock with Firecracker's hybrid Unix-socket backend), [`cpu`] and [`cpu_template`]
 //! (64-bit vCPU state, CPUID), [`vcpu`] (the `KVM_RUN` thread), [`vm`] (the assembled
-//! machine and its event loop), [`exit`] (why it stopped), [`boot`] and [`mptable`] (Linux
-//! boot), [`config`] and [`api`] (Firecracker's config file and REST API), [`vmm`] (config →
-//! VM), [`signals`], [`seccomp`] and [`metrics`] (process plumbing).
+//! machine and its event loop), [`exit`] (why it stopped), [`boot`], [`mptable`] and
+//! [`acpi`] (Linux boot and the platform tables), [`snapshot`] (save and restore),
+//! [`config`] and [`api`] (Firecracker's config file and REST API), [`vmm`] (config or
+//! snapshot → VM), [`signals`], [`seccomp`] and [`metrics`] (process plumbing).
 
+pub mod acpi;
 pub mod api;
 pub mod boot;
 pub mod bus;

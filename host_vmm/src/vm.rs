@@ -351,12 +351,9 @@ impl Vm {
         self.subscribers.push(subscriber);
     }
 
-    /// The `virtio_mmio.device=` declarations a Linux guest needs for the devices added so far.
-    pub fn virtio_cmdline(&self) -> Vec<String> {
-        self.virtio
-            .iter()
-            .map(|v| format!("virtio_mmio.device=4K@{:#x}:{}", v.base, v.irq))
-            .collect()
+    /// The base address and IRQ of each virtio device added so far.
+    pub fn virtio_slots(&self) -> Vec<(u64, u32)> {
+        self.virtio.iter().map(|v| (v.base, v.irq)).collect()
     }
 
     /// The CPUID vCPU `index` gets: the host-supported CPUID, filtered for this vCPU, then

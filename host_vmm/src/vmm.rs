@@ -51,7 +51,7 @@ pub fn build_vm(config: &VmmConfig, serial: SerialOut) -> Result<(Vm, EntryPoint
     let entry = boot::load_linux(
         vm.memory(),
         &boot,
-        &vm.virtio_cmdline(),
+        &vm.virtio_slots(),
         config.machine_config.vcpu_count,
     )?;
     Ok((vm, entry))

@@ -38,7 +38,7 @@ fn guest_reads_a_sector_through_virtio_mmio() {
         .add_virtio_device(Block::open(&disk, true, "data").unwrap())
         .unwrap();
     assert_eq!((slot.base, slot.irq), (0xd000_1000, 5));
-    assert_eq!(vm.virtio_cmdline(), ["virtio_mmio.device=4K@0xd0001000:5"]);
+    assert_eq!(vm.virtio_slots(), [(0xd000_1000, 5)]);
 
     // The driver's memory: an IN request for sector 7 into DATA.
     let mem = vm.memory();

@@ -1,7 +1,9 @@
 //! Linux under kindling-vmm, end to end, with Kindling's own kernel, initramfs and `provided`
 //! root image: the kernel boots to init, a real virtio-blk driver reads the root drive, the
-//! bootstrap reaches the host over vsock, SIGTERM shuts the guest down cleanly, and the
-//! Firecracker API boots the same guest, pauses and resumes it, and stops it.
+//! bootstrap reaches the host over vsock, SIGTERM shuts the guest down cleanly, the
+//! Firecracker API boots the same guest, pauses and resumes it, stops it, and snapshots it
+//! into a fresh VMM; and Debian's stock cloud kernel, which finds its devices only through
+//! ACPI, boots the same root image.
 //!
 //! They need a KVM that boots Linux. On metal they run here; on this project's machines
 //! (nested `kvm_pvm`, which cannot) each test re-runs itself inside the nested-KVM harness
@@ -33,10 +35,12 @@ const BOOT_LIMIT: Duration = Duration::from_secs(60);
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(20);
 /// The host Runtime API port the bootstrap dials (CID 2), as a Unix socket `<uds>_9001`.
 const RUNTIME_API_PORT: u32 = 9001;
-/// What Kindling's microVM launcher gives kindling-vmm guests, without the task drive.
+/// What Kindling's microVM launcher gives kindling-vmm guests, without the task drive. No
+/// `i8042.nopnp`: a kernel with ACPI finds the i8042 and its IRQ only through the DSDT (a
+/// hardware-reduced machine maps no legacy IRQs), one without ignores PNP anyway.
 const ROOT_ARGS: &str = "console=ttyS0 reboot=k panic=-1 random.trust_cpu=on \
     kindling.root=/dev/vda kindling.hostname=nested kindling.boot_timer=1 \
-    i8042.dumbkbd i8042.noaux i8042.nomux i8042.nopnp";
+    i8042.dumbkbd i8042.noaux i8042.nomux";
 
 /// The guest's files: from `KINDLING_KERNEL`/`_INITRD`/`_ROOTFS` (set by scripts/test.sh and
 /// inside the harness), else from the image cache (built there if missing).
@@ -80,6 +84,21 @@ fn guest_here_or_nested(name: &str) -> Option<Guest> {
         .file(VMM)
         .run_here_or_nested();
     (!ran_nested).then_some(guest)
+}
+
+/// Debian's stock cloud kernel and its initramfs (which loads the virtio and ext4 modules):
+/// from `KINDLING_STOCK_KERNEL`/`_INITRD` inside the harness, else from the image cache.
+fn stock_kernel() -> (PathBuf, PathBuf) {
+    let var = |k: &str| std::env::var_os(k).map(PathBuf::from);
+    if let (Some(kernel), Some(initrd)) =
+        (var("KINDLING_STOCK_KERNEL"), var("KINDLING_STOCK_INITRD"))
+    {
+        return (kernel, initrd);
+    }
+    let cache = Cache::open().unwrap();
+    let kernel = build_kernel(&cache, KernelKind::Stock).unwrap();
+    let initrd = build_initramfs(&cache, &kernel).unwrap().path;
+    (kernel.bzimage, initrd)
 }
 
 /// Waits until the console file holds `marker`, or fails with the console.
@@ -526,6 +545,64 @@ fn a_snapshot_of_running_linux_restores_in_a_fresh_vmm_with_its_devices() {
     assert!(log.contains("init: reboot (status"), "{log}");
     println!("restore → first vsock dial: {first_dial:?}");
     for f in [state_file, mem_file, console] {
+        let _ = std::fs::remove_file(f);
+    }
+}
+
+#[test]
+fn debian_s_stock_cloud_kernel_finds_its_devices_in_the_acpi_tables() {
+    const NAME: &str = "debian_s_stock_cloud_kernel_finds_its_devices_in_the_acpi_tables";
+    let (kernel, initrd) = stock_kernel();
+    let rootfs = std::env::var_os("KINDLING_ROOTFS").map_or_else(|| guest().rootfs, PathBuf::from);
+    let ran_nested = NestedTest::new(NAME)
+        .file_env("KINDLING_STOCK_KERNEL", &kernel)
+        .file_env("KINDLING_STOCK_INITRD", &initrd)
+        .file_env("KINDLING_ROOTFS", &rootfs)
+        .file(VMM)
+        .run_here_or_nested();
+    if ran_nested {
+        return;
+    }
+    let config = scratch("stock.json");
+    let console = scratch("stock-console.log");
+    let uds = scratch("stock-v.sock");
+    let dials = count_connections(
+        UnixListener::bind(format!("{}_{RUNTIME_API_PORT}", uds.display())).unwrap(),
+    );
+    let json = json!({
+        "boot-source": {"kernel_image_path": kernel, "initrd_path": initrd,
+                        "boot_args": ROOT_ARGS},
+        "drives": [{"drive_id": "root", "path_on_host": rootfs,
+                    "is_root_device": false, "is_read_only": true}],
+        "machine-config": {"vcpu_count": 2, "mem_size_mib": 256},
+        "vsock": {"guest_cid": 3, "uds_path": uds}
+    });
+    std::fs::write(&config, json.to_string()).unwrap();
+    let mut vmm = Command::new(VMM)
+        .args(["--no-api", "--config-file"])
+        .arg(&config)
+        .arg("--serial-out")
+        .arg(&console)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = wait_for_console(&console, "init: bootstrap started", &mut vmm);
+    assert!(log.contains("ACPI: RSDP 0x00000000000E0000"), "{log}");
+    assert!(
+        log.contains("ACPI: DSDT") && log.contains("ACPI: APIC"),
+        "{log}"
+    );
+    assert!(!log.contains("MADT or MP tables are not detected"), "{log}");
+    assert!(log.contains("smp: Brought up 1 node, 2 CPUs"), "{log}");
+    assert!(log.contains("switched root to /dev/vda"), "{log}");
+    wait_past(&dials, 0, "the bootstrap never dialled the host over vsock");
+    // SIGTERM → Ctrl-Alt-Del through the i8042 that the FADT declares → clean shutdown.
+    let (status, stderr, _) = sigterm_and_wait(vmm, &console);
+    let log = std::fs::read_to_string(&console).unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}\n--- console ---\n{log}");
+    assert!(log.contains("init: reboot (status"), "{log}");
+    for f in [config, console] {
         let _ = std::fs::remove_file(f);
     }
 }
