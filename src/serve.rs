@@ -73,6 +73,8 @@ struct ServerArgs {
     /// Stop an environment after it has been idle this many seconds.
     #[arg(long, default_value_t = 300)]
     idle_timeout: u64,
+    #[command(flatten)]
+    freeze: FreezeArgs,
     /// Boot the kernel, initramfs and root images named by this manifest (written by
     /// `kindling images build --manifest FILE`) instead of looking them up in the image
     /// cache: for hosts without Debian's build tools.
@@ -93,6 +95,31 @@ struct ServerArgs {
     state: StateDirArg,
     #[command(flatten)]
     limits: LimitArgs,
+}
+
+/// When idle environments are frozen.
+#[derive(clap::Args, Debug, Default, PartialEq, Eq)]
+struct FreezeArgs {
+    /// Milliseconds an idle environment, its runtime waiting for an event, may run on
+    /// before it is frozen (paused, as Lambda freezes environments) until its next
+    /// invocation [100].
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    freeze_after_ms: Option<u64>,
+    /// Never freeze idle environments: a handler's background work then goes on between
+    /// invocations, unlike in Lambda.
+    #[arg(long, conflicts_with = "freeze_after_ms")]
+    no_freeze: bool,
+}
+
+impl FreezeArgs {
+    /// Overrides the server's `freeze_after` when a flag was given.
+    fn apply(&self, options: &mut ServerOptions) {
+        if self.no_freeze {
+            options.freeze_after = None;
+        } else if let Some(ms) = self.freeze_after_ms {
+            options.freeze_after = Some(Duration::from_millis(ms));
+        }
+    }
 }
 
 /// What callers and functions may hold of the host (each flag left out keeps the server's
@@ -262,6 +289,7 @@ async fn host(functions: Vec<FunctionConfig>, args: ServerArgs) -> anyhow::Resul
     let mut options = ServerOptions::new(&state_dir);
     options.invoke_addr = args.addr.addr;
     options.idle_timeout = Duration::from_secs(args.idle_timeout);
+    args.freeze.apply(&mut options);
     options.init_timeout = Duration::from_secs(args.init_timeout);
     args.limits.apply(&mut options);
     let names: Vec<String> = functions.iter().map(|f| f.name.clone()).collect();
@@ -424,6 +452,7 @@ mod tests {
         assert_eq!(args.common.init_timeout, 900);
         assert_eq!(args.common.idle_timeout, 300);
         assert!(!args.common.allow_remote);
+        assert_eq!(args.common.freeze, FreezeArgs::default());
         assert_eq!(
             refused(&["serve"]).kind(),
             ErrorKind::MissingRequiredArgument
@@ -432,6 +461,29 @@ mod tests {
             let err = refused(&["serve", "-f", "f", "--init-timeout", out_of_range]);
             assert_eq!(err.kind(), ErrorKind::ValueValidation, "{out_of_range}");
         }
+    }
+
+    #[test]
+    fn freezing_can_be_delayed_or_turned_off() {
+        // The default the help text gives is the server's.
+        let default = ServerOptions::new("/state").freeze_after;
+        assert_eq!(default, Some(Duration::from_millis(100)));
+        let freeze_after = |flags: &[&str]| {
+            let Ok(Command::Serve(args)) = parse(&[&["serve", "-f", "f"], flags].concat()) else {
+                panic!("not serve: {flags:?}");
+            };
+            let mut options = ServerOptions::new("/state");
+            args.common.freeze.apply(&mut options);
+            options.freeze_after
+        };
+        assert_eq!(freeze_after(&[]), default);
+        assert_eq!(
+            freeze_after(&["--freeze-after-ms", "0"]),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(freeze_after(&["--no-freeze"]), None);
+        let both = refused(&["serve", "-f", "f", "--no-freeze", "--freeze-after-ms", "5"]);
+        assert_eq!(both.kind(), ErrorKind::ArgumentConflict);
     }
 
     #[test]

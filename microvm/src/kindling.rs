@@ -1,19 +1,28 @@
-//! The `kindling` backend: our own `kindling-vmm` on KVM, driven by a Firecracker-layout
-//! config file. Its serial console goes to the console log; SIGTERM asks the guest to
+//! The `kindling` backend: our own `kindling-vmm` on KVM, configured and started over its
+//! Firecracker-compatible API socket (which then pauses and resumes it between
+//! invocations). Its serial console goes to the console log; SIGTERM asks the guest to
 //! shut down (Ctrl-Alt-Del through the i8042), as Firecracker's SendCtrlAltDel does.
 
 use std::io;
 use std::path::PathBuf;
 use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
-use serde_json::json;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
 use tokio::process::Child;
 
 use crate::machine::{self, VmSpec};
 use crate::{Backend, RunningVm};
 use kindling_runtime_api::config::Hypervisor;
+use kindling_runtime_api::environment::Freezer;
+
+/// How long kindling-vmm may take to open its API socket.
+const API_PATIENCE: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 pub struct KindlingVmm {
@@ -32,17 +41,25 @@ impl Backend for KindlingVmm {
     }
 
     async fn boot(&self, spec: &VmSpec) -> anyhow::Result<Box<dyn RunningVm>> {
-        let config = spec.work_dir.join("vm-config.json");
-        std::fs::write(&config, firecracker_config(spec).to_string())?;
+        let api = Api(spec.work_dir.join("api.sock"));
         let mut cmd = machine::vm_command(&self.program, &spec.console_log)?;
-        cmd.arg("--no-api").arg("--config-file").arg(&config);
-        let vmm = machine::spawn(&mut cmd, "kindling-vmm")
+        cmd.arg("--api-sock").arg(&api.0);
+        // Killed on drop, should the start below fail.
+        let mut vmm = machine::spawn(&mut cmd, "kindling-vmm")
             .context("build it with `cargo build --release`")?;
-        Ok(Box::new(KindlingVm { vmm }))
+        machine::wait_for_path(&api.0, &mut vmm, "kindling-vmm", API_PATIENCE).await?;
+        api.start(&firecracker_config(spec))
+            .await
+            .context("configuring and starting the VM over kindling-vmm's API")?;
+        Ok(Box::new(KindlingVm {
+            vmm,
+            api: Arc::new(api),
+        }))
     }
 }
 
-/// The VM in Firecracker's `--config-file` layout.
+/// The VM in Firecracker's `--config-file` layout, whose sections are also the bodies of
+/// the API's `PUT`s.
 fn firecracker_config(spec: &VmSpec) -> serde_json::Value {
     let drives: Vec<_> = spec
         .drives
@@ -70,6 +87,78 @@ fn firecracker_config(spec: &VmSpec) -> serde_json::Value {
 
 struct KindlingVm {
     vmm: Child,
+    api: Arc<Api>,
+}
+
+/// The `PUT`s that configure and start a VM of `config` ([`firecracker_config`]), as
+/// Firecracker's clients send them: each section, each drive, then InstanceStart.
+fn start_requests(config: &Value) -> Vec<(String, Value)> {
+    let mut requests: Vec<(String, Value)> = ["boot-source", "machine-config", "vsock"]
+        .into_iter()
+        .map(|section| (format!("/{section}"), config[section].clone()))
+        .collect();
+    for drive in config["drives"].as_array().into_iter().flatten() {
+        let id = drive["drive_id"].as_str().unwrap_or_default();
+        requests.push((format!("/drives/{id}"), drive.clone()));
+    }
+    requests.push((
+        "/actions".to_string(),
+        json!({"action_type": "InstanceStart"}),
+    ));
+    requests
+}
+
+/// kindling-vmm's API socket. It serves one connection at a time: each request gets a
+/// connection of its own.
+struct Api(PathBuf);
+
+impl Api {
+    /// Configures and starts the VM (see [`start_requests`]).
+    async fn start(&self, config: &Value) -> io::Result<()> {
+        for (path, body) in start_requests(config) {
+            self.request("PUT", &path, &body).await?;
+        }
+        Ok(())
+    }
+
+    /// One request; anything but a 2xx is an error carrying the API's fault message.
+    async fn request(&self, method: &str, path: &str, body: &Value) -> io::Result<()> {
+        let body = body.to_string();
+        let mut stream = UnixStream::connect(&self.0).await?;
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await?;
+        let answer = String::from_utf8_lossy(&answer);
+        let status = answer.split(' ').nth(1).unwrap_or_default();
+        if status.starts_with('2') {
+            return Ok(());
+        }
+        let fault = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+        Err(io::Error::other(format!(
+            "kindling-vmm answered {method} {path} with {status}: {fault}"
+        )))
+    }
+}
+
+/// Firecracker's `PATCH /vm`: kindling-vmm parks every vCPU outside `KVM_RUN` (and
+/// answers once they are) and lets them run again.
+#[async_trait]
+impl Freezer for Api {
+    async fn freeze(&self) -> io::Result<()> {
+        self.request("PATCH", "/vm", &json!({"state": "Paused"}))
+            .await
+    }
+
+    async fn thaw(&self) -> io::Result<()> {
+        self.request("PATCH", "/vm", &json!({"state": "Resumed"}))
+            .await
+    }
 }
 
 #[async_trait]
@@ -99,6 +188,10 @@ impl RunningVm for KindlingVm {
     async fn kill(&mut self) -> io::Result<()> {
         machine::kill(&mut self.vmm).await.map(drop)
     }
+
+    fn freezer(&self) -> Arc<dyn Freezer> {
+        self.api.clone()
+    }
 }
 
 #[cfg(test)]
@@ -106,8 +199,9 @@ mod tests {
     use super::*;
     use crate::machine::Drive;
 
-    /// The seam between the launcher and the VMM: what `kindling serve` writes is what
-    /// `kindling-vmm --config-file` reads and accepts, field for field.
+    /// The seam between the launcher and the VMM: the configuration `kindling serve` sends
+    /// is what kindling-vmm reads and accepts, field for field, and each of its API
+    /// requests is one kindling-vmm's API takes.
     #[test]
     fn the_launchers_config_is_a_valid_kindling_vmm_config() {
         let dir = tempfile::tempdir().unwrap();
@@ -170,5 +264,28 @@ mod tests {
         assert_eq!(config.machine_config.mem_size_mib, 128);
         let vsock = config.vsock.as_ref().unwrap();
         assert_eq!((vsock.guest_cid, &vsock.uds_path), (7, &spec.vsock_uds));
+
+        use kindling_vmm::api::{request, ApiState};
+        let (start, _) = std::sync::mpsc::channel();
+        let mut api = ApiState::new(start);
+        let requests = start_requests(&firecracker_config(&spec));
+        let paths: Vec<&str> = requests.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "/boot-source",
+                "/machine-config",
+                "/vsock",
+                "/drives/root",
+                "/drives/task",
+                "/actions"
+            ]
+        );
+        for (path, body) in &requests {
+            let parsed = request::parse("PUT", path, body.to_string().as_bytes()).unwrap();
+            if path != "/actions" {
+                assert_eq!(api.handle(parsed).status, 204, "PUT {path} {body}");
+            }
+        }
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use kindling_runtime_api::environment::{
-    Environment, EnvironmentSpec, Function, Launcher, StartPhases, StopMode,
+    Environment, EnvironmentSpec, Freezer, Function, Launcher, StartPhases, StopMode,
 };
 
 use crate::machine::{Drive, VmSpec};
@@ -235,6 +235,10 @@ impl Environment for MicroVm {
 
     fn console_log(&self) -> Option<&Path> {
         Some(&self.console)
+    }
+
+    fn freezer(&self) -> Option<Arc<dyn Freezer>> {
+        Some(self.vm.freezer())
     }
 
     /// Hypervisor start as the host saw it; kernel start → init, and init → bootstrap,

@@ -18,8 +18,10 @@ pub mod probe;
 pub mod qemu;
 
 use kindling_runtime_api::config::Hypervisor;
+use kindling_runtime_api::environment::Freezer;
 use std::io;
 use std::process::ExitStatus;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
@@ -47,4 +49,6 @@ pub trait RunningVm: Send + Sync {
     async fn wait(&mut self) -> io::Result<ExitStatus>;
     /// Kills the hypervisor and its helpers, and reaps them.
     async fn kill(&mut self) -> io::Result<()>;
+    /// Pauses and resumes the VM's vCPUs through the hypervisor's control socket.
+    fn freezer(&self) -> Arc<dyn Freezer>;
 }

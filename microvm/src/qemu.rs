@@ -6,6 +6,7 @@
 use std::io;
 use std::path::PathBuf;
 use std::process::ExitStatus;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -17,6 +18,7 @@ use tokio::process::Child;
 use crate::machine::{self, VmSpec};
 use crate::{Backend, RunningVm};
 use kindling_runtime_api::config::Hypervisor;
+use kindling_runtime_api::environment::Freezer;
 
 pub const QEMU: &str = "qemu-system-x86_64";
 pub const VHOST_VSOCK: &str = "vhost-device-vsock";
@@ -77,7 +79,7 @@ impl Backend for Qemu {
         Ok(Box::new(QemuVm {
             qemu,
             daemon,
-            qmp_sock,
+            qmp: Arc::new(Qmp(qmp_sock)),
         }))
     }
 }
@@ -155,7 +157,53 @@ impl Qemu {
 struct QemuVm {
     qemu: Child,
     daemon: Child,
-    qmp_sock: PathBuf,
+    qmp: Arc<Qmp>,
+}
+
+/// QEMU's QMP socket (`-qmp unix:...,server=on,wait=off`), which takes one client at a
+/// time: each command gets a connection of its own.
+struct Qmp(PathBuf);
+
+impl Qmp {
+    /// Runs one command (a QMP `execute` object) and waits for its answer.
+    async fn execute(&self, command: &str) -> io::Result<()> {
+        let stream = UnixStream::connect(&self.0).await?;
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        lines.next_line().await?; // the greeting
+        for command in [r#"{"execute":"qmp_capabilities"}"#, command] {
+            write.write_all(command.as_bytes()).await?;
+            write.write_all(b"\n").await?;
+            // Events (`STOP`, `RESUME`, ...) may come before the command's answer.
+            loop {
+                let line = lines.next_line().await?.ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::UnexpectedEof, "QMP closed the connection")
+                })?;
+                let answer: serde_json::Value = serde_json::from_str(&line)
+                    .map_err(|e| io::Error::other(format!("QMP answered {line:?}: {e}")))?;
+                if answer.get("return").is_some() {
+                    break;
+                }
+                if let Some(error) = answer.get("error") {
+                    return Err(io::Error::other(format!("QMP {command}: {error}")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// QMP `stop` and `cont`: QEMU stops the vCPUs (and, for vhost-user devices such as the
+/// vsock, their rings) and starts them again where they were.
+#[async_trait]
+impl Freezer for Qmp {
+    async fn freeze(&self) -> io::Result<()> {
+        self.execute(r#"{"execute":"stop"}"#).await
+    }
+
+    async fn thaw(&self) -> io::Result<()> {
+        self.execute(r#"{"execute":"cont"}"#).await
+    }
 }
 
 #[async_trait]
@@ -166,19 +214,8 @@ impl RunningVm for QemuVm {
     }
 
     async fn request_shutdown(&mut self) -> io::Result<()> {
-        let stream = UnixStream::connect(&self.qmp_sock).await?;
-        let (read, mut write) = stream.into_split();
-        let mut lines = BufReader::new(read).lines();
-        lines.next_line().await?; // the greeting
-        write
-            .write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
-            .await?;
-        lines.next_line().await?;
         let keys = r#"{"execute":"send-key","arguments":{"keys":[{"type":"qcode","data":"ctrl"},{"type":"qcode","data":"alt"},{"type":"qcode","data":"delete"}]}}"#;
-        write.write_all(keys.as_bytes()).await?;
-        write.write_all(b"\n").await?;
-        lines.next_line().await?;
-        Ok(())
+        self.qmp.execute(keys).await
     }
 
     /// Ends with QEMU, or with the vsock daemon: a guest whose daemon died would hold its
@@ -208,5 +245,9 @@ impl RunningVm for QemuVm {
         machine::kill(&mut self.qemu).await?;
         machine::kill(&mut self.daemon).await?;
         Ok(())
+    }
+
+    fn freezer(&self) -> Arc<dyn Freezer> {
+        self.qmp.clone()
     }
 }

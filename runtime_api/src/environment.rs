@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -101,6 +102,24 @@ pub trait Environment: Send + Sync {
     fn start_phases(&self) -> StartPhases {
         Vec::new()
     }
+    /// How to pause this environment while it waits for its next event, as Lambda
+    /// freezes its environments; `None` when it cannot be paused. Asked once, after it
+    /// started; the scheduler calls it from its own tasks, beside the other methods.
+    fn freezer(&self) -> Option<Arc<dyn Freezer>> {
+        None
+    }
+}
+
+/// Pauses and resumes one environment: while frozen no guest code runs (a handler's
+/// background work makes no progress), yet the environment stays killable. The scheduler
+/// never calls [`Freezer::freeze`] and [`Freezer::thaw`] at once, and thaws an environment
+/// before it stops it (a frozen guest cannot shut down cleanly).
+#[async_trait]
+pub trait Freezer: Send + Sync {
+    /// Stops the guest; it may finish stopping after this returns.
+    async fn freeze(&self) -> io::Result<()>;
+    /// Lets the guest run again; on the invoke path, so it must be cheap.
+    async fn thaw(&self) -> io::Result<()>;
 }
 
 /// Named durations of an environment's start, e.g. `("Guest Boot", 729 ms)`.

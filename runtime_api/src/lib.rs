@@ -9,6 +9,7 @@ pub mod client;
 pub mod config;
 mod connections;
 pub mod environment;
+mod freezing;
 mod invoke_api;
 pub mod logs;
 pub mod metrics;
@@ -18,7 +19,7 @@ mod server;
 mod vocabulary;
 
 pub use environment::{
-    Environment, EnvironmentSpec, Function, Isolation, Launcher, StartPhases, StopMode,
+    Environment, EnvironmentSpec, Freezer, Function, Isolation, Launcher, StartPhases, StopMode,
 };
 pub use invoke_api::{
     HEADER_CLIENT_CONTEXT, HEADER_EXECUTED_VERSION, HEADER_FUNCTION_ERROR, HEADER_INVOCATION_TYPE,

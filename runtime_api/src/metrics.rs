@@ -40,6 +40,8 @@ pub struct Metrics {
     errors: Family<FunctionLabel, Counter>,
     timeouts: Family<FunctionLabel, Counter>,
     cold_starts: Family<FunctionLabel, Counter>,
+    freezes: Family<FunctionLabel, Counter>,
+    thaw_seconds: Seconds,
     cold_start_seconds: Seconds,
     init_seconds: Seconds,
     duration_seconds: Seconds,
@@ -53,9 +55,10 @@ impl Default for Metrics {
         let errors = Family::default();
         let timeouts = Family::default();
         let cold_starts = Family::default();
+        let freezes = Family::default();
         let histogram = || Seconds::new_with_constructor(seconds_histogram);
-        let (cold_start_seconds, init_seconds, duration_seconds) =
-            (histogram(), histogram(), histogram());
+        let (cold_start_seconds, init_seconds, duration_seconds, thaw_seconds) =
+            (histogram(), histogram(), histogram(), histogram());
         registry.register("invocations", "Invocations run", invocations.clone());
         registry.register(
             "errors",
@@ -71,6 +74,16 @@ impl Default for Metrics {
             "cold_starts",
             "Environments started for an invocation",
             cold_starts.clone(),
+        );
+        registry.register(
+            "freezes",
+            "Idle environments frozen (paused) until their next invocation",
+            freezes.clone(),
+        );
+        registry.register(
+            "thaw_seconds",
+            "Thawing a frozen environment for an invocation, on the invoke path",
+            thaw_seconds.clone(),
         );
         registry.register(
             "cold_start_seconds",
@@ -100,6 +113,8 @@ impl Default for Metrics {
             errors,
             timeouts,
             cold_starts,
+            freezes,
+            thaw_seconds,
             cold_start_seconds,
             init_seconds,
             duration_seconds,
@@ -127,6 +142,16 @@ impl Metrics {
     /// An invocation that had to start its environment.
     pub fn cold_start(&self, function: &str) {
         self.cold_starts.get_or_create(&label(function)).inc();
+    }
+    /// An idle environment frozen.
+    pub fn freeze(&self, function: &str) {
+        self.freezes.get_or_create(&label(function)).inc();
+    }
+    /// A frozen environment thawed for an invocation.
+    pub fn thaw_took(&self, function: &str, took: Duration) {
+        self.thaw_seconds
+            .get_or_create(&label(function))
+            .observe(took.as_secs_f64());
     }
     /// Environment start until its runtime took the first event.
     pub fn cold_start_took(&self, function: &str, took: Duration) {

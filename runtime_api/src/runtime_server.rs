@@ -22,7 +22,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use kindling_wire::{self as wire, ErrorBody, FunctionEnvironment, InvocationReport, RuntimeExit};
 use tokio::net::UnixListener;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::body::{self, BodyError};
@@ -193,6 +193,9 @@ struct Shared {
     logs: Arc<LogSink>,
     state: Mutex<State>,
     next_ready: Notify,
+    /// `/next` requests waiting with nothing to hand over: above 0, the runtime is done
+    /// with its last event and idle, as Lambda sees it before it freezes an environment.
+    parked: watch::Sender<usize>,
 }
 
 impl Shared {
@@ -239,6 +242,7 @@ impl RuntimeApi {
             logs,
             state: Mutex::default(),
             next_ready: Notify::new(),
+            parked: watch::Sender::new(0),
         });
         let task = tokio::spawn(accept_loop(listener, shared.clone()));
         Ok(Self {
@@ -271,6 +275,13 @@ impl RuntimeApi {
             self.shared.next_ready.notify_one();
         }
         Ticket { dispatched, done }
+    }
+
+    /// Resolves once the guest waits in `/next` with nothing to hand over (at once if it
+    /// does now); `false` when the server is gone.
+    pub fn parked(&self) -> impl std::future::Future<Output = bool> + Send + 'static {
+        let mut parked = self.shared.parked.subscribe();
+        async move { parked.wait_for(|n| *n > 0).await.is_ok() }
     }
 
     /// Gives up on the current invocation (timeout, crash): later answers for it get 403.
@@ -359,6 +370,8 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
 }
 
 async fn next(shared: &Shared) -> Response<Full<Bytes>> {
+    // Counted from its first wait until it answers (or the guest hangs up).
+    let mut parked = None;
     loop {
         {
             let mut state = shared.state();
@@ -406,7 +419,24 @@ async fn next(shared: &Shared) -> Response<Full<Bytes>> {
                 return response;
             }
         }
+        parked.get_or_insert_with(|| Parked::new(&shared.parked));
         shared.next_ready.notified().await;
+    }
+}
+
+/// One `/next` counted in [`Shared::parked`] while it lives.
+struct Parked<'a>(&'a watch::Sender<usize>);
+
+impl<'a> Parked<'a> {
+    fn new(count: &'a watch::Sender<usize>) -> Self {
+        count.send_modify(|n| *n += 1);
+        Self(count)
+    }
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 

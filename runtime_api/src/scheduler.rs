@@ -2,7 +2,8 @@
 //!
 //! Per function it keeps warm environments for reuse, starts new ones on demand up to
 //! `max_concurrency`, queues callers beyond that (a bounded queue, so that overload is
-//! answered with 429 instead of unbounded memory), retires environments that sat idle,
+//! answered with 429 instead of unbounded memory), freezes idle environments until their
+//! next invocation (`freezing.rs`), retires environments that sat idle,
 //! and throws away any environment that timed out, crashed or failed its init, so that
 //! the next invocation gets a fresh one. Accepted `Event` invocations are bounded too, by
 //! count and payload bytes per function ([`Scheduler::accept_event`]).
@@ -19,6 +20,7 @@ use kindling_wire::{ErrorBody, FunctionEnvironment, InvocationReport};
 use tokio::sync::{oneshot, watch, Notify};
 
 use crate::environment::{Environment, EnvironmentSpec, Function, Isolation, Launcher, StopMode};
+use crate::freezing::Freezing;
 use crate::logs::{self, LogSink};
 use crate::metrics::Metrics;
 use crate::runtime_server::{Completion, Invocation, Outcome, RuntimeApi};
@@ -29,6 +31,8 @@ pub const VERSION: &str = "$LATEST";
 const ACCOUNT: &str = "000000000000";
 /// Longest Unix socket path Linux takes (`sun_path` less its NUL).
 const MAX_SOCKET_PATH: usize = 107;
+/// How long an environment idles before it is frozen, by default.
+pub const DEFAULT_FREEZE_AFTER: Duration = Duration::from_millis(100);
 
 /// Knobs of the scheduler.
 #[derive(Debug, Clone)]
@@ -37,6 +41,10 @@ pub struct SchedulerOptions {
     pub env_root: PathBuf,
     /// A warm environment unused this long is stopped.
     pub idle_timeout: Duration,
+    /// An idle environment whose runtime waits for its next event is frozen (paused, as
+    /// Lambda freezes them) once it has been idle this long; `None`: never. A moment
+    /// rather than at once, so that back-to-back invocations never wait for a thaw.
+    pub freeze_after: Option<Duration>,
     /// Callers that may wait per function once every environment is busy.
     pub queue_depth: usize,
     /// Accepted `Event` invocations per function not yet finished (queued or running).
@@ -57,6 +65,7 @@ impl SchedulerOptions {
         Self {
             env_root,
             idle_timeout: Duration::from_secs(300),
+            freeze_after: Some(DEFAULT_FREEZE_AFTER),
             queue_depth: 100,
             event_queue_depth: 100,
             event_queue_bytes: 16 << 20,
@@ -219,6 +228,8 @@ struct Env {
     /// Timed out, crashed or failed its init: it must be stopped, not reused.
     broken: bool,
     started: Instant,
+    /// `None` when the environment cannot be frozen, or freezing is off.
+    freezing: Option<Arc<Freezing>>,
 }
 
 impl Scheduler {
@@ -411,9 +422,13 @@ impl Pool {
     ) -> Result<Invoked, InvokeError> {
         let name = &self.function.name;
         let grant = self.acquire(queued).await?;
-        let mut env = match grant {
-            Grant::Warm(env) => env,
-            Grant::Start => match self.start_env().await {
+        let warm = match grant {
+            Grant::Warm(env) => self.thawed(env).await,
+            Grant::Start => None,
+        };
+        let mut env = match warm {
+            Some(env) => env,
+            None => match self.start_env().await {
                 Ok(env) => env,
                 Err(source) => {
                     let reason = format!("{source:#}");
@@ -429,6 +444,27 @@ impl Pool {
         let invoked = self.run(&mut env, request).await;
         self.release(Some(env)).await;
         Ok(invoked)
+    }
+
+    /// A warm environment taken for an invocation, thawed if it was frozen; `None` (and
+    /// the environment stopped, its slot kept for a fresh one) if it could not be thawed.
+    async fn thawed(&self, env: Box<Env>) -> Option<Box<Env>> {
+        let Some(freezing) = &env.freezing else {
+            return Some(env);
+        };
+        match freezing.take().await {
+            Ok(None) => Some(env),
+            Ok(Some(took)) => {
+                self.ctx.metrics.thaw_took(&self.function.name, took);
+                tracing::debug!(env = %env.spec.id, ?took, "environment thawed");
+                Some(env)
+            }
+            Err(e) => {
+                tracing::warn!(env = %env.spec.id, error = %e, "cannot thaw an environment: starting a fresh one");
+                self.stop(env, StopMode::Kill).await;
+                None
+            }
+        }
     }
 
     /// A warm environment, the right to start one, or a place in the queue.
@@ -502,6 +538,7 @@ impl Pool {
                     }
                 }
                 if let Some(e) = env.take() {
+                    self.freeze_when_idle(&e);
                     st.idle.push((e, Instant::now()));
                     return;
                 }
@@ -520,6 +557,13 @@ impl Pool {
         }
     }
 
+    /// Plans the freeze of an environment going back to the warm set.
+    fn freeze_when_idle(&self, env: &Env) {
+        if let (Some(freezing), Some(after)) = (&env.freezing, self.ctx.options.freeze_after) {
+            freezing.freeze_later(after, env.api.parked(), self.ctx.metrics.clone());
+        }
+    }
+
     /// Stops an environment and frees its slot.
     async fn discard(&self, env: Box<Env>, mode: StopMode) {
         self.stop(env, mode).await;
@@ -529,6 +573,12 @@ impl Pool {
 
     async fn stop(&self, mut env: Box<Env>, mode: StopMode) {
         let id = env.spec.id.clone();
+        // Frozen, a guest could not shut down, nor a sandbox's helper reap its init.
+        if let Some(freezing) = &env.freezing {
+            if let Err(e) = freezing.take().await {
+                tracing::debug!(env = %id, error = %e, "cannot thaw an environment being stopped");
+            }
+        }
         if let Err(e) = env.handle.stop(mode).await {
             tracing::warn!(env = %id, error = %e, "environment did not stop cleanly");
         }
@@ -611,6 +661,12 @@ impl Pool {
         match result {
             Ok((api, handle)) => {
                 tracing::info!(env = %id, launcher = self.launcher.name(), "environment started");
+                let freezing = self
+                    .ctx
+                    .options
+                    .freeze_after
+                    .and(handle.freezer())
+                    .map(|freezer| Freezing::new(freezer, &id, &f.name));
                 Ok(Box::new(Env {
                     spec,
                     handle,
@@ -618,6 +674,7 @@ impl Pool {
                     served: 0,
                     broken: false,
                     started,
+                    freezing,
                 }))
             }
             Err(e) => {

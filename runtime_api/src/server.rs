@@ -33,6 +33,8 @@ pub struct ServerOptions {
     pub state_dir: PathBuf,
     /// A warm environment unused this long is stopped.
     pub idle_timeout: Duration,
+    /// An idle environment is frozen once it has been idle this long; `None`: never.
+    pub freeze_after: Option<Duration>,
     /// Callers that may wait per function once every environment is busy.
     pub queue_depth: usize,
     /// Accepted `Event` invocations per function not yet finished (queued or running);
@@ -67,6 +69,7 @@ impl ServerOptions {
             invoke_addr: DEFAULT_INVOKE_ADDR.parse().expect("a valid address"),
             state_dir: state_dir.into(),
             idle_timeout: defaults.idle_timeout,
+            freeze_after: defaults.freeze_after,
             queue_depth: defaults.queue_depth,
             event_queue_depth: defaults.event_queue_depth,
             event_queue_bytes: defaults.event_queue_bytes,
@@ -123,6 +126,7 @@ impl Server {
         let metrics = Arc::new(Metrics::default());
         let mut sched = SchedulerOptions::new(options.state_dir.join("envs"));
         sched.idle_timeout = options.idle_timeout;
+        sched.freeze_after = options.freeze_after;
         sched.queue_depth = options.queue_depth;
         sched.event_queue_depth = options.event_queue_depth;
         sched.event_queue_bytes = options.event_queue_bytes;

@@ -90,6 +90,17 @@ impl Harness {
         .unwrap()
     }
 
+    /// What `GET /metrics` shows now.
+    async fn metrics(&self) -> String {
+        let answer = Client::connect(self.addr)
+            .await
+            .unwrap()
+            .get("/metrics")
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&answer.body).into_owned()
+    }
+
     fn started(&self) -> usize {
         self.census.started.lock().unwrap().len()
     }
@@ -550,13 +561,7 @@ async fn a_timeout_kills_the_environment_and_the_next_gets_a_fresh_one() {
     let r = h.invoke("slow", json!({})).await;
     assert_eq!(r.status, 200);
     assert_ne!(body(&r)["pid"].as_i64().unwrap(), first);
-    let metrics = Client::connect(h.addr)
-        .await
-        .unwrap()
-        .get("/metrics")
-        .await
-        .unwrap();
-    let text = String::from_utf8_lossy(&metrics.body);
+    let text = h.metrics().await;
     assert!(
         text.contains("kindling_timeouts_total{function=\"slow\"} 1"),
         "{text}"
@@ -1138,4 +1143,81 @@ async fn a_launcher_failure_is_a_clear_service_error() {
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
     assert!(!state.path().join("envs").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_environments_freeze_and_thaw_for_their_next_invocation() {
+    // A 1 s timeout, shorter than the time the environment then spends frozen.
+    let make = |code: &std::path::Path| {
+        let mut f = function("frozen", code);
+        f.timeout = Duration::from_secs(1);
+        f.max_concurrency = 1;
+        vec![f]
+    };
+    let Some(h) = start(make, |o| o.freeze_after = Some(Duration::from_millis(300))).await else {
+        return;
+    };
+    let pid = body(&h.invoke("frozen", json!({})).await)["pid"].clone();
+    // Back to back, each invocation comes before the environment has idled long enough.
+    for _ in 0..5 {
+        h.invoke("frozen", json!({})).await;
+    }
+    assert_eq!(h.census.freezes.load(Ordering::SeqCst), 0);
+    let stat = || std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while h.census.freezes.load(Ordering::SeqCst) == 0 {
+        assert!(std::time::Instant::now() < deadline, "never frozen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(stat().contains(") T "), "not stopped: {}", stat());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Thawed first; its timeout counts from then, not from when it was frozen.
+    let r = h
+        .invoke("frozen", json!({"action": "sleep", "seconds": 0.5}))
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.function_error.as_deref()),
+        (200, None)
+    );
+    assert_eq!(body(&r)["pid"], pid, "the frozen environment served it");
+    assert_eq!(h.census.thaws.load(Ordering::SeqCst), 1);
+    let text = h.metrics().await;
+    for line in [
+        "kindling_freezes_total{function=\"frozen\"} 1",
+        "kindling_thaw_seconds_count{function=\"frozen\"} 1",
+    ] {
+        assert!(text.contains(line), "no {line:?} in:\n{text}");
+    }
+    // Frozen again, then stopped by the shutdown: thawed first.
+    while h.census.freezes.load(Ordering::SeqCst) < 2 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let census = h.census.clone();
+    h.close().await;
+    assert_eq!(census.stopped_frozen.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_idle_environments_still_retire() {
+    let Some(h) = start(
+        |code| vec![function("retired", code)],
+        |o| {
+            o.freeze_after = Some(Duration::ZERO);
+            o.idle_timeout = Duration::from_millis(600);
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    h.invoke("retired", json!({})).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while h.census.running.load(Ordering::SeqCst) > 0 {
+        assert!(std::time::Instant::now() < deadline, "never retired");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(h.census.freezes.load(Ordering::SeqCst), 1);
+    assert_eq!(h.census.thaws.load(Ordering::SeqCst), 1, "thawed to stop");
+    assert_eq!(h.census.stopped_frozen.load(Ordering::SeqCst), 0);
+    h.close().await;
 }

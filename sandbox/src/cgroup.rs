@@ -5,7 +5,8 @@
 //! and `pids` hierarchies hold the limits, and the sandbox still gets a cgroup in the v2
 //! hierarchy: the guest's init mounts cgroup2 inside the sandbox's cgroup namespace and
 //! makes its workload cgroup there, which must land under the sandbox's, not the host's
-//! root. The directory and control-file operations are [`kindling_plumbing::cgroup`]'s,
+//! root. That v2 cgroup (the only one on a v2 host) is also where the sandbox is frozen
+//! between invocations ([`CgroupFreezer`]). The directory and control-file operations are [`kindling_plumbing::cgroup`]'s,
 //! shared with the guest's init and bootstrap; this module picks hierarchies and limits.
 
 use std::fs;
@@ -14,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use async_trait::async_trait;
 use kindling_plumbing::{cgroup, mount_table};
+use kindling_runtime_api::environment::Freezer;
 
 /// The limits of one sandbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +83,15 @@ impl Cgroup {
     /// The cgroup's directories (one for v2; memory, pids and any v2 one for v1).
     pub fn dirs(&self) -> &[PathBuf] {
         &self.dirs
+    }
+
+    /// The freezer of the cgroup's v2 directory, which every process of the sandbox
+    /// joins; `None` on a host without a cgroup2 hierarchy (v1 only).
+    pub fn freezer(&self) -> Option<CgroupFreezer> {
+        self.dirs
+            .iter()
+            .find(|dir| dir.join(FREEZE).is_file())
+            .map(|dir| CgroupFreezer { dir: dir.clone() })
     }
 
     /// The `cgroup.procs` files a process writes its PID to in order to join.
@@ -175,6 +187,33 @@ impl Cgroup {
             cgroup::create_all(dir)?;
         }
         Ok(())
+    }
+}
+
+/// The cgroup v2 freezer's control file.
+const FREEZE: &str = "cgroup.freeze";
+
+/// Freezes a sandbox with cgroup v2's freezer: every process of its cgroup and of the
+/// cgroups the guest made inside stops, the sandbox helper included. Unlike v1's freezer,
+/// v2 lets SIGKILL through, so a frozen sandbox can still be killed.
+#[derive(Debug)]
+pub struct CgroupFreezer {
+    dir: PathBuf,
+}
+
+#[async_trait]
+impl Freezer for CgroupFreezer {
+    /// Writes `1` to `cgroup.freeze` and does not wait for `frozen 1` in `cgroup.events`:
+    /// the kernel stops each task on its own way back to user space, nothing on the host
+    /// needs the moment the last one stopped, and a task in uninterruptible sleep would
+    /// hold such a wait for as long as it sleeps. A thaw that comes first simply wins.
+    async fn freeze(&self) -> io::Result<()> {
+        cgroup::write(&self.dir, FREEZE, "1").map_err(Into::into)
+    }
+
+    /// Writes `0`: the kernel wakes the tasks at once, so there is nothing to wait for.
+    async fn thaw(&self) -> io::Result<()> {
+        cgroup::write(&self.dir, FREEZE, "0").map_err(Into::into)
     }
 }
 

@@ -6,12 +6,15 @@ use std::fs::{self, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use async_trait::async_trait;
 use kindling_images::{write_shims, Runtime};
-use kindling_runtime_api::environment::{Environment, EnvironmentSpec, Launcher, StopMode};
+use kindling_runtime_api::environment::{
+    Environment, EnvironmentSpec, Freezer, Launcher, StopMode,
+};
 use kindling_wire::{HostAddr, ENV_HOST_ADDR};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::{geteuid, Pid};
@@ -433,6 +436,14 @@ impl Environment for SandboxEnvironment {
 
     fn console_log(&self) -> Option<&Path> {
         Some(&self.console)
+    }
+
+    fn freezer(&self) -> Option<Arc<dyn Freezer>> {
+        let freezer = self.cgroup.freezer();
+        if freezer.is_none() {
+            tracing::debug!(id = %self.id, "no cgroup v2 freezer: the sandbox is not frozen while idle");
+        }
+        Some(Arc::new(freezer?))
     }
 }
 

@@ -74,13 +74,7 @@ async fn python_handler_gets_its_context_and_variables() {
 /// The probe function's answer to `action`, from a sandbox; `None` where python is missing.
 async fn probe(action: &str) -> Option<serde_json::Value> {
     let bins = prerequisites(&["/usr/bin/python3"])?;
-    let probe = FunctionDef::new(
-        "probe",
-        repo_path("tests/vm-functions/probe"),
-        "python",
-        "app.handler",
-    );
-    let server = Server::start(bins, &[probe]);
+    let server = Server::start(bins, &[FunctionDef::probe()]);
     let answer = server.invoke("probe", &json!({ "action": action })).await;
     assert_eq!(answer.status, 200, "{}", server.diagnostics());
     server.stop();

@@ -139,6 +139,16 @@ impl FunctionDef {
         }
     }
 
+    /// `probe`: the microVM tests' probe function (`tests/vm-functions/probe`).
+    pub fn probe() -> Self {
+        Self::new(
+            "probe",
+            repo_path("tests/vm-functions/probe"),
+            "python",
+            "app.handler",
+        )
+    }
+
     /// A handler of `tests/functions/python-cases/cases.py`.
     pub fn python_case(name: &str, handler: &str) -> Self {
         Self::new(

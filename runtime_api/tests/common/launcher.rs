@@ -1,22 +1,29 @@
 //! A [`Launcher`] whose environments are host processes: `python3 tests/fake_guest.py
 //! <runtime API socket>`, a guest that speaks the Runtime API and Kindling's extension
-//! endpoints over the real Unix socket, the way bootstrap does.
+//! endpoints over the real Unix socket, the way bootstrap does. They are frozen with
+//! SIGSTOP and thawed with SIGCONT.
 
 use std::io;
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use kindling_runtime_api::{Environment, EnvironmentSpec, Launcher, StopMode};
+use kindling_runtime_api::{Environment, EnvironmentSpec, Freezer, Launcher, StopMode};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
-/// Process ids of every environment started, and how many are running now.
+/// Process ids of every environment started, and how many are running now; how often
+/// they were frozen and thawed, and how many were stopped while frozen.
 #[derive(Default)]
 pub struct Census {
     pub started: Mutex<Vec<u32>>,
     pub running: AtomicUsize,
+    pub freezes: AtomicUsize,
+    pub thaws: AtomicUsize,
+    pub stopped_frozen: AtomicUsize,
 }
 
 pub struct ProcessLauncher {
@@ -63,11 +70,17 @@ impl Launcher for ProcessLauncher {
             .unwrap()
             .push(child.id().unwrap_or(0));
         self.census.running.fetch_add(1, Ordering::SeqCst);
+        let freezer = Arc::new(StopSignals {
+            pid: Pid::from_raw(child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0)),
+            frozen: AtomicBool::new(false),
+            census: self.census.clone(),
+        });
         Ok(Box::new(ProcessEnv {
             id: spec.id.clone(),
             child,
             census: self.census.clone(),
             counted: true,
+            freezer,
         }))
     }
 }
@@ -77,6 +90,31 @@ struct ProcessEnv {
     child: Child,
     census: Arc<Census>,
     counted: bool,
+    freezer: Arc<StopSignals>,
+}
+
+/// Freezes the fake guest with SIGSTOP, thaws it with SIGCONT.
+struct StopSignals {
+    pid: Pid,
+    frozen: AtomicBool,
+    census: Arc<Census>,
+}
+
+#[async_trait]
+impl Freezer for StopSignals {
+    async fn freeze(&self) -> io::Result<()> {
+        kill(self.pid, Signal::SIGSTOP)?;
+        self.frozen.store(true, Ordering::SeqCst);
+        self.census.freezes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn thaw(&self) -> io::Result<()> {
+        kill(self.pid, Signal::SIGCONT)?;
+        self.frozen.store(false, Ordering::SeqCst);
+        self.census.thaws.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
 }
 
 impl ProcessEnv {
@@ -111,7 +149,14 @@ impl Environment for ProcessEnv {
         }
     }
 
+    fn freezer(&self) -> Option<Arc<dyn Freezer>> {
+        Some(self.freezer.clone())
+    }
+
     async fn stop(&mut self, _mode: StopMode) -> io::Result<()> {
+        if self.freezer.frozen.load(Ordering::SeqCst) {
+            self.census.stopped_frozen.fetch_add(1, Ordering::SeqCst);
+        }
         // The fake guest holds nothing worth a graceful shutdown: both modes kill.
         let result = match self.child.try_wait()? {
             Some(_) => Ok(()),

@@ -1,10 +1,13 @@
-"""The guest-side half of tests/microvm_e2e.rs: one handler whose event names what to do,
-so that every test function boots the same code and the tests differ only in their events.
+"""The guest-side half of tests/microvm_e2e.rs (and of some sandbox tests): one handler
+whose event names what to do, so that every test function boots the same code and the
+tests differ only in their events.
 
 Every answer carries the guest's boot id, which tells one microVM from another.
 """
 import ctypes
 import os
+import subprocess
+import sys
 import time
 
 
@@ -81,6 +84,48 @@ def _kernel_views():
     }
 
 
+_STAMPS = "/tmp/probe-stamps"
+# A background process that outlives the invocation that starts it, as a handler's
+# background work does: it appends the time to _STAMPS every 20 ms.
+_STAMPER = f"""
+import time
+while True:
+    with open({_STAMPS!r}, "a") as f:
+        f.write(f"{{time.time()}}\\n")
+    time.sleep(0.02)
+"""
+_stamper = None
+
+
+def _stamps():
+    try:
+        return [float(line) for line in _read(_STAMPS).split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _stamp(seconds):
+    """Starts the stamper (once per environment), lets it run `seconds` during this
+    invocation, and tells what it wrote: how many stamps in all and during those seconds,
+    and the largest gap between two consecutive stamps (a frozen environment's stamper
+    makes none between invocations)."""
+    global _stamper
+    if _stamper is None:
+        _stamper = subprocess.Popen([sys.executable, "-c", _STAMPER])
+        deadline = time.time() + 10
+        while not _stamps() and time.time() < deadline:
+            time.sleep(0.01)
+    since = time.time()
+    time.sleep(seconds)
+    stamps = _stamps()
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {
+        "stamps": len(stamps),
+        "during": sum(1 for s in stamps if s >= since),
+        "largest_gap": max(gaps, default=0.0),
+    }
+
+
 def handler(event, context):
     action = event.get("action", "hello")
     if action == "sleep":
@@ -102,6 +147,8 @@ def handler(event, context):
         answer["proc_modules"] = os.path.exists("/proc/modules")
         # The guest's wall clock, which bootstrap keeps on the host's.
         answer["time"] = time.time()
+    if action == "stamp":
+        answer["stamp"] = _stamp(event.get("seconds", 0.5))
     if action == "kernel_views":
         answer["views"] = _kernel_views()
     if action == "identity":
