@@ -1,5 +1,6 @@
-//! `kindling-vmm`: one microVM per process, configured like Firecracker (`--config-file` with
-//! `--no-api`, or the REST API on `--api-sock`). Exits with the VM's exit code (see
+//! `kindling-vmm`: one microVM per process, configured like Firecracker: `--config-file` with
+//! `--no-api`, the REST API on `--api-sock`, or both (the file boots the VM, the API controls
+//! it). Exits with the VM's exit code (see
 //! `ExitReason::exit_code`); 1 for configuration and start-up errors, 2 for bad arguments.
 
 use std::fs::File;
@@ -32,7 +33,8 @@ struct Cli {
     /// Path of the API Unix socket.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
-    /// Firecracker-style JSON configuration; with --no-api the VM starts at once.
+    /// Firecracker-style JSON configuration: the VM starts from it at once; with --api-sock
+    /// the API then serves the running VM (pause, snapshots, Ctrl-Alt-Del).
     #[arg(long, value_name = "FILE")]
     config_file: Option<PathBuf>,
     /// Run without the API socket (requires --config-file).
@@ -98,29 +100,43 @@ fn start_vm(
     })
 }
 
-/// Serves the API until InstanceStart succeeds (or a termination signal comes first).
-fn start_from_api(
-    cli: &Cli,
-    filters: &Filters,
+/// Binds the API socket.
+fn bind_api(
     api_sock: &Path,
     process_start: Instant,
     timings: &mut serde_json::Map<String, serde_json::Value>,
-) -> anyhow::Result<Option<(RunningVm, Instant)>> {
+) -> anyhow::Result<UnixListener> {
     let listener = UnixListener::bind(api_sock)
         .with_context(|| format!("binding the API socket {}", api_sock.display()))?;
     timings.insert(
         "process_start_to_api_ready_us".into(),
         micros(process_start.elapsed()).into(),
     );
-    let (start_tx, start_rx) = mpsc::channel::<StartRequest>();
+    Ok(listener)
+}
+
+/// Serves the API on its own, filtered thread.
+fn spawn_api(listener: UnixListener, state: ApiState, filters: &Filters) -> anyhow::Result<()> {
     let api_filters = filters.clone();
     thread::Builder::new().name("api".into()).spawn(move || {
         // Before the first request: a thread that cannot be filtered serves none.
         match api_filters.apply(ThreadKind::Api) {
-            Ok(()) => server::serve(listener, ApiState::new(start_tx)),
+            Ok(()) => server::serve(listener, state),
             Err(e) => tracing::error!("API thread: {e}"),
         }
     })?;
+    Ok(())
+}
+
+/// Serves the API until InstanceStart or a snapshot load succeeds (or a termination signal
+/// comes first).
+fn start_from_api(
+    cli: &Cli,
+    filters: &Filters,
+    listener: UnixListener,
+) -> anyhow::Result<Option<(RunningVm, Instant)>> {
+    let (start_tx, start_rx) = mpsc::channel::<StartRequest>();
+    spawn_api(listener, ApiState::new(start_tx), filters)?;
     loop {
         match start_rx.recv_timeout(Duration::from_millis(50)) {
             Ok((start, reply)) => {
@@ -142,6 +158,12 @@ fn start_from_api(
     }
 }
 
+fn read_config(path: &Path) -> anyhow::Result<VmmConfig> {
+    let json =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(VmmConfig::from_json(&json)?)
+}
+
 fn run(cli: Cli, process_start: Instant) -> anyhow::Result<ExitReason> {
     let mut timings = serde_json::Map::new();
     let filters = match (&cli.seccomp_filter, cli.no_seccomp) {
@@ -153,28 +175,33 @@ fn run(cli: Cli, process_start: Instant) -> anyhow::Result<ExitReason> {
         (Some(_), true, _) => bail!("--api-sock and --no-api exclude each other"),
         (None, true, None) => bail!("--no-api needs --config-file"),
         (None, false, _) => bail!("give --api-sock PATH, or --no-api with --config-file FILE"),
-        (Some(sock), false, None) => {
-            let started = start_from_api(&cli, &filters, sock, process_start, &mut timings);
+        (Some(sock), false, config_file) => {
+            let started = bind_api(sock, process_start, &mut timings).and_then(|listener| {
+                match config_file {
+                    None => start_from_api(&cli, &filters, listener),
+                    // Booted from the file at once; the API serves the running VM.
+                    Some(path) => {
+                        let config = read_config(path)?;
+                        let instance_start = Instant::now();
+                        let start = Start::Boot(config.clone());
+                        let running = start_vm(&start, &cli.serial_out, &filters, instance_start)?;
+                        let (start_tx, _) = mpsc::channel();
+                        let api = ApiState::started(config, running.controls(), start_tx);
+                        spawn_api(listener, api, &filters)?;
+                        Ok(Some((running, instance_start)))
+                    }
+                }
+            });
             if !matches!(started, Ok(Some(_))) {
                 let _ = std::fs::remove_file(sock);
             }
             started?
         }
-        (Some(_), false, Some(_)) => {
-            bail!("--config-file with the API is not supported: use --no-api")
-        }
         (None, true, Some(path)) => {
-            let json = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            let config = VmmConfig::from_json(&json)?;
+            let start = Start::Boot(read_config(path)?);
             let instance_start = Instant::now();
             Some((
-                start_vm(
-                    &Start::Boot(config),
-                    &cli.serial_out,
-                    &filters,
-                    instance_start,
-                )?,
+                start_vm(&start, &cli.serial_out, &filters, instance_start)?,
                 instance_start,
             ))
         }

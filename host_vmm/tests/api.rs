@@ -389,3 +389,56 @@ fn send_ctrl_alt_del_shuts_a_listening_guest_down() {
     );
     std::fs::remove_file(kernel).unwrap();
 }
+
+#[test]
+fn a_config_file_boots_the_vm_and_the_api_controls_it() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let sock = scratch("file-api.sock");
+    let console = scratch("file-api-console");
+    let config = scratch("file-api.json");
+    let kernel = kernel(DOTS_KERNEL);
+    let json = json!({"boot-source": {"kernel_image_path": kernel},
+                      "machine-config": {"vcpu_count": 1, "mem_size_mib": 32}});
+    std::fs::write(&config, json.to_string()).unwrap();
+    let mut child = KillOnDrop::new(
+        Command::new(env!("CARGO_BIN_EXE_kindling-vmm"))
+            .arg("--api-sock")
+            .arg(&sock)
+            .arg("--config-file")
+            .arg(&config)
+            .arg("--serial-out")
+            .arg(&console)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut c = Client::connect(&sock);
+    assert_eq!(c.call("GET", "/", None).1.unwrap()["state"], "Running");
+    assert_eq!(
+        c.call("GET", "/machine-config", None).1.unwrap()["mem_size_mib"],
+        32,
+        "the API shows the file's configuration"
+    );
+    assert!(fault(&c.call(
+        "PUT",
+        "/actions",
+        Some(json!({"action_type": "InstanceStart"}))
+    ))
+    .contains("after starting"));
+    assert!(grows_past(&console, 0), "the guest never printed");
+    assert_eq!(
+        c.call("PATCH", "/vm", Some(json!({"state": "Paused"}))).0,
+        204
+    );
+    assert_eq!(c.call("GET", "/", None).1.unwrap()["state"], "Paused");
+    child.sigterm();
+    let status = child.exit_within(Duration::from_secs(10), "the VMM ignored SIGTERM");
+    assert_eq!(status.code(), Some(5));
+    assert!(!sock.exists(), "the API socket is removed at exit");
+    for f in [console, config, kernel] {
+        let _ = std::fs::remove_file(f);
+    }
+}

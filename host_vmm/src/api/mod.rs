@@ -90,6 +90,16 @@ impl ApiState {
         }
     }
 
+    /// The API of a VM already started from `config` (`--config-file` with `--api-sock`, as
+    /// Firecracker allows): what remains is runtime control (pause, snapshots, Ctrl-Alt-Del).
+    pub fn started(config: VmmConfig, running: VmControls, start: Sender<StartRequest>) -> Self {
+        Self {
+            config,
+            running: Some(running),
+            start,
+        }
+    }
+
     /// Applies one request.
     pub fn handle(&mut self, req: ApiRequest) -> Response {
         match req {
