@@ -1,6 +1,9 @@
 //! The `kindling` backend: our own `kindling-vmm` on KVM, driven by a Firecracker-layout
-//! config file. Its serial console goes to the console log; SIGTERM asks the guest to
-//! shut down (Ctrl-Alt-Del through the i8042), as Firecracker's SendCtrlAltDel does.
+//! config file, always started through `kindling-jailer`: in a chroot holding only the
+//! VM's files, in namespaces of its own, as the VM's unprivileged user (see
+//! [`jailer_args`]). Its serial console goes to the capped console log; SIGTERM (which the
+//! jailer forwards) asks the guest to shut down (Ctrl-Alt-Del through the i8042), as
+//! Firecracker's SendCtrlAltDel does.
 
 use std::io;
 use std::path::PathBuf;
@@ -12,13 +15,15 @@ use serde_json::json;
 use tokio::process::Child;
 
 use crate::machine::{self, VmSpec};
-use crate::{Backend, RunningVm};
+use crate::{console, Backend, RunningVm};
 use kindling_runtime_api::config::Hypervisor;
 
 #[derive(Debug)]
 pub struct KindlingVmm {
-    /// The `kindling-vmm` executable.
+    /// The static `kindling-vmm` executable (the chroot holds no libraries).
     pub program: PathBuf,
+    /// The static `kindling-jailer` executable.
+    pub jailer: PathBuf,
 }
 
 #[async_trait]
@@ -34,11 +39,50 @@ impl Backend for KindlingVmm {
     async fn boot(&self, spec: &VmSpec) -> anyhow::Result<Box<dyn RunningVm>> {
         let config = spec.work_dir.join("vm-config.json");
         std::fs::write(&config, firecracker_config(spec).to_string())?;
-        let mut cmd = machine::vm_command(&self.program, &spec.console_log)?;
-        cmd.arg("--no-api").arg("--config-file").arg(&config);
-        let vmm = machine::spawn(&mut cmd, "kindling-vmm")
-            .context("build it with `cargo build --release`")?;
+        // The VMM's messages go beside its console, as before it was jailed.
+        let console = console::capture(&spec.console_log, console::LOG_CAP)?;
+        let mut cmd = machine::vm_command(&self.jailer, console.try_clone()?, console, None)?;
+        cmd.args(self.jailer_args(spec, &config))
+            .arg("--")
+            .arg("--no-api")
+            .arg("--config-file")
+            .arg(&config);
+        let vmm = machine::spawn(&mut cmd, "kindling-jailer")
+            .context("build it with scripts/build-guest.sh")?;
         Ok(Box::new(KindlingVm { vmm }))
+    }
+}
+
+impl KindlingVmm {
+    /// The jail of one VM: its chroot under the environment's folder (removed with it), the
+    /// VM's user, and, each at its own path, the boot files and drives (read-only unless the
+    /// drive is writable), the config, and the socket folder (read-write: the VMM makes its
+    /// vsock socket there and reaches the host's Runtime API socket linked into it). The
+    /// network namespace is new and empty: the VM has no network device.
+    fn jailer_args(&self, spec: &VmSpec, config: &std::path::Path) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--id".into(),
+            format!("vm-{}", spec.user.uid).into(),
+            "--exec-file".into(),
+            self.program.clone().into(),
+            "--uid".into(),
+            spec.user.uid.to_string().into(),
+            "--gid".into(),
+            spec.user.gid.to_string().into(),
+            "--chroot-base-dir".into(),
+            spec.work_dir.clone().into(),
+        ];
+        let files = [spec.kernel.as_path(), &spec.initramfs, config]
+            .into_iter()
+            .map(|path| (path, false))
+            .chain(spec.drives.iter().map(|d| (d.path.as_path(), !d.read_only)));
+        for (path, writable) in files {
+            args.push(if writable { "--bind-rw" } else { "--bind" }.into());
+            args.push(path.into());
+        }
+        args.push("--bind-rw".into());
+        args.push(spec.socket_dir.clone().into());
+        args
     }
 }
 
@@ -138,6 +182,11 @@ mod tests {
             vsock_uds: dir.path().join("v.sock"),
             console_log: dir.path().join("console.log"),
             work_dir: dir.path().to_path_buf(),
+            socket_dir: dir.path().to_path_buf(),
+            user: crate::machine::VmUser {
+                uid: 900_000,
+                gid: 900_000,
+            },
         };
         let config =
             kindling_vmm::config::VmmConfig::from_json(&firecracker_config(&spec).to_string())
