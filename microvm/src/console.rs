@@ -5,9 +5,11 @@
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::Path;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
+use tokio::task::JoinHandle;
 
 /// How much of a guest's console one environment keeps. A kernel's boot and init's
 /// milestones take a few KB; function logs go over vsock, not the console.
@@ -22,14 +24,29 @@ pub const CAPPED: &str =
 /// end into `log` (appending), up to `cap` bytes, then the [`CAPPED`] line. Past the cap it
 /// goes on reading and dropping, so that the hypervisor never blocks on its console. The
 /// task ends when every copy of the write end is closed (the hypervisor has exited).
-pub fn capture(log: &Path, cap: u64) -> io::Result<OwnedFd> {
+pub fn capture(log: &Path, cap: u64) -> io::Result<(OwnedFd, Capture)> {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)?;
     let (write, read) = pipe::pipe()?;
-    tokio::spawn(copy_capped(read, tokio::fs::File::from_std(file), cap));
-    write.into_blocking_fd()
+    let task = tokio::spawn(copy_capped(read, tokio::fs::File::from_std(file), cap));
+    Ok((write.into_blocking_fd()?, Capture(Some(task))))
+}
+
+/// The copy of one hypervisor's console into its log.
+#[derive(Debug)]
+pub struct Capture(Option<JoinHandle<()>>);
+
+impl Capture {
+    /// Waits until the copy has written the hypervisor's last output (call it once the
+    /// hypervisor has exited), so that the log is whole when it is read for `kindling logs`;
+    /// a moment at most, in case a helper still holds the pipe.
+    pub async fn finish(&mut self) {
+        if let Some(task) = self.0.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
+    }
 }
 
 async fn copy_capped(mut from: pipe::Receiver, mut to: tokio::fs::File, cap: u64) {
@@ -85,7 +102,7 @@ pub fn tail(path: &Path, lines: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, Instant};
+    use std::time::Instant;
     use tokio::process::Command;
 
     /// A process that floods its console (`yes`, as a guest printing forever would through
@@ -96,7 +113,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("console.log");
         let cap = 64 << 10;
-        let console = capture(&log, cap).unwrap();
+        let (console, _copy) = capture(&log, cap).unwrap();
         let mut flood = Command::new("yes")
             .arg("guest says hello")
             .stdout(console)

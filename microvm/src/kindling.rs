@@ -40,7 +40,7 @@ impl Backend for KindlingVmm {
         let config = spec.work_dir.join("vm-config.json");
         std::fs::write(&config, firecracker_config(spec).to_string())?;
         // The VMM's messages go beside its console, as before it was jailed.
-        let console = console::capture(&spec.console_log, console::LOG_CAP)?;
+        let (console, capture) = console::capture(&spec.console_log, console::LOG_CAP)?;
         let mut cmd = machine::vm_command(&self.jailer, console.try_clone()?, console, None)?;
         cmd.args(self.jailer_args(spec, &config))
             .arg("--")
@@ -49,7 +49,10 @@ impl Backend for KindlingVmm {
             .arg(&config);
         let vmm = machine::spawn(&mut cmd, "kindling-jailer")
             .context("build it with scripts/build-guest.sh")?;
-        Ok(Box::new(KindlingVm { vmm }))
+        Ok(Box::new(KindlingVm {
+            vmm,
+            console: capture,
+        }))
     }
 }
 
@@ -113,7 +116,9 @@ fn firecracker_config(spec: &VmSpec) -> serde_json::Value {
 }
 
 struct KindlingVm {
+    /// The jailer, which stands for the jailed VMM.
     vmm: Child,
+    console: console::Capture,
 }
 
 #[async_trait]
@@ -137,11 +142,15 @@ impl RunningVm for KindlingVm {
     }
 
     async fn wait(&mut self) -> io::Result<ExitStatus> {
-        self.vmm.wait().await
+        let status = self.vmm.wait().await?;
+        self.console.finish().await;
+        Ok(status)
     }
 
     async fn kill(&mut self) -> io::Result<()> {
-        machine::kill(&mut self.vmm).await.map(drop)
+        machine::kill(&mut self.vmm).await?;
+        self.console.finish().await;
+        Ok(())
     }
 }
 

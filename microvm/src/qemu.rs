@@ -82,7 +82,7 @@ impl Backend for Qemu {
         )
         .await?;
 
-        let console = console::capture(&spec.console_log, console::LOG_CAP)?;
+        let (console, capture) = console::capture(&spec.console_log, console::LOG_CAP)?;
         let user = match self.accel {
             Accel::Kvm => kvm_user(spec.user)?,
             Accel::Tcg => spec.user,
@@ -97,6 +97,7 @@ impl Backend for Qemu {
             qemu,
             daemon,
             qmp_sock,
+            console: capture,
         }))
     }
 }
@@ -198,6 +199,7 @@ struct QemuVm {
     qemu: Child,
     daemon: Child,
     qmp_sock: PathBuf,
+    console: console::Capture,
 }
 
 #[async_trait]
@@ -223,9 +225,26 @@ impl RunningVm for QemuVm {
         Ok(())
     }
 
+    /// Ends with QEMU or its vsock daemon ([`QemuVm::wait_for_either`]), then lets the
+    /// console's last lines reach the log.
+    async fn wait(&mut self) -> io::Result<ExitStatus> {
+        let ended = self.wait_for_either().await;
+        self.console.finish().await;
+        ended
+    }
+
+    async fn kill(&mut self) -> io::Result<()> {
+        machine::kill(&mut self.qemu).await?;
+        machine::kill(&mut self.daemon).await?;
+        self.console.finish().await;
+        Ok(())
+    }
+}
+
+impl QemuVm {
     /// Ends with QEMU, or with the vsock daemon: a guest whose daemon died would hold its
     /// invocation until the function's timeout, so QEMU is killed and that is the error.
-    async fn wait(&mut self) -> io::Result<ExitStatus> {
+    async fn wait_for_either(&mut self) -> io::Result<ExitStatus> {
         tokio::select! {
             status = self.qemu.wait() => {
                 let status = status?;
@@ -244,11 +263,5 @@ impl RunningVm for QemuVm {
                 )))
             }
         }
-    }
-
-    async fn kill(&mut self) -> io::Result<()> {
-        machine::kill(&mut self.qemu).await?;
-        machine::kill(&mut self.daemon).await?;
-        Ok(())
     }
 }
