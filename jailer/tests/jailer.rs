@@ -74,45 +74,80 @@ fn entries(dir: &Path) -> Vec<String> {
     names
 }
 
+/// The static kindling-vmm serving its API in a jail: a read-only config file and a
+/// read-write socket folder bound in.
+struct Jailed {
+    /// First, so that it is killed before its folder goes.
+    jailer: Jailer,
+    tmp: tempfile::TempDir,
+    config: PathBuf,
+    sockets: PathBuf,
+    api: PathBuf,
+    id: String,
+    /// The jailed VMM, the jailer's child.
+    pid: u32,
+}
+
+impl Jailed {
+    fn start(vmm: &Path, extra: &[&str]) -> Jailed {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = tmp.path().join("config.json");
+        fs::write(&config, "{}").unwrap();
+        let sockets = tmp.path().join("sockets");
+        fs::create_dir(&sockets).unwrap();
+        std::os::unix::fs::chown(&sockets, Some(UID), Some(GID)).unwrap();
+        let api = sockets.join("api.sock");
+        let id = format!("jailtest-{}-{}", std::process::id(), extra.len());
+        let jailer = Jailer(
+            Command::new(JAILER)
+                .args(["--id", &id])
+                .args(["--uid", &UID.to_string(), "--gid", &GID.to_string()])
+                .arg("--exec-file")
+                .arg(vmm)
+                .arg("--chroot-base-dir")
+                .arg(tmp.path().join("jails"))
+                .arg("--bind")
+                .arg(&config)
+                .arg("--bind-rw")
+                .arg(&sockets)
+                .args(extra)
+                .arg("--")
+                .arg("--api-sock")
+                .arg(&api)
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        wait_until("API socket", || api.exists());
+        let jailer_pid = jailer.0.id();
+        let children =
+            fs::read_to_string(format!("/proc/{jailer_pid}/task/{jailer_pid}/children")).unwrap();
+        Jailed {
+            pid: children.trim().parse().unwrap(),
+            jailer,
+            tmp,
+            config,
+            sockets,
+            api,
+            id,
+        }
+    }
+}
+
 #[test]
 fn the_jailed_vmm_runs_unprivileged_alone_in_its_chroot_and_namespaces() {
     let Some(vmm) = static_vmm() else { return };
-    let tmp = tempfile::tempdir().unwrap();
-    let config = tmp.path().join("config.json");
-    fs::write(&config, "{}").unwrap();
-    let sockets = tmp.path().join("sockets");
-    fs::create_dir(&sockets).unwrap();
-    std::os::unix::fs::chown(&sockets, Some(UID), Some(GID)).unwrap();
-    let api = sockets.join("api.sock");
+    let Jailed {
+        mut jailer,
+        tmp,
+        config,
+        sockets,
+        api,
+        id,
+        pid,
+    } = Jailed::start(&vmm, &["--cgroup", "cgroup.max.descendants=0"]);
     let base = tmp.path().join("jails");
-    let id = format!("jailtest-{}", std::process::id());
-    let mut jailer = Jailer(
-        Command::new(JAILER)
-            .args([
-                "--id",
-                &id,
-                "--uid",
-                &UID.to_string(),
-                "--gid",
-                &GID.to_string(),
-            ])
-            .arg("--exec-file")
-            .arg(&vmm)
-            .arg("--chroot-base-dir")
-            .arg(&base)
-            .arg("--bind")
-            .arg(&config)
-            .arg("--bind-rw")
-            .arg(&sockets)
-            .args(["--cgroup", "cgroup.max.descendants=0", "--"])
-            .arg("--api-sock")
-            .arg(&api)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
     let jailer_pid = jailer.0.id();
-    wait_until("API socket", || api.exists());
 
     // The socket the VMM made is its user's, and the host reaches it at the same path.
     assert_eq!(fs::metadata(&api).unwrap().uid(), UID);
@@ -124,9 +159,6 @@ fn the_jailed_vmm_runs_unprivileged_alone_in_its_chroot_and_namespaces() {
     let reply = String::from_utf8_lossy(&reply[..n]);
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
 
-    let children =
-        fs::read_to_string(format!("/proc/{jailer_pid}/task/{jailer_pid}/children")).unwrap();
-    let pid: u32 = children.trim().parse().unwrap();
     let ids = |id: u32| format!("{id}\t{id}\t{id}\t{id}");
     assert_eq!(status_field(pid, "Uid"), ids(UID));
     assert_eq!(status_field(pid, "Gid"), ids(GID));
@@ -204,6 +236,18 @@ fn the_jailed_vmm_runs_unprivileged_alone_in_its_chroot_and_namespaces() {
     assert_eq!(status.code(), Some(5), "{status}");
     assert!(!base.join("kindling-vmm").join(&id).exists());
     assert!(!dir.exists());
+}
+
+/// `--netns` joins the given network namespace instead of a new one.
+#[test]
+fn the_jailed_vmm_joins_the_network_namespace_it_is_given() {
+    let Some(vmm) = static_vmm() else { return };
+    let ours = format!("/proc/{}/ns/net", std::process::id());
+    let jailed = Jailed::start(&vmm, &["--netns", &ours]);
+    let ns = |pid: &str, ns: &str| fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+    let pid = jailed.pid.to_string();
+    assert_eq!(ns(&pid, "net"), ns("self", "net"));
+    assert_ne!(ns(&pid, "mnt"), ns("self", "mnt"));
 }
 
 fn jail(args: &[&str]) -> Output {
