@@ -360,7 +360,8 @@ fn bash_custom_runtime(server: &Server, _: Backend) -> Result<(), Failed> {
 
 /// The function cannot use the guest's root: no uid 0, no capabilities, no way back; and
 /// the hypervisor's processes (QEMU and its vsock daemon, or the jailed kindling-vmm) run
-/// as the VM's own unprivileged user with no capability, under seccomp filters.
+/// as the VM's own unprivileged user with no capability, in a network namespace of their
+/// own, under seccomp filters.
 fn the_runtime_runs_unprivileged(server: &Server, backend: Backend) -> Result<(), Failed> {
     let answer = server
         .invoke("identity", &json!({"action": "identity"}))?
@@ -401,6 +402,10 @@ fn the_runtime_runs_unprivileged(server: &Server, backend: Backend) -> Result<()
                 field("CapEff:") == "0000000000000000" && field("NoNewPrivs:") == "1",
                 || format!("{program} {pid} keeps privileges:\n{status}"),
             )?;
+            let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net"));
+            check(ns(&pid.to_string())? != ns("self")?, || {
+                format!("{program} {pid} shares the host's network namespace")
+            })?;
             if *program != kindling_microvm::qemu::VHOST_VSOCK {
                 check(field("Seccomp:") == "2", || {
                     format!("{program} {pid} runs without a seccomp filter:\n{status}")

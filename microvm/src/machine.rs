@@ -103,7 +103,10 @@ pub fn log_file(path: &Path) -> anyhow::Result<OwnedFd> {
 
 /// Prepares a command for a VM helper process: no stdin, `stdout` and `stderr` as given,
 /// killed by the kernel if the host process dies (so that no VM outlives `kindling`) and,
-/// with `user`, run as that user with every capability set empty and `no_new_privs`.
+/// with `user`, run as that user with every capability set empty and `no_new_privs`, in
+/// network and IPC namespaces of its own: a hypervisor needs no network (its sockets are
+/// Unix sockets by path), and one that a guest takes over reaches no host service on
+/// loopback and no host SysV IPC.
 pub fn vm_command(
     program: impl AsRef<OsStr>,
     stdout: OwnedFd,
@@ -131,13 +134,17 @@ pub fn vm_command(
         .stdout(stdout)
         .stderr(stderr)
         .kill_on_drop(true);
-    // SAFETY: drop_to makes only async-signal-safe system calls and allocates nothing;
-    // prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches only the child. The death
-    // signal comes last: a uid change clears it.
+    // SAFETY: unshare(2) takes only flags; drop_to makes only async-signal-safe system
+    // calls and allocates nothing; prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches
+    // only the child. Namespaces come while the child is still root, the death signal
+    // last: a uid change clears it.
     unsafe {
         cmd.pre_exec(move || {
             let _open_until_exec = &opened;
             if let Some(user) = user {
+                if libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWIPC) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
                 kindling_plumbing::privileges::drop_to(user.uid, user.gid)?;
             }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
