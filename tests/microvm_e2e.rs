@@ -735,7 +735,9 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let text = self.stderr();
-            let announced = text
+            // Whole lines only: eprintln! writes a line in pieces, and a read may fall between.
+            let whole = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
+            let announced = whole
                 .lines()
                 .find_map(|l| l.strip_prefix("kindling: serving "))
                 .and_then(|l| l.rsplit_once(" on http://"));
