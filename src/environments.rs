@@ -116,12 +116,8 @@ fn backend(asked: Option<Hypervisor>) -> anyhow::Result<Arc<dyn Backend>> {
                 kvm.reason
             )
         }
-        Some(Hypervisor::Kindling) => Arc::new(KindlingVmm {
-            program: sibling_program("kindling-vmm")?,
-        }),
-        None if kvm.can_boot_linux => Arc::new(KindlingVmm {
-            program: sibling_program("kindling-vmm")?,
-        }),
+        Some(Hypervisor::Kindling) => kindling_vmm()?,
+        None if kvm.can_boot_linux => kindling_vmm()?,
         Some(Hypervisor::Qemu) | None => {
             let accel = if kvm.can_boot_linux {
                 Accel::Kvm
@@ -136,17 +132,25 @@ fn backend(asked: Option<Hypervisor>) -> anyhow::Result<Arc<dyn Backend>> {
     })
 }
 
-/// A program installed beside `kindling` (cargo builds them all into one folder).
-fn sibling_program(name: &str) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let path = exe.with_file_name(name);
-    if !path.is_file() {
-        bail!(
-            "{} is missing: build the workspace (`cargo build --release`)",
-            path.display()
-        );
-    }
-    Ok(path)
+/// kindling-vmm, always behind kindling-jailer: both the static builds of
+/// scripts/build-guest.sh, which sit beside the static guest binaries (the jail's chroot
+/// holds no libraries).
+fn kindling_vmm() -> anyhow::Result<Arc<dyn Backend>> {
+    let dir = kindling_images::locate::guest_bin_dir().map_err(anyhow::Error::msg)?;
+    let program = |name: &str| {
+        let path = dir.join(name);
+        if !path.is_file() {
+            bail!(
+                "{} is missing: build the static binaries (scripts/build-guest.sh)",
+                path.display()
+            );
+        }
+        Ok(path)
+    };
+    Ok(Arc::new(KindlingVmm {
+        program: program("kindling-vmm")?,
+        jailer: program("kindling-jailer")?,
+    }))
 }
 
 /// Sandboxes whose root is their runtime's image directory (the same tree a microVM of

@@ -152,12 +152,14 @@ fn build_images(manifest: &Path) -> Result<(), String> {
 }
 
 /// Runs the `kindling::` trials inside the nested-KVM harness: this test binary, `kindling`,
-/// `kindling-vmm`, the images of `manifest` (booted through `kindling serve --images`), the
+/// the static `kindling-vmm` and `kindling-jailer`, the images of `manifest` (booted through `kindling serve --images`), the
 /// functions' code and `mkfs.ext4` (code images are built there) go along.
 fn kindling_backend_nested(reason: &str, manifest: &Path) -> Result<(), Failed> {
     let images = ImagesManifest::load(manifest)?;
     let exe = std::env::current_exe()?;
     let kindling = Path::new(env!("CARGO_BIN_EXE_kindling"));
+    // The jailed VMM and its jailer: static builds, beside the static guest binaries.
+    let statics = kindling_images::locate::guest_bin_dir()?;
     let mkfs = which("mkfs.ext4").ok_or("mkfs.ext4 is not installed (e2fsprogs)")?;
     let mut job = Job::new(format!(
         "exec {} kindling:: --test-threads=1 --color never",
@@ -165,7 +167,9 @@ fn kindling_backend_nested(reason: &str, manifest: &Path) -> Result<(), Failed> 
     ))
     .file(&exe)
     .file(kindling)
-    .file(kindling.with_file_name("kindling-vmm"))
+    .file(statics.join("kindling-vmm"))
+    .file(statics.join("kindling-jailer"))
+    .env("KINDLING_GUEST_BIN_DIR", statics.to_string_lossy())
     .file(manifest)
     .file(&images.kernel)
     .file(&images.initramfs)
@@ -371,20 +375,58 @@ fn bash_custom_runtime(server: &Server, _: Backend) -> Result<(), Failed> {
 }
 
 /// The function cannot use the guest's root: no uid 0, no capabilities, no way back; and
-/// QEMU runs under its own seccomp filter.
+/// the hypervisor's processes (QEMU and its vsock daemon, or the jailed kindling-vmm) run
+/// as the VM's own unprivileged user with no capability, in a network namespace of their
+/// own, under seccomp filters.
 fn the_runtime_runs_unprivileged(server: &Server, backend: Backend) -> Result<(), Failed> {
     let answer = server
         .invoke("identity", &json!({"action": "identity"}))?
         .ok_json()?;
     check_unprivileged(&answer)?;
-    if matches!(backend, Backend::Qemu) {
-        let qemu = server.processes_of("identity", backend.hypervisor_program());
-        check(!qemu.is_empty(), || "no QEMU of identity runs".to_string())?;
-        for pid in qemu {
+    let programs: &[&str] = match backend {
+        Backend::Qemu => &[
+            kindling_microvm::qemu::QEMU,
+            kindling_microvm::qemu::VHOST_VSOCK,
+        ],
+        Backend::Kindling => &["kindling-vmm"],
+    };
+    let vm_ids = kindling_microvm::machine::VM_IDS;
+    for program in programs {
+        let pids = server.processes_of("identity", program);
+        check(!pids.is_empty(), || {
+            format!("no {program} of identity runs")
+        })?;
+        for pid in pids {
             let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-            check(status.lines().any(|l| l == "Seccomp:\t2"), || {
-                format!("QEMU {pid} runs without a seccomp filter:\n{status}")
+            let field = |key: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string()
+            };
+            let uids: Vec<u32> = field("Uid:")
+                .split_whitespace()
+                .filter_map(|id| id.parse().ok())
+                .collect();
+            check(
+                uids.len() == 4 && uids.iter().all(|id| vm_ids.contains(id)),
+                || format!("{program} {pid} does not run as a VM user:\n{status}"),
+            )?;
+            check(
+                field("CapEff:") == "0000000000000000" && field("NoNewPrivs:") == "1",
+                || format!("{program} {pid} keeps privileges:\n{status}"),
+            )?;
+            let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net"));
+            check(ns(&pid.to_string())? != ns("self")?, || {
+                format!("{program} {pid} shares the host's network namespace")
             })?;
+            if *program != kindling_microvm::qemu::VHOST_VSOCK {
+                check(field("Seccomp:") == "2", || {
+                    format!("{program} {pid} runs without a seccomp filter:\n{status}")
+                })?;
+            }
         }
     }
     Ok(())
@@ -709,7 +751,9 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let text = self.stderr();
-            let announced = text
+            // Whole lines only: eprintln! writes a line in pieces, and a read may fall between.
+            let whole = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
+            let announced = whole
                 .lines()
                 .find_map(|l| l.strip_prefix("kindling: serving "))
                 .and_then(|l| l.rsplit_once(" on http://"));

@@ -1,6 +1,8 @@
 //! Where the static guest binaries (`init`, `kindling-bootstrap`) are. They are the one
 //! input of every image that cannot be compiled into this library: cargo builds them for
 //! another target (`scripts/build-guest.sh`), after this library may have been built.
+//! The static `kindling-vmm` and `kindling-jailer`, which run in a chroot without
+//! libraries, are built there too.
 
 use std::env;
 use std::path::{Path, PathBuf};

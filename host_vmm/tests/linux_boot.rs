@@ -13,17 +13,14 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{scratch, Client};
-use kindling_images::{
-    build_initramfs, build_kernel, build_root_image, Cache, KernelKind, Runtime,
-};
-use kindling_nested_kvm::NestedTest;
+use kindling_nested_kvm::{LinuxGuest, NestedTest};
 use serde_json::json;
 
 const VMM: &str = env!("CARGO_BIN_EXE_kindling-vmm");
@@ -42,45 +39,13 @@ const ROOT_ARGS: &str = "console=ttyS0 reboot=k panic=-1 random.trust_cpu=on \
     kindling.root=/dev/vda kindling.hostname=nested kindling.boot_timer=1 \
     i8042.dumbkbd i8042.noaux i8042.nomux";
 
-/// The guest's files: from `KINDLING_KERNEL`/`_INITRD`/`_ROOTFS` (set by scripts/test.sh and
-/// inside the harness), else from the image cache (built there if missing).
-struct Guest {
-    kernel: PathBuf,
-    initrd: PathBuf,
-    rootfs: PathBuf,
-}
-
-fn guest() -> Guest {
-    let var = |k: &str| std::env::var_os(k).map(PathBuf::from);
-    if let (Some(kernel), Some(initrd), Some(rootfs)) = (
-        var("KINDLING_KERNEL"),
-        var("KINDLING_INITRD"),
-        var("KINDLING_ROOTFS"),
-    ) {
-        return Guest {
-            kernel,
-            initrd,
-            rootfs,
-        };
-    }
-    let cache = Cache::open().unwrap();
-    let kernel = build_kernel(&cache, KernelKind::Minimal).unwrap();
-    Guest {
-        initrd: build_initramfs(&cache, &kernel).unwrap().path,
-        rootfs: build_root_image(&cache, Runtime::Provided).unwrap().ext4,
-        kernel: kernel.bzimage,
-    }
-}
-
 /// The guest's files when test `name` runs here; `None` once it has run (and passed) inside
 /// the nested-KVM harness instead, where KVM here cannot boot Linux (see
 /// [`NestedTest::run_here_or_nested`]).
-fn guest_here_or_nested(name: &str) -> Option<Guest> {
-    let guest = guest();
-    let ran_nested = NestedTest::new(name)
-        .file_env("KINDLING_KERNEL", &guest.kernel)
-        .file_env("KINDLING_INITRD", &guest.initrd)
-        .file_env("KINDLING_ROOTFS", &guest.rootfs)
+fn guest_here_or_nested(name: &str) -> Option<LinuxGuest> {
+    let guest = LinuxGuest::find().unwrap();
+    let ran_nested = guest
+        .pack(NestedTest::new(name))
         .file(VMM)
         .run_here_or_nested();
     (!ran_nested).then_some(guest)

@@ -1,7 +1,10 @@
-//! The `kindling` backend: our own `kindling-vmm` on KVM, configured and started over its
-//! Firecracker-compatible API socket (which then pauses and resumes it between
-//! invocations). Its serial console goes to the console log; SIGTERM asks the guest to
-//! shut down (Ctrl-Alt-Del through the i8042), as Firecracker's SendCtrlAltDel does.
+//! The `kindling` backend: our own `kindling-vmm` on KVM, booted from a Firecracker-layout
+//! config file and then driven over its Firecracker-compatible API socket (which pauses and
+//! resumes it between invocations), always started through `kindling-jailer`: in a chroot
+//! holding only the VM's files, in namespaces of its own, as the VM's unprivileged user (see
+//! [`KindlingVmm::jailer_args`]). Its serial console goes to the capped console log; SIGTERM
+//! (which the jailer forwards) asks the guest to shut down (Ctrl-Alt-Del through the i8042),
+//! as Firecracker's SendCtrlAltDel does.
 
 use std::io;
 use std::path::PathBuf;
@@ -17,7 +20,7 @@ use tokio::net::UnixStream;
 use tokio::process::Child;
 
 use crate::machine::{self, VmSpec};
-use crate::{Backend, RunningVm};
+use crate::{console, Backend, RunningVm};
 use kindling_runtime_api::config::Hypervisor;
 use kindling_runtime_api::environment::Freezer;
 
@@ -26,8 +29,10 @@ const API_PATIENCE: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 pub struct KindlingVmm {
-    /// The `kindling-vmm` executable.
+    /// The static `kindling-vmm` executable (the chroot holds no libraries).
     pub program: PathBuf,
+    /// The static `kindling-jailer` executable.
+    pub jailer: PathBuf,
 }
 
 #[async_trait]
@@ -41,25 +46,66 @@ impl Backend for KindlingVmm {
     }
 
     async fn boot(&self, spec: &VmSpec) -> anyhow::Result<Box<dyn RunningVm>> {
-        let api = Api(spec.work_dir.join("api.sock"));
-        let mut cmd = machine::vm_command(&self.program, &spec.console_log)?;
-        cmd.arg("--api-sock").arg(&api.0);
-        // Killed on drop, should the start below fail.
-        let mut vmm = machine::spawn(&mut cmd, "kindling-vmm")
-            .context("build it with `cargo build --release`")?;
+        let config = spec.work_dir.join("vm-config.json");
+        std::fs::write(&config, firecracker_config(spec).to_string())?;
+        // The VMM's messages go beside its console, as before it was jailed.
+        let (console, capture) = console::capture(&spec.console_log, console::LOG_CAP)?;
+        let mut cmd = machine::vm_command(&self.jailer, console.try_clone()?, console, None)?;
+        // The socket folder is the one the jailed VMM can write, at the same path inside
+        // the jail and out.
+        let api = Api(spec.socket_dir.join("api.sock"));
+        cmd.args(self.jailer_args(spec, &config))
+            .arg("--")
+            .arg("--api-sock")
+            .arg(&api.0)
+            .arg("--config-file")
+            .arg(&config);
+        // Killed on drop, should the wait below fail.
+        let mut vmm = machine::spawn(&mut cmd, "kindling-jailer")
+            .context("build it with scripts/build-guest.sh")?;
         machine::wait_for_path(&api.0, &mut vmm, "kindling-vmm", API_PATIENCE).await?;
-        api.start(&firecracker_config(spec))
-            .await
-            .context("configuring and starting the VM over kindling-vmm's API")?;
         Ok(Box::new(KindlingVm {
             vmm,
             api: Arc::new(api),
+            console: capture,
         }))
     }
 }
 
-/// The VM in Firecracker's `--config-file` layout, whose sections are also the bodies of
-/// the API's `PUT`s.
+impl KindlingVmm {
+    /// The jail of one VM: its chroot under the environment's folder (removed with it), the
+    /// VM's user, and, each at its own path, the boot files and drives (read-only unless the
+    /// drive is writable), the config, and the socket folder (read-write: the VMM makes its
+    /// vsock socket there and reaches the host's Runtime API socket linked into it). The
+    /// network namespace is new and empty: the VM has no network device.
+    fn jailer_args(&self, spec: &VmSpec, config: &std::path::Path) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--id".into(),
+            format!("vm-{}", spec.user.uid).into(),
+            "--exec-file".into(),
+            self.program.clone().into(),
+            "--uid".into(),
+            spec.user.uid.to_string().into(),
+            "--gid".into(),
+            spec.user.gid.to_string().into(),
+            "--chroot-base-dir".into(),
+            spec.work_dir.clone().into(),
+        ];
+        let files = [spec.kernel.as_path(), &spec.initramfs, config]
+            .into_iter()
+            .map(|path| (path, false))
+            .chain(spec.drives.iter().map(|d| (d.path.as_path(), !d.read_only)));
+        for (path, writable) in files {
+            args.push(if writable { "--bind-rw" } else { "--bind" }.into());
+            args.push(path.into());
+        }
+        args.push("--bind-rw".into());
+        args.push(spec.socket_dir.clone().into());
+        args
+    }
+}
+
+/// The VM in Firecracker's `--config-file` layout.
 fn firecracker_config(spec: &VmSpec) -> serde_json::Value {
     let drives: Vec<_> = spec
         .drives
@@ -86,26 +132,10 @@ fn firecracker_config(spec: &VmSpec) -> serde_json::Value {
 }
 
 struct KindlingVm {
+    /// The jailer, which stands for the jailed VMM.
     vmm: Child,
     api: Arc<Api>,
-}
-
-/// The `PUT`s that configure and start a VM of `config` ([`firecracker_config`]), as
-/// Firecracker's clients send them: each section, each drive, then InstanceStart.
-fn start_requests(config: &Value) -> Vec<(String, Value)> {
-    let mut requests: Vec<(String, Value)> = ["boot-source", "machine-config", "vsock"]
-        .into_iter()
-        .map(|section| (format!("/{section}"), config[section].clone()))
-        .collect();
-    for drive in config["drives"].as_array().into_iter().flatten() {
-        let id = drive["drive_id"].as_str().unwrap_or_default();
-        requests.push((format!("/drives/{id}"), drive.clone()));
-    }
-    requests.push((
-        "/actions".to_string(),
-        json!({"action_type": "InstanceStart"}),
-    ));
-    requests
+    console: console::Capture,
 }
 
 /// kindling-vmm's API socket. It serves one connection at a time: each request gets a
@@ -113,14 +143,6 @@ fn start_requests(config: &Value) -> Vec<(String, Value)> {
 struct Api(PathBuf);
 
 impl Api {
-    /// Configures and starts the VM (see [`start_requests`]).
-    async fn start(&self, config: &Value) -> io::Result<()> {
-        for (path, body) in start_requests(config) {
-            self.request("PUT", &path, &body).await?;
-        }
-        Ok(())
-    }
-
     /// One request; anything but a 2xx is an error carrying the API's fault message.
     async fn request(&self, method: &str, path: &str, body: &Value) -> io::Result<()> {
         let body = body.to_string();
@@ -182,11 +204,15 @@ impl RunningVm for KindlingVm {
     }
 
     async fn wait(&mut self) -> io::Result<ExitStatus> {
-        self.vmm.wait().await
+        let status = self.vmm.wait().await?;
+        self.console.finish().await;
+        Ok(status)
     }
 
     async fn kill(&mut self) -> io::Result<()> {
-        machine::kill(&mut self.vmm).await.map(drop)
+        machine::kill(&mut self.vmm).await?;
+        self.console.finish().await;
+        Ok(())
     }
 
     fn freezer(&self) -> Arc<dyn Freezer> {
@@ -199,9 +225,8 @@ mod tests {
     use super::*;
     use crate::machine::Drive;
 
-    /// The seam between the launcher and the VMM: the configuration `kindling serve` sends
-    /// is what kindling-vmm reads and accepts, field for field, and each of its API
-    /// requests is one kindling-vmm's API takes.
+    /// The seam between the launcher and the VMM: what `kindling serve` writes is what
+    /// `kindling-vmm --config-file` reads and accepts, field for field.
     #[test]
     fn the_launchers_config_is_a_valid_kindling_vmm_config() {
         let dir = tempfile::tempdir().unwrap();
@@ -232,6 +257,11 @@ mod tests {
             vsock_uds: dir.path().join("v.sock"),
             console_log: dir.path().join("console.log"),
             work_dir: dir.path().to_path_buf(),
+            socket_dir: dir.path().to_path_buf(),
+            user: crate::machine::VmUser {
+                uid: 900_000,
+                gid: 900_000,
+            },
         };
         let config =
             kindling_vmm::config::VmmConfig::from_json(&firecracker_config(&spec).to_string())
@@ -264,28 +294,5 @@ mod tests {
         assert_eq!(config.machine_config.mem_size_mib, 128);
         let vsock = config.vsock.as_ref().unwrap();
         assert_eq!((vsock.guest_cid, &vsock.uds_path), (7, &spec.vsock_uds));
-
-        use kindling_vmm::api::{request, ApiState};
-        let (start, _) = std::sync::mpsc::channel();
-        let mut api = ApiState::new(start);
-        let requests = start_requests(&firecracker_config(&spec));
-        let paths: Vec<&str> = requests.iter().map(|(p, _)| p.as_str()).collect();
-        assert_eq!(
-            paths,
-            [
-                "/boot-source",
-                "/machine-config",
-                "/vsock",
-                "/drives/root",
-                "/drives/task",
-                "/actions"
-            ]
-        );
-        for (path, body) in &requests {
-            let parsed = request::parse("PUT", path, body.to_string().as_bytes()).unwrap();
-            if path != "/actions" {
-                assert_eq!(api.handle(parsed).status, 204, "PUT {path} {body}");
-            }
-        }
     }
 }

@@ -11,7 +11,7 @@ use kindling_runtime_api::environment::{
     Environment, EnvironmentSpec, Freezer, Function, Launcher, StartPhases, StopMode,
 };
 
-use crate::machine::{Drive, VmSpec};
+use crate::machine::{Drive, VmSpec, VmUser, VmUserLease};
 use crate::{console, Backend, RunningVm};
 use kindling_runtime_api::config::Hypervisor;
 
@@ -85,10 +85,9 @@ impl MicroVmLauncher {
         );
         if hypervisor.kind() == Hypervisor::Kindling {
             // kindling-vmm's i8042 is a bare keyboard controller (Firecracker's), and
-            // the boot timer page exists only there.
-            cmdline.push_str(
-                " i8042.dumbkbd i8042.noaux i8042.nomux i8042.nopnp kindling.boot_timer=1",
-            );
+            // the boot timer page exists only there. No `i8042.nopnp`: a kernel with ACPI
+            // finds the controller's IRQ only through the DSDT.
+            cmdline.push_str(" i8042.dumbkbd i8042.noaux i8042.nomux kindling.boot_timer=1");
         }
         cmdline
     }
@@ -117,6 +116,8 @@ impl Launcher for MicroVmLauncher {
         })
         .await??;
         std::fs::create_dir_all(&spec.dir)?;
+        let user = VmUserLease::take()?;
+        let socket_dir = socket_dir(spec, user.user())?;
         let vm_spec = VmSpec {
             kernel: files.kernel,
             initramfs: files.initramfs,
@@ -136,9 +137,11 @@ impl Launcher for MicroVmLauncher {
             memory_mib: spec.function.memory_mb.max(128),
             vcpus: 1,
             guest_cid: 3,
-            vsock_uds: spec.vsock_uds(),
+            vsock_uds: socket_dir.join(VSOCK_UDS),
             console_log: spec.console_log(),
             work_dir: spec.dir.clone(),
+            socket_dir,
+            user: user.user(),
         };
         let started = Instant::now();
         let vm = hypervisor.boot(&vm_spec).await?;
@@ -154,8 +157,33 @@ impl Launcher for MicroVmLauncher {
             logs_dir: self.logs_dir.clone(),
             started,
             hypervisor_start,
+            _user: user,
         }))
     }
+}
+
+/// The VM's `uds_path`, in its socket folder.
+const VSOCK_UDS: &str = "vsock.sock";
+
+/// `<env dir>/vm`: the VM's socket folder, its user's alone (0700). The host's Runtime API
+/// socket, which the scheduler bound before the start, is hard-linked into it as
+/// `vsock.sock_9001` (the same socket: a guest connection to port 9001 reaches it) and
+/// handed to the VM's user, who must be able to connect to it.
+fn socket_dir(spec: &EnvironmentSpec, user: VmUser) -> anyhow::Result<PathBuf> {
+    let dir = spec.dir.join("vm");
+    kindling_plumbing::dirs::create_all(&dir, 0o700)?;
+    std::os::unix::fs::chown(&dir, Some(user.uid), Some(user.gid))?;
+    let link = dir.join(format!("{VSOCK_UDS}_{}", kindling_wire::RUNTIME_API_PORT));
+    // sun_path holds 108 bytes with the terminating NUL.
+    if link.as_os_str().len() > 107 {
+        anyhow::bail!(
+            "{}: the socket path is longer than 107 bytes; choose a shorter state directory",
+            link.display()
+        );
+    }
+    std::fs::hard_link(spec.runtime_api_socket(), &link)?;
+    std::os::unix::fs::chown(&link, Some(user.uid), Some(user.gid))?;
+    Ok(dir)
 }
 
 struct MicroVm {
@@ -169,6 +197,8 @@ struct MicroVm {
     started: Instant,
     /// Spawning the hypervisor (and its helpers) until it runs.
     hypervisor_start: Duration,
+    /// The VM's user id, free again once the VM is gone.
+    _user: VmUserLease,
 }
 
 impl MicroVm {

@@ -2,6 +2,13 @@
 //! can run a guest kernel and TCG elsewhere, and virtio-vsock from rust-vmm's
 //! `vhost-device-vsock` daemon (one per VM), which speaks Firecracker's hybrid Unix-socket
 //! protocol. vhost-user needs the guest memory shared with the daemon: a shared memfd.
+//!
+//! Both run as the VM's unprivileged user from their first instruction (QEMU's own
+//! `-run-with user=` cannot be used: its `-sandbox elevateprivileges=deny` forbids the
+//! setuid that would follow): the host opens the kernel, initramfs and drives for QEMU,
+//! which reopens them through `/proc/self/fd` ([`machine::PassedFiles`]), and both make
+//! their sockets in the VM's socket folder. QEMU's serial console is its stdout, copied
+//! into the capped console log; its own messages and the daemon's go to `hypervisor.log`.
 
 use std::io;
 use std::path::PathBuf;
@@ -15,8 +22,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::process::Child;
 
-use crate::machine::{self, VmSpec};
-use crate::{Backend, RunningVm};
+use crate::machine::{self, PassedFiles, VmSpec, VmUser};
+use crate::{console, Backend, RunningVm};
 use kindling_runtime_api::config::Hypervisor;
 use kindling_runtime_api::environment::Freezer;
 
@@ -49,11 +56,16 @@ impl Backend for Qemu {
     }
 
     async fn boot(&self, spec: &VmSpec) -> anyhow::Result<Box<dyn RunningVm>> {
-        let vhost_sock = spec.work_dir.join("vhost-vsock.sock");
-        let qmp_sock = spec.work_dir.join("qmp.sock");
-        let helper_log = spec.work_dir.join("hypervisor.log");
+        let vhost_sock = spec.socket_dir.join("vhost-vsock.sock");
+        let qmp_sock = spec.socket_dir.join("qmp.sock");
+        let helper_log = machine::log_file(&spec.work_dir.join("hypervisor.log"))?;
 
-        let mut daemon = machine::vm_command(VHOST_VSOCK, &helper_log)?;
+        let mut daemon = machine::vm_command(
+            VHOST_VSOCK,
+            helper_log.try_clone()?,
+            helper_log.try_clone()?,
+            Some(spec.user),
+        )?;
         daemon
             .arg("--guest-cid")
             .arg(spec.guest_cid.to_string())
@@ -72,25 +84,35 @@ impl Backend for Qemu {
         )
         .await?;
 
-        let mut qemu = machine::vm_command(QEMU, &helper_log)?;
-        qemu.args(self.args(spec, &vhost_sock, &qmp_sock));
+        let (console, capture) = console::capture(&spec.console_log, console::LOG_CAP)?;
+        let user = match self.accel {
+            Accel::Kvm => kvm_user(spec.user)?,
+            Accel::Tcg => spec.user,
+        };
+        let mut qemu = machine::vm_command(QEMU, console, helper_log, Some(user))?;
+        let mut files = PassedFiles::default();
+        qemu.args(self.args(spec, &mut files, &vhost_sock, &qmp_sock)?);
+        files.inherit_into(&mut qemu);
         let qemu =
             machine::spawn(&mut qemu, QEMU).context("is Debian's qemu-system-x86 installed?")?;
         Ok(Box::new(QemuVm {
             qemu,
             daemon,
             qmp: Arc::new(Qmp(qmp_sock)),
+            console: capture,
         }))
     }
 }
 
 impl Qemu {
+    /// QEMU's arguments; the files it boots from go into `files`.
     fn args(
         &self,
         spec: &VmSpec,
+        files: &mut PassedFiles,
         vhost_sock: &std::path::Path,
         qmp_sock: &std::path::Path,
-    ) -> Vec<String> {
+    ) -> anyhow::Result<Vec<String>> {
         let mem = spec.memory_mib;
         let accel = match self.accel {
             Accel::Kvm => "kvm",
@@ -113,16 +135,17 @@ impl Qemu {
             // scheduler or resource changes, whatever a guest makes of a device's bug.
             "-sandbox",
             "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-            "-nographic",
+            "-display",
+            "none",
             "-no-reboot",
             "-kernel",
-            &spec.kernel.display().to_string(),
+            &files.pass(&spec.kernel, false)?,
             "-initrd",
-            &spec.initramfs.display().to_string(),
+            &files.pass(&spec.initramfs, false)?,
             "-append",
             &spec.cmdline,
             "-chardev",
-            &format!("file,id=console,path={}", spec.console_log.display()),
+            "stdio,id=console,signal=off",
             "-serial",
             "chardev:console",
             "-chardev",
@@ -145,19 +168,40 @@ impl Qemu {
             args.push(format!(
                 "id={},file={},format=raw,if=none{ro}",
                 drive.id,
-                drive.path.display()
+                files.pass(&drive.path, !drive.read_only)?
             ));
             args.push("-device".into());
             args.push(format!("virtio-blk-device,drive={}", drive.id));
         }
-        args
+        Ok(args)
     }
+}
+
+/// `user` in the group of `/dev/kvm`, which QEMU opens itself: an unprivileged QEMU on
+/// KVM needs the device group-accessible, as udev makes it (`root:kvm 0660`).
+fn kvm_user(user: VmUser) -> anyhow::Result<VmUser> {
+    use std::os::unix::fs::MetadataExt;
+    let kvm = std::fs::metadata("/dev/kvm").context("/dev/kvm")?;
+    if kvm.mode() & 0o060 != 0o060 || kvm.gid() == 0 {
+        anyhow::bail!(
+            "QEMU runs unprivileged and opens /dev/kvm through its group, but /dev/kvm is \
+             {:o} {}:{} (make it root:kvm 0660, as udev does)",
+            kvm.mode() & 0o777,
+            kvm.uid(),
+            kvm.gid()
+        );
+    }
+    Ok(VmUser {
+        gid: kvm.gid(),
+        ..user
+    })
 }
 
 struct QemuVm {
     qemu: Child,
     daemon: Child,
     qmp: Arc<Qmp>,
+    console: console::Capture,
 }
 
 /// QEMU's QMP socket (`-qmp unix:...,server=on,wait=off`), which takes one client at a
@@ -218,9 +262,30 @@ impl RunningVm for QemuVm {
         self.qmp.execute(keys).await
     }
 
+    /// Ends with QEMU or its vsock daemon ([`QemuVm::wait_for_either`]), then lets the
+    /// console's last lines reach the log.
+    async fn wait(&mut self) -> io::Result<ExitStatus> {
+        let ended = self.wait_for_either().await;
+        self.console.finish().await;
+        ended
+    }
+
+    async fn kill(&mut self) -> io::Result<()> {
+        machine::kill(&mut self.qemu).await?;
+        machine::kill(&mut self.daemon).await?;
+        self.console.finish().await;
+        Ok(())
+    }
+
+    fn freezer(&self) -> Arc<dyn Freezer> {
+        self.qmp.clone()
+    }
+}
+
+impl QemuVm {
     /// Ends with QEMU, or with the vsock daemon: a guest whose daemon died would hold its
     /// invocation until the function's timeout, so QEMU is killed and that is the error.
-    async fn wait(&mut self) -> io::Result<ExitStatus> {
+    async fn wait_for_either(&mut self) -> io::Result<ExitStatus> {
         tokio::select! {
             status = self.qemu.wait() => {
                 let status = status?;
@@ -239,15 +304,5 @@ impl RunningVm for QemuVm {
                 )))
             }
         }
-    }
-
-    async fn kill(&mut self) -> io::Result<()> {
-        machine::kill(&mut self.qemu).await?;
-        machine::kill(&mut self.daemon).await?;
-        Ok(())
-    }
-
-    fn freezer(&self) -> Arc<dyn Freezer> {
-        self.qmp.clone()
     }
 }

@@ -25,7 +25,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use kindling_images::{build_nested_host, Cache, CpioArchive, NestedHost};
+use kindling_images::{
+    build_initramfs, build_kernel, build_nested_host, build_root_image, Cache, CpioArchive,
+    KernelKind, NestedHost, Runtime,
+};
 
 /// Set (to `1`) in every job's environment: code that runs inside L1 can tell.
 pub const INSIDE_ENV: &str = "KINDLING_NESTED_L1";
@@ -327,6 +330,49 @@ impl NestedTest {
             outcome.output
         );
         true
+    }
+}
+
+/// The Linux guest the VMM's tests boot: Kindling's minimal kernel, its initramfs and the
+/// `provided` root image.
+#[derive(Debug, Clone)]
+pub struct LinuxGuest {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub rootfs: PathBuf,
+}
+
+impl LinuxGuest {
+    /// From `KINDLING_KERNEL`/`_INITRD`/`_ROOTFS` (set by scripts/test.sh, and inside the
+    /// harness), else from the image cache (built there if missing).
+    pub fn find() -> Result<LinuxGuest> {
+        let var = |k: &str| std::env::var_os(k).map(PathBuf::from);
+        if let (Some(kernel), Some(initrd), Some(rootfs)) = (
+            var("KINDLING_KERNEL"),
+            var("KINDLING_INITRD"),
+            var("KINDLING_ROOTFS"),
+        ) {
+            return Ok(LinuxGuest {
+                kernel,
+                initrd,
+                rootfs,
+            });
+        }
+        let cache = Cache::open()?;
+        let kernel = build_kernel(&cache, KernelKind::Minimal)?;
+        Ok(LinuxGuest {
+            initrd: build_initramfs(&cache, &kernel)?.path,
+            rootfs: build_root_image(&cache, Runtime::Provided)?.ext4,
+            kernel: kernel.bzimage,
+        })
+    }
+
+    /// `test` with the guest's files packed, named by the variables [`LinuxGuest::find`]
+    /// reads inside the harness.
+    pub fn pack(&self, test: NestedTest) -> NestedTest {
+        test.file_env("KINDLING_KERNEL", &self.kernel)
+            .file_env("KINDLING_INITRD", &self.initrd)
+            .file_env("KINDLING_ROOTFS", &self.rootfs)
     }
 }
 

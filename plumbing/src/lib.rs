@@ -1,6 +1,7 @@
 //! The Linux plumbing that init, the bootstrap and the namespace sandbox share: cgroup
 //! directories and control files ([`cgroup`]), `mkdir -p` with a mode ([`dirs`]) and the
-//! escapes of the kernel's mount tables ([`mount_table`]).
+//! escapes of the kernel's mount tables ([`mount_table`]), and dropping root for good
+//! ([`privileges`], which kindling-jailer shares too).
 //!
 //! Only std and nix: init and the bootstrap are linked statically (`+crt-static`) into
 //! every guest. Each failure names the path it happened on ([`Error`]), so callers need
@@ -10,5 +11,6 @@ pub mod cgroup;
 pub mod dirs;
 mod error;
 pub mod mount_table;
+pub mod privileges;
 
 pub use error::{Error, Result};

@@ -1,5 +1,5 @@
 //! Resident memory of the hypervisor processes. The bench runs the server in-process, so
-//! every hypervisor (and helper daemon) of a running microVM is a child of this process.
+//! every hypervisor (and helper daemon) of a running microVM descends from this process.
 
 use std::collections::BTreeMap;
 
@@ -17,15 +17,32 @@ pub struct ProgramRss {
     pub shmem_bytes: u64,
 }
 
-/// This process's children, summed per program (the executable's file name).
-pub fn children_by_program() -> anyhow::Result<BTreeMap<String, ProgramRss>> {
+/// This process's descendants, summed per program (the executable's file name): the
+/// hypervisors are children, or grandchildren behind kindling-jailer.
+pub fn descendants_by_program() -> anyhow::Result<BTreeMap<String, ProgramRss>> {
     let me = Process::myself()?.pid;
+    // A process may exit while we look: it is then no longer a running VM's.
+    let processes: Vec<(Process, i32)> = all_processes()
+        .context("cannot list /proc")?
+        .filter_map(|p| {
+            let p = p.ok()?;
+            let ppid = p.stat().ok()?.ppid;
+            Some((p, ppid))
+        })
+        .collect();
+    let parents: BTreeMap<i32, i32> = processes.iter().map(|(p, ppid)| (p.pid, *ppid)).collect();
+    let descends_from_me = |mut pid: i32| {
+        while let Some(&parent) = parents.get(&pid) {
+            if parent == me {
+                return true;
+            }
+            pid = parent;
+        }
+        false
+    };
     let mut programs = BTreeMap::<String, ProgramRss>::new();
-    for process in all_processes().context("cannot list /proc")? {
-        // A process may exit while we look: it is then no longer a running VM's.
-        let Ok(process) = process else { continue };
-        let Ok(stat) = process.stat() else { continue };
-        if stat.ppid != me {
+    for (process, _) in processes {
+        if !descends_from_me(process.pid) {
             continue;
         }
         let (Ok(exe), Ok(status)) = (process.exe(), process.status()) else {
@@ -48,15 +65,24 @@ pub fn children_by_program() -> anyhow::Result<BTreeMap<String, ProgramRss>> {
 mod tests {
     use super::*;
 
+    /// A grandchild counts too: kindling-vmm runs behind kindling-jailer.
     #[test]
-    fn a_child_is_found_with_its_resident_memory() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
+    fn a_grandchild_is_found_with_its_resident_memory() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & echo $!; wait"])
+            .stdout(std::process::Stdio::piped())
             .spawn()
-            .expect("sleep runs");
-        let found = children_by_program();
-        child.kill().expect("sleep can be killed");
-        child.wait().expect("sleep is reaped");
+            .expect("sh runs");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("piped")),
+            &mut line,
+        )
+        .expect("sh names its sleep");
+        let found = descendants_by_program();
+        let sleep_pid = nix::unistd::Pid::from_raw(line.trim().parse().expect("a pid"));
+        let _ = nix::sys::signal::kill(sleep_pid, nix::sys::signal::Signal::SIGKILL);
+        child.wait().expect("sh is reaped");
         let sleep = found.unwrap()["sleep"];
         assert_eq!(sleep.processes, 1);
         assert!(sleep.bytes > 0, "{sleep:?}");

@@ -210,7 +210,7 @@ async fn measure(
     concurrently(clients, invokes, progress).await?;
     let concurrent_rate = invokes as f64 / started.elapsed().as_secs_f64();
     // After the work, so that the memory the hypervisors grew while serving counts.
-    let children_rss = rss::children_by_program()?;
+    let children_rss = rss::descendants_by_program()?;
     check_vms_ran(target, &children_rss)?;
 
     Ok(Run {
@@ -262,7 +262,7 @@ fn check_vms_ran(target: Target, children: &BTreeMap<String, ProgramRss>) -> any
         .collect();
     if !missing.is_empty() {
         bail!(
-            "{}: no {missing:?} process found among this process's children while its VMs ran",
+            "{}: no {missing:?} process found among this process's descendants while its VMs ran",
             target.label()
         );
     }

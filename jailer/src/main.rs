@@ -1,0 +1,237 @@
+//! `kindling-jailer`: starts one program — kindling-vmm — jailed the way Firecracker's
+//! jailer jails Firecracker, so that a guest that takes over its VMM holds an unprivileged
+//! process in an empty room, not a root shell on the host.
+//!
+//! In order: the arguments are checked; every inherited fd but 0–2 is closed; the chroot
+//! `<chroot-base-dir>/<exec file name>/<id>/root` is made and the program hard-linked (or
+//! copied) into it; the cgroup v2 limits, if any, go to `<cgroup2>/<parent-cgroup>/<id>`.
+//! Then a child in a new PID namespace enters new mount and network namespaces (or joins
+//! `--netns`), bind-mounts only the files it is given (read-only, or read-write for a
+//! socket folder) at their own paths, gets a private `/dev` holding only `kvm` (owned by
+//! the jail's user), joins the cgroup, pivots into the chroot, drops to `--uid`/`--gid`
+//! with no capability and `no_new_privs`, and execs the program with an empty environment.
+//! The jailer itself stays behind as the child's parent ([`relay`]): it forwards
+//! termination signals, ends as the program ended, and removes the chroot and the cgroup.
+
+mod cgroup;
+mod jail;
+mod relay;
+
+use std::ffi::OsString;
+use std::path::{Component, Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, ensure, Context};
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Starts kindling-vmm in a chroot with new namespaces, a cgroup and no privileges"
+)]
+struct Cli {
+    /// The VM's id; names its chroot and its cgroup. Letters, digits, `-` and `_`.
+    #[arg(long)]
+    id: String,
+    /// The program to jail, by absolute path. It must be static: the chroot holds no
+    /// libraries.
+    #[arg(long, value_name = "PATH")]
+    exec_file: PathBuf,
+    /// The user the program runs as (not 0).
+    #[arg(long)]
+    uid: u32,
+    /// The group the program runs as (not 0); its only group.
+    #[arg(long)]
+    gid: u32,
+    /// Where chroots are made: `<DIR>/<exec file name>/<id>/root`.
+    #[arg(long, value_name = "DIR", default_value = "/srv/jailer")]
+    chroot_base_dir: PathBuf,
+    /// A file or folder the program reads, bind-mounted read-only at the same path inside
+    /// the chroot (a kernel, a drive, a config file). Repeatable.
+    #[arg(long = "bind", value_name = "PATH")]
+    binds: Vec<PathBuf>,
+    /// A folder bind-mounted read-write at the same path (where the program makes its
+    /// sockets, which the host reaches at the same path outside). Repeatable.
+    #[arg(long = "bind-rw", value_name = "PATH")]
+    binds_rw: Vec<PathBuf>,
+    /// Join this network namespace (such as /var/run/netns/NAME) instead of a new, empty one.
+    #[arg(long, value_name = "PATH")]
+    netns: Option<PathBuf>,
+    /// A cgroup v2 control file of the VM's cgroup and its value (`memory.max=268435456`,
+    /// `pids.max=64`). Repeatable; without any, no cgroup is made.
+    #[arg(long = "cgroup", value_name = "FILE=VALUE")]
+    cgroups: Vec<String>,
+    /// The cgroup, below the cgroup2 mount, under which the VM's cgroup `<id>` is made.
+    #[arg(long, value_name = "PATH", default_value = "kindling-vmm")]
+    parent_cgroup: PathBuf,
+    /// The program's arguments, after `--`.
+    #[arg(last = true, value_name = "ARGS")]
+    args: Vec<OsString>,
+}
+
+/// What to jail, checked: every path absolute and free of `..`, ids that name one
+/// directory each.
+#[derive(Debug)]
+pub struct Plan {
+    pub id: String,
+    pub exec_file: PathBuf,
+    /// The program's name in the chroot's root, taken from `exec_file`.
+    pub exec_name: String,
+    pub uid: u32,
+    pub gid: u32,
+    /// `<chroot-base-dir>/<exec name>/<id>`, which the jailer removes when done.
+    pub jail_dir: PathBuf,
+    /// `<jail_dir>/root`.
+    pub root: PathBuf,
+    /// Bind mounts, `true` for read-write.
+    pub binds: Vec<(PathBuf, bool)>,
+    pub netns: Option<PathBuf>,
+    pub cgroup: Option<cgroup::Limits>,
+    pub args: Vec<OsString>,
+}
+
+impl Plan {
+    fn new(cli: Cli) -> anyhow::Result<Plan> {
+        check_id(&cli.id)?;
+        absolute("--exec-file", &cli.exec_file)?;
+        let exec_name = cli
+            .exec_file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("--exec-file names no file")?
+            .to_string();
+        ensure!(
+            cli.exec_file.is_file(),
+            "--exec-file {}: no such file",
+            cli.exec_file.display()
+        );
+        ensure!(
+            cli.uid != 0 && cli.gid != 0,
+            "--uid and --gid must not be 0: the program would stay root"
+        );
+        absolute("--chroot-base-dir", &cli.chroot_base_dir)?;
+        if let Some(netns) = &cli.netns {
+            absolute("--netns", netns)?;
+        }
+        let binds: Vec<(PathBuf, bool)> = cli
+            .binds
+            .into_iter()
+            .map(|p| (p, false))
+            .chain(cli.binds_rw.into_iter().map(|p| (p, true)))
+            .collect();
+        for (path, _) in &binds {
+            absolute("--bind", path)?;
+            ensure!(path.exists(), "--bind {}: no such file", path.display());
+            ensure!(
+                !path.starts_with("/dev") && path != Path::new("/").join(&exec_name).as_path(),
+                "--bind {}: /dev and /{exec_name} are the jail's own",
+                path.display()
+            );
+            if let Some((outer, _)) = binds
+                .iter()
+                .find(|(other, _)| other != path && path.starts_with(other))
+            {
+                bail!(
+                    "--bind {} lies inside --bind {}: give one or the other",
+                    path.display(),
+                    outer.display()
+                );
+            }
+        }
+        let cgroup = if cli.cgroups.is_empty() {
+            None
+        } else {
+            let parent = &cli.parent_cgroup;
+            ensure!(
+                parent.is_relative()
+                    && parent
+                        .components()
+                        .all(|c| matches!(c, Component::Normal(_))),
+                "--parent-cgroup {}: a relative path without `..`",
+                parent.display()
+            );
+            Some(cgroup::Limits::parse(parent.join(&cli.id), &cli.cgroups)?)
+        };
+        let jail_dir = cli.chroot_base_dir.join(&exec_name).join(&cli.id);
+        Ok(Plan {
+            root: jail_dir.join("root"),
+            jail_dir,
+            id: cli.id,
+            exec_file: cli.exec_file,
+            exec_name,
+            uid: cli.uid,
+            gid: cli.gid,
+            binds,
+            netns: cli.netns,
+            cgroup,
+            args: cli.args,
+        })
+    }
+}
+
+/// An id is one path component of the chroot's and the cgroup's paths: never `/` or `..`.
+fn check_id(id: &str) -> anyhow::Result<()> {
+    ensure!(
+        !id.is_empty()
+            && id.len() <= 64
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+        "--id {id:?}: 1 to 64 letters, digits, `-` or `_`"
+    );
+    Ok(())
+}
+
+fn absolute(flag: &str, path: &Path) -> anyhow::Result<()> {
+    ensure!(
+        path.is_absolute() && !path.components().any(|c| c == Component::ParentDir),
+        "{flag} {}: an absolute path without `..`",
+        path.display()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kindling-jailer: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let plan = Plan::new(cli)?;
+    relay::close_inherited_fds()?;
+    jail::prepare(&plan)?;
+    let cgroup = match &plan.cgroup {
+        Some(limits) => match limits.create() {
+            Ok(cgroup) => Some(cgroup),
+            Err(e) => {
+                jail::remove(&plan);
+                return Err(e);
+            }
+        },
+        None => None,
+    };
+    match relay::fork_into_new_pid_namespace() {
+        Ok(relay::Forked::Child) => {
+            let joiner = cgroup.as_ref().map(cgroup::Cgroup::joiner);
+            // Only returns on failure; the relay reports the exit and cleans up.
+            Err(jail::enter_and_exec(&plan, joiner))
+        }
+        Ok(relay::Forked::Parent(child)) => {
+            let ended = relay::wait(child);
+            jail::remove(&plan);
+            if let Some(cgroup) = cgroup {
+                cgroup.remove();
+            }
+            Ok(ended?.mirror())
+        }
+        Err(e) => {
+            jail::remove(&plan);
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,363 @@
+//! kindling-jailer for real: it jails the static kindling-vmm (serving its API, no VM yet)
+//! and the test reads, from `/proc` of the jailed process, what the jail promises: the
+//! uid/gid, no capability in any set, `no_new_privs`, PID 1 of its own PID namespace, mount
+//! and network namespaces of its own (only `lo`), a root holding only the program, `/dev/kvm`
+//! and the bind-mounted files, and the cgroup. The host still reaches the VMM's socket
+//! through the read-write bind. Bad input gets a clear error and leaves nothing behind.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const JAILER: &str = env!("CARGO_BIN_EXE_kindling-jailer");
+/// An id nothing else on the host uses.
+const UID: u32 = 64_917;
+const GID: u32 = 64_918;
+
+/// The static kindling-vmm that scripts/build-guest.sh builds; `None` (with the SKIPPED
+/// line the test script counts) when it was not built.
+fn static_vmm() -> Option<PathBuf> {
+    let found = kindling_images::locate::guest_bin_dir()
+        .map(|dir| dir.join("kindling-vmm"))
+        .and_then(|vmm| {
+            vmm.is_file()
+                .then_some(vmm)
+                .ok_or_else(|| "no static kindling-vmm".to_string())
+        });
+    match found {
+        Ok(vmm) => Some(vmm),
+        Err(e) => {
+            println!("SKIPPED: {e}: run scripts/build-guest.sh");
+            None
+        }
+    }
+}
+
+/// The jailer, killed (with what it jails) if the test fails.
+struct Jailer(Child);
+
+impl Drop for Jailer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "no {what} within 10 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn status_field(pid: u32, key: &str) -> String {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} in the status of {pid}"))
+        .trim()
+        .to_string()
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The static kindling-vmm serving its API in a jail: a read-only config file and a
+/// read-write socket folder bound in.
+struct Jailed {
+    /// First, so that it is killed before its folder goes.
+    jailer: Jailer,
+    tmp: tempfile::TempDir,
+    config: PathBuf,
+    sockets: PathBuf,
+    api: PathBuf,
+    id: String,
+    /// The jailed VMM, the jailer's child.
+    pid: u32,
+}
+
+impl Jailed {
+    fn start(vmm: &Path, extra: &[&str]) -> Jailed {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = tmp.path().join("config.json");
+        fs::write(&config, "{}").unwrap();
+        let sockets = tmp.path().join("sockets");
+        fs::create_dir(&sockets).unwrap();
+        std::os::unix::fs::chown(&sockets, Some(UID), Some(GID)).unwrap();
+        let api = sockets.join("api.sock");
+        let id = format!("jailtest-{}-{}", std::process::id(), extra.len());
+        let jailer = Jailer(
+            Command::new(JAILER)
+                .args(["--id", &id])
+                .args(["--uid", &UID.to_string(), "--gid", &GID.to_string()])
+                .arg("--exec-file")
+                .arg(vmm)
+                .arg("--chroot-base-dir")
+                .arg(tmp.path().join("jails"))
+                .arg("--bind")
+                .arg(&config)
+                .arg("--bind-rw")
+                .arg(&sockets)
+                .args(extra)
+                .arg("--")
+                .arg("--api-sock")
+                .arg(&api)
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        wait_until("API socket", || api.exists());
+        let jailer_pid = jailer.0.id();
+        let children =
+            fs::read_to_string(format!("/proc/{jailer_pid}/task/{jailer_pid}/children")).unwrap();
+        Jailed {
+            pid: children.trim().parse().unwrap(),
+            jailer,
+            tmp,
+            config,
+            sockets,
+            api,
+            id,
+        }
+    }
+}
+
+#[test]
+fn the_jailed_vmm_runs_unprivileged_alone_in_its_chroot_and_namespaces() {
+    let Some(vmm) = static_vmm() else { return };
+    let Jailed {
+        mut jailer,
+        tmp,
+        config,
+        sockets,
+        api,
+        id,
+        pid,
+    } = Jailed::start(&vmm, &["--cgroup", "cgroup.max.descendants=0"]);
+    let base = tmp.path().join("jails");
+    let jailer_pid = jailer.0.id();
+
+    // The socket the VMM made is its user's, and the host reaches it at the same path.
+    assert_eq!(fs::metadata(&api).unwrap().uid(), UID);
+    let mut conn = UnixStream::connect(&api).unwrap();
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut reply = [0; 64];
+    let n = conn.read(&mut reply).unwrap();
+    let reply = String::from_utf8_lossy(&reply[..n]);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+
+    let ids = |id: u32| format!("{id}\t{id}\t{id}\t{id}");
+    assert_eq!(status_field(pid, "Uid"), ids(UID));
+    assert_eq!(status_field(pid, "Gid"), ids(GID));
+    assert_eq!(status_field(pid, "Groups"), GID.to_string());
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(status_field(pid, caps), "0000000000000000", "{caps}");
+    }
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    assert_eq!(status_field(pid, "NSpid"), format!("{pid}\t1"));
+    for ns in ["mnt", "net", "pid"] {
+        let theirs = fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        let ours = fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(theirs, ours, "the jailed VMM shares our {ns} namespace");
+    }
+    let net = fs::read_to_string(format!("/proc/{pid}/net/dev")).unwrap();
+    let links: Vec<&str> = net
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .map(str::trim)
+        .collect();
+    assert_eq!(links, ["lo"]);
+
+    // Its root: the program, its /dev with only kvm, and the path down to the binds.
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let top = tmp.path().iter().nth(1).unwrap().to_string_lossy();
+    assert_eq!(entries(&root), ["dev", "kindling-vmm", top.as_ref()]);
+    assert_eq!(entries(&root.join("dev")), ["kvm"]);
+    let kvm = fs::metadata(root.join("dev/kvm")).unwrap();
+    assert_eq!((kvm.uid(), kvm.gid()), (UID, GID));
+    let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap());
+    assert_eq!(entries(&inside(tmp.path())), ["config.json", "sockets"]);
+    assert_eq!(fs::read_to_string(inside(&config)).unwrap(), "{}");
+    let mountinfo = fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let options = |point: &str| {
+        mountinfo
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(point))
+            .unwrap_or_else(|| panic!("{point} is not mounted:\n{mountinfo}"))
+            .split(' ')
+            .nth(5)
+            .unwrap()
+            .to_string()
+    };
+    assert!(options("/").starts_with("ro,"), "{mountinfo}");
+    assert!(options(&config.to_string_lossy()).starts_with("ro,"));
+    assert!(options(&sockets.to_string_lossy()).starts_with("rw,"));
+
+    // The cgroup: the VMM in it, the limit written.
+    let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let line = format!("0::/kindling-vmm/{id}");
+    assert!(cgroup.lines().any(|l| l == line), "{cgroup}");
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    let cgroup2 = mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
+        })
+        .unwrap();
+    let dir = cgroup2.join("kindling-vmm").join(&id);
+    assert_eq!(
+        fs::read_to_string(dir.join("cgroup.max.descendants")).unwrap(),
+        "0\n"
+    );
+
+    // SIGTERM reaches the VMM through the jailer, which ends as the VMM ended (5: stopped
+    // before a VM started) and removes the jail and the cgroup.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(jailer_pid).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = jailer.0.wait().unwrap();
+    assert_eq!(status.code(), Some(5), "{status}");
+    assert!(!base.join("kindling-vmm").join(&id).exists());
+    assert!(!dir.exists());
+}
+
+/// `--netns` joins the given network namespace instead of a new one.
+#[test]
+fn the_jailed_vmm_joins_the_network_namespace_it_is_given() {
+    let Some(vmm) = static_vmm() else { return };
+    let ours = format!("/proc/{}/ns/net", std::process::id());
+    let jailed = Jailed::start(&vmm, &["--netns", &ours]);
+    let ns = |pid: &str, ns: &str| fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+    let pid = jailed.pid.to_string();
+    assert_eq!(ns(&pid, "net"), ns("self", "net"));
+    assert_ne!(ns(&pid, "mnt"), ns("self", "mnt"));
+}
+
+fn jail(args: &[&str]) -> Output {
+    Command::new(JAILER)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn fails_with(args: &[&str], message: &str) {
+    let out = jail(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains(message),
+        "{args:?}: expected {message:?}, got {}: {stderr}",
+        out.status
+    );
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().to_string_lossy().into_owned();
+    let with = |id: &str, exec: &str, uid: &str, extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = [
+            "--id",
+            id,
+            "--exec-file",
+            exec,
+            "--uid",
+            uid,
+            "--gid",
+            "64918",
+        ]
+        .map(String::from)
+        .to_vec();
+        if !extra.contains(&"--chroot-base-dir") {
+            args.extend(["--chroot-base-dir".into(), base.clone()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let cases: [(Vec<String>, &str); 9] = [
+        (
+            with("vm1", "/nonexistent/kindling-vmm", "64917", &[]),
+            "no such file",
+        ),
+        (
+            with("vm1", "kindling-vmm", "64917", &[]),
+            "--exec-file kindling-vmm: an absolute path",
+        ),
+        (with("../x", "/bin/true", "64917", &[]), "--id \"../x\""),
+        (with("a/b", "/bin/true", "64917", &[]), "--id \"a/b\""),
+        (with("vm1", "/bin/true", "0", &[]), "must not be 0"),
+        (
+            with("vm1", "/bin/true", "64917", &["--bind", "relative/file"]),
+            "--bind relative/file: an absolute path",
+        ),
+        (
+            with(
+                "vm1",
+                "/bin/true",
+                "64917",
+                &["--bind", "/etc/../etc/hostname"],
+            ),
+            "without `..`",
+        ),
+        (
+            with("vm1", "/bin/true", "64917", &["--cgroup", "memory.max"]),
+            "FILE=VALUE",
+        ),
+        (
+            with("vm1", "/bin/true", "64917", &["--chroot-base-dir", "jails"]),
+            "--chroot-base-dir jails: an absolute path",
+        ),
+    ];
+    for (args, message) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        fails_with(&args, message);
+    }
+    assert!(
+        entries(tmp.path()).is_empty(),
+        "a refused jail left {:?}",
+        entries(tmp.path())
+    );
+}
+
+/// A dynamic program finds no libraries in the chroot: the jail is built all the way, the
+/// exec fails with a message that says why, and the jail is removed again.
+#[test]
+fn a_dynamic_program_is_refused_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = jail(&[
+        "--id",
+        "dynamic",
+        "--exec-file",
+        "/bin/true",
+        "--uid",
+        "64917",
+        "--gid",
+        "64918",
+        "--chroot-base-dir",
+        &tmp.path().to_string_lossy(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1) && stderr.contains("build it static"),
+        "{}: {stderr}",
+        out.status
+    );
+    assert!(entries(&tmp.path().join("true")).is_empty());
+}
