@@ -50,7 +50,7 @@ pub struct Config {
     pub shutdown: Shutdown,
     pub grace_ms: u64,
     pub sandbox: bool,
-    pub boot_timer: bool,
+    pub boot_timer: BootTimer,
     /// Empty: keep the stdout/stderr init was started with.
     pub console: String,
 }
@@ -83,7 +83,7 @@ impl Default for Config {
             shutdown: Shutdown::Reboot,
             grace_ms: 2000,
             sandbox: false,
-            boot_timer: false,
+            boot_timer: BootTimer::Off,
             console: "/dev/console".into(),
         }
     }
@@ -179,6 +179,66 @@ impl FromStr for Size {
     }
 }
 
+/// Where init writes the boot timer's byte, if anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BootTimer {
+    #[default]
+    Off,
+    /// The guest-physical address of the boot-timer page.
+    At(u64),
+}
+
+impl BootTimer {
+    /// kindling-vmm's boot timer (and Firecracker's before it moved below 3 GiB).
+    pub const KINDLING_VMM: u64 = 0xd000_0000;
+    /// Firecracker's current boot timer (measured with v1.17).
+    pub const FIRECRACKER: u64 = 0xc000_0000;
+}
+
+impl FromStr for BootTimer {
+    type Err = String;
+    /// A boolean (on: kindling-vmm's address), or the page's address in hex.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "" | "1" | "true" | "yes" | "on" => return Ok(Self::At(Self::KINDLING_VMM)),
+            "0" | "false" | "no" | "off" => return Ok(Self::Off),
+            _ => {}
+        }
+        s.strip_prefix("0x")
+            .and_then(|hex| u64::from_str_radix(&hex.replace('_', ""), 16).ok())
+            .filter(|address| address % 4096 == 0)
+            .map(Self::At)
+            .ok_or_else(|| {
+                format!(
+                    "`{s}` is neither a boolean nor a page-aligned hex address \
+                     ({:#x} for kindling-vmm, {:#x} for Firecracker)",
+                    Self::KINDLING_VMM,
+                    Self::FIRECRACKER
+                )
+            })
+    }
+}
+
+impl<'de> Deserialize<'de> for BootTimer {
+    /// JSON takes a boolean too, as before the address could be chosen.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Switch(bool),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Switch(on) => Ok(if on {
+                Self::At(Self::KINDLING_VMM)
+            } else {
+                Self::Off
+            }),
+            Raw::Text(text) => text.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 impl FromStr for Restart {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -256,7 +316,7 @@ pub struct Layer {
     shutdown: Option<Shutdown>,
     grace_ms: Option<u64>,
     sandbox: Option<bool>,
-    boot_timer: Option<bool>,
+    boot_timer: Option<BootTimer>,
     console: Option<String>,
 }
 
@@ -362,7 +422,7 @@ impl Layer {
             "shutdown" => self.shutdown = parse(value)?,
             "grace_ms" => self.grace_ms = number(value)?,
             "sandbox" => self.sandbox = boolean(value)?,
-            "boot_timer" => self.boot_timer = boolean(value)?,
+            "boot_timer" => self.boot_timer = parse(value)?,
             "console" => self.console = Some(value.into()),
             _ => return Err("unknown key".into()),
         }
@@ -576,7 +636,35 @@ mod tests {
         assert_eq!(c.grace_ms, 2000);
         assert_eq!(c.console, "/dev/console");
         assert_eq!((c.nofile.soft, c.nofile.hard), (1024, 65536));
-        assert!(!c.sandbox && !c.boot_timer);
+        assert!(!c.sandbox);
+        assert_eq!(c.boot_timer, BootTimer::Off);
+    }
+
+    #[test]
+    fn the_boot_timer_is_a_switch_or_an_address() {
+        let timer = |cmdline: &str, json: &str| resolve(cmdline, json).map(|c| c.boot_timer);
+        let kindling_vmm = Ok(BootTimer::At(BootTimer::KINDLING_VMM));
+        assert_eq!(timer("kindling.boot_timer", "{}"), kindling_vmm);
+        assert_eq!(timer("kindling.boot_timer=1", "{}"), kindling_vmm);
+        assert_eq!(timer("", r#"{"boot_timer": true}"#), kindling_vmm);
+        assert_eq!(
+            timer("kindling.boot_timer=0xc0000000", "{}"),
+            Ok(BootTimer::At(BootTimer::FIRECRACKER))
+        );
+        assert_eq!(
+            timer("", r#"{"boot_timer": "0xc000_0000"}"#),
+            Ok(BootTimer::At(BootTimer::FIRECRACKER))
+        );
+        assert_eq!(
+            timer("kindling.boot_timer=0", r#"{"boot_timer": "0xc0000000"}"#),
+            Ok(BootTimer::At(BootTimer::FIRECRACKER)),
+            "the file wins over the command line"
+        );
+        assert!(timer("kindling.boot_timer=0xc0000001", "{}")
+            .unwrap_err()
+            .0
+            .contains("page-aligned"));
+        assert!(timer("kindling.boot_timer=sometimes", "{}").is_err());
     }
 
     #[test]
@@ -597,7 +685,7 @@ mod tests {
         assert_eq!(c.env["B"], "x=y");
         assert_eq!(c.restart, Restart::OnFailure);
         assert!(c.sandbox);
-        assert!(!c.boot_timer);
+        assert_eq!(c.boot_timer, BootTimer::Off);
         assert_eq!(c.memory_limit.as_ref().unwrap().bytes(), Some(128 << 20));
         assert_eq!(c.pids_limit, Some(64));
         assert_eq!(c.bootstrap_args, ["--port", "9001"]);

@@ -117,8 +117,8 @@ fn boot_and_run(
 ) -> Result<i32> {
     mounts.mount_standard(config.tmp_size.as_mount_option())?;
     console::attach(&config.console)?;
-    if config.boot_timer {
-        system::signal_boot_timer()?;
+    if let config::BootTimer::At(address) = config.boot_timer {
+        system::signal_boot_timer(address)?;
     }
     modules::load_all(&config.modules)?;
     let wait = Duration::from_millis(config.root_wait_ms);

@@ -17,7 +17,6 @@ use crate::config::NoFile;
 use crate::console::say;
 
 /// Guest-physical address of Firecracker's boot timer device.
-const BOOT_TIMER_ADDR: libc::off_t = 0xd000_0000;
 /// The value Firecracker's guests write there to say "userspace is up".
 const BOOT_TIMER_MAGIC: u8 = 123;
 
@@ -114,9 +113,12 @@ fn ioctl(sock: &OwnedFd, request: libc::Ioctl, req: &mut libc::ifreq) -> Result<
     Errno::result(rc).map(drop).map_err(Into::into)
 }
 
-/// Writes [`BOOT_TIMER_MAGIC`] to the boot-timer MMIO address through `/dev/mem`, which
-/// the VMM turns into a "guest reached userspace" log line with the elapsed time.
-pub fn signal_boot_timer() -> Result<()> {
+/// Writes [`BOOT_TIMER_MAGIC`] to the boot-timer MMIO page at guest-physical `address`
+/// through `/dev/mem`, which the VMM turns into a "guest reached userspace" log line with
+/// the elapsed time.
+pub fn signal_boot_timer(address: u64) -> Result<()> {
+    let offset = libc::off_t::try_from(address)
+        .with_context(|| format!("boot timer: address {address:#x}"))?;
     let mem = OpenOptions::new()
         .read(true)
         .write(true)
@@ -133,10 +135,10 @@ pub fn signal_boot_timer() -> Result<()> {
             ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
             MapFlags::MAP_SHARED,
             &mem,
-            BOOT_TIMER_ADDR,
+            offset,
         )
     }
-    .context("boot timer: mmap /dev/mem at 0xd0000000")?;
+    .with_context(|| format!("boot timer: mmap /dev/mem at {address:#x}"))?;
     // SAFETY: `page` points at a writable mapping of at least one byte; a volatile write
     // makes sure the store reaches the device.
     unsafe { page.cast::<u8>().write_volatile(BOOT_TIMER_MAGIC) };
