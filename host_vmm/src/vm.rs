@@ -31,7 +31,8 @@ use crate::memory::{create_guest_memory, GuestMemory};
 use crate::seccomp::Filters;
 use crate::snapshot::kvm_state::{self, VcpuState, VmState};
 use crate::snapshot::{
-    DevicesState, MachineShape, Persist, SaveTransport, SnapshotSources, Snapshotter, VirtioSource,
+    DevicesState, MachineShape, Persist, SaveTransport, SnapshotSources, Snapshotter, Sources,
+    VirtioSource,
 };
 use crate::vcpu::{Vcpu, VcpuControl};
 use crate::virtio::mmio::{MmioTransport, TransportState};
@@ -486,18 +487,18 @@ impl Vm {
             events.add_subscriber(sub);
         }
         events.add_subscriber(Arc::new(Mutex::new(ExitWatcher(self.exit.clone()))));
-        let snapshot_sources = SnapshotSources::new(
-            MachineShape {
+        let snapshot_sources = SnapshotSources::new(Sources {
+            machine: MachineShape {
                 vcpu_count: self.vcpu_count,
                 mem_size_mib: self.mem_size_mib,
             },
-            self.vm_fd.clone(),
-            self.memory.clone(),
-            self.serial,
-            self.i8042.0.clone(),
-            self.virtio,
-            control.clone(),
-        );
+            vm_fd: self.vm_fd.clone(),
+            memory: self.memory.clone(),
+            serial: self.serial,
+            i8042: self.i8042.0.clone(),
+            virtio: self.virtio,
+            vcpus: control.clone(),
+        });
         Ok(RunningVm {
             ctrl_alt_del: self.i8042,
             snapshot_sources,

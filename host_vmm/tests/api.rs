@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    elf_kernel, kvm_or_skip, scratch, Client, KillOnDrop, DOTS_KERNEL, HELLO_KERNEL,
+    api_vmm, elf_kernel, kvm_or_skip, scratch, Client, KillOnDrop, DOTS_KERNEL, HELLO_KERNEL,
     KEYBOARD_KERNEL, SPIN_KERNEL,
 };
 use serde_json::{json, Value};
@@ -60,17 +60,7 @@ fn pause_parks_every_vcpu_and_resume_lets_the_guest_run_on() {
     let sock = scratch("pause.sock");
     let console = scratch("pause-console");
     let kernel = kernel(DOTS_KERNEL);
-    let mut child = KillOnDrop::new(
-        Command::new(env!("CARGO_BIN_EXE_kindling-vmm"))
-            .arg("--api-sock")
-            .arg(&sock)
-            .arg("--serial-out")
-            .arg(&console)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = KillOnDrop::new(api_vmm(&sock, &console).spawn().unwrap());
     let mut c = Client::connect(&sock);
     assert!(
         fault(&c.call("PATCH", "/vm", Some(json!({"state": "Paused"}))))
@@ -403,15 +393,9 @@ fn a_config_file_boots_the_vm_and_the_api_controls_it() {
                       "machine-config": {"vcpu_count": 1, "mem_size_mib": 32}});
     std::fs::write(&config, json.to_string()).unwrap();
     let mut child = KillOnDrop::new(
-        Command::new(env!("CARGO_BIN_EXE_kindling-vmm"))
-            .arg("--api-sock")
-            .arg(&sock)
+        api_vmm(&sock, &console)
             .arg("--config-file")
             .arg(&config)
-            .arg("--serial-out")
-            .arg(&console)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{scratch, Client};
+use common::{api_vmm, scratch, Client};
 use kindling_nested_kvm::{LinuxGuest, NestedTest};
 use serde_json::json;
 
@@ -43,27 +43,16 @@ const ROOT_ARGS: &str = "console=ttyS0 reboot=k panic=-1 random.trust_cpu=on \
 /// the nested-KVM harness instead, where KVM here cannot boot Linux (see
 /// [`NestedTest::run_here_or_nested`]).
 fn guest_here_or_nested(name: &str) -> Option<LinuxGuest> {
-    let guest = LinuxGuest::find().unwrap();
+    here_or_nested(name, LinuxGuest::find().unwrap())
+}
+
+/// `guest` when test `name` runs here, as [`guest_here_or_nested`].
+fn here_or_nested(name: &str, guest: LinuxGuest) -> Option<LinuxGuest> {
     let ran_nested = guest
         .pack(NestedTest::new(name))
         .file(VMM)
         .run_here_or_nested();
     (!ran_nested).then_some(guest)
-}
-
-/// Debian's stock cloud kernel and its initramfs (which loads the virtio and ext4 modules):
-/// from `KINDLING_STOCK_KERNEL`/`_INITRD` inside the harness, else from the image cache.
-fn stock_kernel() -> (PathBuf, PathBuf) {
-    let var = |k: &str| std::env::var_os(k).map(PathBuf::from);
-    if let (Some(kernel), Some(initrd)) =
-        (var("KINDLING_STOCK_KERNEL"), var("KINDLING_STOCK_INITRD"))
-    {
-        return (kernel, initrd);
-    }
-    let cache = Cache::open().unwrap();
-    let kernel = build_kernel(&cache, KernelKind::Stock).unwrap();
-    let initrd = build_initramfs(&cache, &kernel).unwrap().path;
-    (kernel.bzimage, initrd)
 }
 
 /// Waits until the console file holds `marker`, or fails with the console.
@@ -281,6 +270,33 @@ fn the_root_drive_boots_the_bootstrap_which_dials_the_host_and_sigterm_shuts_it_
     }
 }
 
+/// Boots `guest` (2 vCPUs, `mem_mib` MiB, its root drive, vsock at `uds`) through the
+/// Firecracker API, as Firecracker's clients do: each section, then InstanceStart.
+fn boot_over_api(api: &mut Client, guest: &LinuxGuest, uds: &Path, mem_mib: u64) {
+    let calls = [
+        (
+            "/boot-source",
+            json!({"kernel_image_path": guest.kernel, "initrd_path": guest.initrd,
+                   "boot_args": ROOT_ARGS}),
+        ),
+        (
+            "/drives/root",
+            json!({"drive_id": "root", "path_on_host": guest.rootfs,
+                   "is_root_device": false, "is_read_only": true}),
+        ),
+        (
+            "/machine-config",
+            json!({"vcpu_count": 2, "mem_size_mib": mem_mib}),
+        ),
+        ("/vsock", json!({"guest_cid": 3, "uds_path": uds})),
+        ("/actions", json!({"action_type": "InstanceStart"})),
+    ];
+    for (path, body) in calls {
+        let (code, fault) = api.call("PUT", path, Some(body));
+        assert_eq!(code, 204, "PUT {path}: {fault:?}");
+    }
+}
+
 /// Counts the guest's connections to a host vsock port, closing each at once: the bootstrap
 /// then retries about once a second, a heartbeat that stops only when the guest does.
 fn count_connections(listener: UnixListener) -> Arc<AtomicUsize> {
@@ -317,41 +333,15 @@ fn the_firecracker_api_boots_pauses_resumes_and_stops_linux() {
     let dials = count_connections(
         UnixListener::bind(format!("{}_{RUNTIME_API_PORT}", uds.display())).unwrap(),
     );
-    let mut vmm = Command::new(VMM)
-        .arg("--api-sock")
-        .arg(&sock)
+    let mut vmm = api_vmm(&sock, &console)
         .arg("--timings")
-        .arg("--serial-out")
-        .arg(&console)
-        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut api = Client::connect(&sock);
     let (code, fault) = api.call("PATCH", "/vm", Some(json!({"state": "Paused"})));
     assert_eq!(code, 400, "pausing before the start: {fault:?}");
-    let calls = [
-        (
-            "/boot-source",
-            json!({"kernel_image_path": guest.kernel, "initrd_path": guest.initrd,
-                   "boot_args": ROOT_ARGS}),
-        ),
-        (
-            "/drives/root",
-            json!({"drive_id": "root", "path_on_host": guest.rootfs,
-                   "is_root_device": false, "is_read_only": true}),
-        ),
-        (
-            "/machine-config",
-            json!({"vcpu_count": 2, "mem_size_mib": 256}),
-        ),
-        ("/vsock", json!({"guest_cid": 3, "uds_path": uds})),
-        ("/actions", json!({"action_type": "InstanceStart"})),
-    ];
-    for (path, body) in calls {
-        let (code, fault) = api.call("PUT", path, Some(body));
-        assert_eq!(code, 204, "PUT {path}: {fault:?}");
-    }
+    boot_over_api(&mut api, &guest, &uds, 256);
     let state = |api: &mut Client| api.call("GET", "/", None).1.unwrap()["state"].clone();
     assert_eq!(state(&mut api), json!("Running"));
     wait_for_console(&console, "init: bootstrap started", &mut vmm);
@@ -413,40 +403,14 @@ fn a_snapshot_of_running_linux_restores_in_a_fresh_vmm_with_its_devices() {
         UnixListener::bind(format!("{}_{RUNTIME_API_PORT}", uds.display())).unwrap(),
     );
     let spawn = |sock: &Path, console: &Path| {
-        Command::new(VMM)
-            .arg("--api-sock")
-            .arg(sock)
-            .arg("--serial-out")
-            .arg(console)
-            .stdout(Stdio::null())
+        api_vmm(sock, console)
             .stderr(Stdio::piped())
             .spawn()
             .unwrap()
     };
     let mut original = spawn(&sock, &console);
     let mut api = Client::connect(&sock);
-    let calls = [
-        (
-            "/boot-source",
-            json!({"kernel_image_path": guest.kernel, "initrd_path": guest.initrd,
-                   "boot_args": ROOT_ARGS}),
-        ),
-        (
-            "/drives/root",
-            json!({"drive_id": "root", "path_on_host": guest.rootfs,
-                   "is_root_device": false, "is_read_only": true}),
-        ),
-        (
-            "/machine-config",
-            json!({"vcpu_count": 2, "mem_size_mib": 128}),
-        ),
-        ("/vsock", json!({"guest_cid": 3, "uds_path": uds})),
-        ("/actions", json!({"action_type": "InstanceStart"})),
-    ];
-    for (path, body) in calls {
-        let (code, fault) = api.call("PUT", path, Some(body));
-        assert_eq!(code, 204, "PUT {path}: {fault:?}");
-    }
+    boot_over_api(&mut api, &guest, &uds, 128);
     wait_for_console(&console, "init: bootstrap started", &mut original);
     wait_past(&dials_a, 1, "the bootstrap never dialled the host twice");
     let (code, fault) = api.call("PATCH", "/vm", Some(json!({"state": "Paused"})));
@@ -516,18 +480,12 @@ fn a_snapshot_of_running_linux_restores_in_a_fresh_vmm_with_its_devices() {
 
 #[test]
 fn debian_s_stock_cloud_kernel_finds_its_devices_in_the_acpi_tables() {
-    const NAME: &str = "debian_s_stock_cloud_kernel_finds_its_devices_in_the_acpi_tables";
-    let (kernel, initrd) = stock_kernel();
-    let rootfs = std::env::var_os("KINDLING_ROOTFS").map_or_else(|| guest().rootfs, PathBuf::from);
-    let ran_nested = NestedTest::new(NAME)
-        .file_env("KINDLING_STOCK_KERNEL", &kernel)
-        .file_env("KINDLING_STOCK_INITRD", &initrd)
-        .file_env("KINDLING_ROOTFS", &rootfs)
-        .file(VMM)
-        .run_here_or_nested();
-    if ran_nested {
+    let Some(guest) = here_or_nested(
+        "debian_s_stock_cloud_kernel_finds_its_devices_in_the_acpi_tables",
+        LinuxGuest::stock().unwrap(),
+    ) else {
         return;
-    }
+    };
     let config = scratch("stock.json");
     let console = scratch("stock-console.log");
     let uds = scratch("stock-v.sock");
@@ -535,9 +493,9 @@ fn debian_s_stock_cloud_kernel_finds_its_devices_in_the_acpi_tables() {
         UnixListener::bind(format!("{}_{RUNTIME_API_PORT}", uds.display())).unwrap(),
     );
     let json = json!({
-        "boot-source": {"kernel_image_path": kernel, "initrd_path": initrd,
+        "boot-source": {"kernel_image_path": guest.kernel, "initrd_path": guest.initrd,
                         "boot_args": ROOT_ARGS},
-        "drives": [{"drive_id": "root", "path_on_host": rootfs,
+        "drives": [{"drive_id": "root", "path_on_host": guest.rootfs,
                     "is_root_device": false, "is_read_only": true}],
         "machine-config": {"vcpu_count": 2, "mem_size_mib": 256},
         "vsock": {"guest_cid": 3, "uds_path": uds}

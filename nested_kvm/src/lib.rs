@@ -367,6 +367,26 @@ impl LinuxGuest {
         })
     }
 
+    /// Debian's stock cloud kernel with its initramfs (which loads the virtio and ext4
+    /// modules) and the same root image: a guest that finds its devices only through ACPI.
+    /// Inside the harness, the files [`LinuxGuest::pack`] brought.
+    pub fn stock() -> Result<LinuxGuest> {
+        if std::env::var_os(INSIDE_ENV).is_some() {
+            return Self::find();
+        }
+        let cache = Cache::open()?;
+        let kernel = build_kernel(&cache, KernelKind::Stock)?;
+        let rootfs = match std::env::var_os("KINDLING_ROOTFS") {
+            Some(path) => path.into(),
+            None => build_root_image(&cache, Runtime::Provided)?.ext4,
+        };
+        Ok(LinuxGuest {
+            initrd: build_initramfs(&cache, &kernel)?.path,
+            rootfs,
+            kernel: kernel.bzimage,
+        })
+    }
+
     /// `test` with the guest's files packed, named by the variables [`LinuxGuest::find`]
     /// reads inside the harness.
     pub fn pack(&self, test: NestedTest) -> NestedTest {

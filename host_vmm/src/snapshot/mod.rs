@@ -348,20 +348,22 @@ fn write_replacing(
 
 /// What a running VM's snapshot is made of, owned by the running VM: the devices close
 /// (sockets unlinked) when the VM is gone, whoever still holds a [`Snapshotter`].
+#[derive(Debug)]
 pub struct SnapshotSources(Arc<Sources>);
 
 /// Takes snapshots of a running VM (the API thread holds one).
 #[derive(Clone)]
 pub struct Snapshotter(Weak<Sources>);
 
-struct Sources {
-    machine: MachineShape,
-    vm_fd: Arc<VmFd>,
-    memory: GuestMemory,
-    serial: Arc<Mutex<SerialDevice>>,
-    i8042: Arc<Mutex<I8042>>,
-    virtio: Vec<VirtioSource>,
-    vcpus: VcpuControl,
+/// The parts of a running VM that a snapshot reads.
+pub struct Sources {
+    pub machine: MachineShape,
+    pub vm_fd: Arc<VmFd>,
+    pub memory: GuestMemory,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub i8042: Arc<Mutex<I8042>>,
+    pub virtio: Vec<VirtioSource>,
+    pub vcpus: VcpuControl,
 }
 
 /// A virtio device's slot and transport.
@@ -381,11 +383,11 @@ impl std::fmt::Debug for VirtioSource {
     }
 }
 
-impl std::fmt::Debug for SnapshotSources {
+impl std::fmt::Debug for Sources {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SnapshotSources")
-            .field("machine", &self.0.machine)
-            .field("virtio_devices", &self.0.virtio.len())
+        f.debug_struct("Sources")
+            .field("machine", &self.machine)
+            .field("virtio", &self.virtio)
             .finish_non_exhaustive()
     }
 }
@@ -397,24 +399,8 @@ impl std::fmt::Debug for Snapshotter {
 }
 
 impl SnapshotSources {
-    pub fn new(
-        machine: MachineShape,
-        vm_fd: Arc<VmFd>,
-        memory: GuestMemory,
-        serial: Arc<Mutex<SerialDevice>>,
-        i8042: Arc<Mutex<I8042>>,
-        virtio: Vec<VirtioSource>,
-        vcpus: VcpuControl,
-    ) -> Self {
-        Self(Arc::new(Sources {
-            machine,
-            vm_fd,
-            memory,
-            serial,
-            i8042,
-            virtio,
-            vcpus,
-        }))
+    pub fn new(sources: Sources) -> Self {
+        Self(Arc::new(sources))
     }
 
     pub fn snapshotter(&self) -> Snapshotter {

@@ -76,14 +76,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
             .queues
             .iter()
             .zip(max_sizes)
-            .map(|(q, &max)| {
+            .map(|(QueueSnapshot(q), &max)| {
                 if q.max_size != max {
                     return Err(format!(
                         "queue of {} entries where the device has {max}",
                         q.max_size
                     ));
                 }
-                Queue::try_from(QueueState::from(*q)).map_err(|e| format!("queue: {e}"))
+                Queue::try_from(*q).map_err(|e| format!("queue: {e}"))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut transport = Self {
@@ -116,7 +116,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             queues: self
                 .queues
                 .iter()
-                .map(|q| QueueSnapshot::from(q.state()))
+                .map(|q| QueueSnapshot(q.state()))
                 .collect(),
             queue_sel: self.queue_sel,
             device_features_sel: self.device_features_sel,
@@ -293,51 +293,24 @@ pub struct TransportState {
     interrupt_status: u32,
 }
 
-/// virtio-queue's [`QueueState`], which has no serde; checked again by `Queue::try_from`
-/// on restore.
+/// virtio-queue's [`QueueState`], which has no serde, through serde's remote derive
+/// ([`QueueStateDef`]); checked again by `Queue::try_from` on restore.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-struct QueueSnapshot {
+struct QueueSnapshot(#[serde(with = "QueueStateDef")] QueueState);
+
+/// [`QueueState`]'s fields, for serde.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "QueueState")]
+struct QueueStateDef {
     max_size: u16,
-    size: u16,
-    ready: bool,
     next_avail: u16,
     next_used: u16,
     event_idx_enabled: bool,
+    size: u16,
+    ready: bool,
     desc_table: u64,
     avail_ring: u64,
     used_ring: u64,
-}
-
-impl From<QueueState> for QueueSnapshot {
-    fn from(q: QueueState) -> Self {
-        Self {
-            max_size: q.max_size,
-            size: q.size,
-            ready: q.ready,
-            next_avail: q.next_avail,
-            next_used: q.next_used,
-            event_idx_enabled: q.event_idx_enabled,
-            desc_table: q.desc_table,
-            avail_ring: q.avail_ring,
-            used_ring: q.used_ring,
-        }
-    }
-}
-
-impl From<QueueSnapshot> for QueueState {
-    fn from(q: QueueSnapshot) -> Self {
-        Self {
-            max_size: q.max_size,
-            size: q.size,
-            ready: q.ready,
-            next_avail: q.next_avail,
-            next_used: q.next_used,
-            event_idx_enabled: q.event_idx_enabled,
-            desc_table: q.desc_table,
-            avail_ring: q.avail_ring,
-            used_ring: q.used_ring,
-        }
-    }
 }
 
 impl<D: VirtioDevice> BusDevice for MmioTransport<D> {

@@ -109,6 +109,19 @@ pub fn kvm_or_skip() -> bool {
     }
 }
 
+/// `kindling-vmm --api-sock <sock> --serial-out <console>`, stdout and stderr discarded
+/// (callers add arguments or pipes before spawning).
+pub fn api_vmm(sock: &Path, console: &Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kindling-vmm"));
+    cmd.arg("--api-sock")
+        .arg(sock)
+        .arg("--serial-out")
+        .arg(console)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    cmd
+}
+
 /// A spawned VMM that is killed when dropped: a failing test leaves no guest spinning.
 #[derive(Debug)]
 pub struct KillOnDrop(Option<std::process::Child>);
