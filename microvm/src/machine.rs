@@ -1,17 +1,16 @@
 //! What a hypervisor backend is asked to boot, and the processes it runs for one VM: as
 //! a user of their own ([`VmUser`]), never as root.
 
-use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use kindling_plumbing::ids::{IdLease, IdPool};
 use tokio::process::{Child, Command};
 
 /// One microVM, described the same way for every backend.
@@ -60,34 +59,23 @@ pub struct VmUser {
 pub const VM_IDS: std::ops::Range<u32> = 900_000..904_096;
 
 /// The ids that running VMs of this process hold.
-static TAKEN: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+static TAKEN: IdPool = IdPool::new(VM_IDS);
 
 /// One [`VmUser`], held while its VM runs.
 #[derive(Debug)]
-pub struct VmUserLease(VmUser);
+pub struct VmUserLease(IdLease);
 
 impl VmUserLease {
     /// The lowest free id of [`VM_IDS`].
     pub fn take() -> anyhow::Result<Self> {
-        let mut taken = TAKEN.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(id) = VM_IDS.clone().find(|id| !taken.contains(id)) else {
-            bail!("all {} VM user ids are in use", VM_IDS.len());
-        };
-        taken.insert(id);
-        Ok(VmUserLease(VmUser { uid: id, gid: id }))
+        Ok(VmUserLease(
+            TAKEN.take().map_err(|e| anyhow::anyhow!("VM users: {e}"))?,
+        ))
     }
 
     pub fn user(&self) -> VmUser {
-        self.0
-    }
-}
-
-impl Drop for VmUserLease {
-    fn drop(&mut self) {
-        TAKEN
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.0.uid);
+        let id = self.0.id();
+        VmUser { uid: id, gid: id }
     }
 }
 

@@ -1,7 +1,8 @@
 //! The Linux plumbing that init, the bootstrap and the namespace sandbox share: cgroup
 //! directories and control files ([`cgroup`]), `mkdir -p` with a mode ([`dirs`]) and the
-//! escapes of the kernel's mount tables ([`mount_table`]), and dropping root for good
-//! ([`privileges`], which kindling-jailer shares too).
+//! escapes of the kernel's mount tables ([`mount_table`]), dropping root for good
+//! ([`privileges`], which kindling-jailer shares too), and pools of host ids that running
+//! environments hold ([`ids`], for the microVM and sandbox launchers).
 //!
 //! Only std and nix: init and the bootstrap are linked statically (`+crt-static`) into
 //! every guest. Each failure names the path it happened on ([`Error`]), so callers need
@@ -10,6 +11,7 @@
 pub mod cgroup;
 pub mod dirs;
 mod error;
+pub mod ids;
 pub mod mount_table;
 pub mod privileges;
 

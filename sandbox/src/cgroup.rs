@@ -94,6 +94,15 @@ impl Cgroup {
             .map(|dir| CgroupFreezer { dir: dir.clone() })
     }
 
+    /// The v2 directories (those the guest's init may make its workload cgroup in).
+    pub fn v2_dirs(&self) -> Vec<PathBuf> {
+        self.dirs
+            .iter()
+            .filter(|dir| dir.join("cgroup.subtree_control").is_file())
+            .cloned()
+            .collect()
+    }
+
     /// The `cgroup.procs` files a process writes its PID to in order to join.
     pub fn procs_files(&self) -> Vec<PathBuf> {
         self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()

@@ -4,12 +4,16 @@
 //!
 //! Every mount is made inside a namespace whose propagation is private, so nothing here
 //! is ever visible on the host, and it all vanishes with the namespace's last process.
+//! The builder is already the root of the sandbox's user namespace, an unprivileged user on
+//! the host: the host files it binds were opened for it beforehand ([`Sources`]), since it
+//! may not search the host folders they live in.
 
 use std::convert::Infallible;
 use std::ffi::CString;
 use std::fs::{self, File};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::symlink;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use kindling_plumbing::dirs;
@@ -39,8 +43,73 @@ const DEV_LINKS: &[(&str, &str)] = &[
 /// The `PATH` init starts with; the runtime's own comes from bootstrap.
 const INIT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// A host file or folder the guest root shows.
+#[derive(Debug)]
+pub enum Source {
+    /// Recreated as the same symlink (a merged-`/usr` host's `/bin -> usr/bin`).
+    Link(PathBuf),
+    /// Bind-mounted from an `O_PATH` descriptor.
+    Bind { fd: OwnedFd, dir: bool },
+}
+
+impl Source {
+    /// Opens `path` as the host root still may: a symlink is read, anything else opened
+    /// `O_PATH` (no access to its contents, only a handle to bind).
+    fn open(path: &Path) -> Result<Self> {
+        let meta =
+            fs::symlink_metadata(path).with_context(|| format!("reading {}", path.display()))?;
+        if meta.file_type().is_symlink() {
+            return Ok(Self::Link(fs::read_link(path)?));
+        }
+        let fd = nix::fcntl::open(path, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(Self::Bind {
+            fd,
+            dir: meta.is_dir(),
+        })
+    }
+
+    /// The magic link through which the descriptor is bound: following it needs no search
+    /// permission on the folders above the file.
+    fn bind_path(fd: &OwnedFd) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+    }
+}
+
+/// Every host file the guest root shows, opened in the sandbox's mount namespace by a
+/// process that still has the host root's file access (before it becomes the sandbox's
+/// root), so that the bind mounts made later need no path on the host.
+#[derive(Debug)]
+pub struct Sources {
+    root: Vec<(String, Source)>,
+    runtime: Vec<(String, Source)>,
+    task: Source,
+    host_socket: Source,
+    init: Source,
+    init_config: Source,
+}
+
+impl Sources {
+    pub fn open(plan: &Plan) -> Result<Self> {
+        let entries = |entries: &Entries| -> Result<Vec<(String, Source)>> {
+            entries
+                .iter()
+                .map(|(name, path)| Ok((name.clone(), Source::open(path)?)))
+                .collect()
+        };
+        Ok(Self {
+            root: entries(&plan.root)?,
+            runtime: entries(&plan.runtime)?,
+            task: Source::open(&plan.task)?,
+            host_socket: Source::open(&plan.host_socket)?,
+            init: Source::open(&plan.init)?,
+            init_config: Source::open(&plan.init_config)?,
+        })
+    }
+}
+
 /// Builds the guest root, enters it and execs init. Returns only on failure.
-pub fn enter(plan: &Plan) -> Result<Infallible> {
+pub fn enter(plan: &Plan, sources: &Sources) -> Result<Infallible> {
     // Nothing below may propagate back to the host's mount namespace.
     mount(
         None::<&str>,
@@ -51,16 +120,16 @@ pub fn enter(plan: &Plan) -> Result<Infallible> {
     )
     .context("making the mount namespace private")?;
     sethostname(&plan.hostname).context("setting the hostname")?;
-    build_root(plan)?;
+    build_root(plan, sources)?;
     enter_root(&plan.staging)?;
     exec_init()
 }
 
 /// Assembles the whole guest file system on the staging directory.
-fn build_root(plan: &Plan) -> Result<()> {
+fn build_root(plan: &Plan, sources: &Sources) -> Result<()> {
     let root = &plan.staging;
     mount_tmpfs(root, "mode=755,size=1m", MsFlags::empty())?;
-    populate(root, &plan.root)?;
+    populate(root, &sources.root)?;
     for dir in [
         "var/runtime",
         "var/task",
@@ -75,10 +144,10 @@ fn build_root(plan: &Plan) -> Result<()> {
 
     let runtime = root.join(&GUEST_RUNTIME_DIR[1..]);
     mount_tmpfs(&runtime, "mode=755,size=64k", MsFlags::MS_NOSUID)?;
-    populate(&runtime, &plan.runtime)?;
+    populate(&runtime, &sources.runtime)?;
     remount_read_only(&runtime, MsFlags::MS_NOSUID)?;
 
-    bind_read_only(&plan.task, &root.join(&GUEST_TASK_DIR[1..]))?;
+    bind_source_read_only(&sources.task, &root.join(&GUEST_TASK_DIR[1..]))?;
 
     let tmp_options = format!("mode=1777,size={}m", plan.tmp_size_mb);
     mount_tmpfs(
@@ -88,7 +157,7 @@ fn build_root(plan: &Plan) -> Result<()> {
     )?;
 
     build_dev(&root.join("dev"))?;
-    build_run(plan, &root.join("run"))?;
+    build_run(sources, &root.join("run"))?;
 
     mount(
         Some("proc"),
@@ -183,7 +252,7 @@ fn build_dev(dev: &Path) -> Result<()> {
 }
 
 /// `/run`: a tmpfs holding the host socket, init and init's configuration.
-fn build_run(plan: &Plan, run: &Path) -> Result<()> {
+fn build_run(sources: &Sources, run: &Path) -> Result<()> {
     mount_tmpfs(
         run,
         "mode=755,size=1m",
@@ -194,38 +263,51 @@ fn build_run(plan: &Plan, run: &Path) -> Result<()> {
     dirs::create_all(socket.parent().expect("a file under /run"), 0o755)?;
     File::create(&socket).with_context(|| format!("creating {}", socket.display()))?;
     // A socket's bind mount stays writable: connecting needs write access to it.
-    bind(&plan.host_socket, &socket, MsFlags::empty())?;
+    let Source::Bind { fd, .. } = &sources.host_socket else {
+        bail!("the Runtime API socket is a symlink");
+    };
+    bind(&Source::bind_path(fd), &socket, MsFlags::empty())?;
 
     for (source, guest) in [
-        (&plan.init, GUEST_INIT),
-        (&plan.init_config, GUEST_INIT_CONFIG),
+        (&sources.init, GUEST_INIT),
+        (&sources.init_config, GUEST_INIT_CONFIG),
     ] {
         let target = in_run(guest);
         File::create(&target).with_context(|| format!("creating {}", target.display()))?;
-        bind_read_only(source, &target)?;
+        bind_source_read_only(source, &target)?;
     }
     Ok(())
 }
 
-/// Makes `dir` hold read-only views of `entries` (see [`Entries`]).
-fn populate(dir: &Path, entries: &Entries) -> Result<()> {
+/// Makes `dir` hold read-only views of `entries`.
+fn populate(dir: &Path, entries: &[(String, Source)]) -> Result<()> {
     for (name, source) in entries {
         let target = dir.join(name);
-        let meta = fs::symlink_metadata(source)
-            .with_context(|| format!("reading {}", source.display()))?;
-        if meta.file_type().is_symlink() {
-            let link = fs::read_link(source)?;
-            symlink(&link, &target).with_context(|| format!("linking {}", target.display()))?;
-            continue;
+        match source {
+            Source::Link(link) => {
+                symlink(link, &target).with_context(|| format!("linking {}", target.display()))?;
+                continue;
+            }
+            Source::Bind { dir: true, .. } => dirs::create_all(&target, 0o755)?,
+            Source::Bind { dir: false, .. } => {
+                File::create(&target).with_context(|| format!("creating {}", target.display()))?;
+            }
         }
-        if meta.is_dir() {
-            dirs::create_all(&target, 0o755)?;
-        } else {
-            File::create(&target).with_context(|| format!("creating {}", target.display()))?;
-        }
-        bind_read_only(source, &target)?;
+        bind_source_read_only(source, &target)?;
     }
     Ok(())
+}
+
+/// Binds an opened source read-only on `target`, which must exist.
+fn bind_source_read_only(source: &Source, target: &Path) -> Result<()> {
+    match source {
+        Source::Bind { fd, .. } => bind_read_only(&Source::bind_path(fd), target),
+        Source::Link(link) => bail!(
+            "{} would be a symlink to {}: a folder or file was expected",
+            target.display(),
+            link.display()
+        ),
+    }
 }
 
 /// Switches the process's root to `new_root` and seals it read-only.

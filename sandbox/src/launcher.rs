@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use async_trait::async_trait;
 use kindling_images::{write_shims, Runtime};
+use kindling_plumbing::ids::{IdLease, IdPool};
 use kindling_runtime_api::environment::{
     Environment, EnvironmentSpec, Freezer, Launcher, StopMode,
 };
@@ -24,7 +25,8 @@ use tokio::process::{Child, ChildStdout, Command};
 
 use crate::cgroup::{Cgroup, Limits};
 use crate::plan::{
-    Entries, Plan, GUEST_HOST_SOCKET, GUEST_RUNTIME_DIR, STATUS_ERROR, STATUS_EXITED, STATUS_READY,
+    Entries, IdMap, Plan, GUEST_HOST_SOCKET, GUEST_RUNTIME_DIR, STATUS_ERROR, STATUS_EXITED,
+    STATUS_READY,
 };
 
 /// The helper's binary name, looked up beside the running program.
@@ -39,6 +41,27 @@ const RESERVED_ROOT_NAMES: &[&str] = &["var", "tmp", "dev", "proc", "sys", "run"
 const CLEANUP_PATIENCE: Duration = Duration::from_secs(5);
 /// Longest hostname Linux accepts (`HOST_NAME_MAX`).
 const HOST_NAME_MAX: usize = 64;
+
+/// Ids one sandbox's user namespace maps (0..65536 inside, as a container's).
+const SANDBOX_IDS: u32 = 65_536;
+/// The host ids of the first sandbox's range: far above a distribution's users, the
+/// usual `/etc/subuid` ranges (from 100000) and the microVMs' users (900000..904096).
+const SANDBOX_ID_BASE: u32 = 0x1000_0000;
+/// Which ranges running sandboxes hold: range `n` starts at
+/// `SANDBOX_ID_BASE + n * SANDBOX_IDS`.
+static SANDBOX_RANGES: IdPool = IdPool::new(0..4096);
+
+/// The host ids of a sandbox, held while it runs.
+fn id_range() -> Result<(IdLease, IdMap)> {
+    let lease = SANDBOX_RANGES
+        .take()
+        .map_err(|e| anyhow!("sandbox id ranges: {e}"))?;
+    let map = IdMap {
+        host_base: SANDBOX_ID_BASE + lease.id() * SANDBOX_IDS,
+        count: SANDBOX_IDS,
+    };
+    Ok((lease, map))
+}
 
 /// How sandboxes are built; the defaults suit production.
 #[derive(Debug, Clone)]
@@ -116,6 +139,8 @@ impl SandboxLauncher {
             bail!("the function's code {} is not a directory", task.display());
         }
         let root = self.root_entries()?;
+        searchable_by_others(&spec.dir)?;
+        let (ids, id_map) = id_range()?;
 
         // From here on, a failure must undo what was made.
         let staging = spec.dir.join("root");
@@ -163,6 +188,8 @@ impl SandboxLauncher {
                     hostname: hostname(&spec.function.name),
                     tmp_size_mb: self.options.tmp_size_mb,
                     cgroup_procs: cgroup.procs_files(),
+                    id_map,
+                    delegate: cgroup.v2_dirs(),
                 },
             )
             .await;
@@ -176,6 +203,7 @@ impl SandboxLauncher {
                 init,
                 cgroup,
                 exit_reason: None,
+                _ids: ids,
             }),
             Err(err) => {
                 // Nothing of a failed start may stay behind (the error quotes the console).
@@ -357,6 +385,8 @@ pub struct SandboxEnvironment {
     init: Pid,
     cgroup: Cgroup,
     exit_reason: Option<String>,
+    /// The host ids its user namespace maps, held until it is gone.
+    _ids: IdLease,
 }
 
 impl SandboxEnvironment {
@@ -474,6 +504,25 @@ fn dir_entries(dir: &Path) -> Result<Entries> {
             .collect()
     };
     read().with_context(|| format!("reading {}", dir.display()))
+}
+
+/// The sandbox's root builds the guest root under `dir` as an unprivileged host user: every
+/// folder on the way there must let others search it.
+fn searchable_by_others(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for folder in dir.ancestors().skip(1) {
+        let Ok(meta) = fs::metadata(folder) else {
+            continue;
+        };
+        if meta.permissions().mode() & 0o001 == 0 {
+            bail!(
+                "{} is not searchable by others, and the sandbox's root is an unprivileged \
+                 user on the host: use a state directory outside it (the default /run/kindling is)",
+                folder.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn existing_file(path: &Path) -> Result<PathBuf> {

@@ -48,6 +48,32 @@ pub struct Plan {
     /// `cgroup.procs` files the helper joins before it forks, so that init and all its
     /// descendants are accounted and limited from their first instruction.
     pub cgroup_procs: Vec<PathBuf>,
+    /// The host ids that the sandbox's user namespace maps its ids 0.. onto.
+    pub id_map: IdMap,
+    /// cgroup directories handed to the sandbox's root (their `cgroup.procs`,
+    /// `cgroup.threads` and `cgroup.subtree_control`, so that init can make and fill its
+    /// workload cgroup); the limits in them stay the host's.
+    pub delegate: Vec<PathBuf>,
+}
+
+/// A user namespace's mapping: ids `0..count` inside are `host_base..host_base + count`
+/// on the host, for users and groups alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdMap {
+    pub host_base: u32,
+    pub count: u32,
+}
+
+impl IdMap {
+    /// The host id of id 0 inside: the sandbox's root, who owns what is handed to it.
+    pub fn root(&self) -> u32 {
+        self.host_base
+    }
+
+    /// The line `/proc/<pid>/uid_map` and `gid_map` take.
+    pub fn line(&self) -> String {
+        format!("0 {} {}\n", self.host_base, self.count)
+    }
 }
 
 /// First line the helper prints on stdout once init runs: `ready <host pid of init>`.

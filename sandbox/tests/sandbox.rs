@@ -189,6 +189,24 @@ async fn the_guest_sees_a_sandbox_and_a_graceful_stop_cleans_up() {
     assert_eq!(facts["host"], "unix:///run/kindling/host.sock");
     assert!(env.is_alive());
 
+    // Init is root only inside its user namespace: on the host it is an id of the
+    // sandbox's own range, nothing like host root.
+    let init = env.init_pid();
+    let status = std::fs::read_to_string(format!("/proc/{init}/status")).unwrap();
+    let host_uid: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(host_uid >= 0x1000_0000, "init's host uid: {host_uid}");
+    let uid_map = std::fs::read_to_string(format!("/proc/{init}/uid_map")).unwrap();
+    assert_eq!(
+        uid_map.split_whitespace().collect::<Vec<_>>(),
+        ["0", host_uid.to_string().as_str(), "65536"]
+    );
+
     let gone = Leftovers::of(&env, &h.spec);
     let grace = Duration::from_secs(5);
     let started = Instant::now();
@@ -323,7 +341,7 @@ async fn a_failed_start_is_a_clear_error_and_leaves_nothing() {
 }
 
 #[test]
-fn without_privileges_the_helper_says_namespaces_are_unavailable() {
+fn without_privileges_the_helper_says_it_needs_root() {
     if !geteuid().is_root() {
         println!("SKIPPED: needs root to drop to an unprivileged user");
         return;
@@ -336,6 +354,7 @@ fn without_privileges_the_helper_says_namespaces_are_unavailable() {
     let plan_json = json!({
         "staging": dir, "root": {}, "runtime": {}, "task": dir, "host_socket": dir,
         "init": dir, "init_config": dir, "hostname": "x", "tmp_size_mb": 1, "cgroup_procs": [],
+        "id_map": {"host_base": 100000, "count": 65536}, "delegate": [],
     });
     std::fs::write(&plan, plan_json.to_string()).unwrap();
     // The checkout may sit where the unprivileged user cannot reach (e.g. under /root).
@@ -350,7 +369,7 @@ fn without_privileges_the_helper_says_namespaces_are_unavailable() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success());
     assert!(
-        stdout.starts_with("error unshare: EPERM") && stdout.contains("namespaces are unavailable"),
+        stdout.starts_with("error the sandbox helper needs root") && stdout.contains("uid 65534"),
         "{stdout}"
     );
 }

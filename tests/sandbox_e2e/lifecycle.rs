@@ -126,12 +126,13 @@ async fn sigterm_finishes_the_invocation_in_flight_and_leaves_nothing() {
     let started = tokio::task::spawn_blocking(move || server.stop())
         .await
         .expect("stopping the server");
-    // One sandbox helper per environment was running: stop() checked they are gone.
+    // Two sandbox helper processes per environment were running (the helper and the
+    // keeper of its user namespace): stop() checked they are gone.
     let helpers = started
         .iter()
         .filter(|p| "kindling-sandbox-exec".starts_with(&p.comm))
         .count();
-    assert_eq!(helpers, 3, "{started:?}");
+    assert_eq!(helpers, 6, "{started:?}");
 
     let answer = in_flight
         .await

@@ -90,6 +90,17 @@ async fn the_runtime_runs_unprivileged() {
     if let Err(e) = check_unprivileged(&answer) {
         panic!("{e}");
     }
+    // And its ids, root's included, are not the host's: the sandbox's user namespace maps
+    // them onto a host range of its own, far from host root.
+    let map: Vec<&str> = answer["uid_map"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let host_first: u32 = map[1].parse().unwrap();
+    assert_eq!((map[0], map[2]), ("0", "65536"), "{map:?}");
+    assert!(host_first >= 0x1000_0000, "{map:?}");
 }
 
 /// The host kernel's views that a sandboxed function shares with the host are runc's:

@@ -157,6 +157,8 @@ def handler(event, context):
         )
         answer["status"] = {key: " ".join(status[key].split()) for key in _IDENTITY_KEYS}
         answer["denied"] = _denied()
+        # Whose ids these are on the host: "0 <first host id> <count>" per line.
+        answer["uid_map"] = _read("/proc/self/uid_map").split()
         answer["writable"] = {
             folder: _can_write(folder)
             for folder in ("/tmp", "/dev/shm", "/var/task", "/var/runtime", "/")
