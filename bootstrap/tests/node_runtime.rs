@@ -43,11 +43,41 @@ const ESM_HANDLER: &str = r#"
 export const handler = async (event) => ({ esm: true, event });
 "#;
 
+/// Each console method once, a callback handler that leaves a timer behind (and may
+/// ask not to wait for it), a nested export and a streaming handler.
+const LAMBDA_HANDLERS: &str = r#"
+exports.logs = async () => {
+  console.log('to log %d', 1);
+  console.info('to info');
+  console.warn('to warn');
+  console.error('to error');
+  console.debug('to debug');
+  console.trace('to trace');
+  return 'logged';
+};
+
+exports.late = (event, context, callback) => {
+  if (event.noWait) context.callbackWaitsForEmptyEventLoop = false;
+  setTimeout(() => console.log('timer fired'), event.ms);
+  callback(null, { waits: context.callbackWaitsForEmptyEventLoop });
+};
+
+exports.nested = { deeper: { handler: async (event) => ({ nested: event }) } };
+
+exports.streams = awslambda.streamifyResponse(async (event, responseStream) => {
+  const stream = awslambda.HttpResponseStream.from(responseStream, { statusCode: 201 });
+  stream.write('part one, ');
+  await new Promise((r) => setTimeout(r, 5));
+  stream.end('part two');
+});
+"#;
+
 fn start(handler: &str) -> Option<(Guest, Host, common::Bootstrap)> {
     let task = [
         ("index.js", ASYNC_HANDLER),
         ("cb.js", CALLBACK_HANDLER),
         ("esm.mjs", ESM_HANDLER),
+        ("lambda.js", LAMBDA_HANDLERS),
     ];
     start_shipped("node", "node", &task, handler)
 }
@@ -104,19 +134,22 @@ async fn async_handler_that_throws_posts_a_lambda_error() {
     let err = json_of(&record);
     assert_eq!(err["errorType"], "TypeError");
     assert_eq!(err["errorMessage"], "failing on purpose");
+    // Lambda's Node.js runtime names the stack `trace`, its first line included.
+    assert_eq!(err.get("stackTrace"), None, "{err}");
+    let trace = err["trace"].as_array().unwrap();
+    assert_eq!(trace[0], "TypeError: failing on purpose", "{err}");
     assert!(
-        err["stackTrace"]
-            .as_array()
-            .unwrap()
+        trace
             .iter()
             .any(|l| l.as_str().unwrap().contains("index.js")),
         "{err}"
     );
+    let logs = host.logs(Some(&id));
     assert!(
-        host.logs(Some(&id))
-            .contains("[ERROR] TypeError: failing on purpose"),
-        "{:#?}",
-        host.history
+        logs.contains(&format!(
+            "\t{id}\tERROR\tInvoke Error \t{{\"errorType\":\"TypeError\",\"errorMessage\":\"failing on purpose\""
+        )),
+        "{logs}"
     );
 }
 
@@ -163,4 +196,89 @@ async fn missing_handler_is_an_init_error() {
     assert_eq!(err["errorType"], "Runtime.HandlerNotFound");
     let exit = host.exit().await;
     assert_eq!((exit.request_id, exit.exit_code), (None, Some(1)));
+}
+
+#[tokio::test]
+async fn console_lines_carry_lambdas_prefix() {
+    let Some((_guest, mut host, _bootstrap)) = start("lambda.logs") else {
+        return;
+    };
+    let id = host.invoke("{}");
+    assert_eq!(json_of(&host.result(&id).await), "logged");
+    let logs = host.logs(Some(&id));
+    let lines: Vec<&str> = logs.lines().collect();
+    assert_eq!(lines.len(), 6, "{logs}");
+    for (line, (level, message)) in lines.iter().zip([
+        ("INFO", "to log 1"),
+        ("INFO", "to info"),
+        ("WARN", "to warn"),
+        ("ERROR", "to error"),
+        ("DEBUG", "to debug"),
+        ("TRACE", "to trace"),
+    ]) {
+        let fields: Vec<&str> = line.split('\t').collect();
+        assert_eq!(fields[1..], [id.as_str(), level, message], "{line}");
+        // 2026-12-02T05:16:40.123Z
+        let time = fields[0].as_bytes();
+        assert!(
+            time.len() == 24 && time[10] == b'T' && time[19] == b'.' && time[23] == b'Z',
+            "{line}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_callback_waits_for_the_empty_event_loop_unless_told_not_to() {
+    let Some((_guest, mut host, _bootstrap)) = start("lambda.late") else {
+        return;
+    };
+    // Waiting (the default): the answer comes once the timer has fired.
+    let begun = std::time::Instant::now();
+    let id = host.invoke(r#"{"ms": 700}"#);
+    assert_eq!(json_of(&host.result(&id).await), json!({"waits": true}));
+    assert!(begun.elapsed() >= std::time::Duration::from_millis(700));
+    assert!(
+        host.logs(Some(&id)).contains("timer fired"),
+        "{:#?}",
+        host.history
+    );
+
+    // Not waiting: the answer comes at once, the timer fires after it.
+    let begun = std::time::Instant::now();
+    let id = host.invoke(r#"{"ms": 1500, "noWait": true}"#);
+    assert_eq!(json_of(&host.result(&id).await), json!({"waits": false}));
+    assert!(
+        begun.elapsed() < std::time::Duration::from_millis(1500),
+        "{:?}",
+        begun.elapsed()
+    );
+    assert!(!host.logs(Some(&id)).contains("timer fired"));
+}
+
+#[tokio::test]
+async fn nested_handlers_are_found_through_properties() {
+    let Some((_guest, mut host, _bootstrap)) = start("lambda.nested.deeper.handler") else {
+        return;
+    };
+    let id = host.invoke("[3]");
+    assert_eq!(json_of(&host.result(&id).await), json!({"nested": [3]}));
+}
+
+#[tokio::test]
+async fn a_streaming_handler_loads_and_its_stream_is_one_response() {
+    let Some((_guest, mut host, _bootstrap)) = start("lambda.streams") else {
+        return;
+    };
+    let id = host.invoke("{}");
+    let Record::Response { body, headers, .. } = host.result(&id).await else {
+        panic!("{:#?}", host.history)
+    };
+    assert_eq!(
+        headers["content-type"],
+        "application/vnd.awslambda.http-integration-response"
+    );
+    let mut want = br#"{"statusCode":201}"#.to_vec();
+    want.extend([0u8; 8]);
+    want.extend(b"part one, part two");
+    assert_eq!(&body[..], &want[..]);
 }
