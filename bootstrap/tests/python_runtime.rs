@@ -65,7 +65,7 @@ def handler(event, context):
     }
 "#;
 
-/// A handler found through a module's attributes (`nested.inner.deep`).
+/// A handler found through a module's attributes (`nested.outer.inner.deep`).
 const NESTED: &str = r#"
 class Inner:
     @staticmethod
@@ -73,6 +73,11 @@ class Inner:
         return {"nested": event}
 
 inner = Inner()
+
+class Outer:
+    inner = Inner()
+
+outer = Outer()
 "#;
 
 /// A module that fails while it is imported, in a function of its own.
@@ -334,7 +339,8 @@ async fn identity_and_client_context_as_awslambdaric_builds_them() {
 
 #[tokio::test]
 async fn nested_handlers_are_found_through_attributes() {
-    let Some((_guest, mut host, _bootstrap)) = start("nested.inner.deep") else {
+    // Three attributes deep: `nested.outer.inner` and `nested.outer` are not modules.
+    let Some((_guest, mut host, _bootstrap)) = start("nested.outer.inner.deep") else {
         return;
     };
     let id = host.invoke("[1]");

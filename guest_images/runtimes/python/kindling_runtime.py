@@ -257,9 +257,9 @@ def load_handler(spec, task_root):
             module = importlib.import_module(name)
             break
         except ModuleNotFoundError as e:
-            # Only the absence of `name` itself lets a shorter prefix be tried: a module
-            # that exists and fails to import is the function's error.
-            if cut > 1 and e.name == name:
+            # Only the absence of `name` or of a package above it lets a shorter prefix
+            # be tried: a module that exists and fails to import is the function's error.
+            if cut > 1 and (name == e.name or name.startswith(f"{e.name}.")):
                 continue
             raise TypedError("Runtime.ImportModuleError",
                              f"Unable to import module '{module_name}': {e}") from e
