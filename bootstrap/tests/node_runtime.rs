@@ -3,7 +3,7 @@
 mod common;
 
 use common::{json_of, start_shipped, Guest, Host, Record};
-use serde_json::{json, Value};
+use serde_json::json;
 
 const ASYNC_HANDLER: &str = r#"
 let calls = 0;
@@ -43,41 +43,16 @@ const ESM_HANDLER: &str = r#"
 export const handler = async (event) => ({ esm: true, event });
 "#;
 
-/// Each console method once, a callback handler that leaves a timer behind (and may
-/// ask not to wait for it), a nested export and a streaming handler.
-const LAMBDA_HANDLERS: &str = r#"
-exports.logs = async () => {
-  console.log('to log %d', 1);
-  console.info('to info');
-  console.warn('to warn');
-  console.error('to error');
-  console.debug('to debug');
-  console.trace('to trace');
-  return 'logged';
-};
-
-exports.late = (event, context, callback) => {
-  if (event.noWait) context.callbackWaitsForEmptyEventLoop = false;
-  setTimeout(() => console.log('timer fired'), event.ms);
-  callback(null, { waits: context.callbackWaitsForEmptyEventLoop });
-};
-
-exports.nested = { deeper: { handler: async (event) => ({ nested: event }) } };
-
-exports.streams = awslambda.streamifyResponse(async (event, responseStream) => {
-  const stream = awslambda.HttpResponseStream.from(responseStream, { statusCode: 201 });
-  stream.write('part one, ');
-  await new Promise((r) => setTimeout(r, 5));
-  stream.end('part two');
-});
-"#;
+/// The handlers of the sandbox end-to-end tests, each exercising one trait of Lambda's
+/// runtime.
+const LAMBDA_HANDLERS: &str = include_str!("../../tests/functions/node-cases/cases.js");
 
 fn start(handler: &str) -> Option<(Guest, Host, common::Bootstrap)> {
     let task = [
         ("index.js", ASYNC_HANDLER),
         ("cb.js", CALLBACK_HANDLER),
         ("esm.mjs", ESM_HANDLER),
-        ("lambda.js", LAMBDA_HANDLERS),
+        ("cases.js", LAMBDA_HANDLERS),
     ];
     start_shipped("node", "node", &task, handler)
 }
@@ -186,13 +161,7 @@ async fn missing_handler_is_an_init_error() {
     let Some((_guest, mut host, _bootstrap)) = start("index.nothere") else {
         return;
     };
-    let body = host
-        .wait_for("an init error", |r| match r {
-            Record::InitError { body, .. } => Some(body.clone()),
-            _ => None,
-        })
-        .await;
-    let err: Value = serde_json::from_slice(&body).unwrap();
+    let err = host.init_error().await;
     assert_eq!(err["errorType"], "Runtime.HandlerNotFound");
     let exit = host.exit().await;
     assert_eq!((exit.request_id, exit.exit_code), (None, Some(1)));
@@ -200,7 +169,7 @@ async fn missing_handler_is_an_init_error() {
 
 #[tokio::test]
 async fn console_lines_carry_lambdas_prefix() {
-    let Some((_guest, mut host, _bootstrap)) = start("lambda.logs") else {
+    let Some((_guest, mut host, _bootstrap)) = start("cases.logs") else {
         return;
     };
     let id = host.invoke("{}");
@@ -209,12 +178,12 @@ async fn console_lines_carry_lambdas_prefix() {
     let lines: Vec<&str> = logs.lines().collect();
     assert_eq!(lines.len(), 6, "{logs}");
     for (line, (level, message)) in lines.iter().zip([
-        ("INFO", "to log 1"),
-        ("INFO", "to info"),
-        ("WARN", "to warn"),
-        ("ERROR", "to error"),
-        ("DEBUG", "to debug"),
-        ("TRACE", "to trace"),
+        ("INFO", "via log 1"),
+        ("INFO", "via info"),
+        ("WARN", "via warn"),
+        ("ERROR", "via error"),
+        ("DEBUG", "via debug"),
+        ("TRACE", "via trace"),
     ]) {
         let fields: Vec<&str> = line.split('\t').collect();
         assert_eq!(fields[1..], [id.as_str(), level, message], "{line}");
@@ -229,7 +198,7 @@ async fn console_lines_carry_lambdas_prefix() {
 
 #[tokio::test]
 async fn a_callback_waits_for_the_empty_event_loop_unless_told_not_to() {
-    let Some((_guest, mut host, _bootstrap)) = start("lambda.late") else {
+    let Some((_guest, mut host, _bootstrap)) = start("cases.late") else {
         return;
     };
     // Waiting (the default): the answer comes once the timer has fired.
@@ -257,7 +226,7 @@ async fn a_callback_waits_for_the_empty_event_loop_unless_told_not_to() {
 
 #[tokio::test]
 async fn nested_handlers_are_found_through_properties() {
-    let Some((_guest, mut host, _bootstrap)) = start("lambda.nested.deeper.handler") else {
+    let Some((_guest, mut host, _bootstrap)) = start("cases.nested.deeper.handler") else {
         return;
     };
     let id = host.invoke("[3]");
@@ -266,10 +235,10 @@ async fn nested_handlers_are_found_through_properties() {
 
 #[tokio::test]
 async fn a_streaming_handler_loads_and_its_stream_is_one_response() {
-    let Some((_guest, mut host, _bootstrap)) = start("lambda.streams") else {
+    let Some((_guest, mut host, _bootstrap)) = start("cases.streams") else {
         return;
     };
-    let id = host.invoke("{}");
+    let id = host.invoke(r#"{"n": 3}"#);
     let Record::Response { body, headers, .. } = host.result(&id).await else {
         panic!("{:#?}", host.history)
     };
@@ -279,6 +248,6 @@ async fn a_streaming_handler_loads_and_its_stream_is_one_response() {
     );
     let mut want = br#"{"statusCode":201}"#.to_vec();
     want.extend([0u8; 8]);
-    want.extend(b"part one, part two");
+    want.extend(b"streamed 3");
     assert_eq!(&body[..], &want[..]);
 }

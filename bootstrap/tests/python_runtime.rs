@@ -242,13 +242,7 @@ async fn missing_handler_function_is_an_init_error() {
     let Some((_guest, mut host, _bootstrap)) = start("app.nothere") else {
         return;
     };
-    let body = host
-        .wait_for("an init error", |r| match r {
-            Record::InitError { body, .. } => Some(body.clone()),
-            _ => None,
-        })
-        .await;
-    let err: Value = serde_json::from_slice(&body).unwrap();
+    let err = host.init_error().await;
     assert_eq!(err["errorType"], "Runtime.HandlerNotFound");
 }
 
@@ -352,13 +346,7 @@ async fn a_missing_nested_handler_names_its_module() {
     let Some((_guest, mut host, _bootstrap)) = start("nested.inner.nothere") else {
         return;
     };
-    let body = host
-        .wait_for("an init error", |r| match r {
-            Record::InitError { body, .. } => Some(body.clone()),
-            _ => None,
-        })
-        .await;
-    let err: Value = serde_json::from_slice(&body).unwrap();
+    let err = host.init_error().await;
     assert_eq!(
         err,
         json!({
@@ -375,13 +363,7 @@ async fn an_error_while_importing_keeps_only_the_functions_frames() {
     let Some((_guest, mut host, _bootstrap)) = start("broken.handler") else {
         return;
     };
-    let body = host
-        .wait_for("an init error", |r| match r {
-            Record::InitError { body, .. } => Some(body.clone()),
-            _ => None,
-        })
-        .await;
-    let err: Value = serde_json::from_slice(&body).unwrap();
+    let err = host.init_error().await;
     assert_eq!(err["errorType"], "KeyError");
     let trace: Vec<&str> = err["stackTrace"]
         .as_array()

@@ -87,7 +87,7 @@ async fn node_console_errors_event_loop_nesting_and_streaming_handlers() {
     let id = request_id(&answer);
     let log = server.log("logs");
     for (level, message) in [
-        ("INFO", "via log"),
+        ("INFO", "via log 1"),
         ("WARN", "via warn"),
         ("ERROR", "via error"),
     ] {

@@ -1,13 +1,16 @@
-// Handlers that each exercise one trait of Lambda's Node.js runtime in the end-to-end
-// tests (tests/sandbox_e2e/runtime_traits.rs); each function of a generated
-// functions.toml names one.
+// Handlers that each exercise one trait of Lambda's Node.js runtime, in the end-to-end
+// tests (tests/sandbox_e2e/runtime_traits.rs) and behind the bare bootstrap
+// (bootstrap/tests/node_runtime.rs); each function names one.
 'use strict';
 
 // One line per console method, each with Lambda's prefix.
 exports.logs = async () => {
-  console.log('via log');
+  console.log('via log %d', 1);
+  console.info('via info');
   console.warn('via warn');
   console.error('via error');
+  console.debug('via debug');
+  console.trace('via trace');
   return 'logged';
 };
 
@@ -28,5 +31,6 @@ exports.nested = { deeper: { handler: async (event) => ({ nested: event }) } };
 exports.streams = awslambda.streamifyResponse(async (event, responseStream) => {
   const stream = awslambda.HttpResponseStream.from(responseStream, { statusCode: 201 });
   stream.write('streamed ');
+  await new Promise((r) => setTimeout(r, 5));
   stream.end(String(event.n));
 });
