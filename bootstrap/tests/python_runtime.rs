@@ -46,8 +46,55 @@ def handler(event, context):
     }
 "#;
 
+/// What awslambdaric gives a handler beyond the event: the context's caller objects,
+/// and a `bytes` result sent as it is.
+const CALLER: &str = r#"
+def handler(event, context):
+    if "bytes" in event:
+        return event["bytes"].encode() + b"\x00\xff"
+    if "bytearray" in event:
+        return bytearray(b"no")
+    i, cc = context.identity, context.client_context
+    return {
+        "identity": [type(i).__name__, i.cognito_identity_id, i.cognito_identity_pool_id],
+        "client_context": None if cc is None else {
+            "custom": cc.custom,
+            "env": cc.env,
+            "client": None if cc.client is None else [cc.client.app_title, cc.client.installation_id],
+        },
+    }
+"#;
+
+/// A handler found through a module's attributes (`nested.outer.inner.deep`).
+const NESTED: &str = r#"
+class Inner:
+    @staticmethod
+    def deep(event, context):
+        return {"nested": event}
+
+inner = Inner()
+
+class Outer:
+    inner = Inner()
+
+outer = Outer()
+"#;
+
+/// A module that fails while it is imported, in a function of its own.
+const BROKEN: &str = "def helper():\n    raise KeyError('at import')\n\nhelper()\n";
+
 fn start(handler: &str) -> Option<(Guest, Host, common::Bootstrap)> {
-    start_shipped("python", "python3", &[("app.py", APP)], handler)
+    start_shipped(
+        "python",
+        "python3",
+        &[
+            ("app.py", APP),
+            ("caller.py", CALLER),
+            ("nested.py", NESTED),
+            ("broken.py", BROKEN),
+        ],
+        handler,
+    )
 }
 
 #[tokio::test]
@@ -122,9 +169,12 @@ async fn handler_that_raises_posts_a_lambda_error() {
     let err = json_of(&record);
     assert_eq!(err["errorType"], "ValueError");
     assert_eq!(err["errorMessage"], "bad value 7");
+    assert_eq!(err["requestId"], json!(id));
+    // The function's frames only, as AWS's runtime trims its own.
     let trace = err["stackTrace"].as_array().unwrap();
+    assert_eq!(trace.len(), 1, "{err}");
     assert!(
-        trace.iter().any(|l| l.as_str().unwrap().contains("app.py")),
+        trace[0].as_str().unwrap().contains("app.py\", line "),
         "{err}"
     );
     assert!(
@@ -192,13 +242,7 @@ async fn missing_handler_function_is_an_init_error() {
     let Some((_guest, mut host, _bootstrap)) = start("app.nothere") else {
         return;
     };
-    let body = host
-        .wait_for("an init error", |r| match r {
-            Record::InitError { body, .. } => Some(body.clone()),
-            _ => None,
-        })
-        .await;
-    let err: Value = serde_json::from_slice(&body).unwrap();
+    let err = host.init_error().await;
     assert_eq!(err["errorType"], "Runtime.HandlerNotFound");
 }
 
@@ -221,4 +265,121 @@ async fn the_deadline_moves_onto_the_guest_clock() {
     let out = json_of(&host.result(&id).await);
     let remaining = out["remaining_ms"].as_i64().unwrap();
     assert!((120_000..=130_000).contains(&remaining), "{out}");
+}
+
+#[tokio::test]
+async fn bytes_are_returned_as_they_are() {
+    let Some((_guest, mut host, _bootstrap)) = start("caller.handler") else {
+        return;
+    };
+    let id = host.invoke(r#"{"bytes": "raw"}"#);
+    let Record::Response { body, headers, .. } = host.result(&id).await else {
+        panic!("{:#?}", host.history)
+    };
+    assert_eq!(&body[..], b"raw\x00\xff");
+    assert_eq!(headers["content-type"], "application/unknown");
+    // awslambdaric sends `bytes` only: a bytearray is not JSON.
+    let id = host.invoke(r#"{"bytearray": 1}"#);
+    let err = json_of(&host.result(&id).await);
+    assert_eq!(err["errorType"], "Runtime.MarshalError");
+    assert_eq!(err["stackTrace"], json!([]));
+}
+
+#[tokio::test]
+async fn identity_and_client_context_as_awslambdaric_builds_them() {
+    let Some((_guest, mut host, _bootstrap)) = start("caller.handler") else {
+        return;
+    };
+    // Nothing from the caller: an identity whose ids are None, no client context.
+    let id = host.invoke("{}");
+    assert_eq!(
+        json_of(&host.result(&id).await),
+        json!({"identity": ["CognitoIdentity", null, null], "client_context": null})
+    );
+    let id = host.invoke_with(
+        "{}",
+        vec![
+            (
+                "Lambda-Runtime-Cognito-Identity".into(),
+                r#"{"cognitoIdentityId":"cid","cognitoIdentityPoolId":"pool"}"#.into(),
+            ),
+            (
+                "Lambda-Runtime-Client-Context".into(),
+                r#"{"custom":{"k":"v"},"env":{"platform":"x"},"client":{"app_title":"t"}}"#.into(),
+            ),
+        ],
+    );
+    assert_eq!(
+        json_of(&host.result(&id).await),
+        json!({
+            "identity": ["CognitoIdentity", "cid", "pool"],
+            "client_context": {"custom": {"k": "v"}, "env": {"platform": "x"}, "client": ["t", null]},
+        })
+    );
+    let id = host.invoke_with(
+        "{}",
+        vec![("Lambda-Runtime-Client-Context".into(), "{not json".into())],
+    );
+    let err = json_of(&host.result(&id).await);
+    assert_eq!(err["errorType"], "Runtime.LambdaContextUnmarshalError");
+    assert!(
+        err["errorMessage"]
+            .as_str()
+            .unwrap()
+            .starts_with("Unable to parse Client Context JSON: "),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn nested_handlers_are_found_through_attributes() {
+    // Three attributes deep: `nested.outer.inner` and `nested.outer` are not modules.
+    let Some((_guest, mut host, _bootstrap)) = start("nested.outer.inner.deep") else {
+        return;
+    };
+    let id = host.invoke("[1]");
+    assert_eq!(json_of(&host.result(&id).await), json!({"nested": [1]}));
+}
+
+#[tokio::test]
+async fn a_missing_nested_handler_names_its_module() {
+    let Some((_guest, mut host, _bootstrap)) = start("nested.inner.nothere") else {
+        return;
+    };
+    let err = host.init_error().await;
+    assert_eq!(
+        err,
+        json!({
+            "errorType": "Runtime.HandlerNotFound",
+            "errorMessage": "Handler 'inner.nothere' missing on module 'nested'",
+            "requestId": "",
+            "stackTrace": [],
+        })
+    );
+}
+
+#[tokio::test]
+async fn an_error_while_importing_keeps_only_the_functions_frames() {
+    let Some((_guest, mut host, _bootstrap)) = start("broken.handler") else {
+        return;
+    };
+    let err = host.init_error().await;
+    assert_eq!(err["errorType"], "KeyError");
+    let trace: Vec<&str> = err["stackTrace"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    assert!(
+        !trace.iter().any(|l| l.contains("kindling_runtime.py")),
+        "{err}"
+    );
+    assert!(
+        trace
+            .last()
+            .unwrap()
+            .contains("broken.py\", line 2, in helper"),
+        "{err}"
+    );
 }

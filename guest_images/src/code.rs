@@ -299,25 +299,51 @@ fn clean_zip_path(name: &str) -> Result<Option<String>, CodeError> {
     Ok((!parts.is_empty()).then(|| parts.join("/")))
 }
 
-/// Checks that the file `handler` names exists, by the runtime's convention.
+/// Checks that the file `handler` names exists, by the runtime's convention. Code that
+/// brings an executable `bootstrap` runs it instead of the image's runtime (the agent
+/// looks in /var/task first), so its handler is that bootstrap's business alone.
 fn check_handler(manifest: &Manifest, runtime: Runtime, handler: &str) -> Result<(), CodeError> {
-    let module = |form| {
-        handler
-            .rsplit_once('.')
-            .filter(|(m, f)| !m.is_empty() && !f.is_empty())
-            .map(|(m, _)| m)
-            .ok_or(CodeError::BadHandler {
-                handler: handler.to_string(),
-                form,
-            })
+    let executable = |path: &str| match manifest.nodes.get(path) {
+        Some(Node::File { mode, .. }) => mode & 0o111 != 0,
+        _ => true,
+    };
+    if !runtime.custom() && manifest.has("bootstrap") && executable("bootstrap") {
+        return Ok(());
+    }
+    let bad = |form| CodeError::BadHandler {
+        handler: handler.to_string(),
+        form,
     };
     let candidates: Vec<String> = match runtime {
+        // awslambdaric's module is everything before the last dot; Kindling's runtime
+        // also takes a shorter module whose attributes lead to the function
+        // (`app.nested.deep`), so any prefix of the module path will do.
         Runtime::Python => {
-            let path = module("module.function")?.replace('.', "/");
-            vec![format!("{path}.py"), format!("{path}/__init__.py")]
+            let (module, _) = handler
+                .rsplit_once('.')
+                .filter(|(m, f)| !m.is_empty() && !f.is_empty())
+                .ok_or(bad("module.function"))?;
+            let parts: Vec<&str> = module.split(['.', '/']).collect();
+            (1..=parts.len())
+                .rev()
+                .flat_map(|n| {
+                    let path = parts[..n].join("/");
+                    [format!("{path}.py"), format!("{path}/__init__.py")]
+                })
+                .collect()
         }
+        // As Lambda's Node.js runtime splits it: `dir/file.export.deeper`.
         Runtime::Node => {
-            let path = module("file.function")?;
+            let (dir, base) = handler.rsplit_once('/').unwrap_or(("", handler));
+            let (file, _) = base
+                .split_once('.')
+                .filter(|(m, f)| !m.is_empty() && !f.is_empty())
+                .ok_or(bad("file.function"))?;
+            let path = if dir.is_empty() {
+                file.to_string()
+            } else {
+                format!("{dir}/{file}")
+            };
             ["js", "mjs", "cjs"]
                 .iter()
                 .map(|ext| format!("{path}.{ext}"))
@@ -325,12 +351,7 @@ fn check_handler(manifest: &Manifest, runtime: Runtime, handler: &str) -> Result
         }
         Runtime::Provided | Runtime::ProvidedDebian => vec!["bootstrap".to_string()],
     };
-    let found = candidates.iter().find(|c| manifest.has(c));
-    let executable = |path: &String| match manifest.nodes.get(path) {
-        Some(Node::File { mode, .. }) => mode & 0o111 != 0,
-        _ => true,
-    };
-    match found {
+    match candidates.iter().find(|c| manifest.has(c)) {
         Some(path) if runtime.custom() && !executable(path) => Err(CodeError::MissingHandler {
             handler: handler.to_string(),
             expected: "an executable bootstrap (it is there but not executable)".to_string(),
@@ -492,7 +513,6 @@ mod tests {
             ("pkg", DIR),
             ("pkg/mod.py", file(0o644)),
             ("index.mjs", file(0o644)),
-            ("bootstrap", file(0o755)),
         ]);
         assert_eq!(check_handler(&m, Runtime::Python, "app.handler"), Ok(()));
         assert_eq!(
@@ -508,10 +528,45 @@ mod tests {
             Err(CodeError::BadHandler { .. })
         ));
         assert_eq!(check_handler(&m, Runtime::Node, "index.handler"), Ok(()));
-        assert_eq!(check_handler(&m, Runtime::Provided, "anything"), Ok(()));
-        let m = manifest(&[("bootstrap", file(0o644))]);
+        // Nested handlers: a module's attributes, a file's properties.
+        assert_eq!(
+            check_handler(&m, Runtime::Python, "app.nested.deep"),
+            Ok(())
+        );
+        assert_eq!(
+            check_handler(&m, Runtime::Python, "pkg.mod.obj.handler"),
+            Ok(())
+        );
+        assert_eq!(
+            check_handler(&m, Runtime::Node, "index.nested.deep"),
+            Ok(())
+        );
+        assert_eq!(
+            check_handler(&m, Runtime::Node, "pkg/index.handler"),
+            Err(CodeError::MissingHandler {
+                handler: "pkg/index.handler".into(),
+                expected: "pkg/index.js or pkg/index.mjs or pkg/index.cjs".into(),
+            })
+        );
         assert!(matches!(
-            check_handler(&m, Runtime::ProvidedDebian, "x"),
+            check_handler(&m, Runtime::Python, "nope.nested.deep"),
+            Err(CodeError::MissingHandler { .. })
+        ));
+        // Code with its own executable bootstrap runs it: any handler goes.
+        let own = manifest(&[("bootstrap", file(0o755))]);
+        assert_eq!(check_handler(&own, Runtime::Provided, "anything"), Ok(()));
+        assert_eq!(
+            check_handler(&own, Runtime::Python, "app.nested.deep"),
+            Ok(())
+        );
+        assert_eq!(check_handler(&own, Runtime::Node, "whatever"), Ok(()));
+        let not_executable = manifest(&[("bootstrap", file(0o644))]);
+        assert!(matches!(
+            check_handler(&not_executable, Runtime::Python, "app.handler"),
+            Err(CodeError::MissingHandler { .. })
+        ));
+        assert!(matches!(
+            check_handler(&not_executable, Runtime::ProvidedDebian, "x"),
             Err(CodeError::MissingHandler { .. })
         ));
     }

@@ -1,5 +1,7 @@
 //! The Invoke API that callers use, shaped like Lambda's:
-//! `POST /2015-03-31/functions/{name}/invocations` and `GET /metrics`.
+//! `POST /2015-03-31/functions/{name}/invocations` and `GET /metrics`. `{name}` is
+//! anything Lambda takes there (`name[:qualifier]`, partial and full ARNs, with
+//! `?Qualifier=`; see [`crate::names`]); only `$LATEST` exists.
 //!
 //! Limits: a request payload of at most [`MAX_REQUEST_BYTES`] (an `Event` one: at most
 //! [`MAX_EVENT_PAYLOAD_BYTES`], else 413 `RequestEntityTooLargeException`); accepted
@@ -28,6 +30,7 @@ use crate::client::InvocationType;
 use crate::connections::{self, Activity, ConnectionLimits, Watched};
 use crate::logs;
 use crate::metrics::{self, Metrics};
+use crate::names::{self, FunctionRef, NameError};
 use crate::scheduler::{until_true, Answer, InvokeError, InvokeRequest, Scheduler, VERSION};
 
 pub const HEADER_INVOCATION_TYPE: &str = "x-amz-invocation-type";
@@ -188,8 +191,11 @@ impl InvokeApi {
                 "use POST",
             );
         }
-        let name = name.strip_suffix(":$LATEST").unwrap_or(name).to_string();
-        let mut response = self.invoke(&name, req).await;
+        let function = match names::parse(name, req.uri().query(), self.scheduler.region()) {
+            Ok(function) => function,
+            Err(e) => return refused_name(&e),
+        };
+        let mut response = self.invoke(&function, req).await;
         if response.status() != StatusCode::NOT_FOUND {
             response
                 .headers_mut()
@@ -198,9 +204,16 @@ impl InvokeApi {
         response
     }
 
-    async fn invoke(&self, name: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        let Some(function) = self.scheduler.resolve(name) else {
-            return not_found(&self.scheduler.arn(name));
+    async fn invoke(&self, named: &FunctionRef, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let found = self.scheduler.resolve(&named.name);
+        // Kindling has no versions or aliases yet: any other qualifier names nothing here.
+        let servable = named.qualifier.as_deref().is_none_or(|q| q == VERSION);
+        let Some(function) = found.filter(|_| servable) else {
+            let arn = self.scheduler.arn(&named.name);
+            return not_found(&match &named.qualifier {
+                Some(q) => format!("{arn}:{q}"),
+                None => arn,
+            });
         };
         let function = function.name.clone();
         let headers = match InvokeHeaders::parse(req.headers()) {
@@ -433,12 +446,44 @@ fn rendered(invoked: crate::scheduler::Invoked, tail: bool) -> Response<Full<Byt
     r
 }
 
+/// Lambda's 404 for a function, version or alias that does not exist; unlike its other
+/// errors, this one spells the body's key `Message`.
 fn not_found(arn: &str) -> Response<Full<Bytes>> {
-    lambda_error(
+    resource_not_found(&format!("Function not found: {arn}"))
+}
+
+fn resource_not_found(message: &str) -> Response<Full<Bytes>> {
+    let mut r = json_response(
         StatusCode::NOT_FOUND,
-        "ResourceNotFoundException",
-        &format!("Function not found: {arn}"),
-    )
+        &json!({"Type": "User", "Message": message}),
+    );
+    r.headers_mut().insert(
+        HEADER_ERROR_TYPE,
+        HeaderValue::from_static("ResourceNotFoundException"),
+    );
+    r
+}
+
+/// The answer to a name Lambda would refuse before looking it up.
+fn refused_name(e: &NameError) -> Response<Full<Bytes>> {
+    let message = e.message();
+    match e {
+        // Lambda's request validation answers `{"message"}` alone.
+        NameError::Invalid(_) => {
+            let mut r = json_response(StatusCode::BAD_REQUEST, &json!({"message": message}));
+            r.headers_mut().insert(
+                HEADER_ERROR_TYPE,
+                HeaderValue::from_static("ValidationException"),
+            );
+            r
+        }
+        NameError::QualifierConflict => lambda_error(
+            StatusCode::BAD_REQUEST,
+            "InvalidParameterValueException",
+            &message,
+        ),
+        NameError::OtherRegion { .. } => resource_not_found(&message),
+    }
 }
 
 /// Lambda's error answer: the type in `X-Amzn-ErrorType`, `{"Type","message"}` in the body.

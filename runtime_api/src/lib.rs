@@ -13,6 +13,7 @@ mod freezing;
 mod invoke_api;
 pub mod logs;
 pub mod metrics;
+mod names;
 pub mod runtime_server;
 pub mod scheduler;
 mod server;

@@ -299,6 +299,11 @@ impl Scheduler {
         function_arn(&self.ctx.options.region, name)
     }
 
+    /// The region of every function's ARN.
+    pub fn region(&self) -> &str {
+        &self.ctx.options.region
+    }
+
     /// Where environment directories go.
     pub fn env_root(&self) -> &std::path::Path {
         &self.ctx.options.env_root

@@ -260,10 +260,10 @@ async fn invoke_api_answers_like_lambda() {
         .unwrap();
     assert_eq!(r.status, 404);
     assert_eq!(r.headers["x-amzn-errortype"], "ResourceNotFoundException");
-    assert!(body(&r)["message"]
-        .as_str()
-        .unwrap()
-        .contains("Function not found: arn:aws:lambda:us-east-1:000000000000:function:nope"));
+    assert_eq!(
+        body(&r),
+        json!({"Type": "User", "Message": "Function not found: arn:aws:lambda:us-east-1:000000000000:function:nope"})
+    );
     let r = c
         .invoke(
             "echo",
@@ -324,6 +324,130 @@ async fn invoke_api_answers_like_lambda() {
         assert!(text.contains(want), "{want} missing from:\n{text}");
     }
     assert!(text.contains("# TYPE kindling_timeouts counter"), "{text}");
+    drop(c);
+    h.close().await;
+}
+
+/// Every name the SDKs send (percent-encoded as they send it) reaches the function;
+/// what Lambda refuses is refused with its status, type and message, and a qualifier
+/// that Kindling cannot serve is never run as `$LATEST`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_arns_and_qualifiers_like_lambda() {
+    let Some(h) = start(|code| vec![function("echo", code)], |_| {}).await else {
+        return;
+    };
+    let post = |path: String| async move {
+        let mut raw = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+        let path = format!("/2015-03-31/functions/{path}");
+        common::request(&mut raw, "POST", &path, &[], br#"{"n":5}"#).await
+    };
+    let arn = "arn:aws:lambda:us-east-1:000000000000:function:echo";
+    for path in [
+        "echo%3A%24LATEST/invocations".to_string(),
+        "echo:$LATEST/invocations".to_string(),
+        "123456789012%3Afunction%3Aecho/invocations".to_string(),
+        "arn%3Aaws%3Alambda%3Aus-east-1%3A123456789012%3Afunction%3Aecho/invocations".to_string(),
+        format!("{arn}:$LATEST/invocations"),
+        "echo/invocations?Qualifier=%24LATEST".to_string(),
+        "echo%3A%24LATEST/invocations?Qualifier=%24LATEST".to_string(),
+    ] {
+        let a = post(path.clone()).await;
+        assert_eq!(
+            a.status,
+            200,
+            "{path}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+        assert_eq!(a.json()["echo"], json!({"n": 5}), "{path}");
+        assert_eq!(a.json()["arn"], arn, "{path}");
+        assert_eq!(
+            a.header("x-amz-executed-version"),
+            Some("$LATEST"),
+            "{path}"
+        );
+    }
+
+    // No versions or aliases exist: asking for one is Lambda's 404, and nothing runs.
+    for path in [
+        "echo/invocations?Qualifier=prod",
+        "echo%3Aprod/invocations",
+        "arn%3Aaws%3Alambda%3Aus-east-1%3A000000000000%3Afunction%3Aecho%3A1/invocations",
+    ] {
+        let a = post(path.to_string()).await;
+        assert_eq!(a.status, 404, "{path}");
+        assert_eq!(
+            a.header("x-amzn-errortype"),
+            Some("ResourceNotFoundException")
+        );
+        assert_eq!(a.header("x-amz-executed-version"), None, "{path}");
+        let message = a.json()["Message"].as_str().unwrap().to_string();
+        assert!(
+            message.starts_with(&format!("Function not found: {arn}:")),
+            "{message}"
+        );
+    }
+    assert_eq!(
+        post("echo/invocations?Qualifier=prod".into()).await.json(),
+        json!({"Type": "User", "Message": format!("Function not found: {arn}:prod")})
+    );
+
+    let a = post("echo%3Av1/invocations?Qualifier=v2".into()).await;
+    assert_eq!(
+        (a.status, a.header("x-amzn-errortype")),
+        (400, Some("InvalidParameterValueException"))
+    );
+    assert_eq!(
+        a.json()["message"],
+        "The derived qualifier from the function name does not match the specified qualifier."
+    );
+    let a =
+        post("arn%3Aaws%3Alambda%3Aeu-west-1%3A000000000000%3Afunction%3Aecho/invocations".into())
+            .await;
+    assert_eq!(a.status, 404);
+    assert_eq!(
+        a.json()["Message"],
+        "Functions from 'eu-west-1' are not reachable in this region ('us-east-1')"
+    );
+    for (path, wants) in [
+        (
+            "arn%3Aaws%3Alambda%3Aeast%3A000000000000%3Afunction%3Aecho",
+            "Member must satisfy regular expression pattern: (arn:(aws[a-zA-Z-]*)?:lambda:)?",
+        ),
+        (
+            "my%20function",
+            "at 'functionName' failed to satisfy constraint",
+        ),
+        (
+            &"e".repeat(171),
+            "Member must have length less than or equal to 170",
+        ),
+        (
+            "echo?Qualifier=%2A",
+            "at 'qualifier' failed to satisfy constraint",
+        ),
+    ] {
+        let (name, query) = path.split_once('?').unwrap_or((path, ""));
+        let a = post(format!("{name}/invocations?{query}")).await;
+        assert_eq!(
+            (a.status, a.header("x-amzn-errortype")),
+            (400, Some("ValidationException")),
+            "{path}"
+        );
+        let message = a.json()["message"].as_str().unwrap().to_string();
+        assert!(
+            message.starts_with("1 validation error detected: Value '"),
+            "{message}"
+        );
+        assert!(message.contains(wants), "{path}: {message}");
+    }
+    // Only the seven served names ran.
+    let mut c = Client::connect(h.addr).await.unwrap();
+    let metrics = c.get("/metrics").await.unwrap();
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        text.contains("kindling_invocations_total{function=\"echo\"} 7\n"),
+        "{text}"
+    );
     drop(c);
     h.close().await;
 }

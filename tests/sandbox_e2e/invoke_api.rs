@@ -144,7 +144,7 @@ async fn dry_run_answers_204_and_unknown_functions_404() {
         Some(&b"ResourceNotFoundException"[..])
     );
     let body = json(&missing);
-    let message = body["message"].as_str().expect("message");
+    let message = body["Message"].as_str().expect("Message");
     assert!(
         message.starts_with("Function not found: arn:aws:lambda:")
             && message.ends_with(":function:nobody"),

@@ -12,6 +12,7 @@
 mod failures;
 mod invoke_api;
 mod lifecycle;
+mod runtime_traits;
 mod runtimes;
 mod support;
 #[path = "../common/unprivileged.rs"]

@@ -211,6 +211,17 @@ impl Host {
         .await
     }
 
+    /// The body of the `/init/error` the runtime posted, as JSON.
+    pub async fn init_error(&mut self) -> serde_json::Value {
+        let body = self
+            .wait_for("an init error", |r| match r {
+                Record::InitError { body, .. } => Some(body.clone()),
+                _ => None,
+            })
+            .await;
+        serde_json::from_slice(&body).expect("an init error is JSON")
+    }
+
     pub async fn exit(&mut self) -> RuntimeExit {
         self.wait_for("a runtime exit", |r| match r {
             Record::Exit(e) => Some(e.clone()),

@@ -1,16 +1,24 @@
-// Kindling's Node.js runtime (Node 18+, core modules only).
+// Kindling's Node.js runtime (Node 18+, core modules only), behaving as AWS's Node.js
+// runtime interface client does.
 //
-// Loads `_HANDLER` (`file.export`, the file found under LAMBDA_TASK_ROOT as .js, .cjs or
-// .mjs), then loops over the Lambda Runtime API at AWS_LAMBDA_RUNTIME_API: fetch an
-// event, call the handler (async, or with a callback), post its JSON result or its error
-// as {errorMessage, errorType, stackTrace}. Failures while loading the handler go to
-// /runtime/init/error, after which the process exits, as the Runtime API asks.
+// Loads `_HANDLER` (`[dir/]file.export[.deeper]`, the file found under LAMBDA_TASK_ROOT as
+// .js, .cjs or .mjs, the export found by walking the properties after the file's name),
+// then loops over the Lambda Runtime API at AWS_LAMBDA_RUNTIME_API: fetch an event, call
+// the handler (async, or with a callback that honours callbackWaitsForEmptyEventLoop),
+// post its JSON result or its error as {errorType, errorMessage, trace}. Console lines
+// carry Lambda's `<ISO time>\t<request id>\t<LEVEL>\t` prefix. The `awslambda` global
+// offers streamifyResponse and HttpResponseStream so that streaming handlers load; their
+// stream is buffered and posted as one ordinary response (Kindling does not stream yet).
+// Failures while loading the handler go to /runtime/init/error, after which the process
+// exits, as the Runtime API asks.
 'use strict';
 
 const fs = require('fs');
 const http = require('http');
 const path = require('path');
+const { Writable } = require('stream');
 const { pathToFileURL } = require('url');
+const util = require('util');
 
 const API_PREFIX = '/2018-06-01/runtime';
 
@@ -55,40 +63,130 @@ async function post(urlPath, body, headers) {
   if (res.status >= 300) {
     // The host refused the result (e.g. too large): this invocation is lost, the next one
     // may still work.
-    console.error(`[ERROR] POST ${urlPath}: ${res.status} ${res.body}`);
+    console.error(`POST ${urlPath}: ${res.status} ${res.body}`);
   }
 }
 
-function errorBody(err, errorType) {
-  const isError = err instanceof Error;
-  return {
-    errorType: errorType || (isError ? err.name : typeof err === 'string' ? 'string' : 'Error'),
-    errorMessage: isError ? err.message : typeof err === 'string' ? err : JSON.stringify(err),
-    stackTrace: isError && err.stack ? err.stack.split('\n').slice(1).map((l) => l.trim()) : [],
+// The request id in flight, for the console's prefix: `undefined` outside an invocation,
+// as Lambda prints it.
+let currentRequestId;
+
+// console.* write `<ISO time>\t<request id>\t<LEVEL>\t<message>` lines to stdout, as
+// Lambda's runtime does (console.log is INFO; console.trace prints no stack).
+function patchConsole() {
+  const line = (level) => (message, ...params) => {
+    process.stdout.write(
+      `${new Date().toISOString()}\t${currentRequestId}\t${level}\t${util.format(message, ...params)}\n`,
+    );
   };
+  for (const [method, level] of [
+    ['trace', 'TRACE'],
+    ['debug', 'DEBUG'],
+    ['info', 'INFO'],
+    ['log', 'INFO'],
+    ['warn', 'WARN'],
+    ['error', 'ERROR'],
+    ['fatal', 'FATAL'],
+  ]) {
+    console[method] = line(level);
+  }
 }
 
-function logError(error) {
-  console.error(`[ERROR] ${error.errorType}: ${error.errorMessage}\n${error.stackTrace.join('\n')}`);
+// The error JSON Lambda's Node.js runtime posts: the stack, first line included, as
+// `trace`; anything thrown that is not an Error is named by its type.
+function errorBody(err) {
+  if (util.types.isNativeError(err) || (err && typeof err.stack === 'string' && typeof err.name === 'string')) {
+    return { errorType: err.name, errorMessage: err.message, trace: err.stack.split('\n') };
+  }
+  return { errorType: typeof err, errorMessage: String(err), trace: [] };
+}
+
+// How Lambda logs a failure: `<what> \t{"errorType",...}` on an ERROR line.
+function logError(what, err) {
+  let formatted;
+  try {
+    formatted = JSON.stringify(err instanceof Error
+      ? { errorType: err.name, errorMessage: err.message, code: err.code, ...err, stack: err.stack.split('\n') }
+      : err);
+  } catch {
+    formatted = JSON.stringify(errorBody(err));
+  }
+  console.error(what, `\t${formatted}`);
 }
 
 class TypedError extends Error {
   constructor(errorType, message) {
     super(message);
-    this.errorType = errorType;
+    this.name = errorType;
   }
 }
 
-async function loadHandler(spec, taskRoot) {
-  const dot = spec.lastIndexOf('.');
-  if (dot <= 0 || dot === spec.length - 1) {
-    throw new TypedError('Runtime.MalformedHandlerName', `Bad handler '${spec}'`);
+// What streamifyResponse marks, under the symbols AWS's runtime uses.
+const HANDLER_STREAMING = Symbol.for('aws.lambda.runtime.handler.streaming');
+const HANDLER_HIGHWATERMARK = Symbol.for('aws.lambda.runtime.handler.streaming.highWaterMark');
+
+// A response stream whose bytes are kept, to be posted as one response at its end.
+class BufferedResponseStream extends Writable {
+  constructor(options) {
+    super(options);
+    this.chunks = [];
+    this.contentType = 'application/octet-stream';
+    // Set by HttpResponseStream.from: writes the prelude before the first byte.
+    this._onBeforeFirstWrite = null;
   }
-  const base = path.resolve(taskRoot, spec.slice(0, dot));
-  const exportPath = spec.slice(dot + 1);
-  const file = ['.js', '.cjs', '.mjs'].map((ext) => base + ext).find((f) => fs.existsSync(f));
+
+  setContentType(contentType) {
+    this.contentType = contentType;
+  }
+
+  _write(chunk, encoding, done) {
+    if (this._onBeforeFirstWrite) {
+      const before = this._onBeforeFirstWrite;
+      this._onBeforeFirstWrite = null;
+      before((c) => this.chunks.push(Buffer.from(c)));
+    }
+    this.chunks.push(Buffer.from(chunk, encoding));
+    done();
+  }
+}
+
+// The `awslambda` global of Lambda's Node.js runtime.
+globalThis.awslambda = {
+  streamifyResponse(handler, options) {
+    handler[HANDLER_STREAMING] = 'response';
+    if (typeof options?.highWaterMark === 'number') handler[HANDLER_HIGHWATERMARK] = options.highWaterMark;
+    return handler;
+  },
+  HttpResponseStream: class HttpResponseStream {
+    static from(stream, prelude) {
+      stream.setContentType('application/vnd.awslambda.http-integration-response');
+      const metadata = JSON.stringify(prelude);
+      stream._onBeforeFirstWrite = (write) => {
+        write(metadata);
+        write(new Uint8Array(8));
+      };
+      return stream;
+    }
+  },
+};
+
+async function loadHandler(spec, taskRoot) {
+  if (spec.includes('..')) {
+    throw new TypedError('Runtime.MalformedHandlerName',
+      `'${spec}' is not a valid handler name. Use absolute paths when specifying root directories in handler names.`);
+  }
+  // As Lambda splits it: the directory, then the file up to the first dot, then the
+  // property path (`app.nested.deep`: file app, property nested.deep).
+  const base = path.basename(spec);
+  const dot = base.indexOf('.');
+  if (dot <= 0 || dot === base.length - 1) {
+    throw new TypedError('Runtime.MalformedHandlerName', 'Bad handler');
+  }
+  const moduleName = base.slice(0, dot);
+  const modulePath = path.resolve(taskRoot, path.dirname(spec), moduleName);
+  const file = ['.js', '.cjs', '.mjs'].map((ext) => modulePath + ext).find((f) => fs.existsSync(f));
   if (!file) {
-    throw new TypedError('Runtime.ImportModuleError', `Error: Cannot find module '${spec.slice(0, dot)}'`);
+    throw new TypedError('Runtime.ImportModuleError', `Error: Cannot find module '${moduleName}'`);
   }
   let mod;
   try {
@@ -100,10 +198,9 @@ async function loadHandler(spec, taskRoot) {
     }
     mod = await import(pathToFileURL(file).href); // a .js file in an ES module package
   }
-  const handler = exportPath.split('.').reduce((obj, key) => (obj == null ? obj : obj[key]), mod);
-  if (typeof handler !== 'function') {
-    throw new TypedError('Runtime.HandlerNotFound', `${spec} is undefined or not exported`);
-  }
+  const handler = base.slice(dot + 1).split('.').reduce((obj, key) => obj && obj[key], mod);
+  if (!handler) throw new TypedError('Runtime.HandlerNotFound', `${spec} is undefined or not exported`);
+  if (typeof handler !== 'function') throw new TypedError('Runtime.HandlerNotFound', `${spec} is not a function`);
   return handler;
 }
 
@@ -116,7 +213,7 @@ function parseJsonHeader(value) {
   }
 }
 
-function makeContext(headers, settle) {
+function makeContext(headers) {
   const env = process.env;
   const deadline = Number(headers['lambda-runtime-deadline-ms'] || 0);
   return {
@@ -130,39 +227,88 @@ function makeContext(headers, settle) {
     tenantId: headers['lambda-runtime-aws-tenant-id'],
     clientContext: parseJsonHeader(headers['lambda-runtime-client-context']),
     identity: parseJsonHeader(headers['lambda-runtime-cognito-identity']),
-    callbackWaitsForEmptyEventLoop: true,
     getRemainingTimeInMillis: () => Math.max(0, deadline - Date.now()),
-    done: (err, result) => settle(err, result),
-    succeed: (result) => settle(null, result),
-    fail: (err) => settle(err ?? new Error('handled')),
   };
 }
 
-// Runs one invocation; resolves with the handler's result or rejects with its error.
-function callHandler(handler, event, headers) {
+// Runs `onEmpty` once the event loop has nothing left to do (Node's 'beforeExit'), unless
+// it is replaced or cleared before.
+const whenIdle = {
+  listener: null,
+  set(onEmpty) {
+    this.clear();
+    this.listener = onEmpty;
+    process.once('beforeExit', onEmpty);
+  },
+  clear() {
+    if (this.listener) process.removeListener('beforeExit', this.listener);
+    this.listener = null;
+  },
+};
+
+// Runs one invocation of an ordinary handler; resolves with its result or rejects with
+// its error. As in Lambda's runtime: a promise's outcome is posted at once; a callback's
+// result once the event loop is empty unless context.callbackWaitsForEmptyEventLoop is
+// false (its error at once); a handler that never answers gets null when the loop empties
+// (an async one: Runtime.NodeJsExit); only the first answer counts.
+function callHandler(handler, event, context) {
   return new Promise((resolve, reject) => {
-    let settled = false;
-    const settle = (err, result) => {
-      if (settled) return;
-      settled = true;
+    let finished = false;
+    const finish = (err, result) => {
+      if (finished) return;
+      finished = true;
+      whenIdle.clear();
       if (err !== null && err !== undefined) reject(err);
       else resolve(result);
     };
-    const context = makeContext(headers, settle);
-    let returned;
+    let waitForEmptyEventLoop = true;
+    Object.defineProperty(context, 'callbackWaitsForEmptyEventLoop', {
+      get: () => waitForEmptyEventLoop,
+      set: (value) => { waitForEmptyEventLoop = value; },
+      enumerable: true,
+    });
+    context.done = finish;
+    context.succeed = (result) => finish(null, result);
+    context.fail = (err) => finish(err ?? 'handled');
+    const callback = (err, result) => {
+      if (finished) return;
+      if ((err !== null && err !== undefined) || !waitForEmptyEventLoop) finish(err, result);
+      else whenIdle.set(() => setImmediate(() => finish(null, result)));
+    };
+    const isAsync = handler.constructor && handler.constructor.name === 'AsyncFunction';
+    whenIdle.set(() => finish(isAsync ? new TypedError('Runtime.NodeJsExit',
+      'The Lambda runtime client detected an unexpected Node.js exit code. This is most commonly caused by a Promise that was never settled.') : null, null));
     try {
-      returned = handler(event, context, settle);
+      const returned = handler(event, context, callback);
+      if (returned && typeof returned.then === 'function') {
+        returned.then((r) => finish(null, r), (e) => finish(e ?? new Error('rejected')));
+      }
     } catch (e) {
-      settle(e);
-      return;
-    }
-    if (returned && typeof returned.then === 'function') {
-      returned.then((r) => settle(null, r), (e) => settle(e ?? new Error('rejected')));
-    } else if (handler.length < 3) {
-      // A synchronous handler without a callback: its return value is the result.
-      settle(null, returned);
+      finish(e);
     }
   });
+}
+
+// Runs one invocation of a streamifyResponse handler: what it writes is kept, and posted
+// with its content type once the handler's promise has settled and the stream ended.
+async function callStreamingHandler(handler, event, context) {
+  const hwm = handler[HANDLER_HIGHWATERMARK];
+  const stream = new BufferedResponseStream(typeof hwm === 'number' ? { highWaterMark: hwm } : undefined);
+  const ended = new Promise((resolve, reject) => {
+    stream.on('finish', resolve);
+    stream.on('error', reject);
+  });
+  const returned = handler(event, stream, context);
+  if (!returned || typeof returned.then !== 'function') {
+    throw new TypedError('Runtime.MalformedStreamingHandler', 'Streaming does not support non-async handlers.');
+  }
+  const result = await returned;
+  if (result !== undefined) console.warn('Streaming handlers ignore return values.');
+  if (!stream.writableFinished) {
+    if (!stream.writableEnded) throw new TypedError('Runtime.InvalidStreamingOperation', 'Response stream is not finished.');
+    await ended;
+  }
+  return { body: Buffer.concat(stream.chunks), contentType: stream.contentType };
 }
 
 async function invoke(handler, res) {
@@ -170,7 +316,8 @@ async function invoke(handler, res) {
   const traceId = res.headers['lambda-runtime-trace-id'];
   if (traceId) process.env._X_AMZN_TRACE_ID = traceId;
   else delete process.env._X_AMZN_TRACE_ID;
-  let payload;
+  currentRequestId = id;
+  let response;
   try {
     let event;
     try {
@@ -178,26 +325,32 @@ async function invoke(handler, res) {
     } catch (e) {
       throw new TypedError('Runtime.UnmarshalError', `Unable to unmarshal input: ${e.message}`);
     }
-    const result = await callHandler(handler, event, res.headers);
-    payload = JSON.stringify(result === undefined ? null : result);
+    const context = makeContext(res.headers);
+    if (handler[HANDLER_STREAMING] === 'response') {
+      response = await callStreamingHandler(handler, event, context);
+    } else {
+      const result = await callHandler(handler, event, context);
+      response = { body: JSON.stringify(result === undefined ? null : result), contentType: 'application/json' };
+    }
   } catch (e) {
-    const error = errorBody(e, e && e.errorType);
-    logError(error);
+    logError('Invoke Error', e);
+    const error = errorBody(e);
     await post(`/invocation/${id}/error`, JSON.stringify(error), {
       'Lambda-Runtime-Function-Error-Type': error.errorType,
     });
     return;
   }
-  await post(`/invocation/${id}/response`, payload, {});
+  await post(`/invocation/${id}/response`, response.body, { 'Content-Type': response.contentType });
 }
 
 async function main() {
+  patchConsole();
   let handler;
   try {
     handler = await loadHandler(process.env._HANDLER || '', process.env.LAMBDA_TASK_ROOT || '/var/task');
   } catch (e) {
-    const error = errorBody(e, e && e.errorType);
-    logError(error);
+    logError('Uncaught Exception', e);
+    const error = errorBody(e);
     await post('/init/error', JSON.stringify(error), { 'Lambda-Runtime-Function-Error-Type': error.errorType });
     process.exit(1);
   }
@@ -209,6 +362,6 @@ async function main() {
 }
 
 main().catch((e) => {
-  console.error(`[ERROR] runtime: ${e && e.stack ? e.stack : e}`);
+  console.error(`runtime: ${e && e.stack ? e.stack : e}`);
   process.exit(1);
 });

@@ -1,10 +1,12 @@
-"""Kindling's Python runtime (stdlib only).
+"""Kindling's Python runtime (stdlib only), behaving as AWS's awslambdaric does.
 
-Loads `_HANDLER` (`module.function`, the module found under LAMBDA_TASK_ROOT), then
-loops over the Lambda Runtime API at AWS_LAMBDA_RUNTIME_API: fetch an event, call the
-handler with a Lambda-style context, post its JSON result or its error as
-{errorMessage, errorType, stackTrace}. Failures while loading the handler go to
-/runtime/init/error, after which the process exits, as the Runtime API asks.
+Loads `_HANDLER` (`module.function`, the module found under LAMBDA_TASK_ROOT; a deeper
+`module.attr.function` is found through the module's attributes), then loops over the
+Lambda Runtime API at AWS_LAMBDA_RUNTIME_API: fetch an event, call the handler with a
+Lambda-style context, post its JSON result (a `bytes` result as it is) or its error as
+{errorMessage, errorType, requestId, stackTrace}, the stack trace holding the function's
+frames only. Failures while loading the handler go to /runtime/init/error, after which
+the process exits, as the Runtime API asks.
 """
 
 import http.client
@@ -19,6 +21,8 @@ import traceback
 
 API_PREFIX = "/2018-06-01/runtime"
 TRACE_ENV = "_X_AMZN_TRACE_ID"
+# Frames of this file lead every traceback: error results leave them out.
+RUNTIME_FILE = os.path.abspath(__file__)
 
 
 class RuntimeApiClient:
@@ -67,8 +71,9 @@ class RuntimeApiClient:
                   file=sys.stderr)
         return status
 
-    def response(self, request_id, body):
-        return self._post(f"/invocation/{request_id}/response", body, {})
+    def response(self, request_id, body, content_type):
+        return self._post(f"/invocation/{request_id}/response", body,
+                          {"Content-Type": content_type})
 
     def error(self, request_id, error):
         return self._post(f"/invocation/{request_id}/error", to_json(error),
@@ -83,52 +88,85 @@ def to_json(value):
     return json.dumps(value).encode()
 
 
-def error_body(exc, error_type=None, message=None):
-    """The Lambda error JSON of an exception, with its traceback as a list of lines."""
-    frames = traceback.extract_tb(exc.__traceback__)
+def marshal(result):
+    """The response body and its content type: `bytes` go as they are, as in awslambdaric."""
+    if isinstance(result, bytes):
+        return result, "application/unknown"
+    try:
+        return to_json(result), "application/json"
+    except (TypeError, ValueError) as e:
+        raise TypedError("Runtime.MarshalError", f"Unable to marshal response: {e}") from e
+
+
+def error_body(exc, request_id=""):
+    """The Lambda error JSON of an exception. The runtime's own frames are left out of the
+    stack trace, as AWS's runtime leaves out its own; a TypedError has none of the
+    function's frames, only the trace it carries."""
+    if isinstance(exc, TypedError):
+        error_type, trace = exc.error_type, exc.trace
+    else:
+        frames = traceback.extract_tb(exc.__traceback__)
+        while frames and os.path.abspath(frames[0].filename) == RUNTIME_FILE:
+            frames.pop(0)
+        error_type, trace = type(exc).__name__, traceback.format_list(frames)
     return {
-        "errorMessage": str(exc) if message is None else message,
-        "errorType": error_type or type(exc).__name__,
-        "stackTrace": traceback.format_list(frames),
+        "errorMessage": str(exc),
+        "errorType": error_type,
+        "requestId": request_id,
+        "stackTrace": trace,
     }
 
 
 def log_error(error):
-    print(f"[ERROR] {error['errorType']}: {error['errorMessage']}", file=sys.stderr)
-    for line in error.get("stackTrace", []):
-        print(line.rstrip("\n"), file=sys.stderr)
+    lines = [f"[ERROR] {error['errorType']}: {error['errorMessage']}",
+             "Traceback (most recent call last):"]
+    lines += [line.rstrip("\n") for line in error["stackTrace"]]
+    print("\n".join(lines), file=sys.stderr)
 
 
 class CognitoIdentity:
+    """`context.identity`: always there, its ids None unless the caller sent them."""
+
+    __slots__ = ["cognito_identity_id", "cognito_identity_pool_id"]
+
     def __init__(self, data):
         self.cognito_identity_id = data.get("cognitoIdentityId")
         self.cognito_identity_pool_id = data.get("cognitoIdentityPoolId")
 
+    def __repr__(self):
+        return (f"CognitoIdentity([cognito_identity_id={self.cognito_identity_id},"
+                f"cognito_identity_pool_id={self.cognito_identity_pool_id}])")
+
 
 class Client:
+    __slots__ = ["installation_id", "app_title", "app_version_name", "app_version_code",
+                 "app_package_name"]
+
     def __init__(self, data):
-        self.installation_id = data.get("installation_id")
-        self.app_title = data.get("app_title")
-        self.app_version_name = data.get("app_version_name")
-        self.app_version_code = data.get("app_version_code")
-        self.app_package_name = data.get("app_package_name")
+        for field in self.__slots__:
+            setattr(self, field, data.get(field))
 
 
 class ClientContext:
+    """`context.client_context`, None when the caller sent none."""
+
+    __slots__ = ["custom", "env", "client"]
+
     def __init__(self, data):
-        self.client = Client(data["client"]) if data.get("client") else None
         self.custom = data.get("custom")
         self.env = data.get("env")
+        self.client = Client(data["client"]) if data.get("client") is not None else None
 
 
-def parse_json_header(headers, name):
-    raw = headers.get(name)
+def parse_json_header(headers, header, what):
+    raw = headers.get(header)
     if not raw:
         return None
     try:
         return json.loads(raw)
-    except ValueError:
-        return None
+    except ValueError as e:
+        raise TypedError("Runtime.LambdaContextUnmarshalError",
+                         f"Unable to parse {what} JSON: {e}") from e
 
 
 class LambdaContext:
@@ -145,10 +183,12 @@ class LambdaContext:
         self.log_group_name = env.get("AWS_LAMBDA_LOG_GROUP_NAME")
         self.log_stream_name = env.get("AWS_LAMBDA_LOG_STREAM_NAME")
         self.tenant_id = headers.get("Lambda-Runtime-Aws-Tenant-Id")
-        identity = parse_json_header(headers, "Lambda-Runtime-Cognito-Identity")
-        self.identity = CognitoIdentity(identity) if identity else None
-        client_context = parse_json_header(headers, "Lambda-Runtime-Client-Context")
-        self.client_context = ClientContext(client_context) if client_context else None
+        client_context = parse_json_header(headers, "Lambda-Runtime-Client-Context",
+                                           "Client Context")
+        self.client_context = ClientContext(client_context) if client_context is not None else None
+        identity = parse_json_header(headers, "Lambda-Runtime-Cognito-Identity",
+                                     "Cognito Identity")
+        self.identity = CognitoIdentity(identity or {})
         self._deadline_ms = int(headers.get("Lambda-Runtime-Deadline-Ms") or 0)
 
     def get_remaining_time_in_millis(self):
@@ -198,34 +238,56 @@ def install_logging():
 
 
 def load_handler(spec, task_root):
-    """Imports `module.function` and returns the function, or raises TypedError."""
+    """Imports `module.function` and returns the function, or raises TypedError.
+
+    As in awslambdaric, the module is everything before the last dot. When that is not a
+    module (`app.nested.deep` with `nested` an object in app.py), the longest prefix that
+    is one is imported and the rest is walked as attributes.
+    """
     module_name, sep, function_name = spec.rpartition(".")
     if not sep or not module_name or not function_name:
         raise TypedError("Runtime.MalformedHandlerName",
-                        f"Bad handler '{spec}': not enough values to unpack (expected 2, got 1)")
+                         f"Bad handler '{spec}': not enough values to unpack (expected 2, got 1)")
     if task_root not in sys.path:
         sys.path.insert(0, task_root)
-    module_name = module_name.replace("/", ".")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise TypedError("Runtime.ImportModuleError",
-                        f"Unable to import module '{module_name}': {e}") from e
-    except SyntaxError as e:
-        raise TypedError("Runtime.UserCodeSyntaxError", f"Syntax error in module '{module_name}': {e}") from e
-    handler = getattr(module, function_name, None)
+    parts = module_name.replace("/", ".").split(".")
+    for cut in range(len(parts), 0, -1):
+        name = ".".join(parts[:cut])
+        try:
+            module = importlib.import_module(name)
+            break
+        except ModuleNotFoundError as e:
+            # Only the absence of `name` or of a package above it lets a shorter prefix
+            # be tried: a module that exists and fails to import is the function's error.
+            if cut > 1 and (name == e.name or name.startswith(f"{e.name}.")):
+                continue
+            raise TypedError("Runtime.ImportModuleError",
+                             f"Unable to import module '{module_name}': {e}") from e
+        except ImportError as e:
+            raise TypedError("Runtime.ImportModuleError",
+                             f"Unable to import module '{module_name}': {e}") from e
+        except SyntaxError as e:
+            raise TypedError("Runtime.UserCodeSyntaxError",
+                             f"Syntax error in module '{module_name}': {e}",
+                             [f'  File "{e.filename}" Line {e.lineno}\n    {e.text}']) from e
+    handler = module
+    for attribute in parts[cut:] + [function_name]:
+        handler = getattr(handler, attribute, None)
     if handler is None:
+        missing = ".".join(parts[cut:] + [function_name])
         raise TypedError("Runtime.HandlerNotFound",
-                        f"Handler '{function_name}' missing on module '{module_name}'")
+                         f"Handler '{missing}' missing on module '{name}'")
     return handler
 
 
 class TypedError(Exception):
-    """A failure with its Lambda error type (`Runtime.ImportModuleError`, ...)."""
+    """A failure with its Lambda error type (`Runtime.ImportModuleError`, ...) and the
+    stack trace it reports (none of the runtime's frames)."""
 
-    def __init__(self, error_type, message):
+    def __init__(self, error_type, message, trace=None):
         super().__init__(message)
         self.error_type = error_type
+        self.trace = trace or []
 
 
 def invoke(client, handler, headers, body):
@@ -233,21 +295,18 @@ def invoke(client, handler, headers, body):
     set_trace_id(headers.get("Lambda-Runtime-Trace-Id"))
     RequestIdFilter.request_id = request_id
     try:
+        context = LambdaContext(headers)
         try:
             event = json.loads(body) if body else None
         except ValueError as e:
             raise TypedError("Runtime.UnmarshalError", f"Unable to unmarshal input: {e}") from e
-        result = handler(event, LambdaContext(headers))
-        try:
-            payload = to_json(result)
-        except (TypeError, ValueError) as e:
-            raise TypedError("Runtime.MarshalError", f"Unable to marshal response: {e}") from e
+        payload, content_type = marshal(handler(event, context))
     except Exception as e:  # any failure of the function becomes its error result
-        error = error_body(e, getattr(e, "error_type", None))
+        error = error_body(e, request_id)
         log_error(error)
         client.error(request_id, error)
     else:
-        client.response(request_id, payload)
+        client.response(request_id, payload, content_type)
     finally:
         RequestIdFilter.request_id = ""
 
@@ -259,7 +318,7 @@ def main():
         handler = load_handler(os.environ.get("_HANDLER", ""),
                                os.environ.get("LAMBDA_TASK_ROOT", "/var/task"))
     except Exception as e:  # anything the function's module raises while loading
-        error = error_body(e, getattr(e, "error_type", None))
+        error = error_body(e)
         log_error(error)
         client.init_error(error)
         sys.exit(1)

@@ -47,3 +47,33 @@ def hog(event, context):
     """Allocates `mib` MiB (default 512), far past a 128 MB function's memory."""
     block = bytearray(event.get("mib", 512) << 20)
     return {"held": len(block)}
+
+
+def raw_bytes(event, context):
+    """Returns bytes, which Lambda's Python runtime sends as they are."""
+    return b"\x00raw\xff" + event.get("tail", "").encode()
+
+
+def caller(event, context):
+    """What the context says of the caller: awslambdaric's identity and client context."""
+    identity, cc = context.identity, context.client_context
+    return {
+        "identity": [type(identity).__name__, identity.cognito_identity_id,
+                     identity.cognito_identity_pool_id],
+        "client_context": None if cc is None else {"custom": cc.custom, "env": cc.env},
+    }
+
+
+class _Deeper:
+    """`cases.nested.deeper.handler`: a handler reached through attributes."""
+
+    @staticmethod
+    def handler(event, context):
+        return {"nested": event}
+
+
+class _Nested:
+    deeper = _Deeper()
+
+
+nested = _Nested()
