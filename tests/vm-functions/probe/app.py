@@ -157,8 +157,10 @@ def handler(event, context):
         )
         answer["status"] = {key: " ".join(status[key].split()) for key in _IDENTITY_KEYS}
         answer["denied"] = _denied()
-        # Whose ids these are on the host: "0 <first host id> <count>" per line.
-        answer["uid_map"] = _read("/proc/self/uid_map").split()
+        # Whose ids these are on the host: "0 <first host id> <count>" per line (a kernel
+        # without user namespaces, as the microVMs' minimal one, has no such file).
+        uid_map = "/proc/self/uid_map"
+        answer["uid_map"] = _read(uid_map).split() if os.path.exists(uid_map) else None
         answer["writable"] = {
             folder: _can_write(folder)
             for folder in ("/tmp", "/dev/shm", "/var/task", "/var/runtime", "/")
