@@ -529,3 +529,96 @@ fn debian_s_stock_cloud_kernel_finds_its_devices_in_the_acpi_tables() {
         let _ = std::fs::remove_file(f);
     }
 }
+
+/// Accepts the guest's connections and holds them open, unanswered: the bootstrap's
+/// request waits on one until the connection breaks. Counts them.
+fn hold_connections(listener: UnixListener) -> Arc<AtomicUsize> {
+    let count = Arc::new(AtomicUsize::new(0));
+    let counted = count.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            held.push(conn);
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    count
+}
+
+#[test]
+fn a_snapshot_resets_the_guest_s_open_vsock_connections() {
+    let Some(guest) = guest_here_or_nested("a_snapshot_resets_the_guest_s_open_vsock_connections")
+    else {
+        return;
+    };
+    let (state_file, mem_file) = (scratch("reset.state"), scratch("reset.mem"));
+    let (sock, console, uds) = (
+        scratch("reset.sock"),
+        scratch("reset.console"),
+        scratch("reset-v.sock"),
+    );
+    let dials = hold_connections(
+        UnixListener::bind(format!("{}_{RUNTIME_API_PORT}", uds.display())).unwrap(),
+    );
+    let mut vmm = api_vmm(&sock, &console)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut api = Client::connect(&sock);
+    boot_over_api(&mut api, &guest, &uds, 128);
+    wait_for_console(&console, "init: bootstrap started", &mut vmm);
+    wait_past(&dials, 0, "the bootstrap never dialled the host");
+    // Its request now waits on the held connection: no new dial without a reset.
+    std::thread::sleep(Duration::from_secs(3));
+    let before = dials.load(Ordering::SeqCst);
+    for (method, path, body) in [
+        ("PATCH", "/vm", json!({"state": "Paused"})),
+        (
+            "PUT",
+            "/snapshot/create",
+            json!({"snapshot_path": state_file, "mem_file_path": mem_file}),
+        ),
+        ("PATCH", "/vm", json!({"state": "Resumed"})),
+    ] {
+        let (code, fault) = api.call(method, path, Some(body));
+        assert_eq!(code, 204, "{method} {path}: {fault:?}");
+    }
+    wait_past(
+        &dials,
+        before,
+        "the original guest kept its connection through the snapshot",
+    );
+    let (status, stderr, _) = sigterm_and_wait(vmm, &console);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+
+    // A clone wakes up with the same request on a connection its VMM never had: the reset
+    // is in its memory, so it dials its own socket.
+    let (sock, console, uds) = (
+        scratch("reset-b.sock"),
+        scratch("reset-b.console"),
+        scratch("reset-b-v.sock"),
+    );
+    let clone_dials = hold_connections(
+        UnixListener::bind(format!("{}_{RUNTIME_API_PORT}", uds.display())).unwrap(),
+    );
+    let mut clone = api_vmm(&sock, &console)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut api = Client::connect(&sock);
+    let (code, fault) = api.call(
+        "PUT",
+        "/snapshot/load",
+        Some(json!({"snapshot_path": state_file,
+                    "mem_backend": {"backend_type": "File", "backend_path": mem_file},
+                    "vsock_override": {"uds_path": uds},
+                    "resume_vm": true})),
+    );
+    assert_eq!(code, 204, "{fault:?}");
+    wait_past(&clone_dials, 0, "the clone never dialled its own socket");
+    let _ = clone.kill();
+    let _ = clone.wait();
+    for f in [state_file, mem_file, console] {
+        let _ = std::fs::remove_file(f);
+    }
+}

@@ -64,11 +64,9 @@ impl Vsock {
         }
     }
 
-    /// Tells the driver that every connection is gone (a transport-reset event) and closes
-    /// their host sides, so that a guest restored from this moment starts with no
-    /// connection its VMM does not have. Returns whether an event buffer was used.
-    fn reset_transport(&mut self, queue: &mut Queue, mem: &GuestMemory) -> bool {
-        self.muxer.reset_all();
+    /// Tells the driver that the transport was reset (the event of that name). Returns
+    /// whether an event buffer was used.
+    fn send_transport_reset(&mut self, queue: &mut Queue, mem: &GuestMemory) -> bool {
         let Some(chain) = queue.pop_descriptor_chain(mem) else {
             tracing::warn!("vsock: no event buffer for the transport reset");
             return false;
@@ -207,8 +205,17 @@ impl VirtioDevice for Vsock {
         tx_used || rx_used
     }
 
+    /// Ends every connection, so that a guest restored from this moment has none that its
+    /// VMM does not have: their host sides close, and the guest hears it twice. An RST per
+    /// connection, written into its RX buffers now, is what wakes a program waiting to read
+    /// (Linux's transport reset alone makes a socket report only an error and
+    /// writability, which a reader such as tokio's never sees); the transport-reset event
+    /// follows, as Firecracker sends it.
     fn prepare_snapshot(&mut self, queues: &mut [Queue], mem: &GuestMemory) -> bool {
-        self.reset_transport(&mut queues[EVENT_QUEUE], mem)
+        self.muxer.reset_all();
+        let rst_used = self.fill_rx(&mut queues[RX_QUEUE], mem);
+        let event_used = self.send_transport_reset(&mut queues[EVENT_QUEUE], mem);
+        rst_used || event_used
     }
 }
 

@@ -245,13 +245,12 @@ impl Muxer {
         }
     }
 
-    /// Forgets every connection, as the guest does on a transport reset: host clients see
-    /// their sockets closed and queued control packets are dropped. Host clients still
-    /// writing their CONNECT line are kept; the guest never heard of them.
+    /// Resets every connection: host clients see their sockets closed and the guest gets
+    /// an RST for each. Host clients still writing their CONNECT line are kept; the guest
+    /// never heard of them.
     pub fn reset_all(&mut self) {
         let keys: Vec<Key> = self.conns.keys().copied().collect();
-        keys.into_iter().for_each(|key| self.remove_conn(key));
-        self.control.clear();
+        keys.into_iter().for_each(|key| self.reset(key));
     }
 
     /// Where host clients connect.
