@@ -35,6 +35,7 @@ use crate::snapshot::{
 };
 use crate::vcpu::{Vcpu, VcpuControl};
 use crate::virtio::mmio::{MmioTransport, TransportState};
+use crate::virtio::net::{Net, NetEvents};
 use crate::virtio::vsock::{Vsock, VsockEvents};
 use crate::virtio::VirtioDevice;
 
@@ -316,7 +317,7 @@ impl Vm {
         guest_cid: u64,
         uds_path: &Path,
     ) -> Result<VirtioSlot<Vsock>, VmError> {
-        self.attach_vsock(Vsock::new(guest_cid, uds_path)?, None)
+        self.attach_with_events(Vsock::new(guest_cid, uds_path)?, None, VsockEvents)
     }
 
     /// Puts a snapshot's vsock device back, its host side listening at `uds_path`.
@@ -326,17 +327,42 @@ impl Vm {
         uds_path: &Path,
         transport: &TransportState,
     ) -> Result<VirtioSlot<Vsock>, VmError> {
-        self.attach_vsock(Vsock::new(guest_cid, uds_path)?, Some(transport))
+        self.attach_with_events(
+            Vsock::new(guest_cid, uds_path)?,
+            Some(transport),
+            VsockEvents,
+        )
     }
 
-    fn attach_vsock(
+    /// Adds a network device (its tap already open: before any seccomp filter is installed).
+    pub fn add_net(&mut self, net: Net) -> Result<VirtioSlot<Net>, VmError> {
+        self.attach_with_events(net, None, NetEvents::new)
+    }
+
+    /// Puts a snapshot's network device back, over its reopened tap.
+    pub fn restore_net(
         &mut self,
-        vsock: Vsock,
+        net: Net,
+        transport: &TransportState,
+    ) -> Result<VirtioSlot<Net>, VmError> {
+        self.attach_with_events(net, Some(transport), NetEvents::new)
+    }
+
+    /// Attaches a device whose host side runs on the event loop, in the subscriber that
+    /// `events` makes of its transport.
+    fn attach_with_events<D, S>(
+        &mut self,
+        device: D,
         saved: Option<&TransportState>,
-    ) -> Result<VirtioSlot<Vsock>, VmError> {
-        let slot = self.attach(vsock, saved)?;
+        events: fn(Arc<Mutex<MmioTransport<D>>>) -> S,
+    ) -> Result<VirtioSlot<D>, VmError>
+    where
+        D: VirtioDevice + Persist + 'static,
+        S: MutEventSubscriber + Send + 'static,
+    {
+        let slot = self.attach(device, saved)?;
         self.subscribers
-            .push(Arc::new(Mutex::new(VsockEvents(slot.transport.clone()))));
+            .push(Arc::new(Mutex::new(events(slot.transport.clone()))));
         Ok(slot)
     }
 

@@ -163,25 +163,31 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// Lets the device handle queue `index` if the driver set it up; raises the interrupt
     /// when buffers were used.
     pub fn process_queue(&mut self, index: usize) {
-        if !self.driver_ok() {
+        if index >= self.queues.len() {
+            tracing::debug!("notify for queue {index}, which the device does not have");
             return;
         }
-        // Every queue must be usable: a device may touch another queue than the notified one.
-        if index >= self.queues.len()
-            || !self
+        if !self.run_device(|device, queues, mem| device.process_queue(index, queues, mem)) {
+            tracing::debug!("notify for queue {index} while the device is not live");
+        }
+    }
+
+    /// Runs `work` on the device and its queues if the device is live (DRIVER_OK, every
+    /// queue set up: a device may touch another queue than the one it works for); raises
+    /// the interrupt when `work` says it used buffers. Returns whether the device was live.
+    pub fn run_device(
+        &mut self,
+        work: impl FnOnce(&mut D, &mut [Queue], &GuestMemory) -> bool,
+    ) -> bool {
+        let live = self.driver_ok()
+            && self
                 .queues
                 .iter()
-                .all(|q| q.ready() && q.is_valid(&self.mem))
-        {
-            tracing::debug!("notify for queue {index} while queues are missing or invalid");
-            return;
-        }
-        if self
-            .device
-            .process_queue(index, &mut self.queues, &self.mem)
-        {
+                .all(|q| q.ready() && q.is_valid(&self.mem));
+        if live && work(&mut self.device, &mut self.queues, &self.mem) {
             self.signal_used();
         }
+        live
     }
 
     fn reset(&mut self) {
