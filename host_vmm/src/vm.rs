@@ -144,8 +144,9 @@ impl Vm {
     }
 
     /// The VM of a snapshot: `memory` mapped from its memory file, the legacy devices as it
-    /// saved them. Its virtio devices follow with [`Self::restore_virtio_device`] and
-    /// [`Self::restore_vsock`], in slot order; [`Self::resume`] starts it.
+    /// saved them. Its virtio devices follow with [`Self::restore_virtio_device`],
+    /// [`Self::restore_net`] and [`Self::restore_vsock`], in slot order; [`Self::resume`]
+    /// starts it.
     pub fn restore(
         config: VmConfig,
         memory: GuestMemory,

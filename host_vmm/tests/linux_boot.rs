@@ -2,8 +2,9 @@
 //! root image: the kernel boots to init, a real virtio-blk driver reads the root drive, the
 //! bootstrap reaches the host over vsock, SIGTERM shuts the guest down cleanly, the
 //! Firecracker API boots the same guest, pauses and resumes it, stops it, and snapshots it
-//! into a fresh VMM; and Debian's stock cloud kernel, which finds its devices only through
-//! ACPI, boots the same root image.
+//! into a fresh VMM; a guest on a tap answers ping before and after a snapshot moves it to
+//! another tap; and Debian's stock cloud kernel, which finds its devices only through ACPI,
+//! boots the same root image.
 //!
 //! They need a KVM that boots Linux. On metal they run here; on this project's machines
 //! (nested `kvm_pvm`, which cannot) each test re-runs itself inside the nested-KVM harness
@@ -603,6 +604,174 @@ fn debian_s_stock_cloud_kernel_finds_its_devices_in_the_acpi_tables() {
     assert_eq!(status.code(), Some(0), "{stderr}\n--- console ---\n{log}");
     assert!(log.contains("init: reboot (status"), "{log}");
     for f in [config, console] {
+        let _ = std::fs::remove_file(f);
+    }
+}
+
+/// The guest's and the host's addresses on the tap (TEST-NET-2: nothing is routed anywhere).
+const GUEST_IP: &str = "198.51.100.2";
+const HOST_IP: &str = "198.51.100.1";
+const GUEST_MAC: &str = "06:00:c6:33:64:02";
+
+/// Gives the host end of tap `name` (made by kindling-vmm, which opened it) the host address
+/// and brings it up, then pings the guest from the host: ARP and ICMP both ways through the
+/// virtio-net device.
+fn ping_guest_through(tap: &str) -> String {
+    let ip = |args: &str| {
+        let out = Command::new("sh")
+            .args(["-c", &format!("ip {args}")])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ip {args}: {out:?}");
+    };
+    ip(&format!("addr add {HOST_IP}/24 dev {tap}"));
+    ip(&format!("link set {tap} up"));
+    let out = Command::new("ping")
+        .args(["-c", "3", "-w", "30", GUEST_IP])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && text.contains("3 packets received"),
+        "ping through {tap}: {out:?}"
+    );
+    text
+}
+
+#[test]
+fn a_guest_on_a_tap_answers_ping_and_again_from_a_snapshot_on_another_tap() {
+    let Some(guest) = guest_here_or_nested(
+        "a_guest_on_a_tap_answers_ping_and_again_from_a_snapshot_on_another_tap",
+    ) else {
+        return;
+    };
+    // A network namespace of the test's own (inherited by kindling-vmm, `ip` and `ping`): the
+    // taps and their address never touch the host's network, on metal or in the harness.
+    // SAFETY: unshare(2) with CLONE_NEWNET moves only this thread and what it starts later;
+    // no memory is involved.
+    let unshared = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(unshared, 0, "{}", std::io::Error::last_os_error());
+    let (state_file, mem_file) = (scratch("net.state"), scratch("net.mem"));
+    let spawn = |sock: &Path, console: &Path| {
+        Command::new(VMM)
+            .arg("--api-sock")
+            .arg(sock)
+            .arg("--serial-out")
+            .arg(console)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (sock, console, uds) = (
+        scratch("net-a.sock"),
+        scratch("net-a.console"),
+        scratch("net-a-v.sock"),
+    );
+    let dials = count_connections(
+        UnixListener::bind(format!("{}_{RUNTIME_API_PORT}", uds.display())).unwrap(),
+    );
+    let mut original = spawn(&sock, &console);
+    let mut api = Client::connect(&sock);
+    // The kernel configures eth0 from `ip=` before init runs (client:server:gw:mask:host:dev:autoconf).
+    let boot_args = format!("{ROOT_ARGS} ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off");
+    let calls = [
+        (
+            "/boot-source",
+            json!({"kernel_image_path": guest.kernel, "initrd_path": guest.initrd,
+                   "boot_args": boot_args}),
+        ),
+        (
+            "/drives/root",
+            json!({"drive_id": "root", "path_on_host": guest.rootfs,
+                   "is_root_device": false, "is_read_only": true}),
+        ),
+        (
+            "/machine-config",
+            json!({"vcpu_count": 1, "mem_size_mib": 128}),
+        ),
+        (
+            "/network-interfaces/eth0",
+            json!({"iface_id": "eth0", "host_dev_name": "kn0", "guest_mac": GUEST_MAC}),
+        ),
+        ("/vsock", json!({"guest_cid": 3, "uds_path": uds})),
+        ("/actions", json!({"action_type": "InstanceStart"})),
+    ];
+    for (path, body) in calls {
+        let (code, fault) = api.call("PUT", path, Some(body));
+        assert_eq!(code, 204, "PUT {path}: {fault:?}");
+    }
+    let log = wait_for_console(&console, "init: bootstrap started", &mut original);
+    // Linux's virtio-net driver read the MAC from the config space.
+    assert!(
+        log.contains(&format!("hwaddr={GUEST_MAC}, ipaddr={GUEST_IP}")),
+        "{log}"
+    );
+    wait_past(&dials, 0, "the bootstrap never dialled the host");
+    println!("{}", ping_guest_through("kn0"));
+
+    let (code, fault) = api.call("PATCH", "/vm", Some(json!({"state": "Paused"})));
+    assert_eq!(code, 204, "{fault:?}");
+    let (code, fault) = api.call(
+        "PUT",
+        "/snapshot/create",
+        Some(json!({"snapshot_path": state_file, "mem_file_path": mem_file})),
+    );
+    assert_eq!(code, 204, "{fault:?}");
+    // The original shuts down; its tap goes with it.
+    let (status, stderr, _) = sigterm_and_wait(original, &console);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+
+    let (sock, console, uds) = (
+        scratch("net-b.sock"),
+        scratch("net-b.console"),
+        scratch("net-b-v.sock"),
+    );
+    let _dials = count_connections(
+        UnixListener::bind(format!("{}_{RUNTIME_API_PORT}", uds.display())).unwrap(),
+    );
+    let mut restored = spawn(&sock, &console);
+    let mut api = Client::connect(&sock);
+    let load = |overrides: serde_json::Value| {
+        json!({"snapshot_path": state_file,
+               "mem_backend": {"backend_type": "File", "backend_path": mem_file},
+               "vsock_override": {"uds_path": uds},
+               "network_overrides": overrides,
+               "resume_vm": true})
+    };
+    let (code, fault) = api.call(
+        "PUT",
+        "/snapshot/load",
+        Some(load(json!([{"iface_id": "eth9", "host_dev_name": "kn1"}]))),
+    );
+    let fault = fault.as_ref().and_then(|f| f["fault_message"].as_str());
+    assert_eq!(code, 400, "an override for an interface the snapshot lacks");
+    assert!(
+        fault.is_some_and(|f| f.contains("no network interface \"eth9\"")),
+        "{fault:?}"
+    );
+    let (code, fault) = api.call(
+        "PUT",
+        "/snapshot/load",
+        Some(load(json!([{"iface_id": "eth0", "host_dev_name": "kn1"}]))),
+    );
+    assert_eq!(code, 204, "{fault:?}");
+    // The restored guest, on another tap, answers as before: same MAC and address.
+    println!("{}", ping_guest_through("kn1"));
+    let (code, fault) = api.call(
+        "PUT",
+        "/actions",
+        Some(json!({"action_type": "SendCtrlAltDel"})),
+    );
+    assert_eq!(code, 204, "{fault:?}");
+    let status = wait_for_exit(&mut restored, "SendCtrlAltDel", SHUTDOWN_LIMIT, &console);
+    let log = std::fs::read_to_string(&console).unwrap();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(
+        !log.contains("Linux version"),
+        "the restored guest booted again:\n{log}"
+    );
+    for f in [state_file, mem_file, console] {
         let _ = std::fs::remove_file(f);
     }
 }
