@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{scratch, Client};
+use common::{api_vmm, scratch, Client};
 use kindling_images::{
     build_initramfs, build_kernel, build_root_image, Cache, KernelKind, Runtime,
 };
@@ -340,6 +340,66 @@ fn wait_past(count: &AtomicUsize, past: usize, what: &str) {
     }
 }
 
+/// Boots `guest` through the API: `boot_args`, its root drive, `machine` (the
+/// machine-config), each of `devices` (a PUT path and body), vsock at `uds`, InstanceStart.
+fn boot_through_api(
+    api: &mut Client,
+    guest: &Guest,
+    boot_args: &str,
+    machine: serde_json::Value,
+    devices: &[(&str, serde_json::Value)],
+    uds: &Path,
+) {
+    let mut calls = vec![
+        (
+            "/boot-source",
+            json!({"kernel_image_path": guest.kernel, "initrd_path": guest.initrd,
+                   "boot_args": boot_args}),
+        ),
+        (
+            "/drives/root",
+            json!({"drive_id": "root", "path_on_host": guest.rootfs,
+                   "is_root_device": false, "is_read_only": true}),
+        ),
+        ("/machine-config", machine),
+    ];
+    calls.extend(devices.iter().cloned());
+    calls.push(("/vsock", json!({"guest_cid": 3, "uds_path": uds})));
+    calls.push(("/actions", json!({"action_type": "InstanceStart"})));
+    for (path, body) in calls {
+        let (code, fault) = api.call("PUT", path, Some(body));
+        assert_eq!(code, 204, "PUT {path}: {fault:?}");
+    }
+}
+
+/// Pauses the VM and takes a full snapshot of it.
+fn pause_and_snapshot(api: &mut Client, state_file: &Path, mem_file: &Path) {
+    let (code, fault) = api.call("PATCH", "/vm", Some(json!({"state": "Paused"})));
+    assert_eq!(code, 204, "{fault:?}");
+    let (code, fault) = api.call(
+        "PUT",
+        "/snapshot/create",
+        Some(json!({"snapshot_path": state_file, "mem_file_path": mem_file})),
+    );
+    assert_eq!(code, 204, "{fault:?}");
+}
+
+/// Presses Ctrl-Alt-Del through the API and waits for the guest's clean shutdown to end the
+/// VMM with status 0; the console.
+fn ctrl_alt_del_and_wait(api: &mut Client, vmm: &mut Child, console: &Path) -> String {
+    let (code, fault) = api.call(
+        "PUT",
+        "/actions",
+        Some(json!({"action_type": "SendCtrlAltDel"})),
+    );
+    assert_eq!(code, 204, "{fault:?}");
+    let status = wait_for_exit(vmm, "SendCtrlAltDel", SHUTDOWN_LIMIT, console);
+    let log = std::fs::read_to_string(console).unwrap();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("init: reboot (status"), "{log}");
+    log
+}
+
 #[test]
 fn the_firecracker_api_boots_pauses_resumes_and_stops_linux() {
     let Some(guest) =
@@ -353,41 +413,12 @@ fn the_firecracker_api_boots_pauses_resumes_and_stops_linux() {
     let dials = count_connections(
         UnixListener::bind(format!("{}_{RUNTIME_API_PORT}", uds.display())).unwrap(),
     );
-    let mut vmm = Command::new(VMM)
-        .arg("--api-sock")
-        .arg(&sock)
-        .arg("--timings")
-        .arg("--serial-out")
-        .arg(&console)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut vmm = api_vmm(&sock, &console).arg("--timings").spawn().unwrap();
     let mut api = Client::connect(&sock);
     let (code, fault) = api.call("PATCH", "/vm", Some(json!({"state": "Paused"})));
     assert_eq!(code, 400, "pausing before the start: {fault:?}");
-    let calls = [
-        (
-            "/boot-source",
-            json!({"kernel_image_path": guest.kernel, "initrd_path": guest.initrd,
-                   "boot_args": ROOT_ARGS}),
-        ),
-        (
-            "/drives/root",
-            json!({"drive_id": "root", "path_on_host": guest.rootfs,
-                   "is_root_device": false, "is_read_only": true}),
-        ),
-        (
-            "/machine-config",
-            json!({"vcpu_count": 2, "mem_size_mib": 256}),
-        ),
-        ("/vsock", json!({"guest_cid": 3, "uds_path": uds})),
-        ("/actions", json!({"action_type": "InstanceStart"})),
-    ];
-    for (path, body) in calls {
-        let (code, fault) = api.call("PUT", path, Some(body));
-        assert_eq!(code, 204, "PUT {path}: {fault:?}");
-    }
+    let machine = json!({"vcpu_count": 2, "mem_size_mib": 256});
+    boot_through_api(&mut api, &guest, ROOT_ARGS, machine, &[], &uds);
     let state = |api: &mut Client| api.call("GET", "/", None).1.unwrap()["state"].clone();
     assert_eq!(state(&mut api), json!("Running"));
     wait_for_console(&console, "init: bootstrap started", &mut vmm);
@@ -418,16 +449,7 @@ fn the_firecracker_api_boots_pauses_resumes_and_stops_linux() {
         "the guest did not dial the host again after resuming",
     );
 
-    let (code, fault) = api.call(
-        "PUT",
-        "/actions",
-        Some(json!({"action_type": "SendCtrlAltDel"})),
-    );
-    assert_eq!(code, 204, "{fault:?}");
-    let status = wait_for_exit(&mut vmm, "SendCtrlAltDel", SHUTDOWN_LIMIT, &console);
-    let log = std::fs::read_to_string(&console).unwrap();
-    assert_eq!(status.code(), Some(0), "{log}");
-    assert!(log.contains("init: reboot (status"), "{log}");
+    ctrl_alt_del_and_wait(&mut api, &mut vmm, &console);
     assert!(!sock.exists(), "the API socket is removed at exit");
     let _ = std::fs::remove_file(console);
 }
@@ -448,51 +470,13 @@ fn a_snapshot_of_running_linux_restores_in_a_fresh_vmm_with_its_devices() {
     let dials_a = count_connections(
         UnixListener::bind(format!("{}_{RUNTIME_API_PORT}", uds.display())).unwrap(),
     );
-    let spawn = |sock: &Path, console: &Path| {
-        Command::new(VMM)
-            .arg("--api-sock")
-            .arg(sock)
-            .arg("--serial-out")
-            .arg(console)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    let mut original = spawn(&sock, &console);
+    let mut original = api_vmm(&sock, &console).spawn().unwrap();
     let mut api = Client::connect(&sock);
-    let calls = [
-        (
-            "/boot-source",
-            json!({"kernel_image_path": guest.kernel, "initrd_path": guest.initrd,
-                   "boot_args": ROOT_ARGS}),
-        ),
-        (
-            "/drives/root",
-            json!({"drive_id": "root", "path_on_host": guest.rootfs,
-                   "is_root_device": false, "is_read_only": true}),
-        ),
-        (
-            "/machine-config",
-            json!({"vcpu_count": 2, "mem_size_mib": 128}),
-        ),
-        ("/vsock", json!({"guest_cid": 3, "uds_path": uds})),
-        ("/actions", json!({"action_type": "InstanceStart"})),
-    ];
-    for (path, body) in calls {
-        let (code, fault) = api.call("PUT", path, Some(body));
-        assert_eq!(code, 204, "PUT {path}: {fault:?}");
-    }
+    let machine = json!({"vcpu_count": 2, "mem_size_mib": 128});
+    boot_through_api(&mut api, &guest, ROOT_ARGS, machine, &[], &uds);
     wait_for_console(&console, "init: bootstrap started", &mut original);
     wait_past(&dials_a, 1, "the bootstrap never dialled the host twice");
-    let (code, fault) = api.call("PATCH", "/vm", Some(json!({"state": "Paused"})));
-    assert_eq!(code, 204, "{fault:?}");
-    let (code, fault) = api.call(
-        "PUT",
-        "/snapshot/create",
-        Some(json!({"snapshot_path": state_file, "mem_file_path": mem_file})),
-    );
-    assert_eq!(code, 204, "{fault:?}");
+    pause_and_snapshot(&mut api, &state_file, &mem_file);
     // The original is done with: its guest shuts down as usual.
     let (status, stderr, _) = sigterm_and_wait(original, &console);
     assert_eq!(status.code(), Some(0), "{stderr}");
@@ -507,7 +491,7 @@ fn a_snapshot_of_running_linux_restores_in_a_fresh_vmm_with_its_devices() {
     let dials_b = count_connections(
         UnixListener::bind(format!("{}_{RUNTIME_API_PORT}", uds.display())).unwrap(),
     );
-    let mut restored = spawn(&sock, &console);
+    let mut restored = api_vmm(&sock, &console).spawn().unwrap();
     let mut api = Client::connect(&sock);
     let started = Instant::now();
     let (code, fault) = api.call(
@@ -530,20 +514,11 @@ fn a_snapshot_of_running_linux_restores_in_a_fresh_vmm_with_its_devices() {
         1,
         "the restored guest's bootstrap stopped retrying",
     );
-    let (code, fault) = api.call(
-        "PUT",
-        "/actions",
-        Some(json!({"action_type": "SendCtrlAltDel"})),
-    );
-    assert_eq!(code, 204, "{fault:?}");
-    let status = wait_for_exit(&mut restored, "SendCtrlAltDel", SHUTDOWN_LIMIT, &console);
-    let log = std::fs::read_to_string(&console).unwrap();
-    assert_eq!(status.code(), Some(0), "{log}");
+    let log = ctrl_alt_del_and_wait(&mut api, &mut restored, &console);
     assert!(
         !log.contains("Linux version"),
         "the restored guest booted again:\n{log}"
     );
-    assert!(log.contains("init: reboot (status"), "{log}");
     println!("restore → first vsock dial: {first_dial:?}");
     for f in [state_file, mem_file, console] {
         let _ = std::fs::remove_file(f);
@@ -652,17 +627,6 @@ fn a_guest_on_a_tap_answers_ping_and_again_from_a_snapshot_on_another_tap() {
     let unshared = unsafe { libc::unshare(libc::CLONE_NEWNET) };
     assert_eq!(unshared, 0, "{}", std::io::Error::last_os_error());
     let (state_file, mem_file) = (scratch("net.state"), scratch("net.mem"));
-    let spawn = |sock: &Path, console: &Path| {
-        Command::new(VMM)
-            .arg("--api-sock")
-            .arg(sock)
-            .arg("--serial-out")
-            .arg(console)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
     let (sock, console, uds) = (
         scratch("net-a.sock"),
         scratch("net-a.console"),
@@ -671,36 +635,17 @@ fn a_guest_on_a_tap_answers_ping_and_again_from_a_snapshot_on_another_tap() {
     let dials = count_connections(
         UnixListener::bind(format!("{}_{RUNTIME_API_PORT}", uds.display())).unwrap(),
     );
-    let mut original = spawn(&sock, &console);
+    let mut original = api_vmm(&sock, &console).spawn().unwrap();
     let mut api = Client::connect(&sock);
-    // The kernel configures eth0 from `ip=` before init runs (client:server:gw:mask:host:dev:autoconf).
+    // The kernel configures eth0 from `ip=` before init runs
+    // (client:server:gateway:netmask:hostname:device:autoconf).
     let boot_args = format!("{ROOT_ARGS} ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off");
-    let calls = [
-        (
-            "/boot-source",
-            json!({"kernel_image_path": guest.kernel, "initrd_path": guest.initrd,
-                   "boot_args": boot_args}),
-        ),
-        (
-            "/drives/root",
-            json!({"drive_id": "root", "path_on_host": guest.rootfs,
-                   "is_root_device": false, "is_read_only": true}),
-        ),
-        (
-            "/machine-config",
-            json!({"vcpu_count": 1, "mem_size_mib": 128}),
-        ),
-        (
-            "/network-interfaces/eth0",
-            json!({"iface_id": "eth0", "host_dev_name": "kn0", "guest_mac": GUEST_MAC}),
-        ),
-        ("/vsock", json!({"guest_cid": 3, "uds_path": uds})),
-        ("/actions", json!({"action_type": "InstanceStart"})),
-    ];
-    for (path, body) in calls {
-        let (code, fault) = api.call("PUT", path, Some(body));
-        assert_eq!(code, 204, "PUT {path}: {fault:?}");
-    }
+    let eth0 = (
+        "/network-interfaces/eth0",
+        json!({"iface_id": "eth0", "host_dev_name": "kn0", "guest_mac": GUEST_MAC}),
+    );
+    let machine = json!({"vcpu_count": 1, "mem_size_mib": 128});
+    boot_through_api(&mut api, &guest, &boot_args, machine, &[eth0], &uds);
     let log = wait_for_console(&console, "init: bootstrap started", &mut original);
     // Linux's virtio-net driver read the MAC from the config space.
     assert!(
@@ -709,15 +654,7 @@ fn a_guest_on_a_tap_answers_ping_and_again_from_a_snapshot_on_another_tap() {
     );
     wait_past(&dials, 0, "the bootstrap never dialled the host");
     println!("{}", ping_guest_through("kn0"));
-
-    let (code, fault) = api.call("PATCH", "/vm", Some(json!({"state": "Paused"})));
-    assert_eq!(code, 204, "{fault:?}");
-    let (code, fault) = api.call(
-        "PUT",
-        "/snapshot/create",
-        Some(json!({"snapshot_path": state_file, "mem_file_path": mem_file})),
-    );
-    assert_eq!(code, 204, "{fault:?}");
+    pause_and_snapshot(&mut api, &state_file, &mem_file);
     // The original shuts down; its tap goes with it.
     let (status, stderr, _) = sigterm_and_wait(original, &console);
     assert_eq!(status.code(), Some(0), "{stderr}");
@@ -730,7 +667,7 @@ fn a_guest_on_a_tap_answers_ping_and_again_from_a_snapshot_on_another_tap() {
     let _dials = count_connections(
         UnixListener::bind(format!("{}_{RUNTIME_API_PORT}", uds.display())).unwrap(),
     );
-    let mut restored = spawn(&sock, &console);
+    let mut restored = api_vmm(&sock, &console).spawn().unwrap();
     let mut api = Client::connect(&sock);
     let load = |overrides: serde_json::Value| {
         json!({"snapshot_path": state_file,
@@ -758,15 +695,7 @@ fn a_guest_on_a_tap_answers_ping_and_again_from_a_snapshot_on_another_tap() {
     assert_eq!(code, 204, "{fault:?}");
     // The restored guest, on another tap, answers as before: same MAC and address.
     println!("{}", ping_guest_through("kn1"));
-    let (code, fault) = api.call(
-        "PUT",
-        "/actions",
-        Some(json!({"action_type": "SendCtrlAltDel"})),
-    );
-    assert_eq!(code, 204, "{fault:?}");
-    let status = wait_for_exit(&mut restored, "SendCtrlAltDel", SHUTDOWN_LIMIT, &console);
-    let log = std::fs::read_to_string(&console).unwrap();
-    assert_eq!(status.code(), Some(0), "{log}");
+    let log = ctrl_alt_del_and_wait(&mut api, &mut restored, &console);
     assert!(
         !log.contains("Linux version"),
         "the restored guest booted again:\n{log}"

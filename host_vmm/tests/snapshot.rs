@@ -6,10 +6,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{elf_kernel, kvm_or_skip, scratch, Client, KillOnDrop, DOTS_KERNEL};
+use common::{api_vmm, elf_kernel, kvm_or_skip, scratch, Client, KillOnDrop, DOTS_KERNEL};
 use serde_json::{json, Value};
 
 fn fault(resp: &(u16, Option<Value>)) -> String {
@@ -21,17 +20,7 @@ fn fault(resp: &(u16, Option<Value>)) -> String {
 }
 
 fn vmm(sock: &Path, console: &Path) -> KillOnDrop {
-    KillOnDrop::new(
-        Command::new(env!("CARGO_BIN_EXE_kindling-vmm"))
-            .arg("--api-sock")
-            .arg(sock)
-            .arg("--serial-out")
-            .arg(console)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    )
+    KillOnDrop::new(api_vmm(sock, console).spawn().unwrap())
 }
 
 fn size(file: &Path) -> u64 {

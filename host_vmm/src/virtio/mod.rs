@@ -87,3 +87,33 @@ pub fn checked_descriptors(
     }
     Ok(descs)
 }
+
+/// The driver's side of a device's queues, for device tests.
+#[cfg(test)]
+pub(crate) mod test_rings {
+    use virtio_queue::{Queue, QueueT};
+
+    /// Queue `q`'s descriptor table, available ring and used ring: a page each, from
+    /// 0x1000 + 0x3000 * q.
+    pub fn ring(q: usize) -> (u64, u64, u64) {
+        let base = 0x1000 + 0x3000 * u64::try_from(q).unwrap();
+        (base, base + 0x1000, base + 0x2000)
+    }
+
+    /// `count` ready queues of `size` entries, laid out by [`ring`].
+    pub fn queues(count: usize, size: u16) -> Vec<Queue> {
+        (0..count)
+            .map(|q| {
+                let (d, a, u) = ring(q);
+                let mut queue = Queue::new(size).unwrap();
+                queue.set_size(size);
+                let low = |addr: u64| Some(u32::try_from(addr).unwrap());
+                queue.set_desc_table_address(low(d), Some(0));
+                queue.set_avail_ring_address(low(a), Some(0));
+                queue.set_used_ring_address(low(u), Some(0));
+                queue.set_ready(true);
+                queue
+            })
+            .collect()
+    }
+}

@@ -655,6 +655,7 @@ impl MutEventSubscriber for NetEvents {
 mod tests {
     use super::*;
     use crate::memory::create_guest_memory;
+    use crate::virtio::test_rings::{queues, ring};
     use std::os::fd::OwnedFd;
     use std::os::unix::net::UnixDatagram;
 
@@ -725,11 +726,6 @@ mod tests {
         used_seen: [u16; 2],
     }
 
-    fn ring(q: usize) -> (u64, u64, u64) {
-        let base = 0x1000 + q as u64 * 0x3000;
-        (base, base + 0x1000, base + 0x2000)
-    }
-
     /// Guest buffers of a page each, for RX from 1 MiB, for TX from 2 MiB.
     fn buffer(q: usize, slot: u16) -> u64 {
         [0x10_0000, 0x20_0000][q] + 0x1000 * u64::from(slot)
@@ -737,23 +733,9 @@ mod tests {
 
     impl Driver {
         fn new() -> Self {
-            let mem = create_guest_memory(8).unwrap();
-            let queues = (0..2)
-                .map(|q| {
-                    let (d, a, u) = ring(q);
-                    let mut queue = Queue::new(SIZE).unwrap();
-                    queue.set_size(SIZE);
-                    let low = |addr: u64| Some(u32::try_from(addr).unwrap());
-                    queue.set_desc_table_address(low(d), Some(0));
-                    queue.set_avail_ring_address(low(a), Some(0));
-                    queue.set_used_ring_address(low(u), Some(0));
-                    queue.set_ready(true);
-                    queue
-                })
-                .collect();
             Self {
-                mem,
-                queues,
+                mem: create_guest_memory(8).unwrap(),
+                queues: queues(2, SIZE),
                 avail: [0; 2],
                 used_seen: [0; 2],
             }

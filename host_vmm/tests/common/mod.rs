@@ -375,6 +375,18 @@ pub fn elf_kernel(code: &[u8]) -> Vec<u8> {
     f
 }
 
+/// kindling-vmm serving its API on `sock`, the guest's console in `console`, stderr piped.
+pub fn api_vmm(sock: &Path, console: &Path) -> std::process::Command {
+    let mut vmm = std::process::Command::new(env!("CARGO_BIN_EXE_kindling-vmm"));
+    vmm.arg("--api-sock")
+        .arg(sock)
+        .arg("--serial-out")
+        .arg(console)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    vmm
+}
+
 /// One keep-alive HTTP/1.1 client connection.
 pub struct Client(BufReader<UnixStream>);
 
