@@ -1,5 +1,6 @@
 //! The level-1 host of the nested-KVM test harness: Debian's stock amd64 kernel with its KVM
-//! modules (`kvm_amd` and what it needs) and a static busybox. Booted under QEMU TCG with an
+//! modules (`kvm_amd` and what it needs), `tun` (the taps of network tests) and a static
+//! busybox. Booted under QEMU TCG with an
 //! emulated AMD CPU that has SVM, it gives hosts whose own KVM cannot boot Linux (nested
 //! `kvm_pvm`, ENVIRONMENT.md) a real `/dev/kvm` to run kindling-vmm on. Both packages are
 //! downloaded and unpacked, never installed.
@@ -18,7 +19,8 @@ use crate::progress::Step;
 /// Debian's generic kernel: unlike the cloud kernel, it ships `kvm_amd`.
 const METAPACKAGE: &str = "linux-image-amd64";
 const BUSYBOX_PACKAGE: &str = "busybox-static";
-const KVM_MODULES: [&str; 1] = ["kvm_amd"];
+/// The modules L1 loads: KVM, and tun for the taps of kindling-vmm's network devices.
+const L1_MODULES: [&str; 2] = ["kvm_amd", "tun"];
 const MANIFEST: &str = "nested.json";
 /// Entry names are `l1-<key>`.
 pub(crate) const ENTRY_PREFIX: &str = "l1";
@@ -34,7 +36,7 @@ pub struct NestedHost {
     pub busybox: PathBuf,
     /// `uname -r` of the kernel.
     pub release: String,
-    /// The KVM modules in load order, relative to `dir` (`lib/modules/<release>/...`).
+    /// The modules in load order, relative to `dir` (`lib/modules/<release>/...`).
     pub modules: Vec<String>,
     pub cached: bool,
     pub elapsed: Duration,
@@ -82,7 +84,7 @@ pub(crate) fn entry_name(package: &str) -> Result<String> {
     fp.str("package", package)
         .str("version", &candidate_version(package)?)
         .str("busybox", &candidate_version(BUSYBOX_PACKAGE)?);
-    for module in KVM_MODULES {
+    for module in L1_MODULES {
         fp.str("module", module);
     }
     Ok(format!("{ENTRY_PREFIX}-{}", fp.key()))
@@ -94,7 +96,7 @@ pub(crate) fn current_entry_name() -> Result<String> {
 }
 
 fn unpack(step: Step, work: &Path, package: &str, out: &Path, log: &Path) -> Result<()> {
-    let kernel = unpack_kernel_package(&step, work, package, &KVM_MODULES, out, log)?;
+    let kernel = unpack_kernel_package(&step, work, package, &L1_MODULES, out, log)?;
     let busybox = work.join("busybox");
     apt_unpack(&step, work, BUSYBOX_PACKAGE, &busybox, log)?;
     fs::copy(busybox.join("bin/busybox"), out.join("busybox"))?;

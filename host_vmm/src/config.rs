@@ -1,5 +1,5 @@
 //! Firecracker's JSON configuration, for the subset Kindling supports: `boot-source`,
-//! `drives`, `machine-config` and `vsock`. The same structs are the bodies of the API's
+//! `drives`, `machine-config`, `network-interfaces` and `vsock`. The same structs are the bodies of the API's
 //! `PUT` requests, so a config file and an API session describe a VM the same way.
 //! Unknown fields are errors (a typo must not silently change the VM).
 
@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::boot::{BootSource, DEFAULT_BOOT_ARGS};
 use crate::cpu_template::CpuTemplate;
+use crate::virtio::net::MacAddr;
 
 /// Most vCPUs a VM may have (Firecracker's limit).
 pub const MAX_VCPUS: u8 = 32;
@@ -71,6 +72,23 @@ impl Default for MachineConfig {
     }
 }
 
+/// `PUT /network-interfaces/{iface_id}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterfaceConfig {
+    pub iface_id: String,
+    /// The tap, opened (as root: created, if missing) by name.
+    pub host_dev_name: String,
+    /// Offered to the guest with `VIRTIO_NET_F_MAC`; without it the guest picks its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<MacAddr>,
+    /// Rate limiters are not implemented: any value is refused by [`Self::validate`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<serde_json::Value>,
+}
+
 /// `PUT /vsock`
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -107,9 +125,12 @@ pub struct VmmConfig {
     /// The template in use: from `cpu-config` or `PUT /cpu-config`.
     #[serde(skip)]
     pub cpu_template: Option<CpuTemplate>,
-    /// Accepted for compatibility when empty; there is no network device.
-    #[serde(rename = "network-interfaces", default, skip_serializing)]
-    pub network_interfaces: Vec<serde_json::Value>,
+    #[serde(
+        rename = "network-interfaces",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub network_interfaces: Vec<NetworkInterfaceConfig>,
 }
 
 /// Why a configuration is refused.
@@ -139,19 +160,19 @@ impl BootSourceConfig {
     }
 }
 
+/// An id the API also takes in its path (`drive_id`, `iface_id`).
+fn check_id(what: &str, id: &str) -> Result<(), ConfigError> {
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return err(format!(
+            "invalid {what} {id:?}: use letters, digits and underscores"
+        ));
+    }
+    Ok(())
+}
+
 impl DriveConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.drive_id.is_empty()
-            || !self
-                .drive_id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_')
-        {
-            return err(format!(
-                "invalid drive_id {:?}: use letters, digits and underscores",
-                self.drive_id
-            ));
-        }
+        check_id("drive_id", &self.drive_id)?;
         check_file("path_on_host", &self.path_on_host)?;
         match self.cache_type.as_deref() {
             None | Some("Unsafe") | Some("Writeback") => {}
@@ -183,6 +204,60 @@ impl MachineConfig {
             Some(other) => err(format!("cpu_template {other:?} is not supported (None)")),
         }
     }
+}
+
+impl NetworkInterfaceConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_id("iface_id", &self.iface_id)?;
+        // What the kernel takes as an interface name (dev_valid_name): IFNAMSIZ - 1 bytes.
+        let name = &self.host_dev_name;
+        if name.is_empty()
+            || name.len() >= libc::IFNAMSIZ
+            || name == "."
+            || name == ".."
+            || name
+                .chars()
+                .any(|c| c == '/' || c == ':' || c.is_whitespace() || c == '\0')
+        {
+            return err(format!(
+                "invalid host_dev_name {name:?}: an interface name of 1 to {} bytes",
+                libc::IFNAMSIZ - 1
+            ));
+        }
+        for (field, limiter) in [
+            ("rx_rate_limiter", &self.rx_rate_limiter),
+            ("tx_rate_limiter", &self.tx_rate_limiter),
+        ] {
+            if limiter.as_ref().is_some_and(|v| !v.is_null()) {
+                return err(format!("{field} is not supported by kindling-vmm"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks a VM's network interfaces, each on its own and together: no two share an
+/// `iface_id`, a tap or a guest MAC.
+pub fn check_interfaces(interfaces: &[NetworkInterfaceConfig]) -> Result<(), ConfigError> {
+    let (mut ids, mut taps, mut macs) = (HashSet::new(), HashSet::new(), HashSet::new());
+    for i in interfaces {
+        i.validate()?;
+        if !ids.insert(&i.iface_id) {
+            return err(format!("iface_id {:?} is used twice", i.iface_id));
+        }
+        if !taps.insert(&i.host_dev_name) {
+            return err(format!(
+                "host_dev_name {:?} is used by two network interfaces",
+                i.host_dev_name
+            ));
+        }
+        if let Some(mac) = i.guest_mac {
+            if !macs.insert(mac) {
+                return err(format!("guest_mac {mac} is used by two network interfaces"));
+            }
+        }
+    }
+    Ok(())
 }
 
 impl VsockConfig {
@@ -231,9 +306,7 @@ impl VmmConfig {
         if self.drives.iter().filter(|d| d.is_root_device).count() > 1 {
             return err("only one drive may be the root device");
         }
-        if !self.network_interfaces.is_empty() {
-            return err("network interfaces are not supported");
-        }
+        check_interfaces(&self.network_interfaces)?;
         if let Some(v) = &self.vsock {
             v.validate()?;
         }
@@ -295,7 +368,10 @@ mod tests {
               ],
               "machine-config": {{"vcpu_count": 2, "mem_size_mib": 256, "smt": false}},
               "vsock": {{"guest_cid": 3, "uds_path": "/tmp/kv-cfg-nonexistent.sock"}},
-              "network-interfaces": []
+              "network-interfaces": [
+                {{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:AC:10:00:02"}},
+                {{"iface_id": "eth1", "host_dev_name": "tap1", "rx_rate_limiter": null}}
+              ]
             }}"#,
             k.display(),
             d = d.display()
@@ -313,6 +389,12 @@ mod tests {
             "console=ttyS0 reboot=k root=/dev/vda rw"
         );
         assert_eq!(cfg.machine_config.vcpu_count, 2);
+        let macs: Vec<_> = cfg
+            .network_interfaces
+            .iter()
+            .map(|i| i.guest_mac.map(|m| m.to_string()))
+            .collect();
+        assert_eq!(macs, [Some("06:00:ac:10:00:02".into()), None]);
         std::fs::remove_file(k).unwrap();
         std::fs::remove_file(d).unwrap();
     }
@@ -399,9 +481,50 @@ mod tests {
             r#"{"boot-source": {"kernel_image_path": "/nonexistent"}}"#.into(),
             "kernel_image_path",
         );
+        let net = |ifaces: &str| base(&format!(r#", "network-interfaces": [{ifaces}]"#));
         check(
-            base(r#", "network-interfaces": [{"iface_id": "eth0"}]"#),
-            "network interfaces",
+            net(r#"{"iface_id": "eth0"}"#),
+            "missing field `host_dev_name`",
+        );
+        check(
+            net(r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00"}"#),
+            "invalid MAC address",
+        );
+        check(
+            net(r#"{"iface_id": "eth/0", "host_dev_name": "tap0"}"#),
+            "invalid iface_id",
+        );
+        for name in ["", "a-name-of-16-byte", "ta p", "tap/0", ".."] {
+            check(
+                net(&format!(
+                    r#"{{"iface_id": "eth0", "host_dev_name": "{name}"}}"#
+                )),
+                "invalid host_dev_name",
+            );
+        }
+        check(
+            net(
+                r#"{"iface_id": "eth0", "host_dev_name": "tap0", "tx_rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1}}}"#,
+            ),
+            "tx_rate_limiter is not supported",
+        );
+        check(
+            net(
+                r#"{"iface_id": "eth0", "host_dev_name": "tap0"}, {"iface_id": "eth0", "host_dev_name": "tap1"}"#,
+            ),
+            "iface_id \"eth0\" is used twice",
+        );
+        check(
+            net(
+                r#"{"iface_id": "eth0", "host_dev_name": "tap0"}, {"iface_id": "eth1", "host_dev_name": "tap0"}"#,
+            ),
+            "used by two network interfaces",
+        );
+        check(
+            net(
+                r#"{"iface_id": "a", "host_dev_name": "t0", "guest_mac": "06:00:00:00:00:01"}, {"iface_id": "b", "host_dev_name": "t1", "guest_mac": "06:00:00:00:00:01"}"#,
+            ),
+            "guest_mac 06:00:00:00:00:01 is used by two",
         );
         std::fs::remove_file(k).unwrap();
         std::fs::remove_file(d).unwrap();

@@ -3,10 +3,10 @@
 //!
 //! The pieces, bottom up: [`layout`] (the guest address map), [`memory`] (guest RAM),
 //! [`bus`] (exit dispatch), [`devices`] (serial, i8042, boot timer), [`virtio`] (virtio-mmio,
-//! block, vsock with Firecracker's hybrid Unix-socket backend), [`cpu`] and [`cpu_template`]
-//! (64-bit vCPU state, CPUID), [`vcpu`] (the `KVM_RUN` thread), [`vm`] (the assembled
-//! machine and its event loop), [`exit`] (why it stopped), [`boot`], [`mptable`] and
-//! [`acpi`] (Linux boot and the platform tables), [`snapshot`] (save and restore),
+//! block, net over a tap, vsock with Firecracker's hybrid Unix-socket backend), [`cpu`] and
+//! [`cpu_template`] (64-bit vCPU state, CPUID), [`vcpu`] (the `KVM_RUN` thread), [`vm`] (the
+//! assembled machine and its event loop), [`exit`] (why it stopped), [`boot`], [`mptable`]
+//! and [`acpi`] (Linux boot and the platform tables), [`snapshot`] (save and restore),
 //! [`config`] and [`api`] (Firecracker's config file and REST API), [`vmm`] (config or
 //! snapshot → VM), [`signals`], [`seccomp`] and [`metrics`] (process plumbing).
 

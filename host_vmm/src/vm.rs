@@ -16,6 +16,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
+use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::{Bus, OverlapError};
@@ -36,6 +37,7 @@ use crate::snapshot::{
 };
 use crate::vcpu::{Vcpu, VcpuControl};
 use crate::virtio::mmio::{MmioTransport, TransportState};
+use crate::virtio::net::{Net, NetEvents};
 use crate::virtio::vsock::{Vsock, VsockEvents};
 use crate::virtio::VirtioDevice;
 
@@ -99,6 +101,9 @@ pub struct Vm {
     i8042: CtrlAltDel,
     seccomp: Filters,
     vcpus: VcpuControl,
+    /// Interrupts a snapshot caught before the guest took them, raised again once the
+    /// restored VM's interrupt controllers hold their saved state.
+    pending_irqs: Vec<IrqLine>,
 }
 
 /// A device's event-loop half.
@@ -144,8 +149,9 @@ impl Vm {
     }
 
     /// The VM of a snapshot: `memory` mapped from its memory file, the legacy devices as it
-    /// saved them. Its virtio devices follow with [`Self::restore_virtio_device`] and
-    /// [`Self::restore_vsock`], in slot order; [`Self::resume`] starts it.
+    /// saved them. Its virtio devices follow with [`Self::restore_virtio_device`],
+    /// [`Self::restore_net`] and [`Self::restore_vsock`], in slot order; [`Self::resume`]
+    /// starts it.
     pub fn restore(
         config: VmConfig,
         memory: GuestMemory,
@@ -200,6 +206,15 @@ impl Vm {
         let mut io_bus = Bus::new();
         let serial_irq = irq_line(&vm_fd, layout::SERIAL_IRQ)?;
         let keyboard_irq = irq_line(&vm_fd, layout::KEYBOARD_IRQ)?;
+        let mut pending_irqs = Vec::new();
+        if let Some(saved) = saved {
+            if saved.serial.interrupt_pending() {
+                pending_irqs.push(serial_irq.try_clone()?);
+            }
+            if saved.i8042.interrupt_pending() {
+                pending_irqs.push(keyboard_irq.try_clone()?);
+            }
+        }
         let (serial, i8042) = match saved {
             None => (
                 SerialDevice::new(serial_irq, config.serial),
@@ -240,6 +255,7 @@ impl Vm {
             i8042: CtrlAltDel(i8042),
             seccomp: Filters::off(),
             vcpus: VcpuControl::default(),
+            pending_irqs,
         })
     }
 
@@ -290,6 +306,9 @@ impl Vm {
         let (base, irq) = layout::virtio_slot(self.virtio.len())
             .ok_or_else(|| VmError::Config("no virtio-mmio slot left".into()))?;
         let line = irq_line(&self.vm_fd, irq)?;
+        if saved.is_some_and(TransportState::interrupt_pending) {
+            self.pending_irqs.push(line.try_clone()?);
+        }
         let transport = match saved {
             None => MmioTransport::new(device, self.memory.clone(), line),
             Some(saved) => MmioTransport::from_state(device, self.memory.clone(), line, saved)
@@ -317,7 +336,7 @@ impl Vm {
         guest_cid: u64,
         uds_path: &Path,
     ) -> Result<VirtioSlot<Vsock>, VmError> {
-        self.attach_vsock(Vsock::new(guest_cid, uds_path)?, None)
+        self.attach_with_events(Vsock::new(guest_cid, uds_path)?, None, VsockEvents)
     }
 
     /// Puts a snapshot's vsock device back, its host side listening at `uds_path`.
@@ -327,17 +346,42 @@ impl Vm {
         uds_path: &Path,
         transport: &TransportState,
     ) -> Result<VirtioSlot<Vsock>, VmError> {
-        self.attach_vsock(Vsock::new(guest_cid, uds_path)?, Some(transport))
+        self.attach_with_events(
+            Vsock::new(guest_cid, uds_path)?,
+            Some(transport),
+            VsockEvents,
+        )
     }
 
-    fn attach_vsock(
+    /// Adds a network device (its tap already open: before any seccomp filter is installed).
+    pub fn add_net(&mut self, net: Net) -> Result<VirtioSlot<Net>, VmError> {
+        self.attach_with_events(net, None, NetEvents::new)
+    }
+
+    /// Puts a snapshot's network device back, over its reopened tap.
+    pub fn restore_net(
         &mut self,
-        vsock: Vsock,
+        net: Net,
+        transport: &TransportState,
+    ) -> Result<VirtioSlot<Net>, VmError> {
+        self.attach_with_events(net, Some(transport), NetEvents::new)
+    }
+
+    /// Attaches a device whose host side runs on the event loop, in the subscriber that
+    /// `events` makes of its transport.
+    fn attach_with_events<D, S>(
+        &mut self,
+        device: D,
         saved: Option<&TransportState>,
-    ) -> Result<VirtioSlot<Vsock>, VmError> {
-        let slot = self.attach(vsock, saved)?;
+        events: fn(Arc<Mutex<MmioTransport<D>>>) -> S,
+    ) -> Result<VirtioSlot<D>, VmError>
+    where
+        D: VirtioDevice + Persist + 'static,
+        S: MutEventSubscriber + Send + 'static,
+    {
+        let slot = self.attach(device, saved)?;
         self.subscribers
-            .push(Arc::new(Mutex::new(VsockEvents(slot.transport.clone()))));
+            .push(Arc::new(Mutex::new(events(slot.transport.clone()))));
         Ok(slot)
     }
 
@@ -469,6 +513,9 @@ impl Vm {
             });
         }
         finish(&self.vm_fd)?;
+        for line in &self.pending_irqs {
+            line.trigger()?;
+        }
         if paused {
             // No thread runs yet: this only marks the VM paused, and each parks on start.
             control

@@ -1,5 +1,5 @@
-//! From a validated [`VmmConfig`] to a VM ready to start (memory, drives, vsock, kernel), or
-//! from a snapshot to a VM ready to resume.
+//! From a validated [`VmmConfig`] to a VM ready to start (memory, drives, network
+//! interfaces, vsock, kernel), or from a snapshot to a VM ready to resume.
 
 use std::path::Path;
 use std::time::Instant;
@@ -10,6 +10,7 @@ use crate::cpu::EntryPoint;
 use crate::devices::serial::SerialOut;
 use crate::snapshot::{self, DeviceState, LoadParams, MicrovmState, SnapshotError};
 use crate::virtio::block::Block;
+use crate::virtio::net::{MacAddr, Net, Tap};
 use crate::vm::{RunningVm, Vm, VmConfig, VmError};
 
 /// Errors turning a configuration into a VM.
@@ -23,6 +24,8 @@ pub enum BuildError {
     Boot(#[from] BootError),
     #[error("drive {0}: {1}")]
     Drive(String, std::io::Error),
+    #[error("network interface {0}: {1}")]
+    Net(String, std::io::Error),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
 }
@@ -45,6 +48,13 @@ pub fn build_vm(config: &VmmConfig, serial: SerialOut) -> Result<(Vm, EntryPoint
             .map_err(|e| BuildError::Drive(drive.drive_id.clone(), e))?;
         vm.add_virtio_device(block)?;
     }
+    for iface in &config.network_interfaces {
+        vm.add_net(open_net(
+            &iface.iface_id,
+            &iface.host_dev_name,
+            iface.guest_mac,
+        )?)?;
+    }
     if let Some(vsock) = &config.vsock {
         vm.add_vsock(u64::from(vsock.guest_cid), Path::new(&vsock.uds_path))?;
     }
@@ -57,8 +67,15 @@ pub fn build_vm(config: &VmmConfig, serial: SerialOut) -> Result<(Vm, EntryPoint
     Ok((vm, entry))
 }
 
+/// The network device `iface_id` over the tap `host_dev_name`.
+fn open_net(iface_id: &str, host_dev_name: &str, mac: Option<MacAddr>) -> Result<Net, BuildError> {
+    let net_err = |e| BuildError::Net(iface_id.to_owned(), e);
+    Net::new(iface_id, Tap::open(host_dev_name).map_err(net_err)?, mac).map_err(net_err)
+}
+
 /// Rebuilds and starts the VM of the snapshot `params` names: memory mapped from its file,
-/// devices reopened (the vsock socket at `vsock_override` if given), vCPUs paused unless
+/// devices reopened (the vsock socket at `vsock_override` if given, each tap by the name
+/// `network_overrides` gives its interface, if any), vCPUs paused unless
 /// `resume_vm`. `prepare` sees the VM before it starts (seccomp, signal handling).
 pub fn restore_vm(
     params: &LoadParams,
@@ -68,6 +85,20 @@ pub fn restore_vm(
 ) -> Result<RunningVm, BuildError> {
     let mem_file = params.validate().map_err(ConfigError)?;
     let state = MicrovmState::read(&params.snapshot_path)?;
+    for o in &params.network_overrides {
+        let known = state
+            .devices
+            .virtio
+            .iter()
+            .any(|v| matches!(&v.device, DeviceState::Net(net) if net.iface_id == o.iface_id));
+        if !known {
+            return Err(ConfigError(format!(
+                "network_overrides: the snapshot has no network interface {:?}",
+                o.iface_id
+            ))
+            .into());
+        }
+    }
     let memory = snapshot::map_memory(mem_file, state.machine)?;
     let mut vm = Vm::restore(
         VmConfig {
@@ -85,6 +116,16 @@ pub fn restore_vm(
                 let block = Block::from_state(drive)
                     .map_err(|e| BuildError::Drive(drive.drive_id.clone(), e))?;
                 let slot = vm.restore_virtio_device(block, &saved.transport)?;
+                (slot.base, slot.irq)
+            }
+            DeviceState::Net(net) => {
+                let host_dev_name = params
+                    .network_overrides
+                    .iter()
+                    .find(|o| o.iface_id == net.iface_id)
+                    .map_or(&net.host_dev_name, |o| &o.host_dev_name);
+                let device = open_net(&net.iface_id, host_dev_name, net.guest_mac)?;
+                let slot = vm.restore_net(device, &saved.transport)?;
                 (slot.base, slot.irq)
             }
             DeviceState::Vsock(vsock) => {

@@ -2,8 +2,9 @@
 //! root image: the kernel boots to init, a real virtio-blk driver reads the root drive, the
 //! bootstrap reaches the host over vsock, SIGTERM shuts the guest down cleanly, the
 //! Firecracker API boots the same guest, pauses and resumes it, stops it, and snapshots it
-//! into a fresh VMM; and Debian's stock cloud kernel, which finds its devices only through
-//! ACPI, boots the same root image.
+//! into a fresh VMM; a guest on a tap answers ping before and after a snapshot moves it to
+//! another tap; and Debian's stock cloud kernel, which finds its devices only through ACPI,
+//! boots the same root image.
 //!
 //! They need a KVM that boots Linux. On metal they run here; on this project's machines
 //! (nested `kvm_pvm`, which cannot) each test re-runs itself inside the nested-KVM harness
@@ -270,33 +271,6 @@ fn the_root_drive_boots_the_bootstrap_which_dials_the_host_and_sigterm_shuts_it_
     }
 }
 
-/// Boots `guest` (2 vCPUs, `mem_mib` MiB, its root drive, vsock at `uds`) through the
-/// Firecracker API, as Firecracker's clients do: each section, then InstanceStart.
-fn boot_over_api(api: &mut Client, guest: &LinuxGuest, uds: &Path, mem_mib: u64) {
-    let calls = [
-        (
-            "/boot-source",
-            json!({"kernel_image_path": guest.kernel, "initrd_path": guest.initrd,
-                   "boot_args": ROOT_ARGS}),
-        ),
-        (
-            "/drives/root",
-            json!({"drive_id": "root", "path_on_host": guest.rootfs,
-                   "is_root_device": false, "is_read_only": true}),
-        ),
-        (
-            "/machine-config",
-            json!({"vcpu_count": 2, "mem_size_mib": mem_mib}),
-        ),
-        ("/vsock", json!({"guest_cid": 3, "uds_path": uds})),
-        ("/actions", json!({"action_type": "InstanceStart"})),
-    ];
-    for (path, body) in calls {
-        let (code, fault) = api.call("PUT", path, Some(body));
-        assert_eq!(code, 204, "PUT {path}: {fault:?}");
-    }
-}
-
 /// Counts the guest's connections to a host vsock port, closing each at once: the bootstrap
 /// then retries about once a second, a heartbeat that stops only when the guest does.
 fn count_connections(listener: UnixListener) -> Arc<AtomicUsize> {
@@ -320,6 +294,66 @@ fn wait_past(count: &AtomicUsize, past: usize, what: &str) {
     }
 }
 
+/// Boots `guest` through the API: `boot_args`, its root drive, `machine` (the
+/// machine-config), each of `devices` (a PUT path and body), vsock at `uds`, InstanceStart.
+fn boot_through_api(
+    api: &mut Client,
+    guest: &LinuxGuest,
+    boot_args: &str,
+    machine: serde_json::Value,
+    devices: &[(&str, serde_json::Value)],
+    uds: &Path,
+) {
+    let mut calls = vec![
+        (
+            "/boot-source",
+            json!({"kernel_image_path": guest.kernel, "initrd_path": guest.initrd,
+                   "boot_args": boot_args}),
+        ),
+        (
+            "/drives/root",
+            json!({"drive_id": "root", "path_on_host": guest.rootfs,
+                   "is_root_device": false, "is_read_only": true}),
+        ),
+        ("/machine-config", machine),
+    ];
+    calls.extend(devices.iter().cloned());
+    calls.push(("/vsock", json!({"guest_cid": 3, "uds_path": uds})));
+    calls.push(("/actions", json!({"action_type": "InstanceStart"})));
+    for (path, body) in calls {
+        let (code, fault) = api.call("PUT", path, Some(body));
+        assert_eq!(code, 204, "PUT {path}: {fault:?}");
+    }
+}
+
+/// Pauses the VM and takes a full snapshot of it.
+fn pause_and_snapshot(api: &mut Client, state_file: &Path, mem_file: &Path) {
+    let (code, fault) = api.call("PATCH", "/vm", Some(json!({"state": "Paused"})));
+    assert_eq!(code, 204, "{fault:?}");
+    let (code, fault) = api.call(
+        "PUT",
+        "/snapshot/create",
+        Some(json!({"snapshot_path": state_file, "mem_file_path": mem_file})),
+    );
+    assert_eq!(code, 204, "{fault:?}");
+}
+
+/// Presses Ctrl-Alt-Del through the API and waits for the guest's clean shutdown to end the
+/// VMM with status 0; the console.
+fn ctrl_alt_del_and_wait(api: &mut Client, vmm: &mut Child, console: &Path) -> String {
+    let (code, fault) = api.call(
+        "PUT",
+        "/actions",
+        Some(json!({"action_type": "SendCtrlAltDel"})),
+    );
+    assert_eq!(code, 204, "{fault:?}");
+    let status = wait_for_exit(vmm, "SendCtrlAltDel", SHUTDOWN_LIMIT, console);
+    let log = std::fs::read_to_string(console).unwrap();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("init: reboot (status"), "{log}");
+    log
+}
+
 #[test]
 fn the_firecracker_api_boots_pauses_resumes_and_stops_linux() {
     let Some(guest) =
@@ -333,15 +367,12 @@ fn the_firecracker_api_boots_pauses_resumes_and_stops_linux() {
     let dials = count_connections(
         UnixListener::bind(format!("{}_{RUNTIME_API_PORT}", uds.display())).unwrap(),
     );
-    let mut vmm = api_vmm(&sock, &console)
-        .arg("--timings")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut vmm = api_vmm(&sock, &console).arg("--timings").spawn().unwrap();
     let mut api = Client::connect(&sock);
     let (code, fault) = api.call("PATCH", "/vm", Some(json!({"state": "Paused"})));
     assert_eq!(code, 400, "pausing before the start: {fault:?}");
-    boot_over_api(&mut api, &guest, &uds, 256);
+    let machine = json!({"vcpu_count": 2, "mem_size_mib": 256});
+    boot_through_api(&mut api, &guest, ROOT_ARGS, machine, &[], &uds);
     let state = |api: &mut Client| api.call("GET", "/", None).1.unwrap()["state"].clone();
     assert_eq!(state(&mut api), json!("Running"));
     wait_for_console(&console, "init: bootstrap started", &mut vmm);
@@ -372,16 +403,7 @@ fn the_firecracker_api_boots_pauses_resumes_and_stops_linux() {
         "the guest did not dial the host again after resuming",
     );
 
-    let (code, fault) = api.call(
-        "PUT",
-        "/actions",
-        Some(json!({"action_type": "SendCtrlAltDel"})),
-    );
-    assert_eq!(code, 204, "{fault:?}");
-    let status = wait_for_exit(&mut vmm, "SendCtrlAltDel", SHUTDOWN_LIMIT, &console);
-    let log = std::fs::read_to_string(&console).unwrap();
-    assert_eq!(status.code(), Some(0), "{log}");
-    assert!(log.contains("init: reboot (status"), "{log}");
+    ctrl_alt_del_and_wait(&mut api, &mut vmm, &console);
     assert!(!sock.exists(), "the API socket is removed at exit");
     let _ = std::fs::remove_file(console);
 }
@@ -402,25 +424,13 @@ fn a_snapshot_of_running_linux_restores_in_a_fresh_vmm_with_its_devices() {
     let dials_a = count_connections(
         UnixListener::bind(format!("{}_{RUNTIME_API_PORT}", uds.display())).unwrap(),
     );
-    let spawn = |sock: &Path, console: &Path| {
-        api_vmm(sock, console)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    let mut original = spawn(&sock, &console);
+    let mut original = api_vmm(&sock, &console).spawn().unwrap();
     let mut api = Client::connect(&sock);
-    boot_over_api(&mut api, &guest, &uds, 128);
+    let machine = json!({"vcpu_count": 2, "mem_size_mib": 128});
+    boot_through_api(&mut api, &guest, ROOT_ARGS, machine, &[], &uds);
     wait_for_console(&console, "init: bootstrap started", &mut original);
     wait_past(&dials_a, 1, "the bootstrap never dialled the host twice");
-    let (code, fault) = api.call("PATCH", "/vm", Some(json!({"state": "Paused"})));
-    assert_eq!(code, 204, "{fault:?}");
-    let (code, fault) = api.call(
-        "PUT",
-        "/snapshot/create",
-        Some(json!({"snapshot_path": state_file, "mem_file_path": mem_file})),
-    );
-    assert_eq!(code, 204, "{fault:?}");
+    pause_and_snapshot(&mut api, &state_file, &mem_file);
     // The original is done with: its guest shuts down as usual.
     let (status, stderr, _) = sigterm_and_wait(original, &console);
     assert_eq!(status.code(), Some(0), "{stderr}");
@@ -435,7 +445,7 @@ fn a_snapshot_of_running_linux_restores_in_a_fresh_vmm_with_its_devices() {
     let dials_b = count_connections(
         UnixListener::bind(format!("{}_{RUNTIME_API_PORT}", uds.display())).unwrap(),
     );
-    let mut restored = spawn(&sock, &console);
+    let mut restored = api_vmm(&sock, &console).spawn().unwrap();
     let mut api = Client::connect(&sock);
     let started = Instant::now();
     let (code, fault) = api.call(
@@ -458,20 +468,11 @@ fn a_snapshot_of_running_linux_restores_in_a_fresh_vmm_with_its_devices() {
         1,
         "the restored guest's bootstrap stopped retrying",
     );
-    let (code, fault) = api.call(
-        "PUT",
-        "/actions",
-        Some(json!({"action_type": "SendCtrlAltDel"})),
-    );
-    assert_eq!(code, 204, "{fault:?}");
-    let status = wait_for_exit(&mut restored, "SendCtrlAltDel", SHUTDOWN_LIMIT, &console);
-    let log = std::fs::read_to_string(&console).unwrap();
-    assert_eq!(status.code(), Some(0), "{log}");
+    let log = ctrl_alt_del_and_wait(&mut api, &mut restored, &console);
     assert!(
         !log.contains("Linux version"),
         "the restored guest booted again:\n{log}"
     );
-    assert!(log.contains("init: reboot (status"), "{log}");
     println!("restore → first vsock dial: {first_dial:?}");
     for f in [state_file, mem_file, console] {
         let _ = std::fs::remove_file(f);
@@ -565,24 +566,16 @@ fn a_snapshot_resets_the_guest_s_open_vsock_connections() {
         .spawn()
         .unwrap();
     let mut api = Client::connect(&sock);
-    boot_over_api(&mut api, &guest, &uds, 128);
+    let machine = json!({"vcpu_count": 2, "mem_size_mib": 128});
+    boot_through_api(&mut api, &guest, ROOT_ARGS, machine, &[], &uds);
     wait_for_console(&console, "init: bootstrap started", &mut vmm);
     wait_past(&dials, 0, "the bootstrap never dialled the host");
     // Its request now waits on the held connection: no new dial without a reset.
     std::thread::sleep(Duration::from_secs(3));
     let before = dials.load(Ordering::SeqCst);
-    for (method, path, body) in [
-        ("PATCH", "/vm", json!({"state": "Paused"})),
-        (
-            "PUT",
-            "/snapshot/create",
-            json!({"snapshot_path": state_file, "mem_file_path": mem_file}),
-        ),
-        ("PATCH", "/vm", json!({"state": "Resumed"})),
-    ] {
-        let (code, fault) = api.call(method, path, Some(body));
-        assert_eq!(code, 204, "{method} {path}: {fault:?}");
-    }
+    pause_and_snapshot(&mut api, &state_file, &mem_file);
+    let (code, fault) = api.call("PATCH", "/vm", Some(json!({"state": "Resumed"})));
+    assert_eq!(code, 204, "{fault:?}");
     wait_past(
         &dials,
         before,
@@ -618,6 +611,128 @@ fn a_snapshot_resets_the_guest_s_open_vsock_connections() {
     wait_past(&clone_dials, 0, "the clone never dialled its own socket");
     let _ = clone.kill();
     let _ = clone.wait();
+    for f in [state_file, mem_file, console] {
+        let _ = std::fs::remove_file(f);
+    }
+}
+
+/// The guest's and the host's addresses on the tap (TEST-NET-2: nothing is routed anywhere).
+const GUEST_IP: &str = "198.51.100.2";
+const HOST_IP: &str = "198.51.100.1";
+const GUEST_MAC: &str = "06:00:c6:33:64:02";
+
+/// Gives the host end of tap `name` (made by kindling-vmm, which opened it) the host address
+/// and brings it up, then pings the guest from the host: ARP and ICMP both ways through the
+/// virtio-net device.
+fn ping_guest_through(tap: &str) -> String {
+    let ip = |args: &str| {
+        let out = Command::new("sh")
+            .args(["-c", &format!("ip {args}")])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ip {args}: {out:?}");
+    };
+    ip(&format!("addr add {HOST_IP}/24 dev {tap}"));
+    ip(&format!("link set {tap} up"));
+    let out = Command::new("ping")
+        .args(["-c", "3", "-w", "30", GUEST_IP])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && text.contains("3 packets received"),
+        "ping through {tap}: {out:?}"
+    );
+    text
+}
+
+#[test]
+fn a_guest_on_a_tap_answers_ping_and_again_from_a_snapshot_on_another_tap() {
+    let Some(guest) = guest_here_or_nested(
+        "a_guest_on_a_tap_answers_ping_and_again_from_a_snapshot_on_another_tap",
+    ) else {
+        return;
+    };
+    // A network namespace of the test's own (inherited by kindling-vmm, `ip` and `ping`): the
+    // taps and their address never touch the host's network, on metal or in the harness.
+    // SAFETY: unshare(2) with CLONE_NEWNET moves only this thread and what it starts later;
+    // no memory is involved.
+    let unshared = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(unshared, 0, "{}", std::io::Error::last_os_error());
+    let (state_file, mem_file) = (scratch("net.state"), scratch("net.mem"));
+    let (sock, console, uds) = (
+        scratch("net-a.sock"),
+        scratch("net-a.console"),
+        scratch("net-a-v.sock"),
+    );
+    let dials = count_connections(
+        UnixListener::bind(format!("{}_{RUNTIME_API_PORT}", uds.display())).unwrap(),
+    );
+    let mut original = api_vmm(&sock, &console).spawn().unwrap();
+    let mut api = Client::connect(&sock);
+    // The kernel configures eth0 from `ip=` before init runs
+    // (client:server:gateway:netmask:hostname:device:autoconf).
+    let boot_args = format!("{ROOT_ARGS} ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off");
+    let eth0 = (
+        "/network-interfaces/eth0",
+        json!({"iface_id": "eth0", "host_dev_name": "kn0", "guest_mac": GUEST_MAC}),
+    );
+    let machine = json!({"vcpu_count": 1, "mem_size_mib": 128});
+    boot_through_api(&mut api, &guest, &boot_args, machine, &[eth0], &uds);
+    let log = wait_for_console(&console, "init: bootstrap started", &mut original);
+    // Linux's virtio-net driver read the MAC from the config space.
+    assert!(
+        log.contains(&format!("hwaddr={GUEST_MAC}, ipaddr={GUEST_IP}")),
+        "{log}"
+    );
+    wait_past(&dials, 0, "the bootstrap never dialled the host");
+    println!("{}", ping_guest_through("kn0"));
+    pause_and_snapshot(&mut api, &state_file, &mem_file);
+    // The original shuts down; its tap goes with it.
+    let (status, stderr, _) = sigterm_and_wait(original, &console);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+
+    let (sock, console, uds) = (
+        scratch("net-b.sock"),
+        scratch("net-b.console"),
+        scratch("net-b-v.sock"),
+    );
+    let _dials = count_connections(
+        UnixListener::bind(format!("{}_{RUNTIME_API_PORT}", uds.display())).unwrap(),
+    );
+    let mut restored = api_vmm(&sock, &console).spawn().unwrap();
+    let mut api = Client::connect(&sock);
+    let load = |overrides: serde_json::Value| {
+        json!({"snapshot_path": state_file,
+               "mem_backend": {"backend_type": "File", "backend_path": mem_file},
+               "vsock_override": {"uds_path": uds},
+               "network_overrides": overrides,
+               "resume_vm": true})
+    };
+    let (code, fault) = api.call(
+        "PUT",
+        "/snapshot/load",
+        Some(load(json!([{"iface_id": "eth9", "host_dev_name": "kn1"}]))),
+    );
+    let fault = fault.as_ref().and_then(|f| f["fault_message"].as_str());
+    assert_eq!(code, 400, "an override for an interface the snapshot lacks");
+    assert!(
+        fault.is_some_and(|f| f.contains("no network interface \"eth9\"")),
+        "{fault:?}"
+    );
+    let (code, fault) = api.call(
+        "PUT",
+        "/snapshot/load",
+        Some(load(json!([{"iface_id": "eth0", "host_dev_name": "kn1"}]))),
+    );
+    assert_eq!(code, 204, "{fault:?}");
+    // The restored guest, on another tap, answers as before: same MAC and address.
+    println!("{}", ping_guest_through("kn1"));
+    let log = ctrl_alt_del_and_wait(&mut api, &mut restored, &console);
+    assert!(
+        !log.contains("Linux version"),
+        "the restored guest booted again:\n{log}"
+    );
     for f in [state_file, mem_file, console] {
         let _ = std::fs::remove_file(f);
     }

@@ -3,8 +3,9 @@
 //! This project's machines have a nested, shadow-paging KVM (`kvm_pvm`) that runs guest user
 //! code natively but cannot boot a kernel (ENVIRONMENT.md). QEMU's TCG, though, emulates an
 //! AMD CPU with SVM and nested paging: a level-1 (L1) guest booted under it — Debian's generic
-//! kernel with `kvm_amd` and a static busybox, from [`kindling_images::build_nested_host`] —
-//! has a working `/dev/kvm` of its own, on which kindling-vmm boots Linux as a level-2 guest.
+//! kernel with `kvm_amd` and `tun`, and a static busybox, from
+//! [`kindling_images::build_nested_host`] — has a working `/dev/kvm` of its own, on which
+//! kindling-vmm boots Linux as a level-2 guest.
 //!
 //! A [`Job`] is a shell script and the host files it needs. Files go into L1's initramfs at
 //! their host paths, each dynamic executable with its shared libraries, so a test binary (or
@@ -505,8 +506,8 @@ impl Drop for WorkDir {
     }
 }
 
-/// PID 1 of L1: mounts, loads the KVM modules, brings up loopback, runs the job with its output on the second
-/// serial port, reports its status on the console and powers off.
+/// PID 1 of L1: mounts, loads the modules (KVM, tun), brings up loopback, runs the job with
+/// its output on the second serial port, reports its status on the console and powers off.
 const L1_INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
 /bin/busybox mount -t sysfs sys /sys

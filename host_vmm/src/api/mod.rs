@@ -1,7 +1,8 @@
 //! The Firecracker-compatible REST API, for the subset Kindling supports: `PUT /boot-source`,
-//! `PUT /drives/{id}`, `PUT|GET /machine-config`, `PUT /vsock`, `PUT /cpu-config`,
-//! `PUT /actions`, `PATCH /vm` (pause and resume), `PUT /snapshot/create` and
-//! `PUT /snapshot/load` (full snapshots), `GET /` and `GET /version`. Bodies, status codes
+//! `PUT /drives/{id}`, `PUT /network-interfaces/{id}`, `PUT|GET /machine-config`,
+//! `PUT /vsock`, `PUT /cpu-config`, `PUT /actions`, `PATCH /vm` (pause and resume),
+//! `PUT /snapshot/create` and `PUT /snapshot/load` (full snapshots), `GET /` and
+//! `GET /version`. Bodies, status codes
 //! (204 on success, 400 with `{"fault_message": ...}` on error) follow Firecracker's swagger
 //! so its clients work unchanged.
 //!
@@ -183,6 +184,16 @@ impl ApiState {
                         None => c.drives.push(d),
                     }
                 })
+            }
+            ApiRequest::PutNetworkInterface(iface) => {
+                // The interfaces as they would be, checked together (ids, taps, MACs).
+                let mut next = self.config.network_interfaces.clone();
+                match next.iter_mut().find(|o| o.iface_id == iface.iface_id) {
+                    Some(existing) => *existing = iface,
+                    None => next.push(iface),
+                }
+                let valid = crate::config::check_interfaces(&next);
+                self.apply(valid, |c| c.network_interfaces = next)
             }
             ApiRequest::Action(Action::InstanceStart) => self.instance_start(),
             ApiRequest::Action(Action::FlushMetrics) => {

@@ -3,7 +3,9 @@
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::config::{BootSourceConfig, DriveConfig, MachineConfig, VsockConfig};
+use crate::config::{
+    BootSourceConfig, DriveConfig, MachineConfig, NetworkInterfaceConfig, VsockConfig,
+};
 use crate::cpu_template::CpuTemplate;
 use crate::snapshot::{CreateParams, LoadParams};
 
@@ -42,6 +44,7 @@ pub enum ApiRequest {
     GetMachineConfig,
     PutBootSource(BootSourceConfig),
     PutDrive(DriveConfig),
+    PutNetworkInterface(NetworkInterfaceConfig),
     PutMachineConfig(MachineConfig),
     PutVsock(VsockConfig),
     PutCpuConfig(CpuTemplate),
@@ -88,6 +91,16 @@ pub fn parse(method: &str, path: &str, bytes: &[u8]) -> Result<ApiRequest, Strin
             Ok(ApiRequest::PutDrive(drive))
         }
         ("PUT", ["drives"]) | ("PUT", ["drives", ""]) => Err("Missing drive id.".into()),
+        ("PUT", ["network-interfaces", id]) if !id.is_empty() => {
+            let iface: NetworkInterfaceConfig = body(bytes)?;
+            if iface.iface_id != *id {
+                return Err("The id from the path does not match the id from the body!".into());
+            }
+            Ok(ApiRequest::PutNetworkInterface(iface))
+        }
+        ("PUT", ["network-interfaces"]) | ("PUT", ["network-interfaces", ""]) => {
+            Err("Missing iface id.".into())
+        }
         _ => Err(format!(
             "Invalid request method and/or path: {method} {path}."
         )),
@@ -134,6 +147,14 @@ mod tests {
             br#"{"drive_id": "rootfs", "path_on_host": "/r", "is_root_device": true, "is_read_only": false}"#,
         );
         assert!(matches!(d, Ok(ApiRequest::PutDrive(d)) if d.is_root_device));
+        let net = parse(
+            "PUT",
+            "/network-interfaces/eth0",
+            br#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"}"#,
+        );
+        assert!(
+            matches!(net, Ok(ApiRequest::PutNetworkInterface(n)) if n.host_dev_name == "tap0" && n.guest_mac.is_some())
+        );
         let cpu = parse("PUT", "/cpu-config", br#"{"cpuid_modifiers": []}"#);
         assert!(matches!(cpu, Ok(ApiRequest::PutCpuConfig(_))));
         assert_eq!(
@@ -241,6 +262,19 @@ mod tests {
         )
         .contains("does not match"));
         assert!(fault("PUT", "/drives/", b"{}").contains("Missing drive id"));
+        assert!(fault(
+            "PUT",
+            "/network-interfaces/eth1",
+            br#"{"iface_id": "eth0", "host_dev_name": "tap0"}"#
+        )
+        .contains("does not match"));
+        assert!(fault("PUT", "/network-interfaces", b"{}").contains("Missing iface id"));
+        assert!(fault(
+            "PUT",
+            "/network-interfaces/eth0",
+            br#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "nope"}"#
+        )
+        .contains("invalid MAC address"));
         assert!(fault("PATCH", "/vm", br#"{"state": "Frozen"}"#).contains("unknown variant"));
         assert!(fault("PATCH", "/vm", b"").contains("body is empty"));
         assert!(fault("PUT", "/vm", br#"{"state": "Paused"}"#).contains("Invalid request"));

@@ -11,6 +11,13 @@ use vmm_sys_util::eventfd::EventFd;
 #[derive(Debug)]
 pub struct IrqLine(pub EventFd);
 
+impl IrqLine {
+    /// Another handle on the same line.
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(Self(self.0.try_clone()?))
+    }
+}
+
 impl vm_superio::Trigger for IrqLine {
     type E = std::io::Error;
 

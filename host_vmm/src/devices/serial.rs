@@ -82,6 +82,13 @@ pub struct SerialSnapshot {
     in_buffer: Vec<u8>,
 }
 
+impl SerialSnapshot {
+    /// Whether the UART had an interrupt pending (IIR bit 0 clear).
+    pub fn interrupt_pending(&self) -> bool {
+        self.registers[3] & 1 == 0
+    }
+}
+
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if let (Ok(offset), [byte]) = (u8::try_from(offset), data) {

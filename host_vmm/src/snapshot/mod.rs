@@ -9,8 +9,10 @@
 //! so a restore reads only the pages the guest touches and never changes the file.
 //!
 //! What the clones of one snapshot share: everything in guest memory, including the kernel's
-//! random pool and whatever ids the guest made up; their vsock connections do not survive
-//! (the guest is told with a transport reset, as Firecracker does).
+//! random pool and whatever ids the guest made up, and its MAC addresses; their vsock
+//! connections do not survive (the guest is told with a transport reset, as Firecracker
+//! does). A network device opens its tap again by name, or by the name `network_overrides`
+//! gives its `iface_id` (Firecracker's way for clones on one host).
 
 pub mod kvm_state;
 
@@ -33,6 +35,7 @@ use crate::memory::{ram_regions, GuestMemory};
 use crate::vcpu::VcpuControl;
 use crate::virtio::block::{Block, BlockState};
 use crate::virtio::mmio::{MmioTransport, TransportState};
+use crate::virtio::net::{Net, NetState};
 use crate::virtio::vsock::{Vsock, VsockState};
 use crate::virtio::VirtioDevice;
 
@@ -106,6 +109,10 @@ pub struct LoadParams {
     /// (the snapshot's path may still be taken by the VM it was made from).
     #[serde(default)]
     pub vsock_override: Option<VsockOverride>,
+    /// Another tap for a network device, by its `iface_id` (Firecracker's
+    /// `network_overrides`).
+    #[serde(default)]
+    pub network_overrides: Vec<NetworkOverride>,
 }
 
 /// Where guest memory comes from on load.
@@ -128,6 +135,14 @@ pub enum MemBackendType {
 #[serde(deny_unknown_fields)]
 pub struct VsockOverride {
     pub uds_path: PathBuf,
+}
+
+/// The tap a restored network device opens instead of the snapshot's.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    pub iface_id: String,
+    pub host_dev_name: String,
 }
 
 impl LoadParams {
@@ -168,6 +183,7 @@ pub struct VirtioSnapshot {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeviceState {
     Block(BlockState),
+    Net(NetState),
     Vsock(VsockState),
 }
 
@@ -179,6 +195,12 @@ pub trait Persist {
 impl Persist for Block {
     fn device_state(&self) -> DeviceState {
         DeviceState::Block(self.state())
+    }
+}
+
+impl Persist for Net {
+    fn device_state(&self) -> DeviceState {
+        DeviceState::Net(self.state())
     }
 }
 

@@ -18,9 +18,11 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress};
 
-use super::{read_config_bytes, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{
+    checked_descriptors, read_config_bytes, DescriptorError, VirtioDevice, VIRTIO_F_VERSION_1,
+};
 use crate::memory::GuestMemory;
 
 /// virtio device id of a block device.
@@ -58,10 +60,8 @@ pub enum RequestType {
 /// Why a descriptor chain is not a valid block request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChainError {
-    #[error("empty descriptor chain")]
-    Empty,
-    #[error("descriptor chain loops, is longer than the queue or points past the table")]
-    Truncated,
+    #[error(transparent)]
+    Descriptors(#[from] DescriptorError),
     #[error("request header is short or device-writable")]
     BadHeader,
     #[error("status descriptor missing, empty or not device-writable")]
@@ -70,8 +70,6 @@ pub enum ChainError {
     ZeroLength,
     #[error("data descriptor has the wrong direction for the request")]
     WrongDirection,
-    #[error("descriptor {addr:#x}+{len:#x} is outside guest memory")]
-    OutOfRange { addr: u64, len: u32 },
     #[error("data descriptors of {0} bytes in all: more than a request may carry")]
     TooLong(u64),
 }
@@ -92,21 +90,11 @@ impl Request {
         descriptors: impl Iterator<Item = Descriptor>,
         mem: &GuestMemory,
     ) -> Result<Self, ChainError> {
-        // virtio-queue stops a chain after queue-size descriptors or at a bad `next`; a chain
-        // whose last descriptor still has NEXT set was cut short: reject it.
-        let descs: Vec<Descriptor> = descriptors.collect();
-        let (header, rest) = descs.split_first().ok_or(ChainError::Empty)?;
-        if descs.last().is_some_and(Descriptor::has_next) {
-            return Err(ChainError::Truncated);
-        }
-        for d in &descs {
-            if !mem.check_range(d.addr(), d.len() as usize) {
-                return Err(ChainError::OutOfRange {
-                    addr: d.addr().0,
-                    len: d.len(),
-                });
-            }
-        }
+        let descs = checked_descriptors(descriptors, mem)?;
+        let (header, rest) = descs
+            .split_first()
+            .ok_or(DescriptorError::Empty)
+            .map_err(ChainError::from)?;
         if header.is_write_only() || header.len() < HEADER_LEN {
             return Err(ChainError::BadHeader);
         }
@@ -520,18 +508,18 @@ mod tests {
                 &mem,
                 &[(0x10000, 16, NEXT, 1), (0x20000, 8, WRITE | NEXT, 0)]
             ),
-            Err(ChainError::Truncated)
+            Err(DescriptorError::Truncated.into())
         );
         // `next` past the end of the table.
         assert_eq!(
             parse(&mem, &[(0x10000, 16, NEXT, 200)]),
-            Err(ChainError::Truncated)
+            Err(DescriptorError::Truncated.into())
         );
         // More descriptors than the queue holds (every one says NEXT).
         let long: Vec<_> = (0..SIZE)
             .map(|i| (0x20000 + 64 * u64::from(i), 8, WRITE | NEXT, i + 1))
             .collect();
-        assert_eq!(parse(&mem, &long), Err(ChainError::Truncated));
+        assert_eq!(parse(&mem, &long), Err(DescriptorError::Truncated.into()));
         // A buffer beyond guest memory, and one that wraps around the address space.
         assert_eq!(
             parse(
@@ -542,10 +530,11 @@ mod tests {
                     (0x30000, 1, WRITE, 0)
                 ]
             ),
-            Err(ChainError::OutOfRange {
+            Err(DescriptorError::OutOfRange {
                 addr: end - 4,
                 len: 8
-            })
+            }
+            .into())
         );
         assert!(matches!(
             parse(
@@ -556,7 +545,7 @@ mod tests {
                     (0x30000, 1, WRITE, 0)
                 ]
             ),
-            Err(ChainError::OutOfRange { .. })
+            Err(ChainError::Descriptors(DescriptorError::OutOfRange { .. }))
         ));
         // Zero-length data, wrong direction, bad header, bad status, header only.
         assert_eq!(

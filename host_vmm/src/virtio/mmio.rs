@@ -56,8 +56,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 
     /// The transport as a snapshot left it, around `device`: registers, negotiated features
-    /// and queue positions. A live device is activated again, and an interrupt the guest had
-    /// not acknowledged is raised again (the snapshot may have caught it in flight).
+    /// and queue positions. A live device is activated again; an interrupt the guest had not
+    /// acknowledged is for the VM to raise again ([`TransportState::interrupt_pending`])
+    /// once its interrupt controllers are restored.
     pub fn from_state(
         device: D,
         mem: GuestMemory,
@@ -100,12 +101,6 @@ impl<D: VirtioDevice> MmioTransport<D> {
         };
         if transport.driver_ok() {
             transport.device.activate(transport.driver_features);
-        }
-        if transport.interrupt_status != 0 {
-            transport
-                .irq
-                .trigger()
-                .map_err(|e| format!("interrupt: {e}"))?;
         }
         Ok(transport)
     }
@@ -163,25 +158,31 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// Lets the device handle queue `index` if the driver set it up; raises the interrupt
     /// when buffers were used.
     pub fn process_queue(&mut self, index: usize) {
-        if !self.driver_ok() {
+        if index >= self.queues.len() {
+            tracing::debug!("notify for queue {index}, which the device does not have");
             return;
         }
-        // Every queue must be usable: a device may touch another queue than the notified one.
-        if index >= self.queues.len()
-            || !self
+        if !self.run_device(|device, queues, mem| device.process_queue(index, queues, mem)) {
+            tracing::debug!("notify for queue {index} while the device is not live");
+        }
+    }
+
+    /// Runs `work` on the device and its queues if the device is live (DRIVER_OK, every
+    /// queue set up: a device may touch another queue than the one it works for); raises
+    /// the interrupt when `work` says it used buffers. Returns whether the device was live.
+    pub fn run_device(
+        &mut self,
+        work: impl FnOnce(&mut D, &mut [Queue], &GuestMemory) -> bool,
+    ) -> bool {
+        let live = self.driver_ok()
+            && self
                 .queues
                 .iter()
-                .all(|q| q.ready() && q.is_valid(&self.mem))
-        {
-            tracing::debug!("notify for queue {index} while queues are missing or invalid");
-            return;
-        }
-        if self
-            .device
-            .process_queue(index, &mut self.queues, &self.mem)
-        {
+                .all(|q| q.ready() && q.is_valid(&self.mem));
+        if live && work(&mut self.device, &mut self.queues, &self.mem) {
             self.signal_used();
         }
+        live
     }
 
     fn reset(&mut self) {
@@ -278,6 +279,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
             VIRTIO_MMIO_QUEUE_USED_HIGH => q.set_used_ring_address(None, Some(value)),
             _ => tracing::debug!("virtio-mmio write to unknown register {reg:#x}"),
         }
+    }
+}
+
+impl TransportState {
+    /// Whether the guest had not yet acknowledged an interrupt (the snapshot may have
+    /// caught it in flight, before it reached the interrupt controller).
+    pub fn interrupt_pending(&self) -> bool {
+        self.interrupt_status != 0
     }
 }
 

@@ -2,13 +2,17 @@
 //!
 //! The moving parts: [`VirtioDevice`] is what a device model implements (its id, features,
 //! config space and queue handling); [`mmio::MmioTransport`] owns the register file, the queues
-//! and the interrupt line and calls the device when the driver notifies a queue.
+//! and the interrupt line and calls the device when the driver notifies a queue;
+//! [`checked_descriptors`] is where every device starts reading a descriptor chain.
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::Queue;
+use vm_memory::GuestMemoryBackend;
 
 use crate::memory::GuestMemory;
 
@@ -17,7 +21,7 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
 /// A device model behind a virtio transport.
 pub trait VirtioDevice: Send {
-    /// The virtio device id (2 = block, 19 = vsock).
+    /// The virtio device id (1 = network, 2 = block, 19 = vsock).
     fn device_type(&self) -> u32;
     /// Feature bits offered to the driver.
     fn features(&self) -> u64;
@@ -47,4 +51,69 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
         .min(config.len());
     let n = data.len().min(config.len() - start);
     data[..n].copy_from_slice(&config[start..start + n]);
+}
+
+/// Why a descriptor chain is unusable, whatever the device.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DescriptorError {
+    #[error("empty descriptor chain")]
+    Empty,
+    #[error("descriptor chain loops, is longer than the queue or points past the table")]
+    Truncated,
+    #[error("descriptor {addr:#x}+{len:#x} is outside guest memory")]
+    OutOfRange { addr: u64, len: u32 },
+}
+
+/// The descriptors of one chain (as virtio-queue yields them), each checked to lie wholly in
+/// guest memory. virtio-queue stops a chain after queue-size descriptors or at a bad `next`;
+/// a chain whose last descriptor still has NEXT set was cut short and is refused.
+pub fn checked_descriptors(
+    descriptors: impl Iterator<Item = Descriptor>,
+    mem: &GuestMemory,
+) -> Result<Vec<Descriptor>, DescriptorError> {
+    let descs: Vec<Descriptor> = descriptors.collect();
+    match descs.last() {
+        None => return Err(DescriptorError::Empty),
+        Some(last) if last.has_next() => return Err(DescriptorError::Truncated),
+        Some(_) => {}
+    }
+    for d in &descs {
+        if !mem.check_range(d.addr(), d.len() as usize) {
+            return Err(DescriptorError::OutOfRange {
+                addr: d.addr().0,
+                len: d.len(),
+            });
+        }
+    }
+    Ok(descs)
+}
+
+/// The driver's side of a device's queues, for device tests.
+#[cfg(test)]
+pub(crate) mod test_rings {
+    use virtio_queue::{Queue, QueueT};
+
+    /// Queue `q`'s descriptor table, available ring and used ring: a page each, from
+    /// 0x1000 + 0x3000 * q.
+    pub fn ring(q: usize) -> (u64, u64, u64) {
+        let base = 0x1000 + 0x3000 * u64::try_from(q).unwrap();
+        (base, base + 0x1000, base + 0x2000)
+    }
+
+    /// `count` ready queues of `size` entries, laid out by [`ring`].
+    pub fn queues(count: usize, size: u16) -> Vec<Queue> {
+        (0..count)
+            .map(|q| {
+                let (d, a, u) = ring(q);
+                let mut queue = Queue::new(size).unwrap();
+                queue.set_size(size);
+                let low = |addr: u64| Some(u32::try_from(addr).unwrap());
+                queue.set_desc_table_address(low(d), Some(0));
+                queue.set_avail_ring_address(low(a), Some(0));
+                queue.set_used_ring_address(low(u), Some(0));
+                queue.set_ready(true);
+                queue
+            })
+            .collect()
+    }
 }

@@ -109,19 +109,6 @@ pub fn kvm_or_skip() -> bool {
     }
 }
 
-/// `kindling-vmm --api-sock <sock> --serial-out <console>`, stdout and stderr discarded
-/// (callers add arguments or pipes before spawning).
-pub fn api_vmm(sock: &Path, console: &Path) -> std::process::Command {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kindling-vmm"));
-    cmd.arg("--api-sock")
-        .arg(sock)
-        .arg("--serial-out")
-        .arg(console)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    cmd
-}
-
 /// A spawned VMM that is killed when dropped: a failing test leaves no guest spinning.
 #[derive(Debug)]
 pub struct KillOnDrop(Option<std::process::Child>);
@@ -386,6 +373,18 @@ pub fn elf_kernel(code: &[u8]) -> Vec<u8> {
     f.resize(usize::try_from(CODE_OFFSET).unwrap(), 0);
     f.extend_from_slice(code);
     f
+}
+
+/// kindling-vmm serving its API on `sock`, the guest's console in `console`, stderr piped.
+pub fn api_vmm(sock: &Path, console: &Path) -> std::process::Command {
+    let mut vmm = std::process::Command::new(env!("CARGO_BIN_EXE_kindling-vmm"));
+    vmm.arg("--api-sock")
+        .arg(sock)
+        .arg("--serial-out")
+        .arg(console)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    vmm
 }
 
 /// One keep-alive HTTP/1.1 client connection.

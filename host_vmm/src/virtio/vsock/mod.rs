@@ -256,6 +256,7 @@ mod tests {
     use super::packet::*;
     use super::*;
     use crate::memory::create_guest_memory;
+    use crate::virtio::test_rings::{queues, ring};
     use std::io::Write;
     use std::os::unix::net::{UnixListener, UnixStream};
     use std::path::PathBuf;
@@ -272,30 +273,11 @@ mod tests {
         rx_seen: u16,
     }
 
-    fn ring(q: usize) -> (u64, u64, u64) {
-        let base = 0x1000 + q as u64 * 0x3000;
-        (base, base + 0x1000, base + 0x2000)
-    }
-
     impl Driver {
         fn new() -> Self {
-            let mem = create_guest_memory(1).unwrap();
-            let queues = (0..3)
-                .map(|q| {
-                    let (d, a, u) = ring(q);
-                    let mut queue = Queue::new(SIZE).unwrap();
-                    queue.set_size(SIZE);
-                    let low = |addr: u64| Some(u32::try_from(addr).unwrap());
-                    queue.set_desc_table_address(low(d), Some(0));
-                    queue.set_avail_ring_address(low(a), Some(0));
-                    queue.set_used_ring_address(low(u), Some(0));
-                    queue.set_ready(true);
-                    queue
-                })
-                .collect();
             Self {
-                mem,
-                queues,
+                mem: create_guest_memory(1).unwrap(),
+                queues: queues(3, SIZE),
                 avail: [0; 2],
                 rx_seen: 0,
             }
