@@ -89,7 +89,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let steps_per_run = floor_pairs
         + targets
             .iter()
-            .map(|t| 1 + 2 * invokes(t) + CLIENTS)
+            .map(|t| 1 + 2 * invokes(t) + CLIENTS + if t.snapstart().is_ok() { 2 } else { 0 })
             .sum::<usize>();
     let progress = ProgressBar::new((steps_per_run * runs) as u64).with_style(
         ProgressStyle::with_template("{prefix} {wide_msg} [{bar:30}] {pos}/{len} {elapsed}")

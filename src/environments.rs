@@ -36,7 +36,11 @@ pub fn prepare(
         manifest: images,
         ..ImageCache::default()
     });
-    let mut microvm = MicroVmLauncher::new(images.clone(), state_dir.join("logs"));
+    let mut microvm = MicroVmLauncher::new(
+        images.clone(),
+        state_dir.join("logs"),
+        state_dir.join("snapshots"),
+    );
     let mut sandboxes = SandboxByRuntime {
         images,
         roots: HashMap::new(),
@@ -55,6 +59,13 @@ pub fn prepare(
                     "kindling: {} runs in the sandbox: no hypervisor can run a guest here ({why})",
                     function.name
                 );
+                if function.snapstart {
+                    eprintln!(
+                        "kindling: {}: snapstart is off: the sandbox has no VM to snapshot",
+                        function.name
+                    );
+                    function.snapstart = false;
+                }
                 function.isolation = Isolation::Sandbox;
             }
         }
@@ -63,6 +74,13 @@ pub fn prepare(
             Isolation::Sandbox => sandboxes.add(&function.runtime)?,
             Isolation::MicroVm => {
                 let backend = backend(hypervisor_override.or(hypervisor))?;
+                if let (true, Err(why)) = (function.snapstart, backend.snapshots()) {
+                    eprintln!(
+                        "kindling: {}: snapstart has no effect on {}: {why}; its cold starts boot",
+                        function.name,
+                        backend.name()
+                    );
+                }
                 microvm.assign(&function.name, backend);
             }
         }

@@ -61,6 +61,10 @@ struct RunFunctionArgs {
     /// microvm (default) or sandbox.
     #[arg(long)]
     isolation: Option<Isolation>,
+    /// SnapStart: snapshot the microVM once the runtime has initialised, and restore it
+    /// for later cold starts instead of booting.
+    #[arg(long)]
+    snapstart: bool,
 }
 
 /// What `serve` and `run` share.
@@ -257,6 +261,10 @@ fn run_function(args: RunFunctionArgs) -> anyhow::Result<FunctionConfig> {
             config::TIMEOUT_S
         );
     }
+    let isolation = args.isolation.unwrap_or(Isolation::MicroVm);
+    if args.snapstart && isolation == Isolation::Sandbox {
+        bail!("--snapstart snapshots a microVM; --isolation sandbox has none");
+    }
     let function = Function {
         name,
         code,
@@ -264,9 +272,10 @@ fn run_function(args: RunFunctionArgs) -> anyhow::Result<FunctionConfig> {
         handler: args.handler,
         memory_mb: args.memory,
         timeout: Duration::from_secs(args.timeout.into()),
-        isolation: args.isolation.unwrap_or(Isolation::MicroVm),
+        isolation,
         max_concurrency: args.max_concurrency,
         env: args.env.into_iter().collect::<BTreeMap<_, _>>(),
+        snapstart: args.snapstart,
     };
     Ok(FunctionConfig {
         function,

@@ -236,6 +236,7 @@ struct FunctionDef {
     handler: &'static str,
     timeout_s: u32,
     max_concurrency: u32,
+    snapstart: bool,
 }
 
 /// The code every python test function boots: `tests/vm-functions/probe/app.py`.
@@ -253,12 +254,17 @@ const FUNCTIONS: &[FunctionDef] = &[
         handler: "function.handler",
         timeout_s: 10,
         max_concurrency: 1,
+        snapstart: false,
     },
     FunctionDef::probe("crash", 10, 1),
     FunctionDef::probe("timeout", SHORT_TIMEOUT_S, 1),
     FunctionDef::probe("vmkill", 60, 1),
     FunctionDef::probe("vsockkill", 60, 1),
     FunctionDef::probe("pair", 30, 2),
+    FunctionDef {
+        snapstart: true,
+        ..FunctionDef::probe("snap", 30, 3)
+    },
 ];
 
 impl FunctionDef {
@@ -270,6 +276,7 @@ impl FunctionDef {
             handler: "app.handler",
             timeout_s,
             max_concurrency,
+            snapstart: false,
         }
     }
 
@@ -278,13 +285,14 @@ impl FunctionDef {
         let code = Path::new(env!("CARGO_MANIFEST_DIR")).join(self.code);
         format!(
             "[functions.{}]\ncode = {}\nruntime = {}\nhandler = {}\nmemory = 128\n\
-             timeout = {}\nisolation = \"microvm\"\nmax_concurrency = {}\n\n",
+             timeout = {}\nisolation = \"microvm\"\nmax_concurrency = {}\nsnapstart = {}\n\n",
             self.name,
             Value::from(code.to_string_lossy()),
             Value::from(self.runtime),
             Value::from(self.handler),
             self.timeout_s,
             self.max_concurrency,
+            self.snapstart,
         )
     }
 }
@@ -308,6 +316,9 @@ fn scenarios(host: &Arc<Host>) -> Vec<Trial> {
     ];
     if matches!(host.backend, Backend::Qemu) {
         list.extend(named![dead_vsock_daemon_fails_one_invocation]);
+    }
+    if matches!(host.backend, Backend::Kindling) {
+        list.extend(named![snapstart_restores_clones]);
     }
     list.into_iter()
         .map(|(name, scenario)| {
@@ -541,6 +552,129 @@ fn concurrent_invocations_get_two_vms(server: &Server, _: Backend) -> Result<(),
             format!("{}: no bootstrap: {text}", console.display())
         })?;
     }
+    Ok(())
+}
+
+/// SnapStart: the first cold start boots and snapshots the guest once its runtime has
+/// initialised; with that environment busy, two more invocations at once each get an
+/// environment restored from the snapshot (no boot on their consoles), which answer
+/// correctly, share the init phase's random value and boot id (clones of one guest), yet
+/// read different bytes from the kernel's random generator, which the host reseeded in each
+/// (without that, two clones resumed from one state read the same bytes).
+fn snapstart_restores_clones(server: &Server, _: Backend) -> Result<(), Failed> {
+    snapstart_trial(server).map_err(|e| {
+        let stopped = server.state_dir.join("logs/snap.console.log");
+        let consoles: Vec<String> = server
+            .live_consoles("snap")
+            .iter()
+            .chain([&stopped])
+            .map(|c| {
+                format!(
+                    "{}:\n{}",
+                    c.display(),
+                    std::fs::read_to_string(c).unwrap_or_default()
+                )
+            })
+            .collect();
+        format!(
+            "{}\nthe server's log:\n{}\nconsoles:\n{}",
+            e.message().unwrap_or_default(),
+            server.stderr(),
+            consoles.join("\n")
+        )
+        .into()
+    })
+}
+
+fn snapstart_trial(server: &Server) -> Result<(), Failed> {
+    let started = Instant::now();
+    let booted = server.invoke("snap", &json!({"action": "random"}))?;
+    let boot_took = started.elapsed();
+    let first = booted.ok_json()?;
+    let report = booted.report()?;
+    for field in ["Init Duration: ", "Guest Boot: ", "Snapshot Create: "] {
+        check(report.contains(field), || {
+            format!("the first cold start's REPORT lacks {field}: {report}")
+        })?;
+    }
+    check(!report.contains("Restore Duration"), || {
+        format!("the first cold start was restored: {report}")
+    })?;
+    let busy = server.invoke_in_background("snap", json!({"action": "sleep", "seconds": 8}));
+    server.wait_for_log("snap", "sleeping 8 s")?;
+    let started = Instant::now();
+    let clones = [
+        server.invoke_in_background("snap", json!({"action": "random"})),
+        server.invoke_in_background("snap", json!({"action": "random"})),
+    ];
+    let mut restored = Vec::new();
+    for clone in clones {
+        let answer = clone.join().map_err(|_| "the invoking thread panicked")??;
+        let took = started.elapsed();
+        let body = answer.ok_json()?;
+        let report = answer.report()?.to_string();
+        check(
+            report.contains("\tRestore Duration: ")
+                && report.contains("\tBilled Restore Duration: ")
+                && !report.contains("Init Duration")
+                && !report.contains("Guest Boot"),
+            || format!("a second environment was not restored: {report}"),
+        )?;
+        check(
+            body["init_random"] == first["init_random"] && body["boot_id"] == first["boot_id"],
+            || format!("not a clone of the snapshot's guest: {first} then {body}"),
+        )?;
+        restored.push((body, report, took));
+    }
+    let busy = busy
+        .join()
+        .map_err(|_| "the invoking thread panicked")??
+        .ok_json()?;
+    check(busy["pid"] == first["pid"], || {
+        format!("the first environment did not keep serving: {first} then {busy}")
+    })?;
+    let urandom = |body: &Value| body["urandom"].as_str().unwrap_or_default().to_string();
+    let mut seen = vec![urandom(&first), urandom(&busy)];
+    for (body, _, _) in &restored {
+        check(!seen.contains(&urandom(body)), || {
+            format!(
+                "two environments read the same kernel random bytes (no reseed): {seen:?} and {}",
+                urandom(body)
+            )
+        })?;
+        seen.push(urandom(body));
+    }
+    let consoles = server.live_consoles("snap");
+    check(consoles.len() == 3, || {
+        format!("expected three environments of snap: {consoles:?}")
+    })?;
+    let mut booted_consoles = 0;
+    for console in &consoles {
+        let text = std::fs::read_to_string(console)?;
+        if text.contains("init: bootstrap started at") {
+            booted_consoles += 1;
+        } else {
+            check(text.contains("reseeded with entropy from the host"), || {
+                format!(
+                    "{}: a restored guest was not reseeded:\n{text}",
+                    console.display()
+                )
+            })?;
+        }
+    }
+    check(booted_consoles == 1, || {
+        format!("{booted_consoles} of the three environments booted; one should have")
+    })?;
+    let restore_took = restored
+        .iter()
+        .map(|(_, _, took)| *took)
+        .max()
+        .unwrap_or_default();
+    println!(
+        "snapstart: boot → first answer {boot_took:.2?} (snapshot included), two restores at once → \
+         answers {restore_took:.2?}; REPORTs:\n  {report}\n  {}\n  {}",
+        restored[0].1, restored[1].1
+    );
     Ok(())
 }
 

@@ -35,9 +35,10 @@ struct Lifecycle {
 pub struct Agent {
     pub upstream: Upstream,
     pub logs: Arc<LogSink>,
-    /// Whether this guest's clock is ours to set (a microVM's is; a sandbox shares the
-    /// host's): then it follows the host's, stamped on every event.
-    pub owns_clock: bool,
+    /// Whether this agent runs in a microVM, whose kernel is its own (a sandbox shares the
+    /// host's): then its clock follows the host's, stamped on every event, and its random
+    /// generator takes the host's entropy (SnapStart).
+    pub in_microvm: bool,
     life: Mutex<Lifecycle>,
 }
 
@@ -46,11 +47,11 @@ fn millis(since: Instant) -> f64 {
 }
 
 impl Agent {
-    pub fn new(upstream: Upstream, owns_clock: bool) -> Self {
+    pub fn new(upstream: Upstream, in_microvm: bool) -> Self {
         Agent {
             logs: LogSink::start(upstream.clone()),
             upstream,
-            owns_clock,
+            in_microvm,
             life: Mutex::new(Lifecycle::default()),
         }
     }

@@ -25,6 +25,7 @@ macro_rules! say {
 
 mod agent;
 mod config;
+mod entropy;
 mod logs;
 mod memory;
 mod privileges;
@@ -81,8 +82,8 @@ async fn run() -> Result<(), String> {
     );
 
     // Over vsock we are a microVM, whose clock starts from a coarse RTC and drifts.
-    let owns_clock = matches!(config.host, kindling_wire::HostAddr::Vsock { .. });
-    let agent = Arc::new(Agent::new(upstream, owns_clock));
+    let in_microvm = matches!(config.host, kindling_wire::HostAddr::Vsock { .. });
+    let agent = Arc::new(Agent::new(upstream, in_microvm));
     let program = match runtime::locate(&config) {
         Ok(p) => p,
         Err(e) => {

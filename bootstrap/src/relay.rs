@@ -14,8 +14,8 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use kindling_wire::{
-    deadline_on_guest_clock, ErrorBody, HEADER_DEADLINE_MS, HEADER_HOST_TIME_MS,
-    HEADER_INVOCATION_REPORT, HEADER_REQUEST_ID, PATH_NEXT, RUNTIME_PREFIX,
+    deadline_on_guest_clock, from_hex, ErrorBody, HEADER_DEADLINE_MS, HEADER_ENTROPY,
+    HEADER_HOST_TIME_MS, HEADER_INVOCATION_REPORT, HEADER_REQUEST_ID, PATH_NEXT, RUNTIME_PREFIX,
 };
 use nix::sys::time::TimeSpec;
 use nix::time::{clock_settime, ClockId};
@@ -103,7 +103,9 @@ async fn handle(
 }
 
 /// `/next` blocks on the host for as long as it takes; it has no body, so a connection
-/// lost to a host restart is simply retried.
+/// lost to a host restart, or reset under it when a snapshot of this VM is taken (in the
+/// VM that took it and in every clone), is simply retried, as is a `/next` the host
+/// dropped as stale (503): the runtime never notices.
 async fn next(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
     agent.next_requested();
     let (parts, _) = req.into_parts();
@@ -112,6 +114,9 @@ async fn next(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
         let mut attempt = Request::from_parts(parts.clone(), full(bytes::Bytes::new()));
         strip_hop_by_hop(attempt.headers_mut());
         match agent.upstream.send(attempt).await {
+            Ok(resp) if resp.status() == StatusCode::SERVICE_UNAVAILABLE => {
+                say!("GET /next: the host dropped it (connections reset); asking again");
+            }
             Ok(resp) => break resp,
             Err(e) => {
                 say!("GET /next: {e}; retrying");
@@ -120,7 +125,8 @@ async fn next(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
         }
     };
     let mut resp = resp;
-    onto_guest_clock(resp.headers_mut(), agent.owns_clock);
+    reseed_from_host(resp.headers_mut(), agent.in_microvm);
+    onto_guest_clock(resp.headers_mut(), agent.in_microvm);
     if resp.status().is_success() {
         match resp
             .headers()
@@ -149,6 +155,26 @@ async fn forward(agent: &Agent, mut req: Request<Body>) -> Response<Body> {
                 .body(full(serde_json::to_vec(&body).expect("serialisable")))
                 .expect("valid response")
         }
+    }
+}
+
+/// Feeds the host's [`HEADER_ENTROPY`] (SnapStart) to the kernel's random generator and
+/// drops the header, before the runtime sees the event. Only a microVM's kernel is ours
+/// to reseed (`in_microvm`): a sandbox shares the host's.
+fn reseed_from_host(headers: &mut HeaderMap, in_microvm: bool) {
+    let Some(entropy) = headers.remove(HEADER_ENTROPY) else {
+        return;
+    };
+    if !in_microvm {
+        return;
+    }
+    let bytes = entropy.to_str().ok().and_then(from_hex);
+    let done = bytes
+        .ok_or_else(|| "not hex".to_string())
+        .and_then(|bytes| crate::entropy::reseed(&bytes));
+    match done {
+        Ok(()) => say!("kernel random generator reseeded with entropy from the host"),
+        Err(e) => say!("cannot reseed the kernel random generator: {e}"),
     }
 }
 

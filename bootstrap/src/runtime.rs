@@ -121,7 +121,14 @@ pub fn environment(
         ("LAMBDA_TASK_ROOT", task),
         ("LAMBDA_RUNTIME_DIR", runtime),
     ];
-    env.extend(reserved.map(|(k, v)| (k.to_owned(), v)));
+    // A SnapStart function's runtime gets no log group or stream (they would name the
+    // environment that took the snapshot in every clone): the host sends them empty.
+    env.extend(
+        reserved
+            .into_iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, v)| (k.to_owned(), v)),
+    );
     env.into_iter().collect()
 }
 

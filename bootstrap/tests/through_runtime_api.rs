@@ -28,6 +28,7 @@ fn invocation(n: u32, payload: &str) -> Invocation {
         client_context: None,
         cognito_identity: None,
         timeout: Duration::from_secs(30),
+        entropy: None,
     }
 }
 

@@ -6,8 +6,9 @@
 //! (which the jailer forwards) asks the guest to shut down (Ctrl-Alt-Del through the i8042),
 //! as Firecracker's SendCtrlAltDel does.
 
+use std::ffi::OsStr;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,7 @@ use tokio::net::UnixStream;
 use tokio::process::Child;
 
 use crate::machine::{self, VmSpec};
+use crate::snapstart::SnapshotFiles;
 use crate::{console, Backend, RunningVm};
 use kindling_runtime_api::config::Hypervisor;
 use kindling_runtime_api::environment::Freezer;
@@ -48,37 +50,101 @@ impl Backend for KindlingVmm {
     async fn boot(&self, spec: &VmSpec) -> anyhow::Result<Box<dyn RunningVm>> {
         let config = spec.work_dir.join("vm-config.json");
         std::fs::write(&config, firecracker_config(spec).to_string())?;
+        let mut files = vec![
+            (spec.kernel.as_path(), false),
+            (&spec.initramfs, false),
+            (&config, false),
+        ];
+        files.extend(drives(spec));
+        // The VMM writes its snapshot there when asked (SnapStart).
+        files.extend(spec.snapshot_dir.as_deref().map(|dir| (dir, true)));
+        let vm = self
+            .start_jailed(
+                spec,
+                &files,
+                &["--config-file".as_ref(), config.as_os_str()],
+            )
+            .await?;
+        Ok(Box::new(vm))
+    }
+
+    fn snapshots(&self) -> Result<&Path, String> {
+        Ok(&self.program)
+    }
+
+    /// A fresh jailed kindling-vmm with nothing configured, then Firecracker's
+    /// `PUT /snapshot/load` (memory mapped privately from the file, so every clone shares
+    /// its pages until it writes them) with the vsock's host side in this VM's socket
+    /// folder, resumed at once. The drives are reopened by the paths they were saved with,
+    /// which the jail binds at the same paths, read-only like the snapshot's files.
+    async fn restore(
+        &self,
+        spec: &VmSpec,
+        snapshot: &SnapshotFiles,
+    ) -> anyhow::Result<Box<dyn RunningVm>> {
+        let mut files = drives(spec).collect::<Vec<_>>();
+        files.extend([
+            (snapshot.state.as_path(), false),
+            (snapshot.memory.as_path(), false),
+        ]);
+        let mut vm = self.start_jailed(spec, &files, &[]).await?;
+        let load = json!({
+            "snapshot_path": snapshot.state,
+            "mem_backend": {"backend_type": "File", "backend_path": snapshot.memory},
+            "vsock_override": {"uds_path": spec.vsock_uds},
+            "resume_vm": true,
+        });
+        if let Err(e) = vm.api.request("PUT", "/snapshot/load", &load).await {
+            vm.kill().await?;
+            return Err(e.into());
+        }
+        Ok(Box::new(vm))
+    }
+}
+
+/// The drives of `spec`, each with whether the VM may write it.
+fn drives(spec: &VmSpec) -> impl Iterator<Item = (&Path, bool)> {
+    spec.drives.iter().map(|d| (d.path.as_path(), !d.read_only))
+}
+
+impl KindlingVmm {
+    /// Starts kindling-vmm jailed with `files` (each with whether it is writable) and its
+    /// API socket in the VM's socket folder, and `args` after `--api-sock`; returns once
+    /// the API answers connections.
+    async fn start_jailed(
+        &self,
+        spec: &VmSpec,
+        files: &[(&Path, bool)],
+        args: &[&OsStr],
+    ) -> anyhow::Result<KindlingVm> {
         // The VMM's messages go beside its console, as before it was jailed.
         let (console, capture) = console::capture(&spec.console_log, console::LOG_CAP)?;
         let mut cmd = machine::vm_command(&self.jailer, console.try_clone()?, console, None)?;
         // The socket folder is the one the jailed VMM can write, at the same path inside
         // the jail and out.
         let api = Api(spec.socket_dir.join("api.sock"));
-        cmd.args(self.jailer_args(spec, &config))
+        cmd.args(self.jailer_args(spec, files))
             .arg("--")
             .arg("--api-sock")
             .arg(&api.0)
-            .arg("--config-file")
-            .arg(&config);
+            .args(args);
         // Killed on drop, should the wait below fail.
         let mut vmm = machine::spawn(&mut cmd, "kindling-jailer")
             .context("build it with scripts/build-guest.sh")?;
         machine::wait_for_path(&api.0, &mut vmm, "kindling-vmm", API_PATIENCE).await?;
-        Ok(Box::new(KindlingVm {
+        Ok(KindlingVm {
             vmm,
             api: Arc::new(api),
             console: capture,
-        }))
+        })
     }
-}
 
-impl KindlingVmm {
     /// The jail of one VM: its chroot under the environment's folder (removed with it), the
-    /// VM's user, and, each at its own path, the boot files and drives (read-only unless the
-    /// drive is writable), the config, and the socket folder (read-write: the VMM makes its
-    /// vsock socket there and reaches the host's Runtime API socket linked into it). The
-    /// network namespace is new and empty: the VM has no network device.
-    fn jailer_args(&self, spec: &VmSpec, config: &std::path::Path) -> Vec<std::ffi::OsString> {
+    /// VM's user, and, each at its own path, `files` (read-only unless writable) and the
+    /// socket folder (read-write: the VMM makes its vsock socket there and reaches the
+    /// host's Runtime API socket linked into it). The network namespace is new and empty:
+    /// the VM has no network device.
+    fn jailer_args(&self, spec: &VmSpec, files: &[(&Path, bool)]) -> Vec<std::ffi::OsString> {
         let mut args: Vec<std::ffi::OsString> = vec![
             "--id".into(),
             format!("vm-{}", spec.user.uid).into(),
@@ -91,12 +157,8 @@ impl KindlingVmm {
             "--chroot-base-dir".into(),
             spec.work_dir.clone().into(),
         ];
-        let files = [spec.kernel.as_path(), &spec.initramfs, config]
-            .into_iter()
-            .map(|path| (path, false))
-            .chain(spec.drives.iter().map(|d| (d.path.as_path(), !d.read_only)));
         for (path, writable) in files {
-            args.push(if writable { "--bind-rw" } else { "--bind" }.into());
+            args.push(if *writable { "--bind-rw" } else { "--bind" }.into());
             args.push(path.into());
         }
         args.push("--bind-rw".into());
@@ -218,6 +280,20 @@ impl RunningVm for KindlingVm {
     fn freezer(&self) -> Arc<dyn Freezer> {
         self.api.clone()
     }
+
+    /// Firecracker's way: `PATCH /vm` Paused, a full `PUT /snapshot/create`, Resumed (the
+    /// VM is resumed whether or not the snapshot succeeded).
+    async fn snapshot(&mut self, into: &SnapshotFiles) -> anyhow::Result<()> {
+        self.api.freeze().await?;
+        let create = json!({
+            "snapshot_type": "Full",
+            "snapshot_path": into.state,
+            "mem_file_path": into.memory,
+        });
+        let created = self.api.request("PUT", "/snapshot/create", &create).await;
+        self.api.thaw().await?;
+        Ok(created?)
+    }
 }
 
 #[cfg(test)]
@@ -262,6 +338,7 @@ mod tests {
                 uid: 900_000,
                 gid: 900_000,
             },
+            snapshot_dir: None,
         };
         let config =
             kindling_vmm::config::VmmConfig::from_json(&firecracker_config(&spec).to_string())

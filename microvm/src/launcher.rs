@@ -1,4 +1,5 @@
-//! [`MicroVmLauncher`]: the scheduler's [`Launcher`] for microVM environments.
+//! [`MicroVmLauncher`]: the scheduler's [`Launcher`] for microVM environments, booted or,
+//! for SnapStart functions with a snapshot, restored ([`crate::snapstart`]).
 
 use std::collections::HashMap;
 use std::io;
@@ -12,6 +13,7 @@ use kindling_runtime_api::environment::{
 };
 
 use crate::machine::{Drive, VmSpec, VmUser, VmUserLease};
+use crate::snapstart::{Creation, SnapshotKey, SnapshotStore};
 use crate::{console, Backend, RunningVm};
 use kindling_runtime_api::config::Hypervisor;
 
@@ -39,6 +41,8 @@ pub struct MicroVmLauncher {
     /// Guest consoles are appended to `<logs_dir>/<function>.console.log` when an
     /// environment stops, for `kindling logs`.
     logs_dir: PathBuf,
+    /// SnapStart functions' snapshots.
+    snapshots: SnapshotStore,
 }
 
 impl std::fmt::Debug for MicroVmLauncher {
@@ -57,11 +61,13 @@ impl std::fmt::Debug for MicroVmLauncher {
 }
 
 impl MicroVmLauncher {
-    pub fn new(images: Arc<dyn ImageSource>, logs_dir: PathBuf) -> Self {
+    /// Snapshots of SnapStart functions go to `snapshots_dir`.
+    pub fn new(images: Arc<dyn ImageSource>, logs_dir: PathBuf, snapshots_dir: PathBuf) -> Self {
         Self {
             hypervisors: HashMap::new(),
             images,
             logs_dir,
+            snapshots: SnapshotStore::new(snapshots_dir),
         }
     }
 
@@ -118,7 +124,7 @@ impl Launcher for MicroVmLauncher {
         std::fs::create_dir_all(&spec.dir)?;
         let user = VmUserLease::take()?;
         let socket_dir = socket_dir(spec, user.user())?;
-        let vm_spec = VmSpec {
+        let mut vm_spec = VmSpec {
             kernel: files.kernel,
             initramfs: files.initramfs,
             cmdline: Self::cmdline(hypervisor.as_ref(), spec),
@@ -142,11 +148,26 @@ impl Launcher for MicroVmLauncher {
             work_dir: spec.dir.clone(),
             socket_dir,
             user: user.user(),
+            snapshot_dir: None,
         };
         let started = Instant::now();
-        let vm = hypervisor.boot(&vm_spec).await?;
+        let mut creation = None;
+        let mut restored = None;
+        let vm = match self.snapstart(hypervisor.as_ref(), &vm_spec, spec).await? {
+            SnapStart::Restore(vm) => {
+                restored = Some(Instant::now());
+                vm
+            }
+            start => {
+                if let SnapStart::Create(claimed) = start {
+                    vm_spec.snapshot_dir = Some(claimed.staging_dir().to_path_buf());
+                    creation = Some(claimed);
+                }
+                hypervisor.boot(&vm_spec).await?
+            }
+        };
         let hypervisor_start = started.elapsed();
-        tracing::info!(env = %spec.id, hypervisor = hypervisor.name(), "microVM started");
+        tracing::info!(env = %spec.id, hypervisor = hypervisor.name(), restored = restored.is_some(), "microVM started");
         Ok(Box::new(MicroVm {
             id: spec.id.clone(),
             function: spec.function.name.clone(),
@@ -157,8 +178,65 @@ impl Launcher for MicroVmLauncher {
             logs_dir: self.logs_dir.clone(),
             started,
             hypervisor_start,
+            creation,
+            restored,
             _user: user,
         }))
+    }
+}
+
+/// How a microVM of a SnapStart function starts.
+enum SnapStart {
+    /// Restored from the function's snapshot.
+    Restore(Box<dyn RunningVm>),
+    /// Booted, to take the function's snapshot once its runtime has initialised.
+    Create(Creation),
+    /// Booted: not a SnapStart function, or its snapshot is being taken elsewhere.
+    Boot,
+}
+
+impl MicroVmLauncher {
+    /// Restores `spec`'s function from its snapshot when there is one (a failed restore is
+    /// logged with its reason, and the snapshot dropped: this start boots and takes a
+    /// fresh one), or claims the taking of that snapshot.
+    async fn snapstart(
+        &self,
+        hypervisor: &dyn Backend,
+        vm_spec: &VmSpec,
+        spec: &EnvironmentSpec,
+    ) -> anyhow::Result<SnapStart> {
+        let function = &spec.function;
+        if !function.snapstart {
+            return Ok(SnapStart::Boot);
+        }
+        let program = match hypervisor.snapshots() {
+            Ok(program) => program,
+            Err(why) => {
+                tracing::debug!(function = %function.name, %why, "SnapStart: booting");
+                return Ok(SnapStart::Boot);
+            }
+        };
+        let key = SnapshotKey::new(hypervisor.name(), program, vm_spec, function);
+        if let Some(snapshot) = self.snapshots.find(&function.name, &key) {
+            match hypervisor.restore(vm_spec, &snapshot).await {
+                Ok(vm) => return Ok(SnapStart::Restore(vm)),
+                Err(e) => {
+                    tracing::warn!(env = %spec.id, error = format!("{e:#}"), "SnapStart: the snapshot did not restore; booting instead, and taking a fresh one");
+                    self.snapshots.discard(&snapshot);
+                    // The failed VMM may have left its sockets behind.
+                    for socket in [
+                        vm_spec.socket_dir.join("api.sock"),
+                        vm_spec.vsock_uds.clone(),
+                    ] {
+                        let _ = std::fs::remove_file(socket);
+                    }
+                }
+            }
+        }
+        Ok(self
+            .snapshots
+            .claim(&function.name, &key, vm_spec.user)?
+            .map_or(SnapStart::Boot, SnapStart::Create))
     }
 }
 
@@ -197,6 +275,10 @@ struct MicroVm {
     started: Instant,
     /// Spawning the hypervisor (and its helpers) until it runs.
     hypervisor_start: Duration,
+    /// SnapStart: the right to take the function's snapshot, until it is taken.
+    creation: Option<Creation>,
+    /// When the VM, restored from a snapshot, started running.
+    restored: Option<Instant>,
     /// The VM's user id, free again once the VM is gone.
     _user: VmUserLease,
 }
@@ -271,8 +353,27 @@ impl Environment for MicroVm {
         Some(self.vm.freezer())
     }
 
-    /// Hypervisor start as the host saw it; kernel start → init, and init → bootstrap,
-    /// from init's console milestones (the guest's clock).
+    /// Pauses the VM, saves it into its staging folder and publishes that as the
+    /// function's snapshot, if this environment holds the right to take it.
+    async fn snapshot(&mut self) -> anyhow::Result<Option<Duration>> {
+        let Some(creation) = self.creation.take() else {
+            return Ok(None);
+        };
+        let started = Instant::now();
+        self.vm.snapshot(&creation.files()).await?;
+        let files = creation.publish()?;
+        let took = started.elapsed();
+        tracing::info!(env = %self.id, snapshot = %files.state.display(), ?took, "SnapStart: snapshot taken");
+        Ok(Some(took))
+    }
+
+    fn restored_at(&self) -> Option<Instant> {
+        self.restored
+    }
+
+    /// Hypervisor start as the host saw it (for a restored VM: until it runs again);
+    /// kernel start → init, and init → bootstrap, from init's console milestones (the
+    /// guest's clock), which a restored VM does not have.
     fn start_phases(&self) -> StartPhases {
         let mut phases = vec![("Hypervisor Start", self.hypervisor_start)];
         let console = std::fs::read(&self.console).unwrap_or_default();

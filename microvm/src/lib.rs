@@ -16,6 +16,7 @@ mod launcher;
 pub mod machine;
 pub mod probe;
 pub mod qemu;
+pub mod snapstart;
 
 use kindling_runtime_api::config::Hypervisor;
 use kindling_runtime_api::environment::Freezer;
@@ -27,6 +28,7 @@ use async_trait::async_trait;
 
 pub use launcher::{BootFiles, ImageSource, MicroVmLauncher};
 use machine::VmSpec;
+use snapstart::SnapshotFiles;
 
 /// A hypervisor backend that can boot a [`VmSpec`].
 #[async_trait]
@@ -36,6 +38,20 @@ pub trait Backend: Send + Sync {
     /// How it runs, for logs: `kindling`, `qemu/kvm`, `qemu/tcg`.
     fn name(&self) -> &'static str;
     async fn boot(&self, spec: &VmSpec) -> anyhow::Result<Box<dyn RunningVm>>;
+    /// SnapStart: the program that writes and reads this backend's snapshots (part of a
+    /// snapshot's key), or why this backend cannot take them.
+    fn snapshots(&self) -> Result<&std::path::Path, String> {
+        Err(format!("{} cannot snapshot its VMs", self.name()))
+    }
+    /// Starts the VM of `snapshot` running, instead of booting `spec`, which describes the
+    /// VM the snapshot was taken of but for its own sockets, user and console.
+    async fn restore(
+        &self,
+        _spec: &VmSpec,
+        _snapshot: &SnapshotFiles,
+    ) -> anyhow::Result<Box<dyn RunningVm>> {
+        anyhow::bail!("{} cannot restore snapshots", self.name())
+    }
 }
 
 /// The processes of one booted VM.
@@ -51,4 +67,9 @@ pub trait RunningVm: Send + Sync {
     async fn kill(&mut self) -> io::Result<()>;
     /// Pauses and resumes the VM's vCPUs through the hypervisor's control socket.
     fn freezer(&self) -> Arc<dyn Freezer>;
+    /// Pauses the VM, saves it into `into` (inside [`VmSpec::snapshot_dir`]) and lets it
+    /// run on; its vsock connections are reset on the way.
+    async fn snapshot(&mut self, _into: &SnapshotFiles) -> anyhow::Result<()> {
+        anyhow::bail!("this hypervisor cannot snapshot its VMs")
+    }
 }

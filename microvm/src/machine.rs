@@ -35,6 +35,9 @@ pub struct VmSpec {
     pub socket_dir: PathBuf,
     /// Whom the hypervisor's processes run as.
     pub user: VmUser,
+    /// SnapStart: the folder (`user`'s) the VM writes its snapshot into when asked
+    /// ([`crate::RunningVm::snapshot`]); `None` when it is not to take one.
+    pub snapshot_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]

@@ -36,6 +36,9 @@ pub struct Function {
     pub isolation: Isolation,
     pub max_concurrency: usize,
     pub env: BTreeMap<String, String>,
+    /// Lambda's SnapStart: a snapshot is taken once the runtime has initialised, and
+    /// later cold starts restore it instead of booting (microVMs only).
+    pub snapstart: bool,
 }
 
 /// What one environment is started with.
@@ -106,6 +109,18 @@ pub trait Environment: Send + Sync {
     /// freezes its environments; `None` when it cannot be paused. Asked once, after it
     /// started; the scheduler calls it from its own tasks, beside the other methods.
     fn freezer(&self) -> Option<Arc<dyn Freezer>> {
+        None
+    }
+    /// SnapStart: the runtime has initialised and waits for its first event. An
+    /// environment that is to take its function's snapshot takes it now (it pauses, saves
+    /// and resumes its guest, whose connections to the host start afresh) and returns how
+    /// long that took; any other does nothing. Called once, only for SnapStart functions.
+    async fn snapshot(&mut self) -> anyhow::Result<Option<Duration>> {
+        Ok(None)
+    }
+    /// When this environment's guest started running again, if it was restored from a
+    /// snapshot rather than booted: what a restored cold start reports instead of its init.
+    fn restored_at(&self) -> Option<std::time::Instant> {
         None
     }
 }

@@ -245,27 +245,55 @@ pub fn end_line(request_id: &str) -> String {
     format!("END RequestId: {request_id}")
 }
 
-/// The `REPORT` line. Billed duration is the duration rounded up to the next whole
-/// millisecond; `Init Duration` appears on the first invocation of an environment,
-/// followed by that environment's own start phases (Kindling's addition).
-pub fn report_line(
-    request_id: &str,
-    memory_mb: u32,
-    report: &InvocationReport,
-    phases: &[(&'static str, Duration)],
-) -> String {
+/// A cold start restored from a snapshot (SnapStart), as Lambda reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restore {
+    /// The environment's start → its runtime's first `/next` on the host: restoring the
+    /// snapshot outside the VM, and the guest resuming and asking for its event.
+    pub duration: Duration,
+    /// The part inside the VM (resumed → first `/next`): what Lambda bills, not the
+    /// restore of the snapshot itself.
+    pub billed: Duration,
+}
+
+/// Milliseconds rounded up to a whole number, at least 1: Lambda's billing.
+fn billed_ms(ms: f64) -> u64 {
     #[expect(
         clippy::cast_possible_truncation,
         clippy::cast_sign_loss,
         reason = "a whole, non-negative number of ms by then; `as` saturates a float past u64::MAX"
     )]
-    let billed = report.duration_ms.max(0.0).ceil().max(1.0) as u64;
+    let billed = ms.max(0.0).ceil().max(1.0) as u64;
+    billed
+}
+
+/// The `REPORT` line. Billed duration is the duration rounded up to the next whole
+/// millisecond; `Init Duration` appears on the first invocation of a booted environment,
+/// `Restore Duration` and `Billed Restore Duration` on that of a restored one (SnapStart),
+/// followed by that environment's own start phases (Kindling's addition).
+pub fn report_line(
+    request_id: &str,
+    memory_mb: u32,
+    report: &InvocationReport,
+    restore: Option<Restore>,
+    phases: &[(&'static str, Duration)],
+) -> String {
     let mut line = format!(
-        "REPORT RequestId: {request_id}\tDuration: {:.2} ms\tBilled Duration: {billed} ms\tMemory Size: {memory_mb} MB\tMax Memory Used: {} MB",
-        report.duration_ms, report.max_memory_used_mb
+        "REPORT RequestId: {request_id}\tDuration: {:.2} ms\tBilled Duration: {} ms\tMemory Size: {memory_mb} MB\tMax Memory Used: {} MB",
+        report.duration_ms,
+        billed_ms(report.duration_ms),
+        report.max_memory_used_mb
     );
     if let Some(init) = report.init_duration_ms {
         line.push_str(&format!("\tInit Duration: {init:.2} ms"));
+    }
+    if let Some(restore) = restore {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        line.push_str(&format!(
+            "\tRestore Duration: {:.2} ms\tBilled Restore Duration: {} ms",
+            ms(restore.duration),
+            billed_ms(ms(restore.billed))
+        ));
     }
     for (name, took) in phases {
         line.push_str(&format!("\t{name}: {:.2} ms", took.as_secs_f64() * 1000.0));
@@ -301,19 +329,25 @@ mod tests {
             max_memory_used_mb: 20,
         };
         assert_eq!(
-            report_line("id1", 128, &r, &[]),
+            report_line("id1", 128, &r, None, &[]),
             "REPORT RequestId: id1\tDuration: 1.23 ms\tBilled Duration: 2 ms\tMemory Size: 128 MB\tMax Memory Used: 20 MB\tInit Duration: 45.67 ms"
         );
         let phases = [("Guest Boot", Duration::from_micros(729_004))];
-        assert!(report_line("id1", 128, &r, &phases)
+        assert!(report_line("id1", 128, &r, None, &phases)
             .ends_with("\tInit Duration: 45.67 ms\tGuest Boot: 729.00 ms"));
         let warm = InvocationReport {
             duration_ms: 3.0,
             init_duration_ms: None,
             max_memory_used_mb: 7,
         };
-        assert!(report_line("id2", 256, &warm, &[])
+        assert!(report_line("id2", 256, &warm, None, &[])
             .ends_with("Billed Duration: 3 ms\tMemory Size: 256 MB\tMax Memory Used: 7 MB"));
+        let restore = Restore {
+            duration: Duration::from_micros(280_812),
+            billed: Duration::from_micros(177_200),
+        };
+        assert!(report_line("id3", 128, &warm, Some(restore), &[])
+            .ends_with("Max Memory Used: 7 MB\tRestore Duration: 280.81 ms\tBilled Restore Duration: 178 ms"));
     }
 
     #[test]

@@ -47,6 +47,9 @@ pub struct Invocation {
     pub cognito_identity: Option<String>,
     /// The function's timeout; the deadline starts when the guest takes the event.
     pub timeout: Duration,
+    /// Fresh random bytes for the guest kernel ([`wire::HEADER_ENTROPY`]): on the first
+    /// event of a SnapStart environment, whose random pool its clones share.
+    pub entropy: Option<Vec<u8>>,
 }
 
 /// What became of an invocation, as far as the guest is concerned.
@@ -196,6 +199,9 @@ struct Shared {
     /// `/next` requests waiting with nothing to hand over: above 0, the runtime is done
     /// with its last event and idle, as Lambda sees it before it freezes an environment.
     parked: watch::Sender<usize>,
+    /// Bumped when the guest's connections were reset ([`RuntimeApi::connections_reset`]):
+    /// a `/next` that began before never takes an event.
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -243,6 +249,7 @@ impl RuntimeApi {
             state: Mutex::default(),
             next_ready: Notify::new(),
             parked: watch::Sender::new(0),
+            epoch: std::sync::atomic::AtomicU64::new(0),
         });
         let task = tokio::spawn(accept_loop(listener, shared.clone()));
         Ok(Self {
@@ -282,6 +289,25 @@ impl RuntimeApi {
     pub fn parked(&self) -> impl std::future::Future<Output = bool> + Send + 'static {
         let mut parked = self.shared.parked.subscribe();
         async move { parked.wait_for(|n| *n > 0).await.is_ok() }
+    }
+
+    /// Resolves once the runtime has initialised: it waits in `/next` and neither failed
+    /// its init nor died on the way; `false` when it did, or the server is gone.
+    pub fn initialised(&self) -> impl std::future::Future<Output = bool> + Send + 'static {
+        let parked = self.parked();
+        let shared = self.shared.clone();
+        async move { parked.await && shared.state().init_error.is_none() }
+    }
+
+    /// The guest's connections to this server were reset under it (a snapshot was taken:
+    /// the VMM closes their host ends): a `/next` still waiting here belongs to a dead
+    /// connection, which the server may not have noticed yet, and must not swallow the
+    /// next event. It ends at once; the guest's agent asks again on a new connection.
+    pub fn connections_reset(&self) {
+        self.shared
+            .epoch
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.shared.next_ready.notify_waiters();
     }
 
     /// Gives up on the current invocation (timeout, crash): later answers for it get 403.
@@ -370,11 +396,22 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
 }
 
 async fn next(shared: &Shared) -> Response<Full<Bytes>> {
+    use std::sync::atomic::Ordering;
+    let epoch = shared.epoch.load(Ordering::SeqCst);
     // Counted from its first wait until it answers (or the guest hangs up).
     let mut parked = None;
     loop {
         {
             let mut state = shared.state();
+            if shared.epoch.load(Ordering::SeqCst) != epoch {
+                // A wakeup meant for a live `/next` may have reached this one instead.
+                shared.next_ready.notify_one();
+                return error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Kindling.ConnectionReset",
+                    "the guest's connections were reset (snapshot): ask again",
+                );
+            }
             if state.in_flight.is_some() {
                 return error_response(
                     StatusCode::FORBIDDEN,
@@ -460,6 +497,9 @@ fn event_response(inv: &Invocation) -> http::Result<Response<Full<Bytes>>> {
     }
     if let Some(ci) = &inv.cognito_identity {
         builder = builder.header(wire::HEADER_COGNITO_IDENTITY, ci);
+    }
+    if let Some(entropy) = &inv.entropy {
+        builder = builder.header(wire::HEADER_ENTROPY, wire::to_hex(entropy));
     }
     builder.body(Full::new(inv.payload.clone()))
 }

@@ -21,7 +21,7 @@ use tokio::sync::{oneshot, watch, Notify};
 
 use crate::environment::{Environment, EnvironmentSpec, Function, Isolation, Launcher, StopMode};
 use crate::freezing::Freezing;
-use crate::logs::{self, LogSink};
+use crate::logs::{self, LogSink, Restore};
 use crate::metrics::Metrics;
 use crate::runtime_server::{Completion, Invocation, Outcome, RuntimeApi};
 
@@ -230,6 +230,9 @@ struct Env {
     started: Instant,
     /// `None` when the environment cannot be frozen, or freezing is off.
     freezing: Option<Arc<Freezing>>,
+    /// How long taking its function's snapshot took (SnapStart), reported with its cold
+    /// start.
+    snapshot_took: Option<Duration>,
 }
 
 impl Scheduler {
@@ -642,7 +645,7 @@ impl Pool {
             );
         }
         std::fs::create_dir_all(&spec.dir).with_context(|| spec.dir.display().to_string())?;
-        let environment = FunctionEnvironment {
+        let mut environment = FunctionEnvironment {
             function_name: f.name.clone(),
             function_version: VERSION.into(),
             memory_mb: f.memory_mb,
@@ -650,11 +653,19 @@ impl Pool {
             runtime: f.runtime.clone(),
             handler: f.handler.clone(),
             region: self.ctx.options.region.clone(),
-            log_group_name: format!("/aws/lambda/{}", f.name),
-            log_stream_name: format!("{}/[{VERSION}]{}", today(), id),
+            log_group_name: String::new(),
+            log_stream_name: String::new(),
             initialization_type: "on-demand".into(),
             variables: f.env.clone(),
         };
+        if f.snapstart {
+            // What the guest learns at init lives on in every clone: nothing of this one
+            // environment (Lambda gives SnapStart runtimes no log group or stream either).
+            environment.initialization_type = kindling_wire::INITIALIZATION_SNAP_START.into();
+        } else {
+            environment.log_group_name = format!("/aws/lambda/{}", f.name);
+            environment.log_stream_name = format!("{}/[{VERSION}]{}", today(), id);
+        }
         let started = Instant::now();
         let result = async {
             let api = RuntimeApi::bind(&socket, environment, self.ctx.logs.clone())
@@ -680,11 +691,38 @@ impl Pool {
                     broken: false,
                     started,
                     freezing,
+                    snapshot_took: None,
                 }))
             }
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&spec.dir);
                 Err(e)
+            }
+        }
+    }
+
+    /// SnapStart: once the runtime of a fresh environment has initialised (its first
+    /// `/next` waits on the host) and before its first event, lets the environment take
+    /// the function's snapshot. Gives up quietly when the runtime dies, fails its init or
+    /// outlasts the init deadline first: the invocation then fails as it would have.
+    async fn snapshot_when_initialised(&self, env: &mut Env, deadline: tokio::time::Instant) {
+        let initialised = tokio::select! {
+            ready = env.api.initialised() => ready,
+            _ = env.handle.exited() => false,
+            _ = tokio::time::sleep_until(deadline) => false,
+        };
+        if !initialised {
+            return;
+        }
+        match env.handle.snapshot().await {
+            Ok(took) => {
+                if took.is_some() {
+                    env.api.connections_reset();
+                }
+                env.snapshot_took = took;
+            }
+            Err(e) => {
+                tracing::warn!(env = %env.spec.id, error = format!("{e:#}"), "SnapStart: the snapshot failed; later cold starts boot")
             }
         }
     }
@@ -702,6 +740,10 @@ impl Pool {
         }
         let start_line = logs::start_line(&request_id, VERSION);
         self.ctx.logs.write(&f.name, &start_line);
+        let init_deadline = tokio::time::Instant::now() + self.ctx.options.init_timeout;
+        if cold && f.snapstart {
+            self.snapshot_when_initialised(env, init_deadline).await;
+        }
 
         let ticket = env.api.submit(Invocation {
             request_id: request_id.clone(),
@@ -711,6 +753,7 @@ impl Pool {
             client_context: request.client_context,
             cognito_identity: request.cognito_identity,
             timeout: f.timeout,
+            entropy: (cold && f.snapstart).then(fresh_entropy).flatten(),
         });
         let (mut dispatched, mut done) = (ticket.dispatched, ticket.done);
         let mut cancel = self.ctx.cancel.subscribe();
@@ -723,7 +766,7 @@ impl Pool {
             c = &mut done => Wait::Done(c.ok()),
             at = &mut dispatched => at.map_or(Wait::Done(None), Wait::Dispatched),
             reason = env.handle.exited() => Wait::Exited(reason),
-            _ = tokio::time::sleep(self.ctx.options.init_timeout) => Wait::InitTimeout,
+            _ = tokio::time::sleep_until(init_deadline) => Wait::InitTimeout,
             _ = until_true(&mut cancel) => Wait::Cancelled,
         };
         let (dispatched_at, second) = match first {
@@ -791,12 +834,26 @@ impl Pool {
             init_duration_ms: None,
             max_memory_used_mb: 0,
         });
-        let phases = if cold {
+        let mut phases = if cold {
             env.handle.start_phases()
         } else {
             Vec::new()
         };
-        if cold && report.init_duration_ms.is_none() {
+        if let Some(took) = env.snapshot_took.take() {
+            phases.push(("Snapshot Create", took));
+        }
+        let restore = cold
+            .then(|| env.handle.restored_at())
+            .flatten()
+            .map(|resumed| Restore {
+                duration: dispatched_at - env.started,
+                billed: dispatched_at.saturating_duration_since(resumed),
+            });
+        if restore.is_some() {
+            // The runtime's init ran before the snapshot, in another environment: this
+            // one restored it, and reports that instead (as Lambda's SnapStart does).
+            report.init_duration_ms = None;
+        } else if cold && report.init_duration_ms.is_none() {
             // The guest did not measure it (its runtime died first): the host's view of
             // the start, less the phases the environment accounts for (a VM's boot).
             let accounted: Duration = phases.iter().map(|(_, took)| *took).sum();
@@ -812,7 +869,8 @@ impl Pool {
                 body: Bytes::from(serde_json::to_vec(&error).unwrap_or_default()),
             },
         };
-        self.finish(request_id, start_line, log, &report, &phases, answer)
+        let start = ColdStart { restore, phases };
+        self.finish(request_id, start_line, log, &report, &start, answer)
     }
 
     /// Ends an invocation the guest did not answer (`note` goes into the function's
@@ -843,7 +901,14 @@ impl Pool {
             error_type: error.error_type.clone(),
             body: Bytes::from(serde_json::to_vec(&error).unwrap_or_default()),
         };
-        self.finish(request_id, start_line, log, &report, &[], answer)
+        self.finish(
+            request_id,
+            start_line,
+            log,
+            &report,
+            &ColdStart::default(),
+            answer,
+        )
     }
 
     /// Writes `END` and `REPORT`, counts, and assembles the caller's view.
@@ -853,9 +918,11 @@ impl Pool {
         start_line: String,
         log: String,
         report: &InvocationReport,
-        phases: &[(&'static str, Duration)],
+        start: &ColdStart,
         answer: Answer,
     ) -> Invoked {
+        let ColdStart { restore, phases } = start;
+        let restore = *restore;
         let f = &self.function;
         let metrics = &self.ctx.metrics;
         if matches!(answer, Answer::Error { .. }) {
@@ -866,10 +933,13 @@ impl Pool {
             metrics.init(&f.name, init);
         }
         let end = logs::end_line(request_id);
+        if let Some(restore) = restore {
+            metrics.start_phase(&f.name, "Restore Duration", restore.duration);
+        }
         for (phase, took) in phases {
             metrics.start_phase(&f.name, phase, *took);
         }
-        let report_line = logs::report_line(request_id, f.memory_mb, report, phases);
+        let report_line = logs::report_line(request_id, f.memory_mb, report, restore, phases);
         self.ctx.logs.write(&f.name, &end);
         self.ctx.logs.write(&f.name, &report_line);
         Invoked {
@@ -913,6 +983,14 @@ fn remove_orphaned_envs<'a>(
     }
 }
 
+/// What the `REPORT` of an environment's first invocation says of its start (nothing for
+/// later ones): restored from a snapshot, and its own start phases.
+#[derive(Default)]
+struct ColdStart {
+    restore: Option<Restore>,
+    phases: Vec<(&'static str, Duration)>,
+}
+
 /// What an invocation waits for.
 enum Wait {
     Dispatched(Instant),
@@ -945,6 +1023,20 @@ fn shutdown_error(request_id: &str) -> ErrorBody {
         "Runtime.Unknown",
         format!("RequestId: {request_id} Error: the server shut down during the invocation"),
     )
+}
+
+/// [`kindling_wire::ENTROPY_BYTES`] from the host's kernel, for a SnapStart guest to
+/// reseed its own; `None` (logged) if they cannot be read.
+fn fresh_entropy() -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = vec![0; kindling_wire::ENTROPY_BYTES];
+    match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)) {
+        Ok(()) => Some(bytes),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read /dev/urandom: the guest is not re-seeded");
+            None
+        }
+    }
 }
 
 /// An X-Ray style trace header: `Root=1-<epoch hex>-<96 random bits>;Parent=<64 bits>;Sampled=0`.

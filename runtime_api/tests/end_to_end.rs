@@ -37,6 +37,7 @@ fn function(name: &str, code: &std::path::Path) -> Function {
         isolation: Isolation::Sandbox,
         max_concurrency: 10,
         env: BTreeMap::from([("GREETING".to_string(), "hi".to_string())]),
+        snapstart: false,
     }
 }
 

@@ -68,6 +68,7 @@ impl Fixture {
             client_context: Some(r#"{"custom":{"k":"v"}}"#.into()),
             cognito_identity: Some(r#"{"cognitoIdentityId":"x"}"#.into()),
             timeout: Duration::from_secs(3),
+            entropy: None,
         })
     }
 

@@ -43,6 +43,7 @@ async fn the_aws_tutorial_runtime_answers_through_the_sandbox() {
         isolation: Isolation::Sandbox,
         max_concurrency: 1,
         env: BTreeMap::new(),
+        snapstart: false,
     };
     let spec = EnvironmentSpec {
         id: format!("e2e-{}", std::process::id()),
@@ -86,6 +87,7 @@ async fn the_aws_tutorial_runtime_answers_through_the_sandbox() {
         client_context: None,
         cognito_identity: None,
         timeout: function.timeout,
+        entropy: None,
     });
     let done = tokio::time::timeout(Duration::from_secs(30), ticket.done).await;
     let console = std::fs::read_to_string(spec.console_log()).unwrap_or_default();

@@ -78,6 +78,7 @@ fn harness(test: &str, memory_mb: u32, pids_limit: u32, probe: Probe) -> Option<
             isolation: Isolation::Sandbox,
             max_concurrency: 1,
             env: BTreeMap::new(),
+            snapstart: false,
         },
     };
     std::fs::create_dir(&spec.dir).unwrap();

@@ -12,7 +12,7 @@ use kindling_runtime_api::Isolation;
 
 use super::rss::ProgramRss;
 use super::stats::{median, percentile};
-use super::target::{Run, Target, CLIENTS};
+use super::target::{Run, SnapStartRun, Target, CLIENTS};
 
 /// Column separators and a rule under the header; no other lines.
 const STYLE: &str = "     --             ";
@@ -123,7 +123,48 @@ fn target_rows(
 ) {
     warm_rows(rows, target, runs, floor_p50, floor_p99);
     cold_start_rows(rows, target, runs);
+    snapstart_rows(rows, target, runs);
     rss_row(rows, target, runs);
+}
+
+/// SnapStart: a snapshot-restored cold start against a booted one of the same function
+/// (the snapshot it took excluded), each the first invocation of a fresh server; the
+/// target is a restore at most 1/5 of the boot. Where the target cannot take snapshots,
+/// one row says why.
+fn snapstart_rows(rows: &mut Rows, target: Target, runs: &[Run]) {
+    let env = target.label();
+    if let Err(why) = target.snapstart() {
+        if target.isolation == Isolation::MicroVm {
+            rows.push_noted("SnapStart restore → answer", env, "n/a".into(), "", &why);
+        }
+        return;
+    }
+    let snap: Vec<_> = runs.iter().filter_map(|r| r.snapstart.as_ref()).collect();
+    let of =
+        |f: fn(&SnapStartRun) -> f64| median_of(&snap.iter().map(|s| f(s)).collect::<Vec<_>>());
+    let booted = of(|s| s.booted.as_secs_f64());
+    let restored = of(|s| s.restored.as_secs_f64());
+    let ratio = of(|s| s.booted.as_secs_f64() / s.restored.as_secs_f64().max(1e-9));
+    rows.push_noted(
+        "SnapStart boot → answer",
+        env,
+        marked(target, seconds(booted)),
+        "",
+        &format!(
+            "fresh server, snapshot taken on the way ({}) not counted",
+            seconds(of(|s| s.snapshot.as_secs_f64()))
+        ),
+    );
+    rows.push_noted(
+        "SnapStart restore → answer",
+        env,
+        marked(target, seconds(restored)),
+        "",
+        &format!(
+            "fresh server; 1/{ratio:.1} of the boot (target: at most 1/5){}",
+            if ratio >= 5.0 { "" } else { " MISSED" }
+        ),
+    );
 }
 
 /// `text` with the emulation mark where the target's figures are bound by emulation.
@@ -337,6 +378,7 @@ mod tests {
             warm: vec![Duration::from_millis(warm_ms); 10],
             sequential_rate: 1000.0 / warm_ms as f64,
             concurrent_rate: 2000.0 / warm_ms as f64,
+            snapstart: None,
             children_rss: rss
                 .iter()
                 .map(|&(program, processes, mib)| {

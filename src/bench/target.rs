@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _};
 use indicatif::ProgressBar;
 use kindling_microvm::probe;
-use kindling_microvm::qemu::{QEMU, VHOST_VSOCK};
+use kindling_microvm::qemu::{Accel, Qemu, QEMU, VHOST_VSOCK};
 use kindling_runtime_api::client::{Client, InvokeOptions};
 use kindling_runtime_api::config::{FunctionConfig, Hypervisor};
 use kindling_runtime_api::logs::LogLine;
@@ -69,6 +69,23 @@ impl Target {
         }
     }
 
+    /// Whether its environments can be restored from snapshots (SnapStart); why not.
+    pub fn snapstart(&self) -> Result<(), String> {
+        use kindling_microvm::Backend;
+        match self.hypervisor {
+            None => Err("the sandbox has no VM to snapshot".into()),
+            Some(Hypervisor::Kindling) => Ok(()),
+            Some(Hypervisor::Qemu) => {
+                let accel = if self.emulated() {
+                    Accel::Tcg
+                } else {
+                    Accel::Kvm
+                };
+                Qemu { accel }.snapshots().map(drop)
+            }
+        }
+    }
+
     /// The programs one running VM consists of: the hypervisor first, then its helpers.
     pub fn hypervisor_programs(&self) -> &'static [&'static str] {
         match self.hypervisor {
@@ -90,6 +107,7 @@ impl Target {
                 isolation: self.isolation,
                 max_concurrency: CLIENTS,
                 env: BTreeMap::new(),
+                snapstart: false,
             },
             hypervisor: self.hypervisor,
         }
@@ -111,6 +129,19 @@ pub struct Run {
     pub concurrent_rate: f64,
     /// Memory of this process's children while the VMs ran, per program.
     pub children_rss: BTreeMap<String, ProgramRss>,
+    /// SnapStart's two cold starts, where the target can take snapshots.
+    pub snapstart: Option<SnapStartRun>,
+}
+
+/// A SnapStart function's cold starts, each the first invocation of a fresh server.
+#[derive(Debug, Clone)]
+pub struct SnapStartRun {
+    /// Boot → first answer, less the snapshot taken on the way.
+    pub booted: Duration,
+    /// Taking the snapshot (pause, save, resume), on the first invocation's path.
+    pub snapshot: Duration,
+    /// Restore → first answer.
+    pub restored: Duration,
 }
 
 /// Checks, before anything is measured, that the server can be built for `target` the
@@ -123,6 +154,51 @@ pub fn check(target: Target, code: &Path, state_dir: &Path) -> anyhow::Result<()
     Ok(())
 }
 
+/// A fresh in-process server for one function, built as `kindling serve` builds it.
+struct Serving {
+    addr: SocketAddr,
+    logs: broadcast::Receiver<LogLine>,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Serving {
+    async fn start(function: FunctionConfig, state_dir: &Path) -> anyhow::Result<Self> {
+        let (functions, launchers) = environments::prepare(vec![function], None, None, state_dir)?;
+        let mut options = ServerOptions::new(state_dir);
+        options.invoke_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        // Environments live through the run, however slow the machine.
+        options.idle_timeout = Duration::from_secs(3600);
+        options.init_timeout = INIT_TIMEOUT;
+        let server = Server::bind(functions, launchers, options).await?;
+        let addr = server.local_addr();
+        let logs = server.logs();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            server
+                .run(async {
+                    // A dropped sender stops the server too.
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        Ok(Self {
+            addr,
+            logs,
+            stop,
+            task,
+        })
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.task
+            .await
+            .context("the server task failed")?
+            .context("the server failed")
+    }
+}
+
 /// Starts a fresh server for `target` in `state_dir`, measures, and stops it.
 pub async fn run(
     target: Target,
@@ -132,31 +208,69 @@ pub async fn run(
     progress: &ProgressBar,
     interrupt: Interrupt,
 ) -> anyhow::Result<Run> {
-    let (functions, launchers) =
-        environments::prepare(vec![target.function(code)], None, None, state_dir)?;
-    let mut options = ServerOptions::new(state_dir);
-    options.invoke_addr = SocketAddr::from(([127, 0, 0, 1], 0));
-    // Environments live through the run, however slow the machine.
-    options.idle_timeout = Duration::from_secs(3600);
-    options.init_timeout = INIT_TIMEOUT;
-    let server = Server::bind(functions, launchers, options).await?;
-    let addr = server.local_addr();
-    let logs = server.logs();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let serving = tokio::spawn(server.run(async {
-        // A dropped sender stops the server too.
-        let _ = stopped.await;
-    }));
+    let server = Serving::start(target.function(code), state_dir).await?;
     let measured = tokio::select! {
-        measured = measure(target, addr, logs, invokes, progress) => measured,
-        () = interrupt.wait() => Err(anyhow!("interrupted")),
+        measured = measure(target, server.addr, server.logs.resubscribe(), invokes, progress) => measured,
+        () = interrupt.clone().wait() => Err(anyhow!("interrupted")),
     };
-    let _ = stop.send(());
-    serving
+    server.stop().await?;
+    let mut run = measured?;
+    if target.snapstart().is_ok() {
+        progress.set_message(format!("{}: SnapStart", target.label()));
+        run.snapstart =
+            Some(snapstart(target, code, &state_dir.join("snapstart"), interrupt).await?);
+        progress.inc(2);
+    }
+    Ok(run)
+}
+
+/// The same function with SnapStart, twice from a fresh server on one state folder: the
+/// first cold start boots and takes the snapshot, the second restores it.
+async fn snapstart(
+    target: Target,
+    code: &Path,
+    state_dir: &Path,
+    interrupt: Interrupt,
+) -> anyhow::Result<SnapStartRun> {
+    let mut function = target.function(code);
+    function.function.snapstart = true;
+    let cold_start = || async {
+        let mut server = Serving::start(function.clone(), state_dir).await?;
+        let measured = tokio::select! {
+            measured = async {
+                let mut client = Client::connect(server.addr).await?;
+                let started = Instant::now();
+                invoke(&mut client).await?;
+                let took = started.elapsed();
+                let phases =
+                    report::next_breakdown(&mut server.logs, FUNCTION, Duration::from_secs(10)).await?;
+                anyhow::Ok((took, phases))
+            } => measured,
+            () = interrupt.clone().wait() => Err(anyhow!("interrupted")),
+        };
+        server.stop().await?;
+        measured
+    };
+    let (booted, phases) = cold_start()
         .await
-        .context("the server task failed")?
-        .context("the server failed")?;
-    measured
+        .context("SnapStart, the booting cold start")?;
+    let snapshot_ms = phase_ms(&phases, "Snapshot Create")
+        .context("the first SnapStart cold start took no snapshot")?;
+    let (restored, phases) = cold_start()
+        .await
+        .context("SnapStart, the restoring cold start")?;
+    if phase_ms(&phases, "Restore Duration").is_none() {
+        bail!("the second SnapStart cold start was not restored: {phases:?}");
+    }
+    Ok(SnapStartRun {
+        booted: booted.saturating_sub(Duration::from_secs_f64(snapshot_ms / 1000.0)),
+        snapshot: Duration::from_secs_f64(snapshot_ms / 1000.0),
+        restored,
+    })
+}
+
+fn phase_ms(phases: &[(String, f64)], name: &str) -> Option<f64> {
+    phases.iter().find(|(n, _)| n == name).map(|(_, ms)| *ms)
 }
 
 async fn measure(
@@ -220,6 +334,7 @@ async fn measure(
         sequential_rate,
         concurrent_rate,
         children_rss,
+        snapstart: None,
     })
 }
 

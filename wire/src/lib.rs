@@ -60,6 +60,14 @@ pub const HEADER_INVOCATION_REPORT: &str = "kindling-invocation-report";
 /// it, so that runtimes compute the remaining time right, and drops the header. In a
 /// microVM, whose clock is its own, bootstrap first sets the clock to this time.
 pub const HEADER_HOST_TIME_MS: &str = "kindling-host-time-ms";
+/// Host → bootstrap on the first `/next` of an environment of a SnapStart function (the
+/// one that took the snapshot, and every clone restored from it): fresh random bytes from
+/// the host, hex-encoded. Clones share the guest kernel's random pool as it was at the
+/// snapshot, so bootstrap mixes these in and forces a reseed of the kernel's CRNG before
+/// the runtime sees the event, and drops the header.
+pub const HEADER_ENTROPY: &str = "kindling-entropy";
+/// Bytes of entropy in [`HEADER_ENTROPY`]: a whole ChaCha20 key.
+pub const ENTROPY_BYTES: usize = 32;
 
 /// `deadline_ms` (on the host's clock, which read `host_now_ms`) on a clock that now reads
 /// `guest_now_ms`.
@@ -120,12 +128,33 @@ pub struct FunctionEnvironment {
     pub region: String,
     pub log_group_name: String,
     pub log_stream_name: String,
-    /// `on-demand` or `snap-start`.
+    /// `on-demand` or `snap-start` ([`INITIALIZATION_SNAP_START`]).
     pub initialization_type: String,
     /// The function's own variables (from its configuration), added to the reserved ones.
     #[serde(default)]
     pub variables: BTreeMap<String, String>,
 }
+
+/// `bytes` as lowercase hex, as [`HEADER_ENTROPY`] carries them.
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The bytes of a hex string; `None` when it is not one.
+pub fn from_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// [`FunctionEnvironment::initialization_type`] of a SnapStart function. Like Lambda, its
+/// runtime gets no log group or stream name (they would name the environment that took
+/// the snapshot in every clone): those two are empty.
+pub const INITIALIZATION_SNAP_START: &str = "snap-start";
 
 /// Metrics of one invocation, measured in the guest by bootstrap; travels as
 /// [`HEADER_INVOCATION_REPORT`].
@@ -307,6 +336,17 @@ mod tests {
         assert_eq!("993".parse::<RuntimeUser>().unwrap(), RuntimeUser::LAMBDA);
         for bad in ["", "sbx_user1051", "1:", ":1", "-1", "1:2:3"] {
             assert!(bad.parse::<RuntimeUser>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn hex_round_trips() {
+        let bytes = [0u8, 1, 0xab, 0xff];
+        assert_eq!(to_hex(&bytes), "0001abff");
+        assert_eq!(from_hex("0001abff").unwrap(), bytes);
+        assert_eq!(from_hex("0001ABFF").unwrap(), bytes);
+        for bad in ["0", "zz", "0g", "é0"] {
+            assert!(from_hex(bad).is_none(), "{bad:?}");
         }
     }
 

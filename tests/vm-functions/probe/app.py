@@ -84,6 +84,11 @@ def _kernel_views():
     }
 
 
+# Made once, in the init phase: every clone of a SnapStart snapshot shares it (what
+# Lambda warns about), while bytes read from the kernel in a handler differ once the
+# clone's kernel random generator has been reseeded.
+_INIT_RANDOM = os.urandom(16).hex()
+
 _STAMPS = "/tmp/probe-stamps"
 # A background process that outlives the invocation that starts it, as a handler's
 # background work does: it appends the time to _STAMPS every 20 ms.
@@ -149,6 +154,9 @@ def handler(event, context):
         answer["time"] = time.time()
     if action == "stamp":
         answer["stamp"] = _stamp(event.get("seconds", 0.5))
+    if action in ("random", "sleep"):
+        answer["init_random"] = _INIT_RANDOM
+        answer["urandom"] = os.urandom(16).hex()
     if action == "kernel_views":
         answer["views"] = _kernel_views()
     if action == "identity":
