@@ -116,8 +116,18 @@ pub struct Run {
 /// Checks, before anything is measured, that the server can be built for `target` the
 /// way the bench asks (a microVM that would silently become a sandbox is an error).
 pub fn check(target: Target, code: &Path, state_dir: &Path) -> anyhow::Result<()> {
-    let (functions, _) = environments::prepare(vec![target.function(code)], None, None, state_dir)?;
-    if functions.iter().any(|f| f.isolation != target.isolation) {
+    let prepared = environments::prepare(
+        vec![target.function(code)],
+        None,
+        None,
+        state_dir,
+        Some(target.isolation),
+    )?;
+    if prepared
+        .functions
+        .iter()
+        .any(|f| f.isolation != target.isolation)
+    {
         bail!("{} cannot run on this host", target.label());
     }
     Ok(())
@@ -132,8 +142,17 @@ pub async fn run(
     progress: &ProgressBar,
     interrupt: Interrupt,
 ) -> anyhow::Result<Run> {
-    let (functions, launchers) =
-        environments::prepare(vec![target.function(code)], None, None, state_dir)?;
+    let environments::Prepared {
+        functions,
+        launchers,
+        ..
+    } = environments::prepare(
+        vec![target.function(code)],
+        None,
+        None,
+        state_dir,
+        Some(target.isolation),
+    )?;
     let mut options = ServerOptions::new(state_dir);
     options.invoke_addr = SocketAddr::from(([127, 0, 0, 1], 0));
     // Environments live through the run, however slow the machine.
