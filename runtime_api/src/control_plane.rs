@@ -2,7 +2,8 @@
 //! CLI, the SDKs, SAM- or Terraform-style tooling), on the Invoke API's listener.
 //!
 //! `CreateFunction`, `GetFunction`, `GetFunctionConfiguration`, `ListFunctions`,
-//! `UpdateFunctionCode`, `UpdateFunctionConfiguration`, `DeleteFunction`, and
+//! `UpdateFunctionCode`, `UpdateFunctionConfiguration`, `DeleteFunction`,
+//! `Put`/`Get`/`DeleteFunctionConcurrency` (a function's environments at most) and
 //! `Put`/`Get`/`DeleteFunctionEventInvokeConfig`, with Lambda's paths, JSON bodies, status
 //! codes and error types. Every change is written to the [`Store`] before the scheduler
 //! sees it, so the registry outlives the process. Changes are serialised (one at a time):
@@ -40,12 +41,17 @@ const CONCURRENT_UPLOADS: usize = 2;
 /// Environments per API-created function (Lambda's unreserved concurrency is shared; here
 /// each function gets what functions.toml gives by default).
 const API_MAX_CONCURRENCY: usize = crate::config::DEFAULT_MAX_CONCURRENCY;
+/// `PutFunctionConcurrency`'s ceiling (functions.toml's `max_concurrency`'s).
+const MAX_RESERVED_CONCURRENCY: usize = 1000;
 /// `ListFunctions` without `MaxItems`, and its ceiling.
 const DEFAULT_PAGE: usize = 50;
 const MAX_PAGE: usize = 10_000;
 
 const FUNCTIONS_2015: &str = "/2015-03-31/functions";
 const FUNCTIONS_2019: &str = "/2019-09-25/functions/";
+/// `Put`/`DeleteFunctionConcurrency`, and `GetFunctionConcurrency`.
+const CONCURRENCY_2017: &str = "/2017-10-31/functions/";
+const CONCURRENCY_2019: &str = "/2019-09-30/functions/";
 
 /// Turns uploaded code into something the launchers run: the CLI's image cache (a zip is
 /// checked for escaping paths, Lambda's size limit and the handler, and unpacked,
@@ -70,7 +76,9 @@ pub enum DeployError {
 /// Whether a request is the control plane's (the invocations path is not).
 pub(crate) fn handles(path: &str) -> bool {
     (path.starts_with(FUNCTIONS_2015) && !path.ends_with("/invocations"))
-        || path.starts_with(FUNCTIONS_2019)
+        || [FUNCTIONS_2019, CONCURRENCY_2017, CONCURRENCY_2019]
+            .iter()
+            .any(|p| path.starts_with(p))
 }
 
 /// Lambda's runtime identifier → Kindling's runtime image, or `None` when unsupported.
@@ -137,6 +145,30 @@ impl ControlPlane {
                 _ => Err(unknown(&method, &path)),
             };
         }
+        for (prefix, methods) in [
+            (CONCURRENCY_2017, &[Method::PUT, Method::DELETE][..]),
+            (CONCURRENCY_2019, &[Method::GET][..]),
+        ] {
+            let Some(rest) = path.strip_prefix(prefix) else {
+                continue;
+            };
+            let name = rest
+                .strip_suffix("/concurrency")
+                .filter(|_| methods.contains(&method))
+                .ok_or_else(|| unknown(&method, &path))?;
+            let name = self.name_in_path(name, &query)?;
+            return match method {
+                Method::PUT => {
+                    let body = self.json_body(req).await?;
+                    self.put_concurrency(&name, body).await
+                }
+                Method::DELETE => self.delete_concurrency(&name).await,
+                _ => {
+                    let record = self.record(&name)?;
+                    Ok(ok(&concurrency_json(&record)))
+                }
+            };
+        }
         let rest = path
             .strip_prefix(FUNCTIONS_2015)
             .ok_or_else(|| unknown(&method, &path))?;
@@ -149,10 +181,14 @@ impl ControlPlane {
             (Method::GET, [""]) => self.list(&query),
             (Method::GET, [name]) => {
                 let record = self.record(&self.name_in_path(name, &query)?)?;
-                Ok(ok(&json!({
+                let mut answer = json!({
                     "Configuration": self.configuration(&record),
                     "Code": {"RepositoryType": "S3", "Location": record.code.display().to_string()},
-                })))
+                });
+                if record.reserved_concurrency.is_some() {
+                    answer["Concurrency"] = concurrency_json(&record);
+                }
+                Ok(ok(&answer))
             }
             (Method::GET, [name, "configuration"]) => {
                 let record = self.record(&self.name_in_path(name, &query)?)?;
@@ -362,6 +398,7 @@ impl ControlPlane {
             code_size,
             isolation: self.default_isolation.name().to_string(),
             max_concurrency: API_MAX_CONCURRENCY,
+            reserved_concurrency: None,
             last_modified: String::new(),
             revision_id: String::new(),
             event_invoke: None,
@@ -502,6 +539,40 @@ impl ControlPlane {
         }
     }
 
+    async fn put_concurrency(
+        &self,
+        name: &str,
+        body: Value,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "PascalCase")]
+        struct Input {
+            reserved_concurrent_executions: usize,
+        }
+        let input: Input = parse_input(body)?;
+        let n = input.reserved_concurrent_executions;
+        if !(1..=MAX_RESERVED_CONCURRENCY).contains(&n) {
+            return Err(ApiError::invalid(format!(
+                "ReservedConcurrentExecutions {n}: this server takes 1..{MAX_RESERVED_CONCURRENCY} (0, which throttles every invocation, is not supported)"
+            )));
+        }
+        let _change = self.changes.lock().await;
+        let mut record = self.changeable(name)?;
+        record.reserved_concurrency = Some(n);
+        record.max_concurrency = n;
+        self.commit(record, false).await?;
+        Ok(ok(&json!({"ReservedConcurrentExecutions": n})))
+    }
+
+    async fn delete_concurrency(&self, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+        let _change = self.changes.lock().await;
+        let mut record = self.changeable(name)?;
+        record.reserved_concurrency = None;
+        record.max_concurrency = API_MAX_CONCURRENCY;
+        self.commit(record, false).await?;
+        Ok(status_only(StatusCode::NO_CONTENT))
+    }
+
     async fn put_event_invoke_config(
         &self,
         name: &str,
@@ -591,6 +662,14 @@ impl ControlPlane {
                 "OnFailure": destination(&c.on_failure),
             },
         })
+    }
+}
+
+/// `GetFunctionConcurrency`'s answer (`{}` when none is reserved).
+fn concurrency_json(record: &FunctionRecord) -> Value {
+    match record.reserved_concurrency {
+        Some(n) => json!({"ReservedConcurrentExecutions": n}),
+        None => json!({}),
     }
 }
 

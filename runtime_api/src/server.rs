@@ -339,6 +339,7 @@ fn file_record(f: &Function) -> FunctionRecord {
         code_size: 0,
         isolation: f.isolation.name().to_string(),
         max_concurrency: f.max_concurrency,
+        reserved_concurrency: None,
         last_modified: control_plane::last_modified(),
         revision_id: uuid::Uuid::new_v4().to_string(),
         event_invoke: None,

@@ -76,7 +76,11 @@ pub struct FunctionRecord {
     pub code_sha256: String,
     pub code_size: u64,
     pub isolation: String,
+    /// Environments at most: `reserved_concurrency`, else the server's default.
     pub max_concurrency: usize,
+    /// `PutFunctionConcurrency`'s `ReservedConcurrentExecutions`.
+    #[serde(default)]
+    pub reserved_concurrency: Option<usize>,
     /// ISO 8601, as Lambda's `LastModified`.
     pub last_modified: String,
     pub revision_id: String,
@@ -413,6 +417,7 @@ mod tests {
             code_size: 1,
             isolation: "sandbox".into(),
             max_concurrency: 10,
+            reserved_concurrency: None,
             last_modified: "now".into(),
             revision_id: "r1".into(),
             event_invoke: None,
