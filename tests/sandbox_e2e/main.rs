@@ -9,6 +9,7 @@
 //! The first test to run builds `kindling-sandbox-exec` and the `lambda_runtime`-crate
 //! runtime with cargo, into the target dir of the `kindling` under test.
 
+mod control_plane;
 mod failures;
 mod invoke_api;
 mod lifecycle;
