@@ -69,6 +69,7 @@ pub fn prepare(
     for FunctionConfig {
         mut function,
         hypervisor,
+        ..
     } in configs
     {
         let defaulted = hypervisor.is_none() && hypervisor_override.is_none();

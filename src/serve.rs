@@ -324,6 +324,7 @@ fn run_function(args: RunFunctionArgs) -> anyhow::Result<FunctionConfig> {
     Ok(FunctionConfig {
         function,
         hypervisor: None,
+        event_invoke: None,
     })
 }
 
@@ -341,6 +342,10 @@ async fn host(
         .as_deref()
         .map(ImagesManifest::load)
         .transpose()?;
+    let event_invoke = functions
+        .iter()
+        .filter_map(|f| Some((f.function.name.clone(), f.event_invoke.clone()?)))
+        .collect();
     let environments::Prepared {
         functions,
         launchers,
@@ -355,6 +360,7 @@ async fn host(
     )?;
     let mut options = ServerOptions::new(&state_dir);
     options.deployer = Some(deployer);
+    options.event_invoke = event_invoke;
     options.default_isolation = default_isolation;
     api.events.apply(&mut options);
     options.invoke_addr = args.addr.addr;

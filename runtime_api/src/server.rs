@@ -2,7 +2,7 @@
 //! value: the Invoke API with the control plane, the scheduler with its environments, the
 //! database (function registry and durable event queue), logs and metrics.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -21,7 +21,7 @@ use crate::invoke_api::{self, InvokeApi};
 use crate::logs::{self, LogLine, LogSink};
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, SchedulerOptions};
-use crate::store::{FunctionRecord, Origin, QueueBounds, Store};
+use crate::store::{EventInvokeConfig, FunctionRecord, Origin, QueueBounds, Store};
 
 /// Where Lambda's local emulator listens, and so where callers look first.
 pub const DEFAULT_INVOKE_ADDR: &str = "127.0.0.1:9000";
@@ -53,6 +53,9 @@ pub struct ServerOptions {
     pub event_retry_base: Duration,
     /// How functions created through the control plane are isolated.
     pub default_isolation: Isolation,
+    /// The event-invoke settings of functions.toml's functions, by name (the API's
+    /// `PutFunctionEventInvokeConfig` is refused for them: the file is their source).
+    pub event_invoke: BTreeMap<String, EventInvokeConfig>,
     /// Readies uploaded code for the launchers; `None` runs it as uploaded (the zip's
     /// path is the function's code), for launchers that need nothing more.
     pub deployer: Option<Arc<dyn Deployer>>,
@@ -91,6 +94,7 @@ impl ServerOptions {
             event_queue_bytes: events.bounds.bytes,
             event_retry_base: events.retry_base,
             default_isolation: Isolation::MicroVm,
+            event_invoke: BTreeMap::new(),
             deployer: None,
             init_timeout: defaults.init_timeout,
             shutdown_grace: defaults.shutdown_grace,
@@ -149,7 +153,7 @@ impl Server {
             .deployer
             .clone()
             .unwrap_or_else(|| Arc::new(AsUploaded));
-        let functions = registry(&store, functions, deployer.as_ref())?;
+        let functions = registry(&store, functions, &options.event_invoke, deployer.as_ref())?;
         let logs = Arc::new(
             LogSink::new(&options.state_dir.join("logs"))
                 .with_context(|| {
@@ -282,6 +286,7 @@ impl Server {
 fn registry(
     store: &Store,
     from_file: Vec<Function>,
+    event_invoke: &BTreeMap<String, EventInvokeConfig>,
     deployer: &dyn Deployer,
 ) -> anyhow::Result<Vec<Function>> {
     let known = store.functions()?;
@@ -304,7 +309,12 @@ fn registry(
         store.delete_function(&stale.name)?;
     }
     for f in &from_file {
-        store.put_function(&file_record(f))?;
+        let mut record = file_record(f);
+        record.event_invoke = event_invoke.get(&f.name).cloned().map(|mut c| {
+            c.last_modified.clone_from(&record.last_modified);
+            c
+        });
+        store.put_function(&record)?;
     }
     let mut functions = from_file;
     for record in known.into_iter().filter(|r| r.origin == Origin::Api) {

@@ -92,6 +92,7 @@ impl Target {
                 env: BTreeMap::new(),
             },
             hypervisor: self.hypervisor,
+            event_invoke: None,
         }
     }
 }

@@ -170,7 +170,8 @@ def scenario_api(kindling, scratch):
     functions = os.path.join(scratch, "functions.toml")
     open(functions, "w").write(
         f'[functions.from-file]\ncode = "{toml_code}"\nruntime = "python"\n'
-        'handler = "app.handler"\nisolation = "sandbox"\n')
+        'handler = "app.handler"\nisolation = "sandbox"\nmaximum_retry_attempts = 1\n'
+        'on_success = "arn:aws:sqs:us-east-1:000000000000:from-file-ok"\n')
     server = Serve(kindling, scratch, "--functions", functions).start()
     try:
         run_api(server, scratch)
@@ -300,6 +301,12 @@ def run_api(server, scratch):
                   for f in lam.list_functions()["Functions"]), "nothing refused was kept")
     _, body = invoke_json(lam, "from-file", {"b": 1})
     check(body == {"version": 1, "event": {"b": 1}}, "functions.toml's function still runs")
+    got = lam.get_function_event_invoke_config(FunctionName="from-file")
+    check(got["MaximumRetryAttempts"] == 1, "functions.toml's event-invoke keys are its config")
+    lam.invoke(FunctionName="from-file", InvocationType="Event", Payload=b'{"c": 3}')
+    ok_records = wait_for(lambda: server.destination("from-file-ok"), 30)
+    check(ok_records and ok_records[0]["requestPayload"] == {"c": 3},
+          "functions.toml's on_success destination gets the record")
 
     # Event invoke config, and a function as a destination.
     lam.create_function(FunctionName="sink", Runtime="python3.12", Role=ROLE,
