@@ -147,8 +147,9 @@ impl EventQueue {
     }
 
     /// Accepts an event for `function`: durable once this returns. The request id is the
-    /// one the function sees, on every attempt.
-    pub(crate) fn accept(
+    /// one the function sees, on every attempt. The commit waits for the disk, off the
+    /// runtime's threads.
+    pub(crate) async fn accept(
         &self,
         function: &str,
         request: &InvokeRequest,
@@ -165,7 +166,10 @@ impl EventQueue {
             accepted_ms: now,
             attempts: 0,
         };
-        self.store.enqueue(&event, now, self.options.bounds)?;
+        let (store, bounds) = (self.store.clone(), self.options.bounds);
+        tokio::task::spawn_blocking(move || store.enqueue(&event, now, bounds))
+            .await
+            .map_err(|e| EnqueueError::Store(anyhow::anyhow!("the commit task failed: {e}")))??;
         self.wake.notify_one();
         Ok(request_id)
     }

@@ -230,7 +230,7 @@ impl InvokeApi {
         };
         match headers.invocation_type {
             InvocationType::DryRun => status_only(StatusCode::NO_CONTENT),
-            InvocationType::Event => self.queue_event(function, request),
+            InvocationType::Event => self.queue_event(function, request).await,
             InvocationType::RequestResponse => {
                 match self.scheduler.invoke(&function, request, false).await {
                     Ok(invoked) => rendered(invoked, headers.tail),
@@ -242,7 +242,7 @@ impl InvokeApi {
 
     /// Accepts an Event invocation: written to the database (so it survives a crash),
     /// within the function's bounds on queued events, then 202; the queue runs it.
-    fn queue_event(&self, function: String, request: InvokeRequest) -> Response<Full<Bytes>> {
+    async fn queue_event(&self, function: String, request: InvokeRequest) -> Response<Full<Bytes>> {
         let bytes = request.payload.len();
         if bytes > MAX_EVENT_PAYLOAD_BYTES {
             return lambda_error(
@@ -251,7 +251,7 @@ impl InvokeApi {
                 &format!("{bytes} byte payload is too large for the Event invocation type (limit {MAX_EVENT_PAYLOAD_BYTES} bytes)"),
             );
         }
-        match self.events.accept(&function, &request) {
+        match self.events.accept(&function, &request).await {
             Ok(request_id) => {
                 let mut r = status_only(StatusCode::ACCEPTED);
                 if let Ok(id) = HeaderValue::from_str(&request_id) {
