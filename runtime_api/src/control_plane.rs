@@ -252,10 +252,11 @@ impl ControlPlane {
         if body.is_empty() {
             return Ok(json!({}));
         }
-        serde_json::from_slice(&body).map_err(|e| ApiError::Other {
-            status: StatusCode::BAD_REQUEST,
-            error_type: "InvalidRequestContentException",
-            message: format!("Could not parse request body into json: {e}"),
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::Lambda(
+                Kind::BadContent,
+                format!("Could not parse request body into json: {e}"),
+            )
         })
     }
 
@@ -720,11 +721,10 @@ fn check_layers(layers: Option<&[String]>) -> Result<(), ApiError> {
 
 fn check_revision(record: &FunctionRecord, revision: Option<&str>) -> Result<(), ApiError> {
     match revision {
-        Some(r) if r != record.revision_id => Err(ApiError::Other {
-            status: StatusCode::PRECONDITION_FAILED,
-            error_type: "PreconditionFailedException",
-            message: "The Revision Id provided does not match the latest Revision Id. Call the GetFunction/GetAlias API to retrieve the latest Revision Id".into(),
-        }),
+        Some(r) if r != record.revision_id => Err(ApiError::Lambda(
+            Kind::PreconditionFailed,
+            "The Revision Id provided does not match the latest Revision Id. Call the GetFunction/GetAlias API to retrieve the latest Revision Id".into(),
+        )),
         _ => Ok(()),
     }
 }
@@ -914,10 +914,38 @@ fn ok(value: &Value) -> Response<Full<Bytes>> {
 }
 
 fn unknown(method: &Method, path: &str) -> ApiError {
-    ApiError::Other {
-        status: StatusCode::NOT_FOUND,
-        error_type: "UnknownOperationException",
-        message: format!("Unknown operation: {method} {path}"),
+    ApiError::Lambda(Kind::Unknown, format!("Unknown operation: {method} {path}"))
+}
+
+/// Lambda's error types this API answers with.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Invalid,
+    Validation,
+    NotFound,
+    Conflict,
+    PreconditionFailed,
+    BadContent,
+    Unknown,
+    Service,
+}
+
+impl Kind {
+    /// The status code and the `x-amzn-ErrorType`.
+    fn wire(self) -> (StatusCode, &'static str) {
+        match self {
+            Kind::Invalid => (StatusCode::BAD_REQUEST, "InvalidParameterValueException"),
+            Kind::Validation => (StatusCode::BAD_REQUEST, "ValidationException"),
+            Kind::NotFound => (StatusCode::NOT_FOUND, "ResourceNotFoundException"),
+            Kind::Conflict => (StatusCode::CONFLICT, "ResourceConflictException"),
+            Kind::PreconditionFailed => (
+                StatusCode::PRECONDITION_FAILED,
+                "PreconditionFailedException",
+            ),
+            Kind::BadContent => (StatusCode::BAD_REQUEST, "InvalidRequestContentException"),
+            Kind::Unknown => (StatusCode::NOT_FOUND, "UnknownOperationException"),
+            Kind::Service => (StatusCode::INTERNAL_SERVER_ERROR, "ServiceException"),
+        }
     }
 }
 
@@ -926,48 +954,24 @@ fn unknown(method: &Method, path: &str) -> ApiError {
 enum ApiError {
     /// An answer made already (a body too large or too slow); boxed, as it is rare.
     Ready(Box<Response<Full<Bytes>>>),
-    Other {
-        status: StatusCode,
-        error_type: &'static str,
-        message: String,
-    },
+    Lambda(Kind, String),
 }
 
 impl ApiError {
     fn invalid(message: String) -> Self {
-        Self::Other {
-            status: StatusCode::BAD_REQUEST,
-            error_type: "InvalidParameterValueException",
-            message,
-        }
+        Self::Lambda(Kind::Invalid, message)
     }
     fn validation(message: String) -> Self {
-        Self::Other {
-            status: StatusCode::BAD_REQUEST,
-            error_type: "ValidationException",
-            message,
-        }
+        Self::Lambda(Kind::Validation, message)
     }
     fn not_found(message: String) -> Self {
-        Self::Other {
-            status: StatusCode::NOT_FOUND,
-            error_type: "ResourceNotFoundException",
-            message,
-        }
+        Self::Lambda(Kind::NotFound, message)
     }
     fn conflict(message: String) -> Self {
-        Self::Other {
-            status: StatusCode::CONFLICT,
-            error_type: "ResourceConflictException",
-            message,
-        }
+        Self::Lambda(Kind::Conflict, message)
     }
     fn service(message: String) -> Self {
-        Self::Other {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            error_type: "ServiceException",
-            message,
-        }
+        Self::Lambda(Kind::Service, message)
     }
     fn store(e: anyhow::Error) -> Self {
         tracing::error!(error = %format!("{e:#}"), "the database failed");
@@ -977,11 +981,10 @@ impl ApiError {
     fn answer(self) -> Response<Full<Bytes>> {
         match self {
             Self::Ready(r) => *r,
-            Self::Other {
-                status,
-                error_type,
-                message,
-            } => lambda_error(status, error_type, &message),
+            Self::Lambda(kind, message) => {
+                let (status, error_type) = kind.wire();
+                lambda_error(status, error_type, &message)
+            }
         }
     }
 }

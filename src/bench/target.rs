@@ -117,14 +117,7 @@ pub struct Run {
 /// Checks, before anything is measured, that the server can be built for `target` the
 /// way the bench asks (a microVM that would silently become a sandbox is an error).
 pub fn check(target: Target, code: &Path, state_dir: &Path) -> anyhow::Result<()> {
-    let prepared = environments::prepare(
-        vec![target.function(code)],
-        None,
-        None,
-        state_dir,
-        Some(target.isolation),
-    )?;
-    if prepared
+    if prepare(target, code, state_dir)?
         .functions
         .iter()
         .any(|f| f.isolation != target.isolation)
@@ -132,6 +125,21 @@ pub fn check(target: Target, code: &Path, state_dir: &Path) -> anyhow::Result<()
         bail!("{} cannot run on this host", target.label());
     }
     Ok(())
+}
+
+/// The target's one function and its launcher, as the server is built.
+fn prepare(
+    target: Target,
+    code: &Path,
+    state_dir: &Path,
+) -> anyhow::Result<environments::Prepared> {
+    environments::prepare(
+        vec![target.function(code)],
+        None,
+        None,
+        state_dir,
+        Some(target.isolation),
+    )
 }
 
 /// Starts a fresh server for `target` in `state_dir`, measures, and stops it.
@@ -147,13 +155,7 @@ pub async fn run(
         functions,
         launchers,
         ..
-    } = environments::prepare(
-        vec![target.function(code)],
-        None,
-        None,
-        state_dir,
-        Some(target.isolation),
-    )?;
+    } = prepare(target, code, state_dir)?;
     let mut options = ServerOptions::new(state_dir);
     options.invoke_addr = SocketAddr::from(([127, 0, 0, 1], 0));
     // Environments live through the run, however slow the machine.

@@ -172,9 +172,14 @@ def scenario_api(kindling, scratch):
         f'[functions.from-file]\ncode = "{toml_code}"\nruntime = "python"\n'
         'handler = "app.handler"\nisolation = "sandbox"\nmaximum_retry_attempts = 1\n'
         'on_success = "arn:aws:sqs:us-east-1:000000000000:from-file-ok"\n')
-    server = Serve(kindling, scratch, "--functions", functions).start()
+    with_server(Serve(kindling, scratch, "--functions", functions), run_api, scratch)
+
+
+def with_server(server, body, *args):
+    """Runs `body(server, *args)` on the started server, which is killed if left running."""
+    server.start()
     try:
-        run_api(server, scratch)
+        body(server, *args)
     finally:
         if server.proc.poll() is None:
             server.proc.kill()
@@ -385,12 +390,8 @@ def wait_for(probe, seconds):
 
 def scenario_durability(kindling, scratch, events):
     server = Serve(kindling, scratch, "--event-retry-base-ms", "100",
-                   "--event-queue-depth", str(events * 2)).start()
-    try:
-        run_durability(server, events)
-    finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
+                   "--event-queue-depth", str(events * 2))
+    with_server(server, run_durability, events)
 
 
 def run_durability(server, events):
