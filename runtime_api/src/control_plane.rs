@@ -404,8 +404,16 @@ impl ControlPlane {
             revision_id: String::new(),
             event_invoke: None,
         };
-        apply_settings(&mut record, input.settings)?;
-        self.commit(record, true).await
+        let code = record.code.clone();
+        let answer = match apply_settings(&mut record, input.settings) {
+            Ok(()) => self.commit(record, true).await,
+            Err(e) => Err(e),
+        };
+        if answer.is_err() {
+            // Refused: the zip just stored is nobody's.
+            self.forget_code(&code);
+        }
+        answer
     }
 
     async fn update_code(
@@ -424,8 +432,10 @@ impl ControlPlane {
         }
         let old_code = record.code.clone();
         (record.code, record.code_sha256, record.code_size) = self.keep_code(&zip)?;
+        let new_code = record.code.clone();
         let answer = self.commit(record, false).await;
-        self.forget_code(&old_code);
+        // The code the function no longer uses (or, refused, the zip just stored).
+        self.forget_code(if answer.is_ok() { &old_code } else { &new_code });
         answer
     }
 

@@ -10,9 +10,11 @@
 //! dropped. The outcome goes to the function's on-success or on-failure destination:
 //! another function (queued in the same transaction that removes the event) or a JSON
 //! Lines file `<state-dir>/destinations/<name>.jsonl` for an SQS queue or SNS topic ARN,
-//! each record in Lambda's destination format.
+//! each record in Lambda's destination format. A record bound for a file is first kept
+//! with the event: a crash before the event is removed appends it again (at least once),
+//! but never runs a finished event again.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -26,8 +28,10 @@ use crate::metrics::Metrics;
 use crate::scheduler::{until_true, Answer, InvokeError, InvokeRequest, Scheduler, VERSION};
 use crate::store::{EnqueueError, EventInvokeConfig, QueueBounds, Store, StoredEvent};
 
-/// Events taken from the database per pass of the dispatcher.
-const BATCH: usize = 256;
+/// Attempts running at once, all functions together: what their payloads hold in memory
+/// stays bounded (at most this many MB). Each function also has at most as many as its
+/// environments, so that one function's backlog never holds up another's events.
+const MAX_IN_FLIGHT: usize = 64;
 /// The dispatcher looks at the database at least this often (retries fall due).
 const POLL: Duration = Duration::from_secs(1);
 
@@ -58,8 +62,9 @@ pub(crate) struct EventQueue {
     metrics: Arc<Metrics>,
     options: EventQueueOptions,
     destinations: PathBuf,
-    /// Rows being attempted now: the dispatcher does not take them again.
-    running: Mutex<HashSet<i64>>,
+    /// Rows being attempted now, and their functions: the dispatcher does not take them
+    /// again.
+    running: Mutex<HashMap<i64, String>>,
     wake: Notify,
 }
 
@@ -142,7 +147,7 @@ impl EventQueue {
         }
     }
 
-    fn running(&self) -> std::sync::MutexGuard<'_, HashSet<i64>> {
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<i64, String>> {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -165,6 +170,7 @@ impl EventQueue {
             client_context: request.client_context.clone(),
             accepted_ms: now,
             attempts: 0,
+            settled: None,
         };
         let (store, bounds) = (self.store.clone(), self.options.bounds);
         tokio::task::spawn_blocking(move || store.enqueue(&event, now, bounds))
@@ -201,10 +207,30 @@ impl EventQueue {
         let now = now_ms();
         let due = {
             let running = self.running();
-            self.store.due_events(now, BATCH, &running)?
+            let mut per_function: HashMap<String, usize> = HashMap::new();
+            for function in running.values() {
+                *per_function.entry(function.clone()).or_default() += 1;
+            }
+            let mut total = running.len();
+            self.store.due_events(now, &mut |seq, function| {
+                if running.contains_key(&seq) || total >= MAX_IN_FLIGHT {
+                    return false;
+                }
+                let cap = self
+                    .scheduler
+                    .resolve(function)
+                    .map_or(1, |f| f.max_concurrency);
+                let n = per_function.entry(function.to_string()).or_default();
+                if *n >= cap {
+                    return false;
+                }
+                *n += 1;
+                total += 1;
+                true
+            })?
         };
         for event in due {
-            self.running().insert(event.seq);
+            self.running().insert(event.seq, event.function.clone());
             let queue = self.clone();
             attempts.spawn(async move {
                 let seq = event.seq;
@@ -215,14 +241,21 @@ impl EventQueue {
                 queue.wake.notify_one();
             });
         }
-        let next = self.store.next_due_ms(&self.running())?;
+        // Due events left waiting for a free slot are taken when an attempt ends (it
+        // wakes the dispatcher).
+        let next = self.store.next_due_ms(now)?;
         Ok(next.map_or(POLL, |at| {
             Duration::from_millis(u64::try_from(at - now).unwrap_or(0)).min(POLL)
         }))
     }
 
-    /// One attempt of one event, and what follows from its outcome.
+    /// One attempt of one event, and what follows from its outcome; for an event whose
+    /// attempts were over before a crash, only the delivery of its record.
     async fn attempt(&self, event: StoredEvent) -> anyhow::Result<()> {
+        if let Some((file, record)) = &event.settled {
+            self.append_line(file, record)?;
+            return self.store.finish_event(event.seq, None);
+        }
         let record = self.store.function(&event.function)?;
         let Some(record) = record else {
             tracing::warn!(function = %event.function, request_id = %event.request_id, "event dropped: its function no longer exists");
@@ -309,6 +342,8 @@ impl EventQueue {
         let record = self.destination_record(event, condition, response);
         match parse_destination(arn).map_err(anyhow::Error::msg)? {
             Destination::File(name) => {
+                let record = record.to_string();
+                self.store.settle_event(event.seq, &name, &record)?;
                 self.append_line(&name, &record)?;
                 self.store.finish_event(event.seq, None)
             }
@@ -323,13 +358,14 @@ impl EventQueue {
                     client_context: None,
                     accepted_ms: now,
                     attempts: 0,
+                    settled: None,
                 };
                 self.store.finish_event(event.seq, Some((&next, now)))
             }
         }
     }
 
-    fn append_line(&self, name: &str, record: &Value) -> anyhow::Result<()> {
+    fn append_line(&self, name: &str, record: &str) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.destinations)?;
         let path = self.destinations.join(format!("{name}.jsonl"));
         let mut file = std::fs::OpenOptions::new()

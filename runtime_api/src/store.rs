@@ -38,6 +38,10 @@ const MIGRATIONS: &[&str] = &[
      );
      CREATE INDEX events_due ON events (due_ms);
      CREATE INDEX events_function ON events (function);",
+    // 2: an event whose attempt is over keeps its outcome until its file destination has
+    // it, so a crash in between appends the record again instead of running the event.
+    "ALTER TABLE events ADD COLUMN settled_file TEXT;
+     ALTER TABLE events ADD COLUMN settled_record TEXT;",
 ];
 
 /// Where a function was defined.
@@ -127,6 +131,9 @@ pub struct StoredEvent {
     pub accepted_ms: i64,
     /// Attempts that failed so far.
     pub attempts: u32,
+    /// Over already: the file destination (a name in `destinations/`) and the record
+    /// still to append to it.
+    pub settled: Option<(String, String)>,
 }
 
 /// Why an event was not accepted.
@@ -262,58 +269,60 @@ impl Store {
         Ok(())
     }
 
-    /// Events due by `now_ms` (oldest first), at most `limit`, skipping `seqs` (those
-    /// running already).
+    /// Events due by `now_ms`, oldest first, that `take` accepts: it sees each due
+    /// event's sequence number and function in turn. Only the payloads of those taken are
+    /// read.
     pub fn due_events(
         &self,
         now_ms: i64,
-        limit: usize,
-        running: &std::collections::HashSet<i64>,
+        take: &mut dyn FnMut(i64, &str) -> bool,
     ) -> anyhow::Result<Vec<StoredEvent>> {
         let db = self.db();
-        let mut query = db.prepare(
-            "SELECT seq, request_id, function, payload, trace_id, client_context, accepted_ms, attempts
-             FROM events WHERE due_ms <= ?1 ORDER BY due_ms, seq",
-        )?;
-        let rows = query.query_map([now_ms], |r| {
-            Ok(StoredEvent {
-                seq: r.get(0)?,
-                request_id: r.get(1)?,
-                function: r.get(2)?,
-                payload: r.get(3)?,
-                trace_id: r.get(4)?,
-                client_context: r.get(5)?,
-                accepted_ms: r.get(6)?,
-                attempts: r.get(7)?,
-            })
-        })?;
-        let mut due = Vec::new();
-        for row in rows {
-            let event = row?;
-            if !running.contains(&event.seq) {
-                due.push(event);
-                if due.len() == limit {
-                    break;
-                }
+        let mut due =
+            db.prepare("SELECT seq, function FROM events WHERE due_ms <= ?1 ORDER BY due_ms, seq")?;
+        let mut taken = Vec::new();
+        let mut rows = due.query([now_ms])?;
+        while let Some(row) = rows.next()? {
+            let seq: i64 = row.get(0)?;
+            if take(seq, &row.get::<_, String>(1)?) {
+                taken.push(seq);
             }
         }
-        Ok(due)
+        let mut read = db.prepare(
+            "SELECT seq, request_id, function, payload, trace_id, client_context, accepted_ms, attempts,
+                    settled_file, settled_record
+             FROM events WHERE seq = ?1",
+        )?;
+        taken
+            .into_iter()
+            .map(|seq| {
+                Ok(read.query_row([seq], |r| {
+                    Ok(StoredEvent {
+                        seq: r.get(0)?,
+                        request_id: r.get(1)?,
+                        function: r.get(2)?,
+                        payload: r.get(3)?,
+                        trace_id: r.get(4)?,
+                        client_context: r.get(5)?,
+                        accepted_ms: r.get(6)?,
+                        attempts: r.get(7)?,
+                        settled: match (r.get(8)?, r.get(9)?) {
+                            (Some(file), Some(record)) => Some((file, record)),
+                            _ => None,
+                        },
+                    })
+                })?)
+            })
+            .collect()
     }
 
-    /// When the next event not in `running` falls due, if any is queued.
-    pub fn next_due_ms(
-        &self,
-        running: &std::collections::HashSet<i64>,
-    ) -> anyhow::Result<Option<i64>> {
-        let db = self.db();
-        let mut query = db.prepare("SELECT seq, due_ms FROM events ORDER BY due_ms")?;
-        let mut rows = query.query([])?;
-        while let Some(row) = rows.next()? {
-            if !running.contains(&row.get::<_, i64>(0)?) {
-                return Ok(Some(row.get(1)?));
-            }
-        }
-        Ok(None)
+    /// When the next event falls due after `now_ms`, if one is queued.
+    pub fn next_due_ms(&self, now_ms: i64) -> anyhow::Result<Option<i64>> {
+        Ok(self.db().query_row(
+            "SELECT MIN(due_ms) FROM events WHERE due_ms > ?1",
+            [now_ms],
+            |r| r.get(0),
+        )?)
     }
 
     /// A failed attempt: tried again at `due_ms`.
@@ -321,6 +330,16 @@ impl Store {
         self.db().execute(
             "UPDATE events SET attempts = ?2, due_ms = ?3 WHERE seq = ?1",
             params![seq, attempts, due_ms],
+        )?;
+        Ok(())
+    }
+
+    /// The event's attempts are over and its record goes to the file destination `file`:
+    /// kept with the event until [`Store::finish_event`], so that it is never run again.
+    pub fn settle_event(&self, seq: i64, file: &str, record: &str) -> anyhow::Result<()> {
+        self.db().execute(
+            "UPDATE events SET settled_file = ?2, settled_record = ?3 WHERE seq = ?1",
+            params![seq, file, record],
         )?;
         Ok(())
     }
@@ -434,6 +453,7 @@ mod tests {
             client_context: None,
             accepted_ms: 5,
             attempts: 0,
+            settled: None,
         }
     }
 
@@ -480,26 +500,40 @@ mod tests {
             store.enqueue(&event("g", "4", 11), 0, bounds),
             Err(EnqueueError::Full { bytes: 0, .. })
         ));
-        let none = std::collections::HashSet::new();
-        let due = store.due_events(15, 10, &none).unwrap();
+        let due = store.due_events(15, &mut |_, _| true).unwrap();
         assert_eq!(
             due.iter()
                 .map(|e| e.request_id.as_str())
                 .collect::<Vec<_>>(),
             ["2"]
         );
-        assert_eq!(store.next_due_ms(&none).unwrap(), Some(10));
-        let running = std::collections::HashSet::from([due[0].seq]);
-        assert_eq!(store.next_due_ms(&running).unwrap(), Some(20));
+        assert_eq!(store.next_due_ms(0).unwrap(), Some(10));
+        assert_eq!(store.next_due_ms(15).unwrap(), Some(20));
+        assert_eq!(store.next_due_ms(20).unwrap(), None);
+        let mut seen = Vec::new();
+        let none = store
+            .due_events(100, &mut |_, f| {
+                seen.push(f.to_string());
+                false
+            })
+            .unwrap();
+        assert!(none.is_empty());
+        assert_eq!(seen, ["f", "f"]);
         store.retry_event(due[0].seq, 1, 30).unwrap();
         drop(store);
         let store = Store::open(dir.path()).unwrap();
-        let due = store.due_events(100, 10, &none).unwrap();
+        let due = store.due_events(100, &mut |_, _| true).unwrap();
         assert_eq!(
             due.iter()
                 .map(|e| (e.request_id.as_str(), e.attempts))
                 .collect::<Vec<_>>(),
             [("1", 0), ("2", 1)]
+        );
+        store.settle_event(due[1].seq, "dlq", "{}").unwrap();
+        let settled = store.due_events(100, &mut |_, _| true).unwrap();
+        assert_eq!(
+            settled[1].settled,
+            Some(("dlq".to_string(), "{}".to_string()))
         );
         let next = event("g", "5", 1);
         store.finish_event(due[0].seq, Some((&next, 0))).unwrap();
