@@ -619,6 +619,31 @@ mod tests {
     }
 
     #[test]
+    fn event_queue_flags_override_the_servers_defaults() {
+        let Ok(Command::Serve(args)) = parse(&[
+            "serve",
+            "--event-queue-depth",
+            "1000",
+            "--event-retry-base-ms",
+            "50",
+        ]) else {
+            panic!("not serve");
+        };
+        let defaults = ServerOptions::new("/state");
+        let mut options = ServerOptions::new("/state");
+        args.events.apply(&mut options);
+        assert_eq!(options.event_queue_depth, 1000);
+        assert_eq!(options.event_retry_base, Duration::from_millis(50));
+        assert_eq!(options.event_queue_bytes, defaults.event_queue_bytes);
+        // The defaults the help text gives are the server's (Lambda's minute).
+        assert_eq!(defaults.event_queue_depth, 100);
+        assert_eq!(defaults.event_queue_bytes, 16 << 20);
+        assert_eq!(defaults.event_retry_base, Duration::from_secs(60));
+        let err = refused(&["serve", "--event-queue-depth", "0"]);
+        assert_eq!(err.kind(), ErrorKind::ValueValidation);
+    }
+
+    #[test]
     fn run_takes_a_runtime_by_name_and_defaults_like_lambda() {
         let args = run_args(&["code", "--runtime", "python", "--handler", "app.handler"]);
         let f = args.function;
