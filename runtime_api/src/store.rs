@@ -175,10 +175,26 @@ impl Store {
             .with_context(|| format!("{}: cannot create", state_dir.display()))?;
         let path = state_dir.join(DB_FILE);
         let db = Connection::open(&path).with_context(|| format!("{}", path.display()))?;
-        // WAL with FULL sync: an accepted event survives a crash of the process and of
-        // the machine.
-        db.pragma_update(None, "journal_mode", "WAL")?;
-        db.pragma_update(None, "synchronous", "FULL")?;
+        // One server per database (two would each run every queued event): the lock is
+        // taken now and held until the connection closes, when the process ends. WAL
+        // with FULL sync: an accepted event survives a crash of the process and of the
+        // machine.
+        let setup = || -> rusqlite::Result<()> {
+            db.busy_timeout(std::time::Duration::from_millis(500))?;
+            db.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
+            db.pragma_update(None, "journal_mode", "WAL")?;
+            db.pragma_update(None, "synchronous", "FULL")?;
+            db.execute_batch("BEGIN EXCLUSIVE; COMMIT;")
+        };
+        setup().map_err(|e| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                anyhow::anyhow!(
+                    "{}: locked: is another kindling server using this state dir?",
+                    path.display()
+                )
+            }
+            _ => anyhow::Error::new(e).context(path.display().to_string()),
+        })?;
         db.busy_timeout(std::time::Duration::from_secs(5))?;
         migrate(&db).with_context(|| format!("{}: cannot migrate", path.display()))?;
         Ok(Self { db: Mutex::new(db) })
@@ -543,6 +559,16 @@ mod tests {
         );
         store.delete_function("f").unwrap();
         assert_eq!(store.queue_stats().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn one_server_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path()).unwrap();
+        let err = format!("{:#}", Store::open(dir.path()).unwrap_err());
+        assert!(err.contains("another kindling server"), "{err}");
+        drop(first);
+        Store::open(dir.path()).unwrap();
     }
 
     #[test]
