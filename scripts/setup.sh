@@ -11,6 +11,8 @@ packages=(
   e2fsprogs debootstrap
   # sandbox and tests
   util-linux iproute2 curl python3 nodejs
+  # control-plane tests: the AWS CLI and boto3 against `kindling serve`
+  awscli python3-boto3
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -1,5 +1,6 @@
-//! Chooses how each function is isolated and which hypervisor runs its microVMs, and
-//! builds the scheduler's launchers.
+//! Chooses how each function is isolated and which hypervisor runs its microVMs, builds
+//! the scheduler's launchers, and readies the code of functions created through the
+//! control plane (the [`Deployer`]) the way functions.toml's code is readied.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -8,14 +9,16 @@ use std::sync::{Arc, Mutex};
 use anyhow::{bail, Context};
 use async_trait::async_trait;
 use kindling_images::{
-    build_code_image, build_initramfs, build_kernel, build_root_image, ImagesManifest, KernelKind,
-    RootPaths, Runtime,
+    build_code_image, build_initramfs, build_kernel, build_root_image, CodeError, ImagesManifest,
+    KernelKind, RootPaths, Runtime,
 };
 use kindling_microvm::kindling::KindlingVmm;
 use kindling_microvm::qemu::{self, Accel, Qemu};
 use kindling_microvm::{probe, Backend, BootFiles, ImageSource, MicroVmLauncher};
 use kindling_runtime_api::config::{FunctionConfig, Hypervisor};
-use kindling_runtime_api::{Environment, EnvironmentSpec, Function, Isolation, Launcher};
+use kindling_runtime_api::{
+    DeployError, Deployer, Environment, EnvironmentSpec, Function, Isolation, Launcher,
+};
 use kindling_sandbox::{SandboxLauncher, SandboxOptions};
 
 use crate::images::open_cache;
@@ -23,14 +26,26 @@ use crate::images::open_cache;
 /// The scheduler's launchers, one for each isolation in use.
 pub type Launchers = HashMap<Isolation, Arc<dyn Launcher>>;
 
-/// The functions, and a launcher for each isolation they use.
+/// What [`prepare`] makes ready.
+pub struct Prepared {
+    pub functions: Vec<Function>,
+    pub launchers: Launchers,
+    pub deployer: Arc<dyn Deployer>,
+    /// The isolation of functions created through the API: the one asked for, or the
+    /// sandbox where no hypervisor can run a guest and none was asked for.
+    pub default_isolation: Isolation,
+}
+
+/// The functions, a launcher for each isolation they use (and for `default_isolation`,
+/// which functions created through the API get), and the deployer of their code.
 /// With `images`, guests boot the images it names; without, those of the image cache.
 pub fn prepare(
     configs: Vec<FunctionConfig>,
     hypervisor_override: Option<Hypervisor>,
     images: Option<ImagesManifest>,
     state_dir: &Path,
-) -> anyhow::Result<(Vec<Function>, Launchers)> {
+    default_isolation: Option<Isolation>,
+) -> anyhow::Result<Prepared> {
     let mut launchers = Launchers::new();
     let images = Arc::new(ImageCache {
         manifest: images,
@@ -41,15 +56,24 @@ pub fn prepare(
         state_dir.join("logs"),
         state_dir.join("snapshots"),
     );
-    let mut sandboxes = SandboxByRuntime {
+    let sandboxes = Arc::new(SandboxByRuntime {
         images,
-        roots: HashMap::new(),
-    };
+        roots: Mutex::default(),
+    });
     let mut functions = Vec::new();
     let no_microvm = why_no_microvm();
+    let default_isolation = match (default_isolation, &no_microvm) {
+        (Some(asked), _) => asked,
+        (None, Some(why)) => {
+            eprintln!("kindling: functions created through the API run in the sandbox: no hypervisor can run a guest here ({why})");
+            Isolation::Sandbox
+        }
+        (None, None) => Isolation::MicroVm,
+    };
     for FunctionConfig {
         mut function,
         hypervisor,
+        ..
     } in configs
     {
         let defaulted = hypervisor.is_none() && hypervisor_override.is_none();
@@ -86,13 +110,45 @@ pub fn prepare(
         }
         functions.push(function);
     }
-    if !sandboxes.roots.is_empty() {
-        launchers.insert(Isolation::Sandbox, Arc::new(sandboxes));
+    if default_isolation == Isolation::MicroVm {
+        microvm.assign_default(backend(hypervisor_override)?);
     }
-    if functions.iter().any(|f| f.isolation == Isolation::MicroVm) {
+    if default_isolation == Isolation::Sandbox || !sandboxes.is_empty() {
+        launchers.insert(Isolation::Sandbox, sandboxes.clone());
+    }
+    if default_isolation == Isolation::MicroVm
+        || functions.iter().any(|f| f.isolation == Isolation::MicroVm)
+    {
         launchers.insert(Isolation::MicroVm, Arc::new(microvm));
     }
-    Ok((functions, launchers))
+    Ok(Prepared {
+        functions,
+        launchers,
+        deployer: Arc::new(CodeDeployer { sandboxes }),
+        default_isolation,
+    })
+}
+
+/// Readies uploaded code as functions.toml's: checked and unpacked into the image cache,
+/// and the sandbox launcher readied for its runtime.
+#[derive(Debug)]
+struct CodeDeployer {
+    sandboxes: Arc<SandboxByRuntime>,
+}
+
+impl Deployer for CodeDeployer {
+    fn prepare(&self, mut function: Function) -> Result<Function, DeployError> {
+        function.code = unpacked_code(&function).map_err(|e| {
+            match e.chain().find_map(|c| c.downcast_ref::<CodeError>()) {
+                Some(refusal) => DeployError::Refused(refusal.to_string()),
+                None => DeployError::Failed(e),
+            }
+        })?;
+        if function.isolation == Isolation::Sandbox {
+            self.sandboxes.add(&function.runtime)?;
+        }
+        Ok(function)
+    }
 }
 
 /// The function's code as the image cache keeps it: a `.zip` unpacked, and either form
@@ -172,15 +228,24 @@ fn kindling_vmm() -> anyhow::Result<Arc<dyn Backend>> {
 }
 
 /// Sandboxes whose root is their runtime's image directory (the same tree a microVM of
-/// that runtime boots), one launcher per runtime.
+/// that runtime boots), one launcher per runtime, added as functions need them.
+#[derive(Debug)]
 struct SandboxByRuntime {
     images: Arc<ImageCache>,
-    roots: HashMap<String, SandboxLauncher>,
+    roots: Mutex<HashMap<String, Arc<SandboxLauncher>>>,
 }
 
 impl SandboxByRuntime {
-    fn add(&mut self, runtime: &str) -> anyhow::Result<()> {
-        if !self.roots.contains_key(runtime) {
+    fn roots(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<SandboxLauncher>>> {
+        self.roots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.roots().is_empty()
+    }
+
+    fn add(&self, runtime: &str) -> anyhow::Result<()> {
+        if !self.roots().contains_key(runtime) {
             let root = self.images.root(runtime.parse::<Runtime>()?)?.dir;
             if !root.is_dir() {
                 bail!(
@@ -192,8 +257,8 @@ impl SandboxByRuntime {
                 root: Some(root),
                 ..SandboxOptions::default()
             };
-            self.roots
-                .insert(runtime.to_string(), SandboxLauncher::new(options));
+            self.roots()
+                .insert(runtime.to_string(), Arc::new(SandboxLauncher::new(options)));
         }
         Ok(())
     }
@@ -208,28 +273,31 @@ impl Launcher for SandboxByRuntime {
     async fn start(&self, spec: &EnvironmentSpec) -> anyhow::Result<Box<dyn Environment>> {
         let runtime = &spec.function.runtime;
         let launcher = self
-            .roots
+            .roots()
             .get(runtime)
+            .cloned()
             .with_context(|| format!("no sandbox root for runtime {runtime:?}"))?;
         launcher.start(spec).await
     }
 
     fn remove_orphan(&self, id: &str) {
         // The launchers differ only in their root: any one removes the cgroup.
-        if let Some(launcher) = self.roots.values().next() {
+        let any = self.roots().values().next().cloned();
+        if let Some(launcher) = any {
             launcher.remove_orphan(id);
         }
     }
 }
 
 /// Boot files and code images from the content-addressed image cache (or the manifest
-/// given instead), looked up once per runtime and function: a cold start must not re-hash
+/// given instead), looked up once per runtime and code: a cold start must not re-hash
 /// the kernel sources.
-#[derive(Default)]
+#[derive(Default, Debug)]
 struct ImageCache {
     manifest: Option<ImagesManifest>,
     boot: Mutex<HashMap<String, BootFiles>>,
-    code: Mutex<HashMap<String, PathBuf>>,
+    /// By the function's (unpacked) code folder: an update brings a new one.
+    code: Mutex<HashMap<PathBuf, PathBuf>>,
 }
 
 impl ImageCache {
@@ -276,7 +344,7 @@ impl ImageSource for ImageCache {
     }
 
     fn code_image(&self, function: &Function) -> anyhow::Result<PathBuf> {
-        if let Some(path) = self.code.lock().expect("not poisoned").get(&function.name) {
+        if let Some(path) = self.code.lock().expect("not poisoned").get(&function.code) {
             return Ok(path.clone());
         }
         let cache = open_cache()?;
@@ -285,7 +353,7 @@ impl ImageSource for ImageCache {
         self.code
             .lock()
             .expect("not poisoned")
-            .insert(function.name.clone(), image.ext4.clone());
+            .insert(function.code.clone(), image.ext4.clone());
         Ok(image.ext4)
     }
 }

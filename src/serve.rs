@@ -1,4 +1,5 @@
-//! `kindling serve`, `kindling run` and `kindling logs`: a host serving functions.
+//! `kindling serve`, `kindling run` and `kindling logs`: a host serving functions, those
+//! of a functions file and those deployed through the control plane.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -17,11 +18,48 @@ use crate::{environments, images, AddrArg, StateDirArg};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
-    /// The functions file (see examples/functions.toml).
+    /// The functions file (see examples/functions.toml). Without one, the server runs
+    /// only the functions deployed through its control plane (`aws lambda create-function`).
     #[arg(long, short)]
-    functions: PathBuf,
+    functions: Option<PathBuf>,
+    /// How functions created through the control plane are isolated: microvm or sandbox
+    /// [microvm where a hypervisor can run a guest here, else sandbox].
+    #[arg(long, value_name = "ISOLATION")]
+    isolation: Option<Isolation>,
+    #[command(flatten)]
+    events: EventArgs,
     #[command(flatten)]
     common: ServerArgs,
+}
+
+/// The durable queue of `Event` invocations.
+#[derive(clap::Args, Debug, Default, PartialEq, Eq)]
+struct EventArgs {
+    /// Event invocations accepted and not yet finished per function, on disk; one more
+    /// gets 429 [100].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    event_queue_depth: Option<u64>,
+    /// Their payloads' MiB per function [16].
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    event_queue_mib: Option<u64>,
+    /// Milliseconds before a failed event's first retry; the second waits twice as long
+    /// [60000, Lambda's minute].
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    event_retry_base_ms: Option<u64>,
+}
+
+impl EventArgs {
+    fn apply(&self, options: &mut ServerOptions) {
+        if let Some(n) = self.event_queue_depth.and_then(|n| usize::try_from(n).ok()) {
+            options.event_queue_depth = n;
+        }
+        if let Some(mib) = self.event_queue_mib.and_then(|m| usize::try_from(m).ok()) {
+            options.event_queue_bytes = mib.saturating_mul(1 << 20);
+        }
+        if let Some(ms) = self.event_retry_base_ms {
+            options.event_retry_base = Duration::from_millis(ms);
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -220,8 +258,23 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let functions = load_functions(&args.functions)?;
-    host(functions, args.common).await
+    let functions = match &args.functions {
+        Some(file) => load_functions(file)?,
+        None => Vec::new(),
+    };
+    let api = ApiDefaults {
+        isolation: args.isolation,
+        events: args.events,
+    };
+    host(functions, args.common, api).await
+}
+
+/// What `serve` adds to the server `run` starts too: the control plane's default
+/// isolation and the event queue's settings.
+#[derive(Default)]
+struct ApiDefaults {
+    isolation: Option<Isolation>,
+    events: EventArgs,
 }
 
 /// The functions of a functions.toml, whose runtimes must be ones this host has images for.
@@ -232,7 +285,7 @@ fn load_functions(path: &Path) -> anyhow::Result<Vec<FunctionConfig>> {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let function = run_function(args.function)?;
-    host(vec![function], args.common).await
+    host(vec![function], args.common, ApiDefaults::default()).await
 }
 
 /// `run`'s one function, as a functions.toml would give it; checked as one would be.
@@ -280,11 +333,16 @@ fn run_function(args: RunFunctionArgs) -> anyhow::Result<FunctionConfig> {
     Ok(FunctionConfig {
         function,
         hypervisor: None,
+        event_invoke: None,
     })
 }
 
 /// Starts the host for `functions`, prints their logs, and serves until SIGINT/SIGTERM.
-async fn host(functions: Vec<FunctionConfig>, args: ServerArgs) -> anyhow::Result<ExitCode> {
+async fn host(
+    functions: Vec<FunctionConfig>,
+    args: ServerArgs,
+    api: ApiDefaults,
+) -> anyhow::Result<ExitCode> {
     check_exposure(args.addr.addr, args.allow_remote)?;
     raise_fd_limit();
     let state_dir = args.state.state_dir;
@@ -293,9 +351,27 @@ async fn host(functions: Vec<FunctionConfig>, args: ServerArgs) -> anyhow::Resul
         .as_deref()
         .map(ImagesManifest::load)
         .transpose()?;
-    let (functions, launchers) =
-        environments::prepare(functions, args.hypervisor, images, &state_dir)?;
+    let event_invoke = functions
+        .iter()
+        .filter_map(|f| Some((f.function.name.clone(), f.event_invoke.clone()?)))
+        .collect();
+    let environments::Prepared {
+        functions,
+        launchers,
+        deployer,
+        default_isolation,
+    } = environments::prepare(
+        functions,
+        args.hypervisor,
+        images,
+        &state_dir,
+        api.isolation,
+    )?;
     let mut options = ServerOptions::new(&state_dir);
+    options.deployer = Some(deployer);
+    options.event_invoke = event_invoke;
+    options.default_isolation = default_isolation;
+    api.events.apply(&mut options);
     options.invoke_addr = args.addr.addr;
     options.idle_timeout = Duration::from_secs(args.idle_timeout);
     args.freeze.apply(&mut options);
@@ -311,13 +387,20 @@ async fn host(functions: Vec<FunctionConfig>, args: ServerArgs) -> anyhow::Resul
     });
     eprintln!(
         "kindling: serving {} on http://{}",
-        names.join(", "),
+        if names.is_empty() {
+            "the functions deployed through the API".to_string()
+        } else {
+            names.join(", ")
+        },
         server.local_addr()
     );
-    eprintln!(
-        "kindling: try `kindling invoke {} --payload '{{}}'`",
-        names[0]
-    );
+    match names.first() {
+        Some(name) => eprintln!("kindling: try `kindling invoke {name} --payload '{{}}'`"),
+        None => eprintln!(
+            "kindling: try `aws lambda list-functions --endpoint-url http://{}`",
+            server.local_addr()
+        ),
+    }
     let mut term = signal(SignalKind::terminate())?;
     let stop = async move {
         tokio::select! {
@@ -453,7 +536,7 @@ mod tests {
         ]) else {
             panic!("not serve");
         };
-        assert_eq!(args.functions, Path::new("functions.toml"));
+        assert_eq!(args.functions.as_deref(), Some(Path::new("functions.toml")));
         assert_eq!(
             args.common.images.as_deref(),
             Some(Path::new("images.json"))
@@ -462,10 +545,11 @@ mod tests {
         assert_eq!(args.common.idle_timeout, 300);
         assert!(!args.common.allow_remote);
         assert_eq!(args.common.freeze, FreezeArgs::default());
-        assert_eq!(
-            refused(&["serve"]).kind(),
-            ErrorKind::MissingRequiredArgument
-        );
+        let Ok(Command::Serve(bare)) = parse(&["serve", "--isolation", "sandbox"]) else {
+            panic!("serve without a functions file");
+        };
+        assert_eq!(bare.functions, None);
+        assert_eq!(bare.isolation, Some(Isolation::Sandbox));
         for out_of_range in ["0", "901"] {
             let err = refused(&["serve", "-f", "f", "--init-timeout", out_of_range]);
             assert_eq!(err.kind(), ErrorKind::ValueValidation, "{out_of_range}");
@@ -541,6 +625,31 @@ mod tests {
             panic!("not run");
         };
         assert_eq!(run.common.limits.keep_alive_timeout, Some(9));
+    }
+
+    #[test]
+    fn event_queue_flags_override_the_servers_defaults() {
+        let Ok(Command::Serve(args)) = parse(&[
+            "serve",
+            "--event-queue-depth",
+            "1000",
+            "--event-retry-base-ms",
+            "50",
+        ]) else {
+            panic!("not serve");
+        };
+        let defaults = ServerOptions::new("/state");
+        let mut options = ServerOptions::new("/state");
+        args.events.apply(&mut options);
+        assert_eq!(options.event_queue_depth, 1000);
+        assert_eq!(options.event_retry_base, Duration::from_millis(50));
+        assert_eq!(options.event_queue_bytes, defaults.event_queue_bytes);
+        // The defaults the help text gives are the server's (Lambda's minute).
+        assert_eq!(defaults.event_queue_depth, 100);
+        assert_eq!(defaults.event_queue_bytes, 16 << 20);
+        assert_eq!(defaults.event_retry_base, Duration::from_secs(60));
+        let err = refused(&["serve", "--event-queue-depth", "0"]);
+        assert_eq!(err.kind(), ErrorKind::ValueValidation);
     }
 
     #[test]

@@ -620,10 +620,11 @@ fn snapstart_trial(server: &Server) -> Result<(), Failed> {
                 && !report.contains("Guest Boot"),
             || format!("a second environment was not restored: {report}"),
         )?;
-        check(
-            body["init_random"] == first["init_random"] && body["boot_id"] == first["boot_id"],
-            || format!("not a clone of the snapshot's guest: {first} then {body}"),
-        )?;
+        // What the init phase made is the snapshot's (the kernel's boot_id is not: Linux
+        // makes it on its first read, which came after the snapshot).
+        check(body["init_random"] == first["init_random"], || {
+            format!("not a clone of the snapshot's guest: {first} then {body}")
+        })?;
         restored.push((body, report, took));
     }
     let busy = busy

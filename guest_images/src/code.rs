@@ -33,6 +33,8 @@ const TASK_EXT4: &str = "task.ext4";
 pub enum CodeError {
     #[error("{0} is neither a folder nor a .zip file")]
     NotCode(PathBuf),
+    #[error("{0} is not a valid zip file: {1}")]
+    BadZip(PathBuf, String),
     #[error("zip entry {0:?} has an absolute path")]
     AbsolutePath(String),
     #[error("zip entry {0:?} climbs out of the code folder with '..'")]
@@ -367,7 +369,7 @@ fn check_handler(manifest: &Manifest, runtime: Runtime, handler: &str) -> Result
 fn open_zip(path: &Path) -> Result<zip::ZipArchive<File>> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     zip::ZipArchive::new(file)
-        .with_context(|| format!("{} is not a valid zip file", path.display()))
+        .map_err(|e| CodeError::BadZip(path.to_path_buf(), e.to_string()).into())
 }
 
 /// Unpacks a checked zip into `task`: folders and files first, folder modes and symlinks

@@ -37,6 +37,8 @@ pub trait ImageSource: Send + Sync + 'static {
 pub struct MicroVmLauncher {
     /// Each function's hypervisor (functions may choose theirs).
     hypervisors: HashMap<String, Arc<dyn Backend>>,
+    /// The hypervisor of functions not assigned one (those created through the API).
+    default: Option<Arc<dyn Backend>>,
     images: Arc<dyn ImageSource>,
     /// Guest consoles are appended to `<logs_dir>/<function>.console.log` when an
     /// environment stops, for `kindling logs`.
@@ -65,6 +67,7 @@ impl MicroVmLauncher {
     pub fn new(images: Arc<dyn ImageSource>, logs_dir: PathBuf, snapshots_dir: PathBuf) -> Self {
         Self {
             hypervisors: HashMap::new(),
+            default: None,
             images,
             logs_dir,
             snapshots: SnapshotStore::new(snapshots_dir),
@@ -79,6 +82,15 @@ impl MicroVmLauncher {
             "microVM hypervisor chosen"
         );
         self.hypervisors.insert(function.to_string(), hypervisor);
+    }
+
+    /// Runs the environments of functions not [`assign`](Self::assign)ed one on `hypervisor`.
+    pub fn assign_default(&mut self, hypervisor: Arc<dyn Backend>) {
+        tracing::info!(
+            hypervisor = hypervisor.name(),
+            "microVM hypervisor of functions created through the API"
+        );
+        self.default = Some(hypervisor);
     }
 
     /// The guest kernel command line. `reboot=k` makes the guest's reboot(2) an i8042
@@ -106,7 +118,11 @@ impl Launcher for MicroVmLauncher {
     }
 
     async fn start(&self, spec: &EnvironmentSpec) -> anyhow::Result<Box<dyn Environment>> {
-        let Some(hypervisor) = self.hypervisors.get(&spec.function.name) else {
+        let Some(hypervisor) = self
+            .hypervisors
+            .get(&spec.function.name)
+            .or(self.default.as_ref())
+        else {
             anyhow::bail!(
                 "no hypervisor was assigned to function {:?}",
                 spec.function.name

@@ -11,6 +11,11 @@
 //! max_concurrency = 10
 //! hypervisor = "kindling"          # microvm only: "kindling" | "qemu"
 //! snapstart = true                 # microvm only: restore a snapshot instead of booting
+//! # Event invocations, as PutFunctionEventInvokeConfig sets them:
+//! maximum_retry_attempts = 2       # 0..2
+//! maximum_event_age = 21600        # seconds, 60..21600
+//! on_failure = "arn:aws:sqs:us-east-1:000000000000:failed"   # or a function's ARN
+//! on_success = "arn:aws:lambda:us-east-1:000000000000:function:next"
 //! [functions.hello.env]
 //! GREETING = "hi"
 //! ```
@@ -28,6 +33,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::environment::{Function, Isolation};
+use crate::store::EventInvokeConfig;
 use crate::vocabulary::{closed_vocabulary, not_one_of};
 
 /// Memory a function may ask for, in MB (Lambda's range).
@@ -53,6 +59,9 @@ pub struct FunctionConfig {
     pub function: Function,
     /// Only meaningful with [`Isolation::MicroVm`]; `None` lets the server choose.
     pub hypervisor: Option<Hypervisor>,
+    /// How its `Event` invocations are retried and where their outcomes go; `None` when
+    /// the table sets none of those keys (Lambda's defaults).
+    pub event_invoke: Option<EventInvokeConfig>,
 }
 
 /// A mistake in a functions file, located as precisely as the file allows.
@@ -92,6 +101,10 @@ struct RawFunction {
     max_concurrency: Option<Spanned<i64>>,
     hypervisor: Option<Spanned<String>>,
     snapstart: Option<Spanned<bool>>,
+    maximum_retry_attempts: Option<Spanned<i64>>,
+    maximum_event_age: Option<Spanned<i64>>,
+    on_success: Option<Spanned<String>>,
+    on_failure: Option<Spanned<String>>,
     #[serde(default)]
     env: BTreeMap<String, String>,
 }
@@ -189,13 +202,10 @@ fn function_config(
             format!("{}: {message}", key("runtime")),
         ));
     }
-    let out_of_range = |k: &'static str| {
-        move |(offset, range): (usize, String)| at.error(offset, format!("{}: {range}", key(k)))
-    };
-    let memory = in_range(&f.memory, MEMORY_MB, 128).map_err(out_of_range("memory"))?;
-    let timeout = in_range(&f.timeout, TIMEOUT_S, 3).map_err(out_of_range("timeout"))?;
+    let memory = in_range(&f.memory, MEMORY_MB, 128).map_err(range_error(at, key("memory")))?;
+    let timeout = in_range(&f.timeout, TIMEOUT_S, 3).map_err(range_error(at, key("timeout")))?;
     let max_concurrency = in_range(&f.max_concurrency, 1..=1000, DEFAULT_MAX_CONCURRENCY)
-        .map_err(out_of_range("max_concurrency"))?;
+        .map_err(range_error(at, key("max_concurrency")))?;
     // Like Lambda: every function gets a microVM unless it asks otherwise.
     let isolation =
         named(f.isolation.as_ref(), &key("isolation"), at)?.unwrap_or(Isolation::MicroVm);
@@ -214,6 +224,7 @@ fn function_config(
             ),
         ));
     }
+    let event_invoke = event_invoke(&f, &key, at)?;
     Ok(FunctionConfig {
         function: Function {
             name,
@@ -228,7 +239,50 @@ fn function_config(
             snapstart,
         },
         hypervisor,
+        event_invoke,
     })
+}
+
+/// The table's event-invoke keys, checked as `PutFunctionEventInvokeConfig` checks them.
+fn event_invoke(
+    f: &RawFunction,
+    key: &dyn Fn(&str) -> String,
+    at: &Locator,
+) -> Result<Option<EventInvokeConfig>, ConfigError> {
+    if f.maximum_retry_attempts.is_none()
+        && f.maximum_event_age.is_none()
+        && f.on_success.is_none()
+        && f.on_failure.is_none()
+    {
+        return Ok(None);
+    }
+    let defaults = EventInvokeConfig::default();
+    let destination = |v: &Option<Spanned<String>>, k: &str| {
+        v.as_ref()
+            .map(|d| {
+                crate::events::check_destination(d.get_ref())
+                    .map(|()| d.get_ref().clone())
+                    .map_err(|e| at.error(d.span().start, format!("{}: {e}", key(k))))
+            })
+            .transpose()
+    };
+    Ok(Some(EventInvokeConfig {
+        maximum_retry_attempts: in_range(
+            &f.maximum_retry_attempts,
+            0..=2,
+            defaults.maximum_retry_attempts,
+        )
+        .map_err(range_error(at, key("maximum_retry_attempts")))?,
+        maximum_event_age_s: in_range(
+            &f.maximum_event_age,
+            60..=21_600,
+            defaults.maximum_event_age_s,
+        )
+        .map_err(range_error(at, key("maximum_event_age")))?,
+        on_success: destination(&f.on_success, "on_success")?,
+        on_failure: destination(&f.on_failure, "on_failure")?,
+        last_modified: String::new(),
+    }))
 }
 
 /// An optional key of a closed vocabulary; `None` when absent.
@@ -244,6 +298,14 @@ fn named<T: std::str::FromStr<Err = String>>(
                 .map_err(|e| at.error(v.span().start, format!("{key}: {e}")))
         })
         .transpose()
+}
+
+/// Names the key of a value [`in_range`] refused, with its range.
+fn range_error<'a>(
+    at: &'a Locator<'a>,
+    key: String,
+) -> impl Fn((usize, String)) -> ConfigError + 'a {
+    move |(offset, range)| at.error(offset, format!("{key}: {range}"))
 }
 
 /// The value of an optional integer key, `default` when it is absent. A value outside `range`
@@ -351,6 +413,7 @@ GREETING = "hi"
         assert_eq!(f.isolation, Isolation::MicroVm);
         assert_eq!(f.env.get("GREETING").map(String::as_str), Some("hi"));
         assert_eq!(fs[0].hypervisor, Some(Hypervisor::Qemu));
+        assert_eq!(fs[0].event_invoke, None);
         assert!(!f.snapstart);
     }
 
@@ -377,6 +440,43 @@ GREETING = "hi"
         )
         .unwrap();
         assert!(!fs[0].function.snapstart);
+    }
+
+    #[test]
+    fn event_invoke_keys_are_read_and_checked() {
+        let dir = with_code();
+        let head = "[functions.a]\ncode = 'hello'\nruntime = 'python'\nhandler = 'h'\n";
+        let fs = parse_in(
+            dir.path(),
+            &format!("{head}maximum_retry_attempts = 0\non_failure = 'arn:aws:sqs:us-east-1:000000000000:dlq'\n"),
+        )
+        .unwrap();
+        let config = fs[0].event_invoke.clone().unwrap();
+        assert_eq!(config.maximum_retry_attempts, 0);
+        assert_eq!(config.maximum_event_age_s, 21_600);
+        assert_eq!(
+            config.on_failure.as_deref(),
+            Some("arn:aws:sqs:us-east-1:000000000000:dlq")
+        );
+        assert_eq!(config.on_success, None);
+        for (line, want) in [
+            (
+                "maximum_retry_attempts = 3\n",
+                "functions.a.maximum_retry_attempts: 3 is out of range 0..2",
+            ),
+            (
+                "maximum_event_age = 59\n",
+                "functions.a.maximum_event_age: 59 is out of range 60..21600",
+            ),
+            (
+                "on_success = 'dlq'\n",
+                "functions.a.on_success: dlq is not a destination",
+            ),
+        ] {
+            let err = parse_in(dir.path(), &format!("{head}{line}")).unwrap_err();
+            assert_eq!(err.line, Some(5), "{line}: {err}");
+            assert!(err.to_string().contains(want), "{line}: {err}");
+        }
     }
 
     #[test]

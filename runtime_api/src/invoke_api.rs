@@ -1,12 +1,13 @@
 //! The Invoke API that callers use, shaped like Lambda's:
 //! `POST /2015-03-31/functions/{name}/invocations` and `GET /metrics`. `{name}` is
 //! anything Lambda takes there (`name[:qualifier]`, partial and full ARNs, with
-//! `?Qualifier=`; see [`crate::names`]); only `$LATEST` exists.
+//! `?Qualifier=`; see [`crate::names`]); only `$LATEST` exists. The control plane's paths
+//! on the same listener go to [`crate::control_plane`].
 //!
 //! Limits: a request payload of at most [`MAX_REQUEST_BYTES`] (an `Event` one: at most
 //! [`MAX_EVENT_PAYLOAD_BYTES`], else 413 `RequestEntityTooLargeException`); accepted
-//! `Event` invocations bounded per function (else 429 `TooManyRequestsException`, see
-//! [`Scheduler::accept_event`]); connections bounded in number and in time spent idle or
+//! `Event` invocations bounded per function on disk (else 429 `TooManyRequestsException`,
+//! see [`crate::events`]); connections bounded in number and in time spent idle or
 //! sending a head (see [`crate::connections`]).
 
 use std::convert::Infallible;
@@ -28,10 +29,13 @@ use tokio::task::JoinSet;
 use crate::body::{read_limited, BodyError};
 use crate::client::InvocationType;
 use crate::connections::{self, Activity, ConnectionLimits, Watched};
+use crate::control_plane::{self, ControlPlane};
+use crate::events::EventQueue;
 use crate::logs;
 use crate::metrics::{self, Metrics};
 use crate::names::{self, FunctionRef, NameError};
 use crate::scheduler::{until_true, Answer, InvokeError, InvokeRequest, Scheduler, VERSION};
+use crate::store::EnqueueError;
 
 pub const HEADER_INVOCATION_TYPE: &str = "x-amz-invocation-type";
 pub const HEADER_LOG_TYPE: &str = "x-amz-log-type";
@@ -56,6 +60,8 @@ pub(crate) struct InvokeApi {
     pub scheduler: Arc<Scheduler>,
     pub metrics: Arc<Metrics>,
     pub limits: ConnectionLimits,
+    pub events: Arc<EventQueue>,
+    pub control: ControlPlane,
 }
 
 /// Serves callers until `stop` turns true, then lets the answers in progress be written
@@ -160,6 +166,7 @@ impl InvokeApi {
         if path == "/metrics" {
             return match *req.method() {
                 Method::GET => {
+                    self.events.observe();
                     let mut r = Response::new(Full::new(Bytes::from(self.metrics.render())));
                     r.headers_mut().insert(
                         header::CONTENT_TYPE,
@@ -173,6 +180,9 @@ impl InvokeApi {
                     "use GET",
                 ),
             };
+        }
+        if control_plane::handles(&path) {
+            return self.control.handle(req).await;
         }
         let Some(name) = path
             .strip_prefix(PATH_PREFIX)
@@ -215,12 +225,12 @@ impl InvokeApi {
                 None => arn,
             });
         };
-        let function = function.name.clone();
+        let function = function.name;
         let headers = match InvokeHeaders::parse(req.headers()) {
             Ok(headers) => headers,
             Err(refusal) => return refusal,
         };
-        let payload = match read_payload(req, self.limits.body_read_timeout).await {
+        let payload = match read_body(req, self.limits.body_read_timeout, MAX_REQUEST_BYTES).await {
             Ok(p) => p,
             Err(r) => return r,
         };
@@ -229,10 +239,11 @@ impl InvokeApi {
             client_context: headers.client_context,
             cognito_identity: None,
             trace_id: headers.trace_id,
+            request_id: None,
         };
         match headers.invocation_type {
             InvocationType::DryRun => status_only(StatusCode::NO_CONTENT),
-            InvocationType::Event => self.queue_event(function, request),
+            InvocationType::Event => self.queue_event(function, request).await,
             InvocationType::RequestResponse => {
                 match self.scheduler.invoke(&function, request, false).await {
                     Ok(invoked) => rendered(invoked, headers.tail),
@@ -242,9 +253,9 @@ impl InvokeApi {
         }
     }
 
-    /// Accepts an Event invocation (202) and runs it in the background, within the
-    /// function's bounds on queued events.
-    fn queue_event(&self, function: String, request: InvokeRequest) -> Response<Full<Bytes>> {
+    /// Accepts an Event invocation: written to the database (so it survives a crash),
+    /// within the function's bounds on queued events, then 202; the queue runs it.
+    async fn queue_event(&self, function: String, request: InvokeRequest) -> Response<Full<Bytes>> {
         let bytes = request.payload.len();
         if bytes > MAX_EVENT_PAYLOAD_BYTES {
             return lambda_error(
@@ -253,31 +264,36 @@ impl InvokeApi {
                 &format!("{bytes} byte payload is too large for the Event invocation type (limit {MAX_EVENT_PAYLOAD_BYTES} bytes)"),
             );
         }
-        // Held until the invocation is over: what is accepted stays bounded.
-        let ticket = match self.scheduler.accept_event(&function, bytes) {
-            Ok(ticket) => ticket,
-            Err(e) => return self.refused(e),
-        };
-        let scheduler = self.scheduler.clone();
-        tokio::spawn(async move {
-            if let Err(e) = scheduler.invoke(&function, request, true).await {
-                tracing::warn!(%function, error = %e, "event invocation failed");
+        match self.events.accept(&function, &request).await {
+            Ok(request_id) => {
+                let mut r = status_only(StatusCode::ACCEPTED);
+                if let Ok(id) = HeaderValue::from_str(&request_id) {
+                    r.headers_mut().insert(HEADER_REQUEST_ID, id);
+                }
+                r
             }
-            drop(ticket);
-        });
-        status_only(StatusCode::ACCEPTED)
+            Err(e @ EnqueueError::Full { .. }) => {
+                too_many_requests(&e.to_string(), "FunctionInvocationRateLimitExceeded")
+            }
+            Err(EnqueueError::Store(e)) => {
+                tracing::error!(%function, error = %format!("{e:#}"), "cannot queue an event");
+                lambda_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "ServiceException",
+                    &format!("the event could not be queued: {e:#}"),
+                )
+            }
+        }
     }
 
     /// The answer to an invocation that could not be run.
     fn refused(&self, e: InvokeError) -> Response<Full<Bytes>> {
         match e {
             InvokeError::NotFound(n) => not_found(&self.scheduler.arn(&n)),
-            InvokeError::TooManyRequests(_) => {
-                too_many_requests(&e, "ReservedFunctionConcurrentInvocationLimitExceeded")
-            }
-            InvokeError::EventQueueFull { .. } => {
-                too_many_requests(&e, "FunctionInvocationRateLimitExceeded")
-            }
+            InvokeError::TooManyRequests(_) => too_many_requests(
+                &e.to_string(),
+                "ReservedFunctionConcurrentInvocationLimitExceeded",
+            ),
             InvokeError::ShuttingDown => lambda_error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "ServiceException",
@@ -294,10 +310,10 @@ impl InvokeApi {
 }
 
 /// Lambda's throttling answer: 429 `TooManyRequestsException` with its `Reason`.
-fn too_many_requests(e: &InvokeError, reason: &str) -> Response<Full<Bytes>> {
+fn too_many_requests(message: &str, reason: &str) -> Response<Full<Bytes>> {
     let mut r = json_response(
         StatusCode::TOO_MANY_REQUESTS,
-        &json!({"Type": "User", "message": e.to_string(), "Reason": reason}),
+        &json!({"Type": "User", "message": message, "Reason": reason}),
     );
     r.headers_mut().insert(
         HEADER_ERROR_TYPE,
@@ -319,22 +335,21 @@ fn decode_client_context(v: &HeaderValue) -> Result<String, String> {
     Ok(text)
 }
 
-/// The request's body, at most [`MAX_REQUEST_BYTES`], all of it within `timeout` (a body
-/// that trickles in would otherwise hold its connection for as long as the caller likes).
-async fn read_payload(
+/// The request's body, at most `limit` bytes, all of it within `timeout` (a body that
+/// trickles in would otherwise hold its connection for as long as the caller likes).
+pub(crate) async fn read_body(
     req: Request<Incoming>,
     timeout: std::time::Duration,
+    limit: usize,
 ) -> Result<Bytes, Response<Full<Bytes>>> {
     let too_large = || {
         lambda_error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "RequestTooLargeException",
-            &format!("Request must be smaller than {MAX_REQUEST_BYTES} bytes for the InvokeFunction operation"),
+            &format!("Request must be smaller than {limit} bytes"),
         )
     };
-    let Ok(read) =
-        tokio::time::timeout(timeout, read_limited(req.into_body(), MAX_REQUEST_BYTES)).await
-    else {
+    let Ok(read) = tokio::time::timeout(timeout, read_limited(req.into_body(), limit)).await else {
         let mut r = lambda_error(
             StatusCode::REQUEST_TIMEOUT,
             "RequestTimeoutException",
@@ -487,7 +502,7 @@ fn refused_name(e: &NameError) -> Response<Full<Bytes>> {
 }
 
 /// Lambda's error answer: the type in `X-Amzn-ErrorType`, `{"Type","message"}` in the body.
-fn lambda_error(
+pub(crate) fn lambda_error(
     status: StatusCode,
     error_type: &'static str,
     message: &str,
@@ -498,7 +513,10 @@ fn lambda_error(
     r
 }
 
-fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+pub(crate) fn json_response(
+    status: StatusCode,
+    value: &serde_json::Value,
+) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(value.to_string())));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -508,7 +526,7 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full
     r
 }
 
-fn status_only(status: StatusCode) -> Response<Full<Bytes>> {
+pub(crate) fn status_only(status: StatusCode) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = status;
     r

@@ -1,14 +1,18 @@
 //! Host side of Kindling: the Runtime API server that guests poll, the Invoke API that
 //! callers use, and the scheduler that owns execution environments.
 //!
-//! The CLI builds a [`Server`] from [`config::load`]ed functions and a launcher per
-//! [`Isolation`], and talks to a running one with [`client`].
+//! The CLI builds a [`Server`] from [`config::load`]ed functions, a launcher per
+//! [`Isolation`] and a [`Deployer`] for code uploaded through the control plane, and talks
+//! to a running one with [`client`]. State that must outlive the process is in
+//! [`store`] (`<state-dir>/kindling.db`).
 
 mod body;
 pub mod client;
 pub mod config;
 mod connections;
+pub mod control_plane;
 pub mod environment;
+mod events;
 mod freezing;
 mod invoke_api;
 pub mod logs;
@@ -17,11 +21,14 @@ mod names;
 pub mod runtime_server;
 pub mod scheduler;
 mod server;
+pub mod store;
 mod vocabulary;
 
+pub use control_plane::{DeployError, Deployer};
 pub use environment::{
     Environment, EnvironmentSpec, Freezer, Function, Isolation, Launcher, StartPhases, StopMode,
 };
+pub use events::EventQueueOptions;
 pub use invoke_api::{
     HEADER_CLIENT_CONTEXT, HEADER_EXECUTED_VERSION, HEADER_FUNCTION_ERROR, HEADER_INVOCATION_TYPE,
     HEADER_LOG_RESULT, HEADER_LOG_TYPE, MAX_EVENT_PAYLOAD_BYTES,

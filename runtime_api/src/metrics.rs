@@ -8,6 +8,7 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -46,6 +47,10 @@ pub struct Metrics {
     init_seconds: Seconds,
     duration_seconds: Seconds,
     start_phase_seconds: Family<PhaseLabel, Histogram, fn() -> Histogram>,
+    event_queue_depth: Family<FunctionLabel, Gauge>,
+    event_queue_oldest_age_seconds: Family<FunctionLabel, Gauge>,
+    event_retries: Family<FunctionLabel, Counter>,
+    events_dropped: Family<FunctionLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -107,8 +112,35 @@ impl Default for Metrics {
             "Invocation duration reported by the guest",
             duration_seconds.clone(),
         );
+        let (event_queue_depth, event_queue_oldest_age_seconds) =
+            (Family::default(), Family::default());
+        let (event_retries, events_dropped) = (Family::default(), Family::default());
+        registry.register(
+            "event_queue_depth",
+            "Event invocations accepted and not yet finished (on disk)",
+            event_queue_depth.clone(),
+        );
+        registry.register(
+            "event_queue_oldest_age_seconds",
+            "Age of the oldest Event invocation not yet finished",
+            event_queue_oldest_age_seconds.clone(),
+        );
+        registry.register(
+            "event_retries",
+            "Event invocations retried after a failed attempt",
+            event_retries.clone(),
+        );
+        registry.register(
+            "events_dropped",
+            "Event invocations given up (retries exhausted or too old), sent to the on-failure destination if any",
+            events_dropped.clone(),
+        );
         Self {
             registry,
+            event_queue_depth,
+            event_queue_oldest_age_seconds,
+            event_retries,
+            events_dropped,
             invocations,
             errors,
             timeouts,
@@ -178,6 +210,29 @@ impl Metrics {
         self.duration_seconds
             .get_or_create(&label(function))
             .observe(ms / 1000.0);
+    }
+
+    /// A failed Event attempt that will be retried.
+    pub fn event_retry(&self, function: &str) {
+        self.event_retries.get_or_create(&label(function)).inc();
+    }
+    /// An Event given up.
+    pub fn event_dropped(&self, function: &str) {
+        self.events_dropped.get_or_create(&label(function)).inc();
+    }
+    /// The event queue as it stands: per function, its depth and the oldest event's
+    /// acceptance (Unix ms); functions not listed have none.
+    pub fn event_queue(&self, queued: &[(String, usize, i64)], now_ms: i64) {
+        self.event_queue_depth.clear();
+        self.event_queue_oldest_age_seconds.clear();
+        for (function, depth, oldest_ms) in queued {
+            self.event_queue_depth
+                .get_or_create(&label(function))
+                .set(i64::try_from(*depth).unwrap_or(i64::MAX));
+            self.event_queue_oldest_age_seconds
+                .get_or_create(&label(function))
+                .set((now_ms - oldest_ms).max(0) / 1000);
+        }
     }
 
     /// The text exposition (OpenMetrics, which Prometheus reads).

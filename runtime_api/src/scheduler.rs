@@ -5,13 +5,17 @@
 //! answered with 429 instead of unbounded memory), freezes idle environments until their
 //! next invocation (`freezing.rs`), retires environments that sat idle,
 //! and throws away any environment that timed out, crashed or failed its init, so that
-//! the next invocation gets a fresh one. Accepted `Event` invocations are bounded too, by
-//! count and payload bytes per function ([`Scheduler::accept_event`]).
+//! the next invocation gets a fresh one.
+//!
+//! The set of functions changes while it runs (the control plane): a function replaced
+//! ([`Scheduler::deploy`]) or removed ([`Scheduler::remove`]) drains its old pool, so that
+//! invocations already in it finish on the old code while new ones go to the new pool, and
+//! its warm environments are stopped.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -47,10 +51,6 @@ pub struct SchedulerOptions {
     pub freeze_after: Option<Duration>,
     /// Callers that may wait per function once every environment is busy.
     pub queue_depth: usize,
-    /// Accepted `Event` invocations per function not yet finished (queued or running).
-    pub event_queue_depth: usize,
-    /// Their payloads' bytes per function.
-    pub event_queue_bytes: usize,
     /// Start of an environment until its runtime's first `/next` (Lambda: 10 s).
     pub init_timeout: Duration,
     /// Grace given to an environment asked to stop cleanly.
@@ -67,8 +67,6 @@ impl SchedulerOptions {
             idle_timeout: Duration::from_secs(300),
             freeze_after: Some(DEFAULT_FREEZE_AFTER),
             queue_depth: 100,
-            event_queue_depth: 100,
-            event_queue_bytes: 16 << 20,
             init_timeout: Duration::from_secs(10),
             stop_grace: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(5),
@@ -86,6 +84,9 @@ pub struct InvokeRequest {
     pub cognito_identity: Option<String>,
     /// `X-Amzn-Trace-Id` of the caller; one is made up when absent.
     pub trace_id: Option<String>,
+    /// The request id the function sees; a new one when absent (an `Event` keeps its
+    /// own through every attempt).
+    pub request_id: Option<String>,
 }
 
 /// What the caller gets back.
@@ -106,6 +107,8 @@ pub struct Invoked {
     /// This invocation's log, `START` to `REPORT`; of a long one only `START` and the
     /// end (enough for [`logs::tail`]): the whole log is in the function's log file.
     pub log: String,
+    /// The server's shutdown ended it before the function did.
+    pub cut_short: bool,
 }
 
 /// Why an invocation could not be run at all. Show it with its sources (e.g. anyhow's
@@ -116,17 +119,6 @@ pub enum InvokeError {
     NotFound(String),
     #[error("Rate Exceeded: every environment of {0} is busy and its queue is full")]
     TooManyRequests(String),
-    #[error(
-        "Rate Exceeded: {function} has {events} Event invocations ({bytes} bytes of payload) \
-         accepted and not yet run, its limit is {max_events} events or {max_bytes} bytes"
-    )]
-    EventQueueFull {
-        function: String,
-        events: usize,
-        bytes: usize,
-        max_events: usize,
-        max_bytes: usize,
-    },
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error("cannot start an environment for {function}")]
@@ -140,14 +132,18 @@ pub enum InvokeError {
 
 /// All functions' pools.
 pub struct Scheduler {
-    pools: HashMap<String, Arc<Pool>>,
+    pools: RwLock<HashMap<String, Arc<Pool>>>,
+    /// Pools replaced or removed whose invocations have not all ended yet: shutdown and
+    /// the idle reaper still tend them.
+    draining: Mutex<Vec<Arc<Pool>>>,
+    launchers: HashMap<Isolation, Arc<dyn Launcher>>,
     ctx: Arc<Ctx>,
 }
 
 impl std::fmt::Debug for Scheduler {
     /// The functions it serves and the options.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut functions: Vec<&String> = self.pools.keys().collect();
+        let mut functions: Vec<String> = self.read_pools().keys().cloned().collect();
         functions.sort();
         f.debug_struct("Scheduler")
             .field("functions", &functions)
@@ -183,34 +179,10 @@ struct PoolState {
     live: usize,
     /// Callers waiting for an environment, first come first served.
     queue: VecDeque<oneshot::Sender<Grant>>,
-    /// Accepted `Event` invocations not yet finished, and their payload bytes.
-    events: usize,
-    event_bytes: usize,
     closed: bool,
-}
-
-/// An accepted `Event` invocation's place in its function's bounded event queue
-/// ([`Scheduler::accept_event`]); dropping it (when the invocation is over) frees it.
-pub struct EventTicket {
-    pool: Arc<Pool>,
-    bytes: usize,
-}
-
-impl std::fmt::Debug for EventTicket {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EventTicket")
-            .field("function", &self.pool.function.name)
-            .field("bytes", &self.bytes)
-            .finish()
-    }
-}
-
-impl Drop for EventTicket {
-    fn drop(&mut self) {
-        let mut st = self.pool.lock();
-        st.events = st.events.saturating_sub(1);
-        st.event_bytes = st.event_bytes.saturating_sub(self.bytes);
-    }
+    /// Replaced or removed: environments still serve the callers queued here, then stop
+    /// instead of going back to the warm set.
+    draining: bool,
 }
 
 /// What a queued caller is handed: a warm environment, or the right to start one.
@@ -254,47 +226,120 @@ impl Scheduler {
             next_env: AtomicU64::new(1),
             cancel: watch::Sender::new(false),
         });
-        let mut pools = HashMap::new();
+        let scheduler = Self {
+            pools: RwLock::default(),
+            draining: Mutex::default(),
+            launchers: launchers.clone(),
+            ctx,
+        };
         for function in functions {
-            let launcher = launchers.get(&function.isolation).cloned().ok_or_else(|| {
-                anyhow::anyhow!(
-                    "function {}: no launcher for isolation {:?}",
-                    function.name,
-                    function.isolation
-                )
-            })?;
-            let arn = function_arn(&ctx.options.region, &function.name);
-            let pool = Pool {
-                function,
-                arn,
-                launcher,
-                ctx: ctx.clone(),
-                state: Mutex::default(),
-                drained: Notify::new(),
-            };
-            if pools
-                .insert(pool.function.name.clone(), Arc::new(pool))
-                .is_some()
-            {
+            let name = function.name.clone();
+            let pool = scheduler.new_pool(function)?;
+            if scheduler.write_pools().insert(name, pool).is_some() {
                 anyhow::bail!("function names must be unique");
             }
         }
-        Ok(Self { pools, ctx })
+        Ok(scheduler)
+    }
+
+    fn new_pool(&self, function: Function) -> anyhow::Result<Arc<Pool>> {
+        let launcher = self
+            .launcher(function.isolation)
+            .map_err(|e| anyhow::anyhow!("function {}: {e}", function.name))?;
+        let arn = function_arn(&self.ctx.options.region, &function.name);
+        Ok(Arc::new(Pool {
+            function,
+            arn,
+            launcher,
+            ctx: self.ctx.clone(),
+            state: Mutex::default(),
+            drained: Notify::new(),
+        }))
+    }
+
+    /// The launcher of an isolation, or why there is none.
+    fn launcher(&self, isolation: Isolation) -> anyhow::Result<Arc<dyn Launcher>> {
+        self.launchers
+            .get(&isolation)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("no launcher for isolation {isolation:?}"))
+    }
+
+    fn read_pools(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Pool>>> {
+        self.pools.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_pools(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<Pool>>> {
+        self.pools.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `function` from now on: a new function is added; one of the same name is
+    /// replaced, its old pool drained (invocations in it finish on the old code).
+    pub async fn deploy(&self, function: Function) -> anyhow::Result<()> {
+        let name = function.name.clone();
+        let pool = self.new_pool(function)?;
+        let old = self.write_pools().insert(name, pool);
+        if let Some(old) = old {
+            self.drain(old).await;
+        }
+        Ok(())
+    }
+
+    /// Stops serving `name`; invocations already running finish, warm environments stop.
+    pub async fn remove(&self, name: &str) {
+        let old = self.write_pools().remove(name);
+        if let Some(old) = old {
+            self.drain(old).await;
+        }
+    }
+
+    /// Lets `pool` serve what it holds, then stop; its idle environments stop now.
+    async fn drain(&self, pool: Arc<Pool>) {
+        let idle = {
+            let mut st = pool.lock();
+            st.draining = true;
+            std::mem::take(&mut st.idle)
+        };
+        tracing::info!(function = %pool.function.name, idle = idle.len(), "draining the function's old environments");
+        for (env, _) in idle {
+            pool.discard(env, StopMode::Graceful(self.ctx.options.stop_grace))
+                .await;
+        }
+        let mut draining = self.draining.lock().unwrap_or_else(|e| e.into_inner());
+        draining.retain(|p| p.lock().live > 0);
+        if pool.lock().live > 0 {
+            draining.push(pool);
+        }
+    }
+
+    /// Every pool: those serving and those draining.
+    fn all_pools(&self) -> Vec<Arc<Pool>> {
+        let mut pools: Vec<Arc<Pool>> = self.read_pools().values().cloned().collect();
+        pools.extend(
+            self.draining
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .cloned(),
+        );
+        pools
     }
 
     /// The function a name designates: itself, or the emulator's alias `function` when
     /// exactly one function is loaded.
-    pub fn resolve(&self, name: &str) -> Option<&Function> {
-        self.pool(name).map(|p| &p.function)
+    pub fn resolve(&self, name: &str) -> Option<Function> {
+        self.pool(name).map(|p| p.function.clone())
     }
 
-    fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
-        self.pools
+    fn pool(&self, name: &str) -> Option<Arc<Pool>> {
+        let pools = self.read_pools();
+        pools
             .get(name)
-            .or_else(|| match (name, self.pools.len()) {
-                ("function", 1) => self.pools.values().next(),
+            .or_else(|| match (name, pools.len()) {
+                ("function", 1) => pools.values().next(),
                 _ => None,
             })
+            .cloned()
     }
 
     /// The ARN of a function name, as the runtime sees it.
@@ -312,41 +357,8 @@ impl Scheduler {
         &self.ctx.options.env_root
     }
 
-    /// Admits an `Event` invocation whose payload is `bytes` long, if its function's
-    /// accepted events (queued or running) stay within `event_queue_depth` and
-    /// `event_queue_bytes`; the ticket must be held until the invocation is over.
-    /// Otherwise [`InvokeError::EventQueueFull`]: nothing is accepted that could not be
-    /// kept.
-    pub fn accept_event(&self, name: &str, bytes: usize) -> Result<EventTicket, InvokeError> {
-        let pool = self
-            .pool(name)
-            .cloned()
-            .ok_or_else(|| InvokeError::NotFound(name.to_string()))?;
-        let options = &self.ctx.options;
-        {
-            let mut st = pool.lock();
-            if st.closed {
-                return Err(InvokeError::ShuttingDown);
-            }
-            if st.events >= options.event_queue_depth
-                || st.event_bytes.saturating_add(bytes) > options.event_queue_bytes
-            {
-                return Err(InvokeError::EventQueueFull {
-                    function: pool.function.name.clone(),
-                    events: st.events,
-                    bytes: st.event_bytes,
-                    max_events: options.event_queue_depth,
-                    max_bytes: options.event_queue_bytes,
-                });
-            }
-            st.events += 1;
-            st.event_bytes += bytes;
-        }
-        Ok(EventTicket { pool, bytes })
-    }
-
-    /// Runs one invocation to its end. `queued` invocations (`Event`, bounded by
-    /// [`Scheduler::accept_event`]) wait for an environment however long the queue;
+    /// Runs one invocation to its end. `queued` invocations (`Event`, bounded by the
+    /// durable event queue) wait for an environment however long the queue;
     /// others get [`InvokeError::TooManyRequests`] when the queue is full. The invocation runs on its own task: a caller that goes
     /// away loses its answer but never an environment.
     pub async fn invoke(
@@ -357,7 +369,6 @@ impl Scheduler {
     ) -> Result<Invoked, InvokeError> {
         let pool = self
             .pool(name)
-            .cloned()
             .ok_or_else(|| InvokeError::NotFound(name.to_string()))?;
         tokio::spawn(async move { pool.invoke(request, queued).await })
             .await
@@ -378,16 +389,21 @@ impl Scheduler {
                 _ = tokio::time::sleep(every) => {}
                 _ = until_true(&mut cancel) => return,
             }
-            for pool in self.pools.values() {
+            for pool in self.all_pools() {
                 pool.retire_idle().await;
             }
+            self.draining
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|p| p.lock().live > 0);
         }
     }
 
     /// Refuses new invocations, lets running ones finish for the shutdown grace, then
     /// cancels the rest, and stops every environment.
     pub async fn shutdown(&self) {
-        for pool in self.pools.values() {
+        let pools = self.all_pools();
+        for pool in &pools {
             let idle = {
                 let mut st = pool.lock();
                 st.closed = true;
@@ -400,7 +416,7 @@ impl Scheduler {
             }
         }
         let all_drained = async {
-            for pool in self.pools.values() {
+            for pool in &pools {
                 pool.wait_drained().await;
             }
         };
@@ -410,7 +426,7 @@ impl Scheduler {
         {
             tracing::warn!("invocations still running at shutdown: cancelling them");
             self.ctx.cancel.send_replace(true);
-            for pool in self.pools.values() {
+            for pool in &pools {
                 pool.wait_drained().await;
             }
         }
@@ -526,7 +542,7 @@ impl Pool {
 
     /// Gives an environment back after an invocation (`None`: its slot is free): to the
     /// first queued caller, to the warm set, or, when it is broken or the pool is
-    /// closing, to the bin.
+    /// closing or draining, to the bin.
     async fn release(&self, env: Option<Box<Env>>) {
         let mut env = match env {
             Some(broken) if broken.broken => {
@@ -545,10 +561,12 @@ impl Pool {
                         Err(Grant::Start) => {}
                     }
                 }
-                if let Some(e) = env.take() {
-                    self.freeze_when_idle(&e);
-                    st.idle.push((e, Instant::now()));
-                    return;
+                if !st.draining {
+                    if let Some(e) = env.take() {
+                        self.freeze_when_idle(&e);
+                        st.idle.push((e, Instant::now()));
+                        return;
+                    }
                 }
             }
             env.take()
@@ -731,7 +749,9 @@ impl Pool {
     async fn run(&self, env: &mut Env, request: InvokeRequest) -> Invoked {
         let f = &self.function;
         let metrics = &self.ctx.metrics;
-        let request_id = uuid::Uuid::new_v4().to_string();
+        let request_id = request
+            .request_id
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let cold = env.served == 0;
         env.served += 1;
         metrics.invocation(&f.name);
@@ -786,6 +806,7 @@ impl Pool {
             other => (begun, other),
         };
         // The error, and for a timeout the line Lambda writes into the function's log.
+        let cut_short = matches!(second, Wait::Done(None) | Wait::Cancelled);
         let (error, note) = match second {
             Wait::Done(Some(completion)) => return self.completed(env, &request_id, start_line, dispatched_at, cold, completion),
             Wait::Exited(reason) => (exit_error(&request_id, &reason), None),
@@ -808,7 +829,9 @@ impl Pool {
             // The server dropped the invocation: only when the environment is torn down.
             Wait::Done(None) | Wait::Cancelled | Wait::Dispatched(_) => (shutdown_error(&request_id), None),
         };
-        self.failed(env, &request_id, start_line, dispatched_at, error, note)
+        let mut invoked = self.failed(env, &request_id, start_line, dispatched_at, error, note);
+        invoked.cut_short = cut_short;
+        invoked
     }
 
     /// Ends an invocation the guest answered (or failed through the Runtime API).
@@ -946,6 +969,7 @@ impl Pool {
             request_id: request_id.to_string(),
             answer,
             log: format!("{start_line}\n{log}{end}\n{report_line}\n"),
+            cut_short: false,
         }
     }
 }
@@ -1065,7 +1089,7 @@ fn today() -> String {
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` in UTC, as Lambda stamps its own log lines.
-fn timestamp() -> String {
+pub(crate) fn timestamp() -> String {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();

@@ -1,7 +1,8 @@
 //! [`Server`]: everything the `kindling serve` / `kindling run` commands start, as one
-//! value: the Invoke API, the scheduler with its environments, logs and metrics.
+//! value: the Invoke API with the control plane, the scheduler with its environments, the
+//! database (function registry and durable event queue), logs and metrics.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,11 +14,14 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch};
 
 use crate::connections::ConnectionLimits;
+use crate::control_plane::{self, ControlPlane, DeployError, Deployer};
 use crate::environment::{Function, Isolation, Launcher};
+use crate::events::{EventQueue, EventQueueOptions};
 use crate::invoke_api::{self, InvokeApi};
 use crate::logs::{self, LogLine, LogSink};
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, SchedulerOptions};
+use crate::store::{EventInvokeConfig, FunctionRecord, Origin, QueueBounds, Store};
 
 /// Where Lambda's local emulator listens, and so where callers look first.
 pub const DEFAULT_INVOKE_ADDR: &str = "127.0.0.1:9000";
@@ -27,7 +31,9 @@ pub const DEFAULT_INVOKE_ADDR: &str = "127.0.0.1:9000";
 pub struct ServerOptions {
     /// The Invoke API's address; port 0 picks a free one (see [`Server::local_addr`]).
     pub invoke_addr: SocketAddr,
-    /// Holds `envs/` (one directory per environment, removed when it stops) and
+    /// Holds `kindling.db` (the function registry and the event queue), `code/` (zips
+    /// uploaded through the control plane, by SHA-256), `destinations/` (JSON Lines
+    /// destinations), `envs/` (one directory per environment, removed when it stops) and
     /// `logs/<function>.log` (with `logs/<function>.log.1` once rotated). Unix socket
     /// paths are short: keep this short too.
     pub state_dir: PathBuf,
@@ -37,10 +43,22 @@ pub struct ServerOptions {
     pub freeze_after: Option<Duration>,
     /// Callers that may wait per function once every environment is busy.
     pub queue_depth: usize,
-    /// Accepted `Event` invocations per function not yet finished (queued or running);
-    /// past it, or past `event_queue_bytes` of their payloads, an `Event` gets 429.
+    /// Accepted `Event` invocations per function not yet finished (queued or running,
+    /// on disk); past it, or past `event_queue_bytes` of their payloads, an `Event` gets
+    /// 429.
     pub event_queue_depth: usize,
     pub event_queue_bytes: usize,
+    /// Wait before an `Event`'s first retry; the second waits twice as long (Lambda's
+    /// one and two minutes by default; milliseconds in tests).
+    pub event_retry_base: Duration,
+    /// How functions created through the control plane are isolated.
+    pub default_isolation: Isolation,
+    /// The event-invoke settings of functions.toml's functions, by name (the API's
+    /// `PutFunctionEventInvokeConfig` is refused for them: the file is their source).
+    pub event_invoke: BTreeMap<String, EventInvokeConfig>,
+    /// Readies uploaded code for the launchers; `None` runs it as uploaded (the zip's
+    /// path is the function's code), for launchers that need nothing more.
+    pub deployer: Option<Arc<dyn Deployer>>,
     /// Environment start until its runtime's first `/next`.
     pub init_timeout: Duration,
     /// How long shutdown lets running invocations finish.
@@ -65,14 +83,19 @@ pub struct ServerOptions {
 impl ServerOptions {
     pub fn new(state_dir: impl Into<PathBuf>) -> Self {
         let defaults = SchedulerOptions::new(PathBuf::new());
+        let events = EventQueueOptions::default();
         Self {
             invoke_addr: DEFAULT_INVOKE_ADDR.parse().expect("a valid address"),
             state_dir: state_dir.into(),
             idle_timeout: defaults.idle_timeout,
             freeze_after: defaults.freeze_after,
             queue_depth: defaults.queue_depth,
-            event_queue_depth: defaults.event_queue_depth,
-            event_queue_bytes: defaults.event_queue_bytes,
+            event_queue_depth: events.bounds.events,
+            event_queue_bytes: events.bounds.bytes,
+            event_retry_base: events.retry_base,
+            default_isolation: Isolation::MicroVm,
+            event_invoke: BTreeMap::new(),
+            deployer: None,
             init_timeout: defaults.init_timeout,
             shutdown_grace: defaults.shutdown_grace,
             log_file_max_bytes: logs::DEFAULT_MAX_FILE_BYTES,
@@ -84,6 +107,16 @@ impl ServerOptions {
     }
 }
 
+/// Runs uploaded code as it is.
+#[derive(Debug)]
+struct AsUploaded;
+
+impl Deployer for AsUploaded {
+    fn prepare(&self, function: Function) -> Result<Function, DeployError> {
+        Ok(function)
+    }
+}
+
 /// A bound, not yet running, Kindling host.
 pub struct Server {
     listener: TcpListener,
@@ -91,6 +124,10 @@ pub struct Server {
     metrics: Arc<Metrics>,
     logs: Arc<LogSink>,
     limits: ConnectionLimits,
+    store: Arc<Store>,
+    events: Arc<EventQueue>,
+    deployer: Arc<dyn Deployer>,
+    options: ServerOptions,
 }
 
 impl std::fmt::Debug for Server {
@@ -103,16 +140,20 @@ impl std::fmt::Debug for Server {
 }
 
 impl Server {
-    /// Binds the Invoke API and prepares the state directory. Every function's
-    /// isolation needs a launcher in `launchers`.
+    /// Binds the Invoke API, opens the database and prepares the state directory.
+    /// `functions` (functions.toml's) join those created through the control plane in
+    /// one registry; every function's isolation needs a launcher in `launchers`.
     pub async fn bind(
         functions: Vec<Function>,
         launchers: HashMap<Isolation, Arc<dyn Launcher>>,
         options: ServerOptions,
     ) -> anyhow::Result<Self> {
-        if functions.is_empty() {
-            anyhow::bail!("no functions to serve");
-        }
+        let store = Arc::new(Store::open(&options.state_dir)?);
+        let deployer = options
+            .deployer
+            .clone()
+            .unwrap_or_else(|| Arc::new(AsUploaded));
+        let functions = registry(&store, functions, &options.event_invoke, deployer.as_ref())?;
         let logs = Arc::new(
             LogSink::new(&options.state_dir.join("logs"))
                 .with_context(|| {
@@ -128,8 +169,6 @@ impl Server {
         sched.idle_timeout = options.idle_timeout;
         sched.freeze_after = options.freeze_after;
         sched.queue_depth = options.queue_depth;
-        sched.event_queue_depth = options.event_queue_depth;
-        sched.event_queue_bytes = options.event_queue_bytes;
         sched.init_timeout = options.init_timeout;
         sched.shutdown_grace = options.shutdown_grace;
         let scheduler = Arc::new(Scheduler::new(
@@ -142,17 +181,34 @@ impl Server {
         let listener = TcpListener::bind(options.invoke_addr)
             .await
             .with_context(|| format!("cannot listen on {}", options.invoke_addr))?;
+        let events = Arc::new(EventQueue::new(
+            store.clone(),
+            scheduler.clone(),
+            metrics.clone(),
+            EventQueueOptions {
+                bounds: QueueBounds {
+                    events: options.event_queue_depth,
+                    bytes: options.event_queue_bytes,
+                },
+                retry_base: options.event_retry_base,
+            },
+            options.state_dir.join("destinations"),
+        ));
         Ok(Self {
             listener,
             scheduler,
             metrics,
             logs,
+            store,
+            events,
+            deployer,
             limits: ConnectionLimits {
                 header_read_timeout: options.header_read_timeout,
                 keep_alive_timeout: options.keep_alive_timeout,
                 body_read_timeout: options.body_read_timeout,
                 max_connections: options.max_connections,
             },
+            options,
         })
     }
 
@@ -185,24 +241,118 @@ impl Server {
         let addr = self.local_addr();
         tracing::info!(%addr, "Invoke API listening");
         let (stop_tx, stop_rx) = watch::channel(false);
+        let control = ControlPlane {
+            store: self.store.clone(),
+            scheduler: self.scheduler.clone(),
+            deployer: self.deployer.clone(),
+            code_dir: self.options.state_dir.join("code"),
+            default_isolation: self.options.default_isolation,
+            body_read_timeout: self.limits.body_read_timeout,
+            changes: tokio::sync::Mutex::new(()),
+            uploads: ControlPlane::uploads(),
+        };
         let api = Arc::new(InvokeApi {
             scheduler: self.scheduler.clone(),
             metrics: self.metrics.clone(),
             limits: self.limits,
+            events: self.events.clone(),
+            control,
         });
         let serving = tokio::spawn(invoke_api::serve(self.listener, api, stop_rx));
         let scheduler = self.scheduler.clone();
         let reaper = tokio::spawn(async move { scheduler.retire_idle().await });
+        let (stop_events, events_stop) = watch::channel(false);
+        let dispatcher = tokio::spawn(self.events.clone().dispatch(events_stop));
         shutdown.await;
         tracing::info!("shutting down");
+        // No new attempts; those running end with the scheduler (and stay queued if cut).
+        stop_events.send_replace(true);
         // Answers in progress are still written while environments drain.
         self.scheduler.shutdown().await;
+        dispatcher.await.context("the event dispatcher failed")?;
         stop_tx.send_replace(true);
         serving.await.context("the Invoke API task failed")?;
         reaper.await.context("the idle reaper failed")?;
         remove_if_empty(self.scheduler.env_root());
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// The functions to schedule: functions.toml's, written to the registry (replacing what
+/// an earlier start wrote of the file, which is their source), then those created through
+/// the control plane, their code readied again (from the image cache: quick). One that
+/// cannot be readied is left out, shown `Failed` by the control plane, and kept.
+fn registry(
+    store: &Store,
+    from_file: Vec<Function>,
+    event_invoke: &BTreeMap<String, EventInvokeConfig>,
+    deployer: &dyn Deployer,
+) -> anyhow::Result<Vec<Function>> {
+    let known = store.functions()?;
+    for f in &from_file {
+        if known
+            .iter()
+            .any(|r| r.name == f.name && r.origin == Origin::Api)
+        {
+            anyhow::bail!(
+                "function {} is in the functions file and was also created through the API (in {}): rename one, or delete the API's with `aws lambda delete-function` after starting without it",
+                f.name,
+                crate::store::DB_FILE
+            );
+        }
+    }
+    for stale in known
+        .iter()
+        .filter(|r| r.origin == Origin::File && !from_file.iter().any(|f| f.name == r.name))
+    {
+        store.delete_function(&stale.name)?;
+    }
+    for f in &from_file {
+        let mut record = file_record(f);
+        record.event_invoke = event_invoke.get(&f.name).cloned().map(|mut c| {
+            c.last_modified.clone_from(&record.last_modified);
+            c
+        });
+        store.put_function(&record)?;
+    }
+    let mut functions = from_file;
+    for record in known.into_iter().filter(|r| r.origin == Origin::Api) {
+        let prepared = control_plane::function_of(&record)
+            .map_err(DeployError::Refused)
+            .and_then(|f| deployer.prepare(f));
+        match prepared {
+            Ok(function) => functions.push(function),
+            Err(e) => {
+                tracing::error!(function = %record.name, error = %format!("{e:#}"), "cannot ready the function's code: it stays Failed until its code is updated")
+            }
+        }
+    }
+    Ok(functions)
+}
+
+/// The registry's record of a functions.toml function.
+fn file_record(f: &Function) -> FunctionRecord {
+    FunctionRecord {
+        name: f.name.clone(),
+        origin: Origin::File,
+        runtime: f.runtime.clone(),
+        image: f.runtime.clone(),
+        handler: f.handler.clone(),
+        memory_mb: f.memory_mb,
+        timeout_s: u32::try_from(f.timeout.as_secs()).unwrap_or(u32::MAX),
+        env: f.env.clone(),
+        role: None,
+        description: "defined in functions.toml".into(),
+        code: f.code.clone(),
+        code_sha256: String::new(),
+        code_size: 0,
+        isolation: f.isolation.name().to_string(),
+        max_concurrency: f.max_concurrency,
+        reserved_concurrency: None,
+        last_modified: control_plane::last_modified(),
+        revision_id: uuid::Uuid::new_v4().to_string(),
+        event_invoke: None,
     }
 }
 

@@ -110,6 +110,7 @@ impl Target {
                 snapstart: false,
             },
             hypervisor: self.hypervisor,
+            event_invoke: None,
         }
     }
 }
@@ -147,8 +148,11 @@ pub struct SnapStartRun {
 /// Checks, before anything is measured, that the server can be built for `target` the
 /// way the bench asks (a microVM that would silently become a sandbox is an error).
 pub fn check(target: Target, code: &Path, state_dir: &Path) -> anyhow::Result<()> {
-    let (functions, _) = environments::prepare(vec![target.function(code)], None, None, state_dir)?;
-    if functions.iter().any(|f| f.isolation != target.isolation) {
+    if prepare(target.function(code), state_dir)?
+        .functions
+        .iter()
+        .any(|f| f.isolation != target.isolation)
+    {
         bail!("{} cannot run on this host", target.label());
     }
     Ok(())
@@ -164,7 +168,11 @@ struct Serving {
 
 impl Serving {
     async fn start(function: FunctionConfig, state_dir: &Path) -> anyhow::Result<Self> {
-        let (functions, launchers) = environments::prepare(vec![function], None, None, state_dir)?;
+        let environments::Prepared {
+            functions,
+            launchers,
+            ..
+        } = prepare(function, state_dir)?;
         let mut options = ServerOptions::new(state_dir);
         options.invoke_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         // Environments live through the run, however slow the machine.
@@ -197,6 +205,12 @@ impl Serving {
             .context("the server task failed")?
             .context("the server failed")
     }
+}
+
+/// One function and its launcher, as the server is built.
+fn prepare(function: FunctionConfig, state_dir: &Path) -> anyhow::Result<environments::Prepared> {
+    let isolation = function.function.isolation;
+    environments::prepare(vec![function], None, None, state_dir, Some(isolation))
 }
 
 /// Starts a fresh server for `target` in `state_dir`, measures, and stops it.

@@ -1,7 +1,9 @@
 //! End to end through the real `kindling` CLI and the namespace sandbox (issue 3,
 //! "Tests"): every test starts its own `kindling serve` (or `run`) on a generated
 //! functions.toml, with its own state dir and port, invokes over the real Invoke API,
-//! and ends with SIGTERM and a check that nothing is left behind.
+//! and ends with SIGTERM and a check that nothing is left behind. The control-plane tests
+//! (`control_plane.rs`) hand the server to boto3 and the AWS CLI instead
+//! (`tests/control_plane/lambda_api.py`), which start, kill and restart it themselves.
 //!
 //! Needs root and the static guest binaries (`scripts/build-guest.sh`); a test that
 //! cannot run prints `SKIPPED: <reason>`. Each sandbox's root is its runtime's image
@@ -9,6 +11,7 @@
 //! The first test to run builds `kindling-sandbox-exec` and the `lambda_runtime`-crate
 //! runtime with cargo, into the target dir of the `kindling` under test.
 
+mod control_plane;
 mod failures;
 mod invoke_api;
 mod lifecycle;

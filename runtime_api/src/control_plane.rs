@@ -1,0 +1,1044 @@
+//! The control plane: the subset of Lambda's REST API that deployment tools use (the AWS
+//! CLI, the SDKs, SAM- or Terraform-style tooling), on the Invoke API's listener.
+//!
+//! `CreateFunction`, `GetFunction`, `GetFunctionConfiguration`, `ListFunctions`,
+//! `UpdateFunctionCode`, `UpdateFunctionConfiguration`, `DeleteFunction`,
+//! `Put`/`Get`/`DeleteFunctionConcurrency` (a function's environments at most) and
+//! `Put`/`Get`/`DeleteFunctionEventInvokeConfig`, with Lambda's paths, JSON bodies, status
+//! codes and error types. Every change is written to the [`Store`] before the scheduler
+//! sees it, so the registry outlives the process. Changes are serialised (one at a time):
+//! code is checked and unpacked before the call answers, so a function is `Active` (and
+//! its last update `Successful`) as soon as the call returns, and the waiters
+//! `function-active` and `function-updated` pass at their first poll.
+//!
+//! Functions of functions.toml are in the same registry, read-only here: the file is
+//! their source, and changing or deleting one is a `ResourceConflictException`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+
+use crate::config::{MEMORY_MB, TIMEOUT_S};
+use crate::environment::{Function, Isolation};
+use crate::invoke_api::{json_response, lambda_error, read_body, status_only};
+use crate::scheduler::{Scheduler, VERSION};
+use crate::store::{EventInvokeConfig, FunctionRecord, Origin, Store};
+
+/// Lambda's limit on a request that carries a zip (`CreateFunction`, `UpdateFunctionCode`).
+pub const MAX_CONTROL_REQUEST_BYTES: usize = 70_167_211;
+/// Bodies that large read at once: what uploads may hold of the host stays bounded.
+const CONCURRENT_UPLOADS: usize = 2;
+/// Environments per API-created function (Lambda's unreserved concurrency is shared; here
+/// each function gets what functions.toml gives by default).
+const API_MAX_CONCURRENCY: usize = crate::config::DEFAULT_MAX_CONCURRENCY;
+/// `PutFunctionConcurrency`'s ceiling (functions.toml's `max_concurrency`'s).
+const MAX_RESERVED_CONCURRENCY: usize = 1000;
+/// `ListFunctions` without `MaxItems`, and its ceiling.
+const DEFAULT_PAGE: usize = 50;
+const MAX_PAGE: usize = 10_000;
+
+const FUNCTIONS_2015: &str = "/2015-03-31/functions";
+const FUNCTIONS_2019: &str = "/2019-09-25/functions/";
+/// `Put`/`DeleteFunctionConcurrency`, and `GetFunctionConcurrency`.
+const CONCURRENCY_2017: &str = "/2017-10-31/functions/";
+const CONCURRENCY_2019: &str = "/2019-09-30/functions/";
+
+/// Turns uploaded code into something the launchers run: the CLI's image cache (a zip is
+/// checked for escaping paths, Lambda's size limit and the handler, and unpacked,
+/// content-addressed) and its launchers (readied for the function's runtime).
+pub trait Deployer: Send + Sync + std::fmt::Debug {
+    /// `function.code` is a zip (or, for functions.toml, what the file names); the
+    /// answer is the function as the scheduler runs it. Blocking: called off the runtime.
+    fn prepare(&self, function: Function) -> Result<Function, DeployError>;
+}
+
+/// Why code could not be deployed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    /// The caller's fault (a bad zip, a missing handler): `InvalidParameterValueException`.
+    #[error("{0}")]
+    Refused(String),
+    /// The host's (an image missing, a full disk): `ServiceException`.
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
+
+/// Whether a request is the control plane's (the invocations path is not).
+pub(crate) fn handles(path: &str) -> bool {
+    (path.starts_with(FUNCTIONS_2015) && !path.ends_with("/invocations"))
+        || [FUNCTIONS_2019, CONCURRENCY_2017, CONCURRENCY_2019]
+            .iter()
+            .any(|p| path.starts_with(p))
+}
+
+/// Lambda's runtime identifier → Kindling's runtime image, or `None` when unsupported.
+pub fn image_of_runtime(runtime: &str) -> Option<&'static str> {
+    let versioned = |prefix: &str, suffix: &str| {
+        runtime
+            .strip_prefix(prefix)
+            .and_then(|v| v.strip_suffix(suffix))
+            .is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+    };
+    if versioned("python3.", "") {
+        Some("python")
+    } else if versioned("nodejs", ".x") {
+        Some("node")
+    } else if matches!(runtime, "provided.al2023" | "provided.al2" | "provided") {
+        Some("provided")
+    } else {
+        None
+    }
+}
+
+pub(crate) struct ControlPlane {
+    pub store: Arc<Store>,
+    pub scheduler: Arc<Scheduler>,
+    pub deployer: Arc<dyn Deployer>,
+    /// `<state-dir>/code`: uploaded zips, named by their SHA-256.
+    pub code_dir: PathBuf,
+    pub default_isolation: Isolation,
+    pub body_read_timeout: std::time::Duration,
+    /// One change at a time: a function is never half updated.
+    pub changes: tokio::sync::Mutex<()>,
+    pub uploads: Semaphore,
+}
+
+impl ControlPlane {
+    pub(crate) fn uploads() -> Semaphore {
+        Semaphore::new(CONCURRENT_UPLOADS)
+    }
+
+    pub(crate) async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        match self.route(req).await {
+            Ok(answer) => answer,
+            Err(e) => e.answer(),
+        }
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+        let path = req.uri().path().to_string();
+        let query = parse_query(req.uri().query().unwrap_or(""));
+        let method = req.method().clone();
+        if let Some(rest) = path.strip_prefix(FUNCTIONS_2019) {
+            let name = rest
+                .strip_suffix("/event-invoke-config")
+                .ok_or_else(|| unknown(&method, &path))?;
+            let name = self.name_in_path(name, &query)?;
+            return match method {
+                Method::PUT | Method::POST => {
+                    let body = self.json_body(req).await?;
+                    self.put_event_invoke_config(&name, body, method == Method::PUT)
+                        .await
+                }
+                Method::GET => self.get_event_invoke_config(&name),
+                Method::DELETE => self.delete_event_invoke_config(&name).await,
+                _ => Err(unknown(&method, &path)),
+            };
+        }
+        for (prefix, methods) in [
+            (CONCURRENCY_2017, &[Method::PUT, Method::DELETE][..]),
+            (CONCURRENCY_2019, &[Method::GET][..]),
+        ] {
+            let Some(rest) = path.strip_prefix(prefix) else {
+                continue;
+            };
+            let name = rest
+                .strip_suffix("/concurrency")
+                .filter(|_| methods.contains(&method))
+                .ok_or_else(|| unknown(&method, &path))?;
+            let name = self.name_in_path(name, &query)?;
+            return match method {
+                Method::PUT => {
+                    let body = self.json_body(req).await?;
+                    self.put_concurrency(&name, body).await
+                }
+                Method::DELETE => self.delete_concurrency(&name).await,
+                _ => {
+                    let record = self.record(&name)?;
+                    Ok(ok(&concurrency_json(&record)))
+                }
+            };
+        }
+        let rest = path
+            .strip_prefix(FUNCTIONS_2015)
+            .ok_or_else(|| unknown(&method, &path))?;
+        let parts: Vec<&str> = rest.trim_start_matches('/').split('/').collect();
+        match (method.clone(), parts.as_slice()) {
+            (Method::POST, [""]) => {
+                let body = self.json_body(req).await?;
+                self.create(body).await
+            }
+            (Method::GET, [""]) => self.list(&query),
+            (Method::GET, [name]) => {
+                let record = self.record(&self.name_in_path(name, &query)?)?;
+                let mut answer = json!({
+                    "Configuration": self.configuration(&record),
+                    "Code": {"RepositoryType": "S3", "Location": record.code.display().to_string()},
+                });
+                if record.reserved_concurrency.is_some() {
+                    answer["Concurrency"] = concurrency_json(&record);
+                }
+                Ok(ok(&answer))
+            }
+            (Method::GET, [name, "configuration"]) => {
+                let record = self.record(&self.name_in_path(name, &query)?)?;
+                Ok(ok(&self.configuration(&record)))
+            }
+            (Method::PUT, [name, "code"]) => {
+                let name = self.name_in_path(name, &query)?;
+                let body = self.json_body(req).await?;
+                self.update_code(&name, body).await
+            }
+            (Method::PUT, [name, "configuration"]) => {
+                let name = self.name_in_path(name, &query)?;
+                let body = self.json_body(req).await?;
+                self.update_configuration(&name, body).await
+            }
+            (Method::DELETE, [name]) => {
+                let name = self.name_in_path(name, &query)?;
+                self.delete(&name).await
+            }
+            _ => Err(unknown(&method, &path)),
+        }
+    }
+
+    /// The function a path names (a name or an ARN, URL-encoded); only `$LATEST` exists.
+    fn name_in_path(
+        &self,
+        raw: &str,
+        query: &BTreeMap<String, String>,
+    ) -> Result<String, ApiError> {
+        let decoded = percent_decode(raw).ok_or_else(|| {
+            ApiError::invalid(format!(
+                "the function name {raw:?} is not valid URL encoding"
+            ))
+        })?;
+        let (name, qualifier) = split_function_name(&decoded);
+        let qualifier = query.get("Qualifier").map(String::as_str).or(qualifier);
+        if !valid_name(name) {
+            return Err(ApiError::validation(format!(
+                "1 validation error detected: Value '{decoded}' at 'functionName' failed to satisfy constraint: Member must satisfy regular expression pattern: [a-zA-Z0-9-_]{{1,64}}"
+            )));
+        }
+        if let Some(q) = qualifier.filter(|q| *q != VERSION) {
+            return Err(ApiError::not_found(format!(
+                "Function not found: {}:{q}",
+                self.arn(name)
+            )));
+        }
+        Ok(name.to_string())
+    }
+
+    /// The request's JSON body (an upload: within Lambda's limit, few at once).
+    async fn json_body(&self, req: Request<Incoming>) -> Result<Value, ApiError> {
+        let _permit = self
+            .uploads
+            .acquire()
+            .await
+            .map_err(|_| ApiError::service("the server is shutting down".into()))?;
+        let body = read_body(req, self.body_read_timeout, MAX_CONTROL_REQUEST_BYTES)
+            .await
+            .map_err(|r| ApiError::Ready(Box::new(r)))?;
+        if body.is_empty() {
+            return Ok(json!({}));
+        }
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::Lambda(
+                Kind::BadContent,
+                format!("Could not parse request body into json: {e}"),
+            )
+        })
+    }
+
+    fn arn(&self, name: &str) -> String {
+        self.scheduler.arn(name)
+    }
+
+    fn record(&self, name: &str) -> Result<FunctionRecord, ApiError> {
+        self.store
+            .function(name)
+            .map_err(ApiError::store)?
+            .ok_or_else(|| ApiError::not_found(format!("Function not found: {}", self.arn(name))))
+    }
+
+    /// A function the API may change: it exists and is not functions.toml's.
+    fn changeable(&self, name: &str) -> Result<FunctionRecord, ApiError> {
+        let record = self.record(name)?;
+        if record.origin == Origin::File {
+            return Err(ApiError::conflict(format!(
+                "{name} is defined in functions.toml, which is its source: change it there and restart the server"
+            )));
+        }
+        Ok(record)
+    }
+
+    /// Lambda's `FunctionConfiguration` of a record.
+    fn configuration(&self, r: &FunctionRecord) -> Value {
+        let mut c = json!({
+            "FunctionName": r.name,
+            "FunctionArn": self.arn(&r.name),
+            "Runtime": r.runtime,
+            "Handler": r.handler,
+            "CodeSize": r.code_size,
+            "Description": r.description,
+            "Timeout": r.timeout_s,
+            "MemorySize": r.memory_mb,
+            "LastModified": r.last_modified,
+            "CodeSha256": r.code_sha256,
+            "Version": VERSION,
+            "Environment": {"Variables": r.env},
+            "TracingConfig": {"Mode": "PassThrough"},
+            "RevisionId": r.revision_id,
+            "State": "Active",
+            "LastUpdateStatus": "Successful",
+            "PackageType": "Zip",
+            "Architectures": ["x86_64"],
+            "EphemeralStorage": {"Size": 512},
+        });
+        if let Some(role) = &r.role {
+            c["Role"] = json!(role);
+        }
+        if self.scheduler.resolve(&r.name).is_none() {
+            // Its code could not be readied when the server started.
+            c["State"] = json!("Failed");
+            c["StateReasonCode"] = json!("InternalError");
+            c["StateReason"] = json!("the function's code could not be prepared at start; see the server's log, then update its code");
+        }
+        c
+    }
+
+    fn list(&self, query: &BTreeMap<String, String>) -> Result<Response<Full<Bytes>>, ApiError> {
+        let page = match query.get("MaxItems") {
+            None => DEFAULT_PAGE,
+            Some(n) => n
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=MAX_PAGE).contains(n))
+                .ok_or_else(|| {
+                    ApiError::validation(format!(
+                        "1 validation error detected: Value '{n}' at 'maxItems' failed to satisfy constraint: Member must have value between 1 and {MAX_PAGE}"
+                    ))
+                })?,
+        };
+        let marker = query.get("Marker");
+        let all = self.store.functions().map_err(ApiError::store)?;
+        let rest: Vec<&FunctionRecord> = all
+            .iter()
+            .filter(|r| marker.is_none_or(|m| r.name.as_str() > m.as_str()))
+            .collect();
+        let shown = &rest[..page.min(rest.len())];
+        let mut answer = json!({
+            "Functions": shown.iter().map(|r| self.configuration(r)).collect::<Vec<_>>(),
+        });
+        if rest.len() > shown.len() {
+            if let Some(last) = shown.last() {
+                answer["NextMarker"] = json!(last.name);
+            }
+        }
+        Ok(ok(&answer))
+    }
+
+    async fn create(&self, body: Value) -> Result<Response<Full<Bytes>>, ApiError> {
+        let input: CreateInput = parse_input(body)?;
+        let raw_name = input.function_name.clone();
+        let (name, _) = split_function_name(&raw_name);
+        if !valid_name(name) {
+            return Err(ApiError::validation(format!(
+                "1 validation error detected: Value '{raw_name}' at 'functionName' failed to satisfy constraint: Member must satisfy regular expression pattern: [a-zA-Z0-9-_]{{1,64}}"
+            )));
+        }
+        if input.package_type.as_deref().is_some_and(|p| p != "Zip") {
+            return Err(ApiError::invalid(
+                "only PackageType Zip is supported: give the code as Code.ZipFile".into(),
+            ));
+        }
+        check_architectures(input.architectures.as_deref())?;
+        check_layers(input.layers.as_deref())?;
+        let runtime = input
+            .runtime
+            .ok_or_else(|| ApiError::invalid("Runtime is required for a Zip function".into()))?;
+        let handler = input
+            .handler
+            .ok_or_else(|| ApiError::invalid("Handler is required for a Zip function".into()))?;
+        let zip = input.code.zip()?;
+        let _change = self.changes.lock().await;
+        if self
+            .store
+            .function(name)
+            .map_err(ApiError::store)?
+            .is_some()
+        {
+            return Err(ApiError::conflict(format!(
+                "Function already exist: {name}"
+            )));
+        }
+        let (code, code_sha256, code_size) = self.keep_code(&zip)?;
+        let mut record = FunctionRecord {
+            name: name.to_string(),
+            origin: Origin::Api,
+            image: image(&runtime)?.to_string(),
+            runtime,
+            handler,
+            memory_mb: 128,
+            timeout_s: 3,
+            env: BTreeMap::new(),
+            role: input.role,
+            description: input.description.unwrap_or_default(),
+            code,
+            code_sha256,
+            code_size,
+            isolation: self.default_isolation.name().to_string(),
+            max_concurrency: API_MAX_CONCURRENCY,
+            reserved_concurrency: None,
+            last_modified: String::new(),
+            revision_id: String::new(),
+            event_invoke: None,
+        };
+        let code = record.code.clone();
+        let answer = match apply_settings(&mut record, input.settings) {
+            Ok(()) => self.commit(record, true).await,
+            Err(e) => Err(e),
+        };
+        if answer.is_err() {
+            // Refused: the zip just stored is nobody's.
+            self.forget_code(&code);
+        }
+        answer
+    }
+
+    async fn update_code(
+        &self,
+        name: &str,
+        body: Value,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        let input: UpdateCodeInput = parse_input(body)?;
+        check_architectures(input.architectures.as_deref())?;
+        let zip = input.code.zip()?;
+        let _change = self.changes.lock().await;
+        let mut record = self.changeable(name)?;
+        check_revision(&record, input.revision_id.as_deref())?;
+        if input.dry_run {
+            return Ok(ok(&self.configuration(&record)));
+        }
+        let old_code = record.code.clone();
+        (record.code, record.code_sha256, record.code_size) = self.keep_code(&zip)?;
+        let new_code = record.code.clone();
+        let answer = self.commit(record, false).await;
+        // The code the function no longer uses (or, refused, the zip just stored).
+        self.forget_code(if answer.is_ok() { &old_code } else { &new_code });
+        answer
+    }
+
+    async fn update_configuration(
+        &self,
+        name: &str,
+        body: Value,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        let input: UpdateConfigInput = parse_input(body)?;
+        check_layers(input.layers.as_deref())?;
+        let _change = self.changes.lock().await;
+        let mut record = self.changeable(name)?;
+        check_revision(&record, input.revision_id.as_deref())?;
+        if let Some(runtime) = input.runtime {
+            record.image = image(&runtime)?.to_string();
+            record.runtime = runtime;
+        }
+        if let Some(handler) = input.handler {
+            record.handler = handler;
+        }
+        if let Some(role) = input.role {
+            record.role = Some(role);
+        }
+        if let Some(description) = input.description {
+            record.description = description;
+        }
+        apply_settings(&mut record, input.settings)?;
+        self.commit(record, false).await
+    }
+
+    /// Readies `record`'s code, writes it to the store, then lets the scheduler run it
+    /// (draining the old environments of an update). `new`: a create (201).
+    async fn commit(
+        &self,
+        mut record: FunctionRecord,
+        new: bool,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        let function = self.prepare(&record).await?;
+        record.last_modified = last_modified();
+        record.revision_id = uuid::Uuid::new_v4().to_string();
+        self.store.put_function(&record).map_err(ApiError::store)?;
+        self.scheduler
+            .deploy(function)
+            .await
+            .map_err(|e| ApiError::service(format!("{e:#}")))?;
+        tracing::info!(function = %record.name, new, code = %record.code_sha256, "function deployed");
+        let mut answer = ok(&self.configuration(&record));
+        if new {
+            *answer.status_mut() = StatusCode::CREATED;
+        }
+        Ok(answer)
+    }
+
+    /// Checks and unpacks the code of `record` for its runtime and handler.
+    async fn prepare(&self, record: &FunctionRecord) -> Result<Function, ApiError> {
+        let function = function_of(record).map_err(ApiError::invalid)?;
+        let deployer = self.deployer.clone();
+        let prepared = tokio::task::spawn_blocking(move || deployer.prepare(function))
+            .await
+            .map_err(|e| ApiError::service(format!("preparing the code failed: {e}")))?;
+        prepared.map_err(|e| match e {
+            DeployError::Refused(why) => ApiError::invalid(why),
+            DeployError::Failed(e) => ApiError::service(format!("{e:#}")),
+        })
+    }
+
+    async fn delete(&self, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+        let _change = self.changes.lock().await;
+        let record = self.changeable(name)?;
+        self.store.delete_function(name).map_err(ApiError::store)?;
+        self.scheduler.remove(name).await;
+        self.forget_code(&record.code);
+        tracing::info!(function = %name, "function deleted");
+        Ok(status_only(StatusCode::NO_CONTENT))
+    }
+
+    /// Writes a zip to the code store under its SHA-256 (once: same bytes, same file):
+    /// its path, Lambda's base64 `CodeSha256` and its size.
+    fn keep_code(&self, zip: &[u8]) -> Result<(PathBuf, String, u64), ApiError> {
+        let digest = Sha256::digest(zip);
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        let path = self.code_dir.join(format!("{hex}.zip"));
+        if !path.is_file() {
+            let write = || -> std::io::Result<()> {
+                std::fs::create_dir_all(&self.code_dir)?;
+                let partial = self.code_dir.join(format!("{hex}.zip.partial"));
+                std::fs::write(&partial, zip)?;
+                std::fs::File::open(&partial)?.sync_all()?;
+                std::fs::rename(&partial, &path)
+            };
+            write().map_err(|e| {
+                ApiError::service(format!("{}: cannot store the code: {e}", path.display()))
+            })?;
+        }
+        let sha = base64::engine::general_purpose::STANDARD.encode(digest);
+        Ok((path, sha, zip.len() as u64))
+    }
+
+    /// Removes a stored zip no function uses any more.
+    fn forget_code(&self, code: &std::path::Path) {
+        if !code.starts_with(&self.code_dir) {
+            return;
+        }
+        match self.store.functions() {
+            Ok(all) if all.iter().all(|r| r.code != code) => {
+                if let Err(e) = std::fs::remove_file(code) {
+                    tracing::warn!(code = %code.display(), error = %e, "cannot remove unused code");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot tell whether code is still used"),
+        }
+    }
+
+    async fn put_concurrency(
+        &self,
+        name: &str,
+        body: Value,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "PascalCase")]
+        struct Input {
+            reserved_concurrent_executions: usize,
+        }
+        let input: Input = parse_input(body)?;
+        let n = input.reserved_concurrent_executions;
+        if !(1..=MAX_RESERVED_CONCURRENCY).contains(&n) {
+            return Err(ApiError::invalid(format!(
+                "ReservedConcurrentExecutions {n}: this server takes 1..{MAX_RESERVED_CONCURRENCY} (0, which throttles every invocation, is not supported)"
+            )));
+        }
+        let _change = self.changes.lock().await;
+        let mut record = self.changeable(name)?;
+        record.reserved_concurrency = Some(n);
+        record.max_concurrency = n;
+        self.commit(record, false).await?;
+        Ok(ok(&json!({"ReservedConcurrentExecutions": n})))
+    }
+
+    async fn delete_concurrency(&self, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+        let _change = self.changes.lock().await;
+        let mut record = self.changeable(name)?;
+        record.reserved_concurrency = None;
+        record.max_concurrency = API_MAX_CONCURRENCY;
+        self.commit(record, false).await?;
+        Ok(status_only(StatusCode::NO_CONTENT))
+    }
+
+    async fn put_event_invoke_config(
+        &self,
+        name: &str,
+        body: Value,
+        replace: bool,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        let input: EventInvokeInput = parse_input(body)?;
+        let _change = self.changes.lock().await;
+        let mut record = self.changeable(name)?;
+        // Put replaces the whole configuration; Update (POST) changes what it names.
+        let mut config = match (&record.event_invoke, replace) {
+            (Some(old), false) => old.clone(),
+            _ => EventInvokeConfig::default(),
+        };
+        if let Some(n) = input.maximum_retry_attempts {
+            if n > 2 {
+                return Err(ApiError::validation(format!("1 validation error detected: Value '{n}' at 'maximumRetryAttempts' failed to satisfy constraint: Member must have value less than or equal to 2")));
+            }
+            config.maximum_retry_attempts = n;
+        }
+        if let Some(age) = input.maximum_event_age_in_seconds {
+            if !(60..=21_600).contains(&age) {
+                return Err(ApiError::validation(format!("1 validation error detected: Value '{age}' at 'maximumEventAgeInSeconds' failed to satisfy constraint: Member must have value between 60 and 21600")));
+            }
+            config.maximum_event_age_s = age;
+        }
+        if let Some(d) = input.destination_config {
+            let checked = |t: Option<DestinationInput>| -> Result<Option<String>, ApiError> {
+                t.and_then(|t| t.destination)
+                    .map(|arn| crate::events::check_destination(&arn).map(|()| arn))
+                    .transpose()
+                    .map_err(ApiError::invalid)
+            };
+            if let Some(s) = d.on_success {
+                config.on_success = checked(Some(s))?;
+            }
+            if let Some(f) = d.on_failure {
+                config.on_failure = checked(Some(f))?;
+            }
+        }
+        config.last_modified = last_modified();
+        record.event_invoke = Some(config);
+        self.store.put_function(&record).map_err(ApiError::store)?;
+        Ok(ok(&self.event_invoke_json(&record)))
+    }
+
+    fn get_event_invoke_config(&self, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+        let record = self.record(name)?;
+        if record.event_invoke.is_none() {
+            return Err(ApiError::not_found(format!(
+                "The function {} doesn't have an EventInvokeConfig",
+                self.arn(name)
+            )));
+        }
+        Ok(ok(&self.event_invoke_json(&record)))
+    }
+
+    async fn delete_event_invoke_config(
+        &self,
+        name: &str,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        let _change = self.changes.lock().await;
+        let mut record = self.changeable(name)?;
+        if record.event_invoke.take().is_none() {
+            return Err(ApiError::not_found(format!(
+                "The function {} doesn't have an EventInvokeConfig",
+                self.arn(name)
+            )));
+        }
+        self.store.put_function(&record).map_err(ApiError::store)?;
+        Ok(status_only(StatusCode::NO_CONTENT))
+    }
+
+    fn event_invoke_json(&self, record: &FunctionRecord) -> Value {
+        let c = record.event_invoke.clone().unwrap_or_default();
+        let destination = |d: &Option<String>| match d {
+            Some(arn) => json!({"Destination": arn}),
+            None => json!({}),
+        };
+        json!({
+            "FunctionArn": format!("{}:{VERSION}", self.arn(&record.name)),
+            "MaximumRetryAttempts": c.maximum_retry_attempts,
+            "MaximumEventAgeInSeconds": c.maximum_event_age_s,
+            "LastModified": c.last_modified,
+            "DestinationConfig": {
+                "OnSuccess": destination(&c.on_success),
+                "OnFailure": destination(&c.on_failure),
+            },
+        })
+    }
+}
+
+/// `GetFunctionConcurrency`'s answer (`{}` when none is reserved).
+fn concurrency_json(record: &FunctionRecord) -> Value {
+    match record.reserved_concurrency {
+        Some(n) => json!({"ReservedConcurrentExecutions": n}),
+        None => json!({}),
+    }
+}
+
+/// The function the scheduler runs for a record (code not yet readied).
+pub(crate) fn function_of(record: &FunctionRecord) -> Result<Function, String> {
+    Ok(Function {
+        name: record.name.clone(),
+        code: record.code.clone(),
+        runtime: record.image.clone(),
+        handler: record.handler.clone(),
+        memory_mb: record.memory_mb,
+        timeout: std::time::Duration::from_secs(u64::from(record.timeout_s)),
+        isolation: record.isolation.parse()?,
+        max_concurrency: record.max_concurrency,
+        env: record.env.clone(),
+        // Not offered through the API yet: functions.toml's `snapstart` only.
+        snapstart: false,
+    })
+}
+
+/// `LastModified` now, as Lambda writes it (`2024-05-01T12:00:00.000+0000`).
+pub(crate) fn last_modified() -> String {
+    let stamp = crate::scheduler::timestamp();
+    format!("{}+0000", stamp.trim_end_matches('Z'))
+}
+
+fn image(runtime: &str) -> Result<&'static str, ApiError> {
+    image_of_runtime(runtime).ok_or_else(|| {
+        ApiError::invalid(format!(
+            "The runtime parameter of {runtime} is not supported by this server: use python3.N, nodejsN.x, provided.al2023 or provided.al2"
+        ))
+    })
+}
+
+fn check_architectures(architectures: Option<&[String]>) -> Result<(), ApiError> {
+    match architectures {
+        Some(a) if a.iter().any(|a| a != "x86_64") => Err(ApiError::invalid(
+            "only the x86_64 architecture is supported".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn check_layers(layers: Option<&[String]>) -> Result<(), ApiError> {
+    match layers {
+        Some(l) if !l.is_empty() => Err(ApiError::invalid("layers are not supported yet".into())),
+        _ => Ok(()),
+    }
+}
+
+fn check_revision(record: &FunctionRecord, revision: Option<&str>) -> Result<(), ApiError> {
+    match revision {
+        Some(r) if r != record.revision_id => Err(ApiError::Lambda(
+            Kind::PreconditionFailed,
+            "The Revision Id provided does not match the latest Revision Id. Call the GetFunction/GetAlias API to retrieve the latest Revision Id".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Lambda's settings that Create and UpdateFunctionConfiguration share, checked.
+fn apply_settings(record: &mut FunctionRecord, s: Settings) -> Result<(), ApiError> {
+    if let Some(m) = s.memory_size {
+        if !MEMORY_MB.contains(&m) {
+            return Err(ApiError::validation(format!("1 validation error detected: Value '{m}' at 'memorySize' failed to satisfy constraint: Member must have value between {} and {}", MEMORY_MB.start(), MEMORY_MB.end())));
+        }
+        record.memory_mb = m;
+    }
+    if let Some(t) = s.timeout {
+        if !TIMEOUT_S.contains(&t) {
+            return Err(ApiError::validation(format!("1 validation error detected: Value '{t}' at 'timeout' failed to satisfy constraint: Member must have value between {} and {}", TIMEOUT_S.start(), TIMEOUT_S.end())));
+        }
+        record.timeout_s = t;
+    }
+    if let Some(env) = s.environment {
+        record.env = env.variables.unwrap_or_default();
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Settings {
+    memory_size: Option<u32>,
+    timeout: Option<u32>,
+    environment: Option<EnvironmentInput>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct EnvironmentInput {
+    variables: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct CreateInput {
+    function_name: String,
+    runtime: Option<String>,
+    handler: Option<String>,
+    role: Option<String>,
+    description: Option<String>,
+    code: CodeInput,
+    package_type: Option<String>,
+    architectures: Option<Vec<String>>,
+    layers: Option<Vec<String>>,
+    #[serde(flatten)]
+    settings: Settings,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct UpdateCodeInput {
+    #[serde(flatten)]
+    code: CodeInput,
+    architectures: Option<Vec<String>>,
+    revision_id: Option<String>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct UpdateConfigInput {
+    runtime: Option<String>,
+    handler: Option<String>,
+    role: Option<String>,
+    description: Option<String>,
+    revision_id: Option<String>,
+    layers: Option<Vec<String>>,
+    #[serde(flatten)]
+    settings: Settings,
+}
+
+/// `Code` of CreateFunction, or the body of UpdateFunctionCode: only `ZipFile` is served.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct CodeInput {
+    zip_file: Option<String>,
+    s3_bucket: Option<String>,
+    image_uri: Option<String>,
+}
+
+impl CodeInput {
+    fn zip(&self) -> Result<Vec<u8>, ApiError> {
+        if self.s3_bucket.is_some() || self.image_uri.is_some() {
+            return Err(ApiError::invalid(
+                "only Code.ZipFile is supported (no S3 or container images): upload the zip itself"
+                    .into(),
+            ));
+        }
+        let encoded = self
+            .zip_file
+            .as_deref()
+            .ok_or_else(|| ApiError::invalid("Code.ZipFile is required".into()))?;
+        let zip = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .map_err(|e| ApiError::invalid(format!("ZipFile is not base64: {e}")))?;
+        if !zip.starts_with(b"PK") {
+            return Err(ApiError::invalid(
+                "Could not unzip uploaded file. Please check your file, then try to upload again."
+                    .into(),
+            ));
+        }
+        Ok(zip)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct EventInvokeInput {
+    maximum_retry_attempts: Option<u32>,
+    maximum_event_age_in_seconds: Option<u32>,
+    destination_config: Option<DestinationConfigInput>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct DestinationConfigInput {
+    on_success: Option<DestinationInput>,
+    on_failure: Option<DestinationInput>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct DestinationInput {
+    destination: Option<String>,
+}
+
+fn parse_input<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, ApiError> {
+    serde_json::from_value(body).map_err(|e| ApiError::invalid(format!("{e}")))
+}
+
+/// `name`, `name:qualifier`, or an ARN (`arn:aws:lambda:REGION:ACCOUNT:function:NAME[:Q]`).
+fn split_function_name(s: &str) -> (&str, Option<&str>) {
+    let s = match s.split_once(":function:") {
+        Some((prefix, rest)) if prefix.starts_with("arn:") => rest,
+        _ => s,
+    };
+    match s.split_once(':') {
+        Some((name, qualifier)) => (name, Some(qualifier)),
+        None => (s, None),
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn parse_query(query: &str) -> BTreeMap<String, String> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            Some((percent_decode(k)?, percent_decode(&v.replace('+', " "))?))
+        })
+        .collect()
+}
+
+fn ok(value: &Value) -> Response<Full<Bytes>> {
+    json_response(StatusCode::OK, value)
+}
+
+fn unknown(method: &Method, path: &str) -> ApiError {
+    ApiError::Lambda(Kind::Unknown, format!("Unknown operation: {method} {path}"))
+}
+
+/// Lambda's error types this API answers with.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Invalid,
+    Validation,
+    NotFound,
+    Conflict,
+    PreconditionFailed,
+    BadContent,
+    Unknown,
+    Service,
+}
+
+impl Kind {
+    /// The status code and the `x-amzn-ErrorType`.
+    fn wire(self) -> (StatusCode, &'static str) {
+        match self {
+            Kind::Invalid => (StatusCode::BAD_REQUEST, "InvalidParameterValueException"),
+            Kind::Validation => (StatusCode::BAD_REQUEST, "ValidationException"),
+            Kind::NotFound => (StatusCode::NOT_FOUND, "ResourceNotFoundException"),
+            Kind::Conflict => (StatusCode::CONFLICT, "ResourceConflictException"),
+            Kind::PreconditionFailed => (
+                StatusCode::PRECONDITION_FAILED,
+                "PreconditionFailedException",
+            ),
+            Kind::BadContent => (StatusCode::BAD_REQUEST, "InvalidRequestContentException"),
+            Kind::Unknown => (StatusCode::NOT_FOUND, "UnknownOperationException"),
+            Kind::Service => (StatusCode::INTERNAL_SERVER_ERROR, "ServiceException"),
+        }
+    }
+}
+
+/// A control-plane call's failure, as Lambda types it.
+#[derive(Debug)]
+enum ApiError {
+    /// An answer made already (a body too large or too slow); boxed, as it is rare.
+    Ready(Box<Response<Full<Bytes>>>),
+    Lambda(Kind, String),
+}
+
+impl ApiError {
+    fn invalid(message: String) -> Self {
+        Self::Lambda(Kind::Invalid, message)
+    }
+    fn validation(message: String) -> Self {
+        Self::Lambda(Kind::Validation, message)
+    }
+    fn not_found(message: String) -> Self {
+        Self::Lambda(Kind::NotFound, message)
+    }
+    fn conflict(message: String) -> Self {
+        Self::Lambda(Kind::Conflict, message)
+    }
+    fn service(message: String) -> Self {
+        Self::Lambda(Kind::Service, message)
+    }
+    fn store(e: anyhow::Error) -> Self {
+        tracing::error!(error = %format!("{e:#}"), "the database failed");
+        Self::service(format!("the database failed: {e:#}"))
+    }
+
+    fn answer(self) -> Response<Full<Bytes>> {
+        match self {
+            Self::Ready(r) => *r,
+            Self::Lambda(kind, message) => {
+                let (status, error_type) = kind.wire();
+                lambda_error(status, error_type, &message)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lambda_runtimes_map_onto_kindlings_images() {
+        for (runtime, image) in [
+            ("python3.12", Some("python")),
+            ("python3.9", Some("python")),
+            ("nodejs22.x", Some("node")),
+            ("provided.al2023", Some("provided")),
+            ("provided.al2", Some("provided")),
+            ("python2.7", None),
+            ("python3.", None),
+            ("nodejs.x", None),
+            ("ruby3.3", None),
+            ("java21", None),
+        ] {
+            assert_eq!(image_of_runtime(runtime), image, "{runtime}");
+        }
+    }
+
+    #[test]
+    fn names_arns_and_qualifiers_split() {
+        assert_eq!(split_function_name("f"), ("f", None));
+        assert_eq!(split_function_name("f:$LATEST"), ("f", Some("$LATEST")));
+        assert_eq!(
+            split_function_name("arn:aws:lambda:us-east-1:000000000000:function:f:3"),
+            ("f", Some("3"))
+        );
+        assert_eq!(percent_decode("a%3Ab").as_deref(), Some("a:b"));
+        assert_eq!(percent_decode("a%3"), None);
+        let q = parse_query("MaxItems=2&Marker=a%2Db");
+        assert_eq!(q["MaxItems"], "2");
+        assert_eq!(q["Marker"], "a-b");
+        assert!(handles("/2015-03-31/functions/"));
+        assert!(handles("/2015-03-31/functions/f/configuration"));
+        assert!(!handles("/2015-03-31/functions/f/invocations"));
+        assert!(handles("/2019-09-25/functions/f/event-invoke-config"));
+    }
+}
