@@ -132,6 +132,7 @@ impl KindlingVmm {
         let mut vmm = machine::spawn(&mut cmd, "kindling-jailer")
             .context("build it with scripts/build-guest.sh")?;
         machine::wait_for_path(&api.0, &mut vmm, "kindling-vmm", API_PATIENCE).await?;
+        api.wait_listening(API_PATIENCE).await?;
         Ok(KindlingVm {
             vmm,
             api: Arc::new(api),
@@ -205,6 +206,24 @@ struct KindlingVm {
 struct Api(PathBuf);
 
 impl Api {
+    /// The socket file appears at bind(2), a moment before the VMM listens on it; a
+    /// connection in between is refused (two restoring clones on a loaded machine met it).
+    async fn wait_listening(&self, limit: Duration) -> io::Result<()> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match UnixStream::connect(&self.0).await {
+                Ok(_) => return Ok(()),
+                Err(e)
+                    if e.kind() == io::ErrorKind::ConnectionRefused
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// One request; anything but a 2xx is an error carrying the API's fault message.
     async fn request(&self, method: &str, path: &str, body: &Value) -> io::Result<()> {
         let body = body.to_string();
