@@ -26,6 +26,12 @@ pub struct MmioTransport<D: VirtioDevice> {
     mem: GuestMemory,
     irq: IrqLine,
     queues: Vec<Queue>,
+    regs: Registers,
+}
+
+/// The transport's registers as the driver set them; a snapshot saves them whole.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registers {
     queue_sel: u32,
     device_features_sel: u32,
     driver_features_sel: u32,
@@ -46,12 +52,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             mem,
             irq,
             queues,
-            queue_sel: 0,
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            driver_features: 0,
-            status: 0,
-            interrupt_status: 0,
+            regs: Registers::default(),
         }
     }
 
@@ -92,15 +93,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
             mem,
             irq,
             queues,
-            queue_sel: state.queue_sel,
-            device_features_sel: state.device_features_sel,
-            driver_features_sel: state.driver_features_sel,
-            driver_features: state.driver_features,
-            status: state.status,
-            interrupt_status: state.interrupt_status,
+            regs: state.registers,
         };
         if transport.driver_ok() {
-            transport.device.activate(transport.driver_features);
+            transport.device.activate(transport.regs.driver_features);
         }
         Ok(transport)
     }
@@ -113,12 +109,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 .iter()
                 .map(|q| QueueSnapshot(q.state()))
                 .collect(),
-            queue_sel: self.queue_sel,
-            device_features_sel: self.device_features_sel,
-            driver_features_sel: self.driver_features_sel,
-            driver_features: self.driver_features,
-            status: self.status,
-            interrupt_status: self.interrupt_status,
+            registers: self.regs,
         }
     }
 
@@ -140,16 +131,17 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
-        self.queues.get_mut(self.queue_sel as usize)
+        self.queues.get_mut(self.regs.queue_sel as usize)
     }
 
     fn driver_ok(&self) -> bool {
-        self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 && self.status & VIRTIO_CONFIG_S_FAILED == 0
+        self.regs.status & VIRTIO_CONFIG_S_DRIVER_OK != 0
+            && self.regs.status & VIRTIO_CONFIG_S_FAILED == 0
     }
 
     /// Raises the used-buffer interrupt.
     pub fn signal_used(&mut self) {
-        self.interrupt_status |= VIRTIO_MMIO_INT_VRING;
+        self.regs.interrupt_status |= VIRTIO_MMIO_INT_VRING;
         if let Err(e) = self.irq.trigger() {
             tracing::warn!("virtio interrupt failed: {e}");
         }
@@ -187,10 +179,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     fn reset(&mut self) {
         self.queues.iter_mut().for_each(Queue::reset);
-        self.queue_sel = 0;
-        self.driver_features = 0;
-        self.status = 0;
-        self.interrupt_status = 0;
+        self.regs.queue_sel = 0;
+        self.regs.driver_features = 0;
+        self.regs.status = 0;
+        self.regs.interrupt_status = 0;
     }
 
     fn set_status(&mut self, mut status: u32) {
@@ -198,8 +190,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
             self.reset();
             return;
         }
-        if status & !self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0
-            && self.driver_features & !self.device.features() != 0
+        if status & !self.regs.status & VIRTIO_CONFIG_S_FEATURES_OK != 0
+            && self.regs.driver_features & !self.device.features() != 0
         {
             // The driver accepted features the device never offered: refuse FEATURES_OK.
             status &= !VIRTIO_CONFIG_S_FEATURES_OK;
@@ -209,10 +201,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
             tracing::debug!("virtio-mmio DRIVER_OK without FEATURES_OK ignored");
             status &= !VIRTIO_CONFIG_S_DRIVER_OK;
         }
-        let newly = status & !self.status;
-        self.status = status;
+        let newly = status & !self.regs.status;
+        self.regs.status = status;
         if newly & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
-            self.device.activate(self.driver_features);
+            self.device.activate(self.regs.driver_features);
         }
     }
 
@@ -222,15 +214,15 @@ impl<D: VirtioDevice> MmioTransport<D> {
             VIRTIO_MMIO_VERSION => MMIO_VERSION,
             VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
             VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
-            VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
+            VIRTIO_MMIO_DEVICE_FEATURES => match self.regs.device_features_sel {
                 0 => (self.device.features() & 0xffff_ffff) as u32,
                 1 => (self.device.features() >> 32) as u32,
                 _ => 0,
             },
             VIRTIO_MMIO_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| q.max_size().into()),
             VIRTIO_MMIO_QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready().into()),
-            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt_status,
-            VIRTIO_MMIO_STATUS => self.status,
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.regs.interrupt_status,
+            VIRTIO_MMIO_STATUS => self.regs.status,
             VIRTIO_MMIO_CONFIG_GENERATION => 0,
             _ => 0,
         }
@@ -238,21 +230,24 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     fn write_reg(&mut self, reg: u32, value: u32) {
         // Queue layout may only change before the driver is done (virtio 1.2 §4.2.3.2).
-        let queue_setup_allowed = self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0;
+        let queue_setup_allowed = self.regs.status & VIRTIO_CONFIG_S_DRIVER_OK == 0;
         match reg {
-            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = value,
-            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.regs.device_features_sel = value,
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.regs.driver_features_sel = value,
             VIRTIO_MMIO_DRIVER_FEATURES => {
                 let v = u64::from(value);
-                match self.driver_features_sel {
-                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v,
-                    1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (v << 32),
+                match self.regs.driver_features_sel {
+                    0 => self.regs.driver_features = (self.regs.driver_features & !0xffff_ffff) | v,
+                    1 => {
+                        self.regs.driver_features =
+                            (self.regs.driver_features & 0xffff_ffff) | (v << 32)
+                    }
                     _ => {}
                 }
             }
-            VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = value,
+            VIRTIO_MMIO_QUEUE_SEL => self.regs.queue_sel = value,
             VIRTIO_MMIO_QUEUE_NOTIFY => self.process_queue(value as usize),
-            VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt_status &= !value,
+            VIRTIO_MMIO_INTERRUPT_ACK => self.regs.interrupt_status &= !value,
             VIRTIO_MMIO_STATUS => self.set_status(value),
             _ if queue_setup_allowed => self.write_queue_reg(reg, value),
             _ => tracing::debug!("virtio-mmio write to {reg:#x} after DRIVER_OK ignored"),
@@ -286,7 +281,7 @@ impl TransportState {
     /// Whether the guest had not yet acknowledged an interrupt (the snapshot may have
     /// caught it in flight, before it reached the interrupt controller).
     pub fn interrupt_pending(&self) -> bool {
-        self.interrupt_status != 0
+        self.registers.interrupt_status != 0
     }
 }
 
@@ -294,12 +289,8 @@ impl TransportState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransportState {
     queues: Vec<QueueSnapshot>,
-    queue_sel: u32,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    status: u32,
-    interrupt_status: u32,
+    #[serde(flatten)]
+    registers: Registers,
 }
 
 /// virtio-queue's [`QueueState`], which has no serde, through serde's remote derive
@@ -510,7 +501,7 @@ mod tests {
         assert_eq!(read(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
         assert_eq!(read(&mut t, VIRTIO_MMIO_QUEUE_READY), 0);
         assert_eq!(t.queues[0].size(), 256, "back to the maximum");
-        assert_eq!(t.driver_features, 0);
+        assert_eq!(t.regs.driver_features, 0);
         let processed = t.device.processed;
         write(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
         assert_eq!(t.device.processed, processed, "no queue work after a reset");
