@@ -1279,7 +1279,9 @@ async fn idle_environments_freeze_and_thaw_for_their_next_invocation() {
         f.max_concurrency = 1;
         vec![f]
     };
-    let Some(h) = start(make, |o| o.freeze_after = Some(Duration::from_millis(300))).await else {
+    // A delay far above a fake-guest invocation's few milliseconds, so that back-to-back
+    // invocations never idle that long however slow the machine.
+    let Some(h) = start(make, |o| o.freeze_after = Some(Duration::from_secs(2))).await else {
         return;
     };
     let pid = body(&h.invoke("frozen", json!({})).await)["pid"].clone();
