@@ -3,9 +3,16 @@
 //!
 //! `CreateFunction`, `GetFunction`, `GetFunctionConfiguration`, `ListFunctions`,
 //! `UpdateFunctionCode`, `UpdateFunctionConfiguration`, `DeleteFunction`,
+//! `PublishVersion`, `ListVersionsByFunction`, `Create`/`Get`/`List`/`Update`/`DeleteAlias`,
 //! `Put`/`Get`/`DeleteFunctionConcurrency` (a function's environments at most) and
 //! `Put`/`Get`/`DeleteFunctionEventInvokeConfig`, with Lambda's paths, JSON bodies, status
-//! codes and error types. Every change is written to the [`Store`] before the scheduler
+//! codes and error types. Function names and ARNs are read by [`crate::names`], as the
+//! Invoke API reads them.
+//!
+//! A published version is an immutable snapshot of `$LATEST`'s code (the same
+//! content-addressed zip) and configuration, numbered from 1 (numbers are never reused);
+//! the scheduler runs each version in environments of its own. An alias names one
+//! version (or `$LATEST`); weighted aliases are not served. Every change is written to the [`Store`] before the scheduler
 //! sees it, so the registry outlives the process. Changes are serialised (one at a time):
 //! code is checked and unpacked before the call answers, so a function is `Active` (and
 //! its last update `Successful`) as soon as the call returns, and the waiters
@@ -31,8 +38,9 @@ use tokio::sync::Semaphore;
 use crate::config::{MEMORY_MB, TIMEOUT_S};
 use crate::environment::{Function, Isolation};
 use crate::invoke_api::{json_response, lambda_error, read_body, status_only};
+use crate::names::{self, FunctionRef, NameError};
 use crate::scheduler::{Scheduler, VERSION};
-use crate::store::{EventInvokeConfig, FunctionRecord, Origin, Store};
+use crate::store::{version_number, AliasRecord, EventInvokeConfig, FunctionRecord, Origin, Store};
 
 /// Lambda's limit on a request that carries a zip (`CreateFunction`, `UpdateFunctionCode`).
 pub const MAX_CONTROL_REQUEST_BYTES: usize = 70_167_211;
@@ -43,7 +51,8 @@ const CONCURRENT_UPLOADS: usize = 2;
 const API_MAX_CONCURRENCY: usize = crate::config::DEFAULT_MAX_CONCURRENCY;
 /// `PutFunctionConcurrency`'s ceiling (functions.toml's `max_concurrency`'s).
 const MAX_RESERVED_CONCURRENCY: usize = 1000;
-/// `ListFunctions` without `MaxItems`, and its ceiling.
+/// A list (`ListFunctions`, `ListVersionsByFunction`, `ListAliases`) without `MaxItems`,
+/// and its ceiling.
 const DEFAULT_PAGE: usize = 50;
 const MAX_PAGE: usize = 10_000;
 
@@ -127,13 +136,16 @@ impl ControlPlane {
 
     async fn route(&self, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
         let path = req.uri().path().to_string();
-        let query = parse_query(req.uri().query().unwrap_or(""));
+        let raw_query = req.uri().query().unwrap_or("").to_string();
+        let query: BTreeMap<String, String> = form_urlencoded::parse(raw_query.as_bytes())
+            .into_owned()
+            .collect();
         let method = req.method().clone();
         if let Some(rest) = path.strip_prefix(FUNCTIONS_2019) {
             let name = rest
                 .strip_suffix("/event-invoke-config")
                 .ok_or_else(|| unknown(&method, &path))?;
-            let name = self.name_in_path(name, &query)?;
+            let name = self.latest_in_path(name, &raw_query)?;
             return match method {
                 Method::PUT | Method::POST => {
                     let body = self.json_body(req).await?;
@@ -156,7 +168,7 @@ impl ControlPlane {
                 .strip_suffix("/concurrency")
                 .filter(|_| methods.contains(&method))
                 .ok_or_else(|| unknown(&method, &path))?;
-            let name = self.name_in_path(name, &query)?;
+            let name = self.latest_in_path(name, &raw_query)?;
             return match method {
                 Method::PUT => {
                     let body = self.json_body(req).await?;
@@ -180,9 +192,10 @@ impl ControlPlane {
             }
             (Method::GET, [""]) => self.list(&query),
             (Method::GET, [name]) => {
-                let record = self.record(&self.name_in_path(name, &query)?)?;
+                let named = self.name_in_path(name, &raw_query)?;
+                let record = self.record_at(&named)?;
                 let mut answer = json!({
-                    "Configuration": self.configuration(&record),
+                    "Configuration": self.configuration_as_named(&record, &named),
                     "Code": {"RepositoryType": "S3", "Location": record.code.display().to_string()},
                 });
                 if record.reserved_concurrency.is_some() {
@@ -191,52 +204,85 @@ impl ControlPlane {
                 Ok(ok(&answer))
             }
             (Method::GET, [name, "configuration"]) => {
-                let record = self.record(&self.name_in_path(name, &query)?)?;
-                Ok(ok(&self.configuration(&record)))
+                let named = self.name_in_path(name, &raw_query)?;
+                let record = self.record_at(&named)?;
+                Ok(ok(&self.configuration_as_named(&record, &named)))
             }
             (Method::PUT, [name, "code"]) => {
-                let name = self.name_in_path(name, &query)?;
+                let name = self.latest_in_path(name, &raw_query)?;
                 let body = self.json_body(req).await?;
                 self.update_code(&name, body).await
             }
             (Method::PUT, [name, "configuration"]) => {
-                let name = self.name_in_path(name, &query)?;
+                let name = self.latest_in_path(name, &raw_query)?;
                 let body = self.json_body(req).await?;
                 self.update_configuration(&name, body).await
             }
             (Method::DELETE, [name]) => {
-                let name = self.name_in_path(name, &query)?;
-                self.delete(&name).await
+                let named = self.name_in_path(name, &raw_query)?;
+                match named.qualifier {
+                    None => self.delete(&named.name).await,
+                    Some(q) => self.delete_version(&named.name, &q).await,
+                }
+            }
+            (Method::POST, [name, "versions"]) => {
+                let name = self.latest_in_path(name, &raw_query)?;
+                let body = self.json_body(req).await?;
+                self.publish(&name, body).await
+            }
+            (Method::GET, [name, "versions"]) => {
+                let name = self.latest_in_path(name, &raw_query)?;
+                self.list_versions(&name, &query)
+            }
+            (Method::POST, [name, "aliases"]) => {
+                let name = self.latest_in_path(name, &raw_query)?;
+                let body = self.json_body(req).await?;
+                self.create_alias(&name, body).await
+            }
+            (Method::GET, [name, "aliases"]) => {
+                let name = self.latest_in_path(name, &raw_query)?;
+                self.list_aliases(&name, &query)
+            }
+            (Method::GET | Method::PUT | Method::DELETE, [name, "aliases", alias]) => {
+                let name = self.latest_in_path(name, &raw_query)?;
+                let alias = alias_in_path(alias)?;
+                match method {
+                    Method::GET => {
+                        let found = self.alias(&name, &alias)?;
+                        Ok(ok(&self.alias_json(&name, &found)))
+                    }
+                    Method::PUT => {
+                        let body = self.json_body(req).await?;
+                        self.update_alias(&name, &alias, body).await
+                    }
+                    _ => self.delete_alias(&name, &alias).await,
+                }
             }
             _ => Err(unknown(&method, &path)),
         }
     }
 
-    /// The function a path names (a name or an ARN, URL-encoded); only `$LATEST` exists.
-    fn name_in_path(
-        &self,
-        raw: &str,
-        query: &BTreeMap<String, String>,
-    ) -> Result<String, ApiError> {
-        let decoded = percent_decode(raw).ok_or_else(|| {
-            ApiError::invalid(format!(
-                "the function name {raw:?} is not valid URL encoding"
-            ))
-        })?;
-        let (name, qualifier) = split_function_name(&decoded);
-        let qualifier = query.get("Qualifier").map(String::as_str).or(qualifier);
-        if !valid_name(name) {
-            return Err(ApiError::validation(format!(
-                "1 validation error detected: Value '{decoded}' at 'functionName' failed to satisfy constraint: Member must satisfy regular expression pattern: [a-zA-Z0-9-_]{{1,64}}"
-            )));
+    /// The function (and qualifier) a path names: a name or an ARN, URL-encoded, with
+    /// `?Qualifier=`, as the Invoke API reads it.
+    fn name_in_path(&self, raw: &str, query: &str) -> Result<FunctionRef, ApiError> {
+        names::parse(raw, Some(query), self.scheduler.region()).map_err(|e| match &e {
+            NameError::Invalid(message) => ApiError::validation(message.clone()),
+            NameError::QualifierConflict => ApiError::invalid(e.message()),
+            NameError::OtherRegion { .. } => ApiError::not_found(e.message()),
+        })
+    }
+
+    /// The function a path names, for an operation on the function itself (its
+    /// `$LATEST`): a version or alias there is refused.
+    fn latest_in_path(&self, raw: &str, query: &str) -> Result<String, ApiError> {
+        let named = self.name_in_path(raw, query)?;
+        match named.qualifier.as_deref() {
+            None | Some(VERSION) => Ok(named.name),
+            Some(q) => Err(ApiError::invalid(format!(
+                "this operation applies to the function {} itself, not to its version or alias {q}: leave the qualifier out",
+                named.name
+            ))),
         }
-        if let Some(q) = qualifier.filter(|q| *q != VERSION) {
-            return Err(ApiError::not_found(format!(
-                "Function not found: {}:{q}",
-                self.arn(name)
-            )));
-        }
-        Ok(name.to_string())
     }
 
     /// The request's JSON body (an upload: within Lambda's limit, few at once).
@@ -271,6 +317,37 @@ impl ControlPlane {
             .ok_or_else(|| ApiError::not_found(format!("Function not found: {}", self.arn(name))))
     }
 
+    /// The record a name and qualifier designate: `$LATEST`, a published version, or the
+    /// version an alias points to.
+    fn record_at(&self, named: &FunctionRef) -> Result<FunctionRecord, ApiError> {
+        let latest = self.record(&named.name)?;
+        let Some(q) = named.qualifier.as_deref().filter(|q| *q != VERSION) else {
+            return Ok(latest);
+        };
+        let version = self
+            .store
+            .resolve_qualifier(&named.name, Some(q))
+            .map_err(ApiError::store)?;
+        let found = match version.as_deref().map(version_number) {
+            Some(None) => Some(latest),
+            Some(Some(n)) => self.store.version(&named.name, n).map_err(ApiError::store)?,
+            None => None,
+        };
+        found.ok_or_else(|| {
+            ApiError::not_found(format!("Function not found: {}:{q}", self.arn(&named.name)))
+        })
+    }
+
+    /// `record`'s configuration as Lambda shows it to a caller who named it `named`: an
+    /// alias's ARN for an alias.
+    fn configuration_as_named(&self, record: &FunctionRecord, named: &FunctionRef) -> Value {
+        let mut c = self.configuration(record);
+        if let Some(q) = named.qualifier.as_deref() {
+            c["FunctionArn"] = json!(format!("{}:{q}", self.arn(&record.name)));
+        }
+        c
+    }
+
     /// A function the API may change: it exists and is not functions.toml's.
     fn changeable(&self, name: &str) -> Result<FunctionRecord, ApiError> {
         let record = self.record(name)?;
@@ -284,9 +361,13 @@ impl ControlPlane {
 
     /// Lambda's `FunctionConfiguration` of a record.
     fn configuration(&self, r: &FunctionRecord) -> Value {
+        let arn = match r.version.as_str() {
+            VERSION => self.arn(&r.name),
+            version => format!("{}:{version}", self.arn(&r.name)),
+        };
         let mut c = json!({
             "FunctionName": r.name,
-            "FunctionArn": self.arn(&r.name),
+            "FunctionArn": arn,
             "Runtime": r.runtime,
             "Handler": r.handler,
             "CodeSize": r.code_size,
@@ -295,7 +376,7 @@ impl ControlPlane {
             "MemorySize": r.memory_mb,
             "LastModified": r.last_modified,
             "CodeSha256": r.code_sha256,
-            "Version": VERSION,
+            "Version": r.version,
             "Environment": {"Variables": r.env},
             "TracingConfig": {"Mode": "PassThrough"},
             "RevisionId": r.revision_id,
@@ -308,7 +389,7 @@ impl ControlPlane {
         if let Some(role) = &r.role {
             c["Role"] = json!(role);
         }
-        if self.scheduler.resolve(&r.name).is_none() {
+        if self.scheduler.resolve(&r.name, &r.version).is_none() {
             // Its code could not be readied when the server started.
             c["State"] = json!("Failed");
             c["StateReasonCode"] = json!("InternalError");
@@ -318,44 +399,56 @@ impl ControlPlane {
     }
 
     fn list(&self, query: &BTreeMap<String, String>) -> Result<Response<Full<Bytes>>, ApiError> {
-        let page = match query.get("MaxItems") {
-            None => DEFAULT_PAGE,
-            Some(n) => n
-                .parse::<usize>()
-                .ok()
-                .filter(|n| (1..=MAX_PAGE).contains(n))
-                .ok_or_else(|| {
-                    ApiError::validation(format!(
-                        "1 validation error detected: Value '{n}' at 'maxItems' failed to satisfy constraint: Member must have value between 1 and {MAX_PAGE}"
-                    ))
-                })?,
-        };
-        let marker = query.get("Marker");
         let all = self.store.functions().map_err(ApiError::store)?;
-        let rest: Vec<&FunctionRecord> = all
-            .iter()
-            .filter(|r| marker.is_none_or(|m| r.name.as_str() > m.as_str()))
-            .collect();
-        let shown = &rest[..page.min(rest.len())];
-        let mut answer = json!({
-            "Functions": shown.iter().map(|r| self.configuration(r)).collect::<Vec<_>>(),
-        });
-        if rest.len() > shown.len() {
-            if let Some(last) = shown.last() {
-                answer["NextMarker"] = json!(last.name);
-            }
-        }
-        Ok(ok(&answer))
+        let (shown, next) = page(&all, query, |r| r.name.clone(), |r, m| r.name.as_str() > m)?;
+        paged(
+            "Functions",
+            shown.iter().map(|r| self.configuration(r)).collect(),
+            next,
+        )
+    }
+
+    /// `ListVersionsByFunction`: `$LATEST`, then the published versions, oldest first.
+    fn list_versions(
+        &self,
+        name: &str,
+        query: &BTreeMap<String, String>,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        let latest = self.record(name)?;
+        let mut all = vec![latest];
+        all.extend(self.store.versions(name).map_err(ApiError::store)?);
+        // `$LATEST` sorts first, then by number; a marker that is neither ends the list.
+        let order = |v: &str| match v {
+            VERSION => Some(0),
+            v => version_number(v),
+        };
+        let (shown, next) = page(
+            &all,
+            query,
+            |r| r.version.clone(),
+            |r, m| order(&r.version) > order(m).or(Some(u64::MAX)),
+        )?;
+        paged(
+            "Versions",
+            shown.iter().map(|r| self.configuration(r)).collect(),
+            next,
+        )
     }
 
     async fn create(&self, body: Value) -> Result<Response<Full<Bytes>>, ApiError> {
         let input: CreateInput = parse_input(body)?;
         let raw_name = input.function_name.clone();
-        let (name, _) = split_function_name(&raw_name);
-        if !valid_name(name) {
-            return Err(ApiError::validation(format!(
-                "1 validation error detected: Value '{raw_name}' at 'functionName' failed to satisfy constraint: Member must satisfy regular expression pattern: [a-zA-Z0-9-_]{{1,64}}"
-            )));
+        let refused = || {
+            ApiError::validation(format!(
+                "1 validation error detected: Value '{raw_name}' at 'functionName' failed to satisfy constraint: Member must satisfy regular expression pattern: (arn:(aws[a-zA-Z-]*)?:lambda:)?([a-z]{{2}}(-gov)?-[a-z]+-\\d{{1}}:)?(\\d{{12}}:)?(function:)?([a-zA-Z0-9-_]+)"
+            ))
+        };
+        let named = names::parse_decoded(&raw_name, None, self.scheduler.region())
+            .map_err(|_| refused())?;
+        // A name to create: at most 64 characters, no dot, no version or alias.
+        let name = named.name.as_str();
+        if named.qualifier.is_some() || name.len() > 64 || name.contains('.') {
+            return Err(refused());
         }
         if input.package_type.as_deref().is_some_and(|p| p != "Zip") {
             return Err(ApiError::invalid(
@@ -385,6 +478,8 @@ impl ControlPlane {
         let (code, code_sha256, code_size) = self.keep_code(&zip)?;
         let mut record = FunctionRecord {
             name: name.to_string(),
+            version: VERSION.to_string(),
+            last_version: 0,
             origin: Origin::Api,
             image: image(&runtime)?.to_string(),
             runtime,
@@ -405,15 +500,26 @@ impl ControlPlane {
             event_invoke: None,
         };
         let code = record.code.clone();
-        let answer = match apply_settings(&mut record, input.settings) {
-            Ok(()) => self.commit(record, true).await,
+        let committed = match apply_settings(&mut record, input.settings) {
+            Ok(()) => self.commit(record).await,
             Err(e) => Err(e),
         };
-        if answer.is_err() {
-            // Refused: the zip just stored is nobody's.
-            self.forget_code(&code);
-        }
-        answer
+        let record = match committed {
+            Ok(record) => record,
+            Err(e) => {
+                // Refused: the zip just stored is nobody's.
+                self.forget_code(&code);
+                return Err(e);
+            }
+        };
+        let shown = if input.publish {
+            self.publish_locked(record, None).await?
+        } else {
+            record
+        };
+        let mut answer = ok(&self.configuration(&shown));
+        *answer.status_mut() = StatusCode::CREATED;
+        Ok(answer)
     }
 
     async fn update_code(
@@ -433,10 +539,16 @@ impl ControlPlane {
         let old_code = record.code.clone();
         (record.code, record.code_sha256, record.code_size) = self.keep_code(&zip)?;
         let new_code = record.code.clone();
-        let answer = self.commit(record, false).await;
+        let committed = self.commit(record).await;
         // The code the function no longer uses (or, refused, the zip just stored).
-        self.forget_code(if answer.is_ok() { &old_code } else { &new_code });
-        answer
+        self.forget_code(if committed.is_ok() { &old_code } else { &new_code });
+        let record = committed?;
+        let shown = if input.publish {
+            self.publish_locked(record, None).await?
+        } else {
+            record
+        };
+        Ok(ok(&self.configuration(&shown)))
     }
 
     async fn update_configuration(
@@ -463,30 +575,83 @@ impl ControlPlane {
             record.description = description;
         }
         apply_settings(&mut record, input.settings)?;
-        self.commit(record, false).await
+        let record = self.commit(record).await?;
+        Ok(ok(&self.configuration(&record)))
     }
 
-    /// Readies `record`'s code, writes it to the store, then lets the scheduler run it
-    /// (draining the old environments of an update). `new`: a create (201).
-    async fn commit(
-        &self,
-        mut record: FunctionRecord,
-        new: bool,
-    ) -> Result<Response<Full<Bytes>>, ApiError> {
+    /// Readies `record`'s code (its `$LATEST`), writes it to the store, then lets the
+    /// scheduler run it (draining the old environments of an update).
+    async fn commit(&self, mut record: FunctionRecord) -> Result<FunctionRecord, ApiError> {
         let function = self.prepare(&record).await?;
         record.last_modified = last_modified();
         record.revision_id = uuid::Uuid::new_v4().to_string();
         self.store.put_function(&record).map_err(ApiError::store)?;
         self.scheduler
-            .deploy(function)
+            .deploy(function, VERSION)
             .await
             .map_err(|e| ApiError::service(format!("{e:#}")))?;
-        tracing::info!(function = %record.name, new, code = %record.code_sha256, "function deployed");
-        let mut answer = ok(&self.configuration(&record));
-        if new {
-            *answer.status_mut() = StatusCode::CREATED;
+        tracing::info!(function = %record.name, code = %record.code_sha256, "function deployed");
+        Ok(record)
+    }
+
+    /// `PublishVersion`: `CodeSha256` and `RevisionId`, when given, must be `$LATEST`'s.
+    async fn publish(&self, name: &str, body: Value) -> Result<Response<Full<Bytes>>, ApiError> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "PascalCase")]
+        struct Input {
+            code_sha256: Option<String>,
+            description: Option<String>,
+            revision_id: Option<String>,
         }
+        let input: Input = parse_input(body)?;
+        let _change = self.changes.lock().await;
+        let latest = self.changeable(name)?;
+        check_revision(&latest, input.revision_id.as_deref())?;
+        if let Some(sha) = input.code_sha256.filter(|s| *s != latest.code_sha256) {
+            return Err(ApiError::invalid(format!(
+                "CodeSHA256 ({sha}) is different from current CodeSHA256 in $LATEST ({}). Please try again",
+                latest.code_sha256
+            )));
+        }
+        let version = self.publish_locked(latest, input.description).await?;
+        let mut answer = ok(&self.configuration(&version));
+        *answer.status_mut() = StatusCode::CREATED;
         Ok(answer)
+    }
+
+    /// Publishes `latest` as it stands as the next version (the caller holds `changes`);
+    /// when neither its code nor its configuration changed since the last version, that
+    /// version is the answer, as Lambda's.
+    async fn publish_locked(
+        &self,
+        mut latest: FunctionRecord,
+        description: Option<String>,
+    ) -> Result<FunctionRecord, ApiError> {
+        let versions = self.store.versions(&latest.name).map_err(ApiError::store)?;
+        if let Some(last) = versions.last().filter(|v| same_snapshot(v, &latest)) {
+            return Ok(last.clone());
+        }
+        let number = latest.last_version + 1;
+        let version = FunctionRecord {
+            version: number.to_string(),
+            last_version: 0,
+            description: description.unwrap_or_else(|| latest.description.clone()),
+            last_modified: last_modified(),
+            revision_id: uuid::Uuid::new_v4().to_string(),
+            event_invoke: None,
+            ..latest.clone()
+        };
+        let function = self.prepare(&version).await?;
+        latest.last_version = number;
+        self.store
+            .publish_version(&latest, &version)
+            .map_err(ApiError::store)?;
+        self.scheduler
+            .deploy(function, &version.version)
+            .await
+            .map_err(|e| ApiError::service(format!("{e:#}")))?;
+        tracing::info!(function = %latest.name, version = number, code = %version.code_sha256, "version published");
+        Ok(version)
     }
 
     /// Checks and unpacks the code of `record` for its runtime and handler.
@@ -502,14 +667,243 @@ impl ControlPlane {
         })
     }
 
+    /// Gives `latest`'s published versions its concurrency (the function's limit, which
+    /// each version's environments keep to): their pools are replaced, the old drained.
+    async fn redeploy_versions(&self, latest: &FunctionRecord) -> Result<(), ApiError> {
+        for mut version in self.store.versions(&latest.name).map_err(ApiError::store)? {
+            version.max_concurrency = latest.max_concurrency;
+            let function = self.prepare(&version).await?;
+            self.scheduler
+                .deploy(function, &version.version)
+                .await
+                .map_err(|e| ApiError::service(format!("{e:#}")))?;
+        }
+        Ok(())
+    }
+
+    /// `DeleteFunction`: the function, its versions and its aliases.
     async fn delete(&self, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {
         let _change = self.changes.lock().await;
         let record = self.changeable(name)?;
+        let versions = self.store.versions(name).map_err(ApiError::store)?;
         self.store.delete_function(name).map_err(ApiError::store)?;
         self.scheduler.remove(name).await;
-        self.forget_code(&record.code);
+        for code in std::iter::once(&record).chain(&versions).map(|r| &r.code) {
+            self.forget_code(code);
+        }
         tracing::info!(function = %name, "function deleted");
         Ok(status_only(StatusCode::NO_CONTENT))
+    }
+
+    /// `DeleteFunction` with a `Qualifier`: one published version, which no alias names.
+    async fn delete_version(
+        &self,
+        name: &str,
+        qualifier: &str,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        let Some(number) = version_number(qualifier) else {
+            return Err(ApiError::invalid(match qualifier {
+                VERSION => "$LATEST version cannot be deleted without deleting the function.".into(),
+                alias => format!("{alias} is not a version number: delete an alias with DeleteAlias"),
+            }));
+        };
+        let _change = self.changes.lock().await;
+        self.changeable(name)?;
+        let version = self
+            .store
+            .version(name, number)
+            .map_err(ApiError::store)?
+            .ok_or_else(|| {
+                ApiError::not_found(format!("Function not found: {}:{qualifier}", self.arn(name)))
+            })?;
+        let naming: Vec<String> = self
+            .store
+            .aliases(name)
+            .map_err(ApiError::store)?
+            .into_iter()
+            .filter(|a| a.function_version == version.version)
+            .map(|a| a.name)
+            .collect();
+        if !naming.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "Unable to delete version because the following aliases reference it: [{}]",
+                naming.join(", ")
+            )));
+        }
+        self.store
+            .delete_version(name, number)
+            .map_err(ApiError::store)?;
+        self.scheduler.remove_version(name, &version.version).await;
+        self.forget_code(&version.code);
+        tracing::info!(function = %name, version = number, "version deleted");
+        Ok(status_only(StatusCode::NO_CONTENT))
+    }
+
+    fn alias_arn(&self, name: &str, alias: &str) -> String {
+        format!("{}:{alias}", self.arn(name))
+    }
+
+    /// Lambda's `AliasConfiguration`.
+    fn alias_json(&self, name: &str, alias: &AliasRecord) -> Value {
+        json!({
+            "AliasArn": self.alias_arn(name, &alias.name),
+            "Name": alias.name,
+            "FunctionVersion": alias.function_version,
+            "Description": alias.description,
+            "RevisionId": alias.revision_id,
+        })
+    }
+
+    /// An alias of an existing function, or Lambda's 404 for it.
+    fn alias(&self, name: &str, alias: &str) -> Result<AliasRecord, ApiError> {
+        self.record(name)?;
+        self.store
+            .alias(name, alias)
+            .map_err(ApiError::store)?
+            .ok_or_else(|| {
+                ApiError::not_found(format!(
+                    "Cannot find alias arn: {}",
+                    self.alias_arn(name, alias)
+                ))
+            })
+    }
+
+    /// Checks that `version` (`FunctionVersion` of an alias) is `$LATEST` or a published
+    /// version of `name`.
+    fn check_version(&self, name: &str, version: &str) -> Result<(), ApiError> {
+        if version == VERSION {
+            return Ok(());
+        }
+        let Some(number) = version_number(version).filter(|_| version.len() <= 1024) else {
+            return Err(ApiError::validation(format!(
+                "1 validation error detected: Value '{version}' at 'functionVersion' failed to satisfy constraint: Member must satisfy regular expression pattern: (\\$LATEST|[0-9]+)"
+            )));
+        };
+        match self.store.version(name, number).map_err(ApiError::store)? {
+            Some(_) => Ok(()),
+            None => Err(ApiError::not_found(format!(
+                "Function not found: {}:{version}",
+                self.arn(name)
+            ))),
+        }
+    }
+
+    async fn create_alias(
+        &self,
+        name: &str,
+        body: Value,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        let input: AliasInput = parse_input(body)?;
+        let alias_name = input
+            .name
+            .ok_or_else(|| ApiError::invalid("Name is required".into()))?;
+        check_alias_name(&alias_name)?;
+        let version = input
+            .function_version
+            .ok_or_else(|| ApiError::invalid("FunctionVersion is required".into()))?;
+        check_routing(input.routing_config.as_ref())?;
+        let _change = self.changes.lock().await;
+        self.changeable(name)?;
+        self.check_version(name, &version)?;
+        let alias = AliasRecord {
+            name: alias_name,
+            function_version: version,
+            description: input.description.unwrap_or_default(),
+            revision_id: uuid::Uuid::new_v4().to_string(),
+        };
+        if !self
+            .store
+            .put_alias(name, &alias, true)
+            .map_err(ApiError::store)?
+        {
+            return Err(ApiError::conflict(format!(
+                "Alias already exists: {}",
+                self.alias_arn(name, &alias.name)
+            )));
+        }
+        tracing::info!(function = %name, alias = %alias.name, version = %alias.function_version, "alias created");
+        let mut answer = ok(&self.alias_json(name, &alias));
+        *answer.status_mut() = StatusCode::CREATED;
+        Ok(answer)
+    }
+
+    async fn update_alias(
+        &self,
+        name: &str,
+        alias_name: &str,
+        body: Value,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        let input: AliasInput = parse_input(body)?;
+        check_routing(input.routing_config.as_ref())?;
+        let _change = self.changes.lock().await;
+        self.changeable(name)?;
+        let mut alias = self
+            .store
+            .alias(name, alias_name)
+            .map_err(ApiError::store)?
+            .ok_or_else(|| {
+                ApiError::not_found(format!(
+                    "Alias not found: {}",
+                    self.alias_arn(name, alias_name)
+                ))
+            })?;
+        if input
+            .revision_id
+            .as_deref()
+            .is_some_and(|r| r != alias.revision_id)
+        {
+            return Err(revision_mismatch());
+        }
+        if let Some(version) = input.function_version {
+            self.check_version(name, &version)?;
+            alias.function_version = version;
+        }
+        if let Some(description) = input.description {
+            alias.description = description;
+        }
+        alias.revision_id = uuid::Uuid::new_v4().to_string();
+        self.store
+            .put_alias(name, &alias, false)
+            .map_err(ApiError::store)?;
+        tracing::info!(function = %name, alias = %alias.name, version = %alias.function_version, "alias updated");
+        Ok(ok(&self.alias_json(name, &alias)))
+    }
+
+    /// `DeleteAlias`: 204 also when there was no such alias, as Lambda answers.
+    async fn delete_alias(
+        &self,
+        name: &str,
+        alias_name: &str,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        let _change = self.changes.lock().await;
+        self.changeable(name)?;
+        self.store
+            .delete_alias(name, alias_name)
+            .map_err(ApiError::store)?;
+        Ok(status_only(StatusCode::NO_CONTENT))
+    }
+
+    /// `ListAliases`, by name; `FunctionVersion` keeps those of one version.
+    fn list_aliases(
+        &self,
+        name: &str,
+        query: &BTreeMap<String, String>,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        self.record(name)?;
+        let version = query.get("FunctionVersion");
+        let all: Vec<AliasRecord> = self
+            .store
+            .aliases(name)
+            .map_err(ApiError::store)?
+            .into_iter()
+            .filter(|a| version.is_none_or(|v| *v == a.function_version))
+            .collect();
+        let (shown, next) = page(&all, query, |a| a.name.clone(), |a, m| a.name.as_str() > m)?;
+        paged(
+            "Aliases",
+            shown.iter().map(|a| self.alias_json(name, a)).collect(),
+            next,
+        )
     }
 
     /// Writes a zip to the code store under its SHA-256 (once: same bytes, same file):
@@ -534,18 +928,18 @@ impl ControlPlane {
         Ok((path, sha, zip.len() as u64))
     }
 
-    /// Removes a stored zip no function uses any more.
+    /// Removes a stored zip no function or version uses any more.
     fn forget_code(&self, code: &std::path::Path) {
         if !code.starts_with(&self.code_dir) {
             return;
         }
-        match self.store.functions() {
-            Ok(all) if all.iter().all(|r| r.code != code) => {
+        match self.store.code_in_use(code) {
+            Ok(false) => {
                 if let Err(e) = std::fs::remove_file(code) {
                     tracing::warn!(code = %code.display(), error = %e, "cannot remove unused code");
                 }
             }
-            Ok(_) => {}
+            Ok(true) => {}
             Err(e) => tracing::warn!(error = %e, "cannot tell whether code is still used"),
         }
     }
@@ -571,7 +965,8 @@ impl ControlPlane {
         let mut record = self.changeable(name)?;
         record.reserved_concurrency = Some(n);
         record.max_concurrency = n;
-        self.commit(record, false).await?;
+        let record = self.commit(record).await?;
+        self.redeploy_versions(&record).await?;
         Ok(ok(&json!({"ReservedConcurrentExecutions": n})))
     }
 
@@ -580,7 +975,8 @@ impl ControlPlane {
         let mut record = self.changeable(name)?;
         record.reserved_concurrency = None;
         record.max_concurrency = API_MAX_CONCURRENCY;
-        self.commit(record, false).await?;
+        let record = self.commit(record).await?;
+        self.redeploy_versions(&record).await?;
         Ok(status_only(StatusCode::NO_CONTENT))
     }
 
@@ -733,12 +1129,125 @@ fn check_layers(layers: Option<&[String]>) -> Result<(), ApiError> {
 
 fn check_revision(record: &FunctionRecord, revision: Option<&str>) -> Result<(), ApiError> {
     match revision {
-        Some(r) if r != record.revision_id => Err(ApiError::Lambda(
-            Kind::PreconditionFailed,
-            "The Revision Id provided does not match the latest Revision Id. Call the GetFunction/GetAlias API to retrieve the latest Revision Id".into(),
+        Some(r) if r != record.revision_id => Err(revision_mismatch()),
+        _ => Ok(()),
+    }
+}
+
+fn revision_mismatch() -> ApiError {
+    ApiError::Lambda(
+        Kind::PreconditionFailed,
+        "The Revision Id provided does not match the latest Revision Id. Call the GetFunction/GetAlias API to retrieve the latest Revision Id".into(),
+    )
+}
+
+/// Whether `$LATEST` as it stands would publish the same version as `version`: the same
+/// code and configuration.
+fn same_snapshot(version: &FunctionRecord, latest: &FunctionRecord) -> bool {
+    let key = |r: &FunctionRecord| {
+        (
+            r.code_sha256.clone(),
+            r.code.clone(),
+            r.runtime.clone(),
+            r.handler.clone(),
+            r.memory_mb,
+            r.timeout_s,
+            r.env.clone(),
+            r.role.clone(),
+            r.isolation.clone(),
+        )
+    };
+    key(version) == key(latest)
+}
+
+/// An alias's name: Lambda's pattern (letters, digits, `-`, `_`; not only digits, which
+/// would read as a version), 1..128 characters.
+fn check_alias_name(name: &str) -> Result<(), ApiError> {
+    let valid = (1..=128).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && version_number(name).is_none();
+    if valid {
+        return Ok(());
+    }
+    Err(ApiError::validation(format!(
+        "1 validation error detected: Value '{name}' at 'name' failed to satisfy constraint: Member must satisfy regular expression pattern: (?!^[0-9]+$)([a-zA-Z0-9-_]+)"
+    )))
+}
+
+/// An alias's name as a path holds it (URL-encoded), checked.
+fn alias_in_path(raw: &str) -> Result<String, ApiError> {
+    let name = percent_encoding::percent_decode_str(raw)
+        .decode_utf8_lossy()
+        .into_owned();
+    check_alias_name(&name)?;
+    Ok(name)
+}
+
+/// Weighted aliases (`RoutingConfig.AdditionalVersionWeights`) are not served.
+fn check_routing(routing: Option<&Value>) -> Result<(), ApiError> {
+    let weights = routing.and_then(|r| r.get("AdditionalVersionWeights"));
+    match weights {
+        Some(Value::Object(w)) if !w.is_empty() => Err(ApiError::invalid(
+            "weighted aliases (RoutingConfig.AdditionalVersionWeights) are not supported by this server: point the alias at one version".into(),
         )),
         _ => Ok(()),
     }
+}
+
+/// `MaxItems` of a list request: 1..=[`MAX_PAGE`], [`DEFAULT_PAGE`] when absent.
+fn max_items(query: &BTreeMap<String, String>) -> Result<usize, ApiError> {
+    match query.get("MaxItems") {
+        None => Ok(DEFAULT_PAGE),
+        Some(n) => n
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_PAGE).contains(n))
+            .ok_or_else(|| {
+                ApiError::validation(format!(
+                    "1 validation error detected: Value '{n}' at 'maxItems' failed to satisfy constraint: Member must have value between 1 and {MAX_PAGE}"
+                ))
+            }),
+    }
+}
+
+/// One page of `items` (in order) for `Marker`/`MaxItems`: the items after the marker
+/// (`after(item, marker)`), at most `MaxItems` of them, and the next page's marker (the
+/// `key` of the last shown) when more follow.
+fn page<'a, T>(
+    items: &'a [T],
+    query: &BTreeMap<String, String>,
+    key: impl Fn(&T) -> String,
+    after: impl Fn(&T, &str) -> bool,
+) -> Result<(&'a [T], Option<String>), ApiError> {
+    let size = max_items(query)?;
+    let start = match query.get("Marker") {
+        Some(m) => items
+            .iter()
+            .position(|item| after(item, m))
+            .unwrap_or(items.len()),
+        None => 0,
+    };
+    let rest = &items[start..];
+    let shown = &rest[..size.min(rest.len())];
+    let next = (rest.len() > shown.len())
+        .then(|| shown.last().map(&key))
+        .flatten();
+    Ok((shown, next))
+}
+
+/// A list's answer: `{field: items}`, with `NextMarker` when more follow.
+fn paged(
+    field: &str,
+    items: Vec<Value>,
+    next: Option<String>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let mut answer = json!({ field: items });
+    if let Some(marker) = next {
+        answer["NextMarker"] = json!(marker);
+    }
+    Ok(ok(&answer))
 }
 
 /// Lambda's settings that Create and UpdateFunctionConfiguration share, checked.
@@ -777,8 +1286,21 @@ struct EnvironmentInput {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
+struct AliasInput {
+    name: Option<String>,
+    function_version: Option<String>,
+    description: Option<String>,
+    revision_id: Option<String>,
+    routing_config: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
 struct CreateInput {
     function_name: String,
+    /// Publish version 1 once created.
+    #[serde(default)]
+    publish: bool,
     runtime: Option<String>,
     handler: Option<String>,
     role: Option<String>,
@@ -800,6 +1322,9 @@ struct UpdateCodeInput {
     revision_id: Option<String>,
     #[serde(default)]
     dry_run: bool,
+    /// Publish a version once updated.
+    #[serde(default)]
+    publish: bool,
 }
 
 #[derive(Deserialize)]
@@ -872,53 +1397,6 @@ struct DestinationInput {
 
 fn parse_input<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, ApiError> {
     serde_json::from_value(body).map_err(|e| ApiError::invalid(format!("{e}")))
-}
-
-/// `name`, `name:qualifier`, or an ARN (`arn:aws:lambda:REGION:ACCOUNT:function:NAME[:Q]`).
-fn split_function_name(s: &str) -> (&str, Option<&str>) {
-    let s = match s.split_once(":function:") {
-        Some((prefix, rest)) if prefix.starts_with("arn:") => rest,
-        _ => s,
-    };
-    match s.split_once(':') {
-        Some((name, qualifier)) => (name, Some(qualifier)),
-        None => (s, None),
-    }
-}
-
-fn valid_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
-fn parse_query(query: &str) -> BTreeMap<String, String> {
-    query
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .filter_map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            Some((percent_decode(k)?, percent_decode(&v.replace('+', " "))?))
-        })
-        .collect()
 }
 
 fn ok(value: &Value) -> Response<Full<Bytes>> {
@@ -1024,18 +1502,28 @@ mod tests {
     }
 
     #[test]
-    fn names_arns_and_qualifiers_split() {
-        assert_eq!(split_function_name("f"), ("f", None));
-        assert_eq!(split_function_name("f:$LATEST"), ("f", Some("$LATEST")));
-        assert_eq!(
-            split_function_name("arn:aws:lambda:us-east-1:000000000000:function:f:3"),
-            ("f", Some("3"))
-        );
-        assert_eq!(percent_decode("a%3Ab").as_deref(), Some("a:b"));
-        assert_eq!(percent_decode("a%3"), None);
-        let q = parse_query("MaxItems=2&Marker=a%2Db");
-        assert_eq!(q["MaxItems"], "2");
-        assert_eq!(q["Marker"], "a-b");
+    fn pages_follow_their_marker() {
+        let items: Vec<u32> = (1..=5).collect();
+        let query = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let key = |n: &u32| n.to_string();
+        let after = |n: &u32, m: &str| m.parse::<u32>().is_ok_and(|m| *n > m);
+        let (shown, next) = page(&items, &query(&[("MaxItems", "2")]), key, after).unwrap();
+        assert_eq!((shown, next.as_deref()), (&[1, 2][..], Some("2")));
+        let q = query(&[("MaxItems", "2"), ("Marker", "4")]);
+        let (shown, next) = page(&items, &q, key, after).unwrap();
+        assert_eq!((shown, next), (&[5][..], None));
+        assert!(page(&items, &query(&[("MaxItems", "0")]), key, after).is_err());
+        for bad in ["", "1", "123", "a b", "$LATEST"] {
+            assert!(check_alias_name(bad).is_err(), "{bad:?}");
+        }
+        for good in ["live", "v1", "1a", "a-b_c"] {
+            assert!(check_alias_name(good).is_ok(), "{good:?}");
+        }
         assert!(handles("/2015-03-31/functions/"));
         assert!(handles("/2015-03-31/functions/f/configuration"));
         assert!(!handles("/2015-03-31/functions/f/invocations"));

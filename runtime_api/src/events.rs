@@ -1,5 +1,10 @@
 //! Durable asynchronous invocations (`InvocationType: Event`), as Lambda runs them.
 //!
+//! An event keeps the version or alias it was sent to; each attempt runs the version that
+//! names then (an alias moved meanwhile runs its new version), and an event whose version
+//! or alias is gone is dropped. The function's event-invoke configuration applies to all
+//! of its versions.
+//!
 //! An event is written to the [`Store`] before the caller gets its 202, so nothing
 //! accepted is lost by a crash: a restarted server resumes the queue where it stood. The
 //! dispatcher runs each due event once; its row goes only when the attempt is over (a
@@ -157,6 +162,7 @@ impl EventQueue {
     pub(crate) async fn accept(
         &self,
         function: &str,
+        qualifier: Option<&str>,
         request: &InvokeRequest,
     ) -> Result<String, EnqueueError> {
         let request_id = uuid::Uuid::new_v4().to_string();
@@ -165,6 +171,7 @@ impl EventQueue {
             seq: 0,
             request_id: request_id.clone(),
             function: function.to_string(),
+            qualifier: qualifier.map(str::to_string),
             payload: request.payload.to_vec(),
             trace_id: request.trace_id.clone(),
             client_context: request.client_context.clone(),
@@ -218,7 +225,7 @@ impl EventQueue {
                 }
                 let cap = self
                     .scheduler
-                    .resolve(function)
+                    .resolve(function, VERSION)
                     .map_or(1, |f| f.max_concurrency);
                 let n = per_function.entry(function.to_string()).or_default();
                 if *n >= cap {
@@ -262,11 +269,18 @@ impl EventQueue {
             return self.store.finish_event(event.seq, None);
         };
         let config = record.event_invoke.unwrap_or_default();
+        let version = self
+            .store
+            .resolve_qualifier(&event.function, event.qualifier.as_deref())?;
+        let Some(version) = version else {
+            tracing::warn!(function = %event.function, qualifier = ?event.qualifier, request_id = %event.request_id, "event dropped: its version or alias no longer exists");
+            return self.store.finish_event(event.seq, None);
+        };
         let age = now_ms() - event.accepted_ms;
         if age > i64::from(config.maximum_event_age_s) * 1000 {
             self.metrics.event_dropped(&event.function);
             tracing::warn!(function = %event.function, request_id = %event.request_id, "event dropped: older than MaximumEventAgeInSeconds");
-            return self.conclude(&event, &config, Condition::EventAgeExceeded, None);
+            return self.conclude(&event, &config, Condition::EventAgeExceeded, None, &version);
         }
         let request = InvokeRequest {
             payload: event.payload.clone().into(),
@@ -274,8 +288,12 @@ impl EventQueue {
             cognito_identity: None,
             trace_id: event.trace_id.clone(),
             request_id: Some(event.request_id.clone()),
+            qualifier: event.qualifier.clone(),
         };
-        let result = self.scheduler.invoke(&event.function, request, true).await;
+        let result = self
+            .scheduler
+            .invoke(&event.function, &version, request, true)
+            .await;
         let cut_short = match &result {
             Ok(invoked) => invoked.cut_short,
             Err(e) => matches!(e, InvokeError::ShuttingDown),
@@ -301,6 +319,7 @@ impl EventQueue {
                 &config,
                 Condition::Success,
                 Some(&response),
+                &version,
             ),
             Answer::Error { error_type, .. } if attempts > config.maximum_retry_attempts => {
                 tracing::warn!(function = %event.function, request_id = %event.request_id, %error_type, attempts, "event failed: retries exhausted");
@@ -310,6 +329,7 @@ impl EventQueue {
                     &config,
                     Condition::RetriesExhausted,
                     Some(&response),
+                    &version,
                 )
             }
             Answer::Error { error_type, .. } => {
@@ -322,15 +342,16 @@ impl EventQueue {
         }
     }
 
-    /// Delivers the outcome to its destination (if one is configured) and removes the
-    /// event. A file destination is written first: a crash in between delivers twice
-    /// rather than never.
+    /// Delivers the outcome of `event` (run as `version`) to its destination (if one is
+    /// configured) and removes the event. A file destination is written first: a crash
+    /// in between delivers twice rather than never.
     fn conclude(
         &self,
         event: &StoredEvent,
         config: &EventInvokeConfig,
         condition: Condition,
         response: Option<&Answer>,
+        version: &str,
     ) -> anyhow::Result<()> {
         let target = match condition {
             Condition::Success => &config.on_success,
@@ -339,7 +360,7 @@ impl EventQueue {
         let Some(arn) = target else {
             return self.store.finish_event(event.seq, None);
         };
-        let record = self.destination_record(event, condition, response);
+        let record = self.destination_record(event, condition, response, version);
         match parse_destination(arn).map_err(anyhow::Error::msg)? {
             Destination::File(name) => {
                 let record = record.to_string();
@@ -353,6 +374,7 @@ impl EventQueue {
                     seq: 0,
                     request_id: uuid::Uuid::new_v4().to_string(),
                     function: name,
+                    qualifier: None,
                     payload: record.to_string().into_bytes(),
                     trace_id: None,
                     client_context: None,
@@ -386,13 +408,15 @@ impl EventQueue {
         event: &StoredEvent,
         condition: Condition,
         response: Option<&Answer>,
+        version: &str,
     ) -> Value {
+        let qualifier = event.qualifier.as_deref().unwrap_or(VERSION);
         let mut record = json!({
             "version": "1.0",
             "timestamp": crate::scheduler::timestamp(),
             "requestContext": {
                 "requestId": event.request_id,
-                "functionArn": format!("{}:{VERSION}", self.scheduler.arn(&event.function)),
+                "functionArn": format!("{}:{qualifier}", self.scheduler.arn(&event.function)),
                 "condition": condition.name(),
                 "approximateInvokeCount": event.attempts,
             },
@@ -403,7 +427,7 @@ impl EventQueue {
                 Answer::Response(body) => (body, false),
                 Answer::Error { body, .. } => (body, true),
             };
-            let mut context = json!({"statusCode": 200, "executedVersion": VERSION});
+            let mut context = json!({"statusCode": 200, "executedVersion": version});
             if error {
                 context["functionError"] = json!("Unhandled");
             }

@@ -1,8 +1,10 @@
 //! The Invoke API that callers use, shaped like Lambda's:
 //! `POST /2015-03-31/functions/{name}/invocations` and `GET /metrics`. `{name}` is
 //! anything Lambda takes there (`name[:qualifier]`, partial and full ARNs, with
-//! `?Qualifier=`; see [`crate::names`]); only `$LATEST` exists. The control plane's paths
-//! on the same listener go to [`crate::control_plane`].
+//! `?Qualifier=`; see [`crate::names`]): no qualifier or `$LATEST` runs `$LATEST`, a
+//! version number that published version, an alias the version it points to now, each in
+//! environments of its own. The control plane's paths on the same listener go to
+//! [`crate::control_plane`].
 //!
 //! Limits: a request payload of at most [`MAX_REQUEST_BYTES`] (an `Event` one: at most
 //! [`MAX_EVENT_PAYLOAD_BYTES`], else 413 `RequestEntityTooLargeException`); accepted
@@ -205,27 +207,47 @@ impl InvokeApi {
             Ok(function) => function,
             Err(e) => return refused_name(&e),
         };
-        let mut response = self.invoke(&function, req).await;
-        if response.status() != StatusCode::NOT_FOUND {
-            response
-                .headers_mut()
-                .insert(HEADER_EXECUTED_VERSION, HeaderValue::from_static(VERSION));
-        }
-        response
-    }
-
-    async fn invoke(&self, named: &FunctionRef, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        let found = self.scheduler.resolve(&named.name);
-        // Kindling has no versions or aliases yet: any other qualifier names nothing here.
-        let servable = named.qualifier.as_deref().is_none_or(|q| q == VERSION);
-        let Some(function) = found.filter(|_| servable) else {
-            let arn = self.scheduler.arn(&named.name);
-            return not_found(&match &named.qualifier {
+        let version = match self
+            .control
+            .store
+            .resolve_qualifier(&function.name, function.qualifier.as_deref())
+        {
+            Ok(version) => version,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "the database failed");
+                return lambda_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "ServiceException",
+                    &format!("the database failed: {e:#}"),
+                );
+            }
+        };
+        let found = version
+            .as_deref()
+            .and_then(|v| Some((self.scheduler.resolve(&function.name, v)?, v)));
+        let Some((resolved, version)) = found else {
+            let arn = self.scheduler.arn(&function.name);
+            return not_found(&match &function.qualifier {
                 Some(q) => format!("{arn}:{q}"),
                 None => arn,
             });
         };
-        let function = function.name;
+        let mut response = self.invoke(&resolved.name, version, &function, req).await;
+        if let Ok(v) = HeaderValue::from_str(version) {
+            response.headers_mut().insert(HEADER_EXECUTED_VERSION, v);
+        }
+        response
+    }
+
+    /// Runs (or queues) an invocation of `function` at `version`, which `named` resolved
+    /// to.
+    async fn invoke(
+        &self,
+        function: &str,
+        version: &str,
+        named: &FunctionRef,
+        req: Request<Incoming>,
+    ) -> Response<Full<Bytes>> {
         let headers = match InvokeHeaders::parse(req.headers()) {
             Ok(headers) => headers,
             Err(refusal) => return refusal,
@@ -240,12 +262,16 @@ impl InvokeApi {
             cognito_identity: None,
             trace_id: headers.trace_id,
             request_id: None,
+            qualifier: named.qualifier.clone(),
         };
         match headers.invocation_type {
             InvocationType::DryRun => status_only(StatusCode::NO_CONTENT),
-            InvocationType::Event => self.queue_event(function, request).await,
+            InvocationType::Event => {
+                let qualifier = named.qualifier.as_deref().filter(|q| *q != VERSION);
+                self.queue_event(function, qualifier, request).await
+            }
             InvocationType::RequestResponse => {
-                match self.scheduler.invoke(&function, request, false).await {
+                match self.scheduler.invoke(function, version, request, false).await {
                     Ok(invoked) => rendered(invoked, headers.tail),
                     Err(e) => self.refused(e),
                 }
@@ -255,7 +281,12 @@ impl InvokeApi {
 
     /// Accepts an Event invocation: written to the database (so it survives a crash),
     /// within the function's bounds on queued events, then 202; the queue runs it.
-    async fn queue_event(&self, function: String, request: InvokeRequest) -> Response<Full<Bytes>> {
+    async fn queue_event(
+        &self,
+        function: &str,
+        qualifier: Option<&str>,
+        request: InvokeRequest,
+    ) -> Response<Full<Bytes>> {
         let bytes = request.payload.len();
         if bytes > MAX_EVENT_PAYLOAD_BYTES {
             return lambda_error(
@@ -264,7 +295,7 @@ impl InvokeApi {
                 &format!("{bytes} byte payload is too large for the Event invocation type (limit {MAX_EVENT_PAYLOAD_BYTES} bytes)"),
             );
         }
-        match self.events.accept(&function, &request).await {
+        match self.events.accept(function, qualifier, &request).await {
             Ok(request_id) => {
                 let mut r = status_only(StatusCode::ACCEPTED);
                 if let Ok(id) = HeaderValue::from_str(&request_id) {

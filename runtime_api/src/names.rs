@@ -9,6 +9,9 @@
 //! `InvalidParameterValueException`, an ARN of another region is 404
 //! `ResourceNotFoundException`. The account of an ARN is not checked: Kindling serves one
 //! account whose id is a placeholder, and ARNs copied from a real account must still work.
+//!
+//! The one parser of function names: the Invoke API's paths, the control plane's paths
+//! and `CreateFunction`'s `FunctionName` all go through it.
 
 use std::sync::OnceLock;
 
@@ -71,28 +74,38 @@ pub(crate) fn parse(
             .find(|(k, _)| k == "Qualifier")
             .map(|(_, v)| v.into_owned())
     });
+    parse_decoded(&name, asked, region)
+}
+
+/// Reads a function name as a request body holds it (not percent-encoded), with the
+/// qualifier asked for beside it, if any.
+pub(crate) fn parse_decoded(
+    name: &str,
+    asked: Option<String>,
+    region: &str,
+) -> Result<FunctionRef, NameError> {
     // An empty `Qualifier=` is allowed by Lambda's pattern and asks for nothing.
     let asked = asked.filter(|q| !q.is_empty());
 
-    let parts = name_regex().captures(&name);
+    let parts = name_regex().captures(name);
     let mut errors = Vec::new();
     if name.is_empty() {
         errors.push(violation(
-            &name,
+            name,
             "functionName",
             "Member must have length greater than or equal to 1",
         ));
     }
     if name.len() > MAX_NAME_LEN {
         errors.push(violation(
-            &name,
+            name,
             "functionName",
             &format!("Member must have length less than or equal to {MAX_NAME_LEN}"),
         ));
     }
     if parts.is_none() && !name.is_empty() {
         errors.push(violation(
-            &name,
+            name,
             "functionName",
             &format!("Member must satisfy regular expression pattern: {NAME_PATTERN}"),
         ));

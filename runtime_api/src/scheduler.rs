@@ -11,6 +11,9 @@
 //! ([`Scheduler::deploy`]) or removed ([`Scheduler::remove`]) drains its old pool, so that
 //! invocations already in it finish on the old code while new ones go to the new pool, and
 //! its warm environments are stopped.
+//!
+//! Each published version of a function has a pool of its own, apart from `$LATEST`'s: an
+//! environment only ever runs the one version's code and configuration it started with.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -29,8 +32,8 @@ use crate::logs::{self, LogSink, Restore};
 use crate::metrics::Metrics;
 use crate::runtime_server::{Completion, Invocation, Outcome, RuntimeApi};
 
-/// The version every invocation runs (Kindling has no versions yet).
-pub const VERSION: &str = "$LATEST";
+/// The version an unqualified invocation runs.
+pub const VERSION: &str = crate::store::LATEST;
 /// The account id in ARNs.
 const ACCOUNT: &str = "000000000000";
 /// Longest Unix socket path Linux takes (`sun_path` less its NUL).
@@ -87,6 +90,9 @@ pub struct InvokeRequest {
     /// The request id the function sees; a new one when absent (an `Event` keeps its
     /// own through every attempt).
     pub request_id: Option<String>,
+    /// The qualifier the caller named (an alias, or a version), for the ARN the function
+    /// sees as its invoked ARN; the version's own when absent.
+    pub qualifier: Option<String>,
 }
 
 /// What the caller gets back.
@@ -130,9 +136,12 @@ pub enum InvokeError {
     },
 }
 
+/// A pool's key: the function's name and version.
+type PoolKey = (String, String);
+
 /// All functions' pools.
 pub struct Scheduler {
-    pools: RwLock<HashMap<String, Arc<Pool>>>,
+    pools: RwLock<HashMap<PoolKey, Arc<Pool>>>,
     /// Pools replaced or removed whose invocations have not all ended yet: shutdown and
     /// the idle reaper still tend them.
     draining: Mutex<Vec<Arc<Pool>>>,
@@ -143,7 +152,11 @@ pub struct Scheduler {
 impl std::fmt::Debug for Scheduler {
     /// The functions it serves and the options.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut functions: Vec<String> = self.read_pools().keys().cloned().collect();
+        let mut functions: Vec<String> = self
+            .read_pools()
+            .keys()
+            .map(|(name, version)| format!("{name}:{version}"))
+            .collect();
         functions.sort();
         f.debug_struct("Scheduler")
             .field("functions", &functions)
@@ -163,6 +176,9 @@ struct Ctx {
 
 struct Pool {
     function: Function,
+    /// `$LATEST` or a published version's number.
+    version: String,
+    /// The ARN the runtime sees: qualified for a published version.
     arn: String,
     launcher: Arc<dyn Launcher>,
     ctx: Arc<Ctx>,
@@ -208,9 +224,10 @@ struct Env {
 }
 
 impl Scheduler {
-    /// Builds the pools; every function's isolation must have a launcher.
+    /// Builds the pools, one per function and version; every function's isolation must
+    /// have a launcher.
     pub fn new(
-        functions: Vec<Function>,
+        functions: Vec<(Function, String)>,
         launchers: &HashMap<Isolation, Arc<dyn Launcher>>,
         options: SchedulerOptions,
         logs: Arc<LogSink>,
@@ -232,23 +249,27 @@ impl Scheduler {
             launchers: launchers.clone(),
             ctx,
         };
-        for function in functions {
-            let name = function.name.clone();
-            let pool = scheduler.new_pool(function)?;
-            if scheduler.write_pools().insert(name, pool).is_some() {
+        for (function, version) in functions {
+            let key = (function.name.clone(), version.clone());
+            let pool = scheduler.new_pool(function, version)?;
+            if scheduler.write_pools().insert(key, pool).is_some() {
                 anyhow::bail!("function names must be unique");
             }
         }
         Ok(scheduler)
     }
 
-    fn new_pool(&self, function: Function) -> anyhow::Result<Arc<Pool>> {
+    fn new_pool(&self, function: Function, version: String) -> anyhow::Result<Arc<Pool>> {
         let launcher = self
             .launcher(function.isolation)
             .map_err(|e| anyhow::anyhow!("function {}: {e}", function.name))?;
-        let arn = function_arn(&self.ctx.options.region, &function.name);
+        let mut arn = self.ctx.arn(&function.name);
+        if version != VERSION {
+            arn = format!("{arn}:{version}");
+        }
         Ok(Arc::new(Pool {
             function,
+            version,
             arn,
             launcher,
             ctx: self.ctx.clone(),
@@ -265,29 +286,45 @@ impl Scheduler {
             .ok_or_else(|| anyhow::anyhow!("no launcher for isolation {isolation:?}"))
     }
 
-    fn read_pools(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Pool>>> {
+    fn read_pools(&self) -> std::sync::RwLockReadGuard<'_, HashMap<PoolKey, Arc<Pool>>> {
         self.pools.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write_pools(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<Pool>>> {
+    fn write_pools(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<PoolKey, Arc<Pool>>> {
         self.pools.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs `function` from now on: a new function is added; one of the same name is
-    /// replaced, its old pool drained (invocations in it finish on the old code).
-    pub async fn deploy(&self, function: Function) -> anyhow::Result<()> {
-        let name = function.name.clone();
-        let pool = self.new_pool(function)?;
-        let old = self.write_pools().insert(name, pool);
+    /// Runs `function` as `version` from now on: a new one is added; one of the same
+    /// name and version is replaced, its old pool drained (invocations in it finish on
+    /// the old code).
+    pub async fn deploy(&self, function: Function, version: &str) -> anyhow::Result<()> {
+        let key = (function.name.clone(), version.to_string());
+        let pool = self.new_pool(function, version.to_string())?;
+        let old = self.write_pools().insert(key, pool);
         if let Some(old) = old {
             self.drain(old).await;
         }
         Ok(())
     }
 
-    /// Stops serving `name`; invocations already running finish, warm environments stop.
+    /// Stops serving `name`, every version of it; invocations already running finish,
+    /// warm environments stop.
     pub async fn remove(&self, name: &str) {
-        let old = self.write_pools().remove(name);
+        let old: Vec<Arc<Pool>> = {
+            let mut pools = self.write_pools();
+            let keys: Vec<PoolKey> = pools.keys().filter(|(n, _)| n == name).cloned().collect();
+            keys.iter().filter_map(|k| pools.remove(k)).collect()
+        };
+        for pool in old {
+            self.drain(pool).await;
+        }
+    }
+
+    /// Stops serving one published version of `name`, as [`Scheduler::remove`].
+    pub async fn remove_version(&self, name: &str, version: &str) {
+        let old = self
+            .write_pools()
+            .remove(&(name.to_string(), version.to_string()));
         if let Some(old) = old {
             self.drain(old).await;
         }
@@ -325,26 +362,31 @@ impl Scheduler {
         pools
     }
 
-    /// The function a name designates: itself, or the emulator's alias `function` when
-    /// exactly one function is loaded.
-    pub fn resolve(&self, name: &str) -> Option<Function> {
-        self.pool(name).map(|p| p.function.clone())
+    /// The function a name and version designate, as the scheduler runs it (`None`
+    /// when it is not served). `function` at `$LATEST` is also the emulator's alias
+    /// for the one function loaded, when exactly one is.
+    pub fn resolve(&self, name: &str, version: &str) -> Option<Function> {
+        self.pool(name, version).map(|p| p.function.clone())
     }
 
-    fn pool(&self, name: &str) -> Option<Arc<Pool>> {
+    fn pool(&self, name: &str, version: &str) -> Option<Arc<Pool>> {
         let pools = self.read_pools();
+        let key = (name.to_string(), version.to_string());
         pools
-            .get(name)
-            .or_else(|| match (name, pools.len()) {
-                ("function", 1) => pools.values().next(),
-                _ => None,
+            .get(&key)
+            .or_else(|| {
+                let mut latest = pools.values().filter(|p| p.version == VERSION);
+                match (name, version, latest.clone().count()) {
+                    ("function", VERSION, 1) => latest.next(),
+                    _ => None,
+                }
             })
             .cloned()
     }
 
     /// The ARN of a function name, as the runtime sees it.
     pub fn arn(&self, name: &str) -> String {
-        function_arn(&self.ctx.options.region, name)
+        self.ctx.arn(name)
     }
 
     /// The region of every function's ARN.
@@ -364,11 +406,12 @@ impl Scheduler {
     pub async fn invoke(
         &self,
         name: &str,
+        version: &str,
         request: InvokeRequest,
         queued: bool,
     ) -> Result<Invoked, InvokeError> {
         let pool = self
-            .pool(name)
+            .pool(name, version)
             .ok_or_else(|| InvokeError::NotFound(name.to_string()))?;
         tokio::spawn(async move { pool.invoke(request, queued).await })
             .await
@@ -665,7 +708,7 @@ impl Pool {
         std::fs::create_dir_all(&spec.dir).with_context(|| spec.dir.display().to_string())?;
         let mut environment = FunctionEnvironment {
             function_name: f.name.clone(),
-            function_version: VERSION.into(),
+            function_version: self.version.clone(),
             memory_mb: f.memory_mb,
             timeout_ms: u64::try_from(f.timeout.as_millis()).unwrap_or(u64::MAX),
             runtime: f.runtime.clone(),
@@ -682,7 +725,7 @@ impl Pool {
             environment.initialization_type = kindling_wire::INITIALIZATION_SNAP_START.into();
         } else {
             environment.log_group_name = format!("/aws/lambda/{}", f.name);
-            environment.log_stream_name = format!("{}/[{VERSION}]{}", today(), id);
+            environment.log_stream_name = format!("{}/[{}]{}", today(), self.version, id);
         }
         let started = Instant::now();
         let result = async {
@@ -758,7 +801,7 @@ impl Pool {
         if cold {
             metrics.cold_start(&f.name);
         }
-        let start_line = logs::start_line(&request_id, VERSION);
+        let start_line = logs::start_line(&request_id, &self.version);
         self.ctx.logs.write(&f.name, &start_line);
         let init_deadline = tokio::time::Instant::now() + self.ctx.options.init_timeout;
         if cold && f.snapstart {
@@ -768,7 +811,10 @@ impl Pool {
         let ticket = env.api.submit(Invocation {
             request_id: request_id.clone(),
             payload: request.payload,
-            function_arn: self.arn.clone(),
+            function_arn: match &request.qualifier {
+                Some(q) => format!("{}:{q}", self.ctx.arn(&f.name)),
+                None => self.arn.clone(),
+            },
             trace_id: request.trace_id.unwrap_or_else(new_trace_id),
             client_context: request.client_context,
             cognito_identity: request.cognito_identity,
@@ -1031,8 +1077,14 @@ pub(crate) async fn until_true(flag: &mut watch::Receiver<bool>) {
     let _ = flag.wait_for(|v| *v).await;
 }
 
-fn function_arn(region: &str, name: &str) -> String {
-    format!("arn:aws:lambda:{region}:{ACCOUNT}:function:{name}")
+impl Ctx {
+    /// A function's (unqualified) ARN.
+    fn arn(&self, name: &str) -> String {
+        format!(
+            "arn:aws:lambda:{}:{ACCOUNT}:function:{name}",
+            self.options.region
+        )
+    }
 }
 
 fn exit_error(request_id: &str, reason: &str) -> ErrorBody {

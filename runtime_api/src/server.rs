@@ -21,7 +21,7 @@ use crate::invoke_api::{self, InvokeApi};
 use crate::logs::{self, LogLine, LogSink};
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, SchedulerOptions};
-use crate::store::{EventInvokeConfig, FunctionRecord, Origin, QueueBounds, Store};
+use crate::store::{EventInvokeConfig, FunctionRecord, Origin, QueueBounds, Store, LATEST};
 
 /// Where Lambda's local emulator listens, and so where callers look first.
 pub const DEFAULT_INVOKE_ADDR: &str = "127.0.0.1:9000";
@@ -279,16 +279,17 @@ impl Server {
     }
 }
 
-/// The functions to schedule: functions.toml's, written to the registry (replacing what
-/// an earlier start wrote of the file, which is their source), then those created through
-/// the control plane, their code readied again (from the image cache: quick). One that
-/// cannot be readied is left out, shown `Failed` by the control plane, and kept.
+/// The functions to schedule, each with its version: functions.toml's, written to the
+/// registry (replacing what an earlier start wrote of the file, which is their source),
+/// then those created through the control plane and their published versions, their code
+/// readied again (from the image cache: quick). One that cannot be readied is left out,
+/// shown `Failed` by the control plane, and kept.
 fn registry(
     store: &Store,
     from_file: Vec<Function>,
     event_invoke: &BTreeMap<String, EventInvokeConfig>,
     deployer: &dyn Deployer,
-) -> anyhow::Result<Vec<Function>> {
+) -> anyhow::Result<Vec<(Function, String)>> {
     let known = store.functions()?;
     for f in &from_file {
         if known
@@ -316,15 +317,25 @@ fn registry(
         });
         store.put_function(&record)?;
     }
-    let mut functions = from_file;
-    for record in known.into_iter().filter(|r| r.origin == Origin::Api) {
-        let prepared = control_plane::function_of(&record)
-            .map_err(DeployError::Refused)
-            .and_then(|f| deployer.prepare(f));
-        match prepared {
-            Ok(function) => functions.push(function),
-            Err(e) => {
-                tracing::error!(function = %record.name, error = %format!("{e:#}"), "cannot ready the function's code: it stays Failed until its code is updated")
+    let mut functions: Vec<(Function, String)> = from_file
+        .into_iter()
+        .map(|f| (f, LATEST.to_string()))
+        .collect();
+    for latest in known.into_iter().filter(|r| r.origin == Origin::Api) {
+        // Each version keeps to the function's concurrency, as it is now.
+        let mut versions = store.versions(&latest.name)?;
+        for v in &mut versions {
+            v.max_concurrency = latest.max_concurrency;
+        }
+        for record in std::iter::once(latest).chain(versions) {
+            let prepared = control_plane::function_of(&record)
+                .map_err(DeployError::Refused)
+                .and_then(|f| deployer.prepare(f));
+            match prepared {
+                Ok(function) => functions.push((function, record.version)),
+                Err(e) => {
+                    tracing::error!(function = %record.name, version = %record.version, error = %format!("{e:#}"), "cannot ready the function's code: it stays Failed until its code is updated")
+                }
             }
         }
     }
@@ -335,6 +346,8 @@ fn registry(
 fn file_record(f: &Function) -> FunctionRecord {
     FunctionRecord {
         name: f.name.clone(),
+        version: LATEST.to_string(),
+        last_version: 0,
         origin: Origin::File,
         runtime: f.runtime.clone(),
         image: f.runtime.clone(),

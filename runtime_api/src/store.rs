@@ -3,7 +3,8 @@
 //!
 //! Everything that must outlive the process goes through [`Store`]: the function registry
 //! (functions created through the control plane and those of functions.toml, with their
-//! event-invoke configuration) and the accepted `Event` invocations not yet finished. It
+//! event-invoke configuration, published versions and aliases) and the accepted `Event`
+//! invocations not yet finished. It
 //! is the one seam where a shared database could replace the file when a fleet outgrows
 //! one machine, so its methods speak of functions and events, never of SQL.
 
@@ -42,7 +43,25 @@ const MIGRATIONS: &[&str] = &[
     // it, so a crash in between appends the record again instead of running the event.
     "ALTER TABLE events ADD COLUMN settled_file TEXT;
      ALTER TABLE events ADD COLUMN settled_record TEXT;",
+    // 3: published versions (immutable snapshots of a function) and aliases; an event
+    // keeps the version or alias it was sent to.
+    "CREATE TABLE versions (
+         function TEXT NOT NULL,
+         version INTEGER NOT NULL,
+         record TEXT NOT NULL,
+         PRIMARY KEY (function, version)
+     );
+     CREATE TABLE aliases (
+         function TEXT NOT NULL,
+         name TEXT NOT NULL,
+         record TEXT NOT NULL,
+         PRIMARY KEY (function, name)
+     );
+     ALTER TABLE events ADD COLUMN qualifier TEXT;",
 ];
+
+/// The version a function's record is when it is not a published one.
+pub const LATEST: &str = "$LATEST";
 
 /// Where a function was defined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,10 +73,18 @@ pub enum Origin {
     File,
 }
 
-/// A function as the registry keeps it, in Lambda's terms.
+/// A function as the registry keeps it, in Lambda's terms: its `$LATEST`, or one of its
+/// published versions (a snapshot, never changed).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FunctionRecord {
     pub name: String,
+    /// `$LATEST`, or the published version's number.
+    #[serde(default = "latest")]
+    pub version: String,
+    /// Of `$LATEST`: the highest version number published so far (numbers are never
+    /// reused, even once a version is deleted, as Lambda's).
+    #[serde(default)]
+    pub last_version: u64,
     pub origin: Origin,
     /// The runtime identifier as the caller gave it (`python3.12`, or a Kindling name for
     /// functions.toml).
@@ -92,6 +119,20 @@ pub struct FunctionRecord {
     pub event_invoke: Option<EventInvokeConfig>,
 }
 
+fn latest() -> String {
+    LATEST.to_string()
+}
+
+/// An alias: a name for one of a function's versions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AliasRecord {
+    pub name: String,
+    /// `$LATEST` or a version number.
+    pub function_version: String,
+    pub description: String,
+    pub revision_id: String,
+}
+
 /// `PutFunctionEventInvokeConfig`'s settings (or functions.toml's same keys).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventInvokeConfig {
@@ -124,6 +165,8 @@ pub struct StoredEvent {
     pub seq: i64,
     pub request_id: String,
     pub function: String,
+    /// The version or alias it was sent to (`None`: `$LATEST`), resolved at each attempt.
+    pub qualifier: Option<String>,
     pub payload: Vec<u8>,
     pub trace_id: Option<String>,
     pub client_context: Option<String>,
@@ -243,14 +286,159 @@ impl Store {
         Ok(())
     }
 
-    /// Removes a function and the events queued for it; `false` when there was none.
+    /// Removes a function, its versions, its aliases and the events queued for it;
+    /// `false` when there was none.
     pub fn delete_function(&self, name: &str) -> anyhow::Result<bool> {
         let mut db = self.db();
         let tx = db.transaction()?;
         let gone = tx.execute("DELETE FROM functions WHERE name = ?1", [name])?;
-        tx.execute("DELETE FROM events WHERE function = ?1", [name])?;
+        for table in ["versions", "aliases", "events"] {
+            tx.execute(&format!("DELETE FROM {table} WHERE function = ?1"), [name])?;
+        }
         tx.commit()?;
         Ok(gone == 1)
+    }
+
+    /// Publishes `version` (a snapshot of `latest`, whose `last_version` now counts it):
+    /// both written at once.
+    pub fn publish_version(
+        &self,
+        latest: &FunctionRecord,
+        version: &FunctionRecord,
+    ) -> anyhow::Result<()> {
+        let number: i64 = version.version.parse()?;
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        tx.execute(
+            "UPDATE functions SET record = ?2 WHERE name = ?1",
+            params![latest.name, serde_json::to_string(latest)?],
+        )?;
+        tx.execute(
+            "INSERT INTO versions (function, version, record) VALUES (?1, ?2, ?3)",
+            params![version.name, number, serde_json::to_string(version)?],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A function's published versions, oldest first.
+    pub fn versions(&self, function: &str) -> anyhow::Result<Vec<FunctionRecord>> {
+        let db = self.db();
+        let mut query =
+            db.prepare("SELECT record FROM versions WHERE function = ?1 ORDER BY version")?;
+        let rows = query.query_map([function], |r| r.get::<_, String>(0))?;
+        rows.map(|r| Ok(serde_json::from_str(&r?)?)).collect()
+    }
+
+    pub fn version(&self, function: &str, version: u64) -> anyhow::Result<Option<FunctionRecord>> {
+        let text: Option<String> = self
+            .db()
+            .query_row(
+                "SELECT record FROM versions WHERE function = ?1 AND version = ?2",
+                params![function, i64::try_from(version)?],
+                |r| r.get(0),
+            )
+            .optional()?;
+        text.map(|t| Ok(serde_json::from_str(&t)?)).transpose()
+    }
+
+    /// Removes one version and the events queued for it; `false` when there was none.
+    pub fn delete_version(&self, function: &str, version: u64) -> anyhow::Result<bool> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let gone = tx.execute(
+            "DELETE FROM versions WHERE function = ?1 AND version = ?2",
+            params![function, i64::try_from(version)?],
+        )?;
+        tx.execute(
+            "DELETE FROM events WHERE function = ?1 AND qualifier = ?2",
+            params![function, version.to_string()],
+        )?;
+        tx.commit()?;
+        Ok(gone == 1)
+    }
+
+    /// A function's aliases, by name.
+    pub fn aliases(&self, function: &str) -> anyhow::Result<Vec<AliasRecord>> {
+        let db = self.db();
+        let mut query =
+            db.prepare("SELECT record FROM aliases WHERE function = ?1 ORDER BY name")?;
+        let rows = query.query_map([function], |r| r.get::<_, String>(0))?;
+        rows.map(|r| Ok(serde_json::from_str(&r?)?)).collect()
+    }
+
+    pub fn alias(&self, function: &str, name: &str) -> anyhow::Result<Option<AliasRecord>> {
+        let text: Option<String> = self
+            .db()
+            .query_row(
+                "SELECT record FROM aliases WHERE function = ?1 AND name = ?2",
+                [function, name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        text.map(|t| Ok(serde_json::from_str(&t)?)).transpose()
+    }
+
+    /// Adds (`new`: only if none of that name exists, else `false`) or replaces an alias.
+    pub fn put_alias(&self, function: &str, alias: &AliasRecord, new: bool) -> anyhow::Result<bool> {
+        let sql = if new {
+            "INSERT OR IGNORE INTO aliases (function, name, record) VALUES (?1, ?2, ?3)"
+        } else {
+            "INSERT INTO aliases (function, name, record) VALUES (?1, ?2, ?3)
+             ON CONFLICT (function, name) DO UPDATE SET record = excluded.record"
+        };
+        let changed = self.db().execute(
+            sql,
+            params![function, alias.name, serde_json::to_string(alias)?],
+        )?;
+        Ok(changed == 1)
+    }
+
+    /// Removes an alias and the events queued for it; `false` when there was none.
+    pub fn delete_alias(&self, function: &str, name: &str) -> anyhow::Result<bool> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let gone = tx.execute(
+            "DELETE FROM aliases WHERE function = ?1 AND name = ?2",
+            [function, name],
+        )?;
+        tx.execute(
+            "DELETE FROM events WHERE function = ?1 AND qualifier = ?2",
+            [function, name],
+        )?;
+        tx.commit()?;
+        Ok(gone == 1)
+    }
+
+    /// The version a qualifier names now: `None` or `$LATEST` is `$LATEST`, a number is
+    /// itself (if published), an alias its version; `None` when it names nothing.
+    pub fn resolve_qualifier(
+        &self,
+        function: &str,
+        qualifier: Option<&str>,
+    ) -> anyhow::Result<Option<String>> {
+        match qualifier {
+            None | Some(LATEST) => Ok(Some(LATEST.to_string())),
+            Some(q) => match version_number(q) {
+                Some(n) => Ok(self.version(function, n)?.map(|v| v.version)),
+                None => Ok(self.alias(function, q)?.map(|a| a.function_version)),
+            },
+        }
+    }
+
+    /// Whether any function or version runs the code at `code`.
+    pub fn code_in_use(&self, code: &Path) -> anyhow::Result<bool> {
+        let db = self.db();
+        let mut query =
+            db.prepare("SELECT record FROM functions UNION ALL SELECT record FROM versions")?;
+        let mut rows = query.query([])?;
+        while let Some(row) = rows.next()? {
+            let record: FunctionRecord = serde_json::from_str(&row.get::<_, String>(0)?)?;
+            if record.code == code {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Accepts an event: once this returns, it survives any crash. Refused when the
@@ -306,7 +494,7 @@ impl Store {
         }
         let mut read = db.prepare(
             "SELECT seq, request_id, function, payload, trace_id, client_context, accepted_ms, attempts,
-                    settled_file, settled_record
+                    settled_file, settled_record, qualifier
              FROM events WHERE seq = ?1",
         )?;
         taken
@@ -317,6 +505,7 @@ impl Store {
                         seq: r.get(0)?,
                         request_id: r.get(1)?,
                         function: r.get(2)?,
+                        qualifier: r.get(10)?,
                         payload: r.get(3)?,
                         trace_id: r.get(4)?,
                         client_context: r.get(5)?,
@@ -392,8 +581,8 @@ fn insert_event(
     due_ms: i64,
 ) -> anyhow::Result<()> {
     tx.execute(
-        "INSERT INTO events (request_id, function, payload, trace_id, client_context, accepted_ms, attempts, due_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO events (request_id, function, payload, trace_id, client_context, accepted_ms, attempts, due_ms, qualifier)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         params![
             event.request_id,
             event.function,
@@ -402,10 +591,19 @@ fn insert_event(
             event.client_context,
             event.accepted_ms,
             event.attempts,
-            due_ms
+            due_ms,
+            event.qualifier
         ],
     )?;
     Ok(())
+}
+
+/// A published version's number, if `q` is one (digits, as Lambda's versions).
+pub fn version_number(q: &str) -> Option<u64> {
+    q.bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| q.parse().ok())
+        .flatten()
 }
 
 fn to_usize(n: i64) -> usize {
@@ -438,6 +636,8 @@ mod tests {
     fn record(name: &str) -> FunctionRecord {
         FunctionRecord {
             name: name.into(),
+            version: LATEST.into(),
+            last_version: 0,
             origin: Origin::Api,
             runtime: "python3.12".into(),
             image: "python".into(),
@@ -464,6 +664,7 @@ mod tests {
             seq: 0,
             request_id: id.into(),
             function: function.into(),
+            qualifier: None,
             payload: vec![b'x'; bytes],
             trace_id: None,
             client_context: None,
@@ -559,6 +760,67 @@ mod tests {
         );
         store.delete_function("f").unwrap();
         assert_eq!(store.queue_stats().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn versions_and_aliases_resolve_and_go_with_their_function() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut latest = record("f");
+        store.put_function(&latest).unwrap();
+        latest.last_version = 1;
+        let mut v1 = latest.clone();
+        v1.version = "1".into();
+        v1.code = "/v1.zip".into();
+        store.publish_version(&latest, &v1).unwrap();
+        assert!(store.publish_version(&latest, &v1).is_err(), "a number is published once");
+        let alias = AliasRecord {
+            name: "live".into(),
+            function_version: "1".into(),
+            description: String::new(),
+            revision_id: "r".into(),
+        };
+        assert!(store.put_alias("f", &alias, true).unwrap());
+        assert!(!store.put_alias("f", &alias, true).unwrap());
+        let mut q = event("f", "q", 1);
+        q.qualifier = Some("live".into());
+        let bounds = QueueBounds {
+            events: 10,
+            bytes: 100,
+        };
+        store.enqueue(&q, 0, bounds).unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.function("f").unwrap().unwrap().last_version, 1);
+        let due = store.due_events(1, &mut |_, _| true).unwrap();
+        assert_eq!(due[0].qualifier.as_deref(), Some("live"));
+        for (qualifier, want) in [
+            (None, Some("$LATEST")),
+            (Some("$LATEST"), Some("$LATEST")),
+            (Some("1"), Some("1")),
+            (Some("live"), Some("1")),
+            (Some("2"), None),
+            (Some("dead"), None),
+        ] {
+            assert_eq!(
+                store.resolve_qualifier("f", qualifier).unwrap().as_deref(),
+                want,
+                "{qualifier:?}"
+            );
+        }
+        assert!(store.code_in_use(Path::new("/v1.zip")).unwrap());
+        assert!(store.delete_alias("f", "live").unwrap());
+        assert!(store.due_events(1, &mut |_, _| true).unwrap().is_empty());
+        assert!(store.delete_version("f", 1).unwrap());
+        assert!(!store.code_in_use(Path::new("/v1.zip")).unwrap());
+        store.publish_version(&latest, &v1).unwrap();
+        store.put_alias("f", &alias, true).unwrap();
+        store.delete_function("f").unwrap();
+        assert!(store.versions("f").unwrap().is_empty());
+        assert!(store.aliases("f").unwrap().is_empty());
+        assert_eq!(version_number("12"), Some(12));
+        assert_eq!(version_number("1a"), None);
+        assert_eq!(version_number(""), None);
     }
 
     #[test]

@@ -7,7 +7,10 @@ and the AWS CLI against a real `kindling serve` (sandbox isolation).
 `api`: create from a zip, wait until active, invoke, update the code and see the new
 answer, update the configuration, list with paging, delete, every error case with
 Lambda's error type; functions.toml's functions are listed and read-only; the registry
-survives a restart; event-invoke configs and a function destination.
+survives a restart; event-invoke configs and a function destination; published versions
+and aliases (each version's own code, configuration and environments, whatever names it:
+`fn:1`, `fn:alias`, `Qualifier`, a qualified ARN, an Event), listed with paging, with
+their error cases, through boto3 and the AWS CLI.
 
 `durability`: N Event invocations (some failing), the server SIGKILLed while they run and
 restarted on the same state dir: every event runs, none runs again once it completed
@@ -49,6 +52,14 @@ APP_V2 = '''
 import os
 def handler(event, context):
     return {"version": 2, "event": event, "greeting": os.environ.get("GREETING")}
+'''
+# Says which code, version and configuration answered.
+APP_TAGGED = '''
+import os
+CODE = "%s"
+def handler(event, context):
+    return {"code": CODE, "version": context.function_version,
+            "arn": context.invoked_function_arn, "stage": os.environ.get("STAGE")}
 '''
 # Sleeps a little so that events are still running when the server is killed.
 APP_EVENTS = '''
@@ -340,6 +351,8 @@ def run_api(server, scratch):
           and record["responsePayload"]["version"] == 2,
           "hello's success record reached the function sink, whose own reached its file")
 
+    run_versions(server, lam)
+
     # The registry survives a restart; a deleted function is gone for good.
     invoke_json(lam, "page-0", {})
     envs = lambda: [e for e in os.listdir(os.path.join(server.state, "envs"))
@@ -357,6 +370,11 @@ def run_api(server, scratch):
     _, body = invoke_json(lam, "hello", {"after": "restart"})
     check(body.get("version") == 2 and body.get("greeting") == "hi",
           "after a restart the function runs its last code and configuration")
+    _, body = invoke_json(lam, "ver:live", {})
+    check((body.get("code"), body.get("version")) == ("B", "2"),
+          f"after a restart versions and aliases are kept ({body})")
+    check(error_type(lambda: lam.invoke(FunctionName="ver:1", Payload=b"{}")) ==
+          "ResourceNotFoundException", "a deleted version stays deleted after a restart")
 
     # The AWS CLI, as a user would.
     zip_path = os.path.join(scratch, "cli.zip")
@@ -376,9 +394,252 @@ def run_api(server, scratch):
     r = server.cli("invoke", "--function-name", "cli-fn", "--payload", '{"cli": true}', out)
     check(r.returncode == 0 and json.load(open(out)) == {"version": 1, "event": {"cli": True}},
           f"aws lambda invoke ({r.stderr})")
+    r = server.cli("publish-version", "--function-name", "cli-fn", "--description", "first")
+    check(r.returncode == 0 and json.loads(r.stdout)["Version"] == "1",
+          f"aws lambda publish-version ({r.stdout}{r.stderr})")
+    r = server.cli("create-alias", "--function-name", "cli-fn", "--name", "prod",
+                   "--function-version", "1")
+    check(r.returncode == 0 and json.loads(r.stdout)["AliasArn"].endswith(":cli-fn:prod"),
+          f"aws lambda create-alias ({r.stderr})")
+    open(zip_path, "wb").write(zipped(**{"app.py": APP_V2}))
+    r = server.cli("update-function-code", "--function-name", "cli-fn",
+                   "--zip-file", f"fileb://{zip_path}")
+    check(r.returncode == 0, f"aws lambda update-function-code ({r.stderr})")
+    r = server.cli("wait", "function-updated", "--function-name", "cli-fn")
+    check(r.returncode == 0, f"aws lambda wait function-updated ({r.stderr})")
+    for what, args, want in [
+        ("unqualified: $LATEST, the new code", ["--function-name", "cli-fn"], (2, "$LATEST")),
+        ("--qualifier prod: version 1's code", ["--function-name", "cli-fn", "--qualifier",
+                                                "prod"], (1, "1")),
+        ("cli-fn:1", ["--function-name", "cli-fn:1"], (1, "1")),
+    ]:
+        r = server.cli("invoke", *args, "--payload", "{}", out)
+        answer = json.load(open(out)) if r.returncode == 0 else {}
+        executed = json.loads(r.stdout).get("ExecutedVersion") if r.returncode == 0 else None
+        check((answer.get("version"), executed) == want,
+              f"aws lambda invoke {what} ({answer}, {executed}, {r.stderr})")
+    r = server.cli("publish-version", "--function-name", "cli-fn")
+    check(r.returncode == 0 and json.loads(r.stdout)["Version"] == "2",
+          "aws lambda publish-version after an update publishes version 2")
+    r = server.cli("update-alias", "--function-name", "cli-fn", "--name", "prod",
+                   "--function-version", "2")
+    check(r.returncode == 0, f"aws lambda update-alias ({r.stderr})")
+    r = server.cli("invoke", "--function-name", "cli-fn:prod", "--payload", "{}", out)
+    check(r.returncode == 0 and json.load(open(out))["version"] == 2,
+          "after update-alias the alias runs version 2")
+    r = server.cli("list-versions-by-function", "--function-name", "cli-fn",
+                   "--page-size", "1")
+    check(r.returncode == 0 and [v["Version"] for v in json.loads(r.stdout)["Versions"]] ==
+          ["$LATEST", "1", "2"], f"aws lambda list-versions-by-function pages ({r.stderr})")
+    r = server.cli("list-aliases", "--function-name", "cli-fn")
+    check(r.returncode == 0 and [a["Name"] for a in json.loads(r.stdout)["Aliases"]] == ["prod"],
+          "aws lambda list-aliases")
+    r = server.cli("get-alias", "--function-name", "cli-fn", "--name", "nope")
+    check(r.returncode != 0 and "ResourceNotFoundException" in r.stderr,
+          "aws lambda get-alias of a missing alias: ResourceNotFoundException")
+    r = server.cli("delete-function", "--function-name", "cli-fn", "--qualifier", "2")
+    check(r.returncode != 0 and "ResourceConflictException" in r.stderr,
+          "aws lambda delete-function of a version an alias names: ResourceConflictException")
+    r = server.cli("delete-alias", "--function-name", "cli-fn", "--name", "prod")
+    check(r.returncode == 0, "aws lambda delete-alias")
+    r = server.cli("delete-function", "--function-name", "cli-fn", "--qualifier", "1")
+    check(r.returncode == 0, "aws lambda delete-function --qualifier 1")
+    r = server.cli("get-function", "--function-name", "cli-fn", "--qualifier", "1")
+    check(r.returncode != 0 and "ResourceNotFoundException" in r.stderr,
+          "a deleted version is ResourceNotFoundException")
     r = server.cli("delete-function", "--function-name", "cli-fn")
     check(r.returncode == 0, "aws lambda delete-function")
     server.stop()
+
+
+def run_versions(server, lam):
+    """Versions and aliases through boto3: each version runs its own code and configuration
+    in environments of its own, however it is named."""
+    code_a, code_b = (zipped(**{"app.py": APP_TAGGED % tag}) for tag in "AB")
+    sha = lambda z: base64.b64encode(hashlib.sha256(z).digest()).decode()
+    arn = "arn:aws:lambda:us-east-1:000000000000:function:ver"
+    lam.create_function(FunctionName="ver", Runtime="python3.12", Role=ROLE,
+                        Handler="app.handler", Code={"ZipFile": code_a},
+                        Environment={"Variables": {"STAGE": "one"}})
+    v1 = lam.publish_version(FunctionName="ver", Description="first")
+    check(v1["ResponseMetadata"]["HTTPStatusCode"] == 201 and v1["Version"] == "1"
+          and v1["FunctionArn"] == f"{arn}:1" and v1["CodeSha256"] == sha(code_a)
+          and v1["Description"] == "first", "PublishVersion answers 201 with version 1")
+    again = lam.publish_version(FunctionName="ver")
+    check(again["Version"] == "1", "publishing an unchanged $LATEST answers the last version")
+    alias = lam.create_alias(FunctionName="ver", Name="live", FunctionVersion="1",
+                             Description="production")
+    check(alias["ResponseMetadata"]["HTTPStatusCode"] == 201
+          and alias["AliasArn"] == f"{arn}:live" and alias["FunctionVersion"] == "1",
+          "CreateAlias answers 201 with the alias")
+    lam.update_function_code(FunctionName="ver", ZipFile=code_b)
+    lam.get_waiter("function_updated_v2").wait(FunctionName="ver")
+
+    def answer(**kwargs):
+        r = lam.invoke(Payload=b"{}", **kwargs)
+        return json.loads(r["Payload"].read()), r.get("ExecutedVersion")
+
+    for what, kwargs, want in [
+        ("ver", {"FunctionName": "ver"}, ("B", "$LATEST", arn)),
+        ("ver:1", {"FunctionName": "ver:1"}, ("A", "1", f"{arn}:1")),
+        ("ver:live", {"FunctionName": "ver:live"}, ("A", "1", f"{arn}:live")),
+        ("Qualifier=1", {"FunctionName": "ver", "Qualifier": "1"}, ("A", "1", f"{arn}:1")),
+        ("Qualifier=$LATEST", {"FunctionName": "ver", "Qualifier": "$LATEST"},
+         ("B", "$LATEST", f"{arn}:$LATEST")),
+        ("a full ARN with an alias", {"FunctionName": f"{arn}:live"}, ("A", "1", f"{arn}:live")),
+        ("a partial ARN with a version", {"FunctionName": "000000000000:function:ver:1"},
+         ("A", "1", f"{arn}:1")),
+    ]:
+        body, executed = answer(**kwargs)
+        got = (body.get("code"), body.get("version"), body.get("arn"))
+        check(got == want and executed == want[1],
+              f"invoking {what} runs {want[:2]} with its own ARN ({got}, executed {executed})")
+    envs = sorted(e for e in os.listdir(os.path.join(server.state, "envs"))
+                  if e.startswith("ver-"))
+    check(len(envs) == 2, f"$LATEST and version 1 each have an environment of their own ({envs})")
+    lam.update_function_configuration(FunctionName="ver", Environment={"Variables":
+                                                                       {"STAGE": "two"}})
+    lam.get_waiter("function_updated_v2").wait(FunctionName="ver")
+    check(answer(FunctionName="ver")[0]["stage"] == "two"
+          and answer(FunctionName="ver:1")[0]["stage"] == "one",
+          "a configuration update changes $LATEST, not version 1")
+
+    latest = lam.get_function(FunctionName="ver")["Configuration"]
+    cases = [
+        ("publish with another CodeSha256", "InvalidParameterValueException",
+         lambda: lam.publish_version(FunctionName="ver", CodeSha256=sha(code_a))),
+        ("publish with a stale RevisionId", "PreconditionFailedException",
+         lambda: lam.publish_version(FunctionName="ver", RevisionId="old")),
+    ]
+    for what, want_type, call in cases:
+        got = error_type(call)
+        check(got == want_type, f"{what}: {want_type} (got {got})")
+    v2 = lam.publish_version(FunctionName="ver", CodeSha256=sha(code_b),
+                             RevisionId=latest["RevisionId"])
+    check(v2["Version"] == "2" and v2["CodeSha256"] == sha(code_b),
+          "PublishVersion with $LATEST's CodeSha256 and RevisionId publishes version 2")
+    live = lam.get_alias(FunctionName="ver", Name="live")
+    updated = lam.update_alias(FunctionName="ver", Name="live", FunctionVersion="2",
+                               RevisionId=live["RevisionId"])
+    check(updated["FunctionVersion"] == "2" and updated["RevisionId"] != live["RevisionId"],
+          "UpdateAlias moves the alias to version 2")
+    body, executed = answer(FunctionName="ver:live")
+    check((body["code"], body["version"], body["stage"], executed) == ("B", "2", "two", "2"),
+          f"the alias now runs version 2's code and configuration ({body})")
+    check(answer(FunctionName="ver:1")[0]["code"] == "A", "version 1 still runs its own code")
+
+    conf = lam.get_function_configuration(FunctionName="ver", Qualifier="1")
+    check((conf["Version"], conf["CodeSha256"], conf["FunctionArn"],
+           conf["Environment"]["Variables"]) == ("1", sha(code_a), f"{arn}:1", {"STAGE": "one"}),
+          "GetFunctionConfiguration with a Qualifier shows that version")
+    conf = lam.get_function(FunctionName="ver:live")["Configuration"]
+    check((conf["Version"], conf["FunctionArn"]) == ("2", f"{arn}:live"),
+          "GetFunction of an alias shows its version")
+
+    # An Event sent to a version runs that version; its record says so.
+    lam.put_function_event_invoke_config(
+        FunctionName="ver", DestinationConfig={"OnSuccess": {"Destination":
+                                               "arn:aws:sqs:us-east-1:000000000000:ver-ok"}})
+    lam.invoke(FunctionName="ver", Qualifier="1", InvocationType="Event", Payload=b'{"e": 1}')
+    records = wait_for(lambda: server.destination("ver-ok"), 30)
+    record = records[0] if records else {}
+    check(record.get("responsePayload", {}).get("code") == "A"
+          and record["requestContext"]["functionArn"] == f"{arn}:1"
+          and record["responseContext"]["executedVersion"] == "1",
+          f"an Event to version 1 runs version 1 ({record})")
+
+    for name in ["beta", "alpha", "gamma"]:
+        lam.create_alias(FunctionName="ver", Name=name, FunctionVersion="1")
+    versions = [v["Version"] for p in lam.get_paginator("list_versions_by_function").paginate(
+        FunctionName="ver", PaginationConfig={"PageSize": 1}) for v in p["Versions"]]
+    check(versions == ["$LATEST", "1", "2"], f"ListVersionsByFunction pages through ({versions})")
+    page = lam.list_versions_by_function(FunctionName="ver", MaxItems=2)
+    check(len(page["Versions"]) == 2 and "NextMarker" in page,
+          "ListVersionsByFunction stops at MaxItems with a NextMarker")
+    aliases, pages, marker = [], 0, None
+    while True:
+        page = lam.list_aliases(FunctionName="ver", MaxItems=2,
+                                **({"Marker": marker} if marker else {}))
+        pages += 1
+        aliases += [a["Name"] for a in page["Aliases"]]
+        marker = page.get("NextMarker")
+        if not marker:
+            break
+    check(aliases == ["alpha", "beta", "gamma", "live"] and pages == 2,
+          f"ListAliases pages through every alias in order ({aliases})")
+    ones = [a["Name"] for a in lam.list_aliases(FunctionName="ver", FunctionVersion="1")["Aliases"]]
+    check(ones == ["alpha", "beta", "gamma"], "ListAliases with FunctionVersion")
+
+    cases = [
+        ("invoke a version that does not exist", "ResourceNotFoundException",
+         lambda: lam.invoke(FunctionName="ver:9", Payload=b"{}")),
+        ("invoke an alias that does not exist", "ResourceNotFoundException",
+         lambda: lam.invoke(FunctionName="ver", Qualifier="nope", Payload=b"{}")),
+        ("an Event to an alias that does not exist", "ResourceNotFoundException",
+         lambda: lam.invoke(FunctionName="ver:nope", InvocationType="Event", Payload=b"{}")),
+        ("get a version that does not exist", "ResourceNotFoundException",
+         lambda: lam.get_function(FunctionName="ver", Qualifier="9")),
+        ("get an alias that does not exist", "ResourceNotFoundException",
+         lambda: lam.get_alias(FunctionName="ver", Name="nope")),
+        ("an alias of a function that does not exist", "ResourceNotFoundException",
+         lambda: lam.create_alias(FunctionName="nope", Name="x", FunctionVersion="1")),
+        ("an alias of a version that does not exist", "ResourceNotFoundException",
+         lambda: lam.create_alias(FunctionName="ver", Name="x", FunctionVersion="9")),
+        ("an alias that exists already", "ResourceConflictException",
+         lambda: lam.create_alias(FunctionName="ver", Name="live", FunctionVersion="1")),
+        ("an alias named like a version", "ValidationException",
+         lambda: lam.create_alias(FunctionName="ver", Name="12", FunctionVersion="1")),
+        ("an alias of a version that is not a number", "ValidationException",
+         lambda: lam.create_alias(FunctionName="ver", Name="x", FunctionVersion="one")),
+        ("a weighted alias", "InvalidParameterValueException",
+         lambda: lam.create_alias(FunctionName="ver", Name="x", FunctionVersion="1",
+                                  RoutingConfig={"AdditionalVersionWeights": {"2": 0.5}})),
+        ("UpdateAlias with a stale RevisionId", "PreconditionFailedException",
+         lambda: lam.update_alias(FunctionName="ver", Name="live", RevisionId="old")),
+        ("UpdateAlias to a version that does not exist", "ResourceNotFoundException",
+         lambda: lam.update_alias(FunctionName="ver", Name="live", FunctionVersion="9")),
+        ("UpdateAlias of an alias that does not exist", "ResourceNotFoundException",
+         lambda: lam.update_alias(FunctionName="ver", Name="nope", FunctionVersion="1")),
+        ("DeleteAlias of a function that does not exist", "ResourceNotFoundException",
+         lambda: lam.delete_alias(FunctionName="nope", Name="live")),
+        ("deleting a version an alias names", "ResourceConflictException",
+         lambda: lam.delete_function(FunctionName="ver", Qualifier="1")),
+        ("deleting $LATEST alone", "InvalidParameterValueException",
+         lambda: lam.delete_function(FunctionName="ver", Qualifier="$LATEST")),
+        ("deleting a version that does not exist", "ResourceNotFoundException",
+         lambda: lam.delete_function(FunctionName="ver", Qualifier="9")),
+        ("updating a version's code", "InvalidParameterValueException",
+         lambda: lam.update_function_code(FunctionName="ver:1", ZipFile=code_a)),
+        ("publishing a functions.toml function", "ResourceConflictException",
+         lambda: lam.publish_version(FunctionName="from-file")),
+        ("an ARN of another region", "ResourceNotFoundException",
+         lambda: lam.get_function(
+             FunctionName="arn:aws:lambda:eu-west-1:000000000000:function:ver:1")),
+    ]
+    for what, want_type, call in cases:
+        got = error_type(call)
+        check(got == want_type, f"{what}: {want_type} (got {got})")
+
+    for name in ["alpha", "beta", "gamma"]:
+        lam.delete_alias(FunctionName="ver", Name=name)
+    gone = lam.delete_alias(FunctionName="ver", Name="gamma")
+    check(gone["ResponseMetadata"]["HTTPStatusCode"] == 204,
+          "DeleteAlias of an alias already gone answers 204, as Lambda")
+    lam.delete_function(FunctionName="ver", Qualifier="1")
+    check(error_type(lambda: lam.invoke(FunctionName="ver:1", Payload=b"{}")) ==
+          "ResourceNotFoundException", "DeleteFunction with a Qualifier deletes that version")
+    check([v["Version"] for v in lam.list_versions_by_function(FunctionName="ver")["Versions"]]
+          == ["$LATEST", "2"], "the other versions stay")
+    envs = [e for e in os.listdir(os.path.join(server.state, "envs")) if e.startswith("ver-")]
+    check(len(envs) == 2, f"the deleted version's environment stopped ({envs})")
+    kept = os.listdir(os.path.join(server.state, "code"))
+    check(hashlib.sha256(code_a).hexdigest() + ".zip" not in kept
+          and hashlib.sha256(code_b).hexdigest() + ".zip" in kept,
+          "the deleted version's code left the code store; version 2's stayed")
+
+
+def metrics(server):
+    return urllib.request.urlopen(f"http://{server.addr}/metrics").read().decode()
 
 
 def wait_for(probe, seconds):
@@ -422,6 +683,11 @@ def run_durability(server, events):
         assert r["StatusCode"] == 202, r
         ids[r["ResponseMetadata"]["RequestId"]] = n
     check(len(ids) == events, f"{events} events accepted in {time.time() - started:.1f} s")
+    gauges = dict(re.findall(r'^(kindling_event_queue_\w+)\{function="worker"\} (\S+)$',
+                             metrics(server), re.M))
+    check(float(gauges.get("kindling_event_queue_depth", 0)) > 0
+          and float(gauges.get("kindling_event_queue_oldest_age_seconds", -1)) >= 0,
+          f"/metrics shows the queue's depth and its oldest event's age ({gauges})")
     # Kill the server once part of the events have completed.
     wait_for(lambda: len(server.destination("done")) >= events // 4, 120)
     server.kill9()
@@ -468,10 +734,13 @@ def run_durability(server, events):
     starts = collections.Counter(re.findall(r"START RequestId: (\S+)", server.log("worker")))
     check(all(starts[i] >= 3 for i, n in ids.items() if n in failing),
           "each failing event started at least 3 times")
-    metrics = urllib.request.urlopen(f"http://{server.addr}/metrics").read().decode()
-    check('kindling_event_queue_depth{function="worker"}' not in metrics,
+    scraped = metrics(server)
+    check('kindling_event_queue_depth{function="worker"}' not in scraped,
           "the queue is empty in /metrics")
-    check('kindling_event_retries_total{function="worker"}' in metrics, "retries are counted")
+    retries = re.search(r'^kindling_event_retries_total\{function="worker"\} (\S+)$', scraped,
+                        re.M)
+    check(retries and float(retries.group(1)) > 0,
+          f"/metrics counts the retries since the restart ({retries and retries.group(1)})")
     server.stop()
 
 
