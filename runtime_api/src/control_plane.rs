@@ -330,7 +330,10 @@ impl ControlPlane {
             .map_err(ApiError::store)?;
         let found = match version.as_deref().map(version_number) {
             Some(None) => Some(latest),
-            Some(Some(n)) => self.store.version(&named.name, n).map_err(ApiError::store)?,
+            Some(Some(n)) => self
+                .store
+                .version(&named.name, n)
+                .map_err(ApiError::store)?,
             None => None,
         };
         found.ok_or_else(|| {
@@ -541,7 +544,11 @@ impl ControlPlane {
         let new_code = record.code.clone();
         let committed = self.commit(record).await;
         // The code the function no longer uses (or, refused, the zip just stored).
-        self.forget_code(if committed.is_ok() { &old_code } else { &new_code });
+        self.forget_code(if committed.is_ok() {
+            &old_code
+        } else {
+            &new_code
+        });
         let record = committed?;
         let shown = if input.publish {
             self.publish_locked(record, None).await?
@@ -703,8 +710,12 @@ impl ControlPlane {
     ) -> Result<Response<Full<Bytes>>, ApiError> {
         let Some(number) = version_number(qualifier) else {
             return Err(ApiError::invalid(match qualifier {
-                VERSION => "$LATEST version cannot be deleted without deleting the function.".into(),
-                alias => format!("{alias} is not a version number: delete an alias with DeleteAlias"),
+                VERSION => {
+                    "$LATEST version cannot be deleted without deleting the function.".into()
+                }
+                alias => {
+                    format!("{alias} is not a version number: delete an alias with DeleteAlias")
+                }
             }));
         };
         let _change = self.changes.lock().await;
@@ -714,7 +725,10 @@ impl ControlPlane {
             .version(name, number)
             .map_err(ApiError::store)?
             .ok_or_else(|| {
-                ApiError::not_found(format!("Function not found: {}:{qualifier}", self.arn(name)))
+                ApiError::not_found(format!(
+                    "Function not found: {}:{qualifier}",
+                    self.arn(name)
+                ))
             })?;
         let naming: Vec<String> = self
             .store

@@ -262,7 +262,8 @@ impl InvokeApi {
             cognito_identity: None,
             trace_id: headers.trace_id,
             request_id: None,
-            qualifier: named.qualifier.clone(),
+            // `$LATEST` named or not, the function sees its unqualified ARN.
+            qualifier: named.qualifier.clone().filter(|q| q != VERSION),
         };
         match headers.invocation_type {
             InvocationType::DryRun => status_only(StatusCode::NO_CONTENT),
@@ -271,7 +272,11 @@ impl InvokeApi {
                 self.queue_event(function, qualifier, request).await
             }
             InvocationType::RequestResponse => {
-                match self.scheduler.invoke(function, version, request, false).await {
+                match self
+                    .scheduler
+                    .invoke(function, version, request, false)
+                    .await
+                {
                     Ok(invoked) => rendered(invoked, headers.tail),
                     Err(e) => self.refused(e),
                 }

@@ -380,7 +380,12 @@ impl Store {
     }
 
     /// Adds (`new`: only if none of that name exists, else `false`) or replaces an alias.
-    pub fn put_alias(&self, function: &str, alias: &AliasRecord, new: bool) -> anyhow::Result<bool> {
+    pub fn put_alias(
+        &self,
+        function: &str,
+        alias: &AliasRecord,
+        new: bool,
+    ) -> anyhow::Result<bool> {
         let sql = if new {
             "INSERT OR IGNORE INTO aliases (function, name, record) VALUES (?1, ?2, ?3)"
         } else {
@@ -773,7 +778,10 @@ mod tests {
         v1.version = "1".into();
         v1.code = "/v1.zip".into();
         store.publish_version(&latest, &v1).unwrap();
-        assert!(store.publish_version(&latest, &v1).is_err(), "a number is published once");
+        assert!(
+            store.publish_version(&latest, &v1).is_err(),
+            "a number is published once"
+        );
         let alias = AliasRecord {
             name: "live".into(),
             function_version: "1".into(),

@@ -368,7 +368,7 @@ async fn names_arns_and_qualifiers_like_lambda() {
         );
     }
 
-    // No versions or aliases exist: asking for one is Lambda's 404, and nothing runs.
+    // A version or alias that does not exist is Lambda's 404, and nothing runs.
     for path in [
         "echo/invocations?Qualifier=prod",
         "echo%3Aprod/invocations",
