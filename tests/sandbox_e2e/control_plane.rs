@@ -1,7 +1,8 @@
 //! The control plane and the durable event queue through the clients users deploy with:
 //! `tests/control_plane/lambda_api.py` drives a real `kindling serve` (sandbox isolation,
-//! no functions file but its own) with boto3 and the AWS CLI, SIGKILLs and restarts it,
-//! and checks every answer; each check is one `ok:` line of the output.
+//! no functions file but its own) with boto3 and the AWS CLI (functions, versions and
+//! aliases; 1,000 Event invocations across a SIGKILL), SIGKILLs and restarts it, and
+//! checks every answer; each check is one `ok:` line of the output.
 
 use std::process::Command;
 
@@ -63,5 +64,5 @@ fn deploy_update_list_and_delete_with_boto3_and_the_aws_cli() {
 
 #[test]
 fn no_accepted_event_is_lost_when_the_server_is_killed() {
-    scenario(&["durability", "--events", "200"]);
+    scenario(&["durability", "--events", "1000"]);
 }
