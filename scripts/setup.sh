@@ -13,6 +13,8 @@ packages=(
   util-linux iproute2 curl python3 nodejs
   # control-plane tests: the AWS CLI and boto3 against `kindling serve`
   awscli python3-boto3
+  # environments' outbound network: the host's filter and NAT (`nft`)
+  nftables
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -15,7 +15,9 @@ use kindling_images::{
 use kindling_microvm::kindling::KindlingVmm;
 use kindling_microvm::qemu::{self, Accel, Qemu};
 use kindling_microvm::{probe, Backend, BootFiles, ImageSource, MicroVmLauncher};
+use kindling_network::Network;
 use kindling_runtime_api::config::{FunctionConfig, Hypervisor};
+use kindling_runtime_api::environment::Network as FunctionNetwork;
 use kindling_runtime_api::{
     DeployError, Deployer, Environment, EnvironmentSpec, Function, Isolation, Launcher,
 };
@@ -39,12 +41,14 @@ pub struct Prepared {
 /// The functions, a launcher for each isolation they use (and for `default_isolation`,
 /// which functions created through the API get), and the deployer of their code.
 /// With `images`, guests boot the images it names; without, those of the image cache.
+/// With `network`, environments of functions with `network = "outbound"` get one.
 pub fn prepare(
     configs: Vec<FunctionConfig>,
     hypervisor_override: Option<Hypervisor>,
     images: Option<ImagesManifest>,
     state_dir: &Path,
     default_isolation: Option<Isolation>,
+    network: Option<Arc<Network>>,
 ) -> anyhow::Result<Prepared> {
     let mut launchers = Launchers::new();
     let images = Arc::new(ImageCache {
@@ -56,9 +60,13 @@ pub fn prepare(
         state_dir.join("logs"),
         state_dir.join("snapshots"),
     );
+    if let Some(network) = &network {
+        microvm.set_network(network.clone());
+    }
     let sandboxes = Arc::new(SandboxByRuntime {
         images,
         roots: Mutex::default(),
+        network,
     });
     let mut functions = Vec::new();
     let no_microvm = why_no_microvm();
@@ -104,6 +112,13 @@ pub fn prepare(
                         function.name,
                         backend.name()
                     );
+                }
+                if function.network == FunctionNetwork::Outbound {
+                    if function.snapstart {
+                        eprintln!("kindling: {}: no network with snapstart yet (a snapshot would give every clone one environment's address); it runs with network = \"none\"", function.name);
+                    } else if backend.kind() == Hypervisor::Kindling {
+                        eprintln!("kindling: {}: no network on hypervisor kindling yet (use hypervisor = \"qemu\" for one); it runs with network = \"none\"", function.name);
+                    }
                 }
                 microvm.assign(&function.name, backend);
             }
@@ -233,6 +248,7 @@ fn kindling_vmm() -> anyhow::Result<Arc<dyn Backend>> {
 struct SandboxByRuntime {
     images: Arc<ImageCache>,
     roots: Mutex<HashMap<String, Arc<SandboxLauncher>>>,
+    network: Option<Arc<Network>>,
 }
 
 impl SandboxByRuntime {
@@ -255,6 +271,7 @@ impl SandboxByRuntime {
             }
             let options = SandboxOptions {
                 root: Some(root),
+                network: self.network.clone(),
                 ..SandboxOptions::default()
             };
             self.roots()

@@ -103,6 +103,9 @@ struct RunFunctionArgs {
     /// for later cold starts instead of booting.
     #[arg(long)]
     snapstart: bool,
+    /// outbound (IPv4 and DNS, the default) or none.
+    #[arg(long, default_value = "outbound")]
+    network: kindling_runtime_api::environment::Network,
 }
 
 /// What `serve` and `run` share.
@@ -137,6 +140,39 @@ struct ServerArgs {
     state: StateDirArg,
     #[command(flatten)]
     limits: LimitArgs,
+    #[command(flatten)]
+    network: NetworkArgs,
+}
+
+/// The environments' network.
+#[derive(clap::Args, Debug)]
+struct NetworkArgs {
+    /// Give no environment a network (every function as with network = "none").
+    #[arg(long)]
+    no_network: bool,
+    /// A DNS resolver for environments (repeatable) [the host's upstream resolvers, from
+    /// /etc/resolv.conf without loopback stubs].
+    #[arg(long = "dns", value_name = "IPV4")]
+    dns: Vec<std::net::Ipv4Addr>,
+    /// The addresses environments get, a /30 each [10.200.0.0/16].
+    #[arg(long, value_name = "CIDR", default_value = kindling_network::DEFAULT_POOL)]
+    network_pool: kindling_network::Cidr,
+}
+
+impl NetworkArgs {
+    /// Sets up the host's side, unless turned off.
+    async fn setup(&self) -> Option<std::sync::Arc<kindling_network::Network>> {
+        if self.no_network {
+            return None;
+        }
+        let options = kindling_network::NetworkOptions {
+            pool: self.network_pool,
+            dns: (!self.dns.is_empty()).then(|| self.dns.clone()),
+        };
+        Some(std::sync::Arc::new(
+            kindling_network::Network::setup(options).await,
+        ))
+    }
 }
 
 /// When idle environments are frozen.
@@ -329,6 +365,7 @@ fn run_function(args: RunFunctionArgs) -> anyhow::Result<FunctionConfig> {
         max_concurrency: args.max_concurrency,
         env: args.env.into_iter().collect::<BTreeMap<_, _>>(),
         snapstart: args.snapstart,
+        network: args.network,
     };
     Ok(FunctionConfig {
         function,
@@ -366,6 +403,7 @@ async fn host(
         images,
         &state_dir,
         api.isolation,
+        args.network.setup().await,
     )?;
     let mut options = ServerOptions::new(&state_dir);
     options.deployer = Some(deployer);

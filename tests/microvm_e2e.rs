@@ -20,6 +20,8 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+#[path = "common/internet.rs"]
+mod internet;
 #[path = "common/unprivileged.rs"]
 mod unprivileged;
 
@@ -237,10 +239,14 @@ struct FunctionDef {
     timeout_s: u32,
     max_concurrency: u32,
     snapstart: bool,
+    /// `outbound` or `none`.
+    network: &'static str,
 }
 
 /// The code every python test function boots: `tests/vm-functions/probe/app.py`.
 const PROBE: &str = "tests/vm-functions/probe";
+/// The network tests' probe: `tests/vm-functions/netprobe/app.py`.
+const NETPROBE: &str = "tests/vm-functions/netprobe";
 
 /// One function per trial, so that trials running at once never share an environment.
 const FUNCTIONS: &[FunctionDef] = &[
@@ -255,6 +261,7 @@ const FUNCTIONS: &[FunctionDef] = &[
         timeout_s: 10,
         max_concurrency: 1,
         snapstart: false,
+        network: "outbound",
     },
     FunctionDef::probe("crash", 10, 1),
     FunctionDef::probe("timeout", SHORT_TIMEOUT_S, 1),
@@ -264,6 +271,19 @@ const FUNCTIONS: &[FunctionDef] = &[
     FunctionDef {
         snapstart: true,
         ..FunctionDef::probe("snap", 30, 3)
+    },
+    FunctionDef {
+        code: NETPROBE,
+        ..FunctionDef::probe("net", 60, 1)
+    },
+    FunctionDef {
+        code: NETPROBE,
+        ..FunctionDef::probe("peer", 60, 1)
+    },
+    FunctionDef {
+        code: NETPROBE,
+        network: "none",
+        ..FunctionDef::probe("offline", 60, 1)
     },
 ];
 
@@ -277,6 +297,7 @@ impl FunctionDef {
             timeout_s,
             max_concurrency,
             snapstart: false,
+            network: "outbound",
         }
     }
 
@@ -285,7 +306,8 @@ impl FunctionDef {
         let code = Path::new(env!("CARGO_MANIFEST_DIR")).join(self.code);
         format!(
             "[functions.{}]\ncode = {}\nruntime = {}\nhandler = {}\nmemory = 128\n\
-             timeout = {}\nisolation = \"microvm\"\nmax_concurrency = {}\nsnapstart = {}\n\n",
+             timeout = {}\nisolation = \"microvm\"\nmax_concurrency = {}\nsnapstart = {}\n\
+             network = {}\n\n",
             self.name,
             Value::from(code.to_string_lossy()),
             Value::from(self.runtime),
@@ -293,6 +315,7 @@ impl FunctionDef {
             self.timeout_s,
             self.max_concurrency,
             self.snapstart,
+            Value::from(self.network),
         )
     }
 }
@@ -315,7 +338,10 @@ fn scenarios(host: &Arc<Host>) -> Vec<Trial> {
         the_runtime_runs_unprivileged,
     ];
     if matches!(host.backend, Backend::Qemu) {
-        list.extend(named![dead_vsock_daemon_fails_one_invocation]);
+        list.extend(named![
+            dead_vsock_daemon_fails_one_invocation,
+            outbound_network_only
+        ]);
     }
     if matches!(host.backend, Backend::Kindling) {
         list.extend(named![snapstart_restores_clones]);
@@ -552,6 +578,52 @@ fn concurrent_invocations_get_two_vms(server: &Server, _: Backend) -> Result<(),
             format!("{}: no bootstrap: {text}", console.display())
         })?;
     }
+    Ok(())
+}
+
+/// Outbound networking (issue 10): the guest fetches a page by name from the test's own
+/// "internet" (tests/common/internet.rs) through its virtio-net, the host's tap and NAT and
+/// the test's DNS server, and cannot reach the host's Invoke API, another host port,
+/// another microVM (serving meanwhile, as the host sees) or 169.254.169.254 (routed to a
+/// listener); a `network = "none"` function has only its loopback.
+fn outbound_network_only(server: &Server, _: Backend) -> Result<(), Failed> {
+    let internet = internet::Internet::start()?;
+    let host = internet::HostListener::start();
+    let peer = server.invoke("peer", &json!({}))?.ok_json()?["address"]
+        .as_str()
+        .ok_or("the peer has no address")?
+        .to_string();
+    let serving = server.invoke_in_background("peer", json!({"serve_seconds": 15}));
+    std::thread::sleep(Duration::from_secs(4));
+    let from_host = internet::host_reaches(&format!("{peer}:8080"));
+    let probe = internet::probe_event(server.addr.port(), host.port, &peer);
+    let answer = server.invoke("net", &probe)?.ok_json()?;
+    let served = serving
+        .join()
+        .map_err(|_| "the invoking thread panicked")??
+        .ok_json()?;
+    check(from_host.as_deref() == Some("peer\n"), || {
+        format!("the host did not reach the peer's listener: {from_host:?}")
+    })?;
+    check(served["accepted"] == 1, || {
+        format!("something besides the host reached the peer: {served}")
+    })?;
+    check(
+        internet::host_reaches(&format!("{}:80", internet::METADATA)).is_some(),
+        || "the metadata address has no listener".into(),
+    )?;
+    internet::check_outbound_only(&answer, server.addr.port(), host.port, &peer)?;
+    check(host.accepted() == 0, || {
+        "the host port saw a connection".into()
+    })?;
+    let web = format!("{}:80", internet::WEB);
+    let offline = server
+        .invoke("offline", &json!({"reach": [web]}))?
+        .ok_json()?;
+    check(offline["reach"][&web] == "errno 101", || {
+        format!("a network = \"none\" guest reached out: {offline}")
+    })?;
+    drop(internet);
     Ok(())
 }
 
@@ -855,7 +927,16 @@ impl Server {
             .arg("serve")
             .arg("--functions")
             .arg(&functions)
-            .args(["--hypervisor", backend.name(), "--addr", "127.0.0.1:0"])
+            // Every address, so that the network trial shows that guests are refused the
+            // Invoke API, not that it only listens on loopback.
+            .args([
+                "--hypervisor",
+                backend.name(),
+                "--addr",
+                "0.0.0.0:0",
+                "--allow-remote",
+            ])
+            .args(["--dns", internet::DNS])
             .args([
                 "--idle-timeout",
                 "600",

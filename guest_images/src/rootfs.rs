@@ -23,7 +23,9 @@ use crate::shims::{self, write_shims, ShimFile};
 pub const ROOTFS_DIR: &str = "rootfs";
 pub const ROOTFS_EXT4: &str = "rootfs.ext4";
 /// Bumped whenever [`Plan::populate`] changes what it adds, so images are rebuilt.
-const POPULATE_RECIPE: &str = "3";
+const POPULATE_RECIPE: &str = "4";
+/// Where `/etc/resolv.conf` leads: init writes it when the environment has a network.
+const RESOLV_CONF_TARGET: &str = "/run/resolv.conf";
 const HOSTS: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n";
 /// Default Debian mirror; `KINDLING_DEBIAN_MIRROR` overrides it.
 const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
@@ -288,11 +290,14 @@ impl Plan {
             serde_json::to_vec_pretty(&root_init_config())?,
         )?;
         // A guest resolves `localhost` from files alone; the build host's DNS settings,
-        // which debootstrap copies in, mean nothing inside it.
+        // which debootstrap copies in, mean nothing inside it: init writes the
+        // environment's resolvers into the writable /run, where this link leads.
         fs::write(root.join("etc/hosts"), HOSTS)?;
-        if root.join("etc/resolv.conf").symlink_metadata().is_ok() {
-            fs::remove_file(root.join("etc/resolv.conf"))?;
+        let resolv_conf = root.join("etc/resolv.conf");
+        if resolv_conf.symlink_metadata().is_ok() {
+            fs::remove_file(&resolv_conf)?;
         }
+        std::os::unix::fs::symlink(RESOLV_CONF_TARGET, &resolv_conf)?;
         Ok(())
     }
 }

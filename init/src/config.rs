@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -53,6 +54,14 @@ pub struct Config {
     pub boot_timer: BootTimer,
     /// Empty: keep the stdout/stderr init was started with.
     pub console: String,
+    /// The interface `net_address` goes on.
+    pub net_interface: String,
+    /// The guest's IPv4 address and prefix; `None`: no network beyond `lo`.
+    pub net_address: Option<NetAddress>,
+    /// The default route's next hop.
+    pub net_gateway: Option<Ipv4Addr>,
+    /// Written to `/etc/resolv.conf` when `net_address` is set.
+    pub nameservers: Vec<Ipv4Addr>,
 }
 
 impl Default for Config {
@@ -85,6 +94,10 @@ impl Default for Config {
             sandbox: false,
             boot_timer: BootTimer::Off,
             console: "/dev/console".into(),
+            net_interface: "eth0".into(),
+            net_address: None,
+            net_gateway: None,
+            nameservers: Vec::new(),
         }
     }
 }
@@ -129,6 +142,37 @@ pub enum Shutdown {
 /// (powers of 1024), or for tmpfs a percentage of RAM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Size(String);
+
+/// An interface's IPv4 address with its prefix length, written `10.200.0.2/30`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetAddress {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl NetAddress {
+    /// The netmask of the prefix.
+    pub fn netmask(&self) -> Ipv4Addr {
+        Ipv4Addr::from(
+            u32::MAX
+                .checked_shl(32 - u32::from(self.prefix))
+                .unwrap_or(0),
+        )
+    }
+}
+
+impl FromStr for NetAddress {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.split_once('/')
+            .and_then(|(addr, prefix)| Some((addr.parse().ok()?, prefix.parse().ok()?)))
+            .filter(|&(_, prefix): &(Ipv4Addr, u8)| (1..=32).contains(&prefix))
+            .map(|(addr, prefix)| Self { addr, prefix })
+            .ok_or_else(|| {
+                format!("`{s}` is not an IPv4 address with a prefix (example: 10.200.0.2/30)")
+            })
+    }
+}
 
 /// `RLIMIT_NOFILE` for the bootstrap, written `SOFT:HARD`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -288,7 +332,7 @@ macro_rules! deserialize_via_from_str {
         }
     )*};
 }
-deserialize_via_from_str!(Size, Restart, Shutdown, NoFile);
+deserialize_via_from_str!(Size, Restart, Shutdown, NoFile, NetAddress);
 
 /// One source's settings: only the keys it names.
 #[derive(Debug, Default, Deserialize, PartialEq)]
@@ -318,6 +362,10 @@ pub struct Layer {
     sandbox: Option<bool>,
     boot_timer: Option<BootTimer>,
     console: Option<String>,
+    net_interface: Option<String>,
+    net_address: Option<NetAddress>,
+    net_gateway: Option<Ipv4Addr>,
+    nameservers: Option<Vec<Ipv4Addr>>,
 }
 
 /// A configuration error, phrased for one line on the console.
@@ -424,6 +472,27 @@ impl Layer {
             "sandbox" => self.sandbox = boolean(value)?,
             "boot_timer" => self.boot_timer = parse(value)?,
             "console" => self.console = Some(value.into()),
+            "net_interface" => self.net_interface = Some(value.into()),
+            "net_address" => self.net_address = parse(value)?,
+            "net_gateway" => {
+                self.net_gateway = Some(
+                    value
+                        .parse()
+                        .map_err(|_| format!("`{value}` is not an IPv4 address"))?,
+                )
+            }
+            "nameservers" => {
+                self.nameservers = Some(
+                    value
+                        .split(',')
+                        .filter(|s| !s.is_empty())
+                        .map(|s| {
+                            s.parse()
+                                .map_err(|_| format!("`{s}` is not an IPv4 address"))
+                        })
+                        .collect::<Result<_, _>>()?,
+                )
+            }
             _ => return Err("unknown key".into()),
         }
         Ok(())
@@ -493,6 +562,10 @@ impl Config {
             sandbox,
             boot_timer,
             console,
+            net_interface,
+            net_address,
+            net_gateway,
+            nameservers,
         } = layer;
         if let Some(root) = root {
             self.root = (!root.is_empty()).then(|| root.into());
@@ -526,6 +599,14 @@ impl Config {
         set(&mut self.sandbox, sandbox);
         set(&mut self.boot_timer, boot_timer);
         set(&mut self.console, console);
+        set(&mut self.net_interface, net_interface);
+        if net_address.is_some() {
+            self.net_address = net_address;
+        }
+        if net_gateway.is_some() {
+            self.net_gateway = net_gateway;
+        }
+        set(&mut self.nameservers, nameservers);
         self.validate()
     }
 
@@ -638,6 +719,32 @@ mod tests {
         assert_eq!((c.nofile.soft, c.nofile.hard), (1024, 65536));
         assert!(!c.sandbox);
         assert_eq!(c.boot_timer, BootTimer::Off);
+    }
+
+    #[test]
+    fn the_network_keys_read_the_same_from_the_command_line_and_json() {
+        let cmdline = resolve(
+            "kindling.net_address=10.200.0.2/30 kindling.net_gateway=10.200.0.1 \
+             kindling.nameservers=192.0.2.53,198.51.100.53",
+            "{}",
+        )
+        .unwrap();
+        let json = resolve(
+            "",
+            r#"{"net_address": "10.200.0.2/30", "net_gateway": "10.200.0.1",
+                "nameservers": ["192.0.2.53", "198.51.100.53"]}"#,
+        )
+        .unwrap();
+        assert_eq!(cmdline, json);
+        let address = cmdline.net_address.unwrap();
+        assert_eq!(address.addr, Ipv4Addr::new(10, 200, 0, 2));
+        assert_eq!(address.netmask(), Ipv4Addr::new(255, 255, 255, 252));
+        assert_eq!(cmdline.net_interface, "eth0");
+        assert_eq!(cmdline.nameservers.len(), 2);
+        assert_eq!(Config::default().net_address, None);
+        assert!(resolve("kindling.net_address=10.200.0.2", "{}").is_err());
+        assert!(resolve("kindling.nameservers=dns.example", "{}").is_err());
+        assert!(resolve("kindling.net_gateway=::1", "{}").is_err());
     }
 
     #[test]

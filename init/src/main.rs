@@ -11,6 +11,7 @@ mod config;
 mod console;
 mod modules;
 mod mounts;
+mod network;
 mod root;
 mod shutdown;
 mod supervisor;
@@ -135,6 +136,7 @@ fn boot_and_run(
     }
     system::set_hostname(&config.hostname)?;
     system::loopback_up()?;
+    network::configure(config)?;
     system::set_nofile(config.nofile)?;
     *cgroup = Workload::create(config)?;
     Supervisor::new(config, cgroup.as_ref())?.run()

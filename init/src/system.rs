@@ -1,5 +1,5 @@
-//! Small pieces of machine state set once at boot: hostname, loopback, rlimits and the
-//! boot-timer write.
+//! Small pieces of machine state set once at boot: hostname, interfaces and the default
+//! route, rlimits and the boot-timer write.
 
 use std::fs::OpenOptions;
 use std::net::Ipv4Addr;
@@ -58,38 +58,76 @@ pub fn set_nofile(nofile: NoFile) -> Result<()> {
     }
 }
 
-/// Gives `lo` 127.0.0.1/8 and brings it up, with the classic `SIOCSIF*` ioctls (no
-/// netlink library needed for one interface).
+/// Gives `lo` 127.0.0.1/8 and brings it up.
 pub fn loopback_up() -> Result<()> {
-    let sock = socket(
+    interface_up("lo", Ipv4Addr::LOCALHOST, Ipv4Addr::new(255, 0, 0, 0)).context("loopback")
+}
+
+/// Gives interface `name` its address and netmask and brings it up, with the classic
+/// `SIOCSIF*` ioctls (no netlink library needed for one interface).
+pub fn interface_up(name: &str, addr: Ipv4Addr, netmask: Ipv4Addr) -> Result<()> {
+    let sock = inet_socket()?;
+    let mut req = ifreq(name)?;
+    req.ifr_ifru.ifru_addr = sockaddr_in(addr)?;
+    ioctl(&sock, libc::SIOCSIFADDR, &mut req)
+        .with_context(|| format!("{name}: set address {addr}"))?;
+    req.ifr_ifru.ifru_netmask = sockaddr_in(netmask)?;
+    ioctl(&sock, libc::SIOCSIFNETMASK, &mut req)
+        .with_context(|| format!("{name}: set netmask {netmask}"))?;
+    ioctl(&sock, libc::SIOCGIFFLAGS, &mut req).with_context(|| format!("{name}: get flags"))?;
+    // SAFETY: SIOCGIFFLAGS just filled the flags member of the union.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    let up = libc::c_short::try_from(libc::IFF_UP | libc::IFF_RUNNING)
+        .context("IFF_UP | IFF_RUNNING do not fit ifr_flags")?;
+    req.ifr_ifru.ifru_flags = flags | up;
+    ioctl(&sock, libc::SIOCSIFFLAGS, &mut req).with_context(|| format!("{name}: set up"))
+}
+
+/// Adds the default route through `gateway` (`SIOCADDRT`).
+pub fn default_route(gateway: Ipv4Addr) -> Result<()> {
+    let sock = inet_socket()?;
+    // SAFETY: rtentry is plain old data (integers, sockaddrs and a null pointer); all
+    // zeroes is a valid value of it.
+    let mut route: libc::rtentry = unsafe { std::mem::zeroed() };
+    route.rt_dst = sockaddr_in(Ipv4Addr::UNSPECIFIED)?;
+    route.rt_genmask = sockaddr_in(Ipv4Addr::UNSPECIFIED)?;
+    route.rt_gateway = sockaddr_in(gateway)?;
+    route.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+    // SAFETY: SIOCADDRT reads one struct rtentry, which outlives the call; its rt_dev is
+    // null (the kernel picks the interface from the gateway).
+    let rc = unsafe {
+        libc::ioctl(
+            sock.as_raw_fd(),
+            libc::SIOCADDRT,
+            &mut route as *mut libc::rtentry,
+        )
+    };
+    Errno::result(rc)
+        .map(drop)
+        .with_context(|| format!("default route via {gateway}"))
+}
+
+fn inet_socket() -> Result<OwnedFd> {
+    socket(
         AddressFamily::Inet,
         SockType::Datagram,
         SockFlag::SOCK_CLOEXEC,
         None,
     )
-    .context("loopback: socket")?;
-    let mut req = ifreq_lo();
-    req.ifr_ifru.ifru_addr = sockaddr_in(Ipv4Addr::LOCALHOST)?;
-    ioctl(&sock, libc::SIOCSIFADDR, &mut req).context("loopback: set address 127.0.0.1")?;
-    req.ifr_ifru.ifru_netmask = sockaddr_in(Ipv4Addr::new(255, 0, 0, 0))?;
-    ioctl(&sock, libc::SIOCSIFNETMASK, &mut req).context("loopback: set netmask /8")?;
-    ioctl(&sock, libc::SIOCGIFFLAGS, &mut req).context("loopback: get flags")?;
-    // SAFETY: SIOCGIFFLAGS just filled the flags member of the union.
-    let flags = unsafe { req.ifr_ifru.ifru_flags };
-    let up = libc::c_short::try_from(libc::IFF_UP | libc::IFF_RUNNING)
-        .context("loopback: IFF_UP | IFF_RUNNING do not fit ifr_flags")?;
-    req.ifr_ifru.ifru_flags = flags | up;
-    ioctl(&sock, libc::SIOCSIFFLAGS, &mut req).context("loopback: set up")
+    .context("socket(AF_INET)")
 }
 
-fn ifreq_lo() -> libc::ifreq {
+fn ifreq(name: &str) -> Result<libc::ifreq> {
     // SAFETY: ifreq is plain old data (integers, arrays and a union of such); all zeroes
     // is a valid value of it.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo") {
+    if name.is_empty() || name.len() >= req.ifr_name.len() {
+        anyhow::bail!("`{name}` is not an interface name");
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
         *dst = libc::c_char::from_ne_bytes([*src]);
     }
-    req
+    Ok(req)
 }
 
 fn sockaddr_in(addr: Ipv4Addr) -> Result<libc::sockaddr> {

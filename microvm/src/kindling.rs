@@ -358,6 +358,7 @@ mod tests {
                 gid: 900_000,
             },
             snapshot_dir: None,
+            tap: None,
         };
         let config =
             kindling_vmm::config::VmmConfig::from_json(&firecracker_config(&spec).to_string())

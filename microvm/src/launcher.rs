@@ -8,8 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use kindling_network::{Lease, Network};
 use kindling_runtime_api::environment::{
-    Environment, EnvironmentSpec, Freezer, Function, Launcher, StartPhases, StopMode,
+    Environment, EnvironmentSpec, Freezer, Function, Launcher, Network as FunctionNetwork,
+    StartPhases, StopMode,
 };
 
 use crate::machine::{Drive, VmSpec, VmUser, VmUserLease};
@@ -45,6 +47,8 @@ pub struct MicroVmLauncher {
     logs_dir: PathBuf,
     /// SnapStart functions' snapshots.
     snapshots: SnapshotStore,
+    /// The host's networking for environments; `None`: no microVM gets a network.
+    network: Option<Arc<Network>>,
 }
 
 impl std::fmt::Debug for MicroVmLauncher {
@@ -71,7 +75,33 @@ impl MicroVmLauncher {
             images,
             logs_dir,
             snapshots: SnapshotStore::new(snapshots_dir),
+            network: None,
         }
+    }
+
+    /// Gives every microVM of a function with `network = "outbound"` a tap and an address.
+    pub fn set_network(&mut self, network: Arc<Network>) {
+        self.network = Some(network);
+    }
+
+    /// The address block of a new environment of `function`, if it gets a network: not
+    /// with SnapStart (a snapshot would carry one environment's address into every clone)
+    /// nor on kindling-vmm yet (its jail's network namespace holds no tap).
+    fn network_for(
+        &self,
+        hypervisor: &dyn Backend,
+        function: &Function,
+    ) -> anyhow::Result<Option<Lease>> {
+        let Some(network) = &self.network else {
+            return Ok(None);
+        };
+        if function.network == FunctionNetwork::None
+            || function.snapstart
+            || hypervisor.kind() == Hypervisor::Kindling
+        {
+            return Ok(None);
+        }
+        Ok(Some(network.lease()?))
     }
 
     /// Runs `function`'s environments on `hypervisor`.
@@ -165,7 +195,14 @@ impl Launcher for MicroVmLauncher {
             socket_dir,
             user: user.user(),
             snapshot_dir: None,
+            tap: None,
         };
+        let lease = self.network_for(hypervisor.as_ref(), &spec.function)?;
+        if let Some(lease) = &lease {
+            vm_spec.tap = Some(Arc::new(lease.tap().await?));
+            vm_spec.cmdline.push(' ');
+            vm_spec.cmdline.push_str(&lease.cmdline());
+        }
         let started = Instant::now();
         let mut creation = None;
         let mut restored = None;
@@ -197,6 +234,7 @@ impl Launcher for MicroVmLauncher {
             creation,
             restored,
             _user: user,
+            network: lease,
         }))
     }
 }
@@ -297,6 +335,8 @@ struct MicroVm {
     restored: Option<Instant>,
     /// The VM's user id, free again once the VM is gone.
     _user: VmUserLease,
+    /// Its address block, held until the VM is gone.
+    network: Option<Lease>,
 }
 
 impl MicroVm {
@@ -357,6 +397,11 @@ impl Environment for MicroVm {
                 }
             }
             StopMode::Kill => self.vm.kill().await?,
+        }
+        if let Some(lease) = &self.network {
+            if let Err(e) = lease.remove_link().await {
+                tracing::warn!(env = %self.id, "removing the VM's tap: {e:#}");
+            }
         }
         self.clean_up()
     }

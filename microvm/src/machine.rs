@@ -7,6 +7,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -38,6 +39,9 @@ pub struct VmSpec {
     /// SnapStart: the folder (`user`'s) the VM writes its snapshot into when asked
     /// ([`crate::RunningVm::snapshot`]); `None` when it is not to take one.
     pub snapshot_dir: Option<PathBuf>,
+    /// The host's tap for the guest's virtio-net (`eth0`), configured by the host; `None`:
+    /// the guest has no network device.
+    pub tap: Option<Arc<OwnedFd>>,
 }
 
 #[derive(Debug, Clone)]
@@ -179,6 +183,14 @@ impl PassedFiles {
         let name = format!("/proc/self/fd/{}", file.as_raw_fd());
         self.0.push(file);
         Ok(name)
+    }
+
+    /// Passes an open descriptor as it is (a tap); returns its number in the child.
+    pub fn pass_fd(&mut self, fd: &OwnedFd) -> anyhow::Result<i32> {
+        let file = File::from(fd.try_clone().context("duplicating a descriptor")?);
+        let number = file.as_raw_fd();
+        self.0.push(file);
+        Ok(number)
     }
 
     /// Lets the child of `cmd` keep the files across exec; they stay open here until

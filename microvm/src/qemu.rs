@@ -176,6 +176,17 @@ impl Qemu {
         ]
         .map(String::from)
         .to_vec();
+        if let Some(tap) = &spec.tap {
+            // The host made and addressed the tap; QEMU only uses it (no privilege needed,
+            // and its own network namespace stays empty).
+            let fd = files.pass_fd(tap)?;
+            args.extend([
+                "-netdev".to_string(),
+                format!("tap,id=net0,fd={fd}"),
+                "-device".to_string(),
+                "virtio-net-device,netdev=net0".to_string(),
+            ]);
+        }
         for drive in &spec.drives {
             let ro = if drive.read_only { ",readonly=on" } else { "" };
             args.push("-drive".into());

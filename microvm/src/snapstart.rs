@@ -294,6 +294,7 @@ mod tests {
                 gid: 900_000,
             },
             snapshot_dir: None,
+            tap: None,
         }
     }
 
@@ -309,6 +310,7 @@ mod tests {
             max_concurrency: 1,
             env: BTreeMap::new(),
             snapstart: true,
+            network: kindling_runtime_api::environment::Network::Outbound,
         }
     }
 

@@ -11,6 +11,7 @@
 //! max_concurrency = 10
 //! hypervisor = "kindling"          # microvm only: "kindling" | "qemu"
 //! snapstart = true                 # microvm only: restore a snapshot instead of booting
+//! network = "outbound"             # outbound IPv4 and DNS (the default), or "none"
 //! # Event invocations, as PutFunctionEventInvokeConfig sets them:
 //! maximum_retry_attempts = 2       # 0..2
 //! maximum_event_age = 21600        # seconds, 60..21600
@@ -32,7 +33,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::environment::{Function, Isolation};
+use crate::environment::{Function, Isolation, Network};
 use crate::store::EventInvokeConfig;
 use crate::vocabulary::{closed_vocabulary, not_one_of};
 
@@ -101,6 +102,7 @@ struct RawFunction {
     max_concurrency: Option<Spanned<i64>>,
     hypervisor: Option<Spanned<String>>,
     snapstart: Option<Spanned<bool>>,
+    network: Option<Spanned<String>>,
     maximum_retry_attempts: Option<Spanned<i64>>,
     maximum_event_age: Option<Spanned<i64>>,
     on_success: Option<Spanned<String>>,
@@ -224,6 +226,7 @@ fn function_config(
             ),
         ));
     }
+    let network = named(f.network.as_ref(), &key("network"), at)?.unwrap_or(Network::Outbound);
     let event_invoke = event_invoke(&f, &key, at)?;
     Ok(FunctionConfig {
         function: Function {
@@ -237,6 +240,7 @@ fn function_config(
             max_concurrency,
             env: f.env,
             snapstart,
+            network,
         },
         hypervisor,
         event_invoke,

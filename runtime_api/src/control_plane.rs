@@ -1108,6 +1108,7 @@ pub(crate) fn function_of(record: &FunctionRecord) -> Result<Function, String> {
         env: record.env.clone(),
         // Not offered through the API yet: functions.toml's `snapstart` only.
         snapstart: false,
+        network: crate::environment::Network::Outbound,
     })
 }
 

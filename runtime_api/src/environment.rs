@@ -22,6 +22,15 @@ closed_vocabulary! {
     }
 }
 
+closed_vocabulary! {
+    /// Whether a function's environments reach the network: outbound IPv4 and DNS, as on
+    /// Lambda, or only their own loopback.
+    pub enum Network {
+        Outbound = "outbound",
+        None = "none",
+    }
+}
+
 /// A function as the scheduler knows it (one entry of `functions.toml`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Function {
@@ -39,6 +48,7 @@ pub struct Function {
     /// Lambda's SnapStart: a snapshot is taken once the runtime has initialised, and
     /// later cold starts restore it instead of booting (microVMs only).
     pub snapstart: bool,
+    pub network: Network,
 }
 
 /// What one environment is started with.

@@ -12,9 +12,10 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use async_trait::async_trait;
 use kindling_images::{write_shims, Runtime};
+use kindling_network::{Lease, Network};
 use kindling_plumbing::ids::{IdLease, IdPool};
 use kindling_runtime_api::environment::{
-    Environment, EnvironmentSpec, Freezer, Launcher, StopMode,
+    Environment, EnvironmentSpec, Freezer, Launcher, Network as FunctionNetwork, StopMode,
 };
 use kindling_wire::{HostAddr, ENV_HOST_ADDR};
 use nix::sys::signal::{kill, Signal};
@@ -84,6 +85,8 @@ pub struct SandboxOptions {
     pub init_config: Map<String, Value>,
     /// How long the helper may take to report that init runs.
     pub start_timeout: Duration,
+    /// The host's networking for environments; `None`: no sandbox gets a network.
+    pub network: Option<Arc<Network>>,
 }
 
 impl Default for SandboxOptions {
@@ -97,6 +100,7 @@ impl Default for SandboxOptions {
             cgroup_parent: "kindling".to_string(),
             init_config: Map::new(),
             start_timeout: Duration::from_secs(10),
+            network: None,
         }
     }
 }
@@ -141,6 +145,10 @@ impl SandboxLauncher {
         let root = self.root_entries()?;
         searchable_by_others(&spec.dir)?;
         let (ids, id_map) = id_range()?;
+        let lease = match (&self.options.network, spec.function.network) {
+            (Some(network), FunctionNetwork::Outbound) => Some(network.lease()?),
+            _ => None,
+        };
 
         // From here on, a failure must undo what was made.
         let staging = spec.dir.join("root");
@@ -177,6 +185,7 @@ impl SandboxLauncher {
                 spec,
                 &exec,
                 &cgroup,
+                lease.as_ref(),
                 Plan {
                     staging,
                     root,
@@ -194,17 +203,30 @@ impl SandboxLauncher {
             )
             .await;
         match launched {
-            Ok((helper, status, init)) => Ok(SandboxEnvironment {
-                id: spec.id.clone(),
-                dir: spec.dir.clone(),
-                console: spec.console_log(),
-                helper,
-                status,
-                init,
-                cgroup,
-                exit_reason: None,
-                _ids: ids,
-            }),
+            Ok((helper, status, init)) => {
+                let mut sandbox = SandboxEnvironment {
+                    id: spec.id.clone(),
+                    dir: spec.dir.clone(),
+                    console: spec.console_log(),
+                    helper,
+                    status,
+                    init,
+                    cgroup,
+                    exit_reason: None,
+                    _ids: ids,
+                    network: lease,
+                };
+                // init waits for its interface; the veth can only go into its network
+                // namespace once that exists.
+                if let Some(lease) = &sandbox.network {
+                    let pid = u32::try_from(init.as_raw()).context("init's pid")?;
+                    if let Err(err) = lease.veth_into(pid).await {
+                        let _ = sandbox.stop(StopMode::Kill).await;
+                        return Err(err.context("the sandbox's network"));
+                    }
+                }
+                Ok(sandbox)
+            }
             Err(err) => {
                 // Nothing of a failed start may stay behind (the error quotes the console).
                 let _ = cgroup.kill_all(CLEANUP_PATIENCE).await;
@@ -221,9 +243,10 @@ impl SandboxLauncher {
         spec: &EnvironmentSpec,
         exec: &Path,
         cgroup: &Cgroup,
+        network: Option<&Lease>,
         plan: Plan,
     ) -> Result<(Child, Lines<BufReader<ChildStdout>>, Pid)> {
-        let config = self.init_config(&plan.hostname);
+        let config = self.init_config(&plan.hostname, network);
         write_json(&plan.init_config, &config)?;
         let plan_path = spec.dir.join("sandbox.json");
         write_json(&plan_path, &plan)?;
@@ -331,7 +354,8 @@ impl SandboxLauncher {
         }
     }
 
-    fn init_config(&self, hostname: &str) -> Value {
+    /// init's configuration: the sandbox's, its network's keys, then the overrides.
+    fn init_config(&self, hostname: &str, network: Option<&Lease>) -> Value {
         let host = HostAddr::Unix(PathBuf::from(GUEST_HOST_SOCKET)).to_string();
         let mut config = json!({
             "sandbox": true,
@@ -342,6 +366,9 @@ impl SandboxLauncher {
             // No /dev/console here: init keeps the stdout/stderr it was given, the console log.
             "console": "",
         });
+        if let Some(lease) = network {
+            merge(&mut config, &Value::Object(lease.init_json()));
+        }
         merge(
             &mut config,
             &Value::Object(self.options.init_config.clone()),
@@ -387,6 +414,8 @@ pub struct SandboxEnvironment {
     exit_reason: Option<String>,
     /// The host ids its user namespace maps, held until it is gone.
     _ids: IdLease,
+    /// Its address block, held until it is gone.
+    network: Option<Lease>,
 }
 
 impl SandboxEnvironment {
@@ -454,6 +483,11 @@ impl Environment for SandboxEnvironment {
         let killed = self.cgroup.kill_all(CLEANUP_PATIENCE).await;
         let reaped = self.helper.wait().await.map(drop);
         let removed = self.cgroup.remove(CLEANUP_PATIENCE).await;
+        if let Some(lease) = &self.network {
+            if let Err(e) = lease.remove_link().await {
+                tracing::warn!(id = %self.id, "removing the sandbox's veth: {e:#}");
+            }
+        }
         let cleaned = match fs::remove_dir_all(&self.dir) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io::Error::new(
                 e.kind(),
@@ -580,7 +614,7 @@ mod tests {
             init_config: overrides.as_object().cloned().unwrap(),
             ..SandboxOptions::default()
         };
-        let config = SandboxLauncher::new(options).init_config("fn");
+        let config = SandboxLauncher::new(options).init_config("fn", None);
         assert_eq!(config["bootstrap"], "/var/task/probe");
         assert_eq!(config["env"]["A"], "1");
         assert_eq!(

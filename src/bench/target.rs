@@ -108,6 +108,7 @@ impl Target {
                 max_concurrency: CLIENTS,
                 env: BTreeMap::new(),
                 snapstart: false,
+                network: kindling_runtime_api::environment::Network::Outbound,
             },
             hypervisor: self.hypervisor,
             event_invoke: None,
@@ -210,7 +211,7 @@ impl Serving {
 /// One function and its launcher, as the server is built.
 fn prepare(function: FunctionConfig, state_dir: &Path) -> anyhow::Result<environments::Prepared> {
     let isolation = function.function.isolation;
-    environments::prepare(vec![function], None, None, state_dir, Some(isolation))
+    environments::prepare(vec![function], None, None, state_dir, Some(isolation), None)
 }
 
 /// Starts a fresh server for `target` in `state_dir`, measures, and stops it.

@@ -13,8 +13,11 @@
 
 mod control_plane;
 mod failures;
+#[path = "../common/internet.rs"]
+mod internet;
 mod invoke_api;
 mod lifecycle;
+mod network;
 mod runtime_traits;
 mod runtimes;
 mod support;

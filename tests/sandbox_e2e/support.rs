@@ -123,6 +123,8 @@ pub struct FunctionDef {
     pub timeout: u32,
     pub max_concurrency: u32,
     pub env: Vec<(String, String)>,
+    /// `network = "…"`; `None` leaves the default (outbound).
+    pub network: Option<&'static str>,
 }
 
 impl FunctionDef {
@@ -136,6 +138,7 @@ impl FunctionDef {
             timeout: 5,
             max_concurrency: 2,
             env: Vec::new(),
+            network: None,
         }
     }
 
@@ -173,6 +176,9 @@ impl FunctionDef {
             self.timeout,
             self.max_concurrency,
         );
+        if let Some(network) = self.network {
+            let _ = writeln!(t, "network = {}", q(network));
+        }
         if !self.env.is_empty() {
             let _ = writeln!(t, "[functions.{}.env]", self.name);
             for (k, v) in &self.env {
@@ -225,13 +231,23 @@ impl Server {
     /// Writes a functions.toml of `functions`, starts `kindling serve` on it and waits
     /// until it listens.
     pub fn start(bins: &Binaries, functions: &[FunctionDef]) -> Self {
+        Self::start_with(bins, functions, "127.0.0.1:0", &[])
+    }
+
+    /// [`Server::start`] on the Invoke API address `addr`, with more of `serve`'s flags.
+    pub fn start_with(
+        bins: &Binaries,
+        functions: &[FunctionDef],
+        addr: &str,
+        flags: &[&str],
+    ) -> Self {
         let scratch = Scratch::new();
         let file = scratch.path().join("functions.toml");
         let text: String = functions.iter().map(|f| f.toml() + "\n").collect();
         std::fs::write(&file, text).expect("writing functions.toml");
         let mut serve = Command::new(&bins.kindling);
-        serve.arg("serve").arg("--functions").arg(&file);
-        Self::launch(bins, scratch, serve)
+        serve.arg("serve").arg("--functions").arg(&file).args(flags);
+        Self::launch(bins, scratch, serve, addr)
     }
 
     /// `kindling run CODE --runtime R --handler H --isolation sandbox`: one function,
@@ -242,15 +258,15 @@ impl Server {
             .arg(code)
             .args(["--runtime", runtime, "--handler", handler])
             .args(["--isolation", "sandbox"]);
-        Self::launch(bins, Scratch::new(), run)
+        Self::launch(bins, Scratch::new(), run, "127.0.0.1:0")
     }
 
     /// Adds the address and state dir to `command`, starts it and waits until it listens.
-    fn launch(bins: &Binaries, scratch: Scratch, mut command: Command) -> Self {
+    fn launch(bins: &Binaries, scratch: Scratch, mut command: Command, addr: &str) -> Self {
         let state_dir = scratch.path().join("state");
         let stderr = scratch.path().join("serve.err");
         let child = command
-            .args(["--addr", "127.0.0.1:0", "--state-dir"])
+            .args(["--addr", addr, "--state-dir"])
             .arg(&state_dir)
             .env("KINDLING_LOG", "kindling=info,warn")
             .stdin(Stdio::null())
