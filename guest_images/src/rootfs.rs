@@ -17,13 +17,14 @@ use serde::{Deserialize, Serialize};
 use crate::cache::{remove_tree, Cache, Fingerprint};
 use crate::ext4::make_ext4;
 use crate::guest::guest_bins;
+use crate::node;
 use crate::shims::{self, write_shims, ShimFile};
 
 /// Where the image's folder and ext4 file sit inside its cache entry.
 pub const ROOTFS_DIR: &str = "rootfs";
 pub const ROOTFS_EXT4: &str = "rootfs.ext4";
 /// Bumped whenever [`Plan::populate`] changes what it adds, so images are rebuilt.
-const POPULATE_RECIPE: &str = "3";
+const POPULATE_RECIPE: &str = "4";
 const HOSTS: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n";
 /// Default Debian mirror; `KINDLING_DEBIAN_MIRROR` overrides it.
 const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
@@ -75,7 +76,7 @@ impl Runtime {
                 "Debian minimal root with bash, curl and ca-certificates, for shell custom runtimes"
             }
             Runtime::Python => "Debian's python3 plus Kindling's Python runtime",
-            Runtime::Node => "Debian's nodejs plus Kindling's Node runtime",
+            Runtime::Node => "Node.js 22 (the official build) plus Kindling's Node runtime",
         }
     }
 
@@ -86,7 +87,9 @@ impl Runtime {
             Runtime::ProvidedDebian => Some(&["bash", "curl", "ca-certificates"]),
             // python3 (not python3-minimal) brings libpython3.11-stdlib, which has json.
             Runtime::Python => Some(&["python3", "ca-certificates"]),
-            Runtime::Node => Some(&["nodejs", "ca-certificates"]),
+            // Node.js itself is the official build ([`crate::node`]), which needs only
+            // the C and C++ libraries.
+            Runtime::Node => Some(&["libstdc++6", "ca-certificates"]),
         }
     }
 
@@ -158,6 +161,9 @@ pub fn build_root_image(cache: &Cache, runtime: Runtime) -> Result<RootImage> {
                 )?;
             }
             None => fs::create_dir(&root)?,
+        }
+        if runtime == Runtime::Node {
+            node::install(cache, &root, &step, &log)?;
         }
         plan.populate(cache, &root)?;
         step.say("mkfs.ext4");
@@ -232,6 +238,9 @@ impl Plan {
         if !shims.is_empty() {
             shims::fingerprint(&mut image, "shims", shims);
         }
+        if runtime == Runtime::Node {
+            node::fingerprint(&mut image);
+        }
         let key = image.key();
         Ok(Plan {
             runtime,
@@ -298,11 +307,20 @@ impl Plan {
 }
 
 /// init's configuration inside the root image (init/README.md has every key): the
-/// function code's drive, when attached, is mounted read-only at `/var/task`. Nothing
-/// else is set here, because this file overrides the kernel command line, where a
-/// launcher sets per-function keys.
+/// function code's drive, when attached, is mounted read-only at `/var/task`, and its
+/// layers' drive, when attached, at `/opt`. Nothing else is set here, because this file
+/// overrides the kernel command line, where a launcher sets per-function keys.
 fn root_init_config() -> serde_json::Value {
-    serde_json::json!({ "task": "/dev/vdb" })
+    serde_json::json!({
+        "task": "/dev/vdb",
+        "mounts": [{
+            "source": "/dev/vdc",
+            "target": "/opt",
+            "fstype": "ext4",
+            "options": "ro,nodev,nosuid",
+            "optional": true,
+        }],
+    })
 }
 
 /// Copies a binary into the image as root-owned, mode 0755 (replacing whatever was there,

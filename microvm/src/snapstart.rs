@@ -309,6 +309,8 @@ mod tests {
             max_concurrency: 1,
             env: BTreeMap::new(),
             snapstart: true,
+            layers: Vec::new(),
+            credentials: None,
         }
     }
 

@@ -38,6 +38,8 @@ fn function(name: &str, code: &std::path::Path) -> Function {
         max_concurrency: 10,
         env: BTreeMap::from([("GREETING".to_string(), "hi".to_string())]),
         snapstart: false,
+        layers: Vec::new(),
+        credentials: None,
     }
 }
 

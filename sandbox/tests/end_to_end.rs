@@ -44,6 +44,8 @@ async fn the_aws_tutorial_runtime_answers_through_the_sandbox() {
         max_concurrency: 1,
         env: BTreeMap::new(),
         snapstart: false,
+        layers: Vec::new(),
+        credentials: None,
     };
     let spec = EnvironmentSpec {
         id: format!("e2e-{}", std::process::id()),

@@ -79,6 +79,8 @@ fn harness(test: &str, memory_mb: u32, pids_limit: u32, probe: Probe) -> Option<
             max_concurrency: 1,
             env: BTreeMap::new(),
             snapstart: false,
+            layers: Vec::new(),
+            credentials: None,
         },
     };
     std::fs::create_dir(&spec.dir).unwrap();

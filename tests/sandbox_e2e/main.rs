@@ -13,7 +13,9 @@
 
 mod control_plane;
 mod failures;
+mod identity;
 mod invoke_api;
+mod layers;
 mod lifecycle;
 mod runtime_traits;
 mod runtimes;

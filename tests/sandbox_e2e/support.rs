@@ -123,6 +123,10 @@ pub struct FunctionDef {
     pub timeout: u32,
     pub max_concurrency: u32,
     pub env: Vec<(String, String)>,
+    /// `layers`: folders or zips, in order.
+    pub layers: Vec<PathBuf>,
+    /// `credentials`: `host` or `none`; unset leaves it to the server.
+    pub credentials: Option<&'static str>,
 }
 
 impl FunctionDef {
@@ -136,6 +140,8 @@ impl FunctionDef {
             timeout: 5,
             max_concurrency: 2,
             env: Vec::new(),
+            layers: Vec::new(),
+            credentials: None,
         }
     }
 
@@ -173,6 +179,17 @@ impl FunctionDef {
             self.timeout,
             self.max_concurrency,
         );
+        if !self.layers.is_empty() {
+            let layers: Vec<String> = self
+                .layers
+                .iter()
+                .map(|l| q(&l.to_string_lossy()))
+                .collect();
+            let _ = writeln!(t, "layers = [{}]", layers.join(", "));
+        }
+        if let Some(credentials) = self.credentials {
+            let _ = writeln!(t, "credentials = {}", q(credentials));
+        }
         if !self.env.is_empty() {
             let _ = writeln!(t, "[functions.{}.env]", self.name);
             for (k, v) in &self.env {
@@ -225,13 +242,30 @@ impl Server {
     /// Writes a functions.toml of `functions`, starts `kindling serve` on it and waits
     /// until it listens.
     pub fn start(bins: &Binaries, functions: &[FunctionDef]) -> Self {
+        Self::start_with(bins, functions, &[], &[])
+    }
+
+    /// [`Server::start`] with more `serve` arguments and variables for the server.
+    pub fn start_with(
+        bins: &Binaries,
+        functions: &[FunctionDef],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let scratch = Scratch::new();
+        let mut serve = Self::serve(bins, functions, &scratch);
+        serve.args(args).envs(env.iter().copied());
+        Self::launch(bins, scratch, serve)
+    }
+
+    /// `kindling serve --functions F`, F a functions.toml of `functions` in `scratch`.
+    pub fn serve(bins: &Binaries, functions: &[FunctionDef], scratch: &Scratch) -> Command {
         let file = scratch.path().join("functions.toml");
         let text: String = functions.iter().map(|f| f.toml() + "\n").collect();
         std::fs::write(&file, text).expect("writing functions.toml");
         let mut serve = Command::new(&bins.kindling);
         serve.arg("serve").arg("--functions").arg(&file);
-        Self::launch(bins, scratch, serve)
+        serve
     }
 
     /// `kindling run CODE --runtime R --handler H --isolation sandbox`: one function,
@@ -247,12 +281,14 @@ impl Server {
 
     /// Adds the address and state dir to `command`, starts it and waits until it listens.
     fn launch(bins: &Binaries, scratch: Scratch, mut command: Command) -> Self {
+        if !command.get_envs().any(|(k, _)| k == "KINDLING_LOG") {
+            command.env("KINDLING_LOG", "kindling=info,warn");
+        }
         let state_dir = scratch.path().join("state");
         let stderr = scratch.path().join("serve.err");
         let child = command
             .args(["--addr", "127.0.0.1:0", "--state-dir"])
             .arg(&state_dir)
-            .env("KINDLING_LOG", "kindling=info,warn")
             .stdin(Stdio::null())
             .stdout(file_for(&scratch.path().join("serve.out")))
             .stderr(file_for(&stderr))
