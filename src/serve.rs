@@ -747,6 +747,78 @@ mod tests {
     }
 
     #[test]
+    fn region_account_and_credentials_come_from_flags_environment_and_profile() {
+        let home = tempfile::tempdir().unwrap();
+        std::fs::create_dir(home.path().join(".aws")).unwrap();
+        std::fs::write(
+            home.path().join(".aws/config"),
+            "[profile dev]\nregion = eu-north-1\naws_access_key_id = AKIDDEV\naws_secret_access_key = s\n",
+        )
+        .unwrap();
+        let home_dir = home.path().display().to_string();
+        let identity = |flags: &[&str]| {
+            let Ok(Command::Serve(args)) = parse(&[&["serve"], flags].concat()) else {
+                panic!("not serve: {flags:?}");
+            };
+            args.common.identity
+        };
+        let apply = |flags: &[&str], vars: &[(&str, &str)]| {
+            let mut vars: BTreeMap<String, String> = vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            vars.insert("HOME".into(), home_dir.clone());
+            let mut options = ServerOptions::new("/state");
+            identity(flags)
+                .apply(&[], &mut options, &|k| vars.get(k).cloned())
+                .map(|()| options)
+        };
+        let options = apply(&[], &[]).unwrap();
+        assert_eq!(
+            (options.region.as_str(), options.account_id.as_str()),
+            ("us-east-1", "000000000000")
+        );
+        assert_eq!(options.default_credentials, Credentials::None);
+        assert!(options.host_credentials.is_none());
+        let options = apply(&[], &[("AWS_DEFAULT_REGION", "eu-west-1")]).unwrap();
+        assert_eq!(options.region, "eu-west-1");
+        let vars = [
+            ("AWS_REGION", "eu-west-2"),
+            ("AWS_DEFAULT_REGION", "eu-west-1"),
+        ];
+        assert_eq!(apply(&[], &vars).unwrap().region, "eu-west-2");
+        let options = apply(
+            &["--region", "sa-east-1", "--account-id", "123456789012"],
+            &vars,
+        )
+        .unwrap();
+        assert_eq!(options.region, "sa-east-1");
+        assert_eq!(options.account_id, "123456789012");
+        // A profile brings its region and, when functions get them, its keys.
+        let options = apply(&["--profile", "dev", "--credentials", "host"], &[]).unwrap();
+        assert_eq!(options.region, "eu-north-1");
+        assert_eq!(options.default_credentials, Credentials::Host);
+        assert_eq!(options.host_credentials.unwrap().access_key_id, "AKIDDEV");
+        let options = apply(&["--profile", "dev"], &[]).unwrap();
+        assert!(options.host_credentials.is_none(), "no function gets them");
+        let err = apply(&["--credentials", "host"], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("--credentials host: no AWS credentials found"),
+            "{err}"
+        );
+        let err = apply(&[], &[("AWS_REGION", "Mars")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"Mars\" is not a region"), "{err}");
+        for bad in [&["--region", "us_east_1"][..], &["--account-id", "12345"]] {
+            let err = refused(&[&["serve"], bad].concat());
+            assert_eq!(err.kind(), ErrorKind::ValueValidation, "{bad:?}");
+        }
+    }
+
+    #[test]
     fn event_queue_flags_override_the_servers_defaults() {
         let Ok(Command::Serve(args)) = parse(&[
             "serve",

@@ -372,7 +372,7 @@ fn unsafe_layers_and_too_many_are_refused_naming_the_layer() {
         Some(&CodeError::TooManyLayers(6))
     );
     let missing = dir.path().join("missing");
-    let err = build_layers_image(&cache, &[missing.clone()]).unwrap_err();
+    let err = build_layers_image(&cache, std::slice::from_ref(&missing)).unwrap_err();
     assert!(format!("{err:#}").contains("missing"), "{err:#}");
     assert_cache_untouched(&cache);
 }

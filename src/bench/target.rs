@@ -108,6 +108,8 @@ impl Target {
                 max_concurrency: CLIENTS,
                 env: BTreeMap::new(),
                 snapstart: false,
+                layers: Vec::new(),
+                credentials: None,
             },
             hypervisor: self.hypervisor,
             event_invoke: None,
