@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use anyhow::{bail, Context};
 use async_trait::async_trait;
 use kindling_images::{
-    build_code_image, build_initramfs, build_kernel, build_root_image, CodeError, ImagesManifest,
-    KernelKind, RootPaths, Runtime,
+    build_code_image, build_initramfs, build_kernel, build_layers_image, build_root_image,
+    CodeError, ImagesManifest, KernelKind, RootPaths, Runtime,
 };
 use kindling_microvm::kindling::KindlingVmm;
 use kindling_microvm::qemu::{self, Accel, Qemu};
@@ -101,7 +101,7 @@ pub fn prepare(
                 function.isolation = Isolation::Sandbox;
             }
         }
-        function.code = unpacked_code(&function)?;
+        ready_code(&mut function)?;
         match function.isolation {
             Isolation::Sandbox => sandboxes.add(&function.runtime)?,
             Isolation::MicroVm => {
@@ -153,7 +153,7 @@ struct CodeDeployer {
 
 impl Deployer for CodeDeployer {
     fn prepare(&self, mut function: Function) -> Result<Function, DeployError> {
-        function.code = unpacked_code(&function).map_err(|e| {
+        ready_code(&mut function).map_err(|e| {
             match e.chain().find_map(|c| c.downcast_ref::<CodeError>()) {
                 Some(refusal) => DeployError::Refused(refusal.to_string()),
                 None => DeployError::Failed(e),
@@ -166,13 +166,21 @@ impl Deployer for CodeDeployer {
     }
 }
 
-/// The function's code as the image cache keeps it: a `.zip` unpacked, and either form
-/// checked (no escaping paths or links, the handler present, Lambda's size limit).
-fn unpacked_code(function: &Function) -> anyhow::Result<PathBuf> {
+/// Points the function's code and layers at the folders the image cache keeps of them:
+/// zips unpacked, either form checked (no escaping paths or links, the handler present,
+/// Lambda's size limits), and the layers merged in order into one folder, `/opt`.
+fn ready_code(function: &mut Function) -> anyhow::Result<()> {
     let runtime = function.runtime.parse::<Runtime>()?;
-    let image = build_code_image(&open_cache()?, &function.code, runtime, &function.handler)
+    let cache = open_cache()?;
+    let image = build_code_image(&cache, &function.code, runtime, &function.handler)
         .with_context(|| format!("function {}: {}", function.name, function.code.display()))?;
-    Ok(image.dir)
+    function.code = image.dir;
+    if !function.layers.is_empty() {
+        let opt = build_layers_image(&cache, &function.layers)
+            .with_context(|| format!("function {}", function.name))?;
+        function.layers = vec![opt.dir];
+    }
+    Ok(())
 }
 
 /// Why no hypervisor backend can boot a guest on this host, if none can.
@@ -306,15 +314,17 @@ impl Launcher for SandboxByRuntime {
     }
 }
 
-/// Boot files and code images from the content-addressed image cache (or the manifest
-/// given instead), looked up once per runtime and code: a cold start must not re-hash
-/// the kernel sources.
+/// Boot files, code and layer images from the content-addressed image cache (or the
+/// manifest given instead), looked up once per runtime and code: a cold start must not
+/// re-hash the kernel sources.
 #[derive(Default, Debug)]
 struct ImageCache {
     manifest: Option<ImagesManifest>,
     boot: Mutex<HashMap<String, BootFiles>>,
     /// By the function's (unpacked) code folder: an update brings a new one.
     code: Mutex<HashMap<PathBuf, PathBuf>>,
+    /// By the function's (merged) layers folder.
+    layers: Mutex<HashMap<PathBuf, PathBuf>>,
 }
 
 impl ImageCache {
@@ -372,5 +382,21 @@ impl ImageSource for ImageCache {
             .expect("not poisoned")
             .insert(function.code.clone(), image.ext4.clone());
         Ok(image.ext4)
+    }
+
+    fn layers_image(&self, function: &Function) -> anyhow::Result<Option<PathBuf>> {
+        // Readied functions have one folder of layers, merged.
+        let Some(opt) = function.layers.first() else {
+            return Ok(None);
+        };
+        if let Some(path) = self.layers.lock().expect("not poisoned").get(opt) {
+            return Ok(Some(path.clone()));
+        }
+        let image = build_layers_image(&open_cache()?, &function.layers)?;
+        self.layers
+            .lock()
+            .expect("not poisoned")
+            .insert(opt.clone(), image.ext4.clone());
+        Ok(Some(image.ext4))
     }
 }

@@ -1,6 +1,7 @@
 //! `kindling`: run serverless functions in microVMs (or namespace sandboxes), Lambda-style.
 
 mod bench;
+mod credentials;
 mod environments;
 mod images;
 mod invoke;

@@ -11,10 +11,10 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use kindling_images::{ImagesManifest, Runtime};
 use kindling_runtime_api::config::{self, FunctionConfig, Hypervisor};
-use kindling_runtime_api::{Function, Isolation, Server, ServerOptions};
+use kindling_runtime_api::{Credentials, Function, Isolation, Server, ServerOptions};
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::{environments, images, AddrArg, StateDirArg};
+use crate::{credentials, environments, images, AddrArg, StateDirArg};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -106,6 +106,10 @@ struct RunFunctionArgs {
     /// outbound (IPv4 and DNS, the default) or none.
     #[arg(long, default_value = "outbound")]
     network: kindling_runtime_api::environment::Network,
+    /// A layer (a folder or a Lambda-style .zip), unpacked into /opt after those before
+    /// it (repeatable, at most 5).
+    #[arg(long = "layer", value_name = "DIR_OR_ZIP")]
+    layers: Vec<PathBuf>,
 }
 
 /// What `serve` and `run` share.
@@ -142,6 +146,7 @@ struct ServerArgs {
     limits: LimitArgs,
     #[command(flatten)]
     network: NetworkArgs,
+    identity: IdentityArgs,
 }
 
 /// The environments' network.
@@ -172,6 +177,108 @@ impl NetworkArgs {
         Some(std::sync::Arc::new(
             kindling_network::Network::setup(options).await,
         ))
+    }
+}
+
+/// Who the functions are in AWS: their region and account, and their credentials.
+#[derive(clap::Args, Debug, Default, PartialEq, Eq)]
+struct IdentityArgs {
+    /// The region of ARNs and of the functions' AWS_REGION [AWS_REGION, else
+    /// AWS_DEFAULT_REGION, else the profile's region, else us-east-1].
+    #[arg(long, value_parser = parse_region)]
+    region: Option<String>,
+    /// The account id in ARNs [000000000000].
+    #[arg(long, value_name = "ID", value_parser = parse_account_id)]
+    account_id: Option<String>,
+    /// Whether functions get this host's AWS credentials (AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN), as SAM gives them: host or none; a
+    /// function's own `credentials` key overrides it [none].
+    #[arg(long, value_name = "HOST_OR_NONE")]
+    credentials: Option<Credentials>,
+    /// The profile of ~/.aws/credentials and ~/.aws/config the credentials (and region)
+    /// come from [without it: the environment's AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY, else $AWS_PROFILE, else default].
+    #[arg(long)]
+    profile: Option<String>,
+}
+
+impl IdentityArgs {
+    /// Sets the server's region, account and credentials; looks the credentials up (from
+    /// `var`, the environment) when a function gets them or a profile was named, and stops
+    /// when one gets them and none are found.
+    fn apply(
+        &self,
+        functions: &[FunctionConfig],
+        options: &mut ServerOptions,
+        var: &dyn Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<()> {
+        let wanted_by: Vec<&str> = functions
+            .iter()
+            .map(|f| &f.function)
+            .filter(|f| f.credentials.or(self.credentials) == Some(Credentials::Host))
+            .map(|f| f.name.as_str())
+            .collect();
+        let needed = self.credentials == Some(Credentials::Host) || !wanted_by.is_empty();
+        let identity = if needed || self.profile.is_some() {
+            credentials::find(self.profile.as_deref(), var)?
+        } else {
+            credentials::Identity::default()
+        };
+        if needed && identity.credentials.is_none() {
+            let who = if wanted_by.is_empty() {
+                "--credentials host".to_string()
+            } else {
+                format!("credentials = \"host\" ({})", wanted_by.join(", "))
+            };
+            bail!(
+                "{who}: no AWS credentials found: set AWS_ACCESS_KEY_ID and \
+                 AWS_SECRET_ACCESS_KEY, or name a profile of ~/.aws/credentials with --profile"
+            );
+        }
+        if let (true, Some(found)) = (needed, &identity.credentials) {
+            eprintln!(
+                "kindling: AWS credentials for functions: from {}",
+                found.source
+            );
+        }
+        options.region = self
+            .region
+            .clone()
+            .or_else(|| var("AWS_REGION").filter(|r| !r.is_empty()))
+            .or_else(|| var("AWS_DEFAULT_REGION").filter(|r| !r.is_empty()))
+            .or(identity.profile_region)
+            .unwrap_or_else(|| credentials::DEFAULT_REGION.to_string());
+        parse_region(&options.region).map_err(anyhow::Error::msg)?;
+        if let Some(account) = &self.account_id {
+            options.account_id.clone_from(account);
+        }
+        options.default_credentials = self.credentials.unwrap_or(Credentials::None);
+        options.host_credentials = identity.credentials.filter(|_| needed);
+        Ok(())
+    }
+}
+
+/// A region as ARNs spell it (`us-east-1`, `us-gov-west-1`, `eu-central-2`).
+fn parse_region(s: &str) -> Result<String, String> {
+    let parts: Vec<&str> = s.split('-').collect();
+    let letters = |p: &&str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase());
+    let ok = parts.len() >= 3
+        && parts[0].len() == 2
+        && parts[..parts.len() - 1].iter().all(letters)
+        && parts[parts.len() - 1].parse::<u8>().is_ok();
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?} is not a region (such as us-east-1)"))
+    }
+}
+
+/// An AWS account id: twelve digits.
+fn parse_account_id(s: &str) -> Result<String, String> {
+    if s.len() == 12 && s.bytes().all(|b| b.is_ascii_digit()) {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?} is not an account id (twelve digits)"))
     }
 }
 
@@ -350,6 +457,11 @@ fn run_function(args: RunFunctionArgs) -> anyhow::Result<FunctionConfig> {
             config::TIMEOUT_S
         );
     }
+    let layers = args
+        .layers
+        .iter()
+        .map(|l| std::fs::canonicalize(l).with_context(|| format!("--layer {}", l.display())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let isolation = args.isolation.unwrap_or(Isolation::MicroVm);
     if args.snapstart && isolation == Isolation::Sandbox {
         bail!("--snapstart snapshots a microVM; --isolation sandbox has none");
@@ -366,6 +478,8 @@ fn run_function(args: RunFunctionArgs) -> anyhow::Result<FunctionConfig> {
         env: args.env.into_iter().collect::<BTreeMap<_, _>>(),
         snapstart: args.snapstart,
         network: args.network,
+        layers,
+        credentials: None,
     };
     Ok(FunctionConfig {
         function,
@@ -392,6 +506,11 @@ async fn host(
         .iter()
         .filter_map(|f| Some((f.function.name.clone(), f.event_invoke.clone()?)))
         .collect();
+    // Before anything is built: a server that cannot give its functions the identity
+    // they ask for stops at once.
+    let mut options = ServerOptions::new(&state_dir);
+    args.identity
+        .apply(&functions, &mut options, &|name| std::env::var(name).ok())?;
     let environments::Prepared {
         functions,
         launchers,
@@ -405,7 +524,6 @@ async fn host(
         api.isolation,
         args.network.setup().await,
     )?;
-    let mut options = ServerOptions::new(&state_dir);
     options.deployer = Some(deployer);
     options.event_invoke = event_invoke;
     options.default_isolation = default_isolation;
@@ -663,6 +781,78 @@ mod tests {
             panic!("not run");
         };
         assert_eq!(run.common.limits.keep_alive_timeout, Some(9));
+    }
+
+    #[test]
+    fn region_account_and_credentials_come_from_flags_environment_and_profile() {
+        let home = tempfile::tempdir().unwrap();
+        std::fs::create_dir(home.path().join(".aws")).unwrap();
+        std::fs::write(
+            home.path().join(".aws/config"),
+            "[profile dev]\nregion = eu-north-1\naws_access_key_id = AKIDDEV\naws_secret_access_key = s\n",
+        )
+        .unwrap();
+        let home_dir = home.path().display().to_string();
+        let identity = |flags: &[&str]| {
+            let Ok(Command::Serve(args)) = parse(&[&["serve"], flags].concat()) else {
+                panic!("not serve: {flags:?}");
+            };
+            args.common.identity
+        };
+        let apply = |flags: &[&str], vars: &[(&str, &str)]| {
+            let mut vars: BTreeMap<String, String> = vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            vars.insert("HOME".into(), home_dir.clone());
+            let mut options = ServerOptions::new("/state");
+            identity(flags)
+                .apply(&[], &mut options, &|k| vars.get(k).cloned())
+                .map(|()| options)
+        };
+        let options = apply(&[], &[]).unwrap();
+        assert_eq!(
+            (options.region.as_str(), options.account_id.as_str()),
+            ("us-east-1", "000000000000")
+        );
+        assert_eq!(options.default_credentials, Credentials::None);
+        assert!(options.host_credentials.is_none());
+        let options = apply(&[], &[("AWS_DEFAULT_REGION", "eu-west-1")]).unwrap();
+        assert_eq!(options.region, "eu-west-1");
+        let vars = [
+            ("AWS_REGION", "eu-west-2"),
+            ("AWS_DEFAULT_REGION", "eu-west-1"),
+        ];
+        assert_eq!(apply(&[], &vars).unwrap().region, "eu-west-2");
+        let options = apply(
+            &["--region", "sa-east-1", "--account-id", "123456789012"],
+            &vars,
+        )
+        .unwrap();
+        assert_eq!(options.region, "sa-east-1");
+        assert_eq!(options.account_id, "123456789012");
+        // A profile brings its region and, when functions get them, its keys.
+        let options = apply(&["--profile", "dev", "--credentials", "host"], &[]).unwrap();
+        assert_eq!(options.region, "eu-north-1");
+        assert_eq!(options.default_credentials, Credentials::Host);
+        assert_eq!(options.host_credentials.unwrap().access_key_id, "AKIDDEV");
+        let options = apply(&["--profile", "dev"], &[]).unwrap();
+        assert!(options.host_credentials.is_none(), "no function gets them");
+        let err = apply(&["--credentials", "host"], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("--credentials host: no AWS credentials found"),
+            "{err}"
+        );
+        let err = apply(&[], &[("AWS_REGION", "Mars")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"Mars\" is not a region"), "{err}");
+        for bad in [&["--region", "us_east_1"][..], &["--account-id", "12345"]] {
+            let err = refused(&[&["serve"], bad].concat());
+            assert_eq!(err.kind(), ErrorKind::ValueValidation, "{bad:?}");
+        }
     }
 
     #[test]

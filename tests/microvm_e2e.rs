@@ -183,7 +183,11 @@ fn kindling_backend_nested(reason: &str, manifest: &Path) -> Result<(), Failed> 
         job = job.file(&root.ext4);
     }
     let checkout = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut code: Vec<&str> = FUNCTIONS.iter().map(|f| f.code).collect();
+    let mut code: Vec<&str> = FUNCTIONS
+        .iter()
+        .flat_map(|f| std::iter::once(f.code).chain(f.layers.iter().copied()))
+        .collect();
+    code.sort();
     code.dedup();
     for dir in code {
         job = job.file(checkout.join(dir));
@@ -241,6 +245,8 @@ struct FunctionDef {
     snapstart: bool,
     /// `outbound` or `none`.
     network: &'static str,
+    /// Folders relative to the checkout, unpacked in order into `/opt`.
+    layers: &'static [&'static str],
 }
 
 /// The code every python test function boots: `tests/vm-functions/probe/app.py`.
@@ -262,6 +268,18 @@ const FUNCTIONS: &[FunctionDef] = &[
         max_concurrency: 1,
         snapstart: false,
         network: "outbound",
+        layers: &[],
+    },
+    FunctionDef {
+        name: "layered",
+        code: "tests/functions/layer-user",
+        runtime: "python",
+        handler: "app.handler",
+        timeout_s: 10,
+        max_concurrency: 1,
+        snapstart: false,
+        network: "outbound",
+        layers: &["tests/layers/tools"],
     },
     FunctionDef::probe("crash", 10, 1),
     FunctionDef::probe("timeout", SHORT_TIMEOUT_S, 1),
@@ -298,24 +316,28 @@ impl FunctionDef {
             max_concurrency,
             snapstart: false,
             network: "outbound",
+            layers: &[],
         }
     }
 
     /// The `[functions.NAME]` table (TOML basic strings are JSON strings).
     fn toml(&self) -> String {
-        let code = Path::new(env!("CARGO_MANIFEST_DIR")).join(self.code);
+        let checkout = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let path = |relative: &str| Value::from(checkout.join(relative).to_string_lossy());
+        let layers: Vec<String> = self.layers.iter().map(|l| path(l).to_string()).collect();
         format!(
             "[functions.{}]\ncode = {}\nruntime = {}\nhandler = {}\nmemory = 128\n\
              timeout = {}\nisolation = \"microvm\"\nmax_concurrency = {}\nsnapstart = {}\n\
-             network = {}\n\n",
+             network = {}\nlayers = [{}]\n\n",
             self.name,
-            Value::from(code.to_string_lossy()),
+            path(self.code),
             Value::from(self.runtime),
             Value::from(self.handler),
             self.timeout_s,
             self.max_concurrency,
             self.snapstart,
             Value::from(self.network),
+            layers.join(", "),
         )
     }
 }
@@ -336,6 +358,7 @@ fn scenarios(host: &Arc<Host>) -> Vec<Trial> {
         concurrent_invocations_get_two_vms,
         init_switches_root_and_is_pid1,
         the_runtime_runs_unprivileged,
+        layers_reach_opt,
     ];
     if matches!(host.backend, Backend::Qemu) {
         list.extend(named![
@@ -467,6 +490,19 @@ fn the_runtime_runs_unprivileged(server: &Server, backend: Backend) -> Result<()
         }
     }
     Ok(())
+}
+
+/// A layer's drive is the guest's read-only `/opt`: its `python` package imports, its
+/// `bin` program runs from `PATH`.
+fn layers_reach_opt(server: &Server, _: Backend) -> Result<(), Failed> {
+    let answer = server.invoke("layered", &json!({}))?.ok_json()?;
+    check(
+        answer["value"] == "first layer"
+            && answer["package"] == "/opt/python/layerpkg/__init__.py"
+            && answer["tool"] == "layer-tool ran with hi"
+            && answer["opt_writable"] == false,
+        || format!("layered: {answer}"),
+    )
 }
 
 fn killed_runtime_then_next_works(server: &Server, _: Backend) -> Result<(), Failed> {

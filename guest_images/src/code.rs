@@ -18,11 +18,13 @@ use walkdir::WalkDir;
 
 use crate::cache::Cache;
 use crate::ext4::make_ext4;
-use crate::fsutil::copy_tree;
+use crate::fsutil::{copy_tree, overlay_tree};
 use crate::rootfs::Runtime;
 
-/// Lambda's limit on unzipped code: 250 MB.
+/// Lambda's limit on unzipped code: 250 MB (a function's layers together have as much).
 pub const MAX_UNZIPPED_BYTES: u64 = 250 * 1024 * 1024;
+/// Lambda's limit on a function's layers.
+pub const MAX_LAYERS: usize = 5;
 /// Symlink hops followed when checking where a link leads (Linux's own limit).
 const MAX_LINK_HOPS: usize = 40;
 const TASK_DIR: &str = "task";
@@ -51,6 +53,13 @@ pub enum CodeError {
     BadHandler { handler: String, form: &'static str },
     #[error("handler {handler:?} needs {expected} in the code, and it is not there")]
     MissingHandler { handler: String, expected: String },
+    #[error("{0} layers; a function has at most {MAX_LAYERS}, as in Lambda")]
+    TooManyLayers(usize),
+    #[error("layer {layer}: {error}")]
+    Layer {
+        layer: PathBuf,
+        error: Box<CodeError>,
+    },
 }
 
 /// A function's code in the cache.
@@ -111,6 +120,94 @@ pub fn build_code_image(
         cached: built.cached,
         elapsed: built.elapsed,
     })
+}
+
+/// Checks each of `layers` (folders or `.zip`s) as code is checked and unpacks them, in
+/// order, into one folder: Lambda's `/opt`, where a later layer's files replace an earlier
+/// one's. Cached with its ext4 image as code is ([`CodeImage`]: `dir` for the sandbox,
+/// `ext4` for the microVM's third drive). Refusals are [`CodeError`]s naming the layer.
+pub fn build_layers_image(cache: &Cache, layers: &[PathBuf]) -> Result<CodeImage> {
+    if layers.len() > MAX_LAYERS {
+        return Err(CodeError::TooManyLayers(layers.len()).into());
+    }
+    let in_layer = |layer: &Path| {
+        let layer = layer.to_path_buf();
+        move |error| CodeError::Layer {
+            layer,
+            error: Box::new(error),
+        }
+    };
+    let mut fp = cache.fingerprint("layers");
+    let mut checked = Vec::new();
+    let mut bytes = 0;
+    for layer in layers {
+        let kind = Source::of(layer).map_err(|e| refusal(e, layer))?;
+        let manifest = match kind {
+            Source::Dir => Manifest::of_dir(layer),
+            Source::Zip => Manifest::of_zip(layer),
+        }
+        .map_err(|e| refusal(e, layer))?;
+        manifest.check().map_err(in_layer(layer))?;
+        bytes += manifest.bytes();
+        match kind {
+            Source::Dir => fp.tree("dir", layer)?,
+            Source::Zip => fp.file("zip", layer)?,
+        };
+        checked.push((layer, kind, manifest));
+    }
+    if bytes > MAX_UNZIPPED_BYTES {
+        return Err(CodeError::TooLarge { bytes }.into());
+    }
+    let key = fp.key();
+    let built = cache.get_or_build("code", &format!("opt-{key}"), |out| {
+        let log = cache.fresh_log(&format!("opt-{key}"))?;
+        let step = cache.step(format!("{} layers", layers.len()));
+        let opt = out.join(TASK_DIR);
+        fs::create_dir_all(&opt)?;
+        for (n, (layer, kind, manifest)) in checked.iter().enumerate() {
+            let unpacked = out.join(format!("layer-{n}"));
+            match kind {
+                Source::Dir => copy_tree(layer, &unpacked)?,
+                Source::Zip => unzip(layer, manifest, &unpacked)?,
+            }
+            overlay_tree(&unpacked, &opt)?;
+            fs::remove_dir_all(&unpacked)?;
+        }
+        fs::set_permissions(&opt, fs::Permissions::from_mode(0o755))?;
+        // Layers checked one by one may still combine into what one alone may not hold
+        // (a link of one leading out through a link of another): check them as one.
+        Manifest::of_dir(&opt)?
+            .check()
+            .map_err(in_layer(layers.last().expect("built from some layer")))?;
+        make_ext4(
+            &opt,
+            &out.join(TASK_EXT4),
+            "kindling-opt",
+            &key,
+            &step,
+            &log,
+        )?;
+        step.done("built");
+        Ok(())
+    })?;
+    Ok(CodeImage {
+        dir: built.path.join(TASK_DIR),
+        ext4: built.path.join(TASK_EXT4),
+        cached: built.cached,
+        elapsed: built.elapsed,
+    })
+}
+
+/// A layer's own refusal ([`CodeError`]) named after it; any other error as it is.
+fn refusal(error: anyhow::Error, layer: &Path) -> anyhow::Error {
+    match error.downcast::<CodeError>() {
+        Ok(refused) => CodeError::Layer {
+            layer: layer.to_path_buf(),
+            error: Box::new(refused),
+        }
+        .into(),
+        Err(other) => other.context(format!("layer {}", layer.display())),
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -209,16 +306,20 @@ impl Manifest {
         Ok(manifest)
     }
 
-    /// The size limit, paths through files or symlinks, and symlinks that lead outside.
-    fn check(&self) -> Result<(), CodeError> {
-        let bytes: u64 = self
-            .nodes
+    /// What its files hold, as their sizes say.
+    fn bytes(&self) -> u64 {
+        self.nodes
             .values()
             .map(|n| match n {
                 Node::File { size, .. } => *size,
                 _ => 0,
             })
-            .sum();
+            .sum()
+    }
+
+    /// The size limit, paths through files or symlinks, and symlinks that lead outside.
+    fn check(&self) -> Result<(), CodeError> {
+        let bytes = self.bytes();
         if bytes > MAX_UNZIPPED_BYTES {
             return Err(CodeError::TooLarge { bytes });
         }

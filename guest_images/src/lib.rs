@@ -27,6 +27,7 @@ mod kernel;
 pub mod locate;
 mod manifest;
 mod nested;
+mod node;
 mod progress;
 mod prune;
 mod rootfs;
@@ -34,12 +35,15 @@ mod shims;
 
 pub use archive::CpioArchive;
 pub use cache::{Built, Cache, EntryInfo};
-pub use code::{build_code_image, CodeError, CodeImage, MAX_UNZIPPED_BYTES};
+pub use code::{
+    build_code_image, build_layers_image, CodeError, CodeImage, MAX_LAYERS, MAX_UNZIPPED_BYTES,
+};
 pub use guest::is_static_elf;
 pub use initramfs::{build_initramfs, Initramfs, INITRAMFS_FILE};
 pub use kernel::{build_kernel, missing_options, Kernel, KernelKind, MINIMAL_FRAGMENT};
 pub use manifest::{ImagesManifest, RootPaths};
 pub use nested::{build_nested_host, NestedHost};
+pub use node::NODE_VERSION;
 pub use progress::{Progress, StepProgress};
 pub use prune::prune;
 pub use rootfs::{

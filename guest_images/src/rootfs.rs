@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::cache::{remove_tree, Cache, Fingerprint};
 use crate::ext4::make_ext4;
 use crate::guest::guest_bins;
+use crate::node;
 use crate::shims::{self, write_shims, ShimFile};
 
 /// Where the image's folder and ext4 file sit inside its cache entry.
@@ -77,7 +78,7 @@ impl Runtime {
                 "Debian minimal root with bash, curl and ca-certificates, for shell custom runtimes"
             }
             Runtime::Python => "Debian's python3 plus Kindling's Python runtime",
-            Runtime::Node => "Debian's nodejs plus Kindling's Node runtime",
+            Runtime::Node => "Node.js 22 (the official build) plus Kindling's Node runtime",
         }
     }
 
@@ -88,7 +89,9 @@ impl Runtime {
             Runtime::ProvidedDebian => Some(&["bash", "curl", "ca-certificates"]),
             // python3 (not python3-minimal) brings libpython3.11-stdlib, which has json.
             Runtime::Python => Some(&["python3", "ca-certificates"]),
-            Runtime::Node => Some(&["nodejs", "ca-certificates"]),
+            // Node.js itself is the official build ([`crate::node`]), which needs only
+            // the C and C++ libraries.
+            Runtime::Node => Some(&["libstdc++6", "ca-certificates"]),
         }
     }
 
@@ -160,6 +163,9 @@ pub fn build_root_image(cache: &Cache, runtime: Runtime) -> Result<RootImage> {
                 )?;
             }
             None => fs::create_dir(&root)?,
+        }
+        if runtime == Runtime::Node {
+            node::install(cache, &root, &step, &log)?;
         }
         plan.populate(cache, &root)?;
         step.say("mkfs.ext4");
@@ -234,6 +240,9 @@ impl Plan {
         if !shims.is_empty() {
             shims::fingerprint(&mut image, "shims", shims);
         }
+        if runtime == Runtime::Node {
+            node::fingerprint(&mut image);
+        }
         let key = image.key();
         Ok(Plan {
             runtime,
@@ -303,11 +312,20 @@ impl Plan {
 }
 
 /// init's configuration inside the root image (init/README.md has every key): the
-/// function code's drive, when attached, is mounted read-only at `/var/task`. Nothing
-/// else is set here, because this file overrides the kernel command line, where a
-/// launcher sets per-function keys.
+/// function code's drive, when attached, is mounted read-only at `/var/task`, and its
+/// layers' drive, when attached, at `/opt`. Nothing else is set here, because this file
+/// overrides the kernel command line, where a launcher sets per-function keys.
 fn root_init_config() -> serde_json::Value {
-    serde_json::json!({ "task": "/dev/vdb" })
+    serde_json::json!({
+        "task": "/dev/vdb",
+        "mounts": [{
+            "source": "/dev/vdc",
+            "target": "/opt",
+            "fstype": "ext4",
+            "options": "ro,nodev,nosuid",
+            "optional": true,
+        }],
+    })
 }
 
 /// Copies a binary into the image as root-owned, mode 0755 (replacing whatever was there,

@@ -1,5 +1,6 @@
 //! Function code → `/var/task`: folders and zips become ext4 images with their modes, and
-//! every unsafe or invalid package is refused with nothing written.
+//! every unsafe or invalid package is refused with nothing written. Layers → `/opt`: the
+//! same, unpacked in order into one image.
 
 mod common;
 
@@ -9,7 +10,7 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::Path;
 
 use common::{cat, ls, mode_of, temp_cache};
-use kindling_images::{build_code_image, Cache, CodeError, Runtime};
+use kindling_images::{build_code_image, build_layers_image, Cache, CodeError, Runtime};
 use zip::write::SimpleFileOptions;
 
 /// A zip with the given entries: (name, unix mode, contents); mode 0o120777 makes a symlink.
@@ -303,4 +304,75 @@ fn zip_that_understates_its_size_is_refused_while_unpacking() {
         0,
         "the partial unpack is gone"
     );
+}
+
+#[test]
+fn layers_unpack_in_order_into_one_image() {
+    let (dir, cache) = temp_cache();
+    let first = dir.path().join("first");
+    fs::create_dir_all(first.join("python/pkg")).unwrap();
+    fs::create_dir_all(first.join("bin")).unwrap();
+    fs::write(first.join("python/pkg/__init__.py"), "first").unwrap();
+    fs::write(first.join("python/pkg/only_first.py"), "kept").unwrap();
+    fs::write(first.join("bin/tool"), "#!/bin/sh\n").unwrap();
+    fs::set_permissions(first.join("bin/tool"), fs::Permissions::from_mode(0o755)).unwrap();
+    let second = dir.path().join("second.zip");
+    make_zip(
+        &second,
+        &[
+            ("python/pkg/__init__.py", 0o100644, b"second"),
+            ("lib/libx.so", 0o100755, b"\x7fELF"),
+            ("lib/liby.so", 0o120777, b"libx.so"),
+        ],
+    );
+    let image = build_layers_image(&cache, &[first.clone(), second.clone()]).unwrap();
+    assert!(!image.cached);
+    assert_eq!(cat(&image.ext4, "/python/pkg/__init__.py"), b"second");
+    assert_eq!(cat(&image.ext4, "/python/pkg/only_first.py"), b"kept");
+    assert_eq!(mode_of(&image.ext4, "/bin/tool"), 0o100755);
+    assert_eq!(mode_of(&image.ext4, "/lib/libx.so"), 0o100755);
+    assert_eq!(mode_of(&image.ext4, "/lib/liby.so") & 0o170000, 0o120000);
+    assert_eq!(
+        fs::read_to_string(image.dir.join("python/pkg/__init__.py")).unwrap(),
+        "second"
+    );
+    // The order is part of what is built.
+    let again = build_layers_image(&cache, &[first.clone(), second.clone()]).unwrap();
+    assert!(again.cached);
+    let reversed = build_layers_image(&cache, &[second.clone(), first.clone()]).unwrap();
+    assert!(!reversed.cached);
+    assert_eq!(cat(&reversed.ext4, "/python/pkg/__init__.py"), b"first");
+}
+
+#[test]
+fn unsafe_layers_and_too_many_are_refused_naming_the_layer() {
+    let (dir, cache) = temp_cache();
+    let escaping = dir.path().join("escaping.zip");
+    make_zip(&escaping, &[("python/x.py", 0o120777, b"../../etc/passwd")]);
+    let good = dir.path().join("good");
+    fs::create_dir(&good).unwrap();
+    let err = build_layers_image(&cache, &[good.clone(), escaping.clone()]).unwrap_err();
+    match err.downcast_ref::<CodeError>() {
+        Some(CodeError::Layer { layer, error }) => {
+            assert_eq!(layer, &escaping);
+            assert!(
+                matches!(**error, CodeError::EscapingSymlink { .. }),
+                "{error}"
+            );
+        }
+        other => panic!("{other:?}: {err:#}"),
+    }
+    assert!(err
+        .to_string()
+        .starts_with(&format!("layer {}: symlink", escaping.display())));
+    let six = vec![good.clone(); 6];
+    let err = build_layers_image(&cache, &six).unwrap_err();
+    assert_eq!(
+        err.downcast_ref::<CodeError>(),
+        Some(&CodeError::TooManyLayers(6))
+    );
+    let missing = dir.path().join("missing");
+    let err = build_layers_image(&cache, std::slice::from_ref(&missing)).unwrap_err();
+    assert!(format!("{err:#}").contains("missing"), "{err:#}");
+    assert_cache_untouched(&cache);
 }

@@ -58,8 +58,14 @@ fn provided_image_holds_static_init_bootstrap_and_mount_points() {
         "init mounts the code drive at /var/task"
     );
     assert_eq!(
+        init_json["mounts"],
+        serde_json::json!([{"source": "/dev/vdc", "target": "/opt", "fstype": "ext4",
+                            "options": "ro,nodev,nosuid", "optional": true}]),
+        "init mounts the layers' drive, when there is one, at /opt"
+    );
+    assert_eq!(
         init_json.as_object().unwrap().len(),
-        1,
+        2,
         "the command line stays in charge of the rest"
     );
     assert!(String::from_utf8(cat(&image.ext4, "/etc/hosts"))
@@ -143,11 +149,14 @@ fn debian_runtime_images_run_their_interpreters() {
         (
             Runtime::Node,
             &[
-                "/usr/bin/node",
+                "/usr/local/bin/node",
                 "-e",
-                "console.log(JSON.stringify({ok: 1}))",
+                "console.log(JSON.stringify({ok: 1, node: process.versions.node}))",
             ],
-            "{\"ok\":1}",
+            &format!(
+                "{{\"ok\":1,\"node\":\"{}\"}}",
+                kindling_images::NODE_VERSION
+            ),
         ),
     ];
     for (runtime, argv, want) in checks {

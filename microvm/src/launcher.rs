@@ -34,6 +34,9 @@ pub trait ImageSource: Send + Sync + 'static {
     fn boot_files(&self, runtime: &str) -> anyhow::Result<BootFiles>;
     /// The function's code as an ext4 image, attached read-only as `/dev/vdb`.
     fn code_image(&self, function: &Function) -> anyhow::Result<PathBuf>;
+    /// Its layers as one ext4 image, attached read-only as `/dev/vdc` (which the root
+    /// image's init configuration mounts at `/opt`); `None` without layers.
+    fn layers_image(&self, function: &Function) -> anyhow::Result<Option<PathBuf>>;
 }
 
 pub struct MicroVmLauncher {
@@ -160,13 +163,31 @@ impl Launcher for MicroVmLauncher {
         };
         let images = self.images.clone();
         let function = spec.function.clone();
-        let (files, code_image) = tokio::task::spawn_blocking(move || {
+        let (files, code_image, layers_image) = tokio::task::spawn_blocking(move || {
             anyhow::Ok((
                 images.boot_files(&function.runtime)?,
                 images.code_image(&function)?,
+                images.layers_image(&function)?,
             ))
         })
         .await??;
+        let mut drives = vec![
+            Drive {
+                id: "root".into(),
+                path: files.root_image,
+                read_only: true,
+            },
+            Drive {
+                id: "task".into(),
+                path: code_image,
+                read_only: true,
+            },
+        ];
+        drives.extend(layers_image.map(|path| Drive {
+            id: "opt".into(),
+            path,
+            read_only: true,
+        }));
         std::fs::create_dir_all(&spec.dir)?;
         let user = VmUserLease::take()?;
         let socket_dir = socket_dir(spec, user.user())?;
@@ -174,18 +195,7 @@ impl Launcher for MicroVmLauncher {
             kernel: files.kernel,
             initramfs: files.initramfs,
             cmdline: Self::cmdline(hypervisor.as_ref(), spec),
-            drives: vec![
-                Drive {
-                    id: "root".into(),
-                    path: files.root_image,
-                    read_only: true,
-                },
-                Drive {
-                    id: "task".into(),
-                    path: code_image,
-                    read_only: true,
-                },
-            ],
+            drives,
             memory_mib: spec.function.memory_mb.max(128),
             vcpus: 1,
             guest_cid: 3,

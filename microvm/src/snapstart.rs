@@ -311,6 +311,8 @@ mod tests {
             env: BTreeMap::new(),
             snapstart: true,
             network: kindling_runtime_api::environment::Network::Outbound,
+            layers: Vec::new(),
+            credentials: None,
         }
     }
 

@@ -12,6 +12,8 @@
 //! hypervisor = "kindling"          # microvm only: "kindling" | "qemu"
 //! snapstart = true                 # microvm only: restore a snapshot instead of booting
 //! network = "outbound"             # outbound IPv4 and DNS (the default), or "none"
+//! layers = ["layers/tools", "layers/deps.zip"]   # unpacked in order into /opt (at most 5)
+//! credentials = "host"             # the server's AWS credentials (default: the server's choice)
 //! # Event invocations, as PutFunctionEventInvokeConfig sets them:
 //! maximum_retry_attempts = 2       # 0..2
 //! maximum_event_age = 21600        # seconds, 60..21600
@@ -33,7 +35,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::environment::{Function, Isolation, Network};
+use crate::environment::{Credentials, Function, Isolation, Network};
 use crate::store::EventInvokeConfig;
 use crate::vocabulary::{closed_vocabulary, not_one_of};
 
@@ -43,6 +45,8 @@ pub const MEMORY_MB: RangeInclusive<u32> = 128..=10240;
 pub const TIMEOUT_S: RangeInclusive<u32> = 1..=900;
 /// Environments per function when the file does not say.
 pub const DEFAULT_MAX_CONCURRENCY: usize = 10;
+/// Layers a function may have (Lambda's limit).
+pub const MAX_LAYERS: usize = 5;
 
 closed_vocabulary! {
     /// Which hypervisor runs a `microvm` function.
@@ -103,6 +107,8 @@ struct RawFunction {
     hypervisor: Option<Spanned<String>>,
     snapstart: Option<Spanned<bool>>,
     network: Option<Spanned<String>>,
+    layers: Option<Spanned<Vec<String>>>,
+    credentials: Option<Spanned<String>>,
     maximum_retry_attempts: Option<Spanned<i64>>,
     maximum_event_age: Option<Spanned<i64>>,
     on_success: Option<Spanned<String>>,
@@ -227,6 +233,8 @@ fn function_config(
         ));
     }
     let network = named(f.network.as_ref(), &key("network"), at)?.unwrap_or(Network::Outbound);
+    let layers = layers(f.layers.as_ref(), base, &key("layers"), at)?;
+    let credentials: Option<Credentials> = named(f.credentials.as_ref(), &key("credentials"), at)?;
     let event_invoke = event_invoke(&f, &key, at)?;
     Ok(FunctionConfig {
         function: Function {
@@ -241,10 +249,39 @@ fn function_config(
             env: f.env,
             snapstart,
             network,
+            layers,
+            credentials,
         },
         hypervisor,
         event_invoke,
     })
+}
+
+/// The `layers` key: at most [`MAX_LAYERS`] folders or `.zip`s, relative to the file.
+fn layers(
+    value: Option<&Spanned<Vec<String>>>,
+    base: &Path,
+    key: &str,
+    at: &Locator,
+) -> Result<Vec<PathBuf>, ConfigError> {
+    let Some(value) = value else {
+        return Ok(Vec::new());
+    };
+    let error = |message: String| at.error(value.span().start, format!("{key}: {message}"));
+    if value.get_ref().len() > MAX_LAYERS {
+        return Err(error(format!(
+            "{} layers; a function has at most {MAX_LAYERS}, as in Lambda",
+            value.get_ref().len()
+        )));
+    }
+    value
+        .get_ref()
+        .iter()
+        .map(|layer| {
+            let path = base.join(layer);
+            check_code(&path).map(|()| path).map_err(&error)
+        })
+        .collect()
 }
 
 /// The table's event-invoke keys, checked as `PutFunctionEventInvokeConfig` checks them.
@@ -444,6 +481,45 @@ GREETING = "hi"
         )
         .unwrap();
         assert!(!fs[0].function.snapstart);
+    }
+
+    #[test]
+    fn layers_and_credentials_are_read_and_checked() {
+        let dir = with_code();
+        std::fs::create_dir(dir.path().join("tools")).unwrap();
+        std::fs::write(dir.path().join("deps.zip"), b"").unwrap();
+        let head = "[functions.a]\ncode = 'hello'\nruntime = 'python'\nhandler = 'h'\n";
+        let fs = parse_in(
+            dir.path(),
+            &format!("{head}layers = ['tools', 'deps.zip']\ncredentials = 'host'\n"),
+        )
+        .unwrap();
+        let f = &fs[0].function;
+        assert_eq!(
+            f.layers,
+            [dir.path().join("tools"), dir.path().join("deps.zip")]
+        );
+        assert_eq!(f.credentials, Some(Credentials::Host));
+        let fs = parse_in(dir.path(), head).unwrap();
+        assert_eq!(fs[0].function.layers, Vec::<PathBuf>::new());
+        assert_eq!(fs[0].function.credentials, None);
+        let six = format!("layers = [{}]\n", ["'tools'"; 6].join(", "));
+        for (line, want) in [
+            ("layers = ['nope']\n", "functions.a.layers: "),
+            ("layers = ['nope']\n", "nope: no such directory"),
+            (
+                six.as_str(),
+                "functions.a.layers: 6 layers; a function has at most 5",
+            ),
+            (
+                "credentials = 'env'\n",
+                r#"functions.a.credentials: "env" is not one of "host", "none""#,
+            ),
+        ] {
+            let err = parse_in(dir.path(), &format!("{head}{line}")).unwrap_err();
+            assert_eq!(err.line, Some(5), "{line}: {err}");
+            assert!(err.to_string().contains(want), "{line}: {err}");
+        }
     }
 
     #[test]

@@ -1106,9 +1106,12 @@ pub(crate) fn function_of(record: &FunctionRecord) -> Result<Function, String> {
         isolation: record.isolation.parse()?,
         max_concurrency: record.max_concurrency,
         env: record.env.clone(),
-        // Not offered through the API yet: functions.toml's `snapstart` only.
+        // Not offered through the API yet: functions.toml's `snapstart` and `layers` only.
         snapstart: false,
         network: crate::environment::Network::Outbound,
+        layers: Vec::new(),
+        // The server's choice (`serve --credentials`).
+        credentials: None,
     })
 }
 
@@ -1137,7 +1140,11 @@ fn check_architectures(architectures: Option<&[String]>) -> Result<(), ApiError>
 
 fn check_layers(layers: Option<&[String]>) -> Result<(), ApiError> {
     match layers {
-        Some(l) if !l.is_empty() => Err(ApiError::invalid("layers are not supported yet".into())),
+        Some(l) if !l.is_empty() => Err(ApiError::invalid(
+            "layer versions are not supported through the API yet: give a function's layers \
+             as folders or zips in functions.toml (layers = [...])"
+                .into(),
+        )),
         _ => Ok(()),
     }
 }

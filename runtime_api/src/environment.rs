@@ -31,6 +31,17 @@ closed_vocabulary! {
     }
 }
 
+closed_vocabulary! {
+    /// Whether a function gets AWS credentials, as SAM passes them to a local function.
+    pub enum Credentials {
+        /// The server's own (its environment's, or its `~/.aws` profile's):
+        /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN`.
+        Host = "host",
+        /// None: only what the function's own variables set.
+        None = "none",
+    }
+}
+
 /// A function as the scheduler knows it (one entry of `functions.toml`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Function {
@@ -49,6 +60,11 @@ pub struct Function {
     /// later cold starts restore it instead of booting (microVMs only).
     pub snapstart: bool,
     pub network: Network,
+    /// Its layers (folders or `.zip`s), unpacked in order into `/opt`; once readied for
+    /// the launchers, the one folder they were merged into.
+    pub layers: Vec<PathBuf>,
+    /// Whether it gets the host's AWS credentials; `None`: as the server decides.
+    pub credentials: Option<Credentials>,
 }
 
 /// What one environment is started with.

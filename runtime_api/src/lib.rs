@@ -11,6 +11,7 @@ pub mod client;
 pub mod config;
 mod connections;
 pub mod control_plane;
+pub mod credentials;
 pub mod environment;
 mod events;
 mod freezing;
@@ -25,8 +26,10 @@ pub mod store;
 mod vocabulary;
 
 pub use control_plane::{DeployError, Deployer};
+pub use credentials::HostCredentials;
 pub use environment::{
-    Environment, EnvironmentSpec, Freezer, Function, Isolation, Launcher, StartPhases, StopMode,
+    Credentials, Environment, EnvironmentSpec, Freezer, Function, Isolation, Launcher, StartPhases,
+    StopMode,
 };
 pub use events::EventQueueOptions;
 pub use invoke_api::{

@@ -26,7 +26,10 @@ use bytes::Bytes;
 use kindling_wire::{ErrorBody, FunctionEnvironment, InvocationReport};
 use tokio::sync::{oneshot, watch, Notify};
 
-use crate::environment::{Environment, EnvironmentSpec, Function, Isolation, Launcher, StopMode};
+use crate::credentials::HostCredentials;
+use crate::environment::{
+    Credentials, Environment, EnvironmentSpec, Function, Isolation, Launcher, StopMode,
+};
 use crate::freezing::Freezing;
 use crate::logs::{self, LogSink, Restore};
 use crate::metrics::Metrics;
@@ -34,8 +37,8 @@ use crate::runtime_server::{Completion, Invocation, Outcome, RuntimeApi};
 
 /// The version an unqualified invocation runs.
 pub const VERSION: &str = crate::store::LATEST;
-/// The account id in ARNs.
-const ACCOUNT: &str = "000000000000";
+/// The account id in ARNs unless the server is given another.
+pub const DEFAULT_ACCOUNT_ID: &str = "000000000000";
 /// Longest Unix socket path Linux takes (`sun_path` less its NUL).
 const MAX_SOCKET_PATH: usize = 107;
 /// How long an environment idles before it is frozen, by default.
@@ -60,7 +63,15 @@ pub struct SchedulerOptions {
     pub stop_grace: Duration,
     /// How long shutdown lets running invocations finish before it cancels them.
     pub shutdown_grace: Duration,
+    /// The region of ARNs and of the functions' `AWS_REGION`.
     pub region: String,
+    /// The account of ARNs.
+    pub account_id: String,
+    /// Whether functions that do not say get the host's credentials.
+    pub default_credentials: Credentials,
+    /// The host's credentials, for functions that get them; `None`: none were found, and
+    /// such a function's environments fail to start, saying so.
+    pub host_credentials: Option<Arc<HostCredentials>>,
 }
 
 impl SchedulerOptions {
@@ -74,6 +85,9 @@ impl SchedulerOptions {
             stop_grace: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(5),
             region: "us-east-1".into(),
+            account_id: DEFAULT_ACCOUNT_ID.into(),
+            default_credentials: Credentials::None,
+            host_credentials: None,
         }
     }
 }
@@ -705,6 +719,25 @@ impl Pool {
                 socket.display()
             );
         }
+        let mut variables = f.env.clone();
+        if f.credentials
+            .unwrap_or(self.ctx.options.default_credentials)
+            == Credentials::Host
+        {
+            let credentials = self
+                .ctx
+                .options
+                .host_credentials
+                .as_ref()
+                .with_context(|| {
+                    format!(
+                        "function {} gets the host's AWS credentials, and the server found none \
+                     (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or give --profile)",
+                        f.name
+                    )
+                })?;
+            credentials.apply(&mut variables);
+        }
         std::fs::create_dir_all(&spec.dir).with_context(|| spec.dir.display().to_string())?;
         let mut environment = FunctionEnvironment {
             function_name: f.name.clone(),
@@ -717,7 +750,7 @@ impl Pool {
             log_group_name: String::new(),
             log_stream_name: String::new(),
             initialization_type: "on-demand".into(),
-            variables: f.env.clone(),
+            variables,
         };
         if f.snapstart {
             // What the guest learns at init lives on in every clone: nothing of this one
@@ -1080,9 +1113,10 @@ pub(crate) async fn until_true(flag: &mut watch::Receiver<bool>) {
 impl Ctx {
     /// A function's (unqualified) ARN.
     fn arn(&self, name: &str) -> String {
+        let options = &self.options;
         format!(
-            "arn:aws:lambda:{}:{ACCOUNT}:function:{name}",
-            self.options.region
+            "arn:aws:lambda:{}:{}:function:{name}",
+            options.region, options.account_id
         )
     }
 }

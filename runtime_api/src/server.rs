@@ -15,7 +15,8 @@ use tokio::sync::{broadcast, watch};
 
 use crate::connections::ConnectionLimits;
 use crate::control_plane::{self, ControlPlane, DeployError, Deployer};
-use crate::environment::{Function, Isolation, Launcher};
+use crate::credentials::HostCredentials;
+use crate::environment::{Credentials, Function, Isolation, Launcher};
 use crate::events::{EventQueue, EventQueueOptions};
 use crate::invoke_api::{self, InvokeApi};
 use crate::logs::{self, LogLine, LogSink};
@@ -78,6 +79,15 @@ pub struct ServerOptions {
     /// Invoke API connections served at once; one more is answered 503
     /// `ServiceException` (`Connection: close`) and closed.
     pub max_connections: usize,
+    /// The region of ARNs, and the functions' `AWS_REGION`.
+    pub region: String,
+    /// The account of ARNs.
+    pub account_id: String,
+    /// Whether functions that do not say (those created through the API among them) get
+    /// the host's AWS credentials.
+    pub default_credentials: Credentials,
+    /// The host's AWS credentials, for the functions that get them.
+    pub host_credentials: Option<HostCredentials>,
 }
 
 impl ServerOptions {
@@ -103,6 +113,10 @@ impl ServerOptions {
             keep_alive_timeout: Duration::from_secs(120),
             body_read_timeout: Duration::from_secs(60),
             max_connections: 1024,
+            region: defaults.region,
+            account_id: defaults.account_id,
+            default_credentials: defaults.default_credentials,
+            host_credentials: None,
         }
     }
 }
@@ -171,6 +185,10 @@ impl Server {
         sched.queue_depth = options.queue_depth;
         sched.init_timeout = options.init_timeout;
         sched.shutdown_grace = options.shutdown_grace;
+        sched.region.clone_from(&options.region);
+        sched.account_id.clone_from(&options.account_id);
+        sched.default_credentials = options.default_credentials;
+        sched.host_credentials = options.host_credentials.clone().map(Arc::new);
         let scheduler = Arc::new(Scheduler::new(
             functions,
             &launchers,

@@ -39,6 +39,8 @@ fn function(name: &str, code: &std::path::Path) -> Function {
         env: BTreeMap::from([("GREETING".to_string(), "hi".to_string())]),
         snapstart: false,
         network: kindling_runtime_api::environment::Network::Outbound,
+        layers: Vec::new(),
+        credentials: None,
     }
 }
 

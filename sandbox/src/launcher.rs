@@ -142,7 +142,17 @@ impl SandboxLauncher {
         if !task.is_dir() {
             bail!("the function's code {} is not a directory", task.display());
         }
-        let root = self.root_entries()?;
+        let mut root = self.root_entries()?;
+        // The function's layers, merged into one folder when it was readied, are its /opt.
+        if let Some(opt) = spec.function.layers.first() {
+            if !opt.is_dir() {
+                bail!(
+                    "the function's layers {} are not a directory",
+                    opt.display()
+                );
+            }
+            root.insert("opt".to_string(), opt.clone());
+        }
         searchable_by_others(&spec.dir)?;
         let (ids, id_map) = id_range()?;
         let lease = match (&self.options.network, spec.function.network) {

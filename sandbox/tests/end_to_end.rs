@@ -45,6 +45,8 @@ async fn the_aws_tutorial_runtime_answers_through_the_sandbox() {
         env: BTreeMap::new(),
         snapstart: false,
         network: kindling_runtime_api::environment::Network::Outbound,
+        layers: Vec::new(),
+        credentials: None,
     };
     let spec = EnvironmentSpec {
         id: format!("e2e-{}", std::process::id()),

@@ -80,6 +80,8 @@ fn harness(test: &str, memory_mb: u32, pids_limit: u32, probe: Probe) -> Option<
             env: BTreeMap::new(),
             snapstart: false,
             network: kindling_runtime_api::environment::Network::Outbound,
+            layers: Vec::new(),
+            credentials: None,
         },
     };
     std::fs::create_dir(&spec.dir).unwrap();

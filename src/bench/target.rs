@@ -109,6 +109,8 @@ impl Target {
                 env: BTreeMap::new(),
                 snapstart: false,
                 network: kindling_runtime_api::environment::Network::Outbound,
+                layers: Vec::new(),
+                credentials: None,
             },
             hypervisor: self.hypervisor,
             event_invoke: None,

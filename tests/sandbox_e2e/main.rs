@@ -15,7 +15,9 @@ mod control_plane;
 mod failures;
 #[path = "../common/internet.rs"]
 mod internet;
+mod identity;
 mod invoke_api;
+mod layers;
 mod lifecycle;
 mod network;
 mod runtime_traits;

@@ -30,11 +30,12 @@ async fn a_function_fetches_by_name_and_reaches_nothing_of_the_host() {
     let host = HostListener::start();
     let mut offline = netprobe("offline");
     offline.network = Some("none");
-    let server = Server::start_with(
+    let server = Server::start_on(
         bins,
         &[netprobe("net"), netprobe("peer"), offline],
         "0.0.0.0:0",
         &["--allow-remote", "--dns", DNS],
+        &[],
     );
     let invoke_port = server.addr.port();
 

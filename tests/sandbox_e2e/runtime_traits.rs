@@ -69,18 +69,38 @@ async fn python_bytes_context_and_nested_handlers_by_qualified_names() {
 
 #[tokio::test]
 async fn node_console_errors_event_loop_nesting_and_streaming_handlers() {
-    let Some(bins) = prerequisites(&["/usr/bin/node"]) else {
+    let Some(bins) = prerequisites(&[]) else {
         return;
     };
     let server = Server::start(
         bins,
         &[
+            node_case("version", "version"),
+            FunctionDef::new(
+                "esm",
+                repo_path("tests/functions/node-esm"),
+                "node",
+                "index.handler",
+            ),
             node_case("logs", "logs"),
             node_case("fails", "fails"),
             node_case("late", "late"),
             node_case("deep", "nested.deeper.handler"),
             node_case("streams", "streams"),
         ],
+    );
+    // Lambda's current Node.js (nodejs22.x), not Debian's 18; CommonJS and ES modules.
+    let answer = server.invoke("version", &json!({})).await;
+    assert_eq!(
+        json(&answer),
+        kindling_images::NODE_VERSION,
+        "{}",
+        server.diagnostics()
+    );
+    let answer = server.invoke("esm", &json!({"x": 1})).await;
+    assert_eq!(
+        json(&answer),
+        json!({"esm": true, "node": kindling_images::NODE_VERSION, "event": {"x": 1}})
     );
     let answer = server.invoke("logs", &json!({})).await;
     assert_eq!(json(&answer), "logged", "{}", server.diagnostics());

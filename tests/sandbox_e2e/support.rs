@@ -125,6 +125,10 @@ pub struct FunctionDef {
     pub env: Vec<(String, String)>,
     /// `network = "…"`; `None` leaves the default (outbound).
     pub network: Option<&'static str>,
+    /// `layers`: folders or zips, in order.
+    pub layers: Vec<PathBuf>,
+    /// `credentials`: `host` or `none`; unset leaves it to the server.
+    pub credentials: Option<&'static str>,
 }
 
 impl FunctionDef {
@@ -139,6 +143,8 @@ impl FunctionDef {
             max_concurrency: 2,
             env: Vec::new(),
             network: None,
+            layers: Vec::new(),
+            credentials: None,
         }
     }
 
@@ -178,6 +184,17 @@ impl FunctionDef {
         );
         if let Some(network) = self.network {
             let _ = writeln!(t, "network = {}", q(network));
+        }
+        if !self.layers.is_empty() {
+            let layers: Vec<String> = self
+                .layers
+                .iter()
+                .map(|l| q(&l.to_string_lossy()))
+                .collect();
+            let _ = writeln!(t, "layers = [{}]", layers.join(", "));
+        }
+        if let Some(credentials) = self.credentials {
+            let _ = writeln!(t, "credentials = {}", q(credentials));
         }
         if !self.env.is_empty() {
             let _ = writeln!(t, "[functions.{}.env]", self.name);
@@ -231,23 +248,41 @@ impl Server {
     /// Writes a functions.toml of `functions`, starts `kindling serve` on it and waits
     /// until it listens.
     pub fn start(bins: &Binaries, functions: &[FunctionDef]) -> Self {
-        Self::start_with(bins, functions, "127.0.0.1:0", &[])
+        Self::start_with(bins, functions, &[], &[])
     }
 
-    /// [`Server::start`] on the Invoke API address `addr`, with more of `serve`'s flags.
+    /// [`Server::start`] with more `serve` arguments and variables for the server.
     pub fn start_with(
         bins: &Binaries,
         functions: &[FunctionDef],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        Self::start_on(bins, functions, "127.0.0.1:0", args, env)
+    }
+
+    /// [`Server::start_with`] on the Invoke API address `addr`.
+    pub fn start_on(
+        bins: &Binaries,
+        functions: &[FunctionDef],
         addr: &str,
-        flags: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
     ) -> Self {
         let scratch = Scratch::new();
+        let mut serve = Self::serve(bins, functions, &scratch);
+        serve.args(args).envs(env.iter().copied());
+        Self::launch(bins, scratch, serve, addr)
+    }
+
+    /// `kindling serve --functions F`, F a functions.toml of `functions` in `scratch`.
+    pub fn serve(bins: &Binaries, functions: &[FunctionDef], scratch: &Scratch) -> Command {
         let file = scratch.path().join("functions.toml");
         let text: String = functions.iter().map(|f| f.toml() + "\n").collect();
         std::fs::write(&file, text).expect("writing functions.toml");
         let mut serve = Command::new(&bins.kindling);
-        serve.arg("serve").arg("--functions").arg(&file).args(flags);
-        Self::launch(bins, scratch, serve, addr)
+        serve.arg("serve").arg("--functions").arg(&file);
+        serve
     }
 
     /// `kindling run CODE --runtime R --handler H --isolation sandbox`: one function,
@@ -263,12 +298,14 @@ impl Server {
 
     /// Adds the address and state dir to `command`, starts it and waits until it listens.
     fn launch(bins: &Binaries, scratch: Scratch, mut command: Command, addr: &str) -> Self {
+        if !command.get_envs().any(|(k, _)| k == "KINDLING_LOG") {
+            command.env("KINDLING_LOG", "kindling=info,warn");
+        }
         let state_dir = scratch.path().join("state");
         let stderr = scratch.path().join("serve.err");
         let child = command
             .args(["--addr", addr, "--state-dir"])
             .arg(&state_dir)
-            .env("KINDLING_LOG", "kindling=info,warn")
             .stdin(Stdio::null())
             .stdout(file_for(&scratch.path().join("serve.out")))
             .stderr(file_for(&stderr))

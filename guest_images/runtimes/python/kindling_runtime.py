@@ -237,6 +237,16 @@ def install_logging():
     logging.getLogger().addHandler(handler)
 
 
+def set_default_sys_path(task_root):
+    """Lambda's import order: the code, then its layers' packages (as awslambdaric sets it):
+    /var/task, /opt/python/lib/pythonN.N/site-packages, /opt/python."""
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for path in reversed([task_root, f"/opt/python/lib/{version}/site-packages", "/opt/python"]):
+        if path in sys.path:
+            sys.path.remove(path)
+        sys.path.insert(0, path)
+
+
 def load_handler(spec, task_root):
     """Imports `module.function` and returns the function, or raises TypedError.
 
@@ -248,8 +258,7 @@ def load_handler(spec, task_root):
     if not sep or not module_name or not function_name:
         raise TypedError("Runtime.MalformedHandlerName",
                          f"Bad handler '{spec}': not enough values to unpack (expected 2, got 1)")
-    if task_root not in sys.path:
-        sys.path.insert(0, task_root)
+    set_default_sys_path(task_root)
     parts = module_name.replace("/", ".").split(".")
     for cut in range(len(parts), 0, -1):
         name = ".".join(parts[:cut])

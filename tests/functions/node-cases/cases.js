@@ -34,3 +34,6 @@ exports.streams = awslambda.streamifyResponse(async (event, responseStream) => {
   await new Promise((r) => setTimeout(r, 5));
   stream.end(String(event.n));
 });
+
+// The Node.js release the runtime runs.
+exports.version = async () => process.versions.node;
