@@ -646,6 +646,68 @@ async fn event_invocations_are_bounded_and_refused_with_429_never_dropped() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_older_than_its_maximum_age_goes_to_the_on_failure_destination() {
+    // The age is 1 s here (Lambda's floor of 60 s is the API's and functions.toml's
+    // check, not the queue's): the failed first attempt's retry falls due 2 s later, past
+    // it, so the event is dropped instead of retried, and its record says why.
+    let Some(h) = start(
+        |code| vec![function("aging", code)],
+        |o| {
+            o.event_retry_base = Duration::from_secs(2);
+            o.event_invoke.insert(
+                "aging".into(),
+                kindling_runtime_api::store::EventInvokeConfig {
+                    maximum_event_age_s: 1,
+                    on_failure: Some("arn:aws:sqs:us-east-1:000000000000:aged".into()),
+                    ..Default::default()
+                },
+            );
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    let event = InvokeOptions {
+        invocation_type: InvocationType::Event,
+        ..Default::default()
+    };
+    let mut c = Client::connect(h.addr).await.unwrap();
+    let r = c
+        .invoke("aging", json!({"action": "error"}).to_string(), &event)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 202);
+    let request_id = r.headers["x-amzn-requestid"].clone();
+    let file = h.state.path().join("destinations/aged.jsonl");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let record: Value = loop {
+        if let Ok(text) = std::fs::read_to_string(&file) {
+            if let Some(line) = text.lines().next() {
+                break serde_json::from_str(line).unwrap();
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no record in {file:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let context = &record["requestContext"];
+    assert_eq!(context["requestId"], request_id.to_str().unwrap());
+    assert_eq!(context["condition"], "EventAgeExceeded");
+    assert_eq!(context["approximateInvokeCount"], 1, "{record}");
+    assert_eq!(record["requestPayload"], json!({"action": "error"}));
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains("kindling_events_dropped_total{function=\"aging\"} 1\n"),
+        "{metrics}"
+    );
+    drop(c);
+    h.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_kills_the_environment_and_the_next_gets_a_fresh_one() {
     let make = |code: &std::path::Path| {
         let mut f = function("slow", code);
