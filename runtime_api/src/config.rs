@@ -459,6 +459,24 @@ GREETING = "hi"
     }
 
     #[test]
+    fn network_is_outbound_unless_none() {
+        let dir = with_code();
+        let head = "[functions.a]\ncode = 'hello'\nruntime = 'python'\nhandler = 'h'\n";
+        let network = |extra: &str| {
+            parse_in(dir.path(), &format!("{head}{extra}")).map(|fs| fs[0].function.network)
+        };
+        assert_eq!(network("").unwrap(), Network::Outbound);
+        assert_eq!(
+            network("network = 'outbound'\n").unwrap(),
+            Network::Outbound
+        );
+        assert_eq!(network("network = 'none'\n").unwrap(), Network::None);
+        let err = network("network = 'inbound'\n").unwrap_err();
+        assert_eq!(err.line, Some(5), "{err}");
+        assert!(err.to_string().contains("functions.a.network"), "{err}");
+    }
+
+    #[test]
     fn snapstart_is_for_microvms_only() {
         let dir = with_code();
         let head = "[functions.a]\ncode = 'hello'\nruntime = 'python'\nhandler = 'h'\n";

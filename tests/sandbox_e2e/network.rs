@@ -45,12 +45,12 @@ async fn a_function_fetches_by_name_and_reaches_nothing_of_the_host() {
         .expect("the peer's address")
         .to_string();
     let probe = internet::probe_event(invoke_port, host.port, &peer);
-    let (served, answer) =
-        tokio::join!(server.invoke("peer", &json!({"serve_seconds": 8})), async {
-            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-            let from_host = internet::host_reaches(&format!("{peer}:8080"));
-            (from_host, server.invoke("net", &probe).await)
-        });
+    let serve = json!({"serve_seconds": 8});
+    let (served, answer) = tokio::join!(server.invoke("peer", &serve), async {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        let from_host = internet::host_reaches(&format!("{peer}:8080"));
+        (from_host, server.invoke("net", &probe).await)
+    });
     let (from_host, answer) = answer;
     assert_eq!(
         from_host.as_deref(),
