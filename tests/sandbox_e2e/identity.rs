@@ -230,7 +230,10 @@ async fn a_profile_gives_credentials_and_region_and_none_stops_the_server() {
         "[profile dev]\nregion = ap-southeast-2\n",
     )
     .unwrap();
-    let home_dir = home.path().to_str().unwrap();
+    // The files are named by the SDKs' variables: a changed HOME would move the image
+    // cache too.
+    let credentials_file = home.path().join(".aws/credentials");
+    let config_file = home.path().join(".aws/config");
     let mut signs = signer("signs", "sign");
     signs.credentials = Some("host");
     // The environment's keys are not the named profile's, and are not used.
@@ -239,7 +242,11 @@ async fn a_profile_gives_credentials_and_region_and_none_stops_the_server() {
         &[signs, signer("reports", "report")],
         &["--profile", "dev"],
         &[
-            ("HOME", home_dir),
+            (
+                "AWS_SHARED_CREDENTIALS_FILE",
+                credentials_file.to_str().unwrap(),
+            ),
+            ("AWS_CONFIG_FILE", config_file.to_str().unwrap()),
             ("AWS_ACCESS_KEY_ID", "AKIDFROMENV"),
             ("AWS_SECRET_ACCESS_KEY", "fromenv"),
             ("AWS_REGION", ""),
@@ -270,7 +277,8 @@ async fn a_profile_gives_credentials_and_region_and_none_stops_the_server() {
     let out = serve
         .args(["--addr", "127.0.0.1:0", "--state-dir"])
         .arg(empty.path().join("state"))
-        .env("HOME", empty.path())
+        .env("AWS_SHARED_CREDENTIALS_FILE", empty.path().join("none"))
+        .env("AWS_CONFIG_FILE", empty.path().join("none"))
         .env_remove("AWS_ACCESS_KEY_ID")
         .env_remove("AWS_SECRET_ACCESS_KEY")
         .env_remove("AWS_PROFILE")

@@ -14,9 +14,15 @@ use crate::support::{json, prerequisites, repo_path, FunctionDef, Scratch, Serve
 /// Zips `files` (path in the zip, contents) into `zip` with Python's zipfile, as a
 /// layer's author would with any zip tool.
 fn zip(zip: &Path, files: &[(&str, &str)]) {
+    // Files readable by all (zipfile's default is 0600, which the function's user, as in
+    // Lambda, could not read).
     let script = "import json, sys, zipfile\n\
+                  def entry(name):\n    \
+                  info = zipfile.ZipInfo(name)\n    \
+                  info.external_attr = 0o100644 << 16\n    \
+                  return info\n\
                   with zipfile.ZipFile(sys.argv[1], 'w') as z:\n    \
-                  [z.writestr(n, c) for n, c in json.loads(sys.argv[2])]";
+                  [z.writestr(entry(n), c) for n, c in json.loads(sys.argv[2])]";
     let status = Command::new("python3")
         .args(["-c", script])
         .arg(zip)
