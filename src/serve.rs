@@ -334,6 +334,7 @@ fn run_function(args: RunFunctionArgs) -> anyhow::Result<FunctionConfig> {
         function,
         hypervisor: None,
         event_invoke: None,
+        url: None,
     })
 }
 
@@ -355,6 +356,10 @@ async fn host(
         .iter()
         .filter_map(|f| Some((f.function.name.clone(), f.event_invoke.clone()?)))
         .collect();
+    let function_urls = functions
+        .iter()
+        .filter_map(|f| Some((f.function.name.clone(), f.url?)))
+        .collect();
     let environments::Prepared {
         functions,
         launchers,
@@ -370,6 +375,7 @@ async fn host(
     let mut options = ServerOptions::new(&state_dir);
     options.deployer = Some(deployer);
     options.event_invoke = event_invoke;
+    options.function_urls = function_urls;
     options.default_isolation = default_isolation;
     api.events.apply(&mut options);
     options.invoke_addr = args.addr.addr;
@@ -385,6 +391,10 @@ async fn host(
             println!("{} | {}", line.function, line.text);
         }
     });
+    // Before the line that says the server is up, so that whoever waits for it has both.
+    for (name, addr) in server.function_urls() {
+        eprintln!("function URL {name} http://{addr}/");
+    }
     eprintln!(
         "kindling: serving {} on http://{}",
         if names.is_empty() {

@@ -29,6 +29,7 @@ fn invocation(n: u32, payload: &str) -> Invocation {
         cognito_identity: None,
         timeout: Duration::from_secs(30),
         entropy: None,
+        stream: None,
     }
 }
 

@@ -11,6 +11,8 @@
 //! max_concurrency = 10
 //! hypervisor = "kindling"          # microvm only: "kindling" | "qemu"
 //! snapstart = true                 # microvm only: restore a snapshot instead of booting
+//! url = true                       # a function URL: served over HTTP (see function_url.rs)
+//! url_port = 9101                  # its port (default: a free one, printed at start)
 //! # Event invocations, as PutFunctionEventInvokeConfig sets them:
 //! maximum_retry_attempts = 2       # 0..2
 //! maximum_event_age = 21600        # seconds, 60..21600
@@ -62,6 +64,8 @@ pub struct FunctionConfig {
     /// How its `Event` invocations are retried and where their outcomes go; `None` when
     /// the table sets none of those keys (Lambda's defaults).
     pub event_invoke: Option<EventInvokeConfig>,
+    /// `url = true`: the port of the function's URL (0: a free one); `None`: no URL.
+    pub url: Option<u16>,
 }
 
 /// A mistake in a functions file, located as precisely as the file allows.
@@ -101,6 +105,8 @@ struct RawFunction {
     max_concurrency: Option<Spanned<i64>>,
     hypervisor: Option<Spanned<String>>,
     snapstart: Option<Spanned<bool>>,
+    url: Option<Spanned<bool>>,
+    url_port: Option<Spanned<i64>>,
     maximum_retry_attempts: Option<Spanned<i64>>,
     maximum_event_age: Option<Spanned<i64>>,
     on_success: Option<Spanned<String>>,
@@ -225,6 +231,21 @@ fn function_config(
         ));
     }
     let event_invoke = event_invoke(&f, &key, at)?;
+    let url_port =
+        in_range(&f.url_port, 1..=u16::MAX, 0).map_err(range_error(at, key("url_port")))?;
+    let url = match (f.url.as_ref().is_some_and(|u| *u.get_ref()), &f.url_port) {
+        (true, _) => Some(url_port),
+        (false, None) => None,
+        (false, Some(port)) => {
+            return Err(at.error(
+                port.span().start,
+                format!(
+                    "{}: a port for a function URL, but url = true is not set",
+                    key("url_port")
+                ),
+            ))
+        }
+    };
     Ok(FunctionConfig {
         function: Function {
             name,
@@ -240,6 +261,7 @@ fn function_config(
         },
         hypervisor,
         event_invoke,
+        url,
     })
 }
 

@@ -12,8 +12,10 @@ pub mod config;
 mod connections;
 pub mod control_plane;
 pub mod environment;
+mod event_stream;
 mod events;
 mod freezing;
+mod function_url;
 mod invoke_api;
 pub mod logs;
 pub mod metrics;
@@ -22,6 +24,7 @@ pub mod runtime_server;
 pub mod scheduler;
 mod server;
 pub mod store;
+pub mod streaming;
 mod vocabulary;
 
 pub use control_plane::{DeployError, Deployer};

@@ -111,6 +111,7 @@ impl Target {
             },
             hypervisor: self.hypervisor,
             event_invoke: None,
+            url: None,
         }
     }
 }

@@ -17,6 +17,7 @@ mod invoke_api;
 mod lifecycle;
 mod runtime_traits;
 mod runtimes;
+mod streaming;
 mod support;
 #[path = "../common/unprivileged.rs"]
 mod unprivileged;

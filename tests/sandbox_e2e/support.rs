@@ -123,6 +123,8 @@ pub struct FunctionDef {
     pub timeout: u32,
     pub max_concurrency: u32,
     pub env: Vec<(String, String)>,
+    /// `url = true`: served over HTTP too (see [`Server::function_url`]).
+    pub url: bool,
 }
 
 impl FunctionDef {
@@ -136,6 +138,7 @@ impl FunctionDef {
             timeout: 5,
             max_concurrency: 2,
             env: Vec::new(),
+            url: false,
         }
     }
 
@@ -173,6 +176,9 @@ impl FunctionDef {
             self.timeout,
             self.max_concurrency,
         );
+        if self.url {
+            t.push_str("url = true\n");
+        }
         if !self.env.is_empty() {
             let _ = writeln!(t, "[functions.{}.env]", self.name);
             for (k, v) in &self.env {
@@ -291,6 +297,17 @@ impl Server {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The base URL of a function's URL (`http://ADDR/`), from the line
+    /// `function URL NAME http://ADDR/` that the server printed at start.
+    pub fn function_url(&self, function: &str) -> String {
+        let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        let prefix = format!("function URL {function} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no function URL for {function}:\n{text}"))
+            .to_string()
     }
 
     /// A `RequestResponse` invocation with a JSON event.
