@@ -103,6 +103,10 @@ struct RunFunctionArgs {
     /// for later cold starts instead of booting.
     #[arg(long)]
     snapstart: bool,
+    /// Serve the function over HTTP too (a function URL), on this port (0: a free one,
+    /// printed at start).
+    #[arg(long, value_name = "PORT", num_args = 0..=1, default_missing_value = "0")]
+    url: Option<u16>,
 }
 
 /// What `serve` and `run` share.
@@ -334,7 +338,7 @@ fn run_function(args: RunFunctionArgs) -> anyhow::Result<FunctionConfig> {
         function,
         hypervisor: None,
         event_invoke: None,
-        url: None,
+        url: args.url,
     })
 }
 

@@ -440,6 +440,21 @@ GREETING = "hi"
     }
 
     #[test]
+    fn function_urls_take_a_port_or_a_free_one() {
+        let dir = with_code();
+        let head = "[functions.a]\ncode = 'hello'\nruntime = 'python'\nhandler = 'a.b'\n";
+        let url = |extra: &str| parse_in(dir.path(), &format!("{head}{extra}")).map(|f| f[0].url);
+        assert_eq!(url(""), Ok(None));
+        assert_eq!(url("url = true\n"), Ok(Some(0)));
+        assert_eq!(url("url = true\nurl_port = 9101\n"), Ok(Some(9101)));
+        assert_eq!(url("url = false\n"), Ok(None));
+        let e = url("url_port = 9101\n").unwrap_err();
+        assert!(e.message.contains("url = true is not set"), "{e}");
+        let e = url("url = true\nurl_port = 70000\n").unwrap_err();
+        assert!(e.message.contains("functions.a.url_port"), "{e}");
+    }
+
+    #[test]
     fn snapstart_is_for_microvms_only() {
         let dir = with_code();
         let head = "[functions.a]\ncode = 'hello'\nruntime = 'python'\nhandler = 'h'\n";
