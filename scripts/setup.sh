@@ -12,7 +12,7 @@ packages=(
   # sandbox and tests
   util-linux iproute2 curl python3 nodejs
   # control-plane tests: the AWS CLI and boto3 against `kindling serve`
-  awscli python3-boto3
+  awscli python3-boto3 python3-venv
   # environments' outbound network: the host's filter and NAT (`nft`)
   nftables
 )
@@ -51,6 +51,16 @@ fi
 if ! command -v vhost-device-vsock >/dev/null; then
   echo "setup: cargo install vhost-device-vsock (about a minute)"
   cargo install --quiet --locked vhost-device-vsock@0.3.0
+fi
+
+# Response-streaming tests: boto3's invoke_with_response_stream, which Debian 12's boto3
+# (1.26) predates; a newer one from PyPI in its own virtual environment when needed.
+streaming_boto3="import boto3; boto3.client('lambda', region_name='us-east-1').invoke_with_response_stream"
+if ! /usr/bin/python3 -c "$streaming_boto3" 2>/dev/null &&
+  ! /opt/kindling-boto3/bin/python3 -c "$streaming_boto3" 2>/dev/null; then
+  echo "setup: installing boto3 >= 1.28 into /opt/kindling-boto3 (response-streaming tests)"
+  /usr/bin/python3 -m venv /opt/kindling-boto3
+  /opt/kindling-boto3/bin/pip install --quiet 'boto3>=1.28'
 fi
 
 echo "setup: building the static guest binaries"

@@ -110,6 +110,10 @@ struct RunFunctionArgs {
     /// it (repeatable, at most 5).
     #[arg(long = "layer", value_name = "DIR_OR_ZIP")]
     layers: Vec<PathBuf>,
+    /// Serve the function over HTTP too (a function URL), on this port (0: a free one,
+    /// printed at start).
+    #[arg(long, value_name = "PORT", num_args = 0..=1, default_missing_value = "0")]
+    url: Option<u16>,
 }
 
 /// What `serve` and `run` share.
@@ -485,6 +489,7 @@ fn run_function(args: RunFunctionArgs) -> anyhow::Result<FunctionConfig> {
         function,
         hypervisor: None,
         event_invoke: None,
+        url: args.url,
     })
 }
 
@@ -511,6 +516,10 @@ async fn host(
     let mut options = ServerOptions::new(&state_dir);
     args.identity
         .apply(&functions, &mut options, &|name| std::env::var(name).ok())?;
+    let function_urls = functions
+        .iter()
+        .filter_map(|f| Some((f.function.name.clone(), f.url?)))
+        .collect();
     let environments::Prepared {
         functions,
         launchers,
@@ -526,6 +535,7 @@ async fn host(
     )?;
     options.deployer = Some(deployer);
     options.event_invoke = event_invoke;
+    options.function_urls = function_urls;
     options.default_isolation = default_isolation;
     api.events.apply(&mut options);
     options.invoke_addr = args.addr.addr;
@@ -541,6 +551,10 @@ async fn host(
             println!("{} | {}", line.function, line.text);
         }
     });
+    // Before the line that says the server is up, so that whoever waits for it has both.
+    for (name, addr) in server.function_urls() {
+        eprintln!("function URL {name} http://{addr}/");
+    }
     eprintln!(
         "kindling: serving {} on http://{}",
         if names.is_empty() {

@@ -303,6 +303,17 @@ const FUNCTIONS: &[FunctionDef] = &[
         network: "none",
         ..FunctionDef::probe("offline", 60, 1)
     },
+    FunctionDef {
+        name: "stream",
+        code: "tests/functions/node-cases",
+        runtime: "node",
+        handler: "cases.streamsSlowly",
+        timeout_s: 30,
+        max_concurrency: 1,
+        snapstart: false,
+        network: "outbound",
+        layers: &[],
+    },
 ];
 
 impl FunctionDef {
@@ -359,6 +370,7 @@ fn scenarios(host: &Arc<Host>) -> Vec<Trial> {
         init_switches_root_and_is_pid1,
         the_runtime_runs_unprivileged,
         layers_reach_opt,
+        response_streams_through_the_vm,
     ];
     if matches!(host.backend, Backend::Qemu) {
         list.extend(named![
@@ -432,6 +444,51 @@ fn bash_custom_runtime(server: &Server, _: Backend) -> Result<(), Failed> {
     check(tail.contains(r#"{"from":"bash"}"#), || {
         format!("the handler's stderr is not in the log: {tail}")
     })
+}
+
+/// A node `streamifyResponse` handler in a microVM streams through the agent's vsock
+/// relay and the host: over `InvokeWithResponseStream`, its two writes a second apart
+/// reach the caller a second apart, then the stream's `InvokeComplete`.
+fn response_streams_through_the_vm(server: &Server, _: Backend) -> Result<(), Failed> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(server.addr)?;
+    conn.set_read_timeout(Some(Duration::from_secs(120)))?;
+    write!(
+        conn,
+        "POST /2021-11-15/functions/stream/response-streaming-invocations HTTP/1.1\r\n\
+         Host: kindling\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+    )?;
+    let begun = Instant::now();
+    let (mut seen, mut buf) = (Vec::new(), [0u8; 4096]);
+    let (mut first, mut second) = (None, None);
+    loop {
+        let n = conn.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        seen.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&seen);
+        if first.is_none() && text.contains("first\n") {
+            first = Some(begun.elapsed());
+        }
+        if second.is_none() && text.contains("second\n") {
+            second = Some(begun.elapsed());
+        }
+    }
+    let text = String::from_utf8_lossy(&seen);
+    let (Some(first), Some(second)) = (first, second) else {
+        return Err(format!("the stream lacks its chunks: {text:?}").into());
+    };
+    check(second - first >= Duration::from_millis(800), || {
+        format!(
+            "chunks {:?} apart, not as written: {text:?}",
+            second - first
+        )
+    })?;
+    check(
+        text.contains("InvokeComplete") && !text.contains("ErrorCode"),
+        || format!("no clean InvokeComplete: {text:?}"),
+    )
 }
 
 /// The function cannot use the guest's root: no uid 0, no capabilities, no way back; and

@@ -6,16 +6,21 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
+use http_body_util::channel::Channel;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, HeaderValue, CONNECTION, CONTENT_TYPE, TRANSFER_ENCODING, UPGRADE};
+use hyper::header::{
+    HeaderMap, HeaderValue, CONNECTION, CONTENT_TYPE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use kindling_wire::{
-    deadline_on_guest_clock, from_hex, ErrorBody, HEADER_DEADLINE_MS, HEADER_ENTROPY,
-    HEADER_HOST_TIME_MS, HEADER_INVOCATION_REPORT, HEADER_REQUEST_ID, PATH_NEXT, RUNTIME_PREFIX,
+    deadline_on_guest_clock, from_hex, ErrorBody, InvocationReport, HEADER_DEADLINE_MS,
+    HEADER_ENTROPY, HEADER_HOST_TIME_MS, HEADER_INVOCATION_REPORT, HEADER_REQUEST_ID,
+    HEADER_RESPONSE_MODE, PATH_NEXT, RUNTIME_PREFIX,
 };
 use nix::sys::time::TimeSpec;
 use nix::time::{clock_settime, ClockId};
@@ -26,7 +31,12 @@ use crate::agent::Agent;
 /// How far the guest's clock may stray from the host's before it is stepped: below the
 /// transfer time of an event, stepping would only add noise.
 const CLOCK_SLACK_MS: u128 = 20;
-use crate::upstream::{full, Backoff, Body};
+/// Frames of a streamed response that may wait for the host.
+const STREAM_DEPTH: usize = 4;
+/// The trailers a relayed stream may carry: the runtime's error, and our report.
+const STREAM_TRAILERS: &str =
+    "lambda-runtime-function-error-type, lambda-runtime-function-error-body, kindling-invocation-report";
+use crate::upstream::{full, Backoff, Body, BoxError};
 
 /// Accepts the runtime's connections until the process ends.
 pub async fn serve(listener: TcpListener, agent: Arc<Agent>) {
@@ -90,16 +100,74 @@ async fn handle(
         Route::Result(id) => {
             // Only ours: a runtime cannot pass off a report of its own.
             req.headers_mut().remove(HEADER_INVOCATION_REPORT);
+            if is_streamed(req.headers()) {
+                let req = streamed(agent.clone(), id, req);
+                return Ok(forward(&agent, req).await);
+            }
             if let Some(report) = agent.result_received(&id).await {
-                let json = serde_json::to_vec(&report).expect("a report serialises");
-                let value =
-                    HeaderValue::from_bytes(&json).expect("JSON without control characters");
-                req.headers_mut().insert(HEADER_INVOCATION_REPORT, value);
+                req.headers_mut()
+                    .insert(HEADER_INVOCATION_REPORT, report_value(&report));
             }
         }
         Route::Other => {}
     }
     Ok(forward(&agent, req.map(|b| b.map_err(Into::into).boxed())).await)
+}
+
+fn is_streamed(headers: &HeaderMap) -> bool {
+    headers
+        .get(HEADER_RESPONSE_MODE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"streaming"))
+}
+
+/// A streamed `/response`, relayed frame by frame as the runtime writes it (a bounded
+/// channel: a slow host holds the runtime back, never memory). Its trailers are declared
+/// (hyper sends only declared ones, and runtimes such as Node's do not declare theirs),
+/// and when the stream ends the invocation's report joins them: its duration covers
+/// the whole stream.
+fn streamed(agent: Arc<Agent>, id: String, req: Request<Incoming>) -> Request<Body> {
+    let (mut parts, mut body) = req.into_parts();
+    parts.headers.remove(TRAILER);
+    parts
+        .headers
+        .insert(TRAILER, HeaderValue::from_static(STREAM_TRAILERS));
+    let (mut tx, channel) = Channel::<Bytes, BoxError>::new(STREAM_DEPTH);
+    tokio::spawn(async move {
+        let mut trailers = HeaderMap::new();
+        while let Some(frame) = body.frame().await {
+            let frame = match frame {
+                Ok(frame) => frame,
+                Err(e) => {
+                    say!("streamed response of {id}: {e}");
+                    tx.abort(e.into());
+                    return;
+                }
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    if tx.send_data(data).await.is_err() {
+                        return; // the host hung up; the runtime's post fails
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(t) = frame.into_trailers() {
+                        trailers.extend(t);
+                    }
+                }
+            }
+        }
+        trailers.remove(HEADER_INVOCATION_REPORT);
+        if let Some(report) = agent.result_received(&id).await {
+            trailers.insert(HEADER_INVOCATION_REPORT, report_value(&report));
+        }
+        let _ = tx.send_trailers(trailers).await;
+    });
+    Request::from_parts(parts, channel.boxed())
+}
+
+fn report_value(report: &InvocationReport) -> HeaderValue {
+    let json = serde_json::to_vec(report).expect("a report serialises");
+    HeaderValue::from_bytes(&json).expect("JSON without control characters")
 }
 
 /// `/next` blocks on the host for as long as it takes; it has no body, so a connection

@@ -234,7 +234,7 @@ async fn nested_handlers_are_found_through_properties() {
 }
 
 #[tokio::test]
-async fn a_streaming_handler_loads_and_its_stream_is_one_response() {
+async fn a_streaming_handler_posts_a_streamed_response() {
     let Some((_guest, mut host, _bootstrap)) = start("cases.streams") else {
         return;
     };
@@ -245,6 +245,10 @@ async fn a_streaming_handler_loads_and_its_stream_is_one_response() {
     assert_eq!(
         headers["content-type"],
         "application/vnd.awslambda.http-integration-response"
+    );
+    assert_eq!(
+        headers["lambda-runtime-function-response-mode"],
+        "streaming"
     );
     let mut want = br#"{"statusCode":201}"#.to_vec();
     want.extend([0u8; 8]);

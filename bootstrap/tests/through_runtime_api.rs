@@ -1,15 +1,17 @@
 //! The bootstrap against the host's real Runtime API server (`kindling-runtime-api`),
-//! rather than this crate's test host: both halves of the wire agree.
+//! rather than this crate's test host: both halves of the wire agree, streamed responses
+//! included.
 
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{function_env, have, shipped_runtime, Guest, PATIENCE};
 use kindling_runtime_api::logs::LogSink;
 use kindling_runtime_api::runtime_server::{Invocation, Outcome, RuntimeApi};
+use kindling_runtime_api::streaming::{self, StreamEvent};
 
 const APP: &str = r#"
 def handler(event, context):
@@ -29,6 +31,7 @@ fn invocation(n: u32, payload: &str) -> Invocation {
         cognito_identity: None,
         timeout: Duration::from_secs(30),
         entropy: None,
+        stream: None,
     }
 }
 
@@ -72,4 +75,91 @@ async fn python_function_through_the_host_runtime_api() {
     let error: serde_json::Value = serde_json::from_slice(body).unwrap();
     assert_eq!(error["errorType"], "KeyError");
     assert!(done.report.expect("a report").init_duration_ms.is_none());
+}
+
+const STREAMING_APP: &str = r#"
+exports.handler = awslambda.streamifyResponse(async (event, stream) => {
+  console.log('streaming');
+  stream.write('first\n');
+  await new Promise((r) => setTimeout(r, 700));
+  if (event.fail) throw new TypeError('broke in mid-stream');
+  stream.end('second\n');
+});
+"#;
+
+/// The next chunk of a stream, and when it came.
+async fn chunk(events: &mut tokio::sync::mpsc::Receiver<StreamEvent>) -> (Bytes, Instant) {
+    match tokio::time::timeout(PATIENCE, events.recv()).await {
+        Ok(Some(StreamEvent::Chunk(c))) => (c, Instant::now()),
+        other => panic!("expected a chunk: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_node_stream_reaches_the_host_chunk_by_chunk() {
+    if !have("node") {
+        return;
+    }
+    let guest = Guest::new();
+    guest.write_task("app.js", STREAMING_APP, false);
+    let logs = Arc::new(LogSink::new(&guest.dir.path().join("logs")).unwrap());
+    let api = RuntimeApi::bind(&guest.socket(), function_env("node", "app.handler"), logs).unwrap();
+    let _bootstrap = guest.start(Some(&shipped_runtime("node")));
+
+    let (sink, mut events) = streaming::channel();
+    let mut first = invocation(1, "{}");
+    first.stream = Some(sink);
+    let ticket = api.submit(first);
+    match tokio::time::timeout(PATIENCE, events.recv()).await {
+        Ok(Some(StreamEvent::Start { content_type })) => {
+            assert_eq!(content_type.as_deref(), Some("application/octet-stream"));
+        }
+        other => panic!("expected the stream's start: {other:?}"),
+    }
+    let (data, first_at) = chunk(&mut events).await;
+    assert_eq!(&data[..], b"first\n");
+    let (data, second_at) = chunk(&mut events).await;
+    assert_eq!(&data[..], b"second\n");
+    // Relayed as written, not gathered: the handler's pause is between the two.
+    assert!(second_at - first_at >= Duration::from_millis(500));
+    let done = tokio::time::timeout(PATIENCE, ticket.done)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.outcome, Outcome::Response(Bytes::new()));
+    // The report is taken at the stream's end: its duration covers the pause.
+    let report = done.report.expect("a report");
+    assert!(report.duration_ms >= 600.0, "{report:?}");
+    assert!(done.log.contains("streaming"), "{}", done.log);
+
+    // A failure in mid-stream: the chunk before it went out, then the error.
+    let (sink, mut events) = streaming::channel();
+    let mut second = invocation(2, r#"{"fail":true}"#);
+    second.stream = Some(sink);
+    let ticket = api.submit(second);
+    assert!(matches!(
+        tokio::time::timeout(PATIENCE, events.recv()).await,
+        Ok(Some(StreamEvent::Start { .. }))
+    ));
+    assert_eq!(&chunk(&mut events).await.0[..], b"first\n");
+    let done = tokio::time::timeout(PATIENCE, ticket.done)
+        .await
+        .unwrap()
+        .unwrap();
+    let Outcome::FunctionError { body, .. } = &done.outcome else {
+        panic!("{:?}", done.outcome)
+    };
+    let error: serde_json::Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(error["errorType"], "TypeError");
+    assert_eq!(error["errorMessage"], "broke in mid-stream");
+
+    // Without a sink (a plain Invoke), the stream is gathered into one payload.
+    let done = tokio::time::timeout(PATIENCE, api.submit(invocation(3, "{}")).done)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        done.outcome,
+        Outcome::Response(Bytes::from_static(b"first\nsecond\n"))
+    );
 }

@@ -14,6 +14,8 @@
 //! network = "outbound"             # outbound IPv4 and DNS (the default), or "none"
 //! layers = ["layers/tools", "layers/deps.zip"]   # unpacked in order into /opt (at most 5)
 //! credentials = "host"             # the server's AWS credentials (default: the server's choice)
+//! url = true                       # a function URL: served over HTTP (see function_url.rs)
+//! url_port = 9101                  # its port (default: a free one, printed at start)
 //! # Event invocations, as PutFunctionEventInvokeConfig sets them:
 //! maximum_retry_attempts = 2       # 0..2
 //! maximum_event_age = 21600        # seconds, 60..21600
@@ -67,6 +69,8 @@ pub struct FunctionConfig {
     /// How its `Event` invocations are retried and where their outcomes go; `None` when
     /// the table sets none of those keys (Lambda's defaults).
     pub event_invoke: Option<EventInvokeConfig>,
+    /// `url = true`: the port of the function's URL (0: a free one); `None`: no URL.
+    pub url: Option<u16>,
 }
 
 /// A mistake in a functions file, located as precisely as the file allows.
@@ -109,6 +113,8 @@ struct RawFunction {
     network: Option<Spanned<String>>,
     layers: Option<Spanned<Vec<String>>>,
     credentials: Option<Spanned<String>>,
+    url: Option<Spanned<bool>>,
+    url_port: Option<Spanned<i64>>,
     maximum_retry_attempts: Option<Spanned<i64>>,
     maximum_event_age: Option<Spanned<i64>>,
     on_success: Option<Spanned<String>>,
@@ -236,6 +242,21 @@ fn function_config(
     let layers = layers(f.layers.as_ref(), base, &key("layers"), at)?;
     let credentials: Option<Credentials> = named(f.credentials.as_ref(), &key("credentials"), at)?;
     let event_invoke = event_invoke(&f, &key, at)?;
+    let url_port =
+        in_range(&f.url_port, 1..=u16::MAX, 0).map_err(range_error(at, key("url_port")))?;
+    let url = match (f.url.as_ref().is_some_and(|u| *u.get_ref()), &f.url_port) {
+        (true, _) => Some(url_port),
+        (false, None) => None,
+        (false, Some(port)) => {
+            return Err(at.error(
+                port.span().start,
+                format!(
+                    "{}: a port for a function URL, but url = true is not set",
+                    key("url_port")
+                ),
+            ))
+        }
+    };
     Ok(FunctionConfig {
         function: Function {
             name,
@@ -254,6 +275,7 @@ fn function_config(
         },
         hypervisor,
         event_invoke,
+        url,
     })
 }
 
@@ -474,6 +496,21 @@ GREETING = "hi"
         let err = network("network = 'inbound'\n").unwrap_err();
         assert_eq!(err.line, Some(5), "{err}");
         assert!(err.to_string().contains("functions.a.network"), "{err}");
+    }
+
+    #[test]
+    fn function_urls_take_a_port_or_a_free_one() {
+        let dir = with_code();
+        let head = "[functions.a]\ncode = 'hello'\nruntime = 'python'\nhandler = 'a.b'\n";
+        let url = |extra: &str| parse_in(dir.path(), &format!("{head}{extra}")).map(|f| f[0].url);
+        assert_eq!(url(""), Ok(None));
+        assert_eq!(url("url = true\n"), Ok(Some(0)));
+        assert_eq!(url("url = true\nurl_port = 9101\n"), Ok(Some(9101)));
+        assert_eq!(url("url = false\n"), Ok(None));
+        let e = url("url_port = 9101\n").unwrap_err();
+        assert!(e.message.contains("url = true is not set"), "{e}");
+        let e = url("url = true\nurl_port = 70000\n").unwrap_err();
+        assert!(e.message.contains("functions.a.url_port"), "{e}");
     }
 
     #[test]

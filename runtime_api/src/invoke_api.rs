@@ -1,5 +1,6 @@
 //! The Invoke API that callers use, shaped like Lambda's:
-//! `POST /2015-03-31/functions/{name}/invocations` and `GET /metrics`. `{name}` is
+//! `POST /2015-03-31/functions/{name}/invocations`, `InvokeWithResponseStream` (see
+//! [`response_stream`]) and `GET /metrics`. `{name}` is
 //! anything Lambda takes there (`name[:qualifier]`, partial and full ARNs, with
 //! `?Qualifier=`; see [`crate::names`]): no qualifier or `$LATEST` runs `$LATEST`, a
 //! version number that published version, an alias the version it points to now, each in
@@ -30,7 +31,7 @@ use tokio::task::JoinSet;
 
 use crate::body::{read_limited, BodyError};
 use crate::client::InvocationType;
-use crate::connections::{self, Activity, ConnectionLimits, Watched};
+use crate::connections::{self, Activity, Busy, ConnectionLimits, Watched};
 use crate::control_plane::{self, ControlPlane};
 use crate::events::EventQueue;
 use crate::logs;
@@ -38,6 +39,9 @@ use crate::metrics::{self, Metrics};
 use crate::names::{self, FunctionRef, NameError};
 use crate::scheduler::{until_true, Answer, InvokeError, InvokeRequest, Scheduler, VERSION};
 use crate::store::EnqueueError;
+
+mod response_stream;
+pub(crate) use response_stream::{whole, AnswerBody, BoxError};
 
 pub const HEADER_INVOCATION_TYPE: &str = "x-amz-invocation-type";
 pub const HEADER_LOG_TYPE: &str = "x-amz-log-type";
@@ -72,12 +76,12 @@ pub(crate) struct InvokeApi {
 /// At most `max_connections` are served at once: one more is answered 503 and closed
 /// (see [`connections::refuse`]), and the server goes on accepting, so that its backlog
 /// never fills and the connections it serves are not disturbed.
-pub(crate) async fn serve(
+pub(crate) async fn serve<A: Answering>(
     listener: TcpListener,
-    api: Arc<InvokeApi>,
+    api: Arc<A>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let limits = api.limits;
+    let limits = api.limits();
     let slots = Arc::new(Semaphore::new(
         limits.max_connections.min(Semaphore::MAX_PERMITS),
     ));
@@ -116,11 +120,7 @@ pub(crate) async fn serve(
                         let service = service_fn(move |req| {
                             let api = api.clone();
                             let busy = busy.busy();
-                            async move {
-                                let answer = api.handle(req).await;
-                                drop(busy);
-                                Ok::<_, Infallible>(answer)
-                            }
+                            async move { Ok::<_, Infallible>(api.answer(req, peer, busy).await) }
                         });
                         let stream = Watched::new(stream, activity.clone());
                         let conn = hyper::server::conn::http1::Builder::new()
@@ -159,6 +159,34 @@ pub(crate) async fn serve(
     let drained = async { while connections.join_next().await.is_some() {} };
     if tokio::time::timeout(ANSWER_GRACE, drained).await.is_err() {
         tracing::warn!("invoke API connections still open at shutdown: closing them");
+    }
+}
+
+/// What a listener served by [`serve`] answers with: the Invoke API, or a function URL.
+pub(crate) trait Answering: Send + Sync + 'static {
+    fn limits(&self) -> ConnectionLimits;
+    /// Answers `req`; `busy` marks the connection busy until it is dropped, which a
+    /// streamed answer does when its body ends.
+    fn answer(
+        &self,
+        req: Request<Incoming>,
+        peer: std::net::SocketAddr,
+        busy: Busy,
+    ) -> impl std::future::Future<Output = Response<AnswerBody>> + Send;
+}
+
+impl Answering for InvokeApi {
+    fn limits(&self) -> ConnectionLimits {
+        self.limits
+    }
+
+    fn answer(
+        &self,
+        req: Request<Incoming>,
+        _peer: std::net::SocketAddr,
+        busy: Busy,
+    ) -> impl std::future::Future<Output = Response<AnswerBody>> + Send {
+        self.route(req, busy)
     }
 }
 

@@ -13,8 +13,10 @@ mod connections;
 pub mod control_plane;
 pub mod credentials;
 pub mod environment;
+mod event_stream;
 mod events;
 mod freezing;
+mod function_url;
 mod invoke_api;
 pub mod logs;
 pub mod metrics;
@@ -23,6 +25,7 @@ pub mod runtime_server;
 pub mod scheduler;
 mod server;
 pub mod store;
+pub mod streaming;
 mod vocabulary;
 
 pub use control_plane::{DeployError, Deployer};

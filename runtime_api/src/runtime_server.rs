@@ -27,6 +27,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::body::{self, BodyError};
 use crate::logs::{LogSink, LogTail};
+use crate::streaming::{self, Relayed, StreamSink};
 
 /// Largest log post (`/kindling/v1/logs`) the server takes at once.
 const MAX_LOG_POST: usize = 1 << 20;
@@ -50,12 +51,16 @@ pub struct Invocation {
     /// Fresh random bytes for the guest kernel ([`wire::HEADER_ENTROPY`]): on the first
     /// event of a SnapStart environment, whose random pool its clones share.
     pub entropy: Option<Vec<u8>>,
+    /// Where a streamed `/response` goes as it arrives (`InvokeWithResponseStream`,
+    /// function URLs); `None`: a streamed response is gathered into one payload.
+    pub stream: Option<StreamSink>,
 }
 
 /// What became of an invocation, as far as the guest is concerned.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    /// `/response`: the payload for the caller.
+    /// `/response`: the payload for the caller (empty when it was streamed to the
+    /// invocation's [`Invocation::stream`]).
     Response(Bytes),
     /// `/error`: a function error. `error_type` is normalised; `body` is the JSON the
     /// caller gets.
@@ -104,6 +109,7 @@ struct Pending {
 struct InFlight {
     request_id: String,
     done: oneshot::Sender<Completion>,
+    stream: Option<StreamSink>,
     report: Option<InvocationReport>,
     log: LogTail,
 }
@@ -449,6 +455,7 @@ async fn next(shared: &Shared) -> Response<Full<Bytes>> {
                 state.in_flight = Some(InFlight {
                     request_id: inv.request_id,
                     done: p.done,
+                    stream: inv.stream,
                     report: None,
                     log: LogTail::default(),
                 });
@@ -508,32 +515,81 @@ async fn response(shared: &Shared, id: &str, req: Request<Incoming>) -> Response
     if let Err(r) = accept_answer(shared, id, &req) {
         return r.into();
     }
+    if streaming::is_streamed(req.headers()) {
+        return streamed_response(shared, id, req).await;
+    }
     let body = match read_body(req, wire::MAX_RESPONSE_BYTES).await {
         Ok(b) => b,
-        Err(BodyError::TooLarge) => return answer_too_large(shared, id, "Response"),
+        Err(BodyError::TooLarge) => {
+            return answer_too_large(shared, id, "Response", wire::MAX_RESPONSE_BYTES)
+        }
         Err(BodyError::Broken(e)) => return broken_body(&e),
     };
     answer(shared, id, Outcome::Response(body))
 }
 
-/// A `/response` or `/error` body past [`wire::MAX_RESPONSE_BYTES`]: the runtime gets
-/// 413 and the invocation fails at once with `Function.ResponseSizeTooLarge` (the
-/// caller does not wait for the function's timeout); the environment is kept.
-fn answer_too_large(shared: &Shared, id: &str, what: &str) -> Response<Full<Bytes>> {
+/// A streamed `/response`: relayed to the invocation's sink as it arrives (see
+/// [`streaming`]); it ends as the body does, with its trailers' error (a function
+/// error) and the agent's report (measured to the stream's end).
+async fn streamed_response(
+    shared: &Shared,
+    id: &str,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let sink = shared
+        .state()
+        .in_flight
+        .as_ref()
+        .and_then(|f| f.stream.clone());
+    let (payload, error, report) = match streaming::relay(req.into_body(), sink, content_type).await
+    {
+        Relayed::Ended {
+            payload,
+            error,
+            report,
+        } => (payload, error, report),
+        Relayed::TooLarge { limit } => return answer_too_large(shared, id, "Response", limit),
+        Relayed::Broken(e) => return broken_body(&e),
+    };
+    if let Some(report) = report {
+        if let Some(f) = shared.state().in_flight.as_mut() {
+            f.report = Some(report);
+        }
+    }
+    let outcome = match error {
+        None => Outcome::Response(payload),
+        Some((error_type, body)) => {
+            let (error_type, body) = normalise_error(error_type.as_deref(), body);
+            Outcome::FunctionError { error_type, body }
+        }
+    };
+    answer(shared, id, outcome)
+}
+
+/// A `/response` or `/error` body past `limit` ([`wire::MAX_RESPONSE_BYTES`], or
+/// [`streaming::MAX_STREAMED_BYTES`] for a stream): the runtime gets 413 and the
+/// invocation fails at once with `Function.ResponseSizeTooLarge` (the caller does not
+/// wait for the function's timeout; what was streamed stays streamed); the environment
+/// is kept.
+fn answer_too_large(shared: &Shared, id: &str, what: &str, limit: usize) -> Response<Full<Bytes>> {
     let mut state = shared.state();
     if state.check_answer(id).is_ok() {
         state.complete_current(Outcome::Failed {
             error: ErrorBody::new(
                 "Function.ResponseSizeTooLarge",
                 format!(
-                    "{what} payload size exceeded maximum allowed payload size ({} bytes).",
-                    wire::MAX_RESPONSE_BYTES
+                    "{what} payload size exceeded maximum allowed payload size ({limit} bytes)."
                 ),
             ),
             reset: false,
         });
     }
-    too_large(wire::MAX_RESPONSE_BYTES)
+    too_large(limit)
 }
 
 async fn function_error(
@@ -547,7 +603,9 @@ async fn function_error(
     let header_type = error_type_header(&req);
     let body = match read_body(req, wire::MAX_RESPONSE_BYTES).await {
         Ok(b) => b,
-        Err(BodyError::TooLarge) => return answer_too_large(shared, id, "Error"),
+        Err(BodyError::TooLarge) => {
+            return answer_too_large(shared, id, "Error", wire::MAX_RESPONSE_BYTES)
+        }
         Err(BodyError::Broken(e)) => return broken_body(&e),
     };
     let (error_type, body) = normalise_error(header_type.as_deref(), body);

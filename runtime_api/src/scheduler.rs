@@ -34,6 +34,7 @@ use crate::freezing::Freezing;
 use crate::logs::{self, LogSink, Restore};
 use crate::metrics::Metrics;
 use crate::runtime_server::{Completion, Invocation, Outcome, RuntimeApi};
+use crate::streaming::StreamSink;
 
 /// The version an unqualified invocation runs.
 pub const VERSION: &str = crate::store::LATEST;
@@ -112,7 +113,8 @@ pub struct InvokeRequest {
 /// What the caller gets back.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Answer {
-    /// The function's response payload.
+    /// The function's response payload (empty when it was streamed to the sink of
+    /// [`Scheduler::invoke_streaming`]).
     Response(Bytes),
     /// A failed invocation: the error JSON the caller gets and the recorded type
     /// (`Runtime.Unknown`, `Runtime.ExitError`, `Sandbox.Timedout`, ...).
@@ -424,10 +426,32 @@ impl Scheduler {
         request: InvokeRequest,
         queued: bool,
     ) -> Result<Invoked, InvokeError> {
+        self.invoke_into(name, request, queued, None).await
+    }
+
+    /// Runs one synchronous invocation whose streamed response (if the function streams)
+    /// goes to `sink` as it arrives; the [`Invoked`] then holds an empty payload (see
+    /// [`crate::streaming`]). A function that does not stream answers as usual.
+    pub async fn invoke_streaming(
+        &self,
+        name: &str,
+        request: InvokeRequest,
+        sink: StreamSink,
+    ) -> Result<Invoked, InvokeError> {
+        self.invoke_into(name, request, false, Some(sink)).await
+    }
+
+    async fn invoke_into(
+        &self,
+        name: &str,
+        request: InvokeRequest,
+        queued: bool,
+        sink: Option<StreamSink>,
+    ) -> Result<Invoked, InvokeError> {
         let pool = self
             .pool(name, version)
             .ok_or_else(|| InvokeError::NotFound(name.to_string()))?;
-        tokio::spawn(async move { pool.invoke(request, queued).await })
+        tokio::spawn(async move { pool.invoke(request, queued, sink).await })
             .await
             .unwrap_or_else(|e| {
                 tracing::error!(error = %e, "invocation task failed");
@@ -500,6 +524,7 @@ impl Pool {
         self: Arc<Self>,
         request: InvokeRequest,
         queued: bool,
+        sink: Option<StreamSink>,
     ) -> Result<Invoked, InvokeError> {
         let name = &self.function.name;
         let grant = self.acquire(queued).await?;
@@ -522,7 +547,7 @@ impl Pool {
                 }
             },
         };
-        let invoked = self.run(&mut env, request).await;
+        let invoked = self.run(&mut env, request, sink).await;
         self.release(Some(env)).await;
         Ok(invoked)
     }
@@ -822,7 +847,12 @@ impl Pool {
     }
 
     /// Runs one invocation on `env` and leaves `env` marked broken if it must go.
-    async fn run(&self, env: &mut Env, request: InvokeRequest) -> Invoked {
+    async fn run(
+        &self,
+        env: &mut Env,
+        request: InvokeRequest,
+        sink: Option<StreamSink>,
+    ) -> Invoked {
         let f = &self.function;
         let metrics = &self.ctx.metrics;
         let request_id = request
@@ -853,6 +883,7 @@ impl Pool {
             cognito_identity: request.cognito_identity,
             timeout: f.timeout,
             entropy: (cold && f.snapstart).then(fresh_entropy).flatten(),
+            stream: sink,
         });
         let (mut dispatched, mut done) = (ticket.dispatched, ticket.done);
         let mut cancel = self.ctx.cancel.subscribe();
@@ -1194,7 +1225,7 @@ pub(crate) fn timestamp() -> String {
 /// Howard Hinnant's days-to-civil algorithm (Gregorian, UTC) for `days` since 1970-01-01:
 /// (year, month, day). Only dates from the epoch on are needed, so it runs unsigned (every
 /// intermediate is non-negative).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
+pub(crate) fn civil_from_days(days: u64) -> (u64, u64, u64) {
     let z = days + 719_468;
     let era = z / 146_097;
     let doe = z % 146_097;

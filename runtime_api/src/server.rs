@@ -1,5 +1,5 @@
 //! [`Server`]: everything the `kindling serve` / `kindling run` commands start, as one
-//! value: the Invoke API with the control plane, the scheduler with its environments, the
+//! value: the Invoke API with the control plane, function URLs, the scheduler with its environments, the
 //! database (function registry and durable event queue), logs and metrics.
 
 use std::collections::{BTreeMap, HashMap};
@@ -18,6 +18,7 @@ use crate::control_plane::{self, ControlPlane, DeployError, Deployer};
 use crate::credentials::HostCredentials;
 use crate::environment::{Credentials, Function, Isolation, Launcher};
 use crate::events::{EventQueue, EventQueueOptions};
+use crate::function_url::FunctionUrl;
 use crate::invoke_api::{self, InvokeApi};
 use crate::logs::{self, LogLine, LogSink};
 use crate::metrics::Metrics;
@@ -57,6 +58,10 @@ pub struct ServerOptions {
     /// The event-invoke settings of functions.toml's functions, by name (the API's
     /// `PutFunctionEventInvokeConfig` is refused for them: the file is their source).
     pub event_invoke: BTreeMap<String, EventInvokeConfig>,
+    /// Functions served over HTTP (function URLs), by name: each on its own listener at
+    /// the Invoke API's address and this port (0: a free one; see
+    /// [`Server::function_urls`]).
+    pub function_urls: BTreeMap<String, u16>,
     /// Readies uploaded code for the launchers; `None` runs it as uploaded (the zip's
     /// path is the function's code), for launchers that need nothing more.
     pub deployer: Option<Arc<dyn Deployer>>,
@@ -105,6 +110,7 @@ impl ServerOptions {
             event_retry_base: events.retry_base,
             default_isolation: Isolation::MicroVm,
             event_invoke: BTreeMap::new(),
+            function_urls: BTreeMap::new(),
             deployer: None,
             init_timeout: defaults.init_timeout,
             shutdown_grace: defaults.shutdown_grace,
@@ -134,6 +140,8 @@ impl Deployer for AsUploaded {
 /// A bound, not yet running, Kindling host.
 pub struct Server {
     listener: TcpListener,
+    /// One listener per function URL, by function name.
+    url_listeners: Vec<(String, TcpListener)>,
     scheduler: Arc<Scheduler>,
     metrics: Arc<Metrics>,
     logs: Arc<LogSink>,
@@ -199,6 +207,14 @@ impl Server {
         let listener = TcpListener::bind(options.invoke_addr)
             .await
             .with_context(|| format!("cannot listen on {}", options.invoke_addr))?;
+        let mut url_listeners = Vec::new();
+        for (name, port) in &options.function_urls {
+            let addr = SocketAddr::new(options.invoke_addr.ip(), *port);
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("function URL of {name}: cannot listen on {addr}"))?;
+            url_listeners.push((name.clone(), l));
+        }
         let events = Arc::new(EventQueue::new(
             store.clone(),
             scheduler.clone(),
@@ -214,6 +230,7 @@ impl Server {
         ));
         Ok(Self {
             listener,
+            url_listeners,
             scheduler,
             metrics,
             logs,
@@ -235,6 +252,14 @@ impl Server {
         self.listener
             .local_addr()
             .expect("a bound listener has an address")
+    }
+
+    /// Each function URL's function and address, in name order.
+    pub fn function_urls(&self) -> Vec<(String, SocketAddr)> {
+        self.url_listeners
+            .iter()
+            .filter_map(|(name, l)| Some((name.clone(), l.local_addr().ok()?)))
+            .collect()
     }
 
     /// Every function's log lines from now on (`START`, the runtime's lines, `END`, `REPORT`).
@@ -276,6 +301,18 @@ impl Server {
             events: self.events.clone(),
             control,
         });
+        let urls: Vec<_> = self
+            .url_listeners
+            .into_iter()
+            .map(|(function, listener)| {
+                let url = Arc::new(FunctionUrl::new(
+                    self.scheduler.clone(),
+                    function,
+                    self.limits,
+                ));
+                tokio::spawn(invoke_api::serve(listener, url, stop_rx.clone()))
+            })
+            .collect();
         let serving = tokio::spawn(invoke_api::serve(self.listener, api, stop_rx));
         let scheduler = self.scheduler.clone();
         let reaper = tokio::spawn(async move { scheduler.retire_idle().await });
@@ -290,6 +327,9 @@ impl Server {
         dispatcher.await.context("the event dispatcher failed")?;
         stop_tx.send_replace(true);
         serving.await.context("the Invoke API task failed")?;
+        for url in urls {
+            url.await.context("a function URL task failed")?;
+        }
         reaper.await.context("the idle reaper failed")?;
         remove_if_empty(self.scheduler.env_root());
         tracing::info!("stopped");

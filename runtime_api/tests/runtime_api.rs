@@ -69,6 +69,7 @@ impl Fixture {
             cognito_identity: Some(r#"{"cognitoIdentityId":"x"}"#.into()),
             timeout: Duration::from_secs(3),
             entropy: None,
+            stream: None,
         })
     }
 

@@ -114,6 +114,7 @@ impl Target {
             },
             hypervisor: self.hypervisor,
             event_invoke: None,
+            url: None,
         }
     }
 }

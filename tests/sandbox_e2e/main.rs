@@ -22,6 +22,7 @@ mod lifecycle;
 mod network;
 mod runtime_traits;
 mod runtimes;
+mod streaming;
 mod support;
 #[path = "../common/unprivileged.rs"]
 mod unprivileged;

@@ -129,6 +129,8 @@ pub struct FunctionDef {
     pub layers: Vec<PathBuf>,
     /// `credentials`: `host` or `none`; unset leaves it to the server.
     pub credentials: Option<&'static str>,
+    /// `url = true`: served over HTTP too (see [`Server::function_url`]).
+    pub url: bool,
 }
 
 impl FunctionDef {
@@ -145,6 +147,7 @@ impl FunctionDef {
             network: None,
             layers: Vec::new(),
             credentials: None,
+            url: false,
         }
     }
 
@@ -195,6 +198,9 @@ impl FunctionDef {
         }
         if let Some(credentials) = self.credentials {
             let _ = writeln!(t, "credentials = {}", q(credentials));
+        }
+        if self.url {
+            t.push_str("url = true\n");
         }
         if !self.env.is_empty() {
             let _ = writeln!(t, "[functions.{}.env]", self.name);
@@ -344,6 +350,17 @@ impl Server {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The base URL of a function's URL (`http://ADDR/`), from the line
+    /// `function URL NAME http://ADDR/` that the server printed at start.
+    pub fn function_url(&self, function: &str) -> String {
+        let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        let prefix = format!("function URL {function} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no function URL for {function}:\n{text}"))
+            .to_string()
     }
 
     /// A `RequestResponse` invocation with a JSON event.

@@ -15,6 +15,8 @@
 //!
 //! Each invocation's [`InvocationReport`] rides on the relayed `/response` or `/error`
 //! itself, as the header [`HEADER_INVOCATION_REPORT`]: one round trip less per invocation.
+//! On a streamed `/response` ([`HEADER_RESPONSE_MODE`]) it is a trailer instead, taken
+//! when the stream ends, so that its duration covers the whole stream.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -51,6 +53,12 @@ pub const HEADER_CLIENT_CONTEXT: &str = "lambda-runtime-client-context";
 pub const HEADER_COGNITO_IDENTITY: &str = "lambda-runtime-cognito-identity";
 pub const HEADER_TENANT_ID: &str = "lambda-runtime-aws-tenant-id";
 pub const HEADER_FUNCTION_ERROR_TYPE: &str = "lambda-runtime-function-error-type";
+/// On a `/response`: `streaming` when its body is a stream (chunked, with the error
+/// trailers below when it fails in mid-stream).
+pub const HEADER_RESPONSE_MODE: &str = "lambda-runtime-function-response-mode";
+/// Trailer of a failed stream: the base64 of its error JSON (with
+/// [`HEADER_FUNCTION_ERROR_TYPE`] as the other trailer).
+pub const HEADER_FUNCTION_ERROR_BODY: &str = "lambda-runtime-function-error-body";
 /// Bootstrap → host, on the relayed `/response` or `/error`: that invocation's
 /// [`InvocationReport`] as JSON (the runtime's own request never carries it).
 pub const HEADER_INVOCATION_REPORT: &str = "kindling-invocation-report";

@@ -7,8 +7,8 @@
 // the handler (async, or with a callback that honours callbackWaitsForEmptyEventLoop),
 // post its JSON result or its error as {errorType, errorMessage, trace}. Console lines
 // carry Lambda's `<ISO time>\t<request id>\t<LEVEL>\t` prefix. The `awslambda` global
-// offers streamifyResponse and HttpResponseStream so that streaming handlers load; their
-// stream is buffered and posted as one ordinary response (Kindling does not stream yet).
+// offers streamifyResponse and HttpResponseStream: a streaming handler's writes are
+// streamed to the Runtime API as they are made (response streaming).
 // Failures while loading the handler go to /runtime/init/error, after which the process
 // exits, as the Runtime API asks.
 'use strict';
@@ -125,28 +125,79 @@ class TypedError extends Error {
 const HANDLER_STREAMING = Symbol.for('aws.lambda.runtime.handler.streaming');
 const HANDLER_HIGHWATERMARK = Symbol.for('aws.lambda.runtime.handler.streaming.highWaterMark');
 
-// A response stream whose bytes are kept, to be posted as one response at its end.
-class BufferedResponseStream extends Writable {
-  constructor(options) {
+// A streamifyResponse handler's response stream: a streamed POST to /response
+// (`Lambda-Runtime-Function-Response-Mode: streaming`, chunked), each write sent as it is
+// made; a write completes once the bytes are on their way, so a slow caller holds the
+// handler back instead of filling memory. The content type can change until the first
+// write; a failure ends the body with the error trailers.
+class ResponseStream extends Writable {
+  constructor(id, options) {
     super(options);
-    this.chunks = [];
-    this.contentType = 'application/octet-stream';
+    this.started = false;
     // Set by HttpResponseStream.from: writes the prelude before the first byte.
     this._onBeforeFirstWrite = null;
+    this.answered = new Promise((resolve, reject) => {
+      this.request = http.request(
+        {
+          host: apiHost,
+          port: apiPort,
+          method: 'POST',
+          path: `${API_PREFIX}/invocation/${id}/response`,
+          agent,
+          headers: {
+            'Content-Type': 'application/octet-stream',
+            'Lambda-Runtime-Function-Response-Mode': 'streaming',
+            'Transfer-Encoding': 'chunked',
+            Trailer: 'Lambda-Runtime-Function-Error-Type, Lambda-Runtime-Function-Error-Body',
+          },
+        },
+        (res) => {
+          const chunks = [];
+          res.on('data', (c) => chunks.push(c));
+          res.on('end', () => resolve({ status: res.statusCode, body: Buffer.concat(chunks) }));
+          res.on('error', reject);
+        },
+      );
+      this.request.on('error', reject);
+    });
   }
 
   setContentType(contentType) {
-    this.contentType = contentType;
+    if (this.started) throw new Error('Tried to set the content type after the stream started.');
+    this.request.setHeader('Content-Type', contentType);
   }
 
-  _write(chunk, encoding, done) {
+  // The first bytes: the prelude of HttpResponseStream.from goes before them.
+  start() {
+    if (this.started) return;
+    this.started = true;
     if (this._onBeforeFirstWrite) {
       const before = this._onBeforeFirstWrite;
       this._onBeforeFirstWrite = null;
-      before((c) => this.chunks.push(Buffer.from(c)));
+      before((c) => this.request.write(c));
     }
-    this.chunks.push(Buffer.from(chunk, encoding));
-    done();
+  }
+
+  _write(chunk, encoding, done) {
+    this.start();
+    this.request.write(chunk, encoding, done);
+  }
+
+  _final(done) {
+    this.start();
+    this.request.end(done);
+  }
+
+  // Ends the body with the error as its trailers (what was written stays sent); too late
+  // once the body has ended.
+  fail(error) {
+    if (this.request.writableEnded) return;
+    this.started = true;
+    this.request.addTrailers({
+      'Lambda-Runtime-Function-Error-Type': error.errorType,
+      'Lambda-Runtime-Function-Error-Body': Buffer.from(JSON.stringify(error)).toString('base64'),
+    });
+    this.request.end();
   }
 }
 
@@ -289,26 +340,34 @@ function callHandler(handler, event, context) {
   });
 }
 
-// Runs one invocation of a streamifyResponse handler: what it writes is kept, and posted
-// with its content type once the handler's promise has settled and the stream ended.
-async function callStreamingHandler(handler, event, context) {
+// Runs one invocation of a streamifyResponse handler: its stream goes to the Runtime API
+// as it writes. Resolves once the host has the whole response (or the error, sent as
+// the stream's trailers).
+async function callStreamingHandler(handler, event, context, id) {
   const hwm = handler[HANDLER_HIGHWATERMARK];
-  const stream = new BufferedResponseStream(typeof hwm === 'number' ? { highWaterMark: hwm } : undefined);
+  const stream = new ResponseStream(id, typeof hwm === 'number' ? { highWaterMark: hwm } : undefined);
   const ended = new Promise((resolve, reject) => {
     stream.on('finish', resolve);
     stream.on('error', reject);
   });
-  const returned = handler(event, stream, context);
-  if (!returned || typeof returned.then !== 'function') {
-    throw new TypedError('Runtime.MalformedStreamingHandler', 'Streaming does not support non-async handlers.');
+  ended.catch(() => {}); // awaited only when the handler left the stream ending
+  try {
+    const returned = handler(event, stream, context);
+    if (!returned || typeof returned.then !== 'function') {
+      throw new TypedError('Runtime.MalformedStreamingHandler', 'Streaming does not support non-async handlers.');
+    }
+    const result = await returned;
+    if (result !== undefined) console.warn('Streaming handlers ignore return values.');
+    if (!stream.writableFinished) {
+      if (!stream.writableEnded) throw new TypedError('Runtime.InvalidStreamingOperation', 'Response stream is not finished.');
+      await ended;
+    }
+  } catch (e) {
+    logError('Invoke Error', e);
+    stream.fail(errorBody(e));
   }
-  const result = await returned;
-  if (result !== undefined) console.warn('Streaming handlers ignore return values.');
-  if (!stream.writableFinished) {
-    if (!stream.writableEnded) throw new TypedError('Runtime.InvalidStreamingOperation', 'Response stream is not finished.');
-    await ended;
-  }
-  return { body: Buffer.concat(stream.chunks), contentType: stream.contentType };
+  const answer = await stream.answered;
+  if (answer.status >= 300) console.error(`POST /invocation/${id}/response: ${answer.status} ${answer.body}`);
 }
 
 async function invoke(handler, res) {
@@ -327,11 +386,11 @@ async function invoke(handler, res) {
     }
     const context = makeContext(res.headers);
     if (handler[HANDLER_STREAMING] === 'response') {
-      response = await callStreamingHandler(handler, event, context);
-    } else {
-      const result = await callHandler(handler, event, context);
-      response = { body: JSON.stringify(result === undefined ? null : result), contentType: 'application/json' };
+      await callStreamingHandler(handler, event, context, id);
+      return;
     }
+    const result = await callHandler(handler, event, context);
+    response = { body: JSON.stringify(result === undefined ? null : result), contentType: 'application/json' };
   } catch (e) {
     logError('Invoke Error', e);
     const error = errorBody(e);

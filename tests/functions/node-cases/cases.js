@@ -37,3 +37,27 @@ exports.streams = awslambda.streamifyResponse(async (event, responseStream) => {
 
 // The Node.js release the runtime runs.
 exports.version = async () => process.versions.node;
+const pause = (ms) => new Promise((r) => setTimeout(r, ms));
+
+// Streams as it goes: `first`, a pause (event.pauseMs, 1000 by default), then `second`,
+// or a failure in mid-stream when event.fail.
+exports.streamsSlowly = awslambda.streamifyResponse(async (event, responseStream) => {
+  responseStream.setContentType('text/plain');
+  responseStream.write('first\n');
+  await pause(event.pauseMs ?? 1000);
+  if (event.fail) throw new Error('deliberate failure in mid-stream');
+  responseStream.end('second\n');
+});
+
+// A function URL's streamed page: a status, headers and a cookie in the prelude, then
+// the body a second apart.
+exports.streamsPage = awslambda.streamifyResponse(async (event, responseStream) => {
+  const stream = awslambda.HttpResponseStream.from(responseStream, {
+    statusCode: 207,
+    headers: { 'content-type': 'text/plain', 'x-path': event.rawPath },
+    cookies: ['streamed=1'],
+  });
+  stream.write('first\n');
+  await pause(1000);
+  stream.end('second\n');
+});

@@ -64,6 +64,25 @@ def caller(event, context):
     }
 
 
+def http_echo(event, context):
+    """A function URL's handler: answers with the event it got (status 200, JSON) and a
+    header and a cookie of its own; `?status=N` picks the status."""
+    import json
+
+    status = int((event.get("queryStringParameters") or {}).get("status", "200"))
+    return {
+        "statusCode": status,
+        "headers": {"content-type": "application/json", "x-echo": "yes"},
+        "cookies": ["seen=1; Path=/"],
+        "body": json.dumps(event),
+    }
+
+
+def http_bare(event, context):
+    """A function URL's handler that returns no status: a plain value."""
+    return {"bare": event["rawPath"]}
+
+
 class _Deeper:
     """`cases.nested.deeper.handler`: a handler reached through attributes."""
 

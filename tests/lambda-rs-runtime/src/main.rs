@@ -1,9 +1,16 @@
 //! A custom runtime (`provided`) built with AWS's own `lambda_runtime` crate, unmodified:
 //! proof that a runtime written for Lambda's Runtime API runs on Kindling as it is.
 //!
-//! It echoes the event with what the crate read from the Runtime API's headers and the
-//! reserved environment, so the end-to-end tests can check both reached it.
+//! By default it echoes the event with what the crate read from the Runtime API's headers
+//! and the reserved environment, so the end-to-end tests can check both reached it. With
+//! `KINDLING_TEST_STREAM=1` in its environment it streams its response instead
+//! (`lambda_runtime::streaming`): `first\n`, a pause of the event's `pause_ms` (1000 by
+//! default), then `second\n`, or, when the event has `"fail": true`, an error in
+//! mid-stream; an event with `"bytes": N` streams N bytes in 64 KiB chunks instead.
 
+use std::time::Duration;
+
+use lambda_runtime::streaming::{channel, Body, Response};
 use lambda_runtime::{service_fn, Error, LambdaEvent};
 use serde_json::{json, Value};
 
@@ -19,7 +26,44 @@ async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
     }))
 }
 
+async fn streaming(event: LambdaEvent<Value>) -> Result<Response<Body>, Error> {
+    let event = event.payload;
+    let (mut tx, rx) = channel();
+    tokio::spawn(async move {
+        if let Some(total) = event["bytes"].as_u64() {
+            let chunk = bytes::Bytes::from(vec![b'x'; 64 << 10]);
+            let mut sent = 0u64;
+            while sent < total {
+                let n = (total - sent).min(chunk.len() as u64);
+                let part = chunk.slice(..usize::try_from(n).unwrap_or(chunk.len()));
+                if tx.send_data(part).await.is_err() {
+                    return;
+                }
+                sent += n;
+            }
+            return;
+        }
+        let pause = Duration::from_millis(event["pause_ms"].as_u64().unwrap_or(1000));
+        if tx.send_data("first\n".into()).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(pause).await;
+        if event["fail"].as_bool() == Some(true) {
+            tx.send_error(lambda_runtime_api_client::Error::new(
+                "deliberate failure in mid-stream",
+            ));
+            return;
+        }
+        let _ = tx.send_data("second\n".into()).await;
+    });
+    Ok(Response::from(rx))
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    lambda_runtime::run(service_fn(handler)).await
+    if std::env::var_os("KINDLING_TEST_STREAM").is_some() {
+        lambda_runtime::run(service_fn(streaming)).await
+    } else {
+        lambda_runtime::run(service_fn(handler)).await
+    }
 }
