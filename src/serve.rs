@@ -150,6 +150,7 @@ struct ServerArgs {
     limits: LimitArgs,
     #[command(flatten)]
     network: NetworkArgs,
+    #[command(flatten)]
     identity: IdentityArgs,
 }
 

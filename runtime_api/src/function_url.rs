@@ -41,7 +41,9 @@ use sha2::{Digest, Sha256};
 
 use crate::connections::{Busy, ConnectionLimits};
 use crate::invoke_api::{read_body, whole, AnswerBody, Answering, BoxError, HEADER_REQUEST_ID};
-use crate::scheduler::{civil_from_days, Answer, InvokeError, InvokeRequest, Invoked, Scheduler};
+use crate::scheduler::{
+    civil_from_days, Answer, InvokeError, InvokeRequest, Invoked, Scheduler, VERSION,
+};
 use crate::streaming::{self, Begun, Next, Streaming, HTTP_INTEGRATION_CONTENT_TYPE};
 
 /// The longest prelude a streamed HTTP response may send before its 8 NUL bytes.
@@ -95,7 +97,13 @@ impl FunctionUrl {
             request_id: Some(request_id.clone()),
             ..InvokeRequest::default()
         };
-        let begun = streaming::begin(self.scheduler.clone(), self.function.clone(), request).await;
+        let begun = streaming::begin(
+            self.scheduler.clone(),
+            self.function.clone(),
+            VERSION.to_string(),
+            request,
+        )
+        .await;
         let mut answer = match begun {
             Begun::Finished(Ok(invoked)) => buffered_answer(&invoked).map(whole),
             Begun::Finished(Err(e)) => refused(&e).map(whole),

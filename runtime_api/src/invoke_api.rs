@@ -33,6 +33,7 @@ use crate::body::{read_limited, BodyError};
 use crate::client::InvocationType;
 use crate::connections::{self, Activity, Busy, ConnectionLimits, Watched};
 use crate::control_plane::{self, ControlPlane};
+use crate::environment::Function;
 use crate::events::EventQueue;
 use crate::logs;
 use crate::metrics::{self, Metrics};
@@ -235,36 +236,48 @@ impl InvokeApi {
             Ok(function) => function,
             Err(e) => return refused_name(&e),
         };
-        let version = match self
-            .control
-            .store
-            .resolve_qualifier(&function.name, function.qualifier.as_deref())
-        {
-            Ok(version) => version,
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "the database failed");
-                return lambda_error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "ServiceException",
-                    &format!("the database failed: {e:#}"),
-                );
-            }
+        let (resolved, version) = match self.resolve_named(&function) {
+            Ok(found) => found,
+            Err(refusal) => return refusal,
         };
-        let found = version
-            .as_deref()
-            .and_then(|v| Some((self.scheduler.resolve(&function.name, v)?, v)));
-        let Some((resolved, version)) = found else {
-            let arn = self.scheduler.arn(&function.name);
-            return not_found(&match &function.qualifier {
-                Some(q) => format!("{arn}:{q}"),
-                None => arn,
-            });
-        };
-        let mut response = self.invoke(&resolved.name, version, &function, req).await;
-        if let Ok(v) = HeaderValue::from_str(version) {
+        let mut response = self.invoke(&resolved.name, &version, &function, req).await;
+        if let Ok(v) = HeaderValue::from_str(&version) {
             response.headers_mut().insert(HEADER_EXECUTED_VERSION, v);
         }
         response
+    }
+
+    /// The function and version a name designates (its qualifier a version, an alias or
+    /// none), or the answer that refuses it: 404 for one that does not exist.
+    #[expect(
+        clippy::result_large_err,
+        reason = "the error is the answer itself, sent at once"
+    )]
+    fn resolve_named(
+        &self,
+        function: &FunctionRef,
+    ) -> Result<(Function, String), Response<Full<Bytes>>> {
+        let version = self
+            .control
+            .store
+            .resolve_qualifier(&function.name, function.qualifier.as_deref())
+            .map_err(|e| {
+                tracing::error!(error = %format!("{e:#}"), "the database failed");
+                lambda_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "ServiceException",
+                    &format!("the database failed: {e:#}"),
+                )
+            })?;
+        version
+            .and_then(|v| Some((self.scheduler.resolve(&function.name, &v)?, v)))
+            .ok_or_else(|| {
+                let arn = self.scheduler.arn(&function.name);
+                not_found(&match &function.qualifier {
+                    Some(q) => format!("{arn}:{q}"),
+                    None => arn,
+                })
+            })
     }
 
     /// Runs (or queues) an invocation of `function` at `version`, which `named` resolved

@@ -426,7 +426,7 @@ impl Scheduler {
         request: InvokeRequest,
         queued: bool,
     ) -> Result<Invoked, InvokeError> {
-        self.invoke_into(name, request, queued, None).await
+        self.invoke_into(name, version, request, queued, None).await
     }
 
     /// Runs one synchronous invocation whose streamed response (if the function streams)
@@ -435,15 +435,18 @@ impl Scheduler {
     pub async fn invoke_streaming(
         &self,
         name: &str,
+        version: &str,
         request: InvokeRequest,
         sink: StreamSink,
     ) -> Result<Invoked, InvokeError> {
-        self.invoke_into(name, request, false, Some(sink)).await
+        self.invoke_into(name, version, request, false, Some(sink))
+            .await
     }
 
     async fn invoke_into(
         &self,
         name: &str,
+        version: &str,
         request: InvokeRequest,
         queued: bool,
         sink: Option<StreamSink>,

@@ -227,17 +227,21 @@ pub(crate) enum Next {
     End(Result<Invoked, InvokeError>),
 }
 
-/// Starts `request` on `function`, and waits until it either begins a stream or ends.
+/// Starts `request` on `function` at `version`, and waits until it either begins a stream or ends.
 /// The invocation runs on its own task: a caller that goes away stops only the relaying
 /// (the rest of the stream is read and dropped), never the function.
 pub(crate) async fn begin(
     scheduler: Arc<Scheduler>,
     function: String,
+    version: String,
     request: InvokeRequest,
 ) -> Begun {
     let (sink, mut events) = channel();
-    let mut task =
-        tokio::spawn(async move { scheduler.invoke_streaming(&function, request, sink).await });
+    let mut task = tokio::spawn(async move {
+        scheduler
+            .invoke_streaming(&function, &version, request, sink)
+            .await
+    });
     let started = tokio::select! {
         biased;
         event = events.recv() => event,

@@ -13,9 +13,9 @@
 
 mod control_plane;
 mod failures;
+mod identity;
 #[path = "../common/internet.rs"]
 mod internet;
-mod identity;
 mod invoke_api;
 mod layers;
 mod lifecycle;

@@ -21,14 +21,14 @@ use hyper::body::Incoming;
 use kindling_wire::MAX_REQUEST_BYTES;
 
 use super::{
-    lambda_error, not_found, read_body, refused_name, status_only, InvokeApi, InvokeHeaders,
+    lambda_error, read_body, refused_name, status_only, InvokeApi, InvokeHeaders,
     HEADER_EXECUTED_VERSION, HEADER_REQUEST_ID,
 };
 use crate::client::InvocationType;
 use crate::connections::Busy;
 use crate::event_stream;
 use crate::logs;
-use crate::names::{self, FunctionRef};
+use crate::names;
 use crate::scheduler::{Answer, InvokeError, InvokeRequest, Invoked, VERSION};
 use crate::streaming::{self, Begun, Next};
 
@@ -47,28 +47,6 @@ pub(crate) fn whole(body: Full<Bytes>) -> AnswerBody {
     body.map_err(|e| match e {}).boxed()
 }
 
-impl InvokeApi {
-    /// The function a streaming invocation names, or the 404 of one that does not exist
-    /// (as `Invoke` decides: Kindling has no versions or aliases yet, so only `$LATEST`).
-    #[expect(
-        clippy::result_large_err,
-        reason = "the error is the answer itself, sent at once"
-    )]
-    fn servable(&self, named: &FunctionRef) -> Result<String, Response<Full<Bytes>>> {
-        let servable = named.qualifier.as_deref().is_none_or(|q| q == VERSION);
-        match self.scheduler.resolve(&named.name).filter(|_| servable) {
-            Some(f) => Ok(f.name),
-            None => {
-                let arn = self.scheduler.arn(&named.name);
-                Err(not_found(&match &named.qualifier {
-                    Some(q) => format!("{arn}:{q}"),
-                    None => arn,
-                }))
-            }
-        }
-    }
-}
-
 /// The function name in a streaming invocation's path.
 fn streaming_name(path: &str) -> Option<&str> {
     path.strip_prefix(PATH_PREFIX)?.strip_suffix(PATH_SUFFIX)
@@ -81,12 +59,7 @@ impl InvokeApi {
     pub(super) async fn route(&self, req: Request<Incoming>, busy: Busy) -> Response<AnswerBody> {
         if let Some(name) = streaming_name(req.uri().path()) {
             let name = name.to_string();
-            let mut r = self.invoke_with_response_stream(&name, req, busy).await;
-            if r.status() != StatusCode::NOT_FOUND {
-                r.headers_mut()
-                    .insert(HEADER_EXECUTED_VERSION, HeaderValue::from_static(VERSION));
-            }
-            return r;
+            return self.invoke_with_response_stream(&name, req, busy).await;
         }
         let answer = self.handle(req).await;
         drop(busy);
@@ -111,8 +84,8 @@ impl InvokeApi {
             Ok(named) => named,
             Err(e) => return refused_name(&e).map(whole),
         };
-        let function = match self.servable(&named) {
-            Ok(f) => f,
+        let (function, version) = match self.resolve_named(&named) {
+            Ok(found) => found,
             Err(r) => return r.map(whole),
         };
         let headers = match InvokeHeaders::parse(req.headers()) {
@@ -142,9 +115,13 @@ impl InvokeApi {
             cognito_identity: None,
             trace_id: headers.trace_id,
             request_id: Some(request_id.clone()),
+            // `$LATEST` named or not, the function sees its unqualified ARN.
+            qualifier: named.qualifier.clone().filter(|q| q != VERSION),
         };
         let tail = headers.tail;
-        let body = match streaming::begin(self.scheduler.clone(), function, request).await {
+        let executed = HeaderValue::from_str(&version).ok();
+        let begun = streaming::begin(self.scheduler.clone(), function.name, version, request);
+        let body = match begun.await {
             Begun::Finished(Err(e)) => return self.refused(e).map(whole),
             Begun::Finished(Ok(invoked)) => {
                 let mut all = Vec::new();
@@ -186,6 +163,9 @@ impl InvokeApi {
         );
         if let Ok(id) = HeaderValue::from_str(&request_id) {
             h.insert(HEADER_REQUEST_ID, id);
+        }
+        if let Some(v) = executed {
+            h.insert(HEADER_EXECUTED_VERSION, v);
         }
         r
     }
