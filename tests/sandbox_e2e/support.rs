@@ -225,12 +225,17 @@ impl Server {
     /// Writes a functions.toml of `functions`, starts `kindling serve` on it and waits
     /// until it listens.
     pub fn start(bins: &Binaries, functions: &[FunctionDef]) -> Self {
+        Self::start_with(bins, functions, &[])
+    }
+
+    /// [`Server::start`] with more `kindling serve` flags (its limits).
+    pub fn start_with(bins: &Binaries, functions: &[FunctionDef], flags: &[&str]) -> Self {
         let scratch = Scratch::new();
         let file = scratch.path().join("functions.toml");
         let text: String = functions.iter().map(|f| f.toml() + "\n").collect();
         std::fs::write(&file, text).expect("writing functions.toml");
         let mut serve = Command::new(&bins.kindling);
-        serve.arg("serve").arg("--functions").arg(&file);
+        serve.arg("serve").arg("--functions").arg(&file).args(flags);
         Self::launch(bins, scratch, serve)
     }
 
@@ -338,6 +343,11 @@ impl Server {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The cgroups of this server's environments that exist now.
+    pub fn cgroups(&self) -> Vec<PathBuf> {
+        cgroups_of(self.pid())
     }
 
     /// What the server printed on stdout so far: its functions' log lines.
