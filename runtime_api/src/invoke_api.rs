@@ -5,7 +5,7 @@
 //! on the same listener go to [`crate::control_plane`].
 //!
 //! Limits: a request payload of at most [`MAX_REQUEST_BYTES`] (an `Event` one: at most
-//! [`MAX_EVENT_PAYLOAD_BYTES`], else 413 `RequestEntityTooLargeException`); accepted
+//! [`MAX_EVENT_PAYLOAD_BYTES`], read no further, else 413 `RequestEntityTooLargeException`); accepted
 //! `Event` invocations bounded per function on disk (else 429 `TooManyRequestsException`,
 //! see [`crate::events`]); connections bounded in number and in time spent idle or
 //! sending a head (see [`crate::connections`]).
@@ -230,8 +230,18 @@ impl InvokeApi {
             Ok(headers) => headers,
             Err(refusal) => return refusal,
         };
-        let payload = match read_body(req, self.limits.body_read_timeout, MAX_REQUEST_BYTES).await {
+        // An Event's payload is read only up to its own, smaller limit: a caller sending
+        // many oversize Events at once makes the server hold 1 MiB each, not 6.
+        let is_event = matches!(headers.invocation_type, InvocationType::Event);
+        let (limit, declared) = match is_event {
+            true => (MAX_EVENT_PAYLOAD_BYTES, content_length(&req)),
+            false => (MAX_REQUEST_BYTES, None),
+        };
+        let payload = match read_body(req, self.limits.body_read_timeout, limit).await {
             Ok(p) => p,
+            Err(r) if is_event && r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return event_too_large(declared)
+            }
             Err(r) => return r,
         };
         let request = InvokeRequest {
@@ -256,13 +266,8 @@ impl InvokeApi {
     /// Accepts an Event invocation: written to the database (so it survives a crash),
     /// within the function's bounds on queued events, then 202; the queue runs it.
     async fn queue_event(&self, function: String, request: InvokeRequest) -> Response<Full<Bytes>> {
-        let bytes = request.payload.len();
-        if bytes > MAX_EVENT_PAYLOAD_BYTES {
-            return lambda_error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "RequestEntityTooLargeException",
-                &format!("{bytes} byte payload is too large for the Event invocation type (limit {MAX_EVENT_PAYLOAD_BYTES} bytes)"),
-            );
+        if request.payload.len() > MAX_EVENT_PAYLOAD_BYTES {
+            return event_too_large(Some(request.payload.len()));
         }
         match self.events.accept(&function, &request).await {
             Ok(request_id) => {
@@ -320,6 +325,30 @@ fn too_many_requests(message: &str, reason: &str) -> Response<Full<Bytes>> {
         HeaderValue::from_static("TooManyRequestsException"),
     );
     r
+}
+
+/// Lambda's answer to an Event payload past [`MAX_EVENT_PAYLOAD_BYTES`], naming its size
+/// where the caller declared it.
+fn event_too_large(bytes: Option<usize>) -> Response<Full<Bytes>> {
+    let size = match bytes {
+        Some(bytes) => format!("{bytes} byte"),
+        None => format!("more than {MAX_EVENT_PAYLOAD_BYTES} bytes of"),
+    };
+    lambda_error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "RequestEntityTooLargeException",
+        &format!("{size} payload is too large for the Event invocation type (limit {MAX_EVENT_PAYLOAD_BYTES} bytes)"),
+    )
+}
+
+/// The request's `Content-Length`, when it has a valid one.
+fn content_length(req: &Request<Incoming>) -> Option<usize> {
+    req.headers()
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// `X-Amz-Client-Context` is base64 JSON; the runtime gets the JSON.
