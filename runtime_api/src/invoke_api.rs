@@ -83,6 +83,8 @@ pub(crate) async fn serve(
     let refusal = connections::refusal(limits.max_connections);
     let mut full = false;
     let mut connections = JoinSet::new();
+    // The most connections open at once since memory was last handed back.
+    let mut peak = 0;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -142,13 +144,19 @@ pub(crate) async fn serve(
                         }
                         drop(slot);
                     });
+                    peak = peak.max(connections.len());
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "invoke API accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             },
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            Some(_) = connections.join_next(), if !connections.is_empty() => {
+                if connections.is_empty() && peak >= STORM {
+                    peak = 0;
+                    tokio::task::spawn_blocking(return_free_memory);
+                }
+            }
             _ = until_true(&mut stop) => break,
         }
     }
@@ -157,6 +165,21 @@ pub(crate) async fn serve(
     let drained = async { while connections.join_next().await.is_some() {} };
     if tokio::time::timeout(ANSWER_GRACE, drained).await.is_err() {
         tracing::warn!("invoke API connections still open at shutdown: closing them");
+    }
+}
+
+/// Connections open at once that make a storm, after which the memory their buffers held
+/// is handed back to the kernel once the last one closes.
+const STORM: usize = 64;
+
+/// Hands the allocator's free memory back to the kernel: glibc keeps what thousands of
+/// connections' buffers used in its arenas otherwise, and the server's RSS would stay at
+/// its peak after a connection storm.
+fn return_free_memory() {
+    // SAFETY: malloc_trim only releases free heap pages; it takes the allocator's own locks.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
