@@ -224,30 +224,34 @@ fn backend(asked: Option<Hypervisor>) -> anyhow::Result<Arc<dyn Backend>> {
             if asked.is_none() {
                 tracing::info!("microVMs run on QEMU ({accel:?}): {}", kvm.reason);
             }
-            Arc::new(Qemu { accel })
+            Arc::new(Qemu {
+                accel,
+                jailer: static_program("kindling-jailer")?,
+            })
         }
     })
 }
 
-/// kindling-vmm, always behind kindling-jailer: both the static builds of
-/// scripts/build-guest.sh, which sit beside the static guest binaries (the jail's chroot
-/// holds no libraries).
+/// kindling-vmm, always behind kindling-jailer.
 fn kindling_vmm() -> anyhow::Result<Arc<dyn Backend>> {
-    let dir = kindling_images::locate::guest_bin_dir().map_err(anyhow::Error::msg)?;
-    let program = |name: &str| {
-        let path = dir.join(name);
-        if !path.is_file() {
-            bail!(
-                "{} is missing: build the static binaries (scripts/build-guest.sh)",
-                path.display()
-            );
-        }
-        Ok(path)
-    };
     Ok(Arc::new(KindlingVmm {
-        program: program("kindling-vmm")?,
-        jailer: program("kindling-jailer")?,
+        program: static_program("kindling-vmm")?,
+        jailer: static_program("kindling-jailer")?,
     }))
+}
+
+/// One of the static builds of scripts/build-guest.sh (kindling-vmm, kindling-jailer),
+/// which sit beside the static guest binaries (the VMM's chroot holds no libraries).
+fn static_program(name: &str) -> anyhow::Result<PathBuf> {
+    let dir = kindling_images::locate::guest_bin_dir().map_err(anyhow::Error::msg)?;
+    let path = dir.join(name);
+    if !path.is_file() {
+        bail!(
+            "{} is missing: build the static binaries (scripts/build-guest.sh)",
+            path.display()
+        );
+    }
+    Ok(path)
 }
 
 /// Sandboxes whose root is their runtime's image directory (the same tree a microVM of

@@ -371,6 +371,7 @@ fn scenarios(host: &Arc<Host>) -> Vec<Trial> {
         the_runtime_runs_unprivileged,
         layers_reach_opt,
         response_streams_through_the_vm,
+        a_hostile_function_stays_in_its_vm,
     ];
     if matches!(host.backend, Backend::Qemu) {
         list.extend(named![
@@ -535,10 +536,25 @@ fn the_runtime_runs_unprivileged(server: &Server, backend: Backend) -> Result<()
                 field("CapEff:") == "0000000000000000" && field("NoNewPrivs:") == "1",
                 || format!("{program} {pid} keeps privileges:\n{status}"),
             )?;
-            let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net"));
-            check(ns(&pid.to_string())? != ns("self")?, || {
-                format!("{program} {pid} shares the host's network namespace")
-            })?;
+            for kind in ["net", "mnt", "pid", "ipc"] {
+                let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/{kind}"));
+                check(ns(&pid.to_string())? != ns("self")?, || {
+                    format!("{program} {pid} shares the host's {kind} namespace")
+                })?;
+            }
+            // Its root is a chroot holding only what it needs: no host /etc, no /proc,
+            // none of the server's files beside the VM's socket folder.
+            let root = PathBuf::from(format!("/proc/{pid}/root"));
+            for host_file in [
+                PathBuf::from("etc/passwd"),
+                PathBuf::from("proc/self"),
+                server.scratch.join("functions.toml"),
+            ] {
+                let inside = root.join(host_file.strip_prefix("/").unwrap_or(&host_file));
+                check(!inside.exists(), || {
+                    format!("{program} {pid} sees the host's {}", host_file.display())
+                })?;
+            }
             if *program != kindling_microvm::qemu::VHOST_VSOCK {
                 check(field("Seccomp:") == "2", || {
                     format!("{program} {pid} runs without a seccomp filter:\n{status}")
@@ -560,6 +576,35 @@ fn layers_reach_opt(server: &Server, _: Backend) -> Result<(), Failed> {
             && answer["opt_writable"] == false,
         || format!("layered: {answer}"),
     )
+}
+
+/// From inside the VM, every attack of the sandbox suite (`tests/sandbox_e2e/adversarial.rs`)
+/// fails: remounts, cgroup v1 and `release_agent`, `/proc/sys`, its own limits, modules,
+/// block devices, ptrace and signals to init and the agent, the host's files and services.
+fn a_hostile_function_stays_in_its_vm(server: &Server, _: Backend) -> Result<(), Failed> {
+    let secret = server.scratch.join("host-secret");
+    std::fs::write(&secret, "the host's secret")?;
+    let event = json!({
+        "action": "attacks",
+        "host_file": secret,
+        "host_ports": [server.addr.port(), 22],
+    });
+    let answer = server.invoke("identity", &event)?.ok_json()?;
+    let attacks = answer["attacks"].as_object().cloned().unwrap_or_default();
+    check(attacks.len() > 20, || {
+        format!("too few attacks ran: {answer}")
+    })?;
+    let succeeded: Vec<&String> = attacks
+        .iter()
+        .filter(|(_, errno)| errno.as_i64() == Some(0))
+        .map(|(attack, _)| attack)
+        .collect();
+    check(succeeded.is_empty(), || {
+        format!(
+            "attacks that succeeded inside the VM: {succeeded:?}
+{answer}"
+        )
+    })
 }
 
 fn killed_runtime_then_next_works(server: &Server, _: Backend) -> Result<(), Failed> {

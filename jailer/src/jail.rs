@@ -51,7 +51,10 @@ pub fn prepare(plan: &Plan) -> anyhow::Result<()> {
     let made = dirs
         .create(&plan.root)
         .map_err(anyhow::Error::from)
-        .and_then(|()| link_or_copy(&plan.exec_file, &plan.root.join(&plan.exec_name)));
+        .and_then(|()| match plan.exec_in_place {
+            true => Ok(()),
+            false => link_or_copy(&plan.exec_file, &plan.root.join(&plan.exec_name)),
+        });
     if made.is_err() {
         remove(plan);
     }
@@ -100,7 +103,9 @@ fn enter(plan: &Plan, cgroup: Option<&Joiner>) -> anyhow::Result<Infallible> {
         }
         None => unshare(CloneFlags::CLONE_NEWNET).context("entering a new network namespace")?,
     }
-    unshare(CloneFlags::CLONE_NEWNS).context("entering a new mount namespace")?;
+    // A mount namespace, and an IPC namespace: no host SysV IPC or POSIX message queue.
+    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC)
+        .context("entering new mount and IPC namespaces")?;
     // Before any mount: none of the jail's mounts may reach the host's namespace (where
     // removing the jail dir would then delete through them).
     mount(
@@ -136,7 +141,10 @@ fn enter(plan: &Plan, cgroup: Option<&Joiner>) -> anyhow::Result<Infallible> {
     Errno::result(unsafe {
         nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL, 0, 0, 0)
     })?;
-    let program = CString::new(format!("/{}", plan.exec_name))?;
+    let program = match plan.exec_in_place {
+        true => CString::new(plan.exec_file.as_os_str().as_bytes())?,
+        false => CString::new(format!("/{}", plan.exec_name))?,
+    };
     let mut argv = vec![program.clone()];
     for arg in &plan.args {
         argv.push(CString::new(arg.as_bytes())?);
@@ -149,7 +157,7 @@ fn enter(plan: &Plan, cgroup: Option<&Joiner>) -> anyhow::Result<Infallible> {
     Err(match err {
         Errno::ENOENT => anyhow!(
             "exec {program:?} in the jail: {err} (a dynamic executable finds no libraries \
-             in the chroot: build it static)"
+             in the chroot: build it static, or bind its libraries)"
         ),
         _ => anyhow!("exec {program:?} in the jail: {err}"),
     })
@@ -200,7 +208,8 @@ fn remount(target: &Path, flags: MsFlags) -> anyhow::Result<()> {
         .with_context(|| format!("remounting {}", target.display()))
 }
 
-/// The jail's `/dev`: a small read-only tmpfs with only `kvm`, owned by the jail's user.
+/// The jail's `/dev`: a small read-only tmpfs with only `kvm` (unless `--no-kvm`), owned
+/// by the jail's user.
 fn make_dev(plan: &Plan) -> anyhow::Result<()> {
     let dev = plan.root.join("dev");
     fs::DirBuilder::new().mode(0o755).create(&dev)?;
@@ -213,6 +222,21 @@ fn make_dev(plan: &Plan) -> anyhow::Result<()> {
         Some("mode=755,size=16k"),
     )
     .context("mounting the jail's /dev")?;
+    if plan.kvm {
+        make_kvm(plan)?;
+    }
+    mount(
+        None::<&str>,
+        &dev,
+        None::<&str>,
+        flags | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .context("remounting the jail's /dev read-only")
+}
+
+/// The jail's `/dev/kvm`, the host's device node owned by the jail's user.
+fn make_kvm(plan: &Plan) -> anyhow::Result<()> {
     let rdev = fs::metadata(KVM)
         .with_context(|| format!("{KVM}: the VMM needs it"))?
         .rdev();
@@ -224,14 +248,7 @@ fn make_dev(plan: &Plan) -> anyhow::Result<()> {
         Some(Uid::from_raw(plan.uid)),
         Some(Gid::from_raw(plan.gid)),
     )?;
-    mount(
-        None::<&str>,
-        &dev,
-        None::<&str>,
-        flags | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-        None::<&str>,
-    )
-    .context("remounting the jail's /dev read-only")
+    Ok(())
 }
 
 /// Makes `root` the process's `/`, with the host's tree unreachable. pivot_root detaches

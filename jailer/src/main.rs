@@ -1,17 +1,19 @@
-//! `kindling-jailer`: starts one program — kindling-vmm — jailed the way Firecracker's
-//! jailer jails Firecracker, so that a guest that takes over its VMM holds an unprivileged
-//! process in an empty room, not a root shell on the host.
+//! `kindling-jailer`: starts one program — kindling-vmm, or QEMU and its vsock daemon —
+//! jailed the way Firecracker's jailer jails Firecracker, so that a guest that takes over
+//! its VMM holds an unprivileged process in an empty room, not a root shell on the host.
 //!
-//! In order: the arguments are checked; every inherited fd but 0–2 is closed; the chroot
+//! In order: the arguments are checked; every inherited fd but 0–2 (and those named by
+//! `--keep-fd`) is closed; the chroot
 //! `<chroot-base-dir>/<exec file name>/<id>/root` is made and the program hard-linked (or
-//! copied) into it; the cgroup v2 limits, if any, go to `<cgroup2>/<parent-cgroup>/<id>`.
-//! Then a child in a new PID namespace enters new mount and network namespaces (or joins
-//! `--netns`), bind-mounts only the files it is given (read-only, or read-write for a
-//! socket folder) at their own paths, gets a private `/dev` holding only `kvm` (owned by
-//! the jail's user), joins the cgroup, pivots into the chroot, drops to `--uid`/`--gid`
-//! with no capability and `no_new_privs`, and execs the program with an empty environment.
-//! The jailer itself stays behind as the child's parent ([`relay`]): it forwards
-//! termination signals, ends as the program ended, and removes the chroot and the cgroup.
+//! copied) into it, unless it lies in a bound folder; the cgroup v2 limits, if any, go to
+//! `<cgroup2>/<parent-cgroup>/<id>`. Then a child in a new PID namespace enters new mount,
+//! IPC and network namespaces (or joins `--netns`), bind-mounts only the files it is given
+//! (read-only, or read-write for a socket folder) at their own paths, gets a private
+//! `/dev` holding only `kvm` (owned by the jail's user; nothing with `--no-kvm`), joins
+//! the cgroup, pivots into the chroot, drops to `--uid`/`--gid` with no capability and
+//! `no_new_privs`, and execs the program with an empty environment. The jailer itself
+//! stays behind as the child's parent ([`relay`]): it forwards termination signals, ends
+//! as the program ended, and removes the chroot and the cgroup.
 
 mod cgroup;
 mod jail;
@@ -27,14 +29,15 @@ use clap::Parser;
 #[derive(Parser, Debug)]
 #[command(
     version,
-    about = "Starts kindling-vmm in a chroot with new namespaces, a cgroup and no privileges"
+    about = "Starts a VMM in a chroot with new namespaces, a cgroup and no privileges"
 )]
 struct Cli {
     /// The VM's id; names its chroot and its cgroup. Letters, digits, `-` and `_`.
     #[arg(long)]
     id: String,
-    /// The program to jail, by absolute path. It must be static: the chroot holds no
-    /// libraries.
+    /// The program to jail, by absolute path. A static program is linked into the
+    /// chroot's root; one that lies in a `--bind` folder runs from there instead, so a
+    /// dynamic program runs once its libraries are bound too (`--bind /usr --bind /lib --bind /lib64`).
     #[arg(long, value_name = "PATH")]
     exec_file: PathBuf,
     /// The user the program runs as (not 0).
@@ -54,9 +57,17 @@ struct Cli {
     /// sockets, which the host reaches at the same path outside). Repeatable.
     #[arg(long = "bind-rw", value_name = "PATH")]
     binds_rw: Vec<PathBuf>,
+    /// Give the jail no `/dev/kvm` (a program that runs no KVM guest: QEMU's TCG, a
+    /// vsock daemon); its `/dev` is then empty.
+    #[arg(long)]
+    no_kvm: bool,
     /// Join this network namespace (such as /var/run/netns/NAME) instead of a new, empty one.
     #[arg(long, value_name = "PATH")]
     netns: Option<PathBuf>,
+    /// An inherited descriptor the program keeps, at the same number (a tap the host made
+    /// for the guest's network, which works from any network namespace). Repeatable.
+    #[arg(long = "keep-fd", value_name = "FD", value_parser = clap::value_parser!(i32).range(3..))]
+    keep_fds: Vec<i32>,
     /// A cgroup v2 control file of the VM's cgroup and its value (`memory.max=268435456`,
     /// `pids.max=64`). Repeatable; without any, no cgroup is made.
     #[arg(long = "cgroup", value_name = "FILE=VALUE")]
@@ -77,6 +88,8 @@ pub struct Plan {
     pub exec_file: PathBuf,
     /// The program's name in the chroot's root, taken from `exec_file`.
     pub exec_name: String,
+    /// Whether `exec_file` lies in a bound folder and runs from there, not linked in.
+    pub exec_in_place: bool,
     pub uid: u32,
     pub gid: u32,
     /// `<chroot-base-dir>/<exec name>/<id>`, which the jailer removes when done.
@@ -85,7 +98,11 @@ pub struct Plan {
     pub root: PathBuf,
     /// Bind mounts, `true` for read-write.
     pub binds: Vec<(PathBuf, bool)>,
+    /// Whether the jail's `/dev` holds `kvm`.
+    pub kvm: bool,
     pub netns: Option<PathBuf>,
+    /// Inherited descriptors passed on to the program.
+    pub keep_fds: Vec<i32>,
     pub cgroup: Option<cgroup::Limits>,
     pub args: Vec<OsString>,
 }
@@ -152,6 +169,9 @@ impl Plan {
             );
             Some(cgroup::Limits::parse(parent.join(&cli.id), &cli.cgroups)?)
         };
+        let exec_in_place = binds
+            .iter()
+            .any(|(path, _)| cli.exec_file.starts_with(path));
         let jail_dir = cli.chroot_base_dir.join(&exec_name).join(&cli.id);
         Ok(Plan {
             root: jail_dir.join("root"),
@@ -159,10 +179,13 @@ impl Plan {
             id: cli.id,
             exec_file: cli.exec_file,
             exec_name,
+            exec_in_place,
             uid: cli.uid,
             gid: cli.gid,
             binds,
+            kvm: !cli.no_kvm,
             netns: cli.netns,
+            keep_fds: cli.keep_fds,
             cgroup,
             args: cli.args,
         })
@@ -203,7 +226,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let plan = Plan::new(cli)?;
-    relay::close_inherited_fds()?;
+    relay::close_inherited_fds(&plan.keep_fds)?;
     jail::prepare(&plan)?;
     let cgroup = match &plan.cgroup {
         Some(limits) => match limits.create() {

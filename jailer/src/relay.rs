@@ -25,12 +25,29 @@ const FORWARDED: [Signal; 6] = [
     Signal::SIGUSR2,
 ];
 
-/// Closes every fd but stdin, stdout and stderr: nothing the jailer's caller had open
-/// reaches the jailed program.
-pub fn close_inherited_fds() -> anyhow::Result<()> {
+/// Closes every fd but stdin, stdout, stderr and `keep`: nothing else the jailer's caller
+/// had open reaches the jailed program.
+pub fn close_inherited_fds(keep: &[i32]) -> anyhow::Result<()> {
+    let mut keep: Vec<u32> = keep
+        .iter()
+        .filter_map(|&fd| u32::try_from(fd).ok())
+        .collect();
+    keep.sort_unstable();
+    let mut first = 3u32;
+    for fd in keep.into_iter().filter(|&fd| fd >= 3) {
+        if fd > first {
+            close_range(first, fd - 1)?;
+        }
+        first = fd.saturating_add(1);
+    }
+    close_range(first, u32::MAX)
+}
+
+/// Closes the fds `first..=last`.
+fn close_range(first: u32, last: u32) -> anyhow::Result<()> {
     // SAFETY: close_range(2) takes integers only; no fd above 2 is owned by Rust code
     // yet (the jailer has opened nothing so far), so no owner is left dangling.
-    let rc = unsafe { nix::libc::syscall(nix::libc::SYS_close_range, 3, u32::MAX, 0) };
+    let rc = unsafe { nix::libc::syscall(nix::libc::SYS_close_range, first, last, 0) };
     Errno::result(rc).context("closing the inherited file descriptors")?;
     Ok(())
 }

@@ -168,7 +168,7 @@ fn the_jailed_vmm_runs_unprivileged_alone_in_its_chroot_and_namespaces() {
     }
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
     assert_eq!(status_field(pid, "NSpid"), format!("{pid}\t1"));
-    for ns in ["mnt", "net", "pid"] {
+    for ns in ["mnt", "net", "pid", "ipc"] {
         let theirs = fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
         let ours = fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
         assert_ne!(theirs, ours, "the jailed VMM shares our {ns} namespace");
@@ -360,4 +360,67 @@ fn a_dynamic_program_is_refused_with_the_reason() {
         out.status
     );
     assert!(entries(&tmp.path().join("true")).is_empty());
+}
+
+/// A dynamic program that lies in a bound folder runs from there, with its libraries bound
+/// beside it (as QEMU and its vsock daemon are jailed): here `ls` shows the jail from
+/// inside: only the bound folders and `/dev`, which `--no-kvm` leaves empty, and no
+/// `/proc`.
+#[test]
+fn a_dynamic_program_runs_in_place_with_its_libraries_bound() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut args = vec![
+        "--id",
+        "in-place",
+        "--exec-file",
+        "/usr/bin/ls",
+        "--uid",
+        "64917",
+        "--gid",
+        "64918",
+        "--no-kvm",
+    ];
+    let base = tmp.path().to_string_lossy().into_owned();
+    args.extend(["--chroot-base-dir", &base]);
+    for system in ["/usr", "/lib", "/lib64"] {
+        if Path::new(system).exists() {
+            args.extend(["--bind", system]);
+        }
+    }
+    args.extend(["--", "-1A", "/", "/dev", "/proc"]);
+    let out = jail(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // `ls` exits 2 for the missing /proc, after listing the rest.
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("/proc") && stderr.contains("No such file"),
+        "{stderr}"
+    );
+    let listing: Vec<&str> = stdout.lines().collect();
+    let root: Vec<&str> = listing
+        .iter()
+        .skip_while(|l| **l != "/:")
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .copied()
+        .collect();
+    let mut expected = vec!["dev", "usr"];
+    expected.extend(
+        ["lib", "lib64"]
+            .into_iter()
+            .filter(|d| Path::new("/").join(d).exists()),
+    );
+    expected.sort_unstable();
+    assert_eq!(root, expected, "{stdout}");
+    let dev: Vec<&str> = listing
+        .iter()
+        .skip_while(|l| **l != "/dev:")
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .copied()
+        .collect();
+    assert!(dev.is_empty(), "/dev holds {dev:?}");
+    // Nothing was linked in, and the jail is gone again.
+    assert!(entries(&tmp.path().join("ls")).is_empty());
 }

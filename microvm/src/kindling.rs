@@ -2,7 +2,7 @@
 //! config file and then driven over its Firecracker-compatible API socket (which pauses and
 //! resumes it between invocations), always started through `kindling-jailer`: in a chroot
 //! holding only the VM's files, in namespaces of its own, as the VM's unprivileged user (see
-//! [`KindlingVmm::jailer_args`]). Its serial console goes to the capped console log; SIGTERM
+//! [`machine::jailed`]). Its serial console goes to the capped console log; SIGTERM
 //! (which the jailer forwards) asks the guest to shut down (Ctrl-Alt-Del through the i8042),
 //! as Firecracker's SendCtrlAltDel does.
 
@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::process::Child;
 
-use crate::machine::{self, VmSpec};
+use crate::machine::{self, Jail, VmSpec};
 use crate::snapstart::SnapshotFiles;
 use crate::{console, Backend, RunningVm};
 use kindling_runtime_api::config::Hypervisor;
@@ -119,15 +119,20 @@ impl KindlingVmm {
     ) -> anyhow::Result<KindlingVm> {
         // The VMM's messages go beside its console, as before it was jailed.
         let (console, capture) = console::capture(&spec.console_log, console::LOG_CAP)?;
-        let mut cmd = machine::vm_command(&self.jailer, console.try_clone()?, console, None)?;
+        let jail = Jail {
+            program: &self.program,
+            user: spec.user,
+            files,
+            kvm: true,
+            // kindling-vmm has no network yet (see the launcher).
+            keep_fd: None,
+        };
+        let mut cmd = machine::jailed(&self.jailer, spec, &jail, console.try_clone()?, console);
         // The socket folder is the one the jailed VMM can write, at the same path inside
-        // the jail and out.
+        // the jail and out (it makes its vsock socket there and reaches the host's
+        // Runtime API socket linked into it).
         let api = Api(spec.socket_dir.join("api.sock"));
-        cmd.args(self.jailer_args(spec, files))
-            .arg("--")
-            .arg("--api-sock")
-            .arg(&api.0)
-            .args(args);
+        cmd.arg("--api-sock").arg(&api.0).args(args);
         // Killed on drop, should the wait below fail.
         let mut vmm = machine::spawn(&mut cmd, "kindling-jailer")
             .context("build it with scripts/build-guest.sh")?;
@@ -138,33 +143,6 @@ impl KindlingVmm {
             api: Arc::new(api),
             console: capture,
         })
-    }
-
-    /// The jail of one VM: its chroot under the environment's folder (removed with it), the
-    /// VM's user, and, each at its own path, `files` (read-only unless writable) and the
-    /// socket folder (read-write: the VMM makes its vsock socket there and reaches the
-    /// host's Runtime API socket linked into it). The network namespace is new and empty:
-    /// the VM has no network device.
-    fn jailer_args(&self, spec: &VmSpec, files: &[(&Path, bool)]) -> Vec<std::ffi::OsString> {
-        let mut args: Vec<std::ffi::OsString> = vec![
-            "--id".into(),
-            format!("vm-{}", spec.user.uid).into(),
-            "--exec-file".into(),
-            self.program.clone().into(),
-            "--uid".into(),
-            spec.user.uid.to_string().into(),
-            "--gid".into(),
-            spec.user.gid.to_string().into(),
-            "--chroot-base-dir".into(),
-            spec.work_dir.clone().into(),
-        ];
-        for (path, writable) in files {
-            args.push(if *writable { "--bind-rw" } else { "--bind" }.into());
-            args.push(path.into());
-        }
-        args.push("--bind-rw".into());
-        args.push(spec.socket_dir.clone().into());
-        args
     }
 }
 

@@ -2,9 +2,8 @@
 //! a user of their own ([`VmUser`]), never as root.
 
 use std::ffi::OsStr;
-use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
@@ -96,121 +95,103 @@ pub fn log_file(path: &Path) -> anyhow::Result<OwnedFd> {
     Ok(file.into())
 }
 
-/// Prepares a command for a VM helper process: no stdin, `stdout` and `stderr` as given,
-/// killed by the kernel if the host process dies (so that no VM outlives `kindling`) and,
-/// with `user`, run as that user with every capability set empty and `no_new_privs`, in
-/// network and IPC namespaces of its own: a hypervisor needs no network (its sockets are
-/// Unix sockets by path), and one that a guest takes over reaches no host service on
-/// loopback and no host SysV IPC.
-pub fn vm_command(
-    program: impl AsRef<OsStr>,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
-    user: Option<VmUser>,
-) -> anyhow::Result<Command> {
-    let program = program.as_ref();
-    // An unprivileged user may not reach the program's folder (`cargo install` puts
-    // vhost-device-vsock under root's home): the host opens it, and the child execs it as
-    // `/proc/self/fd/N`, named `program` in its argv[0]. The closure below owns the file,
-    // so it stays open until the command is dropped, after the spawn.
-    let opened = match user {
-        Some(_) => Some(open_program(program)?),
-        None => None,
-    };
-    let mut cmd = match &opened {
-        Some(file) => {
-            let mut cmd = Command::new(format!("/proc/self/fd/{}", file.as_raw_fd()));
-            cmd.arg0(program);
-            cmd
-        }
-        None => Command::new(program),
-    };
+/// Prepares a command for a VM helper process (the jailer): no stdin, `stdout` and
+/// `stderr` as given, killed by the kernel if the host process dies (so that no VM
+/// outlives `kindling`).
+pub fn vm_command(program: impl AsRef<OsStr>, stdout: OwnedFd, stderr: OwnedFd) -> Command {
+    let mut cmd = Command::new(program);
     cmd.stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr)
         .kill_on_drop(true);
-    // SAFETY: unshare(2) takes only flags; drop_to makes only async-signal-safe system
-    // calls and allocates nothing; prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches
-    // only the child. Namespaces come while the child is still root, the death signal
-    // last: a uid change clears it.
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches only the child.
     unsafe {
-        cmd.pre_exec(move || {
-            let _open_until_exec = &opened;
-            if let Some(user) = user {
-                if libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWIPC) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                kindling_plumbing::privileges::drop_to(user.uid, user.gid)?;
-            }
+        cmd.pre_exec(|| {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(io::Error::last_os_error());
             }
             Ok(())
         });
     }
-    Ok(cmd)
+    cmd
 }
 
-/// `program` (a path, or a name looked up on `$PATH`), opened for exec.
-fn open_program(program: &OsStr) -> anyhow::Result<File> {
-    let path = if Path::new(program).components().count() > 1 {
-        Some(PathBuf::from(program))
-    } else {
-        std::env::var_os("PATH").and_then(|path| {
-            std::env::split_paths(&path)
-                .map(|dir| dir.join(program))
-                .find(|path| path.is_file())
-        })
-    };
-    let path = path.with_context(|| format!("{} is not on $PATH", program.to_string_lossy()))?;
-    File::open(&path).with_context(|| format!("cannot open {}", path.display()))
+/// One hypervisor program to start through `kindling-jailer`.
+#[derive(Debug)]
+pub struct Jail<'a> {
+    pub program: &'a Path,
+    pub user: VmUser,
+    /// Files and folders bound at their own paths, each with whether the program may
+    /// write it; the VM's socket folder is always bound read-write.
+    pub files: &'a [(&'a Path, bool)],
+    /// Whether the jail's `/dev` holds `kvm`.
+    pub kvm: bool,
+    /// A descriptor the program inherits at the same number (the guest's tap).
+    pub keep_fd: Option<BorrowedFd<'a>>,
 }
 
-/// Files the host opens for an unprivileged hypervisor, which reopens each as
-/// `/proc/self/fd/N`: that needs no search permission on the folders above it (the image
-/// cache lies under root's home), only read permission on the file.
-#[derive(Debug, Default)]
-pub struct PassedFiles(Vec<File>);
-
-impl PassedFiles {
-    /// Opens `path` read-only, or read-write; returns the path the child opens it by.
-    pub fn pass(&mut self, path: &Path, writable: bool) -> anyhow::Result<String> {
-        let file = File::options()
-            .read(true)
-            .write(writable)
-            .open(path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
-        let name = format!("/proc/self/fd/{}", file.as_raw_fd());
-        self.0.push(file);
-        Ok(name)
+/// `jailer` starting `jail.program` in a chroot of its own under the environment's
+/// folder (removed with it) in new PID, mount, IPC and network namespaces (an empty
+/// network namespace: no VM has a network device), as `jail.user` with no capability and
+/// `no_new_privs`: a program that a guest takes over is an unprivileged process that
+/// sees only the files it was given, reaches no host service on loopback, and no host
+/// SysV IPC. The program's arguments follow.
+pub fn jailed(
+    jailer: &Path,
+    spec: &VmSpec,
+    jail: &Jail,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+) -> Command {
+    let mut cmd = vm_command(jailer, stdout, stderr);
+    cmd.arg("--id")
+        .arg(format!("vm-{}", spec.user.uid))
+        .arg("--exec-file")
+        .arg(jail.program)
+        .args(["--uid", &jail.user.uid.to_string()])
+        .args(["--gid", &jail.user.gid.to_string()])
+        .arg("--chroot-base-dir")
+        .arg(&spec.work_dir)
+        .arg("--bind-rw")
+        .arg(&spec.socket_dir);
+    for (path, writable) in jail.files {
+        cmd.arg(if *writable { "--bind-rw" } else { "--bind" })
+            .arg(path);
     }
-
-    /// Passes an open descriptor as it is (a tap); returns its number in the child.
-    pub fn pass_fd(&mut self, fd: &OwnedFd) -> anyhow::Result<i32> {
-        let file = File::from(fd.try_clone().context("duplicating a descriptor")?);
-        let number = file.as_raw_fd();
-        self.0.push(file);
-        Ok(number)
+    if !jail.kvm {
+        cmd.arg("--no-kvm");
     }
-
-    /// Lets the child of `cmd` keep the files across exec; they stay open here until
-    /// `self` is dropped, after the spawn.
-    pub fn inherit_into(&self, cmd: &mut Command) {
-        let fds: Vec<i32> = self.0.iter().map(AsRawFd::as_raw_fd).collect();
-        // SAFETY: fcntl(F_SETFD) is async-signal-safe; the fds are open in the child (it
-        // inherits them from this process, where `self` keeps them open) and the closure
-        // only reads its own Vec, allocated before the fork.
+    if let Some(fd) = jail.keep_fd {
+        let fd = fd.as_raw_fd();
+        cmd.args(["--keep-fd", &fd.to_string()]);
+        // SAFETY: fcntl(F_SETFD) is async-signal-safe; `fd` is open in the child, which
+        // inherits it from this process, where the caller's borrow keeps it open until
+        // the spawn has returned.
         unsafe {
             cmd.pre_exec(move || {
-                for &fd in &fds {
-                    if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
-                        return Err(io::Error::last_os_error());
-                    }
+                if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                    return Err(io::Error::last_os_error());
                 }
                 Ok(())
             });
         }
     }
+    cmd.arg("--");
+    cmd
+}
+
+/// `program` (a path, or a name looked up on `$PATH`).
+pub fn find_program(program: &str) -> anyhow::Result<PathBuf> {
+    if Path::new(program).components().count() > 1 {
+        return Ok(PathBuf::from(program));
+    }
+    std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join(program))
+                .find(|path| path.is_file())
+        })
+        .with_context(|| format!("{program} is not on $PATH"))
 }
 
 /// Spawns `cmd`, naming `what` in the error.

@@ -3,15 +3,20 @@
 //! `vhost-device-vsock` daemon (one per VM), which speaks Firecracker's hybrid Unix-socket
 //! protocol. vhost-user needs the guest memory shared with the daemon: a shared memfd.
 //!
-//! Both run as the VM's unprivileged user from their first instruction (QEMU's own
+//! Both are started through `kindling-jailer`, as kindling-vmm is: each alone in a chroot
+//! of its own, in new PID, mount, IPC and network namespaces, as the VM's unprivileged
+//! user with no capability and `no_new_privs` from their first instruction (QEMU's own
 //! `-run-with user=` cannot be used: its `-sandbox elevateprivileges=deny` forbids the
-//! setuid that would follow): the host opens the kernel, initramfs and drives for QEMU,
-//! which reopens them through `/proc/self/fd` ([`machine::PassedFiles`]), and both make
-//! their sockets in the VM's socket folder. QEMU's serial console is its stdout, copied
-//! into the capped console log; its own messages and the daemon's go to `hypervisor.log`.
+//! setuid that would follow). Each chroot holds, read-only, the host's `/usr` and
+//! `/lib64` and `/lib` (both programs are dynamic: their libraries, QEMU's firmware), and for QEMU
+//! the VM's kernel, initramfs and drives at their own paths; read-write only the VM's
+//! socket folder, where both make their sockets. QEMU's serial console is its stdout,
+//! copied into the capped console log; its own messages and the daemon's go to
+//! `hypervisor.log`.
 
 use std::io;
-use std::path::PathBuf;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +27,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::process::Child;
 
-use crate::machine::{self, PassedFiles, VmSpec, VmUser};
+use crate::machine::{self, Jail, VmSpec, VmUser};
 use crate::{console, Backend, RunningVm};
 use kindling_runtime_api::config::Hypervisor;
 use kindling_runtime_api::environment::Freezer;
@@ -37,9 +42,31 @@ pub enum Accel {
     Tcg,
 }
 
+/// Why a QEMU VM cannot be snapshotted here. SnapStart would save a stopped VM with QMP
+/// `migrate` to a `file:` URI and restore it with `-incoming defer`, `migrate-incoming`
+/// and `cont`, but QEMU refuses to migrate a VM with a vhost-user vsock device (QEMU 10.0:
+/// "State blocked by non-migratable device '…/vhost-user-vsock'", its blocked reasons
+/// adding "vhost-user backend lacks VHOST_USER_PROTOCOL_F_LOG_SHMFD feature"), and that
+/// device is how the guest reaches the host here (no `/dev/vhost-vsock`).
+pub const NO_SNAPSHOTS: &str = "QEMU cannot migrate a VM with vhost-user-vsock, its only \
+     vsock here (\"State blocked by non-migratable device '…/vhost-user-vsock'\")";
+
+/// The host folders both programs need, bound read-only into their chroots (those the
+/// host has): their libraries and loader, QEMU's firmware (`/usr/share/qemu`).
+fn system_folders() -> Vec<(&'static Path, bool)> {
+    ["/usr", "/lib", "/lib64"]
+        .into_iter()
+        .map(Path::new)
+        .filter(|p| p.exists())
+        .map(|p| (p, false))
+        .collect()
+}
+
 #[derive(Debug)]
 pub struct Qemu {
     pub accel: Accel,
+    /// The static `kindling-jailer` executable, which starts QEMU and its vsock daemon.
+    pub jailer: PathBuf,
 }
 
 #[async_trait]
@@ -55,18 +82,8 @@ impl Backend for Qemu {
         }
     }
 
-    /// SnapStart would save a stopped VM with QMP `migrate` to a `file:` URI and restore
-    /// it with `-incoming defer`, `migrate-incoming` and `cont`, but QEMU refuses to
-    /// migrate a VM with a vhost-user vsock device (QEMU 10.0: "State blocked by
-    /// non-migratable device '…/vhost-user-vsock'", its blocked reasons adding "vhost-user
-    /// backend lacks VHOST_USER_PROTOCOL_F_LOG_SHMFD feature"), and that device is how
-    /// the guest reaches the host here (no `/dev/vhost-vsock`).
     fn snapshots(&self) -> Result<&std::path::Path, String> {
-        Err(
-            "QEMU cannot migrate a VM with vhost-user-vsock, its only vsock here \
-             (\"State blocked by non-migratable device '…/vhost-user-vsock'\")"
-                .into(),
-        )
+        Err(NO_SNAPSHOTS.into())
     }
 
     async fn boot(&self, spec: &VmSpec) -> anyhow::Result<Box<dyn RunningVm>> {
@@ -74,12 +91,24 @@ impl Backend for Qemu {
         let qmp_sock = spec.socket_dir.join("qmp.sock");
         let helper_log = machine::log_file(&spec.work_dir.join("hypervisor.log"))?;
 
-        let mut daemon = machine::vm_command(
-            VHOST_VSOCK,
-            helper_log.try_clone()?,
-            helper_log.try_clone()?,
-            Some(spec.user),
+        let daemon_program = machine::find_program(VHOST_VSOCK).context(
+            "is it installed? (`cargo install vhost-device-vsock`, done by scripts/setup.sh)",
         )?;
+        let system = system_folders();
+        let daemon_jail = Jail {
+            program: &daemon_program,
+            user: spec.user,
+            files: &system,
+            kvm: false,
+            keep_fd: None,
+        };
+        let mut daemon = machine::jailed(
+            &self.jailer,
+            spec,
+            &daemon_jail,
+            helper_log.try_clone()?,
+            helper_log.try_clone()?,
+        );
         daemon
             .arg("--guest-cid")
             .arg(spec.guest_cid.to_string())
@@ -87,9 +116,7 @@ impl Backend for Qemu {
             .arg(&vhost_sock)
             .arg("--uds-path")
             .arg(&spec.vsock_uds);
-        let mut daemon = machine::spawn(&mut daemon, VHOST_VSOCK).context(
-            "is it installed? (`cargo install vhost-device-vsock`, done by scripts/setup.sh)",
-        )?;
+        let mut daemon = machine::spawn(&mut daemon, VHOST_VSOCK)?;
         machine::wait_for_path(
             &vhost_sock,
             &mut daemon,
@@ -103,12 +130,23 @@ impl Backend for Qemu {
             Accel::Kvm => kvm_user(spec.user)?,
             Accel::Tcg => spec.user,
         };
-        let mut qemu = machine::vm_command(QEMU, console, helper_log, Some(user))?;
-        let mut files = PassedFiles::default();
-        qemu.args(self.args(spec, &mut files, &vhost_sock, &qmp_sock)?);
-        files.inherit_into(&mut qemu);
-        let qemu =
-            machine::spawn(&mut qemu, QEMU).context("is Debian's qemu-system-x86 installed?")?;
+        let program =
+            machine::find_program(QEMU).context("is Debian's qemu-system-x86 installed?")?;
+        let mut files = system;
+        files.extend([(spec.kernel.as_path(), false), (&spec.initramfs, false)]);
+        files.extend(spec.drives.iter().map(|d| (d.path.as_path(), !d.read_only)));
+        let qemu_jail = Jail {
+            program: &program,
+            user,
+            files: &files,
+            kvm: self.accel == Accel::Kvm,
+            // The host made and addressed the tap; QEMU only uses it (no privilege needed,
+            // and its own network namespace stays empty).
+            keep_fd: spec.tap.as_deref().map(AsFd::as_fd),
+        };
+        let mut qemu = machine::jailed(&self.jailer, spec, &qemu_jail, console, helper_log);
+        qemu.args(self.args(spec, &vhost_sock, &qmp_sock));
+        let qemu = machine::spawn(&mut qemu, QEMU)?;
         Ok(Box::new(QemuVm {
             qemu,
             daemon,
@@ -119,14 +157,13 @@ impl Backend for Qemu {
 }
 
 impl Qemu {
-    /// QEMU's arguments; the files it boots from go into `files`.
+    /// QEMU's arguments.
     fn args(
         &self,
         spec: &VmSpec,
-        files: &mut PassedFiles,
         vhost_sock: &std::path::Path,
         qmp_sock: &std::path::Path,
-    ) -> anyhow::Result<Vec<String>> {
+    ) -> Vec<String> {
         let mem = spec.memory_mib;
         let accel = match self.accel {
             Accel::Kvm => "kvm",
@@ -153,9 +190,9 @@ impl Qemu {
             "none",
             "-no-reboot",
             "-kernel",
-            &files.pass(&spec.kernel, false)?,
+            &spec.kernel.to_string_lossy(),
             "-initrd",
-            &files.pass(&spec.initramfs, false)?,
+            &spec.initramfs.to_string_lossy(),
             "-append",
             &spec.cmdline,
             "-chardev",
@@ -177,9 +214,8 @@ impl Qemu {
         .map(String::from)
         .to_vec();
         if let Some(tap) = &spec.tap {
-            // The host made and addressed the tap; QEMU only uses it (no privilege needed,
-            // and its own network namespace stays empty).
-            let fd = files.pass_fd(tap)?;
+            // The descriptor the jail passes on (`Jail::keep_fd`), at the same number.
+            let fd = tap.as_raw_fd();
             args.extend([
                 "-netdev".to_string(),
                 format!("tap,id=net0,fd={fd}"),
@@ -193,12 +229,12 @@ impl Qemu {
             args.push(format!(
                 "id={},file={},format=raw,if=none{ro}",
                 drive.id,
-                files.pass(&drive.path, !drive.read_only)?
+                drive.path.display()
             ));
             args.push("-device".into());
             args.push(format!("virtio-blk-device,drive={}", drive.id));
         }
-        Ok(args)
+        args
     }
 }
 

@@ -8,7 +8,7 @@
 //! [`crate::control_plane`].
 //!
 //! Limits: a request payload of at most [`MAX_REQUEST_BYTES`] (an `Event` one: at most
-//! [`MAX_EVENT_PAYLOAD_BYTES`], else 413 `RequestEntityTooLargeException`); accepted
+//! [`MAX_EVENT_PAYLOAD_BYTES`], read no further, else 413 `RequestEntityTooLargeException`); accepted
 //! `Event` invocations bounded per function on disk (else 429 `TooManyRequestsException`,
 //! see [`crate::events`]); connections bounded in number and in time spent idle or
 //! sending a head (see [`crate::connections`]).
@@ -90,6 +90,8 @@ pub(crate) async fn serve<A: Answering>(
     let refusal = connections::refusal(limits.max_connections);
     let mut full = false;
     let mut connections = JoinSet::new();
+    // The most connections open at once since memory was last handed back.
+    let mut peak = 0;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -145,13 +147,19 @@ pub(crate) async fn serve<A: Answering>(
                         }
                         drop(slot);
                     });
+                    peak = peak.max(connections.len());
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "invoke API accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             },
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            Some(_) = connections.join_next(), if !connections.is_empty() => {
+                if connections.is_empty() && peak >= STORM {
+                    peak = 0;
+                    tokio::task::spawn_blocking(return_free_memory);
+                }
+            }
             _ = until_true(&mut stop) => break,
         }
     }
@@ -188,6 +196,21 @@ impl Answering for InvokeApi {
         busy: Busy,
     ) -> impl std::future::Future<Output = Response<AnswerBody>> + Send {
         self.route(req, busy)
+    }
+}
+
+/// Connections open at once that make a storm, after which the memory their buffers held
+/// is handed back to the kernel once the last one closes.
+const STORM: usize = 64;
+
+/// Hands the allocator's free memory back to the kernel: glibc keeps what thousands of
+/// connections' buffers used in its arenas otherwise, and the server's RSS would stay at
+/// its peak after a connection storm.
+fn return_free_memory() {
+    // SAFETY: malloc_trim only releases free heap pages; it takes the allocator's own locks.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -293,8 +316,18 @@ impl InvokeApi {
             Ok(headers) => headers,
             Err(refusal) => return refusal,
         };
-        let payload = match read_body(req, self.limits.body_read_timeout, MAX_REQUEST_BYTES).await {
+        // An Event's payload is read only up to its own, smaller limit: a caller sending
+        // many oversize Events at once makes the server hold 1 MiB each, not 6.
+        let is_event = matches!(headers.invocation_type, InvocationType::Event);
+        let (limit, declared) = match is_event {
+            true => (MAX_EVENT_PAYLOAD_BYTES, content_length(&req)),
+            false => (MAX_REQUEST_BYTES, None),
+        };
+        let payload = match read_body(req, self.limits.body_read_timeout, limit).await {
             Ok(p) => p,
+            Err(r) if is_event && r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return event_too_large(declared)
+            }
             Err(r) => return r,
         };
         let request = InvokeRequest {
@@ -333,13 +366,8 @@ impl InvokeApi {
         qualifier: Option<&str>,
         request: InvokeRequest,
     ) -> Response<Full<Bytes>> {
-        let bytes = request.payload.len();
-        if bytes > MAX_EVENT_PAYLOAD_BYTES {
-            return lambda_error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "RequestEntityTooLargeException",
-                &format!("{bytes} byte payload is too large for the Event invocation type (limit {MAX_EVENT_PAYLOAD_BYTES} bytes)"),
-            );
+        if request.payload.len() > MAX_EVENT_PAYLOAD_BYTES {
+            return event_too_large(Some(request.payload.len()));
         }
         match self.events.accept(function, qualifier, &request).await {
             Ok(request_id) => {
@@ -397,6 +425,30 @@ fn too_many_requests(message: &str, reason: &str) -> Response<Full<Bytes>> {
         HeaderValue::from_static("TooManyRequestsException"),
     );
     r
+}
+
+/// Lambda's answer to an Event payload past [`MAX_EVENT_PAYLOAD_BYTES`], naming its size
+/// where the caller declared it.
+fn event_too_large(bytes: Option<usize>) -> Response<Full<Bytes>> {
+    let size = match bytes {
+        Some(bytes) => format!("{bytes} byte"),
+        None => format!("more than {MAX_EVENT_PAYLOAD_BYTES} bytes of"),
+    };
+    lambda_error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "RequestEntityTooLargeException",
+        &format!("{size} payload is too large for the Event invocation type (limit {MAX_EVENT_PAYLOAD_BYTES} bytes)"),
+    )
+}
+
+/// The request's `Content-Length`, when it has a valid one.
+fn content_length(req: &Request<Incoming>) -> Option<usize> {
+    req.headers()
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// `X-Amz-Client-Context` is base64 JSON; the runtime gets the JSON.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _};
 use indicatif::ProgressBar;
 use kindling_microvm::probe;
-use kindling_microvm::qemu::{Accel, Qemu, QEMU, VHOST_VSOCK};
+use kindling_microvm::qemu::{self, QEMU, VHOST_VSOCK};
 use kindling_runtime_api::client::{Client, InvokeOptions};
 use kindling_runtime_api::config::{FunctionConfig, Hypervisor};
 use kindling_runtime_api::logs::LogLine;
@@ -71,18 +71,10 @@ impl Target {
 
     /// Whether its environments can be restored from snapshots (SnapStart); why not.
     pub fn snapstart(&self) -> Result<(), String> {
-        use kindling_microvm::Backend;
         match self.hypervisor {
             None => Err("the sandbox has no VM to snapshot".into()),
             Some(Hypervisor::Kindling) => Ok(()),
-            Some(Hypervisor::Qemu) => {
-                let accel = if self.emulated() {
-                    Accel::Tcg
-                } else {
-                    Accel::Kvm
-                };
-                Qemu { accel }.snapshots().map(drop)
-            }
+            Some(Hypervisor::Qemu) => Err(qemu::NO_SNAPSHOTS.into()),
         }
     }
 

@@ -5,12 +5,16 @@
 //! (`control_plane.rs`) hand the server to boto3 and the AWS CLI instead
 //! (`tests/control_plane/lambda_api.py`), which start, kill and restart it themselves.
 //!
+//! `adversarial.rs` is issue 9's suite: a hostile function and a hostile caller, with the
+//! server's peak RSS and fds printed under each flood.
+//!
 //! Needs root and the static guest binaries (`scripts/build-guest.sh`); a test that
 //! cannot run prints `SKIPPED: <reason>`. Each sandbox's root is its runtime's image
 //! directory, as in a microVM (`kindling images build`; built on first use otherwise).
 //! The first test to run builds `kindling-sandbox-exec` and the `lambda_runtime`-crate
 //! runtime with cargo, into the target dir of the `kindling` under test.
 
+mod adversarial;
 mod control_plane;
 mod failures;
 mod identity;

@@ -410,6 +410,11 @@ impl Server {
         self.child.id()
     }
 
+    /// The cgroups of this server's environments that exist now.
+    pub fn cgroups(&self) -> Vec<PathBuf> {
+        cgroups_of(self.pid())
+    }
+
     /// What the server printed on stdout so far: its functions' log lines.
     pub fn stdout(&self) -> String {
         std::fs::read_to_string(self.stderr.with_file_name("serve.out")).unwrap_or_default()

@@ -21,7 +21,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::{
-    checked_descriptors, read_config_bytes, DescriptorError, VirtioDevice, VIRTIO_F_VERSION_1,
+    checked_descriptors, read_config_bytes, DescriptorError, GuestWarnings, VirtioDevice,
+    VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMemory;
 
@@ -157,6 +158,7 @@ pub struct Block {
     /// Size in bytes, rounded down to whole sectors.
     size: u64,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    warnings: GuestWarnings,
 }
 
 impl Block {
@@ -174,6 +176,7 @@ impl Block {
             read_only,
             size,
             id: id_bytes,
+            warnings: GuestWarnings::default(),
         })
     }
 
@@ -329,7 +332,8 @@ impl VirtioDevice for Block {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!("rejected block request: {e}");
+                    self.warnings
+                        .warn(format_args!("rejected block request: {e}"));
                     0
                 }
             };

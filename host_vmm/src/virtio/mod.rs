@@ -16,6 +16,30 @@ use vm_memory::GuestMemoryBackend;
 
 use crate::memory::GuestMemory;
 
+/// Warnings that a guest triggers at will (a malformed chain, a broken request): the first
+/// [`GuestWarnings::FIRST`] are logged, then one in every [`GuestWarnings::EVERY`] with how
+/// many there were, so that a hostile guest cannot flood the VMM's log.
+#[derive(Debug, Default)]
+pub struct GuestWarnings {
+    seen: u64,
+}
+
+impl GuestWarnings {
+    pub const FIRST: u64 = 16;
+    pub const EVERY: u64 = 1024;
+
+    /// Counts one warning and logs it (as `what`, with the count so far) unless too many
+    /// came before; returns whether it was logged.
+    pub fn warn(&mut self, what: std::fmt::Arguments) -> bool {
+        self.seen += 1;
+        let logged = self.seen <= Self::FIRST || self.seen.is_multiple_of(Self::EVERY);
+        if logged {
+            tracing::warn!(guest_warnings = self.seen, "{what}");
+        }
+        logged
+    }
+}
+
 /// `VIRTIO_F_VERSION_1`: every device here is a modern (non-legacy) device.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
@@ -115,5 +139,19 @@ pub(crate) mod test_rings {
                 queue
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod guest_warnings_tests {
+    use super::GuestWarnings;
+
+    #[test]
+    fn a_flood_of_guest_warnings_logs_the_first_then_one_in_every_1024() {
+        let mut warnings = GuestWarnings::default();
+        let logged = (0..10_000)
+            .filter(|n| warnings.warn(format_args!("bad chain {n}")))
+            .count();
+        assert_eq!(logged, 16 + 10_000 / 1024);
     }
 }

@@ -35,7 +35,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::mmio::MmioTransport;
 use super::{
-    checked_descriptors, read_config_bytes, DescriptorError, VirtioDevice, VIRTIO_F_VERSION_1,
+    checked_descriptors, read_config_bytes, DescriptorError, GuestWarnings, VirtioDevice,
+    VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMemory;
 
@@ -401,6 +402,7 @@ pub struct Net {
     tx_pending: bool,
     /// One frame from the tap.
     frame: Vec<u8>,
+    warnings: GuestWarnings,
 }
 
 impl Net {
@@ -414,6 +416,7 @@ impl Net {
             rx_stalled: true,
             tx_pending: false,
             frame: vec![0; MAX_BUFFER_LEN],
+            warnings: GuestWarnings::default(),
         })
     }
 
@@ -449,7 +452,11 @@ impl Net {
                         tracing::debug!("net {}: frame to the tap lost: {e}", self.iface_id);
                     }
                 }
-                Err(e) => tracing::warn!("net {}: dropped a TX chain: {e}", self.iface_id),
+                Err(e) => {
+                    let id = &self.iface_id;
+                    self.warnings
+                        .warn(format_args!("net {id}: dropped a TX chain: {e}"));
+                }
             }
             if let Err(e) = queue.add_used(mem, head, 0) {
                 tracing::warn!("net {} TX queue: {e}", self.iface_id);
@@ -481,7 +488,9 @@ impl Net {
             let buffer = match RxBuffer::parse(chain, mem) {
                 Ok(buffer) => buffer,
                 Err(e) => {
-                    tracing::warn!("net {}: dropped an RX chain: {e}", self.iface_id);
+                    let id = &self.iface_id;
+                    self.warnings
+                        .warn(format_args!("net {id}: dropped an RX chain: {e}"));
                     if let Err(e) = queue.add_used(mem, head, 0) {
                         tracing::warn!("net {} RX queue: {e}", self.iface_id);
                         return used;

@@ -5,7 +5,11 @@ tests differ only in their events.
 Every answer carries the guest's boot id, which tells one microVM from another.
 """
 import ctypes
+import errno
 import os
+import signal
+import socket
+import stat
 import subprocess
 import sys
 import time
@@ -84,6 +88,179 @@ def _kernel_views():
     }
 
 
+# x86-64 system call numbers and flags the attacks use.
+_SYS = {"init_module": 175, "kexec_load": 246, "bpf": 321, "perf_event_open": 298,
+        "userfaultfd": 323, "open_by_handle_at": 304, "reboot": 169}
+_MS_RDONLY, _MS_REMOUNT, _MS_BIND = 1, 32, 4096
+_CLONE_NEWNS = 0x00020000
+_PTRACE_ATTACH = 16
+
+
+def _write_errno(path, data="x"):
+    """0 when `data` could be written to `path`, else the errno."""
+    try:
+        with open(path, "w") as f:
+            f.write(data)
+        return 0
+    except OSError as e:
+        return e.errno
+
+
+def _os_errno(call):
+    """0 when an `os` call succeeds, else its errno."""
+    try:
+        call()
+        return 0
+    except OSError as e:
+        return e.errno
+
+
+def _limit_files():
+    """Every cgroup control file that would raise the function's limits, as it sees them."""
+    found = []
+    for folder, _, files in os.walk("/sys/fs/cgroup"):
+        found += [os.path.join(folder, f) for f in files
+                  if f in ("memory.max", "memory.high", "memory.swap.max", "pids.max",
+                           "cgroup.procs", "release_agent", "notify_on_release")]
+    return found
+
+
+def _attacks(event):
+    """Each way out of its environment a hostile function would try, with what it got: 0
+    where the attempt succeeded, else the errno it failed with."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    got = {}
+    for path in ("/var/task", "/var/runtime", "/usr", "/"):
+        got[f"remount {path} rw"] = _errno_of(
+            lambda: libc.mount(None, path.encode(), None, _MS_REMOUNT | _MS_BIND, None))
+        got[f"write into {path}"] = _write_errno(os.path.join(path, ".attack"))
+    os.makedirs("/tmp/cg", exist_ok=True)
+    got["mount cgroup v1"] = _errno_of(
+        lambda: libc.mount(b"cgroup", b"/tmp/cg", b"cgroup", 0, b"memory"))
+    got["mount proc"] = _errno_of(lambda: libc.mount(b"proc", b"/tmp/cg", b"proc", 0, None))
+    got["mount tmpfs"] = _errno_of(lambda: libc.mount(b"tmpfs", b"/tmp/cg", b"tmpfs", 0, None))
+    got["unshare mount ns"] = _errno_of(lambda: libc.unshare(_CLONE_NEWNS))
+    for path in _limit_files():
+        # "max" lifts a limit; our pid in a parent's cgroup.procs would leave ours.
+        data = str(os.getpid()) if path.endswith("cgroup.procs") else "max"
+        if path.endswith("release_agent"):
+            data = "/tmp/escape.sh"
+        got[f"write {path}"] = _write_errno(path, data)
+    for path in ("/proc/sys/kernel/core_pattern", "/proc/sys/kernel/modprobe",
+                 "/proc/sys/vm/overcommit_memory", "/sys/kernel/uevent_helper"):
+        got[f"write {path}"] = _write_errno(path, "|/tmp/escape.sh")
+    for name, number in _SYS.items():
+        got[name] = _errno_of(lambda: libc.syscall(number, 0, 0, 0, 0, 0))
+    got["mknod block device"] = _os_errno(
+        lambda: os.mknod("/tmp/sda", 0o600 | stat.S_IFBLK, os.makedev(8, 0)))
+    got["setuid 0"] = _os_errno(lambda: os.setuid(0))
+    got["chroot"] = _os_errno(lambda: os.chroot("/tmp"))
+    # The processes it does not own: init and the agent.
+    me = os.getuid()
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            if os.stat(f"/proc/{pid}").st_uid == me:
+                continue
+            comm = _read(f"/proc/{pid}/comm").strip()
+        except OSError:
+            continue
+        got[f"ptrace {comm}"] = _errno_of(lambda: libc.ptrace(_PTRACE_ATTACH, pid, None, None))
+        got[f"kill {comm}"] = _os_errno(lambda: os.kill(pid, signal.SIGKILL))
+        got[f"read {comm}'s environ"] = _os_errno(lambda: _read(f"/proc/{pid}/environ"))
+    # The host: a file the test made there, and its services on loopback.
+    secret = event["host_file"]
+    got["open the host's file"] = _os_errno(lambda: _read(secret))
+    got["open it through /proc/1/root"] = _os_errno(lambda: _read(f"/proc/1/root{secret}"))
+    for port in event["host_ports"]:
+        with socket.socket() as s:
+            s.settimeout(2)
+            got[f"connect to 127.0.0.1:{port}"] = s.connect_ex(("127.0.0.1", port))
+    return got
+
+
+def _fork_bomb():
+    """Forks until the kernel refuses; every child does the same. Ends with the timeout."""
+    while True:
+        try:
+            os.fork()
+        except OSError:
+            time.sleep(0.01)
+
+
+def _fill_tmp():
+    """Writes /tmp full; tells how much it took and how it stopped."""
+    written, block = 0, b"x" * (1 << 20)
+    try:
+        with open("/tmp/fill", "wb") as f:
+            while True:
+                f.write(block)
+                written += len(block)
+    except OSError as e:
+        stopped = errno.errorcode.get(e.errno, str(e.errno))
+    os.remove("/tmp/fill")
+    return {"written": written, "stopped": stopped}
+
+
+def _spew(mib):
+    """Prints `mib` MiB of log lines (1 KiB each) as fast as it can."""
+    line = "y" * 1023 + "\n"
+    chunk = line * 1024
+    for _ in range(mib):
+        sys.stdout.write(chunk)
+    sys.stdout.flush()
+    return mib
+
+
+def _runtime_api_abuse():
+    """Garbage, a lying Content-Length, a bogus request id and a pile of idle connections
+    on its own Runtime API, then a normal answer; tells the status lines it saw."""
+    host, port = os.environ["AWS_LAMBDA_RUNTIME_API"].rsplit(":", 1)
+    address = (host, int(port))
+    prefix = "/2018-06-01/runtime/invocation"
+
+    def exchange(data, read=True):
+        with socket.create_connection(address, timeout=5) as s:
+            try:
+                s.sendall(data)
+                return s.recv(200).split(b"\r\n", 1)[0].decode(errors="replace") if read else ""
+            except OSError as e:
+                return f"errno {e.errno}"
+
+    seen = {
+        "garbage": exchange(b"\x00\xff\x16\x03\x01 not http at all\r\n\r\n" * 64),
+        "huge header": exchange(b"GET / HTTP/1.1\r\nX: " + b"a" * (1 << 20) + b"\r\n\r\n"),
+        "bogus id": exchange(
+            f"POST {prefix}/not-a-request/response HTTP/1.1\r\nHost: x\r\n"
+            "Content-Length: 2\r\n\r\n{}".encode()),
+        "lying length": exchange(
+            f"POST {prefix}/not-a-request/error HTTP/1.1\r\nHost: x\r\n"
+            "Content-Length: 100000000\r\n\r\n".encode() + b"z" * (1 << 20), read=False),
+    }
+    idle = []
+    for _ in range(200):
+        try:
+            idle.append(socket.create_connection(address, timeout=5))
+        except OSError as e:
+            seen["idle"] = f"errno {e.errno} after {len(idle)}"
+            break
+    for s in idle:
+        s.close()
+    return seen
+
+
+def _cut_runtime_api():
+    """Shuts down every socket the runtime holds (its Runtime API connection)."""
+    cut = 0
+    for fd in (int(f) for f in os.listdir("/proc/self/fd")):
+        try:
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                socket.socket(fileno=os.dup(fd)).shutdown(socket.SHUT_RDWR)
+                cut += 1
+        except OSError:
+            pass
+    return cut
+
+
 # Made once, in the init phase: every clone of a SnapStart snapshot shares it (what
 # Lambda warns about), while bytes read from the kernel in a handler differ once the
 # clone's kernel random generator has been reseeded.
@@ -159,6 +336,18 @@ def handler(event, context):
         answer["urandom"] = os.urandom(16).hex()
     if action == "kernel_views":
         answer["views"] = _kernel_views()
+    if action == "attacks":
+        answer["attacks"] = _attacks(event)
+    if action == "fork_bomb":
+        _fork_bomb()
+    if action == "fill_tmp":
+        answer["fill_tmp"] = _fill_tmp()
+    if action == "spew":
+        answer["spewed_mib"] = _spew(event["mib"])
+    if action == "runtime_api_abuse":
+        answer["seen"] = _runtime_api_abuse()
+    if action == "cut_runtime_api":
+        answer["cut"] = _cut_runtime_api()
     if action == "identity":
         status = dict(
             line.split(":", 1) for line in _read("/proc/self/status").splitlines() if ":" in line

@@ -20,7 +20,7 @@ use vmm_sys_util::epoll::EventSet;
 use self::muxer::Muxer;
 use self::packet::{Header, HEADER_LEN};
 use super::mmio::MmioTransport;
-use super::{read_config_bytes, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{read_config_bytes, GuestWarnings, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::memory::GuestMemory;
 
 /// virtio device id of a socket device.
@@ -39,6 +39,7 @@ const MAX_TX_PAYLOAD: u32 = 64 * 1024;
 pub struct Vsock {
     guest_cid: u64,
     muxer: Muxer,
+    warnings: GuestWarnings,
 }
 
 impl Vsock {
@@ -53,6 +54,7 @@ impl Vsock {
         Ok(Self {
             guest_cid,
             muxer: Muxer::new(uds_path, guest_cid)?,
+            warnings: GuestWarnings::default(),
         })
     }
 
@@ -97,7 +99,10 @@ impl Vsock {
             let head = chain.head_index();
             match read_packet(chain, mem) {
                 Ok((hdr, payload)) => self.muxer.send_to_host(&hdr, &payload),
-                Err(e) => tracing::warn!("vsock: dropped a malformed TX packet: {e}"),
+                Err(e) => {
+                    self.warnings
+                        .warn(format_args!("vsock: dropped a malformed TX packet: {e}"));
+                }
             }
             if let Err(e) = queue.add_used(mem, head, 0) {
                 tracing::warn!("vsock TX queue: {e}");
@@ -118,7 +123,8 @@ impl Vsock {
             let mut writer = match chain.writer(mem) {
                 Ok(w) if w.available_bytes() >= HEADER_LEN => w,
                 Ok(_) | Err(_) => {
-                    tracing::warn!("vsock: unusable RX buffer dropped");
+                    self.warnings
+                        .warn(format_args!("vsock: unusable RX buffer dropped"));
                     let _ = queue.add_used(mem, head, 0);
                     used = true;
                     continue;

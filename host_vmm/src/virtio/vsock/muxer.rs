@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::packet::*;
+use crate::virtio::GuestWarnings;
 
 /// Receive buffer we advertise per connection.
 pub const BUF_ALLOC: u32 = 256 * 1024;
@@ -120,6 +121,8 @@ pub struct Muxer {
     control: VecDeque<Header>,
     /// Control packets dropped because the queue was full (warned about once per 1024).
     dropped_control: u64,
+    /// Guest-triggered warnings, rate-limited.
+    warnings: GuestWarnings,
     /// [`MAX_CONNECTIONS`], lower in tests.
     pub(super) max_connections: usize,
 }
@@ -153,6 +156,7 @@ impl Muxer {
             next_local_port: FIRST_LOCAL_PORT,
             control: VecDeque::new(),
             dropped_control: 0,
+            warnings: GuestWarnings::default(),
             max_connections: MAX_CONNECTIONS,
         })
     }
@@ -306,7 +310,8 @@ impl Muxer {
                     .get_mut(&key)
                     .expect("state came from this entry");
                 if conn.to_host.len() + payload.len() > BUF_ALLOC as usize {
-                    tracing::warn!("vsock: guest overran its credit on {key:?}");
+                    self.warnings
+                        .warn(format_args!("vsock: guest overran its credit on {key:?}"));
                     self.reset(key);
                     return;
                 }
