@@ -46,10 +46,10 @@ auth._inject_signature_to_request(request, signature)
 print(request.headers["Authorization"])
 "#;
     let args = json!([key, secret, token, region, AMZ_DATE]).to_string();
-    let out = Command::new("python3")
+    let out = Command::new("/usr/bin/python3")
         .args(["-c", script, &args])
         .output()
-        .expect("cannot run python3");
+        .expect("cannot run /usr/bin/python3");
     assert!(
         out.status.success(),
         "botocore: {}",
@@ -60,7 +60,7 @@ print(request.headers["Authorization"])
 
 /// Why botocore cannot check signatures here, if it cannot.
 fn no_botocore() -> Option<String> {
-    let ok = Command::new("python3")
+    let ok = Command::new("/usr/bin/python3")
         .args(["-c", "import botocore.auth"])
         .output()
         .is_ok_and(|o| o.status.success());
