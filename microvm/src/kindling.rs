@@ -117,6 +117,7 @@ impl KindlingVmm {
         files: &[(&Path, bool)],
         args: &[&OsStr],
     ) -> anyhow::Result<KindlingVm> {
+        remove_leftover_jail(&self.jail_dir(spec));
         // The VMM's messages go beside its console, as before it was jailed.
         let (console, capture) = console::capture(&spec.console_log, console::LOG_CAP)?;
         let mut cmd = machine::vm_command(&self.jailer, console.try_clone()?, console, None)?;
@@ -148,7 +149,7 @@ impl KindlingVmm {
     fn jailer_args(&self, spec: &VmSpec, files: &[(&Path, bool)]) -> Vec<std::ffi::OsString> {
         let mut args: Vec<std::ffi::OsString> = vec![
             "--id".into(),
-            format!("vm-{}", spec.user.uid).into(),
+            jail_id(spec).into(),
             "--exec-file".into(),
             self.program.clone().into(),
             "--uid".into(),
@@ -165,6 +166,32 @@ impl KindlingVmm {
         args.push("--bind-rw".into());
         args.push(spec.socket_dir.clone().into());
         args
+    }
+
+    /// Where the jailer makes this VM's chroot: `<chroot-base-dir>/<exec file name>/<id>`.
+    fn jail_dir(&self, spec: &VmSpec) -> PathBuf {
+        let program = self.program.file_name().unwrap_or(self.program.as_os_str());
+        spec.work_dir.join(program).join(jail_id(spec))
+    }
+}
+
+/// The jail's id: the VM's user, which no other running VM holds.
+fn jail_id(spec: &VmSpec) -> String {
+    format!("vm-{}", spec.user.uid)
+}
+
+/// Removes the jail an earlier VMM of this environment left behind: a jailer that is
+/// killed (a restore that failed, a VMM that never answered) cannot remove its chroot,
+/// and the next jailer of the environment, with the same id, refuses to start beside it.
+/// Nothing is mounted there in the host's namespace (the jail's mounts live and die in
+/// the jailed process's own), so this removes only empty mount points and a link.
+fn remove_leftover_jail(dir: &Path) {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => tracing::info!(jail = %dir.display(), "removed an earlier VMM's jail"),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(jail = %dir.display(), error = %e, "cannot remove an earlier VMM's jail")
+        }
     }
 }
 
