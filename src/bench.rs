@@ -77,6 +77,10 @@ pub struct BenchArgs {
     /// one's in the boot phases, for before/after figures taken in one run.
     #[arg(long, value_name = "PATH")]
     baseline_vmm: Option<std::path::PathBuf>,
+    /// Kernel arguments to try: this kindling-vmm boots once more per turn in the boot
+    /// phases, with them added to the guest's command line.
+    #[arg(long, value_name = "ARGS")]
+    variant_args: Option<String>,
 }
 
 pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
@@ -108,12 +112,17 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         let vmm = kindling_images::locate::guest_bin_dir()
             .map_err(anyhow::Error::msg)?
             .join("kindling-vmm");
-        let mut booters = vec![boot::Booter::Kindling("kindling-vmm".into(), vmm)];
+        let kindling = |name: &str, program: &std::path::Path, args: &str| boot::Booter::Kindling {
+            name: name.into(),
+            program: program.to_path_buf(),
+            args: args.into(),
+        };
+        let mut booters = vec![kindling("kindling-vmm", &vmm, "")];
+        if let Some(args) = &args.variant_args {
+            booters.push(kindling(&format!("kindling-vmm + {args}"), &vmm, args));
+        }
         if let Some(baseline) = &args.baseline_vmm {
-            booters.push(boot::Booter::Kindling(
-                "baseline kindling-vmm".into(),
-                baseline.clone(),
-            ));
+            booters.push(kindling("baseline kindling-vmm", baseline, ""));
         }
         booters.push(boot::Booter::Qemu);
         let dir = state.path().join("boots");

@@ -31,15 +31,20 @@ const KINDLING_CMDLINE: &str = " i8042.dumbkbd i8042.noaux i8042.nomux kindling.
 /// A hypervisor that boots the guest.
 #[derive(Debug, Clone)]
 pub enum Booter {
-    /// kindling-vmm at this path, under this name.
-    Kindling(String, PathBuf),
+    /// kindling-vmm at `program`, under `name`, with `args` added to the guest's command
+    /// line (a variant to try).
+    Kindling {
+        name: String,
+        program: PathBuf,
+        args: String,
+    },
     Qemu,
 }
 
 impl Booter {
     pub fn name(&self) -> &str {
         match self {
-            Booter::Kindling(name, _) => name,
+            Booter::Kindling { name, .. } => name,
             Booter::Qemu => "qemu/kvm",
         }
     }
@@ -96,13 +101,13 @@ fn boot_once(
     let stderr = dir.join("stderr.log");
     let _ = std::fs::remove_file(&console);
     let mut cmd = match booter {
-        Booter::Kindling(_, program) => {
+        Booter::Kindling { program, args, .. } => {
             let config = dir.join("vm.json");
             let vm = json!({
                 "boot-source": {
                     "kernel_image_path": images.kernel,
                     "initrd_path": images.initramfs,
-                    "boot_args": format!("{CMDLINE}{KINDLING_CMDLINE}"),
+                    "boot_args": format!("{CMDLINE}{KINDLING_CMDLINE} {args}").trim_end(),
                 },
                 "drives": [{"drive_id": "root", "path_on_host": root,
                             "is_root_device": false, "is_read_only": true}],

@@ -63,6 +63,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     if let Some(baseline) = &args.baseline_vmm {
         bench.push_str(&format!(" --baseline-vmm {}", quote(baseline)));
     }
+    if let Some(variant) = &args.variant_args {
+        bench.push_str(&format!(" --variant-args {}", shell_quote(variant)));
+    }
     // The helpers' folders on L1's $PATH, where the microVM backends look for them.
     let mut path = String::from("$PATH");
     for program in [&qemu, &vhost, &mkfs] {

@@ -518,6 +518,50 @@ mod tests {
     }
 
     #[test]
+    fn kindling_vmm_is_compared_with_qemu_run_by_run() {
+        let kindling = Target::microvm(Hypervisor::Kindling);
+        let qemu = Target::microvm(Hypervisor::Qemu);
+        let with_boot = |mut run: Run, boot_ms: f64| {
+            run.cold_phases.push((GUEST_BOOT.to_string(), boot_ms));
+            run
+        };
+        let mut results = Results::new(&[kindling, qemu], 1);
+        results.floor = vec![vec![Duration::from_micros(100); 10]];
+        results.targets = vec![
+            (
+                kindling,
+                vec![with_boot(run(10, &[("kindling-vmm", 4, 12)]), 500.0)],
+            ),
+            (
+                qemu,
+                vec![with_boot(
+                    run(
+                        10,
+                        &[
+                            ("qemu-system-x86_64", 2, 100),
+                            ("vhost-device-vsock", 2, 20),
+                        ],
+                    ),
+                    1000.0,
+                )],
+            ),
+        ];
+        let table = render(&results);
+        let row = |measurement: &str| row(&table, measurement, "kindling-vmm ÷ qemu").to_string();
+        assert!(
+            row("guest boot (kernel → init)").contains("0.50×"),
+            "{table}"
+        );
+        assert!(
+            !row("guest boot (kernel → init)").contains("MISSED"),
+            "{table}"
+        );
+        // Per VM, less half for guest RAM: 1.5 MiB against (50 + 10) / 2 = 30 MiB.
+        let rss = row("hypervisor RSS per microVM, less guest RAM");
+        assert!(rss.contains("0.05×") && !rss.contains("MISSED"), "{table}");
+    }
+
+    #[test]
     fn durations_pick_a_readable_unit() {
         assert_eq!(seconds(0.000_052), "52 µs");
         assert_eq!(seconds(0.0123), "12.30 ms");
