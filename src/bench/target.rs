@@ -31,6 +31,9 @@ pub const CLIENTS: usize = 4;
 const WARM_UP: usize = 10;
 /// The bench function's memory, and so its guests' RAM (the launcher's minimum).
 const MEMORY_MIB: u32 = 128;
+/// Inside the nested-KVM harness, where [`CLIENTS`] guests booting at once share one
+/// emulated CPU and each takes tens of seconds.
+const NESTED_INIT_TIMEOUT: Duration = Duration::from_secs(900);
 /// Patient limits: under emulation a guest boots in seconds, not milliseconds.
 const INIT_TIMEOUT: Duration = Duration::from_secs(120);
 const FUNCTION_TIMEOUT_S: u64 = 60;
@@ -200,7 +203,11 @@ impl Serving {
         options.invoke_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         // Environments live through the run, however slow the machine.
         options.idle_timeout = Duration::from_secs(3600);
-        options.init_timeout = INIT_TIMEOUT;
+        options.init_timeout = if nested() {
+            NESTED_INIT_TIMEOUT
+        } else {
+            INIT_TIMEOUT
+        };
         let server = Server::bind(functions, launchers, options).await?;
         let addr = server.local_addr();
         let logs = server.logs();
