@@ -162,6 +162,11 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             .expect("a valid template")
             .progress_chars("=> "),
     );
+    // Inside the nested harness stderr is a serial port, which passes for a terminal: the
+    // bar would end up in the output that comes back.
+    if target::nested() {
+        progress.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
 
     let mut results = Results::new(&targets, runs);
     for run in 1..=runs {
