@@ -8,8 +8,10 @@
 //! the `REPORT` line's breakdown), times warm invokes from one and from several kept-alive
 //! clients, and reads the hypervisors' memory. The table shows the median of the runs.
 
+mod boot;
 mod floor;
 mod interrupt;
+mod nested;
 mod report;
 mod rss;
 mod stats;
@@ -20,7 +22,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
 use indicatif::{ProgressBar, ProgressStyle};
-use kindling_images::Cache;
+use kindling_images::{Cache, ImagesManifest};
 use kindling_microvm::probe;
 use kindling_runtime_api::config::Hypervisor;
 use kindling_runtime_api::Isolation;
@@ -28,7 +30,7 @@ use procfs::process::Process;
 
 use interrupt::Interrupt;
 use table::Results;
-use target::{Target, CLIENTS};
+use target::{Setup, Target, CLIENTS};
 
 /// The bench function's code, written into the bench's state folder at start.
 const HANDLER: &str = include_str!("../examples/bench-noop/app.py");
@@ -56,21 +58,85 @@ pub struct BenchArgs {
     /// [default: qemu, and kindling where this host's KVM can boot a guest kernel].
     #[arg(long, value_delimiter = ',')]
     hypervisor: Vec<Hypervisor>,
+    /// Measure the microVM rows inside the nested-KVM harness (a QEMU TCG guest with
+    /// emulated SVM, whose own KVM runs the guests): kindling-vmm and QEMU side by side on
+    /// one nested KVM, for hosts whose KVM cannot boot Linux. Only ratios mean anything.
+    #[arg(long, conflicts_with = "images")]
+    nested: bool,
+    /// Boot the images this manifest names (`kindling images build --manifest FILE`)
+    /// instead of the image cache's.
+    #[arg(long, value_name = "FILE", env = "KINDLING_IMAGES")]
+    images: Option<std::path::PathBuf>,
+    /// Before the rest, boot the guest straight from kindling-vmm and from QEMU this many
+    /// times each, turn by turn, and print the boot's phases side by side (VMM set-up,
+    /// first KVM_RUN, the guest's kernel → userspace → bootstrap, RSS) [default: 3 with
+    /// --nested, else none].
+    #[arg(long, value_name = "N")]
+    boot_phases: Option<u32>,
+    /// A static kindling-vmm of another build (an older commit) that boots beside this
+    /// one's in the boot phases, for before/after figures taken in one run.
+    #[arg(long, value_name = "PATH")]
+    baseline_vmm: Option<std::path::PathBuf>,
+    /// Kernel arguments to try: this kindling-vmm boots once more per turn in the boot
+    /// phases, with them added to the guest's command line.
+    #[arg(long, value_name = "ARGS")]
+    variant_args: Option<String>,
 }
 
 pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    if args.nested {
+        return tokio::task::spawn_blocking(move || nested::run(&args)).await?;
+    }
     let interrupt = Interrupt::listen()?;
     let targets = targets(&args)?;
-    preflight(&targets)?;
+    let images = args
+        .images
+        .as_deref()
+        .map(ImagesManifest::load)
+        .transpose()?;
+    preflight(&targets, images.is_some())?;
     let state = tempfile::Builder::new()
         .prefix("kindling-bench.")
         .tempdir_in("/tmp")
         .context("cannot create the bench's state folder in /tmp")?;
-    let code = state.path().join("code");
-    std::fs::create_dir(&code)?;
-    std::fs::write(code.join("app.py"), HANDLER)?;
+    let setup = Setup {
+        code: state.path().join("code"),
+        images,
+    };
+    let boot_phases = args.boot_phases.unwrap_or(0) as usize;
+    if boot_phases > 0 {
+        let images = match &setup.images {
+            Some(images) => images.clone(),
+            None => nested::images(state.path())?,
+        };
+        let vmm = kindling_images::locate::guest_bin_dir()
+            .map_err(anyhow::Error::msg)?
+            .join("kindling-vmm");
+        let kindling = |name: &str, program: &std::path::Path, args: &str| boot::Booter::Kindling {
+            name: name.into(),
+            program: program.to_path_buf(),
+            args: args.into(),
+        };
+        let mut booters = vec![kindling("kindling-vmm", &vmm, "")];
+        if let Some(args) = &args.variant_args {
+            booters.push(kindling(&format!("kindling-vmm + {args}"), &vmm, args));
+        }
+        if let Some(baseline) = &args.baseline_vmm {
+            booters.push(kindling("baseline kindling-vmm", baseline, ""));
+        }
+        booters.push(boot::Booter::Qemu);
+        let dir = state.path().join("boots");
+        eprintln!("kindling bench: boot phases, {boot_phases} boot(s) per hypervisor");
+        let boots = tokio::task::spawn_blocking(move || {
+            boot::measure(&booters, &images, boot_phases, &dir)
+        })
+        .await??;
+        print!("{}", boot::render(&boots));
+    }
+    std::fs::create_dir(&setup.code)?;
+    std::fs::write(setup.code.join("app.py"), HANDLER)?;
     for target in &targets {
-        target::check(*target, &code, state.path())?;
+        target::check(*target, &setup, state.path())?;
     }
 
     let invokes = |target: &Target| match (args.invokes, target.isolation) {
@@ -96,6 +162,11 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             .expect("a valid template")
             .progress_chars("=> "),
     );
+    // Inside the nested harness stderr is a serial port, which passes for a terminal: the
+    // bar would end up in the output that comes back.
+    if target::nested() {
+        progress.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
 
     let mut results = Results::new(&targets, runs);
     for run in 1..=runs {
@@ -111,7 +182,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             runs.push(
                 target::run(
                     *target,
-                    &code,
+                    &setup,
                     &run_dir,
                     invokes(target),
                     &progress,
@@ -161,13 +232,14 @@ fn targets(args: &BenchArgs) -> anyhow::Result<Vec<Target>> {
 
 /// Clear errors, before anything is started, for what the bench needs: root for the
 /// sandbox, the static guest binaries, and for microVMs the guest images (building a
-/// kernel would take minutes and is `kindling images build`'s job, not the bench's).
-fn preflight(targets: &[Target]) -> anyhow::Result<()> {
+/// kernel would take minutes and is `kindling images build`'s job, not the bench's), unless
+/// a manifest names them.
+fn preflight(targets: &[Target], manifest: bool) -> anyhow::Result<()> {
     if targets.contains(&Target::SANDBOX) && Process::myself()?.status()?.euid != 0 {
         bail!("the sandbox needs root (namespaces, mounts, cgroups): run `kindling bench` as root, or with --isolation microvm");
     }
     kindling_images::locate::guest_bin_dir().map_err(anyhow::Error::msg)?;
-    if targets.iter().any(|t| t.isolation == Isolation::MicroVm) {
+    if !manifest && targets.iter().any(|t| t.isolation == Isolation::MicroVm) {
         let cache = Cache::open()?;
         let built = cache.list()?;
         let has = |kind: &str, prefix: &str| {

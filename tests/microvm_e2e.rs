@@ -153,6 +153,10 @@ fn build_images(manifest: &Path) -> Result<(), String> {
     }
 }
 
+/// Which trials run inside the nested-KVM harness (a libtest filter; all `kindling::` ones
+/// by default): one trial alone, while working on it, takes minutes instead of many.
+const NESTED_FILTER_ENV: &str = "KINDLING_E2E_NESTED_FILTER";
+
 /// Runs the `kindling::` trials inside the nested-KVM harness: this test binary, `kindling`,
 /// the static `kindling-vmm` and `kindling-jailer`, the images of `manifest` (booted through `kindling serve --images`), the
 /// functions' code and `mkfs.ext4` (code images are built there) go along.
@@ -163,9 +167,11 @@ fn kindling_backend_nested(reason: &str, manifest: &Path) -> Result<(), Failed> 
     // The jailed VMM and its jailer: static builds, beside the static guest binaries.
     let statics = kindling_images::locate::guest_bin_dir()?;
     let mkfs = which("mkfs.ext4").ok_or("mkfs.ext4 is not installed (e2fsprogs)")?;
+    let filter = std::env::var(NESTED_FILTER_ENV).unwrap_or_else(|_| "kindling::".into());
     let mut job = Job::new(format!(
-        "exec {} kindling:: --test-threads=1 --color never",
-        shell_quote(&exe.to_string_lossy())
+        "exec {} {} --test-threads=1 --color never",
+        shell_quote(&exe.to_string_lossy()),
+        shell_quote(&filter)
     ))
     .file(&exe)
     .file(kindling)
@@ -314,6 +320,10 @@ const FUNCTIONS: &[FunctionDef] = &[
         network: "outbound",
         layers: &[],
     },
+    FunctionDef {
+        snapstart: true,
+        ..FunctionDef::probe("snapbad", 30, 2)
+    },
 ];
 
 impl FunctionDef {
@@ -380,7 +390,10 @@ fn scenarios(host: &Arc<Host>) -> Vec<Trial> {
         ]);
     }
     if matches!(host.backend, Backend::Kindling) {
-        list.extend(named![snapstart_restores_clones]);
+        list.extend(named![
+            snapstart_restores_clones,
+            snapstart_boots_when_its_snapshot_is_broken
+        ]);
     }
     list.into_iter()
         .map(|(name, scenario)| {
@@ -886,6 +899,68 @@ fn snapstart_trial(server: &Server) -> Result<(), Failed> {
          answers {restore_took:.2?}; REPORTs:\n  {report}\n  {}\n  {}",
         restored[0].1, restored[1].1
     );
+    Ok(())
+}
+
+/// What the trial below writes over a snapshot's state file.
+const BROKEN_STATE: &[u8] = b"{\"not\": \"a kindling-vmm state file\"}";
+
+/// SnapStart's fallback: the first cold start boots and takes the snapshot; its state file
+/// is then broken on disk, so the next cold start's restore is refused by the VMM. That
+/// start boots instead, in the same environment (its jail, user and sockets), answers, and
+/// takes a fresh snapshot in place of the broken one.
+fn snapstart_boots_when_its_snapshot_is_broken(server: &Server, _: Backend) -> Result<(), Failed> {
+    let first = server.invoke("snapbad", &json!({"action": "random"}))?;
+    first.ok_json()?;
+    let report = first.report()?;
+    check(report.contains("Snapshot Create: "), || {
+        format!("the first cold start took no snapshot: {report}")
+    })?;
+    let snapshots = server.state_dir.join("snapshots/snapbad");
+    let states: Vec<PathBuf> = std::fs::read_dir(&snapshots)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("vm.state"))
+        .filter(|path| path.is_file())
+        .collect();
+    let [state] = states.as_slice() else {
+        return Err(format!(
+            "expected one snapshot in {}: {states:?}",
+            snapshots.display()
+        )
+        .into());
+    };
+    std::fs::write(state, BROKEN_STATE)?;
+    // The first environment busy, the next invocation is a cold start.
+    let busy = server.invoke_in_background("snapbad", json!({"action": "sleep", "seconds": 8}));
+    server.wait_for_log("snapbad", "sleeping 8 s")?;
+    let fallback = server.invoke("snapbad", &json!({"action": "random"}));
+    let log = server.stderr();
+    let fallback = fallback.map_err(|e| {
+        format!(
+            "{}\nthe server's log:\n{log}",
+            e.message().unwrap_or_default()
+        )
+    })?;
+    fallback.ok_json()?;
+    let report = fallback.report()?;
+    check(
+        report.contains("Init Duration: ")
+            && report.contains("Snapshot Create: ")
+            && !report.contains("Restore Duration"),
+        || format!("the fallback did not boot and take a fresh snapshot: {report}"),
+    )?;
+    check(
+        log.contains("SnapStart: the snapshot did not restore"),
+        || format!("no restore was tried and refused:\n{log}"),
+    )?;
+    // The fresh snapshot has the same digest, so it took the broken one's place.
+    check(
+        std::fs::read(state).is_ok_and(|text| !text.starts_with(BROKEN_STATE)),
+        || format!("the broken snapshot {} was kept", state.display()),
+    )?;
+    busy.join()
+        .map_err(|_| "the invoking thread panicked")??
+        .ok_json()?;
     Ok(())
 }
 

@@ -19,6 +19,7 @@ use kindling_vmm::api::{server, ApiState, Start, StartRequest};
 use kindling_vmm::config::VmmConfig;
 use kindling_vmm::devices::serial::SerialOut;
 use kindling_vmm::exit::ExitReason;
+use kindling_vmm::metrics::{self, ConsoleMilestones, Milestones};
 use kindling_vmm::seccomp::{Filters, ThreadKind};
 use kindling_vmm::signals::{block_termination_signals, termination_pending, TermSignals};
 use kindling_vmm::vm::{RunningVm, Vm, VmError};
@@ -43,7 +44,9 @@ struct Cli {
     /// Where the guest console goes: `stdout`, `none` or a file path.
     #[arg(long, value_name = "stdout|none|PATH", default_value = "stdout")]
     serial_out: String,
-    /// Print a machine-readable timing line (JSON, on stderr) when the VM stops.
+    /// Print a machine-readable timing line (JSON, on stderr) when the VM stops: the VMM's
+    /// set-up phases, its first `KVM_RUN`, the boot timer, and the guest's boot milestones
+    /// as Kindling's init prints them on the console (kernel → userspace → bootstrap).
     #[arg(long)]
     timings: bool,
     /// Run without seccomp filters (for debugging only).
@@ -64,13 +67,22 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-fn serial_out(spec: &str) -> anyhow::Result<SerialOut> {
-    Ok(match spec {
+/// The console sink `spec` names; watched for the guest's milestones if `milestones`.
+fn serial_out(
+    spec: &str,
+    milestones: Option<&Milestones>,
+    instance_start: Instant,
+) -> anyhow::Result<SerialOut> {
+    let out: SerialOut = match spec {
         "stdout" => Box::new(std::io::stdout()),
         "none" => Box::new(std::io::sink()),
         path => {
             Box::new(File::create(path).with_context(|| format!("creating serial output {path}"))?)
         }
+    };
+    Ok(match milestones {
+        Some(seen) => Box::new(ConsoleMilestones::new(out, instance_start, seen.clone())),
+        None => out,
     })
 }
 
@@ -78,11 +90,13 @@ fn serial_out(spec: &str) -> anyhow::Result<SerialOut> {
 /// asked for.
 fn start_vm(
     start: &Start,
-    serial: &str,
+    cli: &Cli,
+    milestones: &Milestones,
     filters: &Filters,
     instance_start: Instant,
 ) -> anyhow::Result<RunningVm> {
-    let serial = serial_out(serial)?;
+    let watched = cli.timings.then_some(milestones);
+    let serial = serial_out(&cli.serial_out, watched, instance_start)?;
     // Every VM, booted or restored: filtered vCPUs, SIGTERM and SIGINT on the event loop.
     let prepare = |vm: &mut Vm| -> Result<(), VmError> {
         vm.set_seccomp(filters.clone());
@@ -132,6 +146,7 @@ fn spawn_api(listener: UnixListener, state: ApiState, filters: &Filters) -> anyh
 /// comes first).
 fn start_from_api(
     cli: &Cli,
+    milestones: &Milestones,
     filters: &Filters,
     listener: UnixListener,
 ) -> anyhow::Result<Option<(RunningVm, Instant)>> {
@@ -141,7 +156,7 @@ fn start_from_api(
         match start_rx.recv_timeout(Duration::from_millis(50)) {
             Ok((start, reply)) => {
                 let instance_start = Instant::now();
-                match start_vm(&start, &cli.serial_out, filters, instance_start) {
+                match start_vm(&start, cli, milestones, filters, instance_start) {
                     Ok(running) => {
                         let _ = reply.send(Ok(running.controls()));
                         return Ok(Some((running, instance_start)));
@@ -166,6 +181,7 @@ fn read_config(path: &Path) -> anyhow::Result<VmmConfig> {
 
 fn run(cli: Cli, process_start: Instant) -> anyhow::Result<ExitReason> {
     let mut timings = serde_json::Map::new();
+    let milestones = Milestones::default();
     let filters = match (&cli.seccomp_filter, cli.no_seccomp) {
         (Some(path), _) => Filters::from_file(path)?,
         (None, true) => Filters::off(),
@@ -178,13 +194,14 @@ fn run(cli: Cli, process_start: Instant) -> anyhow::Result<ExitReason> {
         (Some(sock), false, config_file) => {
             let started = bind_api(sock, process_start, &mut timings).and_then(|listener| {
                 match config_file {
-                    None => start_from_api(&cli, &filters, listener),
+                    None => start_from_api(&cli, &milestones, &filters, listener),
                     // Booted from the file at once; the API serves the running VM.
                     Some(path) => {
                         let config = read_config(path)?;
                         let instance_start = Instant::now();
                         let start = Start::Boot(config.clone());
-                        let running = start_vm(&start, &cli.serial_out, &filters, instance_start)?;
+                        let running =
+                            start_vm(&start, &cli, &milestones, &filters, instance_start)?;
                         let (start_tx, _) = mpsc::channel();
                         let api = ApiState::started(config, running.controls(), start_tx);
                         spawn_api(listener, api, &filters)?;
@@ -201,7 +218,7 @@ fn run(cli: Cli, process_start: Instant) -> anyhow::Result<ExitReason> {
             let start = Start::Boot(read_config(path)?);
             let instance_start = Instant::now();
             Some((
-                start_vm(&start, &cli.serial_out, &filters, instance_start)?,
+                start_vm(&start, &cli, &milestones, &filters, instance_start)?,
                 instance_start,
             ))
         }
@@ -233,6 +250,27 @@ fn run(cli: Cli, process_start: Instant) -> anyhow::Result<ExitReason> {
             us(t.first_kvm_run).into(),
         );
         timings.insert("boot_timer_us".into(), us(t.boot_timer).into());
+        let phases: serde_json::Map<_, _> = metrics::phases()
+            .into_iter()
+            .map(|(name, took)| (format!("{name}_us"), micros(took).into()))
+            .collect();
+        timings.insert("setup_phases".into(), phases.into());
+        let seen = milestones.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for m in &seen {
+            timings.insert(
+                format!("instance_start_to_{}_us", m.name),
+                micros(m.at).into(),
+            );
+            timings.insert(format!("guest_{}_s", m.name), m.guest_seconds.into());
+        }
+        if let [Some(userspace), Some(bootstrap)] = ["userspace", "bootstrap_started"]
+            .map(|name| seen.iter().find(|m| m.name == name)?.guest_seconds)
+        {
+            timings.insert(
+                "guest_userspace_to_bootstrap_started_s".into(),
+                (bootstrap - userspace).into(),
+            );
+        }
         timings.insert("vmm_rss_kib_excluding_guest".into(), rss.into());
         timings.insert("exit_reason".into(), reason.to_string().into());
         timings.insert("exit_code".into(), reason.exit_code().into());

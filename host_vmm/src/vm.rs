@@ -29,6 +29,7 @@ use crate::devices::IrqLine;
 use crate::exit::{ExitReason, VmExit};
 use crate::layout;
 use crate::memory::{create_guest_memory, GuestMemory};
+use crate::metrics;
 use crate::seccomp::Filters;
 use crate::snapshot::kvm_state::{self, VcpuState, VmState};
 use crate::snapshot::{
@@ -144,7 +145,9 @@ impl Vm {
         if config.mem_size_mib == 0 {
             return Err(VmError::Config("mem_size_mib must be at least 1".into()));
         }
+        let started = Instant::now();
         let memory = create_guest_memory(config.mem_size_mib)?;
+        metrics::record_phase("guest_memory", started.elapsed());
         Self::assemble(config, memory, None)
     }
 
@@ -165,6 +168,7 @@ impl Vm {
         memory: GuestMemory,
         saved: Option<&DevicesState>,
     ) -> Result<Self, VmError> {
+        let started = Instant::now();
         let kvm = Kvm::new().map_err(|e| VmError::Kvm("open /dev/kvm", e))?;
         let vm_fd = kvm
             .create_vm()
@@ -239,6 +243,7 @@ impl Vm {
             u64::from(layout::I8042_PORT),
             layout::I8042_PORT_LEN,
         )?;
+        metrics::record_phase("kvm_vm_and_legacy_devices", started.elapsed());
         Ok(Self {
             kvm,
             vm_fd: Arc::new(vm_fd),
@@ -479,6 +484,7 @@ impl Vm {
         paused: bool,
         instance_start: Instant,
     ) -> Result<RunningVm, VmError> {
+        let started = Instant::now();
         let boot_time = BootTime::default();
         self.mmio_bus.insert(
             Arc::new(Mutex::new(BootTimer::new(
@@ -529,6 +535,7 @@ impl Vm {
                 return Err(e.into());
             }
         }
+        metrics::record_phase("vcpus", started.elapsed());
         let mut events = EventManager::new().map_err(|e| VmError::Events(format!("{e:?}")))?;
         for sub in self.subscribers {
             events.add_subscriber(sub);

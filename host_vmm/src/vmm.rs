@@ -8,6 +8,7 @@ use crate::boot::{self, BootError};
 use crate::config::{ConfigError, VmmConfig};
 use crate::cpu::EntryPoint;
 use crate::devices::serial::SerialOut;
+use crate::metrics;
 use crate::snapshot::{self, DeviceState, LoadParams, MicrovmState, SnapshotError};
 use crate::virtio::block::Block;
 use crate::virtio::net::{MacAddr, Net, Tap};
@@ -43,6 +44,7 @@ pub fn build_vm(config: &VmmConfig, serial: SerialOut) -> Result<(Vm, EntryPoint
         serial,
         cpu_template: config.cpu_template.clone(),
     })?;
+    let started = Instant::now();
     for drive in config.ordered_drives() {
         let block = Block::open(&drive.path_on_host, drive.is_read_only, &drive.drive_id)
             .map_err(|e| BuildError::Drive(drive.drive_id.clone(), e))?;
@@ -58,12 +60,15 @@ pub fn build_vm(config: &VmmConfig, serial: SerialOut) -> Result<(Vm, EntryPoint
     if let Some(vsock) = &config.vsock {
         vm.add_vsock(u64::from(vsock.guest_cid), Path::new(&vsock.uds_path))?;
     }
+    metrics::record_phase("virtio_devices", started.elapsed());
+    let started = Instant::now();
     let entry = boot::load_linux(
         vm.memory(),
         &boot,
         &vm.virtio_slots(),
         config.machine_config.vcpu_count,
     )?;
+    metrics::record_phase("kernel_load", started.elapsed());
     Ok((vm, entry))
 }
 
@@ -83,8 +88,10 @@ pub fn restore_vm(
     prepare: impl FnOnce(&mut Vm) -> Result<(), VmError>,
     instance_start: Instant,
 ) -> Result<RunningVm, BuildError> {
+    let started = Instant::now();
     let mem_file = params.validate().map_err(ConfigError)?;
     let state = MicrovmState::read(&params.snapshot_path)?;
+    metrics::record_phase("snapshot_state_read", started.elapsed());
     for o in &params.network_overrides {
         let known = state
             .devices
@@ -99,7 +106,9 @@ pub fn restore_vm(
             .into());
         }
     }
+    let started = Instant::now();
     let memory = snapshot::map_memory(mem_file, state.machine)?;
+    metrics::record_phase("guest_memory", started.elapsed());
     let mut vm = Vm::restore(
         VmConfig {
             vcpu_count: state.machine.vcpu_count,
@@ -110,6 +119,7 @@ pub fn restore_vm(
         memory,
         &state.devices,
     )?;
+    let started = Instant::now();
     for saved in &state.devices.virtio {
         let slot = match &saved.device {
             DeviceState::Block(drive) => {
@@ -145,6 +155,7 @@ pub fn restore_vm(
             .into());
         }
     }
+    metrics::record_phase("virtio_devices", started.elapsed());
     prepare(&mut vm)?;
     Ok(vm.resume(&state.vm, &state.vcpus, params.resume_vm, instance_start)?)
 }

@@ -188,6 +188,24 @@ fn linux_boots_to_init_and_powers_off() {
         "the boot timer never fired: {stderr}"
     );
     assert_eq!(timings["exit_reason"], "guest reset (i8042)");
+    // The boot's phases: the VMM's set-up, and init's milestone as the console carried it,
+    // with the guest's own figure (its clock starts after the first KVM_RUN).
+    let phases = &timings["setup_phases"];
+    for phase in [
+        "guest_memory_us",
+        "kvm_vm_and_legacy_devices_us",
+        "kernel_load_us",
+        "vcpus_us",
+    ] {
+        assert!(phases[phase].as_u64().is_some(), "no {phase}: {stderr}");
+    }
+    let first_run = timings["instance_start_to_first_kvm_run_us"].as_u64();
+    let userspace = timings["instance_start_to_userspace_us"].as_u64();
+    let guest = timings["guest_userspace_s"].as_f64();
+    assert!(
+        matches!((first_run, userspace, guest), (Some(r), Some(u), Some(g)) if r < u && g > 0.0),
+        "no userspace milestone after the first KVM_RUN: {stderr}"
+    );
     for f in [config, console, stderr_file] {
         let _ = std::fs::remove_file(f);
     }
@@ -264,7 +282,26 @@ fn the_root_drive_boots_the_bootstrap_which_dials_the_host_and_sigterm_shuts_it_
     let log = std::fs::read_to_string(&console).unwrap();
     assert_eq!(status.code(), Some(0), "{stderr}\n--- console ---\n{log}");
     assert!(log.contains("init: reboot (status"), "{log}");
-    assert_eq!(timings(&stderr)["exit_reason"], "guest reset (i8042)");
+    let timings = timings(&stderr);
+    assert_eq!(timings["exit_reason"], "guest reset (i8042)");
+    // The boot's breakdown, as `--timings` prints it, from the VMM's set-up to the bootstrap.
+    let (userspace, bootstrap) = (
+        timings["guest_userspace_s"].as_f64().unwrap_or_default(),
+        timings["guest_bootstrap_started_s"]
+            .as_f64()
+            .unwrap_or_default(),
+    );
+    assert!(
+        0.0 < userspace
+            && userspace <= bootstrap
+            && timings["guest_userspace_to_bootstrap_started_s"]
+                .as_f64()
+                .is_some_and(|s| (s - (bootstrap - userspace)).abs() < 1e-6)
+            && timings["instance_start_to_bootstrap_started_us"].as_u64()
+                > timings["instance_start_to_userspace_us"].as_u64(),
+        "{timings}"
+    );
+    println!("boot phases: {timings}");
     println!("SIGTERM → exit in {took:?}");
     for f in [config, console] {
         let _ = std::fs::remove_file(f);

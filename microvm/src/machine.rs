@@ -145,7 +145,7 @@ pub fn jailed(
 ) -> Command {
     let mut cmd = vm_command(jailer, stdout, stderr);
     cmd.arg("--id")
-        .arg(format!("vm-{}", spec.user.uid))
+        .arg(jail_id(spec))
         .arg("--exec-file")
         .arg(jail.program)
         .args(["--uid", &jail.user.uid.to_string()])
@@ -178,6 +178,18 @@ pub fn jailed(
     }
     cmd.arg("--");
     cmd
+}
+
+/// The jail's id: the VM's user, which no other running VM holds.
+fn jail_id(spec: &VmSpec) -> String {
+    format!("vm-{}", spec.user.uid)
+}
+
+/// Where the jailer makes the chroot of `program` for this VM:
+/// `<chroot-base-dir>/<exec file name>/<id>`.
+pub fn jail_dir(spec: &VmSpec, program: &Path) -> PathBuf {
+    let name = program.file_name().unwrap_or(program.as_os_str());
+    spec.work_dir.join(name).join(jail_id(spec))
 }
 
 /// `program` (a path, or a name looked up on `$PATH`).

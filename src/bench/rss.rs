@@ -15,11 +15,16 @@ pub struct ProgramRss {
     /// The part of it that is shared memory (`RssShmem`): for QEMU and its vhost-user
     /// daemon, mostly guest RAM (a shared memfd), which both map.
     pub shmem_bytes: u64,
+    /// The part of it that is guest RAM: the resident pages of mappings exactly the size
+    /// of a guest's memory (kindling-vmm's private anonymous RAM, QEMU's memfd and the
+    /// vsock daemon's view of it alike).
+    pub guest_bytes: u64,
 }
 
 /// This process's descendants, summed per program (the executable's file name): the
-/// hypervisors are children, or grandchildren behind kindling-jailer.
-pub fn descendants_by_program() -> anyhow::Result<BTreeMap<String, ProgramRss>> {
+/// hypervisors are children, or grandchildren behind kindling-jailer. Guest RAM is told
+/// apart by its size, `guest_ram` bytes.
+pub fn descendants_by_program(guest_ram: u64) -> anyhow::Result<BTreeMap<String, ProgramRss>> {
     let me = Process::myself()?.pid;
     // A process may exit while we look: it is then no longer a running VM's.
     let processes: Vec<(Process, i32)> = all_processes()
@@ -57,13 +62,56 @@ pub fn descendants_by_program() -> anyhow::Result<BTreeMap<String, ProgramRss>> 
         entry.processes += 1;
         entry.bytes += status.vmrss.unwrap_or(0) * 1024;
         entry.shmem_bytes += status.rssshmem.unwrap_or(0) * 1024;
+        let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", process.pid));
+        entry.guest_bytes += smaps.map_or(0, |smaps| rss_of_size(&smaps, guest_ram));
     }
     Ok(programs)
+}
+
+/// The resident bytes of the mappings in `smaps` (`/proc/PID/smaps`) that span exactly
+/// `size` bytes.
+pub fn rss_of_size(smaps: &str, size: u64) -> u64 {
+    let mut counted = false;
+    let mut total = 0;
+    for line in smaps.lines() {
+        let range = line
+            .split_whitespace()
+            .next()
+            .and_then(|word| word.split_once('-'))
+            .and_then(|(start, end)| {
+                Some((
+                    u64::from_str_radix(start, 16).ok()?,
+                    u64::from_str_radix(end, 16).ok()?,
+                ))
+            });
+        if let Some((start, end)) = range {
+            counted = end.checked_sub(start) == Some(size);
+        } else if let Some(kib) = line.strip_prefix("Rss:").filter(|_| counted) {
+            let kib = kib.trim().trim_end_matches("kB").trim();
+            total += kib.parse::<u64>().unwrap_or(0) * 1024;
+        }
+    }
+    total
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_ram_is_the_mappings_of_its_size() {
+        let smaps = "\
+7f0000000000-7f0008000000 rw-p 00000000 00:00 0\n\
+Size:             131072 kB\n\
+Rss:               40960 kB\n\
+55d000000000-55d000001000 r-xp 00000000 08:01 42 /usr/bin/kindling-vmm\n\
+Rss:                   4 kB\n\
+7f1000000000-7f1008000000 rw-s 00000000 00:01 7 /memfd:mem (deleted)\n\
+Rss:                1024 kB\n";
+        assert_eq!(rss_of_size(smaps, 128 << 20), (40960 + 1024) << 10);
+        assert_eq!(rss_of_size(smaps, 4096), 4 << 10);
+        assert_eq!(rss_of_size(smaps, 1 << 30), 0);
+    }
 
     /// A grandchild counts too: kindling-vmm runs behind kindling-jailer.
     #[test]
@@ -79,7 +127,7 @@ mod tests {
             &mut line,
         )
         .expect("sh names its sleep");
-        let found = descendants_by_program();
+        let found = descendants_by_program(128 << 20);
         let sleep_pid = nix::unistd::Pid::from_raw(line.trim().parse().expect("a pid"));
         let _ = nix::sys::signal::kill(sleep_pid, nix::sys::signal::Signal::SIGKILL);
         child.wait().expect("sh is reaped");

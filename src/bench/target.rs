@@ -29,6 +29,11 @@ pub const FUNCTION: &str = "bench-noop";
 pub const CLIENTS: usize = 4;
 /// Untimed invokes before the timed ones, so that lazy set-up is not measured.
 const WARM_UP: usize = 10;
+/// The bench function's memory, and so its guests' RAM (the launcher's minimum).
+const MEMORY_MIB: u32 = 128;
+/// Inside the nested-KVM harness, where [`CLIENTS`] guests booting at once share one
+/// emulated CPU and each takes tens of seconds.
+const NESTED_INIT_TIMEOUT: Duration = Duration::from_secs(900);
 /// Patient limits: under emulation a guest boots in seconds, not milliseconds.
 const INIT_TIMEOUT: Duration = Duration::from_secs(120);
 const FUNCTION_TIMEOUT_S: u64 = 60;
@@ -61,11 +66,13 @@ impl Target {
 
     /// The environment column of the table.
     pub fn label(&self) -> &'static str {
-        match self.hypervisor {
-            None => "sandbox",
-            Some(Hypervisor::Kindling) => "microVM kindling-vmm",
-            Some(Hypervisor::Qemu) if self.emulated() => "microVM qemu/tcg",
-            Some(Hypervisor::Qemu) => "microVM qemu/kvm",
+        match (self.hypervisor, nested()) {
+            (None, _) => "sandbox",
+            (Some(Hypervisor::Kindling), false) => "microVM kindling-vmm",
+            (Some(Hypervisor::Kindling), true) => "microVM kindling-vmm (nested)",
+            (Some(Hypervisor::Qemu), _) if self.emulated() => "microVM qemu/tcg",
+            (Some(Hypervisor::Qemu), false) => "microVM qemu/kvm",
+            (Some(Hypervisor::Qemu), true) => "microVM qemu/kvm (nested)",
         }
     }
 
@@ -94,7 +101,7 @@ impl Target {
                 code: code.to_path_buf(),
                 runtime: "python".to_string(),
                 handler: "app.handler".to_string(),
-                memory_mb: 128,
+                memory_mb: MEMORY_MIB,
                 timeout: Duration::from_secs(FUNCTION_TIMEOUT_S),
                 isolation: self.isolation,
                 max_concurrency: CLIENTS,
@@ -109,6 +116,21 @@ impl Target {
             url: None,
         }
     }
+}
+
+/// Whether this bench runs inside the nested-KVM harness (`kindling bench --nested`), where
+/// every guest's time is emulated twice over.
+pub fn nested() -> bool {
+    std::env::var_os(kindling_nested_kvm::INSIDE_ENV).is_some()
+}
+
+/// What every server of the bench is built from.
+#[derive(Debug)]
+pub struct Setup {
+    /// The bench function's code folder.
+    pub code: std::path::PathBuf,
+    /// The images guests boot, when not the image cache's (inside the nested harness).
+    pub images: Option<kindling_images::ImagesManifest>,
 }
 
 /// One run's numbers for one target.
@@ -143,8 +165,8 @@ pub struct SnapStartRun {
 
 /// Checks, before anything is measured, that the server can be built for `target` the
 /// way the bench asks (a microVM that would silently become a sandbox is an error).
-pub fn check(target: Target, code: &Path, state_dir: &Path) -> anyhow::Result<()> {
-    if prepare(target.function(code), state_dir)?
+pub fn check(target: Target, setup: &Setup, state_dir: &Path) -> anyhow::Result<()> {
+    if prepare(target.function(&setup.code), setup, state_dir)?
         .functions
         .iter()
         .any(|f| f.isolation != target.isolation)
@@ -163,17 +185,25 @@ struct Serving {
 }
 
 impl Serving {
-    async fn start(function: FunctionConfig, state_dir: &Path) -> anyhow::Result<Self> {
+    async fn start(
+        function: FunctionConfig,
+        setup: &Setup,
+        state_dir: &Path,
+    ) -> anyhow::Result<Self> {
         let environments::Prepared {
             functions,
             launchers,
             ..
-        } = prepare(function, state_dir)?;
+        } = prepare(function, setup, state_dir)?;
         let mut options = ServerOptions::new(state_dir);
         options.invoke_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         // Environments live through the run, however slow the machine.
         options.idle_timeout = Duration::from_secs(3600);
-        options.init_timeout = INIT_TIMEOUT;
+        options.init_timeout = if nested() {
+            NESTED_INIT_TIMEOUT
+        } else {
+            INIT_TIMEOUT
+        };
         let server = Server::bind(functions, launchers, options).await?;
         let addr = server.local_addr();
         let logs = server.logs();
@@ -204,21 +234,32 @@ impl Serving {
 }
 
 /// One function and its launcher, as the server is built.
-fn prepare(function: FunctionConfig, state_dir: &Path) -> anyhow::Result<environments::Prepared> {
+fn prepare(
+    function: FunctionConfig,
+    setup: &Setup,
+    state_dir: &Path,
+) -> anyhow::Result<environments::Prepared> {
     let isolation = function.function.isolation;
-    environments::prepare(vec![function], None, None, state_dir, Some(isolation), None)
+    environments::prepare(
+        vec![function],
+        None,
+        setup.images.clone(),
+        state_dir,
+        Some(isolation),
+        None,
+    )
 }
 
 /// Starts a fresh server for `target` in `state_dir`, measures, and stops it.
 pub async fn run(
     target: Target,
-    code: &Path,
+    setup: &Setup,
     state_dir: &Path,
     invokes: usize,
     progress: &ProgressBar,
     interrupt: Interrupt,
 ) -> anyhow::Result<Run> {
-    let server = Serving::start(target.function(code), state_dir).await?;
+    let server = Serving::start(target.function(&setup.code), setup, state_dir).await?;
     let measured = tokio::select! {
         measured = measure(target, server.addr, server.logs.resubscribe(), invokes, progress) => measured,
         () = interrupt.clone().wait() => Err(anyhow!("interrupted")),
@@ -228,7 +269,7 @@ pub async fn run(
     if target.snapstart().is_ok() {
         progress.set_message(format!("{}: SnapStart", target.label()));
         run.snapstart =
-            Some(snapstart(target, code, &state_dir.join("snapstart"), interrupt).await?);
+            Some(snapstart(target, setup, &state_dir.join("snapstart"), interrupt).await?);
         progress.inc(2);
     }
     Ok(run)
@@ -238,14 +279,14 @@ pub async fn run(
 /// first cold start boots and takes the snapshot, the second restores it.
 async fn snapstart(
     target: Target,
-    code: &Path,
+    setup: &Setup,
     state_dir: &Path,
     interrupt: Interrupt,
 ) -> anyhow::Result<SnapStartRun> {
-    let mut function = target.function(code);
+    let mut function = target.function(&setup.code);
     function.function.snapstart = true;
     let cold_start = || async {
-        let mut server = Serving::start(function.clone(), state_dir).await?;
+        let mut server = Serving::start(function.clone(), setup, state_dir).await?;
         let measured = tokio::select! {
             measured = async {
                 let mut client = Client::connect(server.addr).await?;
@@ -334,7 +375,7 @@ async fn measure(
     concurrently(clients, invokes, progress).await?;
     let concurrent_rate = invokes as f64 / started.elapsed().as_secs_f64();
     // After the work, so that the memory the hypervisors grew while serving counts.
-    let children_rss = rss::descendants_by_program()?;
+    let children_rss = rss::descendants_by_program(u64::from(MEMORY_MIB) << 20)?;
     check_vms_ran(target, &children_rss)?;
 
     Ok(Run {
