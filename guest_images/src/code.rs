@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use walkdir::WalkDir;
 
-use crate::cache::Cache;
+use crate::cache::{Built, Cache};
 use crate::ext4::make_ext4;
 use crate::fsutil::{copy_tree, overlay_tree};
 use crate::rootfs::Runtime;
@@ -73,6 +73,18 @@ pub struct CodeImage {
     pub elapsed: Duration,
 }
 
+impl CodeImage {
+    /// The image a cache entry holds: its tree and that tree's ext4.
+    fn of(built: Built) -> CodeImage {
+        CodeImage {
+            dir: built.path.join(TASK_DIR),
+            ext4: built.path.join(TASK_EXT4),
+            cached: built.cached,
+            elapsed: built.elapsed,
+        }
+    }
+}
+
 /// Checks `source` (a folder or a `.zip`) for `runtime`'s `handler` and turns it into a
 /// cached code image. Rejections are [`CodeError`]s (reach them with `downcast_ref`).
 pub fn build_code_image(
@@ -98,10 +110,7 @@ pub fn build_code_image(
         let log = cache.fresh_log(&format!("code-{key}"))?;
         let step = cache.step(format!("function code {}", source.display()));
         let task = out.join(TASK_DIR);
-        match source_kind {
-            Source::Dir => copy_tree(source, &task)?,
-            Source::Zip => unzip(source, &manifest, &task)?,
-        }
+        source_kind.unpack(source, &manifest, &task)?;
         fs::set_permissions(&task, fs::Permissions::from_mode(0o755))?;
         make_ext4(
             &task,
@@ -114,12 +123,7 @@ pub fn build_code_image(
         step.done("built");
         Ok(())
     })?;
-    Ok(CodeImage {
-        dir: built.path.join(TASK_DIR),
-        ext4: built.path.join(TASK_EXT4),
-        cached: built.cached,
-        elapsed: built.elapsed,
-    })
+    Ok(CodeImage::of(built))
 }
 
 /// Checks each of `layers` (folders or `.zip`s) as code is checked and unpacks them, in
@@ -166,10 +170,7 @@ pub fn build_layers_image(cache: &Cache, layers: &[PathBuf]) -> Result<CodeImage
         fs::create_dir_all(&opt)?;
         for (n, (layer, kind, manifest)) in checked.iter().enumerate() {
             let unpacked = out.join(format!("layer-{n}"));
-            match kind {
-                Source::Dir => copy_tree(layer, &unpacked)?,
-                Source::Zip => unzip(layer, manifest, &unpacked)?,
-            }
+            kind.unpack(layer, manifest, &unpacked)?;
             overlay_tree(&unpacked, &opt)?;
             fs::remove_dir_all(&unpacked)?;
         }
@@ -190,12 +191,7 @@ pub fn build_layers_image(cache: &Cache, layers: &[PathBuf]) -> Result<CodeImage
         step.done("built");
         Ok(())
     })?;
-    Ok(CodeImage {
-        dir: built.path.join(TASK_DIR),
-        ext4: built.path.join(TASK_EXT4),
-        cached: built.cached,
-        elapsed: built.elapsed,
-    })
+    Ok(CodeImage::of(built))
 }
 
 /// A layer's own refusal ([`CodeError`]) named after it; any other error as it is.
@@ -230,6 +226,14 @@ impl Source {
             Ok(Source::Zip)
         } else {
             Err(CodeError::NotCode(path.to_path_buf()).into())
+        }
+    }
+
+    /// Copies or unzips `source`, whose checked `manifest` this is, into the folder `dest`.
+    fn unpack(self, source: &Path, manifest: &Manifest, dest: &Path) -> Result<()> {
+        match self {
+            Source::Dir => copy_tree(source, dest),
+            Source::Zip => unzip(source, manifest, dest),
         }
     }
 }
