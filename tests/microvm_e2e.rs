@@ -27,6 +27,7 @@ mod unprivileged;
 
 use kindling_images::ImagesManifest;
 use kindling_nested_kvm::{shell_quote, Job, LinuxKvm};
+use kindling_plumbing::cgroup::Hierarchies;
 use kindling_runtime_api::client::{self, InvokeOptions, InvokeResponse};
 use libtest_mimic::{Arguments, Failed, Trial};
 use nix::sys::signal::{kill, Signal};
@@ -575,9 +576,64 @@ fn the_runtime_runs_unprivileged(server: &Server, backend: Backend) -> Result<()
                     format!("{program} {pid} runs without a seccomp filter:\n{status}")
                 })?;
             }
+            check_own_cgroup(program, pid)?;
         }
     }
     Ok(())
+}
+
+/// A jailed program is in a cgroup of its own (`kindling-vms/<program>/vm-<uid>`) whose
+/// memory and task limits are set: neither is the host's unlimited default.
+fn check_own_cgroup(program: &str, pid: u32) -> Result<(), Failed> {
+    let listed = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    let found = Hierarchies::read().map_err(|e| Failed::from(e.to_string()))?;
+    // `ID:controllers:/path`, where v2's line names no controller.
+    let path_of = |controller: &str| {
+        listed.lines().find_map(|line| {
+            let mut fields = line.splitn(3, ':');
+            let (_, names, path) = (fields.next()?, fields.next()?, fields.next()?);
+            let held = if controller.is_empty() {
+                names.is_empty()
+            } else {
+                names.split(',').any(|n| n == controller)
+            };
+            held.then(|| path.trim_start_matches('/').to_string())
+        })
+    };
+    let (memory, pids) = match found.v2_offering(&["memory", "pids"]) {
+        Some(root) => {
+            let dir = root.join(path_of("").unwrap_or_default());
+            (dir.join("memory.max"), dir.join("pids.max"))
+        }
+        None => {
+            let in_v1 = |controller: &str, file: &str| -> Option<PathBuf> {
+                Some(found.v1(controller)?.join(path_of(controller)?).join(file))
+            };
+            (
+                in_v1("memory", "memory.limit_in_bytes").unwrap_or_default(),
+                in_v1("pids", "pids.max").unwrap_or_default(),
+            )
+        }
+    };
+    for file in [&memory, &pids] {
+        check(file.to_string_lossy().contains("/kindling-vms/"), || {
+            format!("{program} {pid} has no cgroup of its own: {file:?} from\n{listed}")
+        })?;
+    }
+    let read = |file: &Path| std::fs::read_to_string(file).unwrap_or_default();
+    let memory_limit: u64 = read(&memory).trim().parse().unwrap_or(u64::MAX);
+    check(memory_limit <= 4 << 30, || {
+        format!(
+            "{program} {pid}'s memory is not limited: {memory:?} = {}",
+            read(&memory)
+        )
+    })?;
+    check(read(&pids).trim().parse::<u32>().is_ok(), || {
+        format!(
+            "{program} {pid}'s tasks are not limited: {pids:?} = {}",
+            read(&pids)
+        )
+    })
 }
 
 /// A layer's drive is the guest's read-only `/opt`: its `python` package imports, its

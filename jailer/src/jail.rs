@@ -86,14 +86,14 @@ pub fn remove(plan: &Plan) {
 }
 
 /// Enters the jail and execs the program; returns only the error that stopped it.
-pub fn enter_and_exec(plan: &Plan, cgroup: Option<&Joiner>) -> anyhow::Error {
-    match enter(plan, cgroup) {
+pub fn enter_and_exec(plan: &Plan, cgroups: &[Joiner]) -> anyhow::Error {
+    match enter(plan, cgroups) {
         Ok(never) => match never {},
         Err(e) => e,
     }
 }
 
-fn enter(plan: &Plan, cgroup: Option<&Joiner>) -> anyhow::Result<Infallible> {
+fn enter(plan: &Plan, cgroups: &[Joiner]) -> anyhow::Result<Infallible> {
     match &plan.netns {
         Some(path) => {
             let netns =
@@ -131,7 +131,7 @@ fn enter(plan: &Plan, cgroup: Option<&Joiner>) -> anyhow::Result<Infallible> {
     }
     make_dev(plan)?;
     remount(root, MsFlags::MS_RDONLY)?;
-    if let Some(cgroup) = cgroup {
+    for cgroup in cgroups {
         cgroup.join().context("joining the VM's cgroup")?;
     }
     enter_root(root)?;

@@ -5,8 +5,8 @@
 //! In order: the arguments are checked; every inherited fd but 0–2 (and those named by
 //! `--keep-fd`) is closed; the chroot
 //! `<chroot-base-dir>/<exec file name>/<id>/root` is made and the program hard-linked (or
-//! copied) into it, unless it lies in a bound folder; the cgroup v2 limits, if any, go to
-//! `<cgroup2>/<parent-cgroup>/<id>`. Then a child in a new PID namespace enters new mount,
+//! copied) into it, unless it lies in a bound folder; the cgroup limits, if any, go to
+//! `<cgroup mount>/<parent-cgroup>/<id>` (v2, or the v1 hierarchy of each controller). Then a child in a new PID namespace enters new mount,
 //! IPC and network namespaces (or joins `--netns`), bind-mounts only the files it is given
 //! (read-only, or read-write for a socket folder) at their own paths, gets a private
 //! `/dev` holding only `kvm` (owned by the jail's user; nothing with `--no-kvm`), joins
@@ -68,13 +68,18 @@ struct Cli {
     /// for the guest's network, which works from any network namespace). Repeatable.
     #[arg(long = "keep-fd", value_name = "FD", value_parser = clap::value_parser!(i32).range(3..))]
     keep_fds: Vec<i32>,
-    /// A cgroup v2 control file of the VM's cgroup and its value (`memory.max=268435456`,
-    /// `pids.max=64`). Repeatable; without any, no cgroup is made.
+    /// A control file of the VM's cgroup and its value (v2: `memory.max=268435456`,
+    /// `pids.max=64`; v1: `memory.limit_in_bytes=268435456`). Repeatable; without any, no
+    /// cgroup is made.
     #[arg(long = "cgroup", value_name = "FILE=VALUE")]
     cgroups: Vec<String>,
-    /// The cgroup, below the cgroup2 mount, under which the VM's cgroup `<id>` is made.
+    /// The cgroup, below the cgroup mount, under which the VM's cgroup `<id>` is made.
     #[arg(long, value_name = "PATH", default_value = "kindling-vmm")]
     parent_cgroup: PathBuf,
+    /// Which cgroup file system holds the limits, as Firecracker's jailer: 2 (the unified
+    /// hierarchy) or 1 (each file in the v1 hierarchy of its controller, a hybrid host's).
+    #[arg(long, value_name = "1|2", default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
+    cgroup_version: u8,
     /// The program's arguments, after `--`.
     #[arg(last = true, value_name = "ARGS")]
     args: Vec<OsString>,
@@ -167,7 +172,16 @@ impl Plan {
                 "--parent-cgroup {}: a relative path without `..`",
                 parent.display()
             );
-            Some(cgroup::Limits::parse(parent.join(&cli.id), &cli.cgroups)?)
+            let version = if cli.cgroup_version == 1 {
+                cgroup::Version::V1
+            } else {
+                cgroup::Version::V2
+            };
+            Some(cgroup::Limits::parse(
+                version,
+                parent.join(&cli.id),
+                &cli.cgroups,
+            )?)
         };
         let exec_in_place = binds
             .iter()
@@ -240,9 +254,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     match relay::fork_into_new_pid_namespace() {
         Ok(relay::Forked::Child) => {
-            let joiner = cgroup.as_ref().map(cgroup::Cgroup::joiner);
+            let joiners = cgroup.as_ref().map_or(&[][..], cgroup::Cgroup::joiners);
             // Only returns on failure; the relay reports the exit and cleans up.
-            Err(jail::enter_and_exec(&plan, joiner))
+            Err(jail::enter_and_exec(&plan, joiners))
         }
         Ok(relay::Forked::Parent(child)) => {
             let ended = relay::wait(child);

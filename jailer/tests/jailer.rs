@@ -424,3 +424,62 @@ fn a_dynamic_program_runs_in_place_with_its_libraries_bound() {
     // Nothing was linked in, and the jail is gone again.
     assert!(entries(&tmp.path().join("ls")).is_empty());
 }
+
+/// `--cgroup-version 1` (a hybrid host's): each limit goes to the v1 hierarchy of its
+/// controller, the VMM joins every one of them, and all are removed when it ends.
+#[test]
+fn v1_limits_go_to_the_hierarchy_of_each_controller() {
+    let found = kindling_plumbing::cgroup::Hierarchies::read().unwrap();
+    let (Some(memory), Some(pids)) = (found.v1("memory"), found.v1("pids")) else {
+        println!(
+            "SKIPPED (host cannot): no cgroup v1 memory and pids hierarchies (a v2-only host)"
+        );
+        return;
+    };
+    let Some(vmm) = static_vmm() else { return };
+    let Jailed {
+        mut jailer,
+        pid,
+        id,
+        ..
+    } = Jailed::start(
+        &vmm,
+        &[
+            "--cgroup-version",
+            "1",
+            "--cgroup",
+            "memory.limit_in_bytes=268435456",
+            "--cgroup",
+            "pids.max=20",
+        ],
+    );
+    let listed = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let path = format!("/kindling-vmm/{id}");
+    for controller in ["memory", "pids"] {
+        assert!(
+            listed.lines().any(|l| {
+                let f: Vec<&str> = l.splitn(3, ':').collect();
+                f[1].split(',').any(|c| c == controller) && f[2] == path
+            }),
+            "not in its {controller} cgroup:\n{listed}"
+        );
+    }
+    let memory_dir = memory.join("kindling-vmm").join(&id);
+    let pids_dir = pids.join("kindling-vmm").join(&id);
+    assert_eq!(
+        fs::read_to_string(memory_dir.join("memory.limit_in_bytes")).unwrap(),
+        "268435456\n"
+    );
+    assert_eq!(
+        fs::read_to_string(pids_dir.join("pids.max")).unwrap(),
+        "20\n"
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(jailer.0.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    jailer.0.wait().unwrap();
+    assert!(!memory_dir.exists() && !pids_dir.exists());
+}

@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::process::Child;
 
-use crate::machine::{self, Jail, VmSpec};
+use crate::machine::{self, Jail, Limits, VmSpec};
 use crate::snapstart::SnapshotFiles;
 use crate::{console, Backend, RunningVm};
 use kindling_runtime_api::config::Hypervisor;
@@ -28,6 +28,10 @@ use kindling_runtime_api::environment::Freezer;
 
 /// How long kindling-vmm may take to open its API socket.
 const API_PATIENCE: Duration = Duration::from_secs(10);
+
+/// What kindling-vmm may use beside the guest's RAM (it measures ~3 MiB: its heap, queues
+/// and the drives' page cache it reads through).
+const VMM_OVERHEAD_MIB: u64 = 64;
 
 #[derive(Debug)]
 pub struct KindlingVmm {
@@ -127,6 +131,11 @@ impl KindlingVmm {
             kvm: true,
             // kindling-vmm has no network yet (see the launcher).
             keep_fd: None,
+            // The guest's RAM and the VMM's few MiB; its vCPU threads, API and event loop.
+            limits: Limits {
+                memory_mib: u64::from(spec.memory_mib) + VMM_OVERHEAD_MIB,
+                pids: 16 + u32::from(spec.vcpus),
+            },
         };
         let mut cmd = machine::jailed(&self.jailer, spec, &jail, console.try_clone()?, console);
         // The socket folder is the one the jailed VMM can write, at the same path inside

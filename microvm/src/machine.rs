@@ -6,10 +6,11 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use kindling_plumbing::cgroup::Hierarchies;
 use kindling_plumbing::ids::{IdLease, IdPool};
 use tokio::process::{Child, Command};
 
@@ -64,8 +65,8 @@ pub struct VmUser {
 /// the first subordinate-id ranges (`/etc/subuid` starts at 100000, 65536 wide).
 pub const VM_IDS: std::ops::Range<u32> = 900_000..904_096;
 
-/// The ids that running VMs of this process hold.
-static TAKEN: IdPool = IdPool::new(VM_IDS);
+/// The ids that running VMs hold, in every server on the host.
+static TAKEN: IdPool = IdPool::new("vm-users", VM_IDS);
 
 /// One [`VmUser`], held while its VM runs.
 #[derive(Debug)]
@@ -128,6 +129,67 @@ pub struct Jail<'a> {
     pub kvm: bool,
     /// A descriptor the program inherits at the same number (the guest's tap).
     pub keep_fd: Option<BorrowedFd<'a>>,
+    /// What its cgroup allows it.
+    pub limits: Limits,
+}
+
+/// The cgroup limits of one jailed program: a guest that takes over its VMM, or a VMM
+/// bug, can take no more of the host's memory and tasks than this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Memory (resident and page cache), guest RAM included.
+    pub memory_mib: u64,
+    /// Threads and processes.
+    pub pids: u32,
+}
+
+/// The parent of every jailed program's cgroup: `<mount>/kindling-vms/<exec name>/<id>`.
+const CGROUP_PARENT: &str = "kindling-vms";
+
+/// How the host's cgroups hold memory and pids limits: the jailer's `--cgroup-version`
+/// and the file names of that version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CgroupFiles {
+    version: &'static str,
+    memory: &'static str,
+}
+
+/// This host's [`CgroupFiles`], looked up once; `None` (said once in the log) where no
+/// hierarchy offers both memory and pids: VMs then run without limits of their own.
+fn cgroup_files() -> Option<CgroupFiles> {
+    static FOUND: OnceLock<Option<CgroupFiles>> = OnceLock::new();
+    *FOUND.get_or_init(|| {
+        let found = match Hierarchies::read() {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!("VMs run without cgroup limits: {e}");
+                return None;
+            }
+        };
+        if found.v2_offering(&["memory", "pids"]).is_some() {
+            Some(CgroupFiles {
+                version: "2",
+                memory: "memory.max",
+            })
+        } else if found.v1("memory").is_some() && found.v1("pids").is_some() {
+            Some(CgroupFiles {
+                version: "1",
+                memory: "memory.limit_in_bytes",
+            })
+        } else {
+            tracing::warn!(
+                "VMs run without cgroup limits: no cgroup hierarchy offers memory and pids"
+            );
+            None
+        }
+    })
+}
+
+/// The cgroup of `program`'s jail, below each cgroup mount.
+pub fn cgroup_path(spec: &VmSpec, program: &Path) -> PathBuf {
+    Path::new(CGROUP_PARENT)
+        .join(exec_name(program))
+        .join(jail_id(spec))
 }
 
 /// `jailer` starting `jail.program` in a chroot of its own under the environment's
@@ -161,6 +223,23 @@ pub fn jailed(
     if !jail.kvm {
         cmd.arg("--no-kvm");
     }
+    if let Some(files) = cgroup_files() {
+        let cgroup = cgroup_path(spec, jail.program);
+        // The VM's id is this server's alone while it runs: a cgroup of that id is a dead
+        // server's, and the jailer refuses to start beside it.
+        if let Err(e) = Hierarchies::read().and_then(|found| found.remove_leftover(&cgroup)) {
+            tracing::warn!(cgroup = %cgroup.display(), "a dead server's VM cgroup: {e}");
+        }
+        let parent = cgroup.parent().unwrap_or(Path::new(CGROUP_PARENT));
+        let limits = jail.limits;
+        cmd.args(["--cgroup-version", files.version])
+            .arg("--parent-cgroup")
+            .arg(parent)
+            .arg("--cgroup")
+            .arg(format!("{}={}", files.memory, limits.memory_mib << 20))
+            .arg("--cgroup")
+            .arg(format!("pids.max={}", limits.pids));
+    }
     if let Some(fd) = jail.keep_fd {
         let fd = fd.as_raw_fd();
         cmd.args(["--keep-fd", &fd.to_string()]);
@@ -188,8 +267,12 @@ fn jail_id(spec: &VmSpec) -> String {
 /// Where the jailer makes the chroot of `program` for this VM:
 /// `<chroot-base-dir>/<exec file name>/<id>`.
 pub fn jail_dir(spec: &VmSpec, program: &Path) -> PathBuf {
-    let name = program.file_name().unwrap_or(program.as_os_str());
-    spec.work_dir.join(name).join(jail_id(spec))
+    spec.work_dir.join(exec_name(program)).join(jail_id(spec))
+}
+
+/// The program's file name, which names its jail and its cgroup's parent.
+fn exec_name(program: &Path) -> &OsStr {
+    program.file_name().unwrap_or(program.as_os_str())
 }
 
 /// `program` (a path, or a name looked up on `$PATH`).

@@ -27,7 +27,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::process::Child;
 
-use crate::machine::{self, Jail, VmSpec, VmUser};
+use crate::machine::{self, Jail, Limits, VmSpec, VmUser};
 use crate::{console, Backend, RunningVm};
 use kindling_runtime_api::config::Hypervisor;
 use kindling_runtime_api::environment::Freezer;
@@ -101,6 +101,7 @@ impl Backend for Qemu {
             files: &system,
             kvm: false,
             keep_fd: None,
+            limits: VHOST_VSOCK_LIMITS,
         };
         let mut daemon = machine::jailed(
             &self.jailer,
@@ -143,6 +144,7 @@ impl Backend for Qemu {
             // The host made and addressed the tap; QEMU only uses it (no privilege needed,
             // and its own network namespace stays empty).
             keep_fd: spec.tap.as_deref().map(AsFd::as_fd),
+            limits: self.limits(spec),
         };
         let mut qemu = machine::jailed(&self.jailer, spec, &qemu_jail, console, helper_log);
         qemu.args(self.args(spec, &vhost_sock, &qmp_sock));
@@ -156,7 +158,34 @@ impl Backend for Qemu {
     }
 }
 
+/// What the vsock daemon may use: it holds only its connections' buffers.
+const VHOST_VSOCK_LIMITS: Limits = Limits {
+    memory_mib: 64,
+    pids: 32,
+};
+
+/// TCG's translated-code cache, fixed (QEMU's default grows up to 1 GiB) so that QEMU's
+/// memory has a known bound for its cgroup.
+const TCG_CODE_CACHE_MIB: u64 = 256;
+
+/// What QEMU needs beside the guest's RAM and TCG's code cache: its own heap, device
+/// buffers, libraries.
+const QEMU_OVERHEAD_MIB: u64 = 256;
+
 impl Qemu {
+    /// QEMU's cgroup: the guest's RAM, the code cache, QEMU itself; its vCPU threads,
+    /// and a block I/O thread pool of up to 64.
+    fn limits(&self, spec: &VmSpec) -> Limits {
+        let cache = match self.accel {
+            Accel::Kvm => 0,
+            Accel::Tcg => TCG_CODE_CACHE_MIB,
+        };
+        Limits {
+            memory_mib: u64::from(spec.memory_mib) + cache + QEMU_OVERHEAD_MIB,
+            pids: 96 + u32::from(spec.vcpus),
+        }
+    }
+
     /// QEMU's arguments.
     fn args(
         &self,
@@ -166,14 +195,14 @@ impl Qemu {
     ) -> Vec<String> {
         let mem = spec.memory_mib;
         let accel = match self.accel {
-            Accel::Kvm => "kvm",
-            Accel::Tcg => "tcg",
+            Accel::Kvm => "kvm".to_string(),
+            Accel::Tcg => format!("tcg,tb-size={TCG_CODE_CACHE_MIB}"),
         };
         let mut args: Vec<String> = [
             "-M",
             "microvm,acpi=off,memory-backend=mem",
             "-accel",
-            accel,
+            &accel,
             "-m",
             &format!("{mem}M"),
             "-object",

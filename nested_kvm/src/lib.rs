@@ -506,12 +506,13 @@ impl Drop for WorkDir {
     }
 }
 
-/// PID 1 of L1: mounts, loads the modules (KVM, tun), brings up loopback, runs the job with
+/// PID 1 of L1: mounts (cgroup2 too: the jailer's VM limits), loads the modules (KVM, tun), brings up loopback, runs the job with
 /// its output on the second serial port, reports its status on the console and powers off.
 const L1_INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
 /bin/busybox mount -t sysfs sys /sys
 /bin/busybox mount -t devtmpfs dev /dev
+/bin/busybox mount -t cgroup2 cgroup2 /sys/fs/cgroup
 /bin/busybox --install -s /bin
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/tmp TMPDIR=/tmp
 for m in $(cat /nested/modules); do insmod "$m" || echo "nested-kvm: insmod $m failed"; done

@@ -149,6 +149,91 @@ impl Joiner {
     }
 }
 
+/// The cgroup file systems mounted on this host, as `/proc/self/mounts` lists them: v2
+/// hierarchies, and v1 hierarchies with the controllers each was mounted with. A hybrid
+/// host holds its controllers in v1 hierarchies beside an empty v2 one, so which one holds
+/// a limit is looked up, never assumed.
+#[derive(Debug, Clone, Default)]
+pub struct Hierarchies {
+    v2: Vec<PathBuf>,
+    /// `(mount point, mount options)`; the options name the controllers.
+    v1: Vec<(PathBuf, String)>,
+}
+
+impl Hierarchies {
+    /// This process's view, from `/proc/self/mounts`.
+    pub fn read() -> Result<Self> {
+        let path = Path::new("/proc/self/mounts");
+        let table = fs::read_to_string(path).map_err(|e| Error::new("reading", path, e))?;
+        Ok(Self::parse(&table))
+    }
+
+    /// The hierarchies listed in a `/proc/self/mounts` table.
+    pub fn parse(table: &str) -> Self {
+        let mut found = Hierarchies::default();
+        for line in table.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if let [_, point, fs_type, options, ..] = fields.as_slice() {
+                let point = PathBuf::from(crate::mount_table::unescape(point));
+                match *fs_type {
+                    "cgroup2" => found.v2.push(point),
+                    "cgroup" => found.v1.push((point, (*options).to_string())),
+                    _ => {}
+                }
+            }
+        }
+        found
+    }
+
+    /// Every v2 mount point, in table order.
+    pub fn v2(&self) -> impl Iterator<Item = &Path> {
+        self.v2.iter().map(PathBuf::as_path)
+    }
+
+    /// The first v2 mount whose root offers every one of `controllers`.
+    pub fn v2_offering(&self, wanted: &[&str]) -> Option<&Path> {
+        self.v2().find(|root| {
+            controllers(root)
+                .is_ok_and(|offered| wanted.iter().all(|w| offered.iter().any(|o| o == w)))
+        })
+    }
+
+    /// The v1 hierarchy mounted with `controller`.
+    pub fn v1(&self, controller: &str) -> Option<&Path> {
+        self.v1
+            .iter()
+            .find(|(_, options)| options.split(',').any(|o| o == controller))
+            .map(|(point, _)| point.as_path())
+    }
+
+    /// Every mount point, v2 first.
+    pub fn all(&self) -> impl Iterator<Item = &Path> {
+        self.v2()
+            .chain(self.v1.iter().map(|(point, _)| point.as_path()))
+    }
+
+    /// Removes the cgroup `path` (below each mount point), and the cgroups made inside it,
+    /// from every hierarchy that has it: what a dead server's environment left behind.
+    /// Processes still in it are SIGKILLed, and the cgroup stays (an `EBUSY` error says
+    /// so) until a later call finds it empty.
+    pub fn remove_leftover(&self, path: &Path) -> Result<()> {
+        for root in self.all() {
+            let dir = root.join(path);
+            if !dir.is_dir() {
+                continue;
+            }
+            if !kill_procs(&dir)?.is_empty() {
+                let busy = io::Error::from_raw_os_error(nix::libc::EBUSY);
+                return Err(Error::new("killed the processes left in", &dir, busy));
+            }
+            for dir in removal_order(&dir)? {
+                remove(&dir)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::process::CommandExt;
@@ -347,5 +432,28 @@ mod tests {
         child.wait().unwrap();
         remove(&cg).unwrap();
         assert!(counted.unwrap() > 0, "{} counted nothing", cg.display());
+    }
+
+    const HYBRID: &str = "\
+tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0
+cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0
+cgroup /sys/fs/cgroup/pids cgroup rw,relatime,pids 0 0
+cgroup /sys/fs/cgroup/net_cls\\040x cgroup rw,net_cls 0 0
+cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
+";
+
+    #[test]
+    fn finds_v1_hierarchies_by_controller() {
+        let found = Hierarchies::parse(HYBRID);
+        assert_eq!(found.v1("memory"), Some(Path::new("/sys/fs/cgroup/memory")));
+        assert_eq!(found.v1("pids"), Some(Path::new("/sys/fs/cgroup/pids")));
+        assert_eq!(
+            found.v1("net_cls"),
+            Some(Path::new("/sys/fs/cgroup/net_cls x"))
+        );
+        assert_eq!(found.v1("cpu"), None);
+        let v2: Vec<_> = found.v2().collect();
+        assert_eq!(v2, [Path::new("/sys/fs/cgroup/unified")]);
+        assert_eq!(found.all().count(), 4);
     }
 }

@@ -9,14 +9,13 @@
 //! between invocations ([`CgroupFreezer`]). The directory and control-file operations are [`kindling_plumbing::cgroup`]'s,
 //! shared with the guest's init and bootstrap; this module picks hierarchies and limits.
 
-use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use async_trait::async_trait;
-use kindling_plumbing::{cgroup, mount_table};
+use kindling_plumbing::cgroup::{self, Hierarchies};
 use kindling_runtime_api::environment::Freezer;
 
 /// The limits of one sandbox.
@@ -35,17 +34,15 @@ pub struct Cgroup {
 impl Cgroup {
     /// Creates `<parent>/<name>` in the hierarchies holding memory and pids, with `limits`.
     pub fn create(parent: &str, name: &str, limits: Limits) -> Result<Self> {
-        let mounts =
-            fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
-        if let Some(root) = v2_root(&mounts) {
-            return Self::create_v2(&root, parent, name, limits);
+        let found = Hierarchies::read()?;
+        if let Some(root) = found.v2_offering(&["memory", "pids"]) {
+            return Self::create_v2(root, parent, name, limits);
         }
-        let (Some(memory), Some(pids)) = (v1_root(&mounts, "memory"), v1_root(&mounts, "pids"))
-        else {
+        let (Some(memory), Some(pids)) = (found.v1("memory"), found.v1("pids")) else {
             bail!("no cgroup hierarchy with the memory and pids controllers is mounted");
         };
         let mut dirs = vec![memory.join(parent).join(name), pids.join(parent).join(name)];
-        dirs.extend(mount_points(&mounts, "cgroup2").map(|(root, _)| root.join(parent).join(name)));
+        dirs.extend(found.v2().map(|root| root.join(parent).join(name)));
         let created = Cgroup { dirs };
         created.make_dirs()?;
         // The combined memory+swap limit (when swap accounting exists) may never be
@@ -171,23 +168,7 @@ impl Cgroup {
     /// leaves when its server dies without stopping it. Its processes died with the
     /// server; any still there are killed and the cgroup is left for the next start.
     pub fn remove_leftover(parent: &str, name: &str) -> io::Result<()> {
-        let mounts = fs::read_to_string("/proc/self/mounts")?;
-        let roots = mount_points(&mounts, "cgroup2").chain(mount_points(&mounts, "cgroup"));
-        for (root, _) in roots {
-            let dir = root.join(parent).join(name);
-            if !dir.is_dir() {
-                continue;
-            }
-            if !cgroup::kill_procs(&dir)?.is_empty() {
-                return Err(io::Error::other(format!(
-                    "{} still had processes; killed, removed at the next start",
-                    dir.display()
-                )));
-            }
-            for dir in cgroup::removal_order(&dir)? {
-                cgroup::remove(&dir)?;
-            }
-        }
+        Hierarchies::read()?.remove_leftover(&Path::new(parent).join(name))?;
         Ok(())
     }
 
@@ -223,69 +204,5 @@ impl Freezer for CgroupFreezer {
     /// Writes `0`: the kernel wakes the tasks at once, so there is nothing to wait for.
     async fn thaw(&self) -> io::Result<()> {
         cgroup::write(&self.dir, FREEZE, "0").map_err(Into::into)
-    }
-}
-
-/// The mount point of a cgroup2 hierarchy that offers both memory and pids.
-fn v2_root(mounts: &str) -> Option<PathBuf> {
-    mount_points(mounts, "cgroup2")
-        .find(|(dir, _)| {
-            cgroup::controllers(dir).is_ok_and(|names| {
-                names.iter().any(|n| n == "memory") && names.iter().any(|n| n == "pids")
-            })
-        })
-        .map(|(dir, _)| dir)
-}
-
-/// The mount point of the v1 hierarchy that holds `controller`.
-fn v1_root(mounts: &str, controller: &str) -> Option<PathBuf> {
-    mount_points(mounts, "cgroup")
-        .find(|(_, options)| options.split(',').any(|o| o == controller))
-        .map(|(dir, _)| dir)
-}
-
-/// `(mount point, options)` of every mount of file system type `fs_type`.
-fn mount_points<'a>(
-    mounts: &'a str,
-    fs_type: &'a str,
-) -> impl Iterator<Item = (PathBuf, &'a str)> + 'a {
-    mounts.lines().filter_map(move |line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        match fields.as_slice() {
-            [_, dir, ty, options, ..] if *ty == fs_type => {
-                Some((PathBuf::from(mount_table::unescape(dir)), *options))
-            }
-            _ => None,
-        }
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const HYBRID: &str = "\
-tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0
-cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0
-cgroup /sys/fs/cgroup/pids cgroup rw,relatime,pids 0 0
-cgroup /sys/fs/cgroup/net_cls\\040x cgroup rw,net_cls 0 0
-cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
-";
-
-    #[test]
-    fn finds_v1_hierarchies_by_controller() {
-        assert_eq!(
-            v1_root(HYBRID, "memory"),
-            Some(PathBuf::from("/sys/fs/cgroup/memory"))
-        );
-        assert_eq!(
-            v1_root(HYBRID, "pids"),
-            Some(PathBuf::from("/sys/fs/cgroup/pids"))
-        );
-        assert_eq!(
-            v1_root(HYBRID, "net_cls"),
-            Some(PathBuf::from("/sys/fs/cgroup/net_cls x"))
-        );
-        assert_eq!(v1_root(HYBRID, "cpu"), None);
     }
 }

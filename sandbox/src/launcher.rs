@@ -50,7 +50,7 @@ const SANDBOX_IDS: u32 = 65_536;
 const SANDBOX_ID_BASE: u32 = 0x1000_0000;
 /// Which ranges running sandboxes hold: range `n` starts at
 /// `SANDBOX_ID_BASE + n * SANDBOX_IDS`.
-static SANDBOX_RANGES: IdPool = IdPool::new(0..4096);
+static SANDBOX_RANGES: IdPool = IdPool::new("sandbox-ranges", 0..4096);
 
 /// The host ids of a sandbox, held while it runs.
 fn id_range() -> Result<(IdLease, IdMap)> {
