@@ -690,6 +690,8 @@ impl ControlPlane {
             last_modified: last_modified(),
             revision_id: uuid::Uuid::new_v4().to_string(),
             event_invoke: None,
+            // A URL serves `$LATEST`: a version has none of its own.
+            url: None,
             ..latest.clone()
         };
         let function = self.prepare(&version).await?;
