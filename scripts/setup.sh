@@ -12,7 +12,7 @@ packages=(
   # sandbox and tests
   util-linux iproute2 curl python3 nodejs
   # control-plane tests: the AWS CLI and boto3 against `kindling serve`
-  awscli python3-boto3 python3-venv
+  awscli python3-boto3 python3-venv python3-pip
   # environments' outbound network: the host's filter and NAT (`nft`)
   nftables
 )
@@ -61,6 +61,16 @@ if ! /usr/bin/python3 -c "$streaming_boto3" 2>/dev/null &&
   echo "setup: installing boto3 >= 1.28 into /opt/kindling-boto3 (response-streaming tests)"
   /usr/bin/python3 -m venv /opt/kindling-boto3
   /opt/kindling-boto3/bin/pip install --quiet 'boto3>=1.28'
+fi
+
+# Powertools for AWS Lambda (Python), pure Python from PyPI, for the HTTP-trigger tests: a
+# test function's code bundles it as a Lambda user's zip would (pip install --target).
+if [ ! -f /opt/kindling-powertools/aws_lambda_powertools/__init__.py ]; then
+  echo "setup: installing aws-lambda-powertools into /opt/kindling-powertools (HTTP trigger tests)"
+  rm -rf /opt/kindling-powertools.partial
+  /usr/bin/python3 -m pip install --quiet --no-warn-conflicts --disable-pip-version-check \
+    --no-compile --target /opt/kindling-powertools.partial 'aws-lambda-powertools>=3,<4'
+  mv /opt/kindling-powertools.partial /opt/kindling-powertools
 fi
 
 echo "setup: building the static guest binaries"

@@ -153,16 +153,26 @@ struct CodeDeployer {
 
 impl Deployer for CodeDeployer {
     fn prepare(&self, mut function: Function) -> Result<Function, DeployError> {
-        ready_code(&mut function).map_err(|e| {
-            match e.chain().find_map(|c| c.downcast_ref::<CodeError>()) {
-                Some(refusal) => DeployError::Refused(refusal.to_string()),
-                None => DeployError::Failed(e),
-            }
-        })?;
+        ready_code(&mut function).map_err(deploy_error)?;
         if function.isolation == Isolation::Sandbox {
             self.sandboxes.add(&function.runtime)?;
         }
         Ok(function)
+    }
+
+    /// Unpacks the layer into the image cache, as a function using it would.
+    fn check_layer(&self, zip: &Path) -> Result<(), DeployError> {
+        build_layers_image(&open_cache()?, &[zip.to_path_buf()])
+            .map(drop)
+            .map_err(deploy_error)
+    }
+}
+
+/// A refusal of the caller's code (a [`CodeError`] in the chain), else the host's failure.
+fn deploy_error(e: anyhow::Error) -> DeployError {
+    match e.chain().find_map(|c| c.downcast_ref::<CodeError>()) {
+        Some(refusal) => DeployError::Refused(refusal.to_string()),
+        None => DeployError::Failed(e),
     }
 }
 

@@ -114,6 +114,9 @@ struct RunFunctionArgs {
     /// printed at start).
     #[arg(long, value_name = "PORT", num_args = 0..=1, default_missing_value = "0")]
     url: Option<u16>,
+    /// The events its URL sends: 2.0 (function URLs') or 1.0 (API Gateway REST proxy).
+    #[arg(long, value_name = "FORMAT", requires = "url", default_value = "2.0")]
+    url_payload: kindling_runtime_api::PayloadFormat,
 }
 
 /// What `serve` and `run` share.
@@ -490,7 +493,10 @@ fn run_function(args: RunFunctionArgs) -> anyhow::Result<FunctionConfig> {
         function,
         hypervisor: None,
         event_invoke: None,
-        url: args.url,
+        url: args.url.map(|port| kindling_runtime_api::UrlConfig {
+            port,
+            payload: args.url_payload,
+        }),
     })
 }
 

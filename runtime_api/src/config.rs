@@ -16,6 +16,7 @@
 //! credentials = "host"             # the server's AWS credentials (default: the server's choice)
 //! url = true                       # a function URL: served over HTTP (see function_url.rs)
 //! url_port = 9101                  # its port (default: a free one, printed at start)
+//! url_payload = "1.0"              # API Gateway REST proxy events (default "2.0": function URLs')
 //! # Event invocations, as PutFunctionEventInvokeConfig sets them:
 //! maximum_retry_attempts = 2       # 0..2
 //! maximum_event_age = 21600        # seconds, 60..21600
@@ -38,6 +39,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::environment::{Credentials, Function, Isolation, Network};
+use crate::function_url::UrlConfig;
 use crate::store::EventInvokeConfig;
 use crate::vocabulary::{closed_vocabulary, not_one_of};
 
@@ -69,8 +71,8 @@ pub struct FunctionConfig {
     /// How its `Event` invocations are retried and where their outcomes go; `None` when
     /// the table sets none of those keys (Lambda's defaults).
     pub event_invoke: Option<EventInvokeConfig>,
-    /// `url = true`: the port of the function's URL (0: a free one); `None`: no URL.
-    pub url: Option<u16>,
+    /// `url = true`: the function's URL (port 0: a free one); `None`: no URL.
+    pub url: Option<UrlConfig>,
 }
 
 /// A mistake in a functions file, located as precisely as the file allows.
@@ -115,6 +117,7 @@ struct RawFunction {
     credentials: Option<Spanned<String>>,
     url: Option<Spanned<bool>>,
     url_port: Option<Spanned<i64>>,
+    url_payload: Option<Spanned<String>>,
     maximum_retry_attempts: Option<Spanned<i64>>,
     maximum_event_age: Option<Spanned<i64>>,
     on_success: Option<Spanned<String>>,
@@ -244,17 +247,28 @@ fn function_config(
     let event_invoke = event_invoke(&f, &key, at)?;
     let url_port =
         in_range(&f.url_port, 1..=u16::MAX, 0).map_err(range_error(at, key("url_port")))?;
+    let payload = named(f.url_payload.as_ref(), &key("url_payload"), at)?;
     let url = match (f.url.as_ref().is_some_and(|u| *u.get_ref()), &f.url_port) {
-        (true, _) => Some(url_port),
-        (false, None) => None,
-        (false, Some(port)) => {
-            return Err(at.error(
-                port.span().start,
-                format!(
-                    "{}: a port for a function URL, but url = true is not set",
-                    key("url_port")
+        (true, _) => Some(UrlConfig {
+            port: url_port,
+            payload: payload.unwrap_or_default(),
+        }),
+        (false, None) if payload.is_none() => None,
+        (false, _) => {
+            let (name, offset) = match (&f.url_port, &f.url_payload) {
+                (Some(port), _) => ("url_port", port.span().start),
+                (None, payload) => (
+                    "url_payload",
+                    payload.as_ref().map_or(0, |p| p.span().start),
                 ),
-            ))
+            };
+            return Err(at.error(
+                offset,
+                format!(
+                    "{}: a setting of a function URL, but url = true is not set",
+                    key(name)
+                ),
+            ));
         }
     };
     Ok(FunctionConfig {
@@ -434,6 +448,7 @@ fn line_of(text: &str, offset: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::function_url::PayloadFormat;
 
     fn parse_in(dir: &Path, text: &str) -> Result<Vec<FunctionConfig>, ConfigError> {
         parse(text, &dir.join("functions.toml"), &["provided", "python"])
@@ -503,12 +518,28 @@ GREETING = "hi"
         let dir = with_code();
         let head = "[functions.a]\ncode = 'hello'\nruntime = 'python'\nhandler = 'a.b'\n";
         let url = |extra: &str| parse_in(dir.path(), &format!("{head}{extra}")).map(|f| f[0].url);
+        let at = |port, payload| Ok(Some(UrlConfig { port, payload }));
         assert_eq!(url(""), Ok(None));
-        assert_eq!(url("url = true\n"), Ok(Some(0)));
-        assert_eq!(url("url = true\nurl_port = 9101\n"), Ok(Some(9101)));
+        assert_eq!(url("url = true\n"), at(0, PayloadFormat::V2));
+        assert_eq!(
+            url("url = true\nurl_port = 9101\n"),
+            at(9101, PayloadFormat::V2)
+        );
+        assert_eq!(
+            url("url = true\nurl_payload = '1.0'\n"),
+            at(0, PayloadFormat::V1)
+        );
         assert_eq!(url("url = false\n"), Ok(None));
         let e = url("url_port = 9101\n").unwrap_err();
         assert!(e.message.contains("url = true is not set"), "{e}");
+        let e = url("url_payload = '1.0'\n").unwrap_err();
+        assert!(
+            e.message
+                .contains("functions.a.url_payload: a setting of a function URL"),
+            "{e}"
+        );
+        let e = url("url = true\nurl_payload = '3.0'\n").unwrap_err();
+        assert!(e.message.contains("not a payload format"), "{e}");
         let e = url("url = true\nurl_port = 70000\n").unwrap_err();
         assert!(e.message.contains("functions.a.url_port"), "{e}");
     }

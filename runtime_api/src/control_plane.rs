@@ -37,10 +37,14 @@ use tokio::sync::Semaphore;
 
 use crate::config::{MEMORY_MB, TIMEOUT_S};
 use crate::environment::{Function, Isolation};
+use crate::function_url::UrlServers;
 use crate::invoke_api::{json_response, lambda_error, read_body, status_only};
 use crate::names::{self, FunctionRef, NameError};
 use crate::scheduler::{Scheduler, VERSION};
 use crate::store::{version_number, AliasRecord, EventInvokeConfig, FunctionRecord, Origin, Store};
+
+mod layers;
+mod urls;
 
 /// Lambda's limit on a request that carries a zip (`CreateFunction`, `UpdateFunctionCode`).
 pub const MAX_CONTROL_REQUEST_BYTES: usize = 70_167_211;
@@ -69,6 +73,14 @@ pub trait Deployer: Send + Sync + std::fmt::Debug {
     /// `function.code` is a zip (or, for functions.toml, what the file names); the
     /// answer is the function as the scheduler runs it. Blocking: called off the runtime.
     fn prepare(&self, function: Function) -> Result<Function, DeployError>;
+
+    /// Checks a layer's zip as [`Deployer::prepare`] will unpack it, so that a bad one is
+    /// refused when it is published rather than when a function first uses it.
+    /// Blocking: called off the runtime.
+    fn check_layer(&self, zip: &std::path::Path) -> Result<(), DeployError> {
+        let _ = zip;
+        Ok(())
+    }
 }
 
 /// Why code could not be deployed.
@@ -85,9 +97,15 @@ pub enum DeployError {
 /// Whether a request is the control plane's (the invocations path is not).
 pub(crate) fn handles(path: &str) -> bool {
     (path.starts_with(FUNCTIONS_2015) && !path.ends_with("/invocations"))
-        || [FUNCTIONS_2019, CONCURRENCY_2017, CONCURRENCY_2019]
-            .iter()
-            .any(|p| path.starts_with(p))
+        || [
+            FUNCTIONS_2019,
+            CONCURRENCY_2017,
+            CONCURRENCY_2019,
+            urls::URLS_2021,
+            layers::LAYERS_2018,
+        ]
+        .iter()
+        .any(|p| path.starts_with(p))
 }
 
 /// Lambda's runtime identifier → Kindling's runtime image, or `None` when unsupported.
@@ -120,6 +138,8 @@ pub(crate) struct ControlPlane {
     /// One change at a time: a function is never half updated.
     pub changes: tokio::sync::Mutex<()>,
     pub uploads: Semaphore,
+    /// The function URLs served, which `CreateFunctionUrlConfig` adds to.
+    pub urls: Arc<UrlServers>,
 }
 
 impl ControlPlane {
@@ -141,6 +161,14 @@ impl ControlPlane {
             .into_owned()
             .collect();
         let method = req.method().clone();
+        if let Some(rest) = path.strip_prefix(urls::URLS_2021) {
+            let rest = rest.to_string();
+            return self.route_url(req, &rest, &raw_query, &query).await;
+        }
+        if let Some(rest) = path.strip_prefix(layers::LAYERS_2018) {
+            let rest = rest.to_string();
+            return self.route_layers(req, &rest, &query).await;
+        }
         if let Some(rest) = path.strip_prefix(FUNCTIONS_2019) {
             let name = rest
                 .strip_suffix("/event-invoke-config")
@@ -392,6 +420,13 @@ impl ControlPlane {
         if let Some(role) = &r.role {
             c["Role"] = json!(role);
         }
+        if !r.layers.is_empty() {
+            c["Layers"] = r
+                .layers
+                .iter()
+                .map(|l| json!({"Arn": l.arn, "CodeSize": l.code_size}))
+                .collect();
+        }
         if self.scheduler.resolve(&r.name, &r.version).is_none() {
             // Its code could not be readied when the server started.
             c["State"] = json!("Failed");
@@ -459,7 +494,7 @@ impl ControlPlane {
             ));
         }
         check_architectures(input.architectures.as_deref())?;
-        check_layers(input.layers.as_deref())?;
+        let layers = self.layers_of(input.layers.as_deref().unwrap_or_default())?;
         let runtime = input
             .runtime
             .ok_or_else(|| ApiError::invalid("Runtime is required for a Zip function".into()))?;
@@ -501,6 +536,8 @@ impl ControlPlane {
             last_modified: String::new(),
             revision_id: String::new(),
             event_invoke: None,
+            layers,
+            url: None,
         };
         let code = record.code.clone();
         let committed = match apply_settings(&mut record, input.settings) {
@@ -564,10 +601,13 @@ impl ControlPlane {
         body: Value,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
         let input: UpdateConfigInput = parse_input(body)?;
-        check_layers(input.layers.as_deref())?;
         let _change = self.changes.lock().await;
         let mut record = self.changeable(name)?;
         check_revision(&record, input.revision_id.as_deref())?;
+        let old_layers = match input.layers {
+            Some(arns) => std::mem::replace(&mut record.layers, self.layers_of(&arns)?),
+            None => Vec::new(),
+        };
         if let Some(runtime) = input.runtime {
             record.image = image(&runtime)?.to_string();
             record.runtime = runtime;
@@ -583,6 +623,10 @@ impl ControlPlane {
         }
         apply_settings(&mut record, input.settings)?;
         let record = self.commit(record).await?;
+        // Layer versions deleted meanwhile were kept for this function alone.
+        for layer in old_layers {
+            self.forget_code(&layer.code);
+        }
         Ok(ok(&self.configuration(&record)))
     }
 
@@ -646,6 +690,8 @@ impl ControlPlane {
             last_modified: last_modified(),
             revision_id: uuid::Uuid::new_v4().to_string(),
             event_invoke: None,
+            // A URL serves `$LATEST`: a version has none of its own.
+            url: None,
             ..latest.clone()
         };
         let function = self.prepare(&version).await?;
@@ -695,8 +741,11 @@ impl ControlPlane {
         let versions = self.store.versions(name).map_err(ApiError::store)?;
         self.store.delete_function(name).map_err(ApiError::store)?;
         self.scheduler.remove(name).await;
-        for code in std::iter::once(&record).chain(&versions).map(|r| &r.code) {
-            self.forget_code(code);
+        self.forget_url(name);
+        for r in std::iter::once(&record).chain(&versions) {
+            for code in std::iter::once(&r.code).chain(r.layers.iter().map(|l| &l.code)) {
+                self.forget_code(code);
+            }
         }
         tracing::info!(function = %name, "function deleted");
         Ok(status_only(StatusCode::NO_CONTENT))
@@ -1106,10 +1155,10 @@ pub(crate) fn function_of(record: &FunctionRecord) -> Result<Function, String> {
         isolation: record.isolation.parse()?,
         max_concurrency: record.max_concurrency,
         env: record.env.clone(),
-        // Not offered through the API yet: functions.toml's `snapstart` and `layers` only.
+        // Not offered through the API yet: functions.toml's `snapstart` only.
         snapstart: false,
         network: crate::environment::Network::Outbound,
-        layers: Vec::new(),
+        layers: record.layers.iter().map(|l| l.code.clone()).collect(),
         // The server's choice (`serve --credentials`).
         credentials: None,
     })
@@ -1133,17 +1182,6 @@ fn check_architectures(architectures: Option<&[String]>) -> Result<(), ApiError>
     match architectures {
         Some(a) if a.iter().any(|a| a != "x86_64") => Err(ApiError::invalid(
             "only the x86_64 architecture is supported".into(),
-        )),
-        _ => Ok(()),
-    }
-}
-
-fn check_layers(layers: Option<&[String]>) -> Result<(), ApiError> {
-    match layers {
-        Some(l) if !l.is_empty() => Err(ApiError::invalid(
-            "layer versions are not supported through the API yet: give a function's layers \
-             as folders or zips in functions.toml (layers = [...])"
-                .into(),
         )),
         _ => Ok(()),
     }

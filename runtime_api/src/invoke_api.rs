@@ -8,7 +8,8 @@
 //! [`crate::control_plane`].
 //!
 //! Limits: a request payload of at most [`MAX_REQUEST_BYTES`] (an `Event` one: at most
-//! [`MAX_EVENT_PAYLOAD_BYTES`], read no further, else 413 `RequestEntityTooLargeException`); accepted
+//! [`MAX_EVENT_PAYLOAD_BYTES`], read no further, else 413 `RequestEntityTooLargeException`),
+//! valid JSON or empty (else 400 `InvalidRequestContentException`, see [`json_payload`]); accepted
 //! `Event` invocations bounded per function on disk (else 429 `TooManyRequestsException`,
 //! see [`crate::events`]); connections bounded in number and in time spent idle or
 //! sending a head (see [`crate::connections`]).
@@ -330,6 +331,10 @@ impl InvokeApi {
             }
             Err(r) => return r,
         };
+        let payload = match json_payload(payload) {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
         let request = InvokeRequest {
             payload,
             client_context: headers.client_context,
@@ -500,6 +505,35 @@ pub(crate) async fn read_body(
     }
 }
 
+/// Lambda's check of an invocation's payload, before any environment is touched: JSON
+/// (checked without building it), or nothing, which the function sees as `{}`; else 400
+/// `InvalidRequestContentException` with Lambda's message.
+#[expect(
+    clippy::result_large_err,
+    reason = "the error is the answer itself, sent at once"
+)]
+pub(crate) fn json_payload(payload: Bytes) -> Result<Bytes, Response<Full<Bytes>>> {
+    if payload.is_empty() {
+        return Ok(Bytes::from_static(b"{}"));
+    }
+    // A slice reader skips strings without checking their UTF-8: check it first.
+    let checked = std::str::from_utf8(&payload)
+        .map_err(|e| e.to_string())
+        .and_then(|text| {
+            serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| e.to_string())
+        });
+    match checked {
+        Ok(_) => Ok(payload),
+        Err(why) => Err(lambda_error(
+            StatusCode::BAD_REQUEST,
+            "InvalidRequestContentException",
+            &format!(
+                "Could not parse request body into json: Could not parse payload into json: {why}"
+            ),
+        )),
+    }
+}
+
 /// What an Invoke request's headers ask for.
 struct InvokeHeaders {
     invocation_type: InvocationType,
@@ -659,4 +693,47 @@ pub(crate) fn status_only(status: StatusCode) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = status;
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_must_be_json_or_nothing() {
+        assert_eq!(json_payload(Bytes::new()).unwrap(), &b"{}"[..]);
+        for good in [
+            &br#"{"a":[1,2,{"b":null}]}"#[..],
+            b"\"text\"",
+            b" 42 ",
+            b"null",
+        ] {
+            assert_eq!(json_payload(Bytes::from_static(good)).unwrap(), good);
+        }
+        for bad in [
+            &b"not json"[..],
+            b"{\"a\": ",
+            b"{} {}",
+            b"\"\xff\"",
+            b"  ",
+            b"{\"a\":1,}",
+        ] {
+            let refused = json_payload(Bytes::from_static(bad)).unwrap_err();
+            assert_eq!(refused.status(), StatusCode::BAD_REQUEST, "{bad:?}");
+            assert_eq!(
+                refused.headers()[HEADER_ERROR_TYPE],
+                "InvalidRequestContentException"
+            );
+        }
+        // What it costs, for the README: a 6 MB payload, checked.
+        let big = Bytes::from(
+            serde_json::to_vec(
+                &json!({"rows": vec![json!({"id": 12345, "name": "kindling"}); 200_000]}),
+            )
+            .unwrap(),
+        );
+        let begun = std::time::Instant::now();
+        json_payload(big.clone()).unwrap();
+        println!("{} bytes checked in {:?}", big.len(), begun.elapsed());
+    }
 }

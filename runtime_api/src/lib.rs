@@ -35,6 +35,7 @@ pub use environment::{
     StopMode,
 };
 pub use events::EventQueueOptions;
+pub use function_url::{PayloadFormat, UrlConfig};
 pub use invoke_api::{
     HEADER_CLIENT_CONTEXT, HEADER_EXECUTED_VERSION, HEADER_FUNCTION_ERROR, HEADER_INVOCATION_TYPE,
     HEADER_LOG_RESULT, HEADER_LOG_TYPE, MAX_EVENT_PAYLOAD_BYTES,

@@ -18,7 +18,7 @@ use crate::control_plane::{self, ControlPlane, DeployError, Deployer};
 use crate::credentials::HostCredentials;
 use crate::environment::{Credentials, Function, Isolation, Launcher};
 use crate::events::{EventQueue, EventQueueOptions};
-use crate::function_url::FunctionUrl;
+use crate::function_url::{PayloadFormat, UrlConfig, UrlServers};
 use crate::invoke_api::{self, InvokeApi};
 use crate::logs::{self, LogLine, LogSink};
 use crate::metrics::Metrics;
@@ -58,10 +58,11 @@ pub struct ServerOptions {
     /// The event-invoke settings of functions.toml's functions, by name (the API's
     /// `PutFunctionEventInvokeConfig` is refused for them: the file is their source).
     pub event_invoke: BTreeMap<String, EventInvokeConfig>,
-    /// Functions served over HTTP (function URLs), by name: each on its own listener at
-    /// the Invoke API's address and this port (0: a free one; see
-    /// [`Server::function_urls`]).
-    pub function_urls: BTreeMap<String, u16>,
+    /// functions.toml's functions served over HTTP (function URLs), by name: each on its
+    /// own listener at the Invoke API's address and its port (0: a free one; see
+    /// [`Server::function_urls`]). Those created through the control plane are in the
+    /// registry.
+    pub function_urls: BTreeMap<String, UrlConfig>,
     /// Readies uploaded code for the launchers; `None` runs it as uploaded (the zip's
     /// path is the function's code), for launchers that need nothing more.
     pub deployer: Option<Arc<dyn Deployer>>,
@@ -140,8 +141,9 @@ impl Deployer for AsUploaded {
 /// A bound, not yet running, Kindling host.
 pub struct Server {
     listener: TcpListener,
-    /// One listener per function URL, by function name.
-    url_listeners: Vec<(String, TcpListener)>,
+    /// One listener per function URL, by function name, served from [`Server::run`] on.
+    url_listeners: Vec<(String, PayloadFormat, TcpListener)>,
+    urls: Arc<UrlServers>,
     scheduler: Arc<Scheduler>,
     metrics: Arc<Metrics>,
     logs: Arc<LogSink>,
@@ -207,13 +209,28 @@ impl Server {
         let listener = TcpListener::bind(options.invoke_addr)
             .await
             .with_context(|| format!("cannot listen on {}", options.invoke_addr))?;
+        let limits = ConnectionLimits {
+            header_read_timeout: options.header_read_timeout,
+            keep_alive_timeout: options.keep_alive_timeout,
+            body_read_timeout: options.body_read_timeout,
+            max_connections: options.max_connections,
+        };
+        let urls = Arc::new(UrlServers::new(
+            scheduler.clone(),
+            limits,
+            options.invoke_addr.ip(),
+        ));
         let mut url_listeners = Vec::new();
-        for (name, port) in &options.function_urls {
-            let addr = SocketAddr::new(options.invoke_addr.ip(), *port);
-            let l = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("function URL of {name}: cannot listen on {addr}"))?;
-            url_listeners.push((name.clone(), l));
+        for (name, url) in &options.function_urls {
+            let l = urls.bind(url.port).await.with_context(|| {
+                format!("function URL of {name}: cannot listen on port {}", url.port)
+            })?;
+            url_listeners.push((name.clone(), url.payload, l));
+        }
+        for record in store.functions()? {
+            if let Some(l) = api_url_listener(&store, &urls, record).await? {
+                url_listeners.push(l);
+            }
         }
         let events = Arc::new(EventQueue::new(
             store.clone(),
@@ -231,18 +248,14 @@ impl Server {
         Ok(Self {
             listener,
             url_listeners,
+            urls,
             scheduler,
             metrics,
             logs,
             store,
             events,
             deployer,
-            limits: ConnectionLimits {
-                header_read_timeout: options.header_read_timeout,
-                keep_alive_timeout: options.keep_alive_timeout,
-                body_read_timeout: options.body_read_timeout,
-                max_connections: options.max_connections,
-            },
+            limits,
             options,
         })
     }
@@ -258,7 +271,7 @@ impl Server {
     pub fn function_urls(&self) -> Vec<(String, SocketAddr)> {
         self.url_listeners
             .iter()
-            .filter_map(|(name, l)| Some((name.clone(), l.local_addr().ok()?)))
+            .filter_map(|(name, _, l)| Some((name.clone(), l.local_addr().ok()?)))
             .collect()
     }
 
@@ -293,6 +306,7 @@ impl Server {
             body_read_timeout: self.limits.body_read_timeout,
             changes: tokio::sync::Mutex::new(()),
             uploads: ControlPlane::uploads(),
+            urls: self.urls.clone(),
         };
         let api = Arc::new(InvokeApi {
             scheduler: self.scheduler.clone(),
@@ -301,18 +315,11 @@ impl Server {
             events: self.events.clone(),
             control,
         });
-        let urls: Vec<_> = self
-            .url_listeners
-            .into_iter()
-            .map(|(function, listener)| {
-                let url = Arc::new(FunctionUrl::new(
-                    self.scheduler.clone(),
-                    function,
-                    self.limits,
-                ));
-                tokio::spawn(invoke_api::serve(listener, url, stop_rx.clone()))
-            })
-            .collect();
+        for (function, payload, listener) in self.url_listeners {
+            self.urls
+                .serve(&function, listener, payload)
+                .with_context(|| format!("function URL of {function}"))?;
+        }
         let serving = tokio::spawn(invoke_api::serve(self.listener, api, stop_rx));
         let scheduler = self.scheduler.clone();
         let reaper = tokio::spawn(async move { scheduler.retire_idle().await });
@@ -327,9 +334,7 @@ impl Server {
         dispatcher.await.context("the event dispatcher failed")?;
         stop_tx.send_replace(true);
         serving.await.context("the Invoke API task failed")?;
-        for url in urls {
-            url.await.context("a function URL task failed")?;
-        }
+        self.urls.shutdown().await;
         reaper.await.context("the idle reaper failed")?;
         remove_if_empty(self.scheduler.env_root());
         tracing::info!("stopped");
@@ -400,6 +405,33 @@ fn registry(
     Ok(functions)
 }
 
+/// The listener of a function URL created through the control plane, on the port it had
+/// (its URL stays the same across restarts), else on a free one, recorded.
+async fn api_url_listener(
+    store: &Store,
+    urls: &UrlServers,
+    mut record: FunctionRecord,
+) -> anyhow::Result<Option<(String, PayloadFormat, TcpListener)>> {
+    let Some(url) = record.url.as_mut().filter(|_| record.origin == Origin::Api) else {
+        return Ok(None);
+    };
+    let listener = match urls.bind(url.port).await {
+        Ok(l) => l,
+        Err(e) => {
+            let l = urls
+                .bind(0)
+                .await
+                .with_context(|| format!("function URL of {}: cannot listen", record.name))?;
+            let port = l.local_addr()?.port();
+            tracing::warn!(function = %record.name, old = url.port, new = port, error = %e, "the function URL's port is taken: its URL changes");
+            url.port = port;
+            store.put_function(&record)?;
+            l
+        }
+    };
+    Ok(Some((record.name, PayloadFormat::V2, listener)))
+}
+
 /// The registry's record of a functions.toml function.
 fn file_record(f: &Function) -> FunctionRecord {
     FunctionRecord {
@@ -424,6 +456,8 @@ fn file_record(f: &Function) -> FunctionRecord {
         last_modified: control_plane::last_modified(),
         revision_id: uuid::Uuid::new_v4().to_string(),
         event_invoke: None,
+        layers: Vec::new(),
+        url: None,
     }
 }
 

@@ -58,6 +58,17 @@ const MIGRATIONS: &[&str] = &[
          PRIMARY KEY (function, name)
      );
      ALTER TABLE events ADD COLUMN qualifier TEXT;",
+    // 4: layers published through the control plane; a name's numbers are never reused.
+    "CREATE TABLE layer_names (
+         name TEXT PRIMARY KEY,
+         last_version INTEGER NOT NULL
+     );
+     CREATE TABLE layers (
+         name TEXT NOT NULL,
+         version INTEGER NOT NULL,
+         record TEXT NOT NULL,
+         PRIMARY KEY (name, version)
+     );",
 ];
 
 /// The version a function's record is when it is not a published one.
@@ -117,6 +128,51 @@ pub struct FunctionRecord {
     pub revision_id: String,
     #[serde(default)]
     pub event_invoke: Option<EventInvokeConfig>,
+    /// Its layers (`Layers`), in order.
+    #[serde(default)]
+    pub layers: Vec<LayerUse>,
+    /// Its function URL (`CreateFunctionUrlConfig`).
+    #[serde(default)]
+    pub url: Option<UrlRecord>,
+}
+
+/// A layer version a function uses: its ARN, and its zip in the code store (kept while a
+/// function uses it, even once the version is deleted, as Lambda keeps it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerUse {
+    pub arn: String,
+    pub code: std::path::PathBuf,
+    pub code_size: u64,
+}
+
+/// A function URL's configuration, as `CreateFunctionUrlConfig` set it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UrlRecord {
+    /// Its port at the Invoke API's address, taken again at every start.
+    pub port: u16,
+    pub auth_type: String,
+    pub invoke_mode: String,
+    /// `Cors`, as given (kept and returned).
+    pub cors: Option<serde_json::Value>,
+    pub creation_time: String,
+    pub last_modified: String,
+}
+
+/// A published layer version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerRecord {
+    pub name: String,
+    /// Numbered from 1 by [`Store::publish_layer`].
+    pub version: u64,
+    pub description: String,
+    pub compatible_runtimes: Vec<String>,
+    pub compatible_architectures: Vec<String>,
+    pub license_info: Option<String>,
+    pub created_date: String,
+    /// The zip in the code store.
+    pub code: std::path::PathBuf,
+    pub code_sha256: String,
+    pub code_size: u64,
 }
 
 fn latest() -> String {
@@ -431,7 +487,8 @@ impl Store {
         }
     }
 
-    /// Whether any function or version runs the code at `code`.
+    /// Whether any function or version runs the code at `code` (as its code or one of
+    /// its layers), or a layer version holds it.
     pub fn code_in_use(&self, code: &Path) -> anyhow::Result<bool> {
         let db = self.db();
         let mut query =
@@ -439,11 +496,74 @@ impl Store {
         let mut rows = query.query([])?;
         while let Some(row) = rows.next()? {
             let record: FunctionRecord = serde_json::from_str(&row.get::<_, String>(0)?)?;
+            if record.code == code || record.layers.iter().any(|l| l.code == code) {
+                return Ok(true);
+            }
+        }
+        drop(rows);
+        drop(query);
+        let mut query = db.prepare("SELECT record FROM layers")?;
+        let mut rows = query.query([])?;
+        while let Some(row) = rows.next()? {
+            let record: LayerRecord = serde_json::from_str(&row.get::<_, String>(0)?)?;
             if record.code == code {
                 return Ok(true);
             }
         }
         Ok(false)
+    }
+
+    /// Publishes a layer version under the next number of its name (`record.version` is
+    /// ignored); the record as kept.
+    pub fn publish_layer(&self, mut record: LayerRecord) -> anyhow::Result<LayerRecord> {
+        let db = self.db();
+        let tx = db.unchecked_transaction()?;
+        let version: i64 = tx.query_row(
+            "INSERT INTO layer_names (name, last_version) VALUES (?1, 1)
+             ON CONFLICT (name) DO UPDATE SET last_version = last_version + 1
+             RETURNING last_version",
+            params![record.name],
+            |r| r.get(0),
+        )?;
+        record.version = u64::try_from(version)?;
+        tx.execute(
+            "INSERT INTO layers (name, version, record) VALUES (?1, ?2, ?3)",
+            params![record.name, version, serde_json::to_string(&record)?],
+        )?;
+        tx.commit()?;
+        Ok(record)
+    }
+
+    /// A layer's versions, newest first (every layer's when `name` is `None`).
+    pub fn layer_versions(&self, name: Option<&str>) -> anyhow::Result<Vec<LayerRecord>> {
+        let db = self.db();
+        let mut query = db.prepare(
+            "SELECT record FROM layers WHERE ?1 IS NULL OR name = ?1
+             ORDER BY name, version DESC",
+        )?;
+        let rows = query.query_map(params![name], |r| r.get::<_, String>(0))?;
+        rows.map(|r| Ok(serde_json::from_str(&r?)?)).collect()
+    }
+
+    pub fn layer(&self, name: &str, version: u64) -> anyhow::Result<Option<LayerRecord>> {
+        let text: Option<String> = self
+            .db()
+            .query_row(
+                "SELECT record FROM layers WHERE name = ?1 AND version = ?2",
+                params![name, i64::try_from(version)?],
+                |r| r.get(0),
+            )
+            .optional()?;
+        text.map(|t| Ok(serde_json::from_str(&t)?)).transpose()
+    }
+
+    /// Removes a layer version; `false` when there was none.
+    pub fn delete_layer(&self, name: &str, version: u64) -> anyhow::Result<bool> {
+        let changed = self.db().execute(
+            "DELETE FROM layers WHERE name = ?1 AND version = ?2",
+            params![name, i64::try_from(version)?],
+        )?;
+        Ok(changed == 1)
     }
 
     /// Accepts an event: once this returns, it survives any crash. Refused when the
@@ -661,6 +781,8 @@ mod tests {
             last_modified: "now".into(),
             revision_id: "r1".into(),
             event_invoke: None,
+            layers: Vec::new(),
+            url: None,
         }
     }
 
@@ -850,5 +972,55 @@ mod tests {
         drop(db);
         let err = format!("{:#}", Store::open(dir.path()).unwrap_err());
         assert!(err.contains("version 99"), "{err}");
+    }
+
+    #[test]
+    fn layer_versions_are_numbered_once_and_keep_their_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let layer = |code: &str| LayerRecord {
+            name: "deps".into(),
+            version: 0,
+            description: String::new(),
+            compatible_runtimes: vec!["python3.12".into()],
+            compatible_architectures: Vec::new(),
+            license_info: None,
+            created_date: String::new(),
+            code: code.into(),
+            code_sha256: String::new(),
+            code_size: 1,
+        };
+        assert_eq!(store.publish_layer(layer("/l1.zip")).unwrap().version, 1);
+        assert_eq!(store.publish_layer(layer("/l2.zip")).unwrap().version, 2);
+        assert!(store.code_in_use(Path::new("/l1.zip")).unwrap());
+        assert!(store.delete_layer("deps", 2).unwrap());
+        assert!(!store.delete_layer("deps", 2).unwrap());
+        assert!(!store.code_in_use(Path::new("/l2.zip")).unwrap());
+        // Numbers are never reused, across a restart too.
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.publish_layer(layer("/l3.zip")).unwrap().version, 3);
+        let versions: Vec<u64> = store
+            .layer_versions(Some("deps"))
+            .unwrap()
+            .iter()
+            .map(|l| l.version)
+            .collect();
+        assert_eq!(versions, [3, 1]);
+        assert_eq!(
+            store.layer("deps", 1).unwrap().unwrap().code,
+            Path::new("/l1.zip")
+        );
+        assert!(store.layer("deps", 2).unwrap().is_none());
+        // A function that uses a layer keeps its zip.
+        let mut f = record("f");
+        f.layers.push(LayerUse {
+            arn: "arn:aws:lambda:us-east-1:000000000000:layer:deps:1".into(),
+            code: "/l1.zip".into(),
+            code_size: 1,
+        });
+        store.put_function(&f).unwrap();
+        assert!(store.delete_layer("deps", 1).unwrap());
+        assert!(store.code_in_use(Path::new("/l1.zip")).unwrap());
     }
 }

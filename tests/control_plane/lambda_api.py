@@ -12,6 +12,14 @@ and aliases (each version's own code, configuration and environments, whatever n
 `fn:1`, `fn:alias`, `Qualifier`, a qualified ARN, an Event), listed with paging, with
 their error cases, through boto3 and the AWS CLI.
 
+`http`: a payload that is not JSON is refused (400 `InvalidRequestContentException`) for
+RequestResponse, Event and streaming invocations before any environment starts, and an
+empty one reaches the function as `{}`; function URLs made, read, changed, listed and
+deleted with `*-function-url-config` (the URL answers, survives a restart, goes with its
+config or function; AWS_IAM refused); layers published, read, listed and deleted, and
+used by `Layers` on CreateFunction/UpdateFunctionConfiguration (the function imports the
+layer's package, and keeps a deleted version it uses).
+
 `durability`: N Event invocations (1,000 by default; some failing), the server SIGKILLed
 while they run and restarted on the same state dir: every event runs, none runs again once it completed
 cleanly, and the failing ones are retried (MaximumRetryAttempts 2) and delivered to the
@@ -34,6 +42,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import zipfile
 
@@ -642,6 +651,256 @@ def run_versions(server, lam):
           "the deleted version's code left the code store; version 2's stayed")
 
 
+APP_WEB = '''
+import json
+def handler(event, context):
+    return {"statusCode": 200, "headers": {"content-type": "application/json"},
+            "body": json.dumps({"path": event["rawPath"],
+                                "query": event.get("queryStringParameters")})}
+'''
+APP_LAYERED = '''
+import greeting
+def handler(event, context):
+    return {"greeting": greeting.MESSAGE, "from": greeting.__file__}
+'''
+
+
+def scenario_http(kindling, scratch):
+    with_server(Serve(kindling, scratch), run_http)
+
+
+def metric(server, name, function):
+    """A counter's value for `function` in /metrics (0 when it has none yet)."""
+    m = re.search(rf'^kindling_{name}_total{{function="{re.escape(function)}"}} (\d+)',
+                  metrics(server), re.M)
+    return int(m.group(1)) if m else 0
+
+
+def raw_post(server, path, body):
+    """POSTs `body` as it is: (status, headers with lowercase names, body)."""
+    req = urllib.request.Request(f"http://{server.addr}{path}", data=body, method="POST")
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def get_url(url):
+    """GETs a function URL: (status, JSON body), or None when nothing answers there."""
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, None
+    except (urllib.error.URLError, ConnectionError):
+        return None
+
+
+def run_http(server):
+    lam = server.client()
+    run_invalid_json(server, lam)
+    run_function_urls(server, lam)
+    run_layers(server, server.client())  # the server restarted meanwhile: a new port
+    server.stop()
+
+
+def run_invalid_json(server, lam):
+    lam.create_function(FunctionName="strict", Runtime="python3.12", Role=ROLE,
+                        Handler="app.handler", Code={"ZipFile": zipped(**{"app.py": APP_V1})})
+    for what, payload in [("not JSON", b"not json"), ("cut short", b'{"a": '),
+                          ("two values", b"{} {}"), ("not UTF-8", b'"\xff"')]:
+        for kind in ("RequestResponse", "Event"):
+            try:
+                lam.invoke(FunctionName="strict", InvocationType=kind, Payload=payload)
+                got = None
+            except botocore.exceptions.ClientError as e:
+                got = (e.response["ResponseMetadata"]["HTTPStatusCode"], e.response["Error"]["Code"],
+                       e.response["Error"]["Message"])
+            check(got is not None and got[:2] == (400, "InvalidRequestContentException")
+                  and got[2].startswith("Could not parse request body into json: Could not parse payload into json: "),
+                  f"boto3 {kind} with a payload {what}: 400 InvalidRequestContentException ({got})")
+    status, headers, body = raw_post(
+        server, "/2021-11-15/functions/strict/response-streaming-invocations", b"{nope")
+    check(status == 400 and headers.get("x-amzn-errortype") == "InvalidRequestContentException"
+          and json.loads(body)["Type"] == "User",
+          f"InvokeWithResponseStream with a payload not JSON: 400 ({status} {headers} {body})")
+    # AWS CLI v2 reads --payload as base64 unless told otherwise; v1 sends it as it is.
+    version = subprocess.run(["aws", "--version"], capture_output=True, text=True)
+    raw = (["--cli-binary-format", "raw-in-base64-out"]
+           if (version.stdout + version.stderr).startswith("aws-cli/2") else [])
+    r = server.cli("invoke", "--function-name", "strict", *raw, "--payload", "{oops",
+                   os.path.join(server.scratch, "o.json"))
+    check(r.returncode != 0 and "InvalidRequestContentException" in r.stderr
+          and "Could not parse request body into json" in r.stderr,
+          f"aws lambda invoke with a payload not JSON: InvalidRequestContentException ({r.stderr})")
+    check(metric(server, "cold_starts", "strict") == 0
+          and metric(server, "invocations", "strict") == 0
+          and "START" not in server.log("strict")
+          and not os.listdir(os.path.join(server.state, "envs")),
+          "no environment was started or touched for any of them")
+    r = lam.invoke(FunctionName="strict")
+    check(json.loads(r["Payload"].read()) == {"version": 1, "event": {}},
+          "boto3 invoke without a payload: the function gets {}")
+    out = os.path.join(server.scratch, "empty.json")
+    r = server.cli("invoke", "--function-name", "strict", out)
+    check(r.returncode == 0 and json.load(open(out)) == {"version": 1, "event": {}},
+          f"aws lambda invoke without --payload: the function gets {{}} ({r.stderr})")
+    check(metric(server, "cold_starts", "strict") == 1, "only then did an environment start")
+
+
+def run_function_urls(server, lam):
+    lam.create_function(FunctionName="web", Runtime="python3.12", Role=ROLE,
+                        Handler="app.handler", Code={"ZipFile": zipped(**{"app.py": APP_WEB})})
+    r = server.cli("create-function-url-config", "--function-name", "web", "--auth-type", "NONE")
+    check(r.returncode == 0, f"aws lambda create-function-url-config ({r.stderr})")
+    created = json.loads(r.stdout)
+    url = created["FunctionUrl"]
+    check(re.fullmatch(r"http://127\.0\.0\.1:\d+/", url) and created["AuthType"] == "NONE"
+          and created["FunctionArn"].endswith(":function:web") and "CreationTime" in created
+          and created["InvokeMode"] == "BUFFERED",
+          f"its answer names the real local URL ({created})")
+    got = get_url(url + "hello/there?x=1")
+    check(got == (200, {"path": "/hello/there", "query": {"x": "1"}}),
+          f"the URL serves the function at once ({got})")
+    conf = lam.get_function_url_config(FunctionName="web")
+    check(conf["FunctionUrl"] == url and "LastModifiedTime" in conf,
+          "GetFunctionUrlConfig answers the same URL")
+    cases = [
+        ("a second URL", "ResourceConflictException",
+         lambda: lam.create_function_url_config(FunctionName="web", AuthType="NONE")),
+        ("AuthType AWS_IAM", "InvalidParameterValueException",
+         lambda: lam.create_function_url_config(FunctionName="strict", AuthType="AWS_IAM")),
+        ("the URL of a function without one", "ResourceNotFoundException",
+         lambda: lam.get_function_url_config(FunctionName="strict")),
+        ("the URL of a missing function", "ResourceNotFoundException",
+         lambda: lam.create_function_url_config(FunctionName="nope", AuthType="NONE")),
+        ("a URL for a version", "InvalidParameterValueException",
+         lambda: lam.create_function_url_config(FunctionName="web", AuthType="NONE",
+                                                Qualifier="1")),
+    ]
+    for what, want_type, call in cases:
+        got = error_type(call)
+        check(got == want_type, f"{what}: {want_type} (got {got})")
+    try:
+        lam.create_function_url_config(FunctionName="strict", AuthType="AWS_IAM")
+    except botocore.exceptions.ClientError as e:
+        check("SigV4" in e.response["Error"]["Message"], "AWS_IAM's refusal says why")
+    cors = {"AllowOrigins": ["https://example.com"], "AllowMethods": ["GET"]}
+    updated = lam.update_function_url_config(FunctionName="web", Cors=cors)
+    check(updated["Cors"] == cors and updated["FunctionUrl"] == url,
+          "UpdateFunctionUrlConfig keeps the URL and records Cors")
+    listed = lam.list_function_url_configs(FunctionName="web")["FunctionUrlConfigs"]
+    check([c["FunctionUrl"] for c in listed] == [url], "ListFunctionUrlConfigs")
+    r = server.cli("list-function-url-configs", "--function-name", "strict")
+    check(r.returncode == 0 and json.loads(r.stdout)["FunctionUrlConfigs"] == [],
+          "aws lambda list-function-url-configs of a function without one: none")
+
+    server.stop()
+    server.start()
+    lam = server.client()
+    check(lam.get_function_url_config(FunctionName="web")["FunctionUrl"] == url,
+          "after a restart the URL is the same")
+    got = get_url(url + "again")
+    check(got == (200, {"path": "/again", "query": None}),
+          f"and serves the function again ({got})")
+
+    r = server.cli("delete-function-url-config", "--function-name", "web")
+    check(r.returncode == 0, f"aws lambda delete-function-url-config ({r.stderr})")
+    check(get_url(url) is None, "the deleted URL no longer answers")
+    check(error_type(lambda: lam.get_function_url_config(FunctionName="web"))
+          == "ResourceNotFoundException", "a deleted URL config is ResourceNotFoundException")
+    again = lam.create_function_url_config(FunctionName="web", AuthType="NONE")["FunctionUrl"]
+    check(get_url(again + "x")[0] == 200, "a URL made again answers")
+    lam.delete_function(FunctionName="web")
+    check(get_url(again) is None, "a deleted function's URL no longer answers")
+
+
+def layer_zip(message, **extra):
+    return zipped(**{"python/greeting/__init__.py": f"MESSAGE = {message!r}\n", **extra})
+
+
+def run_layers(server, lam):
+    path = os.path.join(server.scratch, "layer.zip")
+    open(path, "wb").write(layer_zip("from layer 1"))
+    r = server.cli("publish-layer-version", "--layer-name", "greet", "--zip-file", f"fileb://{path}",
+                   "--compatible-runtimes", "python3.12", "--description", "first")
+    check(r.returncode == 0, f"aws lambda publish-layer-version ({r.stderr})")
+    v1 = json.loads(r.stdout)
+    check(v1["Version"] == 1 and v1["LayerVersionArn"] == v1["LayerArn"] + ":1"
+          and v1["LayerArn"].endswith(":layer:greet")
+          and v1["Content"]["CodeSize"] == len(layer_zip("from layer 1"))
+          and v1["CompatibleRuntimes"] == ["python3.12"],
+          f"the layer's first version ({v1})")
+    v2 = lam.publish_layer_version(LayerName="greet", Content={"ZipFile": layer_zip("from layer 2")},
+                                   CompatibleRuntimes=["python3.12"])
+    check(v2["Version"] == 2, "the next version is 2")
+    got = lam.get_layer_version(LayerName="greet", VersionNumber=1)
+    check(got["Description"] == "first" and got["LayerVersionArn"] == v1["LayerVersionArn"],
+          "GetLayerVersion")
+    got = lam.get_layer_version_by_arn(Arn=v2["LayerVersionArn"])
+    check(got["Version"] == 2, "GetLayerVersionByArn")
+    layers = lam.list_layers()["Layers"]
+    check([(l["LayerName"], l["LatestMatchingVersion"]["Version"]) for l in layers] == [("greet", 2)],
+          f"ListLayers shows each layer's newest version ({layers})")
+    versions = lam.list_layer_versions(LayerName="greet")["LayerVersions"]
+    check([v["Version"] for v in versions] == [2, 1], "ListLayerVersions, newest first")
+    check(lam.list_layers(CompatibleRuntime="nodejs22.x")["Layers"] == [],
+          "ListLayers by another runtime: none")
+    cases = [
+        ("a layer zip with a path out of /opt", "InvalidParameterValueException",
+         lambda: lam.publish_layer_version(
+             LayerName="bad", Content={"ZipFile": layer_zip("x", **{"../escape": "x"})})),
+        ("a layer that is not a zip", "InvalidParameterValueException",
+         lambda: lam.publish_layer_version(LayerName="bad", Content={"ZipFile": b"nope"})),
+        ("a layer version that does not exist", "ResourceNotFoundException",
+         lambda: lam.get_layer_version(LayerName="greet", VersionNumber=9)),
+        ("a function with a layer that does not exist", "InvalidParameterValueException",
+         lambda: lam.create_function(FunctionName="nl", Runtime="python3.12", Role=ROLE,
+                                     Handler="app.handler", Layers=[v1["LayerArn"] + ":9"],
+                                     Code={"ZipFile": zipped(**{"app.py": APP_LAYERED})})),
+    ]
+    for what, want_type, call in cases:
+        got = error_type(call)
+        check(got == want_type, f"{what}: {want_type} (got {got})")
+    check(error_type(lambda: lam.get_layer_version(LayerName="bad", VersionNumber=1))
+          == "ResourceNotFoundException", "a refused layer was not kept")
+
+    app = os.path.join(server.scratch, "layered.zip")
+    open(app, "wb").write(zipped(**{"app.py": APP_LAYERED}))
+    r = server.cli("create-function", "--function-name", "layered", "--runtime", "python3.12",
+                   "--role", ROLE, "--handler", "app.handler", "--zip-file", f"fileb://{app}",
+                   "--layers", v1["LayerVersionArn"])
+    check(r.returncode == 0 and json.loads(r.stdout)["Layers"][0]["Arn"] == v1["LayerVersionArn"],
+          f"aws lambda create-function --layers ({r.stderr})")
+    _, body = invoke_json(lam, "layered", {})
+    check(body["greeting"] == "from layer 1" and body["from"].startswith("/opt/python/"),
+          f"the function imports the layer's package from /opt/python ({body})")
+    lam.update_function_configuration(FunctionName="layered", Layers=[v2["LayerVersionArn"]])
+    lam.get_waiter("function_updated_v2").wait(FunctionName="layered")
+    _, body = invoke_json(lam, "layered", {})
+    check(body["greeting"] == "from layer 2", f"UpdateFunctionConfiguration's Layers ({body})")
+    lam.delete_layer_version(LayerName="greet", VersionNumber=2)
+    check([v["Version"] for v in lam.list_layer_versions(LayerName="greet")["LayerVersions"]] == [1],
+          "DeleteLayerVersion")
+    server.stop()
+    server.start()
+    lam = server.client()
+    _, body = invoke_json(lam, "layered", {})
+    check(body["greeting"] == "from layer 2",
+          f"a deleted version stays with the function that uses it, across a restart ({body})")
+    conf = lam.get_function_configuration(FunctionName="layered")
+    check(conf["Layers"] == [{"Arn": v2["LayerVersionArn"], "CodeSize": v2["Content"]["CodeSize"]}],
+          "GetFunctionConfiguration lists its layers")
+    lam.update_function_configuration(FunctionName="layered", Layers=[])
+    lam.delete_layer_version(LayerName="greet", VersionNumber=1)
+    kept = os.listdir(os.path.join(server.state, "code"))
+    layer_files = {hashlib.sha256(layer_zip(f"from layer {n}")).hexdigest() + ".zip" for n in (1, 2)}
+    check(not layer_files & set(kept), f"unused layer zips left the code store ({kept})")
+    v3 = lam.publish_layer_version(LayerName="greet", Content={"ZipFile": layer_zip("3")})
+    check(v3["Version"] == 3, "a layer's version numbers are never reused")
+
+
 def metrics(server):
     return urllib.request.urlopen(f"http://{server.addr}/metrics").read().decode()
 
@@ -754,13 +1013,15 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--kindling", required=True)
     p.add_argument("--scratch", required=True)
-    p.add_argument("scenario", choices=["api", "durability"])
+    p.add_argument("scenario", choices=["api", "http", "durability"])
     p.add_argument("--events", type=int, default=1000)
     a = p.parse_args()
     shutil.rmtree(a.scratch, ignore_errors=True)
     os.makedirs(a.scratch)
     if a.scenario == "api":
         scenario_api(a.kindling, a.scratch)
+    elif a.scenario == "http":
+        scenario_http(a.kindling, a.scratch)
     else:
         scenario_durability(a.kindling, a.scratch, a.events)
     print("PASSED", flush=True)

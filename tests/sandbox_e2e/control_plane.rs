@@ -1,7 +1,8 @@
 //! The control plane and the durable event queue through the clients users deploy with:
 //! `tests/control_plane/lambda_api.py` drives a real `kindling serve` (sandbox isolation,
 //! no functions file but its own) with boto3 and the AWS CLI (functions, versions and
-//! aliases; 1,000 Event invocations across a SIGKILL), SIGKILLs and restarts it, and
+//! aliases; invalid JSON, function URL configs and layers; 1,000 Event invocations across
+//! a SIGKILL), SIGKILLs and restarts it, and
 //! checks every answer; each check is one `ok:` line of the output.
 
 use std::process::Command;
@@ -60,6 +61,11 @@ fn scenario(args: &[&str]) {
 #[test]
 fn deploy_update_list_and_delete_with_boto3_and_the_aws_cli() {
     scenario(&["api"]);
+}
+
+#[test]
+fn invalid_json_function_url_configs_and_layers_with_boto3_and_the_aws_cli() {
+    scenario(&["http"]);
 }
 
 #[test]

@@ -17,6 +17,7 @@
 mod adversarial;
 mod control_plane;
 mod failures;
+mod http_triggers;
 mod identity;
 #[path = "../common/internet.rs"]
 mod internet;

@@ -239,7 +239,7 @@ async fn streamed_responses_reach_boto3_as_they_are_written() {
 }
 
 /// `curl -s -i ARGS URL`: (status, headers lowercased, body).
-fn curl(url: &str, args: &[&str]) -> (u16, Vec<(String, String)>, Vec<u8>) {
+pub(crate) fn curl(url: &str, args: &[&str]) -> (u16, Vec<(String, String)>, Vec<u8>) {
     let out = Command::new("curl")
         .args(["-s", "-i", "--max-time", "30"])
         .args(args)
@@ -269,7 +269,7 @@ fn parse_http(raw: &[u8]) -> (u16, Vec<(String, String)>, Vec<u8>) {
     (status, headers, raw[end + 4..].to_vec())
 }
 
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+pub(crate) fn header<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
     headers
         .iter()
         .filter(|(k, _)| k == name)

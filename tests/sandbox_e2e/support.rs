@@ -131,6 +131,8 @@ pub struct FunctionDef {
     pub credentials: Option<&'static str>,
     /// `url = true`: served over HTTP too (see [`Server::function_url`]).
     pub url: bool,
+    /// `url_payload = "…"` (with `url`); `None` leaves the default (2.0).
+    pub url_payload: Option<&'static str>,
 }
 
 impl FunctionDef {
@@ -148,6 +150,7 @@ impl FunctionDef {
             layers: Vec::new(),
             credentials: None,
             url: false,
+            url_payload: None,
         }
     }
 
@@ -201,6 +204,9 @@ impl FunctionDef {
         }
         if self.url {
             t.push_str("url = true\n");
+        }
+        if let Some(payload) = self.url_payload {
+            let _ = writeln!(t, "url_payload = {}", q(payload));
         }
         if !self.env.is_empty() {
             let _ = writeln!(t, "[functions.{}.env]", self.name);

@@ -21,7 +21,7 @@ use hyper::body::Incoming;
 use kindling_wire::MAX_REQUEST_BYTES;
 
 use super::{
-    lambda_error, read_body, refused_name, status_only, InvokeApi, InvokeHeaders,
+    json_payload, lambda_error, read_body, refused_name, status_only, InvokeApi, InvokeHeaders,
     HEADER_EXECUTED_VERSION, HEADER_REQUEST_ID,
 };
 use crate::client::InvocationType;
@@ -105,6 +105,10 @@ impl InvokeApi {
             }
         }
         let payload = match read_body(req, self.limits.body_read_timeout, MAX_REQUEST_BYTES).await {
+            Ok(p) => p,
+            Err(r) => return r.map(whole),
+        };
+        let payload = match json_payload(payload) {
             Ok(p) => p,
             Err(r) => return r.map(whole),
         };

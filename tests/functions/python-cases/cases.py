@@ -78,6 +78,21 @@ def http_echo(event, context):
     }
 
 
+def rest_echo(event, context):
+    """An API Gateway REST (payload format 1.0) handler: answers with the event it got, a
+    header, two cookies through `multiValueHeaders`, and `?status=N`'s status."""
+    import json
+
+    status = int((event.get("queryStringParameters") or {}).get("status", "200"))
+    return {
+        "statusCode": status,
+        "headers": {"content-type": "application/json", "x-echo": "rest"},
+        "multiValueHeaders": {"set-cookie": ["a=1; Path=/", "b=2; Path=/"]},
+        "body": json.dumps(event),
+        "isBase64Encoded": False,
+    }
+
+
 def http_bare(event, context):
     """A function URL's handler that returns no status: a plain value."""
     return {"bare": event["rawPath"]}
