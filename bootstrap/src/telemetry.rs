@@ -291,7 +291,9 @@ impl Subscriber {
                 if self.retired.load(Ordering::Relaxed) {
                     return;
                 }
-                if !self.queue().records.is_empty() || self.queue().dropped_records > 0 {
+                // A loss is told with the next record, not alone: a listener that is
+                // gone is not retried for ever.
+                if !self.queue().records.is_empty() {
                     break;
                 }
                 self.idle.notify_waiters();
@@ -526,7 +528,7 @@ impl Telemetry {
                 let idle = s.idle.notified();
                 {
                     let mut queue = s.queue();
-                    if queue.records.is_empty() && queue.dropped_records == 0 {
+                    if queue.records.is_empty() {
                         break;
                     }
                     queue.flush = true;
