@@ -39,6 +39,8 @@ pub const MAX_SUBSCRIBERS: usize = 10;
 const MAX_RECORD_TEXT: usize = 256 * 1024;
 /// How long a listener may take to accept one batch.
 const DELIVERY_PATIENCE: Duration = Duration::from_secs(5);
+/// Init records kept for subscribers yet to come (extensions subscribe during init).
+const MAX_EARLY: usize = 16;
 /// Lambda's reason in `platform.logsDropped`.
 const DROPPED_REASON: &str =
     "Consumer seems to have fallen behind as it has not acknowledged receipt of logs.";
@@ -427,6 +429,9 @@ pub struct Telemetry {
     subscribers: Mutex<Vec<Arc<Subscriber>>>,
     /// Whether anyone subscribed: lines cost nothing more until then.
     any: AtomicBool,
+    /// `platform.init*` records from before the first subscription, replayed to each
+    /// subscriber (Lambda's subscribers see the init they subscribed during).
+    early: Mutex<Vec<(String, Value)>>,
 }
 
 impl Telemetry {
@@ -473,6 +478,10 @@ impl Telemetry {
         self.any.store(true, Ordering::Relaxed);
         if subscriber.wants(Category::Platform) {
             subscriber.push("platform.telemetrySubscription", &confirmation);
+            let early = self.early.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            for (kind, record) in early {
+                subscriber.push(&kind, &record);
+            }
         }
         tokio::spawn(subscriber.deliver());
         Ok(())
@@ -481,6 +490,12 @@ impl Telemetry {
     /// A platform record of type `kind` for every subscriber of `platform`.
     pub fn platform(&self, kind: &str, record: impl FnOnce() -> Value) {
         if !self.any.load(Ordering::Relaxed) {
+            if kind.starts_with("platform.init") {
+                let mut early = self.early.lock().unwrap_or_else(|e| e.into_inner());
+                if early.len() < MAX_EARLY {
+                    early.push((kind.to_owned(), record()));
+                }
+            }
             return;
         }
         let subscribers: Vec<Arc<Subscriber>> = self

@@ -83,6 +83,8 @@ async fn an_extension_registers_sees_invokes_telemetry_and_shutdown_and_delays_t
         "probe-ext registered 200 ext $LATEST app.handler".into(),
         "probe-ext refused 403 Extension.InvalidExtensionIdentifier 403 Extension.MissingExtensionIdentifier".into(),
         "probe-ext subscribed 200 OK".into(),
+        "probe-ext telemetry platform.initStart".into(),
+        "probe-ext telemetry platform.initRuntimeDone".into(),
         format!("probe-ext INVOKE {id1} arn:aws:lambda:"),
         format!("probe-ext telemetry platform.start {id1}"),
         format!("probe-ext telemetry function function line of {id1}"),
