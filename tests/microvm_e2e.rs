@@ -325,6 +325,17 @@ const FUNCTIONS: &[FunctionDef] = &[
         snapstart: true,
         ..FunctionDef::probe("snapbad", 30, 2)
     },
+    FunctionDef {
+        name: "ext",
+        code: "tests/functions/extensions",
+        runtime: "python",
+        handler: "app.handler",
+        timeout_s: 30,
+        max_concurrency: 1,
+        snapstart: false,
+        network: "outbound",
+        layers: &["tests/functions/extensions/layer"],
+    },
 ];
 
 impl FunctionDef {
@@ -389,7 +400,8 @@ fn scenarios(host: &Arc<Host>) -> Vec<Trial> {
         list.extend(named![
             dead_vsock_daemon_fails_one_invocation,
             outbound_network_only,
-            response_streams_through_the_vm
+            response_streams_through_the_vm,
+            an_extension_runs_in_the_vm
         ]);
     }
     if matches!(host.backend, Backend::Kindling) {
@@ -461,6 +473,58 @@ fn bash_custom_runtime(server: &Server, _: Backend) -> Result<(), Failed> {
     check(tail.contains(r#"{"from":"bash"}"#), || {
         format!("the handler's stderr is not in the log: {tail}")
     })
+}
+
+/// An external extension from a layer (`tests/functions/extensions/layer`) runs in the
+/// microVM: it registers, gets `INVOKE` with the request id and the function's lines over
+/// the Telemetry API on `sandbox.localdomain`, and its second of work after each `INVOKE`
+/// holds the VM's next event.
+fn an_extension_runs_in_the_vm(server: &Server, _: Backend) -> Result<(), Failed> {
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64()
+    };
+    let first = server.invoke("ext", &json!({}))?;
+    first.ok_json()?;
+    let answered = now();
+    let id = first
+        .response
+        .headers
+        .get("x-amzn-requestid")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let second = server.invoke("ext", &json!({}))?.ok_json()?;
+    // The guest's clock follows the host's (stepped past 20 ms of skew on each event).
+    let waited = second["at"].as_f64().unwrap_or_default() - answered;
+    check(waited > 0.8, || {
+        format!("the second event came {waited:.3} s after the first answer: the extension did not hold it")
+    })?;
+    let log = server.state_dir.join("logs/ext.log");
+    let wanted = [
+        "EXTENSION\tName: probe-ext\tState: Ready\tEvents: [INVOKE, SHUTDOWN]".to_string(),
+        format!("probe-ext INVOKE {id}"),
+        format!("probe-ext telemetry function function line of {id}"),
+        format!("probe-ext telemetry platform.report {id}"),
+        format!("probe-ext done {id}"),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let missing: Vec<&String> = wanted
+            .iter()
+            .filter(|w| !text.contains(w.as_str()))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the log lacks {missing:?}:\n{text}").into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// A node `streamifyResponse` handler in a microVM streams through the agent's vsock

@@ -1,14 +1,23 @@
 //! The agent's view of one runtime's life: when it started, whether it reached its first
 //! `/next`, which invocation it is working on and since when. The relay calls in here at
-//! each step of the Runtime API; the supervisor when the runtime starts and exits.
+//! each step of the Runtime API; the supervisor when the runtime starts and exits. Each
+//! step is also told to the extensions and the Telemetry API's subscribers.
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use kindling_wire::{ErrorBody, InvocationReport, RuntimeExit, PATH_INIT_ERROR, PATH_RUNTIME_EXIT};
+use hyper::header::HeaderMap;
+use kindling_wire::{
+    ErrorBody, FunctionEnvironment, InvocationReport, RuntimeExit, HEADER_DEADLINE_MS,
+    HEADER_FUNCTION_ARN, HEADER_TRACE_ID, PATH_INIT_ERROR, PATH_RUNTIME_EXIT,
+};
+use serde_json::{json, Value};
+use tokio::sync::Notify;
 
+use crate::extensions::Extensions;
 use crate::logs::LogSink;
 use crate::memory::{self, MemoryProbe};
+use crate::telemetry::Telemetry;
 use crate::upstream::Upstream;
 
 struct Running {
@@ -24,17 +33,36 @@ struct Running {
 struct InFlight {
     id: String,
     handed_over: Instant,
+    /// The invocation's deadline: extensions still busy then reset the environment.
+    deadline: Option<Instant>,
+}
+
+/// An invocation the runtime answered, until the extensions are done with it too.
+struct Answered {
+    id: String,
+    handed_over: Instant,
+    deadline: Option<Instant>,
+    status: &'static str,
+    report: Option<InvocationReport>,
 }
 
 #[derive(Default)]
 struct Lifecycle {
     runtime: Option<Running>,
     in_flight: Option<InFlight>,
+    answered: Option<Answered>,
+    /// Why the environment must be reset, once it must.
+    reset: Option<String>,
 }
 
 pub struct Agent {
     pub upstream: Upstream,
     pub logs: Arc<LogSink>,
+    pub extensions: Extensions,
+    pub telemetry: Arc<Telemetry>,
+    /// `initializationType`, `memorySizeMB` and the version, for telemetry.
+    function: FunctionEnvironment,
+    reset: Notify,
     /// Whether this agent runs in a microVM, whose kernel is its own (a sandbox shares the
     /// host's): then its clock follows the host's, stamped on every event, and its random
     /// generator takes the host's entropy (SnapStart).
@@ -46,10 +74,20 @@ fn millis(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1000.0
 }
 
+/// Milliseconds to three decimals, as Lambda's telemetry gives them.
+fn round(ms: f64) -> f64 {
+    (ms * 1000.0).round() / 1000.0
+}
+
 impl Agent {
-    pub fn new(upstream: Upstream, in_microvm: bool) -> Self {
+    pub fn new(upstream: Upstream, function: FunctionEnvironment, in_microvm: bool) -> Self {
+        let telemetry = Arc::new(Telemetry::default());
         Agent {
-            logs: LogSink::start(upstream.clone()),
+            logs: LogSink::start(upstream.clone(), telemetry.clone()),
+            extensions: Extensions::new(&function),
+            telemetry,
+            function,
+            reset: Notify::new(),
             upstream,
             in_microvm,
             life: Mutex::new(Lifecycle::default()),
@@ -69,39 +107,191 @@ impl Agent {
             init_ms: None,
             reached_next: false,
         });
-    }
-
-    /// The runtime asked for its next event: its first ask ends its init.
-    pub fn next_requested(&self) {
-        if let Some(rt) = self.life().runtime.as_mut() {
-            if !rt.reached_next {
-                rt.reached_next = true;
-                rt.init_ms = Some(millis(rt.started));
-            }
-        }
-    }
-
-    /// The event of invocation `id` is being handed to the runtime.
-    pub fn event_handed_over(&self, id: &str) {
-        self.logs.begin_invocation(id);
-        self.life().in_flight = Some(InFlight {
-            id: id.to_owned(),
-            handed_over: Instant::now(),
+        self.telemetry.platform("platform.initStart", || {
+            json!({
+                "initializationType": self.function.initialization_type,
+                "phase": "init",
+                "functionName": self.function.function_name,
+                "functionVersion": self.function.function_version,
+            })
         });
     }
 
-    /// The runtime posted the result of invocation `id`. If it is the one in flight, its
-    /// log is flushed and its report returned, for the caller to attach to the result it
-    /// relays.
-    pub async fn result_received(&self, id: &str) -> Option<InvocationReport> {
-        let report = {
+    /// The runtime asked for its next event. It gets it once every extension has asked
+    /// for its next too (Lambda's end of init, and of each invocation): an extension
+    /// still busy at the invocation's deadline resets the environment, and this waits
+    /// for good. The first ask ends init.
+    pub async fn next_requested(&self) {
+        let deadline = self.life().answered.as_ref().and_then(|a| a.deadline);
+        if self.extensions.any() {
+            if let Err(busy) = self.extensions.settled(deadline).await {
+                let id = self.life().answered.as_ref().map(|a| a.id.clone());
+                self.timed_out(id.as_deref().unwrap_or(""), &busy);
+                std::future::pending::<()>().await;
+            }
+        }
+        let (init_ms, answered) = {
+            let mut life = self.life();
+            let init_ms = life
+                .runtime
+                .as_mut()
+                .filter(|rt| !rt.reached_next)
+                .map(|rt| {
+                    rt.reached_next = true;
+                    let ms = millis(rt.started);
+                    rt.init_ms = Some(ms);
+                    ms
+                });
+            (init_ms, life.answered.take())
+        };
+        if let Some(ms) = init_ms {
+            let init = |extra: Value| {
+                let mut record = json!({
+                    "initializationType": self.function.initialization_type,
+                    "phase": "init",
+                    "status": "success",
+                });
+                if let (Some(r), Some(e)) = (record.as_object_mut(), extra.as_object()) {
+                    r.extend(e.clone());
+                }
+                record
+            };
+            self.telemetry
+                .platform("platform.initRuntimeDone", || init(json!({})));
+            self.telemetry.platform("platform.initReport", || {
+                init(json!({"metrics": {"durationMs": round(ms)}}))
+            });
+        }
+        if let Some(a) = answered {
+            self.platform_report(&a);
+        }
+    }
+
+    /// `platform.report`: its duration covers the extensions' time after the runtime's
+    /// answer (the `REPORT` line's is the runtime's alone; the host has printed it).
+    fn platform_report(&self, a: &Answered) {
+        self.telemetry.platform("platform.report", || {
+            let duration = millis(a.handed_over);
+            let mut metrics = json!({
+                "durationMs": round(duration),
+                "billedDurationMs": duration.ceil(),
+                "memorySizeMB": self.function.memory_mb,
+                "maxMemoryUsedMB": a.report.as_ref().map_or(0, |r| r.max_memory_used_mb),
+            });
+            if let Some(init) = a.report.as_ref().and_then(|r| r.init_duration_ms) {
+                metrics["initDurationMs"] = round(init).into();
+            }
+            json!({"requestId": a.id, "status": a.status, "metrics": metrics})
+        });
+    }
+
+    /// Extensions did not finish invocation `id` by its deadline: the environment is
+    /// reset, as Lambda's timeout resets it.
+    fn timed_out(&self, id: &str, busy: &[String]) {
+        let reason = format!(
+            "extension(s) {} still busy at the deadline of {id}",
+            busy.join(", ")
+        );
+        self.logs.note(&format!(
+            "{} {id} Task timed out: {reason}",
+            crate::telemetry::timestamp(SystemTime::now())
+        ));
+        self.request_reset(reason);
+    }
+
+    /// Asks the supervisor to reset the environment (stop everything; the host starts a
+    /// fresh one).
+    pub fn request_reset(&self, reason: String) {
+        say!("resetting the environment: {reason}");
+        self.life().reset.get_or_insert(reason);
+        self.reset.notify_one();
+    }
+
+    /// Resolves with the reason once a reset was asked for.
+    pub async fn reset_requested(&self) -> String {
+        loop {
+            let asked = self.reset.notified();
+            if let Some(reason) = self.life().reset.clone() {
+                return reason;
+            }
+            asked.await;
+        }
+    }
+
+    /// An extension registered: Lambda logs it, and tells telemetry.
+    pub fn registered(&self, name: &str, events: &[String]) {
+        self.logs.note(&format!(
+            "EXTENSION\tName: {name}\tState: Ready\tEvents: [{}]",
+            events.join(", ")
+        ));
+        self.telemetry.platform(
+            "platform.extension",
+            || json!({"name": name, "state": "Ready", "events": events}),
+        );
+    }
+
+    /// An extension reported an error (`/init/error`, `/exit/error`): during init it
+    /// fails the init, later it resets the environment.
+    pub async fn extension_failed(&self, error_type: &str, message: &str) {
+        self.logs.note(message);
+        let in_init = self
+            .life()
+            .runtime
+            .as_ref()
+            .is_none_or(|rt| !rt.reached_next);
+        if in_init {
+            self.report_init_error(error_type, message).await;
+        } else {
+            self.request_reset(message.to_owned());
+        }
+    }
+
+    /// The event of invocation `id` is being handed to the runtime (`headers` are the
+    /// event's): the extensions get their `INVOKE`.
+    pub fn event_handed_over(&self, id: &str, headers: &HeaderMap) {
+        self.logs.begin_invocation(id);
+        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let deadline_ms = text(HEADER_DEADLINE_MS).and_then(|v| v.parse::<u64>().ok());
+        let deadline = deadline_ms.map(|ms| {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis();
+            let left = u128::from(ms).saturating_sub(now);
+            Instant::now() + Duration::from_millis(u64::try_from(left).unwrap_or(u64::MAX))
+        });
+        let trace = text(HEADER_TRACE_ID);
+        if self.extensions.any() {
+            let arn = text(HEADER_FUNCTION_ARN).unwrap_or_default();
+            self.extensions
+                .invoke(id, deadline_ms.unwrap_or_default(), arn, trace);
+        }
+        self.telemetry.platform("platform.start", || {
+            let mut record = json!({"requestId": id, "version": self.function.function_version});
+            if let Some(trace) = trace {
+                record["tracing"] = json!({"type": "X-Amzn-Trace-Id", "value": trace});
+            }
+            record
+        });
+        self.life().in_flight = Some(InFlight {
+            id: id.to_owned(),
+            handed_over: Instant::now(),
+            deadline,
+        });
+    }
+
+    /// The runtime posted the result of invocation `id` (`failed`: an error). If it is
+    /// the one in flight, its log is flushed and its report returned, for the caller to
+    /// attach to the result it relays.
+    pub async fn result_received(&self, id: &str, failed: bool) -> Option<InvocationReport> {
+        let (flight, report) = {
             let mut life = self.life();
             if life.in_flight.as_ref().map(|f| f.id.as_str()) != Some(id) {
                 return None;
             }
             let flight = life.in_flight.take().expect("checked above");
             let duration_ms = millis(flight.handed_over);
-            life.runtime.as_mut().map(|rt| {
+            let report = life.runtime.as_mut().map(|rt| {
                 (
                     rt.memory.clone(),
                     InvocationReport {
@@ -110,13 +300,27 @@ impl Agent {
                         max_memory_used_mb: 0,
                     },
                 )
-            })
+            });
+            (flight, report)
         };
         self.logs.finish_invocation().await;
-        report.map(|(memory, mut report)| {
+        let report = report.map(|(memory, mut report)| {
             report.max_memory_used_mb = memory.peak_mb();
             report
-        })
+        });
+        let status = if failed { "error" } else { "success" };
+        self.telemetry.platform("platform.runtimeDone", || {
+            let duration = report.as_ref().map_or(0.0, |r| r.duration_ms);
+            json!({"requestId": id, "status": status, "metrics": {"durationMs": round(duration)}})
+        });
+        self.life().answered = Some(Answered {
+            id: flight.id,
+            handed_over: flight.handed_over,
+            deadline: flight.deadline,
+            status,
+            report: report.clone(),
+        });
+        report
     }
 
     /// The runtime process ended. Returns whether it had reached its first `/next`.

@@ -1,5 +1,5 @@
-//! The function log: the runtime's stdout and stderr, captured line by line and posted to
-//! the host in batches, each batch tagged with the request id in flight when its lines
+//! The function log: the runtime's stdout and stderr (and the extensions'), captured line
+//! by line, offered to the Telemetry API's subscribers and posted to the host in batches, each batch tagged with the request id in flight when its lines
 //! were read.
 //!
 //! Lines a runtime wrote before it posted its result are already in the pipe when the
@@ -25,6 +25,7 @@ use kindling_wire::{HEADER_REQUEST_ID, PATH_LOGS};
 use tokio::net::unix::pipe;
 use tokio::sync::Notify;
 
+use crate::telemetry::{Category, Telemetry};
 use crate::upstream::Upstream;
 
 /// A line longer than this is cut and shipped in pieces, so a runtime that never writes
@@ -53,6 +54,8 @@ struct Batch {
 struct Source {
     rx: Arc<pipe::Receiver>,
     partial: Vec<u8>,
+    /// Whose output it is, for telemetry.
+    category: Category,
 }
 
 #[derive(Default)]
@@ -114,9 +117,9 @@ impl State {
         }
     }
 
-    /// Reads whatever the pipes hold right now, without waiting. A source at end of file
-    /// gives its last partial line and is dropped.
-    fn drain(&mut self) {
+    /// Reads whatever the pipes hold right now, without waiting, offering each line to
+    /// `tap`. A source at end of file gives its last partial line and is dropped.
+    fn drain(&mut self, tap: &Telemetry) {
         let mut buf = [0u8; 16 * 1024];
         let mut i = 0;
         while i < self.sources.len() {
@@ -133,14 +136,18 @@ impl State {
                 }
             };
             let mut partial = mem::take(&mut self.sources[i].partial);
+            let category = self.sources[i].category;
             let mut start = 0;
             while let Some(nl) = partial[start..].iter().position(|&b| b == b'\n') {
-                self.push_line(&partial[start..start + nl + 1]);
+                let line = &partial[start..start + nl + 1];
+                tap.line(category, line);
+                self.push_line(line);
                 start += nl + 1;
             }
             partial.drain(..start);
             if eof || partial.len() >= MAX_LINE {
                 if !partial.is_empty() {
+                    tap.line(category, &partial);
                     self.push_line(&partial);
                 }
                 partial.clear();
@@ -168,6 +175,7 @@ impl State {
 /// Collects the runtime's output and ships it to the host.
 pub struct LogSink {
     upstream: Upstream,
+    telemetry: Arc<Telemetry>,
     state: Mutex<State>,
     /// Serialises posting so batches reach the host in the order they were read.
     shipping: tokio::sync::Mutex<()>,
@@ -176,9 +184,10 @@ pub struct LogSink {
 
 impl LogSink {
     /// Creates the sink and its background shipper task.
-    pub fn start(upstream: Upstream) -> Arc<Self> {
+    pub fn start(upstream: Upstream, telemetry: Arc<Telemetry>) -> Arc<Self> {
         let sink = Arc::new(LogSink {
             upstream,
+            telemetry,
             state: Mutex::new(State::default()),
             shipping: tokio::sync::Mutex::new(()),
             new_lines: Notify::new(),
@@ -194,13 +203,15 @@ impl LogSink {
         sink
     }
 
-    /// A new pipe for one output stream of a runtime: the write end goes to the child.
-    pub fn pipe(self: &Arc<Self>) -> io::Result<OwnedFd> {
+    /// A new pipe for one output stream of a runtime or extension (`category`): the
+    /// write end goes to the child.
+    pub fn pipe(self: &Arc<Self>, category: Category) -> io::Result<OwnedFd> {
         let (tx, rx) = pipe::pipe()?;
         let rx = Arc::new(rx);
         self.state().sources.push(Source {
             rx: rx.clone(),
             partial: Vec::new(),
+            category,
         });
         let sink = self.clone();
         tokio::spawn(async move {
@@ -211,7 +222,7 @@ impl LogSink {
                 }
                 let has_lines = {
                     let mut state = sink.state();
-                    state.drain();
+                    state.drain(&sink.telemetry);
                     !state.batches.is_empty()
                 };
                 if has_lines {
@@ -225,7 +236,7 @@ impl LogSink {
     /// Lines read from now on belong to invocation `id`.
     pub fn begin_invocation(&self, id: &str) {
         let mut state = self.state();
-        state.drain();
+        state.drain(&self.telemetry);
         state.request_id = Some(id.to_owned());
     }
 
@@ -234,7 +245,7 @@ impl LogSink {
     pub async fn finish_invocation(&self) {
         {
             let mut state = self.state();
-            state.drain();
+            state.drain(&self.telemetry);
             state.close_partials();
             // What was lost of this invocation's output is told within it.
             state.mark_dropped();
@@ -269,6 +280,12 @@ impl LogSink {
                 say!("log lines lost: {e}");
             }
         }
+    }
+
+    /// Adds one line of the agent's own to the function log (Lambda's `EXTENSION` lines).
+    pub fn note(&self, line: &str) {
+        self.state().push_line(line.as_bytes());
+        self.new_lines.notify_one();
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {

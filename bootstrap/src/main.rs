@@ -14,6 +14,9 @@
 //! - `KINDLING_TASK_ROOT`, `KINDLING_OPT_ROOT`, `KINDLING_RUNTIME_DIR`: stand-ins for
 //!   `/var/task`, `/opt` and `/var/runtime`.
 //!
+//! The same port serves Lambda's Extensions, Telemetry and Logs APIs: the executables of
+//! `/opt/extensions` start before the runtime (see [`extensions`]).
+//!
 //! On SIGTERM or SIGINT it stops the runtime (SIGTERM, a short grace, SIGKILL), forwards
 //! its last log lines and exits 0.
 
@@ -26,11 +29,13 @@ macro_rules! say {
 mod agent;
 mod config;
 mod entropy;
+mod extensions;
 mod logs;
 mod memory;
 mod privileges;
 mod relay;
 mod runtime;
+mod telemetry;
 mod upstream;
 
 use std::process::ExitCode;
@@ -40,6 +45,7 @@ use tokio::net::TcpListener;
 
 use crate::agent::Agent;
 use crate::config::Config;
+use crate::extensions::Extensions;
 use crate::upstream::Upstream;
 
 fn main() -> ExitCode {
@@ -83,7 +89,7 @@ async fn run() -> Result<(), String> {
 
     // Over vsock we are a microVM, whose clock starts from a coarse RTC and drifts.
     let in_microvm = matches!(config.host, kindling_wire::HostAddr::Vsock { .. });
-    let agent = Arc::new(Agent::new(upstream, in_microvm));
+    let agent = Arc::new(Agent::new(upstream, function.clone(), in_microvm));
     let program = match runtime::locate(&config) {
         Ok(p) => p,
         Err(e) => {
@@ -97,8 +103,11 @@ async fn run() -> Result<(), String> {
         program,
         env: runtime::environment(&function, &config, api_addr),
         cwd: config.task_root.clone(),
+        runtime_dir: config.runtime_dir.clone(),
         user: config.runtime_user,
     };
     tokio::spawn(relay::serve(listener, agent.clone()));
+    // External extensions start, and register, before the runtime.
+    Extensions::start_external(&agent, &spec, &config.opt_root.join("extensions")).await;
     runtime::supervise(agent, spec).await
 }

@@ -1,6 +1,7 @@
 //! The public Lambda Runtime API inside the guest: every call is relayed to the host
 //! unchanged (method, path, headers, status, body streamed through), with the agent told
-//! about the steps it measures.
+//! about the steps it measures. The Extensions, Telemetry and Logs APIs share the port
+//! and are served here ([`crate::extensions`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -19,8 +20,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use kindling_wire::{
     deadline_on_guest_clock, from_hex, ErrorBody, InvocationReport, HEADER_DEADLINE_MS,
-    HEADER_ENTROPY, HEADER_HOST_TIME_MS, HEADER_INVOCATION_REPORT, HEADER_REQUEST_ID,
-    HEADER_RESPONSE_MODE, PATH_NEXT, RUNTIME_PREFIX,
+    HEADER_ENTROPY, HEADER_FUNCTION_ERROR_TYPE, HEADER_HOST_TIME_MS, HEADER_INVOCATION_REPORT,
+    HEADER_REQUEST_ID, HEADER_RESPONSE_MODE, PATH_NEXT, RUNTIME_PREFIX,
 };
 use nix::sys::time::TimeSpec;
 use nix::time::{clock_settime, ClockId};
@@ -95,6 +96,9 @@ async fn handle(
     agent: Arc<Agent>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    if crate::extensions::owns(req.uri().path()) {
+        return Ok(crate::extensions::handle(&agent, req).await);
+    }
     match Route::of(req.method(), req.uri().path()) {
         Route::Next => return Ok(next(&agent, req).await),
         Route::Result(id) => {
@@ -104,7 +108,8 @@ async fn handle(
                 let req = streamed(agent.clone(), id, req);
                 return Ok(forward(&agent, req).await);
             }
-            if let Some(report) = agent.result_received(&id).await {
+            let failed = req.uri().path().ends_with("/error");
+            if let Some(report) = agent.result_received(&id, failed).await {
                 req.headers_mut()
                     .insert(HEADER_INVOCATION_REPORT, report_value(&report));
             }
@@ -157,7 +162,8 @@ fn streamed(agent: Arc<Agent>, id: String, req: Request<Incoming>) -> Request<Bo
             }
         }
         trailers.remove(HEADER_INVOCATION_REPORT);
-        if let Some(report) = agent.result_received(&id).await {
+        let failed = trailers.contains_key(HEADER_FUNCTION_ERROR_TYPE);
+        if let Some(report) = agent.result_received(&id, failed).await {
             trailers.insert(HEADER_INVOCATION_REPORT, report_value(&report));
         }
         let _ = tx.send_trailers(trailers).await;
@@ -175,7 +181,7 @@ fn report_value(report: &InvocationReport) -> HeaderValue {
 /// VM that took it and in every clone), is simply retried, as is a `/next` the host
 /// dropped as stale (503): the runtime never notices.
 async fn next(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
-    agent.next_requested();
+    agent.next_requested().await;
     let (parts, _) = req.into_parts();
     let mut backoff = Backoff::new();
     let resp = loop {
@@ -201,7 +207,7 @@ async fn next(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
             .get(HEADER_REQUEST_ID)
             .map(HeaderValue::to_str)
         {
-            Some(Ok(id)) => agent.event_handed_over(id),
+            Some(Ok(id)) => agent.event_handed_over(id, resp.headers()),
             _ => say!("event from the host without a request id"),
         }
     }

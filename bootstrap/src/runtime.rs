@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -10,6 +11,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kindling_plumbing::cgroup::Joiner;
 use kindling_wire::{FunctionEnvironment, RuntimeUser};
 use nix::sys::prctl;
 use nix::sys::signal::{killpg, Signal};
@@ -21,6 +23,7 @@ use crate::agent::Agent;
 use crate::config::Config;
 use crate::memory::{MemoryProbe, RuntimeCgroup};
 use crate::privileges;
+use crate::telemetry::Category;
 
 /// How long a runtime gets to exit after SIGTERM when the guest shuts down.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
@@ -34,6 +37,8 @@ pub struct RuntimeSpec {
     pub program: PathBuf,
     pub env: Vec<(String, String)>,
     pub cwd: PathBuf,
+    /// `/var/runtime`: a `program` in it is a shipped runtime, which a wrapper may wrap.
+    pub runtime_dir: PathBuf,
     /// Whom it runs as (see [`privileges::drop_to`]); `None`: as the agent.
     pub user: Option<RuntimeUser>,
 }
@@ -52,10 +57,13 @@ pub fn locate(config: &Config) -> Result<PathBuf, String> {
         })
 }
 
-fn is_executable(path: &Path) -> bool {
+pub fn is_executable(path: &Path) -> bool {
     path.metadata()
         .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
+
+/// Lambda's variable naming a wrapper script for the shipped runtimes.
+const EXEC_WRAPPER: &str = "AWS_LAMBDA_EXEC_WRAPPER";
 
 /// Variables the function's configuration may not override.
 const RESERVED: &[&str] = &[
@@ -139,27 +147,32 @@ struct Started {
     memory: Arc<MemoryProbe>,
 }
 
-fn spawn(agent: &Agent, spec: &RuntimeSpec, generation: u64) -> Result<Started, String> {
-    let fail = |e: std::io::Error| format!("cannot start {}: {e}", spec.program.display());
+/// A command that runs `program args` as the function's code runs: the function's
+/// environment and working directory, `stdout`/`stderr` into the function log, its own
+/// process group (so that what it leaves behind can be killed with it), killed if the
+/// agent dies, as the runtime's user under its seccomp filters, in `cgroup` when given.
+/// The runtime and the external extensions are started this way.
+pub fn confined(
+    spec: &RuntimeSpec,
+    program: &Path,
+    args: &[String],
+    output: (OwnedFd, OwnedFd),
+    joiner: Option<Joiner>,
+) -> Result<Command, String> {
     let filters = match spec.user {
         Some(_) => Some(privileges::runtime_filters()?),
         None => None,
     };
-    let cgroup = RuntimeCgroup::create(&format!(
-        "kindling-runtime-{}-{generation}",
-        std::process::id()
-    ));
-    let mut cmd = Command::new(&spec.program);
-    cmd.env_clear()
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&spec.cwd)
         .stdin(Stdio::null())
-        .stdout(Stdio::from(agent.logs.pipe().map_err(fail)?))
-        .stderr(Stdio::from(agent.logs.pipe().map_err(fail)?))
-        // Its own process group, so that what it leaves behind can be killed with it.
+        .stdout(Stdio::from(output.0))
+        .stderr(Stdio::from(output.1))
         .process_group(0)
         .kill_on_drop(true);
-    let joiner = cgroup.as_ref().map(RuntimeCgroup::joiner);
     let user = spec.user;
     // SAFETY: the closure runs in the forked child before exec, where only
     // async-signal-safe calls are allowed: prctl(2), `Joiner::join` (one write(2) to a
@@ -167,9 +180,9 @@ fn spawn(agent: &Agent, spec: &RuntimeSpec, generation: u64) -> Result<Started, 
     // seccomp(2) of filters built before the fork; nothing allocates or takes a lock.
     unsafe {
         cmd.pre_exec(move || {
-            // A runtime must not outlive a bootstrap that was killed outright.
+            // A child must not outlive a bootstrap that was killed outright.
             prctl::set_pdeathsig(Signal::SIGKILL)?;
-            // "0" moves the calling process into the cgroup before the runtime runs, so
+            // "0" moves the calling process into the cgroup before the program runs, so
             // every page it ever touches is charged there (as root, before the drop).
             if let Some(joiner) = &joiner {
                 joiner.join()?;
@@ -185,6 +198,41 @@ fn spawn(agent: &Agent, spec: &RuntimeSpec, generation: u64) -> Result<Started, 
             Ok(())
         });
     }
+    Ok(cmd)
+}
+
+/// The program that starts the runtime and its arguments: `spec.program`, or, for the
+/// shipped runtimes, the function's `AWS_LAMBDA_EXEC_WRAPPER` with the runtime's command
+/// line as its arguments (Lambda's wrapper scripts; a custom `bootstrap` is run as is).
+fn command_line(spec: &RuntimeSpec, runtime_dir: &Path) -> (PathBuf, Vec<String>) {
+    let wrapper = spec
+        .env
+        .iter()
+        .find(|(k, _)| k == EXEC_WRAPPER)
+        .map(|(_, v)| v.as_str())
+        .filter(|v| !v.is_empty());
+    match wrapper {
+        Some(wrapper) if spec.program.starts_with(runtime_dir) => (
+            PathBuf::from(wrapper),
+            vec![spec.program.display().to_string()],
+        ),
+        _ => (spec.program.clone(), Vec::new()),
+    }
+}
+
+fn spawn(agent: &Agent, spec: &RuntimeSpec, generation: u64) -> Result<Started, String> {
+    let (program, args) = command_line(spec, &spec.runtime_dir);
+    let fail = |e: std::io::Error| format!("cannot start {}: {e}", program.display());
+    let cgroup = RuntimeCgroup::create(&format!(
+        "kindling-runtime-{}-{generation}",
+        std::process::id()
+    ));
+    let output = (
+        agent.logs.pipe(Category::Function).map_err(fail)?,
+        agent.logs.pipe(Category::Function).map_err(fail)?,
+    );
+    let joiner = cgroup.as_ref().map(RuntimeCgroup::joiner);
+    let mut cmd = confined(spec, &program, &args, output, joiner)?;
     let started = Instant::now();
     let child = cmd.spawn().map_err(fail)?;
     drop(cmd); // closes our copies of the pipes' write ends
@@ -193,7 +241,7 @@ fn spawn(agent: &Agent, spec: &RuntimeSpec, generation: u64) -> Result<Started, 
     let pgid = i32::try_from(pid).map(Pid::from_raw).map_err(|_| {
         format!(
             "cannot start {}: pid {pid} does not fit pid_t",
-            spec.program.display()
+            program.display()
         )
     })?;
     let probe = Arc::new(match cgroup {
@@ -227,7 +275,8 @@ fn split_status(status: ExitStatus) -> (Option<i32>, Option<i32>) {
 }
 
 /// Runs the runtime for as long as the bootstrap lives: restarts it whenever it exits
-/// (after reporting the exit), and stops it when the guest shuts down (SIGTERM/SIGINT).
+/// (after reporting the exit), and stops it, with the extensions, when the guest shuts
+/// down (SIGTERM/SIGINT) or the agent resets the environment (an error then).
 pub async fn supervise(agent: Arc<Agent>, spec: RuntimeSpec) -> Result<(), String> {
     let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM: {e}"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT: {e}"))?;
@@ -238,8 +287,12 @@ pub async fn supervise(agent: Arc<Agent>, spec: RuntimeSpec) -> Result<(), Strin
         let mut started = spawn(&agent, &spec, generation)?;
         let status = tokio::select! {
             status = started.child.wait() => status.map_err(|e| format!("waiting for the runtime: {e}"))?,
-            _ = term.recv() => return shut_down(&agent, started).await,
-            _ = int.recv() => return shut_down(&agent, started).await,
+            _ = term.recv() => return shut_down(&agent, started, SPINDOWN).await,
+            _ = int.recv() => return shut_down(&agent, started, SPINDOWN).await,
+            reason = agent.reset_requested() => {
+                shut_down(&agent, started, &reason).await?;
+                return Err(format!("environment reset: {reason}"));
+            }
         };
         started.kill_leftovers();
         let (code, sig) = split_status(status);
@@ -255,18 +308,27 @@ pub async fn supervise(agent: Arc<Agent>, spec: RuntimeSpec) -> Result<(), Strin
     }
 }
 
-async fn shut_down(agent: &Agent, mut started: Started) -> Result<(), String> {
+/// Lambda's shutdown reason when an idle environment is retired.
+const SPINDOWN: &str = "spindown";
+
+/// Stops the runtime (SIGTERM, a grace, SIGKILL) while the extensions get their
+/// `SHUTDOWN` event (`reason`) and their time to act on it, then forwards the last log
+/// lines and telemetry.
+async fn shut_down(agent: &Agent, mut started: Started, reason: &str) -> Result<(), String> {
     say!("shutting down the runtime");
-    let _ = killpg(started.pgid, Signal::SIGTERM);
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, started.child.wait()).await;
-    started.kill_leftovers();
-    started.remove_cgroup().await;
+    let runtime = async {
+        let _ = killpg(started.pgid, Signal::SIGTERM);
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, started.child.wait()).await;
+        started.kill_leftovers();
+        started.remove_cgroup().await;
+    };
+    tokio::join!(runtime, agent.extensions.shut_down(reason));
     // The host may be gone already: its last lines are worth a short wait, no more.
-    if tokio::time::timeout(SHUTDOWN_LOG_FLUSH, agent.logs.finish_invocation())
-        .await
-        .is_err()
-    {
-        say!("the runtime's last log lines could not be forwarded");
+    let flushed = tokio::time::timeout(SHUTDOWN_LOG_FLUSH, async {
+        tokio::join!(agent.logs.finish_invocation(), agent.telemetry.flush())
+    });
+    if flushed.await.is_err() {
+        say!("the last log lines could not be forwarded");
     }
     Ok(())
 }

@@ -27,7 +27,9 @@ pub const ROOTFS_EXT4: &str = "rootfs.ext4";
 const POPULATE_RECIPE: &str = "4";
 /// Where `/etc/resolv.conf` leads: init writes it when the environment has a network.
 const RESOLV_CONF_TARGET: &str = "/run/resolv.conf";
-const HOSTS: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n";
+/// `/etc/hosts`: `sandbox.localdomain` is where Lambda's extensions listen for telemetry.
+const HOSTS: &str =
+    "127.0.0.1\tlocalhost sandbox.localdomain sandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n";
 /// Default Debian mirror; `KINDLING_DEBIAN_MIRROR` overrides it.
 const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 /// Folders of a Debian root that a read-only function image never reads.
@@ -232,6 +234,7 @@ impl Plan {
         let mut image = cache.fingerprint("rootfs");
         image
             .str("recipe", POPULATE_RECIPE)
+            .str("hosts", HOSTS)
             .str("runtime", runtime.name())
             .str("base", &base_name);
         image

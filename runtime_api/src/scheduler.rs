@@ -60,7 +60,8 @@ pub struct SchedulerOptions {
     pub queue_depth: usize,
     /// Start of an environment until its runtime's first `/next` (Lambda: 10 s).
     pub init_timeout: Duration,
-    /// Grace given to an environment asked to stop cleanly.
+    /// Grace given to an environment asked to stop cleanly: Lambda's 2 s for extensions
+    /// to act on `SHUTDOWN`, and a moment to forward their last lines.
     pub stop_grace: Duration,
     /// How long shutdown lets running invocations finish before it cancels them.
     pub shutdown_grace: Duration,
@@ -83,7 +84,7 @@ impl SchedulerOptions {
             freeze_after: Some(DEFAULT_FREEZE_AFTER),
             queue_depth: 100,
             init_timeout: Duration::from_secs(10),
-            stop_grace: Duration::from_secs(2),
+            stop_grace: Duration::from_secs(3),
             shutdown_grace: Duration::from_secs(5),
             region: "us-east-1".into(),
             account_id: DEFAULT_ACCOUNT_ID.into(),

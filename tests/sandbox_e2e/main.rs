@@ -16,6 +16,7 @@
 
 mod adversarial;
 mod control_plane;
+mod extensions;
 mod failures;
 mod http_triggers;
 mod identity;

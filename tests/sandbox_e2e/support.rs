@@ -523,7 +523,7 @@ impl Proc {
 }
 
 /// Every process below `root`, now.
-fn descendants(root: u32) -> Vec<Proc> {
+pub fn descendants(root: u32) -> Vec<Proc> {
     let all: Vec<(Proc, u32)> = std::fs::read_dir("/proc")
         .expect("reading /proc")
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
