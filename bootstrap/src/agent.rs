@@ -5,7 +5,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use kindling_wire::{ErrorBody, InvocationReport, RuntimeExit, PATH_INIT_ERROR, PATH_RUNTIME_EXIT};
+use kindling_wire::{
+    monotonic_ns, ErrorBody, InvocationReport, RuntimeExit, PATH_INIT_ERROR, PATH_RUNTIME_EXIT,
+};
 
 use crate::logs::LogSink;
 use crate::memory::{self, MemoryProbe};
@@ -24,6 +26,8 @@ struct Running {
 struct InFlight {
     id: String,
     handed_over: Instant,
+    /// [`monotonic_ns`] at the hand-over, for the per-hop stamps.
+    event_in_ns: u64,
 }
 
 #[derive(Default)]
@@ -87,13 +91,14 @@ impl Agent {
         self.life().in_flight = Some(InFlight {
             id: id.to_owned(),
             handed_over: Instant::now(),
+            event_in_ns: monotonic_ns(),
         });
     }
 
-    /// The runtime posted the result of invocation `id`. If it is the one in flight, its
-    /// log is flushed and its report returned, for the caller to attach to the result it
-    /// relays.
-    pub async fn result_received(&self, id: &str) -> Option<InvocationReport> {
+    /// The runtime posted the result of invocation `id` ([`monotonic_ns`] `at`). If it is
+    /// the one in flight, its log is flushed and its report returned, for the caller to
+    /// attach to the result it relays.
+    pub async fn result_received(&self, id: &str, at: u64) -> Option<InvocationReport> {
         let report = {
             let mut life = self.life();
             if life.in_flight.as_ref().map(|f| f.id.as_str()) != Some(id) {
@@ -108,6 +113,8 @@ impl Agent {
                         duration_ms,
                         init_duration_ms: rt.init_ms.take(),
                         max_memory_used_mb: 0,
+                        event_in_ns: Some(flight.event_in_ns),
+                        result_in_ns: Some(at),
                     },
                 )
             })

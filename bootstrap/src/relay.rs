@@ -18,9 +18,9 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use kindling_wire::{
-    deadline_on_guest_clock, from_hex, ErrorBody, InvocationReport, HEADER_DEADLINE_MS,
-    HEADER_ENTROPY, HEADER_HOST_TIME_MS, HEADER_INVOCATION_REPORT, HEADER_REQUEST_ID,
-    HEADER_RESPONSE_MODE, PATH_NEXT, RUNTIME_PREFIX,
+    deadline_on_guest_clock, from_hex, monotonic_ns, ErrorBody, InvocationReport,
+    HEADER_DEADLINE_MS, HEADER_ENTROPY, HEADER_HOST_TIME_MS, HEADER_INVOCATION_REPORT,
+    HEADER_REQUEST_ID, HEADER_RESPONSE_MODE, PATH_NEXT, RUNTIME_PREFIX,
 };
 use nix::sys::time::TimeSpec;
 use nix::time::{clock_settime, ClockId};
@@ -98,13 +98,14 @@ async fn handle(
     match Route::of(req.method(), req.uri().path()) {
         Route::Next => return Ok(next(&agent, req).await),
         Route::Result(id) => {
+            let arrived = monotonic_ns();
             // Only ours: a runtime cannot pass off a report of its own.
             req.headers_mut().remove(HEADER_INVOCATION_REPORT);
             if is_streamed(req.headers()) {
                 let req = streamed(agent.clone(), id, req);
                 return Ok(forward(&agent, req).await);
             }
-            if let Some(report) = agent.result_received(&id).await {
+            if let Some(report) = agent.result_received(&id, arrived).await {
                 req.headers_mut()
                     .insert(HEADER_INVOCATION_REPORT, report_value(&report));
             }
@@ -157,7 +158,7 @@ fn streamed(agent: Arc<Agent>, id: String, req: Request<Incoming>) -> Request<Bo
             }
         }
         trailers.remove(HEADER_INVOCATION_REPORT);
-        if let Some(report) = agent.result_received(&id).await {
+        if let Some(report) = agent.result_received(&id, monotonic_ns()).await {
             trailers.insert(HEADER_INVOCATION_REPORT, report_value(&report));
         }
         let _ = tx.send_trailers(trailers).await;
