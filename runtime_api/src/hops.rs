@@ -92,10 +92,6 @@ impl Stamps {
 }
 
 /// Microseconds from `from` to `to` (0 when the clock says otherwise).
-#[expect(
-    clippy::cast_precision_loss,
-    reason = "a span of a warm invocation is far below 2^52 ns"
-)]
 fn span(from: u64, to: u64) -> f64 {
     to.saturating_sub(from) as f64 / 1000.0
 }
