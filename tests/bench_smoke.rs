@@ -103,7 +103,10 @@ fn a_sandbox_bench_prints_every_row() {
     }
     for rate in ["throughput, 1 client", "throughput, 4 clients"] {
         let line = row(rate);
-        assert!(line.contains(" /s") && line.contains("target ≥"), "{stdout}");
+        assert!(
+            line.contains(" /s") && line.contains("target ≥"),
+            "{stdout}"
+        );
     }
     // Where a warm invoke's time goes: the sandbox shares the host's clock, so the agent's
     // stamps split the crossings each way.
@@ -128,8 +131,14 @@ fn a_sandbox_bench_prints_every_row() {
             .find_map(|(n, unit)| (unit == "µs").then(|| n.parse::<f64>().ok()).flatten());
         assert!(us.is_some_and(|us| us > 0.0), "no CPU figure: {line}");
     }
-    assert!(row("server RSS, before → after").contains(" MiB → "), "{stdout}");
-    assert!(row("server fds, before → after").contains(" → "), "{stdout}");
+    assert!(
+        row("server RSS, before → after").contains(" MiB → "),
+        "{stdout}"
+    );
+    assert!(
+        row("server fds, before → after").contains(" → "),
+        "{stdout}"
+    );
     // Durations, in whatever unit they took: this is a smoke test, not a speed target (a
     // first python start on a cold page cache took 1.9 s here).
     for phase in ["cold start, invoke → answer", "Init Duration"] {

@@ -20,7 +20,10 @@ pub const HOPS: [(&str, &str); 10] = [
         "schedule",
         "scheduler: pool, environment taken, START logged",
     ),
-    ("dispatch", "event waiting for the parked /next to answer"),
+    (
+        "dispatch",
+        "event submitted → /next answered (the runtime's next /next on its way)",
+    ),
     ("to-agent", "/next answer: host → agent"),
     ("runtime", "agent → runtime → agent (event in, result in)"),
     ("to-host", "result: agent → host (report, log flush)"),
