@@ -11,7 +11,8 @@ use http_body_util::channel::Channel;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{
-    HeaderMap, HeaderValue, CONNECTION, CONTENT_TYPE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    HeaderMap, HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, TRAILER, TRANSFER_ENCODING,
+    UPGRADE,
 };
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -31,6 +32,8 @@ use crate::agent::Agent;
 /// How far the guest's clock may stray from the host's before it is stepped: below the
 /// transfer time of an event, stepping would only add noise.
 const CLOCK_SLACK_MS: u128 = 20;
+/// Largest result body read whole before it is relayed (see [`forward_whole`]).
+const ONE_WRITE_BYTES: u64 = 64 << 10;
 /// Frames of a streamed response that may wait for the host.
 const STREAM_DEPTH: usize = 4;
 /// The trailers a relayed stream may carry: the runtime's error, and our report.
@@ -109,10 +112,42 @@ async fn handle(
                 req.headers_mut()
                     .insert(HEADER_INVOCATION_REPORT, report_value(&report));
             }
+            if declared_length(req.headers()).is_some_and(|n| n <= ONE_WRITE_BYTES) {
+                return Ok(forward_whole(&agent, req).await);
+            }
         }
         Route::Other => {}
     }
     Ok(forward(&agent, req.map(|b| b.map_err(Into::into).boxed())).await)
+}
+
+/// A small result (its Content-Length at most [`ONE_WRITE_BYTES`]) is read whole and goes
+/// to the host in one write, head and body together: the host's connection then wakes
+/// once for it, not once per part the runtime wrote.
+async fn forward_whole(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    match body.collect().await {
+        Ok(body) => forward(agent, Request::from_parts(parts, full(body.to_bytes()))).await,
+        // The runtime hung up mid-body: the host never hears of this result, as when the
+        // broken body was relayed.
+        Err(e) => {
+            let body = ErrorBody::new(
+                "InvalidRequestContent",
+                format!("cannot read the body: {e}"),
+            );
+            Response::builder()
+                .status(StatusCode::BAD_REQUEST)
+                .header(CONTENT_TYPE, "application/json")
+                .body(full(serde_json::to_vec(&body).expect("serialisable")))
+                .expect("valid response")
+        }
+    }
+}
+
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
 }
 
 fn is_streamed(headers: &HeaderMap) -> bool {
