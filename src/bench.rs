@@ -9,6 +9,7 @@
 //! clients, and reads the hypervisors' memory. The table shows the median of the runs.
 
 mod boot;
+mod cpu;
 mod floor;
 mod interrupt;
 mod nested;

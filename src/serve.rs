@@ -147,6 +147,10 @@ struct ServerArgs {
     /// anyone who reaches it can invoke every function.
     #[arg(long)]
     allow_remote: bool,
+    /// Every answered synchronous invoke carries a `Kindling-Hops` header: where its time
+    /// went, hop by hop, in µs (caller's body, scheduler, host ↔ agent, runtime, answer).
+    #[arg(long)]
+    trace_hops: bool,
     #[command(flatten)]
     state: StateDirArg,
     #[command(flatten)]
@@ -550,6 +554,7 @@ async fn host(
     args.freeze.apply(&mut options);
     options.init_timeout = Duration::from_secs(args.init_timeout);
     args.limits.apply(&mut options);
+    options.trace_hops = args.trace_hops;
     let names: Vec<String> = functions.iter().map(|f| f.name.clone()).collect();
     let server = Server::bind(functions, launchers, options).await?;
     let mut logs = server.logs();

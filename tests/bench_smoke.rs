@@ -102,8 +102,43 @@ fn a_sandbox_bench_prints_every_row() {
         );
     }
     for rate in ["throughput, 1 client", "throughput, 4 clients"] {
-        assert!(row(rate).trim_end().ends_with(" /s"), "{stdout}");
+        let line = row(rate);
+        assert!(
+            line.contains(" /s") && line.contains("target ≥"),
+            "{stdout}"
+        );
     }
+    // Where a warm invoke's time goes: the sandbox shares the host's clock, so the agent's
+    // stamps split the crossings each way.
+    for hop in [
+        "hop: caller ↔ host",
+        "hop: read",
+        "hop: schedule",
+        "hop: dispatch",
+        "hop: to-agent",
+        "hop: runtime",
+        "hop: to-host",
+        "hop: result",
+        "hop: answer",
+    ] {
+        assert!(row(hop).contains(" µs"), "{stdout}");
+    }
+    for cpu in ["server", "environment", "total"] {
+        let line = row(&format!("CPU per warm invoke, {cpu}"));
+        let us = line
+            .split_whitespace()
+            .zip(line.split_whitespace().skip(1))
+            .find_map(|(n, unit)| (unit == "µs").then(|| n.parse::<f64>().ok()).flatten());
+        assert!(us.is_some_and(|us| us > 0.0), "no CPU figure: {line}");
+    }
+    assert!(
+        row("server RSS, before → after").contains(" MiB → "),
+        "{stdout}"
+    );
+    assert!(
+        row("server fds, before → after").contains(" → "),
+        "{stdout}"
+    );
     // Durations, in whatever unit they took: this is a smoke test, not a speed target (a
     // first python start on a cold page cache took 1.9 s here).
     for phase in ["cold start, invoke → answer", "Init Duration"] {

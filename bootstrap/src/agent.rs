@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hyper::header::HeaderMap;
 use kindling_wire::{
-    ErrorBody, FunctionEnvironment, InvocationReport, RuntimeExit, HEADER_DEADLINE_MS,
+    monotonic_ns, ErrorBody, FunctionEnvironment, InvocationReport, RuntimeExit, HEADER_DEADLINE_MS,
     HEADER_FUNCTION_ARN, HEADER_TRACE_ID, PATH_INIT_ERROR, PATH_RUNTIME_EXIT,
 };
 use serde_json::{json, Value};
@@ -35,6 +35,8 @@ struct InFlight {
     handed_over: Instant,
     /// The invocation's deadline: extensions still busy then reset the environment.
     deadline: Option<Instant>,
+    /// [`monotonic_ns`] at the hand-over, for the per-hop stamps.
+    event_in_ns: u64,
 }
 
 /// An invocation the runtime answered, until the extensions are done with it too.
@@ -277,13 +279,19 @@ impl Agent {
             id: id.to_owned(),
             handed_over: Instant::now(),
             deadline,
+            event_in_ns: monotonic_ns(),
         });
     }
 
-    /// The runtime posted the result of invocation `id` (`failed`: an error). If it is
-    /// the one in flight, its log is flushed and its report returned, for the caller to
-    /// attach to the result it relays.
-    pub async fn result_received(&self, id: &str, failed: bool) -> Option<InvocationReport> {
+    /// The runtime posted the result of invocation `id` (`failed`: an error) at
+    /// [`monotonic_ns`] `at`. If it is the one in flight, its log is flushed and its
+    /// report returned, for the caller to attach to the result it relays.
+    pub async fn result_received(
+        &self,
+        id: &str,
+        failed: bool,
+        at: u64,
+    ) -> Option<InvocationReport> {
         let (flight, report) = {
             let mut life = self.life();
             if life.in_flight.as_ref().map(|f| f.id.as_str()) != Some(id) {
@@ -298,6 +306,8 @@ impl Agent {
                         duration_ms,
                         init_duration_ms: rt.init_ms.take(),
                         max_memory_used_mb: 0,
+                        event_in_ns: Some(flight.event_in_ns),
+                        result_in_ns: Some(at),
                     },
                 )
             });

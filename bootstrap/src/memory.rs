@@ -149,8 +149,51 @@ impl MemoryProbe {
     }
 }
 
-/// The largest `VmHWM` over `root` and its live descendants, in bytes.
+/// The largest `VmHWM` over `root` and its live descendants, in bytes. Read on every
+/// invocation's result: the tree is walked from `root` through each thread's `children`
+/// file (a few reads); a kernel without them gets a scan of all of `/proc`.
 fn tree_hwm(root: u32) -> u64 {
+    let mut scanned: Option<HashMap<u32, Vec<u32>>> = None;
+    let mut stack = vec![root];
+    let mut high = 0;
+    while let Some(pid) = stack.pop() {
+        high = high.max(vm_hwm(pid).unwrap_or(0));
+        match children_of(pid) {
+            Some(children) => stack.extend(children),
+            None => {
+                let all = scanned.get_or_insert_with(scan_children);
+                stack.extend(all.get(&pid).into_iter().flatten());
+            }
+        }
+    }
+    high
+}
+
+/// The children of `pid`, from `/proc/PID/task/*/children`; `None` where the kernel has
+/// no such files. A process gone meanwhile has none.
+fn children_of(pid: u32) -> Option<Vec<u32>> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Some(Vec::new());
+    };
+    let mut children = Vec::new();
+    for task in tasks.flatten() {
+        match fs::read_to_string(task.path().join("children")) {
+            Ok(list) => children.extend(
+                list.split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && task.path().exists() => {
+                return None
+            }
+            // The thread ended while we looked.
+            Err(_) => {}
+        }
+    }
+    Some(children)
+}
+
+/// Every process's children, from the parent field of each `/proc/PID/stat`.
+fn scan_children() -> HashMap<u32, Vec<u32>> {
     let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
     if let Ok(entries) = fs::read_dir("/proc") {
         for pid in entries
@@ -165,13 +208,7 @@ fn tree_hwm(root: u32) -> u64 {
             }
         }
     }
-    let mut stack = vec![root];
-    let mut high = 0;
-    while let Some(pid) = stack.pop() {
-        high = high.max(vm_hwm(pid).unwrap_or(0));
-        stack.extend(children.get(&pid).into_iter().flatten());
-    }
-    high
+    children
 }
 
 /// The ppid field of `/proc/PID/stat`; the command name before it may hold spaces.
@@ -225,5 +262,22 @@ mod tests {
     #[test]
     fn own_tree_has_a_high_water_mark() {
         assert!(tree_hwm(std::process::id()) > 0);
+    }
+
+    /// The walk from the root finds the same children as the scan of `/proc`.
+    #[test]
+    fn children_are_found_from_the_root_as_by_the_scan() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep runs");
+        let me = std::process::id();
+        let walked = children_of(me);
+        let scanned = scan_children().remove(&me).unwrap_or_default();
+        let _ = child.kill();
+        child.wait().expect("sleep is reaped");
+        let walked = walked.expect("this kernel has /proc/PID/task/TID/children");
+        assert!(walked.contains(&child.id()), "{walked:?}");
+        assert!(scanned.contains(&child.id()), "{scanned:?}");
     }
 }

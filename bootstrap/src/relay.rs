@@ -12,14 +12,15 @@ use http_body_util::channel::Channel;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{
-    HeaderMap, HeaderValue, CONNECTION, CONTENT_TYPE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    HeaderMap, HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, TRAILER, TRANSFER_ENCODING,
+    UPGRADE,
 };
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use kindling_wire::{
-    deadline_on_guest_clock, from_hex, ErrorBody, InvocationReport, HEADER_DEADLINE_MS,
+    deadline_on_guest_clock, from_hex, monotonic_ns, ErrorBody, InvocationReport, HEADER_DEADLINE_MS,
     HEADER_ENTROPY, HEADER_FUNCTION_ERROR_TYPE, HEADER_HOST_TIME_MS, HEADER_INVOCATION_REPORT,
     HEADER_REQUEST_ID, HEADER_RESPONSE_MODE, PATH_NEXT, RUNTIME_PREFIX,
 };
@@ -32,6 +33,8 @@ use crate::agent::Agent;
 /// How far the guest's clock may stray from the host's before it is stepped: below the
 /// transfer time of an event, stepping would only add noise.
 const CLOCK_SLACK_MS: u128 = 20;
+/// Largest result body read whole before it is relayed (see [`forward_whole`]).
+const ONE_WRITE_BYTES: u64 = 64 << 10;
 /// Frames of a streamed response that may wait for the host.
 const STREAM_DEPTH: usize = 4;
 /// The trailers a relayed stream may carry: the runtime's error, and our report.
@@ -102,6 +105,7 @@ async fn handle(
     match Route::of(req.method(), req.uri().path()) {
         Route::Next => return Ok(next(&agent, req).await),
         Route::Result(id) => {
+            let arrived = monotonic_ns();
             // Only ours: a runtime cannot pass off a report of its own.
             req.headers_mut().remove(HEADER_INVOCATION_REPORT);
             if is_streamed(req.headers()) {
@@ -109,14 +113,46 @@ async fn handle(
                 return Ok(forward(&agent, req).await);
             }
             let failed = req.uri().path().ends_with("/error");
-            if let Some(report) = agent.result_received(&id, failed).await {
+            if let Some(report) = agent.result_received(&id, failed, arrived).await {
                 req.headers_mut()
                     .insert(HEADER_INVOCATION_REPORT, report_value(&report));
+            }
+            if declared_length(req.headers()).is_some_and(|n| n <= ONE_WRITE_BYTES) {
+                return Ok(forward_whole(&agent, req).await);
             }
         }
         Route::Other => {}
     }
     Ok(forward(&agent, req.map(|b| b.map_err(Into::into).boxed())).await)
+}
+
+/// A small result (its Content-Length at most [`ONE_WRITE_BYTES`]) is read whole and goes
+/// to the host in one write, head and body together: the host's connection then wakes
+/// once for it, not once per part the runtime wrote.
+async fn forward_whole(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    match body.collect().await {
+        Ok(body) => forward(agent, Request::from_parts(parts, full(body.to_bytes()))).await,
+        // The runtime hung up mid-body: the host never hears of this result, as when the
+        // broken body was relayed.
+        Err(e) => {
+            let body = ErrorBody::new(
+                "InvalidRequestContent",
+                format!("cannot read the body: {e}"),
+            );
+            Response::builder()
+                .status(StatusCode::BAD_REQUEST)
+                .header(CONTENT_TYPE, "application/json")
+                .body(full(serde_json::to_vec(&body).expect("serialisable")))
+                .expect("valid response")
+        }
+    }
+}
+
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
 }
 
 fn is_streamed(headers: &HeaderMap) -> bool {
@@ -163,7 +199,7 @@ fn streamed(agent: Arc<Agent>, id: String, req: Request<Incoming>) -> Request<Bo
         }
         trailers.remove(HEADER_INVOCATION_REPORT);
         let failed = trailers.contains_key(HEADER_FUNCTION_ERROR_TYPE);
-        if let Some(report) = agent.result_received(&id, failed).await {
+        if let Some(report) = agent.result_received(&id, failed, monotonic_ns()).await {
             trailers.insert(HEADER_INVOCATION_REPORT, report_value(&report));
         }
         let _ = tx.send_trailers(trailers).await;

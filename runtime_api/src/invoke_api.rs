@@ -24,7 +24,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use kindling_wire::MAX_REQUEST_BYTES;
+use kindling_wire::{monotonic_ns, MAX_REQUEST_BYTES};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
@@ -36,6 +36,7 @@ use crate::connections::{self, Activity, Busy, ConnectionLimits, Watched};
 use crate::control_plane::{self, ControlPlane};
 use crate::environment::Function;
 use crate::events::EventQueue;
+use crate::hops;
 use crate::logs;
 use crate::metrics::{self, Metrics};
 use crate::names::{self, FunctionRef, NameError};
@@ -70,6 +71,8 @@ pub(crate) struct InvokeApi {
     pub limits: ConnectionLimits,
     pub events: Arc<EventQueue>,
     pub control: ControlPlane,
+    /// Answers carry [`hops::HEADER_HOPS`].
+    pub trace_hops: bool,
 }
 
 /// Serves callers until `stop` turns true, then lets the answers in progress be written
@@ -217,6 +220,7 @@ fn return_free_memory() {
 
 impl InvokeApi {
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let head_ns = monotonic_ns();
         let path = req.uri().path().to_string();
         if path == "/metrics" {
             return match *req.method() {
@@ -264,7 +268,9 @@ impl InvokeApi {
             Ok(found) => found,
             Err(refusal) => return refusal,
         };
-        let mut response = self.invoke(&resolved.name, &version, &function, req).await;
+        let mut response = self
+            .invoke(&resolved.name, &version, &function, req, head_ns)
+            .await;
         if let Ok(v) = HeaderValue::from_str(&version) {
             response.headers_mut().insert(HEADER_EXECUTED_VERSION, v);
         }
@@ -312,6 +318,7 @@ impl InvokeApi {
         version: &str,
         named: &FunctionRef,
         req: Request<Incoming>,
+        head_ns: u64,
     ) -> Response<Full<Bytes>> {
         let headers = match InvokeHeaders::parse(req.headers()) {
             Ok(headers) => headers,
@@ -335,6 +342,7 @@ impl InvokeApi {
             Ok(p) => p,
             Err(r) => return r,
         };
+        let body_ns = monotonic_ns();
         let request = InvokeRequest {
             payload,
             client_context: headers.client_context,
@@ -356,7 +364,17 @@ impl InvokeApi {
                     .invoke(function, version, request, false)
                     .await
                 {
-                    Ok(invoked) => rendered(invoked, headers.tail),
+                    Ok(invoked) => {
+                        let hops = invoked
+                            .stamps
+                            .filter(|_| self.trace_hops)
+                            .map(|s| s.header(head_ns, body_ns, monotonic_ns()));
+                        let mut r = rendered(invoked, headers.tail);
+                        if let Some(v) = hops.and_then(|h| HeaderValue::from_str(&h).ok()) {
+                            r.headers_mut().insert(hops::HEADER_HOPS, v);
+                        }
+                        r
+                    }
                     Err(e) => self.refused(e),
                 }
             }

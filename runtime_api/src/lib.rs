@@ -17,6 +17,7 @@ mod event_stream;
 mod events;
 mod freezing;
 mod function_url;
+pub mod hops;
 mod invoke_api;
 pub mod logs;
 pub mod metrics;

@@ -87,7 +87,26 @@ pub(crate) fn parse_decoded(
     // An empty `Qualifier=` is allowed by Lambda's pattern and asks for nothing.
     let asked = asked.filter(|q| !q.is_empty());
 
-    let parts = name_regex().captures(name);
+    // A plain name (the usual case) is its own `name` part, without the regex's search.
+    let plain = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    let parts = match plain {
+        true => Some(Parts {
+            region: None,
+            name: name.to_string(),
+            qualifier: None,
+        }),
+        false => name_regex().captures(name).map(|c| {
+            let group = |g: &str| c.name(g).map(|m| m.as_str().to_string());
+            Parts {
+                region: group("region"),
+                name: group("name").unwrap_or_default(),
+                qualifier: group("qualifier"),
+            }
+        }),
+    };
     let mut errors = Vec::new();
     if name.is_empty() {
         errors.push(violation(
@@ -140,23 +159,29 @@ pub(crate) fn parse_decoded(
             )));
         }
     };
-    let group = |g: &str| parts.name(g).map(|m| m.as_str().to_string());
-    if let Some(theirs) = group("region").filter(|r| r != region) {
+    if let Some(theirs) = parts.region.filter(|r| r != region) {
         return Err(NameError::OtherRegion {
             theirs,
             ours: region.to_string(),
         });
     }
-    let suffix = group("qualifier");
+    let suffix = parts.qualifier;
     if let (Some(a), Some(b)) = (&suffix, &asked) {
         if a != b {
             return Err(NameError::QualifierConflict);
         }
     }
     Ok(FunctionRef {
-        name: group("name").unwrap_or_default(),
+        name: parts.name,
         qualifier: suffix.or(asked),
     })
+}
+
+/// The parts of a name that Kindling reads.
+struct Parts {
+    region: Option<String>,
+    name: String,
+    qualifier: Option<String>,
 }
 
 /// One violation, as Lambda's validation errors list them.

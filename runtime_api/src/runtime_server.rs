@@ -20,12 +20,15 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use kindling_wire::{self as wire, ErrorBody, FunctionEnvironment, InvocationReport, RuntimeExit};
+use kindling_wire::{
+    self as wire, monotonic_ns, ErrorBody, FunctionEnvironment, InvocationReport, RuntimeExit,
+};
 use tokio::net::UnixListener;
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::body::{self, BodyError};
+use crate::hops::GuestStamps;
 use crate::logs::{LogSink, LogTail};
 use crate::streaming::{self, Relayed, StreamSink};
 
@@ -89,6 +92,8 @@ pub struct Completion {
     /// The runtime's log lines of this invocation, or of a long log only its end (see
     /// [`LogTail`]): the whole log is in the function's log file.
     pub log: String,
+    /// The host's stamps of an invocation the guest answered (see [`crate::hops`]).
+    pub stamps: Option<GuestStamps>,
 }
 
 /// The scheduler's side of a submitted invocation.
@@ -112,6 +117,9 @@ struct InFlight {
     stream: Option<StreamSink>,
     report: Option<InvocationReport>,
     log: LogTail,
+    /// [`monotonic_ns`] of the `/next` answer and of the result's arrival.
+    handed_ns: u64,
+    result_ns: Option<u64>,
 }
 
 #[derive(Default)]
@@ -135,10 +143,16 @@ impl State {
     fn complete_current(&mut self, outcome: Outcome) -> bool {
         if let Some(f) = self.in_flight.take() {
             self.remember(f.request_id);
+            let stamps = f.result_ns.map(|result_ns| GuestStamps {
+                handed_ns: f.handed_ns,
+                result_ns,
+                done_ns: monotonic_ns(),
+            });
             let _ = f.done.send(Completion {
                 outcome,
                 report: f.report,
                 log: f.log.into_string(),
+                stamps,
             });
             true
         } else if let Some(p) = self.pending.take() {
@@ -147,6 +161,7 @@ impl State {
                 outcome,
                 report: None,
                 log: String::new(),
+                stamps: None,
             });
             true
         } else {
@@ -277,6 +292,7 @@ impl RuntimeApi {
                 outcome,
                 report: None,
                 log: String::new(),
+                stamps: None,
             });
         } else {
             debug_assert!(state.pending.is_none() && state.in_flight.is_none());
@@ -444,6 +460,7 @@ async fn next(shared: &Shared) -> Response<Full<Bytes>> {
                             },
                             report: None,
                             log: String::new(),
+                            stamps: None,
                         });
                         return error_response(
                             StatusCode::INTERNAL_SERVER_ERROR,
@@ -458,6 +475,8 @@ async fn next(shared: &Shared) -> Response<Full<Bytes>> {
                     stream: inv.stream,
                     report: None,
                     log: LogTail::default(),
+                    handed_ns: monotonic_ns(),
+                    result_ns: None,
                 });
                 let _ = p.dispatched.send(now);
                 return response;
@@ -495,8 +514,8 @@ fn event_response(inv: &Invocation) -> http::Result<Response<Full<Bytes>>> {
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/json")
         .header(wire::HEADER_REQUEST_ID, &inv.request_id)
-        .header(wire::HEADER_DEADLINE_MS, deadline_ms.to_string())
-        .header(wire::HEADER_HOST_TIME_MS, now.as_millis().to_string())
+        .header(wire::HEADER_DEADLINE_MS, millis(deadline_ms))
+        .header(wire::HEADER_HOST_TIME_MS, millis(now.as_millis()))
         .header(wire::HEADER_FUNCTION_ARN, &inv.function_arn)
         .header(wire::HEADER_TRACE_ID, &inv.trace_id);
     if let Some(cc) = &inv.client_context {
@@ -509,6 +528,11 @@ fn event_response(inv: &Invocation) -> http::Result<Response<Full<Bytes>>> {
         builder = builder.header(wire::HEADER_ENTROPY, wire::to_hex(entropy));
     }
     builder.body(Full::new(inv.payload.clone()))
+}
+
+/// Unix milliseconds as a header value, without a `String` on the way.
+fn millis(ms: u128) -> header::HeaderValue {
+    header::HeaderValue::from(u64::try_from(ms).unwrap_or(u64::MAX))
 }
 
 async fn response(shared: &Shared, id: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -677,6 +701,7 @@ async fn post_logs(shared: &Shared, req: Request<Incoming>) -> Response<Full<Byt
 /// attaches to the result ([`wire::HEADER_INVOCATION_REPORT`]). A report that does not
 /// parse is logged and dropped: the result itself still counts.
 fn accept_answer(shared: &Shared, id: &str, req: &Request<Incoming>) -> Result<(), Refusal> {
+    let arrived = monotonic_ns();
     let report = req
         .headers()
         .get(wire::HEADER_INVOCATION_REPORT)
@@ -689,8 +714,11 @@ fn accept_answer(shared: &Shared, id: &str, req: &Request<Incoming>) -> Result<(
         });
     let mut state = shared.state();
     state.check_answer(id)?;
-    if let (Some(report), Some(f)) = (report, state.in_flight.as_mut()) {
-        f.report = Some(report);
+    if let Some(f) = state.in_flight.as_mut() {
+        f.result_ns = Some(arrived);
+        if report.is_some() {
+            f.report = report;
+        }
     }
     Ok(())
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use kindling_wire::{ErrorBody, FunctionEnvironment, InvocationReport};
+use kindling_wire::{monotonic_ns, ErrorBody, FunctionEnvironment, InvocationReport};
 use tokio::sync::{oneshot, watch, Notify};
 
 use crate::credentials::HostCredentials;
@@ -31,6 +31,7 @@ use crate::environment::{
     Credentials, Environment, EnvironmentSpec, Function, Isolation, Launcher, StopMode,
 };
 use crate::freezing::Freezing;
+use crate::hops::Stamps;
 use crate::logs::{self, LogSink, Restore};
 use crate::metrics::Metrics;
 use crate::runtime_server::{Completion, Invocation, Outcome, RuntimeApi};
@@ -132,6 +133,8 @@ pub struct Invoked {
     pub log: String,
     /// The server's shutdown ended it before the function did.
     pub cut_short: bool,
+    /// Where its time went, when the guest answered it (see [`crate::hops`]).
+    pub stamps: Option<Stamps>,
 }
 
 /// Why an invocation could not be run at all. Show it with its sources (e.g. anyhow's
@@ -875,6 +878,7 @@ impl Pool {
             self.snapshot_when_initialised(env, init_deadline).await;
         }
 
+        let submitted_ns = monotonic_ns();
         let ticket = env.api.submit(Invocation {
             request_id: request_id.clone(),
             payload: request.payload,
@@ -922,7 +926,17 @@ impl Pool {
         // The error, and for a timeout the line Lambda writes into the function's log.
         let cut_short = matches!(second, Wait::Done(None) | Wait::Cancelled);
         let (error, note) = match second {
-            Wait::Done(Some(completion)) => return self.completed(env, &request_id, start_line, dispatched_at, cold, completion),
+            Wait::Done(Some(completion)) => {
+                let stamps = completion.stamps.map(|guest| Stamps {
+                    submitted_ns,
+                    guest,
+                    agent: completion.report.as_ref().and_then(|r| r.event_in_ns.zip(r.result_in_ns)),
+                    same_clock: self.function.isolation == Isolation::Sandbox,
+                });
+                let mut invoked = self.completed(env, &request_id, start_line, dispatched_at, cold, completion);
+                invoked.stamps = stamps;
+                return invoked;
+            }
             Wait::Exited(reason) => (exit_error(&request_id, &reason), None),
             Wait::InitTimeout => (ErrorBody::new(
                 "Runtime.InitTimeout",
@@ -962,6 +976,7 @@ impl Pool {
             outcome,
             report,
             log,
+            ..
         } = completion;
         if !outcome.keeps_environment() {
             env.broken = true;
@@ -970,6 +985,8 @@ impl Pool {
             duration_ms: dispatched_at.elapsed().as_secs_f64() * 1000.0,
             init_duration_ms: None,
             max_memory_used_mb: 0,
+            event_in_ns: None,
+            result_in_ns: None,
         });
         let mut phases = if cold {
             env.handle.start_phases()
@@ -1033,6 +1050,8 @@ impl Pool {
             duration_ms: since.elapsed().as_secs_f64() * 1000.0,
             init_duration_ms: None,
             max_memory_used_mb: 0,
+            event_in_ns: None,
+            result_in_ns: None,
         };
         let answer = Answer::Error {
             error_type: error.error_type.clone(),
@@ -1084,6 +1103,7 @@ impl Pool {
             answer,
             log: format!("{start_line}\n{log}{end}\n{report_line}\n"),
             cut_short: false,
+            stamps: None,
         }
     }
 }

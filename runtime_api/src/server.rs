@@ -94,6 +94,9 @@ pub struct ServerOptions {
     pub default_credentials: Credentials,
     /// The host's AWS credentials, for the functions that get them.
     pub host_credentials: Option<HostCredentials>,
+    /// Every answered synchronous invocation carries where its time went, hop by hop
+    /// ([`crate::hops::HEADER_HOPS`]).
+    pub trace_hops: bool,
 }
 
 impl ServerOptions {
@@ -124,6 +127,7 @@ impl ServerOptions {
             account_id: defaults.account_id,
             default_credentials: defaults.default_credentials,
             host_credentials: None,
+            trace_hops: false,
         }
     }
 }
@@ -314,6 +318,7 @@ impl Server {
             limits: self.limits,
             events: self.events.clone(),
             control,
+            trace_hops: self.options.trace_hops,
         });
         for (function, payload, listener) in self.url_listeners {
             self.urls

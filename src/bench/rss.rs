@@ -25,8 +25,29 @@ pub struct ProgramRss {
 /// hypervisors are children, or grandchildren behind kindling-jailer. Guest RAM is told
 /// apart by its size, `guest_ram` bytes.
 pub fn descendants_by_program(guest_ram: u64) -> anyhow::Result<BTreeMap<String, ProgramRss>> {
+    let mut programs = BTreeMap::<String, ProgramRss>::new();
+    for process in descendants()? {
+        let (Ok(exe), Ok(status)) = (process.exe(), process.status()) else {
+            continue;
+        };
+        let Some(name) = exe.file_name() else {
+            continue;
+        };
+        let entry = programs
+            .entry(name.to_string_lossy().into_owned())
+            .or_default();
+        entry.processes += 1;
+        entry.bytes += status.vmrss.unwrap_or(0) * 1024;
+        entry.shmem_bytes += status.rssshmem.unwrap_or(0) * 1024;
+        let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", process.pid));
+        entry.guest_bytes += smaps.map_or(0, |smaps| rss_of_size(&smaps, guest_ram));
+    }
+    Ok(programs)
+}
+
+/// This process's descendants (a process may exit while we look: it is then left out).
+pub fn descendants() -> anyhow::Result<Vec<Process>> {
     let me = Process::myself()?.pid;
-    // A process may exit while we look: it is then no longer a running VM's.
     let processes: Vec<(Process, i32)> = all_processes()
         .context("cannot list /proc")?
         .filter_map(|p| {
@@ -45,27 +66,11 @@ pub fn descendants_by_program(guest_ram: u64) -> anyhow::Result<BTreeMap<String,
         }
         false
     };
-    let mut programs = BTreeMap::<String, ProgramRss>::new();
-    for (process, _) in processes {
-        if !descends_from_me(process.pid) {
-            continue;
-        }
-        let (Ok(exe), Ok(status)) = (process.exe(), process.status()) else {
-            continue;
-        };
-        let Some(name) = exe.file_name() else {
-            continue;
-        };
-        let entry = programs
-            .entry(name.to_string_lossy().into_owned())
-            .or_default();
-        entry.processes += 1;
-        entry.bytes += status.vmrss.unwrap_or(0) * 1024;
-        entry.shmem_bytes += status.rssshmem.unwrap_or(0) * 1024;
-        let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", process.pid));
-        entry.guest_bytes += smaps.map_or(0, |smaps| rss_of_size(&smaps, guest_ram));
-    }
-    Ok(programs)
+    Ok(processes
+        .into_iter()
+        .filter(|(p, _)| descends_from_me(p.pid))
+        .map(|(p, _)| p)
+        .collect())
 }
 
 /// The resident bytes of the mappings in `smaps` (`/proc/PID/smaps`) that span exactly

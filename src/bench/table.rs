@@ -8,7 +8,7 @@ use std::time::Duration;
 use comfy_table::{CellAlignment, ContentArrangement, Table};
 use kindling_microvm::probe;
 use kindling_runtime_api::config::Hypervisor;
-use kindling_runtime_api::Isolation;
+use kindling_runtime_api::{hops, Isolation};
 
 use super::rss::ProgramRss;
 use super::stats::{median, percentile};
@@ -84,8 +84,25 @@ pub fn render(results: &Results) -> String {
         seconds(median_of(&floor_p99)),
         "",
     );
+    // Round-trip pairs per second, each run's.
+    let floor_rate: Vec<f64> = results
+        .floor
+        .iter()
+        .map(|r| r.len() as f64 / r.iter().sum::<Duration>().as_secs_f64())
+        .collect();
+    rows.push(
+        "floor: round-trip pairs per second",
+        loopback,
+        format!("{:.0} /s", median_of(&floor_rate)),
+        "",
+    );
+    let floor = Floor {
+        p50: &floor_p50,
+        p99: &floor_p99,
+        rate: &floor_rate,
+    };
     for (target, runs) in &results.targets {
-        target_rows(&mut rows, *target, runs, &floor_p50, &floor_p99);
+        target_rows(&mut rows, *target, runs, &floor);
     }
     hypervisor_rows(&mut rows, results);
     if let Some(reason) = &results.kindling_unavailable {
@@ -124,15 +141,20 @@ pub fn render(results: &Results) -> String {
     out
 }
 
-/// The rows of one target: warm invokes, the cold start and its phases, the hypervisor's RSS.
-fn target_rows(
-    rows: &mut Rows,
-    target: Target,
-    runs: &[Run],
-    floor_p50: &[f64],
-    floor_p99: &[f64],
-) {
-    warm_rows(rows, target, runs, floor_p50, floor_p99);
+/// Each run's floor: p50 and p99 of a round-trip pair (s), pairs per second.
+struct Floor<'a> {
+    p50: &'a [f64],
+    p99: &'a [f64],
+    rate: &'a [f64],
+}
+
+/// The rows of one target: warm invokes, their hops and CPU, what the server held, the
+/// cold start and its phases, the hypervisor's RSS.
+fn target_rows(rows: &mut Rows, target: Target, runs: &[Run], floor: &Floor<'_>) {
+    warm_rows(rows, target, runs, floor);
+    hop_rows(rows, target, runs);
+    cpu_rows(rows, target, runs);
+    held_rows(rows, target, runs);
     cold_start_rows(rows, target, runs);
     snapstart_rows(rows, target, runs);
     rss_row(rows, target, runs);
@@ -241,30 +263,163 @@ fn marked(target: Target, text: String) -> String {
     }
 }
 
-/// Warm invoke latency (p50, p99, each as a ratio to the floor) and throughput.
-fn warm_rows(rows: &mut Rows, target: Target, runs: &[Run], floor_p50: &[f64], floor_p99: &[f64]) {
+/// Warm invoke latency (p50, p99, each as a ratio to the floor) and throughput (1 client
+/// as a ratio to the floor's pairs per second, more clients to 1 client), each with the
+/// target it is held to.
+fn warm_rows(rows: &mut Rows, target: Target, runs: &[Run], floor: &Floor<'_>) {
     let env = target.label();
-    for (name, q, floor, note) in [
-        ("p50", 0.5, floor_p50, ""),
-        ("p99", 0.99, floor_p99, "ratio to the floor's p99"),
+    for (name, q, floors, most, note) in [
+        ("p50", 0.5, floor.p50, 2.0, "ratio to the floor's p50"),
+        ("p99", 0.99, floor.p99, 3.0, "ratio to the floor's p99"),
     ] {
         let values: Vec<f64> = runs.iter().map(|r| p(&r.warm, q)).collect();
-        let ratios = values.iter().zip(floor).map(|(v, f)| v / f);
+        let ratios = median(values.iter().zip(floors).map(|(v, f)| v / f));
+        let mut note = format!(
+            "{note}; {}",
+            verdict(ratios.is_some_and(|r| r <= most), &format!("≤ {most}×"))
+        );
+        if name == "p50" && target.isolation == Isolation::MicroVm {
+            let met = median_of(&values) <= MICROVM_WARM_P50;
+            note = format!("{note}; {}", verdict(met, "≤ 3 ms"));
+        }
         rows.push_noted(
             &format!("warm invoke, {name}"),
             env,
             marked(target, seconds(median_of(&values))),
-            &ratio(median(ratios)),
-            note,
+            &ratio(ratios),
+            &note,
         );
     }
     let rate = |rate: fn(&Run) -> f64| marked(target, format!("{:.0} /s", median_over(runs, rate)));
-    rows.push("throughput, 1 client", env, rate(|r| r.sequential_rate), "");
-    rows.push(
+    let to_floor = median(
+        runs.iter()
+            .zip(floor.rate)
+            .map(|(r, f)| r.sequential_rate / f),
+    );
+    rows.push_noted(
+        "throughput, 1 client",
+        env,
+        rate(|r| r.sequential_rate),
+        &ratio(to_floor),
+        &format!(
+            "ratio to the floor's pairs/s; {}",
+            verdict(to_floor.is_some_and(|r| r >= 0.5), "≥ 0.5×")
+        ),
+    );
+    let scaling = median(runs.iter().map(|r| r.concurrent_rate / r.sequential_rate));
+    rows.push_noted(
         &format!("throughput, {CLIENTS} clients"),
         env,
         rate(|r| r.concurrent_rate),
         "",
+        &format!(
+            "{} 1 client; {}",
+            ratio(scaling),
+            verdict(scaling.is_some_and(|r| r >= 1.6), "≥ 1.6×")
+        ),
+    );
+}
+
+/// A microVM's warm invoke p50 target.
+const MICROVM_WARM_P50: f64 = 3e-3;
+/// CPU per warm invoke, server and environment together, for the no-op function.
+const CPU_PER_INVOKE: f64 = 60e-6;
+
+/// `target: met` or `target: NOT met`.
+fn verdict(met: bool, target: &str) -> String {
+    format!("target {target}: {}", if met { "met" } else { "NOT met" })
+}
+
+/// Where a sequential warm invoke's time goes (median µs of each hop, `kindling serve
+/// --trace-hops`), the caller's share first.
+fn hop_rows(rows: &mut Rows, target: Target, runs: &[Run]) {
+    let env = target.label();
+    let mut names: Vec<&str> = Vec::new();
+    for run in runs {
+        for (name, _) in &run.hops {
+            if !names.contains(&name.as_str()) {
+                names.push(name);
+            }
+        }
+    }
+    for name in names {
+        let us = median_over(runs, |r| {
+            r.hops
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(f64::NAN, |(_, us)| *us)
+        });
+        let about = hops::HOPS.iter().find(|(n, _)| *n == name).map_or(
+            "HTTP both ways, hyper on both ends (invoke less every other hop)",
+            |(_, about)| about,
+        );
+        rows.push_noted(
+            &format!("  hop: {name}"),
+            env,
+            marked(target, format!("{us:.1} µs")),
+            "",
+            about,
+        );
+    }
+}
+
+/// CPU of one sequential warm invoke: the server's, the environment's, and together.
+fn cpu_rows(rows: &mut Rows, target: Target, runs: &[Run]) {
+    let env = target.label();
+    let server = median_over(runs, |r| r.cpu_per_invoke.server.as_secs_f64());
+    let environment = median_over(runs, |r| r.cpu_per_invoke.environments.as_secs_f64());
+    let total = median_over(runs, |r| {
+        (r.cpu_per_invoke.server + r.cpu_per_invoke.environments).as_secs_f64()
+    });
+    rows.push_noted(
+        "CPU per warm invoke, server",
+        env,
+        format!("{:.0} µs", server * 1e6),
+        "",
+        "the bench's process less its client's thread",
+    );
+    rows.push_noted(
+        "CPU per warm invoke, environment",
+        env,
+        marked(target, format!("{:.0} µs", environment * 1e6)),
+        "",
+        "every process of the environments (runtime, agent, hypervisor)",
+    );
+    rows.push_noted(
+        "CPU per warm invoke, total",
+        env,
+        marked(target, format!("{:.0} µs", total * 1e6)),
+        "",
+        &verdict(total <= CPU_PER_INVOKE, "≤ 60 µs"),
+    );
+}
+
+/// The server's resident memory and open fds before and after the sequential warm
+/// invokes, the last run's.
+fn held_rows(rows: &mut Rows, target: Target, runs: &[Run]) {
+    let Some(run) = runs.last() else {
+        return;
+    };
+    let env = target.label();
+    let (before, after) = run.held;
+    let invokes = run.warm.len();
+    rows.push_noted(
+        "server RSS, before → after",
+        env,
+        format!(
+            "{} → {}",
+            mib(before.rss_bytes as f64),
+            mib(after.rss_bytes as f64)
+        ),
+        "",
+        &format!("over {invokes} sequential warm invokes (last run)"),
+    );
+    rows.push_noted(
+        "server fds, before → after",
+        env,
+        format!("{} → {}", before.fds, after.fds),
+        "",
+        &format!("over {invokes} sequential warm invokes (last run)"),
     );
 }
 
@@ -451,6 +606,7 @@ fn mib(bytes: f64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::cpu::{CpuSpent, Held};
     use super::*;
 
     fn run(warm_ms: u64, rss: &[(&str, usize, u64)]) -> Run {
@@ -461,6 +617,9 @@ mod tests {
             sequential_rate: 1000.0 / warm_ms as f64,
             concurrent_rate: 2000.0 / warm_ms as f64,
             snapstart: None,
+            cpu_per_invoke: CpuSpent::default(),
+            hops: vec![("read".to_string(), 2.0)],
+            held: (Held::default(), Held::default()),
             children_rss: rss
                 .iter()
                 .map(|&(program, processes, mib)| {

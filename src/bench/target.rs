@@ -11,16 +11,19 @@ use anyhow::{anyhow, bail, Context as _};
 use indicatif::ProgressBar;
 use kindling_microvm::probe;
 use kindling_microvm::qemu::{self, QEMU, VHOST_VSOCK};
-use kindling_runtime_api::client::{Client, InvokeOptions};
+use kindling_runtime_api::client::{Client, InvokeOptions, InvokeResponse};
 use kindling_runtime_api::config::{FunctionConfig, Hypervisor};
+use kindling_runtime_api::hops::{self, HEADER_HOPS};
 use kindling_runtime_api::logs::LogLine;
 use kindling_runtime_api::{Function, Isolation, Server, ServerOptions};
 use tokio::sync::{broadcast, oneshot};
 use tokio::task::JoinSet;
 
+use super::cpu::{CpuSample, CpuSpent, Held};
 use super::interrupt::Interrupt;
 use super::report;
 use super::rss::{self, ProgramRss};
+use super::stats::median;
 use crate::environments;
 
 /// The bench function's name.
@@ -150,6 +153,12 @@ pub struct Run {
     pub children_rss: BTreeMap<String, ProgramRss>,
     /// SnapStart's two cold starts, where the target can take snapshots.
     pub snapstart: Option<SnapStartRun>,
+    /// CPU of one sequential warm invoke, the server's and the environment's.
+    pub cpu_per_invoke: CpuSpent,
+    /// Median µs of each hop of the sequential warm invokes, in the invocation's order.
+    pub hops: Vec<(String, f64)>,
+    /// What the server held before the sequential warm invokes and after them.
+    pub held: (Held, Held),
 }
 
 /// A SnapStart function's cold starts, each the first invocation of a fresh server.
@@ -199,6 +208,7 @@ impl Serving {
         options.invoke_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         // Environments live through the run, however slow the machine.
         options.idle_timeout = Duration::from_secs(3600);
+        options.trace_hops = true;
         options.init_timeout = if nested() {
             NESTED_INIT_TIMEOUT
         } else {
@@ -342,18 +352,12 @@ async fn measure(
     progress.inc(1);
 
     progress.set_message(format!("{}: warm invokes, 1 client", target.label()));
-    for _ in 0..WARM_UP {
-        invoke(&mut client).await?;
-    }
-    let mut warm = Vec::with_capacity(invokes);
-    let started = Instant::now();
-    for _ in 0..invokes {
-        let one = Instant::now();
-        invoke(&mut client).await?;
-        warm.push(one.elapsed());
-        progress.inc(1);
-    }
-    let sequential_rate = invokes as f64 / started.elapsed().as_secs_f64();
+    drop(client);
+    let progress_of_thread = progress.clone();
+    let sequential =
+        tokio::task::spawn_blocking(move || sequential(addr, invokes, &progress_of_thread))
+            .await
+            .context("the sequential client's thread failed")??;
 
     progress.set_message(format!(
         "{}: starting {CLIENTS} environments",
@@ -381,12 +385,108 @@ async fn measure(
     Ok(Run {
         cold_total,
         cold_phases,
-        warm,
-        sequential_rate,
+        warm: sequential.warm,
+        sequential_rate: sequential.rate,
         concurrent_rate,
         children_rss,
         snapstart: None,
+        cpu_per_invoke: sequential.cpu_per_invoke,
+        hops: sequential.hops,
+        held: sequential.held,
     })
+}
+
+/// The sequential warm invokes, and what they cost.
+struct Sequential {
+    warm: Vec<Duration>,
+    rate: f64,
+    cpu_per_invoke: CpuSpent,
+    hops: Vec<(String, f64)>,
+    held: (Held, Held),
+}
+
+/// Times `invokes` warm invokes one after the other on one connection, from a thread of
+/// its own (with a runtime of its own), so that the client's CPU is told apart from the
+/// server's; gathers each answer's hops ([`HEADER_HOPS`]).
+fn sequential(
+    addr: SocketAddr,
+    invokes: usize,
+    progress: &ProgressBar,
+) -> anyhow::Result<Sequential> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let mut client = Client::connect(addr).await?;
+        for _ in 0..WARM_UP {
+            invoke(&mut client).await?;
+        }
+        let held_before = Held::now()?;
+        let mut warm = Vec::with_capacity(invokes);
+        let mut traced: Vec<Vec<(String, f64)>> = Vec::with_capacity(invokes);
+        let cpu_before = CpuSample::now()?;
+        let started = Instant::now();
+        for _ in 0..invokes {
+            let one = Instant::now();
+            let answer = invoke(&mut client).await?;
+            let took = one.elapsed();
+            warm.push(took);
+            let mut hops = answer
+                .headers
+                .get(HEADER_HOPS)
+                .and_then(|v| hops::parse(v.to_str().ok()?))
+                .context("an answer without its hops (kindling serve --trace-hops)")?;
+            let server: f64 = hops.iter().map(|(_, us)| us).sum();
+            hops.insert(
+                0,
+                (
+                    CALLER.to_string(),
+                    (took.as_secs_f64() * 1e6 - server).max(0.0),
+                ),
+            );
+            traced.push(hops);
+            progress.inc(1);
+        }
+        let elapsed = started.elapsed();
+        let spent = cpu_before.until(&CpuSample::now()?);
+        let held_after = Held::now()?;
+        let per = |d: Duration| d / u32::try_from(invokes.max(1)).unwrap_or(u32::MAX);
+        Ok(Sequential {
+            rate: invokes as f64 / elapsed.as_secs_f64(),
+            cpu_per_invoke: CpuSpent {
+                server: per(spent.server),
+                environments: per(spent.environments),
+            },
+            hops: median_hops(&traced),
+            warm,
+            held: (held_before, held_after),
+        })
+    })
+}
+
+/// The hop of a warm invoke that the server cannot see: the caller's request and the
+/// answer on the wire, hyper on both ends (the invoke's time less every other hop).
+pub const CALLER: &str = "caller ↔ host";
+
+/// Each hop's median over the invokes, in the order they first appear.
+fn median_hops(traced: &[Vec<(String, f64)>]) -> Vec<(String, f64)> {
+    let mut names: Vec<&str> = Vec::new();
+    for hops in traced {
+        for (name, _) in hops {
+            if !names.contains(&name.as_str()) {
+                names.push(name);
+            }
+        }
+    }
+    names
+        .into_iter()
+        .map(|name| {
+            let values = traced
+                .iter()
+                .filter_map(|hops| hops.iter().find(|(n, _)| n == name).map(|(_, us)| *us));
+            (name.to_string(), median(values).unwrap_or(0.0))
+        })
+        .collect()
 }
 
 /// `total` invokes shared out among `clients`, each on its own task, all at once; gives
@@ -436,7 +536,7 @@ fn check_vms_ran(target: Target, children: &BTreeMap<String, ProgramRss>) -> any
 }
 
 /// One invocation of the no-op function; anything but a clean answer is an error.
-async fn invoke(client: &mut Client) -> anyhow::Result<()> {
+async fn invoke(client: &mut Client) -> anyhow::Result<InvokeResponse> {
     let answer = client
         .invoke(FUNCTION, &b"{}"[..], &InvokeOptions::default())
         .await?;
@@ -451,5 +551,5 @@ async fn invoke(client: &mut Client) -> anyhow::Result<()> {
             String::from_utf8_lossy(&answer.body)
         );
     }
-    Ok(())
+    Ok(answer)
 }

@@ -166,7 +166,7 @@ pub const INITIALIZATION_SNAP_START: &str = "snap-start";
 
 /// Metrics of one invocation, measured in the guest by bootstrap; travels as
 /// [`HEADER_INVOCATION_REPORT`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct InvocationReport {
     /// Event handed to the runtime → its response or error received.
@@ -176,6 +176,29 @@ pub struct InvocationReport {
     pub init_duration_ms: Option<f64>,
     /// Peak memory of the runtime's process tree.
     pub max_memory_used_mb: u64,
+    /// When the agent took the event from the host ([`monotonic_ns`] of the guest):
+    /// with `result_in_ns`, the hops the host cannot see (`kindling serve --trace-hops`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_in_ns: Option<u64>,
+    /// When the runtime's result reached the agent ([`monotonic_ns`] of the guest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_in_ns: Option<u64>,
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of the per-hop stamps. A sandbox shares it
+/// with the host, so its agent's stamps and the host's compare directly; a microVM's is its
+/// own, and only differences of its stamps mean anything.
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid, writable timespec for the call's duration, and
+    // CLOCK_MONOTONIC always exists on Linux, so the call only writes into it.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let secs = u64::try_from(now.tv_sec).unwrap_or(0);
+    let nanos = u64::try_from(now.tv_nsec).unwrap_or(0);
+    secs.saturating_mul(1_000_000_000).saturating_add(nanos)
 }
 
 /// The runtime process died; the invocation in flight (if any) fails with `Runtime.ExitError`.
