@@ -244,23 +244,17 @@ pub fn setup_lapic(vcpu: &VcpuFd) -> Result<(), CpuError> {
 /// What the host offers beyond `KVM_GET_SUPPORTED_CPUID` that a guest should see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostCpu {
-    /// The guest may use the LAPIC's TSC-deadline timer: KVM emulates it
-    /// (`KVM_CAP_TSC_DEADLINE_TIMER`, which its supported CPUID never advertises: the VMM
-    /// must) and this CPU has one, so its TSC is one a deadline can be set on. (A host that
-    /// is itself emulated may lack it; there a guest's deadlines were seen to fire minutes
-    /// late, so the guest keeps the plain LAPIC timer.)
+    /// KVM emulates the LAPIC's TSC-deadline timer (`KVM_CAP_TSC_DEADLINE_TIMER`), which its
+    /// supported CPUID never advertises: the VMM must, as Firecracker does. KVM emulates it
+    /// with a host hrtimer, so the host CPU need not have one (the nested harness's emulated
+    /// AMD host has none; its L1 stalls once blamed on this were QEMU 7.2's lost timer
+    /// interrupts, gone with QEMU 10).
     pub tsc_deadline: bool,
     /// The processor brand string (leaves 0x8000_0002..=4), as the host's CPUID reads it.
     pub brand: [[u32; 4]; 3],
 }
 
 impl HostCpu {
-    /// Whether the CPU this runs on has the TSC-deadline timer (leaf 1, ECX bit 24).
-    #[must_use]
-    pub fn this_cpu_has_tsc_deadline() -> bool {
-        std::arch::x86_64::__cpuid(1).ecx & (1 << 24) != 0
-    }
-
     /// The brand string leaves of the CPU this runs on.
     #[must_use]
     pub fn brand_of_this_cpu() -> [[u32; 4]; 3] {
@@ -277,7 +271,7 @@ const LEAF_BRAND_LAST: u32 = 0x8000_0004;
 
 /// Tailors the host-supported CPUID for vCPU `index` of `count`, as Firecracker normalises
 /// it: APIC ids, logical processor count, the hypervisor bit, the TSC-deadline timer where
-/// KVM emulates it and the host has one (without it Linux calibrates the legacy timer, slowly),
+/// KVM emulates it (without it Linux checks the legacy timer through the PIT, slowly),
 /// and the host's brand string where KVM leaves it empty (else the guest calls its CPU
 /// "AMD 17/01").
 pub fn filter_cpuid(cpuid: &mut CpuId, index: u8, count: u8, host: &HostCpu) {
