@@ -230,4 +230,12 @@ fn the_guest_reads_the_cpuid_the_vmm_set() {
     assert_eq!((ebx >> 16) & 0xff, 1, "one logical processor");
     assert_ne!(ecx & 1, 0, "without the template SSE3 stays");
     assert_ne!(ecx & (1 << 31), 0, "and the hypervisor bit is set");
+    let tsc_deadline = kvm_ioctls::Kvm::new()
+        .unwrap()
+        .check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+    assert_eq!(
+        ecx & (1 << 24) != 0,
+        tsc_deadline,
+        "the TSC-deadline timer wherever KVM emulates it"
+    );
 }
