@@ -82,6 +82,10 @@ pub struct BenchArgs {
     /// phases, with them added to the guest's command line.
     #[arg(long, value_name = "ARGS")]
     variant_args: Option<String>,
+    /// A kernel to try (an uncompressed vmlinux, say): this kindling-vmm boots it once more
+    /// per turn in the boot phases, instead of the images' kernel.
+    #[arg(long, value_name = "PATH")]
+    variant_kernel: Option<std::path::PathBuf>,
 }
 
 pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
@@ -113,17 +117,33 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         let vmm = kindling_images::locate::guest_bin_dir()
             .map_err(anyhow::Error::msg)?
             .join("kindling-vmm");
-        let kindling = |name: &str, program: &std::path::Path, args: &str| boot::Booter::Kindling {
-            name: name.into(),
-            program: program.to_path_buf(),
-            args: args.into(),
+        let kindling = |name: &str,
+                        program: &std::path::Path,
+                        args: &str,
+                        kernel: Option<&std::path::Path>| {
+            boot::Booter::Kindling {
+                name: name.into(),
+                program: program.to_path_buf(),
+                args: args.into(),
+                kernel: kernel.map(std::path::Path::to_path_buf),
+            }
         };
-        let mut booters = vec![kindling("kindling-vmm", &vmm, "")];
+        let mut booters = vec![kindling("kindling-vmm", &vmm, "", None)];
         if let Some(args) = &args.variant_args {
-            booters.push(kindling(&format!("kindling-vmm + {args}"), &vmm, args));
+            booters.push(kindling(
+                &format!("kindling-vmm + {args}"),
+                &vmm,
+                args,
+                None,
+            ));
+        }
+        if let Some(kernel) = &args.variant_kernel {
+            let name = kernel.file_name().unwrap_or_default().to_string_lossy();
+            let name = format!("kindling-vmm, {name}");
+            booters.push(kindling(&name, &vmm, "", Some(kernel)));
         }
         if let Some(baseline) = &args.baseline_vmm {
-            booters.push(kindling("baseline kindling-vmm", baseline, ""));
+            booters.push(kindling("baseline kindling-vmm", baseline, "", None));
         }
         booters.push(boot::Booter::Qemu);
         let dir = state.path().join("boots");

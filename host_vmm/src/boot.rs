@@ -55,6 +55,8 @@ pub struct BootSource {
 pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
 
 const E820_RAM: u32 = 1;
+/// Not RAM, and nothing for the kernel to hand out: the MP table and the ACPI tables' area.
+const E820_RESERVED: u32 = 2;
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
 const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
 const KERNEL_LOADER_OTHER: u8 = 0xff;
@@ -68,16 +70,20 @@ const CMDLINE_PTR: u32 = match CMDLINE_START.to_le_bytes() {
 const BZIMAGE_64BIT_ENTRY: u64 = 0x200;
 const PAGE_SIZE: u64 = 4096;
 
-/// The e820 RAM ranges for a guest with RAM ending at `ram_end` (the last RAM address + 1,
-/// above 4 GiB when memory spans the MMIO hole).
-pub fn e820_map(ram_end: u64) -> Vec<(u64, u64)> {
-    let mut map = vec![(0, EBDA_START)];
+/// The e820 map (address, size, type) for a guest with RAM ending at `ram_end` (the last
+/// RAM address + 1, above 4 GiB when memory spans the MMIO hole): RAM, and like Firecracker's
+/// the area below 1 MiB holding the MP and ACPI tables reserved.
+pub fn e820_map(ram_end: u64) -> Vec<(u64, u64, u32)> {
+    let mut map = vec![
+        (0, EBDA_START, E820_RAM),
+        (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),
+    ];
     let low_end = ram_end.min(MMIO_START);
     if low_end > HIMEM_START {
-        map.push((HIMEM_START, low_end - HIMEM_START));
+        map.push((HIMEM_START, low_end - HIMEM_START, E820_RAM));
     }
     if ram_end > FOUR_GIB {
-        map.push((FOUR_GIB, ram_end - FOUR_GIB));
+        map.push((FOUR_GIB, ram_end - FOUR_GIB, E820_RAM));
     }
     map
 }
@@ -197,12 +203,8 @@ pub fn load_linux(
 
     // The zero page has 128 e820 slots (fewer than u8::MAX); count the ones written.
     params.e820_entries = 0;
-    for (slot, (addr, size)) in params.e820_table.iter_mut().zip(e820_map(ram_end)) {
-        *slot = boot_e820_entry {
-            addr,
-            size,
-            r#type: E820_RAM,
-        };
+    for (slot, (addr, size, r#type)) in params.e820_table.iter_mut().zip(e820_map(ram_end)) {
+        *slot = boot_e820_entry { addr, size, r#type };
         params.e820_entries += 1;
     }
     params.acpi_rsdp_addr =
@@ -229,20 +231,21 @@ mod tests {
     use vm_memory::Bytes;
 
     #[test]
-    fn e820_covers_low_ram_and_skips_the_hole() {
-        assert_eq!(
-            e820_map(128 << 20),
-            vec![(0, EBDA_START), (HIMEM_START, (128 << 20) - HIMEM_START)]
-        );
+    fn e820_covers_low_ram_reserves_the_tables_and_skips_the_hole() {
+        let low = [
+            (0, EBDA_START, E820_RAM),
+            (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),
+        ];
+        let mut small = low.to_vec();
+        small.push((HIMEM_START, (128 << 20) - HIMEM_START, E820_RAM));
+        assert_eq!(e820_map(128 << 20), small);
         let big = FOUR_GIB + (1 << 30);
-        assert_eq!(
-            e820_map(big),
-            vec![
-                (0, EBDA_START),
-                (HIMEM_START, MMIO_START - HIMEM_START),
-                (FOUR_GIB, 1 << 30)
-            ]
-        );
+        let mut large = low.to_vec();
+        large.extend([
+            (HIMEM_START, MMIO_START - HIMEM_START, E820_RAM),
+            (FOUR_GIB, 1 << 30, E820_RAM),
+        ]);
+        assert_eq!(e820_map(big), large);
     }
 
     #[test]
@@ -345,8 +348,13 @@ mod tests {
         mem.read_slice(&mut rsdp, GuestAddress(crate::layout::ACPI_START))
             .unwrap();
         assert_eq!(&rsdp, b"RSD PTR ");
-        assert_eq!(params.e820_entries, 2);
-        let e1 = params.e820_table[1];
+        assert_eq!(params.e820_entries, 3);
+        let reserved = params.e820_table[1];
+        assert_eq!(
+            ({ reserved.addr }, { reserved.r#type }),
+            (EBDA_START, E820_RESERVED)
+        );
+        let e1 = params.e820_table[2];
         assert_eq!(
             ({ e1.addr }, { e1.size }, { e1.r#type }),
             (HIMEM_START, (128 << 20) - HIMEM_START, 1)

@@ -246,9 +246,11 @@ pub fn setup_lapic(vcpu: &VcpuFd) -> Result<(), CpuError> {
 pub struct HostCpu {
     /// The guest may use the LAPIC's TSC-deadline timer: KVM emulates it
     /// (`KVM_CAP_TSC_DEADLINE_TIMER`, which its supported CPUID never advertises: the VMM
-    /// must) and this CPU has one, so its TSC is one a deadline can be set on. (A host that
-    /// is itself emulated may lack it; there a guest's deadlines were seen to fire minutes
-    /// late, so the guest keeps the plain LAPIC timer.)
+    /// must, as Firecracker does) and the host is bare metal or a VM whose CPU has the timer
+    /// too. Inside the nested harness's emulated AMD host (no such timer) it cut a guest's
+    /// boot to 0.4× but twice left L1 halted with its own LAPIC timer interrupt pending and
+    /// never delivered (QEMU TCG 7.2 and 10), so there the guest keeps the plain LAPIC timer.
+    /// Bare-metal AMD CPUs lack the timer too; their guests get it.
     pub tsc_deadline: bool,
     /// The processor brand string (leaves 0x8000_0002..=4), as the host's CPUID reads it.
     pub brand: [[u32; 4]; 3],
@@ -259,6 +261,15 @@ impl HostCpu {
     #[must_use]
     pub fn this_cpu_has_tsc_deadline() -> bool {
         std::arch::x86_64::__cpuid(1).ecx & (1 << 24) != 0
+    }
+
+    /// Whether guests get the TSC-deadline timer (see [`HostCpu::tsc_deadline`]), given
+    /// whether KVM emulates it.
+    #[must_use]
+    pub fn tsc_deadline_for_guests(kvm_emulates_it: bool) -> bool {
+        const ECX_HYPERVISOR: u32 = 1 << 31;
+        let bare_metal = std::arch::x86_64::__cpuid(1).ecx & ECX_HYPERVISOR == 0;
+        kvm_emulates_it && (bare_metal || Self::this_cpu_has_tsc_deadline())
     }
 
     /// The brand string leaves of the CPU this runs on.
@@ -277,7 +288,8 @@ const LEAF_BRAND_LAST: u32 = 0x8000_0004;
 
 /// Tailors the host-supported CPUID for vCPU `index` of `count`, as Firecracker normalises
 /// it: APIC ids, logical processor count, the hypervisor bit, the TSC-deadline timer where
-/// KVM emulates it and the host has one (without it Linux calibrates the legacy timer, slowly),
+/// KVM emulates it on a host where it works (without it Linux checks the legacy timer through the
+/// PIT, slowly),
 /// and the host's brand string where KVM leaves it empty (else the guest calls its CPU
 /// "AMD 17/01").
 pub fn filter_cpuid(cpuid: &mut CpuId, index: u8, count: u8, host: &HostCpu) {

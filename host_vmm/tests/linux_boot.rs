@@ -173,10 +173,11 @@ fn linux_boots_to_init_and_powers_off() {
         log.contains(&format!("smpboot: CPU0: {}", brand.trim())),
         "no brand {brand:?}:\n{log}"
     );
-    let tsc_deadline = kvm_ioctls::Kvm::new()
-        .unwrap()
-        .check_extension(kvm_ioctls::Cap::TscDeadlineTimer)
-        && kindling_vmm::cpu::HostCpu::this_cpu_has_tsc_deadline();
+    let tsc_deadline = kindling_vmm::cpu::HostCpu::tsc_deadline_for_guests(
+        kvm_ioctls::Kvm::new()
+            .unwrap()
+            .check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
+    );
     assert_eq!(
         log.contains("TSC deadline timer available"),
         tsc_deadline,

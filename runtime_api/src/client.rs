@@ -80,6 +80,16 @@ impl Drop for Client {
 
 impl Client {
     pub async fn connect(addr: SocketAddr) -> anyhow::Result<Self> {
+        let (sender, connection) = Self::open(addr).await?;
+        Ok(Self {
+            addr,
+            sender,
+            connection,
+        })
+    }
+
+    /// A fresh connection: its request sender and the task driving it.
+    async fn open(addr: SocketAddr) -> anyhow::Result<(SendRequest<Full<Bytes>>, JoinHandle<()>)> {
         let stream = TcpStream::connect(addr)
             .await
             .with_context(|| format!("cannot connect to the Invoke API at {addr}"))?;
@@ -90,11 +100,7 @@ impl Client {
                 tracing::debug!(error = %e, "invoke client connection ended");
             }
         });
-        Ok(Self {
-            addr,
-            sender,
-            connection,
-        })
+        Ok((sender, connection))
     }
 
     /// `POST /2015-03-31/functions/{function}/invocations`.
@@ -153,10 +159,19 @@ impl Client {
     }
 
     async fn send(&mut self, req: Request<Full<Bytes>>) -> anyhow::Result<InvokeResponse> {
-        self.sender
-            .ready()
-            .await
-            .context("the Invoke API closed the connection")?;
+        // The server closes a kept-alive connection left idle past its keep-alive timeout
+        // (while, say, other clients' environments boot): nothing was sent on it yet, so a
+        // fresh connection takes the request, as any HTTP client's pool would.
+        if self.sender.ready().await.is_err() {
+            tracing::debug!("the Invoke API closed the idle connection: reconnecting");
+            let (sender, connection) = Self::open(self.addr).await?;
+            self.connection.abort();
+            (self.sender, self.connection) = (sender, connection);
+            self.sender
+                .ready()
+                .await
+                .context("the Invoke API closed a fresh connection")?;
+        }
         let response = self.sender.send_request(req).await?;
         let (parts, body) = response.into_parts();
         let body = body.collect().await?.to_bytes();

@@ -1208,6 +1208,24 @@ async fn slow_heads_and_idle_connections_are_closed() {
 
     // The server itself is fine.
     assert_eq!(h.invoke("conn", json!({})).await.status, 200);
+
+    // A kept-alive `Client` whose connection the server closed while it idled reconnects
+    // for its next request (the nested bench's clients idle while other environments boot).
+    let mut kept = Client::connect(h.addr).await.unwrap();
+    let dry_run = InvokeOptions {
+        invocation_type: InvocationType::DryRun,
+        ..Default::default()
+    };
+    assert_eq!(
+        kept.invoke("conn", "{}", &dry_run).await.unwrap().status,
+        204
+    );
+    tokio::time::sleep(idle + Duration::from_millis(500)).await;
+    let again = kept.invoke("conn", "{}", &dry_run).await;
+    assert_eq!(
+        again.expect("no reconnect after the idle close").status,
+        204
+    );
     h.close().await;
 }
 

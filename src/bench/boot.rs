@@ -32,11 +32,12 @@ const KINDLING_CMDLINE: &str = " i8042.dumbkbd i8042.noaux i8042.nomux kindling.
 #[derive(Debug, Clone)]
 pub enum Booter {
     /// kindling-vmm at `program`, under `name`, with `args` added to the guest's command
-    /// line (a variant to try).
+    /// line and `kernel` instead of the images' (variants to try).
     Kindling {
         name: String,
         program: PathBuf,
         args: String,
+        kernel: Option<PathBuf>,
     },
     Qemu,
 }
@@ -107,11 +108,16 @@ fn boot_once(
     let stderr = dir.join("stderr.log");
     let _ = std::fs::remove_file(&console);
     let mut cmd = match booter {
-        Booter::Kindling { program, args, .. } => {
+        Booter::Kindling {
+            program,
+            args,
+            kernel,
+            ..
+        } => {
             let config = dir.join("vm.json");
             let vm = json!({
                 "boot-source": {
-                    "kernel_image_path": images.kernel,
+                    "kernel_image_path": kernel.as_ref().unwrap_or(&images.kernel),
                     "initrd_path": images.initramfs,
                     "boot_args": format!("{CMDLINE}{KINDLING_CMDLINE} {args}").trim_end(),
                 },
@@ -273,6 +279,16 @@ pub fn render(results: &[(String, Vec<Boot>)]) -> String {
             false,
             us("instance_start_to_first_kvm_run_us"),
         ),
+        // The host's first KVM_RUN → userspace less the guest's own clock, which starts once
+        // the kernel proper runs: its decompression and earliest set-up.
+        figure("  first KVM_RUN → guest clock starts", false, |b| {
+            let at = |key: &str| b.timings.as_ref()?.get(key)?.as_f64();
+            let (run, userspace) = (
+                at("instance_start_to_first_kvm_run_us")?,
+                at("instance_start_to_userspace_us")?,
+            );
+            Some((userspace - run) / 1e6 - b.guest_userspace?)
+        }),
         figure("  guest: kernel → userspace", true, |b| b.guest_userspace),
         figure("  guest: userspace → bootstrap started", true, |b| {
             Some(b.guest_bootstrap? - b.guest_userspace?)

@@ -66,6 +66,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     if let Some(variant) = &args.variant_args {
         bench.push_str(&format!(" --variant-args {}", shell_quote(variant)));
     }
+    if let Some(kernel) = &args.variant_kernel {
+        bench.push_str(&format!(" --variant-kernel {}", quote(kernel)));
+    }
     // The helpers' folders on L1's $PATH, where the microVM backends look for them.
     let mut path = String::from("$PATH");
     for program in [&qemu, &vhost, &mkfs] {
@@ -94,8 +97,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     for root in images.runtimes.values() {
         job = job.file(&root.ext4);
     }
-    if let Some(baseline) = &args.baseline_vmm {
-        job = job.file(baseline);
+    for file in [&args.baseline_vmm, &args.variant_kernel]
+        .into_iter()
+        .flatten()
+    {
+        job = job.file(file);
     }
     for firmware in QEMU_FIRMWARE.into_iter().filter(|f| Path::new(f).exists()) {
         job = job.file(firmware);
