@@ -143,6 +143,10 @@ pub struct VsockOverride {
 pub struct NetworkOverride {
     pub iface_id: String,
     pub host_dev_name: String,
+    /// Kindling's addition, as in `network-interfaces`: that tap as an inherited
+    /// descriptor, adopted instead of opening it by name.
+    #[serde(default)]
+    pub host_dev_fd: Option<i32>,
 }
 
 impl LoadParams {
@@ -151,6 +155,8 @@ impl LoadParams {
         if self.enable_diff_snapshots {
             return Err("Diff snapshots are not supported by kindling-vmm.".into());
         }
+        crate::config::check_tap_fds(self.network_overrides.iter().map(|o| o.host_dev_fd))
+            .map_err(|e| e.0)?;
         match (&self.mem_backend, &self.mem_file_path) {
             (Some(_), Some(_)) | (None, None) => Err(
                 "Exactly one of mem_backend or mem_file_path must be given to load a snapshot."
