@@ -277,7 +277,9 @@ pub fn check_tap_fds(fds: impl Iterator<Item = Option<i32>>) -> Result<(), Confi
             ));
         }
         if !seen.insert(fd) {
-            return err(format!("host_dev_fd {fd} is used by two network interfaces"));
+            return err(format!(
+                "host_dev_fd {fd} is used by two network interfaces"
+            ));
         }
     }
     Ok(())

@@ -81,8 +81,7 @@ pub fn build_vm(config: &VmmConfig, serial: SerialOut) -> Result<(Vm, EntryPoint
 fn open_taps<'a>(
     interfaces: impl Iterator<Item = (&'a str, &'a str, Option<i32>)>,
 ) -> Result<HashMap<String, Tap>, BuildError> {
-    let (inherited, by_name): (Vec<_>, Vec<_>) =
-        interfaces.partition(|(_, _, fd)| fd.is_some());
+    let (inherited, by_name): (Vec<_>, Vec<_>) = interfaces.partition(|(_, _, fd)| fd.is_some());
     let mut taps = HashMap::new();
     for (iface_id, name, fd) in inherited.into_iter().chain(by_name) {
         let tap = match fd {
@@ -143,7 +142,11 @@ pub fn restore_vm(
                 .iter()
                 .find(|o| o.iface_id == net.iface_id);
             Some(match o {
-                Some(o) => (net.iface_id.as_str(), o.host_dev_name.as_str(), o.host_dev_fd),
+                Some(o) => (
+                    net.iface_id.as_str(),
+                    o.host_dev_name.as_str(),
+                    o.host_dev_fd,
+                ),
                 None => (net.iface_id.as_str(), net.host_dev_name.as_str(), None),
             })
         }

@@ -11,8 +11,9 @@
 //! What the clones of one snapshot share: everything in guest memory, including the kernel's
 //! random pool and whatever ids the guest made up, and its MAC addresses; their vsock
 //! connections do not survive (the guest is told with a transport reset, as Firecracker
-//! does). A network device opens its tap again by name, or by the name `network_overrides`
-//! gives its `iface_id` (Firecracker's way for clones on one host).
+//! does). A network device opens its tap again by name, or by the name (or inherited
+//! descriptor, Kindling's `host_dev_fd`) `network_overrides` gives its `iface_id`
+//! (Firecracker's way for clones on one host).
 
 pub mod kvm_state;
 
