@@ -20,12 +20,15 @@ use crate::progress::Step;
 /// Debian's generic kernel: unlike the cloud kernel, it ships `kvm_amd`.
 const METAPACKAGE: &str = "linux-image-amd64";
 const BUSYBOX_PACKAGE: &str = "busybox-static";
-/// The modules L1 loads: KVM; tun for the taps of kindling-vmm's network devices; what
-/// the server's nftables table (network/src/nft.rs) uses: tables, the NAT chain and
-/// masquerade, conntrack state, fib and reject for `inet`; veth for the tests' internet.
-const L1_MODULES: [&str; 10] = [
+/// The modules L1 loads, in order: KVM; tun for the taps of kindling-vmm's network
+/// devices; what the server's nftables table (network/src/nft.rs) uses: tables, the NAT
+/// chain and masquerade, conntrack state, fib and reject for `inet`, and the CRC32C that
+/// `libcrc32c` (which nf_tables needs) asks the crypto API for when it loads (a soft
+/// dependency, which modules.dep does not list); veth for the tests' internet.
+const L1_MODULES: [&str; 11] = [
     "kvm_amd",
     "tun",
+    "crc32c_generic",
     "nf_tables",
     "nft_chain_nat",
     "nft_masq",
