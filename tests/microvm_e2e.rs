@@ -34,8 +34,10 @@ use nix::unistd::Pid;
 use serde_json::{json, Value};
 use unprivileged::check_unprivileged;
 
-/// How long one invocation may take, cold start included, on a busy 2-core machine.
-const INVOKE_PATIENCE: Duration = Duration::from_secs(60);
+/// How long one invocation may take, cold start included, on a busy 2-core machine: more
+/// than the longest init timeout ([`NESTED_INIT_TIMEOUT_S`]) and a function's run, so that
+/// a slow cold start fails as the server answers it, not as the client giving up.
+const INVOKE_PATIENCE: Duration = Duration::from_secs(150);
 /// `kindling serve` stops within its 5 s shutdown grace plus a stop grace per VM.
 const STOP_PATIENCE: Duration = Duration::from_secs(30);
 /// Trials at once (unless `--test-threads` says otherwise): every trial boots guests, and
