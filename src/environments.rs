@@ -113,12 +113,8 @@ pub fn prepare(
                         backend.name()
                     );
                 }
-                if function.network == FunctionNetwork::Outbound {
-                    if function.snapstart {
-                        eprintln!("kindling: {}: no network with snapstart yet (a snapshot would give every clone one environment's address); it runs with network = \"none\"", function.name);
-                    } else if backend.kind() == Hypervisor::Kindling {
-                        eprintln!("kindling: {}: no network on hypervisor kindling yet (use hypervisor = \"qemu\" for one); it runs with network = \"none\"", function.name);
-                    }
+                if function.network == FunctionNetwork::Outbound && function.snapstart {
+                    eprintln!("kindling: {}: no network with snapstart yet (a snapshot would give every clone one environment's address); it runs with network = \"none\"", function.name);
                 }
                 microvm.assign(&function.name, backend);
             }

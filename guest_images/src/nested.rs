@@ -1,6 +1,7 @@
 //! The level-1 host of the nested-KVM test harness: Debian's stock amd64 kernel with its KVM
-//! modules (`kvm_amd` and what it needs), `tun` (the taps of network tests) and a static
-//! busybox. Booted under QEMU TCG with an
+//! modules (`kvm_amd` and what it needs), `tun` (the taps of network tests), nftables'
+//! (`kindling serve`'s filter and NAT for guests), `veth` (the network tests' own
+//! internet) and a static busybox. Booted under QEMU TCG with an
 //! emulated AMD CPU that has SVM, it gives hosts whose own KVM cannot boot Linux (nested
 //! `kvm_pvm`, ENVIRONMENT.md) a real `/dev/kvm` to run kindling-vmm on. Both packages are
 //! downloaded and unpacked, never installed.
@@ -19,8 +20,24 @@ use crate::progress::Step;
 /// Debian's generic kernel: unlike the cloud kernel, it ships `kvm_amd`.
 const METAPACKAGE: &str = "linux-image-amd64";
 const BUSYBOX_PACKAGE: &str = "busybox-static";
-/// The modules L1 loads: KVM, and tun for the taps of kindling-vmm's network devices.
-const L1_MODULES: [&str; 2] = ["kvm_amd", "tun"];
+/// The modules L1 loads, in order: KVM; tun for the taps of kindling-vmm's network
+/// devices; what the server's nftables table (network/src/nft.rs) uses: tables, the NAT
+/// chain and masquerade, conntrack state, fib and reject for `inet`, and the CRC32C that
+/// `libcrc32c` (which nf_tables needs) asks the crypto API for when it loads (a soft
+/// dependency, which modules.dep does not list); veth for the tests' internet.
+const L1_MODULES: [&str; 11] = [
+    "kvm_amd",
+    "tun",
+    "crc32c_generic",
+    "nf_tables",
+    "nft_chain_nat",
+    "nft_masq",
+    "nft_ct",
+    "nft_fib_inet",
+    "nft_reject_inet",
+    "veth",
+    "nf_conntrack",
+];
 const MANIFEST: &str = "nested.json";
 /// Entry names are `l1-<key>`.
 pub(crate) const ENTRY_PREFIX: &str = "l1";

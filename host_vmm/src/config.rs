@@ -79,6 +79,11 @@ pub struct NetworkInterfaceConfig {
     pub iface_id: String,
     /// The tap, opened (as root: created, if missing) by name.
     pub host_dev_name: String,
+    /// Kindling's addition: the tap `host_dev_name` as a descriptor the VMM inherited open,
+    /// used instead of opening it by name (a jailed VMM, in a network namespace of its own
+    /// and without privilege, can do neither). Refused unless it is that tap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_dev_fd: Option<i32>,
     /// Offered to the guest with `VIRTIO_NET_F_MAC`; without it the guest picks its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_mac: Option<MacAddr>,
@@ -237,9 +242,10 @@ impl NetworkInterfaceConfig {
 }
 
 /// Checks a VM's network interfaces, each on its own and together: no two share an
-/// `iface_id`, a tap or a guest MAC.
+/// `iface_id`, a tap, a tap's descriptor or a guest MAC.
 pub fn check_interfaces(interfaces: &[NetworkInterfaceConfig]) -> Result<(), ConfigError> {
     let (mut ids, mut taps, mut macs) = (HashSet::new(), HashSet::new(), HashSet::new());
+    check_tap_fds(interfaces.iter().map(|i| i.host_dev_fd))?;
     for i in interfaces {
         i.validate()?;
         if !ids.insert(&i.iface_id) {
@@ -255,6 +261,25 @@ pub fn check_interfaces(interfaces: &[NetworkInterfaceConfig]) -> Result<(), Con
             if !macs.insert(mac) {
                 return err(format!("guest_mac {mac} is used by two network interfaces"));
             }
+        }
+    }
+    Ok(())
+}
+
+/// Checks the inherited tap descriptors (`host_dev_fd`) of one VM: none of the standard
+/// streams, no two interfaces on one.
+pub fn check_tap_fds(fds: impl Iterator<Item = Option<i32>>) -> Result<(), ConfigError> {
+    let mut seen = HashSet::new();
+    for fd in fds.flatten() {
+        if fd <= libc::STDERR_FILENO {
+            return err(format!(
+                "invalid host_dev_fd {fd}: 0, 1 and 2 are the standard streams"
+            ));
+        }
+        if !seen.insert(fd) {
+            return err(format!(
+                "host_dev_fd {fd} is used by two network interfaces"
+            ));
         }
     }
     Ok(())
@@ -525,6 +550,16 @@ mod tests {
                 r#"{"iface_id": "a", "host_dev_name": "t0", "guest_mac": "06:00:00:00:00:01"}, {"iface_id": "b", "host_dev_name": "t1", "guest_mac": "06:00:00:00:00:01"}"#,
             ),
             "guest_mac 06:00:00:00:00:01 is used by two",
+        );
+        check(
+            net(r#"{"iface_id": "eth0", "host_dev_name": "tap0", "host_dev_fd": 2}"#),
+            "invalid host_dev_fd 2: 0, 1 and 2 are the standard streams",
+        );
+        check(
+            net(
+                r#"{"iface_id": "a", "host_dev_name": "t0", "host_dev_fd": 5}, {"iface_id": "b", "host_dev_name": "t1", "host_dev_fd": 5}"#,
+            ),
+            "host_dev_fd 5 is used by two network interfaces",
         );
         std::fs::remove_file(k).unwrap();
         std::fs::remove_file(d).unwrap();

@@ -1,6 +1,7 @@
 //! From a validated [`VmmConfig`] to a VM ready to start (memory, drives, network
 //! interfaces, vsock, kernel), or from a snapshot to a VM ready to resume.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -38,6 +39,12 @@ pub fn build_vm(config: &VmmConfig, serial: SerialOut) -> Result<(Vm, EntryPoint
     let boot = config
         .boot()
         .ok_or_else(|| ConfigError("boot-source is required to start the VM".into()))?;
+    let mut taps = open_taps(
+        config
+            .network_interfaces
+            .iter()
+            .map(|i| (i.iface_id.as_str(), i.host_dev_name.as_str(), i.host_dev_fd)),
+    )?;
     let mut vm = Vm::new(VmConfig {
         vcpu_count: config.machine_config.vcpu_count,
         mem_size_mib: config.machine_config.mem_size_mib,
@@ -51,11 +58,7 @@ pub fn build_vm(config: &VmmConfig, serial: SerialOut) -> Result<(Vm, EntryPoint
         vm.add_virtio_device(block)?;
     }
     for iface in &config.network_interfaces {
-        vm.add_net(open_net(
-            &iface.iface_id,
-            &iface.host_dev_name,
-            iface.guest_mac,
-        )?)?;
+        vm.add_net(new_net(&iface.iface_id, &mut taps, iface.guest_mac)?)?;
     }
     if let Some(vsock) = &config.vsock {
         vm.add_vsock(u64::from(vsock.guest_cid), Path::new(&vsock.uds_path))?;
@@ -72,15 +75,41 @@ pub fn build_vm(config: &VmmConfig, serial: SerialOut) -> Result<(Vm, EntryPoint
     Ok((vm, entry))
 }
 
-/// The network device `iface_id` over the tap `host_dev_name`.
-fn open_net(iface_id: &str, host_dev_name: &str, mac: Option<MacAddr>) -> Result<Net, BuildError> {
+/// The tap of each `(iface_id, host_dev_name, host_dev_fd)`, by `iface_id`: every
+/// inherited descriptor adopted before any tap is opened by name, so that a tap the VMM
+/// opened itself is never taken for an inherited one (see [`Tap::adopt`]).
+fn open_taps<'a>(
+    interfaces: impl Iterator<Item = (&'a str, &'a str, Option<i32>)>,
+) -> Result<HashMap<String, Tap>, BuildError> {
+    let (inherited, by_name): (Vec<_>, Vec<_>) = interfaces.partition(|(_, _, fd)| fd.is_some());
+    let mut taps = HashMap::new();
+    for (iface_id, name, fd) in inherited.into_iter().chain(by_name) {
+        let tap = match fd {
+            Some(fd) => Tap::adopt(fd, name),
+            None => Tap::open(name),
+        };
+        let tap = tap.map_err(|e| BuildError::Net(iface_id.to_owned(), e))?;
+        taps.insert(iface_id.to_owned(), tap);
+    }
+    Ok(taps)
+}
+
+/// The network device `iface_id` over its tap from [`open_taps`].
+fn new_net(
+    iface_id: &str,
+    taps: &mut HashMap<String, Tap>,
+    mac: Option<MacAddr>,
+) -> Result<Net, BuildError> {
     let net_err = |e| BuildError::Net(iface_id.to_owned(), e);
-    Net::new(iface_id, Tap::open(host_dev_name).map_err(net_err)?, mac).map_err(net_err)
+    let tap = taps
+        .remove(iface_id)
+        .ok_or_else(|| net_err(std::io::Error::other("no tap was opened for it")))?;
+    Net::new(iface_id, tap, mac).map_err(net_err)
 }
 
 /// Rebuilds and starts the VM of the snapshot `params` names: memory mapped from its file,
 /// devices reopened (the vsock socket at `vsock_override` if given, each tap by the name
-/// `network_overrides` gives its interface, if any), vCPUs paused unless
+/// or inherited descriptor `network_overrides` gives its interface, if any), vCPUs paused unless
 /// `resume_vm`. `prepare` sees the VM before it starts (seccomp, signal handling).
 pub fn restore_vm(
     params: &LoadParams,
@@ -106,6 +135,23 @@ pub fn restore_vm(
             .into());
         }
     }
+    let mut taps = open_taps(state.devices.virtio.iter().filter_map(|v| match &v.device {
+        DeviceState::Net(net) => {
+            let o = params
+                .network_overrides
+                .iter()
+                .find(|o| o.iface_id == net.iface_id);
+            Some(match o {
+                Some(o) => (
+                    net.iface_id.as_str(),
+                    o.host_dev_name.as_str(),
+                    o.host_dev_fd,
+                ),
+                None => (net.iface_id.as_str(), net.host_dev_name.as_str(), None),
+            })
+        }
+        _ => None,
+    }))?;
     let started = Instant::now();
     let memory = snapshot::map_memory(mem_file, state.machine)?;
     metrics::record_phase("guest_memory", started.elapsed());
@@ -129,12 +175,7 @@ pub fn restore_vm(
                 (slot.base, slot.irq)
             }
             DeviceState::Net(net) => {
-                let host_dev_name = params
-                    .network_overrides
-                    .iter()
-                    .find(|o| o.iface_id == net.iface_id)
-                    .map_or(&net.host_dev_name, |o| &o.host_dev_name);
-                let device = open_net(&net.iface_id, host_dev_name, net.guest_mac)?;
+                let device = new_net(&net.iface_id, &mut taps, net.guest_mac)?;
                 let slot = vm.restore_net(device, &saved.transport)?;
                 (slot.base, slot.irq)
             }

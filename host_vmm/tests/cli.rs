@@ -223,3 +223,81 @@ fn sigterm_asks_a_guest_with_a_keyboard_driver_to_shut_down() {
     );
     assert_eq!(timings(&out)["exit_reason"], "guest reset (i8042)");
 }
+
+/// Kindling's `host_dev_fd`: a descriptor that is not open, or open but not a tap
+/// (`/dev/null`), or a tap of another name than `host_dev_name`, is refused before the VM
+/// is built; the named tap is taken (the build goes on, to fail later on purpose: more
+/// guest memory than the host can address).
+#[test]
+fn an_inherited_descriptor_must_be_the_named_tap() {
+    use std::os::fd::{AsRawFd, RawFd};
+    use std::os::unix::process::CommandExt;
+
+    let config = scratch("tap-fd.json");
+    let write = |name: &str| {
+        let json = serde_json::json!({
+            "boot-source": {"kernel_image_path": "/bin/true"},
+            "machine-config": {"vcpu_count": 1, "mem_size_mib": 17_592_186_044_416_u64},
+            "network-interfaces": [{"iface_id": "eth0", "host_dev_name": name, "host_dev_fd": 3}]
+        });
+        std::fs::write(&config, json.to_string()).unwrap();
+    };
+    // The VMM's stderr, with `fd` (if any) as its descriptor 3.
+    let run = |fd: Option<RawFd>| {
+        let mut cmd = vmm(&[], &config);
+        if let Some(fd) = fd {
+            // SAFETY: dup2(2) and fcntl(2) are async-signal-safe; `fd` is open in the
+            // parent until `output()` returns, so in the child too.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let ok = if fd == 3 {
+                        libc::fcntl(3, libc::F_SETFD, 0)
+                    } else {
+                        libc::dup2(fd, 3)
+                    };
+                    if ok < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        stderr
+    };
+
+    write("ktapfd0");
+    let stderr = run(None);
+    assert!(
+        stderr.contains("host_dev_fd 3 (ktapfd0): not a tap (TUNGETIFF: Bad file descriptor"),
+        "{stderr}"
+    );
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let stderr = run(Some(null.as_raw_fd()));
+    assert!(
+        stderr.contains("host_dev_fd 3 (ktapfd0): not a tap (TUNGETIFF: "),
+        "{stderr}"
+    );
+
+    match kindling_vmm::virtio::net::Tap::open("ktapfd0") {
+        Ok(tap) => {
+            write("ktapfd1");
+            let stderr = run(Some(tap.as_raw_fd()));
+            assert!(
+                stderr.contains("host_dev_fd 3 (ktapfd1): the tap is \"ktapfd0\""),
+                "{stderr}"
+            );
+            write("ktapfd0");
+            let stderr = run(Some(tap.as_raw_fd()));
+            assert!(!stderr.contains("host_dev_fd"), "{stderr}");
+            assert!(
+                stderr.contains("more than this host can address"),
+                "{stderr}"
+            );
+        }
+        Err(e) => println!("SKIPPED (host cannot): make a tap to pass on ({e})"),
+    }
+    std::fs::remove_file(config).unwrap();
+}

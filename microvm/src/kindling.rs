@@ -2,12 +2,15 @@
 //! config file and then driven over its Firecracker-compatible API socket (which pauses and
 //! resumes it between invocations), always started through `kindling-jailer`: in a chroot
 //! holding only the VM's files, in namespaces of its own, as the VM's unprivileged user (see
-//! [`machine::jailed`]). Its serial console goes to the capped console log; SIGTERM
+//! [`machine::jailed`]). A guest with a network gets the host's tap as a descriptor the
+//! VMM inherits (Kindling's `host_dev_fd`), since its jail's network namespace is empty.
+//! Its serial console goes to the capped console log; SIGTERM
 //! (which the jailer forwards) asks the guest to shut down (Ctrl-Alt-Del through the i8042),
 //! as Firecracker's SendCtrlAltDel does.
 
 use std::ffi::OsStr;
 use std::io;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::Arc;
@@ -129,8 +132,8 @@ impl KindlingVmm {
             user: spec.user,
             files,
             kvm: true,
-            // kindling-vmm has no network yet (see the launcher).
-            keep_fd: None,
+            // The host made and addressed the tap; the VMM adopts it (`host_dev_fd`).
+            keep_fd: spec.tap.as_ref().map(|tap| tap.fd.as_fd()),
             // The guest's RAM and the VMM's few MiB; its vCPU threads, API and event loop.
             limits: Limits {
                 memory_mib: u64::from(spec.memory_mib) + VMM_OVERHEAD_MIB,
@@ -185,6 +188,18 @@ fn firecracker_config(spec: &VmSpec) -> serde_json::Value {
             })
         })
         .collect();
+    // Kindling's `host_dev_fd`: the descriptor the jail passes on, at the same number.
+    let interfaces: Vec<_> = spec
+        .tap
+        .iter()
+        .map(|tap| {
+            json!({
+                "iface_id": kindling_network::GUEST_IFNAME,
+                "host_dev_name": tap.name,
+                "host_dev_fd": tap.fd.as_raw_fd(),
+            })
+        })
+        .collect();
     json!({
         "boot-source": {
             "kernel_image_path": spec.kernel,
@@ -192,6 +207,7 @@ fn firecracker_config(spec: &VmSpec) -> serde_json::Value {
             "boot_args": spec.cmdline,
         },
         "drives": drives,
+        "network-interfaces": interfaces,
         "machine-config": { "vcpu_count": spec.vcpus, "mem_size_mib": spec.memory_mib },
         "vsock": { "guest_cid": spec.guest_cid, "uds_path": spec.vsock_uds },
     })
@@ -361,7 +377,11 @@ mod tests {
                 gid: 900_000,
             },
             snapshot_dir: None,
-            tap: None,
+            // Any descriptor will do for the config (kindling-vmm checks it is the tap).
+            tap: Some(crate::machine::GuestTap {
+                fd: Arc::new(std::fs::File::open("/dev/null").unwrap().into()),
+                name: "knet7".into(),
+            }),
         };
         let config =
             kindling_vmm::config::VmmConfig::from_json(&firecracker_config(&spec).to_string())
@@ -394,5 +414,12 @@ mod tests {
         assert_eq!(config.machine_config.mem_size_mib, 128);
         let vsock = config.vsock.as_ref().unwrap();
         assert_eq!((vsock.guest_cid, &vsock.uds_path), (7, &spec.vsock_uds));
+        let tap = spec.tap.as_ref().unwrap();
+        let nets: Vec<_> = config
+            .network_interfaces
+            .iter()
+            .map(|n| (n.iface_id.as_str(), n.host_dev_name.as_str(), n.host_dev_fd))
+            .collect();
+        assert_eq!(nets, [("eth0", "knet7", Some(tap.fd.as_raw_fd()))]);
     }
 }

@@ -14,7 +14,7 @@ use kindling_runtime_api::environment::{
     StartPhases, StopMode,
 };
 
-use crate::machine::{Drive, VmSpec, VmUser, VmUserLease};
+use crate::machine::{Drive, GuestTap, VmSpec, VmUser, VmUserLease};
 use crate::snapstart::{Creation, SnapshotKey, SnapshotStore};
 use crate::{console, Backend, RunningVm};
 use kindling_runtime_api::config::Hypervisor;
@@ -88,20 +88,12 @@ impl MicroVmLauncher {
     }
 
     /// The address block of a new environment of `function`, if it gets a network: not
-    /// with SnapStart (a snapshot would carry one environment's address into every clone)
-    /// nor on kindling-vmm yet (its jail's network namespace holds no tap).
-    fn network_for(
-        &self,
-        hypervisor: &dyn Backend,
-        function: &Function,
-    ) -> anyhow::Result<Option<Lease>> {
+    /// with SnapStart (a snapshot would carry one environment's address into every clone).
+    fn network_for(&self, function: &Function) -> anyhow::Result<Option<Lease>> {
         let Some(network) = &self.network else {
             return Ok(None);
         };
-        if function.network == FunctionNetwork::None
-            || function.snapstart
-            || hypervisor.kind() == Hypervisor::Kindling
-        {
+        if function.network == FunctionNetwork::None || function.snapstart {
             return Ok(None);
         }
         Ok(Some(network.lease()?))
@@ -207,9 +199,12 @@ impl Launcher for MicroVmLauncher {
             snapshot_dir: None,
             tap: None,
         };
-        let lease = self.network_for(hypervisor.as_ref(), &spec.function)?;
+        let lease = self.network_for(&spec.function)?;
         if let Some(lease) = &lease {
-            vm_spec.tap = Some(Arc::new(lease.tap().await?));
+            vm_spec.tap = Some(GuestTap {
+                fd: Arc::new(lease.tap().await?),
+                name: lease.ifname(),
+            });
             vm_spec.cmdline.push(' ');
             vm_spec.cmdline.push_str(&lease.cmdline());
         }

@@ -41,7 +41,17 @@ pub struct VmSpec {
     pub snapshot_dir: Option<PathBuf>,
     /// The host's tap for the guest's virtio-net (`eth0`), configured by the host; `None`:
     /// the guest has no network device.
-    pub tap: Option<Arc<OwnedFd>>,
+    pub tap: Option<GuestTap>,
+}
+
+/// A tap the host made and addressed for a guest ([`kindling_network::Lease::tap`]): the
+/// hypervisor, jailed in an empty network namespace, is handed it open
+/// ([`Jail::keep_fd`]) and only uses it.
+#[derive(Debug, Clone)]
+pub struct GuestTap {
+    pub fd: Arc<OwnedFd>,
+    /// Its interface name on the host.
+    pub name: String,
 }
 
 #[derive(Debug, Clone)]
@@ -194,7 +204,8 @@ pub fn cgroup_path(spec: &VmSpec, program: &Path) -> PathBuf {
 
 /// `jailer` starting `jail.program` in a chroot of its own under the environment's
 /// folder (removed with it) in new PID, mount, IPC and network namespaces (an empty
-/// network namespace: no VM has a network device), as `jail.user` with no capability and
+/// network namespace: a VM's network device is a tap the host hands over open, see
+/// [`Jail::keep_fd`]), as `jail.user` with no capability and
 /// `no_new_privs`: a program that a guest takes over is an unprivileged process that
 /// sees only the files it was given, reaches no host service on loopback, and no host
 /// SysV IPC. The program's arguments follow.

@@ -143,7 +143,7 @@ impl Backend for Qemu {
             kvm: self.accel == Accel::Kvm,
             // The host made and addressed the tap; QEMU only uses it (no privilege needed,
             // and its own network namespace stays empty).
-            keep_fd: spec.tap.as_deref().map(AsFd::as_fd),
+            keep_fd: spec.tap.as_ref().map(|tap| tap.fd.as_fd()),
             limits: self.limits(spec),
         };
         let mut qemu = machine::jailed(&self.jailer, spec, &qemu_jail, console, helper_log);
@@ -244,7 +244,7 @@ impl Qemu {
         .to_vec();
         if let Some(tap) = &spec.tap {
             // The descriptor the jail passes on (`Jail::keep_fd`), at the same number.
-            let fd = tap.as_raw_fd();
+            let fd = tap.fd.as_raw_fd();
             args.extend([
                 "-netdev".to_string(),
                 format!("tap,id=net0,fd={fd}"),

@@ -4,10 +4,17 @@
 //! metadata address (routed into the namespace, so that a test proves that environments
 //! are *refused* 169.254.169.254, not that it has no route). The namespace has no default
 //! route: no packet of a test leaves this machine.
+//!
+//! The servers are the test's own threads, each of which entered the namespace to bind
+//! its socket (a network namespace is per thread): nothing but `ip` is needed, so the
+//! same internet runs inside the nested-KVM host, which has no Python.
 
-use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// The host's end of the link into the namespace (a host address).
@@ -23,52 +30,23 @@ pub const NAME: &str = "www.kindling.test";
 /// The web server's page.
 pub const PAGE: &str = "hello from the test's internet\n";
 
-/// A DNS server in a few lines: A queries for argv[1] get argv[2], AAAA an empty answer,
-/// anything else NXDOMAIN.
-const DNS_SERVER: &str = r#"
-import socket, struct, sys
-name, addr, bind = sys.argv[1], sys.argv[2], sys.argv[3]
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((bind, 53))
-while True:
-    q, peer = s.recvfrom(512)
-    if len(q) < 17:
-        continue
-    i, labels = 12, []
-    while i < len(q) and q[i]:
-        labels.append(q[i + 1:i + 1 + q[i]].decode(errors="replace"))
-        i += q[i] + 1
-    if i + 5 > len(q):
-        continue
-    qname, qtype = ".".join(labels).lower(), struct.unpack(">H", q[i + 1:i + 3])[0]
-    question, answer, count, flags = q[12:i + 5], b"", 0, 0x8180
-    if qname == name and qtype == 1:
-        answer, count = struct.pack(">HHHLH", 0xC00C, 1, 1, 60, 4) + socket.inet_aton(addr), 1
-    elif qname != name:
-        flags = 0x8183
-    s.sendto(q[:2] + struct.pack(">HHHHH", flags, 1, count, 0, 0) + question + answer, peer)
-"#;
-
 pub struct Internet {
     ns: String,
     host_if: String,
-    servers: Vec<Child>,
-    dir: PathBuf,
+    /// Tells the servers to stop.
+    stop: Arc<AtomicBool>,
+    servers: Vec<JoinHandle<()>>,
 }
 
 impl Internet {
     /// Makes the namespace and its servers, and waits until each answers from the host.
     pub fn start() -> Result<Internet, String> {
         let id = std::process::id();
-        let dir = PathBuf::from(format!("/tmp/kinet-{id}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        std::fs::write(dir.join("index.html"), PAGE).map_err(|e| e.to_string())?;
         let mut internet = Internet {
             ns: format!("kinet-{id}"),
             host_if: format!("kinh{id}"),
+            stop: Arc::new(AtomicBool::new(false)),
             servers: Vec::new(),
-            dir,
         };
         let ns_if = format!("kinn{id}");
         let ns = internet.ns.clone();
@@ -95,20 +73,24 @@ impl Internet {
         for step in steps {
             ip(&step)?;
         }
-        let directory = internet.dir.to_string_lossy().into_owned();
         for bind in [WEB, METADATA] {
-            internet.spawn(&[
-                "python3",
-                "-m",
-                "http.server",
-                "80",
-                "--bind",
-                bind,
-                "--directory",
-                &directory,
-            ])?;
+            internet.spawn(
+                move || {
+                    let listener = TcpListener::bind((bind, 80))?;
+                    listener.set_nonblocking(true)?;
+                    Ok(listener)
+                },
+                serve_page,
+            )?;
         }
-        internet.spawn(&["python3", "-c", DNS_SERVER, NAME, WEB, DNS])?;
+        internet.spawn(
+            || {
+                let socket = UdpSocket::bind((DNS, 53))?;
+                socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+                Ok(socket)
+            },
+            answer_dns,
+        )?;
         for addr in [WEB, METADATA] {
             wait_for(&format!("{addr}:80"), |a| {
                 TcpStream::connect_timeout(a, Duration::from_millis(200)).is_ok()
@@ -118,36 +100,122 @@ impl Internet {
         Ok(internet)
     }
 
-    fn spawn(&mut self, argv: &[&str]) -> Result<(), String> {
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns])
-            .args(argv)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("ip netns exec {argv:?}: {e}"))?;
-        self.servers.push(child);
-        Ok(())
+    /// A server thread: it enters the namespace, binds with `bind`, and calls `serve`
+    /// (which returns within a moment when idle) until the internet is dropped.
+    fn spawn<S: 'static>(
+        &mut self,
+        bind: impl FnOnce() -> std::io::Result<S> + Send + 'static,
+        serve: fn(&S),
+    ) -> Result<(), String> {
+        let netns = std::fs::File::open(format!("/run/netns/{}", self.ns))
+            .map_err(|e| format!("the namespace {}: {e}", self.ns))?;
+        let stop = self.stop.clone();
+        let (bound_tx, bound) = mpsc::channel();
+        let server = std::thread::spawn(move || {
+            let socket = nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)
+                .and_then(|()| bind());
+            match socket {
+                Ok(socket) => {
+                    let _ = bound_tx.send(Ok(()));
+                    while !stop.load(Ordering::SeqCst) {
+                        serve(&socket);
+                    }
+                }
+                Err(e) => {
+                    let _ = bound_tx.send(Err(format!("a server of the test's internet: {e}")));
+                }
+            }
+        });
+        self.servers.push(server);
+        bound
+            .recv()
+            .map_err(|_| "a server of the test's internet died".to_string())?
     }
 }
 
 impl Drop for Internet {
     fn drop(&mut self) {
-        for server in &mut self.servers {
-            let _ = server.kill();
-            let _ = server.wait();
+        self.stop.store(true, Ordering::SeqCst);
+        for server in self.servers.drain(..) {
+            let _ = server.join();
         }
         // The veth and the route go with the namespace's end.
         let _ = ip(&["netns", "del", &self.ns]);
         let _ = ip(&["link", "del", &self.host_if]);
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The web servers: [`PAGE`] for any request, then the connection closes.
+fn serve_page(listener: &TcpListener) {
+    let Ok((mut stream, _)) = listener.accept() else {
+        std::thread::sleep(Duration::from_millis(20));
+        return;
+    };
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16384 {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => request.extend_from_slice(&buf[..n]),
+        }
+    }
+    let _ = write!(
+        stream,
+        "HTTP/1.0 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{PAGE}",
+        PAGE.len()
+    );
+}
+
+/// The DNS server: A queries for [`NAME`] get [`WEB`], AAAA an empty answer, other names
+/// NXDOMAIN.
+fn answer_dns(socket: &UdpSocket) {
+    let mut query = [0u8; 512];
+    let Ok((n, peer)) = socket.recv_from(&mut query) else {
+        return;
+    };
+    if let Some(answer) = dns_answer(&query[..n]) {
+        let _ = socket.send_to(&answer, peer);
+    }
+}
+
+fn dns_answer(q: &[u8]) -> Option<Vec<u8>> {
+    if q.len() < 17 {
+        return None;
+    }
+    let (mut i, mut labels) = (12, Vec::new());
+    while i < q.len() && q[i] != 0 {
+        let len = usize::from(q[i]);
+        labels.push(String::from_utf8_lossy(q.get(i + 1..i + 1 + len)?).into_owned());
+        i += len + 1;
+    }
+    if i + 5 > q.len() {
+        return None;
+    }
+    let name = labels.join(".").to_lowercase();
+    let qtype = u16::from_be_bytes([q[i + 1], q[i + 2]]);
+    let (mut answer, mut count, mut flags) = (Vec::new(), 0u8, [0x81, 0x80]);
+    if name == NAME && qtype == 1 {
+        let web: std::net::Ipv4Addr = WEB.parse().ok()?;
+        answer.extend([0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+        answer.extend(web.octets());
+        count = 1;
+    } else if name != NAME {
+        flags = [0x81, 0x83];
+    }
+    let mut reply = q[..2].to_vec();
+    reply.extend(flags);
+    reply.extend([0, 1, 0, count, 0, 0, 0, 0]);
+    reply.extend(&q[12..i + 5]);
+    reply.extend(answer);
+    Some(reply)
 }
 
 /// Whether a TCP connection from the host to `target` opens (and what it reads first).
 pub fn host_reaches(target: &str) -> Option<String> {
-    use std::io::Read;
     let addr: SocketAddr = target.parse().ok()?;
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;

@@ -11,8 +11,9 @@
 //! What the clones of one snapshot share: everything in guest memory, including the kernel's
 //! random pool and whatever ids the guest made up, and its MAC addresses; their vsock
 //! connections do not survive (the guest is told with a transport reset, as Firecracker
-//! does). A network device opens its tap again by name, or by the name `network_overrides`
-//! gives its `iface_id` (Firecracker's way for clones on one host).
+//! does). A network device opens its tap again by name, or by the name (or inherited
+//! descriptor, Kindling's `host_dev_fd`) `network_overrides` gives its `iface_id`
+//! (Firecracker's way for clones on one host).
 
 pub mod kvm_state;
 
@@ -143,6 +144,10 @@ pub struct VsockOverride {
 pub struct NetworkOverride {
     pub iface_id: String,
     pub host_dev_name: String,
+    /// Kindling's addition, as in `network-interfaces`: that tap as an inherited
+    /// descriptor, adopted instead of opening it by name.
+    #[serde(default)]
+    pub host_dev_fd: Option<i32>,
 }
 
 impl LoadParams {
@@ -151,6 +156,8 @@ impl LoadParams {
         if self.enable_diff_snapshots {
             return Err("Diff snapshots are not supported by kindling-vmm.".into());
         }
+        crate::config::check_tap_fds(self.network_overrides.iter().map(|o| o.host_dev_fd))
+            .map_err(|e| e.0)?;
         match (&self.mem_backend, &self.mem_file_path) {
             (Some(_), Some(_)) | (None, None) => Err(
                 "Exactly one of mem_backend or mem_file_path must be given to load a snapshot."

@@ -298,8 +298,8 @@ impl RxBuffer {
     }
 }
 
-/// A tap device opened by name, non-blocking; every frame read or written has a
-/// `virtio_net_hdr_v1` in front.
+/// A tap device, opened by name or adopted from an inherited descriptor, non-blocking;
+/// every frame read or written has a `virtio_net_hdr_v1` in front.
 #[derive(Debug)]
 pub struct Tap {
     file: File,
@@ -314,6 +314,10 @@ fn check_ioctl(ret: libc::c_int, what: &str) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// The flags every tap of a network device has: an Ethernet device, no packet information
+/// in front of a frame, a virtio-net header instead.
+const TAP_FLAGS: libc::c_int = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
 
 impl Tap {
     /// Opens (as root: creates, if missing) the tap `name`, with the vnet header of
@@ -338,14 +342,83 @@ impl Tap {
         for (dst, &src) in req.ifr_name.iter_mut().zip(bytes) {
             *dst = libc::c_char::from_ne_bytes([src]);
         }
-        let flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
-        req.ifr_ifru.ifru_flags = libc::c_short::try_from(flags)
+        req.ifr_ifru.ifru_flags = libc::c_short::try_from(TAP_FLAGS)
             .map_err(|_| in_name(io::Error::other("tap flags do not fit a short")))?;
         // SAFETY: TUNSETIFF reads and writes one `ifreq`, which outlives the call; the fd is
         // the tun device just opened.
         let ret =
             unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&file, libc::TUNSETIFF, &mut req) };
         check_ioctl(ret, "TUNSETIFF").map_err(in_name)?;
+        Self::ready(file, name)
+    }
+
+    /// Kindling's `host_dev_fd`: takes over descriptor `fd`, which the VMM inherited open
+    /// (a jailed VMM can neither see the host's taps nor create one), once `TUNGETIFF`
+    /// shows that it is the tap `name` with a vnet header and no packet information. The
+    /// caller adopts every inherited descriptor before opening any tap by name, so a tap
+    /// at `fd` is one the VMM does not hold already.
+    pub fn adopt(fd: RawFd, name: &str) -> io::Result<Self> {
+        let refused = |why: String| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("host_dev_fd {fd} ({name}): {why}"),
+            )
+        };
+        if fd <= libc::STDERR_FILENO {
+            return Err(refused("0, 1 and 2 are the standard streams".into()));
+        }
+        // SAFETY: `ifreq` is plain integers and unions of them: all zeroes is a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        // SAFETY: TUNGETIFF only writes one `ifreq`, which outlives the call; on a
+        // descriptor that is not open, or not a tap, the kernel answers an error.
+        let ret = unsafe { libc::ioctl(fd, libc::TUNGETIFF, &mut req as *mut libc::ifreq) };
+        if ret < 0 {
+            let e = io::Error::last_os_error();
+            return Err(refused(format!("not a tap (TUNGETIFF: {e})")));
+        }
+        // SAFETY: TUNGETIFF succeeded, so the kernel wrote the name and the flags.
+        let flags = libc::c_int::from(unsafe { req.ifr_ifru.ifru_flags });
+        if flags & TAP_FLAGS != TAP_FLAGS || flags & libc::IFF_TUN != 0 {
+            return Err(refused(format!(
+                "not a tap with a vnet header and no packet information (flags {flags:#x})"
+            )));
+        }
+        let actual: Vec<u8> = req
+            .ifr_name
+            .iter()
+            .map(|c| c.to_ne_bytes()[0])
+            .take_while(|&b| b != 0)
+            .collect();
+        if actual != name.as_bytes() {
+            return Err(refused(format!(
+                "the tap is {:?}",
+                String::from_utf8_lossy(&actual)
+            )));
+        }
+        // SAFETY: `fd` is open (TUNGETIFF answered on it) and owned by nothing else in
+        // this process (see above); the `File` is its one owner from here.
+        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // Non-blocking, as an opened tap: the event loop reads until EAGAIN.
+        // SAFETY: fcntl(F_GETFL/F_SETFL/F_SETFD) on a descriptor the `File` owns.
+        let ret = unsafe {
+            let status = libc::fcntl(fd, libc::F_GETFL);
+            if status < 0 {
+                status
+            } else if libc::fcntl(fd, libc::F_SETFL, status | libc::O_NONBLOCK) < 0
+                || libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) < 0
+            {
+                -1
+            } else {
+                0
+            }
+        };
+        check_ioctl(ret, "fcntl").map_err(|e| refused(e.to_string()))?;
+        Self::ready(file, name)
+    }
+
+    /// The vnet header of [`NET_HDR_LEN`] bytes and no offloads on the tap `file`.
+    fn ready(file: File, name: &str) -> io::Result<Self> {
+        let in_name = |e: io::Error| io::Error::new(e.kind(), format!("tap {name}: {e}"));
         let hdr_len = libc::c_int::try_from(NET_HDR_LEN).unwrap_or(libc::c_int::MAX);
         // SAFETY: TUNSETVNETHDRSZ reads one int, which outlives the call.
         let ret =
