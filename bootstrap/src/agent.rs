@@ -8,8 +8,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hyper::header::HeaderMap;
 use kindling_wire::{
-    monotonic_ns, ErrorBody, FunctionEnvironment, InvocationReport, RuntimeExit, HEADER_DEADLINE_MS,
-    HEADER_FUNCTION_ARN, HEADER_TRACE_ID, PATH_INIT_ERROR, PATH_RUNTIME_EXIT,
+    monotonic_ns, ErrorBody, FunctionEnvironment, InvocationReport, RuntimeExit,
+    HEADER_DEADLINE_MS, HEADER_FUNCTION_ARN, HEADER_TRACE_ID, PATH_INIT_ERROR, PATH_RUNTIME_EXIT,
 };
 use serde_json::{json, Value};
 use tokio::sync::Notify;

@@ -20,9 +20,9 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use kindling_wire::{
-    deadline_on_guest_clock, from_hex, monotonic_ns, ErrorBody, InvocationReport, HEADER_DEADLINE_MS,
-    HEADER_ENTROPY, HEADER_FUNCTION_ERROR_TYPE, HEADER_HOST_TIME_MS, HEADER_INVOCATION_REPORT,
-    HEADER_REQUEST_ID, HEADER_RESPONSE_MODE, PATH_NEXT, RUNTIME_PREFIX,
+    deadline_on_guest_clock, from_hex, monotonic_ns, ErrorBody, InvocationReport,
+    HEADER_DEADLINE_MS, HEADER_ENTROPY, HEADER_FUNCTION_ERROR_TYPE, HEADER_HOST_TIME_MS,
+    HEADER_INVOCATION_REPORT, HEADER_REQUEST_ID, HEADER_RESPONSE_MODE, PATH_NEXT, RUNTIME_PREFIX,
 };
 use nix::sys::time::TimeSpec;
 use nix::time::{clock_settime, ClockId};
