@@ -63,6 +63,17 @@ if ! /usr/bin/python3 -c "$streaming_boto3" 2>/dev/null &&
   /opt/kindling-boto3/bin/pip install --quiet 'boto3>=1.28'
 fi
 
+# The AWS SDK for JavaScript v3's Lambda client, from the npm registry, for the streaming
+# tests (InvokeWithResponseStreamCommand). It needs Node.js 20 or later: the machine's own.
+if [ ! -d /opt/kindling-js-sdk/node_modules/@aws-sdk/client-lambda ]; then
+  echo "setup: installing @aws-sdk/client-lambda into /opt/kindling-js-sdk (streaming tests)"
+  command -v npm >/dev/null || apt-get install -y --no-install-recommends npm
+  rm -rf /opt/kindling-js-sdk.partial
+  npm install --silent --no-audit --no-fund --prefix /opt/kindling-js-sdk.partial \
+    '@aws-sdk/client-lambda@3'
+  mv /opt/kindling-js-sdk.partial /opt/kindling-js-sdk
+fi
+
 # Powertools for AWS Lambda (Python), pure Python from PyPI, for the HTTP-trigger tests: a
 # test function's code bundles it as a Lambda user's zip would (pip install --target).
 if [ ! -f /opt/kindling-powertools/aws_lambda_powertools/__init__.py ]; then

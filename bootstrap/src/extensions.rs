@@ -116,6 +116,7 @@ impl Extensions {
                 "functionName": function.function_name,
                 "functionVersion": function.function_version,
                 "handler": function.handler,
+                "accountId": function.account_id,
             }),
         }
     }
@@ -621,6 +622,7 @@ mod tests {
             runtime: "python".into(),
             handler: "app.handler".into(),
             region: "us-east-1".into(),
+            account_id: "123456789012".into(),
             log_group_name: String::new(),
             log_stream_name: String::new(),
             initialization_type: "on-demand".into(),

@@ -779,6 +779,7 @@ impl Pool {
             runtime: f.runtime.clone(),
             handler: f.handler.clone(),
             region: self.ctx.options.region.clone(),
+            account_id: self.ctx.options.account_id.clone(),
             log_group_name: String::new(),
             log_stream_name: String::new(),
             initialization_type: "on-demand".into(),

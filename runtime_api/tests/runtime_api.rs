@@ -34,6 +34,7 @@ fn environment() -> FunctionEnvironment {
         runtime: "provided".into(),
         handler: "h".into(),
         region: "us-east-1".into(),
+        account_id: "123456789012".into(),
         log_group_name: "/aws/lambda/conf".into(),
         log_stream_name: "s".into(),
         initialization_type: "on-demand".into(),

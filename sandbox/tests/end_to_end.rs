@@ -65,6 +65,7 @@ async fn the_aws_tutorial_runtime_answers_through_the_sandbox() {
             runtime: function.runtime.clone(),
             handler: function.handler.clone(),
             region: "us-east-1".into(),
+            account_id: "123456789012".into(),
             log_group_name: "/aws/lambda/hello-bash".into(),
             log_stream_name: "sandbox".into(),
             initialization_type: "on-demand".into(),

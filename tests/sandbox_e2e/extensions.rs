@@ -80,7 +80,7 @@ async fn an_extension_registers_sees_invokes_telemetry_and_shutdown_and_delays_t
     let text = log();
     for line in [
         "EXTENSION\tName: probe-ext\tState: Ready\tEvents: [INVOKE, SHUTDOWN]".to_string(),
-        "probe-ext registered 200 ext $LATEST app.handler".into(),
+        "probe-ext registered 200 ext $LATEST app.handler 000000000000".into(),
         "probe-ext refused 403 Extension.InvalidExtensionIdentifier 403 Extension.MissingExtensionIdentifier".into(),
         "probe-ext subscribed 200 OK".into(),
         "probe-ext telemetry platform.initStart".into(),

@@ -1,6 +1,7 @@
 //! Response streaming and function URLs (issue 13) through unmodified clients: boto3's
 //! `invoke_with_response_stream` (`tests/streaming/invoke_stream.py`, which stamps each
-//! event as it arrives) and curl, against `kindling serve` with sandboxed functions: AWS's
+//! event as it arrives), the JavaScript SDK's `InvokeWithResponseStreamCommand` (its twin
+//! `invoke_stream.cjs`) and curl, against `kindling serve` with sandboxed functions: AWS's
 //! `lambda_runtime` crate in streaming mode, a node `streamifyResponse` handler and plain
 //! Python handlers.
 
@@ -16,7 +17,7 @@ use crate::support::{prerequisites, repo_path, FunctionDef, Scratch, Server};
 /// A Python whose boto3 has `invoke_with_response_stream` (botocore 1.29.1xx and later:
 /// PATH's, Debian's, or the virtual environment scripts/setup.sh makes when Debian's is
 /// older); otherwise prints why the test skips.
-fn python_with_streaming_boto3() -> Option<String> {
+fn python_with_streaming_boto3() -> Option<StreamClient> {
     let check =
         "import boto3; boto3.client('lambda', region_name='us-east-1').invoke_with_response_stream";
     let found = [
@@ -36,7 +37,43 @@ fn python_with_streaming_boto3() -> Option<String> {
             "SKIPPED: no boto3 with invoke_with_response_stream (scripts/setup.sh installs one)"
         );
     }
-    found.map(str::to_string)
+    found.map(|python| StreamClient {
+        program: python.to_string(),
+        script: "tests/streaming/invoke_stream.py",
+    })
+}
+
+/// Where scripts/setup.sh installs the AWS SDK for JavaScript v3's Lambda client.
+const JS_SDK: &str = "/opt/kindling-js-sdk/node_modules/@aws-sdk/client-lambda";
+
+/// Node.js with the JavaScript SDK (which needs Node 20 or later); otherwise prints why
+/// the test skips.
+fn node_with_js_sdk() -> Option<StreamClient> {
+    let major = Command::new("node")
+        .args(["-p", "process.versions.node.split('.')[0]"])
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse::<u32>()
+                .ok()
+        });
+    if !major.is_some_and(|m| m >= 20) || !std::path::Path::new(JS_SDK).is_dir() {
+        println!("SKIPPED: no Node.js >= 20 with {JS_SDK} (scripts/setup.sh installs it)");
+        return None;
+    }
+    Some(StreamClient {
+        program: "node".into(),
+        script: "tests/streaming/invoke_stream.cjs",
+    })
+}
+
+/// An unmodified AWS client's streaming invoke: `program script ENDPOINT FUNCTION PAYLOAD
+/// LOG_TYPE` prints one JSON line per event as it arrives.
+struct StreamClient {
+    program: String,
+    script: &'static str,
 }
 
 /// One event of a streaming invocation, as boto3 handed it over.
@@ -56,20 +93,21 @@ impl Event {
     }
 }
 
-/// Invokes `function` with `invoke_with_response_stream` and returns every event.
-fn stream(python: &str, server: &Server, function: &str, payload: &Value) -> Vec<Event> {
-    let output = Command::new(python)
-        .arg(repo_path("tests/streaming/invoke_stream.py"))
+/// Invokes `function` with the client's streaming invoke and returns every event.
+fn stream(client: &StreamClient, server: &Server, function: &str, payload: &Value) -> Vec<Event> {
+    let script = client.script;
+    let output = Command::new(&client.program)
+        .arg(repo_path(script))
         .arg(format!("http://{}", server.addr))
         .arg(function)
         .arg(payload.to_string())
         .arg("Tail")
         .output()
-        .expect("running invoke_stream.py");
+        .unwrap_or_else(|e| panic!("running {script}: {e}"));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
-        "invoke_stream.py {function} failed:\n{stdout}{}\n{}",
+        "{script} {function} failed:\n{stdout}{}\n{}",
         String::from_utf8_lossy(&output.stderr),
         server.diagnostics()
     );
@@ -84,6 +122,73 @@ fn stream(python: &str, server: &Server, function: &str, payload: &Value) -> Vec
             }
         })
         .collect()
+}
+
+/// `function` streams `first`, then a second later `second`: the client gets each chunk as
+/// it is written, REPORT covers the whole stream, and a failure in mid-stream reaches the
+/// client as an error event after what was streamed.
+fn chunks_arrive_as_written(client: &StreamClient, server: &Server, function: &str) {
+    let events = stream(client, server, function, &json!({}));
+    let (chunks, complete) = split(&events);
+    assert_eq!(
+        events[0].fields["content_type"], "application/vnd.amazon.eventstream",
+        "{events:?}"
+    );
+    assert_eq!(events[0].fields["version"], "$LATEST");
+    let body = joined(&chunks);
+    assert!(
+        body.ends_with(b"first\nsecond\n"),
+        "{function}: {:?}",
+        String::from_utf8_lossy(&body)
+    );
+    // Each chunk arrived as it was written: `first` a second before `second`.
+    let gap = arrival(&chunks, "second") - arrival(&chunks, "first");
+    assert!(
+        gap >= 0.8,
+        "{function}: chunks {gap:.3} s apart: {events:?}"
+    );
+    assert!(complete.fields.get("ErrorCode").is_none(), "{events:?}");
+    // The REPORT covers the whole stream, not just its start.
+    let ms = reported_ms(complete);
+    assert!(ms >= 900.0, "{function}: REPORT Duration {ms} ms");
+
+    // A failure in mid-stream: what was streamed arrives, then the error.
+    let events = stream(
+        client,
+        server,
+        function,
+        &json!({"fail": true, "pauseMs": 300, "pause_ms": 300}),
+    );
+    let (chunks, complete) = split(&events);
+    assert!(String::from_utf8_lossy(&joined(&chunks)).contains("first\n"));
+    assert!(!String::from_utf8_lossy(&joined(&chunks)).contains("second"));
+    let code = complete.fields["ErrorCode"].as_str().unwrap_or("");
+    assert!(!code.is_empty(), "{function}: {events:?}");
+    let details = complete.fields["ErrorDetails"].as_str().unwrap_or("");
+    assert!(
+        details.contains("deliberate failure in mid-stream"),
+        "{function}: {events:?}"
+    );
+}
+
+/// The JavaScript SDK's `InvokeWithResponseStreamCommand`, unmodified, reads the chunks of a
+/// `lambda_runtime` streaming function and a node `streamifyResponse` handler as they come.
+#[tokio::test]
+async fn streamed_responses_reach_the_js_sdk_as_they_are_written() {
+    let Some(bins) = prerequisites(&["/usr/bin/node"]) else {
+        return;
+    };
+    let Some(node) = node_with_js_sdk() else {
+        return;
+    };
+    let code = Scratch::new();
+    std::fs::copy(&bins.lambda_rs_bootstrap, code.path().join("bootstrap"))
+        .expect("copying the lambda_runtime bootstrap");
+    let server = Server::start(bins, &streaming_functions(code.path()));
+    for function in ["rusty-stream", "node-stream"] {
+        chunks_arrive_as_written(&node, &server, function);
+    }
+    server.stop();
 }
 
 /// The payload chunks' bytes, and the `InvokeComplete` event (which must come last).
@@ -151,47 +256,7 @@ async fn streamed_responses_reach_boto3_as_they_are_written() {
     let server = Server::start(bins, &streaming_functions(code.path()));
 
     for function in ["rusty-stream", "node-stream"] {
-        let events = stream(&python, &server, function, &json!({}));
-        let (chunks, complete) = split(&events);
-        assert_eq!(
-            events[0].fields["content_type"], "application/vnd.amazon.eventstream",
-            "{events:?}"
-        );
-        assert_eq!(events[0].fields["version"], "$LATEST");
-        let body = joined(&chunks);
-        assert!(
-            body.ends_with(b"first\nsecond\n"),
-            "{function}: {:?}",
-            String::from_utf8_lossy(&body)
-        );
-        // Each chunk arrived as it was written: `first` a second before `second`.
-        let gap = arrival(&chunks, "second") - arrival(&chunks, "first");
-        assert!(
-            gap >= 0.8,
-            "{function}: chunks {gap:.3} s apart: {events:?}"
-        );
-        assert!(complete.fields.get("ErrorCode").is_none(), "{events:?}");
-        // The REPORT covers the whole stream, not just its start.
-        let ms = reported_ms(complete);
-        assert!(ms >= 900.0, "{function}: REPORT Duration {ms} ms");
-
-        // A failure in mid-stream: what was streamed arrives, then the error.
-        let events = stream(
-            &python,
-            &server,
-            function,
-            &json!({"fail": true, "pauseMs": 300, "pause_ms": 300}),
-        );
-        let (chunks, complete) = split(&events);
-        assert!(String::from_utf8_lossy(&joined(&chunks)).contains("first\n"));
-        assert!(!String::from_utf8_lossy(&joined(&chunks)).contains("second"));
-        let code = complete.fields["ErrorCode"].as_str().unwrap_or("");
-        assert!(!code.is_empty(), "{function}: {events:?}");
-        let details = complete.fields["ErrorDetails"].as_str().unwrap_or("");
-        assert!(
-            details.contains("deliberate failure in mid-stream"),
-            "{function}: {events:?}"
-        );
+        chunks_arrive_as_written(&python, &server, function);
     }
     // The crate's error, written into the body for lack of trailers, names its type.
     let events = stream(

@@ -134,6 +134,9 @@ pub struct FunctionEnvironment {
     /// `_HANDLER`, e.g. `app.handler`.
     pub handler: String,
     pub region: String,
+    /// The account of the function's ARN (extensions' `register` answer names it).
+    #[serde(default)]
+    pub account_id: String,
     pub log_group_name: String,
     pub log_stream_name: String,
     /// `on-demand` or `snap-start` ([`INITIALIZATION_SNAP_START`]).

@@ -97,6 +97,7 @@ pub fn function_env(runtime: &str, handler: &str) -> FunctionEnvironment {
         runtime: runtime.into(),
         handler: handler.into(),
         region: "eu-west-1".into(),
+        account_id: "123456789012".into(),
         log_group_name: "/aws/lambda/test-fn".into(),
         log_stream_name: "2026/11/27/[$LATEST]abc".into(),
         initialization_type: "on-demand".into(),
