@@ -59,7 +59,7 @@ fn node_with_js_sdk() -> Option<StreamClient> {
                 .parse::<u32>()
                 .ok()
         });
-    if !major.is_some_and(|m| m >= 20) || !std::path::Path::new(JS_SDK).is_dir() {
+    if major.is_none_or(|m| m < 20) || !std::path::Path::new(JS_SDK).is_dir() {
         println!("SKIPPED: no Node.js >= 20 with {JS_SDK} (scripts/setup.sh installs it)");
         return None;
     }
