@@ -134,9 +134,11 @@ impl KindlingVmm {
             kvm: true,
             // The host made and addressed the tap; the VMM adopts it (`host_dev_fd`).
             keep_fd: spec.tap.as_ref().map(|tap| tap.fd.as_fd()),
-            // The guest's RAM and the VMM's few MiB; its vCPU threads, API and event loop.
+            // The guest's RAM twice (its memory, and the page cache of the memory file a
+            // snapshot writes or a restore maps) and the VMM's few MiB; its vCPU threads,
+            // API and event loop.
             limits: Limits {
-                memory_mib: u64::from(spec.memory_mib) + VMM_OVERHEAD_MIB,
+                memory_mib: 2 * u64::from(spec.memory_mib) + VMM_OVERHEAD_MIB,
                 pids: 16 + u32::from(spec.vcpus),
             },
         };

@@ -616,8 +616,12 @@ async fn event_invocations_are_bounded_and_refused_with_429_never_dropped() {
             max + 1
         )
     );
-    // Exactly the limit is not too large (here it only overflows the 64 KiB queue).
-    let r = c.invoke("big", vec![b' '; max], &event).await.unwrap();
+    // Exactly the limit is not too large (here it only overflows the 64 KiB queue): a
+    // JSON string of `max` bytes, quotes included.
+    let mut exactly = vec![b'a'; max];
+    exactly[0] = b'"';
+    exactly[max - 1] = b'"';
+    let r = c.invoke("big", exactly, &event).await.unwrap();
     assert_eq!(r.status, 429);
 
     // Every accepted event runs; once they are over, there is room again.
