@@ -12,7 +12,7 @@ use std::time::Instant;
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-use crate::support::{prerequisites, repo_path, FunctionDef, Scratch, Server};
+use crate::support::{prerequisites, repo_path, Binaries, FunctionDef, Scratch, Server};
 
 /// A Python whose boto3 has `invoke_with_response_stream` (botocore 1.29.1xx and later:
 /// PATH's, Debian's, or the virtual environment scripts/setup.sh makes when Debian's is
@@ -181,10 +181,7 @@ async fn streamed_responses_reach_the_js_sdk_as_they_are_written() {
     let Some(node) = node_with_js_sdk() else {
         return;
     };
-    let code = Scratch::new();
-    std::fs::copy(&bins.lambda_rs_bootstrap, code.path().join("bootstrap"))
-        .expect("copying the lambda_runtime bootstrap");
-    let server = Server::start(bins, &streaming_functions(code.path()));
+    let (_code, server) = streaming_server(bins);
     for function in ["rusty-stream", "node-stream"] {
         chunks_arrive_as_written(&node, &server, function);
     }
@@ -229,6 +226,16 @@ fn reported_ms(complete: &Event) -> f64 {
     duration.parse().expect("a duration")
 }
 
+/// A server with the streaming functions; the scratch folder holds the `lambda_runtime`
+/// function's code and must live as long as the server.
+fn streaming_server(bins: &'static Binaries) -> (Scratch, Server) {
+    let code = Scratch::new();
+    std::fs::copy(&bins.lambda_rs_bootstrap, code.path().join("bootstrap"))
+        .expect("copying the lambda_runtime bootstrap");
+    let server = Server::start(bins, &streaming_functions(code.path()));
+    (code, server)
+}
+
 fn streaming_functions(lambda_rs: &std::path::Path) -> Vec<FunctionDef> {
     let mut rusty = FunctionDef::new("rusty-stream", lambda_rs, "provided", "unused.handler");
     rusty.env.push(("KINDLING_TEST_STREAM".into(), "1".into()));
@@ -250,10 +257,7 @@ async fn streamed_responses_reach_boto3_as_they_are_written() {
     let Some(python) = python_with_streaming_boto3() else {
         return;
     };
-    let code = Scratch::new();
-    std::fs::copy(&bins.lambda_rs_bootstrap, code.path().join("bootstrap"))
-        .expect("copying the lambda_runtime bootstrap");
-    let server = Server::start(bins, &streaming_functions(code.path()));
+    let (_code, server) = streaming_server(bins);
 
     for function in ["rusty-stream", "node-stream"] {
         chunks_arrive_as_written(&python, &server, function);
