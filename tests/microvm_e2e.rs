@@ -20,11 +20,16 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+// The sandbox suite also reads `rss_kib` and `fds` of it.
+#[allow(dead_code)]
+#[path = "common/gauge.rs"]
+mod gauge;
 #[path = "common/internet.rs"]
 mod internet;
 #[path = "common/unprivileged.rs"]
 mod unprivileged;
 
+use gauge::Gauge;
 use kindling_images::ImagesManifest;
 use kindling_nested_kvm::{shell_quote, Job, LinuxKvm};
 use kindling_plumbing::cgroup::Hierarchies;
@@ -308,6 +313,8 @@ const FUNCTIONS: &[FunctionDef] = &[
     FunctionDef::probe("vmkill", 60, 1),
     FunctionDef::probe("vsockkill", 60, 1),
     FunctionDef::probe("pair", 30, 2),
+    FunctionDef::probe("flood", 60, 1),
+    FunctionDef::probe("bomb", 5, 1),
     FunctionDef {
         snapstart: true,
         ..FunctionDef::probe("snap", 30, 3)
@@ -408,6 +415,7 @@ fn scenarios(host: &Arc<Host>) -> Vec<Trial> {
         the_runtime_runs_unprivileged,
         layers_reach_opt,
         a_hostile_function_stays_in_its_vm,
+        floods_leave_the_host_bounded,
         outbound_network_only,
     ];
     if matches!(host.backend, Backend::Qemu) {
@@ -755,6 +763,109 @@ fn a_hostile_function_stays_in_its_vm(server: &Server, _: Backend) -> Result<(),
 {answer}"
         )
     })
+}
+
+/// What a flood may add to the server's resident memory, and to the VM's host processes'
+/// beyond the guest memory they map.
+const FLOOD_HEADROOM_KIB: u64 = 64 << 10;
+
+/// Floods from inside the VM — MiBs of logs, garbage and idle connections on its Runtime
+/// API, a fork bomb, a full `/tmp` — fail at most their own invocation. The server and the
+/// VM's processes on the host (the hypervisor, QEMU's vsock daemon) stay bounded (their
+/// peak RSS and fds are printed), and the next invocation works.
+fn floods_leave_the_host_bounded(server: &Server, backend: Backend) -> Result<(), Failed> {
+    server.invoke("flood", &json!({}))?.ok_json()?;
+    // Under nested TCG a guest prints far slower: fewer MiB make the same point there.
+    let mib = match backend {
+        Backend::Qemu => 64,
+        Backend::Kindling => 16,
+    };
+    let mut programs = vec![backend.hypervisor_program()];
+    if matches!(backend, Backend::Qemu) {
+        programs.push(kindling_microvm::qemu::VHOST_VSOCK);
+    }
+    let watched = |function: &str| -> Vec<(&str, u32)> {
+        let vm = programs.iter().flat_map(|&program| {
+            server
+                .processes_of(function, program)
+                .into_iter()
+                .map(move |pid| (program, pid))
+        });
+        [("kindling serve", server.pid)]
+            .into_iter()
+            .chain(vm)
+            .collect()
+    };
+    // The hypervisor's RSS counts the guest pages it maps; only growth past them matters.
+    let guest_kib = 128 << 10;
+    let bounded = |what: &str, peaks: Vec<gauge::Peaks>| -> Result<(), Failed> {
+        for peaks in &peaks {
+            let headroom = if peaks.name == backend.hypervisor_program() {
+                guest_kib + FLOOD_HEADROOM_KIB
+            } else {
+                FLOOD_HEADROOM_KIB
+            };
+            peaks.within(what, headroom)?;
+        }
+        Ok(())
+    };
+
+    let what = format!("{mib} MiB of logs from inside a VM");
+    let gauge = Gauge::start(&what, &watched("flood"));
+    let answer = server.invoke("flood", &json!({"action": "spew", "mib": mib}))?;
+    let body = answer.ok_json()?;
+    check(body["spewed_mib"] == mib, || format!("spew: {body}"))?;
+    check(answer.tail().len() <= 4096, || {
+        format!("a 4 KB tail: {} bytes", answer.tail().len())
+    })?;
+    bounded(&what, gauge.finish())?;
+
+    let what = "abuse of the Runtime API inside a VM";
+    let gauge = Gauge::start(what, &watched("flood"));
+    let answer = server.invoke("flood", &json!({"action": "runtime_api_abuse"}))?;
+    let seen = answer.ok_json()?["seen"].clone();
+    println!("the VM's Runtime API answered: {seen}");
+    for case in ["garbage", "huge header", "bogus id"] {
+        let line = seen[case].as_str().unwrap_or_default();
+        check(
+            line.is_empty() || line.starts_with("errno") || line.contains(" 4"),
+            || format!("{case}: {line:?}"),
+        )?;
+    }
+    bounded(what, gauge.finish())?;
+
+    let what = "a full /tmp inside a VM";
+    let gauge = Gauge::start(what, &watched("flood"));
+    let answer = server.invoke("flood", &json!({"action": "fill_tmp"}))?;
+    let body: Value = serde_json::from_slice(&answer.response.body).unwrap_or_default();
+    println!("fill /tmp in a VM: {body}");
+    match answer.response.function_error {
+        None => check(body["fill_tmp"]["stopped"] == "ENOSPC", || {
+            format!("fill /tmp: {body}")
+        })?,
+        Some(_) => drop(answer.unhandled("Runtime.OutOfMemory")?),
+    }
+    bounded(what, gauge.finish())?;
+    server.invoke("flood", &json!({}))?.ok_json()?;
+
+    // Its timeout (or the guest's memory) ends a fork bomb, and its VM with it.
+    server.invoke("bomb", &json!({}))?.ok_json()?;
+    let what = "a fork bomb inside a VM";
+    let gauge = Gauge::start(what, &watched("bomb"));
+    let answer = server.invoke("bomb", &json!({"action": "fork_bomb"}))?;
+    let body: Value = serde_json::from_slice(&answer.response.body).unwrap_or_default();
+    println!("fork bomb in a VM: {body}");
+    check(
+        [
+            "Sandbox.Timedout",
+            "Runtime.OutOfMemory",
+            "Runtime.ExitError",
+        ]
+        .contains(&body["errorType"].as_str().unwrap_or_default()),
+        || format!("fork bomb: {body}"),
+    )?;
+    bounded(what, gauge.finish())?;
+    server.invoke("bomb", &json!({}))?.ok_json().map(drop)
 }
 
 fn killed_runtime_then_next_works(server: &Server, _: Backend) -> Result<(), Failed> {

@@ -335,19 +335,18 @@ impl Agent {
 
     /// The runtime process ended. Returns whether it had reached its first `/next`.
     pub async fn runtime_exited(&self, exit_code: Option<i32>, signal: Option<i32>) -> bool {
-        let (request_id, reached_next, oom_kills_at_start) = {
+        let (request_id, runtime) = {
             let mut life = self.life();
-            let runtime = life.runtime.take();
-            let reached = runtime.as_ref().is_some_and(|rt| rt.reached_next);
-            (
-                life.in_flight.take().map(|f| f.id),
-                reached,
-                runtime.and_then(|rt| rt.oom_kills_at_start),
-            )
+            (life.in_flight.take().map(|f| f.id), life.runtime.take())
         };
+        let reached_next = runtime.as_ref().is_some_and(|rt| rt.reached_next);
         // Killed (SIGKILL) while the kernel's OOM killer struck: out of memory.
-        let out_of_memory = signal == Some(nix::sys::signal::Signal::SIGKILL as i32)
-            && matches!((oom_kills_at_start, memory::oom_kills()), (Some(before), Some(now)) if now > before);
+        let oom_killed = runtime.is_some_and(|rt| match rt.memory.oom_killed() {
+            Some(killed) => killed,
+            None => matches!((rt.oom_kills_at_start, memory::oom_kills()),
+                (Some(before), Some(now)) if now > before),
+        });
+        let out_of_memory = signal == Some(nix::sys::signal::Signal::SIGKILL as i32) && oom_killed;
         self.logs.finish_invocation().await;
         let exit = RuntimeExit {
             request_id,

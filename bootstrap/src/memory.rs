@@ -87,6 +87,20 @@ impl RuntimeCgroup {
         cgroup::read_u64(&self.dir, self.peak_file).ok()
     }
 
+    /// How many of its processes the kernel's OOM killer has ended, whether the cgroup's
+    /// own limit or the whole machine's memory ran out: `oom_kill` in v2's
+    /// `memory.events` or v1's `memory.oom_control` (Linux 4.13+).
+    fn oom_kills(&self) -> Option<u64> {
+        let file = match self.peak_file {
+            "memory.peak" => "memory.events",
+            _ => "memory.oom_control",
+        };
+        let counters = fs::read_to_string(self.dir.join(file)).ok()?;
+        counters
+            .lines()
+            .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
+    }
+
     /// Kills whatever of the tree is left (daemonised children), so the cgroup can go.
     pub async fn remove(&self) {
         for _ in 0..50 {
@@ -136,6 +150,16 @@ pub enum MemoryProbe {
 }
 
 impl MemoryProbe {
+    /// Whether the OOM killer has ended one of the runtime's processes, where its cgroup
+    /// counts that: unlike `/proc/vmstat`, it does on a kernel built without VM event
+    /// counters (the minimal microVM kernel). `None` where only [`oom_kills`] can tell.
+    pub fn oom_killed(&self) -> Option<bool> {
+        match self {
+            MemoryProbe::Cgroup(cg) => cg.oom_kills().map(|kills| kills > 0),
+            MemoryProbe::ProcTree(..) => None,
+        }
+    }
+
     /// Peak memory in MiB, rounded up.
     pub fn peak_mb(&self) -> u64 {
         let bytes = match self {

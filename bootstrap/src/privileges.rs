@@ -2,129 +2,16 @@
 //! unprivileged user (Lambda's `sbx_user1051`, uid 993, unless init says otherwise) with
 //! every capability set empty — effective, permitted, inheritable, ambient and bounding —
 //! and `no_new_privs`, so that no set-uid binary or file capability gives any of it back,
-//! and under a seccomp filter that refuses (EPERM) what Docker's default profile refuses a
-//! container: mounts, namespaces, modules, kexec, bpf, perf, keyrings, userfaultfd, reboot,
-//! the clock, swap. The agent itself stays root: it moves the runtime into its cgroup and
-//! sets the clock.
+//! and under the seccomp denylist ([`kindling_plumbing::seccomp`]: what Docker's default
+//! profile refuses a container, and vsock sockets). The agent itself stays root: it moves
+//! the runtime into its cgroup and sets the clock.
 
 use std::io;
 
 use kindling_wire::RuntimeUser;
-use nix::libc;
-use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
-};
 
 /// Drops the calling process to `user` for good (see [`kindling_plumbing::privileges`]).
 /// Called in the forked child before exec: async-signal-safe, allocates nothing.
 pub fn drop_to(user: RuntimeUser) -> io::Result<()> {
     kindling_plumbing::privileges::drop_to(user.uid, user.gid)
-}
-
-/// System calls a function never needs and an attacker inside one would want.
-const DENIED: &[libc::c_long] = &[
-    libc::SYS_mount,
-    libc::SYS_umount2,
-    libc::SYS_pivot_root,
-    libc::SYS_chroot,
-    libc::SYS_unshare,
-    libc::SYS_setns,
-    libc::SYS_fsopen,
-    libc::SYS_fsconfig,
-    libc::SYS_fsmount,
-    libc::SYS_fspick,
-    libc::SYS_move_mount,
-    libc::SYS_open_tree,
-    libc::SYS_mount_setattr,
-    libc::SYS_init_module,
-    libc::SYS_finit_module,
-    libc::SYS_delete_module,
-    libc::SYS_kexec_load,
-    libc::SYS_kexec_file_load,
-    libc::SYS_bpf,
-    libc::SYS_perf_event_open,
-    libc::SYS_keyctl,
-    libc::SYS_add_key,
-    libc::SYS_request_key,
-    libc::SYS_userfaultfd,
-    libc::SYS_reboot,
-    libc::SYS_swapon,
-    libc::SYS_swapoff,
-    libc::SYS_acct,
-    libc::SYS_settimeofday,
-    libc::SYS_clock_settime,
-    libc::SYS_clock_adjtime,
-    libc::SYS_open_by_handle_at,
-    libc::SYS_iopl,
-    libc::SYS_ioperm,
-    libc::SYS_quotactl,
-    libc::SYS_vhangup,
-    libc::SYS_syslog,
-    libc::SYS_lookup_dcookie,
-];
-
-/// `clone` flags that would make new namespaces.
-const NAMESPACE_FLAGS: [libc::c_int; 7] = [
-    libc::CLONE_NEWNS,
-    libc::CLONE_NEWUSER,
-    libc::CLONE_NEWPID,
-    libc::CLONE_NEWNET,
-    libc::CLONE_NEWUTS,
-    libc::CLONE_NEWIPC,
-    libc::CLONE_NEWCGROUP,
-];
-
-/// The runtime's seccomp filters, built before the fork (building allocates): the denylist
-/// (EPERM), and `clone3` answered ENOSYS, as Docker does — its flags sit in memory a
-/// filter cannot read, and glibc then falls back to `clone`, whose flags it can.
-pub fn runtime_filters() -> Result<[BpfProgram; 2], String> {
-    let fail = |e: seccompiler::BackendError| format!("building the runtime's seccomp filter: {e}");
-    let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> =
-        DENIED.iter().map(|&nr| (nr, Vec::new())).collect();
-    let clone_rules = NAMESPACE_FLAGS
-        .iter()
-        .map(|&flag| {
-            let flag = u64::from(flag.unsigned_abs());
-            let namespace = SeccompCondition::new(
-                0,
-                SeccompCmpArgLen::Qword,
-                SeccompCmpOp::MaskedEq(flag),
-                flag,
-            )?;
-            SeccompRule::new(vec![namespace])
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(fail)?;
-    rules.insert(libc::SYS_clone, clone_rules);
-    let errno = |e: i32| SeccompAction::Errno(e.unsigned_abs());
-    let denylist = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        errno(libc::EPERM),
-        TargetArch::x86_64,
-    )
-    .map_err(fail)?;
-    let clone3 = SeccompFilter::new(
-        [(libc::SYS_clone3, Vec::new())].into(),
-        SeccompAction::Allow,
-        errno(libc::ENOSYS),
-        TargetArch::x86_64,
-    )
-    .map_err(fail)?;
-    let program = |f: SeccompFilter| BpfProgram::try_from(f).map_err(fail);
-    Ok([program(denylist)?, program(clone3)?])
-}
-
-/// Installs `filters` on the calling thread (its children inherit them). Needs
-/// `no_new_privs` (see [`drop_to`]). Called in the forked child before exec.
-pub fn apply(filters: &[BpfProgram; 2]) -> io::Result<()> {
-    for filter in filters {
-        // No formatting here: the forked child must not allocate.
-        seccompiler::apply_filter(filter).map_err(|e| match e {
-            seccompiler::Error::Prctl(e) | seccompiler::Error::Seccomp(e) => e,
-            _ => io::Error::from(io::ErrorKind::InvalidInput),
-        })?;
-    }
-    Ok(())
 }

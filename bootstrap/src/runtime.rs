@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kindling_plumbing::cgroup::Joiner;
+use kindling_plumbing::seccomp;
 use kindling_wire::{FunctionEnvironment, RuntimeUser};
 use nix::sys::prctl;
 use nix::sys::signal::{killpg, Signal};
@@ -160,7 +161,7 @@ pub fn confined(
     joiner: Option<Joiner>,
 ) -> Result<Command, String> {
     let filters = match spec.user {
-        Some(_) => Some(privileges::runtime_filters()?),
+        Some(_) => Some(seccomp::denylist_filters()?),
         None => None,
     };
     let mut cmd = Command::new(program);
@@ -190,7 +191,7 @@ pub fn confined(
             if let Some(user) = user {
                 privileges::drop_to(user)?;
                 if let Some(filters) = &filters {
-                    privileges::apply(filters)?;
+                    seccomp::apply(filters)?;
                 }
                 // A change of credentials clears the parent-death signal: set it again.
                 prctl::set_pdeathsig(Signal::SIGKILL)?;

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};
 use kindling_plumbing::cgroup::Joiner;
-use kindling_plumbing::privileges;
+use kindling_plumbing::{privileges, seccomp};
 use nix::errno::Errno;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{setns, unshare, CloneFlags};
@@ -135,6 +135,8 @@ fn enter(plan: &Plan, cgroups: &[Joiner]) -> anyhow::Result<Infallible> {
         cgroup.join().context("joining the VM's cgroup")?;
     }
     enter_root(root)?;
+    // Built while allocating is still fine; installed last, once nothing privileged is left.
+    let filters = seccomp::denylist_filters().map_err(|e| anyhow!(e))?;
     privileges::drop_to(plan.uid, plan.gid).context("dropping to --uid/--gid")?;
     // Set after the last uid change, which clears it: the program dies with the relay.
     // SAFETY: PR_SET_PDEATHSIG takes only integers.
@@ -150,6 +152,7 @@ fn enter(plan: &Plan, cgroups: &[Joiner]) -> anyhow::Result<Infallible> {
         argv.push(CString::new(arg.as_bytes())?);
     }
     let env: [CString; 0] = [];
+    seccomp::apply(&filters).context("installing the seccomp denylist")?;
     let err = match execve(&program, &argv, &env) {
         Ok(never) => match never {},
         Err(err) => err,

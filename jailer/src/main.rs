@@ -11,7 +11,10 @@
 //! (read-only, or read-write for a socket folder) at their own paths, gets a private
 //! `/dev` holding only `kvm` (owned by the jail's user; nothing with `--no-kvm`), joins
 //! the cgroup, pivots into the chroot, drops to `--uid`/`--gid` with no capability and
-//! `no_new_privs`, and execs the program with an empty environment. The jailer itself
+//! `no_new_privs`, installs the seccomp denylist the function's runtime runs under too
+//! (`kindling_plumbing::seccomp`: Docker's default refusals; kindling-vmm adds its own
+//! per-thread allowlists, QEMU its `-sandbox`), and execs the program with an empty
+//! environment. The jailer itself
 //! stays behind as the child's parent ([`relay`]): it forwards termination signals, ends
 //! as the program ended, and removes the chroot and the cgroup.
 

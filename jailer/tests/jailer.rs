@@ -425,6 +425,47 @@ fn a_dynamic_program_runs_in_place_with_its_libraries_bound() {
     assert!(entries(&tmp.path().join("ls")).is_empty());
 }
 
+/// Whatever it runs, the jailed program is under the seccomp denylist: calls an
+/// unprivileged user may make elsewhere — a session keyring, a vsock socket, a user
+/// namespace — fail with EPERM (here python3 in place, with its libraries bound, tries them).
+#[test]
+fn the_jailed_program_runs_under_the_seccomp_denylist() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().to_string_lossy().into_owned();
+    let probe = "import ctypes\n\
+        libc = ctypes.CDLL(None, use_errno=True)\n\
+        def errno(rc): return 0 if rc != -1 else ctypes.get_errno()\n\
+        print('keyctl', errno(libc.syscall(250, 0, -3, 0)))\n\
+        print('vsock', errno(libc.socket(40, 1, 0)))\n\
+        print('userns', errno(libc.unshare(0x10000000)))\n";
+    let mut args = vec![
+        "--id",
+        "filtered",
+        "--exec-file",
+        "/usr/bin/python3",
+        "--uid",
+        "64917",
+        "--gid",
+        "64918",
+        "--no-kvm",
+        "--chroot-base-dir",
+        &base,
+    ];
+    for system in ["/usr", "/lib", "/lib64"] {
+        if Path::new(system).exists() {
+            args.extend(["--bind", system]);
+        }
+    }
+    args.extend(["--", "-c", probe]);
+    let out = jail(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    // EPERM (1) from the filter; without it: a keyring id, a socket, a namespace (or
+    // EAFNOSUPPORT where the host has no vsock).
+    assert_eq!(stdout, "keyctl 1\nvsock 1\nuserns 1\n", "{stderr}");
+}
+
 /// `--cgroup-version 1` (a hybrid host's): each limit goes to the v1 hierarchy of its
 /// controller, the VMM joins every one of them, and all are removed when it ends.
 #[test]

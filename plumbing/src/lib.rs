@@ -1,11 +1,13 @@
 //! The Linux plumbing that init, the bootstrap and the namespace sandbox share: cgroup
 //! directories and control files ([`cgroup`]), `mkdir -p` with a mode ([`dirs`]) and the
 //! escapes of the kernel's mount tables ([`mount_table`]), dropping root for good
-//! ([`privileges`], which kindling-jailer shares too), and pools of host ids that running
-//! environments hold ([`ids`], for the microVM and sandbox launchers).
+//! ([`privileges`], which kindling-jailer shares too), the seccomp denylist of the
+//! function's runtime and of every jailed program (`seccomp`, behind that feature), and
+//! pools of host ids that running environments hold ([`ids`], for the microVM and sandbox
+//! launchers).
 //!
-//! Only std and nix: init and the bootstrap are linked statically (`+crt-static`) into
-//! every guest. Each failure names the path it happened on ([`Error`]), so callers need
+//! Only std and nix (and the pure-Rust seccompiler): init and the bootstrap are linked
+//! statically (`+crt-static`) into every guest. Each failure names the path it happened on ([`Error`]), so callers need
 //! no wrapper of their own around each call.
 
 pub mod cgroup;
@@ -14,5 +16,7 @@ mod error;
 pub mod ids;
 pub mod mount_table;
 pub mod privileges;
+#[cfg(feature = "seccomp")]
+pub mod seccomp;
 
 pub use error::{Error, Result};

@@ -1,8 +1,8 @@
 //! What the probe function's `identity` action must report in every isolation: the runtime
 //! runs as Lambda's `sbx_user1051` (uid and gid 993), with no capability in any set,
 //! `no_new_privs` and a seccomp filter that refuses (EPERM) even what the kernel allows an
-//! unprivileged user (a user namespace, the session keyring), and can write only `/tmp` and
-//! `/dev/shm`.
+//! unprivileged user (a user namespace, the session keyring, a vsock socket), and can write
+//! only `/tmp` and `/dev/shm`.
 
 use serde_json::{json, Value};
 
@@ -15,7 +15,7 @@ pub fn check_unprivileged(answer: &Value) -> Result<(), String> {
             "CapInh": none, "CapPrm": none, "CapEff": none, "CapBnd": none, "CapAmb": none,
             "NoNewPrivs": "1", "Seccomp": "2",
         },
-        "denied": { "unshare_user_ns": 1, "keyctl": 1 },
+        "denied": { "unshare_user_ns": 1, "keyctl": 1, "vsock_socket": 1 },
         "writable": {
             "/tmp": true, "/dev/shm": true, "/var/task": false, "/var/runtime": false, "/": false,
         },

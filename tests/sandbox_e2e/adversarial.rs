@@ -9,7 +9,6 @@
 //! Invoke API's timeouts and connection cap, measured (`runtime_api/tests/end_to_end.rs`).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,107 +17,25 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::gauge::{fds, rss_kib, Gauge, Peaks};
 use crate::support::{json, prerequisites, FunctionDef, Server};
 
 const PYTHON: &[&str] = &["/usr/bin/python3"];
 /// What any flood may add to the server's resident memory, over its size before.
 const RSS_HEADROOM_KIB: u64 = 64 << 10;
 
-/// The server's resident memory now, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    status_kib(pid, "VmRSS:")
+/// Starts watching the server through the flood `what`.
+fn watch(server: &Server, what: &str) -> Gauge {
+    Gauge::start(what, &[("the server", server.pid())])
 }
 
-fn status_kib(pid: u32, key: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("server status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in {status}"))
-}
-
-/// The server's open fds now.
-fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-/// Watches one server through a flood: its peak RSS (the kernel's high-water mark, reset
-/// at the start) and its peak fd count (sampled every 5 ms).
-struct Gauge {
-    pid: u32,
-    what: &'static str,
-    before_kib: u64,
-    before_fds: usize,
-    stop: Arc<AtomicBool>,
-    peak_fds: Arc<AtomicUsize>,
-    sampler: std::thread::JoinHandle<()>,
-}
-
-/// What a [`Gauge`] saw.
-#[derive(Debug)]
-struct Peaks {
-    before_kib: u64,
-    rss_kib: u64,
-    before_fds: usize,
-    fds: usize,
-}
-
-impl Gauge {
-    fn start(server: &Server, what: &'static str) -> Gauge {
-        let pid = server.pid();
-        // "5" resets the peak resident set size (VmHWM) to the current one.
-        std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("resetting VmHWM");
-        let stop = Arc::new(AtomicBool::new(false));
-        let peak_fds = Arc::new(AtomicUsize::new(fds(pid)));
-        let sampler = {
-            let (stop, peak_fds) = (stop.clone(), peak_fds.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    peak_fds.fetch_max(fds(pid), Ordering::Relaxed);
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            })
-        };
-        Gauge {
-            pid,
-            what,
-            before_kib: rss_kib(pid),
-            before_fds: fds(pid),
-            stop,
-            peak_fds,
-            sampler,
-        }
+/// Stops watching: the server's peaks, checked against the RSS bound every flood shares.
+fn bounded(gauge: Gauge) -> Peaks {
+    let peaks = gauge.finish().remove(0);
+    if let Err(e) = peaks.within("a flood", RSS_HEADROOM_KIB) {
+        panic!("{e}");
     }
-
-    /// Prints and returns the peaks, and checks the RSS bound every flood shares.
-    fn finish(self) -> Peaks {
-        self.stop.store(true, Ordering::Relaxed);
-        self.sampler.join().expect("the sampler");
-        let peaks = Peaks {
-            before_kib: self.before_kib,
-            rss_kib: status_kib(self.pid, "VmHWM:"),
-            before_fds: self.before_fds,
-            fds: self.peak_fds.load(Ordering::Relaxed),
-        };
-        println!(
-            "flood {:<40} server peak RSS {:>4} MiB (before {:>3} MiB), peak fds {:>5} (before {})",
-            self.what,
-            peaks.rss_kib >> 10,
-            peaks.before_kib >> 10,
-            peaks.fds,
-            peaks.before_fds
-        );
-        assert!(
-            peaks.rss_kib <= peaks.before_kib + RSS_HEADROOM_KIB,
-            "{}: the server grew past {} MiB: {peaks:?}",
-            self.what,
-            RSS_HEADROOM_KIB >> 10
-        );
-        peaks
-    }
+    peaks
 }
 
 /// The probe function, with more time for the floods than the tests' default.
@@ -247,6 +164,8 @@ async fn a_hostile_function_cannot_leave_or_loosen_its_sandbox() {
     }
     failed_with("open the host's file", &[ENOENT]);
     failed_with("open it through /proc/1/root", &[ENOENT, EACCES]);
+    // The agent's line to the host is the agent's alone.
+    failed_with("connect to the host's Runtime API", &[EACCES]);
     for port in [server.addr.port(), 22] {
         failed_with(
             &format!("connect to 127.0.0.1:{port}"),
@@ -290,7 +209,7 @@ async fn floods_from_inside_a_function_leave_the_server_bounded() {
     works(&server.invoke("probe", &json!({})).await);
 
     // 300 MiB of prints: the server keeps a tail, the log file stays under its cap.
-    let gauge = Gauge::start(&server, "300 MiB of logs from one invocation");
+    let gauge = watch(&server, "300 MiB of logs from one invocation");
     let tail = InvokeOptions {
         log_tail: true,
         ..InvokeOptions::default()
@@ -302,7 +221,7 @@ async fn floods_from_inside_a_function_leave_the_server_bounded() {
     assert_eq!(json(&answer)["spewed_mib"], 300);
     let tail = answer.log_tail.expect("a log tail");
     assert!(tail.len() <= 4096, "a 4 KB tail: {} bytes", tail.len());
-    gauge.finish();
+    bounded(gauge);
     let logs = server.state_dir.join("logs");
     let on_disk: u64 = std::fs::read_dir(&logs)
         .expect("the logs folder")
@@ -315,7 +234,7 @@ async fn floods_from_inside_a_function_leave_the_server_bounded() {
     assert!(on_disk <= 3 * (8 << 20), "{on_disk} bytes of logs on disk");
 
     // A fork bomb: the pids limit stops it, the timeout ends it with its environment.
-    let gauge = Gauge::start(&server, "fork bomb");
+    let gauge = watch(&server, "fork bomb");
     let answer = server.invoke("bomb", &json!({"action": "fork_bomb"})).await;
     assert_eq!(answer.status, 200, "{}", server.diagnostics());
     assert_eq!(answer.function_error.as_deref(), Some("Unhandled"));
@@ -327,12 +246,12 @@ async fn floods_from_inside_a_function_leave_the_server_bounded() {
         error == "Sandbox.Timedout" || error == "Runtime.OutOfMemory",
         "{error}"
     );
-    gauge.finish();
+    bounded(gauge);
     works(&server.invoke("bomb", &json!({})).await);
 
     // /tmp written full: its size (or the memory limit that its pages count against)
     // stops the writer, never the host.
-    let gauge = Gauge::start(&server, "a full /tmp");
+    let gauge = watch(&server, "a full /tmp");
     let answer = server.invoke("probe", &json!({"action": "fill_tmp"})).await;
     assert_eq!(answer.status, 200, "{}", server.diagnostics());
     let body = json(&answer);
@@ -341,11 +260,11 @@ async fn floods_from_inside_a_function_leave_the_server_bounded() {
         None => assert_eq!(body["fill_tmp"]["stopped"], "ENOSPC", "{body}"),
         Some(_) => assert_eq!(body["errorType"], "Runtime.OutOfMemory", "{body}"),
     }
-    gauge.finish();
+    bounded(gauge);
     works(&server.invoke("probe", &json!({})).await);
 
     // Garbage, lies and idle connections on its own Runtime API.
-    let gauge = Gauge::start(&server, "abuse of the Runtime API");
+    let gauge = watch(&server, "abuse of the Runtime API");
     let answer = server
         .invoke("probe", &json!({"action": "runtime_api_abuse"}))
         .await;
@@ -359,11 +278,11 @@ async fn floods_from_inside_a_function_leave_the_server_bounded() {
             "{case}: {line:?}"
         );
     }
-    gauge.finish();
+    bounded(gauge);
     works(&server.invoke("probe", &json!({})).await);
 
     // Its Runtime API connection shut down under it: this invocation may fail, not hang.
-    let gauge = Gauge::start(&server, "the Runtime API connection cut");
+    let gauge = watch(&server, "the Runtime API connection cut");
     let answer = server
         .invoke("probe", &json!({"action": "cut_runtime_api"}))
         .await;
@@ -373,7 +292,7 @@ async fn floods_from_inside_a_function_leave_the_server_bounded() {
         answer.function_error,
         String::from_utf8_lossy(&answer.body)
     );
-    gauge.finish();
+    bounded(gauge);
     works(&server.invoke("probe", &json!({})).await);
     server.stop();
 }
@@ -460,7 +379,7 @@ async fn hostile_callers_leave_the_server_bounded() {
     // 4000 connections that never send a byte: the cap holds (the server's fds say so),
     // the rest are refused (503, or closed past 64 refusals at once), and the idle ones
     // are closed after the keep-alive timeout.
-    let gauge = Gauge::start(&server, "4000 idle connections");
+    let gauge = watch(&server, "4000 idle connections");
     let mut idle = Vec::new();
     for _ in 0..4000 {
         match TcpStream::connect(server.addr).await {
@@ -469,7 +388,7 @@ async fn hostile_callers_leave_the_server_bounded() {
         }
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let peaks = gauge.finish();
+    let peaks = bounded(gauge);
     assert!(
         peaks.fds <= resting_fds + cap + 64 + 16,
         "{} fds for a cap of {cap}",
@@ -492,7 +411,7 @@ async fn hostile_callers_leave_the_server_bounded() {
     );
 
     // Slowloris: 200 heads trickling one byte a second are cut at the header timeout.
-    let gauge = Gauge::start(&server, "200 slowloris heads");
+    let gauge = watch(&server, "200 slowloris heads");
     let mut slow = Vec::new();
     for _ in 0..200 {
         slow.push(TcpStream::connect(server.addr).await.expect("connecting"));
@@ -503,11 +422,11 @@ async fn hostile_callers_leave_the_server_bounded() {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    gauge.finish();
+    bounded(gauge);
     all_closed("slow heads", &mut slow).await;
 
     // Oversize and malformed requests: Lambda's refusals, and nothing kept.
-    let gauge = Gauge::start(&server, "oversize and malformed requests");
+    let gauge = watch(&server, "oversize and malformed requests");
     let big = vec![b'"'; 7 << 20];
     let too_big = exchange(&server, &invoke_request("probe", "", &big)).await;
     assert!(too_big.contains(" 413 "), "7 MiB request: {too_big:?}");
@@ -547,12 +466,12 @@ async fn hostile_callers_leave_the_server_bounded() {
         not_json.status == 400 || not_json.function_error.as_deref() == Some("Unhandled"),
         "invalid JSON: {not_json:?}"
     );
-    gauge.finish();
+    bounded(gauge);
 
     // 200 Event invocations of 5 MB each: all refused (the Event payload limit), and 200
     // of 1 MiB: accepted up to the queue's 8 MiB, the rest refused with 429; every one
     // accepted runs (each prints one line), none is dropped.
-    let gauge = Gauge::start(&server, "200 x 5 MB + 200 x 1 MiB Events");
+    let gauge = watch(&server, "200 x 5 MB + 200 x 1 MiB Events");
     let five_mb = Arc::new(invoke_request("probe", event, &vec![b' '; 5_000_000]));
     let mut statuses: BTreeMap<String, usize> = BTreeMap::new();
     for _ in 0..10 {
@@ -604,7 +523,7 @@ async fn hostile_callers_leave_the_server_bounded() {
         server.log("probe").matches("sleeping 1 s").count() >= accepted
     })
     .await;
-    gauge.finish();
+    bounded(gauge);
     assert_eq!(
         server.log("probe").matches("sleeping 1 s").count(),
         accepted,

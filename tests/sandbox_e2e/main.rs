@@ -18,6 +18,8 @@ mod adversarial;
 mod control_plane;
 mod extensions;
 mod failures;
+#[path = "../common/gauge.rs"]
+mod gauge;
 mod http_triggers;
 mod identity;
 #[path = "../common/internet.rs"]

@@ -39,6 +39,11 @@ _CLONE_NEWUSER = 0x10000000
 _SYS_KEYCTL = 250  # x86-64
 _KEYCTL_GET_KEYRING_ID = 0
 _KEY_SPEC_SESSION_KEYRING = -3
+_AF_VSOCK = 40
+# Where the agent reaches the host's Runtime API: a Unix socket in the sandbox, vsock port
+# 9001 of the host (CID 2) in a microVM.
+_HOST_SOCKET = "/run/kindling/host.sock"
+_HOST_VSOCK = (2, 9001)
 
 
 def _errno_of(call):
@@ -56,7 +61,19 @@ def _denied():
         "keyctl": _errno_of(
             lambda: libc.syscall(_SYS_KEYCTL, _KEYCTL_GET_KEYRING_ID, _KEY_SPEC_SESSION_KEYRING, 0)
         ),
+        # Only the agent talks to the host; a function could flood it (as Docker, no vsock).
+        "vsock_socket": _errno_of(lambda: libc.socket(_AF_VSOCK, socket.SOCK_STREAM, 0)),
     }
+
+
+def _connect_errno(family, address):
+    """0 when a stream socket of `family` connects to `address`, else the errno."""
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.settimeout(2)
+            return s.connect_ex(address)
+    except OSError as e:
+        return e.errno
 
 
 def _kernel_views():
@@ -171,6 +188,11 @@ def _attacks(event):
     secret = event["host_file"]
     got["open the host's file"] = _os_errno(lambda: _read(secret))
     got["open it through /proc/1/root"] = _os_errno(lambda: _read(f"/proc/1/root{secret}"))
+    # The host's side of the agent's connection, past the agent.
+    if os.path.exists(_HOST_SOCKET):
+        got["connect to the host's Runtime API"] = _connect_errno(socket.AF_UNIX, _HOST_SOCKET)
+    else:
+        got["connect to the host's Runtime API"] = _connect_errno(_AF_VSOCK, _HOST_VSOCK)
     for port in event["host_ports"]:
         with socket.socket() as s:
             s.settimeout(2)
