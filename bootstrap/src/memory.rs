@@ -45,10 +45,13 @@ impl RuntimeCgroup {
             |fstype, _| fstype == "cgroup2",
             |ctl| ctl.is_empty(),
         );
-        if let Some(parent) = v2 {
-            // Needed for `memory.peak` in the child; refused where the parent is not root
-            // and holds processes (then v1 or VmHWM it is).
-            let _ = cgroup::enable_controllers(&parent, &["memory"]);
+        if let Some(mut parent) = v2 {
+            // Moved into its leaf by an earlier runtime's start: runtimes go beside it.
+            if parent.ends_with(AGENT_LEAF) {
+                parent.pop();
+            }
+            // Needed for `memory.peak` in the child (else v1 or VmHWM it is).
+            let _ = enable_memory(&parent);
             if let Some(cg) = Self::make(&parent, name, "memory.peak") {
                 return Some(cg);
             }
@@ -114,6 +117,24 @@ impl RuntimeCgroup {
         say!("cgroup {} could not be removed", self.dir.display());
     }
 }
+
+/// Turns on the memory controller for the children of `parent`, the bootstrap's own
+/// cgroup. cgroup2 lets a cgroup below the root that holds processes hand no controller
+/// down: the bootstrap then moves into a leaf of its own first, as init does.
+fn enable_memory(parent: &Path) -> kindling_plumbing::Result<()> {
+    match cgroup::enable_controllers(parent, &["memory"]) {
+        Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => {
+            let leaf = parent.join(AGENT_LEAF);
+            cgroup::create(&leaf)?;
+            cgroup::write(&leaf, "cgroup.procs", "0")?;
+            cgroup::enable_controllers(parent, &["memory"])
+        }
+        result => result,
+    }
+}
+
+/// Where the bootstrap moves itself when its cgroup must give controllers to runtimes'.
+const AGENT_LEAF: &str = "kindling-agent";
 
 /// The directory of the bootstrap's own cgroup in the hierarchy whose mount matches
 /// `is_mount` and whose `/proc/self/cgroup` line's controller list matches `is_line`.

@@ -49,11 +49,16 @@ impl Workload {
             ),
             ("pids", "pids.max", config.pids_limit),
         ];
-        let wanted: Vec<&str> = limits
+        let mut wanted: Vec<&str> = limits
             .iter()
             .filter(|(_, _, value)| value.is_some())
             .map(|(controller, _, _)| *controller)
             .collect();
+        // Memory accounting even without a limit (a microVM's limit is its RAM): the
+        // bootstrap reads each runtime's peak and OOM kills from its memory controller.
+        if !wanted.contains(&"memory") && cgroup::controllers(root)?.iter().any(|c| c == "memory") {
+            wanted.push("memory");
+        }
         enable_controllers(root, &wanted)?;
 
         let dir = root.join(&config.cgroup);
@@ -74,9 +79,13 @@ impl Workload {
         move || joiner.join()
     }
 
-    /// Removes the cgroup; every process in it must have exited.
+    /// Removes the cgroup and those the bootstrap made in it; every process in them must
+    /// have exited.
     pub fn remove(self) -> Result<()> {
-        Ok(cgroup::remove(&self.dir)?)
+        for dir in cgroup::removal_order(&self.dir)? {
+            cgroup::remove(&dir)?;
+        }
+        Ok(())
     }
 }
 

@@ -124,15 +124,19 @@ impl Gauge {
                     before_kib: w.before_kib,
                     before_fds: w.before_fds,
                 };
-                println!(
-                    "flood {:<40} {} peak RSS {:>4} MiB (before {:>3} MiB), peak fds {:>5} (before {})",
-                    self.what,
-                    peaks.name,
-                    peaks.rss_kib >> 10,
-                    peaks.before_kib >> 10,
-                    peaks.fds,
-                    peaks.before_fds
-                );
+                if peaks.rss_kib == 0 {
+                    println!("flood {:<40} {} ended during it", self.what, peaks.name);
+                } else {
+                    println!(
+                        "flood {:<40} {} peak RSS {:>4} MiB (before {:>3} MiB), peak fds {:>5} (before {})",
+                        self.what,
+                        peaks.name,
+                        peaks.rss_kib >> 10,
+                        peaks.before_kib >> 10,
+                        peaks.fds,
+                        peaks.before_fds
+                    );
+                }
                 peaks
             })
             .collect()
