@@ -25,7 +25,10 @@ const RIC_MODULES: &str = "/opt/kindling-node-ric/node_modules";
 fn ric_code() -> Option<Scratch> {
     let addon = Path::new(RIC_MODULES).join("aws-lambda-ric/rapid-client.node");
     if !addon.is_file() {
-        println!("SKIPPED: {} is not built (scripts/setup.sh builds it)", addon.display());
+        println!(
+            "SKIPPED: {} is not built (scripts/setup.sh builds it)",
+            addon.display()
+        );
         return None;
     }
     let code = Scratch::new();
@@ -41,13 +44,13 @@ fn ric_code() -> Option<Scratch> {
     Some(code)
 }
 
-/// `aws lambda invoke … --log-type Tail`: the CLI's answer (StatusCode, FunctionError,
-/// LogResult) and the payload it wrote.
+/// `aws lambda invoke … --log-type Tail` (Debian's AWS CLI 1, which takes the payload as it
+/// is): the CLI's answer (StatusCode, FunctionError, LogResult) and the payload it wrote.
 fn aws_invoke(server: &Server, function: &str, payload: &Value, dir: &Path) -> (Value, Value) {
     let outfile = dir.join(format!("{function}.out"));
     let output = Command::new("aws")
         .args(["lambda", "invoke", "--function-name", function])
-        .args(["--cli-binary-format", "raw-in-base64-out", "--log-type", "Tail"])
+        .args(["--log-type", "Tail"])
         .arg("--payload")
         .arg(payload.to_string())
         .arg("--endpoint-url")
@@ -67,7 +70,10 @@ fn aws_invoke(server: &Server, function: &str, payload: &Value, dir: &Path) -> (
     let answer: Value = serde_json::from_slice(&output.stdout).expect("the CLI's JSON");
     let written = std::fs::read(&outfile).expect("the CLI's outfile");
     let payload = serde_json::from_slice(&written).unwrap_or_else(|_| {
-        panic!("{function} answered {:?}", String::from_utf8_lossy(&written))
+        panic!(
+            "{function} answered {:?}",
+            String::from_utf8_lossy(&written)
+        )
     });
     (answer, payload)
 }
@@ -129,8 +135,17 @@ async fn aws_lambda_ric_runs_unmodified_as_the_functions_bootstrap() {
             "runtime": "aws-lambda-ric",
         })
     );
-    assert!(payload["arn"].as_str().unwrap_or("").ends_with(":function:ric"), "{payload}");
-    assert!(payload["node"].as_str().unwrap_or("").starts_with("22."), "{payload}");
+    assert!(
+        payload["arn"]
+            .as_str()
+            .unwrap_or("")
+            .ends_with(":function:ric"),
+        "{payload}"
+    );
+    assert!(
+        payload["node"].as_str().unwrap_or("").starts_with("22."),
+        "{payload}"
+    );
 
     let (answer, payload) = aws_invoke(&server, "ric-fails", &json!({"card": "4111"}), out.path());
     assert_eq!(answer["StatusCode"], 200, "{answer}");
@@ -143,8 +158,15 @@ async fn aws_lambda_ric_runs_unmodified_as_the_functions_bootstrap() {
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    assert_eq!(trace.first(), Some(&"PaymentDeclined: declined: 4111"), "{payload}");
-    assert!(trace.iter().any(|l| l.contains("/var/task/app.mjs")), "{payload}");
+    assert_eq!(
+        trace.first(),
+        Some(&"PaymentDeclined: declined: 4111"),
+        "{payload}"
+    );
+    assert!(
+        trace.iter().any(|l| l.contains("/var/task/app.mjs")),
+        "{payload}"
+    );
 
     // No such export: the client reports it on /init/error, and the caller gets it.
     let (answer, payload) = aws_invoke(&server, "ric-missing", &json!({}), out.path());
