@@ -84,6 +84,7 @@ fi
 ric=aws-lambda-ric@4.0.2
 if [ ! -f /opt/kindling-node-ric/node_modules/aws-lambda-ric/rapid-client.node ]; then
   echo "setup: building $ric into /opt/kindling-node-ric (a few minutes)"
+  command -v npm >/dev/null || apt-get install -y --no-install-recommends npm
   node_version=$(sed -n 's/^pub const NODE_VERSION: &str = "\(.*\)";$/\1/p' guest_images/src/node.rs)
   node_integrity=$(sed -n 's/^ *"\(sha512-.*\)";$/\1/p' guest_images/src/node.rs)
   node_pkg=$(mktemp -d)
