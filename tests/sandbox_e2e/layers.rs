@@ -1,8 +1,10 @@
 //! Layers (issue 10), through `kindling serve` and the sandbox: a folder layer and a zip
 //! layer unpacked in order into a read-only `/opt`, whose `python` package a handler
 //! imports (the later layer's copy), whose `bin` program it runs from `PATH`, and whose
-//! `nodejs/node_modules` module a Node.js handler requires; a layer that escapes is
-//! refused at start.
+//! `nodejs/node_modules` module a Node.js handler requires; an ES module handler imports
+//! layer packages by their bare names (from `nodejs/node_modules` and
+//! `nodejs/node22/node_modules`, as Lambda's runtime searches NODE_PATH for ES modules);
+//! a layer that escapes is refused at start.
 
 use std::path::Path;
 use std::process::Command;
@@ -52,7 +54,17 @@ async fn layers_are_unpacked_in_order_into_opt() {
     let later = scratch.path().join("later.zip");
     zip(
         &later,
-        &[("python/layerpkg/__init__.py", "VALUE = 'second layer'\n")],
+        &[
+            ("python/layerpkg/__init__.py", "VALUE = 'second layer'\n"),
+            (
+                "nodejs/node22/node_modules/@kindling-test/node22-only/package.json",
+                r#"{"name": "@kindling-test/node22-only", "type": "module", "exports": "./main.js"}"#,
+            ),
+            (
+                "nodejs/node22/node_modules/@kindling-test/node22-only/main.js",
+                "export const release = 'node22';\n",
+            ),
+        ],
     );
     let tools = repo_path("tests/layers/tools");
     let server = Server::start(
@@ -60,6 +72,7 @@ async fn layers_are_unpacked_in_order_into_opt() {
         &[
             layered("py", "python", "app.handler", &[&tools, &later]),
             layered("js", "node", "index.handler", &[&tools]),
+            layered("esm", "node", "esm.handler", &[&tools, &later]),
         ],
     );
     let answer = server.invoke("py", &json!({})).await;
@@ -82,6 +95,19 @@ async fn layers_are_unpacked_in_order_into_opt() {
     let answer = server.invoke("js", &json!({})).await;
     assert_eq!(answer.status, 200, "{}", server.diagnostics());
     assert_eq!(json(&answer)["value"], "node module from a layer");
+    let answer = server.invoke("esm", &json!({})).await;
+    assert_eq!(answer.status, 200, "{}", server.diagnostics());
+    assert_eq!(
+        json(&answer),
+        json!({
+            "value": "ES module from a layer",
+            "condition": "import",
+            "extra": "subpath of a layer package",
+            "scoped": "node22",
+        }),
+        "{}",
+        server.log("esm")
+    );
     server.stop();
 }
 

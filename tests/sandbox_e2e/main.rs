@@ -28,6 +28,7 @@ mod invoke_api;
 mod layers;
 mod lifecycle;
 mod network;
+mod node_ric;
 mod runtime_traits;
 mod runtimes;
 mod streaming;

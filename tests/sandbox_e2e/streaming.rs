@@ -17,7 +17,7 @@ use crate::support::{prerequisites, repo_path, Binaries, FunctionDef, Scratch, S
 /// A Python whose boto3 has `invoke_with_response_stream` (botocore 1.29.1xx and later:
 /// PATH's, Debian's, or the virtual environment scripts/setup.sh makes when Debian's is
 /// older); otherwise prints why the test skips.
-fn python_with_streaming_boto3() -> Option<StreamClient> {
+pub(crate) fn python_with_streaming_boto3() -> Option<StreamClient> {
     let check =
         "import boto3; boto3.client('lambda', region_name='us-east-1').invoke_with_response_stream";
     let found = [
@@ -71,7 +71,7 @@ fn node_with_js_sdk() -> Option<StreamClient> {
 
 /// An unmodified AWS client's streaming invoke: `program script ENDPOINT FUNCTION PAYLOAD
 /// LOG_TYPE` prints one JSON line per event as it arrives.
-struct StreamClient {
+pub(crate) struct StreamClient {
     program: String,
     script: &'static str,
 }
@@ -127,7 +127,7 @@ fn stream(client: &StreamClient, server: &Server, function: &str, payload: &Valu
 /// `function` streams `first`, then a second later `second`: the client gets each chunk as
 /// it is written, REPORT covers the whole stream, and a failure in mid-stream reaches the
 /// client as an error event after what was streamed.
-fn chunks_arrive_as_written(client: &StreamClient, server: &Server, function: &str) {
+pub(crate) fn chunks_arrive_as_written(client: &StreamClient, server: &Server, function: &str) {
     let events = stream(client, server, function, &json!({}));
     let (chunks, complete) = split(&events);
     assert_eq!(

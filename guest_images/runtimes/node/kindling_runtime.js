@@ -8,13 +8,15 @@
 // post its JSON result or its error as {errorType, errorMessage, trace}. Console lines
 // carry Lambda's `<ISO time>\t<request id>\t<LEVEL>\t` prefix. The `awslambda` global
 // offers streamifyResponse and HttpResponseStream: a streaming handler's writes are
-// streamed to the Runtime API as they are made (response streaming).
+// streamed to the Runtime API as they are made (response streaming). ES modules find
+// packages in NODE_PATH's node_modules folders (the layers'), as Lambda's Node.js 18+ do.
 // Failures while loading the handler go to /runtime/init/error, after which the process
 // exits, as the Runtime API asks.
 'use strict';
 
 const fs = require('fs');
 const http = require('http');
+const Module = require('module');
 const path = require('path');
 const { Writable } = require('stream');
 const { pathToFileURL } = require('url');
@@ -255,6 +257,37 @@ async function loadHandler(spec, taskRoot) {
   return handler;
 }
 
+// Node's ES module loader ignores NODE_PATH; Lambda's runtime searches it for ES modules
+// too, so a handler can `import` a layer's package from /opt/nodejs/node_modules. A bare
+// specifier that the usual lookup (the code's own node_modules first) cannot find is
+// looked up again from each NODE_PATH folder named node_modules that holds its package,
+// with Node's own resolver (package.json `exports`, the `import` condition).
+function searchNodePathForModules() {
+  if (typeof Module.registerHooks !== 'function') return; // Node < 22.15: not offered
+  const folders = (process.env.NODE_PATH || '')
+    .split(':')
+    .filter((dir) => path.isAbsolute(dir) && path.basename(dir) === 'node_modules')
+    .filter((dir) => fs.existsSync(dir));
+  if (folders.length === 0) return; // no layer brings packages: nothing to hook
+  Module.registerHooks({
+    resolve(specifier, context, nextResolve) {
+      try {
+        return nextResolve(specifier, context);
+      } catch (e) {
+        // Relative, absolute and URL specifiers (file:, node:, data:) are not packages.
+        if (e.code !== 'ERR_MODULE_NOT_FOUND' || /^[./]|^[a-z][a-z0-9+.-]*:/i.test(specifier)) throw e;
+        const parts = specifier.split('/');
+        const name = specifier.startsWith('@') ? parts.slice(0, 2).join('/') : parts[0];
+        const folder = folders.find((dir) => fs.existsSync(path.join(dir, name)));
+        if (!folder) throw e;
+        // As if imported by a module beside the folder: Node looks in its node_modules.
+        const parentURL = pathToFileURL(path.join(path.dirname(folder), 'index.mjs')).href;
+        return nextResolve(specifier, { ...context, parentURL });
+      }
+    },
+  });
+}
+
 function parseJsonHeader(value) {
   if (!value) return undefined;
   try {
@@ -404,6 +437,7 @@ async function invoke(handler, res) {
 
 async function main() {
   patchConsole();
+  searchNodePathForModules();
   let handler;
   try {
     handler = await loadHandler(process.env._HANDLER || '', process.env.LAMBDA_TASK_ROOT || '/var/task');
