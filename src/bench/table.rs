@@ -198,6 +198,62 @@ fn snapstart_rows(rows: &mut Rows, target: Target, runs: &[Run]) {
             if ratio >= 5.0 { "" } else { " MISSED" }
         ),
     );
+    restore_phase_rows(rows, target, &snap);
+}
+
+/// Where a restored cold start's time goes, phase after phase (each the median of its
+/// runs), from its `REPORT`: the host's part before the VMM, the jail, the snapshot load,
+/// the resumed guest until the runtime's `/next` reaches the host, the invocation itself,
+/// and the rest (the invocation's way in and the answer's way out).
+fn restore_phase_rows(rows: &mut Rows, target: Target, snap: &[&SnapStartRun]) {
+    let env = target.label();
+    let phase = |s: &SnapStartRun, name: &str| target::phase_ms(&s.restored_phases, name);
+    // Each phase of one run, in seconds; `None` where its REPORT lacks a field.
+    let phases = |s: &SnapStartRun| -> Option<[f64; 6]> {
+        let restore = phase(s, "Restore Duration")?;
+        let in_guest = phase(s, "Billed Restore Duration")?;
+        let hypervisor = phase(s, "Hypervisor Start")?;
+        let jail = phase(s, "Jail Start")?;
+        let load = phase(s, "Snapshot Load")?;
+        let invoke = s.restored_duration_ms;
+        let total = s.restored.as_secs_f64() * 1000.0;
+        Some(
+            [
+                restore - in_guest - hypervisor,
+                jail,
+                load,
+                in_guest,
+                invoke,
+                total - restore - invoke,
+            ]
+            .map(|ms| ms / 1000.0),
+        )
+    };
+    let measured: Vec<[f64; 6]> = snap.iter().filter_map(|s| phases(s)).collect();
+    if measured.is_empty() {
+        return;
+    }
+    let names = [
+        (
+            "  restore: host, before the VMM",
+            "images, VM user, snapshot lookup",
+        ),
+        ("  restore: jailer → VMM API answers", "jail set-up, exec"),
+        ("  restore: snapshot load and resume", "PUT /snapshot/load"),
+        (
+            "  restore: resumed → runtime's /next on host",
+            "Billed Restore Duration: vsock reset, the agent reconnects",
+        ),
+        ("  restore: event → result", "the REPORT's Duration"),
+        (
+            "  restore: rest",
+            "invoke → environment start, result → answer",
+        ),
+    ];
+    for (i, (name, note)) in names.into_iter().enumerate() {
+        let value = median_of(&measured.iter().map(|m| m[i]).collect::<Vec<_>>());
+        rows.push_noted(name, env, marked(target, seconds(value)), "", note);
+    }
 }
 
 /// kindling-vmm against QEMU where both were measured: each ratio taken within a run (both
