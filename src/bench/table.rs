@@ -777,6 +777,50 @@ mod tests {
     }
 
     #[test]
+    fn a_restore_is_broken_into_phases_that_add_up_to_it() {
+        let kindling = Target::microvm(Hypervisor::Kindling);
+        let mut measured = run(10, &[("kindling-vmm", 1, 10)]);
+        let phases = [
+            ("Restore Duration", 5000.0),
+            ("Billed Restore Duration", 4000.0),
+            ("Hypervisor Start", 900.0),
+            ("Jail Start", 500.0),
+            ("Snapshot Load", 350.0),
+        ];
+        measured.snapstart = Some(SnapStartRun {
+            booted: Duration::from_secs(50),
+            snapshot: Duration::from_secs(5),
+            restored: Duration::from_secs(8),
+            restored_phases: phases.map(|(n, ms)| (n.to_string(), ms)).to_vec(),
+            restored_duration_ms: 2000.0,
+        });
+        let mut results = Results::new(&[kindling], 1);
+        results.floor = vec![vec![Duration::from_micros(100); 10]];
+        results.targets = vec![(kindling, vec![measured])];
+        let table = render(&results);
+        let env = kindling.label();
+        let restored = row(&table, "SnapStart restore → answer", env);
+        assert!(
+            restored.contains("8.00 s")
+                && restored.contains("1/6.2")
+                && !restored.contains("MISSED"),
+            "{table}"
+        );
+        // 5 s to the first /next, of which 4 s in the guest and 0.9 s starting the VMM;
+        // 2 s of invocation; the 1 s left of the 8 s is the rest.
+        for (phase, value) in [
+            ("restore: host, before the VMM", "100.00 ms"),
+            ("restore: jailer → VMM API answers", "500.00 ms"),
+            ("restore: snapshot load and resume", "350.00 ms"),
+            ("restore: resumed → runtime's /next on host", "4.00 s"),
+            ("restore: event → result", "2.00 s"),
+            ("restore: rest", "1.00 s"),
+        ] {
+            assert!(row(&table, phase, env).contains(value), "{phase}: {table}");
+        }
+    }
+
+    #[test]
     fn durations_pick_a_readable_unit() {
         assert_eq!(seconds(0.000_052), "52 µs");
         assert_eq!(seconds(0.0123), "12.30 ms");
