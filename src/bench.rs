@@ -56,7 +56,8 @@ pub struct BenchArgs {
     )]
     isolation: Vec<Isolation>,
     /// microVM hypervisors to measure, comma-separated: kindling, qemu
-    /// [default: qemu, and kindling where this host's KVM can boot a guest kernel].
+    /// [default: qemu, and kindling where this host's KVM can boot a guest kernel; both
+    /// with --nested].
     #[arg(long, value_delimiter = ',')]
     hypervisor: Vec<Hypervisor>,
     /// Measure the microVM rows inside the nested-KVM harness (a QEMU TCG guest with

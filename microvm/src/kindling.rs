@@ -14,7 +14,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use async_trait::async_trait;
@@ -27,7 +27,7 @@ use crate::machine::{self, Jail, Limits, VmSpec};
 use crate::snapstart::SnapshotFiles;
 use crate::{console, Backend, RunningVm};
 use kindling_runtime_api::config::Hypervisor;
-use kindling_runtime_api::environment::Freezer;
+use kindling_runtime_api::environment::{Freezer, StartPhases};
 
 /// How long kindling-vmm may take to open its API socket.
 const API_PATIENCE: Duration = Duration::from_secs(10);
@@ -94,17 +94,22 @@ impl Backend for KindlingVmm {
             (snapshot.state.as_path(), false),
             (snapshot.memory.as_path(), false),
         ]);
+        let started = Instant::now();
         let mut vm = self.start_jailed(spec, &files, &[]).await?;
+        let jailed = started.elapsed();
         let load = json!({
             "snapshot_path": snapshot.state,
             "mem_backend": {"backend_type": "File", "backend_path": snapshot.memory},
             "vsock_override": {"uds_path": spec.vsock_uds},
             "resume_vm": true,
         });
+        let started = Instant::now();
         if let Err(e) = vm.api.request("PUT", "/snapshot/load", &load).await {
             vm.kill().await?;
             return Err(e.into());
         }
+        vm.start_phases = vec![("Jail Start", jailed), ("Snapshot Load", started.elapsed())];
+        tracing::info!(jail = ?jailed, load = ?started.elapsed(), "kindling-vmm: snapshot restored");
         Ok(Box::new(vm))
     }
 }
@@ -157,6 +162,7 @@ impl KindlingVmm {
             vmm,
             api: Arc::new(api),
             console: capture,
+            start_phases: Vec::new(),
         })
     }
 }
@@ -220,6 +226,9 @@ struct KindlingVm {
     vmm: Child,
     api: Arc<Api>,
     console: console::Capture,
+    /// A restore's jail start (jailer → API answering) and `PUT /snapshot/load` (state
+    /// read, memory mapped, devices and vCPUs restored, resumed).
+    start_phases: StartPhases,
 }
 
 /// kindling-vmm's API socket. It serves one connection at a time: each request gets a
@@ -319,6 +328,10 @@ impl RunningVm for KindlingVm {
 
     fn freezer(&self) -> Arc<dyn Freezer> {
         self.api.clone()
+    }
+
+    fn start_phases(&self) -> StartPhases {
+        self.start_phases.clone()
     }
 
     /// Firecracker's way: `PATCH /vm` Paused, a full `PUT /snapshot/create`, Resumed (the

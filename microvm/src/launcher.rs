@@ -442,6 +442,7 @@ impl Environment for MicroVm {
     /// guest's clock), which a restored VM does not have.
     fn start_phases(&self) -> StartPhases {
         let mut phases = vec![("Hypervisor Start", self.hypervisor_start)];
+        phases.extend(self.vm.start_phases());
         let console = std::fs::read(&self.console).unwrap_or_default();
         let console = String::from_utf8_lossy(&console);
         if let Some(userspace) = console::userspace_at(&console) {

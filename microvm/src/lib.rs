@@ -72,4 +72,9 @@ pub trait RunningVm: Send + Sync {
     async fn snapshot(&mut self, _into: &SnapshotFiles) -> anyhow::Result<()> {
         anyhow::bail!("this hypervisor cannot snapshot its VMs")
     }
+    /// The parts of its start the hypervisor timed (a restore's jail and snapshot load),
+    /// for the environment's cold-start breakdown.
+    fn start_phases(&self) -> kindling_runtime_api::environment::StartPhases {
+        Vec::new()
+    }
 }

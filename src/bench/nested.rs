@@ -49,8 +49,15 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let qemu = on_path(QEMU)?;
     let vhost = on_path(VHOST_VSOCK)?;
     let mkfs = on_path("mkfs.ext4")?;
+    // Both side by side unless `--hypervisor` names fewer.
+    let hypervisors = if args.hypervisor.is_empty() {
+        "kindling,qemu".to_string()
+    } else {
+        let names: Vec<_> = args.hypervisor.iter().map(|h| h.name()).collect();
+        names.join(",")
+    };
     let mut bench = format!(
-        "exec {} bench --isolation microvm --hypervisor kindling,qemu --runs {} --images {} \
+        "exec {} bench --isolation microvm --hypervisor {hypervisors} --runs {} --images {} \
          --boot-phases {}",
         quote(&kindling),
         args.runs,

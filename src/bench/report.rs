@@ -39,17 +39,34 @@ pub fn breakdown(line: &str) -> anyhow::Result<Vec<(String, f64)>> {
     Ok(phases)
 }
 
+/// The `Duration` of a `REPORT` line (the invocation itself, event → result), in ms.
+pub fn duration_ms(line: &str) -> Option<f64> {
+    line.split('\t')
+        .find_map(|field| field.strip_prefix("Duration: "))
+        .and_then(|value| value.strip_suffix(" ms"))
+        .and_then(|value| value.parse().ok())
+}
+
 /// Waits (up to `patience`) for `function`'s next `REPORT` line and returns its breakdown.
 pub async fn next_breakdown(
     logs: &mut broadcast::Receiver<LogLine>,
     function: &str,
     patience: Duration,
 ) -> anyhow::Result<Vec<(String, f64)>> {
+    breakdown(&next_report(logs, function, patience).await?)
+}
+
+/// Waits (up to `patience`) for `function`'s next `REPORT` line.
+pub async fn next_report(
+    logs: &mut broadcast::Receiver<LogLine>,
+    function: &str,
+    patience: Duration,
+) -> anyhow::Result<String> {
     let wait = async {
         loop {
             match logs.recv().await {
                 Ok(line) if line.function == function && line.text.starts_with("REPORT ") => {
-                    return breakdown(&line.text);
+                    return Ok(line.text);
                 }
                 Ok(_) | Err(RecvError::Lagged(_)) => continue,
                 Err(RecvError::Closed) => bail!("the server stopped before logging a REPORT"),
@@ -81,6 +98,11 @@ mod tests {
         let warm = "REPORT RequestId: 5f1c\tDuration: 1.20 ms\tBilled Duration: 2 ms\t\
                     Memory Size: 128 MB\tMax Memory Used: 20 MB";
         assert!(breakdown(warm).unwrap().is_empty());
+        assert_eq!(duration_ms(line), Some(1.2));
+        assert_eq!(
+            duration_ms("REPORT RequestId: 1\tBilled Duration: 2 ms"),
+            None
+        );
     }
 
     #[test]

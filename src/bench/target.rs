@@ -170,6 +170,11 @@ pub struct SnapStartRun {
     pub snapshot: Duration,
     /// Restore → first answer.
     pub restored: Duration,
+    /// The restored cold start's `REPORT` breakdown (`Restore Duration`, `Billed Restore
+    /// Duration`, `Hypervisor Start`, `Jail Start`, `Snapshot Load`), in ms.
+    pub restored_phases: Vec<(String, f64)>,
+    /// Its `Duration`: the first event → its result, in ms.
+    pub restored_duration_ms: f64,
 }
 
 /// Checks, before anything is measured, that the server can be built for `target` the
@@ -303,34 +308,38 @@ async fn snapstart(
                 let started = Instant::now();
                 invoke(&mut client).await?;
                 let took = started.elapsed();
-                let phases =
-                    report::next_breakdown(&mut server.logs, FUNCTION, Duration::from_secs(10)).await?;
-                anyhow::Ok((took, phases))
+                let line =
+                    report::next_report(&mut server.logs, FUNCTION, Duration::from_secs(10)).await?;
+                anyhow::Ok((took, line))
             } => measured,
             () = interrupt.clone().wait() => Err(anyhow!("interrupted")),
         };
         server.stop().await?;
         measured
     };
-    let (booted, phases) = cold_start()
+    let (booted, line) = cold_start()
         .await
         .context("SnapStart, the booting cold start")?;
-    let snapshot_ms = phase_ms(&phases, "Snapshot Create")
+    let snapshot_ms = phase_ms(&report::breakdown(&line)?, "Snapshot Create")
         .context("the first SnapStart cold start took no snapshot")?;
-    let (restored, phases) = cold_start()
+    let (restored, line) = cold_start()
         .await
         .context("SnapStart, the restoring cold start")?;
-    if phase_ms(&phases, "Restore Duration").is_none() {
-        bail!("the second SnapStart cold start was not restored: {phases:?}");
+    let restored_phases = report::breakdown(&line)?;
+    if phase_ms(&restored_phases, "Restore Duration").is_none() {
+        bail!("the second SnapStart cold start was not restored: {line}");
     }
     Ok(SnapStartRun {
         booted: booted.saturating_sub(Duration::from_secs_f64(snapshot_ms / 1000.0)),
         snapshot: Duration::from_secs_f64(snapshot_ms / 1000.0),
         restored,
+        restored_duration_ms: report::duration_ms(&line)
+            .with_context(|| format!("a REPORT without its Duration: {line}"))?,
+        restored_phases,
     })
 }
 
-fn phase_ms(phases: &[(String, f64)], name: &str) -> Option<f64> {
+pub fn phase_ms(phases: &[(String, f64)], name: &str) -> Option<f64> {
     phases.iter().find(|(n, _)| n == name).map(|(_, ms)| *ms)
 }
 
