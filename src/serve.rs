@@ -335,6 +335,10 @@ struct LimitArgs {
     /// Invoke API connections served at once; one more is answered 503 [1024].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_connections: Option<u64>,
+    /// MiB of callers' request bodies held at once over every connection; one more is
+    /// answered 429 [256].
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(7..=1_000_000))]
+    max_body_memory_mib: Option<u64>,
     /// A function's log file is rotated when it would pass this many MiB [64].
     #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..))]
     log_file_max_mib: Option<u64>,
@@ -353,6 +357,12 @@ impl LimitArgs {
         seconds(self.keep_alive_timeout, &mut options.keep_alive_timeout);
         if let Some(n) = self.max_connections.and_then(|n| usize::try_from(n).ok()) {
             options.max_connections = n;
+        }
+        if let Some(mib) = self
+            .max_body_memory_mib
+            .and_then(|m| usize::try_from(m).ok())
+        {
+            options.max_body_memory = mib.saturating_mul(1 << 20);
         }
         if let Some(mib) = self.log_file_max_mib {
             options.log_file_max_bytes = mib.saturating_mul(1 << 20);
@@ -773,6 +783,8 @@ mod tests {
             "64",
             "--log-file-max-mib",
             "2",
+            "--max-body-memory-mib",
+            "32",
         ]) else {
             panic!("not serve");
         };
@@ -782,6 +794,7 @@ mod tests {
         assert_eq!(options.header_read_timeout, Duration::from_secs(5));
         assert_eq!(options.max_connections, 64);
         assert_eq!(options.log_file_max_bytes, 2 << 20);
+        assert_eq!(options.max_body_memory, 32 << 20);
         assert_eq!(options.body_read_timeout, defaults.body_read_timeout);
         assert_eq!(options.keep_alive_timeout, defaults.keep_alive_timeout);
         // The defaults the help text gives are the server's.
@@ -789,6 +802,7 @@ mod tests {
         assert_eq!(defaults.body_read_timeout, Duration::from_secs(60));
         assert_eq!(defaults.keep_alive_timeout, Duration::from_secs(120));
         assert_eq!(defaults.max_connections, 1024);
+        assert_eq!(defaults.max_body_memory, 256 << 20);
         assert_eq!(defaults.log_file_max_bytes, 64 << 20);
         for zero in ["--body-read-timeout", "--max-connections"] {
             let err = refused(&["serve", "-f", "f", zero, "0"]);

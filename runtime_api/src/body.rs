@@ -1,8 +1,12 @@
-//! Reading request bodies with a size limit, shared by both servers.
+//! Reading request bodies with a size limit, shared by both servers, and the budget of
+//! callers' bodies held at once.
+
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// How much of an oversized body is read (and dropped) before the connection is given up.
 const DRAIN_LIMIT: usize = 64 << 20;
@@ -13,26 +17,99 @@ pub(crate) enum BodyError {
     Broken(String),
 }
 
+/// Why [`read_charged`] gave up.
+pub(crate) enum ChargedError {
+    Body(BodyError),
+    /// The server already holds its [`BodyBudget`] of callers' bodies.
+    OverBudget,
+}
+
+/// The bytes of callers' request bodies (Invoke payloads, function URL requests) the
+/// server holds at once, over all its connections: each may be 6 MB, so a thousand
+/// connections could otherwise hold 6 GB. A body is charged as it arrives and released
+/// when its last copy is dropped, wherever the payload went meanwhile.
+#[derive(Debug, Clone)]
+pub(crate) struct BodyBudget(Arc<Semaphore>);
+
+impl BodyBudget {
+    pub fn new(bytes: usize) -> Self {
+        Self(Arc::new(Semaphore::new(bytes.min(Semaphore::MAX_PERMITS))))
+    }
+
+    /// Charges `bytes`; `None` when the budget has not that much left.
+    fn charge(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        let bytes = u32::try_from(bytes).ok()?;
+        self.0.clone().try_acquire_many_owned(bytes).ok()
+    }
+}
+
+/// A body and its charge to the budget, which lasts as long as the body.
+struct Charged {
+    body: Bytes,
+    _charge: Option<OwnedSemaphorePermit>,
+}
+
+impl AsRef<[u8]> for Charged {
+    fn as_ref(&self) -> &[u8] {
+        &self.body
+    }
+}
+
 /// Reads a body of at most `limit` bytes. Past the limit the rest is read and dropped
 /// (up to [`DRAIN_LIMIT`]), so that a client that writes its whole body before reading
 /// sees the 413 instead of a reset connection.
-pub(crate) async fn read_limited(mut body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
+pub(crate) async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
+    match read(body, limit, None).await {
+        Ok(body) => Ok(body),
+        Err(ChargedError::Body(e)) => Err(e),
+        // (Nothing is charged without a budget.)
+        Err(ChargedError::OverBudget) => Err(BodyError::Broken("over budget".into())),
+    }
+}
+
+/// [`read_limited`], charging what it keeps to `budget`: past the budget,
+/// [`ChargedError::OverBudget`] at once, the rest unread.
+pub(crate) async fn read_charged(
+    body: Incoming,
+    limit: usize,
+    budget: &BodyBudget,
+) -> Result<Bytes, ChargedError> {
+    read(body, limit, Some(budget)).await
+}
+
+async fn read(
+    mut body: Incoming,
+    limit: usize,
+    budget: Option<&BodyBudget>,
+) -> Result<Bytes, ChargedError> {
+    let broken = |e: String| ChargedError::Body(BodyError::Broken(e));
     let mut kept = BytesMut::new();
+    let mut charge: Option<OwnedSemaphorePermit> = None;
     let mut seen = 0usize;
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| BodyError::Broken(e.to_string()))?;
+        let frame = frame.map_err(|e| broken(e.to_string()))?;
         let Ok(data) = frame.into_data() else {
             continue;
         };
         seen = seen.saturating_add(data.len());
         if seen <= limit {
+            if let Some(budget) = budget {
+                let more = budget.charge(data.len()).ok_or(ChargedError::OverBudget)?;
+                match &mut charge {
+                    Some(charge) => charge.merge(more),
+                    None => charge = Some(more),
+                }
+            }
             kept.extend_from_slice(&data);
         } else if seen > DRAIN_LIMIT {
             break;
         }
     }
     if seen > limit {
-        return Err(BodyError::TooLarge);
+        return Err(ChargedError::Body(BodyError::TooLarge));
     }
-    Ok(kept.freeze())
+    Ok(Bytes::from_owner(Charged {
+        body: kept.freeze(),
+        _charge: charge,
+    }))
 }

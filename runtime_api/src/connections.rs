@@ -29,8 +29,10 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::body::BodyBudget;
+
 /// Bounds on the Invoke API's connections (see [`crate::ServerOptions`]).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct ConnectionLimits {
     /// From the first byte of a request to the end of its head.
     pub header_read_timeout: Duration,
@@ -40,6 +42,9 @@ pub(crate) struct ConnectionLimits {
     pub body_read_timeout: Duration,
     /// Connections served at once; more are answered 503 and closed.
     pub max_connections: usize,
+    /// Callers' request bodies held at once, over every connection of the Invoke API and
+    /// the function URLs together.
+    pub bodies: BodyBudget,
 }
 
 /// Connections being refused at once, each for at most [`REFUSAL_GRACE`]; past that,

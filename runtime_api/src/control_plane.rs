@@ -134,7 +134,9 @@ pub(crate) struct ControlPlane {
     /// `<state-dir>/code`: uploaded zips, named by their SHA-256.
     pub code_dir: PathBuf,
     pub default_isolation: Isolation,
-    pub body_read_timeout: std::time::Duration,
+    /// Its requests' bodies arrive within the Invoke API's time and count against its
+    /// budget of bodies held.
+    pub limits: crate::connections::ConnectionLimits,
     /// One change at a time: a function is never half updated.
     pub changes: tokio::sync::Mutex<()>,
     pub uploads: Semaphore,
@@ -320,7 +322,7 @@ impl ControlPlane {
             .acquire()
             .await
             .map_err(|_| ApiError::service("the server is shutting down".into()))?;
-        let body = read_body(req, self.body_read_timeout, MAX_CONTROL_REQUEST_BYTES)
+        let body = read_body(req, &self.limits, MAX_CONTROL_REQUEST_BYTES)
             .await
             .map_err(|r| ApiError::Ready(Box::new(r)))?;
         if body.is_empty() {

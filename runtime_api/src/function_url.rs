@@ -159,7 +159,7 @@ impl FunctionUrl {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let body = match read_body(req, self.limits.body_read_timeout, MAX_REQUEST_BYTES).await {
+        let body = match read_body(req, &self.limits, MAX_REQUEST_BYTES).await {
             Ok(body) => body,
             Err(refusal) => return refusal.map(whole),
         };
@@ -239,7 +239,7 @@ impl UrlServers {
         let url = Arc::new(FunctionUrl::new(
             self.scheduler.clone(),
             function.to_string(),
-            self.limits,
+            self.limits.clone(),
             payload,
         ));
         let mut served = self.served();
@@ -292,7 +292,7 @@ impl UrlServers {
 
 impl Answering for FunctionUrl {
     fn limits(&self) -> ConnectionLimits {
-        self.limits
+        self.limits.clone()
     }
 
     fn answer(

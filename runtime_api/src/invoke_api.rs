@@ -30,7 +30,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::body::{read_limited, BodyError};
+use crate::body::{read_charged, BodyError, ChargedError};
 use crate::client::InvocationType;
 use crate::connections::{self, Activity, Busy, ConnectionLimits, Watched};
 use crate::control_plane::{self, ControlPlane};
@@ -121,6 +121,7 @@ pub(crate) async fn serve<A: Answering>(
                     }
                     let api = api.clone();
                     let mut stop = stop.clone();
+                    let limits = limits.clone();
                     connections.spawn(async move {
                         let activity = Activity::new();
                         let busy = activity.clone();
@@ -190,7 +191,7 @@ pub(crate) trait Answering: Send + Sync + 'static {
 
 impl Answering for InvokeApi {
     fn limits(&self) -> ConnectionLimits {
-        self.limits
+        self.limits.clone()
     }
 
     fn answer(
@@ -331,7 +332,7 @@ impl InvokeApi {
             true => (MAX_EVENT_PAYLOAD_BYTES, content_length(&req)),
             false => (MAX_REQUEST_BYTES, None),
         };
-        let payload = match read_body(req, self.limits.body_read_timeout, limit).await {
+        let payload = match read_body(req, &self.limits, limit).await {
             Ok(p) => p,
             Err(r) if is_event && r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
                 return event_too_large(declared)
@@ -487,13 +488,16 @@ fn decode_client_context(v: &HeaderValue) -> Result<String, String> {
     Ok(text)
 }
 
-/// The request's body, at most `limit` bytes, all of it within `timeout` (a body that
-/// trickles in would otherwise hold its connection for as long as the caller likes).
+/// A caller's request body, at most `limit` bytes, all of it within the limits' body
+/// timeout (a body that trickles in would otherwise hold its connection for as long as the
+/// caller likes) and within the budget of bodies the server holds at once (past it: 429
+/// `TooManyRequestsException`, Lambda's throttling answer, and the connection closed).
 pub(crate) async fn read_body(
     req: Request<Incoming>,
-    timeout: std::time::Duration,
+    limits: &ConnectionLimits,
     limit: usize,
 ) -> Result<Bytes, Response<Full<Bytes>>> {
+    let timeout = limits.body_read_timeout;
     let too_large = || {
         lambda_error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -501,7 +505,8 @@ pub(crate) async fn read_body(
             &format!("Request must be smaller than {limit} bytes"),
         )
     };
-    let Ok(read) = tokio::time::timeout(timeout, read_limited(req.into_body(), limit)).await else {
+    let reading = read_charged(req.into_body(), limit, &limits.bodies);
+    let Ok(read) = tokio::time::timeout(timeout, reading).await else {
         let mut r = lambda_error(
             StatusCode::REQUEST_TIMEOUT,
             "RequestTimeoutException",
@@ -514,8 +519,20 @@ pub(crate) async fn read_body(
     };
     match read {
         Ok(payload) => Ok(payload),
-        Err(BodyError::TooLarge) => Err(too_large()),
-        Err(BodyError::Broken(e)) => Err(lambda_error(
+        Err(ChargedError::Body(BodyError::TooLarge)) => Err(too_large()),
+        Err(ChargedError::OverBudget) => {
+            tracing::warn!("callers' request bodies at the server's budget: refusing one");
+            let mut r = lambda_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TooManyRequestsException",
+                "Rate Exceeded.",
+            );
+            // The rest of the body was not read.
+            r.headers_mut()
+                .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+            Err(r)
+        }
+        Err(ChargedError::Body(BodyError::Broken(e))) => Err(lambda_error(
             StatusCode::BAD_REQUEST,
             "InvalidRequestContentException",
             &format!("cannot read the request body: {e}"),

@@ -13,6 +13,7 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch};
 
+use crate::body::BodyBudget;
 use crate::connections::ConnectionLimits;
 use crate::control_plane::{self, ControlPlane, DeployError, Deployer};
 use crate::credentials::HostCredentials;
@@ -85,6 +86,10 @@ pub struct ServerOptions {
     /// Invoke API connections served at once; one more is answered 503
     /// `ServiceException` (`Connection: close`) and closed.
     pub max_connections: usize,
+    /// Bytes of callers' request bodies (Invoke payloads, function URL and control plane
+    /// requests) held at once over every connection; a body past it is answered 429
+    /// `TooManyRequestsException` and its connection closed.
+    pub max_body_memory: usize,
     /// The region of ARNs, and the functions' `AWS_REGION`.
     pub region: String,
     /// The account of ARNs.
@@ -123,6 +128,7 @@ impl ServerOptions {
             keep_alive_timeout: Duration::from_secs(120),
             body_read_timeout: Duration::from_secs(60),
             max_connections: 1024,
+            max_body_memory: 256 << 20,
             region: defaults.region,
             account_id: defaults.account_id,
             default_credentials: defaults.default_credentials,
@@ -218,10 +224,11 @@ impl Server {
             keep_alive_timeout: options.keep_alive_timeout,
             body_read_timeout: options.body_read_timeout,
             max_connections: options.max_connections,
+            bodies: BodyBudget::new(options.max_body_memory),
         };
         let urls = Arc::new(UrlServers::new(
             scheduler.clone(),
-            limits,
+            limits.clone(),
             options.invoke_addr.ip(),
         ));
         let mut url_listeners = Vec::new();
@@ -307,7 +314,7 @@ impl Server {
             deployer: self.deployer.clone(),
             code_dir: self.options.state_dir.join("code"),
             default_isolation: self.options.default_isolation,
-            body_read_timeout: self.limits.body_read_timeout,
+            limits: self.limits.clone(),
             changes: tokio::sync::Mutex::new(()),
             uploads: ControlPlane::uploads(),
             urls: self.urls.clone(),
@@ -315,7 +322,7 @@ impl Server {
         let api = Arc::new(InvokeApi {
             scheduler: self.scheduler.clone(),
             metrics: self.metrics.clone(),
-            limits: self.limits,
+            limits: self.limits.clone(),
             events: self.events.clone(),
             control,
             trace_hops: self.options.trace_hops,

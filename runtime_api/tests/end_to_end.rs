@@ -1292,6 +1292,69 @@ async fn connections_past_the_cap_get_503_while_the_others_are_served() {
     h.close().await;
 }
 
+/// Callers' request bodies count against one memory budget over every connection: while
+/// one caller's 6 MB payload is half sent, another's that would pass the budget is answered
+/// 429 `TooManyRequestsException` and its connection closed; the first completes, and once
+/// its answer is out the budget is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_past_the_memory_budget_get_429_and_the_rest_are_served() {
+    let Some(h) = start(
+        |code| vec![function("echo", code)],
+        |o| o.max_body_memory = 8 << 20,
+    )
+    .await
+    else {
+        return;
+    };
+    use tokio::io::AsyncWriteExt;
+    let path = "/2015-03-31/functions/echo/invocations";
+    // A JSON object of 6,000,000 bytes, and the head that announces it.
+    let pad = 6_000_000 - r#"{"pad":""}"#.len();
+    let payload = json!({"pad": "a".repeat(pad)}).to_string().into_bytes();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n",
+        payload.len()
+    );
+    let half = 3_000_000;
+    let mut first = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    first.write_all(head.as_bytes()).await.unwrap();
+    first.write_all(&payload[..half]).await.unwrap();
+    // Until the server has read (and holds) the first half, the second would still fit.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut second = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    second.write_all(head.as_bytes()).await.unwrap();
+    // The server stops reading once it answers: the rest may not be taken.
+    let _ = tokio::time::timeout(Duration::from_secs(5), second.write_all(&payload)).await;
+    let refused = tokio::time::timeout(Duration::from_secs(10), common::read_answer(&mut second))
+        .await
+        .expect("an answer to the body past the budget")
+        .expect("an answer, not a closed connection");
+    assert_eq!(refused.status, 429);
+    assert_eq!(
+        refused.header("x-amzn-errortype"),
+        Some("TooManyRequestsException")
+    );
+    assert_eq!(refused.header("connection"), Some("close"));
+
+    first.write_all(&payload[half..]).await.unwrap();
+    let served = common::read_answer(&mut first)
+        .await
+        .expect("the first caller's answer");
+    assert_eq!(served.status, 200);
+    let echoed = served.json()["echo"]["pad"].as_str().map(str::len);
+    assert_eq!(echoed, Some(pad));
+
+    // Its payload released, a caller's 6 MB fits again.
+    let mut c = Client::connect(h.addr).await.unwrap();
+    let again = c
+        .invoke("echo", payload.clone(), &InvokeOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(again.status, 200);
+    h.close().await;
+}
+
 /// A launcher that cannot start anything.
 struct BrokenLauncher;
 

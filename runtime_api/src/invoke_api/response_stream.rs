@@ -104,7 +104,7 @@ impl InvokeApi {
                 .map(whole)
             }
         }
-        let payload = match read_body(req, self.limits.body_read_timeout, MAX_REQUEST_BYTES).await {
+        let payload = match read_body(req, &self.limits, MAX_REQUEST_BYTES).await {
             Ok(p) => p,
             Err(r) => return r.map(whole),
         };
