@@ -2,7 +2,18 @@
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+
+/// A request body either server reads: hyper's, or one that arrived whole in a frame
+/// ([`kindling_wire::frame`]).
+pub(crate) trait InBody:
+    hyper::body::Body<Data = Bytes, Error: std::fmt::Display> + Unpin + Send
+{
+}
+
+impl<B> InBody for B where
+    B: hyper::body::Body<Data = Bytes, Error: std::fmt::Display> + Unpin + Send
+{
+}
 
 /// How much of an oversized body is read (and dropped) before the connection is given up.
 const DRAIN_LIMIT: usize = 64 << 20;
@@ -16,7 +27,15 @@ pub(crate) enum BodyError {
 /// Reads a body of at most `limit` bytes. Past the limit the rest is read and dropped
 /// (up to [`DRAIN_LIMIT`]), so that a client that writes its whole body before reading
 /// sees the 413 instead of a reset connection.
-pub(crate) async fn read_limited(mut body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
+pub(crate) async fn read_limited(mut body: impl InBody, limit: usize) -> Result<Bytes, BodyError> {
+    if body.size_hint().exact().is_some_and(|n| n as usize <= limit) {
+        // Known to fit (a framed body is whole already): kept as it comes, not copied.
+        return body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .map_err(|e| BodyError::Broken(e.to_string()));
+    }
     let mut kept = BytesMut::new();
     let mut seen = 0usize;
     while let Some(frame) = body.frame().await {
