@@ -14,8 +14,7 @@ use http_body_util::channel::Channel;
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 use hyper::header::{
-    HeaderMap, HeaderValue, CONNECTION, CONTENT_TYPE, TRAILER, TRANSFER_ENCODING,
-    UPGRADE,
+    HeaderMap, HeaderValue, CONNECTION, CONTENT_TYPE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use hyper::server::conn::http1;
 use hyper::service::service_fn;

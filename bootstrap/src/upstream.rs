@@ -34,8 +34,8 @@ use kindling_wire::{FunctionEnvironment, HostAddr, PATH_ENVIRONMENT, PATH_STREAM
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, WriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::oneshot;
-use tower_service::Service as _;
 use tokio_vsock::{VsockAddr, VsockStream};
+use tower_service::Service as _;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type of everything the bootstrap sends, relayed streams and its own messages.
@@ -296,7 +296,10 @@ impl FrameStream {
         self.waiting().take();
     }
 
-    async fn read_answers(self: Arc<Self>, mut reader: FrameReader<tokio::io::ReadHalf<TokioIo<Upgraded>>>) {
+    async fn read_answers(
+        self: Arc<Self>,
+        mut reader: FrameReader<tokio::io::ReadHalf<TokioIo<Upgraded>>>,
+    ) {
         loop {
             match reader.next().await {
                 Ok(Some(Frame::Response { seq, response })) => {

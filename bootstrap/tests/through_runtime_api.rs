@@ -88,10 +88,13 @@ async fn python_function_through_the_host_runtime_api() {
     let logs = Arc::new(LogSink::new(&guest.dir.path().join("logs2")).unwrap());
     let api =
         RuntimeApi::bind(&guest.socket(), function_env("python", "app.handler"), logs).unwrap();
-    let done = tokio::time::timeout(PATIENCE, api.submit(invocation(3, r#"{"name":"again"}"#)).done)
-        .await
-        .unwrap()
-        .unwrap();
+    let done = tokio::time::timeout(
+        PATIENCE,
+        api.submit(invocation(3, r#"{"name":"again"}"#)).done,
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert_eq!(
         done.outcome,
         Outcome::Response(Bytes::from_static(br#"{"hello": "again"}"#))

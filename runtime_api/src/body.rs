@@ -28,7 +28,11 @@ pub(crate) enum BodyError {
 /// (up to [`DRAIN_LIMIT`]), so that a client that writes its whole body before reading
 /// sees the 413 instead of a reset connection.
 pub(crate) async fn read_limited(mut body: impl InBody, limit: usize) -> Result<Bytes, BodyError> {
-    if body.size_hint().exact().is_some_and(|n| n as usize <= limit) {
+    if body
+        .size_hint()
+        .exact()
+        .is_some_and(|n| n as usize <= limit)
+    {
         // Known to fit (a framed body is whole already): kept as it comes, not copied.
         return body
             .collect()

@@ -63,10 +63,7 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) -> Result<(), FrameError> {
             out.put_u8(KIND_REQUEST);
             out.put_u32(*seq);
             let method = request.method().as_str();
-            let path = request
-                .uri()
-                .path_and_query()
-                .map_or("/", |p| p.as_str());
+            let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
             out.put_u8(short(method.len(), u8::MAX.into(), "method")? as u8);
             out.put_slice(method.as_bytes());
             put_u16_prefixed(out, path.as_bytes(), "path")?;
@@ -290,7 +287,10 @@ mod tests {
             got.uri().path_and_query().unwrap().as_str(),
             "/2018-06-01/runtime/invocation/abc/response?x=1"
         );
-        assert_eq!(got.headers()["lambda-runtime-function-error-type"], "Function.Oops");
+        assert_eq!(
+            got.headers()["lambda-runtime-function-error-type"],
+            "Function.Oops"
+        );
         let cookies: Vec<_> = got.headers().get_all("set-cookie").iter().collect();
         assert_eq!(cookies, ["a", "b"]);
         assert_eq!(&got.body()[..], b"{\"ok\":true}");
@@ -300,9 +300,10 @@ mod tests {
             .header("content-type", "application/json")
             .body(Bytes::new())
             .unwrap();
-        let Frame::Response { seq, response: got } =
-            round_trip(&Frame::Response { seq: u32::MAX, response })
-        else {
+        let Frame::Response { seq, response: got } = round_trip(&Frame::Response {
+            seq: u32::MAX,
+            response,
+        }) else {
             panic!("not a response")
         };
         assert_eq!((seq, got.status().as_u16()), (u32::MAX, 202));
@@ -314,13 +315,20 @@ mod tests {
     fn oversized_and_malformed_frames_are_refused() {
         let mut huge = BytesMut::new();
         huge.put_u32(MAX_FRAME as u32 + 1);
-        assert!(decode(&mut huge).is_err(), "refused before its bytes arrive");
+        assert!(
+            decode(&mut huge).is_err(),
+            "refused before its bytes arrive"
+        );
 
         let body = Bytes::from(vec![0u8; MAX_FRAME]);
         let request = Request::post("/x").body(body).unwrap();
         let mut out = BytesMut::from(&b"kept"[..]);
         assert!(encode(&Frame::Request { seq: 1, request }, &mut out).is_err());
-        assert_eq!(&out[..], b"kept", "a refused frame leaves the buffer as it was");
+        assert_eq!(
+            &out[..],
+            b"kept",
+            "a refused frame leaves the buffer as it was"
+        );
 
         for garbage in [&[0u8, 0, 0, 5, 9, 0, 0, 0, 1][..], &[0, 0, 0, 2, 1, 0][..]] {
             let mut buf = BytesMut::from(garbage);
