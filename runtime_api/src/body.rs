@@ -31,7 +31,7 @@ pub(crate) async fn read_limited(mut body: impl InBody, limit: usize) -> Result<
     if body
         .size_hint()
         .exact()
-        .is_some_and(|n| n as usize <= limit)
+        .is_some_and(|n| usize::try_from(n).is_ok_and(|n| n <= limit))
     {
         // Known to fit (a framed body is whole already): kept as it comes, not copied.
         return body

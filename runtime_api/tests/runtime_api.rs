@@ -770,7 +770,7 @@ async fn a_frame_stream_carries_next_and_results_answered_as_they_finish() {
     );
 
     // A frame past the limit ends its stream before its bytes are read.
-    let mut header = Vec::from(((frame::MAX_FRAME + 1) as u32).to_be_bytes());
+    let mut header = Vec::from((u32::try_from(frame::MAX_FRAME).unwrap() + 1).to_be_bytes());
     header.push(1);
     let mut raw = f.connect().await;
     upgrade(&mut raw).await;

@@ -64,7 +64,7 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) -> Result<(), FrameError> {
             out.put_u32(*seq);
             let method = request.method().as_str();
             let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
-            out.put_u8(short(method.len(), u8::MAX.into(), "method")? as u8);
+            out.put_u8(fit(method.len(), "method")?);
             out.put_slice(method.as_bytes());
             put_u16_prefixed(out, path.as_bytes(), "path")?;
             (request.headers(), request.body())
@@ -76,30 +76,31 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) -> Result<(), FrameError> {
             (response.headers(), response.body())
         }
     };
-    out.put_u16(short(headers.len(), u16::MAX.into(), "header count")? as u16);
+    out.put_u16(fit(headers.len(), "header count")?);
     for (name, value) in headers {
         put_u16_prefixed(out, name.as_str().as_bytes(), "header name")?;
         put_u16_prefixed(out, value.as_bytes(), "header value")?;
     }
     out.put_slice(body);
     let length = out.len() - start - 4;
-    if length > MAX_FRAME {
-        out.truncate(start);
-        return Err(bad(format!("frame of {length} bytes (limit {MAX_FRAME})")));
-    }
-    out[start..start + 4].copy_from_slice(&(length as u32).to_be_bytes());
+    let length = u32::try_from(length)
+        .ok()
+        .filter(|_| length <= MAX_FRAME)
+        .ok_or_else(|| {
+            out.truncate(start);
+            bad(format!("frame of {length} bytes (limit {MAX_FRAME})"))
+        })?;
+    out[start..start + 4].copy_from_slice(&length.to_be_bytes());
     Ok(())
 }
 
-fn short(n: usize, max: usize, what: &str) -> Result<usize, FrameError> {
-    if n > max {
-        return Err(bad(format!("{what} too long for a frame ({n} > {max})")));
-    }
-    Ok(n)
+/// `n` as a field of type `T`, or an error naming `what` when it does not fit.
+fn fit<T: TryFrom<usize>>(n: usize, what: &str) -> Result<T, FrameError> {
+    T::try_from(n).map_err(|_| bad(format!("{what} too long for a frame ({n})")))
 }
 
 fn put_u16_prefixed(out: &mut BytesMut, bytes: &[u8], what: &str) -> Result<(), FrameError> {
-    out.put_u16(short(bytes.len(), u16::MAX.into(), what)? as u16);
+    out.put_u16(fit(bytes.len(), what)?);
     out.put_slice(bytes);
     Ok(())
 }
@@ -314,7 +315,7 @@ mod tests {
     #[test]
     fn oversized_and_malformed_frames_are_refused() {
         let mut huge = BytesMut::new();
-        huge.put_u32(MAX_FRAME as u32 + 1);
+        huge.put_u32(u32::try_from(MAX_FRAME).unwrap() + 1);
         assert!(
             decode(&mut huge).is_err(),
             "refused before its bytes arrive"
