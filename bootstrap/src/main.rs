@@ -2,7 +2,7 @@
 //!
 //! It fetches the function's configuration from the host, serves the public Lambda Runtime
 //! API on `127.0.0.1:9001` and relays every call to the host over vsock (or a Unix socket in
-//! the sandbox), starts and restarts the language runtime, forwards its output as the
+//! the sandbox), as frames on one stream where the host offers it ([`upstream`]), starts and restarts the language runtime, forwards its output as the
 //! function log and reports per-invocation metrics. See `kindling_wire` for the host side
 //! of the wire.
 //!

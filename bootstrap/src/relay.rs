@@ -1,6 +1,8 @@
 //! The public Lambda Runtime API inside the guest: every call is relayed to the host
-//! unchanged (method, path, headers, status, body streamed through), with the agent told
-//! about the steps it measures. The Extensions, Telemetry and Logs APIs share the port
+//! unchanged (method, path, headers, status, body), with the agent told about the steps
+//! it measures. A call whose body is whole and small (`/next`, most results, the rest)
+//! goes as one frame on the agent's stream to the host; a streamed or large body is
+//! streamed through over HTTP ([`crate::upstream`]). The Extensions, Telemetry and Logs APIs share the port
 //! and are served here ([`crate::extensions`]).
 
 use std::convert::Infallible;
@@ -10,10 +12,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http_body_util::channel::Channel;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::header::{
-    HeaderMap, HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, TRAILER, TRANSFER_ENCODING,
-    UPGRADE,
+    HeaderMap, HeaderValue, CONNECTION, CONTENT_TYPE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -117,42 +118,63 @@ async fn handle(
                 req.headers_mut()
                     .insert(HEADER_INVOCATION_REPORT, report_value(&report));
             }
-            if declared_length(req.headers()).is_some_and(|n| n <= ONE_WRITE_BYTES) {
-                return Ok(forward_whole(&agent, req).await);
-            }
         }
         Route::Other => {}
+    }
+    if req
+        .body()
+        .size_hint()
+        .exact()
+        .is_some_and(|n| n <= ONE_WRITE_BYTES)
+    {
+        return Ok(forward_whole(&agent, req).await);
     }
     Ok(forward(&agent, req.map(|b| b.map_err(Into::into).boxed())).await)
 }
 
-/// A small result (its Content-Length at most [`ONE_WRITE_BYTES`]) is read whole and goes
-/// to the host in one write, head and body together: the host's connection then wakes
+/// A request whose body is known to be small (at most [`ONE_WRITE_BYTES`]) is read whole
+/// and goes to the host as one frame (or in one write, over HTTP): the host then wakes
 /// once for it, not once per part the runtime wrote.
 async fn forward_whole(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
-    let (parts, body) = req.into_parts();
-    match body.collect().await {
-        Ok(body) => forward(agent, Request::from_parts(parts, full(body.to_bytes()))).await,
-        // The runtime hung up mid-body: the host never hears of this result, as when the
+    let (mut parts, body) = req.into_parts();
+    let body = match body.collect().await {
+        Ok(body) => body.to_bytes(),
+        // The runtime hung up mid-body: the host never hears of this request, as when the
         // broken body was relayed.
         Err(e) => {
             let body = ErrorBody::new(
                 "InvalidRequestContent",
                 format!("cannot read the body: {e}"),
             );
-            Response::builder()
-                .status(StatusCode::BAD_REQUEST)
-                .header(CONTENT_TYPE, "application/json")
-                .body(full(serde_json::to_vec(&body).expect("serialisable")))
-                .expect("valid response")
+            return json_answer(StatusCode::BAD_REQUEST, &body);
         }
+    };
+    strip_hop_by_hop(&mut parts.headers);
+    let what = format!("{} {}", parts.method, parts.uri.path());
+    match agent
+        .upstream
+        .exchange(Request::from_parts(parts, body))
+        .await
+    {
+        Ok(resp) => relay_response(resp),
+        Err(e) => host_unavailable(&what, &e),
     }
 }
 
-fn declared_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse().ok())
+fn json_answer(status: StatusCode, body: &ErrorBody) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, "application/json")
+        .body(full(serde_json::to_vec(body).expect("serialisable")))
+        .expect("valid response")
+}
+
+/// The host could not be reached: 500 tells a runtime that its environment is broken
+/// and it should exit.
+fn host_unavailable(what: &str, e: &dyn std::fmt::Display) -> Response<Body> {
+    say!("{what}: {e}");
+    let body = ErrorBody::new("Kindling.HostUnavailable", format!("{what}: {e}"));
+    json_answer(StatusCode::INTERNAL_SERVER_ERROR, &body)
 }
 
 fn is_streamed(headers: &HeaderMap) -> bool {
@@ -218,12 +240,12 @@ fn report_value(report: &InvocationReport) -> HeaderValue {
 /// dropped as stale (503): the runtime never notices.
 async fn next(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
     agent.next_requested().await;
-    let (parts, _) = req.into_parts();
+    let (mut parts, _) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
     let mut backoff = Backoff::new();
     let resp = loop {
-        let mut attempt = Request::from_parts(parts.clone(), full(bytes::Bytes::new()));
-        strip_hop_by_hop(attempt.headers_mut());
-        match agent.upstream.send(attempt).await {
+        let attempt = Request::from_parts(parts.clone(), Bytes::new());
+        match agent.upstream.exchange(attempt).await {
             Ok(resp) if resp.status() == StatusCode::SERVICE_UNAVAILABLE => {
                 say!("GET /next: the host dropped it (connections reset); asking again");
             }
@@ -254,17 +276,8 @@ async fn forward(agent: &Agent, mut req: Request<Body>) -> Response<Body> {
     let what = format!("{} {}", req.method(), req.uri().path());
     strip_hop_by_hop(req.headers_mut());
     match agent.upstream.send(req).await {
-        Ok(resp) => relay_response(resp),
-        Err(e) => {
-            say!("{what}: {e}");
-            // 500 tells a runtime that its environment is broken and it should exit.
-            let body = ErrorBody::new("Kindling.HostUnavailable", format!("{what}: {e}"));
-            Response::builder()
-                .status(StatusCode::INTERNAL_SERVER_ERROR)
-                .header(CONTENT_TYPE, "application/json")
-                .body(full(serde_json::to_vec(&body).expect("serialisable")))
-                .expect("valid response")
-        }
+        Ok(resp) => relay_response(resp.map(|b| b.map_err(Into::into).boxed())),
+        Err(e) => host_unavailable(&what, &e),
     }
 }
 
@@ -332,8 +345,7 @@ fn follow_host_clock(host_now_ms: u64) {
     }
 }
 
-fn relay_response(resp: Response<Incoming>) -> Response<Body> {
-    let mut resp = resp.map(|b| b.map_err(Into::into).boxed());
+fn relay_response(mut resp: Response<Body>) -> Response<Body> {
     strip_hop_by_hop(resp.headers_mut());
     resp
 }

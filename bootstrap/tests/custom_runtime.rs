@@ -102,6 +102,14 @@ async fn tutorial_runtime_gets_events_and_its_results_reach_the_host() {
             .unwrap();
         assert!(log < report && report < result, "{:#?}", host.history);
     }
+    // This host predates frame streams: it refused the agent's one upgrade (404), and
+    // every call above came over HTTP.
+    let upgrades = host
+        .history
+        .iter()
+        .filter(|r| matches!(r, Record::Other { path, .. } if path == kindling_wire::PATH_STREAM))
+        .count();
+    assert_eq!(upgrades, 1, "{:#?}", host.history);
 }
 
 /// A runtime that prints its environment into the function's log, then serves events.

@@ -75,6 +75,32 @@ async fn python_function_through_the_host_runtime_api() {
     let error: serde_json::Value = serde_json::from_slice(body).unwrap();
     assert_eq!(error["errorType"], "KeyError");
     assert!(done.report.expect("a report").init_duration_ms.is_none());
+
+    // Only the configuration came over HTTP: the agent upgraded one connection to a frame
+    // stream, and both events, both results and the log lines took it.
+    let seen = api.exchanges();
+    assert_eq!((seen.streams, seen.http), (1, 1), "{seen:?}");
+    assert!(seen.framed >= 4, "{seen:?}");
+
+    // The host restarts (as a snapshot's restore resets every vsock connection): the
+    // stream breaks under the waiting /next, and the agent negotiates a new one.
+    drop(api);
+    let logs = Arc::new(LogSink::new(&guest.dir.path().join("logs2")).unwrap());
+    let api =
+        RuntimeApi::bind(&guest.socket(), function_env("python", "app.handler"), logs).unwrap();
+    let done = tokio::time::timeout(
+        PATIENCE,
+        api.submit(invocation(3, r#"{"name":"again"}"#)).done,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        done.outcome,
+        Outcome::Response(Bytes::from_static(br#"{"hello": "again"}"#))
+    );
+    let seen = api.exchanges();
+    assert_eq!((seen.streams, seen.http), (1, 0), "{seen:?}");
 }
 
 const STREAMING_APP: &str = r#"

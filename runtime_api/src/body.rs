@@ -5,8 +5,19 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// A request body either server reads: hyper's, or one that arrived whole in a frame
+/// ([`kindling_wire::frame`]).
+pub(crate) trait InBody:
+    hyper::body::Body<Data = Bytes, Error: std::fmt::Display> + Unpin + Send
+{
+}
+
+impl<B> InBody for B where
+    B: hyper::body::Body<Data = Bytes, Error: std::fmt::Display> + Unpin + Send
+{
+}
 
 /// How much of an oversized body is read (and dropped) before the connection is given up.
 const DRAIN_LIMIT: usize = 64 << 20;
@@ -58,7 +69,7 @@ impl AsRef<[u8]> for Charged {
 /// Reads a body of at most `limit` bytes. Past the limit the rest is read and dropped
 /// (up to [`DRAIN_LIMIT`]), so that a client that writes its whole body before reading
 /// sees the 413 instead of a reset connection.
-pub(crate) async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
+pub(crate) async fn read_limited(body: impl InBody, limit: usize) -> Result<Bytes, BodyError> {
     match read(body, limit, None).await {
         Ok(body) => Ok(body),
         Err(ChargedError::Body(e)) => Err(e),
@@ -70,7 +81,7 @@ pub(crate) async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes, 
 /// [`read_limited`], charging what it keeps to `budget`: past the budget,
 /// [`ChargedError::OverBudget`] at once, the rest unread.
 pub(crate) async fn read_charged(
-    body: Incoming,
+    body: impl InBody,
     limit: usize,
     budget: &BodyBudget,
 ) -> Result<Bytes, ChargedError> {
@@ -78,11 +89,26 @@ pub(crate) async fn read_charged(
 }
 
 async fn read(
-    mut body: Incoming,
+    mut body: impl InBody,
     limit: usize,
     budget: Option<&BodyBudget>,
 ) -> Result<Bytes, ChargedError> {
     let broken = |e: String| ChargedError::Body(BodyError::Broken(e));
+    let exact = body
+        .size_hint()
+        .exact()
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|&n| n <= limit);
+    if let Some(size) = exact {
+        // Known to fit (a framed body is whole already): charged at once, kept as it
+        // comes, not copied.
+        let charge = match budget {
+            Some(budget) => Some(budget.charge(size).ok_or(ChargedError::OverBudget)?),
+            None => None,
+        };
+        let body = body.collect().await.map_err(|e| broken(e.to_string()))?;
+        return Ok(charged(body.to_bytes(), charge));
+    }
     let mut kept = BytesMut::new();
     let mut charge: Option<OwnedSemaphorePermit> = None;
     let mut seen = 0usize;
@@ -108,8 +134,16 @@ async fn read(
     if seen > limit {
         return Err(ChargedError::Body(BodyError::TooLarge));
     }
-    Ok(Bytes::from_owner(Charged {
-        body: kept.freeze(),
-        _charge: charge,
-    }))
+    Ok(charged(kept.freeze(), charge))
+}
+
+/// `body`, holding `charge` for as long as any copy of it lives.
+fn charged(body: Bytes, charge: Option<OwnedSemaphorePermit>) -> Bytes {
+    match charge {
+        Some(charge) => Bytes::from_owner(Charged {
+            body,
+            _charge: Some(charge),
+        }),
+        None => body,
+    }
 }

@@ -11,26 +11,28 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use kindling_wire::{
     self as wire, monotonic_ns, ErrorBody, FunctionEnvironment, InvocationReport, RuntimeExit,
 };
-use tokio::net::UnixListener;
+use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::body::{self, BodyError};
+use crate::body::{self, BodyError, InBody};
 use crate::hops::GuestStamps;
 use crate::logs::{LogSink, LogTail};
 use crate::streaming::{self, Relayed, StreamSink};
+
+mod framed;
 
 /// Largest log post (`/kindling/v1/logs`) the server takes at once.
 const MAX_LOG_POST: usize = 1 << 20;
@@ -222,7 +224,26 @@ struct Shared {
     parked: watch::Sender<usize>,
     /// Bumped when the guest's connections were reset ([`RuntimeApi::connections_reset`]):
     /// a `/next` that began before never takes an event.
-    epoch: std::sync::atomic::AtomicU64,
+    epoch: AtomicU64,
+    exchanges: Counters,
+}
+
+/// Which path the guest's calls took (see [`RuntimeApi::exchanges`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Exchanges {
+    /// Frame streams the agent opened ([`kindling_wire::frame`]).
+    pub streams: u64,
+    /// Calls that came as HTTP requests (the upgrade itself not counted).
+    pub http: u64,
+    /// Calls that came as frames.
+    pub framed: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    streams: AtomicU64,
+    http: AtomicU64,
+    framed: AtomicU64,
 }
 
 impl Shared {
@@ -270,7 +291,8 @@ impl RuntimeApi {
             state: Mutex::default(),
             next_ready: Notify::new(),
             parked: watch::Sender::new(0),
-            epoch: std::sync::atomic::AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
+            exchanges: Counters::default(),
         });
         let task = tokio::spawn(accept_loop(listener, shared.clone()));
         Ok(Self {
@@ -326,10 +348,19 @@ impl RuntimeApi {
     /// connection, which the server may not have noticed yet, and must not swallow the
     /// next event. It ends at once; the guest's agent asks again on a new connection.
     pub fn connections_reset(&self) {
-        self.shared
-            .epoch
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.shared.epoch.fetch_add(1, Ordering::SeqCst);
         self.shared.next_ready.notify_waiters();
+    }
+
+    /// How many calls the guest made over HTTP and over frames so far: an agent that
+    /// negotiated its frame stream makes every call of an invocation as frames.
+    pub fn exchanges(&self) -> Exchanges {
+        let c = &self.shared.exchanges;
+        Exchanges {
+            streams: c.streams.load(Ordering::Relaxed),
+            http: c.http.load(Ordering::Relaxed),
+            framed: c.framed.load(Ordering::Relaxed),
+        }
     }
 
     /// Gives up on the current invocation (timeout, crash): later answers for it get 403.
@@ -355,19 +386,7 @@ async fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let shared = shared.clone();
-                    connections.spawn(async move {
-                        let service = service_fn(move |req| {
-                            let shared = shared.clone();
-                            async move { Ok::<_, Infallible>(handle(&shared, req).await) }
-                        });
-                        if let Err(e) = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await
-                        {
-                            tracing::debug!(error = %e, "runtime API connection ended with an error");
-                        }
-                    });
+                    connections.spawn(serve_connection(stream, shared.clone()));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "runtime API accept failed");
@@ -379,7 +398,42 @@ async fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
     }
 }
 
-async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// One guest connection: HTTP/1.1, until the agent upgrades it to a frame stream
+/// ([`framed`]), which then runs in this same task.
+async fn serve_connection(stream: UnixStream, shared: Arc<Shared>) {
+    let upgrade = Arc::new(Mutex::new(None));
+    let service = {
+        let (shared, upgrade) = (shared.clone(), upgrade.clone());
+        service_fn(move |mut req| {
+            let (shared, upgrade) = (shared.clone(), upgrade.clone());
+            async move {
+                if framed::wants_upgrade(&req) {
+                    *upgrade.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(hyper::upgrade::on(&mut req));
+                    return Ok::<_, Infallible>(framed::switching());
+                }
+                shared.exchanges.http.fetch_add(1, Ordering::Relaxed);
+                Ok(handle(&shared, req).await)
+            }
+        })
+    };
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades()
+        .await
+    {
+        tracing::debug!(error = %e, "runtime API connection ended with an error");
+    }
+    let upgrade = upgrade.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(upgrade) = upgrade {
+        match upgrade.await {
+            Ok(upgraded) => framed::serve(&shared, TokioIo::new(upgraded)).await,
+            Err(e) => tracing::debug!(error = %e, "frame stream upgrade failed"),
+        }
+    }
+}
+
+async fn handle<B: InBody>(shared: &Shared, req: Request<B>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     let get = req.method() == Method::GET;
     let post = req.method() == Method::POST;
@@ -418,7 +472,6 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
 }
 
 async fn next(shared: &Shared) -> Response<Full<Bytes>> {
-    use std::sync::atomic::Ordering;
     let epoch = shared.epoch.load(Ordering::SeqCst);
     // Counted from its first wait until it answers (or the guest hangs up).
     let mut parked = None;
@@ -535,7 +588,7 @@ fn millis(ms: u128) -> header::HeaderValue {
     header::HeaderValue::from(u64::try_from(ms).unwrap_or(u64::MAX))
 }
 
-async fn response(shared: &Shared, id: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn response<B: InBody>(shared: &Shared, id: &str, req: Request<B>) -> Response<Full<Bytes>> {
     if let Err(r) = accept_answer(shared, id, &req) {
         return r.into();
     }
@@ -555,10 +608,10 @@ async fn response(shared: &Shared, id: &str, req: Request<Incoming>) -> Response
 /// A streamed `/response`: relayed to the invocation's sink as it arrives (see
 /// [`streaming`]); it ends as the body does, with its trailers' error (a function
 /// error) and the agent's report (measured to the stream's end).
-async fn streamed_response(
+async fn streamed_response<B: InBody>(
     shared: &Shared,
     id: &str,
-    req: Request<Incoming>,
+    req: Request<B>,
 ) -> Response<Full<Bytes>> {
     let content_type = req
         .headers()
@@ -616,10 +669,10 @@ fn answer_too_large(shared: &Shared, id: &str, what: &str, limit: usize) -> Resp
     too_large(limit)
 }
 
-async fn function_error(
+async fn function_error<B: InBody>(
     shared: &Shared,
     id: &str,
-    req: Request<Incoming>,
+    req: Request<B>,
 ) -> Response<Full<Bytes>> {
     if let Err(r) = accept_answer(shared, id, &req) {
         return r.into();
@@ -646,7 +699,7 @@ fn answer(shared: &Shared, id: &str, outcome: Outcome) -> Response<Full<Bytes>> 
     accepted()
 }
 
-async fn init_error(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn init_error<B: InBody>(shared: &Shared, req: Request<B>) -> Response<Full<Bytes>> {
     let header_type = error_type_header(&req);
     let body = match read_body(req, MAX_SMALL_POST).await {
         Ok(b) => b,
@@ -670,7 +723,7 @@ async fn init_error(shared: &Shared, req: Request<Incoming>) -> Response<Full<By
     accepted()
 }
 
-async fn post_logs(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn post_logs<B: InBody>(shared: &Shared, req: Request<B>) -> Response<Full<Bytes>> {
     let tagged = req
         .headers()
         .get(wire::HEADER_REQUEST_ID)
@@ -700,7 +753,7 @@ async fn post_logs(shared: &Shared, req: Request<Incoming>) -> Response<Full<Byt
 /// Checks that `id` may be answered and keeps the invocation report that bootstrap
 /// attaches to the result ([`wire::HEADER_INVOCATION_REPORT`]). A report that does not
 /// parse is logged and dropped: the result itself still counts.
-fn accept_answer(shared: &Shared, id: &str, req: &Request<Incoming>) -> Result<(), Refusal> {
+fn accept_answer<B>(shared: &Shared, id: &str, req: &Request<B>) -> Result<(), Refusal> {
     let arrived = monotonic_ns();
     let report = req
         .headers()
@@ -723,7 +776,7 @@ fn accept_answer(shared: &Shared, id: &str, req: &Request<Incoming>) -> Result<(
     Ok(())
 }
 
-async fn runtime_exit(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn runtime_exit<B: InBody>(shared: &Shared, req: Request<B>) -> Response<Full<Bytes>> {
     let mut exit: RuntimeExit = match read_json(req).await {
         Ok(r) => r,
         Err(r) => return r,
@@ -794,19 +847,19 @@ fn normalise_error(header_type: Option<&str>, body: Bytes) -> (String, Bytes) {
     (error_type, body)
 }
 
-fn error_type_header(req: &Request<Incoming>) -> Option<String> {
+fn error_type_header<B>(req: &Request<B>) -> Option<String> {
     req.headers()
         .get(wire::HEADER_FUNCTION_ERROR_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
 }
 
-async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, BodyError> {
+async fn read_body<B: InBody>(req: Request<B>, limit: usize) -> Result<Bytes, BodyError> {
     body::read_limited(req.into_body(), limit).await
 }
 
-async fn read_json<T: serde::de::DeserializeOwned>(
-    req: Request<Incoming>,
+async fn read_json<T: serde::de::DeserializeOwned, B: InBody>(
+    req: Request<B>,
 ) -> Result<T, Response<Full<Bytes>>> {
     let body = match read_body(req, MAX_SMALL_POST).await {
         Ok(b) => b,

@@ -19,11 +19,11 @@ use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use kindling_wire::{self as wire, InvocationReport};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::body::InBody;
 use crate::scheduler::{InvokeError, InvokeRequest, Invoked, Scheduler};
 
 /// The content type of a response with an HTTP prelude (JSON, 8 NUL bytes, the body).
@@ -78,7 +78,7 @@ pub(crate) enum Relayed {
 /// arrives (see the module's doc). A sink whose caller went away is dropped: the rest
 /// is read and discarded, so that the function still finishes.
 pub(crate) async fn relay(
-    mut body: Incoming,
+    mut body: impl InBody,
     mut sink: Option<StreamSink>,
     content_type: Option<String>,
 ) -> Relayed {

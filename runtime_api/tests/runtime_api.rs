@@ -11,8 +11,9 @@ use bytes::Bytes;
 use common::{read_answer, request};
 use kindling_runtime_api::logs::{tail, LogSink, TAIL_BYTES};
 use kindling_runtime_api::runtime_server::{Invocation, Outcome, RuntimeApi, Ticket};
+use kindling_wire::frame::{self, Frame, FrameReader, FrameWriter};
 use kindling_wire::{FunctionEnvironment, MAX_RESPONSE_BYTES};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::time::timeout;
 
@@ -688,4 +689,99 @@ async fn an_unreadable_report_is_dropped_but_the_result_counts() {
         "{:?}",
         done.outcome
     );
+}
+
+/// Upgrades `conn` to a frame stream as the agent does; the host's 101 is read whole.
+async fn upgrade(conn: &mut UnixStream) {
+    let ask = format!(
+        "GET {} HTTP/1.1\r\nHost: x\r\nUpgrade: {}\r\nConnection: upgrade\r\n\r\n",
+        kindling_wire::PATH_STREAM,
+        frame::PROTOCOL
+    );
+    conn.write_all(ask.as_bytes()).await.unwrap();
+    let answer = read_answer(conn).await.expect("an answer to the upgrade");
+    assert_eq!(answer.status, 101);
+    assert_eq!(answer.header("upgrade"), Some(frame::PROTOCOL));
+}
+
+fn call(seq: u32, method: &str, path: &str, body: &'static [u8]) -> Frame {
+    let request = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .body(Bytes::from_static(body))
+        .unwrap();
+    Frame::Request { seq, request }
+}
+
+async fn answer(
+    reader: &mut FrameReader<tokio::net::unix::OwnedReadHalf>,
+) -> (u32, http::Response<Bytes>) {
+    match timeout(Duration::from_secs(5), reader.next()).await {
+        Ok(Ok(Some(Frame::Response { seq, response }))) => (seq, response),
+        other => panic!("expected an answer frame: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_frame_stream_carries_next_and_results_answered_as_they_finish() {
+    let f = fixture();
+    let mut conn = f.connect().await;
+    upgrade(&mut conn).await;
+    let (reader, writer) = conn.into_split();
+    let (mut reader, mut writer) = (FrameReader::new(reader), FrameWriter::new(writer));
+
+    // A /next waits for its event while a log post behind it is answered first.
+    writer.send(&call(1, "GET", NEXT, b"")).await.unwrap();
+    writer
+        .send(&call(2, "POST", kindling_wire::PATH_LOGS, b"a log line\n"))
+        .await
+        .unwrap();
+    let (seq, logged) = answer(&mut reader).await;
+    assert_eq!((seq, logged.status().as_u16()), (2, 202));
+    let ticket = f.submit("framed-1", r#"{"x":1}"#);
+    let (seq, event) = answer(&mut reader).await;
+    assert_eq!((seq, event.status().as_u16()), (1, 200));
+    assert_eq!(event.headers()["lambda-runtime-aws-request-id"], "framed-1");
+    assert!(event.headers().contains_key("lambda-runtime-deadline-ms"));
+    assert_eq!(&event.body()[..], br#"{"x":1}"#);
+
+    // Refusals come back as frames too, and lose nothing.
+    writer
+        .send(&call(3, "POST", &response_path("someone-else"), b"no"))
+        .await
+        .unwrap();
+    let (seq, refused) = answer(&mut reader).await;
+    assert_eq!((seq, refused.status().as_u16()), (3, 400));
+    writer
+        .send(&call(4, "POST", &response_path("framed-1"), b"done"))
+        .await
+        .unwrap();
+    let (seq, accepted) = answer(&mut reader).await;
+    assert_eq!((seq, accepted.status().as_u16()), (4, 202));
+    assert_eq!(
+        outcome(ticket).await.outcome,
+        Outcome::Response(Bytes::from_static(b"done"))
+    );
+    let seen = f.api.exchanges();
+    assert_eq!(
+        (seen.streams, seen.http, seen.framed),
+        (1, 0, 4),
+        "{seen:?}"
+    );
+
+    // A frame past the limit ends its stream before its bytes are read.
+    let mut header = Vec::from((u32::try_from(frame::MAX_FRAME).unwrap() + 1).to_be_bytes());
+    header.push(1);
+    let mut raw = f.connect().await;
+    upgrade(&mut raw).await;
+    raw.write_all(&header).await.unwrap();
+    let mut rest = Vec::new();
+    let closed = timeout(Duration::from_secs(5), raw.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+    // The first stream lives on: its next /next gets the next event.
+    writer.send(&call(5, "GET", NEXT, b"")).await.unwrap();
+    let _ticket = f.submit("after", "{}");
+    let (seq, event) = answer(&mut reader).await;
+    assert_eq!((seq, event.status().as_u16()), (5, 200));
+    assert_eq!(event.headers()["lambda-runtime-aws-request-id"], "after");
 }

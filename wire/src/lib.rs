@@ -13,10 +13,21 @@
 //! | `POST /kindling/v1/logs` | log text, one or more `\n`-terminated lines; header [`HEADER_REQUEST_ID`] when the lines belong to an invocation | 202 |
 //! | `POST /kindling/v1/runtime/exit` | [`RuntimeExit`] | 202 |
 //!
+//! | `GET /kindling/v1/stream`, `Upgrade: kindling-frames/1` | – | 101, then [`frame`]s |
+//!
+//! The agent speaks HTTP to the host only until it has upgraded one connection to a
+//! [`frame`] stream: from then on every call above (and every Runtime API call with a
+//! body of known, small size) travels on that stream as one frame each way. A host that
+//! does not know the upgrade answers 404 and the agent stays on HTTP; a guest that never
+//! asks for it (a runtime or test harness talking to the host directly) is served as
+//! before.
+//!
 //! Each invocation's [`InvocationReport`] rides on the relayed `/response` or `/error`
 //! itself, as the header [`HEADER_INVOCATION_REPORT`]: one round trip less per invocation.
 //! On a streamed `/response` ([`HEADER_RESPONSE_MODE`]) it is a trailer instead, taken
 //! when the stream ends, so that its duration covers the whole stream.
+
+pub mod frame;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -35,6 +46,9 @@ pub const PATH_INIT_ERROR: &str = "/2018-06-01/runtime/init/error";
 pub const PATH_ENVIRONMENT: &str = "/kindling/v1/environment";
 pub const PATH_LOGS: &str = "/kindling/v1/logs";
 pub const PATH_RUNTIME_EXIT: &str = "/kindling/v1/runtime/exit";
+/// `GET` with `Upgrade: `[`frame::PROTOCOL`]: turns the connection into a framed stream
+/// (see [`frame`]).
+pub const PATH_STREAM: &str = "/kindling/v1/stream";
 
 /// `/2018-06-01/runtime/invocation/{id}/response`
 pub fn path_response(request_id: &str) -> String {
