@@ -159,3 +159,173 @@ fn rewrite_resolv_conf(text: &str) -> Result<(), String> {
     }
     std::fs::write(target, text).map_err(|e| format!("writing {}: {e}", target.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rtnetlink::packet_route::neighbour::{
+        NeighbourAddress, NeighbourAttribute, NeighbourState,
+    };
+    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
+    use rtnetlink::{LinkUnspec, LinkVeth};
+
+    async fn index_of(handle: &Handle, name: &str) -> u32 {
+        let mut links = handle.link().get().match_name(name.into()).execute();
+        links.try_next().await.unwrap().unwrap().header.index
+    }
+
+    /// The IPv4 addresses of `index`, with their prefixes.
+    async fn addresses(handle: &Handle, index: u32) -> Vec<(Ipv4Addr, u8)> {
+        let msgs: Vec<AddressMessage> = handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .unwrap();
+        msgs.iter()
+            .flat_map(|m| {
+                m.attributes.iter().filter_map(move |a| match a {
+                    AddressAttribute::Local(IpAddr::V4(a)) => Some((*a, m.header.prefix_len)),
+                    _ => None,
+                })
+            })
+            .collect()
+    }
+
+    /// The gateways of the default routes.
+    async fn default_gateways(handle: &Handle) -> Vec<Ipv4Addr> {
+        let routes: Vec<_> = handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .unwrap();
+        routes
+            .iter()
+            .filter(|r| r.header.destination_prefix_length == 0)
+            .flat_map(|r| {
+                r.attributes.iter().filter_map(|a| match a {
+                    RouteAttribute::Gateway(RouteAddress::Inet(g)) => Some(*g),
+                    _ => None,
+                })
+            })
+            .collect()
+    }
+
+    async fn neighbours(handle: &Handle, index: u32) -> Vec<Ipv4Addr> {
+        let entries: Vec<_> = handle
+            .neighbours()
+            .get()
+            .set_family(IpVersion::V4)
+            .execute()
+            .try_collect()
+            .await
+            .unwrap();
+        entries
+            .iter()
+            .filter(|n| n.header.ifindex == index)
+            .flat_map(|n| {
+                n.attributes.iter().filter_map(|a| match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) => Some(*d),
+                    _ => None,
+                })
+            })
+            .collect()
+    }
+
+    /// A guest configured with the snapshot's lease (10.200.0.2/30 via 10.200.0.1, that
+    /// host end's MAC learnt) is moved onto a clone's (10.200.0.6/30 via 10.200.0.5): only
+    /// the new address is left, the default route goes through the new gateway, the old
+    /// neighbour is gone; doing it again changes nothing. In a network namespace of its own,
+    /// on a veth standing for the virtio-net.
+    #[test]
+    fn a_guest_moves_onto_its_own_lease() {
+        std::thread::spawn(|| {
+            // SAFETY: unshare(2) with CLONE_NEWNET moves only this thread (and what it
+            // starts) into a new network namespace; it touches no memory of ours.
+            if unsafe { nix::libc::unshare(nix::libc::CLONE_NEWNET) } != 0 {
+                println!(
+                    "SKIPPED (host cannot): no network namespace for the test (needs root): {}",
+                    std::io::Error::last_os_error()
+                );
+                return;
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let (connection, handle, _) = rtnetlink::new_connection().unwrap();
+                tokio::spawn(connection);
+                handle
+                    .link()
+                    .add(LinkVeth::new("eth0", "host0").build())
+                    .execute()
+                    .await
+                    .unwrap();
+                let index = index_of(&handle, "eth0").await;
+                for name in ["eth0", "host0"] {
+                    let i = index_of(&handle, name).await;
+                    handle
+                        .link()
+                        .set(LinkUnspec::new_with_index(i).up().build())
+                        .execute()
+                        .await
+                        .unwrap();
+                }
+                let old_gateway = Ipv4Addr::new(10, 200, 0, 1);
+                handle
+                    .address()
+                    .add(index, IpAddr::V4(Ipv4Addr::new(10, 200, 0, 2)), 30)
+                    .execute()
+                    .await
+                    .unwrap();
+                handle
+                    .route()
+                    .add(
+                        RouteMessageBuilder::<Ipv4Addr>::new()
+                            .gateway(old_gateway)
+                            .build(),
+                    )
+                    .execute()
+                    .await
+                    .unwrap();
+                handle
+                    .neighbours()
+                    .add(index, IpAddr::V4(old_gateway))
+                    .link_layer_address(&[2, 0, 0, 0, 0, 1])
+                    .state(NeighbourState::Permanent)
+                    .execute()
+                    .await
+                    .unwrap();
+                assert_eq!(neighbours(&handle, index).await, [old_gateway]);
+                let net = GuestNetwork {
+                    interface: "eth0".into(),
+                    address: Ipv4Addr::new(10, 200, 0, 6),
+                    prefix: 30,
+                    gateway: Ipv4Addr::new(10, 200, 0, 5),
+                    nameservers: Vec::new(),
+                };
+                for _ in 0..2 {
+                    configure(&handle, &net).await.unwrap();
+                    assert_eq!(addresses(&handle, index).await, [(net.address, 30)]);
+                    assert_eq!(default_gateways(&handle).await, [net.gateway]);
+                    assert_eq!(neighbours(&handle, index).await, []);
+                }
+                let missing = GuestNetwork {
+                    interface: "eth9".into(),
+                    ..net
+                };
+                assert_eq!(
+                    configure(&handle, &missing).await.unwrap_err(),
+                    "no interface eth9"
+                );
+            });
+        })
+        .join()
+        .unwrap();
+    }
+}
