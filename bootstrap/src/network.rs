@@ -313,16 +313,14 @@ mod tests {
                     configure(&handle, &net).await.unwrap();
                     assert_eq!(addresses(&handle, index).await, [(net.address, 30)]);
                     assert_eq!(default_gateways(&handle).await, [net.gateway]);
-                    assert_eq!(neighbours(&handle, index).await, []);
+                    assert!(neighbours(&handle, index).await.is_empty());
                 }
                 let missing = GuestNetwork {
                     interface: "eth9".into(),
                     ..net
                 };
-                assert_eq!(
-                    configure(&handle, &missing).await.unwrap_err(),
-                    "no interface eth9"
-                );
+                let error = configure(&handle, &missing).await.unwrap_err();
+                assert!(error.contains("eth9"), "{error}");
             });
         })
         .join()
