@@ -1110,6 +1110,10 @@ const BROKEN_STATE: &[u8] = b"{\"not\": \"a kindling-vmm state file\"}";
 /// start boots instead, in the same environment (its jail, user and sockets), answers, and
 /// takes a fresh snapshot in place of the broken one.
 fn snapstart_boots_when_its_snapshot_is_broken(server: &Server, _: Backend) -> Result<(), Failed> {
+    broken_snapshot_trial(server).map_err(|e| server.with_consoles(e, &["snapbad"]))
+}
+
+fn broken_snapshot_trial(server: &Server) -> Result<(), Failed> {
     let first = server.invoke("snapbad", &json!({"action": "random"}))?;
     first.ok_json()?;
     let report = first.report()?;
