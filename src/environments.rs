@@ -17,7 +17,6 @@ use kindling_microvm::qemu::{self, Accel, Qemu};
 use kindling_microvm::{probe, Backend, BootFiles, ImageSource, MicroVmLauncher};
 use kindling_network::Network;
 use kindling_runtime_api::config::{FunctionConfig, Hypervisor};
-use kindling_runtime_api::environment::Network as FunctionNetwork;
 use kindling_runtime_api::{
     DeployError, Deployer, Environment, EnvironmentSpec, Function, Isolation, Launcher,
 };
@@ -112,9 +111,6 @@ pub fn prepare(
                         function.name,
                         backend.name()
                     );
-                }
-                if function.network == FunctionNetwork::Outbound && function.snapstart {
-                    eprintln!("kindling: {}: no network with snapstart yet (a snapshot would give every clone one environment's address); it runs with network = \"none\"", function.name);
                 }
                 microvm.assign(&function.name, backend);
             }

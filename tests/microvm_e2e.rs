@@ -348,6 +348,11 @@ const FUNCTIONS: &[FunctionDef] = &[
         ..FunctionDef::probe("snapbad", 30, 2)
     },
     FunctionDef {
+        code: NETPROBE,
+        snapstart: true,
+        ..FunctionDef::probe("snapnet", 60, 3)
+    },
+    FunctionDef {
         name: "ext",
         code: "tests/functions/extensions",
         runtime: "python",
@@ -430,6 +435,7 @@ fn scenarios(host: &Arc<Host>) -> Vec<Trial> {
     if matches!(host.backend, Backend::Kindling) {
         list.extend(named![
             snapstart_restores_clones,
+            snapstart_clones_get_networks_of_their_own,
             snapstart_boots_when_its_snapshot_is_broken
         ]);
     }
@@ -1136,6 +1142,77 @@ fn snapstart_trial(server: &Server) -> Result<(), Failed> {
     Ok(())
 }
 
+/// SnapStart with a network (issue 10): the snapshot is taken with the guest's virtio-net,
+/// and every clone restored from it leases a tap and address of its own and is moved onto
+/// them before its first event. With the first environment busy serving on port 8080, two
+/// clones restored at once each fetch the test internet's page by name and report an
+/// address of their own (neither the snapshot's nor each other's), and neither reaches the
+/// first environment's listener, which the host does reach.
+fn snapstart_clones_get_networks_of_their_own(server: &Server, _: Backend) -> Result<(), Failed> {
+    snapstart_network_trial(server).map_err(|e| server.with_consoles(e, &["snapnet"]))
+}
+
+fn snapstart_network_trial(server: &Server) -> Result<(), Failed> {
+    let internet = internet::Internet::start()?;
+    let page = format!("http://{}/", internet::NAME);
+    let address = |body: &Value| body["address"].as_str().unwrap_or_default().to_string();
+    let fetched = |body: &Value, who: &str| {
+        check(
+            body["page"] == internet::PAGE
+                && body["resolv_conf"] == format!("nameserver {}\n", internet::DNS),
+            || format!("{who} did not fetch the page by name: {body}"),
+        )
+    };
+    let booted = server.invoke("snapnet", &json!({"fetch": page}))?;
+    let first = booted.ok_json()?;
+    let report = booted.report()?;
+    check(report.contains("Snapshot Create: "), || {
+        format!("the first cold start took no snapshot: {report}")
+    })?;
+    fetched(&first, "the environment that took the snapshot")?;
+    let first_listener = format!("{}:8080", address(&first));
+    let serving = server.invoke_in_background("snapnet", json!({"serve_seconds": 30}));
+    std::thread::sleep(Duration::from_secs(4));
+    let from_host = internet::host_reaches(&first_listener);
+    let event = json!({"fetch": page, "reach": [first_listener]});
+    let clones = [
+        server.invoke_in_background("snapnet", event.clone()),
+        server.invoke_in_background("snapnet", event),
+    ];
+    let mut addresses = vec![address(&first)];
+    for clone in clones {
+        let answer = clone.join().map_err(|_| "the invoking thread panicked")??;
+        let body = answer.ok_json()?;
+        let report = answer.report()?;
+        check(
+            report.contains("\tRestore Duration: ") && !report.contains("Init Duration"),
+            || format!("a second environment was not restored: {report}"),
+        )?;
+        fetched(&body, "a restored clone")?;
+        check(body["reach"][&first_listener] != "connected", || {
+            format!("a clone reached another environment: {body}")
+        })?;
+        let own = address(&body);
+        check(own.starts_with("10.") && !addresses.contains(&own), || {
+            format!("a clone's address {own:?} is not its own (others: {addresses:?}): {body}")
+        })?;
+        addresses.push(own);
+    }
+    let served = serving
+        .join()
+        .map_err(|_| "the invoking thread panicked")??
+        .ok_json()?;
+    check(from_host.as_deref() == Some("peer\n"), || {
+        format!("the host did not reach the first environment's listener: {from_host:?}")
+    })?;
+    check(served["accepted"] == 1, || {
+        format!("something besides the host reached the first environment: {served}")
+    })?;
+    println!("snapstart network: the snapshot's guest and two clones at {addresses:?}");
+    drop(internet);
+    Ok(())
+}
+
 /// What the trial below writes over a snapshot's state file.
 const BROKEN_STATE: &[u8] = b"{\"not\": \"a kindling-vmm state file\"}";
 
@@ -1144,6 +1221,10 @@ const BROKEN_STATE: &[u8] = b"{\"not\": \"a kindling-vmm state file\"}";
 /// start boots instead, in the same environment (its jail, user and sockets), answers, and
 /// takes a fresh snapshot in place of the broken one.
 fn snapstart_boots_when_its_snapshot_is_broken(server: &Server, _: Backend) -> Result<(), Failed> {
+    broken_snapshot_trial(server).map_err(|e| server.with_consoles(e, &["snapbad"]))
+}
+
+fn broken_snapshot_trial(server: &Server) -> Result<(), Failed> {
     let first = server.invoke("snapbad", &json!({"action": "random"}))?;
     first.ok_json()?;
     let report = first.report()?;

@@ -32,6 +32,7 @@ mod entropy;
 mod extensions;
 mod logs;
 mod memory;
+mod network;
 mod privileges;
 mod relay;
 mod runtime;

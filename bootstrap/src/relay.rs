@@ -21,9 +21,10 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use kindling_wire::{
-    deadline_on_guest_clock, from_hex, monotonic_ns, ErrorBody, InvocationReport,
+    deadline_on_guest_clock, from_hex, monotonic_ns, ErrorBody, GuestNetwork, InvocationReport,
     HEADER_DEADLINE_MS, HEADER_ENTROPY, HEADER_FUNCTION_ERROR_TYPE, HEADER_HOST_TIME_MS,
-    HEADER_INVOCATION_REPORT, HEADER_REQUEST_ID, HEADER_RESPONSE_MODE, PATH_NEXT, RUNTIME_PREFIX,
+    HEADER_INVOCATION_REPORT, HEADER_NETWORK, HEADER_REQUEST_ID, HEADER_RESPONSE_MODE, PATH_NEXT,
+    RUNTIME_PREFIX,
 };
 use nix::sys::time::TimeSpec;
 use nix::time::{clock_settime, ClockId};
@@ -258,6 +259,7 @@ async fn next(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
     };
     let mut resp = resp;
     reseed_from_host(resp.headers_mut(), agent.in_microvm);
+    readdress_from_host(resp.headers_mut(), agent.in_microvm).await;
     onto_guest_clock(resp.headers_mut(), agent.in_microvm);
     if resp.status().is_success() {
         match resp
@@ -298,6 +300,32 @@ fn reseed_from_host(headers: &mut HeaderMap, in_microvm: bool) {
     match done {
         Ok(()) => say!("kernel random generator reseeded with entropy from the host"),
         Err(e) => say!("cannot reseed the kernel random generator: {e}"),
+    }
+}
+
+/// Moves a restored guest onto its own network lease ([`HEADER_NETWORK`], SnapStart) and
+/// drops the header, before the runtime sees the event. Only a microVM's interface is
+/// ours to configure.
+async fn readdress_from_host(headers: &mut HeaderMap, in_microvm: bool) {
+    let Some(network) = headers.remove(HEADER_NETWORK) else {
+        return;
+    };
+    if !in_microvm {
+        return;
+    }
+    let net = match serde_json::from_slice::<GuestNetwork>(network.as_bytes()) {
+        Ok(net) => net,
+        Err(e) => return say!("the host's network is not one: {e}"),
+    };
+    match crate::network::readdress(&net).await {
+        Ok(()) => say!(
+            "network: {} {}/{} via {} (from the host)",
+            net.interface,
+            net.address,
+            net.prefix,
+            net.gateway
+        ),
+        Err(e) => say!("cannot move {} onto its lease: {e}", net.interface),
     }
 }
 

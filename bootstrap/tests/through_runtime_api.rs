@@ -31,6 +31,7 @@ fn invocation(n: u32, payload: &str) -> Invocation {
         cognito_identity: None,
         timeout: Duration::from_secs(30),
         entropy: None,
+        network: None,
         stream: None,
     }
 }

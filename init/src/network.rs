@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use nix::mount::{mount, MsFlags};
 
+use kindling_wire::RESOLV_CONF_COPY;
+
 use crate::config::Config;
 use crate::console::say;
 use crate::system;
@@ -19,8 +21,6 @@ use crate::system;
 /// How long the interface may take to appear.
 const INTERFACE_PATIENCE: Duration = Duration::from_secs(10);
 const RESOLV_CONF: &str = "/etc/resolv.conf";
-/// Where resolv.conf's text is written when `/etc/resolv.conf` is a file to cover.
-const RESOLV_CONF_COPY: &str = "/run/resolv.conf";
 
 /// Configures the network the configuration names; nothing without `net_address`.
 pub fn configure(config: &Config) -> Result<()> {

@@ -101,6 +101,7 @@ impl Backend for KindlingVmm {
             "snapshot_path": snapshot.state,
             "mem_backend": {"backend_type": "File", "backend_path": snapshot.memory},
             "vsock_override": {"uds_path": spec.vsock_uds},
+            "network_overrides": interfaces(spec),
             "resume_vm": true,
         });
         let started = Instant::now();
@@ -112,6 +113,23 @@ impl Backend for KindlingVmm {
         tracing::info!(jail = ?jailed, load = ?started.elapsed(), "kindling-vmm: snapshot restored");
         Ok(Box::new(vm))
     }
+}
+
+/// The VM's network interface on its own tap, by Kindling's `host_dev_fd` (the descriptor
+/// the jail passes on, at the same number): a booted VM's `network-interfaces`, and a
+/// restored one's `network_overrides` (the snapshot's interface attached to the tap this
+/// clone leased); none when the VM has no network.
+fn interfaces(spec: &VmSpec) -> Vec<serde_json::Value> {
+    spec.tap
+        .iter()
+        .map(|tap| {
+            json!({
+                "iface_id": kindling_network::GUEST_IFNAME,
+                "host_dev_name": tap.name,
+                "host_dev_fd": tap.fd.as_raw_fd(),
+            })
+        })
+        .collect()
 }
 
 /// The drives of `spec`, each with whether the VM may write it.
@@ -196,18 +214,6 @@ fn firecracker_config(spec: &VmSpec) -> serde_json::Value {
             })
         })
         .collect();
-    // Kindling's `host_dev_fd`: the descriptor the jail passes on, at the same number.
-    let interfaces: Vec<_> = spec
-        .tap
-        .iter()
-        .map(|tap| {
-            json!({
-                "iface_id": kindling_network::GUEST_IFNAME,
-                "host_dev_name": tap.name,
-                "host_dev_fd": tap.fd.as_raw_fd(),
-            })
-        })
-        .collect();
     json!({
         "boot-source": {
             "kernel_image_path": spec.kernel,
@@ -215,7 +221,7 @@ fn firecracker_config(spec: &VmSpec) -> serde_json::Value {
             "boot_args": spec.cmdline,
         },
         "drives": drives,
-        "network-interfaces": interfaces,
+        "network-interfaces": interfaces(spec),
         "machine-config": { "vcpu_count": spec.vcpus, "mem_size_mib": spec.memory_mib },
         "vsock": { "guest_cid": spec.guest_cid, "uds_path": spec.vsock_uds },
     })

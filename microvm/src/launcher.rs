@@ -87,13 +87,13 @@ impl MicroVmLauncher {
         self.network = Some(network);
     }
 
-    /// The address block of a new environment of `function`, if it gets a network: not
-    /// with SnapStart (a snapshot would carry one environment's address into every clone).
+    /// The address block of a new environment of `function`, if it gets a network. A
+    /// SnapStart clone gets its own too: it is re-addressed to it on its first event.
     fn network_for(&self, function: &Function) -> anyhow::Result<Option<Lease>> {
         let Some(network) = &self.network else {
             return Ok(None);
         };
-        if function.network == FunctionNetwork::None || function.snapstart {
+        if function.network == FunctionNetwork::None {
             return Ok(None);
         }
         Ok(Some(network.lease()?))
@@ -435,6 +435,10 @@ impl Environment for MicroVm {
 
     fn restored_at(&self) -> Option<Instant> {
         self.restored
+    }
+
+    fn guest_network(&self) -> Option<kindling_wire::GuestNetwork> {
+        self.network.as_ref().map(Lease::guest_network)
     }
 
     /// Hypervisor start as the host saw it (for a restored VM: until it runs again);

@@ -6,7 +6,11 @@
 //! shapes the guest: hypervisor and its program, kernel, initramfs, drives (the root and
 //! code images), command line, memory, vCPUs, and what the host tells the guest at init
 //! (runtime, handler, memory, timeout, variables). A snapshot of another digest is stale:
-//! it is replaced when the new one is published.
+//! it is replaced when the new one is published. The environment's own network lease
+//! (address, gateway, resolvers on the command line) is not in the digest: each clone
+//! leases its own tap and address, the VMM attaches that tap in place of the snapshot's
+//! (`network_overrides`), and the guest is re-addressed on its first event
+//! (`kindling_wire::HEADER_NETWORK`). Whether the guest has a network at all is.
 //!
 //! Who may read them: the memory file holds everything the function's guest had in memory.
 //! `<root>` and each function's folder are root's alone (0700), so no host user but root
@@ -84,7 +88,10 @@ impl SnapshotKey {
         let _ = writeln!(
             text,
             "hypervisor {hypervisor}\ncmdline {}\nmemory {}\nvcpus {}\ncid {}",
-            spec.cmdline, spec.memory_mib, spec.vcpus, spec.guest_cid
+            shared_cmdline(&spec.cmdline),
+            spec.memory_mib,
+            spec.vcpus,
+            spec.guest_cid
         );
         let _ = writeln!(
             text,
@@ -102,6 +109,25 @@ impl SnapshotKey {
             hex
         }))
     }
+}
+
+/// `cmdline` without the words of the environment's own network lease
+/// ([`kindling_network::PER_LEASE_KEYS`]): every clone restored from a snapshot has a lease
+/// of its own, and is re-addressed to it on its first event. Whether the guest has a network
+/// at all (`kindling.net_interface`) stays in.
+fn shared_cmdline(cmdline: &str) -> String {
+    let per_lease = |word: &&str| {
+        kindling_network::PER_LEASE_KEYS.iter().any(|key| {
+            word.strip_prefix("kindling.")
+                .and_then(|rest| rest.strip_prefix(key))
+                .is_some_and(|rest| rest.starts_with('='))
+        })
+    };
+    cmdline
+        .split(' ')
+        .filter(|word| !per_lease(word))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The snapshots of one server's functions, under `<state>/snapshots`.
@@ -355,6 +381,28 @@ mod tests {
         ] {
             assert_ne!(key, changed);
         }
+        // Networked: another lease is the same guest; no network, or another
+        // interface, is not.
+        let networked = |words: &str| {
+            let mut spec = spec.clone();
+            spec.cmdline = format!("console=ttyS0 kindling.net_interface=eth0 {words}");
+            SnapshotKey::new("kindling", &program, &spec, &f)
+        };
+        let lease = networked(
+            "kindling.net_address=10.200.0.2/30 kindling.net_gateway=10.200.0.1 kindling.nameservers=192.0.2.53",
+        );
+        assert_eq!(
+            lease,
+            networked("kindling.net_address=10.200.0.6/30 kindling.net_gateway=10.200.0.5 kindling.nameservers=192.0.2.54,192.0.2.55")
+        );
+        assert_ne!(lease, key);
+        assert_ne!(lease, networked("kindling.net_interface_x=1"));
+        let mut other_interface = spec.clone();
+        other_interface.cmdline = "console=ttyS0 kindling.net_interface=eth1".into();
+        assert_ne!(
+            lease,
+            SnapshotKey::new("kindling", &program, &other_interface, &f)
+        );
         std::fs::write(&spec.drives[0].path, "a rebuilt root image").unwrap();
         assert_ne!(key, SnapshotKey::new("kindling", &program, &spec, &f));
     }

@@ -35,6 +35,10 @@ pub const GUEST_IFNAME: &str = "eth0";
 pub const LOCK_DIR: &str = "/run/kindling-network";
 /// The default pool: private, and rarely one a host routes itself.
 pub const DEFAULT_POOL: &str = "10.200.0.0/16";
+/// The init keys of [`Lease::init_json`] and [`Lease::cmdline`] that differ from one lease
+/// to the next, or that a restored guest is given afresh ([`Lease::guest_network`]): what
+/// a snapshot taken with one lease does not depend on.
+pub const PER_LEASE_KEYS: [&str; 3] = ["net_address", "net_gateway", "nameservers"];
 /// Each environment's block: the network, the host, the guest and the broadcast address.
 const BLOCK_PREFIX: u8 = 30;
 
@@ -341,6 +345,18 @@ impl Lease {
         words.join(" ")
     }
 
+    /// What the guest is told of its side of the link when it is restored from another
+    /// guest's snapshot (SnapStart), which configured the interface with its own lease.
+    pub fn guest_network(&self) -> kindling_wire::GuestNetwork {
+        kindling_wire::GuestNetwork {
+            interface: GUEST_IFNAME.to_string(),
+            address: self.guest,
+            prefix: BLOCK_PREFIX,
+            gateway: self.host,
+            nameservers: self.dns.clone(),
+        }
+    }
+
     fn init_keys(&self) -> [(&'static str, String); 3] {
         [
             ("net_interface", GUEST_IFNAME.to_string()),
@@ -526,6 +542,62 @@ mod tests {
             .contains("host bits"));
         assert!("10.200.0.0/31".parse::<Cidr>().is_err());
         assert!("fd00::/8".parse::<Cidr>().is_err());
+    }
+
+    /// Block `block` of 10.200.0.0/16, its lock a file of `dir`'s.
+    fn lease(dir: &Path, block: u32) -> Lease {
+        let file = File::create(dir.join(format!("{block}.lock"))).unwrap();
+        let network = u32::from(Ipv4Addr::new(10, 200, 0, 0)) + block * 4;
+        Lease {
+            block,
+            _lock: Flock::lock(file, FlockArg::LockExclusiveNonblock).unwrap(),
+            host: Ipv4Addr::from(network + 1),
+            guest: Ipv4Addr::from(network + 2),
+            dns: vec![Ipv4Addr::new(192, 0, 2, 53)],
+        }
+    }
+
+    /// The words of two leases' command lines differ in [`PER_LEASE_KEYS`] alone, and
+    /// [`Lease::guest_network`] says what those words say.
+    #[test]
+    fn per_lease_keys_are_what_differs_between_leases() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (lease(dir.path(), 0), lease(dir.path(), 5));
+        let per_lease = |word: &&str| {
+            PER_LEASE_KEYS
+                .iter()
+                .any(|key| word.starts_with(&format!("kindling.{key}=")))
+        };
+        let (a_line, b_line) = (a.cmdline(), b.cmdline());
+        let split = |line: &str| -> (Vec<String>, Vec<String>) {
+            let (lease, shared): (Vec<&str>, Vec<&str>) =
+                line.split(' ').partition(|w| per_lease(w));
+            let own = |words: Vec<&str>| words.into_iter().map(String::from).collect();
+            (own(lease), own(shared))
+        };
+        let ((a_own, a_shared), (b_own, b_shared)) = (split(&a_line), split(&b_line));
+        assert_eq!(a_shared, b_shared);
+        assert_eq!(a_shared, ["kindling.net_interface=eth0"]);
+        assert_eq!(a_own.len(), PER_LEASE_KEYS.len());
+        assert!(a_own.iter().zip(&b_own).any(|(x, y)| x != y));
+        let net = b.guest_network();
+        assert_eq!(
+            b_own,
+            [
+                format!("kindling.net_address={}/{}", net.address, net.prefix),
+                format!("kindling.net_gateway={}", net.gateway),
+                "kindling.nameservers=192.0.2.53".to_string(),
+            ]
+        );
+        assert_eq!(
+            (net.interface.as_str(), net.address, net.gateway),
+            (
+                "eth0",
+                Ipv4Addr::new(10, 200, 0, 22),
+                Ipv4Addr::new(10, 200, 0, 21)
+            )
+        );
+        assert_eq!(net.resolv_conf(), "nameserver 192.0.2.53\n");
     }
 
     #[test]

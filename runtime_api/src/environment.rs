@@ -149,6 +149,12 @@ pub trait Environment: Send + Sync {
     fn restored_at(&self) -> Option<std::time::Instant> {
         None
     }
+    /// The guest's own side of its network link, which a SnapStart guest is told on its
+    /// first event (a clone resumes configured with the lease of the guest that took the
+    /// snapshot; to that guest itself it changes nothing); `None` without a network.
+    fn guest_network(&self) -> Option<kindling_wire::GuestNetwork> {
+        None
+    }
 }
 
 /// Pauses and resumes one environment: while frozen no guest code runs (a handler's

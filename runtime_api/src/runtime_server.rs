@@ -56,6 +56,10 @@ pub struct Invocation {
     /// Fresh random bytes for the guest kernel ([`wire::HEADER_ENTROPY`]): on the first
     /// event of a SnapStart environment, whose random pool its clones share.
     pub entropy: Option<Vec<u8>>,
+    /// The environment's own network ([`wire::HEADER_NETWORK`]): on the first event of a
+    /// SnapStart microVM, which may resume with the address of the one that took the
+    /// snapshot.
+    pub network: Option<wire::GuestNetwork>,
     /// Where a streamed `/response` goes as it arrives (`InvokeWithResponseStream`,
     /// function URLs); `None`: a streamed response is gathered into one payload.
     pub stream: Option<StreamSink>,
@@ -579,6 +583,11 @@ fn event_response(inv: &Invocation) -> http::Result<Response<Full<Bytes>>> {
     }
     if let Some(entropy) = &inv.entropy {
         builder = builder.header(wire::HEADER_ENTROPY, wire::to_hex(entropy));
+    }
+    if let Some(network) = &inv.network {
+        // JSON of addresses and a name the launcher chose: no control characters.
+        let json = serde_json::to_string(network).unwrap_or_default();
+        builder = builder.header(wire::HEADER_NETWORK, json);
     }
     builder.body(Full::new(inv.payload.clone()))
 }

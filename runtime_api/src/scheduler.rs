@@ -892,6 +892,9 @@ impl Pool {
             cognito_identity: request.cognito_identity,
             timeout: f.timeout,
             entropy: (cold && f.snapstart).then(fresh_entropy).flatten(),
+            network: (cold && f.snapstart)
+                .then(|| env.handle.guest_network())
+                .flatten(),
             stream: sink,
         });
         let (mut dispatched, mut done) = (ticket.dispatched, ticket.done);

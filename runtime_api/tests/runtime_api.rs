@@ -71,6 +71,7 @@ impl Fixture {
             cognito_identity: Some(r#"{"cognitoIdentityId":"x"}"#.into()),
             timeout: Duration::from_secs(3),
             entropy: None,
+            network: None,
             stream: None,
         })
     }

@@ -92,6 +92,7 @@ async fn the_aws_tutorial_runtime_answers_through_the_sandbox() {
         cognito_identity: None,
         timeout: function.timeout,
         entropy: None,
+        network: None,
         stream: None,
     });
     let done = tokio::time::timeout(Duration::from_secs(30), ticket.done).await;

@@ -31,6 +31,7 @@ pub mod frame;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -90,6 +91,15 @@ pub const HEADER_HOST_TIME_MS: &str = "kindling-host-time-ms";
 pub const HEADER_ENTROPY: &str = "kindling-entropy";
 /// Bytes of entropy in [`HEADER_ENTROPY`]: a whole ChaCha20 key.
 pub const ENTROPY_BYTES: usize = 32;
+/// Host → bootstrap on the first `/next` of a SnapStart microVM with a network (the one
+/// that took the snapshot, and every clone restored from it): its own [`GuestNetwork`] as
+/// JSON. Clones resume with the address, route and resolvers of the guest that took the
+/// snapshot; bootstrap moves the interface onto this one's lease before the runtime sees
+/// the event, and drops the header.
+pub const HEADER_NETWORK: &str = "kindling-network";
+/// Where init writes the resolvers' text when the image's `/etc/resolv.conf` is a file,
+/// which it then covers with a read-only bind mount of this one: the file to rewrite.
+pub const RESOLV_CONF_COPY: &str = "/run/resolv.conf";
 
 /// `deadline_ms` (on the host's clock, which read `host_now_ms`) on a clock that now reads
 /// `guest_now_ms`.
@@ -158,6 +168,29 @@ pub struct FunctionEnvironment {
     /// The function's own variables (from its configuration), added to the reserved ones.
     #[serde(default)]
     pub variables: BTreeMap<String, String>,
+}
+
+/// One environment's side of its network link, as [`HEADER_NETWORK`] carries it (the same
+/// facts as init's `net_*` and `nameservers` keys).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestNetwork {
+    /// The guest's interface.
+    pub interface: String,
+    pub address: Ipv4Addr,
+    pub prefix: u8,
+    /// The host's end of the link, the default route's next hop.
+    pub gateway: Ipv4Addr,
+    pub nameservers: Vec<Ipv4Addr>,
+}
+
+impl GuestNetwork {
+    /// `/etc/resolv.conf`'s text naming [`Self::nameservers`].
+    pub fn resolv_conf(&self) -> String {
+        self.nameservers
+            .iter()
+            .map(|ns| format!("nameserver {ns}\n"))
+            .collect()
+    }
 }
 
 /// `bytes` as lowercase hex, as [`HEADER_ENTROPY`] carries them.
