@@ -244,22 +244,40 @@ pub fn setup_lapic(vcpu: &VcpuFd) -> Result<(), CpuError> {
 /// What the host offers beyond `KVM_GET_SUPPORTED_CPUID` that a guest should see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostCpu {
-    /// KVM emulates the LAPIC's TSC-deadline timer (`KVM_CAP_TSC_DEADLINE_TIMER`, on any
-    /// host CPU: with a host hrtimer), which its supported CPUID never advertises: the VMM
-    /// must, as Firecracker always does. Without it Linux verifies the LAPIC timer against the
-    /// PIT, slowly, and under load may give the timer up ("APIC timer disabled due to
-    /// verification failure", seen in the nested harness).
+    /// The guest may use the LAPIC's TSC-deadline timer: KVM emulates it
+    /// (`KVM_CAP_TSC_DEADLINE_TIMER`, which its supported CPUID never advertises: the VMM
+    /// must, as Firecracker does) and the host is bare metal or a VM whose CPU has the timer
+    /// too. Inside the nested harness's emulated AMD host (no such timer) it cut a guest's
+    /// boot to 0.4× but left L1 with its own LAPIC timer interrupt pending and never taken
+    /// (QEMU TCG 7.2 and 10; with L1 on `idle=poll` too, so not a lost wake-up from HLT),
+    /// so there the guest keeps the plain LAPIC timer. Bare-metal AMD CPUs lack the timer
+    /// too; their guests get it.
     pub tsc_deadline: bool,
     /// The processor brand string (leaves 0x8000_0002..=4), as the host's CPUID reads it.
     pub brand: [[u32; 4]; 3],
     /// The L1 and L2/L3 cache and TLB leaves (0x8000_0005 and 0x8000_0006), as the host's
-    /// CPUID reads them: a KVM may report them empty (the nested harness's did, and its
-    /// guests saw no TLB entries for 2 MiB pages), so they are passed as Firecracker does.
+    /// CPUID reads them, passed as Firecracker passes them: as the nested harness's KVM
+    /// passed them, its guests found no TLB entries for 2 MiB pages.
     /// `None` where the host's CPUID stops short of them.
     pub cache_tlb: Option<[[u32; 4]; 2]>,
 }
 
 impl HostCpu {
+    /// Whether the CPU this runs on has the TSC-deadline timer (leaf 1, ECX bit 24).
+    #[must_use]
+    pub fn this_cpu_has_tsc_deadline() -> bool {
+        std::arch::x86_64::__cpuid(1).ecx & (1 << 24) != 0
+    }
+
+    /// Whether guests get the TSC-deadline timer (see [`HostCpu::tsc_deadline`]), given
+    /// whether KVM emulates it.
+    #[must_use]
+    pub fn tsc_deadline_for_guests(kvm_emulates_it: bool) -> bool {
+        const ECX_HYPERVISOR: u32 = 1 << 31;
+        let bare_metal = std::arch::x86_64::__cpuid(1).ecx & ECX_HYPERVISOR == 0;
+        kvm_emulates_it && (bare_metal || Self::this_cpu_has_tsc_deadline())
+    }
+
     /// The brand string leaves of the CPU this runs on.
     #[must_use]
     pub fn brand_of_this_cpu() -> [[u32; 4]; 3] {

@@ -414,7 +414,9 @@ impl Vm {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
         let host = cpu::HostCpu {
-            tsc_deadline: self.kvm.check_extension(Cap::TscDeadlineTimer),
+            tsc_deadline: cpu::HostCpu::tsc_deadline_for_guests(
+                self.kvm.check_extension(Cap::TscDeadlineTimer),
+            ),
             brand: cpu::HostCpu::brand_of_this_cpu(),
             cache_tlb: cpu::HostCpu::cache_tlb_of_this_cpu(),
         };

@@ -36,11 +36,6 @@ pub const INSIDE_ENV: &str = "KINDLING_NESTED_L1";
 /// The emulated L1 CPU: AMD with SVM and nested paging. TCG's SVM cannot intercept XSETBV,
 /// so XSAVE stays off (L2 would run without it anyway, and print a CPUID dump about it).
 const L1_CPU: &str = "EPYC-v1,+svm,+npt,-xsave";
-/// L1's kernel command line. `idle=poll`: L1 never halts its CPU. With halts, L2 guests
-/// given the TSC-deadline timer sometimes left L1 halted for good, with its own LAPIC timer
-/// interrupt pending in the IRR and never taken (QEMU 7.2 and 10 TCG with SVM); L1 is
-/// busy emulating L2 anyway, so polling costs little host CPU.
-const L1_CMDLINE: &str = "console=ttyS0 panic=-1 rdinit=/init loglevel=5 idle=poll";
 /// L1's own memory besides its initramfs: its kernel and busybox, the programs a job runs and
 /// a few L2 guests (their memory is touched lazily, on L1 and on this host alike).
 const BASE_MEMORY_MIB: u64 = 3072;
@@ -169,7 +164,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
         .arg(&host.kernel)
         .arg("-initrd")
         .arg(&initramfs)
-        .args(["-append", L1_CMDLINE])
+        .args(["-append", "console=ttyS0 panic=-1 rdinit=/init loglevel=5"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
