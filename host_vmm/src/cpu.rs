@@ -248,12 +248,18 @@ pub struct HostCpu {
     /// (`KVM_CAP_TSC_DEADLINE_TIMER`, which its supported CPUID never advertises: the VMM
     /// must, as Firecracker does) and the host is bare metal or a VM whose CPU has the timer
     /// too. Inside the nested harness's emulated AMD host (no such timer) it cut a guest's
-    /// boot to 0.4× but twice left L1 halted with its own LAPIC timer interrupt pending and
-    /// never delivered (QEMU TCG 7.2 and 10), so there the guest keeps the plain LAPIC timer.
-    /// Bare-metal AMD CPUs lack the timer too; their guests get it.
+    /// boot to 0.4× but left L1 with its own LAPIC timer interrupt pending and never taken
+    /// (QEMU TCG 7.2 and 10; with L1 on `idle=poll` too, so not a lost wake-up from HLT),
+    /// so there the guest keeps the plain LAPIC timer. Bare-metal AMD CPUs lack the timer
+    /// too; their guests get it.
     pub tsc_deadline: bool,
     /// The processor brand string (leaves 0x8000_0002..=4), as the host's CPUID reads it.
     pub brand: [[u32; 4]; 3],
+    /// The L1 and L2/L3 cache and TLB leaves (0x8000_0005 and 0x8000_0006), as the host's
+    /// CPUID reads them, passed as Firecracker passes them: as the nested harness's KVM
+    /// passed them, its guests found no TLB entries for 2 MiB pages.
+    /// `None` where the host's CPUID stops short of them.
+    pub cache_tlb: Option<[[u32; 4]; 2]>,
 }
 
 impl HostCpu {
@@ -275,34 +281,103 @@ impl HostCpu {
     /// The brand string leaves of the CPU this runs on.
     #[must_use]
     pub fn brand_of_this_cpu() -> [[u32; 4]; 3] {
-        std::array::from_fn(|i| {
-            let leaf = LEAF_BRAND_FIRST + u32::try_from(i).unwrap_or(0);
-            let r = std::arch::x86_64::__cpuid(leaf);
-            [r.eax, r.ebx, r.ecx, r.edx]
+        leaves_of_this_cpu(LEAF_BRAND_FIRST)
+    }
+
+    /// The cache and TLB leaves of the CPU this runs on (see [`HostCpu::cache_tlb`]), with
+    /// leaf 0x8000_0006's reserved EDX bits 17:16 cleared, as KVM clears them.
+    #[must_use]
+    pub fn cache_tlb_of_this_cpu() -> Option<[[u32; 4]; 2]> {
+        let max_extended = std::arch::x86_64::__cpuid(0x8000_0000).eax;
+        (max_extended >= LEAF_L2_CACHE_TLB).then(|| {
+            let mut leaves = leaves_of_this_cpu(LEAF_L1_CACHE_TLB);
+            leaves[1][3] &= !(3 << 16);
+            leaves
         })
     }
 }
 
+/// `N` consecutive CPUID leaves from `first`, as the CPU this runs on reads them.
+fn leaves_of_this_cpu<const N: usize>(first: u32) -> [[u32; 4]; N] {
+    std::array::from_fn(|i| {
+        let leaf = first + u32::try_from(i).unwrap_or(0);
+        let r = std::arch::x86_64::__cpuid(leaf);
+        [r.eax, r.ebx, r.ecx, r.edx]
+    })
+}
+
 const LEAF_BRAND_FIRST: u32 = 0x8000_0002;
 const LEAF_BRAND_LAST: u32 = 0x8000_0004;
+const LEAF_L1_CACHE_TLB: u32 = 0x8000_0005;
+const LEAF_L2_CACHE_TLB: u32 = 0x8000_0006;
+
+/// Who made the CPU, from leaf 0's vendor string (which KVM passes from the host): the cache
+/// and topology leaves differ between the two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Vendor {
+    Intel,
+    /// AMD, and Hygon (AMD's design, AMD's leaves).
+    Amd,
+    Other,
+}
+
+impl Vendor {
+    fn of(cpuid: &CpuId) -> Vendor {
+        const GENUINE_INTEL_EBX: u32 = u32::from_le_bytes(*b"Genu");
+        const AUTHENTIC_AMD_EBX: u32 = u32::from_le_bytes(*b"Auth");
+        const HYGON_GENUINE_EBX: u32 = u32::from_le_bytes(*b"Hygo");
+        match cpuid.as_slice().iter().find(|e| e.function == 0) {
+            Some(e) if e.ebx == GENUINE_INTEL_EBX => Vendor::Intel,
+            Some(e) if e.ebx == AUTHENTIC_AMD_EBX || e.ebx == HYGON_GENUINE_EBX => Vendor::Amd,
+            _ => Vendor::Other,
+        }
+    }
+}
+
+/// Sets bits `low..=high` of `reg` to `value` (which must fit: callers pass vCPU counts and
+/// indexes, at most 255, into fields of 8 bits or more).
+fn set_bits(reg: &mut u32, low: u32, high: u32, value: u32) {
+    let mask = (u32::MAX >> (31 - (high - low))) << low;
+    *reg = (*reg & !mask) | ((value << low) & mask);
+}
 
 /// Tailors the host-supported CPUID for vCPU `index` of `count`, as Firecracker normalises
-/// it: APIC ids, logical processor count, the hypervisor bit, the TSC-deadline timer where
-/// KVM emulates it on a host where it works (without it Linux checks the legacy timer through the
-/// PIT, slowly),
-/// and the host's brand string where KVM leaves it empty (else the guest calls its CPU
-/// "AMD 17/01").
+/// it, so that the guest's idea of its CPU matches the VM rather than the host:
+/// - leaf 1 and 0xB: APIC ids, logical processor count, the hypervisor bit, and the
+///   TSC-deadline timer where [`HostCpu::tsc_deadline`] says (without it Linux checks the
+///   legacy timer through the PIT, slowly);
+/// - the brand string where KVM leaves it empty (else the guest calls its CPU "AMD 17/01");
+/// - the L1 and L2/L3 cache and TLB leaves (0x8000_0005/6) from the host's CPUID, as
+///   Firecracker passes them, where the host has them;
+/// - the cache and topology leaves (Intel's 4, AMD's 0x8000_0008, 0x8000_001D and
+///   0x8000_001E), which KVM passes from the host as they are: one core per vCPU, no SMT,
+///   all vCPUs in one package sharing the last-level cache, instead of the host's core and
+///   thread counts (a 1-vCPU guest would otherwise see its L3 shared with a sibling that
+///   does not exist).
+///
+/// Intel's descriptor leaf 2 and the hypervisor leaves (0x4000_0000 "KVMKVMKVM",
+/// 0x4000_0001's paravirtual features) stay as KVM reports them: the host's TLBs, and KVM
+/// itself, which is what the guest runs on.
 pub fn filter_cpuid(cpuid: &mut CpuId, index: u8, count: u8, host: &HostCpu) {
     const LEAF_FEATURES: u32 = 1;
+    const LEAF_CACHE_PARAMS: u32 = 4;
     const LEAF_TOPOLOGY: u32 = 0xb;
+    const LEAF_AMD_SIZES: u32 = 0x8000_0008;
+    const LEAF_AMD_CACHE_TOPOLOGY: u32 = 0x8000_001d;
+    const LEAF_AMD_PROCESSOR_TOPOLOGY: u32 = 0x8000_001e;
     const ECX_TSC_DEADLINE: u32 = 1 << 24;
     const ECX_HYPERVISOR: u32 = 1 << 31;
     const EDX_HTT: u32 = 1 << 28;
+    const LAST_LEVEL: u32 = 3;
+    let vendor = Vendor::of(cpuid);
+    let (index, others) = (u32::from(index), u32::from(count.saturating_sub(1)));
+    // Logical processors sharing a cache of `level`, less one: the last level is shared by
+    // every vCPU, the others by none (no SMT).
+    let sharing = |level: u32| if level == LAST_LEVEL { others } else { 0 };
     for entry in cpuid.as_mut_slice() {
-        match entry.function {
-            LEAF_FEATURES => {
-                entry.ebx =
-                    (entry.ebx & 0xffff) | (u32::from(index) << 24) | (u32::from(count) << 16);
+        match (entry.function, vendor) {
+            (LEAF_FEATURES, _) => {
+                entry.ebx = (entry.ebx & 0xffff) | (index << 24) | (u32::from(count) << 16);
                 entry.ecx |= ECX_HYPERVISOR;
                 if host.tsc_deadline {
                     entry.ecx |= ECX_TSC_DEADLINE;
@@ -313,8 +388,31 @@ pub fn filter_cpuid(cpuid: &mut CpuId, index: u8, count: u8, host: &HostCpu) {
                     entry.edx &= !EDX_HTT;
                 }
             }
-            LEAF_TOPOLOGY => entry.edx = u32::from(index),
-            leaf @ LEAF_BRAND_FIRST..=LEAF_BRAND_LAST => {
+            (LEAF_TOPOLOGY, _) => entry.edx = index,
+            // One subleaf per cache until type 0: EAX bits 7:5 its level, 25:14 the logical
+            // processors sharing it less one; Intel's 31:26, the cores in the package less one.
+            (LEAF_CACHE_PARAMS, Vendor::Intel) | (LEAF_AMD_CACHE_TOPOLOGY, Vendor::Amd)
+                if entry.eax & 0x1f != 0 =>
+            {
+                let level = (entry.eax >> 5) & 7;
+                set_bits(&mut entry.eax, 14, 25, sharing(level));
+                if entry.function == LEAF_CACHE_PARAMS {
+                    set_bits(&mut entry.eax, 26, 31, others);
+                }
+            }
+            // ECX: the number of threads in the package less one (NC); APIC id bits stay.
+            (LEAF_AMD_SIZES, Vendor::Amd) => set_bits(&mut entry.ecx, 0, 7, others),
+            // Extended APIC id, compute unit (core) id and one thread per unit; one node.
+            (LEAF_AMD_PROCESSOR_TOPOLOGY, Vendor::Amd) => {
+                (entry.eax, entry.ebx, entry.ecx) = (index, index, 0);
+            }
+            (leaf @ (LEAF_L1_CACHE_TLB | LEAF_L2_CACHE_TLB), _) => {
+                if let Some(leaves) = host.cache_tlb {
+                    let [eax, ebx, ecx, edx] = leaves[usize::from(leaf == LEAF_L2_CACHE_TLB)];
+                    (entry.eax, entry.ebx, entry.ecx, entry.edx) = (eax, ebx, ecx, edx);
+                }
+            }
+            (leaf @ LEAF_BRAND_FIRST..=LEAF_BRAND_LAST, _) => {
                 let empty = [entry.eax, entry.ebx, entry.ecx, entry.edx] == [0; 4];
                 let brand = usize::try_from(leaf - LEAF_BRAND_FIRST)
                     .ok()
@@ -355,6 +453,17 @@ mod tests {
             (kds.selector, kds.type_, kds.db, kds.l, kds.dpl),
             (0x10, 3, 1, 0, 0)
         );
+    }
+
+    #[test]
+    fn set_bits_replaces_only_its_field() {
+        let mut reg = u32::MAX;
+        set_bits(&mut reg, 14, 25, 2);
+        assert_eq!(reg, 0xfc00_3fff | (2 << 14));
+        set_bits(&mut reg, 26, 31, 0x3f);
+        assert_eq!(reg >> 26, 0x3f);
+        set_bits(&mut reg, 0, 7, 0x1ff);
+        assert_eq!(reg & 0xff, 0xff, "a value too wide is cut to the field");
     }
 
     #[test]

@@ -418,6 +418,7 @@ impl Vm {
                 self.kvm.check_extension(Cap::TscDeadlineTimer),
             ),
             brand: cpu::HostCpu::brand_of_this_cpu(),
+            cache_tlb: cpu::HostCpu::cache_tlb_of_this_cpu(),
         };
         cpu::filter_cpuid(&mut cpuid, index, self.vcpu_count, &host);
         if let Some(template) = &self.cpu_template {

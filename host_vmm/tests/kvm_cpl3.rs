@@ -140,14 +140,25 @@ fn guest_leaf1(template: Option<CpuTemplate>) -> (u32, u32) {
     (reg(1), reg(2))
 }
 
-/// Leaf 1 as the VMM hands it to KVM for vCPU `index` (ebx, ecx).
-fn vmm_leaf1(template: Option<CpuTemplate>, vcpus: u8, index: u8) -> (u32, u32) {
+/// Every entry of the CPUID the VMM hands KVM for vCPU `index` of `vcpus`: (leaf, subleaf,
+/// registers).
+fn vmm_cpuid(template: Option<CpuTemplate>, vcpus: u8, index: u8) -> Vec<(u32, u32, [u32; 4])> {
     let console = scratch("console");
     let vm = new_vm_full(&console, vcpus, template);
     let cpuid = vm.guest_cpuid(index).unwrap();
     std::fs::remove_file(console).unwrap();
-    let e = cpuid.as_slice().iter().find(|e| e.function == 1).unwrap();
-    (e.ebx, e.ecx)
+    cpuid
+        .as_slice()
+        .iter()
+        .map(|e| (e.function, e.index, [e.eax, e.ebx, e.ecx, e.edx]))
+        .collect()
+}
+
+/// Leaf 1 as the VMM hands it to KVM for vCPU `index` (ebx, ecx).
+fn vmm_leaf1(template: Option<CpuTemplate>, vcpus: u8, index: u8) -> (u32, u32) {
+    let cpuid = vmm_cpuid(template, vcpus, index);
+    let (_, _, [_, ebx, ecx, _]) = cpuid.into_iter().find(|e| e.0 == 1).unwrap();
+    (ebx, ecx)
 }
 
 /// A fleet template: hide the hypervisor bit, force SSE3 (bit 0) off.
@@ -208,6 +219,74 @@ fn the_cpuid_carries_the_host_brand_and_the_tsc_deadline_timer_where_the_host_ha
         tsc_deadline,
         "TSC-deadline bit"
     );
+}
+
+#[test]
+fn the_cache_and_topology_leaves_describe_the_vm_not_the_host() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let supported = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .unwrap();
+    let kvm_leaf = |function: u32| {
+        let e = supported.as_slice().iter().find(|e| e.function == function);
+        e.map(|e| [e.eax, e.ebx, e.ecx, e.edx])
+    };
+    for (vcpus, index) in [(1, 0), (3, 2)] {
+        let cpuid = vmm_cpuid(None, vcpus, index);
+        let leaf = |function: u32| cpuid.iter().find(|e| e.0 == function).map(|e| e.2);
+        let others = u32::from(vcpus - 1);
+        // Each cache's sharers: the last level shared by every vCPU, the others by none.
+        let mut caches = 0;
+        for &(function, _, [eax, ..]) in &cpuid {
+            if (function == 4 || function == 0x8000_001d) && eax & 0x1f != 0 {
+                let (level, sharing) = ((eax >> 5) & 7, (eax >> 14) & 0xfff);
+                let expected = if level == 3 { others } else { 0 };
+                assert_eq!(
+                    sharing, expected,
+                    "leaf {function:#x}, L{level}, {vcpus} vCPUs"
+                );
+                if function == 4 {
+                    assert_eq!(eax >> 26, others, "cores per package");
+                }
+                caches += 1;
+            }
+        }
+        let amd = leaf(0).is_some_and(|l| l[1] == u32::from_le_bytes(*b"Auth"));
+        if amd {
+            assert_eq!(
+                leaf(0x8000_0008).unwrap()[2] & 0xff,
+                others,
+                "threads less one"
+            );
+            if let Some([eax, ebx, ..]) = leaf(0x8000_001e) {
+                assert_eq!((eax, ebx & 0xffff), (u32::from(index), u32::from(index)));
+            }
+        }
+        println!("{vcpus} vCPUs: {caches} cache descriptions checked (AMD: {amd})");
+        // The host's cache and TLB leaves, where it has them.
+        if let Some(host) = kindling_vmm::cpu::HostCpu::cache_tlb_of_this_cpu() {
+            assert_eq!(
+                [leaf(0x8000_0005).unwrap(), leaf(0x8000_0006).unwrap()],
+                host
+            );
+        }
+        // KVM's own leaves: "KVMKVMKVM" and the paravirtual features it offers.
+        let signature = leaf(0x4000_0000).expect("the hypervisor signature leaf");
+        let name: Vec<u8> = signature[1..]
+            .iter()
+            .flat_map(|r| r.to_le_bytes())
+            .collect();
+        assert_eq!(&name, b"KVMKVMKVM\0\0\0");
+        assert!(
+            signature[0] >= 0x4000_0001,
+            "max hypervisor leaf {:#x}",
+            signature[0]
+        );
+        assert_eq!(leaf(0x4000_0001), kvm_leaf(0x4000_0001), "KVM's features");
+    }
 }
 
 /// What the guest's CPUID instruction returns. Nested kvm_pvm runs CPL3 CPUID natively (the

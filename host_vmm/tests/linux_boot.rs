@@ -126,6 +126,21 @@ fn timings(stderr: &str) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no timings in {stderr}"))
 }
 
+/// The 2 MiB-page dTLB entries Linux finds on this host when it is an AMD CPU, as its
+/// `cpu_detect_tlb_amd` reads them: the L2 TLB's (leaf 0x8000_0006), else the L1 TLB's
+/// (0x8000_0005). `None` on other CPUs, whose Linux reads other leaves.
+fn host_amd_tlb_2m() -> Option<u32> {
+    use std::arch::x86_64::__cpuid;
+    let amd = __cpuid(0).ebx == u32::from_le_bytes(*b"Auth");
+    if !amd || __cpuid(0x8000_0000).eax < 0x8000_0006 {
+        return None;
+    }
+    match (__cpuid(0x8000_0006).eax >> 16) & 0xfff {
+        0 => Some((__cpuid(0x8000_0005).eax >> 16) & 0xff),
+        l2 => Some(l2),
+    }
+}
+
 #[test]
 fn linux_boots_to_init_and_powers_off() {
     let Some(guest) = guest_here_or_nested("linux_boots_to_init_and_powers_off") else {
@@ -161,7 +176,8 @@ fn linux_boots_to_init_and_powers_off() {
         "marker {marker:?} missing from the console:\n{log}"
     );
     // What the guest made of its CPUID: the host's brand string, and the TSC-deadline timer
-    // where KVM emulates it and the host has one (without it Linux calibrates the legacy timer).
+    // where KVM emulates it and the host has one (without it Linux verifies the LAPIC timer
+    // against the PIT).
     let brand: String = kindling_vmm::cpu::HostCpu::brand_of_this_cpu()
         .iter()
         .flatten()
@@ -173,6 +189,19 @@ fn linux_boots_to_init_and_powers_off() {
         log.contains(&format!("smpboot: CPU0: {}", brand.trim())),
         "no brand {brand:?}:\n{log}"
     );
+    // KVM's hypervisor leaves, and the host's TLBs (with the leaves as KVM passed them the
+    // harness's guest found no TLB entries for 2 MiB pages).
+    assert!(log.contains("Hypervisor detected: KVM"), "{log}");
+    if let Some(expected) = host_amd_tlb_2m() {
+        let line = log
+            .lines()
+            .find(|l| l.starts_with("Last level dTLB entries:"))
+            .unwrap_or_else(|| panic!("no dTLB line:\n{log}"));
+        assert!(
+            line.contains(&format!(" 2MB {expected},")) && expected > 0,
+            "the host has {expected} 2 MiB dTLB entries: {line}"
+        );
+    }
     let tsc_deadline = kindling_vmm::cpu::HostCpu::tsc_deadline_for_guests(
         kvm_ioctls::Kvm::new()
             .unwrap()

@@ -88,10 +88,16 @@ pub fn measure(
         boot_once(booter, images, root, dir)
             .with_context(|| format!("booting on {} (warm-up)", booter.name()))?;
     }
-    for _ in 0..runs {
+    for run in 1..=runs {
         for (booter, (_, boots)) in booters.iter().zip(&mut results) {
             let boot = boot_once(booter, images, root, dir)
                 .with_context(|| format!("booting on {}", booter.name()))?;
+            // Progress: a long run is also a test of many boots in a row.
+            eprintln!(
+                "kindling bench: boot {run}/{runs} on {}: bootstrap after {:.1} s",
+                booter.name(),
+                boot.to_bootstrap.as_secs_f64(),
+            );
             boots.push(boot);
         }
     }
