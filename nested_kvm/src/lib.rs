@@ -172,20 +172,9 @@ pub fn run(job: &Job) -> Result<Outcome> {
         .context("cannot start qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
     let deadline = started + job.timeout;
     let mut stuck = String::new();
-    let mut next_check = started + STALL_CHECK_EVERY;
     let exited = loop {
         if let Some(status) = qemu.try_wait()? {
             break Some(status);
-        }
-        if Instant::now() > next_check {
-            next_check = Instant::now() + STALL_CHECK_EVERY;
-            if l1_stalled(&monitor) && l1_stalled(&monitor) {
-                eprintln!(
-                    "nested-kvm: L1 halted with its timer interrupt pending and undelivered \
-                     (QEMU TCG): kicked with an NMI"
-                );
-                monitor_command(&monitor, "nmi\n");
-            }
         }
         if Instant::now() > deadline {
             stuck = where_l1_is(&monitor);
@@ -229,69 +218,30 @@ pub fn run(job: &Job) -> Result<Outcome> {
     })
 }
 
-/// How often the wait for L1 looks for [`l1_stalled`].
-const STALL_CHECK_EVERY: Duration = Duration::from_secs(15);
-
-/// Whether L1 sits halted with interrupts enabled and an interrupt pending in its local
-/// APIC's IRR, none in service: QEMU's TCG (7.2 and 10 alike) at times never delivers the
-/// LAPIC timer's interrupt to a halted L1, which then sleeps forever. An NMI wakes it; the
-/// idle loop it returns to reprograms the timer, and the pending interrupt goes through.
-fn l1_stalled(monitor: &Path) -> bool {
-    let state = monitor_command(monitor, "info registers\ninfo lapic\n");
-    let halted = state.contains("HLT=1");
-    let interrupts_on = state
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("RFL="))
-        .and_then(|f| u64::from_str_radix(f, 16).ok())
-        .is_some_and(|flags| flags & 0x200 != 0);
-    let field = |name: &str| {
-        state
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(|rest| {
-                rest.split_whitespace()
-                    .next()
-                    .unwrap_or("(none)")
-                    .to_string()
-            })
-    };
-    let pending = field("IRR").is_some_and(|v| v.parse::<u8>().is_ok());
-    let in_service = field("ISR").is_some_and(|v| v.parse::<u8>().is_ok());
-    std::thread::sleep(Duration::from_secs(1));
-    halted && interrupts_on && pending && !in_service
-}
-
-/// Sends `commands` to QEMU's monitor; its answer, less the echoed command lines.
-fn monitor_command(monitor: &Path, commands: &str) -> String {
-    let mut answer = String::new();
-    let Ok(mut conn) = std::os::unix::net::UnixStream::connect(monitor) else {
-        return answer;
-    };
-    let _ = conn.set_read_timeout(Some(Duration::from_millis(500)));
-    let _ = std::io::Write::write_all(&mut conn, commands.as_bytes());
-    std::thread::sleep(Duration::from_millis(300));
-    let mut buf = vec![0; 1 << 16];
-    if let Ok(n) = std::io::Read::read(&mut conn, &mut buf) {
-        // The monitor echoes each command with terminal escapes: those lines go.
-        for line in String::from_utf8_lossy(&buf[..n]).lines() {
-            if !line.contains('\x1b') {
-                answer.push_str(line);
-                answer.push('\n');
-            }
-        }
-    }
-    answer
-}
-
 /// What L1's CPU is doing, from QEMU's monitor: its registers (those of L2 while L1 runs one:
 /// TCG holds the guest's state then), sampled twice to tell a loop from a halt.
 fn where_l1_is(monitor: &Path) -> String {
     let mut report = String::new();
+    let Ok(mut conn) = std::os::unix::net::UnixStream::connect(monitor) else {
+        return format!("(no monitor at {})", monitor.display());
+    };
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(500)));
     for command in [
         "info registers\nx/4i $pc\ninfo lapic\ninfo pic\n",
         "info registers\n",
     ] {
-        report.push_str(&monitor_command(monitor, command));
+        let _ = std::io::Write::write_all(&mut conn, command.as_bytes());
+        std::thread::sleep(Duration::from_millis(300));
+        let mut buf = vec![0; 1 << 16];
+        if let Ok(n) = std::io::Read::read(&mut conn, &mut buf) {
+            // The monitor echoes each command with terminal escapes: those lines go.
+            for line in String::from_utf8_lossy(&buf[..n]).lines() {
+                if !line.contains('\x1b') {
+                    report.push_str(line);
+                    report.push('\n');
+                }
+            }
+        }
         std::thread::sleep(Duration::from_secs(1));
     }
     report
