@@ -31,7 +31,7 @@ mod unprivileged;
 
 use gauge::Gauge;
 use kindling_images::ImagesManifest;
-use kindling_nested_kvm::{shell_quote, Job, LinuxKvm};
+use kindling_nested_kvm::{shell_quote, Job, LinuxKvm, Unfinished};
 use kindling_plumbing::cgroup::Hierarchies;
 use kindling_runtime_api::client::{self, InvokeOptions, InvokeResponse};
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -166,6 +166,45 @@ fn build_images(manifest: &Path) -> Result<(), String> {
 /// by default): one trial alone, while working on it, takes minutes instead of many.
 const NESTED_FILTER_ENV: &str = "KINDLING_E2E_NESTED_FILTER";
 
+/// Every trial inside L1 (where only the kindling backend runs).
+const ALL_NESTED: &str = "kindling::";
+
+/// How long L1 may go without a word from the trials (the longest takes ~2 min there):
+/// past it L1 has stopped making progress (see [`Job::quiet_limit`]).
+const NESTED_QUIET_LIMIT: Duration = Duration::from_secs(300);
+
+/// After an L1 that stopped making progress with no trial failed: the trials it had not
+/// finished run once more in a fresh L1 (`job` takes the libtest arguments that skip the
+/// finished ones). A trial that fails, there or in the first L1, fails the run.
+fn rerun_unfinished(
+    stalled: &Unfinished,
+    job: impl Fn(String) -> Job,
+) -> Result<kindling_nested_kvm::Outcome, Failed> {
+    let finished: Vec<&str> = stalled
+        .output
+        .lines()
+        .filter_map(|line| line.strip_prefix("test ")?.strip_suffix(" ... ok"))
+        .map(str::trim)
+        .collect();
+    if stalled.output.contains("... FAILED") {
+        return Err(stalled.to_string().into());
+    }
+    println!(
+        "nested-kvm: L1 stopped making progress after {} trials passed ({}); the rest run \
+         once more in a fresh L1. The first L1's output:",
+        finished.len(),
+        stalled.why.lines().next().unwrap_or_default()
+    );
+    for line in stalled.output.lines() {
+        println!("  | {line}");
+    }
+    let skips: String = finished
+        .iter()
+        .map(|name| format!(" --skip {}", shell_quote(name)))
+        .collect();
+    Ok(kindling_nested_kvm::run(&job(format!("--exact{skips}")))?)
+}
+
 /// Runs the `kindling::` trials inside the nested-KVM harness: this test binary, `kindling`,
 /// the static `kindling-vmm` and `kindling-jailer`, the images of `manifest` (booted through `kindling serve --images`), the
 /// functions' code and `mkfs.ext4` (code images are built there) go along.
@@ -185,30 +224,6 @@ fn kindling_backend_nested(reason: &str, manifest: &Path) -> Result<(), Failed> 
         .filter_map(|p| Some(p.parent()?.to_string_lossy().into_owned()))
         .collect();
     path.dedup();
-    let filter = std::env::var(NESTED_FILTER_ENV).unwrap_or_else(|_| "kindling::".into());
-    let mut job = Job::new(format!(
-        "export PATH={}:\"$PATH\"\nexec {} {} --test-threads=1 --color never",
-        shell_quote(&path.join(":")),
-        shell_quote(&exe.to_string_lossy()),
-        shell_quote(&filter)
-    ))
-    .file(&exe)
-    .file(&nft)
-    .file(&ip)
-    .file(kindling)
-    .file(statics.join("kindling-vmm"))
-    .file(statics.join("kindling-jailer"))
-    .env("KINDLING_GUEST_BIN_DIR", statics.to_string_lossy())
-    .file(manifest)
-    .file(&images.kernel)
-    .file(&images.initramfs)
-    .file(mkfs)
-    .file("/etc/mke2fs.conf")
-    .env("KINDLING_IMAGES", manifest.to_string_lossy())
-    .timeout(Duration::from_secs(900));
-    for root in images.runtimes.values() {
-        job = job.file(&root.ext4);
-    }
     let checkout = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut code: Vec<&str> = FUNCTIONS
         .iter()
@@ -216,11 +231,45 @@ fn kindling_backend_nested(reason: &str, manifest: &Path) -> Result<(), Failed> 
         .collect();
     code.sort();
     code.dedup();
-    for dir in code {
-        job = job.file(checkout.join(dir));
-    }
+    let filter = std::env::var(NESTED_FILTER_ENV).unwrap_or_else(|_| ALL_NESTED.into());
+    // The job, running this binary with `args` (after the libtest options).
+    let job = |args: &str| {
+        let mut job = Job::new(format!(
+            "export PATH={}:\"$PATH\"\nexec {} --test-threads=1 --color never {args}",
+            shell_quote(&path.join(":")),
+            shell_quote(&exe.to_string_lossy()),
+        ))
+        .file(&exe)
+        .file(&nft)
+        .file(&ip)
+        .file(kindling)
+        .file(statics.join("kindling-vmm"))
+        .file(statics.join("kindling-jailer"))
+        .env("KINDLING_GUEST_BIN_DIR", statics.to_string_lossy())
+        .file(manifest)
+        .file(&images.kernel)
+        .file(&images.initramfs)
+        .file(&mkfs)
+        .file("/etc/mke2fs.conf")
+        .env("KINDLING_IMAGES", manifest.to_string_lossy())
+        .timeout(Duration::from_secs(900))
+        .quiet_limit(NESTED_QUIET_LIMIT);
+        for root in images.runtimes.values() {
+            job = job.file(&root.ext4);
+        }
+        for dir in &code {
+            job = job.file(checkout.join(dir));
+        }
+        job
+    };
     println!("nested-kvm: the kindling backend's trials run inside the harness: {reason}");
-    let outcome = kindling_nested_kvm::run(&job)?;
+    let outcome = match kindling_nested_kvm::run(&job(&shell_quote(&filter))) {
+        Err(e) if filter == ALL_NESTED => match e.downcast::<Unfinished>() {
+            Ok(stalled) => rerun_unfinished(&stalled, |skips| job(&skips))?,
+            Err(e) => return Err(e.into()),
+        },
+        outcome => outcome?,
+    };
     println!("{}", outcome.timing());
     for line in outcome.output.lines() {
         println!("  | {line}");

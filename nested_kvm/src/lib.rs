@@ -75,6 +75,7 @@ pub struct Job {
     files: Vec<PathBuf>,
     env: Vec<(String, String)>,
     timeout: Duration,
+    quiet_limit: Option<Duration>,
 }
 
 impl Job {
@@ -85,6 +86,7 @@ impl Job {
             files: Vec::new(),
             env: Vec::new(),
             timeout: Duration::from_secs(300),
+            quiet_limit: None,
         }
     }
 
@@ -104,7 +106,41 @@ impl Job {
         self.timeout = timeout;
         self
     }
+
+    /// How long the job may go without writing any output (default: no limit but the
+    /// timeout). Under the double emulation an L1 sometimes stops making progress for
+    /// good (QEMU's TCG loses its timer interrupt: halted, the vector pending in its
+    /// LAPIC); a job that writes as it goes is then stopped early, and its caller can tell
+    /// what it got done from [`Unfinished`].
+    pub fn quiet_limit(mut self, limit: Duration) -> Job {
+        self.quiet_limit = Some(limit);
+        self
+    }
 }
+
+/// The error of a job that L1 never reported a status for: stopped at its timeout or its
+/// quiet limit. What it wrote until then is in `output`.
+#[derive(Debug, Clone)]
+pub struct Unfinished {
+    /// Why it was stopped, and where L1's CPU was then.
+    pub why: String,
+    /// The job's stdout and stderr so far.
+    pub output: String,
+    /// L1's console.
+    pub console: String,
+}
+
+impl std::fmt::Display for Unfinished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the nested-KVM host did not finish: {}\n--- console ---\n{}\n--- output ---\n{}",
+            self.why, self.console, self.output
+        )
+    }
+}
+
+impl std::error::Error for Unfinished {}
 
 /// What a job did.
 #[derive(Debug, Clone)]
@@ -171,13 +207,30 @@ pub fn run(job: &Job) -> Result<Outcome> {
         .spawn()
         .context("cannot start qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
     let deadline = started + job.timeout;
-    let mut stuck = String::new();
+    let mut last_output = (0, Instant::now());
+    let mut stopped = None;
     let exited = loop {
         if let Some(status) = qemu.try_wait()? {
             break Some(status);
         }
-        if Instant::now() > deadline {
-            stuck = where_l1_is(&monitor);
+        let now = Instant::now();
+        let written = fs::metadata(&output).map_or(0, |m| m.len());
+        if written != last_output.0 {
+            last_output = (written, now);
+        }
+        let quiet = now.duration_since(last_output.1);
+        let why = if now > deadline {
+            Some(format!("not done within {:?}", job.timeout))
+        } else if job.quiet_limit.is_some_and(|limit| quiet > limit) {
+            Some(format!("no output for {quiet:.0?}"))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            stopped = Some(format!(
+                "{why}\n--- where L1's CPU was ---\n{}",
+                where_l1_is(&monitor)
+            ));
             let _ = qemu.kill();
             let _ = qemu.wait();
             break None;
@@ -196,11 +249,13 @@ pub fn run(job: &Job) -> Result<Outcome> {
         .find_map(|l| l.trim().strip_prefix(START_MARK))
         .and_then(|s| s.trim().parse::<f64>().ok())
         .map(Duration::from_secs_f64);
-    if exited.is_none() && status.is_none() {
-        bail!(
-            "the nested-KVM host did not finish within {:?}\n--- console ---\n{console}\n--- output ---\n{output}\n--- where L1's CPU was ---\n{stuck}",
-            job.timeout
-        );
+    if let (Some(why), None) = (stopped, status) {
+        return Err(Unfinished {
+            why,
+            output,
+            console,
+        }
+        .into());
     }
     if status.is_none() {
         let mut stderr = String::new();

@@ -132,8 +132,16 @@ Rss:                1024 kB\n";
             &mut line,
         )
         .expect("sh names its sleep");
-        let found = descendants_by_program(128 << 20);
         let sleep_pid = nix::unistd::Pid::from_raw(line.trim().parse().expect("a pid"));
+        // `$!` is known as soon as sh forks: wait for the child to be sleep, not sh.
+        let exe = format!("/proc/{sleep_pid}/exe");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::fs::read_link(&exe).map_or(true, |exe| !exe.ends_with("sleep"))
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let found = descendants_by_program(128 << 20);
         let _ = nix::sys::signal::kill(sleep_pid, nix::sys::signal::Signal::SIGKILL);
         child.wait().expect("sh is reaped");
         let sleep = found.unwrap()["sleep"];

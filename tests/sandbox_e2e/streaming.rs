@@ -16,28 +16,17 @@ use crate::support::{prerequisites, repo_path, Binaries, FunctionDef, Scratch, S
 
 /// A Python whose boto3 has `invoke_with_response_stream` (botocore 1.29.1xx and later:
 /// PATH's, Debian's, or the virtual environment scripts/setup.sh makes when Debian's is
-/// older); otherwise prints why the test skips.
+/// older); otherwise prints why the test skips. Decided once per test process.
 pub(crate) fn python_with_streaming_boto3() -> Option<StreamClient> {
-    let check =
-        "import boto3; boto3.client('lambda', region_name='us-east-1').invoke_with_response_stream";
-    let found = [
-        "python3",
-        "/usr/bin/python3",
-        "/opt/kindling-boto3/bin/python3",
-    ]
-    .into_iter()
-    .find(|python| {
-        // A spawn that fails (not a python that does) says nothing of boto3: the test
-        // process may be out of fds for a moment while another test holds thousands of
-        // connections open. Try again rather than skip.
-        for _ in 0..100 {
-            match Command::new(python).args(["-c", check]).output() {
-                Ok(o) => return o.status.success(),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return false,
-                Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
-            }
-        }
-        false
+    static FOUND: std::sync::OnceLock<Option<&'static str>> = std::sync::OnceLock::new();
+    let found = *FOUND.get_or_init(|| {
+        [
+            "python3",
+            "/usr/bin/python3",
+            "/opt/kindling-boto3/bin/python3",
+        ]
+        .into_iter()
+        .find(|python| has_streaming_boto3(python))
     });
     if found.is_none() {
         println!(
@@ -48,6 +37,36 @@ pub(crate) fn python_with_streaming_boto3() -> Option<StreamClient> {
         program: python.to_string(),
         script: "tests/streaming/invoke_stream.py",
     })
+}
+
+/// Whether `python` answers that its boto3 streams. Only a definite answer counts: a
+/// python that is not there (or a shim's 127), or one whose import fails (exit 3), says
+/// no; a spawn that fails or a python that dies otherwise says nothing of boto3 (another
+/// test may hold thousands of connections open and the fds with them, or the machine be
+/// loaded), so it is asked again for up to two minutes, and past that the test fails
+/// with the error.
+fn has_streaming_boto3(python: &str) -> bool {
+    const CHECK: &str = "import sys
+try:
+    import boto3
+    boto3.client('lambda', region_name='us-east-1').invoke_with_response_stream
+except (ImportError, AttributeError):
+    sys.exit(3)";
+    let deadline = Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let undecided = match Command::new(python).args(["-c", CHECK]).output() {
+            Ok(o) if o.status.success() => return true,
+            Ok(o) if matches!(o.status.code(), Some(3 | 127)) => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return false,
+            Ok(o) => format!("{}: {}", o.status, String::from_utf8_lossy(&o.stderr)),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            Instant::now() < deadline,
+            "{python} could not be asked whether its boto3 streams: {undecided}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
 }
 
 /// Where scripts/setup.sh installs the AWS SDK for JavaScript v3's Lambda client.
