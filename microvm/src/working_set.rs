@@ -184,9 +184,9 @@ mod tests {
     fn a_record_names_the_chunks_a_process_touched() {
         let dir = tempfile::tempdir().unwrap();
         let memory = dir.path().join("vm.mem");
-        std::fs::write(&memory, vec![7u8; 8 * CHUNK as usize]).unwrap();
+        let len = usize::try_from(8 * CHUNK).unwrap();
+        std::fs::write(&memory, vec![7u8; len]).unwrap();
         let file = File::open(&memory).unwrap();
-        let len = 8 * CHUNK as usize;
         // SAFETY: a fresh private read-only mapping of a file this test owns, unmapped
         // below before the file goes.
         let addr = unsafe {
@@ -206,8 +206,9 @@ mod tests {
             CHUNK + CHUNK / 2 + PAGE * 100,
             6 * CHUNK + CHUNK / 2,
         ] {
+            let offset = usize::try_from(offset).unwrap();
             // SAFETY: within the mapping just made.
-            assert_eq!(unsafe { bytes.add(offset as usize).read_volatile() }, 7);
+            assert_eq!(unsafe { bytes.add(offset).read_volatile() }, 7);
         }
         let into = dir.path().join("vm.prefetch");
         let recorded = record(std::process::id(), &memory, &into).unwrap();
