@@ -82,8 +82,8 @@ impl Backend for KindlingVmm {
     /// A fresh jailed kindling-vmm with nothing configured, then Firecracker's
     /// `PUT /snapshot/load` (memory mapped privately from the file, so every clone shares
     /// its pages until it writes them; the snapshot's recorded working set read at once,
-    /// or, where none is recorded yet, recorded after this VM's first invocation) with the vsock's host side in this VM's socket
-    /// folder, resumed at once. The drives are reopened by the paths they were saved with,
+    /// or, where none is recorded yet, recorded after this VM's first invocation) with the
+    /// vsock's host side in this VM's socket folder, resumed at once. The drives are reopened by the paths they were saved with,
     /// which the jail binds at the same paths, read-only like the snapshot's files.
     async fn restore(
         &self,
