@@ -153,8 +153,14 @@ pub fn restore_vm(
         _ => None,
     }))?;
     let started = Instant::now();
-    let memory = snapshot::map_memory(mem_file, state.machine)?;
+    let memory = snapshot::map_memory(mem_file, state.machine, &params.prefetch)?;
     metrics::record_phase("guest_memory", started.elapsed());
+    tracing::info!(
+        "guest memory mapped from {} in {:?}, {} MiB of it read in at once (prefetch)",
+        mem_file.display(),
+        started.elapsed(),
+        params.prefetch.iter().map(|r| r.len).sum::<u64>() >> 20
+    );
     let mut vm = Vm::restore(
         VmConfig {
             vcpu_count: state.machine.vcpu_count,

@@ -504,6 +504,7 @@ fn a_snapshot_of_running_linux_restores_in_a_fresh_vmm_with_its_devices() {
 
     // A fresh VMM with another vsock socket: the guest runs on from the snapshot without
     // booting, its bootstrap dials the new socket, its root drive and console still work.
+    // Half its memory is read in at load (Kindling's `prefetch`), half mapped lazily.
     let (sock, console, uds) = (
         scratch("snap-b.sock"),
         scratch("snap-b.console"),
@@ -521,6 +522,7 @@ fn a_snapshot_of_running_linux_restores_in_a_fresh_vmm_with_its_devices() {
         Some(json!({"snapshot_path": state_file,
                     "mem_backend": {"backend_type": "File", "backend_path": mem_file},
                     "vsock_override": {"uds_path": uds},
+                    "prefetch": [{"offset": 0, "len": 32 << 20}, {"offset": 96 << 20, "len": 32 << 20}],
                     "resume_vm": true})),
     );
     assert_eq!(code, 204, "{fault:?}");

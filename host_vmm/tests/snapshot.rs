@@ -158,17 +158,24 @@ fn a_paused_vm_is_saved_and_a_fresh_vmm_runs_it_on() {
     put(&mut b, "/snapshot/create", create);
     stop(restored);
 
+    // This time with the first 4 MiB (the guest's code and stack) and a range further on
+    // read in at once (Kindling's `prefetch`): the guest runs the same, and the memory
+    // file is left as it was.
+    let mem_before = std::fs::read(&files.mem).unwrap();
     let (sock, console) = (scratch("snap-c.sock"), scratch("snap-c.console"));
     let again = vmm(&sock, &console);
     let mut c = Client::connect(&sock);
-    put(
-        &mut c,
-        "/snapshot/load",
-        load(&files.snapshot, &files.mem, true),
-    );
+    let mut prefetched = load(&files.snapshot, &files.mem, true);
+    prefetched["prefetch"] =
+        json!([{"offset": 0, "len": 4 << 20}, {"offset": 32 << 20, "len": 2 << 20}]);
+    put(&mut c, "/snapshot/load", prefetched);
     assert_eq!(state(&mut c), "Running", "resume_vm runs it at once");
     assert!(grows_past(&console, 0), "the second restore did not run");
     stop(again);
+    assert!(
+        std::fs::read(&files.mem).unwrap() == mem_before,
+        "a restored VM changed its memory file"
+    );
     std::fs::remove_file(kernel).unwrap();
 }
 
@@ -214,6 +221,9 @@ fn loads_that_cannot_work_are_refused_and_change_nothing() {
     assert!(refused(json!({"snapshot_path": files.snapshot,
                            "mem_backend": {"backend_type": "Uffd", "backend_path": "/u"}}))
     .contains("Only the File memory backend"));
+    let mut unaligned = load(&files.snapshot, &files.mem, true);
+    unaligned["prefetch"] = json!([{"offset": 4096, "len": 100}]);
+    assert!(refused(unaligned).contains("is not page-aligned"));
 
     // Nothing above changed the VMM: it is not started, and once configured it refuses loads.
     assert_eq!(state(&mut c), "Not started");
@@ -277,6 +287,19 @@ fn a_memory_file_of_the_wrong_size_is_refused() {
     ));
     assert!(
         refused.contains("16777216 bytes, the snapshot's guest has 33554432"),
+        "{refused}"
+    );
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&files.mem)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let mut past_the_end = load(&files.snapshot, &files.mem, true);
+    past_the_end["prefetch"] = json!([{"offset": 30 << 20, "len": 4 << 20}]);
+    let refused = fault(&b.call("PUT", "/snapshot/load", Some(past_the_end)));
+    assert!(
+        refused.contains("is not within the 33554432 bytes"),
         "{refused}"
     );
     assert_eq!(state(&mut b), "Not started");

@@ -25,7 +25,7 @@ use tokio::process::Child;
 
 use crate::machine::{self, Jail, Limits, VmSpec};
 use crate::snapstart::SnapshotFiles;
-use crate::{console, Backend, RunningVm};
+use crate::{console, working_set, Backend, RunningVm};
 use kindling_runtime_api::config::Hypervisor;
 use kindling_runtime_api::environment::{Freezer, StartPhases};
 
@@ -81,8 +81,9 @@ impl Backend for KindlingVmm {
 
     /// A fresh jailed kindling-vmm with nothing configured, then Firecracker's
     /// `PUT /snapshot/load` (memory mapped privately from the file, so every clone shares
-    /// its pages until it writes them) with the vsock's host side in this VM's socket
-    /// folder, resumed at once. The drives are reopened by the paths they were saved with,
+    /// its pages until it writes them; the snapshot's recorded working set read at once,
+    /// or, where none is recorded yet, recorded after this VM's first invocation) with the
+    /// vsock's host side in this VM's socket folder, resumed at once. The drives are reopened by the paths they were saved with,
     /// which the jail binds at the same paths, read-only like the snapshot's files.
     async fn restore(
         &self,
@@ -97,12 +98,22 @@ impl Backend for KindlingVmm {
         let started = Instant::now();
         let mut vm = self.start_jailed(spec, &files, &[]).await?;
         let jailed = started.elapsed();
+        let prefetch = working_set::load(&snapshot.working_set);
+        if prefetch.is_none() {
+            vm.freezer = Arc::new(RecordingFreezer {
+                api: vm.api.clone(),
+                pending: std::sync::Mutex::new(
+                    vm.vmm.id().map(|jailer| (jailer, snapshot.clone())),
+                ),
+            });
+        }
         let load = json!({
             "snapshot_path": snapshot.state,
             "mem_backend": {"backend_type": "File", "backend_path": snapshot.memory},
             "vsock_override": {"uds_path": spec.vsock_uds},
             "network_overrides": interfaces(spec),
             "resume_vm": true,
+            "prefetch": prefetch.unwrap_or_else(|| json!([])),
         });
         let started = Instant::now();
         if let Err(e) = vm.api.request("PUT", "/snapshot/load", &load).await {
@@ -176,9 +187,11 @@ impl KindlingVmm {
             .context("build it with scripts/build-guest.sh")?;
         machine::wait_for_path(&api.0, &mut vmm, "kindling-vmm", API_PATIENCE).await?;
         api.wait_listening(API_PATIENCE).await?;
+        let api = Arc::new(api);
         Ok(KindlingVm {
             vmm,
-            api: Arc::new(api),
+            freezer: api.clone(),
+            api,
             console: capture,
             start_phases: Vec::new(),
         })
@@ -231,6 +244,9 @@ struct KindlingVm {
     /// The jailer, which stands for the jailed VMM.
     vmm: Child,
     api: Arc<Api>,
+    /// Pauses and resumes it between invocations: its API, or for a restored VM that
+    /// records its snapshot's working set, [`RecordingFreezer`].
+    freezer: Arc<dyn Freezer>,
     console: console::Capture,
     /// A restore's jail start (jailer → API answering) and `PUT /snapshot/load` (state
     /// read, memory mapped, devices and vCPUs restored, resumed).
@@ -300,6 +316,64 @@ impl Freezer for Api {
     }
 }
 
+/// The freezer of a VM restored from a snapshot with no working set recorded yet: once
+/// paused the first time (its first invocation answered), it records which parts of the
+/// memory file the VM touched, for later restores to read at once ([`working_set`]).
+struct RecordingFreezer {
+    api: Arc<Api>,
+    /// The jailer's pid and the snapshot, until the record is made.
+    pending: std::sync::Mutex<Option<(u32, SnapshotFiles)>>,
+}
+
+#[async_trait]
+impl Freezer for RecordingFreezer {
+    async fn freeze(&self) -> io::Result<()> {
+        self.api.freeze().await?;
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some((jailer, snapshot)) = pending {
+            let recorded = tokio::task::spawn_blocking(move || {
+                let vmm = jailed_pid(jailer)?;
+                working_set::record(vmm, &snapshot.memory, &snapshot.working_set)
+            })
+            .await;
+            match recorded {
+                Ok(Ok(recorded)) => {
+                    tracing::info!(
+                        pages = recorded.pages,
+                        bytes = recorded.bytes,
+                        "kindling-vmm: recorded the snapshot's working set"
+                    )
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot record the snapshot's working set")
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot record the snapshot's working set"),
+            }
+        }
+        Ok(())
+    }
+
+    async fn thaw(&self) -> io::Result<()> {
+        self.api.thaw().await
+    }
+}
+
+/// The jailed VMM's pid: the jailer's only child (the first process of the jail's own
+/// PID namespace, which execs the VMM).
+fn jailed_pid(jailer: u32) -> anyhow::Result<u32> {
+    let path = format!("/proc/{jailer}/task/{jailer}/children");
+    let children = std::fs::read_to_string(&path).with_context(|| path.clone())?;
+    children
+        .split_whitespace()
+        .next()
+        .and_then(|pid| pid.parse().ok())
+        .with_context(|| format!("{path}: no child"))
+}
+
 #[async_trait]
 impl RunningVm for KindlingVm {
     fn is_running(&mut self) -> bool {
@@ -333,7 +407,7 @@ impl RunningVm for KindlingVm {
     }
 
     fn freezer(&self) -> Arc<dyn Freezer> {
-        self.api.clone()
+        self.freezer.clone()
     }
 
     fn start_phases(&self) -> StartPhases {

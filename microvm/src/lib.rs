@@ -17,6 +17,7 @@ pub mod machine;
 pub mod probe;
 pub mod qemu;
 pub mod snapstart;
+pub mod working_set;
 
 use kindling_runtime_api::config::Hypervisor;
 use kindling_runtime_api::environment::Freezer;

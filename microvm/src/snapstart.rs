@@ -2,7 +2,8 @@
 //! who takes it and who may read it.
 //!
 //! A function's snapshot is two files, the VM's state and its memory, in
-//! `<root>/<function>/<digest>/`, where the digest ([`SnapshotKey`]) covers everything that
+//! `<root>/<function>/<digest>/` (and, once its first clone has recorded it, the memory's
+//! working set: [`crate::working_set`]), where the digest ([`SnapshotKey`]) covers everything that
 //! shapes the guest: hypervisor and its program, kernel, initramfs, drives (the root and
 //! code images), command line, memory, vCPUs, and what the host tells the guest at init
 //! (runtime, handler, memory, timeout, variables). A snapshot of another digest is stale:
@@ -37,16 +38,21 @@ use crate::machine::{VmSpec, VmUser};
 /// The snapshot's files in its folder.
 const STATE_FILE: &str = "vm.state";
 const MEMORY_FILE: &str = "vm.mem";
+/// The memory file's working set, once a restored VM has recorded it
+/// ([`crate::working_set`]).
+const WORKING_SET_FILE: &str = "vm.prefetch";
 /// Staging folders start with this (never a digest, which is hex).
 const STAGING_PREFIX: &str = ".new-";
 
-/// The two files of one snapshot.
+/// The files of one snapshot (the working set only once recorded).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotFiles {
     /// The VM's state (vCPUs, devices).
     pub state: PathBuf,
     /// The guest's memory.
     pub memory: PathBuf,
+    /// What of the memory a restored guest touches first, once recorded.
+    pub working_set: PathBuf,
 }
 
 impl SnapshotFiles {
@@ -54,6 +60,7 @@ impl SnapshotFiles {
         Self {
             state: dir.join(STATE_FILE),
             memory: dir.join(MEMORY_FILE),
+            working_set: dir.join(WORKING_SET_FILE),
         }
     }
 }

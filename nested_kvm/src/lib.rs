@@ -576,6 +576,7 @@ ip link set lo up
 . /nested/env
 cd /tmp
 stty -F /dev/ttyS1 raw -echo
+echo "nested-kvm: transparent huge pages: $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>&1)"
 echo "nested-kvm: job starts at uptime $(cut -d' ' -f1 /proc/uptime)"
 sh /nested/job </dev/null >/dev/ttyS1 2>&1
 echo "nested-kvm: exit status $?"

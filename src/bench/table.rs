@@ -189,12 +189,19 @@ fn snapstart_rows(rows: &mut Rows, target: Target, runs: &[Run]) {
         ),
     );
     rows.push_noted(
+        "SnapStart first restore → answer",
+        env,
+        marked(target, seconds(of(|s| s.first_restored.as_secs_f64()))),
+        "",
+        "fresh server; the snapshot's first clone (kindling-vmm: records its working set)",
+    );
+    rows.push_noted(
         "SnapStart restore → answer",
         env,
         marked(target, seconds(restored)),
         "",
         &format!(
-            "fresh server; 1/{ratio:.1} of the boot (target: at most 1/5){}",
+            "fresh server, a later clone; 1/{ratio:.1} of the boot (target: at most 1/5){}",
             if ratio >= 5.0 { "" } else { " MISSED" }
         ),
     );
@@ -790,6 +797,7 @@ mod tests {
         measured.snapstart = Some(SnapStartRun {
             booted: Duration::from_secs(50),
             snapshot: Duration::from_secs(5),
+            first_restored: Duration::from_secs(9),
             restored: Duration::from_secs(8),
             restored_phases: phases.map(|(n, ms)| (n.to_string(), ms)).to_vec(),
             restored_duration_ms: 2000.0,

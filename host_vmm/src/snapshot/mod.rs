@@ -24,15 +24,12 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
-use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{
-    FileOffset, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, WriteVolatile,
-};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, WriteVolatile};
 
 use self::kvm_state::{KvmStateError, VcpuState, VmState};
 use crate::devices::i8042::{I8042State, I8042};
 use crate::devices::serial::{SerialDevice, SerialSnapshot};
-use crate::memory::{ram_regions, GuestMemory};
+use crate::memory::{ram_regions, reserve_aligned, GuestMemory};
 use crate::vcpu::VcpuControl;
 use crate::virtio::block::{Block, BlockState};
 use crate::virtio::mmio::{MmioTransport, TransportState};
@@ -72,6 +69,8 @@ pub enum SnapshotError {
     },
     #[error("mapping guest memory: {0}")]
     Mmap(String),
+    #[error("prefetch: {0}")]
+    Prefetch(String),
 }
 
 /// `PUT /snapshot/create`'s body (Firecracker's `SnapshotCreateParams`).
@@ -114,6 +113,26 @@ pub struct LoadParams {
     /// `network_overrides`).
     #[serde(default)]
     pub network_overrides: Vec<NetworkOverride>,
+    /// Kindling's addition: byte ranges of the memory file read into memory at load
+    /// instead of faulted in page by page as the guest touches them (the pages a restored
+    /// guest is known to touch first; see [`map_memory`]). Page-aligned, within the file.
+    #[serde(default)]
+    pub prefetch: Vec<FileRange>,
+}
+
+/// A page-aligned byte range of a memory file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRange {
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl FileRange {
+    /// Where the range ends; `None` past `u64`.
+    fn end(&self) -> Option<u64> {
+        self.offset.checked_add(self.len)
+    }
 }
 
 /// Where guest memory comes from on load.
@@ -158,6 +177,16 @@ impl LoadParams {
         }
         crate::config::check_tap_fds(self.network_overrides.iter().map(|o| o.host_dev_fd))
             .map_err(|e| e.0)?;
+        const PAGE: u64 = 4096;
+        if let Some(r) = self
+            .prefetch
+            .iter()
+            .find(|r| r.offset % PAGE != 0 || r.len % PAGE != 0)
+        {
+            return Err(format!(
+                "prefetch: {r:?} is not page-aligned (offset and len multiples of {PAGE})."
+            ));
+        }
         match (&self.mem_backend, &self.mem_file_path) {
             (Some(_), Some(_)) | (None, None) => Err(
                 "Exactly one of mem_backend or mem_file_path must be given to load a snapshot."
@@ -298,9 +327,17 @@ impl MicrovmState {
     }
 }
 
-/// Guest RAM from a memory file, mapped privately: pages are read from the file when the
-/// guest first touches them and copied when it first writes them.
-pub fn map_memory(path: &Path, machine: MachineShape) -> Result<GuestMemory, SnapshotError> {
+/// Guest RAM from a memory file, mapped privately at huge-page-aligned addresses (see
+/// [`crate::memory`]): pages are read from the file when the guest first touches them and
+/// copied when it first writes them. The `prefetch` ranges of the file are instead read
+/// into anonymous memory at once (huge pages where the host has them), so that the guest
+/// finds them mapped, 2 MiB to a nested page table entry; the file is never written either
+/// way.
+pub fn map_memory(
+    path: &Path,
+    machine: MachineShape,
+    prefetch: &[FileRange],
+) -> Result<GuestMemory, SnapshotError> {
     let file_err = |e| SnapshotError::File(path.to_path_buf(), e);
     let regions = machine
         .mem_size_mib
@@ -309,7 +346,7 @@ pub fn map_memory(path: &Path, machine: MachineShape) -> Result<GuestMemory, Sna
         .ok_or_else(|| {
             SnapshotError::Inconsistent(format!("{} MiB of memory", machine.mem_size_mib))
         })?;
-    let file = Arc::new(File::open(path).map_err(file_err)?);
+    let file = File::open(path).map_err(file_err)?;
     let len = file.metadata().map_err(file_err)?.len();
     let expected: u64 = regions.iter().map(|(_, size)| *size as u64).sum();
     if len != expected {
@@ -319,20 +356,35 @@ pub fn map_memory(path: &Path, machine: MachineShape) -> Result<GuestMemory, Sna
             expected,
         });
     }
-    let mut offset = 0u64;
+    if let Some(past) = prefetch
+        .iter()
+        .find(|r| r.end().is_none_or(|end| end > len))
+    {
+        return Err(SnapshotError::Prefetch(format!(
+            "{past:?} is not within the {len} bytes of {}",
+            path.display()
+        )));
+    }
+    let mmap_err = |e: crate::memory::MemoryError| SnapshotError::Mmap(e.to_string());
+    let mut file_start = 0u64;
     let mut mapped = Vec::with_capacity(regions.len());
     for (base, size) in regions {
-        let region = MmapRegionBuilder::new(size)
-            .with_file_offset(FileOffset::from_arc(file.clone(), offset))
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-            .build()
-            .map_err(|e| SnapshotError::Mmap(e.to_string()))?;
-        mapped.push(
-            GuestRegionMmap::new(region, base)
-                .ok_or_else(|| SnapshotError::Mmap(format!("a region at {:#x}", base.0)))?,
-        );
-        offset += size as u64;
+        let file_end = file_start + size as u64;
+        let ram = reserve_aligned(size).map_err(mmap_err)?;
+        ram.map_file(0, size, &file, file_start).map_err(mmap_err)?;
+        for range in prefetch {
+            let start = range.offset.max(file_start);
+            let end = range.end().unwrap_or(0).min(file_end);
+            if start < end {
+                let at = usize::try_from(start - file_start)
+                    .map_err(|e| SnapshotError::Prefetch(e.to_string()))?;
+                let n = usize::try_from(end - start)
+                    .map_err(|e| SnapshotError::Prefetch(e.to_string()))?;
+                ram.copy_in(at, n, &file, start).map_err(mmap_err)?;
+            }
+        }
+        mapped.push(ram.into_region(base).map_err(mmap_err)?);
+        file_start = file_end;
     }
     GuestMemory::from_regions(mapped).map_err(|e| SnapshotError::Mmap(e.to_string()))
 }
