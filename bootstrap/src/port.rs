@@ -68,7 +68,10 @@ fn device_of(ports: &Path, name: &str) -> io::Result<PathBuf> {
     }
     Err(io::Error::new(
         io::ErrorKind::NotFound,
-        format!("no virtio-serial port named {name:?} in {}", ports.display()),
+        format!(
+            "no virtio-serial port named {name:?} in {}",
+            ports.display()
+        ),
     ))
 }
 
@@ -152,7 +155,10 @@ mod tests {
     #[test]
     fn a_port_is_found_by_its_name() {
         let ports = tempfile::tempdir().unwrap();
-        for (device, name) in [("vport0p0", "org.qemu.guest_agent.0"), ("vport1p1", "kindling-host")] {
+        for (device, name) in [
+            ("vport0p0", "org.qemu.guest_agent.0"),
+            ("vport1p1", "kindling-host"),
+        ] {
             std::fs::create_dir(ports.path().join(device)).unwrap();
             std::fs::write(ports.path().join(device).join("name"), format!("{name}\n")).unwrap();
         }

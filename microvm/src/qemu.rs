@@ -210,7 +210,10 @@ impl Qemu {
         let helper_log = machine::log_file(&spec.work_dir.join("hypervisor.log"))?;
         let system = system_folders();
         let daemon = match line {
-            Line::Vsock => Some(self.start_daemon(spec, &sockets, &system, &helper_log).await?),
+            Line::Vsock => Some(
+                self.start_daemon(spec, &sockets, &system, &helper_log)
+                    .await?,
+            ),
             Line::Serial => None,
         };
 
@@ -270,8 +273,13 @@ impl Qemu {
             keep_fd: None,
             limits: VHOST_VSOCK_LIMITS,
         };
-        let mut daemon =
-            machine::jailed(&self.jailer, spec, &daemon_jail, log.try_clone()?, log.try_clone()?);
+        let mut daemon = machine::jailed(
+            &self.jailer,
+            spec,
+            &daemon_jail,
+            log.try_clone()?,
+            log.try_clone()?,
+        );
         daemon
             .arg("--guest-cid")
             .arg(spec.guest_cid.to_string())
@@ -569,7 +577,11 @@ impl QmpSession {
                 match status["status"].as_str() {
                     Some("completed") => return anyhow::Ok(()),
                     Some("failed" | "cancelled") => {
-                        anyhow::bail!("QEMU's migration {}: {}", status["status"], status["error-desc"])
+                        anyhow::bail!(
+                            "QEMU's migration {}: {}",
+                            status["status"],
+                            status["error-desc"]
+                        )
                     }
                     _ => tokio::time::sleep(Duration::from_millis(10)).await,
                 }
@@ -614,12 +626,20 @@ impl QemuVm {
             .await?;
         qmp.migrated().await?;
         qmp.execute(&json!({"execute": "cont"})).await?;
-        let port_changed =
-            |event: &Value| event["event"] == "VSERPORT_CHANGE" && event["data"]["id"] == HOST_PORT_ID;
+        // QEMU announces the guest's side of the port open as it loads it and again once
+        // running (`VSERPORT_CHANGE`, open); the guest closing it says it let go of its
+        // snapshot's session (the agent had it open when the snapshot was taken).
+        let port_changed = |event: &Value| {
+            event["event"] == "VSERPORT_CHANGE"
+                && event["data"]["id"] == HOST_PORT_ID
+                && event["data"]["open"] == false
+        };
         tokio::time::timeout(RESET_PATIENCE, qmp.event(port_changed))
             .await
             .map_err(|_| {
-                anyhow::anyhow!("the restored guest kept its old host session for {RESET_PATIENCE:?}")
+                anyhow::anyhow!(
+                    "the restored guest kept its old host session for {RESET_PATIENCE:?}"
+                )
             })??;
         self.connect_link(spec).await
     }
@@ -682,8 +702,10 @@ impl RunningVm for QemuVm {
         let mut qmp = self.qmp.connect().await?;
         qmp.execute(&json!({"execute": "stop"})).await?;
         let taken = async {
-            qmp.execute(&json!({"execute": "migrate", "arguments": {"uri": file_uri(&into.memory)}}))
-                .await?;
+            qmp.execute(
+                &json!({"execute": "migrate", "arguments": {"uri": file_uri(&into.memory)}}),
+            )
+            .await?;
             qmp.migrated().await?;
             let version = qmp.execute(&json!({"execute": "query-version"})).await?;
             let state = json!({"format": SNAPSHOT_FORMAT, "qemu": version});
@@ -721,6 +743,8 @@ impl QemuVm {
             return Ok(status);
         }
         machine::kill(&mut self.qemu).await?;
-        Err(io::Error::other(format!("{line_ended}, so the VM was killed")))
+        Err(io::Error::other(format!(
+            "{line_ended}, so the VM was killed"
+        )))
     }
 }

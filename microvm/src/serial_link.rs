@@ -29,8 +29,12 @@ impl SerialLink {
                 tokio::spawn(relay(stream, runtime_api.clone()));
             })
             .await;
-            if let Err(e) = served {
-                tracing::warn!(error = %e, "the guest broke its serial link's protocol; link closed");
+            match served {
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    tracing::warn!(error = %e, "the guest broke its serial link's protocol; link closed");
+                }
+                Err(e) => tracing::debug!(error = %e, "the serial link failed"),
+                Ok(()) => {}
             }
         });
         Ok(SerialLink { session })
@@ -86,7 +90,10 @@ mod tests {
                 tokio::spawn(async move {
                     let mut buf = [0u8; 4];
                     connection.read_exact(&mut buf).await.unwrap();
-                    connection.write_all(&[buf, *b"-ok!"].concat()).await.unwrap();
+                    connection
+                        .write_all(&[buf, *b"-ok!"].concat())
+                        .await
+                        .unwrap();
                 });
             }
         });

@@ -103,7 +103,8 @@ impl Opener {
 }
 
 /// The host's end of a session over `io`: hands each stream the guest opens to `serve`,
-/// until the guest closes the link (`Ok`) or breaks the protocol (the error).
+/// until the guest closes the link (`Ok`), the link fails (its I/O error), or the guest
+/// breaks the protocol (an error of kind [`io::ErrorKind::InvalidData`]).
 pub async fn accept<T>(io: T, mut serve: impl FnMut(Stream)) -> io::Result<()>
 where
     T: AsyncRead + AsyncWrite + Unpin,
@@ -112,7 +113,8 @@ where
     loop {
         match poll_fn(|cx| connection.poll_next_inbound(cx)).await {
             Some(Ok(stream)) => serve(stream.compat()),
-            Some(Err(e)) => return Err(io::Error::other(e)),
+            Some(Err(yamux::ConnectionError::Io(e))) => return Err(e),
+            Some(Err(e)) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
             None => return Ok(()),
         }
     }
@@ -161,7 +163,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert!(ended.is_err(), "{ended:?}");
+        assert_eq!(ended.unwrap_err().kind(), io::ErrorKind::InvalidData);
     }
 
     /// When the host's end goes away, the guest's session ends and opens fail.
