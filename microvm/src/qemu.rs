@@ -239,8 +239,15 @@ impl Qemu {
         qemu.args(self.args(spec, line, &sockets)).args(extra);
         let mut qemu = machine::spawn(&mut qemu, QEMU)?;
         if line == Line::Serial {
-            machine::wait_for_path(&sockets.host_port, &mut qemu, QEMU, Duration::from_secs(10))
-                .await?;
+            let started = machine::wait_for_path(
+                &sockets.host_port,
+                &mut qemu,
+                QEMU,
+                Duration::from_secs(10),
+            )
+            .await;
+            // QEMU says why it did not start in its log.
+            started.with_context(|| console::tail(&spec.work_dir.join("hypervisor.log"), 5))?;
         }
         Ok(QemuVm {
             qemu,
