@@ -226,10 +226,7 @@ fn backend(asked: Option<Hypervisor>) -> anyhow::Result<Arc<dyn Backend>> {
             if asked.is_none() {
                 tracing::info!("microVMs run on QEMU ({accel:?}): {}", kvm.reason);
             }
-            Arc::new(Qemu {
-                accel,
-                jailer: static_program("kindling-jailer")?,
-            })
+            Arc::new(Qemu::new(accel, static_program("kindling-jailer")?)?)
         }
     })
 }

@@ -33,6 +33,7 @@ mod extensions;
 mod logs;
 mod memory;
 mod network;
+mod port;
 mod privileges;
 mod relay;
 mod runtime;
@@ -88,8 +89,9 @@ async fn run() -> Result<(), String> {
         config.host
     );
 
-    // Over vsock we are a microVM, whose clock starts from a coarse RTC and drifts.
-    let in_microvm = matches!(config.host, kindling_wire::HostAddr::Vsock { .. });
+    // Over vsock or a virtio port we are a microVM, whose clock starts from a coarse RTC
+    // and drifts.
+    let in_microvm = !matches!(config.host, kindling_wire::HostAddr::Unix(_));
     let agent = Arc::new(Agent::new(upstream, function.clone(), in_microvm));
     let program = match runtime::locate(&config) {
         Ok(p) => p,

@@ -1,4 +1,5 @@
-//! The connection to the host's Runtime API over vsock (microVM) or a Unix socket
+//! The connection to the host's Runtime API over vsock (microVM), streams of a virtio-serial
+//! port ([`crate::port`]: a QEMU microVM that SnapStart snapshots) or a Unix socket
 //! (sandbox): one frame stream ([`kindling_wire::frame`]) for every call whose body is
 //! whole, negotiated with an HTTP/1.1 upgrade on first use, and a small keep-alive pool of
 //! HTTP/1.1 connections for streamed bodies (and for everything, when the host does not
@@ -13,6 +14,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,6 +37,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, WriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::oneshot;
 use tokio_vsock::{VsockAddr, VsockStream};
+
+use crate::port::PortLink;
 use tower_service::Service as _;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -86,6 +90,11 @@ enum Link {
 impl Upstream {
     pub fn new(addr: HostAddr) -> Self {
         let connector = HostConnector {
+            target: Arc::new(match &addr {
+                HostAddr::Unix(path) => Target::Unix(path.clone()),
+                HostAddr::Vsock { cid, port } => Target::Vsock(VsockAddr::new(*cid, *port)),
+                HostAddr::VirtioPort(name) => Target::Port(PortLink::new(name)),
+            }),
             addr: Arc::new(addr),
         };
         let client = Client::builder(TokioExecutor::new())
@@ -366,16 +375,25 @@ impl Drop for Forget<'_> {
 /// Opens connections to the host, retrying with backoff until one succeeds.
 #[derive(Clone)]
 struct HostConnector {
+    /// For messages.
     addr: Arc<HostAddr>,
+    target: Arc<Target>,
+}
+
+/// What a connection to the host is opened on.
+enum Target {
+    Unix(PathBuf),
+    Vsock(VsockAddr),
+    /// The session of a virtio-serial link, shared by every connection.
+    Port(PortLink),
 }
 
 impl HostConnector {
-    async fn connect_once(addr: &HostAddr) -> io::Result<HostStream> {
-        Ok(match addr {
-            HostAddr::Unix(path) => HostStream(Box::new(UnixStream::connect(path).await?)),
-            HostAddr::Vsock { cid, port } => HostStream(Box::new(
-                VsockStream::connect(VsockAddr::new(*cid, *port)).await?,
-            )),
+    async fn connect_once(&self) -> io::Result<HostStream> {
+        Ok(match &*self.target {
+            Target::Unix(path) => HostStream(Box::new(UnixStream::connect(path).await?)),
+            Target::Vsock(addr) => HostStream(Box::new(VsockStream::connect(*addr).await?)),
+            Target::Port(link) => HostStream(Box::new(link.connect().await?)),
         })
     }
 }
@@ -390,13 +408,14 @@ impl tower_service::Service<Uri> for HostConnector {
     }
 
     fn call(&mut self, _: Uri) -> Self::Future {
+        let connector = self.clone();
         let addr = self.addr.clone();
         Box::pin(async move {
             let mut backoff = Backoff::new();
             let mut failures = 0u32;
             let mut next_say = 0u32;
             loop {
-                match Self::connect_once(&addr).await {
+                match connector.connect_once().await {
                     Ok(stream) => {
                         if failures > 0 {
                             say!("connected to the host at {addr}");

@@ -57,6 +57,7 @@ const REQUIRED: &[&str] = &[
     "VSOCKETS",
     "VIRTIO_VSOCKETS",
     "HW_RANDOM_VIRTIO",
+    "VIRTIO_CONSOLE",
     "SLUB",
     "KERNEL_LZ4",
     "NO_HZ_IDLE",

@@ -158,7 +158,7 @@ impl KindlingVmm {
         files: &[(&Path, bool)],
         args: &[&OsStr],
     ) -> anyhow::Result<KindlingVm> {
-        remove_leftover_jail(&machine::jail_dir(spec, &self.program));
+        machine::remove_leftover_jail(&machine::jail_dir(spec, &self.program));
         // The VMM's messages go beside its console, as before it was jailed.
         let (console, capture) = console::capture(&spec.console_log, console::LOG_CAP)?;
         let jail = Jail {
@@ -195,21 +195,6 @@ impl KindlingVmm {
             console: capture,
             start_phases: Vec::new(),
         })
-    }
-}
-
-/// Removes the jail an earlier VMM of this environment left behind: a jailer that is
-/// killed (a restore that failed, a VMM that never answered) cannot remove its chroot,
-/// and the next jailer of the environment, with the same id, refuses to start beside it.
-/// Nothing is mounted there in the host's namespace (the jail's mounts live and die in
-/// the jailed process's own), so this removes only empty mount points and a link.
-fn remove_leftover_jail(dir: &Path) {
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => tracing::info!(jail = %dir.display(), "removed an earlier VMM's jail"),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => {
-            tracing::warn!(jail = %dir.display(), error = %e, "cannot remove an earlier VMM's jail")
-        }
     }
 }
 

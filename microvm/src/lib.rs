@@ -16,6 +16,7 @@ mod launcher;
 pub mod machine;
 pub mod probe;
 pub mod qemu;
+mod serial_link;
 pub mod snapstart;
 pub mod working_set;
 

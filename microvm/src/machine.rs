@@ -281,6 +281,21 @@ pub fn jail_dir(spec: &VmSpec, program: &Path) -> PathBuf {
     spec.work_dir.join(exec_name(program)).join(jail_id(spec))
 }
 
+/// Removes the jail an earlier VM program of this environment left behind: a jailer that
+/// is killed (a restore that failed, a VMM that never answered) cannot remove its chroot,
+/// and the next jailer of the environment, with the same id, refuses to start beside it.
+/// Nothing is mounted there in the host's namespace (the jail's mounts live and die in
+/// the jailed process's own), so this removes only empty mount points and a link.
+pub fn remove_leftover_jail(dir: &Path) {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => tracing::info!(jail = %dir.display(), "removed an earlier VM program's jail"),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(jail = %dir.display(), error = %e, "cannot remove an earlier VM program's jail")
+        }
+    }
+}
+
 /// The program's file name, which names its jail and its cgroup's parent.
 fn exec_name(program: &Path) -> &OsStr {
     program.file_name().unwrap_or(program.as_os_str())

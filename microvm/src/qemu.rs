@@ -13,21 +13,37 @@
 //! socket folder, where both make their sockets. QEMU's serial console is its stdout,
 //! copied into the capped console log; its own messages and the daemon's go to
 //! `hypervisor.log`.
+//!
+//! SnapStart: QEMU cannot migrate a VM with vhost-user-vsock ("State blocked by
+//! non-migratable device '…/vhost-user-vsock'"), so the VM that takes a function's
+//! snapshot, and every clone restored from it, reaches the host over a virtio-serial port
+//! instead ([`SerialLink`]; no vsock daemon). The snapshot is QEMU's own migration
+//! stream: `stop`, `migrate` to a `file:` URI (the guest's RAM and every device's
+//! state, the port included), `cont`. A clone starts QEMU with `-incoming defer`, loads
+//! the file with `migrate-incoming` and `cont`s; restored with no host at the port's
+//! end, the guest learns that its old session is gone (the port reads end-of-file), and
+//! the host connects only once the guest has closed the port (QMP's `VSERPORT_CHANGE`),
+//! so a clone never mistakes the new host session for the snapshot's.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use async_trait::async_trait;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use kindling_runtime_api::environment::StartPhases;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::process::Child;
 
 use crate::machine::{self, Jail, Limits, VmSpec, VmUser};
+use crate::serial_link::SerialLink;
+use crate::snapstart::SnapshotFiles;
 use crate::{console, Backend, RunningVm};
 use kindling_runtime_api::config::Hypervisor;
 use kindling_runtime_api::environment::Freezer;
@@ -42,14 +58,15 @@ pub enum Accel {
     Tcg,
 }
 
-/// Why a QEMU VM cannot be snapshotted here. SnapStart would save a stopped VM with QMP
-/// `migrate` to a `file:` URI and restore it with `-incoming defer`, `migrate-incoming`
-/// and `cont`, but QEMU refuses to migrate a VM with a vhost-user vsock device (QEMU 10.0:
-/// "State blocked by non-migratable device '…/vhost-user-vsock'", its blocked reasons
-/// adding "vhost-user backend lacks VHOST_USER_PROTOCOL_F_LOG_SHMFD feature"), and that
-/// device is how the guest reaches the host here (no `/dev/vhost-vsock`).
-pub const NO_SNAPSHOTS: &str = "QEMU cannot migrate a VM with vhost-user-vsock, its only \
-     vsock here (\"State blocked by non-migratable device '…/vhost-user-vsock'\")";
+/// The id of the virtio-serial port of the host link (in QMP's `VSERPORT_CHANGE`).
+const HOST_PORT_ID: &str = "hostport";
+/// What a QEMU snapshot's state file says it is: the memory file is QEMU's migration
+/// stream, which carries the devices' state too.
+const SNAPSHOT_FORMAT: &str = "qemu-migration-stream/1";
+/// How long a migration to or from a file may take.
+const MIGRATION_PATIENCE: Duration = Duration::from_secs(120);
+/// How long a restored guest may take to let go of its snapshot's host session.
+const RESET_PATIENCE: Duration = Duration::from_secs(60);
 
 /// The host folders both programs need, bound read-only into their chroots (those the
 /// host has): their libraries and loader, QEMU's firmware (`/usr/share/qemu`).
@@ -67,6 +84,21 @@ pub struct Qemu {
     pub accel: Accel,
     /// The static `kindling-jailer` executable, which starts QEMU and its vsock daemon.
     pub jailer: PathBuf,
+    /// `qemu-system-x86_64`, found on `$PATH` ([`Qemu::new`]).
+    program: PathBuf,
+}
+
+impl Qemu {
+    /// The backend with `accel`, its VMs started through `jailer`.
+    pub fn new(accel: Accel, jailer: PathBuf) -> anyhow::Result<Self> {
+        let program =
+            machine::find_program(QEMU).context("is Debian's qemu-system-x86 installed?")?;
+        Ok(Qemu {
+            accel,
+            jailer,
+            program,
+        })
+    }
 }
 
 #[async_trait]
@@ -82,23 +114,168 @@ impl Backend for Qemu {
         }
     }
 
+    /// QEMU itself: its migration stream is the snapshot's format.
     fn snapshots(&self) -> Result<&std::path::Path, String> {
-        Err(NO_SNAPSHOTS.into())
+        Ok(&self.program)
     }
 
+    /// A VM that will be snapshotted (`spec.snapshot_dir`) gets the serial link; every
+    /// other one vsock through its daemon.
     async fn boot(&self, spec: &VmSpec) -> anyhow::Result<Box<dyn RunningVm>> {
-        let vhost_sock = spec.socket_dir.join("vhost-vsock.sock");
-        let qmp_sock = spec.socket_dir.join("qmp.sock");
-        let helper_log = machine::log_file(&spec.work_dir.join("hypervisor.log"))?;
+        let line = if spec.snapshot_dir.is_some() {
+            Line::Serial
+        } else {
+            Line::Vsock
+        };
+        let mut files: Vec<(&Path, bool)> =
+            vec![(spec.kernel.as_path(), false), (&spec.initramfs, false)];
+        files.extend(spec.snapshot_dir.as_deref().map(|dir| (dir, true)));
+        let mut vm = self.start(spec, line, &files, &[]).await?;
+        if line == Line::Serial {
+            vm.connect_link(spec).await?;
+        }
+        Ok(Box::new(vm))
+    }
 
+    /// A fresh QEMU of the snapshot's VM waiting for its state (`-incoming defer`), which
+    /// `migrate-incoming` reads from the snapshot's stream; then `cont`, and the host end
+    /// of the serial link once the guest has dropped the snapshot's session.
+    async fn restore(
+        &self,
+        spec: &VmSpec,
+        snapshot: &SnapshotFiles,
+    ) -> anyhow::Result<Box<dyn RunningVm>> {
+        let state = std::fs::read_to_string(&snapshot.state)
+            .with_context(|| snapshot.state.display().to_string())?;
+        let format: Value = serde_json::from_str(&state)
+            .with_context(|| format!("{}: not a QEMU snapshot", snapshot.state.display()))?;
+        if format["format"] != SNAPSHOT_FORMAT {
+            anyhow::bail!(
+                "{}: format {} is not {SNAPSHOT_FORMAT}",
+                snapshot.state.display(),
+                format["format"]
+            );
+        }
+        let started = Instant::now();
+        // QEMU opens the kernel and initramfs it was started with again, though the guest
+        // it restores runs already.
+        let files = [
+            (spec.kernel.as_path(), false),
+            (&spec.initramfs, false),
+            (&snapshot.memory, false),
+        ];
+        let mut vm = self
+            .start(spec, Line::Serial, &files, &["-incoming", "defer"])
+            .await?;
+        let jailed = started.elapsed();
+        let started = Instant::now();
+        if let Err(e) = vm.load(spec, &snapshot.memory).await {
+            vm.kill().await?;
+            return Err(e);
+        }
+        vm.start_phases = vec![("Jail Start", jailed), ("Snapshot Load", started.elapsed())];
+        tracing::info!(jail = ?jailed, load = ?started.elapsed(), "qemu: snapshot restored");
+        Ok(Box::new(vm))
+    }
+}
+
+/// How the guest reaches the host's Runtime API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Line {
+    /// vsock, through a `vhost-device-vsock` daemon of the VM's own.
+    Vsock,
+    /// A virtio-serial port ([`SerialLink`]): migratable.
+    Serial,
+}
+
+impl Qemu {
+    /// Starts QEMU jailed with `files` (each with whether it may write it) beside its
+    /// drives, and its vsock daemon first when `line` is vsock; `extra` goes after
+    /// QEMU's own arguments.
+    async fn start(
+        &self,
+        spec: &VmSpec,
+        line: Line,
+        files: &[(&Path, bool)],
+        extra: &[&str],
+    ) -> anyhow::Result<QemuVm> {
+        let sockets = Sockets::of(spec);
+        // What a QEMU of this environment left behind (a restore that failed): its jail,
+        // which would keep the next jailer from starting, and its sockets, which would
+        // look like the new QEMU's.
+        machine::remove_leftover_jail(&machine::jail_dir(spec, &self.program));
+        for socket in [&sockets.qmp, &sockets.host_port] {
+            let _ = std::fs::remove_file(socket);
+        }
+        let helper_log = machine::log_file(&spec.work_dir.join("hypervisor.log"))?;
+        let system = system_folders();
+        let daemon = match line {
+            Line::Vsock => Some(
+                self.start_daemon(spec, &sockets, &system, &helper_log)
+                    .await?,
+            ),
+            Line::Serial => None,
+        };
+
+        let (console, capture) = console::capture(&spec.console_log, console::LOG_CAP)?;
+        let user = match self.accel {
+            Accel::Kvm => kvm_user(spec.user)?,
+            Accel::Tcg => spec.user,
+        };
+        let mut jailed = system;
+        jailed.extend_from_slice(files);
+        jailed.extend(spec.drives.iter().map(|d| (d.path.as_path(), !d.read_only)));
+        let qemu_jail = Jail {
+            program: &self.program,
+            user,
+            files: &jailed,
+            kvm: self.accel == Accel::Kvm,
+            // The host made and addressed the tap; QEMU only uses it (no privilege needed,
+            // and its own network namespace stays empty).
+            keep_fd: spec.tap.as_ref().map(|tap| tap.fd.as_fd()),
+            limits: self.limits(spec),
+        };
+        let mut qemu = machine::jailed(&self.jailer, spec, &qemu_jail, console, helper_log);
+        qemu.args(self.args(spec, line, &sockets)).args(extra);
+        let mut qemu = machine::spawn(&mut qemu, QEMU)?;
+        if line == Line::Serial {
+            let started = machine::wait_for_path(
+                &sockets.host_port,
+                &mut qemu,
+                QEMU,
+                Duration::from_secs(10),
+            )
+            .await;
+            // QEMU says why it did not start in its log.
+            started.with_context(|| console::tail(&spec.work_dir.join("hypervisor.log"), 5))?;
+        }
+        Ok(QemuVm {
+            qemu,
+            line: match daemon {
+                Some(daemon) => HostLine::Vsock(daemon),
+                None => HostLine::Serial(None),
+            },
+            qmp: Arc::new(Qmp(sockets.qmp)),
+            console: capture,
+            start_phases: Vec::new(),
+        })
+    }
+
+    /// The VM's vsock daemon, jailed, once its socket is there.
+    async fn start_daemon(
+        &self,
+        spec: &VmSpec,
+        sockets: &Sockets,
+        system: &[(&Path, bool)],
+        log: &std::os::fd::OwnedFd,
+    ) -> anyhow::Result<Child> {
         let daemon_program = machine::find_program(VHOST_VSOCK).context(
             "is it installed? (`cargo install vhost-device-vsock`, done by scripts/setup.sh)",
         )?;
-        let system = system_folders();
         let daemon_jail = Jail {
             program: &daemon_program,
             user: spec.user,
-            files: &system,
+            files: system,
             kvm: false,
             keep_fd: None,
             limits: VHOST_VSOCK_LIMITS,
@@ -107,55 +284,53 @@ impl Backend for Qemu {
             &self.jailer,
             spec,
             &daemon_jail,
-            helper_log.try_clone()?,
-            helper_log.try_clone()?,
+            log.try_clone()?,
+            log.try_clone()?,
         );
         daemon
             .arg("--guest-cid")
             .arg(spec.guest_cid.to_string())
             .arg("--socket")
-            .arg(&vhost_sock)
+            .arg(&sockets.vhost_vsock)
             .arg("--uds-path")
             .arg(&spec.vsock_uds);
         let mut daemon = machine::spawn(&mut daemon, VHOST_VSOCK)?;
         machine::wait_for_path(
-            &vhost_sock,
+            &sockets.vhost_vsock,
             &mut daemon,
             VHOST_VSOCK,
             Duration::from_secs(10),
         )
         .await?;
-
-        let (console, capture) = console::capture(&spec.console_log, console::LOG_CAP)?;
-        let user = match self.accel {
-            Accel::Kvm => kvm_user(spec.user)?,
-            Accel::Tcg => spec.user,
-        };
-        let program =
-            machine::find_program(QEMU).context("is Debian's qemu-system-x86 installed?")?;
-        let mut files = system;
-        files.extend([(spec.kernel.as_path(), false), (&spec.initramfs, false)]);
-        files.extend(spec.drives.iter().map(|d| (d.path.as_path(), !d.read_only)));
-        let qemu_jail = Jail {
-            program: &program,
-            user,
-            files: &files,
-            kvm: self.accel == Accel::Kvm,
-            // The host made and addressed the tap; QEMU only uses it (no privilege needed,
-            // and its own network namespace stays empty).
-            keep_fd: spec.tap.as_ref().map(|tap| tap.fd.as_fd()),
-            limits: self.limits(spec),
-        };
-        let mut qemu = machine::jailed(&self.jailer, spec, &qemu_jail, console, helper_log);
-        qemu.args(self.args(spec, &vhost_sock, &qmp_sock));
-        let qemu = machine::spawn(&mut qemu, QEMU)?;
-        Ok(Box::new(QemuVm {
-            qemu,
-            daemon,
-            qmp: Arc::new(Qmp(qmp_sock)),
-            console: capture,
-        }))
+        Ok(daemon)
     }
+}
+
+/// The sockets of one VM, in its socket folder.
+struct Sockets {
+    /// The vsock daemon's vhost-user socket.
+    vhost_vsock: PathBuf,
+    qmp: PathBuf,
+    /// QEMU's end of the serial link's port.
+    host_port: PathBuf,
+}
+
+impl Sockets {
+    fn of(spec: &VmSpec) -> Self {
+        Sockets {
+            vhost_vsock: spec.socket_dir.join("vhost-vsock.sock"),
+            qmp: spec.socket_dir.join("qmp.sock"),
+            host_port: spec.socket_dir.join("host-port.sock"),
+        }
+    }
+}
+
+/// The Runtime API socket linked into the VM's socket folder, where guest connections to
+/// port 9001 arrive (vsock's `<uds_path>_9001`, which the serial link uses too).
+fn runtime_api_socket(spec: &VmSpec) -> PathBuf {
+    let mut path = spec.vsock_uds.clone().into_os_string();
+    path.push(format!("_{}", kindling_wire::RUNTIME_API_PORT));
+    PathBuf::from(path)
 }
 
 /// What the vsock daemon may use: it holds only its connections' buffers.
@@ -187,17 +362,21 @@ impl Qemu {
     }
 
     /// QEMU's arguments.
-    fn args(
-        &self,
-        spec: &VmSpec,
-        vhost_sock: &std::path::Path,
-        qmp_sock: &std::path::Path,
-    ) -> Vec<String> {
+    fn args(&self, spec: &VmSpec, line: Line, sockets: &Sockets) -> Vec<String> {
         let mem = spec.memory_mib;
         let accel = match self.accel {
             Accel::Kvm => "kvm".to_string(),
             Accel::Tcg => format!("tcg,tb-size={TCG_CODE_CACHE_MIB}"),
         };
+        let mut cmdline = spec.cmdline.clone();
+        if line == Line::Serial {
+            // Tells bootstrap (through init) where the host is.
+            let host = kindling_wire::HostAddr::VirtioPort(kindling_wire::mux::PORT_NAME.into());
+            cmdline.push_str(&format!(
+                " kindling.env={}={host}",
+                kindling_wire::ENV_HOST_ADDR
+            ));
+        }
         let mut args: Vec<String> = [
             "-M",
             "microvm,acpi=off,memory-backend=mem",
@@ -223,25 +402,44 @@ impl Qemu {
             "-initrd",
             &spec.initramfs.to_string_lossy(),
             "-append",
-            &spec.cmdline,
+            &cmdline,
             "-chardev",
             "stdio,id=console,signal=off",
             "-serial",
             "chardev:console",
-            "-chardev",
-            &format!("socket,id=vsock,path={}", vhost_sock.display()),
-            "-device",
-            "vhost-user-vsock-device,chardev=vsock",
             "-device",
             "virtio-rng-device",
             // A keyboard controller, so that a Ctrl-Alt-Del asks the guest to shut down.
             "-device",
             "i8042",
             "-qmp",
-            &format!("unix:{},server=on,wait=off", qmp_sock.display()),
+            &format!("unix:{},server=on,wait=off", sockets.qmp.display()),
         ]
         .map(String::from)
         .to_vec();
+        match line {
+            Line::Vsock => args.extend([
+                "-chardev".to_string(),
+                format!("socket,id=vsock,path={}", sockets.vhost_vsock.display()),
+                "-device".to_string(),
+                "vhost-user-vsock-device,chardev=vsock".to_string(),
+            ]),
+            // QEMU serves the port's host end; the host connects (`SerialLink`).
+            Line::Serial => args.extend([
+                "-chardev".to_string(),
+                format!(
+                    "socket,id=hostport,path={},server=on,wait=off",
+                    sockets.host_port.display()
+                ),
+                "-device".to_string(),
+                "virtio-serial-device,max_ports=2".to_string(),
+                "-device".to_string(),
+                format!(
+                    "virtserialport,id={HOST_PORT_ID},chardev=hostport,name={}",
+                    kindling_wire::mux::PORT_NAME
+                ),
+            ]),
+        }
         if let Some(tap) = &spec.tap {
             // The descriptor the jail passes on (`Jail::keep_fd`), at the same number.
             let fd = tap.fd.as_raw_fd();
@@ -289,41 +487,116 @@ fn kvm_user(user: VmUser) -> anyhow::Result<VmUser> {
 
 struct QemuVm {
     qemu: Child,
-    daemon: Child,
+    line: HostLine,
     qmp: Arc<Qmp>,
     console: console::Capture,
+    /// A restore's jail start and snapshot load.
+    start_phases: StartPhases,
+}
+
+/// The process or session that carries the guest's line to the host.
+enum HostLine {
+    /// The VM's vsock daemon.
+    Vsock(Child),
+    /// The serial link's host end, once connected.
+    Serial(Option<SerialLink>),
 }
 
 /// QEMU's QMP socket (`-qmp unix:...,server=on,wait=off`), which takes one client at a
-/// time: each command gets a connection of its own.
+/// time: each use gets a connection of its own.
 struct Qmp(PathBuf);
 
 impl Qmp {
     /// Runs one command (a QMP `execute` object) and waits for its answer.
     async fn execute(&self, command: &str) -> io::Result<()> {
-        let stream = UnixStream::connect(&self.0).await?;
-        let (read, mut write) = stream.into_split();
-        let mut lines = BufReader::new(read).lines();
-        lines.next_line().await?; // the greeting
-        for command in [r#"{"execute":"qmp_capabilities"}"#, command] {
-            write.write_all(command.as_bytes()).await?;
-            write.write_all(b"\n").await?;
+        let command: Value = serde_json::from_str(command)
+            .map_err(|e| io::Error::other(format!("QMP command {command}: {e}")))?;
+        self.connect().await?.execute(&command).await.map(drop)
+    }
+
+    async fn connect(&self) -> io::Result<QmpSession> {
+        let (read, write) = UnixStream::connect(&self.0).await?.into_split();
+        let mut session = QmpSession {
+            lines: BufReader::new(read).lines(),
+            write,
+            events: Vec::new(),
+        };
+        session.line().await?; // the greeting
+        session
+            .execute(&json!({"execute": "qmp_capabilities"}))
+            .await?;
+        Ok(session)
+    }
+}
+
+/// One QMP connection: commands one after another, and the events QEMU sends meanwhile.
+struct QmpSession {
+    lines: Lines<BufReader<OwnedReadHalf>>,
+    write: OwnedWriteHalf,
+    /// Events read while waiting for an answer, for [`QmpSession::event`].
+    events: Vec<Value>,
+}
+
+impl QmpSession {
+    async fn line(&mut self) -> io::Result<Value> {
+        let line = self.lines.next_line().await?.ok_or_else(|| {
+            io::Error::new(io::ErrorKind::UnexpectedEof, "QMP closed the connection")
+        })?;
+        serde_json::from_str(&line)
+            .map_err(|e| io::Error::other(format!("QMP answered {line:?}: {e}")))
+    }
+
+    /// Runs `command`; its `return` value, or its error.
+    async fn execute(&mut self, command: &Value) -> io::Result<Value> {
+        self.write.write_all(command.to_string().as_bytes()).await?;
+        self.write.write_all(b"\n").await?;
+        loop {
+            let mut answer = self.line().await?;
+            if let Some(value) = answer.get_mut("return") {
+                return Ok(value.take());
+            }
+            if let Some(error) = answer.get("error") {
+                return Err(io::Error::other(format!("QMP {command}: {error}")));
+            }
             // Events (`STOP`, `RESUME`, ...) may come before the command's answer.
-            loop {
-                let line = lines.next_line().await?.ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::UnexpectedEof, "QMP closed the connection")
-                })?;
-                let answer: serde_json::Value = serde_json::from_str(&line)
-                    .map_err(|e| io::Error::other(format!("QMP answered {line:?}: {e}")))?;
-                if answer.get("return").is_some() {
-                    break;
-                }
-                if let Some(error) = answer.get("error") {
-                    return Err(io::Error::other(format!("QMP {command}: {error}")));
-                }
+            self.events.push(answer);
+        }
+    }
+
+    /// Waits for an event `wanted` accepts (one seen already counts).
+    async fn event(&mut self, wanted: impl Fn(&Value) -> bool) -> io::Result<Value> {
+        if let Some(at) = self.events.iter().position(&wanted) {
+            return Ok(self.events.remove(at));
+        }
+        loop {
+            let line = self.line().await?;
+            if wanted(&line) {
+                return Ok(line);
             }
         }
-        Ok(())
+    }
+
+    /// Polls `query-migrate` until the migration (out or in) completed.
+    async fn migrated(&mut self) -> anyhow::Result<()> {
+        let polling = async {
+            loop {
+                let status = self.execute(&json!({"execute": "query-migrate"})).await?;
+                match status["status"].as_str() {
+                    Some("completed") => return anyhow::Ok(()),
+                    Some("failed" | "cancelled") => {
+                        anyhow::bail!(
+                            "QEMU's migration {}: {}",
+                            status["status"],
+                            status["error-desc"]
+                        )
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+        };
+        tokio::time::timeout(MIGRATION_PATIENCE, polling)
+            .await
+            .map_err(|_| anyhow::anyhow!("QEMU's migration took over {MIGRATION_PATIENCE:?}"))?
     }
 }
 
@@ -340,11 +613,60 @@ impl Freezer for Qmp {
     }
 }
 
+impl QemuVm {
+    /// Connects the host end of the serial link.
+    async fn connect_link(&mut self, spec: &VmSpec) -> anyhow::Result<()> {
+        let link = SerialLink::connect(&Sockets::of(spec).host_port, runtime_api_socket(spec))
+            .await
+            .context("connecting to the VM's serial link")?;
+        self.line = HostLine::Serial(Some(link));
+        Ok(())
+    }
+
+    /// Loads the snapshot's migration stream `from` into this `-incoming defer` QEMU and
+    /// lets it run; then connects the serial link, once the guest has closed its port
+    /// (it does when it reads the end of its snapshot's session, or had it closed) and so
+    /// can tell the new session from the old.
+    async fn load(&mut self, spec: &VmSpec, from: &Path) -> anyhow::Result<()> {
+        let mut qmp = self.qmp.connect().await?;
+        qmp.execute(&json!({"execute": "migrate-incoming", "arguments": {"uri": file_uri(from)}}))
+            .await?;
+        qmp.migrated().await?;
+        qmp.execute(&json!({"execute": "cont"})).await?;
+        // QEMU announces the guest's side of the port open as it loads it and again once
+        // running (`VSERPORT_CHANGE`, open); the guest closing it says it let go of its
+        // snapshot's session (the agent had it open when the snapshot was taken).
+        let port_changed = |event: &Value| {
+            event["event"] == "VSERPORT_CHANGE"
+                && event["data"]["id"] == HOST_PORT_ID
+                && event["data"]["open"] == false
+        };
+        tokio::time::timeout(RESET_PATIENCE, qmp.event(port_changed))
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "the restored guest kept its old host session for {RESET_PATIENCE:?}"
+                )
+            })??;
+        self.connect_link(spec).await
+    }
+}
+
+/// A `file:` migration URI; QEMU takes the path as it is (no escaping).
+fn file_uri(path: &Path) -> String {
+    format!("file:{}", path.display())
+}
+
 #[async_trait]
 impl RunningVm for QemuVm {
-    /// Both processes: without its vsock daemon the guest cannot reach the host again.
+    /// QEMU and what carries its line to the host: without it the guest cannot reach the
+    /// host again.
     fn is_running(&mut self) -> bool {
-        matches!(self.qemu.try_wait(), Ok(None)) && matches!(self.daemon.try_wait(), Ok(None))
+        let line = match &mut self.line {
+            HostLine::Vsock(daemon) => matches!(daemon.try_wait(), Ok(None)),
+            HostLine::Serial(link) => link.as_ref().is_none_or(|link| !link.is_finished()),
+        };
+        line && matches!(self.qemu.try_wait(), Ok(None))
     }
 
     async fn request_shutdown(&mut self) -> io::Result<()> {
@@ -352,8 +674,8 @@ impl RunningVm for QemuVm {
         self.qmp.execute(keys).await
     }
 
-    /// Ends with QEMU or its vsock daemon ([`QemuVm::wait_for_either`]), then lets the
-    /// console's last lines reach the log.
+    /// Ends with QEMU or its line to the host ([`QemuVm::wait_for_either`]), then lets
+    /// the console's last lines reach the log.
     async fn wait(&mut self) -> io::Result<ExitStatus> {
         let ended = self.wait_for_either().await;
         self.console.finish().await;
@@ -362,7 +684,9 @@ impl RunningVm for QemuVm {
 
     async fn kill(&mut self) -> io::Result<()> {
         machine::kill(&mut self.qemu).await?;
-        machine::kill(&mut self.daemon).await?;
+        if let HostLine::Vsock(daemon) = &mut self.line {
+            machine::kill(daemon).await?;
+        }
         self.console.finish().await;
         Ok(())
     }
@@ -370,29 +694,64 @@ impl RunningVm for QemuVm {
     fn freezer(&self) -> Arc<dyn Freezer> {
         self.qmp.clone()
     }
+
+    fn start_phases(&self) -> StartPhases {
+        self.start_phases.clone()
+    }
+
+    /// QMP `stop`, `migrate` to the snapshot's memory file (QEMU's stream: RAM and device
+    /// state), the state file naming the format, `cont` (whether or not it succeeded).
+    /// The serial link stays up: this guest keeps its session.
+    async fn snapshot(&mut self, into: &SnapshotFiles) -> anyhow::Result<()> {
+        if !matches!(self.line, HostLine::Serial(_)) {
+            anyhow::bail!("a QEMU VM on vsock cannot migrate (it was not booted for SnapStart)");
+        }
+        let mut qmp = self.qmp.connect().await?;
+        qmp.execute(&json!({"execute": "stop"})).await?;
+        let taken = async {
+            qmp.execute(
+                &json!({"execute": "migrate", "arguments": {"uri": file_uri(&into.memory)}}),
+            )
+            .await?;
+            qmp.migrated().await?;
+            let version = qmp.execute(&json!({"execute": "query-version"})).await?;
+            let state = json!({"format": SNAPSHOT_FORMAT, "qemu": version});
+            std::fs::write(&into.state, state.to_string())
+                .with_context(|| into.state.display().to_string())
+        }
+        .await;
+        qmp.execute(&json!({"execute": "cont"})).await?;
+        taken
+    }
 }
 
 impl QemuVm {
-    /// Ends with QEMU, or with the vsock daemon: a guest whose daemon died would hold its
-    /// invocation until the function's timeout, so QEMU is killed and that is the error.
+    /// Ends with QEMU, or with its line to the host: a guest whose vsock daemon died, or
+    /// whose serial link ended, would hold its invocation until the function's timeout, so
+    /// QEMU is killed and that is the error.
     async fn wait_for_either(&mut self) -> io::Result<ExitStatus> {
-        tokio::select! {
-            status = self.qemu.wait() => {
-                let status = status?;
-                machine::kill(&mut self.daemon).await?;
-                Ok(status)
-            }
-            daemon = self.daemon.wait() => {
-                let daemon = daemon?;
-                // The daemon may have followed a QEMU that exited first.
-                if let Some(status) = self.qemu.try_wait()? {
+        let line_ended = match &mut self.line {
+            HostLine::Vsock(daemon) => tokio::select! {
+                status = self.qemu.wait() => {
+                    let status = status?;
+                    machine::kill(daemon).await?;
                     return Ok(status);
                 }
-                machine::kill(&mut self.qemu).await?;
-                Err(io::Error::other(format!(
-                    "{VHOST_VSOCK} exited ({daemon}), so the VM was killed"
-                )))
-            }
+                exited = daemon.wait() => format!("{VHOST_VSOCK} exited ({})", exited?),
+            },
+            HostLine::Serial(Some(link)) => tokio::select! {
+                status = self.qemu.wait() => return status,
+                () = link.ended() => "its serial link to the host ended".to_string(),
+            },
+            HostLine::Serial(None) => return self.qemu.wait().await,
+        };
+        // The line may have followed a QEMU that exited first.
+        if let Some(status) = self.qemu.try_wait()? {
+            return Ok(status);
         }
+        machine::kill(&mut self.qemu).await?;
+        Err(io::Error::other(format!(
+            "{line_ended}, so the VM was killed"
+        )))
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _};
 use indicatif::ProgressBar;
 use kindling_microvm::probe;
-use kindling_microvm::qemu::{self, QEMU, VHOST_VSOCK};
+use kindling_microvm::qemu::{QEMU, VHOST_VSOCK};
 use kindling_runtime_api::client::{Client, InvokeOptions, InvokeResponse};
 use kindling_runtime_api::config::{FunctionConfig, Hypervisor};
 use kindling_runtime_api::hops::{self, HEADER_HOPS};
@@ -83,8 +83,7 @@ impl Target {
     pub fn snapstart(&self) -> Result<(), String> {
         match self.hypervisor {
             None => Err("the sandbox has no VM to snapshot".into()),
-            Some(Hypervisor::Kindling) => Ok(()),
-            Some(Hypervisor::Qemu) => Err(qemu::NO_SNAPSHOTS.into()),
+            Some(Hypervisor::Kindling | Hypervisor::Qemu) => Ok(()),
         }
     }
 

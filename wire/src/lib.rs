@@ -28,6 +28,7 @@
 //! when the stream ends, so that its duration covers the whole stream.
 
 pub mod frame;
+pub mod mux;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -307,6 +308,9 @@ pub enum HostAddr {
     Vsock { cid: u32, port: u32 },
     /// `unix:///path` — the namespace sandbox (the host socket is bind-mounted in).
     Unix(PathBuf),
+    /// `virtio-port://NAME` — a microVM whose connections to the host are [`mux`] streams
+    /// over the virtio-serial port of that name (QEMU SnapStart: vsock cannot migrate).
+    VirtioPort(String),
 }
 
 impl Default for HostAddr {
@@ -339,8 +343,15 @@ impl FromStr for HostAddr {
                 return Err(format!("{s:?}: the socket path must be absolute"));
             }
             Ok(HostAddr::Unix(PathBuf::from(path)))
+        } else if let Some(name) = s.strip_prefix("virtio-port://") {
+            if name.is_empty() || name.contains('/') {
+                return Err(format!("{s:?}: expected a port name without '/'"));
+            }
+            Ok(HostAddr::VirtioPort(name.to_string()))
         } else {
-            Err(format!("{s:?}: expected vsock://CID:PORT or unix:///PATH"))
+            Err(format!(
+                "{s:?}: expected vsock://CID:PORT, unix:///PATH or virtio-port://NAME"
+            ))
         }
     }
 }
@@ -350,6 +361,7 @@ impl fmt::Display for HostAddr {
         match self {
             HostAddr::Vsock { cid, port } => write!(f, "vsock://{cid}:{port}"),
             HostAddr::Unix(path) => write!(f, "unix://{}", path.display()),
+            HostAddr::VirtioPort(name) => write!(f, "virtio-port://{name}"),
         }
     }
 }
@@ -401,12 +413,18 @@ mod tests {
 
     #[test]
     fn host_addr_round_trips() {
-        for s in ["vsock://2:9001", "unix:///run/kindling/host.sock"] {
+        for s in [
+            "vsock://2:9001",
+            "unix:///run/kindling/host.sock",
+            "virtio-port://kindling-host",
+        ] {
             assert_eq!(s.parse::<HostAddr>().unwrap().to_string(), s);
         }
         assert!("vsock://2".parse::<HostAddr>().is_err());
         assert!("unix://relative".parse::<HostAddr>().is_err());
         assert!("tcp://1.2.3.4:5".parse::<HostAddr>().is_err());
+        assert!("virtio-port://".parse::<HostAddr>().is_err());
+        assert!("virtio-port://a/b".parse::<HostAddr>().is_err());
     }
 
     #[test]
