@@ -1094,11 +1094,11 @@ fn network_trial(server: &Server) -> Result<(), Failed> {
 /// (without that, two clones resumed from one state read the same bytes). On QEMU the
 /// snapshot is QEMU's migration stream and the agent's line to the host a virtio-serial
 /// port, which QEMU resets on restore as vsock would be.
-fn snapstart_restores_clones(server: &Server, _: Backend) -> Result<(), Failed> {
-    snapstart_trial(server).map_err(|e| server.with_consoles(e, &["snap"]))
+fn snapstart_restores_clones(server: &Server, backend: Backend) -> Result<(), Failed> {
+    snapstart_trial(server, backend).map_err(|e| server.with_consoles(e, &["snap"]))
 }
 
-fn snapstart_trial(server: &Server) -> Result<(), Failed> {
+fn snapstart_trial(server: &Server, backend: Backend) -> Result<(), Failed> {
     let started = Instant::now();
     let booted = server.invoke("snap", &json!({"action": "random"}))?;
     let boot_took = started.elapsed();
@@ -1178,7 +1178,12 @@ fn snapstart_trial(server: &Server) -> Result<(), Failed> {
     check(booted_consoles == 1, || {
         format!("{booted_consoles} of the three environments booted; one should have")
     })?;
-    let working_set = recorded_working_set(server, "snap")?;
+    // Only kindling-vmm restores map the memory file and record a working set; QEMU
+    // reads its whole migration stream.
+    let working_set = match backend {
+        Backend::Kindling => recorded_working_set(server, "snap")?,
+        Backend::Qemu => 0,
+    };
     let restore_took = restored
         .iter()
         .map(|(_, _, took)| *took)
