@@ -340,8 +340,10 @@ impl Server {
         let deadline = Instant::now() + START_PATIENCE;
         loop {
             let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+            // Whole lines only: the server may be midway through writing this one.
             if let Some(addr) = text
-                .lines()
+                .split_inclusive('\n')
+                .filter_map(|l| l.strip_suffix('\n'))
                 .find_map(|l| l.strip_prefix("kindling: serving "))
                 .and_then(|l| l.rsplit_once(" on http://"))
             {
