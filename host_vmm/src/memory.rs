@@ -131,22 +131,7 @@ impl AlignedRam {
     /// Maps fresh anonymous memory (zeroes, transparent huge pages where the host has
     /// them) over `[offset, offset + len)`.
     pub fn map_anonymous(&self, offset: usize, len: usize) -> Result<(), MemoryError> {
-        let addr = self.at(offset, len)?;
-        // SAFETY: MAP_FIXED over part of this reservation, which nothing else maps; vm-memory
-        // has not been handed the range yet, so no reference into it exists.
-        let mapped = unsafe {
-            libc::mmap(
-                addr,
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
-                -1,
-                0,
-            )
-        };
-        if mapped == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error().into());
-        }
+        let addr = self.map_fixed(offset, len, None)?;
         // SAFETY: advice on the mapping just made. Without THP the advice fails, and the
         // memory works the same in 4 KiB pages.
         unsafe { libc::madvise(addr, len, libc::MADV_HUGEPAGE) };
@@ -162,26 +147,46 @@ impl AlignedRam {
         file: &File,
         file_offset: u64,
     ) -> Result<(), MemoryError> {
+        self.map_fixed(offset, len, Some((file, file_offset)))
+            .map(|_| ())
+    }
+
+    /// Maps `[offset, offset + len)` of the reservation readable, writable and private:
+    /// `file` from its offset, or anonymous memory without one. Returns the address.
+    fn map_fixed(
+        &self,
+        offset: usize,
+        len: usize,
+        file: Option<(&File, u64)>,
+    ) -> Result<*mut libc::c_void, MemoryError> {
         use std::os::fd::AsRawFd;
         let addr = self.at(offset, len)?;
-        let file_offset = libc::off_t::try_from(file_offset)
-            .map_err(|_| MemoryError::Regions(format!("file offset {file_offset}")))?;
-        // SAFETY: as in `map_anonymous`; the file stays open for the call and the mapping
-        // keeps its own reference to it.
+        let (flags, fd, file_offset) = match file {
+            Some((file, at)) => (
+                0,
+                file.as_raw_fd(),
+                libc::off_t::try_from(at)
+                    .map_err(|_| MemoryError::Regions(format!("file offset {at}")))?,
+            ),
+            None => (libc::MAP_ANONYMOUS, -1, 0),
+        };
+        // SAFETY: MAP_FIXED over part of this reservation (checked by `at`), which nothing
+        // else maps; vm-memory has not been handed the range yet, so no reference into it
+        // exists. A file stays open for the call and the mapping keeps its own reference.
         let mapped = unsafe {
             libc::mmap(
                 addr,
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_NORESERVE | libc::MAP_FIXED,
-                file.as_raw_fd(),
+                libc::MAP_PRIVATE | libc::MAP_NORESERVE | libc::MAP_FIXED | flags,
+                fd,
                 file_offset,
             )
         };
         if mapped == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error().into());
         }
-        Ok(())
+        Ok(addr)
     }
 
     /// Replaces `[offset, offset + len)` by anonymous memory holding the same bytes of
