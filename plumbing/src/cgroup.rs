@@ -214,24 +214,45 @@ impl Hierarchies {
 
     /// Removes the cgroup `path` (below each mount point), and the cgroups made inside it,
     /// from every hierarchy that has it: what a dead server's environment left behind.
-    /// Processes still in it are SIGKILLed, and the cgroup stays (an `EBUSY` error says
-    /// so) until a later call finds it empty.
+    /// Processes still in any of them are SIGKILLed and given [`LEFTOVER_PATIENCE`] to
+    /// exit; past it the cgroups stay (an `EBUSY` error says so) until a later call finds
+    /// them empty.
     pub fn remove_leftover(&self, path: &Path) -> Result<()> {
         for root in self.all() {
             let dir = root.join(path);
             if !dir.is_dir() {
                 continue;
             }
-            if !kill_procs(&dir)?.is_empty() {
-                let busy = io::Error::from_raw_os_error(nix::libc::EBUSY);
-                return Err(Error::new("killed the processes left in", &dir, busy));
+            let order = removal_order(&dir)?;
+            let deadline = std::time::Instant::now() + LEFTOVER_PATIENCE;
+            // A pass that finds no process anywhere ends it; one a dying process forked
+            // meanwhile is killed by the next pass.
+            while kill_all(&order)? {
+                if std::time::Instant::now() >= deadline {
+                    let busy = io::Error::from_raw_os_error(nix::libc::EBUSY);
+                    return Err(Error::new("killed the processes left in", &dir, busy));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
             }
-            for dir in removal_order(&dir)? {
+            for dir in order {
                 remove(&dir)?;
             }
         }
         Ok(())
     }
+}
+
+/// How long SIGKILLed processes of a leftover cgroup get to leave it: they exit at once
+/// unless in an uninterruptible sleep.
+pub const LEFTOVER_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// SIGKILLs the processes of every cgroup in `dirs`; whether there were any.
+fn kill_all(dirs: &[PathBuf]) -> Result<bool> {
+    let mut found = false;
+    for dir in dirs {
+        found |= !kill_procs(dir)?.is_empty();
+    }
+    Ok(found)
 }
 
 #[cfg(test)]
@@ -374,6 +395,30 @@ mod tests {
             remove(dir).unwrap();
         }
         assert!(!parent.exists());
+    }
+
+    #[test]
+    fn a_leftover_tree_with_processes_is_killed_and_removed_in_one_call() {
+        let Some(root) = real_cgroup2() else {
+            println!("SKIPPED: needs root and a cgroup2 mount");
+            return;
+        };
+        let name = format!("kindling-plumbing-test-{}-leftover", std::process::id());
+        let top = root.join(&name);
+        let inner = top.join("workload/function");
+        create_all(&inner).unwrap();
+        let mut sleepers = [
+            sleeper(&Joiner::open(&top).unwrap()),
+            sleeper(&Joiner::open(&inner).unwrap()),
+        ];
+        let table = format!("cgroup2 {} cgroup2 rw 0 0\n", root.display());
+        Hierarchies::parse(&table)
+            .remove_leftover(Path::new(&name))
+            .unwrap();
+        assert!(!top.exists(), "{} is still there", top.display());
+        for child in &mut sleepers {
+            assert!(!child.wait().unwrap().success());
+        }
     }
 
     #[test]
