@@ -9,10 +9,11 @@
 //! accepted is lost by a crash: a restarted server resumes the queue where it stood. The
 //! dispatcher runs each due event once; its row goes only when the attempt is over (a
 //! crash in between runs it again, at least once, as Lambda). A failed attempt (function
-//! error, timeout, crash, an environment that would not start) is retried up to the
-//! function's `MaximumRetryAttempts` (default 2), after `retry_base` and then twice that
-//! (Lambda: one minute, then two); an event older than `MaximumEventAgeInSeconds` is
-//! dropped. The outcome goes to the function's on-success or on-failure destination:
+//! error, timeout, crash) is retried up to the function's `MaximumRetryAttempts` (default
+//! 2), after `retry_base` and then twice that (Lambda: one minute, then two); an event
+//! that could not run at all (no environment would start: the service's error) is tried
+//! again every `retry_base` without counting an attempt; an event older than
+//! `MaximumEventAgeInSeconds` is dropped. The outcome goes to the function's on-success or on-failure destination:
 //! another function (queued in the same transaction that removes the event) or a JSON
 //! Lines file `<state-dir>/destinations/<name>.jsonl` for an SQS queue or SNS topic ARN,
 //! each record in Lambda's destination format. A record bound for a file is first kept
@@ -294,25 +295,24 @@ impl EventQueue {
             .scheduler
             .invoke(&event.function, &version, request, true)
             .await;
-        let cut_short = match &result {
-            Ok(invoked) => invoked.cut_short,
-            Err(e) => matches!(e, InvokeError::ShuttingDown),
-        };
-        if cut_short {
-            // Not the function's failure: the event runs again after the restart.
-            return Ok(());
-        }
-        let attempts = event.attempts + 1;
         let response = match result {
+            // Not the function's failure: the event runs again after the restart.
+            Ok(invoked) if invoked.cut_short => return Ok(()),
+            Err(InvokeError::ShuttingDown) => return Ok(()),
             Ok(invoked) => invoked.answer,
             Err(e) => {
-                tracing::warn!(function = %event.function, request_id = %event.request_id, error = %format!("{:#}", anyhow::Error::new(e)), "event attempt failed");
-                Answer::Error {
-                    error_type: "ServiceException".into(),
-                    body: bytes::Bytes::new(),
-                }
+                // The service's failure (no environment could start), not the function's:
+                // as Lambda does with its system errors, the event goes back to the queue
+                // without counting an attempt; MaximumEventAgeInSeconds still ends it.
+                tracing::warn!(function = %event.function, request_id = %event.request_id, error = %format!("{:#}", anyhow::Error::new(e)), wait = ?self.options.retry_base, "event not run: tried again later, not counted as an attempt");
+                return self.store.retry_event(
+                    event.seq,
+                    event.attempts,
+                    now_ms().saturating_add(ms(self.options.retry_base)),
+                );
             }
         };
+        let attempts = event.attempts + 1;
         match &response {
             Answer::Response(_) => self.conclude(
                 &event.with_attempts(attempts),

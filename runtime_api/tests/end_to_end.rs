@@ -712,6 +712,67 @@ async fn an_event_older_than_its_maximum_age_goes_to_the_on_failure_destination(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_no_environment_could_run_is_tried_again_without_counting_an_attempt() {
+    // More refused starts than the function's attempts: had they counted, the event would
+    // have ended RetriesExhausted with a ServiceException.
+    let Some(h) = start(
+        |code| vec![function("unlucky", code)],
+        |o| {
+            o.event_retry_base = Duration::from_millis(100);
+            o.event_invoke.insert(
+                "unlucky".into(),
+                kindling_runtime_api::store::EventInvokeConfig {
+                    on_success: Some("arn:aws:sqs:us-east-1:000000000000:ran".into()),
+                    on_failure: Some("arn:aws:sqs:us-east-1:000000000000:lost".into()),
+                    ..Default::default()
+                },
+            );
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    h.census.refuse_starts.store(5, Ordering::SeqCst);
+    let event = InvokeOptions {
+        invocation_type: InvocationType::Event,
+        ..Default::default()
+    };
+    let mut c = Client::connect(h.addr).await.unwrap();
+    let r = c
+        .invoke("unlucky", json!({"n": 1}).to_string(), &event)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 202);
+    let request_id = r.headers["x-amzn-requestid"].clone();
+    let file = h.state.path().join("destinations/ran.jsonl");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let record: Value = loop {
+        if let Ok(text) = std::fs::read_to_string(&file) {
+            if let Some(line) = text.lines().next() {
+                break serde_json::from_str(line).unwrap();
+            }
+        }
+        assert!(
+            !h.state.path().join("destinations/lost.jsonl").exists(),
+            "the event failed instead of waiting for an environment"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no record in {file:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(h.census.refuse_starts.load(Ordering::SeqCst), 0);
+    let context = &record["requestContext"];
+    assert_eq!(context["requestId"], request_id.to_str().unwrap());
+    assert_eq!(context["condition"], "Success", "{record}");
+    assert_eq!(context["approximateInvokeCount"], 1, "{record}");
+    drop(c);
+    h.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_kills_the_environment_and_the_next_gets_a_fresh_one() {
     let make = |code: &std::path::Path| {
         let mut f = function("slow", code);

@@ -16,9 +16,11 @@ use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
 /// Process ids of every environment started, and how many are running now; how often
-/// they were frozen and thawed, and how many were stopped while frozen.
+/// they were frozen and thawed, and how many were stopped while frozen. `refuse_starts`
+/// makes that many next starts fail, as a launcher on a host in trouble would.
 #[derive(Default)]
 pub struct Census {
+    pub refuse_starts: AtomicUsize,
     pub started: Mutex<Vec<u32>>,
     pub running: AtomicUsize,
     pub freezes: AtomicUsize,
@@ -57,6 +59,13 @@ impl Launcher for ProcessLauncher {
     }
 
     async fn start(&self, spec: &EnvironmentSpec) -> anyhow::Result<Box<dyn Environment>> {
+        let refuse =
+            self.census
+                .refuse_starts
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if refuse.is_ok() {
+            anyhow::bail!("refused on purpose: the host is out of something");
+        }
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake_guest.py");
         let child = Command::new("python3")
             .arg(script)
