@@ -126,6 +126,7 @@ async fn a_hostile_function_cannot_leave_or_loosen_its_sandbox() {
         "bpf",
         "perf_event_open",
         "userfaultfd",
+        "io_uring_setup",
         "open_by_handle_at",
         "reboot",
         "mknod block device",
