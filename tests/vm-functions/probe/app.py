@@ -382,6 +382,6 @@ def handler(event, context):
         answer["uid_map"] = _read(uid_map).split() if os.path.exists(uid_map) else None
         answer["writable"] = {
             folder: _can_write(folder)
-            for folder in ("/tmp", "/dev/shm", "/var/task", "/var/runtime", "/")
+            for folder in ("/tmp", "/dev/shm", "/var/task", "/var/runtime", "/opt", "/")
         }
     return answer
