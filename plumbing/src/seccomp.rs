@@ -1,7 +1,8 @@
 //! The seccomp denylist that the function's runtime (under the bootstrap) and every
 //! program kindling-jailer starts (kindling-vmm, QEMU, vhost-device-vsock) run under: it
 //! refuses (EPERM) what Docker's default profile refuses a container — mounts, namespaces,
-//! modules, kexec, bpf, perf, keyrings, userfaultfd, reboot, the clock, swap — and vsock
+//! modules, kexec, bpf, perf, keyrings, userfaultfd, io_uring (as Docker since v25: the
+//! operations of a ring bypass this very filter), reboot, the clock, swap — and vsock
 //! sockets (only the bootstrap talks to the host). A denylist, not an allowlist: it sits
 //! under programs Kindling does not write (language runtimes, QEMU), beneath kindling-vmm's
 //! own per-thread allowlists.
@@ -40,6 +41,11 @@ const DENIED: &[libc::c_long] = &[
     libc::SYS_add_key,
     libc::SYS_request_key,
     libc::SYS_userfaultfd,
+    // Programs that try io_uring (libuv in Node.js, QEMU's event loop) fall back to plain
+    // system calls on EPERM.
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
     libc::SYS_reboot,
     libc::SYS_swapon,
     libc::SYS_swapoff,

@@ -2,7 +2,7 @@
 //! runs as Lambda's `sbx_user1051` (uid and gid 993), with no capability in any set,
 //! `no_new_privs` and a seccomp filter that refuses (EPERM) even what the kernel allows an
 //! unprivileged user (a user namespace, the session keyring, a vsock socket), and can write
-//! only `/tmp` and `/dev/shm`.
+//! only `/tmp` and `/dev/shm` (not `/var/task`, `/opt`, the runtime's folder or the root).
 
 use serde_json::{json, Value};
 
@@ -17,7 +17,8 @@ pub fn check_unprivileged(answer: &Value) -> Result<(), String> {
         },
         "denied": { "unshare_user_ns": 1, "keyctl": 1, "vsock_socket": 1 },
         "writable": {
-            "/tmp": true, "/dev/shm": true, "/var/task": false, "/var/runtime": false, "/": false,
+            "/tmp": true, "/dev/shm": true, "/var/task": false, "/var/runtime": false, "/opt": false,
+            "/": false,
         },
     });
     for key in ["status", "denied", "writable"] {

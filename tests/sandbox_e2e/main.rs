@@ -15,6 +15,8 @@
 //! runtime with cargo, into the target dir of the `kindling` under test.
 
 mod adversarial;
+#[path = "../common/attacks.rs"]
+mod attacks;
 mod control_plane;
 mod extensions;
 mod failures;

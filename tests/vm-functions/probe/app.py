@@ -107,7 +107,7 @@ def _kernel_views():
 
 # x86-64 system call numbers and flags the attacks use.
 _SYS = {"init_module": 175, "kexec_load": 246, "bpf": 321, "perf_event_open": 298,
-        "userfaultfd": 323, "open_by_handle_at": 304, "reboot": 169}
+        "userfaultfd": 323, "open_by_handle_at": 304, "reboot": 169, "io_uring_setup": 425}
 _MS_RDONLY, _MS_REMOUNT, _MS_BIND = 1, 32, 4096
 _CLONE_NEWNS = 0x00020000
 _PTRACE_ATTACH = 16
@@ -382,6 +382,6 @@ def handler(event, context):
         answer["uid_map"] = _read(uid_map).split() if os.path.exists(uid_map) else None
         answer["writable"] = {
             folder: _can_write(folder)
-            for folder in ("/tmp", "/dev/shm", "/var/task", "/var/runtime", "/")
+            for folder in ("/tmp", "/dev/shm", "/var/task", "/var/runtime", "/opt", "/")
         }
     return answer
