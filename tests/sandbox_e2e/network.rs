@@ -2,7 +2,9 @@
 //! the test's own "internet" (a network namespace, tests/common/internet.rs) through its
 //! veth, the host's NAT and the test's DNS server, and cannot reach the host's Invoke
 //! API, another host port, another environment or 169.254.169.254, each of which the
-//! test shows is there; a `network = "none"` function has only its loopback. On a host
+//! test shows is there; a `network = "none"` function has only its loopback. A function
+//! given the host's credentials signs a request with them and sends it by name to an API
+//! of that internet, which verifies the signature. On a host
 //! that cannot NAT (no `nft` on the server's PATH) the server says so at start with the
 //! fix, `none` functions still answer and an outbound one fails with that reason.
 
@@ -100,6 +102,33 @@ async fn a_function_fetches_by_name_and_reaches_nothing_of_the_host() {
         !links.contains(&format!(" {gateway}/")),
         "{gateway} is still on a host link:\n{links}"
     );
+    drop(internet);
+}
+
+/// The "done when", in the sandbox: a function calls an HTTP API by DNS name with
+/// the credentials kindling hands it (`credentials = "host"`), unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_calls_an_api_by_name_with_the_hosts_credentials() {
+    let Some(bins) = prerequisites(&["/usr/sbin/nft", "/usr/bin/python3"]) else {
+        return;
+    };
+    let internet = Internet::start().expect("the test's internet");
+    let mut caller = FunctionDef::new(
+        "caller",
+        repo_path("tests/functions/signer"),
+        "python",
+        "app.call",
+    );
+    caller.credentials = Some("host");
+    let server = Server::start_with(bins, &[caller], &["--dns", DNS], &internet::CREDENTIALS_ENV);
+    let answer = server
+        .invoke("caller", &internet::signed_call_event())
+        .await;
+    assert_eq!(answer.status, 200, "{}", server.diagnostics());
+    if let Err(e) = internet::check_signed_call(&json(&answer)) {
+        panic!("{e}\n{}", server.diagnostics());
+    }
+    server.stop();
     drop(internet);
 }
 
