@@ -102,6 +102,19 @@ if [ ! -f /opt/kindling-node-ric/node_modules/aws-lambda-ric/rapid-client.node ]
   mv /opt/kindling-node-ric.partial /opt/kindling-node-ric
 fi
 
+# AWS's Python runtime interface client (awslambdaric, from PyPI, unmodified), for the tests
+# of a python function that brings it as its own bootstrap, as AWS documents for custom
+# images. Its PyPI wheels carry the native client (no build here): the `python` image is this
+# machine's Debian release, so this machine's python3 picks the wheel for the guest's Python.
+python_ric=awslambdaric==4.2.2
+if [ ! -f /opt/kindling-python-ric/awslambdaric/__main__.py ]; then
+  echo "setup: installing $python_ric into /opt/kindling-python-ric"
+  rm -rf /opt/kindling-python-ric.partial
+  /usr/bin/python3 -m pip install --quiet --no-warn-conflicts --disable-pip-version-check \
+    --no-compile --only-binary :all: --target /opt/kindling-python-ric.partial "$python_ric"
+  mv /opt/kindling-python-ric.partial /opt/kindling-python-ric
+fi
+
 # Powertools for AWS Lambda (Python), pure Python from PyPI, for the HTTP-trigger tests: a
 # test function's code bundles it as a Lambda user's zip would (pip install --target).
 if [ ! -f /opt/kindling-powertools/aws_lambda_powertools/__init__.py ]; then

@@ -326,6 +326,8 @@ struct FunctionDef {
     network: &'static str,
     /// Folders relative to the checkout, unpacked in order into `/opt`.
     layers: &'static [&'static str],
+    /// `host` (the server's, [`internet::CREDENTIALS_ENV`]) or `none`.
+    credentials: &'static str,
 }
 
 /// The code every python test function boots: `tests/vm-functions/probe/app.py`.
@@ -348,6 +350,7 @@ const FUNCTIONS: &[FunctionDef] = &[
         snapstart: false,
         network: "outbound",
         layers: &[],
+        credentials: "none",
     },
     FunctionDef {
         name: "layered",
@@ -359,6 +362,7 @@ const FUNCTIONS: &[FunctionDef] = &[
         snapstart: false,
         network: "outbound",
         layers: &["tests/layers/tools"],
+        credentials: "none",
     },
     FunctionDef::probe("crash", 10, 1),
     FunctionDef::probe("timeout", SHORT_TIMEOUT_S, 1),
@@ -394,6 +398,7 @@ const FUNCTIONS: &[FunctionDef] = &[
         snapstart: false,
         network: "outbound",
         layers: &[],
+        credentials: "none",
     },
     FunctionDef {
         snapstart: true,
@@ -414,6 +419,13 @@ const FUNCTIONS: &[FunctionDef] = &[
         snapstart: false,
         network: "outbound",
         layers: &["tests/functions/extensions/layer"],
+        credentials: "none",
+    },
+    FunctionDef {
+        code: "tests/functions/signer",
+        handler: "app.call",
+        credentials: "host",
+        ..FunctionDef::probe("caller", 60, 1)
     },
 ];
 
@@ -429,6 +441,7 @@ impl FunctionDef {
             snapstart: false,
             network: "outbound",
             layers: &[],
+            credentials: "none",
         }
     }
 
@@ -440,7 +453,7 @@ impl FunctionDef {
         format!(
             "[functions.{}]\ncode = {}\nruntime = {}\nhandler = {}\nmemory = 128\n\
              timeout = {}\nisolation = \"microvm\"\nmax_concurrency = {}\nsnapstart = {}\n\
-             network = {}\nlayers = [{}]\n\n",
+             network = {}\nlayers = [{}]\ncredentials = {}\n\n",
             self.name,
             path(self.code),
             Value::from(self.runtime),
@@ -450,6 +463,7 @@ impl FunctionDef {
             self.snapstart,
             Value::from(self.network),
             layers.join(", "),
+            Value::from(self.credentials),
         )
     }
 }
@@ -474,6 +488,7 @@ fn scenarios(host: &Arc<Host>) -> Vec<Trial> {
         a_hostile_function_stays_in_its_vm,
         floods_leave_the_host_bounded,
         outbound_network_only,
+        calls_an_api_by_name_with_the_hosts_credentials,
         snapstart_restores_clones,
         snapstart_boots_when_its_snapshot_is_broken,
     ];
@@ -1110,6 +1125,25 @@ fn network_trial(server: &Server) -> Result<(), Failed> {
     Ok(())
 }
 
+/// The issue's "done when", in a microVM: a function signs a request with the credentials
+/// kindling hands it and sends it by DNS name to the test's internet, whose API verifies
+/// the signature.
+fn calls_an_api_by_name_with_the_hosts_credentials(
+    server: &Server,
+    _: Backend,
+) -> Result<(), Failed> {
+    let call = || -> Result<(), Failed> {
+        let internet = internet::Internet::start()?;
+        let answer = server
+            .invoke("caller", &internet::signed_call_event())?
+            .ok_json()?;
+        internet::check_signed_call(&answer)?;
+        drop(internet);
+        Ok(())
+    };
+    call().map_err(|e| server.with_consoles(e, &["caller"]))
+}
+
 /// SnapStart: the first cold start boots and snapshots the guest once its runtime has
 /// initialised; with that environment busy, two more invocations at once each get an
 /// environment restored from the snapshot (no boot on their consoles), which answer
@@ -1596,6 +1630,8 @@ impl Server {
             .arg("--state-dir")
             .arg(&state_dir)
             .env("KINDLING_LOG", "kindling=info,warn")
+            // For the functions with `credentials = "host"`.
+            .envs(internet::CREDENTIALS_ENV)
             .stdin(Stdio::null())
             .stdout(output("serve.out")?)
             .stderr(output("serve.err")?)

@@ -1,6 +1,8 @@
 //! "The internet" for the network tests: a network namespace of the test's own, reached
 //! from the host through a veth, holding a web server on a TEST-NET address with a page, a
-//! DNS server that answers [`NAME`] with that address, and a web server on the cloud
+//! DNS server that answers [`NAME`] with that address, an API on the same address
+//! ([`API_PORT`]) that answers only requests signed (AWS SigV4) with the test's credentials
+//! ([`ACCESS_KEY_ID`], [`SECRET_ACCESS_KEY`], [`SESSION_TOKEN`]), and a web server on the cloud
 //! metadata address (routed into the namespace, so that a test proves that environments
 //! are *refused* 169.254.169.254, not that it has no route). The namespace has no default
 //! route: no packet of a test leaves this machine.
@@ -29,6 +31,19 @@ pub const METADATA: &str = "169.254.169.254";
 pub const NAME: &str = "www.kindling.test";
 /// The web server's page.
 pub const PAGE: &str = "hello from the test's internet\n";
+/// The signed API's port on [`WEB`].
+pub const API_PORT: u16 = 8000;
+/// The test's AWS credentials: what the tests give `kindling serve` for its functions, and
+/// the only ones the signed API accepts.
+pub const ACCESS_KEY_ID: &str = "AKIDKINDLINGINTERNET1";
+pub const SECRET_ACCESS_KEY: &str = "internetTESTsecret/1a2b3c4d5e6f7a8b9c0dQZ";
+pub const SESSION_TOKEN: &str = "internetTESTtoken+FwoGZXIvYXdzEBcaDK9";
+/// The signed API's answer to a request whose signature it verified.
+pub const API_ANSWER: &str = "signature verified for AKIDKINDLINGINTERNET1\n";
+
+/// Held by the [`Internet`] of this process: its namespace and addresses are one per
+/// process, so tests running at once take turns.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 pub struct Internet {
     ns: String,
@@ -36,17 +51,24 @@ pub struct Internet {
     /// Tells the servers to stop.
     stop: Arc<AtomicBool>,
     servers: Vec<JoinHandle<()>>,
+    /// Released after [`Drop`] has removed the namespace.
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Internet {
     /// Makes the namespace and its servers, and waits until each answers from the host.
     pub fn start() -> Result<Internet, String> {
+        // A test that failed while holding it left nothing behind: its Drop ran.
+        let turn = ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let id = std::process::id();
         let mut internet = Internet {
             ns: format!("kinet-{id}"),
             host_if: format!("kinh{id}"),
             stop: Arc::new(AtomicBool::new(false)),
             servers: Vec::new(),
+            _turn: turn,
         };
         let ns_if = format!("kinn{id}");
         let ns = internet.ns.clone();
@@ -85,14 +107,23 @@ impl Internet {
         }
         internet.spawn(
             || {
+                let listener = TcpListener::bind((WEB, API_PORT))?;
+                listener.set_nonblocking(true)?;
+                Ok(listener)
+            },
+            serve_signed_api,
+        )?;
+        internet.spawn(
+            || {
                 let socket = UdpSocket::bind((DNS, 53))?;
                 socket.set_read_timeout(Some(Duration::from_millis(100)))?;
                 Ok(socket)
             },
             answer_dns,
         )?;
-        for addr in [WEB, METADATA] {
-            wait_for(&format!("{addr}:80"), |a| {
+        let api = format!("{WEB}:{API_PORT}");
+        for target in [format!("{WEB}:80"), format!("{METADATA}:80"), api] {
+            wait_for(&target, |a| {
                 TcpStream::connect_timeout(a, Duration::from_millis(200)).is_ok()
             })?;
         }
@@ -146,11 +177,12 @@ impl Drop for Internet {
     }
 }
 
-/// The web servers: [`PAGE`] for any request, then the connection closes.
-fn serve_page(listener: &TcpListener) {
+/// The next connection of `listener` and its request's head (up to the blank line), or
+/// `None` after a moment without one.
+fn next_request(listener: &TcpListener) -> Option<(TcpStream, String)> {
     let Ok((mut stream, _)) = listener.accept() else {
         std::thread::sleep(Duration::from_millis(20));
-        return;
+        return None;
     };
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
@@ -162,12 +194,215 @@ fn serve_page(listener: &TcpListener) {
             Ok(n) => request.extend_from_slice(&buf[..n]),
         }
     }
+    Some((stream, String::from_utf8_lossy(&request).into_owned()))
+}
+
+/// Answers `status` with `body`, then the connection closes.
+fn respond(mut stream: TcpStream, status: &str, body: &str) {
     let _ = write!(
         stream,
-        "HTTP/1.0 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n{PAGE}",
-        PAGE.len()
+        "HTTP/1.0 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
     );
+}
+
+/// The web servers: [`PAGE`] for any request.
+fn serve_page(listener: &TcpListener) {
+    if let Some((stream, _)) = next_request(listener) {
+        respond(stream, "200 OK", PAGE);
+    }
+}
+
+/// The signed API: [`API_ANSWER`] for a request signed with the test's credentials, 403
+/// and why for any other.
+fn serve_signed_api(listener: &TcpListener) {
+    if let Some((stream, head)) = next_request(listener) {
+        match sigv4::verify(&head) {
+            Ok(()) => respond(stream, "200 OK", API_ANSWER),
+            Err(why) => respond(stream, "403 Forbidden", &format!("refused: {why}\n")),
+        }
+    }
+}
+
+/// A GET of `path_and_query` sent from the host to the signed API, signed as a function
+/// would sign it but with `secret`: the API's status line and body.
+pub fn call_api_signed_with(secret: &str, path_and_query: &str) -> Result<String, String> {
+    let host = format!("{NAME}:{API_PORT}");
+    let amz_date = "20260102T030405Z";
+    let (path, query) = path_and_query
+        .split_once('?')
+        .unwrap_or((path_and_query, ""));
+    let headers = [
+        ("host", host.as_str()),
+        ("x-amz-date", amz_date),
+        ("x-amz-security-token", SESSION_TOKEN),
+    ];
+    let authorization =
+        sigv4::authorization(ACCESS_KEY_ID, secret, path, query, &headers, "us-east-1");
+    let mut stream = TcpStream::connect((WEB, API_PORT)).map_err(|e| format!("the API: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let head: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
+    write!(
+        stream,
+        "GET {path_and_query} HTTP/1.0\r\n{head}Authorization: {authorization}\r\n\r\n"
+    )
+    .map_err(|e| format!("the API: {e}"))?;
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    let status = answer.lines().next().unwrap_or_default();
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    Ok(format!("{status}\n{body}"))
+}
+
+/// AWS Signature Version 4 (the `Authorization` header form, unsigned-payload GETs), as
+/// the AWS SDKs compute it: what the signed API checks.
+mod sigv4 {
+    use hmac::{KeyInit, Mac};
+    use sha2::{Digest, Sha256};
+
+    use super::{ACCESS_KEY_ID, SECRET_ACCESS_KEY, SESSION_TOKEN};
+
+    const ALGORITHM: &str = "AWS4-HMAC-SHA256";
+
+    fn hmac(key: &[u8], text: &str) -> hmac::Hmac<Sha256> {
+        let mut mac = hmac::Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key");
+        mac.update(text.as_bytes());
+        mac
+    }
+
+    /// The request's signing MAC, from the secret, the credential scope
+    /// (`DATE/REGION/SERVICE/aws4_request`) and the string to sign.
+    fn signing_mac(secret: &str, scope: &str, to_sign: &str) -> hmac::Hmac<Sha256> {
+        let mut key = format!("AWS4{secret}").into_bytes();
+        for part in scope.split('/') {
+            key = hmac(&key, part).finalize().into_bytes().to_vec();
+        }
+        hmac(&key, to_sign)
+    }
+
+    /// The string to sign of a GET of `path?query` with the `signed` headers (lowercase
+    /// names, sorted), at `amz_date` in `scope`.
+    fn string_to_sign(
+        path: &str,
+        query: &str,
+        signed: &[(&str, &str)],
+        amz_date: &str,
+        scope: &str,
+    ) -> String {
+        let mut params: Vec<&str> = query.split('&').filter(|p| !p.is_empty()).collect();
+        params.sort_unstable();
+        let canonical_headers: String = signed
+            .iter()
+            .map(|(name, value)| format!("{name}:{}\n", value.trim()))
+            .collect();
+        let names: Vec<&str> = signed.iter().map(|(name, _)| *name).collect();
+        let canonical = [
+            "GET",
+            path,
+            &params.join("&"),
+            &canonical_headers,
+            &names.join(";"),
+            &hex::encode(Sha256::digest(b"")),
+        ]
+        .join("\n");
+        let hashed = hex::encode(Sha256::digest(canonical.as_bytes()));
+        format!("{ALGORITHM}\n{amz_date}\n{scope}\n{hashed}")
+    }
+
+    /// The `Authorization` header for a GET of `path?query` with `headers` (lowercase
+    /// names, sorted, `x-amz-date` among them), for the `execute-api` service.
+    pub fn authorization(
+        key: &str,
+        secret: &str,
+        path: &str,
+        query: &str,
+        headers: &[(&str, &str)],
+        region: &str,
+    ) -> String {
+        let amz_date = headers
+            .iter()
+            .find(|(name, _)| *name == "x-amz-date")
+            .map_or("", |(_, value)| *value);
+        let scope = format!("{}/{region}/execute-api/aws4_request", &amz_date[..8]);
+        let to_sign = string_to_sign(path, query, headers, amz_date, &scope);
+        let signature = hex::encode(
+            signing_mac(secret, &scope, &to_sign)
+                .finalize()
+                .into_bytes(),
+        );
+        let names: Vec<&str> = headers.iter().map(|(name, _)| *name).collect();
+        format!(
+            "{ALGORITHM} Credential={key}/{scope}, SignedHeaders={}, Signature={signature}",
+            names.join(";")
+        )
+    }
+
+    /// Checks a GET's head: signed by [`ACCESS_KEY_ID`] with [`SECRET_ACCESS_KEY`], its
+    /// session token [`SESSION_TOKEN`] and its host among the signed headers.
+    pub fn verify(head: &str) -> Result<(), String> {
+        let mut lines = head.split("\r\n");
+        let target = match lines
+            .next()
+            .unwrap_or_default()
+            .split(' ')
+            .collect::<Vec<_>>()[..]
+        {
+            ["GET", target, _version] => target,
+            _ => return Err("not a GET".into()),
+        };
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        let headers: Vec<(String, &str)> = lines
+            .filter_map(|line| line.split_once(':'))
+            .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim()))
+            .collect();
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, value)| *value)
+        };
+        let authorization = header("authorization")
+            .and_then(|a| a.strip_prefix(ALGORITHM))
+            .ok_or("not signed with AWS4-HMAC-SHA256")?;
+        let part = |key: &str| {
+            authorization
+                .split(',')
+                .find_map(|p| p.trim().strip_prefix(key)?.strip_prefix('='))
+                .ok_or(format!("the Authorization header lacks {key}"))
+        };
+        let (key, scope) = part("Credential")?
+            .split_once('/')
+            .ok_or("a Credential without a scope")?;
+        if key != ACCESS_KEY_ID {
+            return Err(format!("unknown access key {key}"));
+        }
+        let names: Vec<&str> = part("SignedHeaders")?.split(';').collect();
+        for needed in ["host", "x-amz-date", "x-amz-security-token"] {
+            if !names.contains(&needed) {
+                return Err(format!("{needed} is not signed"));
+            }
+        }
+        if header("x-amz-security-token") != Some(SESSION_TOKEN) {
+            return Err("not the session's token".into());
+        }
+        let signed: Vec<(&str, &str)> = names
+            .iter()
+            .map(|name| Ok((*name, header(name).ok_or(format!("no {name} header"))?)))
+            .collect::<Result<_, String>>()?;
+        let amz_date = header("x-amz-date").unwrap_or_default();
+        let to_sign = string_to_sign(path, query, &signed, amz_date, scope);
+        let signature =
+            hex::decode(part("Signature")?).map_err(|e| format!("the signature: {e}"))?;
+        signing_mac(SECRET_ACCESS_KEY, scope, &to_sign)
+            .verify_slice(&signature)
+            .map_err(|_| "the signature does not match".to_string())
+    }
 }
 
 /// The DNS server: A queries for [`NAME`] get [`WEB`], AAAA an empty answer, other names
@@ -347,4 +582,40 @@ impl HostListener {
     pub fn accepted(&self) -> usize {
         self.accepted.load(std::sync::atomic::Ordering::SeqCst)
     }
+}
+
+/// What a function signing with the test's credentials (`tests/functions/signer`'s
+/// `call`) is asked to do: GET the signed API by name.
+pub fn signed_call_event() -> serde_json::Value {
+    serde_json::json!({"url": format!("http://{NAME}:{API_PORT}/v1/check?a=1&b=2")})
+}
+
+/// The variables that give `kindling serve` the test's credentials for its functions.
+pub const CREDENTIALS_ENV: [(&str, &str); 3] = [
+    ("AWS_ACCESS_KEY_ID", ACCESS_KEY_ID),
+    ("AWS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY),
+    ("AWS_SESSION_TOKEN", SESSION_TOKEN),
+];
+
+/// Checks the answer to [`signed_call_event`]: the API verified the function's signature;
+/// and that the check means something: the API refuses the same request signed from the
+/// host with another secret, and accepts it with the test's.
+pub fn check_signed_call(answer: &serde_json::Value) -> Result<(), String> {
+    if answer["status"] != 200 || answer["body"] != API_ANSWER {
+        return Err(format!(
+            "the signed API did not verify the function's call: {answer}"
+        ));
+    }
+    let path = "/v1/check?a=1&b=2";
+    let forged = call_api_signed_with("not-the-secret", path)?;
+    if !(forged.starts_with("HTTP/1.0 403") && forged.contains("the signature does not match")) {
+        return Err(format!("the signed API took a forged signature: {forged}"));
+    }
+    let genuine = call_api_signed_with(SECRET_ACCESS_KEY, path)?;
+    if !(genuine.starts_with("HTTP/1.0 200") && genuine.ends_with(API_ANSWER)) {
+        return Err(format!(
+            "the signed API refused the host's genuine signature: {genuine}"
+        ));
+    }
+    Ok(())
 }

@@ -51,6 +51,7 @@ import botocore.config
 import botocore.exceptions
 
 ROLE = "arn:aws:iam::000000000000:role/kindling-test"
+CLI_ARN = "arn:aws:lambda:us-east-1:000000000000:function:cli-fn"
 APP_V1 = '''
 import time
 def handler(event, context):
@@ -437,6 +438,10 @@ def run_api(server, scratch):
         ("--qualifier prod: version 1's code", ["--function-name", "cli-fn", "--qualifier",
                                                 "prod"], (1, "1")),
         ("cli-fn:1", ["--function-name", "cli-fn:1"], (1, "1")),
+        ("cli-fn:$LATEST, the literal qualifier", ["--function-name", "cli-fn:$LATEST"],
+         (2, "$LATEST")),
+        ("a full ARN", ["--function-name", CLI_ARN], (2, "$LATEST")),
+        ("a full ARN with a version", ["--function-name", f"{CLI_ARN}:1"], (1, "1")),
     ]:
         r = server.cli("invoke", *args, "--payload", "{}", out)
         answer = json.load(open(out)) if r.returncode == 0 else {}
@@ -508,6 +513,8 @@ def run_versions(server, lam):
         ("ver", {"FunctionName": "ver"}, ("B", "$LATEST", arn)),
         ("ver:1", {"FunctionName": "ver:1"}, ("A", "1", f"{arn}:1")),
         ("ver:live", {"FunctionName": "ver:live"}, ("A", "1", f"{arn}:live")),
+        ("ver:$LATEST, the literal qualifier", {"FunctionName": "ver:$LATEST"},
+         ("B", "$LATEST", arn)),
         ("Qualifier=1", {"FunctionName": "ver", "Qualifier": "1"}, ("A", "1", f"{arn}:1")),
         ("Qualifier=$LATEST", {"FunctionName": "ver", "Qualifier": "$LATEST"},
          ("B", "$LATEST", arn)),

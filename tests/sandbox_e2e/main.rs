@@ -31,6 +31,7 @@ mod layers;
 mod lifecycle;
 mod network;
 mod node_ric;
+mod python_ric;
 mod runtime_traits;
 mod runtimes;
 mod streaming;

@@ -2,7 +2,11 @@
 //! the test's own "internet" (a network namespace, tests/common/internet.rs) through its
 //! veth, the host's NAT and the test's DNS server, and cannot reach the host's Invoke
 //! API, another host port, another environment or 169.254.169.254, each of which the
-//! test shows is there; a `network = "none"` function has only its loopback.
+//! test shows is there; a `network = "none"` function has only its loopback. A function
+//! given the host's credentials signs a request with them and sends it by name to an API
+//! of that internet, which verifies the signature. On a host
+//! that cannot NAT (no `nft` on the server's PATH) the server says so at start with the
+//! fix, `none` functions still answer and an outbound one fails with that reason.
 
 use serde_json::json;
 
@@ -99,4 +103,87 @@ async fn a_function_fetches_by_name_and_reaches_nothing_of_the_host() {
         "{gateway} is still on a host link:\n{links}"
     );
     drop(internet);
+}
+
+/// The "done when", in the sandbox: a function calls an HTTP API by DNS name with
+/// the credentials kindling hands it (`credentials = "host"`), unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_calls_an_api_by_name_with_the_hosts_credentials() {
+    let Some(bins) = prerequisites(&["/usr/sbin/nft", "/usr/bin/python3"]) else {
+        return;
+    };
+    let internet = Internet::start().expect("the test's internet");
+    let mut caller = FunctionDef::new(
+        "caller",
+        repo_path("tests/functions/signer"),
+        "python",
+        "app.call",
+    );
+    caller.credentials = Some("host");
+    let server = Server::start_with(bins, &[caller], &["--dns", DNS], &internet::CREDENTIALS_ENV);
+    let answer = server
+        .invoke("caller", &internet::signed_call_event())
+        .await;
+    assert_eq!(answer.status, 200, "{}", server.diagnostics());
+    if let Err(e) = internet::check_signed_call(&json(&answer)) {
+        panic!("{e}\n{}", server.diagnostics());
+    }
+    server.stop();
+    drop(internet);
+}
+
+/// `kindling serve` with a PATH that has no `nft`, as on a host without nftables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_cannot_nat_says_so_and_runs_functions_without_a_network() {
+    let Some(bins) = prerequisites(&["/usr/bin/python3"]) else {
+        return;
+    };
+    let no_nft = "/usr/local/bin:/usr/bin:/bin";
+    assert!(
+        no_nft
+            .split(':')
+            .all(|dir| !std::path::Path::new(dir).join("nft").exists()),
+        "nft is in {no_nft}: this test needs a PATH without it"
+    );
+    let mut offline = netprobe("offline");
+    offline.network = Some("none");
+    let server = Server::start_with(bins, &[netprobe("net"), offline], &[], &[("PATH", no_nft)]);
+    let stderr = server.diagnostics();
+    assert!(
+        stderr.contains("environments cannot have a network here")
+            && stderr.contains("install nftables: apt-get install nftables")
+            && stderr.contains("functions with network = \"none\" still run"),
+        "the start names the missing nftables and its fix:\n{stderr}"
+    );
+
+    let answer = server.invoke("offline", &json!({})).await;
+    assert_eq!(
+        (answer.status.as_u16(), answer.function_error.as_deref()),
+        (200, None),
+        "{}",
+        server.diagnostics()
+    );
+    assert!(
+        json(&answer)["address"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("none")),
+        "a network = \"none\" function answers, with no address: {}",
+        json(&answer)
+    );
+
+    let refused = server.invoke("net", &json!({})).await;
+    let message = json(&refused)["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        refused.status == 502
+            && message.contains("this host cannot give environments a network")
+            && message.contains("install nftables")
+            && message.contains("set network = \"none\" for the function"),
+        "an outbound function fails with the reason and the fix ({}): {message}\n{}",
+        refused.status,
+        server.diagnostics()
+    );
+    server.stop();
 }

@@ -46,7 +46,12 @@ fn ric_code() -> Option<Scratch> {
 
 /// `aws lambda invoke … --log-type Tail` (Debian's AWS CLI 1, which takes the payload as it
 /// is): the CLI's answer (StatusCode, FunctionError, LogResult) and the payload it wrote.
-fn aws_invoke(server: &Server, function: &str, payload: &Value, dir: &Path) -> (Value, Value) {
+pub(crate) fn aws_invoke(
+    server: &Server,
+    function: &str,
+    payload: &Value,
+    dir: &Path,
+) -> (Value, Value) {
     let outfile = dir.join(format!("{function}.out"));
     let output = Command::new("aws")
         .args(["lambda", "invoke", "--function-name", function])
@@ -79,7 +84,7 @@ fn aws_invoke(server: &Server, function: &str, payload: &Value, dir: &Path) -> (
 }
 
 /// The log tail the CLI got.
-fn log_tail(answer: &Value) -> String {
+pub(crate) fn log_tail(answer: &Value) -> String {
     let log = base64::engine::general_purpose::STANDARD
         .decode(answer["LogResult"].as_str().expect("LogResult"))
         .expect("base64 log");
