@@ -1027,12 +1027,17 @@ impl Pool {
             let init = (dispatched_at - env.started).saturating_sub(accounted);
             report.init_duration_ms = Some(init.as_secs_f64() * 1000.0);
         }
-        // The environment failed it (not the function's own error): the REPORT says so.
+        // The environment failed it (not the function's own error): the REPORT says so,
+        // with the most memory that the guest measured or the host can see.
         let failed_type = match &outcome {
             Outcome::InitError { error_type, .. } => Some(error_type.clone()),
             Outcome::Failed { error, .. } => Some(error.error_type.clone()),
             Outcome::Response(_) | Outcome::FunctionError { .. } => None,
         };
+        if failed_type.is_some() {
+            let seen = env.handle.memory_peak_mb().unwrap_or(0);
+            report.max_memory_used_mb = report.max_memory_used_mb.max(seen);
+        }
         let status = failed_type
             .as_deref()
             .map_or(Status::Answered, Status::Error);
@@ -1076,7 +1081,8 @@ impl Pool {
         let report = InvocationReport {
             duration_ms: since.elapsed().as_secs_f64() * 1000.0,
             init_duration_ms: None,
-            max_memory_used_mb: 0,
+            // The guest cannot say: what the host sees of it, before it is stopped.
+            max_memory_used_mb: env.handle.memory_peak_mb().unwrap_or(0),
             event_in_ns: None,
             result_in_ns: None,
         };

@@ -1,7 +1,7 @@
 //! A function that fails fails one invocation, with Lambda's error answer, and the next
 //! invocation works: a raised exception, a process exit, a timeout, an oversized response.
 //! The `REPORT` of an invocation the environment failed says how (`Status: timeout`,
-//! `Status: error` with its `Error Type`).
+//! `Status: error` with its `Error Type`) and how much memory it used.
 
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,7 @@ fn report_of(answer: &InvokeResponse) -> (String, u64) {
         .find_map(|field| field.strip_prefix("Max Memory Used: "))
         .and_then(|mb| mb.strip_suffix(" MB")?.parse().ok())
         .unwrap_or_else(|| panic!("no Max Memory Used: {report}"));
+    println!("{report}");
     (report.to_string(), used)
 }
 
@@ -83,11 +84,13 @@ async fn a_process_exit_fails_only_its_invocation() {
     let message = body["errorMessage"].as_str().expect("errorMessage");
     assert!(message.contains("Runtime exited with error"), "{message}");
     assert!(message.contains('3'), "the exit status is named: {message}");
-    let (report, _) = report_of(&answer);
+    let (report, used) = report_of(&answer);
     assert!(
         report.ends_with("\tStatus: error\tError Type: Runtime.ExitError"),
         "{report}"
     );
+    // A Python interpreter that ran its handler: some MB, measured though it died.
+    assert!(used >= 5, "{report}");
 
     let next = server.invoke("exits", &json!({"exit": false})).await;
     assert_eq!(next.status, 200, "{}", server.diagnostics());
@@ -110,12 +113,16 @@ async fn a_timeout_answers_task_timed_out_and_the_next_runs_fresh() {
     assert_eq!(warm.status, 200, "{}", server.diagnostics());
     let first_env = json(&warm)["stream"].clone();
 
+    // Holding 60 MiB when its time runs out: the REPORT counts them.
     let started = Instant::now();
-    let answer = server.invoke_with("sleeps", &json!({}), &with_tail()).await;
+    let answer = server
+        .invoke_with("sleeps", &json!({"hold_mib": 60}), &with_tail())
+        .await;
     let took = started.elapsed();
     let body = unhandled(&answer, "Sandbox.Timedout");
-    let (report, _) = report_of(&answer);
+    let (report, used) = report_of(&answer);
     assert!(report.ends_with("\tStatus: timeout"), "{report}");
+    assert!((60..=128).contains(&used), "{report}");
     let message = body["errorMessage"].as_str().expect("errorMessage");
     assert!(
         message.contains("Task timed out after 1.00 seconds"),
@@ -172,11 +179,13 @@ async fn running_out_of_memory_is_runtime_out_of_memory() {
     let body = unhandled(&answer, "Runtime.OutOfMemory");
     let message = body["errorMessage"].as_str().expect("errorMessage");
     assert!(message.contains("signal: killed"), "{message}");
-    let (report, _) = report_of(&answer);
+    let (report, used) = report_of(&answer);
     assert!(
         report.ends_with("\tStatus: error\tError Type: Runtime.OutOfMemory"),
         "{report}"
     );
+    // It reached its 128 MB before the kernel killed it.
+    assert!((100..=128).contains(&used), "{report}");
     // Within its memory, the next invocation works.
     let next = server.invoke("hog", &json!({"mib": 8})).await;
     assert_eq!(json(&next)["held"], 8 << 20, "{}", server.diagnostics());
