@@ -340,6 +340,8 @@ impl Agent {
             (life.in_flight.take().map(|f| f.id), life.runtime.take())
         };
         let reached_next = runtime.as_ref().is_some_and(|rt| rt.reached_next);
+        // Read before the runtime's cgroup goes (the caller removes it after this).
+        let max_memory_used_mb = runtime.as_ref().map(|rt| rt.memory.peak_mb());
         // Killed (SIGKILL) while the kernel's OOM killer struck: out of memory.
         let oom_killed = runtime.is_some_and(|rt| match rt.memory.oom_killed() {
             Some(killed) => killed,
@@ -353,6 +355,7 @@ impl Agent {
             exit_code,
             signal,
             out_of_memory,
+            max_memory_used_mb,
         };
         say!("runtime exited: {}", exit.to_error().error_message);
         if let Err(e) = self.upstream.post_json(PATH_RUNTIME_EXIT, &exit).await {

@@ -215,6 +215,8 @@ async fn runtime_death_is_reported_and_the_runtime_restarts_with_a_new_init() {
     let exit = host.exit().await;
     assert_eq!(exit.request_id.as_deref(), Some(dies.as_str()));
     assert_eq!((exit.exit_code, exit.signal), (Some(3), None));
+    // Measured before the runtime's cgroup went, for the failed invocation's REPORT.
+    assert!(exit.max_memory_used_mb.is_some_and(|mb| mb > 0), "{exit:?}");
     // Its last words belong to the invocation and arrived before the exit.
     assert!(
         host.logs(Some(&dies)).contains("dying with 3\n"),

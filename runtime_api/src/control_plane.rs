@@ -322,7 +322,7 @@ impl ControlPlane {
             .acquire()
             .await
             .map_err(|_| ApiError::service("the server is shutting down".into()))?;
-        let body = read_body(req, &self.limits, MAX_CONTROL_REQUEST_BYTES)
+        let body = read_body(req, &self.limits, MAX_CONTROL_REQUEST_BYTES, None)
             .await
             .map_err(|r| ApiError::Ready(Box::new(r)))?;
         if body.is_empty() {

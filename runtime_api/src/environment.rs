@@ -155,6 +155,13 @@ pub trait Environment: Send + Sync {
     fn guest_network(&self) -> Option<kindling_wire::GuestNetwork> {
         None
     }
+    /// The most memory the whole environment has used since it started, in MiB, as the
+    /// host can measure it (`None` where it cannot see inside): what the `REPORT` of an
+    /// invocation that failed without the guest's own measure says (a timeout, a guest
+    /// that died). Asked before the environment is stopped.
+    fn memory_peak_mb(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Pauses and resumes one environment: while frozen no guest code runs (a handler's

@@ -159,7 +159,7 @@ impl FunctionUrl {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let body = match read_body(req, &self.limits, MAX_REQUEST_BYTES).await {
+        let body = match read_body(req, &self.limits, MAX_REQUEST_BYTES, None).await {
             Ok(body) => body,
             Err(refusal) => return refusal.map(whole),
         };

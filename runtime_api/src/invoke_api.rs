@@ -8,7 +8,7 @@
 //! [`crate::control_plane`].
 //!
 //! Limits: a request payload of at most [`MAX_REQUEST_BYTES`] (an `Event` one: at most
-//! [`MAX_EVENT_PAYLOAD_BYTES`], read no further, else 413 `RequestEntityTooLargeException`),
+//! [`MAX_EVENT_PAYLOAD_BYTES`], read no further), else 413 `RequestEntityTooLargeException`,
 //! valid JSON or empty (else 400 `InvalidRequestContentException`, see [`json_payload`]); accepted
 //! `Event` invocations bounded per function on disk (else 429 `TooManyRequestsException`,
 //! see [`crate::events`]); connections bounded in number and in time spent idle or
@@ -332,7 +332,7 @@ impl InvokeApi {
             true => (MAX_EVENT_PAYLOAD_BYTES, content_length(&req)),
             false => (MAX_REQUEST_BYTES, None),
         };
-        let payload = match read_body(req, &self.limits, limit).await {
+        let payload = match read_body(req, &self.limits, limit, Some("InvokeFunction")).await {
             Ok(p) => p,
             Err(r) if is_event && r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
                 return event_too_large(declared)
@@ -492,17 +492,24 @@ fn decode_client_context(v: &HeaderValue) -> Result<String, String> {
 /// timeout (a body that trickles in would otherwise hold its connection for as long as the
 /// caller likes) and within the budget of bodies the server holds at once (past it: 429
 /// `TooManyRequestsException`, Lambda's throttling answer, and the connection closed).
+/// A longer body is 413 `RequestEntityTooLargeException` with Lambda's message, which
+/// names the API `operation` where there is one (`InvokeFunction`).
 pub(crate) async fn read_body(
     req: Request<Incoming>,
     limits: &ConnectionLimits,
     limit: usize,
+    operation: Option<&str>,
 ) -> Result<Bytes, Response<Full<Bytes>>> {
     let timeout = limits.body_read_timeout;
     let too_large = || {
+        let mut message = format!("Request must be smaller than {limit} bytes");
+        if let Some(operation) = operation {
+            message.push_str(&format!(" for the {operation} operation"));
+        }
         lambda_error(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "RequestTooLargeException",
-            &format!("Request must be smaller than {limit} bytes"),
+            "RequestEntityTooLargeException",
+            &message,
         )
     };
     let reading = read_charged(req.into_body(), limit, &limits.bodies);

@@ -271,15 +271,29 @@ fn billed_ms(ms: f64) -> u64 {
     billed
 }
 
+/// How an invocation ended, as the end of its `REPORT` line tells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status<'a> {
+    /// A response, or a function error the runtime reported: no `Status` field.
+    Answered,
+    /// The function's (or its init's) time ran out: `Status: timeout`.
+    Timeout,
+    /// The environment failed the invocation (the runtime exited, ran out of memory, could
+    /// not start, answered too much): `Status: error` and `Error Type: <type>`.
+    Error(&'a str),
+}
+
 /// The `REPORT` line. Billed duration is the duration rounded up to the next whole
 /// millisecond; `Init Duration` appears on the first invocation of a booted environment,
 /// `Restore Duration` and `Billed Restore Duration` on that of a restored one (SnapStart),
-/// followed by that environment's own start phases (Kindling's addition).
+/// then that environment's own start phases (Kindling's addition); last, as in Lambda's,
+/// the [`Status`] of a failed invocation.
 pub fn report_line(
     request_id: &str,
     memory_mb: u32,
     report: &InvocationReport,
     restore: Option<Restore>,
+    status: Status<'_>,
     phases: &[(&'static str, Duration)],
 ) -> String {
     let mut line = format!(
@@ -301,6 +315,13 @@ pub fn report_line(
     }
     for (name, took) in phases {
         line.push_str(&format!("\t{name}: {:.2} ms", took.as_secs_f64() * 1000.0));
+    }
+    match status {
+        Status::Answered => {}
+        Status::Timeout => line.push_str("\tStatus: timeout"),
+        Status::Error(error_type) => {
+            line.push_str(&format!("\tStatus: error\tError Type: {error_type}"));
+        }
     }
     line
 }
@@ -334,11 +355,11 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            report_line("id1", 128, &r, None, &[]),
+            report_line("id1", 128, &r, None, Status::Answered, &[]),
             "REPORT RequestId: id1\tDuration: 1.23 ms\tBilled Duration: 2 ms\tMemory Size: 128 MB\tMax Memory Used: 20 MB\tInit Duration: 45.67 ms"
         );
         let phases = [("Guest Boot", Duration::from_micros(729_004))];
-        assert!(report_line("id1", 128, &r, None, &phases)
+        assert!(report_line("id1", 128, &r, None, Status::Answered, &phases)
             .ends_with("\tInit Duration: 45.67 ms\tGuest Boot: 729.00 ms"));
         let warm = InvocationReport {
             duration_ms: 3.0,
@@ -346,14 +367,33 @@ mod tests {
             max_memory_used_mb: 7,
             ..Default::default()
         };
-        assert!(report_line("id2", 256, &warm, None, &[])
+        assert!(report_line("id2", 256, &warm, None, Status::Answered, &[])
             .ends_with("Billed Duration: 3 ms\tMemory Size: 256 MB\tMax Memory Used: 7 MB"));
         let restore = Restore {
             duration: Duration::from_micros(280_812),
             billed: Duration::from_micros(177_200),
         };
-        assert!(report_line("id3", 128, &warm, Some(restore), &[])
+        assert!(report_line("id3", 128, &warm, Some(restore), Status::Answered, &[])
             .ends_with("Max Memory Used: 7 MB\tRestore Duration: 280.81 ms\tBilled Restore Duration: 178 ms"));
+    }
+
+    #[test]
+    fn a_failed_invocation_reports_its_status_like_lambda() {
+        let r = InvocationReport {
+            duration_ms: 3000.0,
+            init_duration_ms: Some(402.04),
+            max_memory_used_mb: 73,
+            ..Default::default()
+        };
+        assert_eq!(
+            report_line("id1", 128, &r, None, Status::Timeout, &[]),
+            "REPORT RequestId: id1\tDuration: 3000.00 ms\tBilled Duration: 3000 ms\tMemory Size: 128 MB\tMax Memory Used: 73 MB\tInit Duration: 402.04 ms\tStatus: timeout"
+        );
+        let phases = [("Guest Boot", Duration::from_millis(5))];
+        assert!(
+            report_line("id2", 1024, &r, None, Status::Error("Runtime.OutOfMemory"), &phases)
+                .ends_with("\tInit Duration: 402.04 ms\tGuest Boot: 5.00 ms\tStatus: error\tError Type: Runtime.OutOfMemory")
+        );
     }
 
     #[test]

@@ -806,6 +806,15 @@ async fn runtime_exit<B: InBody>(shared: &Shared, req: Request<B>) -> Response<F
     }
     let error = exit.to_error();
     tracing::info!(function = %shared.function_name, message = %error.error_message, "runtime exited");
+    if let (Some(mb), Some(f)) = (exit.max_memory_used_mb, state.in_flight.as_mut()) {
+        // The guest's last measure of the runtime: the failed invocation's REPORT says it.
+        let took = Duration::from_nanos(monotonic_ns().saturating_sub(f.handed_ns));
+        let report = f.report.get_or_insert_with(|| InvocationReport {
+            duration_ms: took.as_secs_f64() * 1000.0,
+            ..InvocationReport::default()
+        });
+        report.max_memory_used_mb = report.max_memory_used_mb.max(mb);
+    }
     let outcome = Outcome::Failed { error, reset: true };
     if !state.complete_current(outcome.clone()) {
         // Died during init with nothing waiting: the next invocation learns of it.

@@ -32,7 +32,7 @@ use crate::environment::{
 };
 use crate::freezing::Freezing;
 use crate::hops::Stamps;
-use crate::logs::{self, LogSink, Restore};
+use crate::logs::{self, LogSink, Restore, Status};
 use crate::metrics::Metrics;
 use crate::runtime_server::{Completion, Invocation, Outcome, RuntimeApi};
 use crate::streaming::StreamSink;
@@ -929,6 +929,7 @@ impl Pool {
         };
         // The error, and for a timeout the line Lambda writes into the function's log.
         let cut_short = matches!(second, Wait::Done(None) | Wait::Cancelled);
+        let timed_out = matches!(second, Wait::Timeout | Wait::InitTimeout);
         let (error, note) = match second {
             Wait::Done(Some(completion)) => {
                 let stamps = completion.stamps.map(|guest| Stamps {
@@ -961,7 +962,15 @@ impl Pool {
             // The server dropped the invocation: only when the environment is torn down.
             Wait::Done(None) | Wait::Cancelled | Wait::Dispatched(_) => (shutdown_error(&request_id), None),
         };
-        let mut invoked = self.failed(env, &request_id, start_line, dispatched_at, error, note);
+        let mut invoked = self.failed(
+            env,
+            &request_id,
+            start_line,
+            dispatched_at,
+            error,
+            note,
+            timed_out,
+        );
         invoked.cut_short = cut_short;
         invoked
     }
@@ -1018,6 +1027,20 @@ impl Pool {
             let init = (dispatched_at - env.started).saturating_sub(accounted);
             report.init_duration_ms = Some(init.as_secs_f64() * 1000.0);
         }
+        // The environment failed it (not the function's own error): the REPORT says so,
+        // with the most memory that the guest measured or the host can see.
+        let failed_type = match &outcome {
+            Outcome::InitError { error_type, .. } => Some(error_type.clone()),
+            Outcome::Failed { error, .. } => Some(error.error_type.clone()),
+            Outcome::Response(_) | Outcome::FunctionError { .. } => None,
+        };
+        if failed_type.is_some() {
+            let seen = env.handle.memory_peak_mb().unwrap_or(0);
+            report.max_memory_used_mb = report.max_memory_used_mb.max(seen);
+        }
+        let status = failed_type
+            .as_deref()
+            .map_or(Status::Answered, Status::Error);
         let answer = match outcome {
             Outcome::Response(body) => Answer::Response(body),
             Outcome::FunctionError { error_type, body }
@@ -1028,11 +1051,15 @@ impl Pool {
             },
         };
         let start = ColdStart { restore, phases };
-        self.finish(request_id, start_line, log, &report, &start, answer)
+        self.finish(request_id, start_line, log, &report, &start, status, answer)
     }
 
     /// Ends an invocation the guest did not answer (`note` goes into the function's
-    /// log): its environment is killed.
+    /// log), by `error` or, `timed_out`, by its deadline: its environment is killed.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the parts of one invocation's end"
+    )]
     fn failed(
         &self,
         env: &mut Env,
@@ -1041,6 +1068,7 @@ impl Pool {
         since: Instant,
         error: ErrorBody,
         note: Option<String>,
+        timed_out: bool,
     ) -> Invoked {
         env.broken = true;
         let mut log = env.api.abandon();
@@ -1053,7 +1081,8 @@ impl Pool {
         let report = InvocationReport {
             duration_ms: since.elapsed().as_secs_f64() * 1000.0,
             init_duration_ms: None,
-            max_memory_used_mb: 0,
+            // The guest cannot say: what the host sees of it, before it is stopped.
+            max_memory_used_mb: env.handle.memory_peak_mb().unwrap_or(0),
             event_in_ns: None,
             result_in_ns: None,
         };
@@ -1061,17 +1090,26 @@ impl Pool {
             error_type: error.error_type.clone(),
             body: Bytes::from(serde_json::to_vec(&error).unwrap_or_default()),
         };
+        let status = match timed_out {
+            true => Status::Timeout,
+            false => Status::Error(&error.error_type),
+        };
         self.finish(
             request_id,
             start_line,
             log,
             &report,
             &ColdStart::default(),
+            status,
             answer,
         )
     }
 
     /// Writes `END` and `REPORT`, counts, and assembles the caller's view.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the parts of one invocation's end"
+    )]
     fn finish(
         &self,
         request_id: &str,
@@ -1079,6 +1117,7 @@ impl Pool {
         log: String,
         report: &InvocationReport,
         start: &ColdStart,
+        status: Status<'_>,
         answer: Answer,
     ) -> Invoked {
         let ColdStart { restore, phases } = start;
@@ -1099,7 +1138,8 @@ impl Pool {
         for (phase, took) in phases {
             metrics.start_phase(&f.name, phase, *took);
         }
-        let report_line = logs::report_line(request_id, f.memory_mb, report, restore, phases);
+        let report_line =
+            logs::report_line(request_id, f.memory_mb, report, restore, status, phases);
         self.ctx.logs.write(&f.name, &end);
         self.ctx.logs.write(&f.name, &report_line);
         Invoked {

@@ -277,7 +277,14 @@ async fn invoke_api_answers_like_lambda() {
         .await
         .unwrap();
     assert_eq!(r.status, 413);
-    assert_eq!(r.headers["x-amzn-errortype"], "RequestTooLargeException");
+    assert_eq!(
+        r.headers["x-amzn-errortype"],
+        "RequestEntityTooLargeException"
+    );
+    assert_eq!(
+        body(&r)["message"],
+        "Request must be smaller than 6291456 bytes for the InvokeFunction operation"
+    );
     let mut raw = tokio::net::TcpStream::connect(h.addr).await.unwrap();
     let a = common::request(
         &mut raw,

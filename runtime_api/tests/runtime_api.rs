@@ -611,11 +611,14 @@ async fn kindling_endpoints_environment_logs_report_and_exit() {
         "POST",
         "/kindling/v1/runtime/exit",
         &[],
-        br#"{"signal":9}"#,
+        br#"{"signal":9,"maxMemoryUsedMb":130}"#,
     )
     .await;
     assert_eq!(r.status, 202);
-    match outcome(ticket).await.outcome {
+    let done = outcome(ticket).await;
+    // The guest's last measure of the runtime goes into the failed invocation's report.
+    assert_eq!(done.report.map(|r| r.max_memory_used_mb), Some(130));
+    match done.outcome {
         Outcome::Failed { error, reset } => {
             assert!(reset);
             assert_eq!(error.error_type, "Runtime.ExitError");

@@ -100,6 +100,17 @@ impl Cgroup {
             .collect()
     }
 
+    /// The most memory the sandbox's processes have used at once since it was created, in
+    /// bytes: v2's `memory.peak` (Linux 5.19+) or v1's `memory.max_usage_in_bytes`, both
+    /// kept by the kernel; `None` where it keeps neither.
+    pub fn memory_peak_bytes(&self) -> Option<u64> {
+        // The memory controller's directory comes first, v1 or v2.
+        let dir = &self.dirs[0];
+        ["memory.peak", "memory.max_usage_in_bytes"]
+            .into_iter()
+            .find_map(|file| cgroup::read_u64(dir, file).ok())
+    }
+
     /// The `cgroup.procs` files a process writes its PID to in order to join.
     pub fn procs_files(&self) -> Vec<PathBuf> {
         self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()

@@ -519,6 +519,13 @@ impl Environment for SandboxEnvironment {
         }
         Some(Arc::new(freezer?))
     }
+
+    fn memory_peak_mb(&self) -> Option<u64> {
+        const MIB: u64 = 1024 * 1024;
+        self.cgroup
+            .memory_peak_bytes()
+            .map(|bytes| bytes.div_ceil(MIB))
+    }
 }
 
 /// The entries of `/var/runtime`: the runtime's shims (if it ships any), written into

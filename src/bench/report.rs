@@ -17,11 +17,19 @@ const PER_INVOCATION: [&str; 4] = [
 ];
 
 /// The named millisecond fields of a `REPORT` line beyond the per-invocation ones
-/// (`Init Duration`, `Hypervisor Start`, `Guest Boot`, ...), in the line's order.
+/// (`Init Duration`, `Hypervisor Start`, `Guest Boot`, ...), in the line's order. The
+/// `REPORT` of a failed invocation (`Status: timeout`, `Status: error`) is an error that
+/// says how it failed.
 pub fn breakdown(line: &str) -> anyhow::Result<Vec<(String, f64)>> {
     let Some(rest) = line.strip_prefix("REPORT RequestId: ") else {
         bail!("not a REPORT line: {line:?}");
     };
+    if let Some(at) = rest.find("\tStatus: ") {
+        bail!(
+            "the invocation failed ({})",
+            rest[at + 1..].replace('\t', ", ")
+        );
+    }
     let mut phases = Vec::new();
     for field in rest.split('\t').skip(1) {
         let (name, value) = field
@@ -109,6 +117,12 @@ mod tests {
     fn malformed_lines_are_errors() {
         assert!(breakdown("START RequestId: 1 Version: $LATEST").is_err());
         assert!(breakdown("REPORT RequestId: 1\tGuest Boot: soon").is_err());
+        let failed = "REPORT RequestId: 1\tDuration: 3000.00 ms\tInit Duration: 9.00 ms\t\
+                      Status: error\tError Type: Runtime.ExitError";
+        assert_eq!(
+            breakdown(failed).unwrap_err().to_string(),
+            "the invocation failed (Status: error, Error Type: Runtime.ExitError)"
+        );
         assert!(breakdown("REPORT RequestId: 1\tGuest Boot").is_err());
     }
 }

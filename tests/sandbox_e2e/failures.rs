@@ -1,5 +1,7 @@
 //! A function that fails fails one invocation, with Lambda's error answer, and the next
 //! invocation works: a raised exception, a process exit, a timeout, an oversized response.
+//! The `REPORT` of an invocation the environment failed says how (`Status: timeout`,
+//! `Status: error` with its `Error Type`) and how much memory it used.
 
 use std::time::{Duration, Instant};
 
@@ -27,14 +29,35 @@ fn with_tail() -> InvokeOptions {
     }
 }
 
+/// The `REPORT` line of an invocation's log tail, and its `Max Memory Used` in MB.
+fn report_of(answer: &InvokeResponse) -> (String, u64) {
+    let tail = answer.log_tail.as_deref().expect("a log tail");
+    let report = tail
+        .lines()
+        .find(|l| l.starts_with("REPORT RequestId: "))
+        .unwrap_or_else(|| panic!("no REPORT in the tail: {tail}"));
+    let used = report
+        .split('\t')
+        .find_map(|field| field.strip_prefix("Max Memory Used: "))
+        .and_then(|mb| mb.strip_suffix(" MB")?.parse().ok())
+        .unwrap_or_else(|| panic!("no Max Memory Used: {report}"));
+    println!("{report}");
+    (report.to_string(), used)
+}
+
 #[tokio::test]
 async fn a_raised_exception_is_an_unhandled_error_with_its_stack() {
     let Some(bins) = prerequisites(PYTHON) else {
         return;
     };
     let server = Server::start(bins, &[FunctionDef::python_case("raises", "raises")]);
-    let answer = server.invoke("raises", &json!({"why": "no cheese"})).await;
+    let answer = server
+        .invoke_with("raises", &json!({"why": "no cheese"}), &with_tail())
+        .await;
     let body = unhandled(&answer, "ValueError");
+    // The function's own error: its REPORT has no Status, as Lambda's has none.
+    let (report, _) = report_of(&answer);
+    assert!(!report.contains("Status: "), "{report}");
     assert_eq!(body["errorMessage"], "bad input: no cheese");
     let stack = body["stackTrace"].as_array().expect("stackTrace is a list");
     assert!(
@@ -56,11 +79,18 @@ async fn a_process_exit_fails_only_its_invocation() {
         return;
     };
     let server = Server::start(bins, &[FunctionDef::python_case("exits", "exits")]);
-    let answer = server.invoke("exits", &json!({})).await;
+    let answer = server.invoke_with("exits", &json!({}), &with_tail()).await;
     let body = unhandled(&answer, "Runtime.ExitError");
     let message = body["errorMessage"].as_str().expect("errorMessage");
     assert!(message.contains("Runtime exited with error"), "{message}");
     assert!(message.contains('3'), "the exit status is named: {message}");
+    let (report, used) = report_of(&answer);
+    assert!(
+        report.ends_with("\tStatus: error\tError Type: Runtime.ExitError"),
+        "{report}"
+    );
+    // A Python interpreter that ran its handler: some MB, measured though it died.
+    assert!(used >= 5, "{report}");
 
     let next = server.invoke("exits", &json!({"exit": false})).await;
     assert_eq!(next.status, 200, "{}", server.diagnostics());
@@ -83,10 +113,16 @@ async fn a_timeout_answers_task_timed_out_and_the_next_runs_fresh() {
     assert_eq!(warm.status, 200, "{}", server.diagnostics());
     let first_env = json(&warm)["stream"].clone();
 
+    // Holding 60 MiB when its time runs out: the REPORT counts them.
     let started = Instant::now();
-    let answer = server.invoke("sleeps", &json!({})).await;
+    let answer = server
+        .invoke_with("sleeps", &json!({"hold_mib": 60}), &with_tail())
+        .await;
     let took = started.elapsed();
     let body = unhandled(&answer, "Sandbox.Timedout");
+    let (report, used) = report_of(&answer);
+    assert!(report.ends_with("\tStatus: timeout"), "{report}");
+    assert!((60..=128).contains(&used), "{report}");
     let message = body["errorMessage"].as_str().expect("errorMessage");
     assert!(
         message.contains("Task timed out after 1.00 seconds"),
@@ -139,10 +175,17 @@ async fn running_out_of_memory_is_runtime_out_of_memory() {
         return;
     };
     let server = Server::start(bins, &[FunctionDef::python_case("hog", "hog")]);
-    let answer = server.invoke("hog", &json!({})).await;
+    let answer = server.invoke_with("hog", &json!({}), &with_tail()).await;
     let body = unhandled(&answer, "Runtime.OutOfMemory");
     let message = body["errorMessage"].as_str().expect("errorMessage");
     assert!(message.contains("signal: killed"), "{message}");
+    let (report, used) = report_of(&answer);
+    assert!(
+        report.ends_with("\tStatus: error\tError Type: Runtime.OutOfMemory"),
+        "{report}"
+    );
+    // It reached its 128 MB before the kernel killed it.
+    assert!((100..=128).contains(&used), "{report}");
     // Within its memory, the next invocation works.
     let next = server.invoke("hog", &json!({"mib": 8})).await;
     assert_eq!(json(&next)["held"], 8 << 20, "{}", server.diagnostics());

@@ -265,6 +265,10 @@ pub struct RuntimeExit {
     /// The kernel's OOM killer ended it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub out_of_memory: bool,
+    /// Peak memory of the runtime's process tree up to its end, in MiB (as
+    /// [`InvocationReport::max_memory_used_mb`]): the failed invocation's `REPORT` says it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory_used_mb: Option<u64>,
 }
 
 impl RuntimeExit {
@@ -464,6 +468,7 @@ mod tests {
             exit_code: None,
             signal: Some(9),
             out_of_memory: false,
+            max_memory_used_mb: Some(130),
         };
         let body = e.to_error();
         assert_eq!(body.error_type, "Runtime.ExitError");

@@ -104,7 +104,14 @@ impl InvokeApi {
                 .map(whole)
             }
         }
-        let payload = match read_body(req, &self.limits, MAX_REQUEST_BYTES).await {
+        let payload = match read_body(
+            req,
+            &self.limits,
+            MAX_REQUEST_BYTES,
+            Some("InvokeWithResponseStream"),
+        )
+        .await
+        {
             Ok(p) => p,
             Err(r) => return r.map(whole),
         };

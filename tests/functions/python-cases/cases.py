@@ -32,9 +32,12 @@ def exits(event, context):
 
 
 def sleeps(event, context):
-    """Sleeps `seconds` (default: far past any test's timeout)."""
+    """Sleeps `seconds` (default: far past any test's timeout), holding `hold_mib` MiB
+    (default none) meanwhile."""
     seconds = event.get("seconds", 60)
+    held = bytearray(event.get("hold_mib", 0) << 20)
     time.sleep(seconds)
+    del held
     return {"slept": seconds, **whoami(context)}
 
 
