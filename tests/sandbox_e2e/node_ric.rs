@@ -91,6 +91,47 @@ pub(crate) fn log_tail(answer: &Value) -> String {
     String::from_utf8_lossy(&log).into_owned()
 }
 
+/// Invokes `function` (a runtime interface client's `answers` handler) through the AWS
+/// CLI with `{"hello": "ric"}` and checks the answer: its log tail's START line, and the
+/// context the handler echoed, `language` naming the key of the language's version and
+/// the client's own name for its context. Returns the handler's payload.
+pub(crate) fn answer_through_the_cli(
+    server: &Server,
+    function: &str,
+    out: &Path,
+    (language, runtime): (&str, &str),
+) -> Value {
+    let (answer, payload) = aws_invoke(server, function, &json!({"hello": "ric"}), out);
+    assert_eq!(answer["StatusCode"], 200, "{answer}");
+    assert!(answer.get("FunctionError").is_none(), "{answer} {payload}");
+    let request_id = payload["requestId"].as_str().unwrap_or("");
+    assert!(
+        log_tail(&answer).contains(&format!("START RequestId: {request_id} ")),
+        "{payload} {}",
+        log_tail(&answer)
+    );
+    assert_eq!(
+        payload,
+        json!({
+            "event": {"hello": "ric"},
+            "requestId": request_id,
+            "functionName": function,
+            "arn": payload["arn"],
+            "remainingOk": true,
+            language: payload[language],
+            "runtime": runtime,
+        })
+    );
+    assert!(
+        payload["arn"]
+            .as_str()
+            .unwrap_or("")
+            .ends_with(&format!(":function:{function}")),
+        "{payload}"
+    );
+    payload
+}
+
 #[tokio::test]
 async fn aws_lambda_ric_runs_unmodified_as_the_functions_bootstrap() {
     let Some(bins) = prerequisites(&["/usr/bin/aws"]) else {
@@ -119,34 +160,7 @@ async fn aws_lambda_ric_runs_unmodified_as_the_functions_bootstrap() {
     );
     let out = Scratch::new();
 
-    let (answer, payload) = aws_invoke(&server, "ric", &json!({"hello": "ric"}), out.path());
-    assert_eq!(answer["StatusCode"], 200, "{answer}");
-    assert!(answer.get("FunctionError").is_none(), "{answer} {payload}");
-    let request_id = payload["requestId"].as_str().unwrap_or("");
-    assert!(
-        log_tail(&answer).contains(&format!("START RequestId: {request_id} ")),
-        "{payload} {}",
-        log_tail(&answer)
-    );
-    assert_eq!(
-        payload,
-        json!({
-            "event": {"hello": "ric"},
-            "requestId": request_id,
-            "functionName": "ric",
-            "arn": payload["arn"],
-            "remainingOk": true,
-            "node": payload["node"],
-            "runtime": "aws-lambda-ric",
-        })
-    );
-    assert!(
-        payload["arn"]
-            .as_str()
-            .unwrap_or("")
-            .ends_with(":function:ric"),
-        "{payload}"
-    );
+    let payload = answer_through_the_cli(&server, "ric", out.path(), ("node", "aws-lambda-ric"));
     assert!(
         payload["node"].as_str().unwrap_or("").starts_with("22."),
         "{payload}"

@@ -12,7 +12,7 @@ use std::process::Command;
 
 use serde_json::{json, Value};
 
-use crate::node_ric::{aws_invoke, log_tail};
+use crate::node_ric::{answer_through_the_cli, aws_invoke};
 use crate::support::{prerequisites, repo_path, FunctionDef, Scratch, Server};
 
 /// Where scripts/setup.sh installs the client and its dependencies.
@@ -93,33 +93,11 @@ async fn awslambdaric_runs_unmodified_as_the_functions_bootstrap() {
     );
     let out = Scratch::new();
 
-    let (answer, payload) = aws_invoke(&server, "pyric", &json!({"hello": "ric"}), out.path());
-    assert_eq!(answer["StatusCode"], 200, "{answer}");
-    assert!(answer.get("FunctionError").is_none(), "{answer} {payload}");
-    let request_id = payload["requestId"].as_str().unwrap_or("");
-    assert!(
-        log_tail(&answer).contains(&format!("START RequestId: {request_id} ")),
-        "{payload} {}",
-        log_tail(&answer)
-    );
-    assert_eq!(
-        payload,
-        json!({
-            "event": {"hello": "ric"},
-            "requestId": request_id,
-            "functionName": "pyric",
-            "arn": payload["arn"],
-            "remainingOk": true,
-            "python": payload["python"],
-            "runtime": "awslambdaric.lambda_context",
-        })
-    );
-    assert!(
-        payload["arn"]
-            .as_str()
-            .unwrap_or("")
-            .ends_with(":function:pyric"),
-        "{payload}"
+    answer_through_the_cli(
+        &server,
+        "pyric",
+        out.path(),
+        ("python", "awslambdaric.lambda_context"),
     );
     let through_boto3 = boto3_invoke(&server, "pyric", &json!({"hello": "boto3"}));
     assert_eq!(through_boto3["StatusCode"], 200, "{through_boto3}");
