@@ -987,13 +987,12 @@ impl Pool {
         }
         let mut report = report.unwrap_or_else(|| InvocationReport {
             duration_ms: dispatched_at.elapsed().as_secs_f64() * 1000.0,
-            init_duration_ms: None,
-            max_memory_used_mb: 0,
-            event_in_ns: None,
-            result_in_ns: None,
+            ..InvocationReport::default()
         });
         let mut phases = if cold {
-            env.handle.start_phases()
+            let mut phases = env.handle.start_phases();
+            phases.extend(agent_phases(&report, env.handle.init_started_ns()));
+            phases
         } else {
             Vec::new()
         };
@@ -1052,10 +1051,7 @@ impl Pool {
         tracing::info!(function = %self.function.name, request_id, error_type = %error.error_type, "invocation failed");
         let report = InvocationReport {
             duration_ms: since.elapsed().as_secs_f64() * 1000.0,
-            init_duration_ms: None,
-            max_memory_used_mb: 0,
-            event_in_ns: None,
-            result_in_ns: None,
+            ..InvocationReport::default()
         };
         let answer = Answer::Error {
             error_type: error.error_type.clone(),
@@ -1180,6 +1176,27 @@ impl Ctx {
     }
 }
 
+/// The start phases the agent's stamps tell (first invocation only): `Init Start`, init's
+/// start → the agent's, where the environment's init shares the host's clock
+/// (`init_started_ns`, a sandbox), and `Agent Start`, the agent's start → the runtime's
+/// (reading its configuration, starting extensions); `Init Duration` follows.
+fn agent_phases(
+    report: &InvocationReport,
+    init_started_ns: Option<u64>,
+) -> Vec<(&'static str, Duration)> {
+    let mut phases = Vec::new();
+    let Some(agent) = report.agent_started_ns else {
+        return phases;
+    };
+    if let Some(init) = init_started_ns.filter(|init| *init <= agent) {
+        phases.push(("Init Start", Duration::from_nanos(agent - init)));
+    }
+    if let Some(runtime) = report.runtime_started_ns.filter(|r| *r >= agent) {
+        phases.push(("Agent Start", Duration::from_nanos(runtime - agent)));
+    }
+    phases
+}
+
 fn exit_error(request_id: &str, reason: &str) -> ErrorBody {
     ErrorBody::new(
         "Runtime.ExitError",
@@ -1268,6 +1285,25 @@ pub(crate) fn civil_from_days(days: u64) -> (u64, u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_agents_stamps_split_its_start_from_inits() {
+        let report = InvocationReport {
+            agent_started_ns: Some(5_000_000),
+            runtime_started_ns: Some(7_500_000),
+            ..InvocationReport::default()
+        };
+        let ms = |ms: u64| Duration::from_millis(ms) / 2;
+        assert_eq!(
+            agent_phases(&report, Some(1_000_000)),
+            vec![("Init Start", ms(8)), ("Agent Start", ms(5))]
+        );
+        // A microVM's init runs on the guest's clock: only the agent's own phase.
+        assert_eq!(agent_phases(&report, None), vec![("Agent Start", ms(5))]);
+        // Stamps out of order (another clock) say nothing.
+        assert!(agent_phases(&report, Some(9_000_000)).len() == 1);
+        assert!(agent_phases(&InvocationReport::default(), Some(1)).is_empty());
+    }
 
     #[test]
     fn civil_dates() {
