@@ -195,7 +195,7 @@ async fn forward_result(agent: &Arc<Agent>, id: String, req: Request<Incoming>) 
     let what = format!("{} {}", req.method(), req.uri().path());
     let submitted = match agent.upstream.submit(req).await {
         Ok(Sent::Framed(submitted)) => submitted,
-        Ok(Sent::Http(req)) => return exchange(agent, req).await,
+        Ok(Sent::Http(req)) => return exchange(agent, *req).await,
         Err(e) => return host_unavailable(&what, &e),
     };
     let agent = agent.clone();

@@ -141,7 +141,7 @@ impl Upstream {
     pub async fn submit(&self, req: Request<Bytes>) -> Result<Sent, String> {
         match self.stream().await? {
             Some(stream) => Ok(Sent::Framed(stream.submit(req).await?)),
-            None => Ok(Sent::Http(req)),
+            None => Ok(Sent::Http(Box::new(req))),
         }
     }
 
@@ -381,8 +381,9 @@ impl FrameStream {
 pub enum Sent {
     /// The request's frame is written; its answer is to come.
     Framed(Submitted),
-    /// The host offers no frame stream: nothing was sent.
-    Http(Request<Bytes>),
+    /// The host offers no frame stream: nothing was sent (the request, boxed: it is far
+    /// larger than the other variant).
+    Http(Box<Request<Bytes>>),
 }
 
 /// A call whose frame is written: its answer is to come. Dropped, it forgets its place

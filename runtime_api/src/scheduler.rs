@@ -905,7 +905,7 @@ impl Pool {
         // error completes `done` without a dispatch, hence `biased`.
         let first = tokio::select! {
             biased;
-            c = &mut done => Wait::Done(c.ok()),
+            c = &mut done => Wait::Done(c.ok().map(Box::new)),
             at = &mut dispatched => at.map_or(Wait::Done(None), Wait::Dispatched),
             reason = env.handle.exited() => Wait::Exited(reason),
             _ = tokio::time::sleep_until(init_deadline) => Wait::InitTimeout,
@@ -918,7 +918,7 @@ impl Pool {
                 }
                 let deadline = tokio::time::Instant::from_std(at + f.timeout);
                 let second = tokio::select! {
-                    c = &mut done => Wait::Done(c.ok()),
+                    c = &mut done => Wait::Done(c.ok().map(Box::new)),
                     reason = env.handle.exited() => Wait::Exited(reason),
                     _ = tokio::time::sleep_until(deadline) => Wait::Timeout,
                     _ = until_true(&mut cancel) => Wait::Cancelled,
@@ -937,7 +937,7 @@ impl Pool {
                     agent: completion.report.as_ref().and_then(|r| r.event_in_ns.zip(r.result_in_ns)),
                     same_clock: self.function.isolation == Isolation::Sandbox,
                 });
-                let mut invoked = self.completed(env, &request_id, start_line, dispatched_at, cold, completion);
+                let mut invoked = self.completed(env, &request_id, start_line, dispatched_at, cold, *completion);
                 invoked.stamps = stamps;
                 return invoked;
             }
@@ -1152,7 +1152,8 @@ struct ColdStart {
 /// What an invocation waits for.
 enum Wait {
     Dispatched(Instant),
-    Done(Option<Completion>),
+    /// Boxed: a completion (its payload's handle, report, log) is far larger than the rest.
+    Done(Option<Box<Completion>>),
     Exited(String),
     InitTimeout,
     Timeout,
