@@ -31,7 +31,7 @@ use procfs::process::Process;
 
 use interrupt::Interrupt;
 use table::Results;
-use target::{Setup, Target, CLIENTS};
+use target::{Setup, Target, CLIENTS, PROVIDED_BOOTSTRAP};
 
 /// The bench function's code, written into the bench's state folder at start.
 const HANDLER: &str = include_str!("../examples/bench-noop/app.py");
@@ -107,6 +107,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         .context("cannot create the bench's state folder in /tmp")?;
     let setup = Setup {
         code: state.path().join("code"),
+        provided_code: state.path().join("provided"),
         images,
     };
     let boot_phases = args.boot_phases.unwrap_or(0) as usize;
@@ -165,6 +166,12 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     std::fs::create_dir(&setup.code)?;
     std::fs::write(setup.code.join("app.py"), HANDLER)?;
+    if targets.contains(&Target::SANDBOX_PROVIDED) {
+        std::fs::create_dir(&setup.provided_code)?;
+        let program = provided_bootstrap()?;
+        std::fs::copy(&program, setup.provided_code.join(PROVIDED_BOOTSTRAP))
+            .with_context(|| format!("copying {}", program.display()))?;
+    }
     for target in &targets {
         target::check(*target, &setup, state.path())?;
     }
@@ -231,6 +238,20 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The `provided` no-op's static program, built beside the guest binaries.
+fn provided_bootstrap() -> anyhow::Result<std::path::PathBuf> {
+    let dir = kindling_images::locate::guest_bin_dir().map_err(anyhow::Error::msg)?;
+    let program = dir.join(PROVIDED_BOOTSTRAP);
+    if !program.is_file() {
+        bail!(
+            "the bench's provided no-op (the static lambda_runtime program of tests/lambda-rs-runtime) \
+             is not built in {}: run scripts/build-guest.sh (or bench with --isolation microvm)",
+            dir.display()
+        );
+    }
+    Ok(program)
+}
+
 /// What to measure, from `--isolation` and `--hypervisor`.
 fn targets(args: &BenchArgs) -> anyhow::Result<Vec<Target>> {
     let hypervisors = if args.hypervisor.is_empty() {
@@ -245,7 +266,7 @@ fn targets(args: &BenchArgs) -> anyhow::Result<Vec<Target>> {
     let mut targets = Vec::new();
     for isolation in &args.isolation {
         let asked = match isolation {
-            Isolation::Sandbox => vec![Target::SANDBOX],
+            Isolation::Sandbox => vec![Target::SANDBOX, Target::SANDBOX_PROVIDED],
             Isolation::MicroVm => hypervisors.iter().map(|h| Target::microvm(*h)).collect(),
         };
         for target in asked {
@@ -269,6 +290,9 @@ fn preflight(targets: &[Target], manifest: bool) -> anyhow::Result<()> {
         bail!("the sandbox needs root (namespaces, mounts, cgroups): run `kindling bench` as root, or with --isolation microvm");
     }
     kindling_images::locate::guest_bin_dir().map_err(anyhow::Error::msg)?;
+    if targets.contains(&Target::SANDBOX_PROVIDED) {
+        provided_bootstrap()?;
+    }
     if !manifest && targets.iter().any(|t| t.isolation == Isolation::MicroVm) {
         let cache = Cache::open()?;
         let built = cache.list()?;

@@ -22,6 +22,8 @@ use crate::upstream::Upstream;
 
 struct Running {
     started: Instant,
+    /// `started` on [`monotonic_ns`], for the first report.
+    started_ns: u64,
     /// The kernel's OOM-kill count when the runtime started.
     oom_kills_at_start: Option<u64>,
     memory: Arc<MemoryProbe>,
@@ -55,6 +57,8 @@ struct Lifecycle {
     answered: Option<Answered>,
     /// Why the environment must be reset, once it must.
     reset: Option<String>,
+    /// When the agent's process started ([`monotonic_ns`]), until the first report.
+    agent_started_ns: Option<u64>,
 }
 
 pub struct Agent {
@@ -82,7 +86,13 @@ fn round(ms: f64) -> f64 {
 }
 
 impl Agent {
-    pub fn new(upstream: Upstream, function: FunctionEnvironment, in_microvm: bool) -> Self {
+    /// `started_ns`: when this process started, on [`monotonic_ns`].
+    pub fn new(
+        upstream: Upstream,
+        function: FunctionEnvironment,
+        in_microvm: bool,
+        started_ns: u64,
+    ) -> Self {
         let telemetry = Arc::new(Telemetry::default());
         Agent {
             logs: LogSink::start(upstream.clone(), telemetry.clone()),
@@ -92,7 +102,10 @@ impl Agent {
             reset: Notify::new(),
             upstream,
             in_microvm,
-            life: Mutex::new(Lifecycle::default()),
+            life: Mutex::new(Lifecycle {
+                agent_started_ns: Some(started_ns),
+                ..Lifecycle::default()
+            }),
         }
     }
 
@@ -102,8 +115,10 @@ impl Agent {
 
     /// A runtime process was just started (`started` is taken before the spawn).
     pub fn runtime_started(&self, started: Instant, memory: Arc<MemoryProbe>) {
+        let since = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.life().runtime = Some(Running {
             started,
+            started_ns: monotonic_ns().saturating_sub(since),
             oom_kills_at_start: memory::oom_kills(),
             memory,
             init_ms: None,
@@ -299,15 +314,25 @@ impl Agent {
             }
             let flight = life.in_flight.take().expect("checked above");
             let duration_ms = millis(flight.handed_over);
-            let report = life.runtime.as_mut().map(|rt| {
+            let Lifecycle {
+                runtime,
+                agent_started_ns,
+                ..
+            } = &mut *life;
+            let report = runtime.as_mut().map(|rt| {
+                let init_duration_ms = rt.init_ms.take();
+                // The agent's start only before its first runtime's first invocation.
+                let agent_started_ns = init_duration_ms.and_then(|_| agent_started_ns.take());
                 (
                     rt.memory.clone(),
                     InvocationReport {
                         duration_ms,
-                        init_duration_ms: rt.init_ms.take(),
+                        init_duration_ms,
                         max_memory_used_mb: 0,
                         event_in_ns: Some(flight.event_in_ns),
                         result_in_ns: Some(at),
+                        agent_started_ns,
+                        runtime_started_ns: agent_started_ns.map(|_| rt.started_ns),
                     },
                 )
             });

@@ -51,6 +51,8 @@ use crate::extensions::Extensions;
 use crate::upstream::Upstream;
 
 fn main() -> ExitCode {
+    // The agent's start, for the first invocation's report (its start-up phases).
+    let started_ns = kindling_wire::monotonic_ns();
     // One thread is plenty for one runtime, and keeps the guest's footprint small.
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -62,7 +64,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run()) {
+    match rt.block_on(run(started_ns)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             say!("{e}");
@@ -71,7 +73,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run() -> Result<(), String> {
+async fn run(started_ns: u64) -> Result<(), String> {
     let config = Config::from_env()?;
     let listener = TcpListener::bind(config.listen)
         .await
@@ -92,7 +94,12 @@ async fn run() -> Result<(), String> {
     // Over vsock or a virtio port we are a microVM, whose clock starts from a coarse RTC
     // and drifts.
     let in_microvm = !matches!(config.host, kindling_wire::HostAddr::Unix(_));
-    let agent = Arc::new(Agent::new(upstream, function.clone(), in_microvm));
+    let agent = Arc::new(Agent::new(
+        upstream,
+        function.clone(),
+        in_microvm,
+        started_ns,
+    ));
     let program = match runtime::locate(&config) {
         Ok(p) => p,
         Err(e) => {

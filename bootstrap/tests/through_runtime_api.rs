@@ -190,3 +190,70 @@ async fn a_node_stream_reaches_the_host_chunk_by_chunk() {
         Outcome::Response(Bytes::from_static(b"first\nsecond\n"))
     );
 }
+
+/// A custom runtime that, for each event, posts a result for a wrong id, then its result,
+/// then the same result again, and answers with what the Runtime API said to each (the
+/// last two for the previous event, since its own are posted after its answer).
+const STRICT_RUNTIME: &str = r#"#!/usr/bin/env python3
+import http.client, json, os
+api = http.client.HTTPConnection(os.environ["AWS_LAMBDA_RUNTIME_API"])
+def call(method, path, body=None):
+    api.request(method, "/2018-06-01/runtime/invocation/" + path, body=body)
+    answer = api.getresponse()
+    return answer.status, answer.headers, answer.read()
+previous = {}
+while True:
+    _, headers, event = call("GET", "next")
+    rid = headers["Lambda-Runtime-Aws-Request-Id"]
+    wrong, _, _ = call("POST", "not-" + rid + "/response", b"{}")
+    answer = dict(previous, wrong=wrong, event=json.loads(event))
+    ok, ok_headers, ok_body = call("POST", rid + "/response", json.dumps(answer).encode())
+    again, _, _ = call("POST", rid + "/response", b"{}")
+    previous = {
+        "ok": ok,
+        "ok_body": ok_body.decode(),
+        "ok_type": ok_headers["Content-Type"],
+        "again": again,
+    }
+"#;
+
+/// The agent acknowledges a result as soon as its frame is written, and the runtime's
+/// next calls follow at once: each still sees the Runtime API's contract (202 with its
+/// body for the result, 400 for a wrong id, 403 for a second result), events come only
+/// when asked for, and every result reaches the host in order.
+#[tokio::test]
+async fn results_are_acknowledged_early_and_the_contract_holds() {
+    if !have("python3") {
+        return;
+    }
+    let guest = Guest::new();
+    guest.write_task("bootstrap", STRICT_RUNTIME, true);
+    let logs = Arc::new(LogSink::new(&guest.dir.path().join("logs")).unwrap());
+    let api = RuntimeApi::bind(&guest.socket(), function_env("provided", "strict"), logs).unwrap();
+    let _bootstrap = guest.start(None);
+
+    for n in 1..=30 {
+        let done = tokio::time::timeout(
+            PATIENCE,
+            api.submit(invocation(n, &format!(r#"{{"n":{n}}}"#))).done,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let Outcome::Response(body) = &done.outcome else {
+            panic!("event {n}: {:?}", done.outcome)
+        };
+        let answer: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(answer["event"]["n"], n, "{answer}");
+        assert_eq!(answer["wrong"], 400, "{answer}");
+        if n > 1 {
+            assert_eq!(answer["ok"], 202, "{answer}");
+            assert_eq!(answer["ok_body"], r#"{"status":"OK"}"#, "{answer}");
+            assert_eq!(answer["ok_type"], "application/json", "{answer}");
+            assert_eq!(answer["again"], 403, "{answer}");
+        }
+        assert!(done.report.is_some(), "event {n} without its report");
+    }
+    let seen = api.exchanges();
+    assert_eq!(seen.streams, 1, "{seen:?}");
+}

@@ -131,6 +131,12 @@ pub trait Environment: Send + Sync {
     fn start_phases(&self) -> StartPhases {
         Vec::new()
     }
+    /// When its init started, on [`kindling_wire::monotonic_ns`], for an environment whose
+    /// guest shares the host's clock (a sandbox); with the agent's own start stamp it
+    /// gives init's share of the start (`Init Start`).
+    fn init_started_ns(&self) -> Option<u64> {
+        None
+    }
     /// How to pause this environment while it waits for its next event, as Lambda
     /// freezes its environments; `None` when it cannot be paused. Asked once, after it
     /// started; the scheduler calls it from its own tasks, beside the other methods.

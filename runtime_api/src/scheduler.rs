@@ -905,7 +905,7 @@ impl Pool {
         // error completes `done` without a dispatch, hence `biased`.
         let first = tokio::select! {
             biased;
-            c = &mut done => Wait::Done(c.ok()),
+            c = &mut done => Wait::Done(c.ok().map(Box::new)),
             at = &mut dispatched => at.map_or(Wait::Done(None), Wait::Dispatched),
             reason = env.handle.exited() => Wait::Exited(reason),
             _ = tokio::time::sleep_until(init_deadline) => Wait::InitTimeout,
@@ -918,7 +918,7 @@ impl Pool {
                 }
                 let deadline = tokio::time::Instant::from_std(at + f.timeout);
                 let second = tokio::select! {
-                    c = &mut done => Wait::Done(c.ok()),
+                    c = &mut done => Wait::Done(c.ok().map(Box::new)),
                     reason = env.handle.exited() => Wait::Exited(reason),
                     _ = tokio::time::sleep_until(deadline) => Wait::Timeout,
                     _ = until_true(&mut cancel) => Wait::Cancelled,
@@ -938,7 +938,7 @@ impl Pool {
                     agent: completion.report.as_ref().and_then(|r| r.event_in_ns.zip(r.result_in_ns)),
                     same_clock: self.function.isolation == Isolation::Sandbox,
                 });
-                let mut invoked = self.completed(env, &request_id, start_line, dispatched_at, cold, completion);
+                let mut invoked = self.completed(env, &request_id, start_line, dispatched_at, cold, *completion);
                 invoked.stamps = stamps;
                 return invoked;
             }
@@ -996,13 +996,12 @@ impl Pool {
         }
         let mut report = report.unwrap_or_else(|| InvocationReport {
             duration_ms: dispatched_at.elapsed().as_secs_f64() * 1000.0,
-            init_duration_ms: None,
-            max_memory_used_mb: 0,
-            event_in_ns: None,
-            result_in_ns: None,
+            ..InvocationReport::default()
         });
         let mut phases = if cold {
-            env.handle.start_phases()
+            let mut phases = env.handle.start_phases();
+            phases.extend(agent_phases(&report, env.handle.init_started_ns()));
+            phases
         } else {
             Vec::new()
         };
@@ -1080,11 +1079,9 @@ impl Pool {
         tracing::info!(function = %self.function.name, request_id, error_type = %error.error_type, "invocation failed");
         let report = InvocationReport {
             duration_ms: since.elapsed().as_secs_f64() * 1000.0,
-            init_duration_ms: None,
             // The guest cannot say: what the host sees of it, before it is stopped.
             max_memory_used_mb: env.handle.memory_peak_mb().unwrap_or(0),
-            event_in_ns: None,
-            result_in_ns: None,
+            ..InvocationReport::default()
         };
         let answer = Answer::Error {
             error_type: error.error_type.clone(),
@@ -1196,7 +1193,8 @@ struct ColdStart {
 /// What an invocation waits for.
 enum Wait {
     Dispatched(Instant),
-    Done(Option<Completion>),
+    /// Boxed: a completion (its payload's handle, report, log) is far larger than the rest.
+    Done(Option<Box<Completion>>),
     Exited(String),
     InitTimeout,
     Timeout,
@@ -1218,6 +1216,27 @@ impl Ctx {
             options.region, options.account_id
         )
     }
+}
+
+/// The start phases the agent's stamps tell (first invocation only): `Init Start`, init's
+/// start → the agent's, where the environment's init shares the host's clock
+/// (`init_started_ns`, a sandbox), and `Agent Start`, the agent's start → the runtime's
+/// (reading its configuration, starting extensions); `Init Duration` follows.
+fn agent_phases(
+    report: &InvocationReport,
+    init_started_ns: Option<u64>,
+) -> Vec<(&'static str, Duration)> {
+    let mut phases = Vec::new();
+    let Some(agent) = report.agent_started_ns else {
+        return phases;
+    };
+    if let Some(init) = init_started_ns.filter(|init| *init <= agent) {
+        phases.push(("Init Start", Duration::from_nanos(agent - init)));
+    }
+    if let Some(runtime) = report.runtime_started_ns.filter(|r| *r >= agent) {
+        phases.push(("Agent Start", Duration::from_nanos(runtime - agent)));
+    }
+    phases
 }
 
 fn exit_error(request_id: &str, reason: &str) -> ErrorBody {
@@ -1308,6 +1327,25 @@ pub(crate) fn civil_from_days(days: u64) -> (u64, u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_agents_stamps_split_its_start_from_inits() {
+        let report = InvocationReport {
+            agent_started_ns: Some(5_000_000),
+            runtime_started_ns: Some(7_500_000),
+            ..InvocationReport::default()
+        };
+        let ms = |ms: u64| Duration::from_millis(ms) / 2;
+        assert_eq!(
+            agent_phases(&report, Some(1_000_000)),
+            vec![("Init Start", ms(8)), ("Agent Start", ms(5))]
+        );
+        // A microVM's init runs on the guest's clock: only the agent's own phase.
+        assert_eq!(agent_phases(&report, None), vec![("Agent Start", ms(5))]);
+        // Stamps out of order (another clock) say nothing.
+        assert!(agent_phases(&report, Some(9_000_000)).len() == 1);
+        assert!(agent_phases(&InvocationReport::default(), Some(1)).is_empty());
+    }
 
     #[test]
     fn civil_dates() {

@@ -7,7 +7,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use async_trait::async_trait;
@@ -15,9 +15,10 @@ use kindling_images::{write_shims, Runtime};
 use kindling_network::{Lease, Network};
 use kindling_plumbing::ids::{IdLease, IdPool};
 use kindling_runtime_api::environment::{
-    Environment, EnvironmentSpec, Freezer, Launcher, Network as FunctionNetwork, StopMode,
+    Environment, EnvironmentSpec, Freezer, Launcher, Network as FunctionNetwork, StartPhases,
+    StopMode,
 };
-use kindling_wire::{HostAddr, ENV_HOST_ADDR};
+use kindling_wire::{monotonic_ns, HostAddr, ENV_HOST_ADDR};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::{geteuid, Pid};
 use serde_json::{json, Map, Value};
@@ -118,6 +119,7 @@ impl SandboxLauncher {
 
     /// Like [`Launcher::start`], returning the concrete environment.
     pub async fn start_sandbox(&self, spec: &EnvironmentSpec) -> Result<SandboxEnvironment> {
+        let begun = Instant::now();
         if !geteuid().is_root() {
             bail!(
                 "the sandbox needs root to create namespaces, mounts and cgroups (running as uid {})",
@@ -214,7 +216,11 @@ impl SandboxLauncher {
             .await;
         match launched {
             Ok((helper, status, init)) => {
+                // init runs from here: the set-up before it is the sandbox's own phase.
+                let init_started_ns = monotonic_ns();
                 let mut sandbox = SandboxEnvironment {
+                    setup: begun.elapsed(),
+                    init_started_ns,
                     id: spec.id.clone(),
                     dir: spec.dir.clone(),
                     console: spec.console_log(),
@@ -426,6 +432,10 @@ pub struct SandboxEnvironment {
     _ids: IdLease,
     /// Its address block, held until it is gone.
     network: Option<Lease>,
+    /// Its start until init ran: id range, cgroup, namespaces and mounts (`Sandbox Setup`).
+    setup: Duration,
+    /// When init ran, on [`monotonic_ns`], the clock the sandbox shares with the host.
+    init_started_ns: u64,
 }
 
 impl SandboxEnvironment {
@@ -510,6 +520,15 @@ impl Environment for SandboxEnvironment {
 
     fn console_log(&self) -> Option<&Path> {
         Some(&self.console)
+    }
+
+    /// Namespaces, mounts and the rest of the host's part, until init runs.
+    fn start_phases(&self) -> StartPhases {
+        vec![("Sandbox Setup", self.setup)]
+    }
+
+    fn init_started_ns(&self) -> Option<u64> {
+        Some(self.init_started_ns)
     }
 
     fn freezer(&self) -> Option<Arc<dyn Freezer>> {

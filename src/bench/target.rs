@@ -41,24 +41,47 @@ const NESTED_INIT_TIMEOUT: Duration = Duration::from_secs(900);
 const INIT_TIMEOUT: Duration = Duration::from_secs(120);
 const FUNCTION_TIMEOUT_S: u64 = 60;
 
-/// What is measured: the sandbox, or microVMs on one hypervisor.
+/// What is measured: the sandbox, or microVMs on one hypervisor, running one of the
+/// bench's no-op functions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Target {
     pub isolation: Isolation,
     /// `Some` exactly for microVMs.
     pub hypervisor: Option<Hypervisor>,
+    pub runtime: NoOp,
 }
+
+/// The bench's no-op functions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoOp {
+    /// A python handler that returns `None` (`examples/bench-noop`).
+    Python,
+    /// A `provided` function: the static `lambda_runtime` binary of
+    /// `tests/lambda-rs-runtime`, answering `null` (`KINDLING_TEST_NOOP`).
+    Provided,
+}
+
+/// The `provided` no-op's program, as `scripts/build-guest.sh` leaves it beside the guest
+/// binaries.
+pub const PROVIDED_BOOTSTRAP: &str = "bootstrap";
 
 impl Target {
     pub const SANDBOX: Target = Target {
         isolation: Isolation::Sandbox,
         hypervisor: None,
+        runtime: NoOp::Python,
+    };
+    pub const SANDBOX_PROVIDED: Target = Target {
+        isolation: Isolation::Sandbox,
+        hypervisor: None,
+        runtime: NoOp::Provided,
     };
 
     pub fn microvm(hypervisor: Hypervisor) -> Self {
         Target {
             isolation: Isolation::MicroVm,
             hypervisor: Some(hypervisor),
+            runtime: NoOp::Python,
         }
     }
 
@@ -70,7 +93,8 @@ impl Target {
     /// The environment column of the table.
     pub fn label(&self) -> &'static str {
         match (self.hypervisor, nested()) {
-            (None, _) => "sandbox",
+            (None, _) if self.runtime == NoOp::Provided => "sandbox provided",
+            (None, _) => "sandbox python",
             (Some(Hypervisor::Kindling), false) => "microVM kindling-vmm",
             (Some(Hypervisor::Kindling), true) => "microVM kindling-vmm (nested)",
             (Some(Hypervisor::Qemu), _) if self.emulated() => "microVM qemu/tcg",
@@ -96,18 +120,27 @@ impl Target {
         }
     }
 
-    fn function(&self, code: &Path) -> FunctionConfig {
+    fn function(&self, setup: &Setup) -> FunctionConfig {
+        let (code, runtime, handler, env) = match self.runtime {
+            NoOp::Python => (&setup.code, "python", "app.handler", BTreeMap::new()),
+            NoOp::Provided => (
+                &setup.provided_code,
+                "provided",
+                "noop",
+                BTreeMap::from([("KINDLING_TEST_NOOP".to_string(), "1".to_string())]),
+            ),
+        };
         FunctionConfig {
             function: Function {
                 name: FUNCTION.to_string(),
-                code: code.to_path_buf(),
-                runtime: "python".to_string(),
-                handler: "app.handler".to_string(),
+                code: code.clone(),
+                runtime: runtime.to_string(),
+                handler: handler.to_string(),
                 memory_mb: MEMORY_MIB,
                 timeout: Duration::from_secs(FUNCTION_TIMEOUT_S),
                 isolation: self.isolation,
                 max_concurrency: CLIENTS,
-                env: BTreeMap::new(),
+                env,
                 snapstart: false,
                 network: kindling_runtime_api::environment::Network::Outbound,
                 layers: Vec::new(),
@@ -129,8 +162,10 @@ pub fn nested() -> bool {
 /// What every server of the bench is built from.
 #[derive(Debug)]
 pub struct Setup {
-    /// The bench function's code folder.
+    /// The python no-op's code folder.
     pub code: std::path::PathBuf,
+    /// The `provided` no-op's code folder (its `bootstrap`).
+    pub provided_code: std::path::PathBuf,
     /// The images guests boot, when not the image cache's (inside the nested harness).
     pub images: Option<kindling_images::ImagesManifest>,
 }
@@ -182,7 +217,7 @@ pub struct SnapStartRun {
 /// Checks, before anything is measured, that the server can be built for `target` the
 /// way the bench asks (a microVM that would silently become a sandbox is an error).
 pub fn check(target: Target, setup: &Setup, state_dir: &Path) -> anyhow::Result<()> {
-    if prepare(target.function(&setup.code), setup, state_dir)?
+    if prepare(target.function(setup), setup, state_dir)?
         .functions
         .iter()
         .any(|f| f.isolation != target.isolation)
@@ -276,7 +311,7 @@ pub async fn run(
     progress: &ProgressBar,
     interrupt: Interrupt,
 ) -> anyhow::Result<Run> {
-    let server = Serving::start(target.function(&setup.code), setup, state_dir).await?;
+    let server = Serving::start(target.function(setup), setup, state_dir).await?;
     let measured = tokio::select! {
         measured = measure(target, server.addr, server.logs.resubscribe(), invokes, progress) => measured,
         () = interrupt.clone().wait() => Err(anyhow!("interrupted")),
@@ -301,7 +336,7 @@ async fn snapstart(
     state_dir: &Path,
     interrupt: Interrupt,
 ) -> anyhow::Result<SnapStartRun> {
-    let mut function = target.function(&setup.code);
+    let mut function = target.function(setup);
     function.function.snapstart = true;
     let cold_start = || async {
         let mut server = Serving::start(function.clone(), setup, state_dir).await?;

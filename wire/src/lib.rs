@@ -109,6 +109,9 @@ pub fn deadline_on_guest_clock(deadline_ms: u64, host_now_ms: u64, guest_now_ms:
     guest_now_ms.saturating_add(remaining)
 }
 
+/// The body of the Runtime API's `202 Accepted` (`application/json`), as Lambda sends it.
+pub const ACCEPTED_BODY: &[u8] = br#"{"status":"OK"}"#;
+
 /// Largest response payload a runtime may post (the figure AWS's emulator enforces).
 pub const MAX_RESPONSE_BYTES: usize = 6_291_556;
 /// Largest synchronous invocation payload a caller may send (Lambda's limit).
@@ -234,6 +237,16 @@ pub struct InvocationReport {
     /// When the runtime's result reached the agent ([`monotonic_ns`] of the guest).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result_in_ns: Option<u64>,
+    /// When the agent's process started ([`monotonic_ns`] of the guest); only on the
+    /// first invocation of an environment, with `init_duration_ms`: with
+    /// `runtime_started_ns`, the agent's own start (`Agent Start` in `REPORT`), and in a
+    /// sandbox, whose clock is the host's, init's start before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_started_ns: Option<u64>,
+    /// When the agent started the runtime's process ([`monotonic_ns`] of the guest), where
+    /// `init_duration_ms` starts; only with `agent_started_ns`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_started_ns: Option<u64>,
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of the per-hop stamps. A sandbox shares it

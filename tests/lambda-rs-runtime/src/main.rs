@@ -8,6 +8,9 @@
 //! default), then `second\n`, or, when the event has `"fail": true`, an error in
 //! mid-stream; an event with `"bytes": N` streams N bytes in 64 KiB chunks instead.
 //!
+//! With `KINDLING_TEST_NOOP=1` it does nothing and answers `null`: `kindling bench`'s
+//! `provided` no-op function, which measures the platform, not the handler.
+//!
 //! With `KINDLING_TEST_HTTP=1` it is an HTTP function written with AWS's `lambda_http`
 //! crate (for function URLs and API Gateway): it answers with what the crate read of the
 //! request (method, path, query parameters, cookies, body, which event format it saw),
@@ -29,6 +32,10 @@ async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
         "function_name": context.env_config.function_name,
         "memory_mb": context.env_config.memory,
     }))
+}
+
+async fn noop(_: LambdaEvent<Value>) -> Result<Value, Error> {
+    Ok(Value::Null)
 }
 
 async fn streaming(event: LambdaEvent<Value>) -> Result<Response<Body>, Error> {
@@ -113,6 +120,8 @@ async fn http(req: lambda_http::Request) -> Result<lambda_http::Response<String>
 async fn main() -> Result<(), Error> {
     if std::env::var_os("KINDLING_TEST_STREAM").is_some() {
         lambda_runtime::run(service_fn(streaming)).await
+    } else if std::env::var_os("KINDLING_TEST_NOOP").is_some() {
+        lambda_runtime::run(service_fn(noop)).await
     } else if std::env::var_os("KINDLING_TEST_HTTP").is_some() {
         lambda_http::run(lambda_http::service_fn(http)).await
     } else {
