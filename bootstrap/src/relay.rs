@@ -22,9 +22,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use kindling_wire::{
     deadline_on_guest_clock, from_hex, monotonic_ns, ErrorBody, GuestNetwork, InvocationReport,
-    ACCEPTED_BODY, HEADER_DEADLINE_MS, HEADER_ENTROPY, HEADER_FUNCTION_ERROR_TYPE,
-    HEADER_HOST_TIME_MS, HEADER_INVOCATION_REPORT, HEADER_NETWORK, HEADER_REQUEST_ID,
-    HEADER_RESPONSE_MODE, PATH_NEXT, RUNTIME_PREFIX,
+    HEADER_DEADLINE_MS, HEADER_ENTROPY, HEADER_FUNCTION_ERROR_TYPE, HEADER_HOST_TIME_MS,
+    HEADER_INVOCATION_REPORT, HEADER_NETWORK, HEADER_REQUEST_ID, HEADER_RESPONSE_MODE, PATH_NEXT,
+    RUNTIME_PREFIX,
 };
 use nix::sys::time::TimeSpec;
 use nix::time::{clock_settime, ClockId};
@@ -42,7 +42,7 @@ const STREAM_DEPTH: usize = 4;
 /// The trailers a relayed stream may carry: the runtime's error, and our report.
 const STREAM_TRAILERS: &str =
     "lambda-runtime-function-error-type, lambda-runtime-function-error-body, kindling-invocation-report";
-use crate::upstream::{full, Backoff, Body, BoxError, Sent};
+use crate::upstream::{full, Backoff, Body, BoxError};
 
 /// Accepts the runtime's connections until the process ends.
 pub async fn serve(listener: TcpListener, agent: Arc<Agent>) {
@@ -118,106 +118,48 @@ async fn handle(
             if let Some(report) = agent.result_received(&id, failed, arrived).await {
                 req.headers_mut()
                     .insert(HEADER_INVOCATION_REPORT, report_value(&report));
-                if fits_one_write(&req) {
-                    return Ok(forward_result(&agent, id, req).await);
-                }
             }
         }
         Route::Other => {}
     }
-    if fits_one_write(&req) {
+    if req
+        .body()
+        .size_hint()
+        .exact()
+        .is_some_and(|n| n <= ONE_WRITE_BYTES)
+    {
         return Ok(forward_whole(&agent, req).await);
     }
     Ok(forward(&agent, req.map(|b| b.map_err(Into::into).boxed())).await)
 }
 
-/// Whether `req`'s body is known to be small (at most [`ONE_WRITE_BYTES`]).
-fn fits_one_write(req: &Request<Incoming>) -> bool {
-    req.body()
-        .size_hint()
-        .exact()
-        .is_some_and(|n| n <= ONE_WRITE_BYTES)
-}
-
-/// A request whose body is known to be small (see [`fits_one_write`]) is read whole
+/// A request whose body is known to be small (at most [`ONE_WRITE_BYTES`]) is read whole
 /// and goes to the host as one frame (or in one write, over HTTP): the host then wakes
 /// once for it, not once per part the runtime wrote.
 async fn forward_whole(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
-    let req = match read_whole(req).await {
-        Ok(req) => req,
-        Err(refused) => return refused,
-    };
-    exchange(agent, req).await
-}
-
-/// The request with its body read whole and the headers of this hop dropped; a body the
-/// runtime broke off is refused (the host never hears of it, as when the broken body
-/// was relayed).
-async fn read_whole(req: Request<Incoming>) -> Result<Request<Bytes>, Response<Body>> {
     let (mut parts, body) = req.into_parts();
     let body = match body.collect().await {
         Ok(body) => body.to_bytes(),
+        // The runtime hung up mid-body: the host never hears of this request, as when the
+        // broken body was relayed.
         Err(e) => {
             let body = ErrorBody::new(
                 "InvalidRequestContent",
                 format!("cannot read the body: {e}"),
             );
-            return Err(json_answer(StatusCode::BAD_REQUEST, &body));
+            return json_answer(StatusCode::BAD_REQUEST, &body);
         }
     };
     strip_hop_by_hop(&mut parts.headers);
-    Ok(Request::from_parts(parts, body))
-}
-
-/// Sends a whole request to the host and relays its answer.
-async fn exchange(agent: &Agent, req: Request<Bytes>) -> Response<Body> {
-    let what = format!("{} {}", req.method(), req.uri().path());
-    match agent.upstream.exchange(req).await {
+    let what = format!("{} {}", parts.method, parts.uri.path());
+    match agent
+        .upstream
+        .exchange(Request::from_parts(parts, body))
+        .await
+    {
         Ok(resp) => relay_response(resp),
         Err(e) => host_unavailable(&what, &e),
     }
-}
-
-/// The whole result of the invocation in flight (the agent checked its id; its size is
-/// far below the host's limit): the runtime's `202` is answered as soon as the result's
-/// frame is written, not after the host's answer has come back, so that its next
-/// `/next` is already on its way while the host completes the invocation. The host
-/// serves a stream's frames in order, so that `/next` always finds the invocation
-/// completed. Should the host refuse the result after all (the invocation timed out
-/// meanwhile) or the stream break before it answers, the environment is reset: its
-/// runtime was told the result was taken. Over HTTP (a host without frames), the
-/// host's own answer is relayed, as for any request.
-async fn forward_result(agent: &Arc<Agent>, id: String, req: Request<Incoming>) -> Response<Body> {
-    let req = match read_whole(req).await {
-        Ok(req) => req,
-        Err(refused) => return refused,
-    };
-    let what = format!("{} {}", req.method(), req.uri().path());
-    let submitted = match agent.upstream.submit(req).await {
-        Ok(Sent::Framed(submitted)) => submitted,
-        Ok(Sent::Http(req)) => return exchange(agent, *req).await,
-        Err(e) => return host_unavailable(&what, &e),
-    };
-    let agent = agent.clone();
-    tokio::spawn(async move {
-        let refused = match submitted.answer().await {
-            Ok(resp) if resp.status().is_success() => return,
-            Ok(resp) => format!(
-                "{}: {}",
-                resp.status(),
-                String::from_utf8_lossy(resp.body())
-            ),
-            Err(e) => e,
-        };
-        agent.request_reset(format!(
-            "the host did not take the result of {id}, which its runtime was told it had: {refused}"
-        ));
-    });
-    Response::builder()
-        .status(StatusCode::ACCEPTED)
-        .header(CONTENT_TYPE, "application/json")
-        .body(full(Bytes::from_static(ACCEPTED_BODY)))
-        .expect("valid response")
 }
 
 fn json_answer(status: StatusCode, body: &ErrorBody) -> Response<Body> {

@@ -135,16 +135,6 @@ impl Upstream {
         }
     }
 
-    /// Sends a request whose body is whole as one frame and returns as soon as the frame
-    /// is written, its answer still to come; where the host offers no stream, nothing is
-    /// sent and the request comes back.
-    pub async fn submit(&self, req: Request<Bytes>) -> Result<Sent, String> {
-        match self.stream().await? {
-            Some(stream) => Ok(Sent::Framed(stream.submit(req).await?)),
-            None => Ok(Sent::Http(Box::new(req))),
-        }
-    }
-
     /// The frame stream, negotiated now if there is none; `None` on HTTP.
     async fn stream(&self) -> Result<Option<Arc<FrameStream>>, String> {
         let mut link = self.link.lock().await;
@@ -343,23 +333,14 @@ impl FrameStream {
     }
 
     /// Sends one call and waits for its answer.
-    async fn call(self: &Arc<Self>, request: Request<Bytes>) -> Result<Response<Bytes>, String> {
-        self.submit(request).await?.answer().await
-    }
-
-    /// Sends one call; returns once its frame is written.
-    async fn submit(self: &Arc<Self>, request: Request<Bytes>) -> Result<Submitted, String> {
+    async fn call(&self, request: Request<Bytes>) -> Result<Response<Bytes>, String> {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        let (tx, answer) = oneshot::channel();
+        let (tx, rx) = oneshot::channel();
         match self.waiting().as_mut() {
             Some(waiting) => waiting.insert(seq, tx),
             None => return Err(STREAM_BROKE.into()),
         };
-        let submitted = Submitted {
-            stream: self.clone(),
-            seq,
-            answer,
-        };
+        let _forget = Forget { stream: self, seq };
         let sent = self
             .writer
             .lock()
@@ -373,37 +354,17 @@ impl FrameStream {
             }
             return Err(format!("frame stream: {e}"));
         }
-        Ok(submitted)
+        rx.await.map_err(|_| STREAM_BROKE.to_string())
     }
 }
 
-/// How [`Upstream::submit`] went.
-pub enum Sent {
-    /// The request's frame is written; its answer is to come.
-    Framed(Submitted),
-    /// The host offers no frame stream: nothing was sent (the request, boxed: it is far
-    /// larger than the other variant).
-    Http(Box<Request<Bytes>>),
-}
-
-/// A call whose frame is written: its answer is to come. Dropped, it forgets its place
-/// among the waiting, answered or not.
-pub struct Submitted {
-    stream: Arc<FrameStream>,
+/// Forgets a call's place among the waiting when the call ends, answered or not.
+struct Forget<'a> {
+    stream: &'a FrameStream,
     seq: u32,
-    answer: oneshot::Receiver<Response<Bytes>>,
 }
 
-impl Submitted {
-    /// Waits for the host's answer.
-    pub async fn answer(mut self) -> Result<Response<Bytes>, String> {
-        (&mut self.answer)
-            .await
-            .map_err(|_| STREAM_BROKE.to_string())
-    }
-}
-
-impl Drop for Submitted {
+impl Drop for Forget<'_> {
     fn drop(&mut self) {
         if let Some(waiting) = self.stream.waiting().as_mut() {
             waiting.remove(&self.seq);

@@ -109,9 +109,6 @@ pub fn deadline_on_guest_clock(deadline_ms: u64, host_now_ms: u64, guest_now_ms:
     guest_now_ms.saturating_add(remaining)
 }
 
-/// The body of the Runtime API's `202 Accepted` (`application/json`), as Lambda sends it.
-pub const ACCEPTED_BODY: &[u8] = br#"{"status":"OK"}"#;
-
 /// Largest response payload a runtime may post (the figure AWS's emulator enforces).
 pub const MAX_RESPONSE_BYTES: usize = 6_291_556;
 /// Largest synchronous invocation payload a caller may send (Lambda's limit).

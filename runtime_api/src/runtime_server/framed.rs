@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use futures_util::FutureExt as _;
 use http::header::{HeaderValue, CONNECTION, UPGRADE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -56,22 +55,9 @@ pub(super) async fn serve(shared: &Shared, io: impl AsyncRead + AsyncWrite) {
             frame = reader.next(), if calls.len() < MAX_CALLS => match frame {
                 Ok(Some(Frame::Request { seq, request })) => {
                     shared.exchanges.framed.fetch_add(1, Ordering::Relaxed);
-                    let mut call = Box::pin(async move {
+                    calls.push(async move {
                         (seq, handle(shared, request.map(Full::new)).await)
                     });
-                    // Each call starts before the next frame is read, so calls take effect
-                    // in the order the agent sent them: a whole result completes its
-                    // invocation before the `/next` framed after it is served (the agent
-                    // acknowledges a result as soon as its frame is written, so the
-                    // runtime's next `/next` may follow it closely).
-                    match (&mut call).now_or_never() {
-                        Some((seq, response)) => {
-                            if !send_answer(&mut writer, seq, response).await {
-                                return;
-                            }
-                        }
-                        None => calls.push(call),
-                    }
                 }
                 Ok(Some(Frame::Response { .. })) => {
                     tracing::debug!("frame stream: the agent sent an answer; closing it");
@@ -84,31 +70,17 @@ pub(super) async fn serve(shared: &Shared, io: impl AsyncRead + AsyncWrite) {
                 }
             },
             Some((seq, response)) = calls.next(), if !calls.is_empty() => {
-                if !send_answer(&mut writer, seq, response).await {
+                let (parts, body) = response.into_parts();
+                let body: Bytes = match body.collect().await {
+                    Ok(collected) => collected.to_bytes(),
+                    Err(never) => match never {},
+                };
+                let response = Response::from_parts(parts, body);
+                if let Err(e) = writer.send(&Frame::Response { seq, response }).await {
+                    tracing::debug!(error = %e, "frame stream: cannot answer");
                     return;
                 }
             }
-        }
-    }
-}
-
-/// Sends the answer to call `seq` as one frame; `false` when the stream is broken.
-async fn send_answer<W: AsyncWrite + Unpin>(
-    writer: &mut FrameWriter<W>,
-    seq: u32,
-    response: Response<Full<Bytes>>,
-) -> bool {
-    let (parts, body) = response.into_parts();
-    let body: Bytes = match body.collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(never) => match never {},
-    };
-    let response = Response::from_parts(parts, body);
-    match writer.send(&Frame::Response { seq, response }).await {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::debug!(error = %e, "frame stream: cannot answer");
-            false
         }
     }
 }
