@@ -986,6 +986,12 @@ fn timeout_replaces_the_vm(server: &Server, _: Backend) -> Result<(), Failed> {
     check(took < limit, || {
         format!("the caller waited {took:?} for a timeout")
     })?;
+    // The host ends it past asking the guest: the figure is the agent's last while it ran.
+    let report = timed_out.report()?;
+    check(
+        report.ends_with("\tStatus: timeout") && !report.contains("\tMax Memory Used: 0 MB"),
+        || format!("a timeout's REPORT without the memory its runtime used: {report}"),
+    )?;
     let next = server.invoke("timeout", &json!({"action": "hello"}))?;
     let next_body = next.ok_json()?;
     let report = next.report()?;

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hyper::header::HeaderMap;
 use kindling_wire::{
-    monotonic_ns, ErrorBody, FunctionEnvironment, InvocationReport, RuntimeExit,
-    HEADER_DEADLINE_MS, HEADER_FUNCTION_ARN, HEADER_TRACE_ID, PATH_INIT_ERROR, PATH_RUNTIME_EXIT,
+    monotonic_ns, ErrorBody, FunctionEnvironment, InvocationReport, MemoryUse, RuntimeExit,
+    HEADER_DEADLINE_MS, HEADER_FUNCTION_ARN, HEADER_TRACE_ID, PATH_INIT_ERROR, PATH_MEMORY,
+    PATH_RUNTIME_EXIT,
 };
 use serde_json::{json, Value};
 use tokio::sync::Notify;
@@ -19,6 +20,9 @@ use crate::logs::LogSink;
 use crate::memory::{self, MemoryProbe};
 use crate::telemetry::Telemetry;
 use crate::upstream::Upstream;
+
+/// How often a microVM's agent reports the runtime's peak memory during an invocation.
+const MEMORY_REPORT_EVERY: Duration = Duration::from_millis(500);
 
 struct Running {
     started: Instant,
@@ -295,6 +299,41 @@ impl Agent {
             handed_over: Instant::now(),
             deadline,
             event_in_ns: monotonic_ns(),
+        });
+    }
+
+    /// In a microVM, tells the host the runtime's peak memory every
+    /// [`MEMORY_REPORT_EVERY`] while invocation `id` runs: should the host end it (a
+    /// timeout), its `REPORT` has that figure, the guest being past asking by then. A
+    /// sandbox's host reads the environment's cgroup itself.
+    pub fn report_memory_while_running(self: &Arc<Self>, id: &str) {
+        if !self.in_microvm {
+            return;
+        }
+        let agent = self.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(MEMORY_REPORT_EVERY).await;
+                let memory = {
+                    let life = agent.life();
+                    if life.in_flight.as_ref().map(|f| f.id.as_str()) != Some(id.as_str()) {
+                        return;
+                    }
+                    match &life.runtime {
+                        Some(rt) => rt.memory.clone(),
+                        None => return,
+                    }
+                };
+                let seen = MemoryUse {
+                    request_id: id.clone(),
+                    max_memory_used_mb: memory.peak_mb(),
+                };
+                if let Err(e) = agent.upstream.post_json(PATH_MEMORY, &seen).await {
+                    say!("memory report lost: {e}");
+                    return;
+                }
+            }
         });
     }
 

@@ -239,7 +239,7 @@ fn report_value(report: &InvocationReport) -> HeaderValue {
 /// lost to a host restart, or reset under it when a snapshot of this VM is taken (in the
 /// VM that took it and in every clone), is simply retried, as is a `/next` the host
 /// dropped as stale (503): the runtime never notices.
-async fn next(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
+async fn next(agent: &Arc<Agent>, req: Request<Incoming>) -> Response<Body> {
     agent.next_requested().await;
     let (mut parts, _) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -267,7 +267,10 @@ async fn next(agent: &Agent, req: Request<Incoming>) -> Response<Body> {
             .get(HEADER_REQUEST_ID)
             .map(HeaderValue::to_str)
         {
-            Some(Ok(id)) => agent.event_handed_over(id, resp.headers()),
+            Some(Ok(id)) => {
+                agent.event_handed_over(id, resp.headers());
+                agent.report_memory_while_running(id);
+            }
             _ => say!("event from the host without a request id"),
         }
     }

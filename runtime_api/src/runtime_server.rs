@@ -126,6 +126,8 @@ struct InFlight {
     /// [`monotonic_ns`] of the `/next` answer and of the result's arrival.
     handed_ns: u64,
     result_ns: Option<u64>,
+    /// The most memory the agent said the runtime used so far ([`wire::PATH_MEMORY`]).
+    memory_seen_mb: u64,
 }
 
 #[derive(Default)]
@@ -367,6 +369,15 @@ impl RuntimeApi {
         }
     }
 
+    /// The most memory the agent reported for the invocation in flight (0: none yet).
+    pub fn memory_seen_mb(&self) -> u64 {
+        self.shared
+            .state()
+            .in_flight
+            .as_ref()
+            .map_or(0, |f| f.memory_seen_mb)
+    }
+
     /// Gives up on the current invocation (timeout, crash): later answers for it get 403.
     /// Returns (the end of) what the guest had logged for it.
     pub fn abandon(&self) -> String {
@@ -453,11 +464,13 @@ async fn handle<B: InBody>(shared: &Shared, req: Request<B>) -> Response<Full<By
         wire::PATH_INIT_ERROR if post => init_error(shared, req).await,
         wire::PATH_LOGS if post => post_logs(shared, req).await,
         wire::PATH_RUNTIME_EXIT if post => runtime_exit(shared, req).await,
+        wire::PATH_MEMORY if post => memory_use(shared, req).await,
         wire::PATH_NEXT
         | wire::PATH_ENVIRONMENT
         | wire::PATH_INIT_ERROR
         | wire::PATH_LOGS
-        | wire::PATH_RUNTIME_EXIT => method_not_allowed(),
+        | wire::PATH_RUNTIME_EXIT
+        | wire::PATH_MEMORY => method_not_allowed(),
         _ => match invocation(wire::RUNTIME_PREFIX) {
             Some((id, what)) if what == "response" || what == "error" => {
                 match (post, what.as_str()) {
@@ -534,6 +547,7 @@ async fn next(shared: &Shared) -> Response<Full<Bytes>> {
                     log: LogTail::default(),
                     handed_ns: monotonic_ns(),
                     result_ns: None,
+                    memory_seen_mb: 0,
                 });
                 let _ = p.dispatched.send(now);
                 return response;
@@ -783,6 +797,24 @@ fn accept_answer<B>(shared: &Shared, id: &str, req: &Request<B>) -> Result<(), R
         }
     }
     Ok(())
+}
+
+/// The agent's measure of the runtime's memory during the invocation in flight; one for
+/// another invocation (it ended meanwhile) is taken and ignored.
+async fn memory_use<B: InBody>(shared: &Shared, req: Request<B>) -> Response<Full<Bytes>> {
+    let seen: wire::MemoryUse = match read_json(req).await {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let mut state = shared.state();
+    if let Some(f) = state
+        .in_flight
+        .as_mut()
+        .filter(|f| f.request_id == seen.request_id)
+    {
+        f.memory_seen_mb = f.memory_seen_mb.max(seen.max_memory_used_mb);
+    }
+    accepted()
 }
 
 async fn runtime_exit<B: InBody>(shared: &Shared, req: Request<B>) -> Response<Full<Bytes>> {

@@ -1070,6 +1070,7 @@ impl Pool {
         timed_out: bool,
     ) -> Invoked {
         env.broken = true;
+        let reported_mb = env.api.memory_seen_mb();
         let mut log = env.api.abandon();
         if let Some(line) = note {
             self.ctx.logs.write(&self.function.name, &line);
@@ -1079,8 +1080,9 @@ impl Pool {
         tracing::info!(function = %self.function.name, request_id, error_type = %error.error_type, "invocation failed");
         let report = InvocationReport {
             duration_ms: since.elapsed().as_secs_f64() * 1000.0,
-            // The guest cannot say: what the host sees of it, before it is stopped.
-            max_memory_used_mb: env.handle.memory_peak_mb().unwrap_or(0),
+            // The guest cannot answer any more: the most it reported while the invocation
+            // ran, or what the host sees of it, before it is stopped.
+            max_memory_used_mb: env.handle.memory_peak_mb().unwrap_or(0).max(reported_mb),
             ..InvocationReport::default()
         };
         let answer = Answer::Error {

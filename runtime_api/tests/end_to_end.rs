@@ -780,6 +780,31 @@ async fn an_event_no_environment_could_run_is_tried_again_without_counting_an_at
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_invocation_reports_the_memory_its_guest_last_measured() {
+    let make = |code: &std::path::Path| {
+        let mut f = function("hungry", code);
+        f.timeout = Duration::from_secs(1);
+        vec![f]
+    };
+    let Some(mut h) = start(make, |_| {}).await else {
+        return;
+    };
+    let r = h
+        .invoke(
+            "hungry",
+            json!({"action": "memory", "mb": 77, "seconds": 5}),
+        )
+        .await;
+    assert_eq!(body(&r)["errorType"], "Sandbox.Timedout", "{}", body(&r));
+    let report = h.log_line("REPORT RequestId").await;
+    assert!(
+        report.contains("\tMax Memory Used: 77 MB\t") && report.ends_with("\tStatus: timeout"),
+        "{report}"
+    );
+    h.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_kills_the_environment_and_the_next_gets_a_fresh_one() {
     let make = |code: &std::path::Path| {
         let mut f = function("slow", code);
@@ -1516,7 +1541,11 @@ async fn idle_environments_freeze_and_thaw_for_their_next_invocation() {
     }
     // SIGSTOP takes effect once the guest is next scheduled: on a loaded host, a moment later.
     while !stat().contains(") T ") {
-        assert!(std::time::Instant::now() < deadline, "not stopped: {}", stat());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not stopped: {}",
+            stat()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;

@@ -74,6 +74,11 @@ while True:
                 call("POST", "/kindling/v1/logs", "".join(batch).encode(),
                      {"Lambda-Runtime-Aws-Request-Id": request_id})
                 batch, size = [], 0
+    if action == "memory":
+        # As a microVM's agent does while an invocation runs; a stale id's is ignored.
+        post_json("/kindling/v1/memory", {"requestId": request_id, "maxMemoryUsedMb": ev["mb"]})
+        post_json("/kindling/v1/memory", {"requestId": "another", "maxMemoryUsedMb": 999})
+        time.sleep(ev["seconds"])
     if action == "exit":
         os._exit(3)
     if action == "runtime_exit":

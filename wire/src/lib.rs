@@ -48,6 +48,8 @@ pub const PATH_INIT_ERROR: &str = "/2018-06-01/runtime/init/error";
 pub const PATH_ENVIRONMENT: &str = "/kindling/v1/environment";
 pub const PATH_LOGS: &str = "/kindling/v1/logs";
 pub const PATH_RUNTIME_EXIT: &str = "/kindling/v1/runtime/exit";
+/// `POST` a [`MemoryUse`]: the runtime's peak memory so far, while an invocation runs.
+pub const PATH_MEMORY: &str = "/kindling/v1/memory";
 /// `GET` with `Upgrade: `[`frame::PROTOCOL`]: turns the connection into a framed stream
 /// (see [`frame`]).
 pub const PATH_STREAM: &str = "/kindling/v1/stream";
@@ -260,6 +262,16 @@ pub fn monotonic_ns() -> u64 {
     let secs = u64::try_from(now.tv_sec).unwrap_or(0);
     let nanos = u64::try_from(now.tv_nsec).unwrap_or(0);
     secs.saturating_mul(1_000_000_000).saturating_add(nanos)
+}
+
+/// The runtime's peak memory so far during invocation `request_id`, in MiB (as
+/// [`InvocationReport::max_memory_used_mb`]): what the host's `REPORT` says of an invocation
+/// it ends itself (a timeout), where it cannot see into the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemoryUse {
+    pub request_id: String,
+    pub max_memory_used_mb: u64,
 }
 
 /// The runtime process died; the invocation in flight (if any) fails with `Runtime.ExitError`.
