@@ -358,10 +358,8 @@ impl Scheduler {
             std::mem::take(&mut st.idle)
         };
         tracing::info!(function = %pool.function.name, idle = idle.len(), "draining the function's old environments");
-        for (env, _) in idle {
-            pool.discard(env, StopMode::Graceful(self.ctx.options.stop_grace))
-                .await;
-        }
+        pool.discard_idle(idle.into_iter().map(|(env, _)| env))
+            .await;
         let mut draining = self.draining.lock().unwrap_or_else(|e| e.into_inner());
         draining.retain(|p| p.lock().live > 0);
         if pool.lock().live > 0 {
@@ -491,18 +489,16 @@ impl Scheduler {
     /// cancels the rest, and stops every environment.
     pub async fn shutdown(&self) {
         let pools = self.all_pools();
-        for pool in &pools {
+        futures_util::future::join_all(pools.iter().map(|pool| {
             let idle = {
                 let mut st = pool.lock();
                 st.closed = true;
                 st.queue.clear();
                 std::mem::take(&mut st.idle)
             };
-            for (env, _) in idle {
-                pool.discard(env, StopMode::Graceful(self.ctx.options.stop_grace))
-                    .await;
-            }
-        }
+            pool.discard_idle(idle.into_iter().map(|(env, _)| env))
+        }))
+        .await;
         let all_drained = async {
             for pool in &pools {
                 pool.wait_drained().await;
@@ -679,6 +675,13 @@ impl Pool {
         }
     }
 
+    /// Stops idle environments gracefully, all at once: each may take the whole stop
+    /// grace, and a shutdown or a drain must not take that many times over.
+    async fn discard_idle(&self, envs: impl IntoIterator<Item = Box<Env>>) {
+        let mode = StopMode::Graceful(self.ctx.options.stop_grace);
+        futures_util::future::join_all(envs.into_iter().map(|env| self.discard(env, mode))).await;
+    }
+
     /// Stops an environment and frees its slot.
     async fn discard(&self, env: Box<Env>, mode: StopMode) {
         self.stop(env, mode).await;
@@ -727,11 +730,10 @@ impl Pool {
             st.idle = keep;
             old.into_iter().map(|(env, _)| env).collect()
         };
-        for env in retired {
+        for env in &retired {
             tracing::info!(env = %env.spec.id, "retiring idle environment");
-            self.discard(env, StopMode::Graceful(self.ctx.options.stop_grace))
-                .await;
         }
+        self.discard_idle(retired).await;
     }
 
     async fn start_env(&self) -> anyhow::Result<Box<Env>> {

@@ -506,6 +506,35 @@ async fn hundred_concurrent_invocations_on_four_environments() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_stops_every_idle_environment_at_once() {
+    // Two functions, two environments each: a guest's shutdown takes a while, and a
+    // server with many would otherwise take that many times as long to stop.
+    let make = |code: &std::path::Path| {
+        ["one", "two"]
+            .map(|name| {
+                let mut f = function(name, code);
+                f.max_concurrency = 2;
+                f
+            })
+            .to_vec()
+    };
+    let Some(h) = start(make, |_| {}).await else {
+        return;
+    };
+    let sleep = || json!({"action": "sleep", "seconds": 0.3});
+    tokio::join!(
+        h.invoke("one", sleep()),
+        h.invoke("one", sleep()),
+        h.invoke("two", sleep()),
+        h.invoke("two", sleep()),
+    );
+    assert_eq!(h.started(), 4);
+    let census = h.census.clone();
+    h.close().await;
+    assert_eq!(census.most_stopping.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_429() {
     let make = |code: &std::path::Path| {
         let mut f = function("one", code);

@@ -17,7 +17,9 @@ use tokio::process::{Child, Command};
 
 /// Process ids of every environment started, and how many are running now; how often
 /// they were frozen and thawed, and how many were stopped while frozen. `refuse_starts`
-/// makes that many next starts fail, as a launcher on a host in trouble would.
+/// makes that many next starts fail, as a launcher on a host in trouble would. A graceful
+/// stop takes [`GRACEFUL_STOP_TAKES`], as a guest's shutdown does; `most_stopping` is the
+/// most stops under way at once.
 #[derive(Default)]
 pub struct Census {
     pub refuse_starts: AtomicUsize,
@@ -26,7 +28,11 @@ pub struct Census {
     pub freezes: AtomicUsize,
     pub thaws: AtomicUsize,
     pub stopped_frozen: AtomicUsize,
+    pub stopping: AtomicUsize,
+    pub most_stopping: AtomicUsize,
 }
+
+pub const GRACEFUL_STOP_TAKES: std::time::Duration = std::time::Duration::from_millis(300);
 
 pub struct ProcessLauncher {
     pub census: Arc<Census>,
@@ -162,11 +168,17 @@ impl Environment for ProcessEnv {
         Some(self.freezer.clone())
     }
 
-    async fn stop(&mut self, _mode: StopMode) -> io::Result<()> {
+    async fn stop(&mut self, mode: StopMode) -> io::Result<()> {
         if self.freezer.frozen.load(Ordering::SeqCst) {
             self.census.stopped_frozen.fetch_add(1, Ordering::SeqCst);
         }
-        // The fake guest holds nothing worth a graceful shutdown: both modes kill.
+        if matches!(mode, StopMode::Graceful(_)) {
+            let now = self.census.stopping.fetch_add(1, Ordering::SeqCst) + 1;
+            self.census.most_stopping.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(GRACEFUL_STOP_TAKES).await;
+            self.census.stopping.fetch_sub(1, Ordering::SeqCst);
+        }
+        // The fake guest holds nothing worth a graceful shutdown: both modes then kill.
         let result = match self.child.try_wait()? {
             Some(_) => Ok(()),
             None => self.child.kill().await,
