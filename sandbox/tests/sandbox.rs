@@ -199,8 +199,12 @@ async fn the_guest_sees_a_sandbox_and_a_graceful_stop_cleans_up() {
         "remount_usr_rw",
         "remount_root_rw",
         "mount_cgroup_v1",
+        "remount_proc_sys_rw",
     ] {
         assert_eq!(facts[attack], "EPERM", "{attack}: {facts}");
+    }
+    for attack in ["unmount_proc_sys", "unmount_task"] {
+        assert_eq!(facts[attack], "EINVAL", "{attack}: {facts}");
     }
     assert_eq!(facts["host"], "unix:///run/kindling/host.sock");
     assert!(env.is_alive());

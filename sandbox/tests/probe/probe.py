@@ -36,6 +36,14 @@ def try_mount(source, target, fstype, flags, data):
     return errno.errorcode[ctypes.get_errno()]
 
 
+def try_unmount(target):
+    """Detaches a mount as the sandbox's root, to see what it covers."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(target.encode(), 2) == 0:  # MNT_DETACH
+        return "ok"
+    return errno.errorcode[ctypes.get_errno()]
+
+
 alloc_mb, spawn, then = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 facts = {
     "pid": os.getpid(),
@@ -60,6 +68,11 @@ facts = {
     "remount_usr_rw": try_mount(None, "/usr", None, _MS_REMOUNT | _MS_BIND, None),
     "remount_root_rw": try_mount(None, "/", None, _MS_REMOUNT | _MS_BIND, None),
     "mount_cgroup_v1": try_mount("cgroup", "/tmp/cg", "cgroup", 0, "memory"),
+    "remount_proc_sys_rw": try_mount(None, "/proc/sys", None, _MS_REMOUNT | _MS_BIND, None),
+    # Read-only covers taken away to see beneath (both are mount points: EINVAL here is
+    # the kernel's lock).
+    "unmount_proc_sys": try_unmount("/proc/sys"),
+    "unmount_task": try_unmount("/var/task"),
 }
 if alloc_mb:
     hog = f"b = b'x' * ({alloc_mb} << 20)"
