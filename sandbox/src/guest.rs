@@ -1,12 +1,21 @@
 //! What the sandbox's future PID 1 does between `fork` and `exec`: build the guest's
-//! root from the [`Plan`] inside its fresh mount namespace, `pivot_root` into it and
-//! exec `init`. Runs only in the single-threaded `kindling-sandbox-exec` helper.
+//! root from the [`Plan`], `pivot_root` into it, lock it, and exec `init`. Runs only in the
+//! single-threaded `kindling-sandbox-exec` helper.
+//!
+//! The whole tree (binds, read-only remounts, `/proc` with its masked and read-only paths,
+//! `/sys`, the cgroup2 mount, `/dev`, `/run`, `/tmp`) is built by host root in a mount
+//! namespace of the host's user namespace, with host file access only through descriptors
+//! opened beforehand ([`Sources`]): the builder's file-system ids are already the sandbox's
+//! root's. Only then does the process join the sandbox's user namespace and unshare a
+//! mount namespace of its own. The kernel copies the tree into it locked (mount_namespaces(7)):
+//! no flag of any mount (read-only, nosuid, nodev, noexec) can be changed from inside and no
+//! mount can be unmounted to reveal what it covers, whatever capabilities the sandbox's root
+//! holds in its namespace. Its cgroup namespace (and so the cgroup2 mount made here)
+//! belongs to the host's user namespace too, so no cgroup hierarchy, v1 or v2, can be
+//! mounted in it from inside.
 //!
 //! Every mount is made inside a namespace whose propagation is private, so nothing here
 //! is ever visible on the host, and it all vanishes with the namespace's last process.
-//! The builder is already the root of the sandbox's user namespace, an unprivileged user on
-//! the host: the host files it binds were opened for it beforehand ([`Sources`]), since it
-//! may not search the host folders they live in.
 
 use std::convert::Infallible;
 use std::ffi::CString;
@@ -19,8 +28,14 @@ use anyhow::{bail, Context, Result};
 use kindling_plumbing::dirs;
 use nix::fcntl::OFlag;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{setns, unshare, CloneFlags};
+use nix::sys::prctl::set_pdeathsig;
+use nix::sys::signal::Signal;
 use nix::sys::stat::Mode;
-use nix::unistd::{chdir, dup2_stdin, dup2_stdout, execve, pivot_root, sethostname};
+use nix::unistd::{
+    chdir, dup2_stdin, dup2_stdout, execve, pivot_root, setfsgid, setfsuid, setgroups, sethostname,
+    setresgid, setresuid, Gid, Uid,
+};
 
 use crate::plan::{
     Entries, Plan, GUEST_HOST_SOCKET, GUEST_INIT, GUEST_INIT_CONFIG, GUEST_RUNTIME_DIR,
@@ -76,11 +91,11 @@ impl Source {
     }
 }
 
-/// Every host file the guest root shows, opened in the sandbox's mount namespace by a
-/// process that still has the host root's file access (before it becomes the sandbox's
-/// root), so that the bind mounts made later need no path on the host.
+/// Every host file the guest root shows, opened in the mount namespace the tree is built
+/// in while the builder still has the host root's file access (before its file-system ids
+/// become the sandbox's root's), so that the bind mounts made later need no path on the host.
 #[derive(Debug)]
-pub struct Sources {
+struct Sources {
     root: Vec<(String, Source)>,
     runtime: Vec<(String, Source)>,
     task: Source,
@@ -90,7 +105,7 @@ pub struct Sources {
 }
 
 impl Sources {
-    pub fn open(plan: &Plan) -> Result<Self> {
+    fn open(plan: &Plan) -> Result<Self> {
         let entries = |entries: &Entries| -> Result<Vec<(String, Source)>> {
             entries
                 .iter()
@@ -108,8 +123,24 @@ impl Sources {
     }
 }
 
-/// Builds the guest root, enters it and execs init. Returns only on failure.
-pub fn enter(plan: &Plan, sources: &Sources) -> Result<Infallible> {
+/// The namespaces of the sandbox that its user namespace owns (made by the keeper), joined
+/// by init's process, which is already in the sandbox's PID namespace.
+#[derive(Debug)]
+pub struct Namespaces {
+    pub user: OwnedFd,
+    pub net: OwnedFd,
+    pub uts: OwnedFd,
+    pub ipc: OwnedFd,
+}
+
+/// Builds and locks the guest root, becomes the sandbox's root and execs init. Called by
+/// host root, as PID 1 of the sandbox's PID namespace; returns only on failure.
+pub fn enter(plan: &Plan, namespaces: &Namespaces) -> Result<Infallible> {
+    // A mount namespace and a cgroup namespace of the host's user namespace: what is built
+    // here can be copied into the sandbox's only locked, and the cgroup namespace's owner
+    // is one the sandbox's root has no capability in.
+    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWCGROUP)
+        .context("unshare(CLONE_NEWNS | CLONE_NEWCGROUP)")?;
     // Nothing below may propagate back to the host's mount namespace.
     mount(
         None::<&str>,
@@ -119,10 +150,46 @@ pub fn enter(plan: &Plan, sources: &Sources) -> Result<Infallible> {
         None::<&str>,
     )
     .context("making the mount namespace private")?;
+    // Opened in this mount namespace (bind sources must belong to it).
+    let sources = Sources::open(plan)?;
+    // /sys shows the network namespace of its mounter.
+    for (ns, kind, name) in [
+        (&namespaces.net, CloneFlags::CLONE_NEWNET, "network"),
+        (&namespaces.uts, CloneFlags::CLONE_NEWUTS, "UTS"),
+        (&namespaces.ipc, CloneFlags::CLONE_NEWIPC, "IPC"),
+    ] {
+        setns(ns, kind).with_context(|| format!("joining the sandbox's {name} namespace"))?;
+    }
+    // From here on files are made, and checked, as the sandbox's root: the tree's folders
+    // and tmpfs roots are its own, and no host file is reached by host root's rights
+    // (setting the file-system ids drops the file capabilities, not CAP_SYS_ADMIN).
+    let root_id = plan.id_map.root();
+    setfsgid(Gid::from_raw(root_id));
+    setfsuid(Uid::from_raw(root_id));
     sethostname(&plan.hostname).context("setting the hostname")?;
-    build_root(plan, sources)?;
+    build_root(plan, &sources)?;
+    drop(sources);
     enter_root(&plan.staging)?;
+    setns(&namespaces.user, CloneFlags::CLONE_NEWUSER)
+        .context("joining the sandbox's user namespace")?;
+    // The copy that locks every mount: this namespace belongs to the sandbox's user
+    // namespace, the one it copies to the host's.
+    unshare(CloneFlags::CLONE_NEWNS).context("unshare(CLONE_NEWNS) in the user namespace")?;
+    become_root()?;
+    // Changing ids cleared the parent-death signal: init dies with its keeper.
+    set_pdeathsig(Signal::SIGKILL).context("prctl(PR_SET_PDEATHSIG)")?;
     exec_init()
+}
+
+/// Becomes id 0 of the user namespace (the host's first id of the sandbox's range), with
+/// no supplementary group of the host's, keeping the namespace's capabilities.
+fn become_root() -> Result<()> {
+    setgroups(&[]).context("setgroups")?;
+    let root_gid = Gid::from_raw(0);
+    setresgid(root_gid, root_gid, root_gid).context("setresgid 0")?;
+    let root_uid = Uid::from_raw(0);
+    setresuid(root_uid, root_uid, root_uid).context("setresuid 0")?;
+    Ok(())
 }
 
 /// Assembles the whole guest file system on the staging directory.
@@ -175,6 +242,16 @@ fn build_root(plan: &Plan, sources: &Sources) -> Result<()> {
         None::<&str>,
     )
     .context("mounting /sys")?;
+    // The sandbox's own cgroup (its namespace's root), where init makes its workload's:
+    // mounted here because nothing inside may mount a cgroup hierarchy.
+    mount(
+        Some("cgroup2"),
+        &root.join("sys/fs/cgroup"),
+        Some("cgroup2"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .context("mounting /sys/fs/cgroup")?;
     hide_kernel_views(root)
 }
 

@@ -2,17 +2,18 @@
 //! [`Plan`] into a running sandbox. Forking is only safe in a single-threaded process,
 //! so the async host never forks itself; it runs this helper instead.
 //!
-//! Three processes, each doing what only it can:
+//! Four processes, each doing what only it can:
 //! - the helper (host root) joins the sandbox's cgroups, hands the sandbox's root what it
-//!   must own (the cgroup files of its delegated cgroup, the Runtime API socket), forks
-//!   the keeper and writes the keeper's user namespace maps, which only a process outside
-//!   that namespace may write;
-//! - the keeper unshares the user namespace, then, once mapped, the mount, PID, UTS, IPC,
-//!   network and cgroup namespaces (all owned by the new user namespace), opens the host
-//!   files of the guest root while it still has the host root's file access ([`Sources`]),
-//!   and forks init;
-//! - init's process becomes the namespace's root (an unprivileged id on the host), builds
-//!   the guest root, and execs `init` as PID 1.
+//!   must own (the cgroup files of its delegated cgroup, the Runtime API socket) and forks
+//!   the keeper;
+//! - the keeper (host root) has a short-lived child make the sandbox's user namespace and,
+//!   owned by it, its network, UTS and IPC namespaces; it maps the user namespace's ids
+//!   (only a process outside may), keeps a handle to each namespace, unshares the PID
+//!   namespace for its next child and forks init;
+//! - init's process, still host root and PID 1 of the new PID namespace, builds the guest
+//!   root in a mount namespace of the host's user namespace, then joins the sandbox's user
+//!   namespace, whose own mount namespace gets the tree locked ([`guest::enter`]), becomes
+//!   the namespace's root (an unprivileged id on the host) and execs `init`.
 //!
 //! The keeper stays as init's parent to reap it and tells the helper, which reports on
 //! stdout, one line each (see `kindling_sandbox::plan::STATUS_*`): `ready <pid>` or
@@ -25,17 +26,16 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
-use kindling_sandbox::guest::{self, Sources};
+use kindling_sandbox::guest::{self, Namespaces};
 use kindling_sandbox::plan::{IdMap, Plan, STATUS_ERROR, STATUS_EXITED, STATUS_READY};
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::prctl::set_pdeathsig;
 use nix::sys::signal::Signal;
+use nix::sys::stat::Mode;
 use nix::sys::wait::{waitpid, WaitStatus};
-use nix::unistd::{
-    chown, fork, pipe2, setgroups, setresgid, setresuid, write, ForkResult, Gid, Pid, Uid,
-};
+use nix::unistd::{chown, fork, pipe2, write, ForkResult, Gid, Pid, Uid};
 
 /// The cgroup files the sandbox's root needs to make cgroups below a delegated one and
 /// move its processes into them (the kernel's delegation contract); its limits stay the
@@ -85,17 +85,14 @@ fn run(plan_path: &Path) -> Result<u8> {
     }
     hand_over(&plan)?;
 
-    // unshared → (the keeper made its user namespace), mapped → (its ids are mapped),
     // reports ← (`ready`/`error` and `exited` lines, as the helper prints them).
-    let (unshared_read, unshared_write) = pipe2(OFlag::O_CLOEXEC).context("pipe2")?;
-    let (mapped_read, mapped_write) = pipe2(OFlag::O_CLOEXEC).context("pipe2")?;
     let (reports_read, reports_write) = pipe2(OFlag::O_CLOEXEC).context("pipe2")?;
     // SAFETY: this helper is single-threaded, so the child owns a consistent copy of
     // the whole process (allocator included) until it execs or exits.
     match unsafe { fork() }.context("fork")? {
         ForkResult::Child => {
-            drop((unshared_read, mapped_write, reports_read));
-            let code = keep(&plan, unshared_write, mapped_read, &reports_write);
+            drop(reports_read);
+            let code = keep(&plan, &reports_write);
             #[expect(
                 clippy::exit,
                 reason = "the forked keeper ends here: it must never return into the helper's code"
@@ -103,15 +100,7 @@ fn run(plan_path: &Path) -> Result<u8> {
             std::process::exit(code);
         }
         ForkResult::Parent { child: keeper } => {
-            drop((unshared_write, mapped_read, reports_write));
-            let mapped = wait_byte(unshared_read)
-                .and_then(|()| map_ids(keeper, plan.id_map))
-                .and_then(|()| write(&mapped_write, b"m").context("telling the keeper"));
-            drop(mapped_write);
-            if let Err(err) = mapped {
-                wait_for(keeper);
-                return Err(err.context("the sandbox's user namespace"));
-            }
+            drop(reports_write);
             let mut reported = false;
             for line in BufReader::new(File::from(reports_read)).lines() {
                 let line = line.context("reading the keeper's reports")?;
@@ -144,31 +133,12 @@ fn hand_over(plan: &Plan) -> Result<()> {
     Ok(())
 }
 
-/// Reads one byte: the other side is ready. End of file means it failed.
-fn wait_byte(read: OwnedFd) -> Result<()> {
-    let mut byte = [0u8];
-    match File::from(read).read(&mut byte) {
-        Ok(1) => Ok(()),
-        Ok(_) => bail!("the keeper ended before making its user namespace"),
-        Err(e) => Err(e).context("waiting for the keeper"),
-    }
-}
-
-/// Maps the keeper's user namespace: ids `0..count` onto the sandbox's host range.
-fn map_ids(keeper: Pid, map: IdMap) -> Result<()> {
-    for file in ["uid_map", "gid_map"] {
-        let path = format!("/proc/{keeper}/{file}");
-        fs::write(&path, map.line()).with_context(|| format!("writing {path}"))?;
-    }
-    Ok(())
-}
-
 /// The keeper's part; returns its exit code. Whatever happens is reported on `reports`.
-fn keep(plan: &Plan, unshared: OwnedFd, mapped: OwnedFd, reports: &OwnedFd) -> i32 {
+fn keep(plan: &Plan, reports: &OwnedFd) -> i32 {
     let tell = |status: &str, detail: &str| {
         let _ = write(reports, format!("{status} {detail}\n").as_bytes());
     };
-    match start_init(plan, unshared, mapped) {
+    match start_init(plan) {
         Ok(init) => {
             tell(STATUS_READY, &init.to_string());
             let (reason, code) = wait_for(init);
@@ -182,29 +152,15 @@ fn keep(plan: &Plan, unshared: OwnedFd, mapped: OwnedFd, reports: &OwnedFd) -> i
     }
 }
 
-/// Makes the namespaces, opens the guest root's sources and forks init; returns init's
-/// PID as the host sees it.
-fn start_init(plan: &Plan, unshared: OwnedFd, mapped: OwnedFd) -> Result<Pid> {
+/// Makes the namespaces and forks init into them; returns init's PID as the host sees it.
+fn start_init(plan: &Plan) -> Result<Pid> {
     // Die with the helper, and so with the host.
     set_pdeathsig(Signal::SIGKILL).context("prctl(PR_SET_PDEATHSIG)")?;
-    unshare(CloneFlags::CLONE_NEWUSER)
-        .map_err(|e| anyhow!("unshare(CLONE_NEWUSER): {e}: the sandbox needs user namespaces"))?;
-    write(&unshared, b"u").context("telling the helper")?;
-    drop(unshared);
-    wait_byte(mapped).context("waiting for the id maps")?;
-    unshare(
-        CloneFlags::CLONE_NEWNS
-            | CloneFlags::CLONE_NEWPID
-            | CloneFlags::CLONE_NEWUTS
-            | CloneFlags::CLONE_NEWIPC
-            | CloneFlags::CLONE_NEWNET
-            // The cgroup joined above becomes the root of the guest's cgroup2 mount.
-            | CloneFlags::CLONE_NEWCGROUP,
-    )
-    .map_err(|e| anyhow!("unshare: {e}: namespaces are unavailable (the sandbox needs root and a kernel with PID, mount, UTS, IPC, network and cgroup namespaces)"))?;
-    // Opened in the new mount namespace (bind sources must belong to it), while this
-    // process still has the host root's file access.
-    let sources = Sources::open(plan)?;
+    let namespaces = make_namespaces(plan.id_map)?;
+    // The next child is the first process, PID 1, of the new PID namespace. It belongs to
+    // the host's user namespace: a PID namespace can only be joined once it has its init,
+    // and init's process must be host root in it to mount its /proc for the locked tree.
+    unshare(CloneFlags::CLONE_NEWPID).context("unshare(CLONE_NEWPID)")?;
 
     // The child writes why it failed here; a successful exec closes it empty.
     let (read_end, write_end) = pipe2(OFlag::O_CLOEXEC).context("pipe2")?;
@@ -214,9 +170,7 @@ fn start_init(plan: &Plan, unshared: OwnedFd, mapped: OwnedFd) -> Result<Pid> {
         ForkResult::Child => {
             drop(read_end);
             let err = match set_pdeathsig(Signal::SIGKILL) {
-                Ok(()) => become_root()
-                    .and_then(|()| guest::enter(plan, &sources))
-                    .unwrap_err(),
+                Ok(()) => guest::enter(plan, &namespaces).unwrap_err(),
                 Err(e) => anyhow!("prctl(PR_SET_PDEATHSIG): {e}"),
             };
             let _ = write(&write_end, format!("{err:#}").as_bytes());
@@ -228,7 +182,7 @@ fn start_init(plan: &Plan, unshared: OwnedFd, mapped: OwnedFd) -> Result<Pid> {
         }
         ForkResult::Parent { child } => {
             drop(write_end);
-            drop(sources);
+            drop(namespaces);
             let mut failure = String::new();
             File::from(read_end)
                 .read_to_string(&mut failure)
@@ -242,14 +196,93 @@ fn start_init(plan: &Plan, unshared: OwnedFd, mapped: OwnedFd) -> Result<Pid> {
     }
 }
 
-/// Becomes id 0 of the user namespace (the host's first id of the sandbox's range), with
-/// no supplementary group of the host's, keeping the namespace's capabilities.
-fn become_root() -> Result<()> {
-    setgroups(&[]).context("setgroups")?;
-    let root_gid = Gid::from_raw(0);
-    setresgid(root_gid, root_gid, root_gid).context("setresgid 0")?;
-    let root_uid = Uid::from_raw(0);
-    setresuid(root_uid, root_uid, root_uid).context("setresuid 0")?;
+/// What the namespace maker writes once its namespaces exist.
+const NAMESPACES_MADE: u8 = b'u';
+
+/// Has a child make the sandbox's user namespace and the network, UTS and IPC namespaces
+/// it owns, maps the user namespace's ids `0..count` onto the sandbox's host range, and
+/// returns handles to them.
+fn make_namespaces(map: IdMap) -> Result<Namespaces> {
+    // made ← (one byte, or why it failed), done → (closed: the child may go).
+    let (made_read, made_write) = pipe2(OFlag::O_CLOEXEC).context("pipe2")?;
+    let (done_read, done_write) = pipe2(OFlag::O_CLOEXEC).context("pipe2")?;
+    // SAFETY: the keeper is single-threaded, so the child owns a consistent copy of the
+    // whole process until it exits.
+    let maker = match unsafe { fork() }.context("fork")? {
+        ForkResult::Child => {
+            drop((made_read, done_write));
+            // With CLONE_NEWUSER the user namespace is made first and owns the others.
+            let made = unshare(
+                CloneFlags::CLONE_NEWUSER
+                    | CloneFlags::CLONE_NEWNET
+                    | CloneFlags::CLONE_NEWUTS
+                    | CloneFlags::CLONE_NEWIPC,
+            );
+            let word = match &made {
+                Ok(()) => vec![NAMESPACES_MADE],
+                Err(e) => {
+                    format!("unshare: {e}: the sandbox needs user, network, UTS and IPC namespaces")
+                        .into_bytes()
+                }
+            };
+            let _ = write(&made_write, &word);
+            drop(made_write);
+            if made.is_ok() {
+                // Holds the namespaces until the keeper has its handles (or is gone).
+                let _ = File::from(done_read).read(&mut [0u8]);
+            }
+            let code = i32::from(made.is_err());
+            #[expect(
+                clippy::exit,
+                reason = "the forked namespace maker ends here: it must never return into the keeper's code"
+            )]
+            std::process::exit(code);
+        }
+        ForkResult::Parent { child } => child,
+    };
+    drop((made_write, done_read));
+    let handles = namespaces_made(made_read).and_then(|()| {
+        map_ids(maker, map)?;
+        let open = |name: &str| -> Result<OwnedFd> {
+            let path = format!("/proc/{maker}/ns/{name}");
+            nix::fcntl::open(
+                path.as_str(),
+                OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .with_context(|| format!("opening {path}"))
+        };
+        Ok(Namespaces {
+            user: open("user")?,
+            net: open("net")?,
+            uts: open("uts")?,
+            ipc: open("ipc")?,
+        })
+    });
+    drop(done_write);
+    wait_for(maker);
+    handles.context("the sandbox's namespaces")
+}
+
+/// Waits for the namespace maker's byte; anything else is why it failed.
+fn namespaces_made(made: OwnedFd) -> Result<()> {
+    let mut said = Vec::new();
+    File::from(made)
+        .read_to_end(&mut said)
+        .context("waiting for the namespaces")?;
+    match said.as_slice() {
+        [NAMESPACES_MADE] => Ok(()),
+        [] => bail!("the namespace maker ended without a word"),
+        why => bail!("{}", String::from_utf8_lossy(why)),
+    }
+}
+
+/// Maps the user namespace of `pid`: ids `0..count` onto the sandbox's host range.
+fn map_ids(pid: Pid, map: IdMap) -> Result<()> {
+    for file in ["uid_map", "gid_map"] {
+        let path = format!("/proc/{pid}/{file}");
+        fs::write(&path, map.line()).with_context(|| format!("writing {path}"))?;
+    }
     Ok(())
 }
 

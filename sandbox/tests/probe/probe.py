@@ -3,6 +3,7 @@
 socket (one JSON line), then waits for SIGTERM ("wait") or exits with status 3 ("exit").
 Usage: probe.py ALLOC_MB SPAWN wait|exit. ALLOC_MB > 0: first try to allocate that much
 in a child; SPAWN > 0: try to hold that many child processes at once."""
+import ctypes
 import errno
 import json
 import os
@@ -19,6 +20,28 @@ def try_write(path):
         return "ok"
     except OSError as e:
         return errno.errorcode[e.errno]
+
+
+_MS_REMOUNT, _MS_BIND = 32, 4096
+
+
+def try_mount(source, target, fstype, flags, data):
+    """Mounts as the sandbox's root, capabilities and all (no seccomp filter here: only
+    the function's runtime gets one), so that only the kernel's own checks answer."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    os.makedirs(target, exist_ok=True)
+    args = [x.encode() if x else None for x in (source, target, fstype, data)]
+    if libc.mount(args[0], args[1], args[2], flags, args[3]) == 0:
+        return "ok"
+    return errno.errorcode[ctypes.get_errno()]
+
+
+def try_unmount(target):
+    """Detaches a mount as the sandbox's root, to see what it covers."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(target.encode(), 2) == 0:  # MNT_DETACH
+        return "ok"
+    return errno.errorcode[ctypes.get_errno()]
 
 
 alloc_mb, spawn, then = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -38,6 +61,18 @@ facts = {
     "dev": sorted(os.listdir("/dev")),
     "dev_null_write": try_write("/dev/null"),
     "host": os.environ.get("KINDLING_HOST"),
+    "cap_eff": next(l.split()[1] for l in open("/proc/self/status") if l.startswith("CapEff:")),
+    # Read-only mounts made writable again, and a cgroup v1 hierarchy (whose release_agent
+    # runs as host root): the user namespace must refuse both.
+    "remount_task_rw": try_mount(None, "/var/task", None, _MS_REMOUNT | _MS_BIND, None),
+    "remount_usr_rw": try_mount(None, "/usr", None, _MS_REMOUNT | _MS_BIND, None),
+    "remount_root_rw": try_mount(None, "/", None, _MS_REMOUNT | _MS_BIND, None),
+    "mount_cgroup_v1": try_mount("cgroup", "/tmp/cg", "cgroup", 0, "memory"),
+    "remount_proc_sys_rw": try_mount(None, "/proc/sys", None, _MS_REMOUNT | _MS_BIND, None),
+    # Read-only covers taken away to see beneath (both are mount points: EINVAL here is
+    # the kernel's lock).
+    "unmount_proc_sys": try_unmount("/proc/sys"),
+    "unmount_task": try_unmount("/var/task"),
 }
 if alloc_mb:
     hog = f"b = b'x' * ({alloc_mb} << 20)"
