@@ -17,6 +17,7 @@ const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Capability {
+    DacOverride = 1,
     Kill = 5,
     Setgid = 6,
     Setuid = 7,
