@@ -41,7 +41,7 @@ use libtest_mimic::{Arguments, Failed, Trial};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
-use unprivileged::check_unprivileged;
+use unprivileged::{check_guest_privileges, check_unprivileged};
 
 /// How long one invocation may take, cold start included, on a busy 2-core machine: more
 /// than the longest init timeout ([`NESTED_INIT_TIMEOUT_S`]) and a function's run, so that
@@ -666,8 +666,8 @@ fn response_streams_through_the_vm(server: &Server, _: Backend) -> Result<(), Fa
     )
 }
 
-/// The function cannot use the guest's root: no uid 0, no capabilities, no way back; and
-/// the hypervisor's processes (QEMU and its vsock daemon, or the jailed kindling-vmm) run
+/// The function cannot use the guest's root: no uid 0, no capabilities, no way back; init
+/// and the agent keep only the capabilities they use; and the hypervisor's processes (QEMU and its vsock daemon, or the jailed kindling-vmm) run
 /// as the VM's own unprivileged user with no capability, in a network namespace of their
 /// own, under seccomp filters.
 fn the_runtime_runs_unprivileged(server: &Server, backend: Backend) -> Result<(), Failed> {
@@ -675,6 +675,7 @@ fn the_runtime_runs_unprivileged(server: &Server, backend: Backend) -> Result<()
         .invoke("identity", &json!({"action": "identity"}))?
         .ok_json()?;
     check_unprivileged(&answer)?;
+    check_guest_privileges(&answer, true)?;
     let programs: &[&str] = match backend {
         Backend::Qemu => &[
             kindling_microvm::qemu::QEMU,
@@ -1237,6 +1238,13 @@ fn snapstart_trial(server: &Server, backend: Backend) -> Result<(), Failed> {
                     console.display()
                 )
             })?;
+            // Nor did the clock fail to follow the host's (the agent's `SYS_TIME`).
+            check(!text.contains("cannot set the clock"), || {
+                format!(
+                    "{}: a restored guest could not set its clock:\n{text}",
+                    console.display()
+                )
+            })?;
         }
     }
     check(booted_consoles == 1, || {
@@ -1562,7 +1570,10 @@ impl Host {
         check(
             logs.status.success()
                 && console.contains("=== environment warm-")
-                && console.contains("init: switched root to /dev/vda"),
+                && console.contains("init: switched root to /dev/vda")
+                // Init's shutdown (cgroup removal, unmounts) had the capabilities it needs.
+                && !console.contains("Permission denied")
+                && !console.contains("Operation not permitted"),
             || format!("kindling logs warm --console: {}\n{console}", logs.status),
         )
     }

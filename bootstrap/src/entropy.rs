@@ -5,7 +5,8 @@
 //! fresh bytes on the first event of such an environment: they are mixed into the input
 //! pool (`RNDADDENTROPY`) and the CRNG is made to reseed from it at once
 //! (`RNDRESEEDCRNG`), before the runtime sees the event, as Firecracker advises for clones.
-//! Both ioctls need `CAP_SYS_ADMIN`, which the agent (root in its VM) has.
+//! Both ioctls need `CAP_SYS_ADMIN`, which the agent (root in its VM) keeps for this
+//! ([`kindling_plumbing::privileges::AGENT_IN_MICROVM`]).
 
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;

@@ -53,6 +53,22 @@ use crate::upstream::Upstream;
 fn main() -> ExitCode {
     // The agent's start, for the first invocation's report (its start-up phases).
     let started_ns = kindling_wire::monotonic_ns();
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(e) => {
+            say!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Over vsock or a virtio port we are a microVM, whose clock starts from a coarse RTC
+    // and drifts.
+    let in_microvm = !matches!(config.host, kindling_wire::HostAddr::Unix(_));
+    // Capabilities belong to each thread: trimmed before the first other thread exists,
+    // every thread the agent ever has is trimmed too.
+    if let Err(e) = privileges::keep_only_the_agents(in_microvm) {
+        say!("{e}");
+        return ExitCode::FAILURE;
+    }
     // One thread is plenty for one runtime, and keeps the guest's footprint small.
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -64,7 +80,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(started_ns)) {
+    match rt.block_on(run(config, in_microvm, started_ns)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             say!("{e}");
@@ -73,8 +89,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(started_ns: u64) -> Result<(), String> {
-    let config = Config::from_env()?;
+async fn run(config: Config, in_microvm: bool, started_ns: u64) -> Result<(), String> {
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
@@ -91,9 +106,6 @@ async fn run(started_ns: u64) -> Result<(), String> {
         config.host
     );
 
-    // Over vsock or a virtio port we are a microVM, whose clock starts from a coarse RTC
-    // and drifts.
-    let in_microvm = !matches!(config.host, kindling_wire::HostAddr::Unix(_));
     let agent = Arc::new(Agent::new(
         upstream,
         function.clone(),

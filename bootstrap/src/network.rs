@@ -5,8 +5,8 @@
 //! the interface gets the new address (the others removed), the default route goes through
 //! the new gateway, the neighbour entries learnt before (the old host end's MAC) are
 //! flushed, and `/etc/resolv.conf` is rewritten if the resolvers differ. All through
-//! rtnetlink, which needs `CAP_NET_ADMIN`: the agent, root in its VM, keeps every
-//! capability (only the runtime drops them). To the guest that took the snapshot the same
+//! rtnetlink, which needs `CAP_NET_ADMIN`: the agent, root in its VM, keeps it for this
+//! ([`kindling_plumbing::privileges::AGENT_IN_MICROVM`]). To the guest that took the snapshot the same
 //! facts change nothing but its neighbour cache.
 
 use std::io::ErrorKind;

@@ -2,7 +2,8 @@
 //!
 //! The boot runs in a fixed order (see `init/README.md`): configuration, pseudo
 //! filesystems, kernel modules, `switch_root`, machine settings, the workload cgroup,
-//! then the bootstrap under [`supervisor`], and at the end [`shutdown`]. Any failure
+//! the capabilities trimmed to what is left to do ([`privileges`]), then the bootstrap
+//! under [`supervisor`], and at the end [`shutdown`]. Any failure
 //! before the bootstrap runs is one `init: error: ...` line, then the same shutdown
 //! with status 1: never a hang and never a kernel panic from PID 1 exiting.
 
@@ -12,6 +13,7 @@ mod console;
 mod modules;
 mod mounts;
 mod network;
+mod privileges;
 mod root;
 mod shutdown;
 mod supervisor;
@@ -139,6 +141,7 @@ fn boot_and_run(
     network::configure(config)?;
     system::set_nofile(config.nofile)?;
     *cgroup = Workload::create(config)?;
+    privileges::keep_only_what_is_left(config.sandbox)?;
     Supervisor::new(config, cgroup.as_ref())?.run()
 }
 

@@ -1,6 +1,7 @@
 //! The Linux plumbing that init, the bootstrap and the namespace sandbox share: cgroup
 //! directories and control files ([`cgroup`]), `mkdir -p` with a mode ([`dirs`]) and the
-//! escapes of the kernel's mount tables ([`mount_table`]), dropping root for good
+//! escapes of the kernel's mount tables ([`mount_table`]), dropping root for good and the
+//! capability sets init and the agent keep
 //! ([`privileges`], which kindling-jailer shares too), the seccomp denylist of the
 //! function's runtime and of every jailed program (`seccomp`, behind that feature), and
 //! pools of host ids that running environments hold ([`ids`], for the microVM and sandbox

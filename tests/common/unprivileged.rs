@@ -2,7 +2,8 @@
 //! runs as Lambda's `sbx_user1051` (uid and gid 993), with no capability in any set,
 //! `no_new_privs` and a seccomp filter that refuses (EPERM) even what the kernel allows an
 //! unprivileged user (a user namespace, the session keyring, a vsock socket), and can write
-//! only `/tmp` and `/dev/shm` (not `/var/task`, `/opt`, the runtime's folder or the root).
+//! only `/tmp` and `/dev/shm` (not `/var/task`, `/opt`, the runtime's folder or the root);
+//! and that init and the agent, which stay root, keep only the capabilities they use.
 
 use serde_json::{json, Value};
 
@@ -28,6 +29,36 @@ pub fn check_unprivileged(answer: &Value) -> Result<(), String> {
                 answer[key], expected[key]
             ));
         }
+    }
+    Ok(())
+}
+
+/// Checks what the probe's `identity` action saw of init (PID 1) and of the one agent:
+/// exactly the capabilities each keeps after the boot (see `init/src/privileges.rs` and
+/// `kindling_plumbing::privileges`), nothing inheritable or ambient.
+pub fn check_guest_privileges(answer: &Value, in_microvm: bool) -> Result<(), String> {
+    let none = "0000000000000000";
+    // KILL, SETGID, SETUID, SETPCAP; in a microVM also NET_ADMIN, SYS_ADMIN, SYS_TIME.
+    let agent = if in_microvm {
+        "00000000022011e0"
+    } else {
+        "00000000000001e0"
+    };
+    // DAC_OVERRIDE, KILL, SYS_ADMIN; in a microVM also SYS_BOOT.
+    let init = if in_microvm {
+        "0000000000600022"
+    } else {
+        "0000000000200022"
+    };
+    let expected = json!({
+        "init": { "CapInh": none, "CapPrm": init, "CapEff": init, "CapBnd": agent, "CapAmb": none },
+        "agents": [{ "CapInh": none, "CapPrm": agent, "CapEff": agent, "CapBnd": agent, "CapAmb": none }],
+    });
+    if answer["guest"] != expected {
+        return Err(format!(
+            "init's and the agent's capabilities: {}\nexpected: {}",
+            answer["guest"], expected
+        ));
     }
     Ok(())
 }

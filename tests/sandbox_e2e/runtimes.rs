@@ -4,7 +4,7 @@
 
 use serde_json::json;
 
-use crate::unprivileged::check_unprivileged;
+use crate::unprivileged::{check_guest_privileges, check_unprivileged};
 
 use crate::support::{
     eventually, json, prerequisites, repo_path, request_id, FunctionDef, Scratch, Server,
@@ -81,13 +81,17 @@ async fn probe(action: &str) -> Option<serde_json::Value> {
     Some(json(&answer))
 }
 
-/// The function cannot use the sandbox's root: no uid 0, no capabilities, no way back.
+/// The function cannot use the sandbox's root: no uid 0, no capabilities, no way back; init
+/// and the agent keep only the capabilities they use.
 #[tokio::test]
 async fn the_runtime_runs_unprivileged() {
     let Some(answer) = probe("identity").await else {
         return;
     };
     if let Err(e) = check_unprivileged(&answer) {
+        panic!("{e}");
+    }
+    if let Err(e) = check_guest_privileges(&answer, false) {
         panic!("{e}");
     }
     // And its ids, root's included, are not the host's: the sandbox's user namespace maps

@@ -35,6 +35,31 @@ def _can_write(folder):
 _IDENTITY_KEYS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
                   "NoNewPrivs", "Seccomp")
 
+# What init (PID 1) and the agent keep (/proc/PID/status of each, readable by anyone).
+_GUEST_CAP_KEYS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
+# The agent's command name, as the kernel truncates it (15 characters).
+_AGENT_COMM = "kindling-bootstrap"[:15]
+
+
+def _status_of(pid, keys):
+    status = dict(
+        line.split(":", 1) for line in _read(f"/proc/{pid}/status").splitlines() if ":" in line
+    )
+    return {key: " ".join(status[key].split()) for key in keys}
+
+
+def _guest_privileges():
+    """The capability sets of init and of the agent(s), as the function sees them."""
+    agents = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and _read(f"/proc/{entry}/comm").strip() == _AGENT_COMM:
+                agents.append(_status_of(entry, _GUEST_CAP_KEYS))
+        except OSError:
+            pass  # gone meanwhile
+    return {"init": _status_of(1, _GUEST_CAP_KEYS), "agents": agents}
+
+
 _CLONE_NEWUSER = 0x10000000
 _SYS_KEYCTL = 250  # x86-64
 _KEYCTL_GET_KEYRING_ID = 0
@@ -371,10 +396,8 @@ def handler(event, context):
     if action == "cut_runtime_api":
         answer["cut"] = _cut_runtime_api()
     if action == "identity":
-        status = dict(
-            line.split(":", 1) for line in _read("/proc/self/status").splitlines() if ":" in line
-        )
-        answer["status"] = {key: " ".join(status[key].split()) for key in _IDENTITY_KEYS}
+        answer["status"] = _status_of("self", _IDENTITY_KEYS)
+        answer["guest"] = _guest_privileges()
         answer["denied"] = _denied()
         # Whose ids these are on the host: "0 <first host id> <count>" per line (a kernel
         # without user namespaces, as the microVMs' minimal one, has no such file).
