@@ -15,19 +15,22 @@ use kindling_plumbing::privileges::{
 /// What init keeps in a namespace sandbox, after the boot:
 /// - `KILL`: the last SIGTERM and SIGKILL to every process (`kill(-1)`), the runtime's,
 ///   which runs as another user, included;
-/// - `SYS_ADMIN`: unmounting what it mounted, at the end;
 /// - `DAC_OVERRIDE`: removing the workload cgroup at the end, from a cgroup2 root
 ///   directory that is read-only (0555) even to its owner.
-pub const INIT_IN_SANDBOX: Capabilities = Capabilities::of(&[
-    Capability::Kill,
-    Capability::SysAdmin,
-    Capability::DacOverride,
-]);
+///
+/// No `SYS_ADMIN`: the sandbox's mounts end with its mount namespace, so init unmounts
+/// nothing there; without it, neither init nor the agent can mount anything in the
+/// sandbox's namespaces.
+pub const INIT_IN_SANDBOX: Capabilities =
+    Capabilities::of(&[Capability::Kill, Capability::DacOverride]);
 
-/// What init keeps in a microVM, after the boot: [`INIT_IN_SANDBOX`] and `SYS_BOOT`, for
-/// the reboot(2) that powers the VM off at the end.
-pub const INIT_IN_MICROVM: Capabilities =
-    INIT_IN_SANDBOX.union(Capabilities::of(&[Capability::SysBoot]));
+/// What init keeps in a microVM, after the boot: [`INIT_IN_SANDBOX`], `SYS_ADMIN` for
+/// unmounting what it mounted and `SYS_BOOT` for the reboot(2) that powers the VM off,
+/// at the end.
+pub const INIT_IN_MICROVM: Capabilities = INIT_IN_SANDBOX.union(Capabilities::of(&[
+    Capability::SysAdmin,
+    Capability::SysBoot,
+]));
 
 /// Trims init's capabilities for the rest of its life. Init is one thread, and
 /// capabilities belong to each thread: nothing is left with more.

@@ -39,12 +39,13 @@ pub fn finish(exit: &Exit, mut mounts: Mounts, cgroup: Option<Workload>, code: i
             say!("{e:#}");
         }
     }
-    mounts.unmount_all();
-    sync();
     if exit.sandbox {
+        // The sandbox's mounts end with its mount namespace, when init exits.
         say!("exit with status {code}");
         return code;
     }
+    mounts.unmount_all();
+    sync();
     let (mode, name) = match exit.shutdown {
         Shutdown::Reboot => (RebootMode::RB_AUTOBOOT, "reboot"),
         Shutdown::Poweroff => (RebootMode::RB_POWER_OFF, "poweroff"),
