@@ -26,7 +26,7 @@ _MS_REMOUNT, _MS_BIND = 32, 4096
 
 
 def try_mount(source, target, fstype, flags, data):
-    """Mounts as the sandbox's root, capabilities and all (no seccomp filter here: only
+    """Mounts with whatever capabilities the caller has (no seccomp filter here: only
     the function's runtime gets one), so that only the kernel's own checks answer."""
     libc = ctypes.CDLL(None, use_errno=True)
     os.makedirs(target, exist_ok=True)
@@ -37,11 +37,51 @@ def try_mount(source, target, fstype, flags, data):
 
 
 def try_unmount(target):
-    """Detaches a mount as the sandbox's root, to see what it covers."""
+    """Detaches a mount, to see what it covers."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.umount2(target.encode(), 2) == 0:  # MNT_DETACH
         return "ok"
     return errno.errorcode[ctypes.get_errno()]
+
+
+_CLONE_NEWUSER, _CLONE_NEWNS = 0x10000000, 0x00020000
+
+
+def mount_attacks():
+    """Every capability a process in the sandbox can still get (init bounds all it
+    starts to the agent's set, without CAP_SYS_ADMIN): those of a user namespace of its
+    own, with a mount namespace of its own, where the sandbox's mounts arrive locked.
+    Run in a child, which answers over a pipe."""
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(read)
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNS) != 0:
+            seen = {"unshare": errno.errorcode[ctypes.get_errno()]}
+        else:
+            seen = {
+                "cap_eff": next(l.split()[1] for l in open("/proc/self/status")
+                                if l.startswith("CapEff:")),
+                # Read-only mounts made writable again, and a cgroup v1 hierarchy (whose
+                # release_agent runs as host root): the kernel must refuse both.
+                "remount_task_rw": try_mount(None, "/var/task", None, _MS_REMOUNT | _MS_BIND, None),
+                "remount_usr_rw": try_mount(None, "/usr", None, _MS_REMOUNT | _MS_BIND, None),
+                "remount_root_rw": try_mount(None, "/", None, _MS_REMOUNT | _MS_BIND, None),
+                "mount_cgroup_v1": try_mount("cgroup", "/tmp/cg", "cgroup", 0, "memory"),
+                "remount_proc_sys_rw": try_mount(None, "/proc/sys", None, _MS_REMOUNT | _MS_BIND, None),
+                # Read-only covers taken away to see beneath (both are mount points:
+                # EINVAL here is the kernel's lock).
+                "unmount_proc_sys": try_unmount("/proc/sys"),
+                "unmount_task": try_unmount("/var/task"),
+            }
+        os.write(write, json.dumps(seen).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as answer:
+        seen = json.loads(answer.read())
+    os.waitpid(child, 0)
+    return seen
 
 
 alloc_mb, spawn, then = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -62,17 +102,7 @@ facts = {
     "dev_null_write": try_write("/dev/null"),
     "host": os.environ.get("KINDLING_HOST"),
     "cap_eff": next(l.split()[1] for l in open("/proc/self/status") if l.startswith("CapEff:")),
-    # Read-only mounts made writable again, and a cgroup v1 hierarchy (whose release_agent
-    # runs as host root): the user namespace must refuse both.
-    "remount_task_rw": try_mount(None, "/var/task", None, _MS_REMOUNT | _MS_BIND, None),
-    "remount_usr_rw": try_mount(None, "/usr", None, _MS_REMOUNT | _MS_BIND, None),
-    "remount_root_rw": try_mount(None, "/", None, _MS_REMOUNT | _MS_BIND, None),
-    "mount_cgroup_v1": try_mount("cgroup", "/tmp/cg", "cgroup", 0, "memory"),
-    "remount_proc_sys_rw": try_mount(None, "/proc/sys", None, _MS_REMOUNT | _MS_BIND, None),
-    # Read-only covers taken away to see beneath (both are mount points: EINVAL here is
-    # the kernel's lock).
-    "unmount_proc_sys": try_unmount("/proc/sys"),
-    "unmount_task": try_unmount("/var/task"),
+    "in_own_user_ns": mount_attacks(),
 }
 if alloc_mb:
     hog = f"b = b'x' * ({alloc_mb} << 20)"
