@@ -213,12 +213,7 @@ async fn remove_stale_links(handle: &Handle) -> Result<()> {
         // Held while the link goes, so that no new lease of the block races the removal.
         if let Some(_held) = try_lock(block)? {
             tracing::info!(link = %name, "removing a dead server's environment link");
-            handle
-                .link()
-                .del(index)
-                .execute()
-                .await
-                .with_context(|| format!("removing {name}"))?;
+            delete_link(handle, index, &name).await?;
         }
     }
     Ok(())
@@ -443,14 +438,22 @@ impl Lease {
 /// Deletes link `name` if there is one.
 async fn remove_link(handle: &Handle, name: &str) -> Result<()> {
     if let Some((index, _)) = links(handle).await?.into_iter().find(|(_, n)| n == name) {
-        handle
-            .link()
-            .del(index)
-            .execute()
-            .await
-            .with_context(|| format!("removing {name}"))?;
+        delete_link(handle, index, name).await?;
     }
     Ok(())
+}
+
+/// Deletes link `index` (`name`); one gone since it was listed is not an error: a veth
+/// goes with its peer's network namespace, when the last process of that dies (as a dead
+/// server's environments do while the next server starts).
+async fn delete_link(handle: &Handle, index: u32, name: &str) -> Result<()> {
+    match handle.link().del(index).execute().await {
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
+            tracing::debug!(link = %name, "the link went by itself");
+            Ok(())
+        }
+        result => result.with_context(|| format!("removing {name}")),
+    }
 }
 
 async fn index_of(handle: &Handle, name: &str) -> Result<u32> {
@@ -598,6 +601,34 @@ mod tests {
             )
         );
         assert_eq!(net.resolv_conf(), "nameserver 192.0.2.53\n");
+    }
+
+    /// A link that went since it was listed (a veth whose peer's namespace died) is
+    /// removed already, not an error that leaves the server without a network.
+    #[tokio::test]
+    async fn deleting_a_link_that_went_by_itself_succeeds() {
+        if !nix::unistd::geteuid().is_root() {
+            println!("SKIPPED (host cannot): creating links needs root");
+            return;
+        }
+        let handle = connect().unwrap();
+        let name = format!("kngone{}", std::process::id() % 100_000);
+        let peer = format!("{name}p");
+        handle
+            .link()
+            .add(LinkVeth::new(&name, &peer).build())
+            .execute()
+            .await
+            .unwrap();
+        let index = index_of(&handle, &name).await.unwrap();
+        // Deleting the peer takes the pair.
+        remove_link(&handle, &peer).await.unwrap();
+        assert!(links(&handle)
+            .await
+            .unwrap()
+            .iter()
+            .all(|(i, _)| *i != index));
+        delete_link(&handle, index, &name).await.unwrap();
     }
 
     #[test]
