@@ -6,11 +6,18 @@
 //! can ever have, to the agent's own set: `MKNOD`, `SYS_MODULE`, `SYS_RAWIO`,
 //! `SYS_PTRACE`, `SYS_CHROOT`, `NET_RAW`, `DAC_OVERRIDE`, … are gone from all that it starts for
 //! good, and most of them from init too.
+//!
+//! In the sandbox, where the host's kernel is the only wall, init first puts itself and
+//! all it starts under the function's seccomp denylist: root of the sandbox's user
+//! namespace, even without `CAP_SYS_ADMIN`, could otherwise make a user namespace of its
+//! own and, with every capability there, reach the kernel's namespaced mount and cgroup
+//! code (a cgroup v1 mount of its own cgroup, for one).
 
 use anyhow::{Context, Result};
 use kindling_plumbing::privileges::{
     keep_only, Capabilities, Capability, AGENT_IN_MICROVM, AGENT_IN_SANDBOX,
 };
+use kindling_plumbing::seccomp;
 
 /// What init keeps in a namespace sandbox, after the boot:
 /// - `KILL`: the last SIGTERM and SIGKILL to every process (`kill(-1)`), the runtime's,
@@ -34,8 +41,16 @@ pub const INIT_IN_MICROVM: Capabilities = INIT_IN_SANDBOX.union(Capabilities::of
 
 /// Trims init's capabilities for the rest of its life. Init is one thread, and
 /// capabilities belong to each thread: nothing is left with more.
+///
+/// In the sandbox the denylist goes on first, while init still holds `CAP_SYS_ADMIN`
+/// (seccomp(2) asks for it or for `no_new_privs`, and `no_new_privs` would cap what the
+/// agent's exec grants it at init's own, smaller, set). After the boot init and the agent
+/// need nothing it refuses: init unmounts nothing and exits instead of rebooting there,
+/// and the agent talks to the host over a Unix socket.
 pub fn keep_only_what_is_left(sandbox: bool) -> Result<()> {
     let (own, agent) = if sandbox {
+        let filters = seccomp::denylist_filters().map_err(anyhow::Error::msg)?;
+        seccomp::apply_as_namespace_admin(&filters).context("install the seccomp denylist")?;
         (INIT_IN_SANDBOX, AGENT_IN_SANDBOX)
     } else {
         (INIT_IN_MICROVM, AGENT_IN_MICROVM)

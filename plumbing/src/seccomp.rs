@@ -1,11 +1,11 @@
-//! The seccomp denylist that the function's runtime (under the bootstrap) and every
-//! program kindling-jailer starts (kindling-vmm, QEMU, vhost-device-vsock) run under: it
-//! refuses (EPERM) what Docker's default profile refuses a container — mounts, namespaces,
-//! modules, kexec, bpf, perf, keyrings, userfaultfd, io_uring (as Docker since v25: the
-//! operations of a ring bypass this very filter), reboot, the clock, swap — and vsock
-//! sockets (only the bootstrap talks to the host). A denylist, not an allowlist: it sits
-//! under programs Kindling does not write (language runtimes, QEMU), beneath kindling-vmm's
-//! own per-thread allowlists.
+//! The seccomp denylist that the function's runtime (under the bootstrap), init and the
+//! agent in the sandbox, and every program kindling-jailer starts (kindling-vmm, QEMU,
+//! vhost-device-vsock) run under: it refuses (EPERM) what Docker's default profile
+//! refuses a container — mounts, namespaces, modules, kexec, bpf, perf, keyrings,
+//! userfaultfd, io_uring (as Docker since v25: the operations of a ring bypass this very
+//! filter), reboot, the clock, swap — and vsock sockets (only the bootstrap talks to the
+//! host). A denylist, not an allowlist: it sits under programs Kindling does not write
+//! (language runtimes, QEMU), beneath kindling-vmm's own per-thread allowlists.
 
 use std::io;
 
@@ -136,6 +136,44 @@ pub fn apply(filters: &[BpfProgram; 2]) -> io::Result<()> {
             seccompiler::Error::Prctl(e) | seccompiler::Error::Seccomp(e) => e,
             _ => io::Error::from(io::ErrorKind::InvalidInput),
         })?;
+    }
+    Ok(())
+}
+
+/// Installs `filters` on the calling thread as [`apply`] does, but without setting
+/// `no_new_privs`: for a process that holds `CAP_SYS_ADMIN` in its user namespace (which
+/// seccomp(2) accepts instead) and whose children must still gain capabilities when they
+/// exec (init, whose root agent gets its set from its exec). Not for a forked child: it
+/// allocates.
+pub fn apply_as_namespace_admin(filters: &[BpfProgram; 2]) -> io::Result<()> {
+    for filter in filters {
+        let program: Vec<libc::sock_filter> = filter
+            .iter()
+            .map(|i| libc::sock_filter {
+                code: i.code,
+                jt: i.jt,
+                jf: i.jf,
+                k: i.k,
+            })
+            .collect();
+        let prog = libc::sock_fprog {
+            len: u16::try_from(program.len())
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+            filter: program.as_ptr().cast_mut(),
+        };
+        // SAFETY: seccomp(2) copies the `len` instructions that `prog` points at, all in
+        // `program`, which outlives the call; it writes no memory of ours.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                0,
+                std::ptr::addr_of!(prog),
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
     }
     Ok(())
 }

@@ -159,6 +159,24 @@ impl Leftovers {
     }
 }
 
+/// The probe's mount attacks, run from the host by util-linux's `nsenter` as root of the
+/// sandbox's user namespace (uid and gid 0 there, every capability) in its mount and PID
+/// namespaces.
+fn attacks_as_namespace_root(env: &SandboxEnvironment) -> Value {
+    let out = std::process::Command::new("nsenter")
+        .args(["--target", &env.init_pid().to_string()])
+        .args(["--user", "--mount", "--pid"])
+        .args(["/usr/bin/python3", "/var/task/probe.py", "attacks"])
+        .output()
+        .expect("nsenter (util-linux)");
+    assert!(
+        out.status.success(),
+        "nsenter: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the attacks' JSON")
+}
+
 #[tokio::test]
 async fn the_guest_sees_a_sandbox_and_a_graceful_stop_cleans_up() {
     let Some(h) = harness("inside", 128, 1024, JUST_WAIT) else {
@@ -190,12 +208,22 @@ async fn the_guest_sees_a_sandbox_and_a_graceful_stop_cleans_up() {
         ])
     );
     assert_eq!(facts["dev_null_write"], "ok");
-    // The bootstrap is the namespace's root, bounded by init to the agent's capabilities:
-    // no CAP_SYS_ADMIN. With every capability of a user namespace of its own (the most
-    // it can get), the read-only mounts stay read-only and no cgroup v1 hierarchy mounts.
+    // The bootstrap is the namespace's root, bounded by init to the agent's capabilities
+    // (no CAP_SYS_ADMIN) and under init's seccomp filter: no user namespace of its own,
+    // where it would have every capability.
     let caps = |hex: &Value| u64::from_str_radix(hex.as_str().unwrap(), 16).unwrap();
     assert_eq!(caps(&facts["cap_eff"]), 0x1e0, "{facts}");
-    let nested = &facts["in_own_user_ns"];
+    assert_eq!(facts["seccomp"], "2", "{facts}");
+    assert_eq!(facts["new_user_ns"], "EPERM", "{facts}");
+    let init_status = std::fs::read_to_string(format!("/proc/{}/status", env.init_pid())).unwrap();
+    assert!(
+        init_status.lines().any(|l| l == "Seccomp:\t2"),
+        "init runs under the filter:\n{init_status}"
+    );
+    // More than anything inside keeps: root of the sandbox's user namespace with every
+    // capability, in its mount namespace. The read-only mounts stay read-only and no
+    // cgroup v1 hierarchy mounts: the mounts are locked.
+    let nested = attacks_as_namespace_root(&env);
     assert_ne!(
         caps(&nested["cap_eff"]) & (1 << 21),
         0,

@@ -2,7 +2,8 @@
 """Runs as the sandbox's bootstrap: reports what it sees to the host over the host
 socket (one JSON line), then waits for SIGTERM ("wait") or exits with status 3 ("exit").
 Usage: probe.py ALLOC_MB SPAWN wait|exit. ALLOC_MB > 0: first try to allocate that much
-in a child; SPAWN > 0: try to hold that many child processes at once."""
+in a child; SPAWN > 0: try to hold that many child processes at once.
+probe.py attacks: tries the mount attacks, prints what the kernel answered, exits."""
 import ctypes
 import errno
 import json
@@ -26,8 +27,8 @@ _MS_REMOUNT, _MS_BIND = 32, 4096
 
 
 def try_mount(source, target, fstype, flags, data):
-    """Mounts with whatever capabilities the caller has (no seccomp filter here: only
-    the function's runtime gets one), so that only the kernel's own checks answer."""
+    """Mounts with whatever capabilities the caller has (the test runs it from the host,
+    outside any seccomp filter), so that only the kernel's own checks answer."""
     libc = ctypes.CDLL(None, use_errno=True)
     os.makedirs(target, exist_ok=True)
     args = [x.encode() if x else None for x in (source, target, fstype, data)]
@@ -44,45 +45,46 @@ def try_unmount(target):
     return errno.errorcode[ctypes.get_errno()]
 
 
-_CLONE_NEWUSER, _CLONE_NEWNS = 0x10000000, 0x00020000
+_CLONE_NEWUSER = 0x10000000
+
+
+def seccomp_mode():
+    return next(l.split()[1] for l in open("/proc/self/status") if l.startswith("Seccomp:"))
+
+
+def new_user_namespace():
+    """A user namespace of its own would give every capability there: init's seccomp
+    filter, which all it starts inherit, must refuse it. A failed unshare changes nothing."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(_CLONE_NEWUSER) == 0:
+        return "ok"
+    return errno.errorcode[ctypes.get_errno()]
 
 
 def mount_attacks():
-    """Every capability a process in the sandbox can still get (init bounds all it
-    starts to the agent's set, without CAP_SYS_ADMIN): those of a user namespace of its
-    own, with a mount namespace of its own, where the sandbox's mounts arrive locked.
-    Run in a child, which answers over a pipe."""
-    read, write = os.pipe()
-    child = os.fork()
-    if child == 0:
-        os.close(read)
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNS) != 0:
-            seen = {"unshare": errno.errorcode[ctypes.get_errno()]}
-        else:
-            seen = {
-                "cap_eff": next(l.split()[1] for l in open("/proc/self/status")
-                                if l.startswith("CapEff:")),
-                # Read-only mounts made writable again, and a cgroup v1 hierarchy (whose
-                # release_agent runs as host root): the kernel must refuse both.
-                "remount_task_rw": try_mount(None, "/var/task", None, _MS_REMOUNT | _MS_BIND, None),
-                "remount_usr_rw": try_mount(None, "/usr", None, _MS_REMOUNT | _MS_BIND, None),
-                "remount_root_rw": try_mount(None, "/", None, _MS_REMOUNT | _MS_BIND, None),
-                "mount_cgroup_v1": try_mount("cgroup", "/tmp/cg", "cgroup", 0, "memory"),
-                "remount_proc_sys_rw": try_mount(None, "/proc/sys", None, _MS_REMOUNT | _MS_BIND, None),
-                # Read-only covers taken away to see beneath (both are mount points:
-                # EINVAL here is the kernel's lock).
-                "unmount_proc_sys": try_unmount("/proc/sys"),
-                "unmount_task": try_unmount("/var/task"),
-            }
-        os.write(write, json.dumps(seen).encode())
-        os._exit(0)
-    os.close(write)
-    with os.fdopen(read) as answer:
-        seen = json.loads(answer.read())
-    os.waitpid(child, 0)
-    return seen
+    """Run by the test from the host, joined to the sandbox's user and mount namespaces
+    as their root with every capability there (more than anything inside keeps): only
+    the kernel's lock on the mounts stands in the way."""
+    return {
+        "cap_eff": next(l.split()[1] for l in open("/proc/self/status")
+                        if l.startswith("CapEff:")),
+        # Read-only mounts made writable again, and a cgroup v1 hierarchy (whose
+        # release_agent runs as host root): the kernel must refuse both.
+        "remount_task_rw": try_mount(None, "/var/task", None, _MS_REMOUNT | _MS_BIND, None),
+        "remount_usr_rw": try_mount(None, "/usr", None, _MS_REMOUNT | _MS_BIND, None),
+        "remount_root_rw": try_mount(None, "/", None, _MS_REMOUNT | _MS_BIND, None),
+        "mount_cgroup_v1": try_mount("cgroup", "/tmp/cg", "cgroup", 0, "memory"),
+        "remount_proc_sys_rw": try_mount(None, "/proc/sys", None, _MS_REMOUNT | _MS_BIND, None),
+        # Read-only covers taken away to see beneath (both are mount points: EINVAL here
+        # is the kernel's lock).
+        "unmount_proc_sys": try_unmount("/proc/sys"),
+        "unmount_task": try_unmount("/var/task"),
+    }
 
+
+if sys.argv[1:] == ["attacks"]:
+    print(json.dumps(mount_attacks()))
+    sys.exit(0)
 
 alloc_mb, spawn, then = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 facts = {
@@ -102,7 +104,8 @@ facts = {
     "dev_null_write": try_write("/dev/null"),
     "host": os.environ.get("KINDLING_HOST"),
     "cap_eff": next(l.split()[1] for l in open("/proc/self/status") if l.startswith("CapEff:")),
-    "in_own_user_ns": mount_attacks(),
+    "seccomp": seccomp_mode(),
+    "new_user_ns": new_user_namespace(),
 }
 if alloc_mb:
     hog = f"b = b'x' * ({alloc_mb} << 20)"
