@@ -964,15 +964,12 @@ impl Pool {
             // The server dropped the invocation: only when the environment is torn down.
             Wait::Done(None) | Wait::Cancelled | Wait::Dispatched(_) => (shutdown_error(&request_id), None),
         };
-        let mut invoked = self.failed(
-            env,
-            &request_id,
-            start_line,
-            dispatched_at,
+        let failure = Failure {
             error,
             note,
             timed_out,
-        );
+        };
+        let mut invoked = self.failed(env, &request_id, start_line, dispatched_at, failure);
         invoked.cut_short = cut_short;
         invoked
     }
@@ -1051,26 +1048,29 @@ impl Pool {
                 body: Bytes::from(serde_json::to_vec(&error).unwrap_or_default()),
             },
         };
-        let start = ColdStart { restore, phases };
-        self.finish(request_id, start_line, log, &report, &start, status, answer)
+        let ending = Ending {
+            report: &report,
+            start: &ColdStart { restore, phases },
+            status,
+        };
+        self.finish(request_id, start_line, log, &ending, answer)
     }
 
-    /// Ends an invocation the guest did not answer (`note` goes into the function's
-    /// log), by `error` or, `timed_out`, by its deadline: its environment is killed.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "the parts of one invocation's end"
-    )]
+    /// Ends an invocation the guest did not answer, by `failure`: its environment is
+    /// killed.
     fn failed(
         &self,
         env: &mut Env,
         request_id: &str,
         start_line: String,
         since: Instant,
-        error: ErrorBody,
-        note: Option<String>,
-        timed_out: bool,
+        failure: Failure,
     ) -> Invoked {
+        let Failure {
+            error,
+            note,
+            timed_out,
+        } = failure;
         env.broken = true;
         let reported_mb = env.api.memory_seen_mb();
         let mut log = env.api.abandon();
@@ -1095,33 +1095,28 @@ impl Pool {
             true => Status::Timeout,
             false => Status::Error(&error.error_type),
         };
-        self.finish(
-            request_id,
-            start_line,
-            log,
-            &report,
-            &ColdStart::default(),
+        let ending = Ending {
+            report: &report,
+            start: &ColdStart::default(),
             status,
-            answer,
-        )
+        };
+        self.finish(request_id, start_line, log, &ending, answer)
     }
 
     /// Writes `END` and `REPORT`, counts, and assembles the caller's view.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "the parts of one invocation's end"
-    )]
     fn finish(
         &self,
         request_id: &str,
         start_line: String,
         log: String,
-        report: &InvocationReport,
-        start: &ColdStart,
-        status: Status<'_>,
+        ending: &Ending<'_>,
         answer: Answer,
     ) -> Invoked {
-        let ColdStart { restore, phases } = start;
+        let Ending {
+            report,
+            start: ColdStart { restore, phases },
+            status,
+        } = *ending;
         let restore = *restore;
         let f = &self.function;
         let metrics = &self.ctx.metrics;
@@ -1184,6 +1179,23 @@ fn remove_orphaned_envs<'a>(
             }
         }
     }
+}
+
+/// Why an invocation ended without the guest's answer.
+struct Failure {
+    error: ErrorBody,
+    /// A line for the function's log (Lambda's "Task timed out …").
+    note: Option<String>,
+    /// Ended by its deadline (`Status: timeout`) rather than by `error`.
+    timed_out: bool,
+}
+
+/// What an invocation's `REPORT` line says: its figures, its environment's start (first
+/// invocations), and how it ended.
+struct Ending<'a> {
+    report: &'a InvocationReport,
+    start: &'a ColdStart,
+    status: Status<'a>,
 }
 
 /// What the `REPORT` of an environment's first invocation says of its start (nothing for
