@@ -49,6 +49,10 @@ pub fn prepare(
     default_isolation: Option<Isolation>,
     network: Option<Arc<Network>>,
 ) -> anyhow::Result<Prepared> {
+    // Every environment's start moves processes between cgroups.
+    if let Err(why) = kindling_plumbing::favordynmods::enable() {
+        tracing::info!(%why, "cgroup migrations stay slow (no favordynmods)");
+    }
     let mut launchers = Launchers::new();
     let images = Arc::new(ImageCache {
         manifest: images,

@@ -5,7 +5,8 @@
 //! ([`privileges`], which kindling-jailer shares too), the seccomp denylist of the
 //! function's runtime and of every jailed program (`seccomp`, behind that feature), and
 //! pools of host ids that running environments hold ([`ids`], for the microVM and sandbox
-//! launchers).
+//! launchers), and cheap cgroup migrations for the host that starts them
+//! ([`favordynmods`]).
 //!
 //! Only std and nix (and the pure-Rust seccompiler): init and the bootstrap are linked
 //! statically (`+crt-static`) into every guest. Each failure names the path it happened on ([`Error`]), so callers need
@@ -14,6 +15,7 @@
 pub mod cgroup;
 pub mod dirs;
 mod error;
+pub mod favordynmods;
 pub mod ids;
 pub mod mount_table;
 pub mod privileges;
