@@ -8,6 +8,7 @@
 //! own files are kept open between reads ([`ProcTree`]), so a read is a few `pread`s, not
 //! two dozen opens, reads and closes.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io;
@@ -245,24 +246,22 @@ impl RootFiles {
         self.children.retain(|tid, _| threads.contains(tid));
         let mut children = Vec::new();
         for tid in threads {
-            if !self.children.contains_key(&tid) {
-                match File::open(format!("/proc/{root}/task/{tid}/children")) {
-                    Ok(file) => {
-                        self.children.insert(tid, file);
-                    }
-                    // The thread ended since the listing, or the kernel has no such
-                    // files: then the caller walks by path, and scans all of `/proc`.
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                        if Path::new(&format!("/proc/{root}/task/{tid}")).exists() {
-                            return Err(e);
+            let file = match self.children.entry(tid) {
+                Entry::Occupied(kept) => kept.into_mut(),
+                Entry::Vacant(slot) => {
+                    match File::open(format!("/proc/{root}/task/{tid}/children")) {
+                        Ok(file) => slot.insert(file),
+                        // The thread ended since the listing, or the kernel has no such
+                        // files: then the caller walks by path, and scans all of `/proc`.
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                            if Path::new(&format!("/proc/{root}/task/{tid}")).exists() {
+                                return Err(e);
+                            }
+                            continue;
                         }
-                        continue;
+                        Err(e) => return Err(e),
                     }
-                    Err(e) => return Err(e),
                 }
-            }
-            let Some(file) = self.children.get(&tid) else {
-                continue;
             };
             // A thread that ended since the listing has no children left.
             if let Ok(list) = pread_whole(file, &mut self.buf) {
