@@ -569,8 +569,26 @@ async fn host(
     let server = Server::bind(functions, launchers, options).await?;
     let mut logs = server.logs();
     let printer = tokio::spawn(async move {
-        while let Ok(line) = logs.recv().await {
-            println!("{} | {}", line.function, line.text);
+        use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+        let mut text = String::new();
+        loop {
+            match logs.recv().await {
+                Ok(line) => push_log_line(&mut text, &line),
+                // Lines missed by a slow terminal are still in the log files.
+                Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => break,
+            }
+            // Lines that came together (an invocation's END and REPORT) go out in one
+            // write, not one each.
+            loop {
+                match logs.try_recv() {
+                    Ok(line) => push_log_line(&mut text, &line),
+                    Err(TryRecvError::Lagged(_)) => continue,
+                    Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+                }
+            }
+            let _ = std::io::stdout().lock().write_all(text.as_bytes());
+            text.clear();
         }
     });
     // Before the line that says the server is up, so that whoever waits for it has both.
@@ -603,6 +621,14 @@ async fn host(
     server.run(stop).await?;
     printer.abort();
     Ok(ExitCode::SUCCESS)
+}
+
+/// One live log line as `serve` prints it: `function | text`.
+fn push_log_line(text: &mut String, line: &kindling_runtime_api::logs::LogLine) {
+    text.push_str(&line.function);
+    text.push_str(" | ");
+    text.push_str(&line.text);
+    text.push('\n');
 }
 
 pub fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {

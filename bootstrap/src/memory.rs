@@ -3,14 +3,24 @@
 //! Preferred: a cgroup created for each runtime start, whose kernel-kept peak counts every
 //! process of the tree, even those that already exited (v2 `memory.peak`, or v1
 //! `memory.max_usage_in_bytes` where the memory controller is only on v1). Where no cgroup
-//! can be created, the highest `VmHWM` over the live tree, remembered across reads.
+//! can be created (the sandbox), the highest `VmHWM` over the live tree, remembered across
+//! reads. That is read on every invocation's result, on the caller's path: the runtime's
+//! own files are kept open between reads ([`ProcTree`]), so a read is a few `pread`s, not
+//! two dozen opens, reads and closes.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::fs;
+use std::fs::{self, File};
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
+
+use nix::dir::Dir;
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
 
 use kindling_plumbing::cgroup::{self, Joiner};
 
@@ -166,8 +176,139 @@ fn own_dir(
 /// Where a runtime's peak memory is read from.
 pub enum MemoryProbe {
     Cgroup(RuntimeCgroup),
-    /// The runtime's pid, and the highest `VmHWM` seen so far, in bytes.
-    ProcTree(u32, AtomicU64),
+    ProcTree(ProcTree),
+}
+
+/// The runtime's process tree in `/proc`, and the highest `VmHWM` seen in it so far.
+pub struct ProcTree {
+    root: u32,
+    high: AtomicU64,
+    /// The root's files, opened at the first read; `None` after it failed (the runtime is
+    /// gone, or the kernel lacks them): then every read walks the tree by path.
+    kept: Mutex<Option<RootFiles>>,
+}
+
+/// The files of the runtime's process that every read looks at, kept open: a `pread` at
+/// offset 0 makes procfs generate a file anew, and answers with as much of it as fits.
+struct RootFiles {
+    status: File,
+    tasks: Dir,
+    /// Each thread's `children`, by thread id; threads that ended are dropped.
+    children: HashMap<u32, File>,
+    /// Read into, and reused from one read to the next.
+    buf: Vec<u8>,
+}
+
+/// The first size tried for a `/proc` file (`status` is about 1.5 KiB).
+const PROC_READ: usize = 4096;
+
+/// The whole of `file` by `pread`s from offset 0 into `buf`, grown until a read leaves
+/// room (procfs fills what it is offered up to the end of the file).
+fn pread_whole<'a>(file: &File, buf: &'a mut Vec<u8>) -> io::Result<&'a [u8]> {
+    if buf.len() < PROC_READ {
+        buf.resize(PROC_READ, 0);
+    }
+    loop {
+        let n = file.read_at(buf, 0)?;
+        if n < buf.len() {
+            return Ok(&buf[..n]);
+        }
+        let grown = buf.len() * 2;
+        buf.resize(grown, 0);
+    }
+}
+
+impl RootFiles {
+    fn open(root: u32) -> io::Result<Self> {
+        let tasks = Dir::open(
+            format!("/proc/{root}/task").as_str(),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(RootFiles {
+            status: File::open(format!("/proc/{root}/status"))?,
+            tasks,
+            children: HashMap::new(),
+            buf: Vec::new(),
+        })
+    }
+
+    /// The root's `VmHWM` and its children, or an error once it is gone.
+    fn read(&mut self, root: u32) -> io::Result<(u64, Vec<u32>)> {
+        let hwm = parse_vm_hwm(pread_whole(&self.status, &mut self.buf)?).unwrap_or(0);
+        let mut threads = Vec::new();
+        for entry in self.tasks.iter() {
+            let entry = entry?;
+            if let Some(tid) = entry.file_name().to_str().ok().and_then(|n| n.parse().ok()) {
+                threads.push(tid);
+            }
+        }
+        self.children.retain(|tid, _| threads.contains(tid));
+        let mut children = Vec::new();
+        for tid in threads {
+            let file = match self.children.entry(tid) {
+                Entry::Occupied(kept) => kept.into_mut(),
+                Entry::Vacant(slot) => {
+                    match File::open(format!("/proc/{root}/task/{tid}/children")) {
+                        Ok(file) => slot.insert(file),
+                        // The thread ended since the listing, or the kernel has no such
+                        // files: then the caller walks by path, and scans all of `/proc`.
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                            if Path::new(&format!("/proc/{root}/task/{tid}")).exists() {
+                                return Err(e);
+                            }
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            };
+            // A thread that ended since the listing has no children left.
+            if let Ok(list) = pread_whole(file, &mut self.buf) {
+                children.extend(
+                    String::from_utf8_lossy(list)
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
+            }
+        }
+        Ok((hwm, children))
+    }
+}
+
+impl ProcTree {
+    pub fn new(root: u32) -> Self {
+        ProcTree {
+            root,
+            high: AtomicU64::new(0),
+            kept: Mutex::new(None),
+        }
+    }
+
+    /// The highest `VmHWM` over the tree so far, in bytes.
+    fn peak_bytes(&self) -> u64 {
+        let now = self.hwm_now();
+        self.high.fetch_max(now, Ordering::Relaxed).max(now)
+    }
+
+    /// The largest `VmHWM` over the live tree now: the root and its children through the
+    /// kept files, their descendants by path; by path throughout where they cannot be kept.
+    fn hwm_now(&self) -> u64 {
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.is_none() {
+            *kept = RootFiles::open(self.root).ok();
+        }
+        let read = kept.as_mut().map(|files| files.read(self.root));
+        match read {
+            Some(Ok((root_hwm, children))) => {
+                children.into_iter().map(tree_hwm).fold(root_hwm, u64::max)
+            }
+            Some(Err(_)) | None => {
+                *kept = None;
+                tree_hwm(self.root)
+            }
+        }
+    }
 }
 
 impl MemoryProbe {
@@ -185,10 +326,7 @@ impl MemoryProbe {
     pub fn peak_mb(&self) -> u64 {
         let bytes = match self {
             MemoryProbe::Cgroup(cg) => cg.peak_bytes().unwrap_or(0),
-            MemoryProbe::ProcTree(root, high) => {
-                let now = tree_hwm(*root);
-                high.fetch_max(now, Ordering::Relaxed).max(now)
-            }
+            MemoryProbe::ProcTree(tree) => tree.peak_bytes(),
         };
         bytes.div_ceil(MIB)
     }
@@ -267,10 +405,16 @@ fn parent_pid(stat: &str) -> Option<u32> {
 }
 
 fn vm_hwm(pid: u32) -> Option<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
+    parse_vm_hwm(&fs::read(format!("/proc/{pid}/status")).ok()?)
+}
+
+/// `VmHWM` of a `/proc/PID/status`, in bytes.
+fn parse_vm_hwm(status: &[u8]) -> Option<u64> {
+    let line = status
+        .split(|&b| b == b'\n')
+        .find_map(|l| l.strip_prefix(b"VmHWM:"))?;
+    let kb: u64 = std::str::from_utf8(line)
+        .ok()?
         .trim()
         .trim_end_matches("kB")
         .trim()
@@ -307,6 +451,31 @@ mod tests {
     #[test]
     fn own_tree_has_a_high_water_mark() {
         assert!(tree_hwm(std::process::id()) > 0);
+    }
+
+    /// The kept files answer read after read, as the tree changes: a child started
+    /// between two reads is found by the second.
+    #[test]
+    fn kept_files_see_the_tree_change_between_reads() {
+        let me = std::process::id();
+        let tree = ProcTree::new(me);
+        assert!(tree.peak_bytes() > 0);
+        let mut files = RootFiles::open(me).expect("own /proc files open");
+        let (hwm, before) = files.read(me).expect("own /proc files read");
+        assert!(hwm > 0);
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep runs");
+        let (_, after) = files.read(me).expect("own /proc files read again");
+        let _ = child.kill();
+        child.wait().expect("sleep is reaped");
+        assert!(!before.contains(&child.id()), "{before:?}");
+        assert!(after.contains(&child.id()), "{after:?}");
+        assert_eq!(
+            parse_vm_hwm(b"Name:\tx\nVmHWM:\t   1234 kB\n"),
+            Some(1234 * 1024)
+        );
     }
 
     /// The walk from the root finds the same children as the scan of `/proc`.

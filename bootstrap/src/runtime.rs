@@ -7,7 +7,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +21,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::agent::Agent;
 use crate::config::Config;
-use crate::memory::{MemoryProbe, RuntimeCgroup};
+use crate::memory::{MemoryProbe, ProcTree, RuntimeCgroup};
 use crate::privileges;
 use crate::telemetry::Category;
 
@@ -247,7 +246,7 @@ fn spawn(agent: &Agent, spec: &RuntimeSpec, generation: u64) -> Result<Started, 
     })?;
     let probe = Arc::new(match cgroup {
         Some(cg) => MemoryProbe::Cgroup(cg),
-        None => MemoryProbe::ProcTree(pid, AtomicU64::new(0)),
+        None => MemoryProbe::ProcTree(ProcTree::new(pid)),
     });
     agent.runtime_started(started, probe.clone());
     Ok(Started {

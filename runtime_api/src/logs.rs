@@ -98,16 +98,28 @@ impl LogSink {
 
     /// Appends one line (a trailing newline, if any, is dropped).
     pub fn write(&self, function: &str, line: &str) {
-        let line = line.strip_suffix('\n').unwrap_or(line);
-        self.append(function, line);
-        // No subscriber is fine: the file has the line.
-        let _ = self.tx.send(LogLine {
-            function: function.to_string(),
-            text: live_text(line),
-        });
+        self.write_lines(function, &[line]);
     }
 
-    fn append(&self, function: &str, line: &str) {
+    /// Appends lines that belong together (an invocation's `END` and `REPORT`) in one
+    /// write, and hands them to subscribers back to back, so that a subscriber woken by
+    /// the first finds the others too.
+    pub fn write_lines(&self, function: &str, lines: &[&str]) {
+        let lines: Vec<&str> = lines
+            .iter()
+            .map(|line| line.strip_suffix('\n').unwrap_or(line))
+            .collect();
+        self.append(function, &lines);
+        for line in lines {
+            // No subscriber is fine: the file has the line.
+            let _ = self.tx.send(LogLine {
+                function: function.to_string(),
+                text: live_text(line),
+            });
+        }
+    }
+
+    fn append(&self, function: &str, lines: &[&str]) {
         let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
         let log = match files.get_mut(function) {
             Some(log) => log,
@@ -119,18 +131,18 @@ impl LogSink {
                 }
             },
         };
-        let bytes = u64::try_from(line.len())
-            .unwrap_or(u64::MAX)
-            .saturating_add(1);
+        // One write for all: `writeln!` on a `File` makes a syscall per piece.
+        let mut whole = Vec::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
+        for line in lines {
+            whole.extend_from_slice(line.as_bytes());
+            whole.push(b'\n');
+        }
+        let bytes = u64::try_from(whole.len()).unwrap_or(u64::MAX);
         if log.len > 0 && log.len.saturating_add(bytes) > self.max_file_bytes {
             if let Err(e) = self.rotate(function, log) {
                 tracing::warn!(function, error = %e, "cannot rotate the function log");
             }
         }
-        // One write per line: `writeln!` on a `File` makes a syscall per piece.
-        let mut whole = Vec::with_capacity(line.len() + 1);
-        whole.extend_from_slice(line.as_bytes());
-        whole.push(b'\n');
         match log.file.write_all(&whole) {
             Ok(()) => log.len = log.len.saturating_add(bytes),
             Err(e) => tracing::warn!(function, error = %e, "cannot write the function log"),

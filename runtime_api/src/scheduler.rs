@@ -1136,8 +1136,7 @@ impl Pool {
         }
         let report_line =
             logs::report_line(request_id, f.memory_mb, report, restore, status, phases);
-        self.ctx.logs.write(&f.name, &end);
-        self.ctx.logs.write(&f.name, &report_line);
+        self.ctx.logs.write_lines(&f.name, &[&end, &report_line]);
         Invoked {
             request_id: request_id.to_string(),
             answer,
