@@ -80,6 +80,20 @@ class Outer:
 outer = Outer()
 "#;
 
+/// A function that imports `logging` only while it runs: the runtime has not imported it
+/// (nor `http.client`'s `ssl` and `email`) for its own cold start, and Lambda's log format
+/// is still there once the function does.
+const LATE_LOGGING: &str = r#"
+import sys
+
+def handler(event, context):
+    before = sorted(m for m in ("logging", "http.client", "ssl", "email") if m in sys.modules)
+    import logging
+    logging.getLogger().setLevel(logging.INFO)
+    logging.info("late info")
+    return {"before": before, "handlers": len(logging.getLogger().handlers)}
+"#;
+
 /// A module that fails while it is imported, in a function of its own.
 const BROKEN: &str = "def helper():\n    raise KeyError('at import')\n\nhelper()\n";
 
@@ -92,9 +106,36 @@ fn start(handler: &str) -> Option<(Guest, Host, common::Bootstrap)> {
             ("caller.py", CALLER),
             ("nested.py", NESTED),
             ("broken.py", BROKEN),
+            ("late.py", LATE_LOGGING),
         ],
         handler,
     )
+}
+
+#[tokio::test]
+async fn logging_imported_late_gets_lambdas_format() {
+    let Some((_guest, mut host, _bootstrap)) = start("late.handler") else {
+        return;
+    };
+    for round in 0..2 {
+        let id = host.invoke("{}");
+        let out = json_of(&host.result(&id).await);
+        let before = if round == 0 {
+            json!([])
+        } else {
+            json!(["logging"])
+        };
+        assert_eq!(
+            out,
+            json!({"before": before, "handlers": 1}),
+            "round {round}"
+        );
+        let logs = host.logs(Some(&id));
+        assert!(
+            logs.contains("[INFO]\t") && logs.contains(&format!("\t{id}\tlate info\n")),
+            "{logs}"
+        );
+    }
 }
 
 #[tokio::test]

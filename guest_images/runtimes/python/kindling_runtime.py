@@ -9,51 +9,123 @@ frames only. Failures while loading the handler go to /runtime/init/error, after
 the process exits, as the Runtime API asks.
 """
 
-import http.client
 import importlib
+import importlib.machinery
 import json
-import logging
 import os
 import socket
 import sys
 import time
-import traceback
 
 API_PREFIX = "/2018-06-01/runtime"
 TRACE_ENV = "_X_AMZN_TRACE_ID"
 # Frames of this file lead every traceback: error results leave them out.
 RUNTIME_FILE = os.path.abspath(__file__)
+# Bounds on what the Runtime API's answers may hold before the runtime gives up on them.
+MAX_LINE = 64 << 10
+MAX_HEADERS = 100
+
+
+class Headers(dict):
+    """Response headers by case-insensitive name (the last of a repeated one wins)."""
+
+    def get(self, name, default=None):
+        return super().get(name.lower(), default)
 
 
 class RuntimeApiClient:
-    """One keep-alive HTTP/1.1 connection to the Runtime API, with TCP_NODELAY."""
+    """One keep-alive HTTP/1.1 connection to the Runtime API, with TCP_NODELAY.
+
+    It speaks only the HTTP/1.1 the Runtime API answers with (Content-Length or chunked
+    bodies), on a plain socket: `http.client` would import `ssl` and the `email` package
+    first, about a third of a python function's cold start.
+    """
 
     def __init__(self, address):
         host, _, port = address.rpartition(":")
-        self._host, self._port = host, int(port)
-        self._conn = None
+        self._address = (host, int(port))
+        self._host_header = f"Host: {address}\r\n".encode()
+        self._sock = None
+        self._reader = None
 
-    def _connection(self):
-        if self._conn is None:
-            self._conn = http.client.HTTPConnection(self._host, self._port)
-            self._conn.connect()
-            self._conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return self._conn
+    def _connect(self):
+        if self._sock is None:
+            sock = socket.create_connection(self._address)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._sock, self._reader = sock, sock.makefile("rb")
+
+    def _close(self):
+        if self._sock is not None:
+            self._reader.close()
+            self._sock.close()
+        self._sock = self._reader = None
 
     def _request(self, method, path, body=None, headers=None):
+        head = [f"{method} {API_PREFIX}{path} HTTP/1.1\r\n".encode(), self._host_header]
+        for name, value in (headers or {}).items():
+            head.append(f"{name}: {value}\r\n".encode("latin-1"))
+        if body is not None:
+            head.append(f"Content-Length: {len(body)}\r\n".encode())
+        # The head and a body go out in one send().
+        message = b"".join(head) + b"\r\n" + (body or b"")
         # A keep-alive connection may have been closed by the other side while idle:
         # such a request never reached it, so it is sent once more on a new connection.
         for attempt in (1, 2):
             try:
-                conn = self._connection()
-                # A bytes body goes out in the same send() as the head.
-                conn.request(method, API_PREFIX + path, body=body, headers=headers or {})
-                resp = conn.getresponse()
-                return resp.status, resp.headers, resp.read()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-                self._conn = None
+                self._connect()
+                self._sock.sendall(message)
+                return self._read_response()
+            except ConnectionError:
+                self._close()
                 if attempt == 2:
                     raise
+
+    def _line(self):
+        line = self._reader.readline(MAX_LINE + 1)
+        if not line:
+            raise ConnectionResetError("the Runtime API closed the connection")
+        if len(line) > MAX_LINE or not line.endswith(b"\r\n"):
+            raise ValueError("the Runtime API sent a line too long or cut short")
+        return line[:-2]
+
+    def _read_response(self):
+        version, _, rest = self._line().partition(b" ")
+        if not version.startswith(b"HTTP/1."):
+            raise ValueError(f"the Runtime API answered {version[:40]!r}, not HTTP/1.x")
+        status = int(rest[:3])
+        headers = Headers()
+        while line := self._line():
+            if len(headers) == MAX_HEADERS:
+                raise ValueError("the Runtime API sent too many headers")
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if "chunked" in headers.get("Transfer-Encoding", "").lower():
+            body = self._read_chunked()
+        elif status in (204, 304) or status < 200:
+            body = b""
+        elif "content-length" in headers:
+            body = self._read_exactly(int(headers["content-length"]))
+        else:
+            body = self._reader.read()
+            self._close()
+        if headers.get("Connection", "").lower() == "close":
+            self._close()
+        return status, headers, body
+
+    def _read_exactly(self, size):
+        data = self._reader.read(size)
+        if len(data) != size:
+            raise ConnectionResetError("the Runtime API closed the connection mid-body")
+        return data
+
+    def _read_chunked(self):
+        chunks = []
+        while size := int(self._line().partition(b";")[0], 16):
+            chunks.append(self._read_exactly(size))
+            self._line()
+        while self._line():  # trailers, up to the empty line
+            pass
+        return b"".join(chunks)
 
     def next(self):
         status, headers, body = self._request("GET", "/invocation/next")
@@ -105,6 +177,8 @@ def error_body(exc, request_id=""):
     if isinstance(exc, TypedError):
         error_type, trace = exc.error_type, exc.trace
     else:
+        import traceback  # only errors need it: not on every cold start
+
         frames = traceback.extract_tb(exc.__traceback__)
         while frames and os.path.abspath(frames[0].filename) == RUNTIME_FILE:
             frames.pop(0)
@@ -217,24 +291,65 @@ def set_trace_id(value):
         data[key] = os.environ.encodevalue(value)
 
 
-class RequestIdFilter(logging.Filter):
-    """Adds the request id in flight to log records, as Lambda's log format shows it."""
+class InFlight:
+    """The invocation in flight, whose request id log records carry."""
 
     request_id = ""
 
-    def filter(self, record):
-        record.aws_request_id = RequestIdFilter.request_id
-        return True
+
+def add_request_id(record):
+    """A log filter: adds the request id in flight, as Lambda's log format shows it."""
+    record.aws_request_id = InFlight.request_id
+    return True
 
 
-def install_logging():
+def install_log_format(logging):
+    """Gives the root logger Lambda's format: `[LEVEL]\ttime\trequest id\tmessage`."""
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter(
         "[%(levelname)s]\t%(asctime)s.%(msecs)03dZ\t%(aws_request_id)s\t%(message)s",
         "%Y-%m-%dT%H:%M:%S"))
     handler.formatter.converter = time.gmtime
-    handler.addFilter(RequestIdFilter())
+    handler.addFilter(add_request_id)
     logging.getLogger().addHandler(handler)
+
+
+class LogFormatOnImport:
+    """Installs Lambda's log format the moment `logging` is first imported, by the function
+    or any library it uses, instead of importing `logging` on every cold start (a tenth of
+    a python function's): a finder first on `sys.meta_path` that wraps the loader of
+    `logging` once, then steps aside. The function sees the same root logger either way."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "logging":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = LogFormatLoader(spec.loader)
+        return spec
+
+
+class LogFormatLoader:
+    """The loader of `logging`, which installs Lambda's log format once it has run."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        module.__spec__.loader = module.__loader__ = self.loader
+        self.loader.exec_module(module)
+        install_log_format(module)
+
+
+def install_logging():
+    if "logging" in sys.modules:
+        install_log_format(sys.modules["logging"])
+    else:
+        sys.meta_path.insert(0, LogFormatOnImport())
 
 
 def set_default_sys_path(task_root):
@@ -302,7 +417,7 @@ class TypedError(Exception):
 def invoke(client, handler, headers, body):
     request_id = headers.get("Lambda-Runtime-Aws-Request-Id")
     set_trace_id(headers.get("Lambda-Runtime-Trace-Id"))
-    RequestIdFilter.request_id = request_id
+    InFlight.request_id = request_id
     try:
         context = LambdaContext(headers)
         try:
@@ -317,7 +432,7 @@ def invoke(client, handler, headers, body):
     else:
         client.response(request_id, payload, content_type)
     finally:
-        RequestIdFilter.request_id = ""
+        InFlight.request_id = ""
 
 
 def main():
