@@ -7,7 +7,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use async_trait::async_trait;
@@ -119,7 +119,7 @@ impl SandboxLauncher {
 
     /// Like [`Launcher::start`], returning the concrete environment.
     pub async fn start_sandbox(&self, spec: &EnvironmentSpec) -> Result<SandboxEnvironment> {
-        let begun = Instant::now();
+        let begun_ns = monotonic_ns();
         if !geteuid().is_root() {
             bail!(
                 "the sandbox needs root to create namespaces, mounts and cgroups (running as uid {})",
@@ -215,11 +215,15 @@ impl SandboxLauncher {
             )
             .await;
         match launched {
-            Ok((helper, status, init)) => {
-                // init runs from here: the set-up before it is the sandbox's own phase.
-                let init_started_ns = monotonic_ns();
+            Ok(Started {
+                helper,
+                status,
+                init,
+                init_started_ns,
+            }) => {
+                // init runs from there: the set-up before it is the sandbox's own phase.
                 let mut sandbox = SandboxEnvironment {
-                    setup: begun.elapsed(),
+                    setup: Duration::from_nanos(init_started_ns.saturating_sub(begun_ns)),
                     init_started_ns,
                     id: spec.id.clone(),
                     dir: spec.dir.clone(),
@@ -261,7 +265,7 @@ impl SandboxLauncher {
         cgroup: &Cgroup,
         network: Option<&Lease>,
         plan: Plan,
-    ) -> Result<(Child, Lines<BufReader<ChildStdout>>, Pid)> {
+    ) -> Result<Started> {
         let config = self.init_config(&plan.hostname, network);
         write_json(&plan.init_config, &config)?;
         let plan_path = spec.dir.join("sandbox.json");
@@ -314,11 +318,17 @@ impl SandboxLauncher {
         let (word, detail) = line.split_once(' ').unwrap_or((&line, ""));
         match word {
             STATUS_READY => {
-                let pid = detail
-                    .parse()
-                    .with_context(|| format!("bad status line from the helper: {line:?}"))?;
+                let bad = || format!("bad status line from the helper: {line:?}");
+                let (pid, stamp) = detail.split_once(' ').with_context(bad)?;
+                let pid = pid.parse().with_context(bad)?;
+                let init_started_ns = stamp.parse().with_context(bad)?;
                 tracing::debug!(id = %spec.id, pid, cgroup = ?cgroup.dirs(), "sandbox started");
-                Ok((helper, status, Pid::from_raw(pid)))
+                Ok(Started {
+                    helper,
+                    status,
+                    init: Pid::from_raw(pid),
+                    init_started_ns,
+                })
             }
             STATUS_ERROR => {
                 let _ = helper.wait().await;
@@ -545,6 +555,16 @@ impl Environment for SandboxEnvironment {
             .memory_peak_bytes()
             .map(|bytes| bytes.div_ceil(MIB))
     }
+}
+
+/// A helper that reported init running.
+struct Started {
+    helper: Child,
+    /// The helper's further status lines (`exited`).
+    status: Lines<BufReader<ChildStdout>>,
+    init: Pid,
+    /// When init was started, on [`monotonic_ns`] (the helper's stamp).
+    init_started_ns: u64,
 }
 
 /// The entries of `/var/runtime`: the runtime's shims (if it ships any), written into

@@ -76,7 +76,9 @@ impl IdMap {
     }
 }
 
-/// First line the helper prints on stdout once init runs: `ready <host pid of init>`.
+/// First line the helper prints on stdout once init runs: `ready <host pid of init>
+/// <CLOCK_MONOTONIC ns when init's exec was seen>`. The stamp is the keeper's: the host may
+/// read the line late, when init has started the agent already.
 pub const STATUS_READY: &str = "ready";
 /// First line when the sandbox could not be built: `error <one-line reason>`.
 pub const STATUS_ERROR: &str = "error";

@@ -28,6 +28,7 @@ use std::process::ExitCode;
 use anyhow::{anyhow, bail, Context, Result};
 use kindling_sandbox::guest::{self, Namespaces};
 use kindling_sandbox::plan::{IdMap, Plan, STATUS_ERROR, STATUS_EXITED, STATUS_READY};
+use kindling_wire::monotonic_ns;
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sched::{unshare, CloneFlags};
@@ -140,7 +141,7 @@ fn keep(plan: &Plan, reports: &OwnedFd) -> i32 {
     };
     match start_init(plan) {
         Ok(init) => {
-            tell(STATUS_READY, &init.to_string());
+            tell(STATUS_READY, &format!("{init} {}", monotonic_ns()));
             let (reason, code) = wait_for(init);
             tell(STATUS_EXITED, &reason);
             i32::from(code)
