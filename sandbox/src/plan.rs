@@ -54,6 +54,10 @@ pub struct Plan {
     /// `cgroup.threads` and `cgroup.subtree_control`, so that init can make and fill its
     /// workload cgroup); the limits in them stay the host's.
     pub delegate: Vec<PathBuf>,
+    /// The host process that ran the helper: the helper dies with it (`PR_SET_PDEATHSIG`,
+    /// which the helper sets itself, so the host can spawn it without a fork of its own)
+    /// and ends at once if that process is already gone.
+    pub host_pid: u32,
 }
 
 /// A user namespace's mapping: ids `0..count` inside are `host_base..host_base + count`

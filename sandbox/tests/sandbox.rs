@@ -410,6 +410,7 @@ fn without_privileges_the_helper_says_it_needs_root() {
         "staging": dir, "root": {}, "runtime": {}, "task": dir, "host_socket": dir,
         "init": dir, "init_config": dir, "hostname": "x", "tmp_size_mb": 1, "cgroup_procs": [],
         "id_map": {"host_base": 100000, "count": 65536}, "delegate": [],
+        "host_pid": std::process::id(),
     });
     std::fs::write(&plan, plan_json.to_string()).unwrap();
     // The checkout may sit where the unprivileged user cannot reach (e.g. under /root).
@@ -425,6 +426,36 @@ fn without_privileges_the_helper_says_it_needs_root() {
     assert!(!out.status.success());
     assert!(
         stdout.starts_with("error the sandbox helper needs root") && stdout.contains("uid 65534"),
+        "{stdout}"
+    );
+}
+
+/// The host spawns the helper without a fork of its own, so the helper sets its parent-death
+/// signal itself; if the host is already gone by then, the signal would never come.
+#[test]
+fn a_helper_whose_host_is_gone_ends_at_once() {
+    if !geteuid().is_root() {
+        println!("SKIPPED: the helper needs root before it reads its plan's host");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let plan = tmp.path().join("plan.json");
+    let dir = tmp.path().to_string_lossy().into_owned();
+    let plan_json = json!({
+        "staging": dir, "root": {}, "runtime": {}, "task": dir, "host_socket": dir,
+        "init": dir, "init_config": dir, "hostname": "x", "tmp_size_mb": 1, "cgroup_procs": [],
+        "id_map": {"host_base": 100000, "count": 65536}, "delegate": [],
+        "host_pid": 999_999_999, // above any pid_max: not this helper's parent
+    });
+    std::fs::write(&plan, plan_json.to_string()).unwrap();
+    let out = std::process::Command::new(EXEC)
+        .arg(&plan)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(
+        stdout.starts_with("error the host process 999999999 that ran the helper is gone"),
         "{stdout}"
     );
 }

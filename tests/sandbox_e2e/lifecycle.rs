@@ -85,6 +85,36 @@ fn an_address_other_hosts_reach_needs_allow_remote() {
     assert!(!state.exists(), "nothing is made for a refused address");
 }
 
+/// The sandbox helper dies with the server by the parent-death signal it sets itself (the
+/// server spawns it without a fork of its own), and init, and so every process of the
+/// environment, dies with the helper.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_server_takes_its_environments_along() {
+    let Some(bins) = prerequisites(&["/usr/bin/python3"]) else {
+        return;
+    };
+    let server = Server::start(bins, &[FunctionDef::python_case("echo", "echo")]);
+    let answer = server.invoke("echo", &json!({"id": 1})).await;
+    assert_eq!(answer.status, 200, "{}", server.diagnostics());
+    let started = server.kill();
+    // Names as the kernel keeps them: at most 15 bytes.
+    for expected in [
+        "kindling-sandbox-exec",
+        "init",
+        "kindling-bootstrap",
+        "python3",
+    ] {
+        assert!(
+            started.iter().any(|p| expected.starts_with(&p.comm)),
+            "{expected} was not running: {started:?}"
+        );
+    }
+    eventually("the environment's processes are gone", || {
+        started.iter().all(|p| !p.is_alive())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_the_invocation_in_flight_and_leaves_nothing() {
     let Some(bins) = prerequisites(&["/usr/bin/python3", "/bin/bash", "/usr/bin/curl"]) else {

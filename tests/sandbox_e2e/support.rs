@@ -461,6 +461,17 @@ impl Server {
     }
 }
 
+impl Server {
+    /// SIGKILLs the server (no clean-up of its own can run) and reaps it; returns the
+    /// processes it had started.
+    pub fn kill(mut self) -> Vec<Proc> {
+        let started = descendants(self.pid());
+        self.child.kill().expect("sending SIGKILL");
+        self.child.wait().expect("reaping the server");
+        started
+    }
+}
+
 impl Drop for Server {
     /// A failed test still stops its server (SIGTERM, then SIGKILL).
     fn drop(&mut self) {

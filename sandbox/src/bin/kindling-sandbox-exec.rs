@@ -3,7 +3,7 @@
 //! so the async host never forks itself; it runs this helper instead.
 //!
 //! Four processes, each doing what only it can:
-//! - the helper (host root) joins the sandbox's cgroups, hands the sandbox's root what it
+//! - the helper (host root) makes itself die with the host, joins the sandbox's cgroups, hands the sandbox's root what it
 //!   must own (the cgroup files of its delegated cgroup, the Runtime API socket) and forks
 //!   the keeper;
 //! - the keeper (host root) has a short-lived child make the sandbox's user namespace and,
@@ -79,6 +79,7 @@ fn run(plan_path: &Path) -> Result<u8> {
         &fs::read(plan_path).with_context(|| format!("reading {}", plan_path.display()))?,
     )
     .with_context(|| format!("parsing {}", plan_path.display()))?;
+    die_with(plan.host_pid)?;
 
     let me = std::process::id().to_string();
     for procs in &plan.cgroup_procs {
@@ -115,6 +116,21 @@ fn run(plan_path: &Path) -> Result<u8> {
             Ok(code)
         }
     }
+}
+
+/// Makes the helper die with the host process that ran it, even when that is SIGKILLed.
+/// The signal is tied to the thread that spawned the helper; the tokio worker that does
+/// lives as long as the host's runtime. Checked after it is set: a host that ended before
+/// would never send it.
+fn die_with(host_pid: u32) -> Result<()> {
+    set_pdeathsig(Signal::SIGKILL).context("prctl(PR_SET_PDEATHSIG)")?;
+    let parent = nix::unistd::getppid();
+    if u32::try_from(parent.as_raw()).ok() != Some(host_pid) {
+        bail!(
+            "the host process {host_pid} that ran the helper is gone (its parent is now {parent})"
+        );
+    }
+    Ok(())
 }
 
 /// Gives the sandbox's root what it must own: its delegated cgroups' control files and
