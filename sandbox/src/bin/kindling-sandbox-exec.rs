@@ -3,9 +3,9 @@
 //! so the async host never forks itself; it runs this helper instead.
 //!
 //! Four processes, each doing what only it can:
-//! - the helper (host root) makes itself die with the host, joins the sandbox's cgroups, hands the sandbox's root what it
-//!   must own (the cgroup files of its delegated cgroup, the Runtime API socket) and forks
-//!   the keeper;
+//! - the helper (host root) makes itself die with the host, joins the sandbox's cgroups,
+//!   hands the sandbox's root what it must own (the cgroup files of its delegated cgroup,
+//!   the Runtime API socket) and forks the keeper;
 //! - the keeper (host root) has a short-lived child make the sandbox's user namespace and,
 //!   owned by it, its network, UTS and IPC namespaces; it maps the user namespace's ids
 //!   (only a process outside may), keeps a handle to each namespace, unshares the PID
