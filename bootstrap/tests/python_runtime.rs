@@ -81,13 +81,14 @@ outer = Outer()
 "#;
 
 /// A function that imports `logging` only while it runs: the runtime has not imported it
-/// (nor `http.client`'s `ssl` and `email`) for its own cold start, and Lambda's log format
-/// is still there once the function does.
+/// (nor `http.client`'s `ssl` and `email`, nor `socket` and its `selectors`) for its own
+/// cold start, and Lambda's log format is still there once the function does.
 const LATE_LOGGING: &str = r#"
 import sys
 
 def handler(event, context):
-    before = sorted(m for m in ("logging", "http.client", "ssl", "email") if m in sys.modules)
+    before = sorted(m for m in ("logging", "http.client", "ssl", "email", "socket", "selectors")
+                    if m in sys.modules)
     import logging
     logging.getLogger().setLevel(logging.INFO)
     logging.info("late info")

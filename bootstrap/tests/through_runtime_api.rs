@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{function_env, have, shipped_runtime, Guest, PATIENCE};
+use common::{function_env, have, Guest, PATIENCE};
 use kindling_runtime_api::logs::LogSink;
 use kindling_runtime_api::runtime_server::{Invocation, Outcome, RuntimeApi};
 use kindling_runtime_api::streaming::{self, StreamEvent};
@@ -46,7 +46,7 @@ async fn python_function_through_the_host_runtime_api() {
     let logs = Arc::new(LogSink::new(&guest.dir.path().join("logs")).unwrap());
     let api =
         RuntimeApi::bind(&guest.socket(), function_env("python", "app.handler"), logs).unwrap();
-    let _bootstrap = guest.start(Some(&shipped_runtime("python")));
+    let _bootstrap = guest.start(Some(&guest.shipped_runtime("python")));
 
     let first = invocation(1, r#"{"name":"kindling"}"#);
     let id = first.request_id.clone();
@@ -131,7 +131,7 @@ async fn a_node_stream_reaches_the_host_chunk_by_chunk() {
     guest.write_task("app.js", STREAMING_APP, false);
     let logs = Arc::new(LogSink::new(&guest.dir.path().join("logs")).unwrap());
     let api = RuntimeApi::bind(&guest.socket(), function_env("node", "app.handler"), logs).unwrap();
-    let _bootstrap = guest.start(Some(&shipped_runtime("node")));
+    let _bootstrap = guest.start(Some(&guest.shipped_runtime("node")));
 
     let (sink, mut events) = streaming::channel();
     let mut first = invocation(1, "{}");

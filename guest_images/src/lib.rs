@@ -49,4 +49,4 @@ pub use prune::prune;
 pub use rootfs::{
     build_root_image, DebianInfo, ImageInfo, RootImage, Runtime, ROOTFS_DIR, ROOTFS_EXT4,
 };
-pub use shims::{write_shims, ShimFile};
+pub use shims::{write_shims, ShimFile, COMPILED_SHIMS_DIR};

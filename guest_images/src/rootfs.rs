@@ -11,20 +11,21 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::cache::{remove_tree, Cache, Fingerprint};
 use crate::ext4::make_ext4;
 use crate::guest::guest_bins;
 use crate::node;
-use crate::shims::{self, write_shims, ShimFile};
+use crate::progress::Step;
+use crate::shims::{self, write_shims, ShimFile, COMPILED_SHIMS_DIR};
 
 /// Where the image's folder and ext4 file sit inside its cache entry.
 pub const ROOTFS_DIR: &str = "rootfs";
 pub const ROOTFS_EXT4: &str = "rootfs.ext4";
 /// Bumped whenever [`Plan::populate`] changes what it adds, so images are rebuilt.
-const POPULATE_RECIPE: &str = "4";
+const POPULATE_RECIPE: &str = "5";
 /// Where `/etc/resolv.conf` leads: init writes it when the environment has a network.
 const RESOLV_CONF_TARGET: &str = "/run/resolv.conf";
 /// `/etc/hosts`: `sandbox.localdomain` is where Lambda's extensions listen for telemetry.
@@ -170,6 +171,9 @@ pub fn build_root_image(cache: &Cache, runtime: Runtime) -> Result<RootImage> {
             node::install(cache, &root, &step, &log)?;
         }
         plan.populate(cache, &root)?;
+        if runtime == Runtime::Python {
+            compile_python_shims(&root, &step, &log)?;
+        }
         step.say("mkfs.ext4");
         make_ext4(
             &root,
@@ -339,6 +343,28 @@ fn install(src: &Path, dest: &Path) -> Result<()> {
     }
     fs::copy(src, dest).with_context(|| format!("cannot copy {} into the image", src.display()))?;
     fs::set_permissions(dest, fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
+/// Compiles the shims in `/var/runtime` with the image's own python (a `.pyc` is only
+/// good for the interpreter that wrote it) into [`COMPILED_SHIMS_DIR`], sparing every cold
+/// start the compilation of the runtime (~3 ms).
+fn compile_python_shims(root: &Path, step: &Step, log: &Path) -> Result<()> {
+    step.say("compiling the runtime");
+    step.run(
+        Command::new("chroot")
+            .arg(root)
+            .args(["/usr/bin/python3", "-m", "compileall", "-q"])
+            .args(["--invalidation-mode", "checked-hash", "/var/runtime"])
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        log,
+    )
+    .context("compiling the python runtime in the image (chroot needs root)")?;
+    let compiled = root.join(COMPILED_SHIMS_DIR);
+    if !compiled.is_dir() {
+        bail!("python wrote no {}", compiled.display());
+    }
     Ok(())
 }
 

@@ -11,6 +11,12 @@ use anyhow::{Context, Result};
 use crate::cache::{sha256_hex, Fingerprint};
 use crate::rootfs::Runtime;
 
+/// Where a root image keeps its shims compiled, relative to its root: Python's
+/// `__pycache__` of `/var/runtime`, made by the image's own interpreter (checked-hash
+/// `.pyc` files, used only while they match the shim's source). A sandbox, which writes
+/// the shims afresh, shows this folder beside them.
+pub const COMPILED_SHIMS_DIR: &str = "var/runtime/__pycache__";
+
 /// One file of a runtime's shims.
 #[derive(Debug, Clone, Copy)]
 pub struct ShimFile {

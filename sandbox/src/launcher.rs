@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use async_trait::async_trait;
-use kindling_images::{write_shims, Runtime};
+use kindling_images::{write_shims, Runtime, COMPILED_SHIMS_DIR};
 use kindling_network::{Lease, Network};
 use kindling_plumbing::ids::{IdLease, IdPool};
 use kindling_runtime_api::environment::{
@@ -168,7 +168,12 @@ impl SandboxLauncher {
             .with_context(|| format!("creating {}", staging.display()))
             .and_then(|()| {
                 let shims = spec.dir.join("runtime");
-                runtime_entries(&spec.function.runtime, bootstrap, &shims)
+                let compiled = self
+                    .options
+                    .root
+                    .as_ref()
+                    .map(|r| r.join(COMPILED_SHIMS_DIR));
+                runtime_entries(&spec.function.runtime, bootstrap, &shims, compiled)
             });
         let runtime = match made {
             Ok(runtime) => runtime,
@@ -565,8 +570,14 @@ struct Started {
 }
 
 /// The entries of `/var/runtime`: the runtime's shims (if it ships any), written into
-/// `dir` from the copy compiled into kindling-images, and bootstrap.
-fn runtime_entries(runtime: &str, bootstrap: PathBuf, dir: &Path) -> Result<Entries> {
+/// `dir` from the copy compiled into kindling-images, bootstrap, and the root image's
+/// compiled shims (`compiled`, where the image has them).
+fn runtime_entries(
+    runtime: &str,
+    bootstrap: PathBuf,
+    dir: &Path,
+    compiled: Option<PathBuf>,
+) -> Result<Entries> {
     let shims = runtime.parse::<Runtime>().map_or(&[][..], Runtime::shims);
     write_shims(shims, dir)?;
     let mut entries: Entries = shims
@@ -574,6 +585,10 @@ fn runtime_entries(runtime: &str, bootstrap: PathBuf, dir: &Path) -> Result<Entr
         .map(|shim| (shim.name.to_string(), dir.join(shim.name)))
         .collect();
     entries.insert("kindling-bootstrap".to_string(), bootstrap);
+    if let Some(compiled) = compiled.filter(|c| !shims.is_empty() && c.is_dir()) {
+        let name = compiled.file_name().context("a compiled shims folder")?;
+        entries.insert(name.to_string_lossy().into_owned(), compiled);
+    }
     Ok(entries)
 }
 
@@ -683,18 +698,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let bootstrap = PathBuf::from("/bin/kindling-bootstrap");
         let shims = dir.path().join("runtime");
-        let entries = runtime_entries("python", bootstrap.clone(), &shims).unwrap();
+        let image = dir.path().join("image");
+        let compiled = image.join(COMPILED_SHIMS_DIR);
+        // An image without compiled shims: they are left out.
+        let entries =
+            runtime_entries("python", bootstrap.clone(), &shims, Some(compiled.clone())).unwrap();
         let names: Vec<&str> = entries.keys().map(String::as_str).collect();
         assert_eq!(
             names,
             ["bootstrap", "kindling-bootstrap", "kindling_runtime.py"]
         );
+        fs::create_dir_all(&compiled).unwrap();
+        let entries =
+            runtime_entries("python", bootstrap.clone(), &shims, Some(compiled.clone())).unwrap();
+        assert_eq!(entries["__pycache__"], compiled);
         assert_eq!(entries["kindling-bootstrap"], bootstrap);
         let shim = fs::read_to_string(&entries["kindling_runtime.py"]).unwrap();
         assert!(entries["kindling_runtime.py"].starts_with(&shims));
         assert!(shim.contains("def "), "{shim}");
         for custom in ["provided", "provided-debian", "no-such-runtime"] {
-            let entries = runtime_entries(custom, bootstrap.clone(), &shims).unwrap();
+            let entries =
+                runtime_entries(custom, bootstrap.clone(), &shims, Some(compiled.clone())).unwrap();
             assert_eq!(entries.keys().collect::<Vec<_>>(), ["kindling-bootstrap"]);
         }
     }

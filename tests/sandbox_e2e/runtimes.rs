@@ -71,6 +71,30 @@ async fn python_handler_gets_its_context_and_variables() {
     server.stop();
 }
 
+/// The Python runtime starts from the root image's compiled copy (no compilation on a cold
+/// start), and imports neither `socket` nor `importlib` for itself.
+#[tokio::test]
+async fn python_runtime_starts_compiled_and_lean() {
+    let Some(bins) = prerequisites(&["/usr/bin/python3"]) else {
+        return;
+    };
+    let server = Server::start(bins, &[FunctionDef::python_case("start", "runtime_start")]);
+    let answer = server.invoke("start", &json!({})).await;
+    assert_eq!(answer.status, 200, "{}", server.diagnostics());
+    let start = json(&answer);
+    let cached = start["cached"].as_str().unwrap_or_default();
+    // kindling_runtime.cpython-3NN.pyc: the image's interpreter names it.
+    assert!(
+        cached.starts_with("/var/runtime/__pycache__/kindling_runtime.")
+            && cached.ends_with(".pyc"),
+        "{start}"
+    );
+    assert_eq!(start["checked_hash"], true, "{start}");
+    assert_eq!(start["matches_source"], true, "{start}");
+    assert_eq!(start["imported"], json!([]), "{start}");
+    server.stop();
+}
+
 /// The probe function's answer to `action`, from a sandbox; `None` where python is missing.
 async fn probe(action: &str) -> Option<serde_json::Value> {
     let bins = prerequisites(&["/usr/bin/python3"])?;

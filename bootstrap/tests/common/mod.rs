@@ -433,6 +433,25 @@ impl Guest {
         self.dir.path().join("vsock.sock_9001")
     }
 
+    /// A copy of the shipped runtime `name` (`guest_images/runtimes/<name>`) in the guest's
+    /// folder, to be its `/var/runtime`: what the runtime writes there (python's
+    /// `__pycache__`) must not land in the checkout.
+    pub fn shipped_runtime(&self, name: &str) -> PathBuf {
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../guest_images/runtimes")
+            .join(name);
+        let copy = self.dir.path().join("shipped-runtime");
+        std::fs::create_dir_all(&copy).unwrap();
+        for entry in std::fs::read_dir(&shipped).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_file() {
+                // fs::copy keeps the mode: the bootstrap stays executable.
+                std::fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
+            }
+        }
+        copy
+    }
+
     /// Writes `file` under `task/` (mode 755 when `executable`).
     pub fn write_task(&self, file: &str, text: &str, executable: bool) {
         let path = self.task().join(file);
@@ -508,7 +527,7 @@ pub fn start_shipped(
     let host = Host::new(guest.socket(), function_env(runtime, handler));
     // Detached: the server lives until the test ends.
     drop(host.listen());
-    let bootstrap = guest.start(Some(&shipped_runtime(runtime)));
+    let bootstrap = guest.start(Some(&guest.shipped_runtime(runtime)));
     Some((guest, host, bootstrap))
 }
 
@@ -520,12 +539,6 @@ pub fn json_of(record: &Record) -> serde_json::Value {
         }
         other => panic!("not a result: {other:?}"),
     }
-}
-
-pub fn shipped_runtime(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../guest_images/runtimes")
-        .join(name)
 }
 
 /// Whether `program` is on the PATH the runtime gets; prints the skip line if not.

@@ -9,11 +9,9 @@ frames only. Failures while loading the handler go to /runtime/init/error, after
 the process exits, as the Runtime API asks.
 """
 
-import importlib
-import importlib.machinery
+import _socket
 import json
 import os
-import socket
 import sys
 import time
 
@@ -33,8 +31,66 @@ class Headers(dict):
         return super().get(name.lower(), default)
 
 
+class Connection:
+    """A TCP connection (TCP_NODELAY) with the buffered reads an HTTP client needs.
+
+    Built on the interpreter's `_socket`: the `socket` module wraps it in enums and
+    `selectors`, a tenth of a python function's cold start, for nothing used here.
+    """
+
+    def __init__(self, host, port):
+        self._buffer = bytearray()
+        self._sock = None
+        failure = None
+        for family, kind, proto, _, address in _socket.getaddrinfo(
+                host, port, 0, _socket.SOCK_STREAM):
+            sock = _socket.socket(family, kind, proto)
+            try:
+                sock.connect(address)
+            except OSError as e:
+                sock.close()
+                failure = e
+                continue
+            sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            self._sock = sock
+            return
+        raise failure or ConnectionError(f"{host}:{port} has no address")
+
+    def close(self):
+        self._sock.close()
+
+    def sendall(self, data):
+        self._sock.sendall(data)
+
+    def _fill(self, wanted=0):
+        """Reads what has arrived (up to `wanted` bytes at once, 64 KiB at least) into the
+        buffer; False at the end of the stream."""
+        data = self._sock.recv(max(wanted, 1 << 16))
+        self._buffer += data
+        return bool(data)
+
+    def _take(self, size):
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+    def readline(self, limit):
+        """The next line with its b"\\n", at most `limit` bytes (shorter at the end)."""
+        while (end := self._buffer.find(b"\n", 0, limit)) < 0:
+            if len(self._buffer) >= limit or not self._fill():
+                return self._take(limit)
+        return self._take(end + 1)
+
+    def read(self, size=None):
+        """`size` bytes (fewer at the end of the stream), or everything until the end."""
+        while (size is None or len(self._buffer) < size) and self._fill(
+                0 if size is None else size - len(self._buffer)):
+            pass
+        return self._take(len(self._buffer) if size is None else size)
+
+
 class RuntimeApiClient:
-    """One keep-alive HTTP/1.1 connection to the Runtime API, with TCP_NODELAY.
+    """One keep-alive HTTP/1.1 connection to the Runtime API.
 
     It speaks only the HTTP/1.1 the Runtime API answers with (Content-Length or chunked
     bodies), on a plain socket: `http.client` would import `ssl` and the `email` package
@@ -45,20 +101,16 @@ class RuntimeApiClient:
         host, _, port = address.rpartition(":")
         self._address = (host, int(port))
         self._host_header = f"Host: {address}\r\n".encode()
-        self._sock = None
-        self._reader = None
+        self._conn = None
 
     def _connect(self):
-        if self._sock is None:
-            sock = socket.create_connection(self._address)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._sock, self._reader = sock, sock.makefile("rb")
+        if self._conn is None:
+            self._conn = Connection(*self._address)
 
     def _close(self):
-        if self._sock is not None:
-            self._reader.close()
-            self._sock.close()
-        self._sock = self._reader = None
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
 
     def _request(self, method, path, body=None, headers=None):
         head = [f"{method} {API_PREFIX}{path} HTTP/1.1\r\n".encode(), self._host_header]
@@ -73,7 +125,7 @@ class RuntimeApiClient:
         for attempt in (1, 2):
             try:
                 self._connect()
-                self._sock.sendall(message)
+                self._conn.sendall(message)
                 return self._read_response()
             except ConnectionError:
                 self._close()
@@ -81,7 +133,7 @@ class RuntimeApiClient:
                     raise
 
     def _line(self):
-        line = self._reader.readline(MAX_LINE + 1)
+        line = self._conn.readline(MAX_LINE + 1)
         if not line:
             raise ConnectionResetError("the Runtime API closed the connection")
         if len(line) > MAX_LINE or not line.endswith(b"\r\n"):
@@ -106,14 +158,14 @@ class RuntimeApiClient:
         elif "content-length" in headers:
             body = self._read_exactly(int(headers["content-length"]))
         else:
-            body = self._reader.read()
+            body = self._conn.read()
             self._close()
         if headers.get("Connection", "").lower() == "close":
             self._close()
         return status, headers, body
 
     def _read_exactly(self, size):
-        data = self._reader.read(size)
+        data = self._conn.read(size)
         if len(data) != size:
             raise ConnectionResetError("the Runtime API closed the connection mid-body")
         return data
@@ -324,10 +376,13 @@ class LogFormatOnImport:
         if name != "logging":
             return None
         sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is not None and spec.loader is not None:
-            spec.loader = LogFormatLoader(spec.loader)
-        return spec
+        for finder in sys.meta_path:
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = LogFormatLoader(spec.loader)
+                return spec
+        return None
 
 
 class LogFormatLoader:
@@ -378,7 +433,10 @@ def load_handler(spec, task_root):
     for cut in range(len(parts), 0, -1):
         name = ".".join(parts[:cut])
         try:
-            module = importlib.import_module(name)
+            # What importlib.import_module does for an absolute name, without importing
+            # importlib on every cold start.
+            __import__(name)
+            module = sys.modules[name]
             break
         except ModuleNotFoundError as e:
             # Only the absence of `name` or of a package above it lets a shorter prefix

@@ -4,7 +4,31 @@
 Answers carry `stream`, the log stream name, which names the execution environment:
 that is how the tests see which environment served a request."""
 import os
+import sys
 import time
+
+# What was imported before this module: the runtime's own imports, and the interpreter's.
+IMPORTED_AT_START = sorted(
+    m for m in ("socket", "selectors", "importlib", "http.client", "logging") if m in sys.modules
+)
+
+
+def runtime_start(event, context):
+    """How the runtime started: from the image's compiled copy (a checked-hash .pyc that
+    matches its source), with which of the modules it avoids imported."""
+    import importlib.util  # after the look at sys.modules
+
+    runtime = sys.modules["kindling_runtime"]
+    with open(runtime.__file__, "rb") as f:
+        source = f.read()
+    with open(runtime.__cached__, "rb") as f:
+        header = f.read(16)
+    return {
+        "cached": runtime.__cached__,
+        "checked_hash": int.from_bytes(header[4:8], "little") == 0b11,
+        "matches_source": header[8:16] == importlib.util.source_hash(source),
+        "imported": IMPORTED_AT_START,
+    }
 
 
 def whoami(context):
