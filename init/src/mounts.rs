@@ -2,6 +2,7 @@
 //! yet: the namespace sandbox's launcher pre-mounts a minimal `/dev`, and a kernel that
 //! booted straight from a disk may have mounted `devtmpfs` itself.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::io;
 use std::os::unix::fs::{symlink, MetadataExt};
@@ -81,25 +82,31 @@ const DEV_LINKS: [(&str, &str); 4] = [
 impl Mounts {
     /// Mounts the standard set and creates the `/dev` links.
     pub fn mount_standard(&mut self, tmp_size: &str) -> Result<()> {
+        // The mount table, read once (each read costs ~0.15 ms, a tenth of init's start in
+        // the sandbox): what this loop mounts is below nothing else it checks.
+        let mounted = mount_points_now()?;
         for spec in standard_mounts(tmp_size) {
-            self.mount_if_absent(&spec)?;
+            if !mounted.contains(Path::new(spec.target)) {
+                self.mount_spec(&spec)?;
+            }
         }
         for (link, target) in DEV_LINKS {
             link_if_absent(Path::new(link), Path::new(target))?;
         }
-        self.ptmx()
+        self.ptmx(&mounted)
     }
 
     /// Mounts `/proc` alone, which reading the configuration needs.
     pub fn mount_proc(&mut self) -> Result<()> {
-        self.mount_if_absent(&standard_mounts("")[0])
-    }
-
-    fn mount_if_absent(&mut self, spec: &Spec) -> Result<()> {
-        let target = Path::new(spec.target);
-        if is_mount_point(target)? {
+        let proc = &standard_mounts("")[0];
+        if is_mount_point(Path::new(proc.target))? {
             return Ok(());
         }
+        self.mount_spec(proc)
+    }
+
+    fn mount_spec(&mut self, spec: &Spec) -> Result<()> {
+        let target = Path::new(spec.target);
         dirs::create_all(target, 0o755)?;
         let data = (!spec.data.is_empty()).then_some(spec.data.as_str());
         mount(
@@ -153,14 +160,14 @@ impl Mounts {
 
     /// `/dev/ptmx` must reach the new devpts instance: a link where there is nothing, or
     /// a bind mount over an existing node, which leaves a shared devtmpfs untouched.
-    fn ptmx(&mut self) -> Result<()> {
+    fn ptmx(&mut self, mounted: &BTreeSet<PathBuf>) -> Result<()> {
         let ptmx = Path::new("/dev/ptmx");
         match fs::symlink_metadata(ptmx) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 link_if_absent(ptmx, "pts/ptmx".as_ref())
             }
             Err(e) => Err(e).context("stat /dev/ptmx"),
-            Ok(m) if m.file_type().is_symlink() || is_mount_point(ptmx)? => Ok(()),
+            Ok(m) if m.file_type().is_symlink() || mounted.contains(ptmx) => Ok(()),
             Ok(_) => {
                 mount(
                     Some("/dev/pts/ptmx"),
@@ -265,6 +272,12 @@ pub fn is_mount_point(path: &Path) -> Result<bool> {
             }
         }
     }
+}
+
+/// The mount points `/proc/self/mountinfo` lists now.
+fn mount_points_now() -> Result<BTreeSet<PathBuf>> {
+    let table = fs::read_to_string("/proc/self/mountinfo").context("read /proc/self/mountinfo")?;
+    Ok(mount_points(&table).collect())
 }
 
 /// The mount points of a `/proc/self/mountinfo` text (field 5, octal escapes undone).
