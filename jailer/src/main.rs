@@ -2,8 +2,8 @@
 //! jailed the way Firecracker's jailer jails Firecracker, so that a guest that takes over
 //! its VMM holds an unprivileged process in an empty room, not a root shell on the host.
 //!
-//! In order: the arguments are checked; every inherited fd but 0–2 (and those named by
-//! `--keep-fd`) is closed; the chroot
+//! In order: the arguments are checked; with `--parent-pid`, the jailer makes itself die
+//! with its parent; every inherited fd but 0–2 (and those named by `--keep-fd`) is closed; the chroot
 //! `<chroot-base-dir>/<exec file name>/<id>/root` is made and the program hard-linked (or
 //! copied) into it, unless it lies in a bound folder; the cgroup limits, if any, go to
 //! `<cgroup mount>/<parent-cgroup>/<id>` (v2, or the v1 hierarchy of each controller). Then a child in a new PID namespace enters new mount,
@@ -28,6 +28,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, ensure, Context};
 use clap::Parser;
+use kindling_plumbing::lifetime;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -71,6 +72,11 @@ struct Cli {
     /// for the guest's network, which works from any network namespace). Repeatable.
     #[arg(long = "keep-fd", value_name = "FD", value_parser = clap::value_parser!(i32).range(3..))]
     keep_fds: Vec<i32>,
+    /// Die with this process, the jailer's parent (SIGKILL, as its parent-death signal),
+    /// and refuse to start if it is gone already. Set by the jailer itself, so that its
+    /// caller can spawn it without a hook between fork and exec, and so without a fork.
+    #[arg(long, value_name = "PID")]
+    parent_pid: Option<u32>,
     /// A control file of the VM's cgroup and its value (v2: `memory.max=268435456`,
     /// `pids.max=64`; v1: `memory.limit_in_bytes=268435456`). Repeatable; without any, no
     /// cgroup is made.
@@ -111,6 +117,7 @@ pub struct Plan {
     pub netns: Option<PathBuf>,
     /// Inherited descriptors passed on to the program.
     pub keep_fds: Vec<i32>,
+    pub parent_pid: Option<u32>,
     pub cgroup: Option<cgroup::Limits>,
     pub args: Vec<OsString>,
 }
@@ -203,6 +210,7 @@ impl Plan {
             kvm: !cli.no_kvm,
             netns: cli.netns,
             keep_fds: cli.keep_fds,
+            parent_pid: cli.parent_pid,
             cgroup,
             args: cli.args,
         })
@@ -243,6 +251,9 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let plan = Plan::new(cli)?;
+    if let Some(parent) = plan.parent_pid {
+        lifetime::die_with_parent(parent).context("--parent-pid")?;
+    }
     relay::close_inherited_fds(&plan.keep_fds)?;
     jail::prepare(&plan)?;
     let cgroup = match &plan.cgroup {

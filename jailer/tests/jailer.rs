@@ -250,6 +250,62 @@ fn the_jailed_vmm_joins_the_network_namespace_it_is_given() {
     assert_ne!(ns(&pid, "mnt"), ns("self", "mnt"));
 }
 
+/// The only child of `pid`.
+fn child_of(pid: u32) -> u32 {
+    let children = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    children.trim().parse().unwrap()
+}
+
+/// Whether `pid` runs: a zombie has ended.
+fn running(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
+}
+
+/// `--parent-pid`: the jailer dies with the process that started it, with no hook of that
+/// process's own between fork and exec, even when it is SIGKILLed; the VMM with the jailer.
+#[test]
+fn the_jail_dies_with_its_parent() {
+    let Some(vmm) = static_vmm() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let sockets = tmp.path().join("sockets");
+    fs::create_dir(&sockets).unwrap();
+    std::os::unix::fs::chown(&sockets, Some(UID), Some(GID)).unwrap();
+    let api = sockets.join("api.sock");
+    // A shell stands in for the server: it starts the jailer with its own pid and waits.
+    let shell = Command::new("/bin/sh")
+        .args([
+            "-c",
+            r#"jailer="$1"; shift; "$jailer" --parent-pid $$ "$@" & wait"#,
+        ])
+        .args(["sh", JAILER])
+        .args(["--id", &format!("jailtest-parent-{}", std::process::id())])
+        .args(["--uid", &UID.to_string(), "--gid", &GID.to_string()])
+        .arg("--exec-file")
+        .arg(&vmm)
+        .arg("--chroot-base-dir")
+        .arg(tmp.path().join("jails"))
+        .arg("--bind-rw")
+        .arg(&sockets)
+        .arg("--")
+        .arg("--api-sock")
+        .arg(&api)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut shell = Jailer(shell);
+    wait_until("API socket", || api.exists());
+    let jailer = child_of(shell.0.id());
+    let vmm = child_of(jailer);
+    shell.0.kill().unwrap();
+    shell.0.wait().unwrap();
+    wait_until("the jailer's and the VMM's end", || {
+        !running(jailer) && !running(vmm)
+    });
+}
+
 fn jail(args: &[&str]) -> Output {
     Command::new(JAILER)
         .args(args)
@@ -291,7 +347,7 @@ fn bad_input_gets_a_clear_error_and_leaves_nothing() {
         args.extend(extra.iter().map(|s| s.to_string()));
         args
     };
-    let cases: [(Vec<String>, &str); 9] = [
+    let cases: [(Vec<String>, &str); 10] = [
         (
             with("vm1", "/nonexistent/kindling-vmm", "64917", &[]),
             "no such file",
@@ -323,6 +379,10 @@ fn bad_input_gets_a_clear_error_and_leaves_nothing() {
         (
             with("vm1", "/bin/true", "64917", &["--chroot-base-dir", "jails"]),
             "--chroot-base-dir jails: an absolute path",
+        ),
+        (
+            with("vm1", "/bin/true", "64917", &["--parent-pid", "999999999"]),
+            "--parent-pid: the process 999999999 that started this one is gone",
         ),
     ];
     for (args, message) in cases {

@@ -106,27 +106,6 @@ pub fn log_file(path: &Path) -> anyhow::Result<OwnedFd> {
     Ok(file.into())
 }
 
-/// Prepares a command for a VM helper process (the jailer): no stdin, `stdout` and
-/// `stderr` as given, killed by the kernel if the host process dies (so that no VM
-/// outlives `kindling`).
-pub fn vm_command(program: impl AsRef<OsStr>, stdout: OwnedFd, stderr: OwnedFd) -> Command {
-    let mut cmd = Command::new(program);
-    cmd.stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(stderr)
-        .kill_on_drop(true);
-    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches only the child.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd
-}
-
 /// One hypervisor program to start through `kindling-jailer`.
 #[derive(Debug)]
 pub struct Jail<'a> {
@@ -216,8 +195,17 @@ pub fn jailed(
     stdout: OwnedFd,
     stderr: OwnedFd,
 ) -> Command {
-    let mut cmd = vm_command(jailer, stdout, stderr);
-    cmd.arg("--id")
+    let mut cmd = Command::new(jailer);
+    cmd.stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .kill_on_drop(true);
+    // The jailer dies with this process (so no VM outlives `kindling`): it sets its own
+    // parent-death signal, so that, with no `pre_exec` hook, this large process spawns it
+    // with posix_spawn instead of a fork. The signal follows the spawning thread, a tokio
+    // worker that lives as long as the server.
+    cmd.args(["--parent-pid", &std::process::id().to_string()])
+        .arg("--id")
         .arg(jail_id(spec))
         .arg("--exec-file")
         .arg(jail.program)
@@ -254,6 +242,8 @@ pub fn jailed(
     if let Some(fd) = jail.keep_fd {
         let fd = fd.as_raw_fd();
         cmd.args(["--keep-fd", &fd.to_string()]);
+        // This hook makes the spawn a fork of this process again (std's posix_spawn has no
+        // way to pass a descriptor on at its own number): only VMs with a network pay it.
         // SAFETY: fcntl(F_SETFD) is async-signal-safe; `fd` is open in the child, which
         // inherits it from this process, where the caller's borrow keeps it open until
         // the spawn has returned.

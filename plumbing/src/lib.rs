@@ -5,8 +5,8 @@
 //! ([`privileges`], which kindling-jailer shares too), the seccomp denylist of the
 //! function's runtime and of every jailed program (`seccomp`, behind that feature), and
 //! pools of host ids that running environments hold ([`ids`], for the microVM and sandbox
-//! launchers), and cheap cgroup migrations for the host that starts them
-//! ([`favordynmods`]).
+//! launchers), cheap cgroup migrations for the host that starts them
+//! ([`favordynmods`]), and helpers that die with the host that spawned them ([`lifetime`]).
 //!
 //! Only std and nix (and the pure-Rust seccompiler): init and the bootstrap are linked
 //! statically (`+crt-static`) into every guest. Each failure names the path it happened on ([`Error`]), so callers need
@@ -17,6 +17,7 @@ pub mod dirs;
 mod error;
 pub mod favordynmods;
 pub mod ids;
+pub mod lifetime;
 pub mod mount_table;
 pub mod privileges;
 #[cfg(feature = "seccomp")]

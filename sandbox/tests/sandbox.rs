@@ -395,6 +395,20 @@ async fn a_failed_start_is_a_clear_error_and_leaves_nothing() {
     assert!(err.to_string().contains("Runtime API socket"), "{err}");
 }
 
+/// A plan in `dir` that the helper refuses before it acts on any of it: every path is
+/// `dir` itself.
+fn plan_to_refuse(dir: &Path, host_pid: u32) -> PathBuf {
+    let plan = dir.join("plan.json");
+    let dir = dir.to_string_lossy().into_owned();
+    let plan_json = json!({
+        "staging": dir, "root": {}, "runtime": {}, "task": dir, "host_socket": dir,
+        "init": dir, "init_config": dir, "hostname": "x", "tmp_size_mb": 1, "cgroup_procs": [],
+        "id_map": {"host_base": 100000, "count": 65536}, "delegate": [], "host_pid": host_pid,
+    });
+    std::fs::write(&plan, plan_json.to_string()).unwrap();
+    plan
+}
+
 #[test]
 fn without_privileges_the_helper_says_it_needs_root() {
     if !geteuid().is_root() {
@@ -404,15 +418,7 @@ fn without_privileges_the_helper_says_it_needs_root() {
     use std::os::unix::process::CommandExt;
     let tmp = tempfile::tempdir().unwrap();
     std::fs::set_permissions(tmp.path(), PermissionsExt::from_mode(0o755)).unwrap();
-    let plan = tmp.path().join("plan.json");
-    let dir = tmp.path().to_string_lossy().into_owned();
-    let plan_json = json!({
-        "staging": dir, "root": {}, "runtime": {}, "task": dir, "host_socket": dir,
-        "init": dir, "init_config": dir, "hostname": "x", "tmp_size_mb": 1, "cgroup_procs": [],
-        "id_map": {"host_base": 100000, "count": 65536}, "delegate": [],
-        "host_pid": std::process::id(),
-    });
-    std::fs::write(&plan, plan_json.to_string()).unwrap();
+    let plan = plan_to_refuse(tmp.path(), std::process::id());
     // The checkout may sit where the unprivileged user cannot reach (e.g. under /root).
     let exec = tmp.path().join("kindling-sandbox-exec");
     std::fs::copy(EXEC, &exec).unwrap();
@@ -439,15 +445,8 @@ fn a_helper_whose_host_is_gone_ends_at_once() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let plan = tmp.path().join("plan.json");
-    let dir = tmp.path().to_string_lossy().into_owned();
-    let plan_json = json!({
-        "staging": dir, "root": {}, "runtime": {}, "task": dir, "host_socket": dir,
-        "init": dir, "init_config": dir, "hostname": "x", "tmp_size_mb": 1, "cgroup_procs": [],
-        "id_map": {"host_base": 100000, "count": 65536}, "delegate": [],
-        "host_pid": 999_999_999, // above any pid_max: not this helper's parent
-    });
-    std::fs::write(&plan, plan_json.to_string()).unwrap();
+    // A pid above any pid_max: not this helper's parent.
+    let plan = plan_to_refuse(tmp.path(), 999_999_999);
     let out = std::process::Command::new(EXEC)
         .arg(&plan)
         .output()
@@ -455,7 +454,9 @@ fn a_helper_whose_host_is_gone_ends_at_once() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success());
     assert!(
-        stdout.starts_with("error the host process 999999999 that ran the helper is gone"),
+        stdout.starts_with(
+            "error dying with the host: the process 999999999 that started this one is gone"
+        ),
         "{stdout}"
     );
 }

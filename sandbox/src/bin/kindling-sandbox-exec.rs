@@ -26,6 +26,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
+use kindling_plumbing::lifetime;
 use kindling_sandbox::guest::{self, Namespaces};
 use kindling_sandbox::plan::{IdMap, Plan, STATUS_ERROR, STATUS_EXITED, STATUS_READY};
 use kindling_wire::monotonic_ns;
@@ -79,7 +80,7 @@ fn run(plan_path: &Path) -> Result<u8> {
         &fs::read(plan_path).with_context(|| format!("reading {}", plan_path.display()))?,
     )
     .with_context(|| format!("parsing {}", plan_path.display()))?;
-    die_with(plan.host_pid)?;
+    lifetime::die_with_parent(plan.host_pid).context("dying with the host")?;
 
     let me = std::process::id().to_string();
     for procs in &plan.cgroup_procs {
@@ -116,21 +117,6 @@ fn run(plan_path: &Path) -> Result<u8> {
             Ok(code)
         }
     }
-}
-
-/// Makes the helper die with the host process that ran it, even when that is SIGKILLed.
-/// The signal is tied to the thread that spawned the helper; the tokio worker that does
-/// lives as long as the host's runtime. Checked after it is set: a host that ended before
-/// would never send it.
-fn die_with(host_pid: u32) -> Result<()> {
-    set_pdeathsig(Signal::SIGKILL).context("prctl(PR_SET_PDEATHSIG)")?;
-    let parent = nix::unistd::getppid();
-    if u32::try_from(parent.as_raw()).ok() != Some(host_pid) {
-        bail!(
-            "the host process {host_pid} that ran the helper is gone (its parent is now {parent})"
-        );
-    }
-    Ok(())
 }
 
 /// Gives the sandbox's root what it must own: its delegated cgroups' control files and
