@@ -95,6 +95,12 @@ def handler(event, context):
     return {"before": before, "handlers": len(logging.getLogger().handlers)}
 "#;
 
+/// Measures the event it gets: a large one arrives over the runtime's socket in many reads.
+const SIZE: &str = r#"
+def handler(event, context):
+    return {"len": len(event["pad"]), "only_y": set(event["pad"]) == {"y"}}
+"#;
+
 /// A module that fails while it is imported, in a function of its own.
 const BROKEN: &str = "def helper():\n    raise KeyError('at import')\n\nhelper()\n";
 
@@ -108,6 +114,7 @@ fn start(handler: &str) -> Option<(Guest, Host, common::Bootstrap)> {
             ("nested.py", NESTED),
             ("broken.py", BROKEN),
             ("late.py", LATE_LOGGING),
+            ("size.py", SIZE),
         ],
         handler,
     )
@@ -249,6 +256,17 @@ async fn large_response_is_relayed_whole() {
         "{:?}",
         host.report(&id)
     );
+}
+
+#[tokio::test]
+async fn large_event_reaches_the_handler_whole() {
+    let Some((_guest, mut host, _bootstrap)) = start("size.handler") else {
+        return;
+    };
+    let size = 5 * 1024 * 1024 + 17;
+    let id = host.invoke(&format!(r#"{{"pad": "{}"}}"#, "y".repeat(size)));
+    let out = json_of(&host.result(&id).await);
+    assert_eq!(out, json!({"len": size, "only_y": true}));
 }
 
 #[tokio::test]

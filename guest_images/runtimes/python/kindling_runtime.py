@@ -63,9 +63,9 @@ class Connection:
         self._sock.sendall(data)
 
     def _fill(self, wanted=0):
-        """Reads what has arrived (up to `wanted` bytes at once, 64 KiB at least) into the
-        buffer; False at the end of the stream."""
-        data = self._sock.recv(max(wanted, 1 << 16))
+        """Reads what has arrived (up to `wanted` bytes at once, between 64 KiB and 1 MiB)
+        into the buffer; False at the end of the stream."""
+        data = self._sock.recv(min(max(wanted, 1 << 16), 1 << 20))
         self._buffer += data
         return bool(data)
 
