@@ -932,11 +932,19 @@ fn floods_leave_the_host_bounded(server: &Server, backend: Backend) -> Result<()
     let answer = server.invoke("flood", &json!({"action": "fill_tmp"}))?;
     let body: Value = serde_json::from_slice(&answer.response.body).unwrap_or_default();
     println!("fill /tmp in a VM: {body}");
+    // ENOSPC, or the guest's OOM kill once its memory is full; or the timeout, where the
+    // guest's reclaim thrashes on its page cache before the OOM kill comes (seen once in
+    // the nested harness, where every refault is emulated twice over). Each way the VM is
+    // replaced, as the next invocation shows.
     match answer.response.function_error {
         None => check(body["fill_tmp"]["stopped"] == "ENOSPC", || {
             format!("fill /tmp: {body}")
         })?,
-        Some(_) => drop(answer.unhandled("Runtime.OutOfMemory")?),
+        Some(_) => check(
+            ["Runtime.OutOfMemory", "Sandbox.Timedout"]
+                .contains(&body["errorType"].as_str().unwrap_or_default()),
+            || format!("fill /tmp: {body}"),
+        )?,
     }
     bounded(what, gauge.finish())?;
     server.invoke("flood", &json!({}))?.ok_json()?;
