@@ -459,9 +459,7 @@ impl Server {
         assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
         started
     }
-}
 
-impl Server {
     /// SIGKILLs the server (no clean-up of its own can run) and reaps it; returns the
     /// processes it had started.
     pub fn kill(mut self) -> Vec<Proc> {
