@@ -60,6 +60,10 @@ pub enum Accel {
 
 /// The id of the virtio-serial port of the host link (in QMP's `VSERPORT_CHANGE`).
 const HOST_PORT_ID: &str = "hostport";
+/// The id of the chardev behind that port (in QMP's `query-chardev`).
+const HOST_PORT_CHARDEV: &str = "hostport";
+/// How often a restore asks whether the guest has closed its port.
+const PORT_POLL: Duration = Duration::from_millis(5);
 /// What a QEMU snapshot's state file says it is: the memory file is QEMU's migration
 /// stream, which carries the devices' state too.
 const SNAPSHOT_FORMAT: &str = "qemu-migration-stream/1";
@@ -428,14 +432,14 @@ impl Qemu {
             Line::Serial => args.extend([
                 "-chardev".to_string(),
                 format!(
-                    "socket,id=hostport,path={},server=on,wait=off",
+                    "socket,id={HOST_PORT_CHARDEV},path={},server=on,wait=off",
                     sockets.host_port.display()
                 ),
                 "-device".to_string(),
                 "virtio-serial-device,max_ports=2".to_string(),
                 "-device".to_string(),
                 format!(
-                    "virtserialport,id={HOST_PORT_ID},chardev=hostport,name={}",
+                    "virtserialport,id={HOST_PORT_ID},chardev={HOST_PORT_CHARDEV},name={}",
                     kindling_wire::mux::PORT_NAME
                 ),
             ]),
@@ -576,6 +580,37 @@ impl QmpSession {
         }
     }
 
+    /// Waits until the restored guest has closed the host link's port: it had the port
+    /// open when the snapshot was taken, and closes it once it let go of that session.
+    /// The port's opening as the restored VM starts is the first `VSERPORT_CHANGE` and
+    /// comes at once; its closing, a second event within QEMU's one-second throttle of
+    /// that event, would come up to a second late, so the closing is read from the
+    /// chardev's `frontend-open` instead (the guest's side of the port, unthrottled).
+    async fn port_closed_by_guest(&mut self) -> io::Result<()> {
+        let port_opened = |event: &Value| {
+            event["event"] == "VSERPORT_CHANGE"
+                && event["data"]["id"] == HOST_PORT_ID
+                && event["data"]["open"] == true
+        };
+        self.event(port_opened).await?;
+        while self.frontend_open(HOST_PORT_CHARDEV).await? {
+            tokio::time::sleep(PORT_POLL).await;
+        }
+        Ok(())
+    }
+
+    /// Whether the device in front of the chardev `label` has it open (`query-chardev`).
+    async fn frontend_open(&mut self, label: &str) -> io::Result<bool> {
+        let chardevs = self.execute(&json!({"execute": "query-chardev"})).await?;
+        chardevs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|chardev| chardev["label"] == label)
+            .and_then(|chardev| chardev["frontend-open"].as_bool())
+            .ok_or_else(|| io::Error::other(format!("QMP query-chardev lists no {label:?}")))
+    }
+
     /// Polls `query-migrate` until the migration (out or in) completed.
     async fn migrated(&mut self) -> anyhow::Result<()> {
         let polling = async {
@@ -633,15 +668,7 @@ impl QemuVm {
             .await?;
         qmp.migrated().await?;
         qmp.execute(&json!({"execute": "cont"})).await?;
-        // QEMU announces the guest's side of the port open as it loads it and again once
-        // running (`VSERPORT_CHANGE`, open); the guest closing it says it let go of its
-        // snapshot's session (the agent had it open when the snapshot was taken).
-        let port_changed = |event: &Value| {
-            event["event"] == "VSERPORT_CHANGE"
-                && event["data"]["id"] == HOST_PORT_ID
-                && event["data"]["open"] == false
-        };
-        tokio::time::timeout(RESET_PATIENCE, qmp.event(port_changed))
+        tokio::time::timeout(RESET_PATIENCE, qmp.port_closed_by_guest())
             .await
             .map_err(|_| {
                 anyhow::anyhow!(
