@@ -1202,7 +1202,8 @@ fn snapstart_trial(server: &Server, backend: Backend) -> Result<(), Failed> {
             report.contains("\tRestore Duration: ")
                 && report.contains("\tBilled Restore Duration: ")
                 && !report.contains("Init Duration")
-                && !report.contains("Guest Boot"),
+                && !report.contains("Guest Boot")
+                && !report.contains("Agent Start"),
             || format!("a second environment was not restored: {report}"),
         )?;
         // What the init phase made is the snapshot's (the kernel's boot_id is not: Linux

@@ -997,16 +997,6 @@ impl Pool {
             duration_ms: dispatched_at.elapsed().as_secs_f64() * 1000.0,
             ..InvocationReport::default()
         });
-        let mut phases = if cold {
-            let mut phases = env.handle.start_phases();
-            phases.extend(agent_phases(&report, env.handle.init_started_ns()));
-            phases
-        } else {
-            Vec::new()
-        };
-        if let Some(took) = env.snapshot_took.take() {
-            phases.push(("Snapshot Create", took));
-        }
         let restore = cold
             .then(|| env.handle.restored_at())
             .flatten()
@@ -1014,6 +1004,19 @@ impl Pool {
                 duration: dispatched_at - env.started,
                 billed: dispatched_at.saturating_duration_since(resumed),
             });
+        let mut phases = if cold {
+            let mut phases = env.handle.start_phases();
+            // A restored agent's stamps are those of the boot that took the snapshot.
+            if restore.is_none() {
+                phases.extend(agent_phases(&report, env.handle.init_started_ns()));
+            }
+            phases
+        } else {
+            Vec::new()
+        };
+        if let Some(took) = env.snapshot_took.take() {
+            phases.push(("Snapshot Create", took));
+        }
         if restore.is_some() {
             // The runtime's init ran before the snapshot, in another environment: this
             // one restored it, and reports that instead (as Lambda's SnapStart does).
