@@ -22,8 +22,9 @@
 //! state, the port included), `cont`. A clone starts QEMU with `-incoming defer`, loads
 //! the file with `migrate-incoming` and `cont`s; restored with no host at the port's
 //! end, the guest learns that its old session is gone (the port reads end-of-file), and
-//! the host connects only once the guest has closed the port (QMP's `VSERPORT_CHANGE`),
-//! so a clone never mistakes the new host session for the snapshot's.
+//! the host connects only once the guest has closed the port (QMP's `VSERPORT_CHANGE`
+//! for its reopening, then `query-chardev`'s `frontend-open` for its closing), so a clone
+//! never mistakes the new host session for the snapshot's.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
