@@ -213,7 +213,8 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             floor = floor::measure(floor_pairs, &progress) => floor?,
             () = interrupt.clone().wait() => bail!("interrupted"),
         };
-        results.floor.push(floor);
+        results.floor.push(floor.pairs);
+        results.floor_cpu.push(floor.cpu_per_pair);
         for (target, runs) in &mut results.targets {
             let run_dir = state.path().join(format!("r{run}"));
             runs.push(

@@ -101,6 +101,10 @@ fn a_sandbox_bench_prints_every_row() {
         let line = floor_row(floor);
         assert!(line.contains(" µs") || line.contains(" ms"), "{stdout}");
     }
+    assert!(
+        floor_row("floor: CPU per round-trip pair").contains(" µs"),
+        "{stdout}"
+    );
     // Both no-op functions, each with every row of its own.
     for env in ["sandbox python", "sandbox provided"] {
         let row = |measurement: &str| {
@@ -148,9 +152,10 @@ fn a_sandbox_bench_prints_every_row() {
                 .find_map(|(n, unit)| (unit == "µs").then(|| n.parse::<f64>().ok()).flatten());
             assert!(us.is_some_and(|us| us > 0.0), "no CPU figure: {line}");
         }
+        let total = row("CPU per warm invoke, total");
         assert!(
-            row("CPU per warm invoke, total").contains("target ≤ 60 µs: "),
-            "{stdout}"
+            total.contains("target ≤ 60 µs: ") && total.contains("× "),
+            "no ratio to the floor's CPU: {total}"
         );
         assert!(
             row("server RSS, before → after").contains(" MiB → "),

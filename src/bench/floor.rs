@@ -15,14 +15,24 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use indicatif::ProgressBar;
+use nix::time::{clock_gettime, ClockId};
 use tokio::net::{TcpListener, TcpStream};
 
 /// A tiny event, the same size the bench invokes with.
 const BODY: &[u8] = b"{}";
 
+/// One run's floor.
+pub struct Floor {
+    /// Each round-trip pair's time.
+    pub pairs: Vec<Duration>,
+    /// The CPU one pair costs, client and server together: what the same two exchanges
+    /// cost this machine's kernel and hyper, the yardstick of a warm invoke's CPU.
+    pub cpu_per_pair: Duration,
+}
+
 /// Times `pairs` pairs of round trips on one kept-alive connection (TCP_NODELAY on
 /// both ends) to a hyper server that answers every request with a small body.
-pub async fn measure(pairs: usize, progress: &ProgressBar) -> anyhow::Result<Vec<Duration>> {
+pub async fn measure(pairs: usize, progress: &ProgressBar) -> anyhow::Result<Floor> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let server = tokio::spawn(async move {
@@ -44,6 +54,7 @@ pub async fn measure(pairs: usize, progress: &ProgressBar) -> anyhow::Result<Vec
     let client = tokio::spawn(connection);
     let host = addr.to_string();
     let mut samples = Vec::with_capacity(pairs);
+    let cpu_before = process_cpu()?;
     for _ in 0..pairs {
         let started = Instant::now();
         round_trip(&mut sender, &host).await?;
@@ -51,11 +62,23 @@ pub async fn measure(pairs: usize, progress: &ProgressBar) -> anyhow::Result<Vec
         samples.push(started.elapsed());
         progress.inc(1);
     }
+    let cpu = process_cpu()?.saturating_sub(cpu_before);
     // Without a sender the client's connection closes, which ends the server's.
     drop(sender);
     client.await??;
     server.await??;
-    Ok(samples)
+    Ok(Floor {
+        cpu_per_pair: cpu / u32::try_from(pairs.max(1)).unwrap_or(u32::MAX),
+        pairs: samples,
+    })
+}
+
+/// CPU time so far of this process, every thread: the floor's client and server run on
+/// the bench's runtime, and nothing else does meanwhile.
+fn process_cpu() -> anyhow::Result<Duration> {
+    let now = clock_gettime(ClockId::CLOCK_PROCESS_CPUTIME_ID)
+        .context("cannot read the process's CPU clock")?;
+    Ok(Duration::from(now))
 }
 
 async fn round_trip(sender: &mut SendRequest<Full<Bytes>>, host: &str) -> anyhow::Result<()> {

@@ -27,6 +27,8 @@ const GUEST_BOOT: &str = "Guest Boot";
 pub struct Results {
     /// Round-trip pairs of the floor, one list per run.
     pub floor: Vec<Vec<Duration>>,
+    /// The CPU of one of the floor's round-trip pairs, one per run.
+    pub floor_cpu: Vec<Duration>,
     pub targets: Vec<(Target, Vec<Run>)>,
     /// Why kindling-vmm was not measured, when it cannot run here.
     pub kindling_unavailable: Option<String>,
@@ -42,6 +44,7 @@ impl Results {
         let kindling = targets.contains(&Target::microvm(Hypervisor::Kindling));
         Self {
             floor: Vec::with_capacity(runs),
+            floor_cpu: Vec::with_capacity(runs),
             targets: targets
                 .iter()
                 .map(|t| (*t, Vec::with_capacity(runs)))
@@ -96,10 +99,23 @@ pub fn render(results: &Results) -> String {
         format!("{:.0} /s", median_of(&floor_rate)),
         "",
     );
+    let floor_cpu: Vec<f64> = results
+        .floor_cpu
+        .iter()
+        .map(Duration::as_secs_f64)
+        .collect();
+    rows.push_noted(
+        "floor: CPU per round-trip pair",
+        loopback,
+        format!("{:.0} µs", median_of(&floor_cpu) * 1e6),
+        "",
+        "client and server together: this machine's price of two loopback exchanges",
+    );
     let floor = Floor {
         p50: &floor_p50,
         p99: &floor_p99,
         rate: &floor_rate,
+        cpu: &floor_cpu,
     };
     for (target, runs) in &results.targets {
         target_rows(&mut rows, *target, runs, &floor);
@@ -141,11 +157,13 @@ pub fn render(results: &Results) -> String {
     out
 }
 
-/// Each run's floor: p50 and p99 of a round-trip pair (s), pairs per second.
+/// Each run's floor: p50 and p99 of a round-trip pair (s), pairs per second, CPU per
+/// pair (s).
 struct Floor<'a> {
     p50: &'a [f64],
     p99: &'a [f64],
     rate: &'a [f64],
+    cpu: &'a [f64],
 }
 
 /// The rows of one target: warm invokes, their hops and CPU, what the server held, the
@@ -153,7 +171,7 @@ struct Floor<'a> {
 fn target_rows(rows: &mut Rows, target: Target, runs: &[Run], floor: &Floor<'_>) {
     warm_rows(rows, target, runs, floor);
     hop_rows(rows, target, runs);
-    cpu_rows(rows, target, runs);
+    cpu_rows(rows, target, runs, floor.cpu);
     held_rows(rows, target, runs);
     cold_start_rows(rows, target, runs);
     snapstart_rows(rows, target, runs);
@@ -426,14 +444,16 @@ fn hop_rows(rows: &mut Rows, target: Target, runs: &[Run]) {
     }
 }
 
-/// CPU of one sequential warm invoke: the server's, the environment's, and together.
-fn cpu_rows(rows: &mut Rows, target: Target, runs: &[Run]) {
+/// CPU of one sequential warm invoke: the server's, the environment's, and together, that
+/// also as a ratio to the CPU of the floor's round-trip pair in the same run.
+fn cpu_rows(rows: &mut Rows, target: Target, runs: &[Run], floor_cpu: &[f64]) {
     let env = target.label();
     let server = median_over(runs, |r| r.cpu_per_invoke.server.as_secs_f64());
     let environment = median_over(runs, |r| r.cpu_per_invoke.environments.as_secs_f64());
-    let total = median_over(runs, |r| {
-        (r.cpu_per_invoke.server + r.cpu_per_invoke.environments).as_secs_f64()
-    });
+    let total_of =
+        |r: &Run| (r.cpu_per_invoke.server + r.cpu_per_invoke.environments).as_secs_f64();
+    let total = median_over(runs, total_of);
+    let to_floor = median(runs.iter().zip(floor_cpu).map(|(r, f)| total_of(r) / f));
     rows.push_noted(
         "CPU per warm invoke, server",
         env,
@@ -452,8 +472,11 @@ fn cpu_rows(rows: &mut Rows, target: Target, runs: &[Run]) {
         "CPU per warm invoke, total",
         env,
         marked(target, format!("{:.0} µs", total * 1e6)),
-        "",
-        &verdict(total <= CPU_PER_INVOKE, "≤ 60 µs"),
+        &ratio(to_floor),
+        &format!(
+            "ratio to the floor's CPU per pair; {}",
+            verdict(total <= CPU_PER_INVOKE, "≤ 60 µs")
+        ),
     );
 }
 
@@ -752,11 +775,28 @@ mod tests {
         ];
         let mut results = Results::new(&[Target::SANDBOX, qemu], 3);
         results.floor = vec![floor(100), floor(50), floor(100)];
+        results.floor_cpu = [100, 50, 200].map(Duration::from_micros).to_vec();
+        let with_cpu = |mut run: Run| {
+            run.cpu_per_invoke = CpuSpent {
+                server: Duration::from_micros(200),
+                environments: Duration::from_micros(100),
+            };
+            run
+        };
         results.targets = vec![
-            (Target::SANDBOX, vec![run(1, &[]), run(2, &[]), run(3, &[])]),
+            (
+                Target::SANDBOX,
+                [run(1, &[]), run(2, &[]), run(3, &[])]
+                    .map(with_cpu)
+                    .to_vec(),
+            ),
             (qemu, vec![run(10, &vms), run(10, &vms), run(10, &vms)]),
         ];
         let table = render(&results);
+        // 300 µs against 100, 50 and 200 µs: 3×, 6×, 1.5×.
+        let cpu = row(&table, "CPU per warm invoke, total", "sandbox");
+        assert!(cpu.contains("300 µs") && cpu.contains("3.0×"), "{cpu}");
+        assert!(row(&table, "floor: CPU per round-trip pair", "loopback").contains("100 µs"));
         // Per run 10×, 40×, 30×: the median of the ratios, not the ratio of the medians (20×).
         let warm = row(&table, "warm invoke, p50", "sandbox");
         assert!(warm.contains("2.00 ms") && warm.contains("30.0×"), "{warm}");
