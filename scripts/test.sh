@@ -21,7 +21,9 @@ echo "test: cargo test"
 # --show-output: the one-line "SKIPPED …: <why>" of a test that cannot run here is shown.
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --release --workspace -- --show-output 2>&1 | tee "$log"
+# --no-fail-fast: one failing test binary does not hide the results of the ones after it.
+tests=0
+cargo test --release --workspace --no-fail-fast -- --show-output 2>&1 | tee "$log" || tests=$?
 # Every skip, with its reason. "SKIPPED (host cannot): …" is a limit of this machine's
 # kernel; a plain "SKIPPED: …" means something the setup should have provided is missing,
 # and fails the run (KINDLING_ALLOW_SKIPS=1 lets it pass, for a partial setup by hand).
@@ -29,5 +31,10 @@ skips=$(grep -aoE 'SKIPPED[^:]*: .*' "$log" | sort | uniq -c || true)
 echo "test: skips: ${skips:-none}"
 if grep -aqE 'SKIPPED: ' "$log" && [ "${KINDLING_ALLOW_SKIPS:-0}" != 1 ]; then
   echo "test: FAILED: tests skipped for want of something the setup provides (above)" >&2
+  exit 1
+fi
+if [ "$tests" != 0 ]; then
+  echo "test: FAILED: cargo test exited $tests; the failed tests:" >&2
+  grep -aE ' \.\.\. FAILED$|^error: [0-9]+ targets? failed' "$log" >&2 || true
   exit 1
 fi
