@@ -117,7 +117,7 @@ mod tests {
         elf[..6].copy_from_slice(b"\x7fELF\x02\x01");
         elf[0x20..0x28].copy_from_slice(&(ELF_HEADER as u64).to_le_bytes());
         elf[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
-        elf[0x38..0x3a].copy_from_slice(&(types.len() as u16).to_le_bytes());
+        elf[0x38..0x3a].copy_from_slice(&u16::try_from(types.len()).unwrap().to_le_bytes());
         for kind in types {
             let mut entry = vec![0u8; 56];
             entry[..4].copy_from_slice(&kind.to_le_bytes());
