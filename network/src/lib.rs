@@ -22,7 +22,7 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use futures::TryStreamExt;
 use nix::fcntl::{Flock, FlockArg};
-use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
 use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
@@ -367,35 +367,29 @@ impl Lease {
         remove_link(&connect()?, &self.ifname()).await
     }
 
-    /// A veth pair: `knet<block>` here, its peer moved into the network namespace of
-    /// process `pid` as [`GUEST_IFNAME`] (init brings it up there).
+    /// A veth pair: `knet<block>` here, its peer made right in the network namespace of
+    /// process `pid` as [`GUEST_IFNAME`] (init brings it up there). Made there, not moved
+    /// there: moving a device between namespaces waits for the kernel's network
+    /// synchronisation (18–28 ms measured here, most of a networked sandbox's start), making
+    /// it in place does not (~3 ms).
     pub async fn veth_into(&self, pid: u32) -> Result<()> {
         let handle = connect()?;
         let name = self.ifname();
-        let peer = format!("{name}p");
         remove_link(&handle, &name).await?;
+        let peer = LinkUnspec::new_with_name(GUEST_IFNAME)
+            .setns_by_pid(pid)
+            .build();
         handle
             .link()
-            .add(LinkVeth::new(&name, &peer).build())
+            .add(
+                LinkVeth::new(&name, GUEST_IFNAME)
+                    .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+                    .build(),
+            )
             .execute()
             .await
-            .with_context(|| format!("creating the veth pair {name}"))?;
-        let moved = async {
-            let peer_index = index_of(&handle, &peer).await?;
-            handle
-                .link()
-                .set(
-                    LinkUnspec::new_with_index(peer_index)
-                        .setns_by_pid(pid)
-                        .name(GUEST_IFNAME.to_string())
-                        .build(),
-                )
-                .execute()
-                .await
-                .with_context(|| format!("moving {peer} into the environment"))?;
-            self.configure_host_end(&handle).await
-        };
-        if let Err(e) = moved.await {
+            .with_context(|| format!("creating the veth pair {name} into the environment"))?;
+        if let Err(e) = self.configure_host_end(&handle).await {
             // Deleting one end deletes both.
             if let Ok(index) = index_of(&handle, &name).await {
                 let _ = handle.link().del(index).execute().await;
