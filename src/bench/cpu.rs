@@ -34,14 +34,9 @@ pub struct CpuSpent {
 impl CpuSample {
     /// Now; to be taken on the client's thread.
     pub fn now() -> anyhow::Result<Self> {
-        let clock = |id| -> anyhow::Result<Duration> {
-            Ok(Duration::from(
-                clock_gettime(id).context("cannot read a CPU clock")?,
-            ))
-        };
         Ok(Self {
-            process: clock(ClockId::CLOCK_PROCESS_CPUTIME_ID)?,
-            thread: clock(ClockId::CLOCK_THREAD_CPUTIME_ID)?,
+            process: cpu_clock(ClockId::CLOCK_PROCESS_CPUTIME_ID)?,
+            thread: cpu_clock(ClockId::CLOCK_THREAD_CPUTIME_ID)?,
             environments: descendants_cpu()?,
         })
     }
@@ -55,6 +50,13 @@ impl CpuSample {
             environments: later.environments.saturating_sub(self.environments),
         }
     }
+}
+
+/// CPU time so far on the clock `id` (this process's or this thread's).
+pub fn cpu_clock(id: ClockId) -> anyhow::Result<Duration> {
+    Ok(Duration::from(
+        clock_gettime(id).context("cannot read a CPU clock")?,
+    ))
 }
 
 /// CPU time of every thread of this process's descendants.

@@ -15,8 +15,10 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use indicatif::ProgressBar;
-use nix::time::{clock_gettime, ClockId};
+use nix::time::ClockId;
 use tokio::net::{TcpListener, TcpStream};
+
+use super::cpu::cpu_clock;
 
 /// A tiny event, the same size the bench invokes with.
 const BODY: &[u8] = b"{}";
@@ -54,7 +56,9 @@ pub async fn measure(pairs: usize, progress: &ProgressBar) -> anyhow::Result<Flo
     let client = tokio::spawn(connection);
     let host = addr.to_string();
     let mut samples = Vec::with_capacity(pairs);
-    let cpu_before = process_cpu()?;
+    // The whole process's CPU: the floor's client and server run on the bench's runtime,
+    // and nothing else does meanwhile.
+    let cpu_before = cpu_clock(ClockId::CLOCK_PROCESS_CPUTIME_ID)?;
     for _ in 0..pairs {
         let started = Instant::now();
         round_trip(&mut sender, &host).await?;
@@ -62,7 +66,7 @@ pub async fn measure(pairs: usize, progress: &ProgressBar) -> anyhow::Result<Flo
         samples.push(started.elapsed());
         progress.inc(1);
     }
-    let cpu = process_cpu()?.saturating_sub(cpu_before);
+    let cpu = cpu_clock(ClockId::CLOCK_PROCESS_CPUTIME_ID)?.saturating_sub(cpu_before);
     // Without a sender the client's connection closes, which ends the server's.
     drop(sender);
     client.await??;
@@ -71,14 +75,6 @@ pub async fn measure(pairs: usize, progress: &ProgressBar) -> anyhow::Result<Flo
         cpu_per_pair: cpu / u32::try_from(pairs.max(1)).unwrap_or(u32::MAX),
         pairs: samples,
     })
-}
-
-/// CPU time so far of this process, every thread: the floor's client and server run on
-/// the bench's runtime, and nothing else does meanwhile.
-fn process_cpu() -> anyhow::Result<Duration> {
-    let now = clock_gettime(ClockId::CLOCK_PROCESS_CPUTIME_ID)
-        .context("cannot read the process's CPU clock")?;
-    Ok(Duration::from(now))
 }
 
 async fn round_trip(sender: &mut SendRequest<Full<Bytes>>, host: &str) -> anyhow::Result<()> {
