@@ -82,19 +82,12 @@ const ELF_HEADER: usize = 64;
 const MAX_PROGRAM_HEADERS: usize = 64 * 1024;
 
 /// Up to `len` bytes of `file` from `offset`: fewer where the file ends first.
-fn read_at_most(file: &fs::File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; len];
-    let mut filled = 0;
-    while filled < len {
-        match file.read_at(&mut buf[filled..], offset + filled as u64) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    buf.truncate(filled);
+fn read_at_most(mut file: &fs::File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    file.seek(SeekFrom::Start(offset))?;
+    let mut buf = Vec::with_capacity(len);
+    file.take(u64::try_from(len).unwrap_or(u64::MAX))
+        .read_to_end(&mut buf)?;
     Ok(buf)
 }
 
