@@ -1479,6 +1479,18 @@ fn init_switches_root_and_is_pid1(server: &Server, _: Backend) -> Result<(), Fai
     check((before - 0.05..=after + 0.05).contains(&guest_time), || {
         format!("the guest's clock read {guest_time:.3}, outside the invocation ({before:.3}..{after:.3})")
     })?;
+    // A clock the vDSO reads and timers to the nanosecond: not jiffies, which a guest
+    // under TCG falls back to unless given its TSC's rate (`microvm::guest_clock`).
+    let resolution = warm["clock_resolution"].as_f64().unwrap_or(f64::MAX);
+    check(
+        matches!(warm["clocksource"].as_str(), Some("tsc" | "kvm-clock")) && resolution <= 1e-6,
+        || {
+            format!(
+                "the guest keeps time with {} ({resolution} s steps)",
+                warm["clocksource"]
+            )
+        },
+    )?;
     check(body["pid1_comm"] == "init", || {
         format!("PID 1 is not our init: {body}")
     })?;

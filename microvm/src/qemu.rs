@@ -45,7 +45,7 @@ use tokio::process::Child;
 use crate::machine::{self, Jail, Limits, VmSpec, VmUser};
 use crate::serial_link::SerialLink;
 use crate::snapstart::SnapshotFiles;
-use crate::{console, Backend, RunningVm};
+use crate::{console, guest_clock, Backend, RunningVm};
 use kindling_runtime_api::config::Hypervisor;
 use kindling_runtime_api::environment::Freezer;
 
@@ -91,6 +91,9 @@ pub struct Qemu {
     pub jailer: PathBuf,
     /// `qemu-system-x86_64`, found on `$PATH` ([`Qemu::new`]).
     program: PathBuf,
+    /// Under TCG, the kernel arguments that give the guest the TSC as its clock
+    /// ([`guest_clock`]).
+    guest_clock: Option<String>,
 }
 
 impl Qemu {
@@ -98,10 +101,15 @@ impl Qemu {
     pub fn new(accel: Accel, jailer: PathBuf) -> anyhow::Result<Self> {
         let program =
             machine::find_program(QEMU).context("is Debian's qemu-system-x86 installed?")?;
+        let guest_clock = match accel {
+            Accel::Kvm => None,
+            Accel::Tcg => guest_clock::tcg_kernel_args(),
+        };
         Ok(Qemu {
             accel,
             jailer,
             program,
+            guest_clock,
         })
     }
 }
@@ -374,6 +382,10 @@ impl Qemu {
             Accel::Tcg => format!("tcg,tb-size={TCG_CODE_CACHE_MIB}"),
         };
         let mut cmdline = spec.cmdline.clone();
+        if let Some(words) = &self.guest_clock {
+            cmdline.push(' ');
+            cmdline.push_str(words);
+        }
         if line == Line::Serial {
             // Tells bootstrap (through init) where the host is.
             let host = kindling_wire::HostAddr::VirtioPort(kindling_wire::mux::PORT_NAME.into());

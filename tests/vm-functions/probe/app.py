@@ -376,6 +376,11 @@ def handler(event, context):
         answer["proc_modules"] = os.path.exists("/proc/modules")
         # The guest's wall clock, which bootstrap keeps on the host's.
         answer["time"] = time.time()
+        # What the kernel keeps time with, and the step of its timers: 1 ns with
+        # high-resolution timers, a tick (4 ms) on jiffies.
+        answer["clocksource"] = _read(
+            "/sys/devices/system/clocksource/clocksource0/current_clocksource").strip()
+        answer["clock_resolution"] = time.clock_getres(time.CLOCK_MONOTONIC)
     if action == "stamp":
         answer["stamp"] = _stamp(event.get("seconds", 0.5))
     if action in ("random", "sleep"):
