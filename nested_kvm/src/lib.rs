@@ -36,6 +36,15 @@ pub const INSIDE_ENV: &str = "KINDLING_NESTED_L1";
 /// The emulated L1 CPU: AMD with SVM and nested paging. TCG's SVM cannot intercept XSETBV,
 /// so XSAVE stays off (L2 would run without it anyway, and print a CPUID dump about it).
 const L1_CPU: &str = "EPYC-v1,+svm,+npt,-xsave";
+/// L1's kernel command line. `mitigations=off`: TCG does not execute speculatively, so
+/// L1's defences against speculation (retpolines, return thunks on every `ret`, the
+/// return stack refilled on each context switch and each exit of an L2 guest) guard
+/// nothing and cost emulated instructions, most in the exits KVM handles for L2.
+/// `tsc=reliable`: L1 keeps the TSC (which under TCG is the host's counter) as its clock
+/// instead of having a watchdog compare it with the emulated HPET, which may fall behind
+/// when this host is loaded.
+const L1_CMDLINE: &str =
+    "console=ttyS0 panic=-1 rdinit=/init loglevel=5 mitigations=off tsc=reliable";
 /// L1's own memory besides its initramfs: its kernel and busybox, the programs a job runs and
 /// a few L2 guests (their memory is touched lazily, on L1 and on this host alike).
 const BASE_MEMORY_MIB: u64 = 3072;
@@ -200,7 +209,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
         .arg(&host.kernel)
         .arg("-initrd")
         .arg(&initramfs)
-        .args(["-append", "console=ttyS0 panic=-1 rdinit=/init loglevel=5"])
+        .args(["-append", L1_CMDLINE])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
