@@ -32,6 +32,7 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use kindling_wire::frame::{self, Frame, FrameReader, FrameWriter};
+use kindling_wire::quiet_stream::QuietUnixStream;
 use kindling_wire::{FunctionEnvironment, HostAddr, PATH_ENVIRONMENT, PATH_STREAM};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, WriteHalf};
 use tokio::net::UnixStream;
@@ -391,7 +392,12 @@ enum Target {
 impl HostConnector {
     async fn connect_once(&self) -> io::Result<HostStream> {
         Ok(match &*self.target {
-            Target::Unix(path) => HostStream(Box::new(UnixStream::connect(path).await?)),
+            // Registered for reading only: the host reading each frame would otherwise
+            // wake the agent for nothing ([`QuietUnixStream`]).
+            Target::Unix(path) => {
+                let socket = UnixStream::connect(path).await?.into_std()?;
+                HostStream(Box::new(QuietUnixStream::new(socket)?))
+            }
             Target::Vsock(addr) => HostStream(Box::new(VsockStream::connect(*addr).await?)),
             Target::Port(link) => HostStream(Box::new(link.connect().await?)),
         })

@@ -20,6 +20,7 @@ use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use kindling_wire::quiet_stream::QuietUnixStream;
 use kindling_wire::{
     self as wire, monotonic_ns, ErrorBody, FunctionEnvironment, InvocationReport, RuntimeExit,
 };
@@ -416,6 +417,15 @@ async fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
 /// One guest connection: HTTP/1.1, until the agent upgrades it to a frame stream
 /// ([`framed`]), which then runs in this same task.
 async fn serve_connection(stream: UnixStream, shared: Arc<Shared>) {
+    // Registered for reading only: the agent reading each answer would otherwise wake
+    // this server for nothing ([`QuietUnixStream`]).
+    let stream = match stream.into_std().and_then(QuietUnixStream::new) {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::warn!(error = %e, "runtime API connection: cannot take its socket");
+            return;
+        }
+    };
     let upgrade = Arc::new(Mutex::new(None));
     let service = {
         let (shared, upgrade) = (shared.clone(), upgrade.clone());

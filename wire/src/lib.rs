@@ -29,6 +29,7 @@
 
 pub mod frame;
 pub mod mux;
+pub mod quiet_stream;
 
 use std::collections::BTreeMap;
 use std::fmt;
