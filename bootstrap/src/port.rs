@@ -14,7 +14,7 @@
 //! [`HostAddr::VirtioPort`]: kindling_wire::HostAddr::VirtioPort
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -22,6 +22,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use kindling_wire::mux;
+use kindling_wire::quiet_stream::poll_read_registered;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -110,17 +111,7 @@ impl AsyncRead for PortDevice {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        loop {
-            let mut ready = ready!(self.0.poll_read_ready(cx))?;
-            let unfilled = buf.initialize_unfilled();
-            match ready.try_io(|file| file.get_ref().read(unfilled)) {
-                Ok(read) => {
-                    buf.advance(read?);
-                    return Poll::Ready(Ok(()));
-                }
-                Err(_would_block) => continue,
-            }
-        }
+        poll_read_registered(&self.0, cx, buf)
     }
 }
 

@@ -13,7 +13,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -49,16 +49,30 @@ impl AsyncRead for QuietUnixStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        loop {
-            let mut ready = ready!(self.socket.poll_read_ready(cx))?;
-            let unfilled = buf.initialize_unfilled();
-            match ready.try_io(|socket| socket.get_ref().read(unfilled)) {
-                Ok(read) => {
-                    buf.advance(read?);
-                    return Poll::Ready(Ok(()));
-                }
-                Err(_would_block) => continue,
+        poll_read_registered(&self.socket, cx, buf)
+    }
+}
+
+/// `poll_read` for a non-blocking descriptor registered with the reactor for reading:
+/// reads what it has, else waits until it has something.
+pub fn poll_read_registered<T>(
+    registered: &AsyncFd<T>,
+    cx: &mut Context<'_>,
+    buf: &mut ReadBuf<'_>,
+) -> Poll<io::Result<()>>
+where
+    T: AsRawFd,
+    for<'a> &'a T: Read,
+{
+    loop {
+        let mut ready = ready!(registered.poll_read_ready(cx))?;
+        let unfilled = buf.initialize_unfilled();
+        match ready.try_io(|registered| registered.get_ref().read(unfilled)) {
+            Ok(read) => {
+                buf.advance(read?);
+                return Poll::Ready(Ok(()));
             }
+            Err(_would_block) => continue,
         }
     }
 }
