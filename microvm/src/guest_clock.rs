@@ -28,8 +28,13 @@ const TRIES: usize = 8;
 /// The guest kernel arguments that put a TCG guest on the TSC, for this host; `None` when
 /// its TSC does not keep a constant rate.
 pub fn tcg_kernel_args() -> Option<String> {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    has_constant_tsc(&cpuinfo).then(|| kernel_args(measure_tsc_khz()))
+    host_tsc_is_constant().then(|| kernel_args(measure_tsc_khz()))
+}
+
+/// Whether this host's TSC keeps one rate (see [`has_constant_tsc`]): where it does not, a
+/// TCG guest stays on jiffies.
+pub fn host_tsc_is_constant() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|cpuinfo| has_constant_tsc(&cpuinfo))
 }
 
 fn kernel_args(tsc_khz: u64) -> String {

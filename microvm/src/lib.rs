@@ -11,7 +11,7 @@
 //!   (nested shadow-paging hosts, see ENVIRONMENT.md), TCG.
 
 pub mod console;
-mod guest_clock;
+pub mod guest_clock;
 pub mod kindling;
 mod launcher;
 pub mod machine;

@@ -135,9 +135,23 @@ mod tests {
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
     }
 
+    /// Waits until thread `tid` of this process sleeps (state `S`: in `epoll_wait` here).
+    fn wait_until_asleep(tid: &str) {
+        let stat = format!("/proc/self/task/{tid}/stat");
+        for _ in 0..100_000 {
+            let text = std::fs::read_to_string(&stat).unwrap();
+            if text[text.rfind(')').unwrap()..].starts_with(") S") {
+                return;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        panic!("thread {tid} never went to sleep");
+    }
+
     /// Writes `messages` one-byte messages (each its own buffer in the kernel) from a
-    /// runtime that then sits waiting for an answer, while the peer reads them one by one;
-    /// returns how often the runtime's thread was woken meanwhile.
+    /// runtime that then sits waiting for an answer, while the peer reads them one by one,
+    /// each only once the runtime's thread sleeps; returns how often that thread was woken
+    /// meanwhile.
     fn wakeups_while_the_peer_reads(quiet: bool, messages: usize) -> u64 {
         let (ours, theirs) = UnixStream::pair().unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -145,16 +159,22 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(async move {
+            let this_thread = std::fs::read_link("/proc/thread-self").unwrap();
+            let tid = this_thread
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
             let peer = std::thread::spawn(move || {
                 let mut theirs = theirs;
                 let mut byte = [0u8; 1];
-                // Let the writer go to sleep first, then read a message at a time.
-                std::thread::sleep(Duration::from_millis(50));
                 for _ in 0..messages {
+                    // A read wakes the writer (if it does) before it returns: waiting for
+                    // sleep again lets every wake-up happen, and be counted, on its own.
+                    wait_until_asleep(&tid);
                     theirs.read_exact(&mut byte).unwrap();
-                    std::thread::sleep(Duration::from_millis(2));
                 }
-                std::thread::sleep(Duration::from_millis(20));
+                wait_until_asleep(&tid);
                 theirs.write_all(b"!").unwrap();
             });
             let payload = vec![b'x'; messages];
